@@ -1,0 +1,216 @@
+"""Image-quality metrics: windowed SSIM, PSNR, MSE and Paper A's global SSIM.
+
+All functions take two image batches ``a`` and ``b`` of shape ``[B, C, H, W]`` (the library's
+layout; values nominally in ``[0, data_range]``), float32 or float64, and return one value per
+image, shape ``[B]``, in the floating dtype of the inputs. The numerical cores are jitted; the
+public wrappers check shapes and dtypes first (and, for concrete arrays, NaN / Inf), so they can
+also be called inside other jitted code, where only the static checks run.
+
+Relation to scikit-image (the paper's metric, method.md section 6: "skimage SSIM with
+``data_range=1``"):
+
+* :func:`ssim` equals ``skimage.metrics.structural_similarity(a_i, b_i, data_range=L,
+  gaussian_weights=True, sigma=1.5, use_sample_covariance=False, channel_axis=0)`` for each
+  image ``i``. Both use the same 11-tap Gaussian (radius ``int(3.5 * 1.5 + 0.5) = 5``, sigma 1.5,
+  normalised), ``c1 = (0.01 L)^2``, ``c2 = (0.03 L)^2``, population (co)variances, and the mean
+  of the SSIM map over channels and over the pixels at least 5 from every border. Border
+  handling differs in form but not in value: scikit-image filters the whole image with
+  ``mode='reflect'`` and then crops the 5-pixel border, while ``dm_pix`` uses a "valid"
+  convolution that never touches the border; the retained pixels see exactly the same
+  neighbourhoods. The only remaining difference is that ``dm_pix`` clamps local variances to at
+  least ``float32.eps**2`` and local covariances to ``sqrt(var_a * var_b)`` (guards against
+  round-off), which changes results only at round-off level: measured agreement is about
+  1e-15 in float64 and 1e-6 in float32 (see tests/test_metrics.py).
+* :func:`psnr` equals ``skimage.metrics.peak_signal_noise_ratio(a_i, b_i, data_range=L)``,
+  ``10 log10(L^2 / MSE)``; identical images give ``+inf`` (as scikit-image, which also warns
+  about the division by zero).
+* :func:`mse` equals ``skimage.metrics.mean_squared_error``.
+* :func:`global_ssim` is Paper A's single, non-windowed SSIM used for early stopping
+  (method.md section 6).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import dm_pix
+import jax
+import jax.numpy as jnp
+
+from krylovjax._checks import check_finite, check_float
+
+__all__ = ["ssim", "psnr", "mse", "global_ssim", "SSIM_FILTER_SIZE", "SSIM_FILTER_SIGMA"]
+
+#: Gaussian window of the windowed SSIM (Wang et al. 2004; scikit-image with gaussian_weights).
+SSIM_FILTER_SIZE = 11
+SSIM_FILTER_SIGMA = 1.5
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+
+_GLOBAL_SSIM_VARIANTS = ("consistent", "a_code")
+
+
+def _check_pair(a, b, *, min_size: int = 1):
+    """Validate a pair of image batches; return them as jax arrays of a common float dtype."""
+    a = jnp.asarray(a)
+    b = jnp.asarray(b)
+    for name, x in (("a", a), ("b", b)):
+        check_float(name, x)
+        if x.ndim != 4:
+            raise ValueError(f"{name}: expected an image batch of shape [B, C, H, W], got shape {tuple(x.shape)}")
+    if tuple(a.shape) != tuple(b.shape):
+        raise ValueError(
+            f"b: expected the same shape as a {tuple(a.shape)}, got {tuple(b.shape)}"
+        )
+    _, _, h, w = a.shape
+    if h < min_size or w < min_size:
+        raise ValueError(
+            f"a: images must be at least {min_size}x{min_size} pixels for an "
+            f"{min_size}-tap SSIM window, got H={h}, W={w}"
+        )
+    check_finite("a", a)
+    check_finite("b", b)
+    dtype = jnp.result_type(a.dtype, b.dtype)
+    return jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+
+
+def _check_data_range(data_range) -> float:
+    try:
+        value = float(data_range)
+    except (TypeError, jax.errors.ConcretizationTypeError) as err:
+        raise ValueError(f"data_range: expected a positive Python number, got {data_range!r}") from err
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"data_range: expected a finite value > 0, got {data_range!r}")
+    return value
+
+
+@functools.partial(jax.jit, static_argnames=("data_range",))
+def _ssim(a, b, data_range):
+    # dm_pix works channels-last: [B, H, W, C].
+    a_nhwc = jnp.transpose(a, (0, 2, 3, 1))
+    b_nhwc = jnp.transpose(b, (0, 2, 3, 1))
+    return dm_pix.ssim(
+        a_nhwc,
+        b_nhwc,
+        max_val=data_range,
+        filter_size=SSIM_FILTER_SIZE,
+        filter_sigma=SSIM_FILTER_SIGMA,
+        k1=SSIM_K1,
+        k2=SSIM_K2,
+    ).astype(a.dtype)  # dm_pix's filter is float64 when x64 is on; keep the input dtype
+
+
+def ssim(a, b, *, data_range: float = 1.0):
+    """Windowed structural similarity (Wang et al. 2004), one value per image.
+
+    method.md section 6: the paper's metric is scikit-image's SSIM with ``data_range=1``. This is
+    that SSIM with a Gaussian window (11 taps, sigma 1.5), ``c1 = (0.01 L)^2``,
+    ``c2 = (0.03 L)^2``, population covariances, averaged over channels and over the pixels at
+    least 5 from the border; see the module docstring for the (round-off level) difference from
+    scikit-image.
+
+    Args:
+      a: images ``[B, C, H, W]``, float32/float64, ``H, W >= 11``.
+      b: images ``[B, C, H, W]``, same shape as ``a``.
+      data_range: ``L``, the dynamic range of the data (1 for images in ``[0, 1]``).
+
+    Returns:
+      ``[B]`` mean SSIM per image, in ``(-1, 1]``; 1 for identical images.
+
+    Raises:
+      ValueError: wrong rank, mismatched shapes, images smaller than 11x11, NaN/Inf in a
+        concrete input, or ``data_range <= 0``.
+      TypeError: a non-floating dtype.
+    """
+    a, b = _check_pair(a, b, min_size=SSIM_FILTER_SIZE)
+    return _ssim(a, b, _check_data_range(data_range))
+
+
+@jax.jit
+def _mse(a, b):
+    return jnp.mean(jnp.square(a - b), axis=(1, 2, 3))
+
+
+def mse(a, b):
+    """Mean squared error per image: ``mean_{c,i,j} (a - b)^2``.
+
+    Args:
+      a, b: images ``[B, C, H, W]``, float32/float64, same shape.
+
+    Returns:
+      ``[B]`` mean squared error per image.
+    """
+    a, b = _check_pair(a, b)
+    return _mse(a, b)
+
+
+@functools.partial(jax.jit, static_argnames=("data_range",))
+def _psnr(a, b, data_range):
+    err = _mse(a, b)
+    # 10 log10(L^2 / mse); mse == 0 gives +inf, as scikit-image.
+    return 10.0 * (2.0 * jnp.log10(jnp.asarray(data_range, err.dtype)) - jnp.log10(err))
+
+
+def psnr(a, b, *, data_range: float = 1.0):
+    """Peak signal-to-noise ratio in dB per image: ``10 log10(L^2 / MSE)``.
+
+    Args:
+      a, b: images ``[B, C, H, W]``, float32/float64, same shape.
+      data_range: ``L``, the dynamic range of the data (1 for images in ``[0, 1]``).
+
+    Returns:
+      ``[B]`` PSNR in decibels; ``+inf`` where the two images are identical.
+    """
+    a, b = _check_pair(a, b)
+    return _psnr(a, b, _check_data_range(data_range))
+
+
+@functools.partial(jax.jit, static_argnames=("data_range", "variant"))
+def _global_ssim(a, b, data_range, variant):
+    n = a.shape[1] * a.shape[2] * a.shape[3]
+    x = a.reshape(a.shape[0], n)
+    y = b.reshape(b.shape[0], n)
+    mu_x = jnp.mean(x, axis=1)
+    mu_y = jnp.mean(y, axis=1)
+    dx = x - mu_x[:, None]
+    dy = y - mu_y[:, None]
+    var_x = jnp.mean(dx * dx, axis=1)
+    var_y = jnp.mean(dy * dy, axis=1)
+    cov_xy = jnp.sum(dx * dy, axis=1)
+    # "a_code": np.var (divides by n) but np.cov (divides by n - 1), as in Paper A's script.
+    cov_xy = cov_xy / (n - 1 if variant == "a_code" else n)
+    c1 = (SSIM_K1 * data_range) ** 2
+    c2 = (SSIM_K2 * data_range) ** 2
+    return ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / (
+        (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+    )
+
+
+def global_ssim(a, b, *, data_range: float = 1.0, variant: str = "consistent"):
+    """Paper A's single global (non-windowed) SSIM per image (method.md section 6).
+
+    With all ``C*H*W`` values of an image pooled::
+
+        SSIM = (2 mu_a mu_b + c1)(2 cov_ab + c2) / ((mu_a^2 + mu_b^2 + c1)(var_a + var_b + c2)),
+        c1 = (0.01 L)^2, c2 = (0.03 L)^2.
+
+    ``variant="consistent"`` (default) uses population variance and covariance (divide by
+    ``n``), so identical images give exactly 1. ``variant="a_code"`` reproduces Paper A's script
+    literally: ``np.var`` (divide by ``n``) for the variances but ``np.cov`` (divide by
+    ``n - 1``) for the covariance, so identical images give slightly more than 1. Paper A clips
+    both images to ``[0, 1]`` before calling it; that is left to the caller.
+
+    Args:
+      a, b: images ``[B, C, H, W]``, float32/float64, same shape, ``C*H*W >= 2``.
+      data_range: ``L``.
+      variant: ``"consistent"`` or ``"a_code"``.
+
+    Returns:
+      ``[B]`` global SSIM per image.
+    """
+    if variant not in _GLOBAL_SSIM_VARIANTS:
+        raise ValueError(f"variant: expected one of {_GLOBAL_SSIM_VARIANTS}, got {variant!r}")
+    a, b = _check_pair(a, b)
+    if a.shape[1] * a.shape[2] * a.shape[3] < 2:
+        raise ValueError(f"a: expected at least 2 values per image, got shape {tuple(a.shape)}")
+    return _global_ssim(a, b, _check_data_range(data_range), variant)
