@@ -1,0 +1,25 @@
+"""The scipy reference solvers solve the assembled systems."""
+import numpy as np
+import pytest
+
+from krylovjax import reference
+from krylovjax.fokker_planck import fp_operator
+
+
+def test_spsolve_and_splu_agree_and_solve():
+    rng = np.random.default_rng(0)
+    op = fp_operator(2.0, 0.1, 1.0, rng.normal(size=(4, 2, 6, 5)))
+    b = rng.normal(size=(4, 6, 5))
+    r1, r2 = reference.spsolve(op, b), reference.splu(op, b)
+    np.testing.assert_allclose(r1.x, r2.x, rtol=1e-12, atol=1e-12)
+    assert np.all(r1.residual < 1e-13)
+    for i in range(4):
+        np.testing.assert_allclose(op.to_scipy(i) @ r1.x[i].ravel(), b[i].ravel(), atol=1e-12)
+
+
+def test_bad_rhs():
+    op = fp_operator(2.0, 0.1, 1.0, np.zeros((2, 2, 4, 4)))
+    with pytest.raises(ValueError, match="b:"):
+        reference.spsolve(op, np.zeros((3, 4, 4)))
+    with pytest.raises(ValueError, match="b:"):
+        reference.spsolve(op, np.full((2, 4, 4), np.nan))
