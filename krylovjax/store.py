@@ -1,0 +1,842 @@
+"""Resumable, chunked on-disk store for pre-computed score fields.
+
+The pre-computation pipeline (method.md sections 3-4: log-densities ``m``, scores ``s = grad m``,
+embedded trajectories ``x^n``; hyper-parameters as in section 8) is expensive and runs for hours
+on real data sets.  :class:`ScoreStore` keeps its output on disk, one chunk of images at a time, so
+a killed run restarts where it stopped and a training run can read single images (or single time
+steps of them) at random.
+
+Layout of a store directory::
+
+    <path>/manifest.json              run config, inputs hash, fields, chunking (written once)
+    <path>/arrays/<field>/            one zarr v3 array per field (tensorstore, ``file`` kvstore)
+    <path>/complete/chunk_00000007.json   completion marker of chunk 7 (one file per chunk)
+
+Every field is an array ``[num_images, *shape]`` chunked along the image axis: chunk ``i`` holds
+images ``[i * chunk_size, min((i + 1) * chunk_size, num_images))`` and is what the pipeline
+writes at once.  Large per-image fields are zarr *shards* (one file per chunk) whose inner chunks
+are one image, and one time step of it when the field declares a time axis, so a training read
+touches only the bytes it needs.  Small per-image fields (solver statistics) are plain chunks.
+
+Crash safety: ``write_chunk`` validates everything first, writes every field of the chunk (data
+files fsync'd by tensorstore's ``file_io_sync``), and only then publishes the chunk's marker file
+through a temporary file, ``fsync`` and ``os.replace`` (atomic on POSIX).  A process killed at any
+point leaves the chunk either complete (marker present, all data durable) or incomplete (no
+marker); incomplete chunks are simply rewritten on resume, which overwrites any partial data.
+
+Multi-host: chunk ``i`` belongs to host ``i % process_count``.  Host 0 creates (or checks and
+reopens) the store; the other hosts wait for its manifest and then open it.  Hosts only ever
+write their own chunks' data files and marker files, so no file has two writers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import socket
+import tempfile
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import tensorstore as ts
+
+__all__ = [
+    "FieldSpec",
+    "ScoreStore",
+    "canonical_config",
+    "hash_inputs",
+    "MANIFEST_NAME",
+    "STORE_FORMAT",
+]
+
+MANIFEST_NAME = "manifest.json"
+STORE_FORMAT = "krylovjax.score_store"
+STORE_VERSION = 1
+_ARRAYS_DIR = "arrays"
+_COMPLETE_DIR = "complete"
+_MARKER_RE = re.compile(r"^chunk_(\d{8})\.json$")
+_FIELD_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+# Per-image fields at most this many bytes are stored as plain chunks (no sharding): sharding a
+# field of one scalar per image would cost a 16-byte index entry per 4-byte value.
+_SHARD_MIN_BYTES_PER_IMAGE = 4096
+_INPUTS_HASH_TAG = b"krylovjax.hash_inputs.v1\0"
+
+
+# ----------------------------------------------------------------------------------------------
+# Hashing and canonical config
+# ----------------------------------------------------------------------------------------------
+
+
+def _to_json_value(obj: Any, where: str) -> Any:
+    """Recursively converts ``obj`` to plain JSON types (dict, list, str, int, float, bool, None)."""
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):  # ml_collections.ConfigDict
+        obj = obj.to_dict()
+    if isinstance(obj, Mapping):
+        out = {}
+        for key, value in obj.items():
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"config: keys must be str, got {type(key).__name__} key {key!r} at {where or '<root>'}"
+                )
+            out[key] = _to_json_value(value, f"{where}.{key}" if where else key)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_to_json_value(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, np.ndarray):
+        if obj.size > 1024:
+            raise TypeError(
+                f"config: {where} is an array of {obj.size} elements; configs hold small values, "
+                "pass large arrays as inputs instead"
+            )
+        return _to_json_value(obj.tolist(), where)
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise ValueError(f"config: {where} is {obj!r}; config values must be finite numbers")
+        return float(obj)
+    raise TypeError(
+        f"config: {where or '<root>'} has type {type(obj).__name__}, which is not JSON-serialisable "
+        "(expected dict, list, tuple, str, int, float, bool or None)"
+    )
+
+
+def canonical_config(config: Mapping[str, Any]) -> dict:
+    """Returns ``config`` as plain JSON types (tuples -> lists, numpy scalars -> Python).
+
+    Accepts a dict or an ``ml_collections.ConfigDict``. Raises ``TypeError`` naming the key of a
+    value that is not JSON-serialisable and ``ValueError`` for non-finite floats.
+    """
+    if not (isinstance(config, Mapping) or hasattr(config, "to_dict")):
+        raise TypeError(f"config: expected a dict, got {type(config).__name__}")
+    return _to_json_value(config, "")
+
+
+def _canonical_json(config: Mapping[str, Any]) -> str:
+    return json.dumps(
+        canonical_config(config), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
+
+
+def hash_inputs(images: np.ndarray, config: Mapping[str, Any]) -> str:
+    """SHA-256 identifying a pre-computation run: its input images and its config.
+
+    Args:
+      images: array of any shape (typically ``[B, C, H, W]`` in [0, 1]) and numeric or bool dtype;
+        numpy or jax arrays are accepted.
+      config: JSON-serialisable dict (or ``ml_collections.ConfigDict``) of the run's settings.
+
+    Returns:
+      A 64-character hex digest of, in order (one sha256 stream): the tag
+      ``b"krylovjax.hash_inputs.v1\\0"``; the image dtype as ``numpy.dtype.str`` (endianness
+      included) and the shape as comma-separated decimals, as ASCII joined by ``"|"`` and ended by
+      ``"\\n"``; the C-order bytes of the images; ``b"\\n"``; the canonical JSON of the config
+      (sorted keys, separators ``(",", ":")``, ASCII) in UTF-8. Key order in ``config`` does not
+      matter; any change of a pixel, the dtype, the shape or a config value changes the hash.
+    """
+    arr = np.asarray(images)
+    if arr.dtype.kind not in "biufc":
+        raise TypeError(f"images: expected a numeric or bool array, got dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr)
+    h = hashlib.sha256()
+    h.update(_INPUTS_HASH_TAG)
+    h.update(f"{arr.dtype.str}|{','.join(str(int(d)) for d in arr.shape)}\n".encode("ascii"))
+    h.update(memoryview(arr.reshape(-1).view(np.uint8)))
+    h.update(b"\n")
+    h.update(_canonical_json(config).encode("utf-8"))
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Field specifications
+# ----------------------------------------------------------------------------------------------
+
+_SUPPORTED_KINDS = "biuf"
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldSpec:
+    """One stored field: its per-image shape, dtype and (optionally) which axis is time.
+
+    Attributes:
+      shape: per-image shape, without the image axis, e.g. ``(C, N, H, W)`` for ``m``,
+        ``(C, N, 2, H, W)`` for scores, ``(N, C, H, W)`` for embedded trajectories, ``()`` for a
+        per-image statistic.
+      dtype: numpy dtype (bool, signed/unsigned int or float).
+      time_axis: index into ``shape`` of the time axis (1 for ``m`` and scores, 0 for embedded
+        trajectories), or None if the field has no time axis. Enables ``read(..., time_index=)``.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    time_axis: int | None = None
+
+    @classmethod
+    def parse(cls, name: str, spec: Any) -> "FieldSpec":
+        """Builds a FieldSpec from a FieldSpec, ``(shape, dtype)`` or ``(shape, dtype, time_axis)``."""
+        if not isinstance(name, str) or not _FIELD_NAME_RE.match(name):
+            raise ValueError(
+                f"fields: name {name!r} must be a str matching {_FIELD_NAME_RE.pattern} (used as a directory name)"
+            )
+        if isinstance(spec, FieldSpec):
+            shape, dtype, time_axis = spec.shape, spec.dtype, spec.time_axis
+        elif isinstance(spec, (tuple, list)) and len(spec) in (2, 3):
+            shape, dtype = spec[0], spec[1]
+            time_axis = spec[2] if len(spec) == 3 else None
+        else:
+            raise ValueError(
+                f"fields[{name!r}]: expected (shape, dtype) or (shape, dtype, time_axis), got {spec!r}"
+            )
+        try:
+            shape = tuple(int(d) for d in shape)
+        except TypeError as e:
+            raise ValueError(f"fields[{name!r}]: shape must be a sequence of ints, got {shape!r}") from e
+        if any(d <= 0 for d in shape):
+            raise ValueError(f"fields[{name!r}]: shape dimensions must be positive, got {shape}")
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError as e:
+            raise TypeError(f"fields[{name!r}]: {dtype!r} is not a numpy dtype") from e
+        if dtype.kind not in _SUPPORTED_KINDS:
+            raise TypeError(
+                f"fields[{name!r}]: dtype {dtype} not supported; expected bool, int, uint or float"
+            )
+        dtype = dtype.newbyteorder("=")
+        if time_axis is not None:
+            if isinstance(time_axis, bool) or not isinstance(time_axis, (int, np.integer)):
+                raise ValueError(f"fields[{name!r}]: time_axis must be an int or None, got {time_axis!r}")
+            time_axis = int(time_axis)
+            if not 0 <= time_axis < len(shape):
+                raise ValueError(
+                    f"fields[{name!r}]: time_axis {time_axis} out of range for per-image shape {shape}"
+                )
+        return cls(shape=shape, dtype=dtype, time_axis=time_axis)
+
+    def to_json(self) -> dict:
+        return {"shape": list(self.shape), "dtype": self.dtype.name, "time_axis": self.time_axis}
+
+    @property
+    def bytes_per_image(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+# ----------------------------------------------------------------------------------------------
+# Small file-system helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_json(path: str, obj: Any) -> None:
+    """Writes ``obj`` as JSON to ``path`` atomically: temp file in the same dir, fsync, replace."""
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, sort_keys=False, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
+def _read_json(path: str) -> Any:
+    with open(path, "r", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _diff_keys(stored: Any, given: Any, prefix: str = "") -> list[str]:
+    """Dotted paths at which two JSON values differ (keys only on one side included)."""
+    if isinstance(stored, dict) and isinstance(given, dict):
+        out = []
+        for key in sorted(set(stored) | set(given)):
+            path = f"{prefix}.{key}" if prefix else key
+            if key not in stored or key not in given:
+                out.append(path)
+            else:
+                out.extend(_diff_keys(stored[key], given[key], path))
+        return out
+    if type(stored) is not type(given) and not (
+        isinstance(stored, (int, float)) and isinstance(given, (int, float))
+        and not isinstance(stored, bool) and not isinstance(given, bool)
+    ):
+        return [prefix or "<root>"]
+    return [] if stored == given else [prefix or "<root>"]
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value) if value is not _MISSING else "<absent>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_MISSING = object()
+
+
+def _lookup(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(obj, dict) or part not in obj:
+            return _MISSING
+        obj = obj[part]
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# The store
+# ----------------------------------------------------------------------------------------------
+
+
+class ScoreStore:
+    """Chunked, resumable on-disk store of per-image fields (zarr v3 via tensorstore).
+
+    Create or reopen one with :meth:`create_or_open`; do not call the constructor directly.
+
+    Attributes:
+      path: the store directory.
+      config: the run config (canonical JSON types) stored in the manifest.
+      inputs_hash: the :func:`hash_inputs` digest stored in the manifest.
+      num_images, chunk_size, num_chunks: the chunking along the image axis.
+      fields: ``{name: FieldSpec}`` in declaration order.
+      process_index, process_count: this host and the number of hosts; chunk ``i`` is owned by
+        host ``i % process_count``.
+      chunks_written: number of chunks this object has written (a resume counter).
+    """
+
+    def __init__(self, path: str, manifest: dict, arrays: dict, process_index: int, process_count: int):
+        self.path = path
+        self._manifest = manifest
+        self._arrays = arrays
+        self.config = manifest["config"]
+        self.inputs_hash = manifest["inputs_hash"]
+        self.num_images = int(manifest["num_images"])
+        self.chunk_size = int(manifest["chunk_size"])
+        self.num_chunks = int(manifest["num_chunks"])
+        self.fields = {name: FieldSpec.parse(name, (f["shape"], f["dtype"], f["time_axis"]))
+                       for name, f in manifest["fields"].items()}
+        self.process_index = process_index
+        self.process_count = process_count
+        self.chunks_written = 0
+        self._complete_cache: set[int] = set()
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def create_or_open(
+        cls,
+        path: str | os.PathLike,
+        *,
+        config: Mapping[str, Any],
+        inputs_hash: str,
+        num_images: int,
+        chunk_size: int,
+        fields: Mapping[str, Any],
+        process_index: int = 0,
+        process_count: int = 1,
+        open_timeout_s: float = 600.0,
+        poll_interval_s: float = 0.2,
+    ) -> "ScoreStore":
+        """Creates a new store at ``path`` or reopens an identical one for resumption.
+
+        Args:
+          path: store directory (e.g. ``<workdir>/scores``); created if missing.
+          config: the run config, JSON-serialisable dict or ``ConfigDict``.
+          inputs_hash: :func:`hash_inputs` of the images and config (64 hex chars).
+          num_images: total number of images B >= 1 (the leading axis of every field).
+          chunk_size: images per chunk, >= 1: the block the pipeline computes and writes at once.
+          fields: ``{name: (shape, dtype)}`` or ``{name: (shape, dtype, time_axis)}`` (or
+            :class:`FieldSpec`), shapes without the image axis, e.g. ``"m": ((C, N, H, W),
+            np.float32, 1)``, ``"scores": ((C, N, 2, H, W), np.float32, 1)``,
+            ``"embedded": ((N, C, H, W), np.float32, 0)``, ``"matvecs": ((), np.int32)``.
+          process_index: this host's index in ``[0, process_count)``.
+          process_count: number of hosts writing into the store.
+          open_timeout_s: how long a host other than 0 waits for host 0's manifest.
+          poll_interval_s: polling period while waiting.
+
+        Returns:
+          The store. Host 0 creates the arrays and then the manifest (atomically); a host other
+          than 0 waits for the manifest and opens it.
+
+        Raises:
+          ValueError: bad arguments, or ``path`` holds a store made with a different config,
+            inputs hash, image count, chunk size or fields (the message names the keys that
+            differ; nothing is written), or ``path`` is a non-empty directory that is not a store.
+          TypeError: unsupported field dtypes or a non-serialisable config.
+          TimeoutError: a host other than 0 saw no manifest within ``open_timeout_s``.
+        """
+        path = os.fspath(path)
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"path: expected a non-empty directory path, got {path!r}")
+        if not isinstance(inputs_hash, str) or not re.fullmatch(r"[0-9a-f]{64}", inputs_hash):
+            raise ValueError(f"inputs_hash: expected a 64-character lowercase hex sha256 digest, got {inputs_hash!r}")
+        num_images = _check_positive_int("num_images", num_images)
+        chunk_size = _check_positive_int("chunk_size", chunk_size)
+        process_count = _check_positive_int("process_count", process_count)
+        if isinstance(process_index, bool) or not isinstance(process_index, (int, np.integer)) or not (
+            0 <= int(process_index) < process_count
+        ):
+            raise ValueError(f"process_index: expected an int in [0, {process_count}), got {process_index!r}")
+        process_index = int(process_index)
+        if not isinstance(fields, Mapping) or not fields:
+            raise ValueError(f"fields: expected a non-empty dict {{name: (shape, dtype[, time_axis])}}, got {fields!r}")
+        specs = {name: FieldSpec.parse(name, spec) for name, spec in fields.items()}
+        config = canonical_config(config)
+        num_chunks = -(-num_images // chunk_size)
+        wanted = {
+            "format": STORE_FORMAT,
+            "version": STORE_VERSION,
+            "config": config,
+            "config_sha256": hashlib.sha256(_canonical_json(config).encode("utf-8")).hexdigest(),
+            "inputs_hash": inputs_hash,
+            "num_images": num_images,
+            "chunk_size": chunk_size,
+            "num_chunks": num_chunks,
+            "fields": {name: s.to_json() for name, s in specs.items()},
+        }
+        manifest_path = os.path.join(path, MANIFEST_NAME)
+
+        if process_index != 0:
+            deadline = time.monotonic() + float(open_timeout_s)
+            while not os.path.exists(manifest_path):
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"process {process_index}: no {MANIFEST_NAME} appeared in {path!r} within "
+                        f"{open_timeout_s} s; process 0 creates the store"
+                    )
+                time.sleep(poll_interval_s)
+            manifest = _read_json(manifest_path)
+            _check_compatible(path, manifest, wanted)
+            arrays = _open_arrays(path, manifest, specs)
+            return cls(path, manifest, arrays, process_index, process_count)
+
+        if os.path.exists(manifest_path):
+            manifest = _read_json(manifest_path)
+            _check_compatible(path, manifest, wanted)
+            arrays = _open_arrays(path, manifest, specs)
+            return cls(path, manifest, arrays, process_index, process_count)
+
+        # Fresh store (or one whose creator died before publishing the manifest).
+        if os.path.exists(path):
+            if not os.path.isdir(path):
+                raise ValueError(f"path: {path!r} exists and is not a directory")
+            foreign = [e for e in os.listdir(path)
+                       if e not in (_ARRAYS_DIR, _COMPLETE_DIR) and not e.startswith("." + MANIFEST_NAME)]
+            if foreign:
+                raise ValueError(
+                    f"path: {path!r} is a non-empty directory without {MANIFEST_NAME} (found "
+                    f"{sorted(foreign)[:5]}); refusing to write into it, use a new or empty directory"
+                )
+        os.makedirs(os.path.join(path, _ARRAYS_DIR), exist_ok=True)
+        complete_dir = os.path.join(path, _COMPLETE_DIR)
+        os.makedirs(complete_dir, exist_ok=True)
+        for entry in os.listdir(complete_dir):  # stale markers of an unpublished store
+            os.unlink(os.path.join(complete_dir, entry))
+        arrays = {
+            name: ts.open(
+                _array_spec(path, name, spec, num_images, chunk_size),
+                create=True, delete_existing=True, context=_CONTEXT,
+            ).result()
+            for name, spec in specs.items()
+        }
+        manifest = dict(wanted)
+        manifest["created_unix"] = time.time()
+        manifest["created_by"] = socket.gethostname()
+        _atomic_write_json(manifest_path, manifest)
+        return cls(path, manifest, arrays, process_index, process_count)
+
+    # -- chunk bookkeeping ------------------------------------------------------------------------
+
+    def chunk_bounds(self, index: int) -> tuple[int, int]:
+        """Image range ``[start, stop)`` of chunk ``index``."""
+        index = self._check_chunk_index(index)
+        start = index * self.chunk_size
+        return start, min(start + self.chunk_size, self.num_images)
+
+    def owner(self, index: int) -> int:
+        """The host that writes chunk ``index``: ``index % process_count``."""
+        return self._check_chunk_index(index) % self.process_count
+
+    def owned_chunks(self) -> list[int]:
+        """Chunks this host writes, sorted."""
+        return list(range(self.process_index, self.num_chunks, self.process_count))
+
+    def completed_chunks(self) -> list[int]:
+        """Sorted indices of all complete chunks (any host), from the marker files on disk."""
+        done = set()
+        for entry in os.listdir(os.path.join(self.path, _COMPLETE_DIR)):
+            m = _MARKER_RE.match(entry)
+            if m and int(m.group(1)) < self.num_chunks:
+                done.add(int(m.group(1)))
+        self._complete_cache = done
+        return sorted(done)
+
+    def pending_chunks(self, all_hosts: bool = False) -> list[int]:
+        """Sorted incomplete chunks this host owns (or of every host with ``all_hosts=True``)."""
+        done = set(self.completed_chunks())
+        candidates = range(self.num_chunks) if all_hosts else self.owned_chunks()
+        return [i for i in candidates if i not in done]
+
+    def is_complete(self) -> bool:
+        """True when every chunk of every host is complete."""
+        return len(self.completed_chunks()) == self.num_chunks
+
+    def is_chunk_complete(self, index: int) -> bool:
+        index = self._check_chunk_index(index)
+        if index in self._complete_cache:
+            return True
+        if os.path.exists(self._marker_path(index)):
+            self._complete_cache.add(index)
+            return True
+        return False
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def write_chunk(self, index: int, data: Mapping[str, Any]) -> None:
+        """Writes every field of chunk ``index``, then atomically marks the chunk complete.
+
+        Args:
+          index: chunk index in ``[0, num_chunks)``, owned by this host.
+          data: ``{name: array}`` with exactly the store's fields; each array has shape
+            ``[b, *fields[name].shape]`` with ``b = stop - start`` of :meth:`chunk_bounds` and the
+            field's dtype (numpy or jax arrays). Floating arrays must be finite.
+
+        All inputs are validated before anything is written. Writing a chunk that is incomplete
+        overwrites whatever partial data a killed run left there.
+
+        Raises:
+          ValueError: bad index, a chunk owned by another host, a chunk already complete, missing
+            or unknown fields, wrong shapes, or NaN/inf values.
+          TypeError: an array whose dtype is not the field's dtype.
+        """
+        index = self._check_chunk_index(index)
+        owner = index % self.process_count
+        if owner != self.process_index:
+            raise ValueError(
+                f"index: chunk {index} belongs to process {owner} (chunk i belongs to i % "
+                f"process_count={self.process_count}), not to this process {self.process_index}"
+            )
+        if self.is_chunk_complete(index):
+            raise ValueError(
+                f"index: chunk {index} of {self.path!r} is already complete; refusing to write it again"
+            )
+        start, stop = self.chunk_bounds(index)
+        arrays = self._validate_chunk(index, start, stop, data)
+
+        futures = [self._write_field(name, start, stop, arr) for name, arr in arrays.items()]
+        for future in futures:
+            future.result()
+
+        marker = {
+            "chunk": index,
+            "images": [start, stop],
+            "process_index": self.process_index,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "written_unix": time.time(),
+            "sha256": {name: hashlib.sha256(memoryview(arr.reshape(-1).view(np.uint8))).hexdigest()
+                       for name, arr in arrays.items()},
+        }
+        _atomic_write_json(self._marker_path(index), marker)
+        self._complete_cache.add(index)
+        self.chunks_written += 1
+
+    def _write_field(self, name: str, start: int, stop: int, arr: np.ndarray):
+        """Starts writing one field of one chunk; returns a future (split out for crash tests)."""
+        return self._arrays[name][start:stop].write(arr)
+
+    def _validate_chunk(self, index: int, start: int, stop: int, data: Mapping[str, Any]) -> dict:
+        if not isinstance(data, Mapping):
+            raise ValueError(f"data: expected a dict {{field name: array}}, got {type(data).__name__}")
+        missing = [n for n in self.fields if n not in data]
+        extra = [n for n in data if n not in self.fields]
+        if missing or extra:
+            raise ValueError(
+                f"data: chunk {index} must hold exactly the fields {list(self.fields)}; "
+                f"missing {missing}, unknown {extra}"
+            )
+        out = {}
+        for name, spec in self.fields.items():
+            arr = np.asarray(data[name])
+            expected = (stop - start, *spec.shape)
+            if arr.shape != expected:
+                raise ValueError(
+                    f"data[{name!r}]: chunk {index} (images {start}..{stop - 1}) expects shape "
+                    f"{expected}, got {arr.shape}"
+                )
+            if arr.dtype.newbyteorder("=") != spec.dtype:
+                raise TypeError(f"data[{name!r}]: expected dtype {spec.dtype}, got {arr.dtype}")
+            arr = np.ascontiguousarray(arr, dtype=spec.dtype)
+            if spec.dtype.kind == "f":
+                finite = np.isfinite(arr)
+                if not finite.all():
+                    bad = np.argwhere(~finite)
+                    n_nan = int(np.isnan(arr).sum())
+                    raise ValueError(
+                        f"data[{name!r}]: chunk {index} has {bad.shape[0]} non-finite values "
+                        f"({n_nan} NaN, {bad.shape[0] - n_nan} inf), first at image "
+                        f"{start + int(bad[0][0])}, element {tuple(int(i) for i in bad[0][1:])}"
+                    )
+            out[name] = arr
+        return out
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def read(self, name: str, image_index: int, time_index: int | None = None) -> np.ndarray:
+        """Random access to one image's field, or one time step of it.
+
+        Args:
+          name: field name.
+          image_index: image in ``[0, num_images)``.
+          time_index: time step in ``[0, N)`` along the field's declared ``time_axis``, or None.
+
+        Returns:
+          numpy array of shape ``fields[name].shape`` (e.g. ``[C, N, 2, H, W]`` for scores), or
+          that shape without the time axis (e.g. ``[C, 2, H, W]``) when ``time_index`` is given.
+
+        Raises:
+          ValueError: unknown field, index out of range, the image's chunk not complete, or a
+            time index on a field without a time axis.
+        """
+        spec = self._check_field(name)
+        image_index = self._check_image_index(image_index)
+        self._require_complete(image_index // self.chunk_size)
+        if time_index is None:
+            return np.asarray(self._arrays[name][image_index].read().result())
+        t = self._check_time_index(name, spec, time_index)
+        idx = (image_index,) + (slice(None),) * spec.time_axis + (t,)
+        return np.asarray(self._arrays[name][idx].read().result())
+
+    def read_batch(self, name: str, image_indices: Sequence[int],
+                   time_indices: Sequence[int] | None = None) -> np.ndarray:
+        """Reads several images (optionally one time step each) in one tensorstore request.
+
+        Args:
+          name: field name.
+          image_indices: int array ``[K]`` of images.
+          time_indices: optional int array ``[K]``; the k-th result is time step
+            ``time_indices[k]`` of image ``image_indices[k]`` (for training on random pairs).
+
+        Returns:
+          ``[K, *shape]``, or ``[K, *shape without the time axis]`` with ``time_indices``.
+        """
+        spec = self._check_field(name)
+        images = np.asarray(image_indices)
+        if images.ndim != 1 or images.dtype.kind not in "iu":
+            raise ValueError(f"image_indices: expected a 1-D int array, got shape {images.shape} dtype {images.dtype}")
+        if images.size and (images.min() < 0 or images.max() >= self.num_images):
+            raise ValueError(f"image_indices: values must lie in [0, {self.num_images}), got {images.min()}..{images.max()}")
+        for chunk in np.unique(images // self.chunk_size):
+            self._require_complete(int(chunk))
+        if time_indices is None:
+            if images.size == 0:
+                return np.zeros((0, *spec.shape), spec.dtype)
+            return np.asarray(self._arrays[name].oindex[images].read().result())
+        times = np.asarray(time_indices)
+        if spec.time_axis is None:
+            raise ValueError(f"time_indices: field {name!r} was declared without a time_axis")
+        n_t = spec.shape[spec.time_axis]
+        if times.shape != images.shape or times.dtype.kind not in "iu":
+            raise ValueError(f"time_indices: expected an int array of shape {images.shape}, got {times.shape} {times.dtype}")
+        if times.size and (times.min() < 0 or times.max() >= n_t):
+            raise ValueError(f"time_indices: values must lie in [0, {n_t}), got {times.min()}..{times.max()}")
+        out_shape = (images.size, *(d for a, d in enumerate(spec.shape) if a != spec.time_axis))
+        if images.size == 0:
+            return np.zeros(out_shape, spec.dtype)
+        idx = (images,) + (slice(None),) * spec.time_axis + (times,)
+        out = np.asarray(self._arrays[name].vindex[idx].read().result())
+        assert out.shape == out_shape, (out.shape, out_shape)
+        return out
+
+    def read_all(self, name: str) -> np.ndarray:
+        """The whole field ``[num_images, *shape]`` as numpy; only when every chunk is complete."""
+        self._check_field(name)
+        missing = self.pending_chunks(all_hosts=True)
+        if missing:
+            raise ValueError(
+                f"read_all({name!r}): store {self.path!r} is incomplete; missing chunks {missing[:20]}"
+                + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+                + f" of {self.num_chunks}"
+            )
+        return np.asarray(self._arrays[name].read().result())
+
+    def verify_chunk(self, index: int) -> bool:
+        """Re-reads a complete chunk and compares each field with the checksum in its marker."""
+        index = self._check_chunk_index(index)
+        self._require_complete(index)
+        marker = _read_json(self._marker_path(index))
+        start, stop = self.chunk_bounds(index)
+        for name, spec in self.fields.items():
+            arr = np.ascontiguousarray(self._arrays[name][start:stop].read().result(), dtype=spec.dtype)
+            if hashlib.sha256(memoryview(arr.reshape(-1).view(np.uint8))).hexdigest() != marker["sha256"].get(name):
+                return False
+        return True
+
+    @property
+    def manifest(self) -> dict:
+        """A copy of the manifest (config, inputs hash, fields, chunking)."""
+        return json.loads(json.dumps(self._manifest))
+
+    def __repr__(self) -> str:
+        return (f"ScoreStore({self.path!r}, images={self.num_images}, chunk_size={self.chunk_size}, "
+                f"fields={list(self.fields)}, process={self.process_index}/{self.process_count})")
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _marker_path(self, index: int) -> str:
+        return os.path.join(self.path, _COMPLETE_DIR, f"chunk_{index:08d}.json")
+
+    def _check_chunk_index(self, index: Any) -> int:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise ValueError(f"index: expected an int chunk index, got {index!r}")
+        if not 0 <= int(index) < self.num_chunks:
+            raise ValueError(f"index: chunk index must lie in [0, {self.num_chunks}), got {index}")
+        return int(index)
+
+    def _check_image_index(self, index: Any) -> int:
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+            raise ValueError(f"image_index: expected an int, got {index!r}")
+        if not 0 <= int(index) < self.num_images:
+            raise ValueError(f"image_index: must lie in [0, {self.num_images}), got {index}")
+        return int(index)
+
+    def _check_time_index(self, name: str, spec: FieldSpec, t: Any) -> int:
+        if spec.time_axis is None:
+            raise ValueError(f"time_index: field {name!r} was declared without a time_axis")
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+            raise ValueError(f"time_index: expected an int, got {t!r}")
+        n_t = spec.shape[spec.time_axis]
+        if not 0 <= int(t) < n_t:
+            raise ValueError(f"time_index: must lie in [0, {n_t}) for field {name!r}, got {t}")
+        return int(t)
+
+    def _check_field(self, name: str) -> FieldSpec:
+        if name not in self.fields:
+            raise ValueError(f"name: unknown field {name!r}; the store holds {list(self.fields)}")
+        return self.fields[name]
+
+    def _require_complete(self, chunk: int) -> None:
+        if not self.is_chunk_complete(chunk):
+            start, stop = self.chunk_bounds(chunk)
+            raise ValueError(
+                f"chunk {chunk} (images {start}..{stop - 1}) of {self.path!r} is not complete yet"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# Module-private helpers
+# ----------------------------------------------------------------------------------------------
+
+# fsync every file tensorstore writes, so data is durable before a chunk's marker is published.
+_CONTEXT = ts.Context({"file_io_sync": True})
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return int(value)
+
+
+def _array_spec(path: str, name: str, spec: FieldSpec, num_images: int, chunk_size: int) -> dict:
+    """zarr v3 spec of one field: one chunk (or shard) per block of ``chunk_size`` images."""
+    shape = [num_images, *spec.shape]
+    chunk = [chunk_size, *spec.shape]
+    bytes_codec = {"name": "bytes", "configuration": {"endian": "little"}}
+    if spec.dtype.itemsize == 1:
+        bytes_codec = {"name": "bytes"}
+    if spec.bytes_per_image > _SHARD_MIN_BYTES_PER_IMAGE:
+        inner = [1, *spec.shape]
+        if spec.time_axis is not None:
+            inner[1 + spec.time_axis] = 1
+        codecs = [{"name": "sharding_indexed",
+                   "configuration": {"chunk_shape": inner, "codecs": [bytes_codec]}}]
+    else:
+        codecs = [bytes_codec]
+    fill = False if spec.dtype.kind == "b" else 0
+    return {
+        "driver": "zarr3",
+        "kvstore": {"driver": "file", "path": os.path.join(path, _ARRAYS_DIR, name) + "/"},
+        "metadata": {
+            "shape": shape,
+            "data_type": spec.dtype.name,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
+            "chunk_key_encoding": {"name": "default"},
+            "codecs": codecs,
+            "fill_value": fill,
+        },
+    }
+
+
+def _open_arrays(path: str, manifest: dict, specs: dict[str, FieldSpec]) -> dict:
+    arrays = {}
+    for name, spec in specs.items():
+        try:
+            arrays[name] = ts.open(
+                {"driver": "zarr3",
+                 "kvstore": {"driver": "file", "path": os.path.join(path, _ARRAYS_DIR, name) + "/"}},
+                open=True, context=_CONTEXT,
+                dtype=ts.dtype(spec.dtype.name),
+                shape=[int(manifest["num_images"]), *spec.shape],
+            ).result()
+        except Exception as e:  # tensorstore raises ValueError / OSError subclasses
+            raise ValueError(
+                f"path: store {path!r} is damaged: array {name!r} cannot be opened as described by "
+                f"its manifest ({e})"
+            ) from e
+    return arrays
+
+
+def _check_compatible(path: str, stored: dict, wanted: dict) -> None:
+    """Raises ValueError naming every manifest key where ``stored`` and ``wanted`` differ."""
+    if stored.get("format") != STORE_FORMAT:
+        raise ValueError(
+            f"path: {path!r} has a {MANIFEST_NAME} that is not a {STORE_FORMAT} manifest; "
+            "refusing to write into it, use a new workdir"
+        )
+    if stored.get("version") != STORE_VERSION:
+        raise ValueError(
+            f"path: store {path!r} has format version {stored.get('version')}, this code writes "
+            f"version {STORE_VERSION}; refusing to write into it, use a new workdir"
+        )
+    problems = []
+    config_keys = _diff_keys(stored.get("config"), wanted["config"])
+    if config_keys:
+        details = ", ".join(
+            f"config.{k} (stored {_short(_lookup(stored.get('config'), k))}, "
+            f"given {_short(_lookup(wanted['config'], k))})" for k in config_keys[:20]
+        )
+        problems.append(f"config keys differ: {details}")
+    for key in ("inputs_hash", "num_images", "chunk_size"):
+        if stored.get(key) != wanted[key]:
+            problems.append(f"{key} differs (stored {_short(stored.get(key))}, given {_short(wanted[key])})")
+    field_keys = _diff_keys(stored.get("fields"), wanted["fields"])
+    if field_keys:
+        problems.append("fields differ: " + ", ".join(f"fields.{k}" for k in field_keys))
+    if problems:
+        raise ValueError(
+            f"path: {path!r} holds a store from a different run: " + "; ".join(problems)
+            + ". Refusing to write into it; use a new workdir (or delete this store deliberately)."
+        )
