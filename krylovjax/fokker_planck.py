@@ -69,29 +69,27 @@ BOUNDARIES = ("zero", "dirichlet", "reflect")
 _DIRECTIONS = ("east", "west", "south", "north")
 
 
-def _shift(x: Array, axis: int, step: int, fill: Array | float | None) -> Array:
-    """x shifted so that out[i] = x[i + step] along ``axis``; ghosts from ``fill``.
+def _shift(x, axis: int, step: int, fill):
+    """x shifted so that out[i] = x[i + step] along a negative ``axis``; ghosts from ``fill``.
 
     ``fill=None`` repeats the boundary entry (half-sample reflection); an array ``fill`` supplies
     the ghost slab (same shape as a slice of x along ``axis``); a float fills with that value.
+    Works on numpy and JAX arrays alike (plain slicing), so the host-side assembly and the
+    jitted stencil share this code.
     """
-    n = x.shape[axis]
+    xp = np if isinstance(x, np.ndarray) else jnp
+    lead = (slice(None),) * (x.ndim + axis)
     if step > 0:
-        body = jax.lax.slice_in_dim(x, step, n, axis=axis)
-        edge = jax.lax.slice_in_dim(x, n - 1, n, axis=axis)
-        pos = "end"
+        body, edge = x[lead + (slice(step, None),)], x[lead + (slice(-1, None),)]
     else:
-        body = jax.lax.slice_in_dim(x, 0, n + step, axis=axis)
-        edge = jax.lax.slice_in_dim(x, 0, 1, axis=axis)
-        pos = "start"
+        body, edge = x[lead + (slice(None, step),)], x[lead + (slice(0, 1),)]
     if fill is None:
         ghost = edge
     elif isinstance(fill, (int, float)):
-        ghost = jnp.full_like(edge, fill)
+        ghost = xp.full_like(edge, fill)
     else:
-        ghost = jnp.expand_dims(fill, axis).astype(x.dtype)
-    parts = (body, ghost) if pos == "end" else (ghost, body)
-    return jnp.concatenate(parts, axis=axis)
+        ghost = xp.broadcast_to(xp.expand_dims(xp.asarray(fill), axis), edge.shape).astype(x.dtype)
+    return xp.concatenate((body, ghost) if step > 0 else (ghost, body), axis=axis)
 
 
 def _ghost_slabs(ghost: Array | None, scheme: str):
@@ -232,7 +230,7 @@ class FPOperator:
         n = h * w
         idx = np.arange(n, dtype=np.float64).reshape(h, w)
         fills = {d: (None if self.boundary == "reflect" else -1.0) for d in _DIRECTIONS}
-        nb = _neighbours(jnp.asarray(idx), self.scheme, fills)
+        nb = _neighbours(idx, self.scheme, fills)
         rows = [idx.ravel()]
         cols = [idx.ravel()]
         coef = self.centre[index]

@@ -64,3 +64,21 @@ def spsolve(op: FPOperator, b) -> DirectResult:
 def splu(op: FPOperator, b) -> DirectResult:
     """As :func:`spsolve` but with an explicit ``scipy.sparse.linalg.splu`` factorisation."""
     return _solve_all(op, b, "splu")
+
+
+def spsolve_in_jit(op: FPOperator, b):
+    """``spsolve`` callable from jitted code (a ``jax.pure_callback`` to the host).
+
+    Lets the pre-computation pipeline run its reference strategy through the same compiled time
+    loop as the Krylov strategies. Returns ``x`` with ``b``'s shape and dtype.
+    """
+    import jax
+
+    leaves, treedef = jax.tree_util.tree_flatten(op)
+
+    def host(b_host, *leaves_host):
+        op_host = jax.tree_util.tree_unflatten(treedef, [np.asarray(a) for a in leaves_host])
+        return spsolve(op_host, np.asarray(b_host)).x.astype(b_host.dtype)
+
+    return jax.pure_callback(host, jax.ShapeDtypeStruct(b.shape, b.dtype), b, *leaves,
+                             vmap_method="sequential")

@@ -23,3 +23,20 @@ def test_bad_rhs():
         reference.spsolve(op, np.zeros((3, 4, 4)))
     with pytest.raises(ValueError, match="b:"):
         reference.spsolve(op, np.full((2, 4, 4), np.nan))
+
+
+def test_spsolve_inside_jit():
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(1)
+    s = rng.normal(size=(3, 2, 6, 5))
+    b = rng.normal(size=(3, 6, 5))
+
+    @jax.jit
+    def solve(s, b):
+        return reference.spsolve_in_jit(fp_operator(2.0, 0.1, 1.0, s), b)
+
+    x = solve(jnp.asarray(s), jnp.asarray(b))
+    np.testing.assert_allclose(x, reference.spsolve(fp_operator(2.0, 0.1, 1.0, s), b).x,
+                               atol=1e-14)
