@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from krylovjax.data import validate_images
 
@@ -217,7 +218,7 @@ def paper_a_samples(
     Coordinate 0 is the row (y) position, coordinate 1 the column (x).
     """
     images = _check_images(images)
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 2:
         raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
     if not (math.isfinite(float(jitter)) and float(jitter) >= 0):
         raise ValueError(f"jitter must be finite and >= 0, got {jitter!r}")
