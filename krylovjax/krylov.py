@@ -1,0 +1,664 @@
+"""Batched Krylov solvers: Arnoldi (CGS2), restarted GMRES with per-system masks, GCRO recycling.
+
+Every function here solves *many independent systems at once*: the systems are the leading
+batch axis of one array, never a ``vmap`` over a single-system solver (design.md decision 6).
+A ``matvec`` is any callable mapping ``[B, *shape] -> [B, *shape]`` (for this project the
+5-point log-FP stencil on ``[B, H, W]``); internally fields are flattened to ``[B, N]`` with
+``N = prod(shape)``.
+
+Equations (method.md section 5, design.md decisions 5-7; standard Krylov theory):
+
+* Arnoldi (method.md 5.3 step 1, "seed basis"): ``A M^{-1} V_k = V_{k+1} H`` with ``V`` having
+  orthonormal rows and ``H`` upper Hessenberg, built with classical Gram-Schmidt applied twice.
+* GMRES(m) with right preconditioning (method.md 5.3 step 3, "refine"): solve
+  ``A M^{-1} u = b``, ``x = x0 + M^{-1} V_m y`` with ``y = argmin ||beta e1 - H y||``; the small
+  least-squares problem is reduced by Givens rotations, one per inner step and per system, so
+  each system's residual estimate ``|g_{j+1}|`` is known after every step.
+* GCRO augmentation with a fixed recycled space ``(U, C)``, ``C = A U`` with orthonormal rows
+  (design.md decision 7, "seed basis as a recycled, augmented space"):
+  ``x0 <- x0 + U^T C r0``, ``r0 <- (I - C^T C) r0``, Arnoldi on ``(I - C^T C) A M^{-1}``,
+  update ``x <- x + M^{-1} V y - U^T (B y)`` with ``B = C A M^{-1} V``.
+
+Every dot product / matmul uses ``precision=jax.lax.Precision.HIGHEST`` (design.md decision 5).
+All functions work in float32 and float64 (whichever dtype ``b`` has) and are jit-able.
+
+Large batches: XLA on CPU is bound by re-reading the Krylov basis from memory; solving
+cache-sized chunks of the batch one after the other is much faster (design.md, "Performance
+facts"). :func:`map_in_chunks` does that for any solver call whose operator is a pytree with a
+leading batch axis (e.g. ``fokker_planck.FPOperator``).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from krylovjax import _checks
+
+Array = jax.Array
+MatVec = Callable[[Array], Array]
+
+_HI = lax.Precision.HIGHEST
+
+# A new Arnoldi vector whose norm after CGS2 is below ``_BREAKDOWN_EPS * eps * ||A M^{-1} v_j||``
+# is round-off: the Krylov space is (numerically) invariant -> breakdown.
+_BREAKDOWN_EPS = 32.0
+
+
+class Status(enum.IntEnum):
+    """Per-system outcome of :func:`gmres` (``KrylovResult.status``)."""
+
+    CONVERGED = 0       # ||b - A x|| <= max(tol ||b||, atol), checked with a true residual
+    MAX_ITERATIONS = 1  # max_restarts cycles used without converging
+    STAGNATION = 2      # a whole cycle reduced the true residual by less than stagnation_tol
+    BREAKDOWN = 3       # Krylov space exhausted with a singular projected problem, or non-finite
+
+
+class KrylovResult(NamedTuple):
+    """Result of a batched solve (a pytree; every field has the batch axis first).
+
+    Attributes:
+      x: ``[B, *shape]`` solution, dtype of ``b``.
+      converged: ``[B]`` bool, ``status == Status.CONVERGED``.
+      num_matvecs: ``[B]`` int32, operator applications this system needed: one true residual
+        at the start and after every cycle, plus one per inner Arnoldi step while the system was
+        still iterating. (In a batch, steps run while *other* systems iterate are not counted:
+        they are computed on a zero vector and discarded.) Matvecs spent building a recycled
+        space are reported by :func:`make_recycle_space`, not here.
+      residual: ``[B]`` final *true* relative residual ``||b - A x|| / ||b||`` (0 where b = 0).
+      num_restarts: ``[B]`` int32, number of GMRES cycles (Arnoldi restarts) run on the system;
+        0 if ``x0`` already met the tolerance.
+      status: ``[B]`` int32, a :class:`Status` value.
+    """
+
+    x: Array
+    converged: Array
+    num_matvecs: Array
+    residual: Array
+    num_restarts: Array
+    status: Array
+
+
+class RecycleSpace(NamedTuple):
+    """A recycled space for :func:`gmres` (``recycle=``), built by :func:`make_recycle_space`.
+
+    Attributes:
+      U: ``[B, k, N]`` (or ``[k, N]`` shared by all systems) flattened fields.
+      C: same shape as ``U``, ``C = A U`` row by row, rows orthonormal per system.
+      num_matvecs: ``[B]`` int32, matvecs spent building it (k per system).
+    """
+
+    U: Array
+    C: Array
+    num_matvecs: Array
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks (shapes / dtypes at trace time, values only when concrete).
+
+
+def _check_int(name: str, value, minimum: int, *, static: bool) -> None:
+    if not _checks.is_concrete(value):
+        if static:
+            raise ValueError(f"{name}: expected a static Python int >= {minimum}, got a traced "
+                             "value (mark it static under jit)")
+        return
+    a = np.asarray(value)
+    if a.ndim != 0 or not np.issubdtype(a.dtype, np.integer) or isinstance(value, bool):
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    if int(a) < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {int(a)}")
+
+
+def _check_scalar(name: str, value, *, positive: bool) -> None:
+    if jnp.ndim(value) != 0:
+        raise ValueError(f"{name}: expected a scalar, got shape {jnp.shape(value)}")
+    if not _checks.is_concrete(value):
+        return
+    v = float(np.asarray(value))
+    if not math.isfinite(v) or (v <= 0 if positive else v < 0):
+        raise ValueError(f"{name}: expected a finite number {'> 0' if positive else '>= 0'}, "
+                         f"got {v}")
+
+
+def _check_field_batch(name: str, x, *, what: str = "[B, *shape]") -> None:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name}: expected an array {what}, got {type(x).__name__}")
+    if x.ndim < 2:
+        raise ValueError(f"{name}: expected rank >= 2 {what} (batch axis + field), "
+                         f"got shape {x.shape}")
+    if x.dtype not in (jnp.float32, jnp.float64):
+        raise TypeError(f"{name}: expected dtype float32 or float64, got {x.dtype}")
+    _checks.check_finite(name, x)
+
+
+def _check_callable_shape(name: str, fn: MatVec, shape, dtype) -> None:
+    """Trace ``fn`` abstractly and check it maps ``[B, *shape]`` to the same shape and dtype."""
+    if not callable(fn):
+        raise TypeError(f"{name}: expected a callable [B, *shape] -> [B, *shape], "
+                        f"got {type(fn).__name__}")
+    out = jax.eval_shape(fn, jax.ShapeDtypeStruct(shape, dtype))
+    if not hasattr(out, "shape") or tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected it to map an array of shape {tuple(shape)} to the "
+                         f"same shape, got {getattr(out, 'shape', type(out).__name__)}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name}: expected output dtype {dtype} (that of b), got {out.dtype}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Small batched linear-algebra helpers.
+
+
+def _norm(x: Array) -> Array:
+    """Euclidean norm over the last axis ``[B, N] -> [B]``."""
+    return jnp.sqrt(jnp.sum(x * x, axis=-1))
+
+
+def _project(V: Array, w: Array) -> Array:
+    """``V w`` per system: ``V [B, k, N]`` (or shared ``[k, N]``), ``w [B, N]`` -> ``[B, k]``."""
+    if V.ndim == 2:
+        return jnp.einsum("kn,bn->bk", V, w, precision=_HI)
+    return jnp.einsum("bkn,bn->bk", V, w, precision=_HI)
+
+
+def _combine(V: Array, h: Array) -> Array:
+    """``V^T h`` per system: ``V [B, k, N]`` (or ``[k, N]``), ``h [B, k]`` -> ``[B, N]``."""
+    if V.ndim == 2:
+        return jnp.einsum("bk,kn->bn", h, V, precision=_HI)
+    return jnp.einsum("bk,bkn->bn", h, V, precision=_HI)
+
+
+def _flat_operator(matvec: MatVec, precondition: MatVec | None, shape) -> MatVec:
+    """``v [B, N] -> A M^{-1} v [B, N]`` from field callables on ``[B, *shape]``."""
+
+    def op(v):
+        f = v.reshape(shape)
+        if precondition is not None:
+            f = precondition(f)
+        return matvec(f).reshape(v.shape)
+
+    return op
+
+
+def _cgs2_step(op: MatVec, V: Array, j, C: Array | None, eps: float):
+    """One Arnoldi step with classical Gram-Schmidt applied twice.
+
+    ``V [B, m+1, N]``: rows ``0..j`` hold the current orthonormal basis; rows ``> j`` are
+    ignored (projections are masked by step). ``C`` (optional, ``[B, k, N]`` or ``[k, N]``)
+    has orthonormal rows that are projected out too (GCRO).
+
+    Returns ``(v_new [B, N], h [B, m+1], hc [B, k] | None, breakdown [B])`` with
+    ``A M^{-1} v_j = sum_i h_i v_i + C^T hc`` and ``h[j+1] = ||v_new|| * h[j+1]``; on breakdown
+    ``v_new = 0`` and ``h[j+1] = 0``.
+    """
+    m1 = V.shape[1]
+    v = lax.dynamic_index_in_dim(V, j, axis=1, keepdims=False)
+    w = op(v)
+    w_norm = _norm(w)
+    keep = (jnp.arange(m1) <= j).astype(w.dtype)  # rows of the current basis
+    h = jnp.zeros(w.shape[:1] + (m1,), w.dtype)
+    hc = None
+    for _ in range(2):  # CGS2: classical Gram-Schmidt, twice
+        dh = _project(V, w) * keep
+        if C is not None:
+            dc = _project(C, w)
+            w = w - _combine(V, dh) - _combine(C, dc)
+            hc = dc if hc is None else hc + dc
+        else:
+            w = w - _combine(V, dh)
+        h = h + dh
+    beta = _norm(w)
+    breakdown = beta <= (_BREAKDOWN_EPS * eps) * w_norm
+    safe = jnp.where(breakdown, jnp.ones_like(beta), beta)
+    v_new = jnp.where(breakdown[:, None], jnp.zeros_like(w), w / safe[:, None])
+    h = lax.dynamic_update_index_in_dim(h, jnp.where(breakdown, 0.0, beta).astype(h.dtype),
+                                        j + 1, axis=1)
+    return v_new, h, hc, breakdown
+
+
+# ----------------------------------------------------------------------------------------------
+# Arnoldi.
+
+
+def arnoldi(matvec: MatVec, v: Array, k: int, *,
+            precondition: MatVec | None = None) -> tuple[Array, Array]:
+    """Batched Arnoldi process (CGS2): an orthonormal basis of ``K_{k+1}(A M^{-1}, v)``.
+
+    Implements the seed-basis construction of method.md section 5.3 step 1:
+    ``A M^{-1} V_k = V_{k+1} H`` (``M^{-1}`` = identity when ``precondition`` is None).
+
+    Args:
+      matvec: callable ``[B, *shape] -> [B, *shape]`` applying ``A`` to every system.
+      v: ``[B, *shape]`` starting vectors, float32 or float64.
+      k: number of Arnoldi steps (static Python int >= 1).
+      precondition: optional callable ``[B, *shape] -> [B, *shape]`` applying ``M^{-1}``.
+
+    Returns:
+      ``(V, H)``: ``V [B, k+1, N]`` with orthonormal rows, ``V[:, 0] = v / ||v||``;
+      ``H [B, k+1, k]`` upper Hessenberg. On a breakdown at step ``j`` (the Krylov space is
+      invariant: ``H[:, j+1, j] == 0``) the remaining rows of ``V`` and columns of ``H`` are
+      zero; a zero starting vector gives all-zero ``V`` and ``H``. Never NaN.
+    """
+    _check_field_batch("v", v)
+    _check_int("k", k, 1, static=True)
+    _check_callable_shape("matvec", matvec, v.shape, v.dtype)
+    if precondition is not None:
+        _check_callable_shape("precondition", precondition, v.shape, v.dtype)
+    B = v.shape[0]
+    n = math.prod(v.shape[1:])
+    k = int(k)
+    dtype = v.dtype
+    eps = float(jnp.finfo(dtype).eps)
+    op = _flat_operator(matvec, precondition, v.shape)
+
+    v0 = v.reshape(B, n)
+    nrm = _norm(v0)
+    v0 = jnp.where((nrm > 0)[:, None], v0 / jnp.where(nrm > 0, nrm, 1.0)[:, None], 0.0)
+    V = jnp.zeros((B, k + 1, n), dtype).at[:, 0].set(v0)
+    Ht = jnp.zeros((B, k, k + 1), dtype)  # H transposed: row j = column j of H
+
+    def body(j, carry):
+        V, Ht = carry
+        v_new, h, _, _ = _cgs2_step(op, V, j, None, eps)
+        V = lax.dynamic_update_index_in_dim(V, v_new, j + 1, axis=1)
+        Ht = lax.dynamic_update_index_in_dim(Ht, h, j, axis=1)
+        return V, Ht
+
+    V, Ht = lax.fori_loop(0, k, body, (V, Ht))
+    return V, jnp.swapaxes(Ht, 1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Recycled spaces.
+
+
+def make_recycle_space(matvec: MatVec, U: Array) -> RecycleSpace:
+    """Build a recycled space ``(U', C)`` with ``C = A U'`` and orthonormal rows of ``C``.
+
+    Computes ``A U`` (k matvecs per system), a batched thin QR ``(A U)^T = Q R`` and returns
+    ``U' = R^{-T} U`` (rows), ``C = Q^T``, so that ``A U'^T = C^T`` holds per system (the GCRO
+    contract of :func:`gmres`'s ``recycle``). Directions of ``U`` that are (numerically)
+    linearly dependent after ``A`` (``|R_ii| <= k eps max|R|``) are dropped: their rows of
+    ``U'`` and ``C`` are zero, which keeps the contract.
+
+    Args:
+      matvec: callable ``[B, *shape] -> [B, *shape]``.
+      U: ``[B, k, *shape]`` k fields per system (e.g. a seed image's Krylov basis, reshaped).
+
+    Returns:
+      :class:`RecycleSpace` with ``U, C [B, k, N]`` and ``num_matvecs [B]`` (= k).
+    """
+    if not hasattr(U, "ndim") or U.ndim < 3:
+        raise ValueError(f"U: expected shape [B, k, *shape] (rank >= 3), got "
+                         f"{getattr(U, 'shape', type(U).__name__)}")
+    _check_field_batch("U", U, what="[B, k, *shape]")
+    B, k = U.shape[:2]
+    fshape = (B,) + U.shape[2:]
+    _check_callable_shape("matvec", matvec, fshape, U.dtype)
+    n = math.prod(U.shape[2:])
+    eps = float(jnp.finfo(U.dtype).eps)
+
+    AU = lax.map(lambda u: matvec(u), jnp.moveaxis(U, 1, 0))  # k matvecs on the whole batch
+    AU = jnp.moveaxis(AU, 0, 1).reshape(B, k, n)
+    Q, R = jnp.linalg.qr(jnp.swapaxes(AU, 1, 2), mode="reduced")  # [B, N, k], [B, k, k]
+    diag = jnp.abs(jnp.diagonal(R, axis1=1, axis2=2))  # [B, k]
+    good = diag > (k * eps) * jnp.max(diag, axis=1, keepdims=True)
+    eye = jnp.eye(k, dtype=R.dtype)
+    R_safe = jnp.where(good[:, None, :] | ~eye.astype(bool), R, eye)  # patch bad diagonals
+    Uf = U.reshape(B, k, n)
+    # U' rows = R^{-T} U rows  (forward substitution with R^T, lower triangular)
+    Up = jax.scipy.linalg.solve_triangular(jnp.swapaxes(R_safe, 1, 2), Uf, lower=True)
+    Up = jnp.where(good[:, :, None], Up, 0.0)
+    Cq = jnp.where(good[:, :, None], jnp.swapaxes(Q, 1, 2), 0.0)
+    return RecycleSpace(U=Up, C=Cq, num_matvecs=jnp.full((B,), k, jnp.int32))
+
+
+def _check_recycle(recycle, B: int, n: int, dtype):
+    if not isinstance(recycle, (tuple, list)) or len(recycle) < 2:
+        raise ValueError("recycle: expected a pair (U, C) or a RecycleSpace")
+    U, C = recycle[0], recycle[1]
+    for name, a in (("recycle U", U), ("recycle C", C)):
+        if not hasattr(a, "shape"):
+            raise ValueError(f"{name}: expected an array [B, k, N] or [k, N]")
+        ok = (a.ndim == 3 and a.shape[0] == B and a.shape[2] == n) or (
+            a.ndim == 2 and a.shape[1] == n)
+        if not ok:
+            raise ValueError(f"{name}: expected shape [B={B}, k, N={n}] or [k, N={n}], "
+                             f"got {a.shape}")
+        if a.dtype != dtype:
+            raise TypeError(f"{name}: expected dtype {dtype} (that of b), got {a.dtype}")
+        _checks.check_finite(name, a)
+    if U.shape != C.shape:
+        raise ValueError(f"recycle: U and C must have the same shape, got {U.shape} and "
+                         f"{C.shape}")
+    return U, C
+
+
+# ----------------------------------------------------------------------------------------------
+# GMRES.
+
+
+def gmres(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 1e-8,
+          atol: float = 0.0, restart: int = 20, max_restarts: int = 50,
+          precondition: MatVec | None = None, recycle=None,
+          stagnation_tol: float = 1e-3) -> KrylovResult:
+    """Batched restarted GMRES(restart) with right preconditioning and per-system masks.
+
+    Solves ``A_i x_i = b_i`` for every system ``i`` of the batch at once (method.md section 5.3
+    step 3; design.md decision 6). Each cycle: Arnoldi (CGS2) on ``A M^{-1}`` from the current
+    residual, Givens rotations applied per system after every step (so each residual estimate
+    is known at once), then ``x <- x + M^{-1} V y`` where each system uses only the steps up to
+    the one at which *its* estimate met the tolerance (masked triangular solve). The inner loop
+    exits as soon as every system's estimate met the tolerance (``lax.while_loop``). After each
+    cycle the *true* residual ``b - A x`` is recomputed and decides convergence:
+
+        system i converged  <=>  ||b_i - A_i x_i|| <= max(tol * ||b_i||, atol).
+
+    Converged systems are frozen (bit for bit). A system whose true residual fell by less than
+    a factor ``(1 - stagnation_tol)`` over a whole cycle stops with ``Status.STAGNATION`` (if
+    the residual even grew, the cycle's update is discarded); an
+    exhausted Krylov space with a singular projected problem, or a non-finite residual (the
+    last finite iterate is kept), stops with ``Status.BREAKDOWN``; running out of cycles gives
+    ``Status.MAX_ITERATIONS``. A lucky breakdown (the Krylov space contains the solution) is
+    simply convergence. Rows with ``b_i = 0`` return ``x_i = 0``, converged, residual 0.
+
+    With ``recycle=(U, C)`` (GCRO augmentation with a fixed space, ``C = A U``, orthonormal
+    rows; see :func:`make_recycle_space`) every cycle starts with ``x += U^T C r``,
+    ``r -= C^T C r``, runs Arnoldi on ``(I - C^T C) A M^{-1}`` while accumulating
+    ``B = C A M^{-1} V`` and updates ``x += M^{-1} V y - U^T B y``.
+
+    Args:
+      matvec: callable ``[B, *shape] -> [B, *shape]`` applying ``A_i`` to system ``i``
+        (closed over under jit; it must be linear).
+      b: ``[B, *shape]`` right-hand sides, float32 or float64 (rank >= 2); sets the dtype.
+      x0: optional ``[B, *shape]`` initial guesses (default 0), same dtype as ``b``.
+      tol: relative tolerance > 0 (may be traced).
+      atol: absolute tolerance >= 0 (may be traced).
+      restart: Krylov dimension per cycle; static Python int >= 1 (clamped to N).
+      max_restarts: maximum number of cycles >= 1 (may be traced).
+      precondition: optional callable ``[B, *shape] -> [B, *shape]`` applying ``M^{-1}``
+        (right preconditioning, must be linear).
+      recycle: optional ``(U, C)`` pair or :class:`RecycleSpace`, each ``[B, k, N]`` or
+        ``[k, N]`` (shared by all systems), same dtype as ``b``.
+      stagnation_tol: minimum relative decrease of the true residual per cycle (in [0, 1)).
+
+    Returns:
+      :class:`KrylovResult`; ``x`` has the shape and dtype of ``b``, the other fields ``[B]``.
+
+    Raises:
+      ValueError / TypeError naming the argument for bad shapes, dtypes, ranges, non-finite
+      concrete values.
+    """
+    _check_field_batch("b", b)
+    if x0 is not None:
+        if not hasattr(x0, "shape") or tuple(x0.shape) != tuple(b.shape):
+            raise ValueError(f"x0: expected shape {tuple(b.shape)} (that of b), got "
+                             f"{getattr(x0, 'shape', type(x0).__name__)}")
+        if x0.dtype != b.dtype:
+            raise TypeError(f"x0: expected dtype {b.dtype} (that of b), got {x0.dtype}")
+        _checks.check_finite("x0", x0)
+    _check_scalar("tol", tol, positive=True)
+    _check_scalar("atol", atol, positive=False)
+    _check_int("restart", restart, 1, static=True)
+    _check_int("max_restarts", max_restarts, 1, static=False)
+    _check_scalar("stagnation_tol", stagnation_tol, positive=False)
+    if _checks.is_concrete(stagnation_tol) and not float(stagnation_tol) < 1.0:
+        raise ValueError(f"stagnation_tol: expected a number in [0, 1), got {stagnation_tol}")
+    _check_callable_shape("matvec", matvec, b.shape, b.dtype)
+    if precondition is not None:
+        _check_callable_shape("precondition", precondition, b.shape, b.dtype)
+
+    dtype = b.dtype
+    B = b.shape[0]
+    n = math.prod(b.shape[1:])
+    m = min(int(restart), n)
+    eps = float(jnp.finfo(dtype).eps)
+    U = C = None
+    if recycle is not None:
+        U, C = _check_recycle(recycle, B, n, dtype)
+
+    A_flat = _flat_operator(matvec, None, b.shape)          # x-space operator
+    op = _flat_operator(matvec, precondition, b.shape)      # A M^{-1}
+
+    def M_flat(v):
+        return v if precondition is None else precondition(v.reshape(b.shape)).reshape(v.shape)
+
+    bf = b.reshape(B, n)
+    b_norm = _norm(bf)
+    b_zero = b_norm == 0
+    thresh = jnp.maximum(jnp.asarray(tol, dtype) * b_norm, jnp.asarray(atol, dtype))
+    stag_factor = 1.0 - jnp.asarray(stagnation_tol, dtype)
+    x = jnp.zeros_like(bf) if x0 is None else jnp.where(b_zero[:, None], 0.0,
+                                                        x0.reshape(B, n))
+    r = jnp.where(b_zero[:, None], 0.0, bf - A_flat(x))
+    r_norm = _norm(r)
+    converged = r_norm <= thresh
+    ok0 = jnp.isfinite(r_norm)
+    active = ~converged & ok0
+    status = jnp.where(converged, Status.CONVERGED,
+                       jnp.where(ok0, Status.MAX_ITERATIONS, Status.BREAKDOWN)).astype(jnp.int32)
+    n_mv = jnp.where(b_zero, 0, 1).astype(jnp.int32)
+    n_cyc = jnp.zeros((B,), jnp.int32)
+    eye_m = jnp.eye(m, dtype=dtype)
+    idx_m = jnp.arange(m)
+
+    def recycle_project(x, r, mask):
+        if U is None:
+            return x, r
+        cr = _project(C, r)
+        cr = jnp.where(mask[:, None], cr, 0.0)
+        return x + _combine(U, cr), r - _combine(C, cr)
+
+    x, r = recycle_project(x, r, active)
+    r_norm = jnp.where(active, _norm(r), r_norm)
+
+    def cycle(state):
+        it, x, r, r_norm, active, status, n_mv, n_cyc, V = state
+        beta0 = jnp.where(active, r_norm, 0.0)
+        v0 = jnp.where(active[:, None], r / jnp.where(active, r_norm, 1.0)[:, None], 0.0)
+        V = lax.dynamic_update_index_in_dim(V, v0, 0, axis=1)
+        QT = jnp.broadcast_to(jnp.eye(m + 1, dtype=dtype), (B, m + 1, m + 1))
+        Rt = jnp.zeros((B, m, m), dtype)           # R transposed: row j = column j of R
+        Bt = None if C is None else jnp.zeros((B, m, C.shape[-2]), dtype)
+        done = ~active
+        k_used = jnp.zeros((B,), jnp.int32)
+        singular = jnp.zeros((B,), bool)
+
+        def inner_cond(s):
+            j, done = s[0], s[3]
+            return (j < m) & ~jnp.all(done)
+
+        def inner_body(s):
+            j, V, QT, done, Rt, Bt, k_used, singular, est, n_mv = s
+            live = ~done
+            v_new, h, hc, bd = _cgs2_step(op, V, j, C, eps)
+            h = jnp.where(live[:, None], h, 0.0)
+            V = lax.dynamic_update_index_in_dim(
+                V, jnp.where(live[:, None], v_new, 0.0), j + 1, axis=1)
+            # previous Givens rotations (accumulated in QT) applied to the new column
+            rcol = jnp.einsum("bij,bj->bi", QT, h, precision=_HI)
+            a = lax.dynamic_index_in_dim(rcol, j, axis=1, keepdims=False)
+            c_ = lax.dynamic_index_in_dim(rcol, j + 1, axis=1, keepdims=False)  # = h[j+1]
+            rho = jnp.sqrt(a * a + c_ * c_)
+            nz = rho > 0
+            safe = jnp.where(nz, rho, 1.0)
+            cs = jnp.where(nz, a / safe, 1.0)
+            sn = jnp.where(nz, c_ / safe, 0.0)
+            rows = lax.dynamic_slice_in_dim(QT, j, 2, axis=1)              # [B, 2, m+1]
+            new_rows = jnp.stack([cs[:, None] * rows[:, 0] + sn[:, None] * rows[:, 1],
+                                  -sn[:, None] * rows[:, 0] + cs[:, None] * rows[:, 1]], 1)
+            QT = lax.dynamic_update_slice_in_dim(QT, new_rows, j, axis=1)
+            rcol = lax.dynamic_update_index_in_dim(rcol, rho, j, axis=1)
+            Rt = lax.dynamic_update_index_in_dim(Rt, rcol[:, :m], j, axis=1)
+            if Bt is not None:
+                Bt = lax.dynamic_update_index_in_dim(
+                    Bt, jnp.where(live[:, None], hc, 0.0), j, axis=1)
+            # singular breakdown: invariant space and zero pivot -> this column is unusable
+            sing = live & bd & (jnp.abs(a) <= (_BREAKDOWN_EPS * eps) * _norm(h))
+            est_new = beta0 * jnp.abs(lax.dynamic_index_in_dim(QT[:, :, 0], j + 1, axis=1,
+                                                               keepdims=False))
+            est = jnp.where(live & ~sing, est_new, est)
+            k_used = jnp.where(live, jnp.where(sing, j, j + 1), k_used).astype(jnp.int32)
+            singular = singular | sing
+            n_mv = n_mv + live.astype(jnp.int32)
+            done = done | (live & (bd | (est <= thresh)))
+            return j + 1, V, QT, done, Rt, Bt, k_used, singular, est, n_mv
+
+        s0 = (jnp.asarray(0, jnp.int32), V, QT, done, Rt, Bt, k_used, singular, beta0, n_mv)
+        _, V, QT, _, Rt, Bt, k_used, singular, _, n_mv = lax.while_loop(inner_cond,
+                                                                        inner_body, s0)
+        # masked triangular solve: columns past k_used -> identity, rhs -> 0
+        use = idx_m[None, :] < k_used[:, None]                         # [B, m]
+        R = jnp.where(use[:, None, :], jnp.swapaxes(Rt, 1, 2), eye_m)
+        g = jnp.where(use, beta0[:, None] * QT[:, :m, 0], 0.0)
+        y = jax.scipy.linalg.solve_triangular(R, g[..., None], lower=False)[..., 0]
+        y = jnp.where(use, y, 0.0)
+        z = _combine(V, jnp.pad(y, ((0, 0), (0, 1))))                 # V_m y
+        dx = M_flat(z)
+        if U is not None:
+            dx = dx - _combine(U, jnp.einsum("bmk,bm->bk", Bt, y, precision=_HI))
+        x_new = x + dx
+        r_new = bf - A_flat(x_new)
+        rn_new = _norm(r_new)
+        n_mv = n_mv + active.astype(jnp.int32)
+        finite = jnp.isfinite(rn_new)
+        conv = finite & (rn_new <= thresh)
+        brk = ~conv & (singular | ~finite)
+        stag = ~conv & ~brk & (rn_new > stag_factor * r_norm)
+        # GMRES never increases the residual in exact arithmetic: an increase is round-off
+        # damage (e.g. a nearly singular projected problem), so the previous iterate is kept.
+        accept = active & finite & (conv | (rn_new <= r_norm))
+        x = jnp.where(accept[:, None], x_new, x)
+        r = jnp.where(accept[:, None], r_new, r)
+        r_norm = jnp.where(accept, rn_new, r_norm)
+        status = jnp.where(active & conv, Status.CONVERGED,
+                           jnp.where(active & brk, Status.BREAKDOWN,
+                                     jnp.where(active & stag, Status.STAGNATION,
+                                               status))).astype(jnp.int32)
+        n_cyc = n_cyc + active.astype(jnp.int32)
+        active = active & ~conv & ~brk & ~stag
+        # next cycle's recycled projection (not after the last one: x must keep the residual
+        # just measured)
+        more = active & (it + 1 < max_restarts)
+        x, r = recycle_project(x, r, more)
+        r_norm = jnp.where(more, _norm(r), r_norm)
+        return it + 1, x, r, r_norm, active, status, n_mv, n_cyc, V
+
+    def cycle_cond(state):
+        return (state[0] < max_restarts) & jnp.any(state[4])
+
+    V = jnp.zeros((B, m + 1, n), dtype)
+    state = (jnp.asarray(0, jnp.int32), x, r, r_norm, active, status, n_mv, n_cyc, V)
+    _, x, r, r_norm, active, status, n_mv, n_cyc, _ = lax.while_loop(cycle_cond, cycle, state)
+
+    residual = r_norm / jnp.where(b_zero, 1.0, b_norm)
+    return KrylovResult(x=x.reshape(b.shape), converged=status == Status.CONVERGED,
+                        num_matvecs=n_mv, residual=residual, num_restarts=n_cyc,
+                        status=status)
+
+
+# ----------------------------------------------------------------------------------------------
+# Differentiable solve, chunked batches.
+
+
+def linear_solve(matvec: MatVec, b: Array, *, transpose_matvec: MatVec | None = None,
+                 symmetric: bool = False, transpose_precondition: MatVec | None = None,
+                 return_result: bool = False, **gmres_kwargs):
+    """Differentiable batched solve ``x = A^{-1} b`` via ``jax.lax.custom_linear_solve``.
+
+    Forward: :func:`gmres` with ``gmres_kwargs``. Derivatives are implicit (never through the
+    iterations): ``dx = A^{-1} (db - dA x)`` forward, ``A^{-T}`` solves backward, so gradients
+    flow to ``b`` and to any array closed over in ``matvec`` (e.g. stencil coefficients).
+
+    Args:
+      matvec: callable ``[B, *shape] -> [B, *shape]``, linear in its argument.
+      b: ``[B, *shape]`` right-hand sides, float32 or float64.
+      transpose_matvec: optional callable applying ``A^T``; default: ``jax.linear_transpose``
+        of ``matvec`` (automatic). Ignored when ``symmetric``.
+      symmetric: declare ``A = A^T`` (the transpose solve is then the forward solve).
+      transpose_precondition: ``M^{-1}`` for the transpose solves; default: the forward
+        ``precondition`` (any nonsingular one is valid; it is good when ``A`` is nearly
+        symmetric). The forward ``recycle`` and ``x0`` are not used for transpose solves.
+      return_result: also return the forward :class:`KrylovResult` (its fields carry no
+        gradient).
+      **gmres_kwargs: ``x0, tol, atol, restart, max_restarts, precondition, recycle,
+        stagnation_tol`` of :func:`gmres`.
+
+    Returns:
+      ``x [B, *shape]``, or ``(x, KrylovResult)`` with ``return_result=True``. Convergence is
+      NOT checked here: inspect the result (``return_result=True``) or call :func:`gmres`.
+    """
+    _check_field_batch("b", b)
+    unknown = set(gmres_kwargs) - {"x0", "tol", "atol", "restart", "max_restarts",
+                                   "precondition", "recycle", "stagnation_tol"}
+    if unknown:
+        raise ValueError(f"gmres_kwargs: unknown gmres argument(s) {sorted(unknown)}")
+    if transpose_matvec is not None:
+        _check_callable_shape("transpose_matvec", transpose_matvec, b.shape, b.dtype)
+    t_kwargs = {k: v for k, v in gmres_kwargs.items() if k not in ("x0", "recycle")}
+    if transpose_precondition is not None:
+        t_kwargs["precondition"] = transpose_precondition
+
+    def solve(mv, rhs):
+        res = gmres(mv, rhs, **gmres_kwargs)
+        return res.x, res
+
+    def transpose_solve(vecmat, rhs):
+        res = gmres(transpose_matvec if transpose_matvec is not None else vecmat, rhs,
+                    **t_kwargs)
+        return res.x, res
+
+    x, res = lax.custom_linear_solve(
+        matvec, b, solve, transpose_solve=None if symmetric else transpose_solve,
+        symmetric=symmetric, has_aux=True)
+    return (x, res) if return_result else x
+
+
+def map_in_chunks(fn: Callable[..., Any], *args, chunk_size: int) -> Any:
+    """Apply a batched function to cache-sized chunks of the batch, one after the other.
+
+    ``fn(*chunk_args)`` must map arguments whose leaves all have a leading batch axis of the
+    chunk's size to a pytree of arrays with that leading axis (e.g. a :class:`KrylovResult`).
+    The batch ``B`` is padded up to a multiple of ``chunk_size`` by repeating its last system
+    (so padding is always a valid problem) and the padding is dropped from the output. Uses
+    ``lax.map``, so one chunk is traced and compiled once. On CPU, chunks of about 8-32 systems
+    keep the Krylov basis in cache (design.md "Performance facts").
+
+    Example::
+
+        res = map_in_chunks(lambda op, b: gmres(op.matvec, b, tol=1e-8), op, b, chunk_size=16)
+
+    Args:
+      fn: callable on chunks.
+      *args: pytrees whose leaves are arrays ``[B, ...]`` with the same ``B``.
+      chunk_size: static Python int >= 1.
+    """
+    _check_int("chunk_size", chunk_size, 1, static=True)
+    leaves = jax.tree_util.tree_leaves(args)
+    if not leaves:
+        raise ValueError("args: expected at least one array with a leading batch axis")
+    sizes = {jnp.shape(a)[0] if jnp.ndim(a) else None for a in leaves}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(f"args: expected every leaf to have the same leading batch axis, got "
+                         f"sizes {sorted(map(str, sizes))}")
+    B = sizes.pop()
+    cs = int(chunk_size)
+    if B <= cs:
+        return fn(*args)
+    nc = -(-B // cs)
+    pad = nc * cs - B
+
+    def split(a):
+        a = jnp.asarray(a)
+        if pad:
+            a = jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)], axis=0)
+        return a.reshape((nc, cs) + a.shape[1:])
+
+    out = lax.map(lambda a: fn(*a), jax.tree_util.tree_map(split, args))
+    return jax.tree_util.tree_map(lambda o: o.reshape((nc * cs,) + o.shape[2:])[:B], out)

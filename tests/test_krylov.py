@@ -1,0 +1,591 @@
+"""Tests for krylovjax.krylov: batched Arnoldi (CGS2), restarted GMRES, recycling, linear_solve.
+
+Every solver result is checked against an independent reference: scipy.sparse.linalg.spsolve on
+the same 5-point operators assembled with scipy.sparse (written here, independently of the
+library), numpy dense solves, closed-form Krylov facts (breakdown on invariant subspaces,
+stagnation of GMRES on a cyclic shift), and central finite differences for gradients.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+
+from krylovjax import krylov
+from krylovjax.krylov import Status
+
+# ----------------------------------------------------------------------------------------------
+# Test operators.
+
+
+def stencil_coeffs(seed, B, H, W, *, k=1.0, adv=0.3, diag_extra=0.1):
+    """Random nonsymmetric 5-point coefficients ``[5, B, H, W]`` (centre, E, W, S, N)."""
+    rng = np.random.default_rng(seed)
+    c = 1 + 4 * k + diag_extra * rng.random((B, H, W))
+    nb = [-k + adv * rng.standard_normal((B, H, W)) for _ in range(4)]
+    return np.stack([c] + nb)
+
+
+def stencil_matvec(coef):
+    """Matrix-free 5-point operator on ``[B, H, W]`` with zero values outside the grid."""
+    coef = jnp.asarray(coef)
+
+    def mv(x):
+        c, e, w, s, n = coef
+        zc = jnp.zeros_like(x[..., :, :1])
+        zr = jnp.zeros_like(x[..., :1, :])
+        xe = jnp.concatenate([x[..., :, 1:], zc], axis=-1)
+        xw = jnp.concatenate([zc, x[..., :, :-1]], axis=-1)
+        xs = jnp.concatenate([x[..., 1:, :], zr], axis=-2)
+        xn = jnp.concatenate([zr, x[..., :-1, :]], axis=-2)
+        return c * x + e * xe + w * xw + s * xs + n * xn
+
+    return mv
+
+
+def stencil_scipy(coef, i):
+    """The same operator for system ``i`` as a scipy CSR matrix (row-major pixel order)."""
+    c, e, w, s, n = (np.asarray(a[i], dtype=np.float64) for a in coef)
+    H, W = c.shape
+    idx = np.arange(H * W).reshape(H, W)
+    rows = [idx.ravel(), idx[:, :-1].ravel(), idx[:, 1:].ravel(), idx[:-1].ravel(),
+            idx[1:].ravel()]
+    cols = [idx.ravel(), idx[:, 1:].ravel(), idx[:, :-1].ravel(), idx[1:].ravel(),
+            idx[:-1].ravel()]
+    vals = [c.ravel(), e[:, :-1].ravel(), w[:, 1:].ravel(), s[:-1].ravel(), n[1:].ravel()]
+    return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                         shape=(H * W, H * W))
+
+
+def dense_matvec(A):
+    """``[B, N, N]`` matrices acting on ``[B, N]`` vectors."""
+    A = jnp.asarray(A)
+    return lambda x: jnp.einsum("bij,bj->bi", A, x, precision=jax.lax.Precision.HIGHEST)
+
+
+def random_well_conditioned(seed, B, N, scale=0.3):
+    rng = np.random.default_rng(seed)
+    return np.eye(N)[None] + scale * rng.standard_normal((B, N, N)) / np.sqrt(N)
+
+
+def spsolve_all(coef, b):
+    B = b.shape[0]
+    return np.stack([spla.spsolve(stencil_scipy(coef, i).tocsc(), np.asarray(b[i]).ravel())
+                     for i in range(B)]).reshape(b.shape)
+
+
+def true_rel_residual(coef, x, b):
+    """float64 ||b - A x|| / ||b|| per system with the scipy matrices."""
+    out = []
+    for i in range(b.shape[0]):
+        A = stencil_scipy(coef, i)
+        bi = np.asarray(b[i], np.float64).ravel()
+        out.append(np.linalg.norm(bi - A @ np.asarray(x[i], np.float64).ravel())
+                   / np.linalg.norm(bi))
+    return np.array(out)
+
+
+def rel_err(x, ref):
+    x = np.asarray(x, np.float64).reshape(len(ref), -1)
+    ref = np.asarray(ref, np.float64).reshape(len(ref), -1)
+    return np.linalg.norm(x - ref, axis=1) / np.linalg.norm(ref, axis=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# GMRES against spsolve.
+
+
+def test_gmres_matches_spsolve_float64():
+    coef = stencil_coeffs(0, 4, 12, 10, k=2.0)
+    b = np.random.default_rng(1).standard_normal((4, 12, 10))
+    res = krylov.gmres(stencil_matvec(coef), jnp.asarray(b), tol=1e-12, restart=15)
+    ref = spsolve_all(coef, b)
+    assert res.x.dtype == jnp.float64 and res.x.shape == b.shape
+    np.testing.assert_array_equal(np.asarray(res.status), Status.CONVERGED)
+    assert np.all(np.asarray(res.converged))
+    assert np.all(rel_err(res.x, ref) < 1e-10)
+    # the reported residual is the true one
+    np.testing.assert_allclose(np.asarray(res.residual), true_rel_residual(coef, res.x, b),
+                               rtol=1e-3, atol=1e-16)
+    assert np.all(np.asarray(res.residual) <= 1e-12)
+    # honest matvec count: 1 initial residual + per cycle (inner steps + 1 true residual)
+    assert np.all(np.asarray(res.num_matvecs) >= 1 + 2 * np.asarray(res.num_restarts))
+    assert np.all(np.asarray(res.num_matvecs)
+                  <= 1 + (15 + 1) * np.asarray(res.num_restarts))
+
+
+def test_gmres_float32_reaches_1e5_and_reports_honestly():
+    coef = stencil_coeffs(2, 3, 10, 9, k=2.0)
+    b = np.random.default_rng(3).standard_normal((3, 10, 9))
+    res = krylov.gmres(stencil_matvec(coef.astype(np.float32)), jnp.asarray(b, jnp.float32),
+                       tol=1e-5, restart=10)
+    assert res.x.dtype == jnp.float32 and res.residual.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(res.status), Status.CONVERGED)
+    reported = np.asarray(res.residual, np.float64)
+    true64 = true_rel_residual(coef.astype(np.float32), res.x, b.astype(np.float32))
+    assert np.all(reported <= 1e-5)
+    assert np.all(true64 <= 1.5e-5)
+    np.testing.assert_allclose(reported, true64, atol=2e-6)
+    assert np.all(rel_err(res.x, spsolve_all(coef.astype(np.float32), b)) < 1e-4)
+
+
+def test_batched_equals_one_by_one():
+    coef = stencil_coeffs(4, 3, 8, 9, k=1.5, adv=0.5)
+    b = np.random.default_rng(5).standard_normal((3, 8, 9))
+    kw = dict(tol=1e-11, restart=6, max_restarts=40)
+    res = krylov.gmres(stencil_matvec(coef), jnp.asarray(b), **kw)
+    for i in range(3):
+        alone = krylov.gmres(stencil_matvec(coef[:, i:i + 1]), jnp.asarray(b[i:i + 1]), **kw)
+        assert rel_err(res.x[i:i + 1], alone.x)[0] < 1e-12
+        assert int(res.num_matvecs[i]) == int(alone.num_matvecs[0])
+        assert int(res.num_restarts[i]) == int(alone.num_restarts[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Arnoldi.
+
+
+@pytest.mark.parametrize("precondition", [False, True])
+def test_arnoldi_relation_and_orthonormality(precondition):
+    B, H, W, k = 3, 7, 6, 9
+    coef = stencil_coeffs(6, B, H, W, k=1.0, adv=0.6)
+    mv = stencil_matvec(coef)
+    d = jnp.asarray(coef[0])
+    pre = (lambda x: x / d) if precondition else None
+    v = jnp.asarray(np.random.default_rng(7).standard_normal((B, H, W)))
+    V, Hm = krylov.arnoldi(mv, v, k, precondition=pre)
+    assert V.shape == (B, k + 1, H * W) and Hm.shape == (B, k + 1, k)
+    # reference A M^{-1} V_k with scipy matrices
+    for i in range(B):
+        A = stencil_scipy(coef, i).toarray()
+        if precondition:
+            A = A / coef[0, i].ravel()[None, :]
+        Vi, Hi = np.asarray(V[i]), np.asarray(Hm[i])
+        np.testing.assert_allclose(A @ Vi[:k].T, Vi.T @ Hi, atol=1e-12)
+        np.testing.assert_allclose(Vi @ Vi.T, np.eye(k + 1), atol=1e-12)
+        np.testing.assert_allclose(Vi[0], np.asarray(v[i]).ravel()
+                                   / np.linalg.norm(np.asarray(v[i])), atol=1e-15)
+        assert np.all(np.tril(Hi, -2) == 0)  # upper Hessenberg
+
+
+def test_arnoldi_breakdown_invariant_subspace():
+    N, k = 12, 5
+    rng = np.random.default_rng(8)
+    v = jnp.asarray(rng.standard_normal((3, N)))
+    two_values = np.where(np.arange(N) % 2 == 0, 2.0, 5.0)
+    diag = jnp.asarray(np.stack([np.ones(N), two_values, np.zeros(N)]))
+    V, Hm = krylov.arnoldi(lambda x: diag * x, v, k)
+    V, Hm = np.asarray(V), np.asarray(Hm)
+    assert np.all(np.isfinite(V)) and np.all(np.isfinite(Hm))
+    # identity: one-dimensional invariant space
+    assert np.abs(Hm[0, 0, 0] - 1.0) < 1e-14 and Hm[0, 1, 0] == 0.0
+    assert np.all(V[0, 1:] == 0) and np.all(Hm[0, :, 1:] == 0)
+    # two distinct eigenvalues: breakdown at step 1 (K_2 invariant)
+    assert Hm[1, 1, 0] > 0.1 and Hm[1, 2, 1] == 0.0
+    assert np.all(V[1, 2:] == 0) and np.all(Hm[1, :, 2:] == 0)
+    A1 = np.diag(two_values)
+    np.testing.assert_allclose(A1 @ V[1, :k].T, V[1].T @ Hm[1], atol=1e-13)
+    np.testing.assert_allclose(V[1, :2] @ V[1, :2].T, np.eye(2), atol=1e-14)
+    # zero operator: immediate breakdown, H = 0
+    assert np.all(Hm[2] == 0) and np.all(V[2, 1:] == 0)
+    # zero starting vector -> zeros, never NaN
+    V0, H0 = krylov.arnoldi(lambda x: diag * x, jnp.zeros((3, N)), k)
+    assert np.all(np.asarray(V0) == 0) and np.all(np.asarray(H0) == 0)
+
+
+def test_gmres_lucky_breakdown_is_convergence():
+    N = 12
+    two_values = np.where(np.arange(N) % 2 == 0, 2.0, 5.0)
+    b = np.random.default_rng(9).standard_normal((2, N))
+    diag = jnp.asarray(np.stack([np.ones(N), two_values]))
+    res = krylov.gmres(lambda x: diag * x, jnp.asarray(b), tol=1e-13, restart=8)
+    np.testing.assert_array_equal(np.asarray(res.status), Status.CONVERGED)
+    np.testing.assert_allclose(np.asarray(res.x), b / np.asarray(diag), rtol=1e-13)
+    # 1 initial + (1 resp. 2 inner steps) + 1 true residual
+    np.testing.assert_array_equal(np.asarray(res.num_matvecs), [3, 4])
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks, freezing, failures.
+
+
+def _easy_hard_batch():
+    H = W = 8
+    easy = stencil_coeffs(10, 1, H, W, k=0.2, adv=0.05)
+    hard = stencil_coeffs(11, 1, H, W, k=3.0, adv=1.0)
+    coef = np.concatenate([easy, hard], axis=1)
+    b = np.random.default_rng(12).standard_normal((2, H, W))
+    return coef, b
+
+
+def test_converged_systems_are_frozen_bit_for_bit():
+    coef, b = _easy_hard_batch()
+    kw = dict(tol=1e-9, restart=3)
+    full = krylov.gmres(stencil_matvec(coef), jnp.asarray(b), max_restarts=200, **kw)
+    n_easy = int(full.num_restarts[0])
+    assert int(full.num_restarts[1]) > n_easy + 2  # the hard one keeps going for a while
+    np.testing.assert_array_equal(np.asarray(full.status), Status.CONVERGED)
+    # same batch stopped right when the easy one converged: its x is bit-identical
+    early = krylov.gmres(stencil_matvec(coef), jnp.asarray(b), max_restarts=n_easy, **kw)
+    assert bool(early.converged[0]) and not bool(early.converged[1])
+    np.testing.assert_array_equal(np.asarray(full.x[0]), np.asarray(early.x[0]))
+    # and it equals the easy system solved alone
+    alone = krylov.gmres(stencil_matvec(coef[:, :1]), jnp.asarray(b[:1]), max_restarts=200,
+                         **kw)
+    assert rel_err(full.x[:1], alone.x)[0] < 1e-13
+    assert int(alone.num_matvecs[0]) == int(full.num_matvecs[0])
+
+
+def test_per_system_stop_inside_a_cycle_no_oversolve():
+    coef, b = _easy_hard_batch()
+    tol = 1e-6
+    res = krylov.gmres(stencil_matvec(coef), jnp.asarray(b), tol=tol, restart=60,
+                       max_restarts=5)
+    np.testing.assert_array_equal(np.asarray(res.status), Status.CONVERGED)
+    assert int(res.num_restarts[0]) == 1
+    assert int(res.num_matvecs[0]) < int(res.num_matvecs[1])
+    true = true_rel_residual(coef, res.x, b)
+    # the easy system stopped at its own tolerance: not over-solved to round-off
+    assert 1e-3 * tol < true[0] <= tol
+
+
+def test_budget_exhausted_is_reported():
+    coef = stencil_coeffs(13, 2, 10, 10, k=3.0, adv=0.8)
+    b = np.random.default_rng(14).standard_normal((2, 10, 10))
+    res = krylov.gmres(stencil_matvec(coef), jnp.asarray(b), tol=1e-10, restart=2,
+                       max_restarts=2)
+    assert not np.any(np.asarray(res.converged))
+    assert set(np.asarray(res.status).tolist()) <= {Status.MAX_ITERATIONS, Status.STAGNATION}
+    true = true_rel_residual(coef, res.x, b)
+    np.testing.assert_allclose(np.asarray(res.residual), true, rtol=1e-10)
+    assert np.all(true > 1e-3)
+    np.testing.assert_array_equal(np.asarray(res.num_restarts), 2)
+    np.testing.assert_array_equal(np.asarray(res.num_matvecs), 1 + 2 * (2 + 1))
+
+
+def test_max_iterations_status():
+    # SPD diagonal with spread spectrum: restarted GMRES decreases steadily but slowly
+    N = 40
+    d = np.linspace(1.0, 50.0, N)[None]
+    b = np.ones((1, N))
+    res = krylov.gmres(lambda x: jnp.asarray(d) * x, jnp.asarray(b), tol=1e-12, restart=2,
+                       max_restarts=3)
+    assert int(res.status[0]) == Status.MAX_ITERATIONS and not bool(res.converged[0])
+    true = np.linalg.norm(b - d * np.asarray(res.x)) / np.linalg.norm(b)
+    assert abs(float(res.residual[0]) - true) < 1e-12 and 1e-6 < true < 1.0
+
+
+def test_stagnation_on_cyclic_shift():
+    # GMRES on the cyclic shift with b = e_1 makes no progress before step N (closed form)
+    N = 8
+    P = np.roll(np.eye(N), 1, axis=0)[None]
+    b = np.zeros((1, N))
+    b[0, 0] = 1.0
+    res = krylov.gmres(dense_matvec(P), jnp.asarray(b), tol=1e-8, restart=3, max_restarts=10)
+    assert int(res.status[0]) == Status.STAGNATION and not bool(res.converged[0])
+    assert int(res.num_restarts[0]) == 1
+    np.testing.assert_allclose(float(res.residual[0]), 1.0, atol=1e-14)
+    # with a full Krylov space it is solved exactly
+    full = krylov.gmres(dense_matvec(P), jnp.asarray(b), tol=1e-10, restart=N)
+    assert int(full.status[0]) == Status.CONVERGED
+    np.testing.assert_allclose(np.asarray(full.x[0]), np.linalg.solve(P[0], b[0]), atol=1e-12)
+
+
+def test_singular_breakdown_status():
+    # A = diag(0, 1, 2, 3): Krylov space becomes invariant with a singular projected matrix
+    d = jnp.asarray([[0.0, 1.0, 2.0, 3.0]])
+    b = jnp.ones((1, 4))
+    res = krylov.gmres(lambda x: d * x, b, tol=1e-10, restart=10)
+    assert int(res.status[0]) == Status.BREAKDOWN and not bool(res.converged[0])
+    assert np.all(np.isfinite(np.asarray(res.x)))
+    # least-squares optimum leaves exactly the null component: residual 1/2
+    np.testing.assert_allclose(float(res.residual[0]), 0.5, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(res.x[0, 1:]), [1.0, 0.5, 1 / 3], atol=1e-12)
+
+
+def test_zero_rhs_rows_and_x0():
+    coef = stencil_coeffs(15, 3, 6, 6)
+    b = np.random.default_rng(16).standard_normal((3, 6, 6))
+    b[1] = 0.0
+    x0 = np.random.default_rng(17).standard_normal((3, 6, 6))
+    res = krylov.gmres(stencil_matvec(coef), jnp.asarray(b), x0=jnp.asarray(x0), tol=1e-12)
+    assert np.all(np.isfinite(np.asarray(res.x)))
+    assert np.all(np.asarray(res.x[1]) == 0) and float(res.residual[1]) == 0.0
+    assert bool(res.converged[1]) and int(res.num_restarts[1]) == 0
+    keep = np.array([0, 2])
+    assert np.all(rel_err(res.x[keep], spsolve_all(coef[:, keep], b[keep])) < 1e-10)
+
+
+def test_x0_exact_solution_needs_no_cycle():
+    coef = stencil_coeffs(18, 2, 6, 5)
+    b = np.random.default_rng(19).standard_normal((2, 6, 5))
+    xs = spsolve_all(coef, b)
+    res = krylov.gmres(stencil_matvec(coef), jnp.asarray(b), x0=jnp.asarray(xs), tol=1e-10)
+    np.testing.assert_array_equal(np.asarray(res.num_restarts), 0)
+    np.testing.assert_array_equal(np.asarray(res.num_matvecs), 1)
+    np.testing.assert_array_equal(np.asarray(res.x), xs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Preconditioning.
+
+
+def test_exact_inverse_preconditioner_one_iteration():
+    B, N = 3, 20
+    A = random_well_conditioned(20, B, N)
+    Ainv = np.linalg.inv(A)
+    b = np.random.default_rng(21).standard_normal((B, N))
+    res = krylov.gmres(dense_matvec(A), jnp.asarray(b), tol=1e-10,
+                       precondition=dense_matvec(Ainv))
+    np.testing.assert_array_equal(np.asarray(res.status), Status.CONVERGED)
+    np.testing.assert_array_equal(np.asarray(res.num_restarts), 1)
+    np.testing.assert_array_equal(np.asarray(res.num_matvecs), 3)  # initial + 1 step + check
+    np.testing.assert_allclose(np.asarray(res.x), np.linalg.solve(A, b[..., None])[..., 0],
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_jacobi_preconditioner_matches_spsolve():
+    coef = stencil_coeffs(22, 3, 10, 8, k=2.0, diag_extra=4.0)
+    b = np.random.default_rng(23).standard_normal((3, 10, 8))
+    d = jnp.asarray(coef[0])
+    res = krylov.gmres(stencil_matvec(coef), jnp.asarray(b), tol=1e-12, restart=10,
+                       precondition=lambda x: x / d)
+    np.testing.assert_array_equal(np.asarray(res.status), Status.CONVERGED)
+    assert np.all(rel_err(res.x, spsolve_all(coef, b)) < 1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# Recycling (GCRO augmentation).
+
+
+def test_make_recycle_space_contract():
+    B, k, H, W = 2, 4, 6, 5
+    coef = stencil_coeffs(24, B, H, W)
+    mv = stencil_matvec(coef)
+    U = np.random.default_rng(25).standard_normal((B, k, H, W))
+    U[1, 3] = 2.0 * U[1, 0] - U[1, 1]  # dependent direction in system 1
+    rs = krylov.make_recycle_space(mv, jnp.asarray(U))
+    Up, C = np.asarray(rs.U), np.asarray(rs.C)
+    assert np.all(np.isfinite(Up)) and np.all(np.isfinite(C))
+    np.testing.assert_array_equal(np.asarray(rs.num_matvecs), k)
+    for i in range(B):
+        A = stencil_scipy(coef, i)
+        np.testing.assert_allclose((A @ Up[i].T).T, C[i], atol=1e-12)
+        gram = C[i] @ C[i].T
+        expect = np.eye(k) if i == 0 else np.diag([1.0, 1.0, 1.0, 0.0])
+        np.testing.assert_allclose(gram, expect, atol=1e-12)
+        # span(U') subset of span(U): least-squares residual of U' in U is zero
+        Ui = U[i].reshape(k, -1)
+        coeffs = np.linalg.lstsq(Ui.T, Up[i].T, rcond=None)[0]
+        np.testing.assert_allclose(Ui.T @ coeffs, Up[i].T, atol=1e-10)
+
+
+def test_recycle_fewer_matvecs_same_solution():
+    B, H, W = 3, 10, 10
+    coef = stencil_coeffs(26, B, H, W, k=2.0, adv=0.5)
+    b = np.random.default_rng(27).standard_normal((B, H, W))
+    xs = spsolve_all(coef, b)
+    mv = stencil_matvec(coef)
+    # recycled space: a perturbed solution plus a few random directions
+    rng = np.random.default_rng(28)
+    U = np.concatenate([(xs + 1e-4 * rng.standard_normal(xs.shape))[:, None],
+                        rng.standard_normal((B, 3, H, W))], axis=1)
+    rs = krylov.make_recycle_space(mv, jnp.asarray(U))
+    kw = dict(tol=1e-11, restart=8)
+    plain = krylov.gmres(mv, jnp.asarray(b), **kw)
+    rec = krylov.gmres(mv, jnp.asarray(b), recycle=rs, **kw)
+    np.testing.assert_array_equal(np.asarray(rec.status), Status.CONVERGED)
+    assert np.all(rel_err(rec.x, xs) < 1e-10)
+    np.testing.assert_allclose(np.asarray(rec.residual), true_rel_residual(coef, rec.x, b),
+                               rtol=1e-3)
+    total = np.asarray(rec.num_matvecs) + np.asarray(rs.num_matvecs)
+    assert np.all(total < np.asarray(plain.num_matvecs))
+
+
+def test_recycle_random_space_and_shared_space():
+    B, H, W, k = 2, 8, 7, 3
+    coef = stencil_coeffs(29, 1, H, W, k=1.5, adv=0.4)
+    coef_b = np.repeat(coef, B, axis=1)  # identical operators: a shared recycled space is valid
+    b = np.random.default_rng(30).standard_normal((B, H, W))
+    U1 = np.random.default_rng(31).standard_normal((1, k, H, W))
+    rs = krylov.make_recycle_space(stencil_matvec(coef), jnp.asarray(U1))
+    shared = (rs.U[0], rs.C[0])  # [k, N]
+    res = krylov.gmres(stencil_matvec(coef_b), jnp.asarray(b), tol=1e-12, restart=6,
+                       recycle=shared)
+    np.testing.assert_array_equal(np.asarray(res.status), Status.CONVERGED)
+    assert np.all(rel_err(res.x, spsolve_all(coef_b, b)) < 1e-10)
+    # budget exhausted with recycling: residual still the true one
+    short = krylov.gmres(stencil_matvec(coef_b), jnp.asarray(b), tol=1e-12, restart=2,
+                         max_restarts=2, recycle=shared)
+    np.testing.assert_allclose(np.asarray(short.residual), true_rel_residual(coef_b, short.x, b),
+                               rtol=1e-8)
+
+
+# ----------------------------------------------------------------------------------------------
+# linear_solve gradients.
+
+
+def test_linear_solve_gradients_match_finite_differences():
+    B, H, W = 2, 5, 6
+    coef = stencil_coeffs(32, B, H, W, k=1.0, adv=0.5)
+    D = np.random.default_rng(33).standard_normal((5, B, H, W)) * 0.1
+    b = np.random.default_rng(34).standard_normal((B, H, W))
+    wts = np.random.default_rng(35).standard_normal((B, H, W))
+
+    def loss(theta, bb, **kw):
+        mv = stencil_matvec(jnp.asarray(coef) + theta * jnp.asarray(D))
+        x = krylov.linear_solve(mv, bb, tol=1e-13, restart=30, **kw)
+        return jnp.sum(jnp.asarray(wts) * x)
+
+    theta, bj = 0.3, jnp.asarray(b)
+    g_theta, g_b = jax.grad(loss, argnums=(0, 1))(theta, bj)
+    eps = 1e-6
+    fd = (loss(theta + eps, bj) - loss(theta - eps, bj)) / (2 * eps)
+    assert abs(float(g_theta) - float(fd)) <= 1e-6 * max(1.0, abs(float(fd)))
+    # gradient w.r.t. b is A^{-T} w: check against scipy and a finite difference
+    A_t = [stencil_scipy(coef + theta * D, i) for i in range(B)]
+    ref = np.stack([spla.spsolve(A_t[i].T.tocsc(), wts[i].ravel()) for i in range(B)])
+    np.testing.assert_allclose(np.asarray(g_b).reshape(B, -1), ref, rtol=1e-9, atol=1e-11)
+    dirn = jnp.asarray(np.random.default_rng(36).standard_normal((B, H, W)))
+    fd_b = (loss(theta, bj + eps * dirn) - loss(theta, bj - eps * dirn)) / (2 * eps)
+    assert abs(float(jnp.sum(g_b * dirn)) - float(fd_b)) <= 1e-6 * max(1.0, abs(float(fd_b)))
+    # forward mode agrees too
+    _, jvp = jax.jvp(lambda t: loss(t, bj), (theta,), (1.0,))
+    assert abs(float(jvp) - float(g_theta)) <= 1e-9 * max(1.0, abs(float(g_theta)))
+    # explicit transpose_matvec gives the same gradient
+    coefs = jnp.asarray(coef + theta * D)
+
+    def transpose_mv(y):
+        # A^T of the 5-point stencil: entries of A's east neighbour become west ones, etc.
+        c, e, w, s, n = coefs
+        zc, zr = jnp.zeros_like(y[..., :, :1]), jnp.zeros_like(y[..., :1, :])
+        ey = jnp.concatenate([zc, (e * y)[..., :, :-1]], axis=-1)
+        wy = jnp.concatenate([(w * y)[..., :, 1:], zc], axis=-1)
+        sy = jnp.concatenate([zr, (s * y)[..., :-1, :]], axis=-2)
+        ny = jnp.concatenate([(n * y)[..., 1:, :], zr], axis=-2)
+        return c * y + ey + wy + sy + ny
+
+    g_b2 = jax.grad(lambda bb: loss(theta, bb, transpose_matvec=transpose_mv))(bj)
+    np.testing.assert_allclose(np.asarray(g_b2), np.asarray(g_b), rtol=1e-9, atol=1e-11)
+
+
+def test_linear_solve_symmetric_and_result():
+    B, N = 2, 10
+    rng = np.random.default_rng(37)
+    G = rng.standard_normal((B, N, N))
+    A = np.einsum("bij,bkj->bik", G, G) / N + np.eye(N)  # SPD
+    b = rng.standard_normal((B, N))
+    wts = rng.standard_normal((B, N))
+
+    def loss(bb):
+        x, res = krylov.linear_solve(dense_matvec(A), bb, symmetric=True, return_result=True,
+                                     tol=1e-13)
+        return jnp.sum(jnp.asarray(wts) * x), res
+
+    (val, res), g = jax.value_and_grad(loss, has_aux=True)(jnp.asarray(b))
+    assert np.all(np.asarray(res.converged))
+    np.testing.assert_allclose(np.asarray(g), np.linalg.solve(A, wts[..., None])[..., 0],
+                               rtol=1e-10)
+    assert abs(float(val) - float(np.sum(wts * np.linalg.solve(A, b[..., None])[..., 0]))) \
+        < 1e-10
+
+
+# ----------------------------------------------------------------------------------------------
+# jit, vmap, chunks.
+
+
+def test_jit_and_vmap():
+    B, H, W = 3, 6, 7
+    coef = jnp.asarray(stencil_coeffs(38, B, H, W, k=1.5))
+    b = jnp.asarray(np.random.default_rng(39).standard_normal((B, H, W)))
+    ref = spsolve_all(np.asarray(coef), np.asarray(b))
+
+    @jax.jit
+    def solve(cf, bb, tol):
+        return krylov.gmres(stencil_matvec(cf), bb, tol=tol, restart=8)
+
+    res = solve(coef, b, 1e-12)
+    assert np.all(np.asarray(res.converged))
+    assert np.all(rel_err(res.x, ref) < 1e-10)
+    eager = krylov.gmres(stencil_matvec(coef), b, tol=1e-12, restart=8)
+    np.testing.assert_array_equal(np.asarray(res.num_matvecs), np.asarray(eager.num_matvecs))
+    assert np.all(rel_err(res.x, eager.x) < 1e-13)
+    # vmap from outside over batch-of-1 problems
+    cf1 = coef[:, :, None]  # [5, B, 1, H, W]
+    b1 = b[:, None]         # [B, 1, H, W]
+    out = jax.vmap(lambda c, bb: krylov.gmres(stencil_matvec(c), bb, tol=1e-12, restart=8),
+                   in_axes=(1, 0))(cf1, b1)
+    assert out.x.shape == (B, 1, H, W) and out.converged.shape == (B, 1)
+    assert np.all(np.asarray(out.converged))
+    assert np.all(rel_err(out.x[:, 0], ref) < 1e-10)
+    np.testing.assert_array_equal(np.asarray(out.num_matvecs[:, 0]),
+                                  np.asarray(eager.num_matvecs))
+
+
+def test_map_in_chunks_equals_direct():
+    B, H, W = 5, 6, 6
+    coef = jnp.asarray(stencil_coeffs(40, B, H, W, k=1.5))
+    b = jnp.asarray(np.random.default_rng(41).standard_normal((B, H, W)))
+
+    def solve(cf, bb):
+        return krylov.gmres(stencil_matvec(jnp.moveaxis(cf, 1, 0)), bb, tol=1e-12, restart=8)
+
+    cfb = jnp.moveaxis(coef, 0, 1)  # [B, 5, H, W]: batch axis first for chunking
+    chunked = jax.jit(lambda c, bb: krylov.map_in_chunks(solve, c, bb, chunk_size=2))(cfb, b)
+    direct = solve(cfb, b)
+    assert chunked.x.shape == (B, H, W)
+    assert np.all(rel_err(chunked.x, direct.x) < 1e-13)
+    np.testing.assert_array_equal(np.asarray(chunked.num_matvecs),
+                                  np.asarray(direct.num_matvecs))
+    with pytest.raises(ValueError, match="chunk_size"):
+        krylov.map_in_chunks(solve, cfb, b, chunk_size=0)
+    with pytest.raises(ValueError, match="args"):
+        krylov.map_in_chunks(solve, cfb, b[:3], chunk_size=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad inputs.
+
+
+def test_bad_inputs_raise_naming_the_argument():
+    mv = lambda x: 2.0 * x  # noqa: E731
+    b = jnp.ones((2, 4, 4))
+    with pytest.raises(ValueError, match="b"):
+        krylov.gmres(mv, jnp.ones((16,)))
+    with pytest.raises(TypeError, match="b"):
+        krylov.gmres(mv, jnp.ones((2, 4), jnp.int32))
+    with pytest.raises(ValueError, match="b"):
+        krylov.gmres(mv, b.at[0, 0, 0].set(jnp.nan))
+    with pytest.raises(ValueError, match="x0"):
+        krylov.gmres(mv, b, x0=jnp.ones((2, 16)))
+    with pytest.raises(TypeError, match="x0"):
+        krylov.gmres(mv, b, x0=jnp.ones((2, 4, 4), jnp.float32))
+    with pytest.raises(ValueError, match="x0"):
+        krylov.gmres(mv, b, x0=jnp.full((2, 4, 4), jnp.inf))
+    for bad_tol in (0.0, -1e-3, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="tol"):
+            krylov.gmres(mv, b, tol=bad_tol)
+    with pytest.raises(ValueError, match="atol"):
+        krylov.gmres(mv, b, atol=-1.0)
+    with pytest.raises(ValueError, match="restart"):
+        krylov.gmres(mv, b, restart=0)
+    with pytest.raises(ValueError, match="max_restarts"):
+        krylov.gmres(mv, b, max_restarts=0)
+    with pytest.raises(ValueError, match="matvec"):
+        krylov.gmres(lambda x: x[:, :2], b)
+    with pytest.raises(ValueError, match="precondition"):
+        krylov.gmres(mv, b, precondition=lambda x: x.reshape(2, 16))
+    with pytest.raises(ValueError, match="recycle"):
+        krylov.gmres(mv, b, recycle=(jnp.ones((2, 3, 15)), jnp.ones((2, 3, 15))))
+    with pytest.raises(ValueError, match="k"):
+        krylov.arnoldi(mv, b, 0)
+    with pytest.raises(ValueError, match="v"):
+        krylov.arnoldi(mv, jnp.ones((4,)), 3)
+    with pytest.raises(ValueError, match="U"):
+        krylov.make_recycle_space(mv, jnp.ones((2, 16)))
+    with pytest.raises(ValueError, match="gmres_kwargs"):
+        krylov.linear_solve(mv, b, tolerance=1e-3)
