@@ -8,6 +8,8 @@ stagnation of GMRES on a cyclic shift), and central finite differences for gradi
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,6 +61,19 @@ def stencil_scipy(coef, i):
     vals = [c.ravel(), e[:, :-1].ravel(), w[:, 1:].ravel(), s[:-1].ravel(), n[1:].ravel()]
     return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
                          shape=(H * W, H * W))
+
+
+@functools.partial(jax.jit, static_argnames=("restart",))
+def solve_stencil(coef, b, x0=None, tol=1e-10, max_restarts=50, recycle=None, *, restart=8):
+    """Jitted GMRES on stencil operators: coefficients, tol and budget are traced arguments,
+    so tests with equal shapes share one compilation."""
+    return krylov.gmres(stencil_matvec(coef), b, x0=x0, tol=tol, restart=restart,
+                        max_restarts=max_restarts, recycle=recycle)
+
+
+@jax.jit
+def recycle_space_stencil(coef, U):
+    return krylov.make_recycle_space(stencil_matvec(coef), U)
 
 
 def dense_matvec(A):
@@ -134,12 +149,12 @@ def test_gmres_float32_reaches_1e5_and_reports_honestly():
 
 
 def test_batched_equals_one_by_one():
-    coef = stencil_coeffs(4, 3, 8, 9, k=1.5, adv=0.5)
-    b = np.random.default_rng(5).standard_normal((3, 8, 9))
-    kw = dict(tol=1e-11, restart=6, max_restarts=40)
-    res = krylov.gmres(stencil_matvec(coef), jnp.asarray(b), **kw)
+    coef = stencil_coeffs(4, 3, 8, 8, k=1.5, adv=0.5)
+    b = np.random.default_rng(5).standard_normal((3, 8, 8))
+    kw = dict(tol=1e-11, restart=3, max_restarts=100)
+    res = krylov.gmres(stencil_matvec(coef), jnp.asarray(b), **kw)  # eager
     for i in range(3):
-        alone = krylov.gmres(stencil_matvec(coef[:, i:i + 1]), jnp.asarray(b[i:i + 1]), **kw)
+        alone = solve_stencil(coef[:, i:i + 1], jnp.asarray(b[i:i + 1]), **kw)  # jitted
         assert rel_err(res.x[i:i + 1], alone.x)[0] < 1e-12
         assert int(res.num_matvecs[i]) == int(alone.num_matvecs[0])
         assert int(res.num_restarts[i]) == int(alone.num_restarts[0])
@@ -225,17 +240,16 @@ def _easy_hard_batch():
 def test_converged_systems_are_frozen_bit_for_bit():
     coef, b = _easy_hard_batch()
     kw = dict(tol=1e-9, restart=3)
-    full = krylov.gmres(stencil_matvec(coef), jnp.asarray(b), max_restarts=200, **kw)
+    full = solve_stencil(coef, jnp.asarray(b), max_restarts=200, **kw)
     n_easy = int(full.num_restarts[0])
     assert int(full.num_restarts[1]) > n_easy + 2  # the hard one keeps going for a while
     np.testing.assert_array_equal(np.asarray(full.status), Status.CONVERGED)
     # same batch stopped right when the easy one converged: its x is bit-identical
-    early = krylov.gmres(stencil_matvec(coef), jnp.asarray(b), max_restarts=n_easy, **kw)
+    early = solve_stencil(coef, jnp.asarray(b), max_restarts=n_easy, **kw)
     assert bool(early.converged[0]) and not bool(early.converged[1])
     np.testing.assert_array_equal(np.asarray(full.x[0]), np.asarray(early.x[0]))
     # and it equals the easy system solved alone
-    alone = krylov.gmres(stencil_matvec(coef[:, :1]), jnp.asarray(b[:1]), max_restarts=200,
-                         **kw)
+    alone = solve_stencil(coef[:, :1], jnp.asarray(b[:1]), max_restarts=200, **kw)
     assert rel_err(full.x[:1], alone.x)[0] < 1e-13
     assert int(alone.num_matvecs[0]) == int(full.num_matvecs[0])
 
@@ -243,8 +257,7 @@ def test_converged_systems_are_frozen_bit_for_bit():
 def test_per_system_stop_inside_a_cycle_no_oversolve():
     coef, b = _easy_hard_batch()
     tol = 1e-6
-    res = krylov.gmres(stencil_matvec(coef), jnp.asarray(b), tol=tol, restart=60,
-                       max_restarts=5)
+    res = solve_stencil(coef, jnp.asarray(b), tol=tol, restart=60, max_restarts=5)
     np.testing.assert_array_equal(np.asarray(res.status), Status.CONVERGED)
     assert int(res.num_restarts[0]) == 1
     assert int(res.num_matvecs[0]) < int(res.num_matvecs[1])
@@ -254,8 +267,8 @@ def test_per_system_stop_inside_a_cycle_no_oversolve():
 
 
 def test_budget_exhausted_is_reported():
-    coef = stencil_coeffs(13, 2, 10, 10, k=3.0, adv=0.8)
-    b = np.random.default_rng(14).standard_normal((2, 10, 10))
+    coef = stencil_coeffs(13, 2, 8, 8, k=3.0, adv=0.8)
+    b = np.random.default_rng(14).standard_normal((2, 8, 8))
     res = krylov.gmres(stencil_matvec(coef), jnp.asarray(b), tol=1e-10, restart=2,
                        max_restarts=2)
     assert not np.any(np.asarray(res.converged))
@@ -308,11 +321,11 @@ def test_singular_breakdown_status():
 
 
 def test_zero_rhs_rows_and_x0():
-    coef = stencil_coeffs(15, 3, 6, 6)
-    b = np.random.default_rng(16).standard_normal((3, 6, 6))
+    coef = stencil_coeffs(15, 3, 8, 8)
+    b = np.random.default_rng(16).standard_normal((3, 8, 8))
     b[1] = 0.0
-    x0 = np.random.default_rng(17).standard_normal((3, 6, 6))
-    res = krylov.gmres(stencil_matvec(coef), jnp.asarray(b), x0=jnp.asarray(x0), tol=1e-12)
+    x0 = np.random.default_rng(17).standard_normal((3, 8, 8))
+    res = solve_stencil(coef, jnp.asarray(b), jnp.asarray(x0), tol=1e-12)
     assert np.all(np.isfinite(np.asarray(res.x)))
     assert np.all(np.asarray(res.x[1]) == 0) and float(res.residual[1]) == 0.0
     assert bool(res.converged[1]) and int(res.num_restarts[1]) == 0
@@ -321,10 +334,10 @@ def test_zero_rhs_rows_and_x0():
 
 
 def test_x0_exact_solution_needs_no_cycle():
-    coef = stencil_coeffs(18, 2, 6, 5)
-    b = np.random.default_rng(19).standard_normal((2, 6, 5))
+    coef = stencil_coeffs(18, 3, 8, 8)
+    b = np.random.default_rng(19).standard_normal((3, 8, 8))
     xs = spsolve_all(coef, b)
-    res = krylov.gmres(stencil_matvec(coef), jnp.asarray(b), x0=jnp.asarray(xs), tol=1e-10)
+    res = solve_stencil(coef, jnp.asarray(b), jnp.asarray(xs), tol=1e-10)
     np.testing.assert_array_equal(np.asarray(res.num_restarts), 0)
     np.testing.assert_array_equal(np.asarray(res.num_matvecs), 1)
     np.testing.assert_array_equal(np.asarray(res.x), xs)
@@ -394,10 +407,10 @@ def test_recycle_fewer_matvecs_same_solution():
     rng = np.random.default_rng(28)
     U = np.concatenate([(xs + 1e-4 * rng.standard_normal(xs.shape))[:, None],
                         rng.standard_normal((B, 3, H, W))], axis=1)
-    rs = krylov.make_recycle_space(mv, jnp.asarray(U))
+    rs = recycle_space_stencil(coef, jnp.asarray(U))
     kw = dict(tol=1e-11, restart=8)
-    plain = krylov.gmres(mv, jnp.asarray(b), **kw)
-    rec = krylov.gmres(mv, jnp.asarray(b), recycle=rs, **kw)
+    plain = solve_stencil(coef, jnp.asarray(b), **kw)
+    rec = krylov.gmres(mv, jnp.asarray(b), recycle=rs, **kw)  # eager
     np.testing.assert_array_equal(np.asarray(rec.status), Status.CONVERGED)
     assert np.all(rel_err(rec.x, xs) < 1e-10)
     np.testing.assert_allclose(np.asarray(rec.residual), true_rel_residual(coef, rec.x, b),
@@ -412,15 +425,15 @@ def test_recycle_random_space_and_shared_space():
     coef_b = np.repeat(coef, B, axis=1)  # identical operators: a shared recycled space is valid
     b = np.random.default_rng(30).standard_normal((B, H, W))
     U1 = np.random.default_rng(31).standard_normal((1, k, H, W))
-    rs = krylov.make_recycle_space(stencil_matvec(coef), jnp.asarray(U1))
+    rs = recycle_space_stencil(coef, jnp.asarray(U1))
     shared = (rs.U[0], rs.C[0])  # [k, N]
-    res = krylov.gmres(stencil_matvec(coef_b), jnp.asarray(b), tol=1e-12, restart=6,
-                       recycle=shared)
+    res = solve_stencil(coef_b, jnp.asarray(b), tol=1e-12, restart=6, recycle=shared)
     np.testing.assert_array_equal(np.asarray(res.status), Status.CONVERGED)
     assert np.all(rel_err(res.x, spsolve_all(coef_b, b)) < 1e-10)
     # budget exhausted with recycling: residual still the true one
-    short = krylov.gmres(stencil_matvec(coef_b), jnp.asarray(b), tol=1e-12, restart=2,
-                         max_restarts=2, recycle=shared)
+    short = solve_stencil(coef_b, jnp.asarray(b), tol=1e-12, restart=6, max_restarts=1,
+                          recycle=shared)
+    assert not np.any(np.asarray(short.converged))
     np.testing.assert_allclose(np.asarray(short.residual), true_rel_residual(coef_b, short.x, b),
                                rtol=1e-8)
 
@@ -436,13 +449,14 @@ def test_linear_solve_gradients_match_finite_differences():
     b = np.random.default_rng(34).standard_normal((B, H, W))
     wts = np.random.default_rng(35).standard_normal((B, H, W))
 
-    def loss(theta, bb, **kw):
+    def loss_fn(theta, bb, **kw):
         mv = stencil_matvec(jnp.asarray(coef) + theta * jnp.asarray(D))
         x = krylov.linear_solve(mv, bb, tol=1e-13, restart=30, **kw)
         return jnp.sum(jnp.asarray(wts) * x)
 
+    loss = jax.jit(loss_fn)  # one compilation for all finite-difference evaluations
     theta, bj = 0.3, jnp.asarray(b)
-    g_theta, g_b = jax.grad(loss, argnums=(0, 1))(theta, bj)
+    g_theta, g_b = jax.jit(jax.grad(loss_fn, argnums=(0, 1)))(theta, bj)
     eps = 1e-6
     fd = (loss(theta + eps, bj) - loss(theta - eps, bj)) / (2 * eps)
     assert abs(float(g_theta) - float(fd)) <= 1e-6 * max(1.0, abs(float(fd)))
@@ -454,7 +468,7 @@ def test_linear_solve_gradients_match_finite_differences():
     fd_b = (loss(theta, bj + eps * dirn) - loss(theta, bj - eps * dirn)) / (2 * eps)
     assert abs(float(jnp.sum(g_b * dirn)) - float(fd_b)) <= 1e-6 * max(1.0, abs(float(fd_b)))
     # forward mode agrees too
-    _, jvp = jax.jvp(lambda t: loss(t, bj), (theta,), (1.0,))
+    _, jvp = jax.jit(lambda t: jax.jvp(lambda s: loss_fn(s, bj), (t,), (1.0,)))(theta)
     assert abs(float(jvp) - float(g_theta)) <= 1e-9 * max(1.0, abs(float(g_theta)))
     # explicit transpose_matvec gives the same gradient
     coefs = jnp.asarray(coef + theta * D)
@@ -469,7 +483,7 @@ def test_linear_solve_gradients_match_finite_differences():
         ny = jnp.concatenate([(n * y)[..., 1:, :], zr], axis=-2)
         return c * y + ey + wy + sy + ny
 
-    g_b2 = jax.grad(lambda bb: loss(theta, bb, transpose_matvec=transpose_mv))(bj)
+    g_b2 = jax.jit(jax.grad(lambda bb: loss_fn(theta, bb, transpose_matvec=transpose_mv)))(bj)
     np.testing.assert_allclose(np.asarray(g_b2), np.asarray(g_b), rtol=1e-9, atol=1e-11)
 
 
@@ -486,7 +500,7 @@ def test_linear_solve_symmetric_and_result():
                                      tol=1e-13)
         return jnp.sum(jnp.asarray(wts) * x), res
 
-    (val, res), g = jax.value_and_grad(loss, has_aux=True)(jnp.asarray(b))
+    (val, res), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(jnp.asarray(b))
     assert np.all(np.asarray(res.converged))
     np.testing.assert_allclose(np.asarray(g), np.linalg.solve(A, wts[..., None])[..., 0],
                                rtol=1e-10)
@@ -517,8 +531,8 @@ def test_jit_and_vmap():
     # vmap from outside over batch-of-1 problems
     cf1 = coef[:, :, None]  # [5, B, 1, H, W]
     b1 = b[:, None]         # [B, 1, H, W]
-    out = jax.vmap(lambda c, bb: krylov.gmres(stencil_matvec(c), bb, tol=1e-12, restart=8),
-                   in_axes=(1, 0))(cf1, b1)
+    out = jax.jit(jax.vmap(lambda c, bb: krylov.gmres(stencil_matvec(c), bb, tol=1e-12,
+                                                      restart=8), in_axes=(1, 0)))(cf1, b1)
     assert out.x.shape == (B, 1, H, W) and out.converged.shape == (B, 1)
     assert np.all(np.asarray(out.converged))
     assert np.all(rel_err(out.x[:, 0], ref) < 1e-10)
