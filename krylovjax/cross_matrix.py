@@ -1,0 +1,337 @@
+"""Cross-matrix Krylov projection: reuse a seed system's Krylov basis for similar systems.
+
+At one time step every image's system ``A_i m_i = b_i`` shares the diagonal and the diffusion
+stencil; the images differ only through the lagged-score advection (method.md 3.2, 5). Paper A
+(Lau, Na, Wan 2025) builds a Krylov subspace from a *seed* image and transfers it to the other
+(*target*) images. Its exact construction is unpublished (method.md 5.2); what follows is OUR
+RECONSTRUCTION (method.md 5.3), and it is what this library calls "the paper's method":
+
+1. :func:`seed_basis`: Arnoldi on the seed system from its initial residual gives an
+   orthonormal ``V`` (``k`` directions, plus the Hessenberg matrix of the seed).
+2. :func:`cross_matrix_solve`: for all targets at once, ``W_t = A_t Z`` with ``Z = M^{-1} V``
+   (one batched stencil application of ``k`` columns), ``y_t = argmin ||r0_t - W_t y||``, the
+   warm start ``x_t = x0_t + Z y_t``, then GMRES refinement to tolerance.
+
+Beyond the paper, each selectable (design.md decision 7):
+
+- ``projection="seed_hessenberg"``: a free warm start that uses the seed's own Arnoldi relation
+  ``A_s V_k = V_{k+1} H`` as a proxy for ``A_t V_k`` (no target matvecs at all).
+- ``recycle=True``: the seed directions stay in the targets' GMRES as a fixed augmentation space
+  (GCRO style), not just a warm start.
+- ``precondition``: a right preconditioner, e.g. the exact inverse of the shared diffusion part
+  (:func:`krylovjax.preconditioners.diffusion_preconditioner`).
+- warm starts ``x0`` from a previous sweep or time step.
+
+:func:`solve_fp` wires these together for an :class:`~krylovjax.fokker_planck.FPOperator` batch
+with a :class:`SolverConfig`, including cache-sized chunking of the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from krylovjax import krylov
+from krylovjax.fokker_planck import FPOperator
+from krylovjax import preconditioners
+
+Array = jax.Array
+_HI = jax.lax.Precision.HIGHEST
+
+METHODS = ("gmres", "cross_matrix", "recycled")
+PROJECTIONS = ("minres", "seed_hessenberg")
+PRECONDITIONERS = (None, "diffusion", "jacobi")
+
+# Named strategies: SolverConfig keyword arguments (used by the pipeline and the benchmarks).
+PRESETS = {
+    "gmres": dict(method="gmres", precondition=None),
+    "cross_matrix": dict(method="cross_matrix", precondition=None),
+    "recycled": dict(method="recycled", precondition=None),
+    "preconditioned": dict(method="gmres", precondition="diffusion"),
+    "cross_matrix_precond": dict(method="cross_matrix", precondition="diffusion"),
+    "recycled_precond": dict(method="recycled", precondition="diffusion"),
+}
+
+
+class SeedBasis(NamedTuple):
+    """A seed system's Krylov basis.
+
+    Attributes:
+      V: ``[k+1, N]`` orthonormal Arnoldi vectors (rows) of the seed system.
+      H: ``[k+1, k]`` upper Hessenberg matrix, ``A_s M^{-1} V_k^T = V_{k+1}^T H``.
+      Z: ``[k, N]`` the search directions ``M^{-1} V_k`` (``V_k`` without a preconditioner).
+      num_matvecs: matvecs spent on the seed (``k``).
+    """
+
+    V: Array
+    H: Array
+    Z: Array
+    num_matvecs: Array
+
+
+def _flat(x):
+    return x.reshape(x.shape[0], -1)
+
+
+def seed_basis(seed_matvec: Callable, seed_b: Array, k: int, *, seed_x0: Array | None = None,
+               precondition: Callable | None = None) -> SeedBasis:
+    """Arnoldi basis (``k`` directions) of one seed system at one time step (method.md 5.3.1).
+
+    Args:
+      seed_matvec: ``[1, *shape] -> [1, *shape]``, the seed's operator on a batch of one.
+      seed_b: ``[*shape]`` or ``[1, *shape]`` the seed's right-hand side.
+      k: number of Krylov directions (>= 1, at most the number of unknowns).
+      seed_x0: optional warm start of the seed; the basis starts from its residual.
+      precondition: optional right preconditioner ``M^{-1}`` on ``[1, *shape]`` fields.
+    """
+    b = jnp.asarray(seed_b)
+    if b.ndim < 2:
+        raise ValueError(f"seed_b: expected a field [*shape] or [1, *shape], got shape {b.shape}")
+    if b.shape[0] != 1:
+        b = b[None]
+    n = int(b[0].size)
+    if not isinstance(k, int) or k < 1 or k > n:
+        raise ValueError(f"k: expected an integer in [1, {n}] (the number of unknowns), got {k}")
+    r0 = b if seed_x0 is None else b - seed_matvec(jnp.asarray(seed_x0).reshape(b.shape))
+    V, H = krylov.arnoldi(seed_matvec, r0, k, precondition=precondition)
+    V, H = V[0], H[0]
+    Vk = V[:k].reshape((k,) + b.shape[1:])
+    Z = Vk if precondition is None else jax.vmap(lambda v: precondition(v[None])[0])(Vk)
+    return SeedBasis(V=V, H=H, Z=Z.reshape(k, -1),
+                     num_matvecs=jnp.asarray(k + (seed_x0 is not None), jnp.int32))
+
+
+def _masked_lstsq(W: Array, r: Array) -> Array:
+    """``argmin_y ||r_t - W_t^T y||`` per target, via a batched QR; ``W`` ``[T, k, N]``.
+
+    Directions that are numerically zero (an Arnoldi breakdown) get coefficient 0.
+    """
+    q, R = jnp.linalg.qr(jnp.swapaxes(W, -1, -2))  # [T, N, k], [T, k, k]
+    rhs = jnp.einsum("tnk,tn->tk", q, r, precision=_HI)
+    d = jnp.abs(jnp.diagonal(R, axis1=-2, axis2=-1))
+    scale = jnp.max(d, axis=-1, keepdims=True)
+    ok = d > scale * jnp.finfo(W.dtype).eps * W.shape[-1]
+    # A dropped direction j gets column e_j and right-hand side 0, hence y_j = 0.
+    R = jnp.where(ok[..., None, :], R, jnp.eye(R.shape[-1], dtype=R.dtype))
+    rhs = jnp.where(ok, rhs, 0.0)
+    return jax.scipy.linalg.solve_triangular(R, rhs[..., None], lower=False)[..., 0]
+
+
+def apply_columns(matvec: Callable, Z: Array, batch: int, shape) -> Array:
+    """``A_t Z`` for every target ``t`` and every basis row of ``Z`` ``[k, N]`` -> ``[T, k, N]``:
+    one batched stencil application (vmapped over the ``k`` columns)."""
+    k = Z.shape[0]
+    cols = jnp.broadcast_to(Z.reshape((1, k) + tuple(shape)), (batch, k) + tuple(shape))
+    out = jax.vmap(matvec, in_axes=1, out_axes=1)(cols)
+    return out.reshape(batch, k, -1)
+
+
+def cross_matrix_solve(
+    matvec: Callable,
+    b: Array,
+    basis: SeedBasis,
+    *,
+    x0: Array | None = None,
+    projection: str = "minres",
+    recycle: bool = False,
+    precondition: Callable | None = None,
+    tol: float = 1e-8,
+    atol: float = 0.0,
+    restart: int = 20,
+    max_restarts: int = 50,
+) -> krylov.KrylovResult:
+    """Solve all target systems at one time step from a seed basis (method.md 5.3).
+
+    Args:
+      matvec: ``[T, *shape] -> [T, *shape]``, the targets' operators.
+      b: ``[T, *shape]`` right-hand sides.
+      basis: the seed's :class:`SeedBasis` (built with the same ``precondition``).
+      x0: optional warm starts ``[T, *shape]`` (e.g. the previous sweep's solutions).
+      projection: ``"minres"`` (the paper, reconstructed: ``y = argmin ||r0 - A_t Z y||``,
+        ``k`` matvecs per target) or ``"seed_hessenberg"`` (free: ``y = argmin ||V^T r0 - H y||``
+        from the seed's Arnoldi relation).
+      recycle: keep the seed directions as a GCRO augmentation space inside GMRES instead of a
+        one-off warm start (costs the same ``k`` matvecs per target once).
+      precondition: right preconditioner for the refinement (and the basis).
+      tol, atol, restart, max_restarts: GMRES refinement settings (see :func:`krylov.gmres`).
+
+    Returns:
+      A :class:`krylov.KrylovResult`; ``num_matvecs`` includes the projection's matvecs.
+    """
+    b = jnp.asarray(b)
+    if b.ndim < 2:
+        raise ValueError(f"b: expected [T, *shape] with a leading batch axis, got {b.shape}")
+    if projection not in PROJECTIONS:
+        raise ValueError(f"projection: expected one of {PROJECTIONS}, got {projection!r}")
+    T, shape = b.shape[0], b.shape[1:]
+    N = math.prod(shape)
+    if basis.Z.shape[-1] != N:
+        raise ValueError(
+            f"basis: its vectors have {basis.Z.shape[-1]} entries but the systems have {N}")
+    k = basis.Z.shape[0]
+    Z = basis.Z.astype(b.dtype)
+    x = jnp.zeros_like(b) if x0 is None else jnp.asarray(x0, b.dtype).reshape(b.shape)
+    extra = jnp.zeros((T,), jnp.int32)
+
+    if recycle:
+        W = apply_columns(matvec, Z, T, shape)
+        extra = extra + k
+        q, R = jnp.linalg.qr(jnp.swapaxes(W, -1, -2))  # W^T = Q R
+        C = jnp.swapaxes(q, -1, -2)  # [T, k, N], orthonormal rows, C = R^{-T} W
+        # Rows U = R^{-T} Z, so that A U = R^{-T} W = C.
+        U = jax.scipy.linalg.solve_triangular(R, jnp.broadcast_to(Z, (T, k, N)), lower=False,
+                                              trans=1)
+        res = krylov.gmres(matvec, b, x0=x, tol=tol, atol=atol, restart=restart,
+                           max_restarts=max_restarts, precondition=precondition,
+                           recycle=(U, C))
+        return res._replace(num_matvecs=res.num_matvecs + extra)
+
+    r0 = _flat(b)
+    if x0 is not None:
+        r0 = r0 - _flat(matvec(x))
+        extra = extra + 1
+    if projection == "minres":
+        W = apply_columns(matvec, Z, T, shape)
+        extra = extra + k
+        y = _masked_lstsq(W, r0)
+    else:
+        V = basis.V.astype(b.dtype)
+        c = jnp.einsum("jn,tn->tj", V, r0, precision=_HI)  # [T, k+1]
+        Hb = jnp.broadcast_to(basis.H.astype(b.dtype), (T,) + basis.H.shape)
+        y = _masked_lstsq(jnp.swapaxes(Hb, -1, -2), c)
+    x = x + jnp.einsum("tk,kn->tn", y, Z, precision=_HI).reshape(b.shape)
+    res = krylov.gmres(matvec, b, x0=x, tol=tol, atol=atol, restart=restart,
+                       max_restarts=max_restarts, precondition=precondition)
+    return res._replace(num_matvecs=res.num_matvecs + extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverConfig:
+    """How to solve one time step's batch of FP systems (immutable and hashable: jit-static).
+
+    Attributes:
+      method: ``"gmres"`` (cold/warm GMRES), ``"cross_matrix"`` (seed basis as a projected warm
+        start, the paper's method as reconstructed), ``"recycled"`` (seed basis as a GCRO
+        augmentation space).
+      precondition: None, ``"diffusion"`` (exact inverse of the shared diffusion part, sine or
+        cosine transforms) or ``"jacobi"``.
+      projection: ``"minres"`` or ``"seed_hessenberg"`` (see :func:`cross_matrix_solve`).
+      basis_size: ``k``, the number of seed directions.
+      seed_index: which system of the batch is the seed.
+      tol, atol, restart, max_restarts: GMRES settings.
+      chunk_size: solve the batch in chunks of this many systems (``lax.map``), which keeps
+        the Krylov basis in cache on CPUs; None solves the whole batch as one array.
+    """
+
+    method: str = "cross_matrix"
+    precondition: str | None = "diffusion"
+    projection: str = "minres"
+    basis_size: int = 8
+    seed_index: int = 0
+    tol: float = 1e-8
+    atol: float = 0.0
+    restart: int = 20
+    max_restarts: int = 50
+    chunk_size: int | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+        if self.precondition not in PRECONDITIONERS:
+            raise ValueError(
+                f"precondition: expected one of {PRECONDITIONERS}, got {self.precondition!r}")
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"projection: expected one of {PROJECTIONS}, got {self.projection!r}")
+        if not (isinstance(self.basis_size, int) and self.basis_size >= 1):
+            raise ValueError(f"basis_size: expected an integer >= 1, got {self.basis_size}")
+        if not (self.tol > 0):
+            raise ValueError(f"tol: expected > 0, got {self.tol}")
+        if self.chunk_size is not None and not (isinstance(self.chunk_size, int)
+                                                and self.chunk_size >= 1):
+            raise ValueError(f"chunk_size: expected None or an integer >= 1, got {self.chunk_size}")
+
+
+def _preconditioner(op: FPOperator, name: str | None):
+    if name is None:
+        return None
+    if name == "diffusion":
+        return preconditioners.diffusion_preconditioner(op)
+    return preconditioners.jacobi(op)
+
+
+def _take(op: FPOperator, index) -> FPOperator:
+    return jax.tree_util.tree_map(lambda a: a[index], op)
+
+
+def solve_fp(op: FPOperator, b: Array, config: SolverConfig = SolverConfig(), *,
+             x0: Array | None = None) -> krylov.KrylovResult:
+    """Solve every system of a batch of FP operators at one time step.
+
+    Args:
+      op: an :class:`FPOperator` with one leading batch axis ``[B]`` (flatten images and
+        channels into it).
+      b: ``[B, H, W]`` right-hand sides (``op.rhs(m_prev)``).
+      config: a :class:`SolverConfig`.
+      x0: optional warm starts ``[B, H, W]``.
+
+    Returns:
+      A :class:`krylov.KrylovResult` for the ``B`` systems. For the cross-matrix methods the
+      seed's ``k`` basis matvecs are added to the seed system's count.
+    """
+    if len(op.batch_shape) != 1:
+        raise ValueError(f"op: expected one leading batch axis, got batch shape {op.batch_shape}")
+    B = op.batch_shape[0]
+    if b.shape != (B,) + op.grid_shape:
+        raise ValueError(f"b: expected shape {(B,) + op.grid_shape}, got {b.shape}")
+    if x0 is not None and x0.shape != b.shape:
+        raise ValueError(f"x0: expected shape {b.shape}, got {x0.shape}")
+    if not 0 <= config.seed_index < B:
+        raise ValueError(f"config.seed_index: expected in [0, {B}), got {config.seed_index}")
+    kw = dict(tol=config.tol, atol=config.atol, restart=config.restart,
+              max_restarts=config.max_restarts)
+
+    basis = None
+    if config.method != "gmres":
+        seed_op = _take(op, slice(config.seed_index, config.seed_index + 1))
+        seed_x0 = None if x0 is None else x0[config.seed_index]
+        basis = seed_basis(seed_op.matvec, b[config.seed_index], config.basis_size,
+                           seed_x0=seed_x0,
+                           precondition=_preconditioner(seed_op, config.precondition))
+
+    def solve_chunk(args):
+        op_c, b_c, x0_c = args
+        M = _preconditioner(op_c, config.precondition)
+        if basis is None:
+            return krylov.gmres(op_c.matvec, b_c, x0=x0_c, precondition=M, **kw)
+        return cross_matrix_solve(op_c.matvec, b_c, basis, x0=x0_c, precondition=M,
+                                  projection=config.projection,
+                                  recycle=config.method == "recycled", **kw)
+
+    cs = config.chunk_size
+    if cs is None or cs >= B:
+        res = solve_chunk((op, b, x0))
+    else:
+        nchunk = -(-B // cs)
+        pad = nchunk * cs - B
+
+        def split(a, fill_zero):
+            if pad:
+                tail = jnp.zeros_like(a[:pad]) if fill_zero else jnp.broadcast_to(
+                    a[:1], (pad,) + a.shape[1:])
+                a = jnp.concatenate([a, tail])
+            return a.reshape((nchunk, cs) + a.shape[1:])
+
+        # Padding systems copy system 0's operator with b = 0: they converge at once to x = 0.
+        op_s = jax.tree_util.tree_map(lambda a: split(a, False), op)
+        b_s = split(b, True)
+        x_s = None if x0 is None else split(x0, True)
+        res = jax.lax.map(solve_chunk, (op_s, b_s, x_s))
+        res = jax.tree_util.tree_map(lambda a: a.reshape((nchunk * cs,) + a.shape[2:])[:B], res)
+    if basis is not None:
+        res = res._replace(num_matvecs=res.num_matvecs.at[config.seed_index].add(
+            basis.num_matvecs))
+    return res
