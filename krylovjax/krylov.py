@@ -49,6 +49,10 @@ _HI = lax.Precision.HIGHEST
 # A new Arnoldi vector whose norm after CGS2 is below ``_BREAKDOWN_EPS * eps * ||A M^{-1} v_j||``
 # is round-off: the Krylov space is (numerically) invariant -> breakdown.
 _BREAKDOWN_EPS = 32.0
+# CGS2 projects against a static prefix of the basis; at most this many prefix lengths (lax.switch
+# branches) are compiled per Arnoldi step.
+_MAX_BRANCHES = 8
+_PREFIX_MIN_SIZE = 8192  # (m+1)*N per system from which prefix projections pay off
 
 
 class Status(enum.IntEnum):
@@ -201,18 +205,36 @@ def _cgs2_step(op: MatVec, V: Array, j, C: Array | None, eps: float):
     v = lax.dynamic_index_in_dim(V, j, axis=1, keepdims=False)
     w = op(v)
     w_norm = _norm(w)
-    keep = (jnp.arange(m1) <= j).astype(w.dtype)  # rows of the current basis
-    h = jnp.zeros(w.shape[:1] + (m1,), w.dtype)
-    hc = None
-    for _ in range(2):  # CGS2: classical Gram-Schmidt, twice
-        dh = _project(V, w) * keep
-        if C is not None:
-            dc = _project(C, w)
-            w = w - _combine(V, dh) - _combine(C, dc)
-            hc = dc if hc is None else hc + dc
-        else:
-            w = w - _combine(V, dh)
-        h = h + dh
+
+    def cgs2(rows: int):
+        # CGS2 against the leading ``rows`` rows of V (static), masked to rows <= j
+        def branch(V, w, C):
+            Vr = V[:, :rows]
+            keep = (jnp.arange(rows) <= j).astype(w.dtype)
+            h = jnp.zeros(w.shape[:1] + (rows,), w.dtype)
+            hc = None
+            for _ in range(2):  # classical Gram-Schmidt, twice
+                dh = _project(Vr, w) * keep
+                if C is not None:
+                    dc = _project(C, w)
+                    w = w - _combine(Vr, dh) - _combine(C, dc)
+                    hc = dc if hc is None else hc + dc
+                else:
+                    w = w - _combine(Vr, dh)
+                h = h + dh
+            return w, jnp.pad(h, ((0, 0), (0, m1 - rows))), hc
+        return branch
+
+    # The basis is re-read four times per step and dominates the cost: project only against a
+    # static prefix of V that covers rows 0..j (one of at most _MAX_BRANCHES prefix lengths)
+    # instead of all m+1 rows. Small bases skip this (it only costs compile time there).
+    big = m1 * V.shape[2] >= _PREFIX_MIN_SIZE
+    block = -(-m1 // min(_MAX_BRANCHES if big else 1, m1))
+    sizes = [min(m1, block * (q + 1)) for q in range(-(-m1 // block))]
+    if len(sizes) == 1:
+        w, h, hc = cgs2(sizes[0])(V, w, C)
+    else:
+        w, h, hc = lax.switch(j // block, [cgs2(r) for r in sizes], V, w, C)
     beta = _norm(w)
     breakdown = beta <= (_BREAKDOWN_EPS * eps) * w_norm
     safe = jnp.where(breakdown, jnp.ones_like(beta), beta)

@@ -115,8 +115,10 @@ def rel_err(x, ref):
 
 
 def test_gmres_matches_spsolve_float64():
-    coef = stencil_coeffs(0, 4, 12, 10, k=2.0)
-    b = np.random.default_rng(1).standard_normal((4, 12, 10))
+    # 24 x 24 with restart 15: large enough for the prefix-projection (lax.switch) path
+    assert 16 * 24 * 24 >= krylov._PREFIX_MIN_SIZE
+    coef = stencil_coeffs(0, 4, 24, 24, k=2.0)
+    b = np.random.default_rng(1).standard_normal((4, 24, 24))
     res = krylov.gmres(stencil_matvec(coef), jnp.asarray(b), tol=1e-12, restart=15)
     ref = spsolve_all(coef, b)
     assert res.x.dtype == jnp.float64 and res.x.shape == b.shape
@@ -164,9 +166,10 @@ def test_batched_equals_one_by_one():
 # Arnoldi.
 
 
-@pytest.mark.parametrize("precondition", [False, True])
-def test_arnoldi_relation_and_orthonormality(precondition):
-    B, H, W, k = 3, 7, 6, 9
+@pytest.mark.parametrize("precondition,H,W,k", [(False, 7, 6, 9), (True, 7, 6, 9),
+                                                (False, 24, 24, 20)])
+def test_arnoldi_relation_and_orthonormality(precondition, H, W, k):
+    B = 3
     coef = stencil_coeffs(6, B, H, W, k=1.0, adv=0.6)
     mv = stencil_matvec(coef)
     d = jnp.asarray(coef[0])
