@@ -321,6 +321,11 @@ def test_singular_breakdown_status():
     # least-squares optimum leaves exactly the null component: residual 1/2
     np.testing.assert_allclose(float(res.residual[0]), 0.5, atol=1e-12)
     np.testing.assert_allclose(np.asarray(res.x[0, 1:]), [1.0, 0.5, 1 / 3], atol=1e-12)
+    # an operator producing non-finite values is reported, not propagated silently
+    bad = jnp.asarray([[1.0, 2.0, 3.0, 4.0], [1.0, jnp.inf, 3.0, 4.0]])
+    res = krylov.gmres(lambda x: bad * x, jnp.ones((2, 4)), tol=1e-10, restart=4)
+    np.testing.assert_array_equal(np.asarray(res.status), [Status.CONVERGED, Status.BREAKDOWN])
+    assert np.all(np.isfinite(np.asarray(res.x)))
 
 
 def test_zero_rhs_rows_and_x0():
