@@ -178,17 +178,13 @@ def cross_matrix_solve(
     extra = jnp.zeros((T,), jnp.int32)
 
     if recycle:
-        W = apply_columns(matvec, Z, T, shape)
-        extra = extra + k
-        q, R = jnp.linalg.qr(jnp.swapaxes(W, -1, -2))  # W^T = Q R
-        C = jnp.swapaxes(q, -1, -2)  # [T, k, N], orthonormal rows, C = R^{-T} W
-        # Rows U = R^{-T} Z, so that A U = R^{-T} W = C.
-        U = jax.scipy.linalg.solve_triangular(R, jnp.broadcast_to(Z, (T, k, N)), lower=False,
-                                              trans=1)
+        # GCRO augmentation; make_recycle_space drops directions made dependent by A_t.
+        U = jnp.broadcast_to(Z.reshape((1, k) + tuple(shape)), (T, k) + tuple(shape))
+        space = krylov.make_recycle_space(matvec, U)
         res = krylov.gmres(matvec, b, x0=x, tol=tol, atol=atol, restart=restart,
                            max_restarts=max_restarts, precondition=precondition,
-                           recycle=(U, C))
-        return res._replace(num_matvecs=res.num_matvecs + extra)
+                           recycle=space)
+        return res._replace(num_matvecs=res.num_matvecs + space.num_matvecs)
 
     r0 = _flat(b)
     if x0 is not None:
@@ -311,26 +307,11 @@ def solve_fp(op: FPOperator, b: Array, config: SolverConfig = SolverConfig(), *,
                                   projection=config.projection,
                                   recycle=config.method == "recycled", **kw)
 
-    cs = config.chunk_size
-    if cs is None or cs >= B:
+    if config.chunk_size is None:
         res = solve_chunk((op, b, x0))
     else:
-        nchunk = -(-B // cs)
-        pad = nchunk * cs - B
-
-        def split(a, fill_zero):
-            if pad:
-                tail = jnp.zeros_like(a[:pad]) if fill_zero else jnp.broadcast_to(
-                    a[:1], (pad,) + a.shape[1:])
-                a = jnp.concatenate([a, tail])
-            return a.reshape((nchunk, cs) + a.shape[1:])
-
-        # Padding systems copy system 0's operator with b = 0: they converge at once to x = 0.
-        op_s = jax.tree_util.tree_map(lambda a: split(a, False), op)
-        b_s = split(b, True)
-        x_s = None if x0 is None else split(x0, True)
-        res = jax.lax.map(solve_chunk, (op_s, b_s, x_s))
-        res = jax.tree_util.tree_map(lambda a: a.reshape((nchunk * cs,) + a.shape[2:])[:B], res)
+        res = krylov.map_in_chunks(lambda *a: solve_chunk(a), op, b, x0,
+                                   chunk_size=config.chunk_size)
     if basis is not None:
         res = res._replace(num_matvecs=res.num_matvecs.at[config.seed_index].add(
             basis.num_matvecs))

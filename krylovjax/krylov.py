@@ -75,7 +75,8 @@ class KrylovResult(NamedTuple):
       x: ``[B, *shape]`` solution, dtype of ``b``.
       converged: ``[B]`` bool, ``status == Status.CONVERGED``.
       num_matvecs: ``[B]`` int32, operator applications this system needed: one true residual
-        at the start and after every cycle, plus one per inner Arnoldi step while the system was
+        at the start (none when ``x0`` is None: then ``r0 = b`` exactly) and after every cycle,
+        plus one per inner Arnoldi step while the system was
         still iterating. (In a batch, steps run while *other* systems iterate are not counted:
         they are computed on a zero vector and discarded.) Matvecs spent building a recycled
         space are reported by :func:`make_recycle_space`, not here.
@@ -462,14 +463,15 @@ def gmres(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 1e-
     stag_factor = 1.0 - jnp.asarray(stagnation_tol, dtype)
     x = jnp.zeros_like(bf) if x0 is None else jnp.where(b_zero[:, None], 0.0,
                                                         x0.reshape(B, n))
-    r = jnp.where(b_zero[:, None], 0.0, bf - A_flat(x))
+    # A zero initial guess needs no matvec: r0 = b exactly.
+    r = bf if x0 is None else jnp.where(b_zero[:, None], 0.0, bf - A_flat(x))
     r_norm = _norm(r)
     converged = r_norm <= thresh
     ok0 = jnp.isfinite(r_norm)
     active = ~converged & ok0
     status = jnp.where(converged, Status.CONVERGED,
                        jnp.where(ok0, Status.MAX_ITERATIONS, Status.BREAKDOWN)).astype(jnp.int32)
-    n_mv = jnp.where(b_zero, 0, 1).astype(jnp.int32)
+    n_mv = jnp.where(b_zero | (x0 is None), 0, 1).astype(jnp.int32)
     n_cyc = jnp.zeros((B,), jnp.int32)
     eye_m = jnp.eye(m, dtype=dtype)
     idx_m = jnp.arange(m)
