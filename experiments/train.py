@@ -1,0 +1,84 @@
+r"""Train the score model on embedded trajectories (ours) or the DDPM baseline.
+
+Usage::
+
+    python -m experiments.train --config=experiments/configs/train_tiny.py --workdir=runs/tiny \
+        [--store=runs/precompute/scores] [--data=builtin] [--config.num_steps=500]
+
+Data: ``--data=store`` (the default when ``--store`` is given) trains ``method=ours`` on the
+``"embedded"`` field of a pre-computed :class:`krylovjax.store.ScoreStore`;
+``--data=builtin`` uses ``config.data.num_images`` built-in photos at ``config.data.image_size``:
+for ``ours`` it pre-computes their scores (``config.precompute``) and embeds them on the fly,
+for ``ddpm`` it trains on the photos. Re-running with the same ``--workdir`` resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Training config file (see experiments/configs/train_*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, result.json.")
+flags.DEFINE_string("store", None, "ScoreStore directory with an 'embedded' field (method=ours).")
+flags.DEFINE_enum("data", "auto", ["auto", "store", "builtin"],
+                  "Training data: a ScoreStore, or built-in photos ('auto': store if --store is set).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+_NON_TRAIN_KEYS = ("data", "precompute")
+
+
+def _builtin_data(cfg, train_cfg):
+    import jax.numpy as jnp
+    import numpy as np
+
+    from krylovjax import training, transport
+    from krylovjax.data import builtin_dataset
+
+    images = builtin_dataset(cfg.data.image_size, cfg.data.num_images, seed=cfg.data.seed)
+    if train_cfg.method == "ddpm":
+        return images
+    from krylovjax.precompute import PrecomputeConfig, precompute_scores
+
+    pc = PrecomputeConfig(sde=train_cfg.sde, sde_kwargs=train_cfg.sde_kwargs, **cfg.precompute.to_dict())
+    res = precompute_scores(jnp.asarray(images), pc)
+    logging.info("pre-computed scores of %d images: %s", images.shape[0],
+                 {k: v for k, v in res.stats.items() if np.ndim(v) == 0})
+    x = transport.embed(images, res.scores, pc.make_sde(), res.t, res.dt)
+    sde = {"name": train_cfg.sde, "kwargs": dict(train_cfg.sde_kwargs)}
+    return training.Trajectories(x=np.asarray(x), t=np.asarray(res.t), sde=sde)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cfg = FLAGS.config
+    source = FLAGS.data if FLAGS.data != "auto" else ("store" if FLAGS.store else "builtin")
+    if source == "store":
+        if not FLAGS.store:
+            raise app.UsageError("--data=store needs --store=<ScoreStore directory>")
+        if cfg.method != "ours":
+            raise app.UsageError("--data=store holds embedded trajectories: use --config.method=ours")
+    from krylovjax import training  # after the flag checks: importing JAX takes seconds
+
+    train_cfg = training.TrainConfig.from_dict({k: v for k, v in cfg.items() if k not in _NON_TRAIN_KEYS})
+    if source == "store":
+        data = training.trajectories_from_store(FLAGS.store)
+    else:
+        data = _builtin_data(cfg, train_cfg)
+
+    result = training.train(train_cfg, data, FLAGS.workdir)
+    summary = {k: getattr(result, k) for k in ("step", "stop_reason", "resumed_from", "train_seconds",
+                                               "compile_seconds", "eval_seconds", "checkpoint_seconds",
+                                               "wall_seconds", "last_loss")}
+    with open(os.path.join(FLAGS.workdir, "result.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    logging.info("done: %s", summary)
+
+
+if __name__ == "__main__":
+    app.run(main)

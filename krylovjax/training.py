@@ -1,0 +1,1306 @@
+"""Training of the score network on score-embedded trajectories, and of the DDPM baseline.
+
+Two methods share one training loop (method.md sections 4.2, 4.3 and 6):
+
+* ``method="ours"`` (Paper B's Algorithm 2, method.md 4.2-4.3). The data are the embedded
+  trajectories ``x^n_i`` ``[B, N, C, H, W]`` at the time levels ``t [N]``
+  (:func:`krylovjax.transport.embed`, or the ``"embedded"`` field of a
+  :class:`krylovjax.store.ScoreStore`). A batch draws ``batch_size`` pairs ``(i, n)`` uniformly
+  with replacement, a time ``t`` in the jitter window of ``t_n`` (below), ``z ~ N(0, I)``, and
+  minimises (method.md 4.2, [B-code])::
+
+      loss = mean_b [ 1 / (2 g(t_b)^2) * sum_{c,h,w} (s_theta(x^n_b + lambda(t_b) z_b, t_b) lambda(t_b) + z_b)^2 ]
+
+  (``loss_reduction="sum"``, the paper's). ``loss_reduction="mean"`` replaces the sum over
+  ``c, h, w`` by the mean, i.e. divides the loss by ``C H W``; with Adam that changes only the
+  effective ``eps`` and how often gradient clipping is active (see :class:`TrainConfig`).
+
+  Time jitter ([B-code] draws ``t`` in a window of width ``dt/2`` next to each node; method.md
+  4.3). Our rule, for a possibly non-uniform grid: the window of level ``n`` is
+  ``[t_n - w (t_n - t_{n-1}) / 2, t_n + w (t_{n+1} - t_n) / 2]`` with ``w = time_jitter``
+  (default 0.5, the same width as Paper B's), cut at ``t_0`` and ``t_{N-1}`` (the window of
+  ``n = 0`` starts at ``t_0``, that of ``n = N-1`` ends at ``t_{N-1}``), and ``t`` is uniform on
+  it. It is centred on the time that ``x^n`` represents (Paper B's window sits after the node)
+  and never leaves ``[t_0, t_{N-1}]``, so ``lambda(t) > 0`` is always defined. ``w = 0`` trains
+  at the nodes exactly.
+
+* ``method="ddpm"`` (the baseline, method.md 6; Ho et al.): epsilon prediction on the clean
+  images mapped to ``2x - 1``, ``T = ddpm_num_steps`` (1000) steps of a linear beta schedule
+  (:meth:`krylovjax.ddpm.DDPMSchedule.linear`), loss :func:`krylovjax.ddpm.epsilon_loss`. The
+  same U-Net with the sinusoidal ("fourier") time embedding, ``centered_input=True`` and
+  ``time_multiplier = T``: the network is called with ``t = i / T`` for the step index ``i``, so
+  its time input ``T * t = i`` is the integer step DDPM's embedding expects.
+
+Optimiser: optax Adam with a linear warm-up ``lr * min(1, (k + 1) / warmup_steps)`` at update
+``k`` (0-based, so the first update is not a no-op), after clipping the gradient to global norm
+``grad_clip``. EMA of the weights with decay ``min(ema_decay, (1 + k) / (10 + k))`` (the
+TensorFlow ``num_updates`` warm-up, so short runs are not dominated by the initial weights);
+evaluation and :func:`load_score_fn` use the EMA weights.
+
+Everything random in step ``k`` comes from ``fold_in(PRNGKey(seed), k)``, so a run is a pure
+function of its config, data and step count: the same seed gives bit-identical parameters on
+CPU, and a run resumed from a checkpoint continues exactly like an uninterrupted one.
+
+Data parallelism: a ``jax.sharding.Mesh`` over the local devices with one axis ``"data"``; the
+parameters, optimiser state and data set are replicated, the batch is sharded along
+``"data"`` (XLA inserts the gradient all-reduce). ``batch_size`` must be divisible by the
+number of devices.
+
+Work directory layout::
+
+    <workdir>/config.json          the run's config (train config, model config, data summary)
+    <workdir>/checkpoints/<step>/  orbax CheckpointManager steps: "state" (params, EMA params,
+                                   optimiser state, step, RNG key), "config", "meta" (sha256 of
+                                   the state, train time, data fingerprint)
+    <workdir>/metrics.jsonl        one JSON object per line: training records (step, loss,
+                                   images_per_s, lr, grad_norm, train_seconds) and evaluation
+                                   records (step, kind="eval", the eval callback's metrics)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from krylovjax import ddpm as ddpm_lib
+from krylovjax import sde as sde_lib
+from krylovjax.models import UNet, UNetConfig, get_config
+
+__all__ = [
+    "TrainConfig",
+    "TrainState",
+    "ModelDef",
+    "StepMetrics",
+    "Trajectories",
+    "TrainResult",
+    "CheckpointError",
+    "METHODS",
+    "RUN_CONTROL_KEYS",
+    "embedding_loss",
+    "jitter_windows",
+    "learning_rate",
+    "ema_decay_at",
+    "make_mesh",
+    "make_optimizer",
+    "model_config",
+    "create_train_state",
+    "make_train_step",
+    "eval_loss",
+    "prepare_data",
+    "trajectories_from_store",
+    "train",
+    "load_checkpoint",
+    "load_score_fn",
+]
+
+METHODS = ("ours", "ddpm")
+LOSS_REDUCTIONS = ("sum", "mean")
+
+#: Config keys that only steer the run (how long, how often to log/evaluate/save); they may
+#: change when a run is resumed. Every other key changes the mathematics and must match.
+RUN_CONTROL_KEYS = frozenset({
+    "num_steps", "budget_seconds", "checkpoint_every", "max_to_keep", "log_every",
+    "eval_every", "target_metric", "progress",
+})
+
+_CONFIG_FILE = "config.json"
+_METRICS_FILE = "metrics.jsonl"
+_CKPT_DIR = "checkpoints"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be restored (unreadable, incomplete or corrupt)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+
+def _freeze(value: Any) -> Any:
+    """dict -> sorted tuple of (key, value) pairs, list -> tuple, recursively (hashable)."""
+    if hasattr(value, "to_dict") and callable(value.to_dict):  # ml_collections.ConfigDict
+        value = value.to_dict()
+    if isinstance(value, Mapping):
+        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _pairs_to_dict(pairs: tuple) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in pairs}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Settings of a training run (immutable, hashable; JSON via :meth:`to_dict`).
+
+    Attributes:
+      method: ``"ours"`` (score-embedded trajectories, method.md 4.2) or ``"ddpm"`` (baseline).
+      model: U-Net preset of :func:`krylovjax.models.get_config` (``"tiny"`` or ``"paper"``).
+      model_overrides: extra :class:`~krylovjax.models.UNetConfig` fields, as a dict or a tuple
+        of ``(key, value)`` pairs (stored as sorted pairs). ``image_size``/``in_channels``/
+        ``out_channels`` come from the data; giving them is allowed only if they agree.
+      lr: peak Adam learning rate (Paper B: 1e-4, cifar1 8e-5; DDPM 2e-4).
+      warmup_steps: linear warm-up length in updates (0: none).
+      grad_clip: global-norm clipping threshold (``None`` or 0: no clipping).
+      ema_decay: EMA decay in [0, 1) (DDPM: 0.9999); warmed up as in the module docstring.
+      batch_size: global batch size, divisible by the number of devices.
+      num_steps: total number of optimiser updates of the run.
+      seed: seeds the parameters and every random draw of training.
+      checkpoint_every: save a checkpoint every this many updates (and at the end / at a stop).
+      max_to_keep: checkpoints kept (older ones are removed by orbax), >= 1.
+      log_every: write a training record to ``metrics.jsonl`` every this many updates.
+      eval_every: call the evaluation callback every this many updates (0: never, except once at
+        the end when a callback is given).
+      budget_seconds: stop once the run's training time (summed over resumed segments, compile,
+        evaluation and checkpoint time excluded) reaches this many seconds; ``None``: no budget.
+      target_metric: key of the eval callback's dict compared with ``target``.
+      sde: SDE name for :func:`krylovjax.sde.get_sde` (``"ours"``: g(t) and lambda(t)).
+      sde_kwargs: its keyword arguments (dict or pairs), e.g. ``{"sigma": 5.0}``.
+      loss_reduction: ``"sum"`` over ``c, h, w`` (method.md 4.2, the paper's) or ``"mean"``.
+      time_jitter: ``w``, the jitter window width as a fraction of the neighbouring steps
+        (module docstring); 0 trains at the grid nodes.
+      per_image_offset: Paper B's disjoint per-image time intervals: the model gets the image
+        index (``UNetConfig.per_image_offset`` with ``num_images`` from the data).
+      ddpm_num_steps, ddpm_beta_start, ddpm_beta_end: the DDPM baseline's linear schedule.
+      progress: show a tqdm progress bar.
+    """
+
+    method: str = "ours"
+    model: str = "tiny"
+    model_overrides: Any = ()
+    lr: float = 1e-4
+    warmup_steps: int = 100
+    grad_clip: float | None = 1.0
+    ema_decay: float = 0.999
+    batch_size: int = 16
+    num_steps: int = 1000
+    seed: int = 0
+    checkpoint_every: int = 500
+    max_to_keep: int = 3
+    log_every: int = 50
+    eval_every: int = 0
+    budget_seconds: float | None = None
+    target_metric: str = "ssim"
+    sde: str = "ve"
+    sde_kwargs: Any = (("sigma", 5.0),)
+    loss_reduction: str = "sum"
+    time_jitter: float = 0.5
+    per_image_offset: bool = False
+    ddpm_num_steps: int = 1000
+    ddpm_beta_start: float = 1e-4
+    ddpm_beta_end: float = 0.02
+    progress: bool = True
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        for k in ("model_overrides", "sde_kwargs"):
+            v = getattr(self, k)
+            if v is None:
+                v = ()
+            if not isinstance(v, (Mapping, tuple, list)) and not hasattr(v, "to_dict"):
+                raise ValueError(f"{k}: expected a dict or a tuple of (key, value) pairs, got {v!r}")
+            if isinstance(v, (tuple, list)):
+                if not all(isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str) for p in v):
+                    raise ValueError(f"{k}: expected (key, value) pairs with str keys, got {v!r}")
+                v = {p[0]: p[1] for p in v}
+            set_(k, _freeze(v))
+        if self.method not in METHODS:
+            raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
+        if self.loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction: expected one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
+        if not isinstance(self.model, str):
+            raise ValueError(f"model: expected a preset name (str), got {self.model!r}")
+        for k in ("batch_size", "num_steps", "checkpoint_every", "max_to_keep", "log_every", "ddpm_num_steps"):
+            v = getattr(self, k)
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"{k}: expected an integer >= 1, got {v!r}")
+            set_(k, int(v))
+        for k in ("warmup_steps", "eval_every", "seed"):
+            v = getattr(self, k)
+            if not _is_int(v) or v < 0:
+                raise ValueError(f"{k}: expected an integer >= 0, got {v!r}")
+            set_(k, int(v))
+        if not (_is_real(self.lr) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr: expected a finite learning rate > 0, got {self.lr!r}")
+        if self.grad_clip is not None:
+            if not (_is_real(self.grad_clip) and math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+                raise ValueError(f"grad_clip: expected None or a finite value >= 0, got {self.grad_clip!r}")
+            set_("grad_clip", float(self.grad_clip) if self.grad_clip > 0 else None)
+        if not (_is_real(self.ema_decay) and 0.0 <= self.ema_decay < 1.0):
+            raise ValueError(f"ema_decay: expected a value in [0, 1), got {self.ema_decay!r}")
+        if self.budget_seconds is not None:
+            if not (_is_real(self.budget_seconds) and math.isfinite(self.budget_seconds) and self.budget_seconds > 0):
+                raise ValueError(f"budget_seconds: expected None or a finite number of seconds > 0, got {self.budget_seconds!r}")
+            set_("budget_seconds", float(self.budget_seconds))
+        if not (_is_real(self.time_jitter) and 0.0 <= self.time_jitter <= 1.0):
+            raise ValueError(f"time_jitter: expected a window fraction in [0, 1], got {self.time_jitter!r}")
+        if not (_is_real(self.ddpm_beta_start) and _is_real(self.ddpm_beta_end)
+                and 0 < self.ddpm_beta_start <= self.ddpm_beta_end < 1):
+            raise ValueError(
+                "ddpm_beta_start, ddpm_beta_end: expected 0 < ddpm_beta_start <= ddpm_beta_end < 1, "
+                f"got {self.ddpm_beta_start!r}, {self.ddpm_beta_end!r}")
+        if not isinstance(self.target_metric, str) or not self.target_metric:
+            raise ValueError(f"target_metric: expected a non-empty str, got {self.target_metric!r}")
+        for k in ("per_image_offset", "progress"):
+            if not isinstance(getattr(self, k), (bool, np.bool_)):
+                raise ValueError(f"{k}: expected a bool, got {getattr(self, k)!r}")
+            set_(k, bool(getattr(self, k)))
+        for k in ("lr", "ema_decay", "time_jitter", "ddpm_beta_start", "ddpm_beta_end"):
+            set_(k, float(getattr(self, k)))
+
+    # -- conversions --------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | Any) -> "TrainConfig":
+        """From a dict or an ``ml_collections.ConfigDict`` with (a subset of) the fields."""
+        if isinstance(d, TrainConfig):
+            return d
+        if hasattr(d, "to_dict") and callable(d.to_dict):
+            d = d.to_dict()
+        if not isinstance(d, Mapping):
+            raise TypeError(f"config: expected a TrainConfig, dict or ConfigDict, got {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"config: unknown keys {unknown}; expected some of {sorted(names)}")
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict:
+        """Plain JSON types (``model_overrides`` and ``sde_kwargs`` as dicts)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["model_overrides"] = _pairs_to_dict(self.model_overrides)
+        d["sde_kwargs"] = _pairs_to_dict(self.sde_kwargs)
+        return json.loads(json.dumps(d))
+
+    def replace(self, **changes) -> "TrainConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def make_sde(self) -> sde_lib.SDE:
+        """The :mod:`krylovjax.sde` SDE named by ``sde`` / ``sde_kwargs``."""
+        return sde_lib.get_sde(self.sde, **dict(self.sde_kwargs))
+
+    def ddpm_schedule(self, dtype=jnp.float32) -> ddpm_lib.DDPMSchedule:
+        """The DDPM baseline's linear schedule in ``dtype``."""
+        return ddpm_lib.DDPMSchedule.linear(self.ddpm_num_steps, self.ddpm_beta_start, self.ddpm_beta_end,
+                                            dtype=dtype)
+
+    def _math_key(self) -> "TrainConfig":
+        """This config with the run-control keys at their defaults (the compile-cache key)."""
+        defaults = TrainConfig()
+        return self.replace(**{k: getattr(defaults, k) for k in RUN_CONTROL_KEYS})
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure pieces: loss, jitter windows, schedules
+# ----------------------------------------------------------------------------------------------
+
+
+def embedding_loss(score_fn: Callable[[jax.Array, jax.Array], jax.Array], x, t, z, sde, *,
+                   reduction: str = "sum") -> tuple[jax.Array, jax.Array]:
+    """The score-embedding loss of method.md 4.2 (Paper B, multiplied-out form).
+
+    ``loss = mean_b [ 1/(2 g(t_b)^2) * R_{c,h,w} (s_theta(x_b + lambda(t_b) z_b, t_b) lambda(t_b)
+    + z_b)^2 ]`` with ``R`` the sum (``reduction="sum"``, the paper's) or the mean (``"mean"``)
+    over channels and pixels.
+
+    Args:
+      score_fn: ``(x [B, C, H, W], t [B]) -> [B, C, H, W]``, the network ``s_theta``.
+      x: ``[B, C, H, W]`` embedded images ``x^n`` (floating).
+      t: ``[B]`` times.
+      z: ``[B, C, H, W]`` standard normal noise.
+      sde: an SDE of :mod:`krylovjax.sde` (``g2`` and ``perturbation_std`` = lambda).
+      reduction: ``"sum"`` or ``"mean"``.
+
+    Returns:
+      ``(loss, per_example [B])``, in the dtype of ``x``.
+    """
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {LOSS_REDUCTIONS}, got {reduction!r}")
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"x: expected a floating dtype, got {x.dtype}")
+    if x.ndim != 4:
+        raise ValueError(f"x: expected shape [B, C, H, W], got {tuple(x.shape)}")
+    z = jnp.asarray(z, x.dtype)
+    if z.shape != x.shape:
+        raise ValueError(f"z: expected shape {tuple(x.shape)} (that of x), got {tuple(z.shape)}")
+    t = jnp.asarray(t, x.dtype)
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"t: expected shape [B] = ({x.shape[0]},), got {tuple(t.shape)}")
+    lam = sde.perturbation_std(t).astype(x.dtype)[:, None, None, None]
+    g2 = sde.g2(t).astype(x.dtype)
+    s = score_fn(x + lam * z, t)
+    if jnp.shape(s) != x.shape:
+        raise ValueError(f"score_fn: expected an output of shape {tuple(x.shape)}, got {tuple(jnp.shape(s))}")
+    r = (s.astype(x.dtype) * lam + z) ** 2
+    red = jnp.sum(r, axis=(1, 2, 3)) if reduction == "sum" else jnp.mean(r, axis=(1, 2, 3))
+    per_example = red / (2.0 * g2)
+    return jnp.mean(per_example), per_example
+
+
+def jitter_windows(t, time_jitter: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-level jitter window ``[lo_n, hi_n]`` of the training times (module docstring).
+
+    Args:
+      t: ``[N]`` strictly increasing time levels (concrete), ``N >= 1``.
+      time_jitter: ``w`` in [0, 1].
+
+    Returns:
+      ``(lo [N], hi [N])`` float64 numpy arrays with ``t_0 <= lo_n <= t_n <= hi_n <= t_{N-1}``.
+    """
+    t = np.asarray(t, dtype=np.float64)
+    if t.ndim != 1 or t.size < 1:
+        raise ValueError(f"t: expected time levels of shape [N] with N >= 1, got shape {t.shape}")
+    if not np.all(np.isfinite(t)) or np.any(t <= 0):
+        raise ValueError("t: expected finite times > 0 (lambda(t) must be positive)")
+    if t.size > 1 and np.any(np.diff(t) <= 0):
+        raise ValueError("t: expected strictly increasing time levels")
+    gaps = np.diff(t)
+    lo = t - 0.5 * time_jitter * np.concatenate([[0.0], gaps])
+    hi = t + 0.5 * time_jitter * np.concatenate([gaps, [0.0]])
+    return lo, hi
+
+
+def learning_rate(config: TrainConfig) -> optax.Schedule:
+    """``k -> lr * min(1, (k + 1) / warmup_steps)`` (``lr`` when ``warmup_steps == 0``)."""
+    lr, warm = config.lr, config.warmup_steps
+
+    def schedule(count):
+        if warm == 0:
+            return jnp.asarray(lr, jnp.float32)
+        return lr * jnp.minimum(1.0, (jnp.asarray(count, jnp.float32) + 1.0) / warm)
+
+    return schedule
+
+
+def ema_decay_at(step, ema_decay: float):
+    """EMA decay at update ``step`` (0-based): ``min(ema_decay, (1 + step) / (10 + step))``."""
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping (unless disabled), then Adam with :func:`learning_rate`."""
+    parts = []
+    if config.grad_clip is not None:
+        parts.append(optax.clip_by_global_norm(config.grad_clip))
+    parts.append(optax.adam(learning_rate(config)))
+    return optax.chain(*parts)
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D mesh with axis ``"data"`` over ``devices`` (default: all local devices)."""
+    devices = jax.local_devices() if devices is None else list(devices)
+    if not devices:
+        raise ValueError("devices: expected at least one device")
+    return Mesh(np.asarray(devices), ("data",))
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+class Trajectories(NamedTuple):
+    """Training data of ``method="ours"``.
+
+    Attributes:
+      x: ``[B, N, C, H, W]`` embedded trajectories (``x[:, 0]`` the clean images).
+      t: ``[N]`` their time levels, strictly increasing, > 0.
+      sde: optional ``{"name": str, "kwargs": dict}`` of the SDE the embedding used; when given,
+        :func:`train` refuses a config with another SDE.
+    """
+
+    x: Any
+    t: Any
+    sde: dict | None = None
+
+
+def _check_array(name: str, a, rank: int, what: str) -> np.ndarray:
+    if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+        raise ValueError(f"{name}: expected an array of shape {what}, got {type(a).__name__}")
+    if len(a.shape) != rank:
+        raise ValueError(f"{name}: expected shape {what}, got {tuple(a.shape)}")
+    if not np.issubdtype(np.dtype(a.dtype), np.floating):
+        raise TypeError(f"{name}: expected a floating dtype (float32/float64), got {a.dtype}")
+    arr = np.asarray(a)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name}: expected finite values, found {int((~np.isfinite(arr)).sum())} NaN/Inf")
+    if min(arr.shape) < 1:
+        raise ValueError(f"{name}: expected a non-empty array of shape {what}, got {arr.shape}")
+    return arr
+
+
+def prepare_data(config: TrainConfig, data) -> tuple[dict, dict]:
+    """Validate the training data of ``config.method`` and bring it into the step's form.
+
+    Args:
+      config: the :class:`TrainConfig`.
+      data: ``"ours"``: :class:`Trajectories` (or a ``(x [B, N, C, H, W], t [N])`` pair, or a
+        :class:`krylovjax.store.ScoreStore` / store path, see :func:`trajectories_from_store`);
+        ``"ddpm"``: clean images ``[B, C, H, W]`` in [0, 1].
+
+    Returns:
+      ``(arrays, info)``: ``arrays`` numpy float64 arrays for the step (``"ours"``: ``x``, ``lo``,
+      ``hi``; ``"ddpm"``: ``images``); ``info`` a JSON summary (``sample_shape`` ``[C, H, W]``,
+      ``num_images``, ``num_times``, ``fingerprint`` = sha256 of the data, ``sde``).
+    """
+    if config.method == "ours":
+        if isinstance(data, (str, os.PathLike)) or type(data).__name__ == "ScoreStore":
+            data = trajectories_from_store(data)
+        if isinstance(data, tuple) and not isinstance(data, Trajectories):
+            if len(data) not in (2, 3):
+                raise ValueError("data: expected Trajectories(x [B, N, C, H, W], t [N]) for method='ours'")
+            data = Trajectories(*data)
+        if not isinstance(data, Trajectories):
+            raise ValueError(
+                f"data: expected Trajectories(x [B, N, C, H, W], t [N]) (or a ScoreStore) for method='ours', "
+                f"got {type(data).__name__}")
+        x = _check_array("data.x", data.x, 5, "[B, N, C, H, W]")
+        t = np.asarray(data.t, dtype=np.float64)
+        if t.shape != (x.shape[1],):
+            raise ValueError(f"data.t: expected shape [N] = ({x.shape[1]},) (one time per level of x), got {t.shape}")
+        lo, hi = jitter_windows(t, config.time_jitter)
+        if data.sde is not None:
+            want = {"name": config.sde, "kwargs": _pairs_to_dict(config.sde_kwargs)}
+            got = {"name": str(data.sde.get("name")), "kwargs": dict(data.sde.get("kwargs") or {})}
+            if json.dumps(want, sort_keys=True) != json.dumps(got, sort_keys=True, default=float):
+                raise ValueError(
+                    f"sde: the config's SDE {want} differs from the SDE of the embedded data {got}; "
+                    "set config.sde / config.sde_kwargs to the embedding's")
+        arrays = {"x": x, "lo": lo, "hi": hi}
+        sample_shape = x.shape[2:]
+        info = {"num_images": int(x.shape[0]), "num_times": int(x.shape[1]), "t": t.tolist()}
+        fp_parts = [x, t]
+    else:
+        if isinstance(data, Trajectories):
+            raise ValueError("data: method='ddpm' trains on clean images [B, C, H, W], got Trajectories")
+        x = _check_array("data", data, 4, "[B, C, H, W] (clean images for method='ddpm')")
+        if x.min() < 0 or x.max() > 1:
+            raise ValueError(f"data: expected images in [0, 1], got values in [{x.min():.4g}, {x.max():.4g}]")
+        arrays = {"images": x}
+        sample_shape = x.shape[1:]
+        info = {"num_images": int(x.shape[0])}
+        fp_parts = [x]
+    h = hashlib.sha256()
+    for a in fp_parts:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}|{a.shape}|".encode())
+        h.update(memoryview(a.reshape(-1).view(np.uint8)))
+    info.update(sample_shape=[int(s) for s in sample_shape], fingerprint=h.hexdigest(),
+                method=config.method)
+    return arrays, info
+
+
+def _find_key(cfg: Mapping, key: str) -> Any:
+    if key in cfg:
+        return cfg[key]
+    for sub in ("precompute", "config"):
+        if isinstance(cfg.get(sub), Mapping) and key in cfg[sub]:
+            return cfg[sub][key]
+    return None
+
+
+def trajectories_from_store(store) -> Trajectories:
+    """The embedded trajectories of a :class:`krylovjax.store.ScoreStore` (all in memory).
+
+    Reads the field ``"embedded"`` (per-image shape ``[N, C, H, W]``). The time levels come from
+    a field ``"t"`` (per-image ``[N]``; image 0's is used) if the store has one, else from the
+    store's config: ``num_steps``, ``eps`` (default 1e-3), ``T`` (default 1) and
+    ``paper_b_time_grid`` (:func:`krylovjax.sde.time_grid`), at the top level or under
+    ``"precompute"``. The SDE (``sde``, ``sde_kwargs``) is taken from the config when present.
+
+    Args:
+      store: a ScoreStore or the path of one.
+
+    Returns:
+      :class:`Trajectories` with ``x`` float numpy ``[B, N, C, H, W]``.
+    """
+    from krylovjax.store import MANIFEST_NAME, ScoreStore  # local: store pulls in tensorstore
+
+    if not isinstance(store, ScoreStore):
+        path = os.fspath(store)
+        mpath = os.path.join(path, MANIFEST_NAME)
+        if not os.path.exists(mpath):
+            raise FileNotFoundError(f"store: {path!r} has no {MANIFEST_NAME}; not a ScoreStore")
+        with open(mpath) as f:
+            m = json.load(f)
+        fields = {k: (v["shape"], v["dtype"], v["time_axis"]) for k, v in m["fields"].items()}
+        store = ScoreStore.create_or_open(path, config=m["config"], inputs_hash=m["inputs_hash"],
+                                          num_images=m["num_images"], chunk_size=m["chunk_size"],
+                                          fields=fields)
+    if "embedded" not in store.fields:
+        raise ValueError(f"store: {store.path!r} has no 'embedded' field (fields: {list(store.fields)})")
+    x = store.read_all("embedded")
+    n = x.shape[1]
+    cfg = store.config or {}
+    if "t" in store.fields:
+        t = np.asarray(store.read("t", 0), dtype=np.float64).reshape(-1)
+    else:
+        num_steps = _find_key(cfg, "num_steps")
+        if num_steps is None:
+            raise ValueError(f"store: {store.path!r} has neither a 't' field nor a 'num_steps' config key; "
+                             "cannot tell the time levels of the embedded trajectories")
+        eps = _find_key(cfg, "eps")
+        big_t = _find_key(cfg, "T")
+        t, _ = sde_lib.time_grid(int(num_steps), 1e-3 if eps is None else float(eps),
+                                 1.0 if big_t is None else float(big_t),
+                                 paper_b=bool(_find_key(cfg, "paper_b_time_grid") or False),
+                                 dtype=jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+        t = np.asarray(t, dtype=np.float64)
+    if t.shape != (n,):
+        raise ValueError(f"store: time levels have shape {t.shape}, but 'embedded' has N = {n} levels")
+    sde = None
+    name = _find_key(cfg, "sde")
+    if isinstance(name, str):
+        kw = _find_key(cfg, "sde_kwargs") or {}
+        if isinstance(kw, (list, tuple)):
+            kw = {k: v for k, v in kw}
+        sde = {"name": name, "kwargs": dict(kw)}
+    return Trajectories(x=x, t=t, sde=sde)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model and train state
+# ----------------------------------------------------------------------------------------------
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training (a pytree; what a checkpoint holds).
+
+    Attributes:
+      step: int32 scalar, number of updates done.
+      params: ``nnx.State`` of the U-Net's parameters.
+      ema_params: ``nnx.State``, EMA of ``params``.
+      opt_state: the optax state.
+      rng: uint32 ``[2]`` PRNG key; step ``k`` draws from ``fold_in(rng, k)``.
+    """
+
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+class ModelDef(NamedTuple):
+    """The static part of the model: ``nnx`` graph definition, non-parameter state, config."""
+
+    graphdef: Any
+    rest: Any
+    unet: UNetConfig
+
+
+class StepMetrics(NamedTuple):
+    """Per-step scalars returned by the train step."""
+
+    loss: jax.Array
+    grad_norm: jax.Array
+    lr: jax.Array
+
+
+def model_config(config: TrainConfig, sample_shape, num_images: int = 1) -> UNetConfig:
+    """The U-Net config of a run: preset + method defaults + overrides, sized to the data.
+
+    Args:
+      config: the :class:`TrainConfig`.
+      sample_shape: ``(C, H, W)`` of one training image.
+      num_images: images in the data set (for ``per_image_offset``).
+
+    Raises:
+      ValueError: non-square images, or images whose size or channels disagree with the model
+        (``model_overrides``) or that the U-Net cannot take (``H`` not divisible by
+        ``2**(len(ch_mult) - 1)``); the message names ``data``.
+    """
+    if len(sample_shape) != 3:
+        raise ValueError(f"sample_shape: expected (C, H, W), got {tuple(sample_shape)}")
+    c, h, w = (int(s) for s in sample_shape)
+    if h != w:
+        raise ValueError(f"data: the U-Net takes square images, got H x W = {h} x {w}")
+    over = dict(config.model_overrides)
+    for k, v in (("image_size", h), ("in_channels", c), ("out_channels", c)):
+        if k in over and int(over.pop(k)) != v:
+            raise ValueError(
+                f"data: images of shape [C, H, W] = {[c, h, w]} do not fit the model: "
+                f"model_overrides sets {k} = {dict(config.model_overrides)[k]}, the data need {v}")
+    base: dict[str, Any] = dict(in_channels=c, out_channels=c)
+    if config.method == "ddpm":
+        base.update(time_embedding="fourier", time_multiplier=float(config.ddpm_num_steps), centered_input=True)
+    if config.per_image_offset:
+        base.update(per_image_offset=True, num_images=int(num_images))
+    base.update({k: tuple(v) if isinstance(v, list) else v for k, v in over.items()})
+    try:
+        return get_config(config.model, image_size=h, **base)
+    except ValueError as err:
+        if "image_size" in str(err):
+            raise ValueError(f"data: images of size {h} x {w} do not fit the model: {err}") from err
+        raise
+    except TypeError as err:
+        raise ValueError(f"model_overrides: {err}") from err
+
+
+def _compute_dtype(unet: UNetConfig):
+    return jnp.promote_types(jnp.dtype(unet.param_dtype), jnp.float32)
+
+
+def create_train_state(config: TrainConfig, sample_shape, *, num_images: int = 1) -> tuple[TrainState, ModelDef]:
+    """A fresh train state (step 0, EMA = params) and the model definition.
+
+    Args:
+      config: the :class:`TrainConfig` (``seed`` seeds the parameters and the training RNG).
+      sample_shape: ``(C, H, W)`` of one training image.
+      num_images: images in the data set (``per_image_offset`` needs it).
+
+    Returns:
+      ``(TrainState, ModelDef)``; the state lives on the default device (:func:`train` places it
+      on the mesh).
+    """
+    unet = model_config(config, sample_shape, num_images)
+    root = jax.random.PRNGKey(config.seed)
+    k_params, k_dropout, k_train = jax.random.split(root, 3)
+    graphdef, params, ema, opt_state, rest = _init_fn(config._math_key(), unet)(k_params, k_dropout)
+    state = TrainState(step=jnp.asarray(0, jnp.int32), params=params, ema_params=ema,
+                       opt_state=opt_state, rng=k_train)
+    return state, ModelDef(graphdef, rest, unet)
+
+
+_INIT_CACHE: dict = {}
+
+
+def _init_fn(config: TrainConfig, unet: UNetConfig):
+    """``(k_params, k_dropout) -> (graphdef, params, ema, opt_state, rest)``, the state arrays made
+    by one jitted program (eager initialisation compiles every small op separately: seconds)."""
+    key = (config, unet)
+    if key not in _INIT_CACHE:
+        graphdef = nnx.split(nnx.eval_shape(lambda: UNet(unet, rngs=nnx.Rngs(0))), nnx.Param, ...)[0]
+        tx = make_optimizer(config)
+
+        def init(k_params, k_dropout):
+            model = UNet(unet, rngs=nnx.Rngs(params=k_params, dropout=k_dropout))
+            _, params, rest = nnx.split(model, nnx.Param, ...)
+            return params, jax.tree.map(jnp.copy, params), tx.init(params), rest
+
+        k = jax.random.PRNGKey(0)
+        lowered = jax.jit(init).lower(k, k)
+        try:  # a one-off program: optimising it costs seconds of compile and saves microseconds
+            init = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
+        except Exception:  # noqa: BLE001 - a backend without the option
+            init = lowered.compile()
+        _INIT_CACHE[key] = (graphdef, init)
+    graphdef, init = _INIT_CACHE[key]
+    return lambda kp, kd: (graphdef, *init(kp, kd))
+
+
+def _apply(model_def: ModelDef, params, x, t, idx, *, train: bool, dropout_key=None):
+    model = nnx.merge(model_def.graphdef, params, model_def.rest)
+    rngs = nnx.Rngs(dropout=dropout_key) if dropout_key is not None else None
+    return model(x, t, idx if model_def.unet.per_image_offset else None, train=train, rngs=rngs)
+
+
+def _loss_fn(config: TrainConfig, model_def: ModelDef, mesh: Mesh | None):
+    """``batch_loss(params, key, data, train) -> (loss, per_example)``: draw a batch, its loss."""
+    batch_sharding = NamedSharding(mesh, P("data")) if mesh is not None else None
+    bs = config.batch_size
+    sde = config.make_sde() if config.method == "ours" else None
+    dtype = _compute_dtype(model_def.unet)
+    schedule = config.ddpm_schedule(dtype) if config.method == "ddpm" else None
+    big_t = config.ddpm_num_steps
+
+    def shard(a):
+        return a if batch_sharding is None else jax.lax.with_sharding_constraint(a, batch_sharding)
+
+    def batch_loss(params, key, data, train):
+        k_pair, k_t, k_noise, k_drop = jax.random.split(key, 4)
+        drop = k_drop if train else None
+        if config.method == "ours":
+            xs = data["x"]
+            n_img, n_lev = xs.shape[0], xs.shape[1]
+            flat = jax.random.randint(k_pair, (bs,), 0, n_img * n_lev, dtype=jnp.int32)
+            idx, lev = flat // n_lev, flat % n_lev
+            x = shard(xs[idx, lev])
+            u = jax.random.uniform(k_t, (bs,), dtype)
+            t = shard(data["lo"][lev] + u * (data["hi"][lev] - data["lo"][lev]))
+            z = shard(jax.random.normal(k_noise, x.shape, dtype))
+            idx = shard(idx)
+            fn = lambda xx, tt: _apply(model_def, params, xx, tt, idx, train=train, dropout_key=drop)  # noqa: E731
+            return embedding_loss(fn, x, t, z, sde, reduction=config.loss_reduction)
+        imgs = data["images"]
+        idx = shard(jax.random.randint(k_pair, (bs,), 0, imgs.shape[0], dtype=jnp.int32))
+        x0 = shard(2.0 * imgs[idx] - 1.0)
+
+        def eps_fn(xx, i):
+            return _apply(model_def, params, xx, i.astype(dtype) / big_t, idx, train=train, dropout_key=drop)
+        out = ddpm_lib.epsilon_loss(eps_fn, x0, k_noise, schedule=schedule)
+        return out.mean, out.per_example
+
+    return batch_loss
+
+
+def _step_fn(config: TrainConfig, model_def: ModelDef, mesh: Mesh):
+    """The un-jitted train step ``(state, data) -> (state, StepMetrics)``."""
+    tx = make_optimizer(config)
+    sched = learning_rate(config)
+    batch_loss = _loss_fn(config, model_def, mesh)
+
+    def step(state: TrainState, data: dict):
+        key = jax.random.fold_in(state.rng, state.step)
+        (loss, _), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params, key, data, True)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        d = ema_decay_at(state.step, config.ema_decay)
+        ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), state.ema_params, params)
+        new = TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state, rng=state.rng)
+        return new, StepMetrics(loss=loss, grad_norm=optax.global_norm(grads), lr=jnp.asarray(sched(state.step)))
+
+    return step
+
+
+def eval_loss(config: TrainConfig, model_def: ModelDef, params, data: dict, key) -> jax.Array:
+    """The training loss of ``params`` on the batch drawn from ``key``, without dropout.
+
+    The batch is drawn exactly as the train step draws it (``batch_size`` pairs, jittered
+    times, noise); ``data`` is the arrays dict of :func:`prepare_data`. Returns a scalar.
+    """
+    dtype = _compute_dtype(model_def.unet)
+    data = {k: jnp.asarray(v, dtype) for k, v in data.items()}
+    cache_key = (config._math_key(), model_def.unet)
+    if cache_key not in _EVAL_LOSS:
+        batch_loss = _loss_fn(config, model_def, None)
+        _EVAL_LOSS[cache_key] = jax.jit(lambda p, k, d: batch_loss(p, k, d, False)[0])
+    return _EVAL_LOSS[cache_key](params, key, data)
+
+
+_EVAL_LOSS: dict = {}
+
+
+def make_train_step(config: TrainConfig, model_def: ModelDef, mesh: Mesh | None = None, *, donate: bool = False):
+    """The jitted, data-parallel train step ``train_step(state, data) -> (state, StepMetrics)``.
+
+    One update: draw the batch from ``fold_in(state.rng, state.step)`` (module docstring), the
+    loss of ``config.method``, its gradient, clipping + Adam, the EMA update. ``data`` is the
+    dict of device arrays from :func:`prepare_data` (replicated); the state is replicated; the
+    batch is sharded along the mesh's ``"data"`` axis.
+
+    Args:
+      config: the :class:`TrainConfig`.
+      model_def: from :func:`create_train_state`.
+      mesh: a mesh from :func:`make_mesh` (default: all local devices).
+      donate: donate the input state's buffers (the caller must not reuse the old state).
+    """
+    mesh = make_mesh() if mesh is None else mesh
+    if config.batch_size % mesh.size:
+        raise ValueError(f"batch_size: expected a multiple of the number of devices ({mesh.size}), "
+                         f"got {config.batch_size}")
+    repl = NamedSharding(mesh, P())
+    return jax.jit(_step_fn(config, model_def, mesh), in_shardings=(repl, repl), out_shardings=(repl, repl),
+                   donate_argnums=(0,) if donate else ())
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_step(config, model_def, mesh, state, data):
+    """AOT-compiled step, cached per (config, model, mesh, shapes); returns (fn, compile_seconds)."""
+    shapes = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(data.items()))
+    key = (config._math_key(), model_def.unet, tuple(d.id for d in mesh.devices.flat), mesh.axis_names, shapes,
+           str(jax.tree.structure(state)))
+    if key in _COMPILED:
+        return _COMPILED[key], 0.0
+    t0 = time.perf_counter()
+    fn = make_train_step(config, model_def, mesh, donate=True).lower(state, data).compile()
+    sec = time.perf_counter() - t0
+    if len(_COMPILED) > 8:
+        _COMPILED.clear()
+    _COMPILED[key] = fn
+    return fn, sec
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def _state_digest(state: TrainState) -> str:
+    """sha256 over the state's leaves (dtype, shape and bytes, in pytree order)."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        a = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(memoryview(a.reshape(-1).view(np.uint8)))
+    return h.hexdigest()
+
+
+def _run_record(config: TrainConfig, unet: UNetConfig, info: dict) -> dict:
+    model = dataclasses.asdict(unet)
+    return json.loads(json.dumps({"train": config.to_dict(), "model": model, "data": info}))
+
+
+def _diff(stored: Any, given: Any, prefix: str = "") -> list[str]:
+    if isinstance(stored, dict) and isinstance(given, dict):
+        out = []
+        for k in sorted(set(stored) | set(given)):
+            key = f"{prefix}.{k}" if prefix else k
+            if k not in stored or k not in given:
+                out.append(f"{key} (only in {'given' if k not in stored else 'stored'})")
+            else:
+                out.extend(_diff(stored[k], given[k], key))
+        return out
+    return [] if stored == given else [f"{prefix}: stored {_short(stored)}, given {_short(given)}"]
+
+
+def _short(v: Any, limit: int = 70) -> str:
+    s = json.dumps(v)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _check_record(workdir: str, stored: dict, given: dict) -> None:
+    """Raise ValueError naming the keys (run-control keys excepted) where the records differ."""
+    strip = lambda r: {**r, "train": {k: v for k, v in r.get("train", {}).items() if k not in RUN_CONTROL_KEYS}}  # noqa: E731
+    diffs = _diff(strip(stored), strip(given))
+    if diffs:
+        raise ValueError(
+            f"workdir: {workdir!r} holds a run with a different config; differing keys: " + "; ".join(diffs)
+            + ". Use a new workdir, or the stored config (only " + ", ".join(sorted(RUN_CONTROL_KEYS))
+            + " may change on resume).")
+
+
+def _atomic_write(path: str, text: str) -> None:
+    d = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _manager(ckpt_dir: str, *, read_only: bool, max_to_keep: int = 3) -> ocp.CheckpointManager:
+    opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+                                        enable_async_checkpointing=False)
+    return ocp.CheckpointManager(ckpt_dir, options=opts, item_names=("state", "config", "meta"))
+
+
+def _abstract(state: TrainState, sharding) -> Any:
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), state)
+
+
+def _restore(mngr: ocp.CheckpointManager, step: int, template: TrainState, sharding, where: str):
+    """Restore and verify one step: (state, record, meta), or CheckpointError."""
+    path = os.path.join(where, str(step))
+    try:
+        r = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(template, sharding)),
+            config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+        state, record, meta = r["state"], r["config"], r["meta"]
+    except Exception as err:  # orbax / tensorstore raise many types for damaged files
+        raise CheckpointError(
+            f"checkpoint {path!r} cannot be restored ({type(err).__name__}: {str(err)[:300]}). "
+            "Nothing was changed on disk; move this step directory away to resume from an earlier "
+            "checkpoint, or use a new workdir.") from err
+    if not isinstance(meta, dict) or "sha256" not in meta or not isinstance(record, dict):
+        raise CheckpointError(f"checkpoint {path!r} is incomplete (no meta/config); nothing was changed on disk")
+    state = TrainState(*state) if not isinstance(state, TrainState) else state
+    digest = _state_digest(state)
+    if digest != meta["sha256"]:
+        raise CheckpointError(
+            f"checkpoint {path!r} is corrupt: the sha256 of its state ({digest[:16]}...) differs from the one "
+            f"recorded when it was saved ({meta['sha256'][:16]}...). Nothing was changed on disk; move this step "
+            "directory away to resume from an earlier checkpoint.")
+    if int(state.step) != step:
+        raise CheckpointError(f"checkpoint {path!r} holds step {int(state.step)}, not {step}")
+    return state, record, meta
+
+
+def _save(mngr, state: TrainState, record: dict, meta: dict) -> None:
+    # A host copy: single-host training (the mesh spans local devices), and orbax writes numpy
+    # arrays several times faster than replicated device arrays.
+    host = jax.device_get(state)
+    step = int(host.step)
+    meta = dict(meta, sha256=_state_digest(host), step=step, saved_unix=time.time())
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host), config=ocp.args.JsonSave(record),
+                                            meta=ocp.args.JsonSave(meta)), force=True)
+    mngr.wait_until_finished()
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """Outcome of :func:`train`.
+
+    Attributes:
+      state: the final :class:`TrainState` (replicated on the mesh).
+      model_def: the :class:`ModelDef`.
+      step: updates done in total.
+      stop_reason: ``"num_steps"``, ``"budget"`` or ``"target"``.
+      resumed_from: the checkpoint step the run resumed from, or None.
+      train_seconds: training time of the whole run (all segments; compile, evaluation and
+        checkpoint time excluded).
+      compile_seconds: compile time of this segment (0 when the step was cached).
+      eval_seconds, checkpoint_seconds: time in evaluation / checkpoint writing (this segment).
+      wall_seconds: wall time of this call of :func:`train`.
+      time_to_target: ``train_seconds`` when the target was reached, else None.
+      step_at_target: the step at which it was reached, else None.
+      last_eval: the last evaluation dict (or None).
+      last_loss: the mean loss over the last logging window (or None).
+    """
+
+    state: TrainState
+    model_def: ModelDef
+    step: int
+    stop_reason: str
+    resumed_from: int | None
+    train_seconds: float
+    compile_seconds: float
+    eval_seconds: float
+    checkpoint_seconds: float
+    wall_seconds: float
+    time_to_target: float | None = None
+    step_at_target: int | None = None
+    last_eval: dict | None = None
+    last_loss: float | None = None
+
+
+def _eval_fn_for(model_def: ModelDef, params, method: str, ddpm_steps: int):
+    """The user-facing function (score_fn or eps_fn) of given parameters, jitted."""
+    dtype = _compute_dtype(model_def.unet)
+
+    @jax.jit
+    def apply(params, x, t, idx):
+        return _apply(model_def, params, x, t, idx, train=False)
+
+    if method == "ours":
+        def score_fn(x, t, idx=None):
+            """``s_theta(x [B, C, H, W], t [B]) -> [B, C, H, W]`` (``idx [B]`` for per-image offsets)."""
+            x = jnp.asarray(x)
+            idx = _idx_for(model_def, x, idx)
+            t = jnp.broadcast_to(jnp.asarray(t, x.dtype), (x.shape[0],))
+            return apply(params, x.astype(dtype), t.astype(dtype), idx).astype(x.dtype)
+        return score_fn
+
+    def eps_fn(x, i, idx=None):
+        """``eps_theta(x [B, C, H, W] in [-1, 1], i [B] int step index) -> [B, C, H, W]``."""
+        x = jnp.asarray(x)
+        idx = _idx_for(model_def, x, idx)
+        t = jnp.broadcast_to(jnp.asarray(i), (x.shape[0],)).astype(dtype) / ddpm_steps
+        return apply(params, x.astype(dtype), t, idx).astype(x.dtype)
+    return eps_fn
+
+
+def _idx_for(model_def: ModelDef, x, idx):
+    if not model_def.unet.per_image_offset:
+        return None
+    if idx is None:
+        raise ValueError("idx: required ([B] int image indices) for a model trained with per_image_offset")
+    return jnp.broadcast_to(jnp.asarray(idx, jnp.int32), (x.shape[0],))
+
+
+def _rewrite_metrics(path: str, keep_upto: int) -> None:
+    """Drop records of steps after ``keep_upto`` (written by a killed segment) before resuming."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a half-written last line of a killed run
+            if int(rec.get("step", 0)) <= keep_upto:
+                kept.append(json.dumps(rec))
+    _atomic_write(path, "".join(s + "\n" for s in kept))
+
+
+def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None = None,
+          target: float | None = None, mesh: Mesh | None = None) -> TrainResult:
+    """Train (or resume training) a score model or the DDPM baseline.
+
+    Resumes from the latest checkpoint in ``workdir/checkpoints`` if there is one; the continued
+    run is identical to an uninterrupted one (same params, optimiser state and step). Stops at
+    ``config.num_steps`` updates, when the training time reaches ``config.budget_seconds``, or
+    when ``eval_fn``'s ``config.target_metric`` reaches ``target``; a checkpoint is saved every
+    ``config.checkpoint_every`` updates and at the stop.
+
+    Args:
+      config: :class:`TrainConfig` (or a dict / ConfigDict of its fields).
+      data: see :func:`prepare_data` (``"ours"``: :class:`Trajectories` ``x [B, N, C, H, W]``,
+        ``t [N]``, or a ScoreStore; ``"ddpm"``: images ``[B, C, H, W]`` in [0, 1]).
+      workdir: the run directory (created if missing).
+      eval_fn: optional ``eval_fn(fn, step) -> dict[str, float]`` called every
+        ``config.eval_every`` updates and at the end, with ``fn`` the EMA model as returned by
+        :func:`load_score_fn` (``score_fn(x, t, idx=None)`` or ``eps_fn(x, i, idx=None)``).
+      target: stop once ``eval_fn(...)[config.target_metric] >= target``; in (0, 1] (an SSIM).
+      mesh: a :func:`make_mesh` mesh (default: all local devices).
+
+    Returns:
+      :class:`TrainResult`.
+
+    Raises:
+      ValueError: bad config or data, ``batch_size`` not divisible by the device count, images
+        that do not fit the model, ``target`` outside (0, 1] or without ``eval_fn``, or a
+        ``workdir`` holding a run with another config or other data (the keys are named).
+      CheckpointError: the latest checkpoint cannot be restored or fails its checksum (nothing on
+        disk is changed).
+    """
+    wall0 = time.perf_counter()
+    config = TrainConfig.from_dict(config)
+    if target is not None:
+        if not (_is_real(target) and math.isfinite(target) and 0.0 < target <= 1.0):
+            raise ValueError(f"target: expected a value in (0, 1] (e.g. an SSIM), got {target!r}")
+        if eval_fn is None:
+            raise ValueError("target: needs an eval_fn returning the target metric")
+        if config.eval_every < 1:
+            raise ValueError("eval_every: must be >= 1 when a target is given")
+    if eval_fn is not None and not callable(eval_fn):
+        raise ValueError(f"eval_fn: expected a callable eval_fn(fn, step) -> dict, got {type(eval_fn).__name__}")
+    mesh = make_mesh() if mesh is None else mesh
+    if config.batch_size % mesh.size:
+        raise ValueError(f"batch_size: expected a multiple of the number of devices ({mesh.size}), "
+                         f"got {config.batch_size}")
+    arrays, info = prepare_data(config, data)
+    fresh, model_def = create_train_state(config, tuple(info["sample_shape"]), num_images=info["num_images"])
+    record = _run_record(config, model_def.unet, info)
+
+    workdir = os.fspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    ckpt_dir = os.path.abspath(os.path.join(workdir, _CKPT_DIR))
+    cfg_path = os.path.join(workdir, _CONFIG_FILE)
+    metrics_path = os.path.join(workdir, _METRICS_FILE)
+    if os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            try:
+                stored = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"workdir: {cfg_path!r} is not valid JSON ({err}); refusing to use this workdir") from err
+        _check_record(workdir, stored, record)
+
+    repl = NamedSharding(mesh, P())
+    state = None
+    resumed_from = None
+    prior_seconds = 0.0
+    if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+        reader = _manager(ckpt_dir, read_only=True)
+        latest = reader.latest_step()
+        if latest is not None:
+            state, stored_record, meta = _restore(reader, latest, fresh, repl, ckpt_dir)
+            _check_record(workdir, stored_record, record)
+            resumed_from = latest
+            prior_seconds = float(meta.get("train_seconds", 0.0))
+        reader.close()
+    if not os.path.exists(cfg_path):
+        _atomic_write(cfg_path, json.dumps(record, indent=1, sort_keys=True))
+    if state is None:
+        state = jax.device_put(fresh, repl)
+        if os.path.exists(metrics_path):
+            _rewrite_metrics(metrics_path, 0)
+    else:
+        _rewrite_metrics(metrics_path, resumed_from)
+        logging.info("resuming %s from step %d", workdir, resumed_from)
+    del fresh
+    dtype = _compute_dtype(model_def.unet)
+    dev_data = jax.device_put({k: jnp.asarray(v, dtype) for k, v in arrays.items()}, repl)
+    step_fn, compile_seconds = _compiled_step(config, model_def, mesh, state, dev_data)
+    writer = _manager(ckpt_dir, read_only=False, max_to_keep=config.max_to_keep)
+
+    step = int(jax.device_get(state.step))
+    train_seconds = prior_seconds
+    eval_seconds = ckpt_seconds = 0.0
+    stop_reason = "num_steps"
+    time_to_target = step_at_target = None
+    last_eval = last_loss = None
+    last_saved = step if resumed_from is not None else -1
+    last_eval_step = -1
+    win_loss, win_steps, win_time = [], 0, 0.0
+    meta_base = {"data_fingerprint": info["fingerprint"]}
+
+    def save():
+        nonlocal ckpt_seconds, last_saved
+        t0 = time.perf_counter()
+        _save(writer, state, record, dict(meta_base, train_seconds=train_seconds))
+        ckpt_seconds += time.perf_counter() - t0
+        last_saved = step
+
+    def evaluate():
+        nonlocal eval_seconds, last_eval, last_eval_step, time_to_target, step_at_target
+        t0 = time.perf_counter()
+        fn = _eval_fn_for(model_def, state.ema_params, config.method, config.ddpm_num_steps)
+        out = eval_fn(fn, step)
+        if not isinstance(out, Mapping):
+            raise ValueError(f"eval_fn: expected a dict of metrics, got {type(out).__name__}")
+        out = {str(k): float(v) for k, v in out.items()}
+        eval_seconds += time.perf_counter() - t0
+        last_eval, last_eval_step = out, step
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, "kind": "eval", **out, "train_seconds": train_seconds}) + "\n")
+        if target is not None:
+            if config.target_metric not in out:
+                raise ValueError(f"target_metric: eval_fn returned {sorted(out)}, without {config.target_metric!r}")
+            if out[config.target_metric] >= target:
+                time_to_target, step_at_target = train_seconds, step
+                return True
+        return False
+
+    bar = None
+    if config.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=config.num_steps, initial=step, desc=f"train[{config.method}]", dynamic_ncols=True)
+    try:
+        while step < config.num_steps:
+            if config.budget_seconds is not None and train_seconds >= config.budget_seconds:
+                stop_reason = "budget"
+                break
+            t0 = time.perf_counter()
+            state, m = step_fn(state, dev_data)
+            loss = float(m.loss)  # blocks: the step's time is measured, not its dispatch
+            dt = time.perf_counter() - t0
+            step += 1
+            train_seconds += dt
+            win_loss.append(loss)
+            win_steps += 1
+            win_time += dt
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss} at step {step} (not checkpointed); lower lr or check the data")
+            if bar is not None:
+                bar.update(1)
+            if step % config.log_every == 0 or step == config.num_steps:
+                last_loss = float(np.mean(win_loss))
+                rec = {"step": step, "kind": "train", "loss": last_loss,
+                       "images_per_s": config.batch_size * win_steps / max(win_time, 1e-12),
+                       "lr": float(m.lr), "grad_norm": float(m.grad_norm), "train_seconds": train_seconds}
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last_loss:.4g}")
+                win_loss, win_steps, win_time = [], 0, 0.0
+            if step % config.checkpoint_every == 0:
+                save()
+            if eval_fn is not None and config.eval_every and step % config.eval_every == 0:
+                if evaluate():
+                    stop_reason = "target"
+                    break
+        if eval_fn is not None and last_eval_step != step and stop_reason != "target":
+            if evaluate() and target is not None:
+                stop_reason = "target"
+    except KeyboardInterrupt:
+        if last_saved != step:
+            save()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if last_saved != step:
+        save()
+    writer.close()
+    return TrainResult(state=state, model_def=model_def, step=step, stop_reason=stop_reason,
+                       resumed_from=resumed_from, train_seconds=train_seconds, compile_seconds=compile_seconds,
+                       eval_seconds=eval_seconds, checkpoint_seconds=ckpt_seconds,
+                       wall_seconds=time.perf_counter() - wall0, time_to_target=time_to_target,
+                       step_at_target=step_at_target, last_eval=last_eval, last_loss=last_loss)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading trained models
+# ----------------------------------------------------------------------------------------------
+
+
+class LoadedCheckpoint(NamedTuple):
+    """A restored checkpoint: state, model definition, train config, run record, meta."""
+
+    state: TrainState
+    model_def: ModelDef
+    config: TrainConfig
+    record: dict
+    meta: dict
+
+
+def load_checkpoint(workdir: str | os.PathLike, *, step: int | None = None) -> LoadedCheckpoint:
+    """Restore (and verify) a checkpoint of ``workdir`` (the latest unless ``step`` is given).
+
+    Raises:
+      FileNotFoundError: ``workdir`` has no checkpoint (or not ``step``).
+      CheckpointError: the checkpoint cannot be restored or fails its checksum.
+    """
+    workdir = os.fspath(workdir)
+    ckpt_dir = os.path.abspath(os.path.join(workdir, _CKPT_DIR))
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"workdir: {workdir!r} has no checkpoints directory ({ckpt_dir!r})")
+    reader = _manager(ckpt_dir, read_only=True)
+    try:
+        steps = reader.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"workdir: {ckpt_dir!r} holds no complete checkpoint")
+        if step is None:
+            step = max(steps)
+        elif step not in steps:
+            raise FileNotFoundError(f"step: no checkpoint for step {step} in {ckpt_dir!r} (have {sorted(steps)})")
+        try:
+            record = reader.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+            cfg = TrainConfig.from_dict(record["train"])
+            info = record["data"]
+        except Exception as err:
+            raise CheckpointError(f"checkpoint {os.path.join(ckpt_dir, str(step))!r}: cannot read its config "
+                                  f"({type(err).__name__}: {err})") from err
+        template, model_def = create_train_state(cfg, tuple(info["sample_shape"]), num_images=info["num_images"])
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        state, record, meta = _restore(reader, step, template, sharding, ckpt_dir)
+    finally:
+        reader.close()
+    return LoadedCheckpoint(state, model_def, cfg, record, meta)
+
+
+def load_score_fn(workdir: str | os.PathLike, *, step: int | None = None) -> Callable:
+    """The trained model (EMA weights) of ``workdir`` as a function for the samplers.
+
+    * ``method="ours"``: ``score_fn(x [B, C, H, W], t [B] or scalar, idx=None) -> [B, C, H, W]``,
+      the score ``s_theta`` for :mod:`krylovjax.sampling` (``idx [B]`` image indices are required
+      when the run used ``per_image_offset``; close over them for the samplers).
+    * ``method="ddpm"``: ``eps_fn(x [B, C, H, W] in [-1, 1], i [B] int step index, idx=None)``
+      for :mod:`krylovjax.ddpm` samplers (``x = 2 * image - 1``).
+
+    The function is jitted; it computes in the model's parameter dtype and returns ``x``'s dtype.
+    Attributes ``fn.config`` (:class:`TrainConfig`), ``fn.step`` and ``fn.model_def`` are set.
+    """
+    ck = load_checkpoint(workdir, step=step)
+    fn = _eval_fn_for(ck.model_def, ck.state.ema_params, ck.config.method, ck.config.ddpm_num_steps)
+    fn.config = ck.config
+    fn.step = int(ck.state.step)
+    fn.model_def = ck.model_def
+    return fn

@@ -1,0 +1,483 @@
+"""Tests of krylovjax.training and experiments/train.py.
+
+Compilations dominate the runtime, so the tests share two configs (``OURS`` and ``DDPM``, tiny
+U-Net at 16x16, batch 8 on the 4 forced CPU devices) whose compiled steps are cached in-process.
+Two subprocesses run the absl binary: a DDPM run that is SIGKILLed after its second checkpoint
+and resumed in-process (compared bit for bit with an uninterrupted run), and a short ``ours`` run
+that pre-computes the scores of the built-in photos on the fly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from krylovjax import sde as sde_lib
+from krylovjax import training as tr
+from krylovjax.data import builtin_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE, NUM_IMAGES, N_LEVELS = 16, 2, 5
+
+
+def _tiny_config(**overrides) -> tr.TrainConfig:
+    """experiments/configs/train_tiny.py made small; the binary is given the same values."""
+    sys.path.insert(0, REPO)
+    from experiments.configs import train_tiny
+
+    c = train_tiny.get_config().to_dict()
+    for k in ("data", "precompute"):
+        c.pop(k)
+    c.update(model_overrides={"ch": 16, "dropout": 0.0}, lr=2e-3, warmup_steps=5, batch_size=8,
+             checkpoint_every=1000, log_every=5, progress=False)
+    c.update(overrides)
+    return tr.TrainConfig.from_dict(c)
+
+
+OURS = _tiny_config(method="ours")
+DDPM = _tiny_config(method="ddpm")
+
+
+@pytest.fixture(scope="module")
+def images():
+    return builtin_dataset(SIZE, NUM_IMAGES)  # float32 [2, 3, 16, 16], what the binary uses
+
+
+@pytest.fixture(scope="module")
+def trajectories(images):
+    # A smooth synthetic trajectory (the embedding itself is tested in test_transport.py).
+    x = np.stack([images * (1 - 0.1 * n) + 0.05 * n for n in range(N_LEVELS)], axis=1).astype(np.float32)
+    return tr.Trajectories(x=x, t=np.linspace(1e-3, 1.0, N_LEVELS))
+
+
+def _data(cfg, images, trajectories):
+    return trajectories if cfg.method == "ours" else images
+
+
+def _leaves_equal(a, b) -> bool:
+    la, lb = jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+def _tree_digest(root: str) -> dict:
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure pieces
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_embedding_loss_equals_hand_computed_value(reduction):
+    rng = np.random.default_rng(1)
+    B, C, H, W = 3, 2, 4, 5
+    x = rng.uniform(0, 1, (B, C, H, W))
+    z = rng.standard_normal((B, C, H, W))
+    t = np.array([0.05, 0.4, 0.9])
+    a, b = 0.7, -0.3
+    seen = {}
+
+    def fake_score(xt, tt):  # output depends on its input, so the perturbation is checked too
+        seen["t"] = tt
+        return a * xt + b
+
+    sigma = 5.0
+    loss, per = tr.embedding_loss(fake_score, jnp.asarray(x), jnp.asarray(t), jnp.asarray(z),
+                                  sde_lib.VESDE(sigma), reduction=reduction)
+    lam = np.sqrt((sigma ** (2 * t) - 1) / (2 * np.log(sigma)))  # method.md 4.2
+    g2 = sigma ** (2 * t)
+    want_per = np.empty(B)
+    for i in range(B):
+        s = a * (x[i] + lam[i] * z[i]) + b
+        r = (s * lam[i] + z[i]) ** 2
+        want_per[i] = (r.sum() if reduction == "sum" else r.mean()) / (2 * g2[i])
+    np.testing.assert_allclose(np.asarray(per), want_per, rtol=1e-12)
+    np.testing.assert_allclose(float(loss), want_per.mean(), rtol=1e-12)
+    np.testing.assert_array_equal(np.asarray(seen["t"]), t)
+
+    # Constant model output c and Paper A's constant SDE (g = 0.5, lambda = 0.1): closed form.
+    c = 2.0
+    loss_c, _ = tr.embedding_loss(lambda xt, tt: jnp.full_like(xt, c), jnp.asarray(x), jnp.asarray(t),
+                                  jnp.asarray(z), sde_lib.ConstantSDE(0.5, 0.1), reduction=reduction)
+    red = ((c * 0.1 + z) ** 2).reshape(B, -1)
+    red = red.sum(1) if reduction == "sum" else red.mean(1)
+    np.testing.assert_allclose(float(loss_c), np.mean(red / (2 * 0.25)), rtol=1e-12)
+
+    # The exact score of the perturbation kernel, -z / lambda, makes the loss zero.
+    lam_b = lam[:, None, None, None]
+    zero, _ = tr.embedding_loss(lambda xt, tt: -(xt - jnp.asarray(x)) / lam_b**2, jnp.asarray(x),
+                                jnp.asarray(t), jnp.asarray(z), sde_lib.VESDE(sigma), reduction=reduction)
+    assert abs(float(zero)) < 1e-20
+
+
+def test_embedding_loss_rejects_bad_shapes():
+    x = jnp.zeros((2, 1, 4, 4))
+    with pytest.raises(ValueError, match="z"):
+        tr.embedding_loss(lambda a, b: a, x, jnp.ones(2), jnp.zeros((2, 1, 4, 5)), sde_lib.VESDE())
+    with pytest.raises(ValueError, match="t"):
+        tr.embedding_loss(lambda a, b: a, x, jnp.ones(3), jnp.zeros_like(x), sde_lib.VESDE())
+    with pytest.raises(ValueError, match="score_fn"):
+        tr.embedding_loss(lambda a, b: a[:, :, :2], x, jnp.ones(2), jnp.zeros_like(x), sde_lib.VESDE())
+    with pytest.raises(ValueError, match="reduction"):
+        tr.embedding_loss(lambda a, b: a, x, jnp.ones(2), jnp.zeros_like(x), sde_lib.VESDE(), reduction="max")
+
+
+def test_jitter_windows_schedule_and_ema_closed_forms():
+    t = np.array([0.001, 0.2, 0.5, 1.0])
+    lo, hi = tr.jitter_windows(t, 0.5)
+    np.testing.assert_allclose(lo, [0.001, 0.2 - 0.25 * 0.199, 0.5 - 0.25 * 0.3, 1.0 - 0.25 * 0.5], rtol=1e-15)
+    np.testing.assert_allclose(hi, [0.001 + 0.25 * 0.199, 0.2 + 0.25 * 0.3, 0.5 + 0.25 * 0.5, 1.0], rtol=1e-15)
+    lo0, hi0 = tr.jitter_windows(t, 0.0)
+    np.testing.assert_array_equal(lo0, t)
+    np.testing.assert_array_equal(hi0, t)
+    with pytest.raises(ValueError, match="increasing"):
+        tr.jitter_windows([0.1, 0.1, 0.3], 0.5)
+    with pytest.raises(ValueError, match="t"):
+        tr.jitter_windows([0.0, 0.5], 0.5)
+
+    sched = tr.learning_rate(tr.TrainConfig(lr=1e-3, warmup_steps=4))
+    np.testing.assert_allclose([float(sched(k)) for k in range(6)], [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-6)
+    assert float(tr.learning_rate(tr.TrainConfig(lr=3e-4, warmup_steps=0))(7)) == pytest.approx(3e-4)
+    np.testing.assert_allclose([float(tr.ema_decay_at(k, 0.999)) for k in (0, 10, 10**6)],
+                               [0.1, 11 / 20, 0.999], rtol=1e-6)
+
+
+def test_config_round_trip_and_validation():
+    cfg = tr.TrainConfig(model_overrides={"ch": 16, "ch_mult": [1, 2]}, sde_kwargs={"sigma": 2.0})
+    assert tr.TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert hash(cfg) == hash(tr.TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))))
+    assert cfg.make_sde() == sde_lib.VESDE(2.0)
+    with pytest.raises(ValueError, match="unknown keys"):
+        tr.TrainConfig.from_dict({"lrr": 1.0})
+    for bad, name in [({"budget_seconds": 0}, "budget_seconds"), ({"budget_seconds": -5.0}, "budget_seconds"),
+                      ({"method": "vae"}, "method"), ({"batch_size": 0}, "batch_size"), ({"lr": float("nan")}, "lr"),
+                      ({"ema_decay": 1.0}, "ema_decay"), ({"loss_reduction": "max"}, "loss_reduction"),
+                      ({"time_jitter": 2.0}, "time_jitter")]:
+        with pytest.raises(ValueError, match=name):
+            tr.TrainConfig(**bad)
+
+
+def test_bad_inputs_raise_before_training(tmp_path, images, trajectories):
+    data = trajectories
+    with pytest.raises(ValueError, match="batch_size"):
+        tr.train(OURS.replace(batch_size=6), data, tmp_path / "a")  # 4 devices
+    with pytest.raises(ValueError, match="target"):
+        tr.train(OURS, data, tmp_path / "a", eval_fn=lambda f, s: {"ssim": 1.0}, target=0.0)
+    with pytest.raises(ValueError, match="target"):
+        tr.train(OURS, data, tmp_path / "a", eval_fn=lambda f, s: {"ssim": 1.0}, target=1.5)
+    with pytest.raises(ValueError, match="budget_seconds"):
+        tr.train(OURS.to_dict() | {"budget_seconds": 0.0}, data, tmp_path / "a")
+    # images of the wrong size for the model
+    with pytest.raises(ValueError, match="data"):
+        tr.train(OURS.replace(model_overrides={"ch": 16, "image_size": 32}), data, tmp_path / "a")
+    with pytest.raises(ValueError, match="data"):
+        x18 = np.zeros((1, 3, 3, 18, 18), np.float32)
+        tr.train(OURS.replace(model_overrides={"ch": 16, "ch_mult": (1, 2, 2)}),
+                 tr.Trajectories(x18, [0.1, 0.5, 1.0]), tmp_path / "a")
+    with pytest.raises(ValueError, match="data"):
+        tr.train(DDPM, np.zeros((2, 3, 16, 12), np.float32), tmp_path / "a")
+    with pytest.raises(ValueError, match="data.t"):
+        tr.train(OURS, tr.Trajectories(data.x, data.t[:-1]), tmp_path / "a")
+    with pytest.raises(ValueError, match="increasing"):
+        tr.train(OURS, tr.Trajectories(data.x, data.t[::-1]), tmp_path / "a")
+    bad = data.x.copy()
+    bad[0, 1, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        tr.train(OURS, tr.Trajectories(bad, data.t), tmp_path / "a")
+    with pytest.raises(TypeError, match="dtype"):
+        tr.train(DDPM, (images * 255).astype(np.uint8), tmp_path / "a")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        tr.train(DDPM, images * 2.0, tmp_path / "a")
+    with pytest.raises(ValueError, match="sde"):
+        tr.train(OURS, tr.Trajectories(data.x, data.t, {"name": "ve", "kwargs": {"sigma": 2.0}}), tmp_path / "a")
+    assert not os.path.exists(tmp_path / "a" / "checkpoints")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ours_run(tmp_path_factory, trajectories):
+    """20 steps of OURS with a checkpoint every 10, evaluated every 10 steps."""
+    wd = tmp_path_factory.mktemp("ours_run")
+    evals = []
+
+    def eval_fn(fn, step):
+        x = jnp.asarray(trajectories.x[:, 2])
+        s = fn(x, jnp.full((NUM_IMAGES,), 0.5), idx=jnp.arange(NUM_IMAGES))
+        evals.append((step, s.shape, s.dtype))
+        return {"ssim": step / 100.0, "score_norm": float(jnp.linalg.norm(s))}
+
+    res = tr.train(OURS.replace(num_steps=20, checkpoint_every=10, eval_every=10), trajectories, wd, eval_fn=eval_fn)
+    return wd, res, evals
+
+
+@pytest.mark.parametrize("method", ["ours", "ddpm"])
+def test_training_lowers_the_loss(tmp_path, method, images, trajectories, ours_run):
+    cfg = OURS if method == "ours" else DDPM
+    data = _data(cfg, images, trajectories)
+    arrays, info = tr.prepare_data(cfg, data)
+    state0, model_def = tr.create_train_state(cfg, tuple(info["sample_shape"]), num_images=NUM_IMAGES)
+    keys = [jax.random.PRNGKey(1000 + i) for i in range(4)]  # fixed evaluation batches
+
+    def mean_loss(params):
+        return float(np.mean([float(tr.eval_loss(cfg, model_def, params, arrays, k)) for k in keys]))
+
+    before = mean_loss(state0.params)
+    if method == "ours":
+        wd, res = ours_run[0], ours_run[1]
+    else:
+        wd = tmp_path / "wd"
+        res = tr.train(cfg.replace(num_steps=20), data, wd)
+    after, after_ema = mean_loss(res.state.params), mean_loss(res.state.ema_params)
+    # The last conv starts at zero, so the initial loss is the noise term alone:
+    # ours: mean 1/(2 g^2) * |z|^2 ~ C H W / (2 g^2); DDPM: mean z^2 = 1.
+    assert math.isfinite(before) and math.isfinite(after)
+    assert after < 0.7 * before, (before, after)
+    assert after_ema < 0.85 * before, (before, after_ema)
+    assert res.step == 20 and res.stop_reason == "num_steps"
+    recs = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+    train_recs = [r for r in recs if r["kind"] == "train"]
+    assert [r["step"] for r in train_recs] == [5, 10, 15, 20]
+    for r in train_recs:
+        assert {"loss", "images_per_s", "lr", "train_seconds"} <= set(r) and r["images_per_s"] > 0
+    assert train_recs[-1]["lr"] == pytest.approx(cfg.lr)
+
+
+def test_eval_callback_uses_ema_and_load_score_fn(ours_run, trajectories):
+    wd, res, evals = ours_run
+    assert [e[0] for e in evals] == [10, 20]
+    assert all(e[1] == (NUM_IMAGES, 3, SIZE, SIZE) for e in evals)
+    recs = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+    assert [r["ssim"] for r in recs if r["kind"] == "eval"] == [0.1, 0.2]
+    assert res.last_eval["ssim"] == 0.2 and res.compile_seconds >= 0 and res.train_seconds > 0
+
+    fn = tr.load_score_fn(wd)
+    assert fn.step == 20 and fn.config == OURS.replace(num_steps=20, checkpoint_every=10, eval_every=10)
+    x = jnp.asarray(trajectories.x[:, 3])
+    t = jnp.asarray([0.3, 0.7], jnp.float32)
+    idx = jnp.arange(NUM_IMAGES)
+    got = fn(x, t, idx=idx)
+    direct = tr._apply(res.model_def, res.state.ema_params, x, t, idx, train=False)
+    with_params = tr._apply(res.model_def, res.state.params, x, t, idx, train=False)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(direct), rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(jnp.abs(with_params - direct))) > 1e-4  # EMA weights, not the raw ones
+    with pytest.raises(ValueError, match="idx"):
+        fn(x, t)
+    with pytest.raises(FileNotFoundError):
+        tr.load_score_fn(os.path.join(wd, "nowhere"))
+
+
+def test_data_parallel_step_matches_single_device(images, trajectories):
+    arrays, info = tr.prepare_data(OURS, trajectories)
+    out = {}
+    for nd in (1, 4):
+        mesh = tr.make_mesh(jax.devices()[:nd])
+        repl = NamedSharding(mesh, P())
+        state, model_def = tr.create_train_state(OURS, tuple(info["sample_shape"]), num_images=NUM_IMAGES)
+        state = jax.device_put(state, repl)
+        data = jax.device_put({k: jnp.asarray(v, jnp.float32) for k, v in arrays.items()}, repl)
+        step = tr.make_train_step(OURS, model_def, mesh)
+        if nd == 4:  # the gradient really is reduced across the 4 shards of the batch
+            assert "all-reduce" in step.lower(state, data).compile().as_text()
+        runs = []
+        for _ in range(2 if nd == 1 else 1):  # same seed twice: bit-identical on CPU
+            s, ms = state, []
+            for _ in range(2):
+                s, m = step(s, data)
+                ms.append(m)
+            runs.append((jax.device_get(s), jax.device_get(ms)))
+        if nd == 1:
+            assert _leaves_equal(runs[0][0], runs[1][0])
+        out[nd] = runs[0]
+    (s1, m1), (s4, m4) = out[1], out[4]
+    assert int(s1.step) == int(s4.step) == 2
+    for a, b in zip(m1, m4):
+        np.testing.assert_allclose(float(a.loss), float(b.loss), rtol=1e-5)
+        np.testing.assert_allclose(float(a.grad_norm), float(b.grad_norm), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves((s1.params, s1.ema_params, s1.opt_state)),
+                    jax.tree.leaves((s4.params, s4.ema_params, s4.opt_state))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)  # updates are ~1e-3
+
+
+def test_budget_stop_then_resume_equals_uninterrupted(tmp_path, trajectories):
+    full = tr.train(OURS.replace(num_steps=6), trajectories, tmp_path / "full")
+    first = tr.train(OURS.replace(num_steps=6, budget_seconds=1e-9), trajectories, tmp_path / "cut")
+    assert first.stop_reason == "budget" and first.step == 1  # the budget is checked before each step
+    assert _complete_steps(tmp_path / "cut" / "checkpoints") == [1]
+    second = tr.train(OURS.replace(num_steps=6), trajectories, tmp_path / "cut")
+    assert second.resumed_from == 1 and second.step == 6 and second.stop_reason == "num_steps"
+    assert second.train_seconds > first.train_seconds  # accumulated over both segments
+    assert _leaves_equal(full.state, second.state)
+    # the resumed run's metrics file has each step once
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "cut" / "metrics.jsonl")]
+    assert steps == sorted(set(steps))
+
+
+def test_target_stops_training(tmp_path, trajectories):
+    res = tr.train(OURS.replace(num_steps=50, eval_every=2), trajectories, tmp_path / "t",
+                   eval_fn=lambda fn, step: {"ssim": 0.1 * step}, target=0.6)
+    assert res.stop_reason == "target" and res.step == 6 and res.step_at_target == 6
+    assert res.time_to_target == pytest.approx(res.train_seconds)
+    assert tr.load_checkpoint(tmp_path / "t").meta["step"] == 6
+    with pytest.raises(ValueError, match="target_metric"):
+        tr.train(OURS.replace(num_steps=50, eval_every=2), trajectories, tmp_path / "t2",
+                 eval_fn=lambda fn, step: {"psnr": 1.0}, target=0.6)
+
+
+def test_mismatched_config_and_data_are_refused(ours_run, trajectories):
+    wd = ours_run[0]
+    with pytest.raises(ValueError, match=r"lr: stored 0\.002, given 0\.001"):
+        tr.train(OURS.replace(num_steps=30, lr=1e-3, checkpoint_every=10, eval_every=10), trajectories, wd)
+    with pytest.raises(ValueError, match="ch"):
+        tr.train(OURS.replace(model_overrides={"ch": 8, "dropout": 0.0}), trajectories, wd)
+    other = tr.Trajectories(trajectories.x * 0.5, trajectories.t)
+    with pytest.raises(ValueError, match="fingerprint"):
+        tr.train(OURS.replace(num_steps=30), other, wd)
+    assert tr.load_checkpoint(wd).meta["step"] == 20  # nothing was written
+
+
+def test_corrupt_checkpoint_gives_clear_error_and_touches_nothing(tmp_path, ours_run, trajectories):
+    import shutil
+
+    wd = tmp_path / "copy"
+    shutil.copytree(ours_run[0], wd)
+    state_dir = wd / "checkpoints" / "20" / "state"
+    data_files = [os.path.join(d, f) for d, _, fs in os.walk(state_dir) for f in fs
+                  if os.path.basename(d) == "d"]
+    biggest = max(data_files, key=os.path.getsize)
+    raw = bytearray(open(biggest, "rb").read())
+    for i in range(len(raw) // 3, len(raw) // 3 + 64):
+        raw[i] ^= 0xFF
+    open(biggest, "wb").write(bytes(raw))
+    before = _tree_digest(str(wd))
+    with pytest.raises(tr.CheckpointError, match="20"):
+        tr.train(OURS.replace(num_steps=30, checkpoint_every=10, eval_every=10), trajectories, wd)
+    with pytest.raises(tr.CheckpointError):
+        tr.load_score_fn(wd)
+    assert _tree_digest(str(wd)) == before  # nothing overwritten, deleted or added
+
+    # a missing state item (e.g. deleted by hand) is refused the same way
+    shutil.rmtree(state_dir)
+    with pytest.raises(tr.CheckpointError, match="20"):
+        tr.load_checkpoint(wd)
+    # an earlier intact checkpoint is still readable explicitly
+    assert tr.load_checkpoint(wd, step=10).meta["step"] == 10
+
+
+# ----------------------------------------------------------------------------------------------
+# The binary (subprocesses)
+# ----------------------------------------------------------------------------------------------
+
+
+def _env():
+    env = dict(os.environ)
+    env["JAX_ENABLE_X64"] = "1"  # the same numerics as this process (conftest turns x64 on)
+    env["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+_BINARY = [sys.executable, "-m", "experiments.train", "--config=experiments/configs/train_tiny.py",
+           "--data=builtin", f"--config.data.image_size={SIZE}", f"--config.data.num_images={NUM_IMAGES}",
+           "--config.model_overrides.ch=16", "--config.lr=0.002", "--config.warmup_steps=5",
+           "--config.batch_size=8", "--config.progress=False", "--config.log_every=5"]
+
+
+def _complete_steps(ckpt_dir) -> list[int]:
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(int(n) for n in os.listdir(ckpt_dir)
+                  if n.isdigit() and os.path.exists(os.path.join(ckpt_dir, n, "meta")))
+
+
+def test_binary_killed_with_sigkill_resumes_identically(tmp_path, images):
+    wd = tmp_path / "killed"
+    cmd = _BINARY + [f"--workdir={wd}", "--config.method=ddpm", "--config.num_steps=100000",
+                     "--config.checkpoint_every=2"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not [s for s in _complete_steps(wd / "checkpoints") if s >= 4]:
+            if proc.poll() is not None:
+                raise AssertionError(f"binary exited early ({proc.returncode}):\n{proc.stderr.read().decode()[-3000:]}")
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    latest = tr.load_checkpoint(wd).meta["step"]  # the last complete checkpoint (>= 4)
+    assert latest >= 4 and latest % 2 == 0
+    final = latest + 3
+    resumed = tr.train(DDPM.replace(num_steps=final), images, wd)
+    assert resumed.resumed_from == latest and resumed.step == final
+    reference = tr.train(DDPM.replace(num_steps=final), images, tmp_path / "reference")
+    assert reference.resumed_from is None
+    # identical params, EMA params, optimiser state, step and RNG key, bit for bit
+    assert _leaves_equal(resumed.state, reference.state)
+    assert int(resumed.state.step) == final
+
+
+def test_binary_ours_with_builtin_precompute(tmp_path):
+    wd = tmp_path / "ours_bin"
+    cmd = _BINARY + [f"--workdir={wd}", "--config.method=ours", "--config.num_steps=4",
+                     "--config.precompute.num_steps=4", "--config.checkpoint_every=2"]
+    out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.load(open(wd / "result.json"))
+    assert result["step"] == 4 and result["stop_reason"] == "num_steps" and math.isfinite(result["last_loss"])
+    assert _complete_steps(wd / "checkpoints") == [2, 4]
+    record = json.load(open(wd / "config.json"))
+    assert record["data"]["sample_shape"] == [3, SIZE, SIZE] and record["data"]["num_times"] == 4
+    assert record["train"]["method"] == "ours" and record["model"]["per_image_offset"] is True
+    # bad flags are refused with a usage error naming the problem
+    bad = subprocess.run(_BINARY + [f"--workdir={tmp_path / 'x'}", "--data=store"], cwd=REPO, env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--store" in bad.stderr
+
+
+def test_trajectories_from_store(tmp_path, trajectories):
+    from krylovjax.store import ScoreStore, hash_inputs
+
+    x = trajectories.x
+    B, N = x.shape[:2]
+    cfg = {"sde": "ve", "sde_kwargs": {"sigma": 5.0}, "num_steps": N, "eps": 1e-3}
+    store = ScoreStore.create_or_open(tmp_path / "s", config=cfg, inputs_hash=hash_inputs(x[:, 0], cfg),
+                                      num_images=B, chunk_size=1,
+                                      fields={"embedded": (x.shape[1:], np.float32, 0)})
+    for i in range(B):
+        store.write_chunk(i, {"embedded": x[i:i + 1]})
+    got = tr.trajectories_from_store(str(tmp_path / "s"))
+    np.testing.assert_array_equal(got.x, x)
+    np.testing.assert_allclose(got.t, np.linspace(1e-3, 1.0, N), rtol=1e-15)
+    assert got.sde == {"name": "ve", "kwargs": {"sigma": 5.0}}
+    arrays, info = tr.prepare_data(OURS, str(tmp_path / "s"))
+    assert info["num_times"] == N and info["sample_shape"] == [3, SIZE, SIZE]
+    with pytest.raises(ValueError, match="sde"):
+        tr.prepare_data(OURS.replace(sde_kwargs={"sigma": 2.0}), got)
+    with pytest.raises(FileNotFoundError):
+        tr.trajectories_from_store(str(tmp_path / "missing"))
