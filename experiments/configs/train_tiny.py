@@ -14,7 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.method = "ours"
     c.model = "tiny"
-    c.model_overrides = ml_collections.ConfigDict({"ch": 32, "dropout": 0.0})
+    c.model_overrides = ml_collections.ConfigDict(
+        {"ch": 32, "ch_mult": (1, 2), "attn_resolutions": (16,), "dropout": 0.0})
     c.lr = 1e-3
     c.warmup_steps = 10
     c.grad_clip = 1.0
