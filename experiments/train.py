@@ -15,6 +15,7 @@ for ``ddpm`` it trains on the photos. Re-running with the same ``--workdir`` res
 from __future__ import annotations
 
 import json
+import logging as pylogging
 import os
 
 from absl import app, flags, logging
@@ -53,9 +54,17 @@ def _builtin_data(cfg, train_cfg):
     return training.Trajectories(x=np.asarray(x), t=np.asarray(res.t), sde=sde)
 
 
+class _QuietOrbax(pylogging.Filter):
+    """Drop orbax's per-save INFO chatter (warnings and errors still pass)."""
+
+    def filter(self, record):
+        return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietOrbax())
     cfg = FLAGS.config
     source = FLAGS.data if FLAGS.data != "auto" else ("store" if FLAGS.store else "builtin")
     if source == "store":

@@ -966,7 +966,7 @@ def _restore(mngr: ocp.CheckpointManager, step: int, template: TrainState, shard
     return state, record, meta
 
 
-def _save(mngr, state: TrainState, record: dict, meta: dict) -> None:
+def _save(mngr, state: TrainState, record: dict, meta: dict) -> int:
     # A host copy: single-host training (the mesh spans local devices), and orbax writes numpy
     # arrays several times faster than replicated device arrays.
     host = jax.device_get(state)
@@ -975,6 +975,7 @@ def _save(mngr, state: TrainState, record: dict, meta: dict) -> None:
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host), config=ocp.args.JsonSave(record),
                                             meta=ocp.args.JsonSave(meta)), force=True)
     mngr.wait_until_finished()
+    return step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1183,9 +1184,8 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
     def save():
         nonlocal ckpt_seconds, last_saved
         t0 = time.perf_counter()
-        _save(writer, state, record, dict(meta_base, train_seconds=train_seconds))
+        last_saved = _save(writer, state, record, dict(meta_base, train_seconds=train_seconds))
         ckpt_seconds += time.perf_counter() - t0
-        last_saved = step
 
     def evaluate():
         nonlocal eval_seconds, last_eval, last_eval_step, time_to_target, step_at_target
@@ -1249,8 +1249,11 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
             if evaluate() and target is not None:
                 stop_reason = "target"
     except KeyboardInterrupt:
-        if last_saved != step:
-            save()
+        try:  # the state may be mid-update (its buffers donated to a step in flight)
+            if int(jax.device_get(state.step)) != last_saved:
+                save()
+        except Exception as err:  # noqa: BLE001 - keep the interrupt as the error
+            logging.warning("no checkpoint at the interrupt (%s: %s)", type(err).__name__, err)
         raise
     finally:
         if bar is not None:
