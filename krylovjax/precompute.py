@@ -18,11 +18,27 @@ The linear solver of each step is a strategy: ``"spsolve"`` (the reference, scip
 through a callback), ``"gmres"``, ``"cross_matrix"`` (the paper's method, reconstructed),
 ``"recycled"``, ``"preconditioned"`` and ``"cross_matrix_precond"`` (see
 :data:`krylovjax.cross_matrix.PRESETS`). Warm starts from the previous sweep are on by default.
+
+Sharding (``PrecomputeConfig(shard=True)``): the systems (images x channels) are split over all
+local devices along a ``Mesh`` axis ``"data"`` and each device solves its own shard inside
+``jax.shard_map``: no communication at all, since the systems are independent. Two consequences:
+
+- the cross-matrix seed is *per device*: device d uses its own local image ``seed_image`` (global
+  image ``d * B / D + seed_image``), so the seed basis differs from the single-device run and
+  the results agree to the solver tolerance, not bit for bit (exactly for seedless strategies);
+- a batch whose image count B is not a multiple of the device count D is padded with copies of
+  its last image up to the next multiple (the copies are solved and dropped; statistics exclude
+  them). ``seed_image`` must be below ``ceil(B / D)``.
+
+Compiled programs are cached per (config, shape, dtype, devices), so calling
+:func:`precompute_scores` again on a batch of the same shape (the chunks of a large run, or a
+timed benchmark after :func:`precompile`) does not recompile.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any, NamedTuple
 
@@ -62,6 +78,7 @@ class PrecomputeConfig:
       tol, restart, max_restarts, basis_size, chunk_size, projection: Krylov settings.
       seed_image: index of the seed image of the cross-matrix strategies.
       warm_start: start each solve from the previous sweep's (or iterate's) solution.
+      shard: split the systems over all local devices (see the module docstring).
     """
 
     sde: str = "ve"
@@ -89,6 +106,7 @@ class PrecomputeConfig:
     projection: str = "minres"
     seed_image: int = 0
     warm_start: bool = True
+    shard: bool = False
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -107,6 +125,10 @@ class PrecomputeConfig:
             if not isinstance(v, int) or v < (2 if name == "num_steps" else 1):
                 raise ValueError(f"{name}: expected an integer >= "
                                  f"{2 if name == 'num_steps' else 1}, got {v!r}")
+        if not isinstance(self.shard, bool):
+            raise ValueError(f"shard: expected a bool, got {self.shard!r}")
+        if not isinstance(self.seed_image, int) or self.seed_image < 0:
+            raise ValueError(f"seed_image: expected an integer >= 0, got {self.seed_image!r}")
         for name in ("outer_tol", "tol", "h"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and np.isfinite(v) and v > 0):
@@ -137,7 +159,8 @@ class PrecomputeResult(NamedTuple):
       log_density: ``[B, C, N, H, W]`` m at every time level (level 0 is m0).
       scores: ``[B, C, N, 2, H, W]`` score fields (component 0 = d/dx along W).
       t: ``[N]`` time levels; dt: the step.
-      stats: dict of solver statistics (see :func:`precompute_scores`).
+      stats: dict of solver statistics (see :func:`precompute_scores`); entries ending in
+        ``_per_image`` are numpy arrays ``[B]``.
     """
 
     log_density: Any
@@ -187,8 +210,25 @@ def _relative_change(new, old, axes):
     return num / jnp.maximum(den, jnp.finfo(new.dtype).tiny)
 
 
-def _build(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype):
-    """Compile the per-sweep / per-run programs for a given problem shape."""
+def _devices(config: PrecomputeConfig):
+    """The devices of the "data" mesh axis (all local devices), or None when not sharded."""
+    return tuple(jax.local_devices()) if config.shard else None
+
+
+class _Programs(NamedTuple):
+    t: Any
+    dt: float
+    sweep: Any          # jitted (m0, lag, m_old, active) -> (m, lag, conv, mv, dsq, osq)
+    timestep_run: Any   # jitted m0 -> (m, scores, conv, mv, iterations, unconverged)
+    arg_specs: dict     # ShapeDtypeStructs of the arguments, for ahead-of-time compilation
+
+
+@functools.lru_cache(maxsize=64)
+def _build(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype: np.dtype,
+           devices: tuple | None) -> _Programs:
+    """Compile-once programs for one problem shape: a whole sweep (``lax.scan`` over the time
+    steps) and Paper A's time-step-wise run. ``B`` is the padded image count; with ``devices``
+    the programs run per device on its shard of the S = B * C systems (``jax.shard_map``)."""
     sde = config.make_sde()
     t, dt = sde_lib.time_grid(config.num_steps, config.eps, paper_b=config.paper_b_time_grid,
                               dtype=dtype)
@@ -197,16 +237,20 @@ def _build(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype):
     drifts = (jax.vmap(lambda tt: _drift(sde, tt, (H, W), config.h, dtype))(t)
               if has_drift else None)
     solve = _step_solver(config, C)
-    S = B * C
+    S, N = B * C, config.num_steps
 
     def make_op(g2, lag, f):
+        s_loc = lag.shape[0]
         return fp_operator(g2, dt, config.h, lag,
-                           None if f is None else jnp.broadcast_to(f, (S, 2, H, W)),
+                           None if f is None else jnp.broadcast_to(f, (s_loc, 2, H, W)),
                            scheme=config.scheme, boundary=config.boundary, dtype=dtype)
 
-    @jax.jit
-    def sweep(m0, lag, m_old, active):
-        """One Algorithm-1 sweep. m0 [S,H,W]; lag [N,S,2,H,W]; m_old [N,S,H,W]; active [S]."""
+    def sweep_local(m0, lag, m_old, active):
+        """One Algorithm-1 sweep on (a shard of) the systems.
+
+        m0 [S,H,W]; lag [N,S,2,H,W]; m_old [N,S,H,W]; active [S]. Returns the new m
+        [N,S,H,W], its scores (next sweep's lagged score) [N,S,2,H,W], converged and matvecs
+        [N-1,S], and per system sum((m - m_old)^2), sum(m_old^2) [S] for the outer test."""
         def step(m_prev, xs):
             g2, lag_n, x_old, f = xs
             op = make_op(g2, lag_n, f)
@@ -217,68 +261,164 @@ def _build(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype):
             return x, (x, conv | ~active, jnp.where(active, mv, 0))
         xs = (g2s[1:], lag[1:], m_old[1:], None if drifts is None else drifts[1:])
         _, (ms, conv, mv) = jax.lax.scan(step, m0, xs)
-        return jnp.concatenate([m0[None], ms]), conv, mv
+        m = jnp.concatenate([m0[None], ms])
+        dsq = jnp.sum((m - m_old) ** 2, axis=(0, 2, 3))
+        osq = jnp.sum(m_old ** 2, axis=(0, 2, 3))
+        return m, _score(config, m), conv, mv, dsq, osq
 
-    @jax.jit
-    def timestep_run(m0):
-        """Paper A's time-step-wise fixed point over all steps. m0 [S, H, W]."""
+    def timestep_local(m0):
+        """Paper A's time-step-wise fixed point over all steps on (a shard of) the systems.
+
+        m0 [S, H, W]. Returns m [N,S,H,W], scores [N,S,2,H,W], and per step and system
+        [N-1,S]: converged, matvecs, fixed-point iterations, image not fixed-point converged."""
+        s_loc = m0.shape[0]
+        b_loc = s_loc // C
+
         def step(m_prev, xs):
             g2, f = xs
 
             def body(state):
-                it, x, lag, act, conv, mv = state
+                it, x, lag, act, conv, mv, nit = state
                 op = make_op(g2, lag, f)
                 xn, c, m = solve(op, op.rhs(m_prev), x if config.warm_start else None)
                 xn = jnp.where(act[:, None, None], xn, x)
-                change = _relative_change(xn.reshape(B, -1), x.reshape(B, -1), 1)
-                img_act = act.reshape(B, C)[:, 0] & (change > config.outer_tol)
+                change = _relative_change(xn.reshape(b_loc, -1), x.reshape(b_loc, -1), 1)
+                img_act = act.reshape(b_loc, C)[:, 0] & (change > config.outer_tol)
                 return (it + 1, xn, _score(config, xn), jnp.repeat(img_act, C),
-                        conv & (c | ~act), mv + jnp.where(act, m, 0))
+                        conv & (c | ~act), mv + jnp.where(act, m, 0), nit + act)
 
             def cond(state):
                 return (state[0] < config.max_fixed_point) & jnp.any(state[3])
 
-            init = (0, m_prev, _score(config, m_prev), jnp.ones((S,), bool),
-                    jnp.ones((S,), bool), jnp.zeros((S,), jnp.int32))
-            it, x, _, act, conv, mv = jax.lax.while_loop(cond, body, init)
-            return x, (x, conv, mv, it, act.reshape(B, C)[:, 0])
+            init = (0, m_prev, _score(config, m_prev), jnp.ones((s_loc,), bool),
+                    jnp.ones((s_loc,), bool), jnp.zeros((s_loc,), jnp.int32),
+                    jnp.zeros((s_loc,), jnp.int32))
+            _, x, _, act, conv, mv, nit = jax.lax.while_loop(cond, body, init)
+            return x, (x, conv, mv, nit, act)
         xs = (g2s[1:], None if drifts is None else drifts[1:])
-        _, (ms, conv, mv, its, unconverged) = jax.lax.scan(step, m0, xs)
-        return jnp.concatenate([m0[None], ms]), conv, mv, its, unconverged
+        _, (ms, conv, mv, nit, unconverged) = jax.lax.scan(step, m0, xs)
+        m = jnp.concatenate([m0[None], ms])
+        return m, _score(config, m), conv, mv, nit, unconverged
 
-    return t, dt, sweep, timestep_run
+    specs = dict(
+        sweep=(jax.ShapeDtypeStruct((S, H, W), dtype), jax.ShapeDtypeStruct((N, S, 2, H, W), dtype),
+               jax.ShapeDtypeStruct((N, S, H, W), dtype), jax.ShapeDtypeStruct((S,), jnp.bool_)),
+        timestep_run=(jax.ShapeDtypeStruct((S, H, W), dtype),))
+    if devices is None:
+        return _Programs(t, dt, jax.jit(sweep_local), jax.jit(timestep_local), specs)
+
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    mesh = Mesh(np.asarray(devices), ("data",))
+    sys0, sys1 = P("data"), P(None, "data")  # the system axis first / after the time axis
+    sweep = jax.jit(
+        jax.shard_map(sweep_local, mesh=mesh, in_specs=(sys0, sys1, sys1, sys0),
+                      out_specs=(sys1, sys1, sys1, sys1, sys0, sys0), check_vma=False),
+        in_shardings=tuple(NamedSharding(mesh, p) for p in (sys0, sys1, sys1, sys0)),
+        out_shardings=tuple(NamedSharding(mesh, p) for p in (sys1, sys1, sys1, sys1, sys0, sys0)))
+    timestep_run = jax.jit(
+        jax.shard_map(timestep_local, mesh=mesh, in_specs=(sys0,), out_specs=(sys1,) * 6,
+                      check_vma=False),
+        in_shardings=(NamedSharding(mesh, sys0),),
+        out_shardings=(NamedSharding(mesh, sys1),) * 6)
+    return _Programs(t, dt, sweep, timestep_run, specs)
+
+
+def _padded_count(config: PrecomputeConfig, B: int) -> int:
+    """Image count after padding to a multiple of the device count (sharded runs)."""
+    devices = _devices(config)
+    if devices is None:
+        return B
+    D = len(devices)
+    return -(-B // D) * D
+
+
+def _check_seed(config: PrecomputeConfig, B: int) -> None:
+    devices = _devices(config)
+    limit = B if devices is None else _padded_count(config, B) // len(devices)
+    if not 0 <= config.seed_image < limit:
+        where = ("" if devices is None else
+                 f" (sharded over {len(devices)} devices: the seed is an index into each "
+                 f"device's {limit} images)")
+        raise ValueError(f"config.seed_image: expected an index in [0, {limit}){where}, got "
+                         f"{config.seed_image}")
+
+
+def precompile(images_shape, dtype, config: PrecomputeConfig = PrecomputeConfig()) -> float:
+    """Compile the programs :func:`precompute_scores` will run for this shape, ahead of time.
+
+    Args:
+      images_shape: ``(B, C, H, W)``.
+      dtype: float32 or float64 (the images' dtype).
+      config: a :class:`PrecomputeConfig`.
+
+    Returns:
+      The compile time in seconds (about 0 when they were compiled already). A following
+      :func:`precompute_scores` call with this shape, dtype and config reuses them, so its
+      ``stats["seconds"]`` is run time only.
+    """
+    if len(images_shape) != 4:
+        raise ValueError(f"images_shape: expected (B, C, H, W), got {images_shape!r}")
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f":
+        raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
+    B, C, H, W = (int(d) for d in images_shape)
+    _check_seed(config, B)
+    start = time.perf_counter()
+    progs = _build(config, _padded_count(config, B), C, H, W, dtype, _devices(config))
+    name = "sweep" if config.outer == "sweeps" else "timestep_run"
+    getattr(progs, name).lower(*progs.arg_specs[name]).compile()
+    return time.perf_counter() - start
+
+
+def _per_image(x, B: int, C: int):
+    """``[..., S]`` per-system numbers -> ``[B]`` per-image sums (over channels and steps)."""
+    x = np.asarray(x)
+    return x.reshape(-1, B, C).sum(axis=(0, 2))
 
 
 def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
                       key=None, progress=None) -> PrecomputeResult:
     """Pre-compute log-densities and scores for a batch of images (method.md 3.4).
 
+    Solves the backward-Euler log-FP systems (method.md 3.1-3.2) of every image and channel at
+    each time step with Paper B's outer sweeps (Algorithm 1) or Paper A's time-step-wise fixed
+    point, and takes the scores by central differences (method.md 3.3).
+
     Args:
-      images: ``[B, C, H, W]`` float in [0, 1], C in {1, 3}, H, W >= 4.
+      images: ``[B, C, H, W]`` float32 or float64 in [0, 1], C in {1, 3}, H, W >= 4.
       config: a :class:`PrecomputeConfig`.
       key: PRNG key, needed only by the ``paper_a_kde`` initial density.
       progress: optional callable ``progress(done_sweeps, max_sweeps, info_dict)``.
 
     Returns:
-      A :class:`PrecomputeResult`. ``stats`` holds: ``systems_solved`` (linear systems solved,
-      frozen images excluded), ``matvecs`` (total), ``matvecs_per_system``, ``nonconverged``
-      (linear solves that did not reach ``tol``), ``sweeps`` ([B] per image, or fixed-point
-      iterations per step for "timestep"), ``outer_converged`` ([B] bool), ``outer_change``
-      ([B] last relative change), ``seconds`` (wall time, compile included),
-      ``seconds_per_system``.
+      A :class:`PrecomputeResult` (arrays in the images' dtype). ``stats`` holds:
+      ``systems_solved`` (linear systems solved, frozen images excluded), ``matvecs`` (total),
+      ``matvecs_per_system``, ``nonconverged`` (linear solves that did not reach ``tol``),
+      ``sweeps`` ([B] per image: outer sweeps, or for ``outer="timestep"`` the fixed-point
+      iterations summed over the steps), ``outer_converged`` ([B] bool), ``outer_change`` ([B]
+      last relative change, "sweeps" only), ``fixed_point_iterations`` ([N-1] most iterations
+      of any image per step, "timestep" only), per image ``[B]``: ``systems_per_image``,
+      ``matvecs_per_image``, ``nonconverged_per_image``; ``seconds`` (wall time, compilation
+      included unless :func:`precompile` ran first), ``seconds_per_system``,
+      ``compile_seconds`` (compilation inside this call), ``devices`` (1, or the number of
+      devices of a sharded run).
     """
     images = validate_images(images)
     B, C, H, W = images.shape
-    if not 0 <= config.seed_image < B:
-        raise ValueError(f"config.seed_image: expected an index in [0, {B}), got "
-                         f"{config.seed_image}")
-    dtype = images.dtype
+    _check_seed(config, B)
     start = time.perf_counter()
+    images = jnp.asarray(images)  # float64 becomes float32 when x64 is off
+    dtype = np.dtype(images.dtype)
+    devices = _devices(config)
+    Bp = _padded_count(config, B)
+    if Bp > B:
+        images = jnp.concatenate([images, jnp.repeat(images[-1:], Bp - B, axis=0)])
     kw = {"key": key} if config.initial == "paper_a_kde" else {}
     m0 = initial.initial_log_density(images, method=config.initial, **kw).astype(dtype)
-    S, N = B * C, config.num_steps
+    S, N = Bp * C, config.num_steps
     m0s = m0.reshape(S, H, W)
-    t, dt, sweep, timestep_run = _build(config, B, C, H, W, dtype)
+    compile_seconds = precompile((Bp, C, H, W), dtype, config)
+    progs = _build(config, Bp, C, H, W, dtype, devices)
 
     stats: dict[str, Any] = {}
     if config.outer == "sweeps":
@@ -287,51 +427,61 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
         else:
             lag = jnp.broadcast_to(_score(config, m0s), (N, S, 2, H, W))
         m_old = jnp.broadcast_to(m0s, (N, S, H, W))
-        active = np.ones(B, bool)
-        sweeps = np.zeros(B, np.int32)
-        change = np.full(B, np.inf)
-        systems = matvecs = nonconv = 0
+        active = np.ones(Bp, bool)
+        sweeps = np.zeros(Bp, np.int32)
+        change = np.full(Bp, np.inf)
+        systems = np.zeros(Bp, np.int64)
+        matvecs = np.zeros(Bp, np.int64)
+        nonconv = np.zeros(Bp, np.int64)
         for k in range(config.max_sweeps):
-            act_s = jnp.asarray(np.repeat(active, C))
-            m_new, conv, mv = sweep(m0s, lag, m_old, act_s)
-            ch = np.asarray(_relative_change(
-                jnp.swapaxes(m_new, 0, 1).reshape(B, -1), jnp.swapaxes(m_old, 0, 1).reshape(B, -1),
-                1))
+            act_s = np.repeat(active, C)
+            m_new, lag, conv, mv, dsq, osq = progs.sweep(m0s, lag, m_old, act_s)
+            dsq = np.asarray(dsq).reshape(Bp, C).sum(1)
+            osq = np.asarray(osq).reshape(Bp, C).sum(1)
+            ch = np.sqrt(dsq) / np.maximum(np.sqrt(osq), np.finfo(dtype).tiny)
             change = np.where(active, ch, change)
-            systems += int(active.sum()) * C * (N - 1)
-            matvecs += int(np.asarray(mv).sum())
-            nonconv += int((~np.asarray(conv)).sum())
+            systems += active * C * (N - 1)
+            matvecs += _per_image(mv, Bp, C)
+            nonconv += _per_image(~np.asarray(conv), Bp, C)
             sweeps += active
-            lag = _score(config, m_new)
             m_old = m_new
             active = active & ~(change <= config.outer_tol)
             if progress is not None:
-                progress(k + 1, config.max_sweeps, dict(active=int(active.sum()),
-                                                        max_change=float(change.max()),
-                                                        systems=systems))
+                progress(k + 1, config.max_sweeps, dict(active=int(active[:B].sum()),
+                                                        max_change=float(change[:B].max()),
+                                                        systems=int(systems[:B].sum())))
             if not active.any():
                 break
-        m_all = m_old
-        stats.update(sweeps=sweeps, outer_converged=~active, outer_change=change)
+        m_all, scores = m_old, lag
+        stats.update(sweeps=sweeps[:B], outer_converged=~active[:B], outer_change=change[:B])
     else:
-        m_all, conv, mv, its, unconv = timestep_run(m0s)
-        its = np.asarray(its)
-        mvn = np.asarray(mv)
-        systems = int(its.sum()) * S  # upper bound: frozen images counted per iteration
-        matvecs = int(mvn.sum())
-        nonconv = int((~np.asarray(conv)).sum())
-        stats.update(fixed_point_iterations=its,
-                     outer_converged=~np.asarray(unconv).any(axis=0),
-                     fixed_point_unconverged_steps=int(np.asarray(unconv).sum()))
+        m_all, scores, conv, mv, nit, unconv = progs.timestep_run(m0s)
+        nit = np.asarray(nit)
+        unconv_img = np.asarray(unconv).reshape(N - 1, Bp, C)[..., 0]  # [N-1, Bp]
+        its_img = nit.reshape(N - 1, Bp, C)[..., 0].sum(axis=0)
+        systems = _per_image(nit, Bp, C)
+        matvecs = _per_image(mv, Bp, C)
+        nonconv = _per_image(~np.asarray(conv), Bp, C)
+        stats.update(sweeps=its_img[:B].astype(np.int32),
+                     fixed_point_iterations=nit[:, :B * C].max(axis=1),
+                     outer_converged=~unconv_img[:, :B].any(axis=0),
+                     fixed_point_unconverged_steps=int(unconv_img[:, :B].sum()))
         if progress is not None:
-            progress(1, 1, dict(systems=systems))
+            progress(1, 1, dict(systems=int(systems[:B].sum())))
+    if devices is not None:  # gather the shards onto the default device
+        m_all, scores = jnp.asarray(np.asarray(m_all)), jnp.asarray(np.asarray(scores))
     m_all = jax.block_until_ready(m_all)
     seconds = time.perf_counter() - start
-    scores = _score(config, m_all)  # [N, S, 2, H, W]
-    log_density = jnp.moveaxis(m_all.reshape(N, B, C, H, W), 0, 2)
-    scores = jnp.moveaxis(scores.reshape(N, B, C, 2, H, W), 0, 2)
-    stats.update(systems_solved=systems, matvecs=matvecs,
-                 matvecs_per_system=matvecs / max(systems, 1), nonconverged=nonconv,
-                 seconds=seconds, seconds_per_system=seconds / max(systems, 1),
-                 strategy=config.strategy)
-    return PrecomputeResult(log_density=log_density, scores=scores, t=t, dt=dt, stats=stats)
+    log_density = jnp.moveaxis(m_all.reshape(N, Bp, C, H, W)[:, :B], 0, 2)
+    scores = jnp.moveaxis(scores.reshape(N, Bp, C, 2, H, W)[:, :B], 0, 2)
+    systems, matvecs, nonconv = systems[:B], matvecs[:B], nonconv[:B]
+    total = int(systems.sum())
+    stats.update(systems_solved=total, matvecs=int(matvecs.sum()),
+                 matvecs_per_system=int(matvecs.sum()) / max(total, 1),
+                 nonconverged=int(nonconv.sum()), systems_per_image=systems,
+                 matvecs_per_image=matvecs, nonconverged_per_image=nonconv,
+                 seconds=seconds, seconds_per_system=seconds / max(total, 1),
+                 compile_seconds=compile_seconds, strategy=config.strategy,
+                 devices=1 if devices is None else len(devices))
+    t = progs.t
+    return PrecomputeResult(log_density=log_density, scores=scores, t=t, dt=progs.dt, stats=stats)
