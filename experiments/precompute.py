@@ -1,0 +1,158 @@
+r"""Pre-compute scores and embedded trajectories of a set of images into a resumable store.
+
+Usage::
+
+    python -m experiments.precompute --config=experiments/configs/demo.py --workdir=runs/pre \
+        [--config.num_images=8 --config.precompute.strategy=spsolve ...]
+
+Writes ``<workdir>/store`` (a :class:`krylovjax.store.ScoreStore`: log-densities, scores,
+embedded trajectories, per-image solver statistics) and ``<workdir>/precompute_summary.json``,
+and prints a summary table. Re-running with the same workdir resumes: finished chunks are
+skipped; another config or other images are refused.
+
+Multi-host: run one copy per process with ``--coordinator_address=host:port
+--num_processes=P --process_id=i`` (or the environment variables ``JAX_COORDINATOR_ADDRESS``,
+``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``); each process computes the chunks ``i % P == id`` on
+its local devices, process 0 creates the store and, once every chunk is done, writes the
+summary (the others write ``precompute_summary_process<i>.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (experiments/configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: store/ and precompute_summary.json.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0 for jax.distributed (multi-host runs).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host runs).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-host runs).")
+flags.DEFINE_float("wait_s", 3600.0,
+                   "Multi-host: how long process 0 waits for the other processes' chunks.")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _init_distributed():
+    """jax.distributed.initialize from the flags or the JAX_* environment variables."""
+    import jax
+
+    address = FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not address:
+        return
+    nproc = FLAGS.num_processes if FLAGS.num_processes is not None else os.environ.get(
+        "JAX_NUM_PROCESSES")
+    pid = FLAGS.process_id if FLAGS.process_id is not None else os.environ.get("JAX_PROCESS_ID")
+    jax.distributed.initialize(coordinator_address=address,
+                               num_processes=None if nproc is None else int(nproc),
+                               process_id=None if pid is None else int(pid))
+
+
+def precompute_config(p):
+    """The ``precompute`` block of a config file -> :class:`PrecomputeConfig`."""
+    from krylovjax.precompute import PrecomputeConfig
+
+    d = dict(p.to_dict())
+    d["sde_kwargs"] = tuple(sorted(dict(d.get("sde_kwargs") or {}).items()))
+    if d.get("chunk_size") == 0:
+        d["chunk_size"] = None
+    return PrecomputeConfig(**d)
+
+
+def load(cfg):
+    """The config's images as numpy ``[B, C, H, W]`` in the computation dtype."""
+    import numpy as np
+
+    from krylovjax.data import load_images
+
+    if cfg.dataset == "builtin":
+        images = load_images("builtin", size=cfg.image_size, num_images=cfg.num_images,
+                             seed=cfg.data_seed)
+    else:
+        images = load_images(cfg.dataset, split=cfg.split, data_dir=cfg.data_dir or None,
+                             size=cfg.image_size, class_filter=cfg.class_filter or None,
+                             num_images=cfg.num_images)
+    return images.astype(np.dtype(cfg.dtype))
+
+
+def _table(rows):
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cfg = FLAGS.config
+    if cfg.dtype not in ("float32", "float64"):
+        raise app.UsageError(f"--config.dtype: expected float32 or float64, got {cfg.dtype!r}")
+    _init_distributed()
+    import jax
+
+    jax.config.update("jax_enable_x64", cfg.dtype == "float64")
+    from krylovjax import pipeline
+    from krylovjax.data import DatasetNotPreparedError
+
+    pcfg = precompute_config(cfg.precompute)
+    try:
+        images = load(cfg)
+    except DatasetNotPreparedError as err:
+        sys.exit(f"error: {err}")
+    logging.info("%d images %s (%s), %d process(es), %d local device(s)", images.shape[0],
+                 images.shape[1:], cfg.dataset, jax.process_count(), jax.local_device_count())
+
+    summary = pipeline.run_precompute(
+        images, pcfg, FLAGS.workdir, chunk_images=cfg.chunk_images, store_dtype=cfg.store_dtype,
+        embed_component=cfg.embed_component, seed=cfg.seed, progress=FLAGS.progress)
+    run = summary.to_dict()
+    store = pipeline.open_store(FLAGS.workdir, images, pcfg, chunk_images=cfg.chunk_images,
+                                store_dtype=cfg.store_dtype, embed_component=cfg.embed_component,
+                                seed=cfg.seed, process_index=summary.process_index,
+                                process_count=summary.process_count)
+    if summary.process_index == 0:
+        deadline = time.monotonic() + FLAGS.wait_s
+        while not store.is_complete() and time.monotonic() < deadline:
+            time.sleep(0.5)
+    totals = pipeline.summarize_store(store) if store.is_complete() else None
+
+    rows = [("images (this run)", f"{run['images_computed']} of {run['num_images']} "
+             f"({run['chunks_skipped']} chunk(s) already done)"),
+            ("systems solved", f"{run['systems_solved']}"),
+            ("matvecs / system", f"{run['matvecs'] / max(run['systems_solved'], 1):.1f}"),
+            ("non-converged solves", f"{run['nonconverged']}"),
+            ("sweeps / image", f"mean {run['sweeps_mean']:.2f}, max {run['sweeps_max']}"),
+            ("images short of outer_tol", f"{run['outer_nonconverged']}"),
+            ("seconds", f"{run['seconds']:.2f} (compile {run['compile_seconds']:.2f})"),
+            ("systems / s", f"{run['systems_per_second']:.1f}")]
+    if totals is not None:
+        rows += [("store: images", f"{totals['images']} (complete)"),
+                 ("store: systems solved", f"{totals['systems_solved']}"),
+                 ("store: matvecs / system", f"{totals['matvecs_per_system']:.1f}"),
+                 ("store: non-converged", f"{totals['nonconverged']}"),
+                 ("store: sweeps / image", f"mean {totals['sweeps_mean']:.2f}, "
+                                           f"max {totals['sweeps_max']}")]
+    print(f"\nprecompute summary ({pcfg.strategy}, process {summary.process_index}/"
+          f"{summary.process_count}):\n" + _table(rows), flush=True)
+
+    out = {"run": run, "store": totals, "config": cfg.to_dict(),
+           "machine": {"platform": platform.platform(), "backend": jax.default_backend(),
+                       "local_devices": jax.local_device_count(),
+                       "jax": jax.__version__}}
+    name = ("precompute_summary.json" if summary.process_index == 0
+            else f"precompute_summary_process{summary.process_index}.json")
+    with open(os.path.join(FLAGS.workdir, name), "w") as f:
+        json.dump(out, f, indent=1)
+    logging.info("wrote %s", os.path.join(FLAGS.workdir, name))
+
+
+if __name__ == "__main__":
+    app.run(main)
