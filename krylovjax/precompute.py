@@ -323,6 +323,18 @@ def _build(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype: np.d
     return _Programs(t, dt, sweep, timestep_run, specs)
 
 
+def _program_config(config: PrecomputeConfig) -> PrecomputeConfig:
+    """The config with the fields its compiled programs do not read normalised (cache key):
+    the sweep budget and the outer test of "sweeps" run on the host."""
+    if config.outer == "sweeps":
+        return dataclasses.replace(config, max_sweeps=1, outer_tol=1.0, max_fixed_point=1)
+    return dataclasses.replace(config, max_sweeps=1, lag_init="initial")
+
+
+def _programs(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype) -> _Programs:
+    return _build(_program_config(config), B, C, H, W, np.dtype(dtype), _devices(config))
+
+
 def _padded_count(config: PrecomputeConfig, B: int) -> int:
     """Image count after padding to a multiple of the device count (sharded runs)."""
     devices = _devices(config)
@@ -364,7 +376,7 @@ def precompile(images_shape, dtype, config: PrecomputeConfig = PrecomputeConfig(
     B, C, H, W = (int(d) for d in images_shape)
     _check_seed(config, B)
     start = time.perf_counter()
-    progs = _build(config, _padded_count(config, B), C, H, W, dtype, _devices(config))
+    progs = _programs(config, _padded_count(config, B), C, H, W, dtype)
     name = "sweep" if config.outer == "sweeps" else "timestep_run"
     getattr(progs, name).lower(*progs.arg_specs[name]).compile()
     return time.perf_counter() - start
@@ -418,7 +430,7 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
     S, N = Bp * C, config.num_steps
     m0s = m0.reshape(S, H, W)
     compile_seconds = precompile((Bp, C, H, W), dtype, config)
-    progs = _build(config, Bp, C, H, W, dtype, devices)
+    progs = _programs(config, Bp, C, H, W, dtype)
 
     stats: dict[str, Any] = {}
     if config.outer == "sweeps":
