@@ -1,0 +1,454 @@
+"""Helpers for the experiment binaries: run directories, timing, tables, JSON and figures.
+
+Nothing here is numerics of the method; these are the small pieces every experiment binary
+(``experiments/denoise.py``, ``budget.py``, ``generate.py``) shares:
+
+* :func:`claim_workdir`: a run directory remembers the config it was made for
+  (``<workdir>/experiment.json``); another config is refused with the differing keys named,
+  before anything in the directory is touched;
+* :func:`noisy_copy`: Paper A's test input ``clamp(x + std z, 0, 1)`` with a fixed seed;
+* :func:`first_reaching`, :func:`read_metrics`: time-to-target from the ``metrics.jsonl`` of a
+  :func:`krylovjax.training.train` run;
+* :class:`Stopwatch`, :func:`markdown_table`, :func:`write_json`, :func:`image_grid`,
+  :func:`plot_curves` (matplotlib with the Agg backend, PNG).
+
+Images are ``[B, C, H, W]`` (or ``[C, H, W]``) float arrays in [0, 1], as everywhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import tempfile
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "Stopwatch",
+    "WorkdirConflictError",
+    "claim_workdir",
+    "config_diff",
+    "check_target",
+    "check_positive_seconds",
+    "noisy_copy",
+    "read_metrics",
+    "first_reaching",
+    "markdown_table",
+    "format_seconds",
+    "write_json",
+    "write_text",
+    "machine_info",
+    "image_grid",
+    "plot_curves",
+    "quiet_orbax_logs",
+]
+
+_CLAIM_FILE = "experiment.json"
+
+
+class WorkdirConflictError(ValueError):
+    """The work directory holds another run (another config or another experiment)."""
+
+
+class Stopwatch:
+    """Wall-clock timer (``time.perf_counter``) as a context manager: ``with Stopwatch() as sw:``
+    ... ``sw.seconds``. While running, ``seconds`` is the time so far."""
+
+    def __init__(self):
+        self._start: float | None = None
+        self._stop: float | None = None
+
+    def __enter__(self) -> "Stopwatch":
+        self._start = time.perf_counter()
+        self._stop = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        if self._start is None:
+            return 0.0
+        end = self._stop if self._stop is not None else time.perf_counter()
+        return end - self._start
+
+
+# ----------------------------------------------------------------------------------------------
+# Run directories
+# ----------------------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """JSON-plain copy: ConfigDicts and mappings to dicts, tuples to lists, numpy scalars out."""
+    if hasattr(value, "to_dict") and callable(value.to_dict):
+        value = value.to_dict()
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def config_diff(stored: Any, given: Any, prefix: str = "") -> list[str]:
+    """Dotted keys at which two (nested) configs differ, e.g. ``["ours.train.lr"]``."""
+    stored, given = _plain(stored), _plain(given)
+    if isinstance(stored, dict) and isinstance(given, dict):
+        out: list[str] = []
+        for k in sorted(set(stored) | set(given)):
+            key = f"{prefix}.{k}" if prefix else k
+            if k not in stored or k not in given:
+                out.append(key)
+            else:
+                out.extend(config_diff(stored[k], given[k], key))
+        return out
+    if isinstance(stored, float) or isinstance(given, float):
+        try:
+            if float(stored) == float(given):
+                return []
+        except (TypeError, ValueError):
+            pass
+    return [] if stored == given else [prefix or "<root>"]
+
+
+def claim_workdir(workdir: str | os.PathLike, experiment: str, config: Any) -> bool:
+    """Make ``workdir`` the run directory of ``experiment`` with ``config``, or refuse.
+
+    The first call writes ``<workdir>/experiment.json`` (``{"experiment": ..., "config": ...}``).
+    A later call with the same experiment and config succeeds (a re-run or resume); one with
+    another experiment or config raises :class:`WorkdirConflictError` (a ``ValueError``) naming
+    the differing keys, and leaves the directory untouched. A non-empty directory without the
+    claim file is refused too (it holds something else).
+
+    Args:
+      workdir: the run directory (created if missing).
+      experiment: the binary's name, e.g. ``"denoise"``.
+      config: its config (``ml_collections.ConfigDict`` or a JSON-able mapping).
+
+    Returns:
+      True if the directory was claimed now (fresh), False if it already held this run.
+    """
+    workdir = os.fspath(workdir)
+    record = {"experiment": experiment, "config": _plain(config)}
+    path = os.path.join(workdir, _CLAIM_FILE)
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                stored = json.load(f)
+        except (OSError, json.JSONDecodeError) as err:
+            raise WorkdirConflictError(
+                f"workdir: {path!r} is unreadable ({err}); refusing to write into {workdir!r}") from err
+        if stored.get("experiment") != experiment:
+            raise WorkdirConflictError(
+                f"workdir: {workdir!r} holds a {stored.get('experiment')!r} run, not {experiment!r}; "
+                "use another --workdir")
+        diff = config_diff(stored.get("config"), record["config"])
+        if diff:
+            shown = ", ".join(diff[:12]) + (" ..." if len(diff) > 12 else "")
+            raise WorkdirConflictError(
+                f"workdir: {workdir!r} holds another run's config (differs at: {shown}); "
+                "use another --workdir (nothing there was changed)")
+        return False
+    if os.path.isdir(workdir) and os.listdir(workdir):
+        raise WorkdirConflictError(
+            f"workdir: {workdir!r} is not empty and is not a {experiment!r} run directory "
+            f"(no {_CLAIM_FILE}); use an empty or new --workdir")
+    os.makedirs(workdir, exist_ok=True)
+    write_json(path, record)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks
+# ----------------------------------------------------------------------------------------------
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def check_target(value: Any, name: str = "target") -> float:
+    """An SSIM target: a finite number in (0, 1]; returns it as float, else ValueError."""
+    if not (_real(value) and math.isfinite(float(value)) and 0.0 < float(value) <= 1.0):
+        raise ValueError(f"{name}: expected an SSIM target in (0, 1], got {value!r}")
+    return float(value)
+
+
+def check_positive_seconds(value: Any, name: str = "budget_seconds") -> float:
+    """A time budget: a finite number of seconds > 0; returns it as float, else ValueError."""
+    if not (_real(value) and math.isfinite(float(value)) and float(value) > 0):
+        raise ValueError(f"{name}: expected a finite number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+def noisy_copy(images, std: float, seed: int, *, clamp: bool = True) -> np.ndarray:
+    """Paper A's noisy test input ``clamp(x + std z, 0, 1)``, ``z ~ N(0, I)`` (method.md 6).
+
+    The noise comes from ``numpy.random.default_rng(seed)`` (standard normal, float64, then
+    cast), so a seed gives the same noisy image in float32 and float64 and on every machine.
+
+    Args:
+      images: ``[B, C, H, W]`` float32/float64 in [0, 1].
+      std: noise standard deviation, finite and > 0 (Paper A: 0.506).
+      seed: integer seed.
+      clamp: clamp to [0, 1] (Paper A does); False gives ``x + std z``.
+
+    Returns:
+      numpy array like ``images`` (same shape and dtype).
+    """
+    x = np.asarray(images)
+    if x.ndim != 4:
+        raise ValueError(f"images: expected shape [B, C, H, W], got {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"images: expected a floating dtype, got {x.dtype}")
+    if not (_real(std) and math.isfinite(float(std)) and float(std) > 0):
+        raise ValueError(f"std: expected a finite noise level > 0, got {std!r}")
+    z = np.random.default_rng(int(seed)).standard_normal(x.shape)
+    y = x.astype(np.float64) + float(std) * z
+    if clamp:
+        y = np.clip(y, 0.0, 1.0)
+    return y.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training records
+# ----------------------------------------------------------------------------------------------
+
+
+def read_metrics(train_workdir: str | os.PathLike, kind: str | None = None) -> list[dict]:
+    """The records of ``<train_workdir>/metrics.jsonl`` (of :func:`krylovjax.training.train`),
+    optionally only those of ``kind`` ("start", "train", "eval"); a half-written line is skipped."""
+    path = os.path.join(os.fspath(train_workdir), "metrics.jsonl")
+    out = []
+    if not os.path.exists(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if kind is None or rec.get("kind") == kind:
+                out.append(rec)
+    return out
+
+
+def first_reaching(records: Iterable[Mapping], key: str, target: float) -> dict | None:
+    """The first eval record (in order) whose ``key`` is ``>= target``, or None.
+
+    ``records`` are dicts with ``step``, ``train_seconds`` and ``key`` (the "eval" records of a
+    training run); records without ``key`` are skipped.
+    """
+    for rec in records:
+        v = rec.get(key)
+        if v is not None and math.isfinite(float(v)) and float(v) >= target:
+            return dict(rec)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+
+
+def format_seconds(s: float | None, digits: int = 1) -> str:
+    """``12.3 s``, or ``-`` for None."""
+    if s is None or (isinstance(s, float) and not math.isfinite(s)):
+        return "-"
+    return f"{s:.{digits}f} s"
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A GitHub Markdown table; floats get 4 significant digits, None becomes ``-``."""
+
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, (float, np.floating)):
+            return f"{float(v):.4g}"
+        return str(v).replace("|", "\\|")
+
+    headers = [str(h) for h in headers]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for r in rows:
+        r = list(r)
+        if len(r) != len(headers):
+            raise ValueError(f"rows: expected {len(headers)} cells per row, got {len(r)}: {r!r}")
+        lines.append("| " + " | ".join(cell(v) for v in r) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` atomically (temporary file + rename)."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON atomically (numpy values converted; NaN/Inf as null)."""
+
+    def clean(v: Any) -> Any:
+        v = _plain(v)
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        return v
+
+    write_text(path, json.dumps(clean(obj), indent=1, sort_keys=False) + "\n")
+
+
+def machine_info() -> dict:
+    """Machine, software and date for the tables."""
+    import jax
+
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "x64": bool(jax.config.jax_enable_x64),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _to_hwc(img: np.ndarray) -> np.ndarray:
+    img = np.asarray(img, dtype=np.float64)
+    if img.ndim != 3:
+        raise ValueError(f"images: expected [C, H, W] panels, got shape {img.shape}")
+    img = np.clip(np.moveaxis(img, 0, -1), 0.0, 1.0)
+    return img[..., 0] if img.shape[-1] == 1 else img
+
+
+def image_grid(path: str | os.PathLike, rows: Sequence[Any], *, row_labels: Sequence[str] | None = None,
+               col_labels: Sequence[Sequence[str]] | Sequence[str] | None = None, title: str | None = None,
+               panel_inches: float = 1.3) -> None:
+    """Save a grid of images as a PNG (matplotlib, Agg backend).
+
+    Args:
+      path: output ``.png`` path.
+      rows: a sequence of rows, each ``[K, C, H, W]`` (or a list of ``[C, H, W]``) in [0, 1];
+        rows may have different lengths (missing panels stay blank). Values are clipped to
+        [0, 1] for display; 1-channel images are shown in grey.
+      row_labels: one label per row (left).
+      col_labels: titles over the panels: one list for all rows, or one list per row.
+      title: figure title.
+      panel_inches: size of one panel.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [[np.asarray(p) for p in r] for r in rows]
+    if not rows or not any(rows):
+        raise ValueError("rows: expected at least one image")
+    nrow, ncol = len(rows), max(len(r) for r in rows)
+    per_row = None
+    if col_labels is not None and len(col_labels) and not isinstance(col_labels[0], str):
+        per_row = [list(c) for c in col_labels]
+    fig, axes = plt.subplots(nrow, ncol, figsize=(panel_inches * ncol + (0.9 if row_labels else 0.2),
+                                                  panel_inches * nrow + (0.5 if title else 0.15)),
+                             squeeze=False)
+    for i, r in enumerate(rows):
+        for j in range(ncol):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_visible(False)
+            if j >= len(r):
+                ax.axis("off")
+                continue
+            img = _to_hwc(r[j])
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+            lab = None
+            if per_row is not None and i < len(per_row) and j < len(per_row[i]):
+                lab = per_row[i][j]
+            elif per_row is None and col_labels is not None and i == 0 and j < len(col_labels):
+                lab = col_labels[j]
+            if lab:
+                ax.set_title(str(lab), fontsize=7)
+        if row_labels is not None and i < len(row_labels):
+            axes[i][0].set_ylabel(str(row_labels[i]), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    fig.savefig(os.fspath(path), dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(path: str | os.PathLike, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
+                xlabel: str, ylabel: str, hlines: Sequence[float] = (), title: str | None = None) -> None:
+    """Save line plots ``{label: (x, y)}`` as a PNG, with optional horizontal lines (targets)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    for label, (x, y) in curves.items():
+        ax.plot(list(x), list(y), marker=".", label=str(label))
+    for h in hlines:
+        ax.axhline(float(h), color="grey", lw=0.8, ls="--")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    fig.savefig(os.fspath(path), dpi=110)
+    plt.close(fig)
+
+
+class _QuietOrbax(logging.Filter):
+    """Drop orbax's per-save INFO chatter and its read-only-manager notices (other warnings and
+    errors pass)."""
+
+    def filter(self, record):
+        if "orbax" not in record.pathname:
+            return True
+        if record.levelno >= logging.ERROR:
+            return True
+        msg = str(record.msg)
+        return record.levelno >= logging.WARNING and "read_only" not in msg and "read only" not in msg
+
+
+def quiet_orbax_logs() -> None:
+    """Silence orbax's INFO messages on the absl handler (binaries call this in ``main``)."""
+    from absl import logging as absl_logging
+
+    absl_logging.get_absl_handler().addFilter(_QuietOrbax())
