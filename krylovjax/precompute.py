@@ -79,6 +79,12 @@ class PrecomputeConfig:
       seed_image: index of the seed image of the cross-matrix strategies.
       warm_start: start each solve from the previous sweep's (or iterate's) solution.
       shard: split the systems over all local devices (see the module docstring).
+      forcing: inexact sweeps ("sweeps" only, Krylov strategies): sweep k solves an image's
+        systems to the relative residual ``clip(forcing * change_{k-1}, tol, forcing)``
+        instead of ``tol``, where ``change_{k-1}`` is the image's last relative change (the
+        first sweep uses ``forcing``). Early sweeps, whose lagged scores are still far from the
+        fixed point, are then solved only as accurately as they are useful; the last sweeps
+        reach ``tol``. 0 (default) solves every sweep to ``tol``.
     """
 
     sde: str = "ve"
@@ -107,6 +113,7 @@ class PrecomputeConfig:
     seed_image: int = 0
     warm_start: bool = True
     shard: bool = False
+    forcing: float = 0.0
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -129,6 +136,11 @@ class PrecomputeConfig:
             raise ValueError(f"shard: expected a bool, got {self.shard!r}")
         if not isinstance(self.seed_image, int) or self.seed_image < 0:
             raise ValueError(f"seed_image: expected an integer >= 0, got {self.seed_image!r}")
+        if not (isinstance(self.forcing, (int, float)) and 0 <= self.forcing < 1):
+            raise ValueError(f"forcing: expected a number in [0, 1), got {self.forcing!r}")
+        if self.forcing > 0 and self.outer != "sweeps":
+            raise ValueError(f"forcing: inexact solves are for outer='sweeps', got outer="
+                             f"{self.outer!r} (use forcing=0)")
         for name in ("outer_tol", "tol", "h"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and np.isfinite(v) and v > 0):
@@ -143,7 +155,8 @@ class PrecomputeConfig:
         return cross_matrix.SolverConfig(
             **cross_matrix.PRESETS[self.strategy], projection=self.projection,
             basis_size=self.basis_size, seed_index=self.seed_image * num_channels,
-            tol=self.tol, restart=self.restart, max_restarts=self.max_restarts,
+            tol=self.tol, atol=1.0 if self.forcing > 0 else 0.0,
+            restart=self.restart, max_restarts=self.max_restarts,
             chunk_size=self.chunk_size)
 
     def to_dict(self) -> dict[str, Any]:
@@ -170,19 +183,59 @@ class PrecomputeResult(NamedTuple):
     stats: dict
 
 
+def _spsolve_active(op, b, active):
+    """scipy ``spsolve`` (the paper's baseline, as :func:`krylovjax.reference.spsolve`: one
+    ``to_scipy(i).tocsc()`` assembly and solve per system) of the *active* systems only, from
+    jitted code via ``jax.pure_callback``; inactive rows come back as 0."""
+    import scipy.sparse.linalg as spla
+
+    leaves, treedef = jax.tree_util.tree_flatten(op)
+
+    def host(b_host, active_host, *leaves_host):
+        op_host = jax.tree_util.tree_unflatten(treedef, [np.asarray(a) for a in leaves_host])
+        b_host = np.asarray(b_host)
+        x = np.zeros(b_host.shape, b_host.dtype)
+        for i in np.flatnonzero(np.asarray(active_host)):
+            A = op_host.to_scipy(int(i)).tocsc()
+            x[i] = spla.spsolve(A, b_host[i].ravel().astype(np.float64)).reshape(b.shape[1:])
+        return x
+
+    return jax.pure_callback(host, jax.ShapeDtypeStruct(b.shape, b.dtype), b, active, *leaves,
+                             vmap_method="sequential")
+
+
 def _step_solver(config: PrecomputeConfig, num_channels: int):
-    """(op, b, x0) -> (x, converged [S], matvecs [S]) for one step's batch of systems."""
+    """(op, b, x0, active) -> (x, converged [S], matvecs [S]) for one step's batch of systems.
+
+    Systems with ``active`` False (images whose outer iteration has converged) are not solved:
+    spsolve skips them (as Paper B's code skips converged images), and the Krylov solvers get
+    ``b = 0, x0 = 0`` for them, which they return at once with no matvec; only the cross-matrix
+    seed system keeps its real problem, since its basis serves the other systems. The caller
+    discards the results of inactive systems."""
+    seed = config.seed_image * num_channels
     if config.strategy == "spsolve":
-        def solve(op, b, x0):
-            x = reference.spsolve_in_jit(op, b)
+        def solve(op, b, x0, active, tol=None):
+            x = _spsolve_active(op, b, active)
             S = b.shape[0]
             return x, jnp.ones((S,), bool), jnp.zeros((S,), jnp.int32)
         return solve
     scfg = config.solver_config(num_channels)
 
-    def solve(op, b, x0):
-        res = cross_matrix.solve_fp(op, b, scfg, x0=x0)
-        return res.x, res.converged, res.num_matvecs
+    def solve(op, b, x0, active, tol=None):
+        keep = (active if scfg.method == "gmres" else active.at[seed].set(True))[:, None, None]
+        b = jnp.where(keep, b, 0.0)
+        x0 = None if x0 is None else jnp.where(keep, x0, 0.0)
+        if tol is None:
+            res = cross_matrix.solve_fp(op, b, scfg, x0=x0)
+            return res.x, res.converged, res.num_matvecs
+        # Per-system tolerances through the static config: with atol = 1 the solver stops at
+        # ||c r|| <= max(tol ||c b||, 1); the scale c = 1 / (tol_i ||b||) makes that
+        # ||r|| <= tol_i ||b|| (tol_i >= tol). The systems are linear: solve for c x.
+        bn = jnp.sqrt(jnp.sum(b * b, axis=(1, 2)))
+        c = jnp.where(bn > 0, 1.0 / (tol.astype(b.dtype) * jnp.where(bn > 0, bn, 1.0)), 1.0)
+        res = cross_matrix.solve_fp(op, b * c[:, None, None], scfg,
+                                    x0=None if x0 is None else x0 * c[:, None, None])
+        return res.x / c[:, None, None], res.converged, res.num_matvecs
     return solve
 
 
@@ -218,7 +271,7 @@ def _devices(config: PrecomputeConfig):
 class _Programs(NamedTuple):
     t: Any
     dt: float
-    sweep: Any          # jitted (m0, lag, m_old, active) -> (m, lag, conv, mv, dsq, osq)
+    sweep: Any          # jitted (m0, lag, m_old, active, tol) -> (m, lag, conv, mv, dsq, osq)
     timestep_run: Any   # jitted m0 -> (m, scores, conv, mv, iterations, unconverged)
     arg_specs: dict     # ShapeDtypeStructs of the arguments, for ahead-of-time compilation
 
@@ -245,18 +298,23 @@ def _build(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype: np.d
                            None if f is None else jnp.broadcast_to(f, (s_loc, 2, H, W)),
                            scheme=config.scheme, boundary=config.boundary, dtype=dtype)
 
-    def sweep_local(m0, lag, m_old, active):
+    forcing = config.forcing > 0 and config.strategy != "spsolve"
+
+    def sweep_local(m0, lag, m_old, active, tol, first):
         """One Algorithm-1 sweep on (a shard of) the systems.
 
-        m0 [S,H,W]; lag [N,S,2,H,W]; m_old [N,S,H,W]; active [S]. Returns the new m
+        m0 [S,H,W]; lag [N,S,2,H,W]; m_old [N,S,H,W]; active [S]; tol [S] relative residual
+        tolerances (used with ``forcing`` only); first: scalar bool, the first sweep, whose
+        solves start from the previous time step's solution (m_old is only m0 then).
+        Returns the new m
         [N,S,H,W], its scores (next sweep's lagged score) [N,S,2,H,W], converged and matvecs
         [N-1,S], and per system sum((m - m_old)^2), sum(m_old^2) [S] for the outer test."""
         def step(m_prev, xs):
             g2, lag_n, x_old, f = xs
             op = make_op(g2, lag_n, f)
             b = op.rhs(m_prev)
-            x0 = x_old if config.warm_start else None
-            x, conv, mv = solve(op, b, x0)
+            x0 = jnp.where(first, m_prev, x_old) if config.warm_start else None
+            x, conv, mv = solve(op, b, x0, active, tol if forcing else None)
             x = jnp.where(active[:, None, None], x, x_old)
             return x, (x, conv | ~active, jnp.where(active, mv, 0))
         xs = (g2s[1:], lag[1:], m_old[1:], None if drifts is None else drifts[1:])
@@ -280,7 +338,7 @@ def _build(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype: np.d
             def body(state):
                 it, x, lag, act, conv, mv, nit = state
                 op = make_op(g2, lag, f)
-                xn, c, m = solve(op, op.rhs(m_prev), x if config.warm_start else None)
+                xn, c, m = solve(op, op.rhs(m_prev), x if config.warm_start else None, act)
                 xn = jnp.where(act[:, None, None], xn, x)
                 change = _relative_change(xn.reshape(b_loc, -1), x.reshape(b_loc, -1), 1)
                 img_act = act.reshape(b_loc, C)[:, 0] & (change > config.outer_tol)
@@ -302,7 +360,8 @@ def _build(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype: np.d
 
     specs = dict(
         sweep=(jax.ShapeDtypeStruct((S, H, W), dtype), jax.ShapeDtypeStruct((N, S, 2, H, W), dtype),
-               jax.ShapeDtypeStruct((N, S, H, W), dtype), jax.ShapeDtypeStruct((S,), jnp.bool_)),
+               jax.ShapeDtypeStruct((N, S, H, W), dtype), jax.ShapeDtypeStruct((S,), jnp.bool_),
+               jax.ShapeDtypeStruct((S,), dtype), jax.ShapeDtypeStruct((), jnp.bool_)),
         timestep_run=(jax.ShapeDtypeStruct((S, H, W), dtype),))
     if devices is None:
         return _Programs(t, dt, jax.jit(sweep_local), jax.jit(timestep_local), specs)
@@ -311,9 +370,9 @@ def _build(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype: np.d
     mesh = Mesh(np.asarray(devices), ("data",))
     sys0, sys1 = P("data"), P(None, "data")  # the system axis first / after the time axis
     sweep = jax.jit(
-        jax.shard_map(sweep_local, mesh=mesh, in_specs=(sys0, sys1, sys1, sys0),
+        jax.shard_map(sweep_local, mesh=mesh, in_specs=(sys0, sys1, sys1, sys0, sys0, P()),
                       out_specs=(sys1, sys1, sys1, sys1, sys0, sys0), check_vma=False),
-        in_shardings=tuple(NamedSharding(mesh, p) for p in (sys0, sys1, sys1, sys0)),
+        in_shardings=tuple(NamedSharding(mesh, p) for p in (sys0, sys1, sys1, sys0, sys0, P())),
         out_shardings=tuple(NamedSharding(mesh, p) for p in (sys1, sys1, sys1, sys1, sys0, sys0)))
     timestep_run = jax.jit(
         jax.shard_map(timestep_local, mesh=mesh, in_specs=(sys0,), out_specs=(sys1,) * 6,
@@ -412,7 +471,8 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
       of any image per step, "timestep" only), per image ``[B]``: ``systems_per_image``,
       ``matvecs_per_image``, ``nonconverged_per_image``; ``seconds`` (wall time, compilation
       included unless :func:`precompile` ran first), ``seconds_per_system``,
-      ``compile_seconds`` (compilation inside this call), ``devices`` (1, or the number of
+      ``compile_seconds`` (compilation inside this call), ``initial_seconds`` (the initial
+      log-density), ``devices`` (1, or the number of
       devices of a sharded run).
     """
     images = validate_images(images)
@@ -427,6 +487,8 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
         images = jnp.concatenate([images, jnp.repeat(images[-1:], Bp - B, axis=0)])
     kw = {"key": key} if config.initial == "paper_a_kde" else {}
     m0 = initial.initial_log_density(images, method=config.initial, **kw).astype(dtype)
+    m0 = jax.block_until_ready(m0)
+    initial_seconds = time.perf_counter() - start
     S, N = Bp * C, config.num_steps
     m0s = m0.reshape(S, H, W)
     compile_seconds = precompile((Bp, C, H, W), dtype, config)
@@ -447,7 +509,11 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
         nonconv = np.zeros(Bp, np.int64)
         for k in range(config.max_sweeps):
             act_s = np.repeat(active, C)
-            m_new, lag, conv, mv, dsq, osq = progs.sweep(m0s, lag, m_old, act_s)
+            tol_img = (np.clip(config.forcing * change, config.tol, config.forcing)
+                       if config.forcing > 0 else np.full(Bp, config.tol))
+            tol_s = np.repeat(tol_img, C).astype(dtype)
+            m_new, lag, conv, mv, dsq, osq = progs.sweep(m0s, lag, m_old, act_s, tol_s,
+                                                         np.asarray(k == 0))
             dsq = np.asarray(dsq).reshape(Bp, C).sum(1)
             osq = np.asarray(osq).reshape(Bp, C).sum(1)
             ch = np.sqrt(dsq) / np.maximum(np.sqrt(osq), np.finfo(dtype).tiny)
@@ -493,7 +559,8 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
                  nonconverged=int(nonconv.sum()), systems_per_image=systems,
                  matvecs_per_image=matvecs, nonconverged_per_image=nonconv,
                  seconds=seconds, seconds_per_system=seconds / max(total, 1),
-                 compile_seconds=compile_seconds, strategy=config.strategy,
+                 compile_seconds=compile_seconds, initial_seconds=initial_seconds,
+                 strategy=config.strategy,
                  devices=1 if devices is None else len(devices))
     t = progs.t
     return PrecomputeResult(log_density=log_density, scores=scores, t=t, dt=progs.dt, stats=stats)
