@@ -1,4 +1,5 @@
 """The pre-computation pipeline: Krylov strategies equal the spsolve reference on real images."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -111,3 +112,81 @@ def test_bad_config():
         PrecomputeConfig(num_steps=1)
     with pytest.raises(ValueError, match="seed_image"):
         precompute_scores(np.zeros((1, 3, 8, 8)), PrecomputeConfig(num_steps=3, seed_image=2))
+
+
+def test_per_image_stats(images, references):
+    ref = references["sweeps", "consistent"]
+    st = ref.stats
+    B, C, N = 3, 3, 5
+    np.testing.assert_array_equal(st["systems_per_image"], C * (N - 1) * st["sweeps"])
+    assert st["systems_per_image"].sum() == st["systems_solved"]
+    assert st["matvecs_per_image"].shape == (B,) and st["nonconverged_per_image"].shape == (B,)
+    assert st["initial_seconds"] > 0 and st["devices"] == 1
+    cfg = PrecomputeConfig(num_steps=5, strategy="gmres", max_sweeps=12, chunk_size=4)
+    res = precompute_scores(images, cfg)
+    assert res.stats["matvecs_per_image"].sum() == res.stats["matvecs"]
+    # Image 1 alone: its per-image count is the same as in the batch (gmres has no seed).
+    alone = precompute_scores(images[1:2], cfg)
+    assert alone.stats["matvecs"] == res.stats["matvecs_per_image"][1]
+    tstep = references["timestep", "consistent"].stats
+    assert tstep["fixed_point_iterations"].shape == (N - 1,)
+    assert np.all(tstep["sweeps"] <= (N - 1) * 5) and np.all(tstep["sweeps"] >= N - 1)
+    np.testing.assert_array_equal(tstep["systems_per_image"], C * tstep["sweeps"])
+
+
+def _one_step(images):
+    """The systems of the first step of sweep 1 for `images`: (op [S], b [S, H, W])."""
+    from krylovjax import initial, scores, sde as sde_lib
+    from krylovjax.fokker_planck import fp_operator
+
+    m0 = initial.initial_log_density(images)
+    S, H, W = m0.shape[0] * m0.shape[1], m0.shape[2], m0.shape[3]
+    t, dt = sde_lib.time_grid(5)
+    op = fp_operator(sde_lib.VESDE(5.0).g2(t[1]), dt, 1.0,
+                     scores.score(m0).reshape(S, 2, H, W))
+    return op, op.rhs(m0.reshape(S, H, W))
+
+
+@pytest.mark.parametrize("strategy", ["spsolve", "gmres", "cross_matrix_precond"])
+def test_inactive_systems_are_not_solved(images, strategy):
+    from krylovjax import reference
+    from krylovjax.precompute import _step_solver
+
+    op, b = _one_step(images)
+    active = jnp.array([False, False, True, True, False, True, False, False, False])
+    x0 = jnp.ones_like(b)
+    cfg = PrecomputeConfig(strategy=strategy, num_steps=5, tol=1e-11, chunk_size=4)
+    x, conv, mv = jax.jit(_step_solver(cfg, 3))(op, b, x0, active)
+    ref = reference.spsolve(op, np.asarray(b)).x
+    act = np.asarray(active)
+    np.testing.assert_allclose(np.asarray(x)[act], ref[act], rtol=1e-9, atol=1e-9)
+    assert np.all(np.asarray(conv))
+    if strategy == "spsolve":
+        np.testing.assert_array_equal(np.asarray(x)[~act], 0.0)
+    else:
+        seed = 0 if strategy == "cross_matrix_precond" else None  # the seed keeps its problem
+        idle = [i for i in range(9) if not act[i] and i != seed]
+        np.testing.assert_array_equal(np.asarray(x)[idle], 0.0)
+        # GMRES does nothing for them; the cross-matrix projection (k + 1 matvecs, one batched
+        # stencil application for all systems) still runs and is counted.
+        extra = 0 if seed is None else cfg.basis_size + 1
+        np.testing.assert_array_equal(np.asarray(mv)[idle], extra)
+        assert np.all(np.asarray(mv)[act] > extra)
+
+
+def test_forcing_inexact_sweeps(images, references):
+    """Inexact early sweeps: fewer matvecs, the same scores as spsolve to well below 1e-6."""
+    ref = references["sweeps", "consistent"]
+    exact = precompute_scores(images, PrecomputeConfig(num_steps=5, strategy="preconditioned",
+                                                       max_sweeps=12, chunk_size=4))
+    inexact = precompute_scores(images, PrecomputeConfig(num_steps=5, strategy="preconditioned",
+                                                         max_sweeps=12, chunk_size=4,
+                                                         forcing=1e-3))
+    assert np.all(inexact.stats["outer_converged"])
+    assert inexact.stats["matvecs"] < 0.8 * exact.stats["matvecs"]
+    assert _rel(inexact.scores, ref.scores) < 1e-6
+    assert _rel(exact.scores, ref.scores) < 1e-8
+    with pytest.raises(ValueError, match="forcing"):
+        PrecomputeConfig(forcing=1e-3, outer="timestep")
+    with pytest.raises(ValueError, match="forcing"):
+        PrecomputeConfig(forcing=1.5)
