@@ -44,7 +44,8 @@ _HI = jax.lax.Precision.HIGHEST
 
 METHODS = ("gmres", "cross_matrix", "recycled")
 PROJECTIONS = ("minres", "seed_hessenberg")
-PRECONDITIONERS = (None, "diffusion", "jacobi")
+PRECONDITIONERS = (None, "diffusion", "jacobi", "red_black")
+KRYLOV_SOLVERS = ("gmres", "bicgstab")
 
 # Named strategies: SolverConfig keyword arguments (used by the pipeline and the benchmarks).
 PRESETS = {
@@ -54,6 +55,11 @@ PRESETS = {
     "preconditioned": dict(method="gmres", precondition="diffusion"),
     "cross_matrix_precond": dict(method="cross_matrix", precondition="diffusion"),
     "recycled_precond": dict(method="recycled", precondition="diffusion"),
+    # BiCGStab (no Krylov basis to re-read) on the full system.
+    "bicgstab": dict(method="gmres", precondition=None, krylov="bicgstab"),
+    # The fastest on CPU (docs/bench_solvers_cpu.md): BiCGStab on the exact red-black Schur
+    # complement (half the unknowns, about half the iterations).
+    "fast": dict(method="gmres", precondition="red_black", krylov="bicgstab"),
 }
 
 
@@ -143,6 +149,7 @@ def cross_matrix_solve(
     atol: float = 0.0,
     restart: int = 20,
     max_restarts: int = 50,
+    solver: str = "gmres",
 ) -> krylov.KrylovResult:
     """Solve all target systems at one time step from a seed basis (method.md 5.3).
 
@@ -157,7 +164,9 @@ def cross_matrix_solve(
       recycle: keep the seed directions as a GCRO augmentation space inside GMRES instead of a
         one-off warm start (costs the same ``k`` matvecs per target once).
       precondition: right preconditioner for the refinement (and the basis).
-      tol, atol, restart, max_restarts: GMRES refinement settings (see :func:`krylov.gmres`).
+      tol, atol, restart, max_restarts: refinement settings (see :func:`krylov.gmres`).
+      solver: the refinement's Krylov method, ``"gmres"`` or ``"bicgstab"`` (method.md 5.3
+        step 3; recycling needs ``"gmres"``).
 
     Returns:
       A :class:`krylov.KrylovResult`; ``num_matvecs`` includes the projection's matvecs.
@@ -167,6 +176,10 @@ def cross_matrix_solve(
         raise ValueError(f"b: expected [T, *shape] with a leading batch axis, got {b.shape}")
     if projection not in PROJECTIONS:
         raise ValueError(f"projection: expected one of {PROJECTIONS}, got {projection!r}")
+    if solver not in KRYLOV_SOLVERS:
+        raise ValueError(f"solver: expected one of {KRYLOV_SOLVERS}, got {solver!r}")
+    if recycle and solver != "gmres":
+        raise ValueError(f"solver: recycling (GCRO) needs 'gmres', got {solver!r}")
     T, shape = b.shape[0], b.shape[1:]
     N = math.prod(shape)
     if basis.Z.shape[-1] != N:
@@ -200,8 +213,9 @@ def cross_matrix_solve(
         Hb = jnp.broadcast_to(basis.H.astype(b.dtype), (T,) + basis.H.shape)
         y = _masked_lstsq(jnp.swapaxes(Hb, -1, -2), c)
     x = x + jnp.einsum("tk,kn->tn", y, Z, precision=_HI).reshape(b.shape)
-    res = krylov.gmres(matvec, b, x0=x, tol=tol, atol=atol, restart=restart,
-                       max_restarts=max_restarts, precondition=precondition)
+    refine = krylov.gmres if solver == "gmres" else krylov.bicgstab
+    res = refine(matvec, b, x0=x, tol=tol, atol=atol, restart=restart,
+                 max_restarts=max_restarts, precondition=precondition)
     return res._replace(num_matvecs=res.num_matvecs + extra)
 
 
@@ -210,17 +224,22 @@ class SolverConfig:
     """How to solve one time step's batch of FP systems (immutable and hashable: jit-static).
 
     Attributes:
-      method: ``"gmres"`` (cold/warm GMRES), ``"cross_matrix"`` (seed basis as a projected warm
+      method: ``"gmres"`` (a plain Krylov solve, cold or warm; the name is historical: the
+        Krylov method is ``krylov``), ``"cross_matrix"`` (seed basis as a projected warm
         start, the paper's method as reconstructed), ``"recycled"`` (seed basis as a GCRO
-        augmentation space).
+        augmentation space; GMRES only).
       precondition: None, ``"diffusion"`` (exact inverse of the shared diffusion part, sine or
-        cosine transforms) or ``"jacobi"``.
+        cosine transforms), ``"jacobi"``, or ``"red_black"`` (exact red-black Schur complement
+        reduction: the Krylov method runs on the black pixels only, see
+        :class:`krylovjax.preconditioners.RedBlackSystem`; consistent scheme only).
+      krylov: the Krylov method, ``"gmres"`` or ``"bicgstab"``.
       projection: ``"minres"`` or ``"seed_hessenberg"`` (see :func:`cross_matrix_solve`).
       basis_size: ``k``, the number of seed directions.
       seed_index: which system of the batch is the seed.
-      tol, atol, restart, max_restarts: GMRES settings.
+      tol, atol, restart, max_restarts: Krylov settings (for BiCGStab ``restart`` is the number
+        of iterations between true-residual checks).
       chunk_size: solve the batch in chunks of this many systems (``lax.map``), which keeps
-        the Krylov basis in cache on CPUs; None solves the whole batch as one array.
+        the Krylov vectors in cache on CPUs; None solves the whole batch as one array.
     """
 
     method: str = "cross_matrix"
@@ -233,6 +252,7 @@ class SolverConfig:
     restart: int = 20
     max_restarts: int = 50
     chunk_size: int | None = None
+    krylov: str = "gmres"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -240,6 +260,11 @@ class SolverConfig:
         if self.precondition not in PRECONDITIONERS:
             raise ValueError(
                 f"precondition: expected one of {PRECONDITIONERS}, got {self.precondition!r}")
+        if self.krylov not in KRYLOV_SOLVERS:
+            raise ValueError(f"krylov: expected one of {KRYLOV_SOLVERS}, got {self.krylov!r}")
+        if self.method == "recycled" and self.krylov != "gmres":
+            raise ValueError(f"krylov: method 'recycled' (GCRO) needs 'gmres', got "
+                             f"{self.krylov!r}")
         if self.projection not in PROJECTIONS:
             raise ValueError(f"projection: expected one of {PROJECTIONS}, got {self.projection!r}")
         if not (isinstance(self.basis_size, int) and self.basis_size >= 1):
@@ -263,6 +288,51 @@ def _take(op: FPOperator, index) -> FPOperator:
     return jax.tree_util.tree_map(lambda a: a[index], op)
 
 
+def _norms(x: Array) -> Array:
+    return jnp.sqrt(jnp.sum(x.reshape(x.shape[0], -1) ** 2, axis=-1))
+
+
+class _Problem(NamedTuple):
+    """The Krylov problem for a batch: plain (``A``, ``b``) or red-black reduced (``S``, ``f``).
+
+    ``operator`` has a ``matvec`` method (an :class:`FPOperator` or a
+    :class:`~krylovjax.preconditioners.RedBlackSystem`); ``tol`` ``[B]`` per system;
+    ``finish`` maps the Krylov result back to the full grid (red pixels and the true residual
+    of the full system for the reduced form).
+    """
+
+    operator: object
+    b: Array
+    x0: Array | None
+    tol: Array
+    finish: Callable
+
+
+def _problem(op: FPOperator, b: Array, x0: Array | None, config: SolverConfig) -> _Problem:
+    B = b.shape[0]
+    if config.precondition != "red_black":
+        return _Problem(op, b, x0, jnp.full((B,), config.tol, b.dtype), lambda res: res)
+    rb = preconditioners.red_black_reduction(op)
+    f = rb.rhs(b)
+    b_norm, f_norm = _norms(b), _norms(f)
+    # ||b - A x|| equals ||f - S x_b|| exactly, so the reduced solve gets the same absolute
+    # threshold tol * ||b||, expressed relative to ||f||.
+    tol = jnp.where(f_norm > 0, config.tol * b_norm / jnp.where(f_norm > 0, f_norm, 1.0),
+                    config.tol).astype(b.dtype)
+
+    def finish(res: krylov.KrylovResult) -> krylov.KrylovResult:
+        x, r_norm = rb.recover(res.x, b, with_residual=True)  # true residual of A
+        thresh = jnp.maximum(config.tol * b_norm, config.atol)
+        status = jnp.where(res.converged & (r_norm > thresh), krylov.Status.STAGNATION,
+                           res.status).astype(jnp.int32)
+        # + 1 for rhs and recovery (two half-grid stencils), + 1 for the final true residual
+        return res._replace(x=x, converged=status == krylov.Status.CONVERGED,
+                            residual=r_norm / jnp.where(b_norm > 0, b_norm, 1.0),
+                            num_matvecs=res.num_matvecs + 2, status=status)
+
+    return _Problem(rb, f, None if x0 is None else rb.restrict(x0), tol, finish)
+
+
 def solve_fp(op: FPOperator, b: Array, config: SolverConfig = SolverConfig(), *,
              x0: Array | None = None) -> krylov.KrylovResult:
     """Solve every system of a batch of FP operators at one time step.
@@ -275,8 +345,11 @@ def solve_fp(op: FPOperator, b: Array, config: SolverConfig = SolverConfig(), *,
       x0: optional warm starts ``[B, H, W]``.
 
     Returns:
-      A :class:`krylov.KrylovResult` for the ``B`` systems. For the cross-matrix methods the
-      seed's ``k`` basis matvecs are added to the seed system's count.
+      A :class:`krylov.KrylovResult` for the ``B`` systems (``x`` ``[B, H, W]``). For the
+      cross-matrix methods the seed's ``k`` basis matvecs are added to the seed system's count.
+      With ``precondition="red_black"`` the counts are applications of the reduced operator
+      (each about one full-grid matvec) plus 2 (right-hand side and recovery, final true
+      residual), and ``residual`` is the true residual of the full system.
     """
     if len(op.batch_shape) != 1:
         raise ValueError(f"op: expected one leading batch axis, got batch shape {op.batch_shape}")
@@ -287,31 +360,44 @@ def solve_fp(op: FPOperator, b: Array, config: SolverConfig = SolverConfig(), *,
         raise ValueError(f"x0: expected shape {b.shape}, got {x0.shape}")
     if not 0 <= config.seed_index < B:
         raise ValueError(f"config.seed_index: expected in [0, {B}), got {config.seed_index}")
-    kw = dict(tol=config.tol, atol=config.atol, restart=config.restart,
-              max_restarts=config.max_restarts)
+    if config.precondition == "red_black" and op.scheme != "consistent":
+        raise ValueError(
+            f"config.precondition: 'red_black' needs scheme='consistent', got {op.scheme!r}")
+    kw = dict(atol=config.atol, restart=config.restart, max_restarts=config.max_restarts)
+    solver = krylov.gmres if config.krylov == "gmres" else krylov.bicgstab
+
+    def precondition(A):
+        return None if config.precondition == "red_black" else _preconditioner(
+            A, config.precondition)
 
     basis = None
     if config.method != "gmres":
-        seed_op = _take(op, slice(config.seed_index, config.seed_index + 1))
-        seed_x0 = None if x0 is None else x0[config.seed_index]
-        basis = seed_basis(seed_op.matvec, b[config.seed_index], config.basis_size,
-                           seed_x0=seed_x0,
-                           precondition=_preconditioner(seed_op, config.precondition))
+        i = config.seed_index
+        seed = _problem(_take(op, slice(i, i + 1)), b[i:i + 1],
+                        None if x0 is None else x0[i:i + 1], config)
+        basis = seed_basis(seed.operator.matvec, seed.b[0], config.basis_size,
+                           seed_x0=None if seed.x0 is None else seed.x0[0],
+                           precondition=precondition(seed.operator))
 
-    def solve_chunk(args):
-        op_c, b_c, x0_c = args
-        M = _preconditioner(op_c, config.precondition)
+    def solve_chunk(op_c, b_c, x0_c):
+        # The reduction (if any), the solve and the recovery all run chunk by chunk: on a CPU
+        # every intermediate of a chunk stays in the core's private caches (whole-batch
+        # passes were measured 2x slower on this 2-core machine).
+        p = _problem(op_c, b_c, x0_c, config)
+        A, M = p.operator, precondition(p.operator)
         if basis is None:
-            return krylov.gmres(op_c.matvec, b_c, x0=x0_c, precondition=M, **kw)
-        return cross_matrix_solve(op_c.matvec, b_c, basis, x0=x0_c, precondition=M,
-                                  projection=config.projection,
-                                  recycle=config.method == "recycled", **kw)
+            res = solver(A.matvec, p.b, x0=p.x0, precondition=M, tol=p.tol, **kw)
+        else:
+            res = cross_matrix_solve(A.matvec, p.b, basis, x0=p.x0, precondition=M,
+                                     projection=config.projection,
+                                     recycle=config.method == "recycled", tol=p.tol,
+                                     solver=config.krylov, **kw)
+        return p.finish(res)
 
     if config.chunk_size is None:
-        res = solve_chunk((op, b, x0))
+        res = solve_chunk(op, b, x0)
     else:
-        res = krylov.map_in_chunks(lambda *a: solve_chunk(a), op, b, x0,
-                                   chunk_size=config.chunk_size)
+        res = krylov.map_in_chunks(solve_chunk, op, b, x0, chunk_size=config.chunk_size)
     if basis is not None:
         res = res._replace(num_matvecs=res.num_matvecs.at[config.seed_index].add(
             basis.num_matvecs))

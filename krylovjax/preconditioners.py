@@ -14,6 +14,7 @@ the CPU it is competitive with an FFT at 32-128 pixels. All products use ``preci
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -22,6 +23,7 @@ import numpy as np
 
 from krylovjax.fokker_planck import FPOperator
 
+Array = jax.Array
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -84,3 +86,246 @@ def jacobi(op: FPOperator):
     """Diagonal (Jacobi) preconditioner ``x -> x / diag(A)``."""
     d = op.diagonal()
     return lambda x: x / d
+
+
+# ----------------------------------------------------------------------------------------------
+# Red-black (Schur complement) reduction.
+
+
+def _pad_shift_source(x: Array, margin: int) -> Array:
+    """``x [..., n]`` padded with ``margin`` zeros on both sides of the last axis, materialised.
+
+    The optimisation barrier keeps XLA from fusing the padding into the consumer: otherwise a
+    stencil whose input is itself a fused expression recomputes that expression once per
+    neighbour (measured 5-8x slower on CPU). The consumer then reads plain offset slices.
+    """
+    pad = [(0, 0)] * (x.ndim - 1) + [(margin, margin)]
+    return jax.lax.optimization_barrier(jnp.pad(x, pad))
+
+
+def _apply5(coef, x: Array, row: int) -> Array:
+    """``sum_k coef[k] * x[q + o_k]`` for offsets ``(0, +1, -1, +row, -row)`` on flat packed
+    fields ``[..., n]``; reads outside ``[0, n)`` are zero (their coefficients are zero too)."""
+    n = x.shape[-1]
+    xp = _pad_shift_source(x, row)
+
+    def at(o):
+        return jax.lax.slice_in_dim(xp, row + o, row + o + n, axis=-1)
+
+    same, plus, minus, south, north = coef
+    return same * at(0) + plus * at(1) + minus * at(-1) + south * at(row) + north * at(-row)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RedBlackSystem:
+    """The FP system with its red unknowns eliminated exactly (red-black Schur complement).
+
+    Colour the pixels like a checkerboard: red ``(i + j)`` even, black ``(i + j)`` odd. The
+    consistent 5-point scheme couples only pixels of different colours, so with the red
+    unknowns first ``A = [[D_r, A_rb], [A_br, D_b]]`` with diagonal ``D_r`` and ``D_b``.
+    Eliminating the red unknowns exactly gives the reduced system on the black pixels
+
+        S x_b = f,   S = D_b - A_br D_r^{-1} A_rb,   f = b_b - A_br D_r^{-1} b_r,
+        x_r = D_r^{-1} (b_r - A_rb x_b),
+
+    with half the unknowns and a better spectrum (for these systems about half the Krylov
+    iterations of ``A``; it is the red-black Gauss-Seidel preconditioner applied exactly). The
+    residual of ``A`` after :meth:`recover` is exactly ``f - S x_b`` on the black pixels and
+    zero on the red ones (up to rounding), so a tolerance on ``||f - S x_b||`` is the same
+    tolerance on ``||b - A x||``.
+
+    Packed layout: along each row the pixels are taken in pairs ``(2J, 2J+1)``; a row holds one
+    pixel of each colour per pair, so one colour is a field ``[..., H, Wp/2]`` (``Wp = W``
+    rounded up to even: an odd ``W`` gets one decoupled extra column, ``A = I`` there, solution
+    0). :meth:`matvec` applies ``S`` with two packed 5-offset stencils (about the cost of one
+    full-grid matvec).
+
+    Build it with :func:`red_black_reduction`. Attributes (flat packed ``[..., H*Wp/2]``):
+    ``d_black`` (``D_b``), ``a_br`` / ``a_rb`` (5 coefficient fields each, the second scaled by
+    ``D_r^{-1}``), ``d_red`` (``D_r``), ``d_red_inv`` (``D_r^{-1}``); ``grid_shape`` (H, W) is
+    static.
+    """
+
+    d_black: Array
+    a_br: tuple
+    a_rb: tuple
+    d_red: Array
+    d_red_inv: Array
+    grid_shape: tuple = dataclasses.field(metadata=dict(static=True), default=(2, 2))
+
+    @property
+    def half_width(self) -> int:
+        return (self.grid_shape[1] + 1) // 2
+
+    @property
+    def packed_shape(self) -> tuple[int, int]:
+        """Shape ``(H, Wp/2)`` of one colour's packed field."""
+        return (self.grid_shape[0], self.half_width)
+
+    def _flat(self, x):
+        return x.reshape(x.shape[:-2] + (-1,))
+
+    def _unflat(self, x):
+        return x.reshape(x.shape[:-1] + self.packed_shape)
+
+    def _check(self, name, x, shape):
+        if tuple(x.shape[-2:]) != tuple(shape):
+            raise ValueError(f"{name}: expected a field [..., {shape[0]}, {shape[1]}], got "
+                             f"shape {x.shape}")
+
+    def matvec(self, x_black: Array) -> Array:
+        """``S x_b`` for packed black fields ``[..., H, Wp/2]``."""
+        self._check("x_black", x_black, self.packed_shape)
+        x = self._flat(x_black)
+        wh = self.half_width
+        y = self.d_black * x - _apply5(self.a_br, _apply5(self.a_rb, x, wh), wh)
+        return self._unflat(y)
+
+    __call__ = matvec
+
+    def split(self, x: Array) -> tuple[Array, Array]:
+        """The packed (black, red) parts ``[..., H, Wp/2]`` of a full field ``[..., H, W]``."""
+        self._check("x", x, self.grid_shape)
+        return _pack(_pad_even(x, self.grid_shape), self.grid_shape)
+
+    def rhs(self, b: Array) -> Array:
+        """Reduced right-hand side ``f = b_b - A_br D_r^{-1} b_r`` ``[..., H, Wp/2]`` from
+        ``b [..., H, W]``."""
+        bb, br = (self._flat(a) for a in self.split(b))
+        return self._unflat(bb - _apply5(self.a_br, br * self.d_red_inv, self.half_width))
+
+    def restrict(self, x: Array) -> Array:
+        """The black part ``x_b [..., H, Wp/2]`` of a full field ``x [..., H, W]``."""
+        return self.split(x)[0]
+
+    def recover(self, x_black: Array, b: Array, *, with_residual: bool = False):
+        """The full solution ``[..., H, W]`` from the black part: red part
+        ``x_r = D_r^{-1}(b_r - A_rb x_b)``.
+
+        With ``with_residual=True`` also returns the true residual norm ``||b - A x||``
+        ``[...]`` of the full system, evaluated with the packed coefficients (both colours'
+        rows: ``b_b - A_br x_r - D_b x_b`` and ``b_r - D_r x_r - A_rb x_b``).
+        """
+        self._check("x_black", x_black, self.packed_shape)
+        bb, br = (self._flat(a) for a in self.split(b))
+        xb = self._flat(x_black)
+        wh = self.half_width
+        ax = _apply5(self.a_rb, xb, wh)          # D_r^{-1} A_rb x_b
+        xr = br * self.d_red_inv - ax
+        full = _unpack(x_black, self._unflat(xr))[..., :self.grid_shape[1]]
+        if not with_residual:
+            return full
+        r_black = bb - self.d_black * xb - _apply5(self.a_br, xr, wh)
+        r_red = br - self.d_red * (xr + ax)
+        r2 = jnp.sum(r_black * r_black, axis=-1) + jnp.sum(r_red * r_red, axis=-1)
+        return full, jnp.sqrt(r2)
+
+
+def _pad_even(a: Array, grid_shape) -> Array:
+    """Append one zero column when ``W`` is odd (the decoupled extra column)."""
+    if grid_shape[1] % 2 == 0:
+        return a
+    return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, 1)])
+
+
+def _even_rows(H: int, half_width: int) -> np.ndarray:
+    """``[H * Wp/2]`` bool: packed position ``q`` lies in an even row."""
+    return np.repeat(np.arange(H) % 2 == 0, half_width)
+
+
+def _pack(a: Array, grid_shape) -> tuple[Array, Array]:
+    """Split ``a [..., H, Wp]`` into packed (black, red) fields ``[..., H, Wp/2]``.
+
+    In row ``i`` the pair ``(2J, 2J+1)`` holds red at ``2J + i%2`` and black at the other.
+    Works on the pair layout ``[..., H*Wp/2, 2]``: XLA's CPU loops are much slower when a
+    fusion mixes differently shaped views of one buffer."""
+    H, wh = grid_shape[0], a.shape[-1] // 2
+    p = a.reshape(a.shape[:-2] + (H * wh, 2))
+    even = _even_rows(H, wh)
+    black = jnp.where(even, p[..., 1], p[..., 0])
+    red = jnp.where(even, p[..., 0], p[..., 1])
+    return black.reshape(a.shape[:-1] + (wh,)), red.reshape(a.shape[:-1] + (wh,))
+
+
+def _unpack(black: Array, red: Array) -> Array:
+    """Inverse of :func:`_pack`: ``[..., H, Wp/2]`` twice -> ``[..., H, Wp]``."""
+    H, wh = black.shape[-2:]
+    lead = black.shape[:-2]
+    first = np.repeat(np.arange(H) % 2 == 0, wh)[:, None] == (np.arange(2) == 0)[None, :]
+    out = jnp.where(first, red.reshape(lead + (H * wh, 1)), black.reshape(lead + (H * wh, 1)))
+    return out.reshape(lead + (H, 2 * wh))
+
+
+def red_black_reduction(op: FPOperator) -> RedBlackSystem:
+    """The exact red-black reduction of a batch of FP operators (see :class:`RedBlackSystem`).
+
+    Works for every boundary rule of the consistent scheme (zero, dirichlet: the ghost values
+    are in ``op.rhs``; reflect: the folded ghost coefficients are in the diagonal) and any
+    ``H, W >= 2``, with any leading batch shape. The couplings are read off the operator's own
+    coefficient fields: ``A = diag(op.diagonal()) +`` the east/west/south/north coefficients of
+    the neighbours inside the grid, which is exactly ``op.to_scipy()``.
+
+    Args:
+      op: an :class:`FPOperator` with ``scheme="consistent"``.
+
+    Returns:
+      A :class:`RedBlackSystem`; use ``rhs(b)``, ``matvec`` (``S``) and ``recover(x_b, b)``.
+
+    Raises:
+      ValueError: for ``scheme="paper_b"``, whose flattened +-1 coupling joins pixels of the
+        same colour across row ends (the stencil is not two-colourable).
+    """
+    if op.scheme != "consistent":
+        raise ValueError(
+            f"op: the red-black reduction needs scheme='consistent' (a two-colourable "
+            f"stencil), got {op.scheme!r}")
+    H, W = op.grid_shape
+    dtype = op.dtype
+    wh = (W + 1) // 2
+    grid = (H, W)
+    # Everything below works on the pair layout [..., H*Wp/2, 2] (a free reshape of the
+    # fields): masks are constants of that shape, so XLA's fused loops need no index
+    # arithmetic between differently shaped views (that made them 20x slower).
+    q = np.arange(H * wh)
+    i = (q // wh)[:, None]
+    j = 2 * (q % wh)[:, None] + np.arange(2)[None, :]
+    inside = {"east": j < W - 1, "west": (j > 0) & (j < W), "south": (i < H - 1) & (j < W),
+              "north": (i > 0) & (j < W)}
+
+    def pairs(a):
+        a = _pad_even(jnp.asarray(a, dtype), grid)
+        return a.reshape(a.shape[:-2] + (H * wh, 2))
+
+    coef = {d: jnp.where(inside[d], pairs(getattr(op, d)), 0.0) for d in inside}
+    diag = pairs(op.centre)
+    if op.boundary == "reflect":  # the ghost is the node itself: its coupling folds in
+        for d in inside:
+            diag = diag + jnp.where(~inside[d] & (j < W), pairs(getattr(op, d)), 0.0)
+    if W % 2:  # the decoupled extra column: A = I there
+        diag = jnp.where(j < W, diag, 1.0)
+    even = _even_rows(H, wh)
+
+    def split(p):
+        return jnp.where(even, p[..., 1], p[..., 0]), jnp.where(even, p[..., 0], p[..., 1])
+
+    black, red = {}, {}
+    for d, c in coef.items():
+        black[d], red[d] = split(c)
+    d_black, d_red = split(diag)
+    d_red_inv = 1.0 / d_red
+    zero = jnp.zeros((), dtype)
+    # black pixel (i, J): its east/west red neighbours are packed at J+1 / J in even rows and
+    # at J / J-1 in odd rows; south/north at the same J in rows i+-1.
+    a_br = (jnp.where(even, black["west"], black["east"]),
+            jnp.where(even, black["east"], zero),
+            jnp.where(even, zero, black["west"]),
+            black["south"], black["north"])
+    # red pixel (i, J): east/west black neighbours at J / J-1 in even rows, J+1 / J in odd rows.
+    rs = {d: red[d] * d_red_inv for d in red}
+    a_rb = (jnp.where(even, rs["east"], rs["west"]),
+            jnp.where(even, zero, rs["east"]),
+            jnp.where(even, rs["west"], zero),
+            rs["south"], rs["north"])
+    return RedBlackSystem(d_black=d_black, a_br=a_br, a_rb=a_rb, d_red=d_red,
+                          d_red_inv=d_red_inv, grid_shape=grid)
