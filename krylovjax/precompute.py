@@ -120,11 +120,13 @@ class PrecomputeConfig:
             raise ValueError(f"strategy: expected one of {STRATEGIES}, got {self.strategy!r}")
         if self.outer not in OUTER:
             raise ValueError(f"outer: expected one of {OUTER}, got {self.outer!r}")
-        if (self.scheme != "consistent" and self.strategy != "spsolve"
-                and cross_matrix.PRESETS[self.strategy]["precondition"] == "diffusion"):
+        precondition = (None if self.strategy == "spsolve"
+                        else cross_matrix.PRESETS[self.strategy].get("precondition"))
+        if self.scheme != "consistent" and precondition in ("diffusion", "red_black"):
             raise ValueError(
-                f"strategy: {self.strategy!r} uses the diffusion preconditioner, which needs "
-                f"scheme='consistent' (got {self.scheme!r}); use 'gmres' or 'cross_matrix'")
+                f"strategy: {self.strategy!r} uses the {precondition!r} preconditioner, which "
+                f"needs scheme='consistent' (got {self.scheme!r}); use 'gmres' or "
+                f"'cross_matrix'")
         if self.lag_init not in ("initial", "ones"):
             raise ValueError(f"lag_init: expected 'initial' or 'ones', got {self.lag_init!r}")
         for name in ("num_steps", "max_sweeps", "max_fixed_point"):

@@ -28,12 +28,20 @@ def references(images):
     return out
 
 
-@pytest.mark.parametrize("outer", ["sweeps", "timestep"])
-@pytest.mark.parametrize("scheme,strategy", [
-    ("consistent", "gmres"),
-    ("consistent", "cross_matrix"),
-    ("consistent", "cross_matrix_precond"),
-    ("paper_b", "cross_matrix"),
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("outer,scheme,strategy", [
+    ("sweeps", "consistent", "gmres"),
+    ("sweeps", "consistent", "cross_matrix_precond"),
+    ("sweeps", "consistent", "fast"),
+    ("sweeps", "paper_b", "cross_matrix"),
+    ("timestep", "consistent", "cross_matrix_precond"),
+    ("timestep", "paper_b", "cross_matrix"),
+    pytest.param("sweeps", "consistent", "cross_matrix", marks=_SLOW),
+    pytest.param("timestep", "consistent", "gmres", marks=_SLOW),
+    pytest.param("timestep", "consistent", "cross_matrix", marks=_SLOW),
+    pytest.param("timestep", "consistent", "fast", marks=_SLOW),
 ])
 def test_krylov_strategies_equal_spsolve(images, references, outer, scheme, strategy):
     ref = references[outer, scheme]
@@ -106,6 +114,8 @@ def test_bad_config():
         PrecomputeConfig(strategy="lu")
     with pytest.raises(ValueError, match="strategy"):
         PrecomputeConfig(scheme="paper_b", strategy="cross_matrix_precond")
+    with pytest.raises(ValueError, match="red_black"):
+        PrecomputeConfig(scheme="paper_b", strategy="fast")
     with pytest.raises(ValueError, match="outer"):
         PrecomputeConfig(outer="both")
     with pytest.raises(ValueError, match="num_steps"):
@@ -147,7 +157,7 @@ def _one_step(images):
     return op, op.rhs(m0.reshape(S, H, W))
 
 
-@pytest.mark.parametrize("strategy", ["spsolve", "gmres", "cross_matrix_precond"])
+@pytest.mark.parametrize("strategy", ["spsolve", "gmres", "cross_matrix_precond", "fast"])
 def test_inactive_systems_are_not_solved(images, strategy):
     from krylovjax import reference
     from krylovjax.precompute import _step_solver
@@ -164,12 +174,17 @@ def test_inactive_systems_are_not_solved(images, strategy):
     if strategy == "spsolve":
         np.testing.assert_array_equal(np.asarray(x)[~act], 0.0)
     else:
-        seed = 0 if strategy == "cross_matrix_precond" else None  # the seed keeps its problem
+        from krylovjax import cross_matrix
+
+        preset = cross_matrix.PRESETS[strategy]
+        seed = 0 if preset["method"] != "gmres" else None  # the seed keeps its problem
         idle = [i for i in range(9) if not act[i] and i != seed]
         np.testing.assert_array_equal(np.asarray(x)[idle], 0.0)
-        # GMRES does nothing for them; the cross-matrix projection (k + 1 matvecs, one batched
-        # stencil application for all systems) still runs and is counted.
-        extra = 0 if seed is None else cfg.basis_size + 1
+        # The Krylov method does nothing for them; fixed per-system costs remain: the
+        # cross-matrix projection (k + 1 matvecs, one batched stencil application for all
+        # systems) and the red-black reduction's right-hand side and recovery (2).
+        extra = ((cfg.basis_size + 1 if seed is not None else 0)
+                 + (2 if preset.get("precondition") == "red_black" else 0))
         np.testing.assert_array_equal(np.asarray(mv)[idle], extra)
         assert np.all(np.asarray(mv)[act] > extra)
 
