@@ -32,7 +32,8 @@ flags.DEFINE_float("tol", 1e-8, "Relative residual tolerance of the Krylov solve
 flags.DEFINE_list(
     "methods",
     ["spsolve", "splu", "jax_gmres_vmap", "gmres", "cross_matrix", "recycled", "preconditioned",
-     "cross_matrix_precond", "cross_matrix_precond_warm"],
+     "cross_matrix_precond", "cross_matrix_precond_warm", "bicgstab", "red_black_gmres", "fast",
+     "fast_warm"],
     "Methods to run (spsolve always runs: it is the reference).")
 flags.DEFINE_integer("repeats", 5, "Timed repeats per method (median reported).")
 flags.DEFINE_integer("direct_repeats", 1, "Timed repeats of the scipy direct solvers.")
@@ -41,15 +42,19 @@ flags.DEFINE_integer("num_steps", 20, "N, the number of FP time steps.")
 flags.DEFINE_float("sigma", 5.0, "VE SDE sigma (g = sigma^t).")
 flags.DEFINE_integer("basis_size", 8, "Seed basis size k for the cross-matrix methods.")
 flags.DEFINE_integer("restart", 20, "GMRES restart length.")
-flags.DEFINE_string("chunk_size", "auto", "Systems per chunk (lax.map), 'none' or 'auto'.")
+flags.DEFINE_string("chunk_size", "auto",
+                    "Systems per chunk (lax.map), 'none', or 'auto' (cross_matrix.auto_chunk_size:"
+                    " cache-sized per method and grid on CPU, none elsewhere).")
+flags.DEFINE_enum("projection", "minres", ["minres", "seed_hessenberg"],
+                  "Seed projection of the cross-matrix methods.")
 flags.DEFINE_integer("jax_gmres_max_systems", 48,
                      "vmapped jax.scipy gmres is slow: time it on at most this many systems.")
 flags.DEFINE_string("json_out", None, "Write the rows as JSON here.")
 flags.DEFINE_string("workdir", None, "If set, also write bench_solvers.{json,md} here.")
 
 
-# Benchmark method -> (strategy preset of krylovjax.cross_matrix.PRESETS, warm start from the
-# previous time step's solution).
+# Benchmark method -> (SolverConfig keywords: a preset of krylovjax.cross_matrix.PRESETS or
+# explicit settings, warm start from the previous time step's solution).
 KRYLOV_METHODS = {
     "gmres": ("gmres", False),
     "cross_matrix": ("cross_matrix", False),
@@ -58,7 +63,19 @@ KRYLOV_METHODS = {
     "cross_matrix_precond": ("cross_matrix_precond", False),
     "recycled_precond": ("recycled_precond", False),
     "cross_matrix_precond_warm": ("cross_matrix_precond", True),
+    "bicgstab": ("bicgstab", False),
+    "red_black_gmres": (dict(method="gmres", precondition="red_black", krylov="gmres"), False),
+    "fast": ("fast", False),
+    "fast_warm": ("fast", True),
 }
+
+
+def solver_settings(method):
+    """SolverConfig keywords and warm-start flag of a Krylov benchmark method."""
+    from krylovjax import cross_matrix
+
+    spec, warm = KRYLOV_METHODS[method]
+    return dict(cross_matrix.PRESETS[spec] if isinstance(spec, str) else spec), warm
 
 
 def machine_info():
@@ -164,7 +181,7 @@ def main(argv):
             sp_per = min(r.seconds for r in refs) / S
             bn = np.linalg.norm(b_np.reshape(S, -1), axis=1)
 
-            def row(method, per_system, matvecs, x, nsys, compile_s=0.0, nonconv=0):
+            def row(method, per_system, matvecs, x, nsys, compile_s=0.0, nonconv=0, chunk=None):
                 x = np.asarray(x, np.float64).reshape(nsys, -1)
                 A_res = []
                 for i in range(nsys):
@@ -177,7 +194,8 @@ def main(argv):
                          matvecs_per_system=float(matvecs) if matvecs is not None else None,
                          residual=float(np.max(A_res)),
                          max_rel_diff_vs_spsolve=float(np.max(diff)),
-                         speedup_vs_spsolve=sp_per / per_system, nonconverged=int(nonconv))
+                         speedup_vs_spsolve=sp_per / per_system, nonconverged=int(nonconv),
+                         chunk_size=chunk)
                 rows.append(r)
                 logging.info("%s", r)
 
@@ -201,12 +219,14 @@ def main(argv):
                     continue
                 if method not in KRYLOV_METHODS:
                     raise app.UsageError(f"--methods: unknown method {method!r}")
-                preset, warm = KRYLOV_METHODS[method]
+                settings, warm = solver_settings(method)
                 cs = FLAGS.chunk_size
-                chunk = None if cs == "none" else (16 if cs == "auto" else int(cs))
+                chunk = cs if cs == "auto" else (None if cs == "none" else int(cs))
                 cfg = SolverConfig(tol=FLAGS.tol, restart=FLAGS.restart,
-                                   basis_size=FLAGS.basis_size, chunk_size=chunk,
-                                   **cross_matrix.PRESETS[preset])
+                                   projection=FLAGS.projection,
+                                   basis_size=FLAGS.basis_size, chunk_size=chunk, **settings)
+                if chunk == "auto":
+                    chunk = cross_matrix.auto_chunk_size(cfg, (size, size), dtype)
                 x0 = m_prev if warm else None
                 solve = jax.jit(lambda o, bb, xx, c=cfg: solve_fp(o, bb, c, x0=xx))
                 t0 = time.perf_counter()
@@ -214,15 +234,16 @@ def main(argv):
                 comp = time.perf_counter() - t0
                 med, res = _time(lambda: jax.block_until_ready(solve(op, b, x0)), FLAGS.repeats)
                 row(method, med / S, float(jnp.mean(res.num_matvecs)), res.x, S, comp,
-                    int(jnp.sum(~res.converged)))
+                    int(jnp.sum(~res.converged)), chunk=chunk)
 
-    header = ("method", "size", "step", "systems", "ms/system", "matvecs", "residual",
+    header = ("method", "size", "step", "systems", "chunk", "ms/system", "matvecs", "residual",
               "rel.diff vs spsolve", "speed-up")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         mv = "-" if r["matvecs_per_system"] is None else f"{r['matvecs_per_system']:.1f}"
         lines.append(
             f"| {r['method']} | {r['size']} | {r['step']} | {r['systems']} | "
+            f"{'-' if r.get('chunk_size') is None else r['chunk_size']} | "
             f"{1e3 * r['seconds_per_system']:.4f} | {mv} | {r['residual']:.1e} | "
             f"{r['max_rel_diff_vs_spsolve']:.1e} | {r['speedup_vs_spsolve']:.1f}x |")
     table = "\n".join(lines)

@@ -239,7 +239,8 @@ class SolverConfig:
       tol, atol, restart, max_restarts: Krylov settings (for BiCGStab ``restart`` is the number
         of iterations between true-residual checks).
       chunk_size: solve the batch in chunks of this many systems (``lax.map``), which keeps
-        the Krylov vectors in cache on CPUs; None solves the whole batch as one array.
+        the Krylov vectors in cache on CPUs; None solves the whole batch as one array;
+        ``"auto"``: :func:`auto_chunk_size` (cache-sized chunks on CPU, None elsewhere).
     """
 
     method: str = "cross_matrix"
@@ -251,7 +252,7 @@ class SolverConfig:
     atol: float = 0.0
     restart: int = 20
     max_restarts: int = 50
-    chunk_size: int | None = None
+    chunk_size: int | str | None = None
     krylov: str = "gmres"
 
     def __post_init__(self):
@@ -271,9 +272,38 @@ class SolverConfig:
             raise ValueError(f"basis_size: expected an integer >= 1, got {self.basis_size}")
         if not (self.tol > 0):
             raise ValueError(f"tol: expected > 0, got {self.tol}")
-        if self.chunk_size is not None and not (isinstance(self.chunk_size, int)
-                                                and self.chunk_size >= 1):
-            raise ValueError(f"chunk_size: expected None or an integer >= 1, got {self.chunk_size}")
+        if self.chunk_size is not None and self.chunk_size != "auto" and not (
+                isinstance(self.chunk_size, int) and self.chunk_size >= 1):
+            raise ValueError(f"chunk_size: expected None, 'auto' or an integer >= 1, got "
+                             f"{self.chunk_size!r}")
+
+
+# Per-core cache budget for one chunk's working set (the 2-core AMD EPYC of the benchmarks has
+# 2 MiB of L2 per core; docs/bench_solvers_cpu.md has the chunk-size measurements).
+_CHUNK_BYTES = 768 * 1024
+
+
+def auto_chunk_size(config: SolverConfig, grid_shape, dtype=jnp.float64,
+                    backend: str | None = None) -> int | None:
+    """A chunk size for :func:`solve_fp`: None (the whole batch) on accelerators; on CPU the
+    largest power of two of systems whose Krylov working set fits a core's cache, clipped to
+    [2, 16].
+
+    Working set per system, in fields of ``N = H*W`` values: GMRES ``restart + 1`` basis
+    vectors plus about 10 others; BiCGStab about 10; with the red-black reduction every field
+    has ``N/2`` values. (On the benchmark CPU a chunk of 1 was always slower than 2.)
+    """
+    backend = backend or jax.default_backend()
+    if backend != "cpu":
+        return None
+    fields = (config.restart + 11) if config.krylov == "gmres" else 10
+    if config.precondition == "red_black":
+        fields = fields / 2 + 6  # half-size vectors, 11 half-size coefficient fields
+    else:
+        fields += 6              # 5 coefficient fields and b
+    per_system = fields * math.prod(grid_shape) * jnp.dtype(dtype).itemsize
+    fit = max(1, int(_CHUNK_BYTES // per_system))
+    return int(min(16, max(2, 1 << (fit.bit_length() - 1))))  # a power of two
 
 
 def _preconditioner(op: FPOperator, name: str | None):
@@ -289,7 +319,8 @@ def _take(op: FPOperator, index) -> FPOperator:
 
 
 def _norms(x: Array) -> Array:
-    return jnp.sqrt(jnp.sum(x.reshape(x.shape[0], -1) ** 2, axis=-1))
+    x = x.reshape(x.shape[0], -1)
+    return jnp.sqrt(jnp.einsum("bn,bn->b", x, x, precision=_HI))
 
 
 class _Problem(NamedTuple):
@@ -394,10 +425,13 @@ def solve_fp(op: FPOperator, b: Array, config: SolverConfig = SolverConfig(), *,
                                      solver=config.krylov, **kw)
         return p.finish(res)
 
-    if config.chunk_size is None:
+    chunk = config.chunk_size
+    if chunk == "auto":
+        chunk = auto_chunk_size(config, op.grid_shape, op.dtype)
+    if chunk is None:
         res = solve_chunk(op, b, x0)
     else:
-        res = krylov.map_in_chunks(solve_chunk, op, b, x0, chunk_size=config.chunk_size)
+        res = krylov.map_in_chunks(solve_chunk, op, b, x0, chunk_size=chunk)
     if basis is not None:
         res = res._replace(num_matvecs=res.num_matvecs.at[config.seed_index].add(
             basis.num_matvecs))

@@ -178,9 +178,18 @@ def _check_callable_shape(name: str, fn: MatVec, shape, dtype) -> None:
 # Small batched linear-algebra helpers.
 
 
+def _dot(a: Array, b: Array) -> Array:
+    """Per-system dot product ``[B, N] x [B, N] -> [B]`` (``precision=HIGHEST``).
+
+    A ``dot_general``, not a ``reduce``: on CPU, XLA hands reductions to a library fusion that
+    absorbs the whole producer expression (a stencil, say) and runs it several times slower;
+    dot operands are materialised first."""
+    return jnp.einsum("bn,bn->b", a, b, precision=_HI)
+
+
 def _norm(x: Array) -> Array:
     """Euclidean norm over the last axis ``[B, N] -> [B]``."""
-    return jnp.sqrt(jnp.sum(x * x, axis=-1))
+    return jnp.sqrt(_dot(x, x))
 
 
 def _project(V: Array, w: Array) -> Array:
@@ -626,11 +635,6 @@ def gmres(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 1e-
 
 # ----------------------------------------------------------------------------------------------
 # BiCGStab.
-
-
-def _dot(a: Array, b: Array) -> Array:
-    """Per-system dot product ``[B, N] x [B, N] -> [B]`` (``precision=HIGHEST``)."""
-    return jnp.einsum("bn,bn->b", a, b, precision=_HI)
 
 
 def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 1e-8,

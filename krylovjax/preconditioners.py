@@ -92,6 +92,12 @@ def jacobi(op: FPOperator):
 # Red-black (Schur complement) reduction.
 
 
+def _sumsq(x: Array) -> Array:
+    """``sum(x**2)`` over the last axis as a ``dot_general`` (``precision=HIGHEST``); see
+    ``krylov._dot`` for why not a reduction."""
+    return jnp.einsum("...n,...n->...", x, x, precision=_HI)
+
+
 def _pad_shift_source(x: Array, margin: int) -> Array:
     """``x [..., n]`` padded with ``margin`` zeros on both sides of the last axis, materialised.
 
@@ -218,8 +224,7 @@ class RedBlackSystem:
             return full
         r_black = bb - self.d_black * xb - _apply5(self.a_br, xr, wh)
         r_red = br - self.d_red * (xr + ax)
-        r2 = jnp.sum(r_black * r_black, axis=-1) + jnp.sum(r_red * r_red, axis=-1)
-        return full, jnp.sqrt(r2)
+        return full, jnp.sqrt(_sumsq(r_black) + _sumsq(r_red))
 
 
 def _pad_even(a: Array, grid_shape) -> Array:
@@ -250,6 +255,8 @@ def _pack(a: Array, grid_shape) -> tuple[Array, Array]:
 
 def _unpack(black: Array, red: Array) -> Array:
     """Inverse of :func:`_pack`: ``[..., H, Wp/2]`` twice -> ``[..., H, Wp]``."""
+    shape = jnp.broadcast_shapes(black.shape, red.shape)
+    black, red = jnp.broadcast_to(black, shape), jnp.broadcast_to(red, shape)
     H, wh = black.shape[-2:]
     lead = black.shape[:-2]
     first = np.repeat(np.arange(H) % 2 == 0, wh)[:, None] == (np.arange(2) == 0)[None, :]
@@ -327,5 +334,9 @@ def red_black_reduction(op: FPOperator) -> RedBlackSystem:
             jnp.where(even, zero, rs["east"]),
             jnp.where(even, rs["west"], zero),
             rs["south"], rs["north"])
+    # Materialised once: otherwise XLA fuses the packing (strided selects) into every stencil
+    # that reads a coefficient and redoes it per use (measured 4x slower outside loops).
+    d_black, a_br, a_rb, d_red, d_red_inv = jax.lax.optimization_barrier(
+        (d_black, a_br, a_rb, d_red, d_red_inv))
     return RedBlackSystem(d_black=d_black, a_br=a_br, a_rb=a_rb, d_red=d_red,
                           d_red_inv=d_red_inv, grid_shape=grid)

@@ -615,3 +615,140 @@ def test_bad_inputs_raise_naming_the_argument():
         krylov.make_recycle_space(mv, jnp.ones((2, 16)))
     with pytest.raises(ValueError, match="gmres_kwargs"):
         krylov.linear_solve(mv, b, tolerance=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# BiCGStab.
+
+
+@functools.partial(jax.jit, static_argnames=("restart",))
+def bicgstab_stencil(coef, b, x0=None, tol=1e-10, max_restarts=50, *, restart=20):
+    """Jitted BiCGStab on stencil operators (shared compilations, like solve_stencil)."""
+    return krylov.bicgstab(stencil_matvec(coef), b, x0=x0, tol=tol, restart=restart,
+                           max_restarts=max_restarts)
+
+
+def test_bicgstab_matches_spsolve_float64():
+    coef = stencil_coeffs(50, 4, 12, 10, k=2.0, adv=0.6)
+    b = np.random.default_rng(51).standard_normal((4, 12, 10))
+    res = bicgstab_stencil(coef, jnp.asarray(b), tol=1e-12)
+    ref = spsolve_all(coef, b)
+    assert res.x.dtype == jnp.float64 and res.x.shape == b.shape
+    np.testing.assert_array_equal(np.asarray(res.status), Status.CONVERGED)
+    assert np.all(rel_err(res.x, ref) < 1e-10)
+    # the reported residual is the true one, and meets the tolerance
+    true = true_rel_residual(coef, res.x, b)
+    np.testing.assert_allclose(np.asarray(res.residual), true, rtol=1e-3, atol=1e-16)
+    assert np.all(true <= 1e-12)
+    # honest counts: per cycle at most 2 per iteration + 1 true residual (x0 = 0: no initial)
+    mv, cyc = np.asarray(res.num_matvecs), np.asarray(res.num_restarts)
+    assert np.all(mv >= 2 * cyc) and np.all(mv <= (2 * 20 + 1) * cyc)
+
+
+def test_bicgstab_float32_reaches_1e5():
+    coef = stencil_coeffs(52, 3, 10, 9, k=2.0)
+    b = np.random.default_rng(53).standard_normal((3, 10, 9))
+    res = krylov.bicgstab(stencil_matvec(coef.astype(np.float32)),
+                          jnp.asarray(b, jnp.float32), tol=1e-5)
+    assert res.x.dtype == jnp.float32 and res.residual.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(res.status), Status.CONVERGED)
+    true64 = true_rel_residual(coef.astype(np.float32), res.x, b.astype(np.float32))
+    assert np.all(true64 <= 1.5e-5)
+    assert np.all(rel_err(res.x, spsolve_all(coef.astype(np.float32), b)) < 1e-4)
+
+
+def test_bicgstab_batched_equals_one_by_one_and_freezes():
+    coef, b = _easy_hard_batch()
+    res = bicgstab_stencil(coef, jnp.asarray(b), tol=1e-9)
+    np.testing.assert_array_equal(np.asarray(res.status), Status.CONVERGED)
+    assert int(res.num_matvecs[0]) < int(res.num_matvecs[1])  # per-system stop
+    for i in range(2):
+        alone = bicgstab_stencil(coef[:, i:i + 1], jnp.asarray(b[i:i + 1]), tol=1e-9)
+        assert rel_err(res.x[i:i + 1], alone.x)[0] < 1e-13
+        assert int(res.num_matvecs[i]) == int(alone.num_matvecs[0])
+    assert np.all(rel_err(res.x, spsolve_all(coef, b)) < 1e-7)
+
+
+def test_bicgstab_exact_preconditioner_stops_at_the_half_step():
+    """With M = A^{-1}, A M^{-1} = I: v = p = r, alpha = 1, s = 0, so the first half step
+    solves the system: 1 matvec in the iteration + 1 true residual."""
+    B, N = 3, 20
+    A = random_well_conditioned(54, B, N)
+    b = np.random.default_rng(55).standard_normal((B, N))
+    res = krylov.bicgstab(dense_matvec(A), jnp.asarray(b), tol=1e-10,
+                          precondition=dense_matvec(np.linalg.inv(A)))
+    np.testing.assert_array_equal(np.asarray(res.status), Status.CONVERGED)
+    np.testing.assert_array_equal(np.asarray(res.num_matvecs), 2)
+    np.testing.assert_allclose(np.asarray(res.x), np.linalg.solve(A, b[..., None])[..., 0],
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_bicgstab_breakdown_on_cyclic_shift_is_stagnation():
+    """On the cyclic shift with b = e_1 the shadow residual is orthogonal to A r (closed form:
+    <e_1, e_2> = 0), so the very first step breaks down and nothing can be gained."""
+    N = 8
+    P = np.roll(np.eye(N), 1, axis=0)[None]
+    b = np.zeros((1, N))
+    b[0, 0] = 1.0
+    res = krylov.bicgstab(dense_matvec(P), jnp.asarray(b), tol=1e-8, restart=5,
+                          max_restarts=10)
+    assert int(res.status[0]) == Status.STAGNATION and not bool(res.converged[0])
+    assert int(res.num_restarts[0]) == 1
+    np.testing.assert_allclose(float(res.residual[0]), 1.0, atol=1e-14)
+    np.testing.assert_array_equal(np.asarray(res.x), 0.0)
+
+
+def test_bicgstab_budget_nonfinite_zero_rhs_and_exact_x0():
+    coef = stencil_coeffs(56, 2, 8, 8, k=3.0, adv=0.8)
+    b = np.random.default_rng(57).standard_normal((2, 8, 8))
+    res = bicgstab_stencil(coef, jnp.asarray(b), tol=1e-12, max_restarts=1, restart=1)
+    np.testing.assert_array_equal(np.asarray(res.status), Status.MAX_ITERATIONS)
+    true = true_rel_residual(coef, res.x, b)
+    np.testing.assert_allclose(np.asarray(res.residual), true, rtol=1e-10)
+    assert np.all(true > 1e-6)
+    np.testing.assert_array_equal(np.asarray(res.num_matvecs), 2 + 1)
+    # a non-finite operator is reported; the other system is unaffected
+    bad = jnp.asarray([[1.0, 2.0, 3.0, 4.0], [1.0, jnp.inf, 3.0, 4.0]])
+    res = krylov.bicgstab(lambda x: bad * x, jnp.ones((2, 4)), tol=1e-10)
+    np.testing.assert_array_equal(np.asarray(res.status), [Status.CONVERGED, Status.BREAKDOWN])
+    assert np.all(np.isfinite(np.asarray(res.x)))
+    # zero right-hand side rows and an exact initial guess
+    b[1] = 0.0
+    xs = spsolve_all(coef, b)
+    res = bicgstab_stencil(coef, jnp.asarray(b), jnp.asarray(xs), tol=1e-10)
+    np.testing.assert_array_equal(np.asarray(res.num_restarts), 0)
+    np.testing.assert_array_equal(np.asarray(res.num_matvecs), [1, 0])
+    assert np.all(np.asarray(res.x[1]) == 0) and bool(res.converged[1])
+
+
+def test_per_system_tolerances():
+    """tol may be one value per system; each system stops at its own tolerance."""
+    coef = stencil_coeffs(58, 3, 10, 10, k=2.0, adv=0.4)
+    b = np.random.default_rng(59).standard_normal((3, 10, 10))
+    tol = np.array([1e-4, 1e-8, 1e-12])
+    for solver in (krylov.gmres, krylov.bicgstab):
+        res = solver(stencil_matvec(coef), jnp.asarray(b), tol=jnp.asarray(tol), restart=10)
+        np.testing.assert_array_equal(np.asarray(res.status), Status.CONVERGED)
+        true = true_rel_residual(coef, res.x, b)
+        assert np.all(true <= tol)
+        mv = np.asarray(res.num_matvecs)
+        assert mv[0] < mv[1] < mv[2]
+        with pytest.raises(ValueError, match="tol"):
+            solver(stencil_matvec(coef), jnp.asarray(b), tol=jnp.asarray([1e-4, 1e-8]))
+        with pytest.raises(ValueError, match="atol"):
+            solver(stencil_matvec(coef), jnp.asarray(b), atol=jnp.asarray([0.0, -1.0, 0.0]))
+
+
+def test_bicgstab_bad_inputs():
+    mv = lambda x: 2.0 * x  # noqa: E731
+    b = jnp.ones((2, 4, 4))
+    with pytest.raises(ValueError, match="b"):
+        krylov.bicgstab(mv, jnp.ones((16,)))
+    with pytest.raises(TypeError, match="x0"):
+        krylov.bicgstab(mv, b, x0=jnp.ones((2, 4, 4), jnp.float32))
+    with pytest.raises(ValueError, match="restart"):
+        krylov.bicgstab(mv, b, restart=0)
+    with pytest.raises(ValueError, match="stagnation_tol"):
+        krylov.bicgstab(mv, b, stagnation_tol=1.0)
+    with pytest.raises(ValueError, match="precondition"):
+        krylov.bicgstab(mv, b, precondition=lambda x: x.reshape(2, 16))
