@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m experiments.bench_solvers --sizes=32 --batch=16 --repeats=3 --workdir=runs/demo
+	$(PY) -m experiments.denoise --config=experiments/configs/denoise_demo.py --workdir=runs/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,0 +1,243 @@
+r"""Fixed wall-clock budget: ours vs DDPM on the same images (Paper A Figures 4/5, method.md 7.1).
+
+Usage::
+
+    python -m experiments.budget --config=experiments/configs/budget_demo.py --workdir=runs/budget \
+        [--config.budget_seconds=120] [--config.task=generate] [--overwrite]
+
+Both methods get the same budget of ``budget_seconds`` wall-clock seconds of work on the same
+images ``[B, C, H, W]`` (``config.data``) and the same U-Net (``config.common``):
+
+* ours spends it on the pre-computation, the embedding and training: its training budget is
+  ``budget_seconds - precompute - embed`` (run times; JIT compile excluded for every stage, as
+  in ``experiments.denoise``);
+* DDPM trains for ``budget_seconds``.
+
+Training time is :func:`krylovjax.training.train`'s (optimiser steps only). Then every model is
+evaluated once:
+
+* ``task="denoise"``: each image's noisy copy ``clamp(x + std z, 0, 1)`` is denoised with the
+  samplers of ``experiments.denoise``; score = SSIM of each output to its own source;
+* ``task="generate"``: ours samples ``samples_per_image`` images per source from the prior
+  (its per-image time interval selects the source, method.md 4.3: ``experiments.generate``'s
+  samplers); DDPM, which has no image identity, draws ``B * samples_per_image`` unconditional
+  ancestral samples; score = SSIM of each sample to its nearest source.
+
+The table reports the average SSIM (and PSNR) over the images / samples. Outputs in
+``--workdir``: ``results.md``, ``results.json``, ``grid.png`` (sources, inputs, ours, DDPM side
+by side), and the two training runs ``ours/``, ``ddpm/``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "Budget config (experiments/configs/budget_*.py).",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run directory (results, figures, the two training runs).")
+    flags.DEFINE_bool("overwrite", False, "Redo a finished run of the same config in --workdir.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+TASKS = ("denoise", "generate")
+RESULT_FILES = ("results.md", "results.json", "grid.png")
+
+
+def check_budget_config(cfg) -> float:
+    """The shared checks of :func:`experiments.denoise.check_config` plus the budget's own.
+
+    Returns:
+      ``budget_seconds`` as a float.
+    """
+    from experiments import denoise
+    from krylovjax import experiment_utils as eu
+
+    budget = eu.check_positive_seconds(cfg.get("budget_seconds"), "budget_seconds")
+    if cfg.get("task") not in TASKS:
+        raise ValueError(f"task: expected one of {TASKS}, got {cfg.get('task')!r}")
+    n = cfg.get("samples_per_image", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"samples_per_image: expected an int >= 1, got {n!r}")
+    for m in ("ours", "ddpm"):
+        if cfg[m].train.get("budget_seconds") is not None:
+            raise ValueError(f"{m}.train.budget_seconds: set by budget_seconds (leave it None)")
+    denoise.check_config(cfg)
+    return budget
+
+
+def _generate(cfg, tc, fn, method: str, num_images: int, shape, key_seed: int):
+    """Samples ``[M, C, H, W]`` in [0, 1] and the image index of each (None for DDPM)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from experiments import generate
+
+    per = int(cfg.samples_per_image)
+    if method == "ours":
+        idx = np.repeat(np.arange(num_images), per) if tc.per_image_offset else None
+        M = num_images * per
+    else:
+        idx, M = None, num_images * per
+    out, _, nfe = generate.sample(fn, tc, (M,) + tuple(shape), jax.random.PRNGKey(key_seed),
+                                  idx=None if idx is None else jnp.asarray(idx), num_frames=2)
+    return np.asarray(out), idx, nfe
+
+
+def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
+    """Run the budget experiment of ``cfg`` in ``workdir``; returns the results (also written)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from experiments import denoise
+    from krylovjax import experiment_utils as eu
+    from krylovjax import metrics, training
+
+    budget = check_budget_config(cfg)
+    methods = tuple(cfg.methods)
+    tcs = {m: denoise.train_config(cfg, m) for m in methods}
+    if "ours" in tcs:
+        denoise.precompute_config(cfg, tcs["ours"])
+    clean = denoise.load_clean(cfg.data)
+    B = clean.shape[0]
+    denoise.check_fits(tcs, clean, B)
+
+    eu.claim_workdir(workdir, "budget", cfg)
+    if os.path.exists(os.path.join(workdir, "results.json")) and not overwrite:
+        raise eu.WorkdirConflictError(
+            f"workdir: {workdir!r} already holds the finished results of this config; pass --overwrite "
+            "to redo them or use another --workdir (nothing was changed)")
+    if overwrite:
+        for m in denoise.METHODS:
+            shutil.rmtree(os.path.join(workdir, m), ignore_errors=True)
+        for f in RESULT_FILES:
+            if os.path.exists(os.path.join(workdir, f)):
+                os.remove(os.path.join(workdir, f))
+
+    noisy = eu.noisy_copy(clean, cfg.noise.std, cfg.noise.seed, clamp=cfg.noise.clamp)
+    idx = np.arange(B)
+    results: dict[str, Any] = {}
+    outputs: dict[str, np.ndarray] = {}
+    for m in methods:
+        tc = tcs[m]
+        prep = {"precompute_seconds": 0.0, "embed_seconds": 0.0, "compile_seconds": 0.0}
+        if m == "ours":
+            data, prep = denoise.prepare_ours(cfg, tc, clean)
+        else:
+            data = clean
+        spent = prep["precompute_seconds"] + prep["embed_seconds"]
+        left = budget - spent
+        if left <= 0:
+            raise ValueError(f"budget_seconds: {budget:g} s does not cover ours' pre-computation and "
+                             f"embedding ({spent:.2f} s); give a larger budget")
+        sub = os.path.join(workdir, m)
+        if cfg.task == "denoise":
+            if m == "ours":
+                den = denoise.ours_denoiser(cfg, tc, noisy, idx=idx if tc.per_image_offset else None)
+            else:
+                den = denoise.ddpm_denoiser(cfg, tc, noisy)
+            last: dict = {}
+            # eval_every = 0: train() calls the callback once, on the final model (time excluded).
+            res = training.train(tc.replace(budget_seconds=left, eval_every=0), data, sub,
+                                 eval_fn=denoise.make_eval_fn(den, clean, m, last))
+            out, nfe = last["out"], last["network_evals"]
+            pairs = clean
+        else:
+            res = training.train(tc.replace(budget_seconds=left, eval_every=0), data, sub)
+            fn = training.load_score_fn(sub)
+            out, sidx, nfe = _generate(cfg, tc, fn, m, B, clean.shape[1:], int(cfg.eval_seed))
+            if sidx is not None:
+                pairs = clean[sidx]
+            else:  # nearest source by SSIM
+                s_all = np.stack([np.asarray(metrics.ssim(jnp.asarray(out), jnp.asarray(
+                    np.broadcast_to(clean[j], out.shape), out.dtype))) for j in range(B)], axis=1)
+                pairs = clean[np.argmax(s_all, axis=1)]
+        outputs[m] = out
+        mm = denoise.image_metrics(out, pairs)
+        results[m] = {
+            "train_config": tc.to_dict(), "stop_reason": res.stop_reason, "steps": res.step,
+            "train_seconds": res.train_seconds, "train_budget_seconds": left,
+            "precompute_seconds": prep["precompute_seconds"], "embed_seconds": prep["embed_seconds"],
+            "used_seconds": spent + res.train_seconds,
+            "compile_seconds": res.compile_seconds + prep["compile_seconds"],
+            "seconds_per_step": res.train_seconds / max(res.step, 1), "network_evals": nfe, **mm,
+        }
+        logging.info("[%s] %d steps in %.1f s (+ %.1f s pre-computation): mean SSIM %.4f", m, res.step,
+                     res.train_seconds, spent, mm["ssim"])
+    out = {
+        "experiment": "budget", "task": cfg.task, "budget_seconds": budget,
+        "machine": eu.machine_info(),
+        "images": {"source": cfg.data.source, "shape": list(clean.shape)},
+        "noise": {"std": cfg.noise.std, "seed": cfg.noise.seed} if cfg.task == "denoise" else None,
+        "noisy": denoise.image_metrics(noisy, clean) if cfg.task == "denoise" else None,
+        "budget_convention": (
+            "the same wall-clock budget of work for both: ours = pre-computation + embedding + training run "
+            "time, DDPM = training run time (optimiser steps; JIT compile and the final evaluation excluded)"),
+        "methods": results,
+        "config": eu._plain(cfg),
+    }
+    _write(out, workdir, clean, noisy, outputs)
+    return out
+
+
+def _write(out: dict, workdir: str, clean, noisy, outputs: dict) -> None:
+    import numpy as np
+
+    from krylovjax import experiment_utils as eu
+
+    rows = []
+    for m, r in out["methods"].items():
+        rows.append([m, eu.format_seconds(out["budget_seconds"]),
+                     eu.format_seconds(r["precompute_seconds"] + r["embed_seconds"], 2) if m == "ours" else "-",
+                     eu.format_seconds(r["train_seconds"]), r["steps"], f"{r['ssim']:.4f}",
+                     ", ".join(f"{s:.3f}" for s in r["ssim_per_image"]), f"{r['psnr']:.2f}"])
+    what = "denoised noisy copies" if out["task"] == "denoise" else "generated samples (DDPM: nearest source)"
+    text = [f"# Fixed budget: {out['images']['shape'][0]} images {out['images']['shape'][2]}x"
+            f"{out['images']['shape'][3]} ({out['images']['source']}), {what}\n\n",
+            f"Budget: {out['budget_convention']}.\n\n"]
+    if out["noisy"]:
+        text.append(f"Noisy inputs: mean SSIM {out['noisy']['ssim']:.4f}.\n\n")
+    text.append(eu.markdown_table(["method", "budget", "pre-compute", "training", "steps", "mean SSIM",
+                                   "SSIM per image", "mean PSNR (dB)"], rows))
+    mi = out["machine"]
+    text.append(f"\nMachine: {mi['processor']}, {mi['cpu_count']} CPUs, backend {mi['backend']}, jax {mi['jax']}, "
+                f"x64 {mi['x64']}, load average {mi['load_average']}; {mi['date']}.\n")
+    eu.write_text(os.path.join(workdir, "results.md"), "".join(text))
+    eu.write_json(os.path.join(workdir, "results.json"), out)
+
+    names = [m for m in ("ours", "ddpm") if m in outputs]
+    label = {"ours": "ours", "ddpm": "DDPM"}
+    rows_img = [list(clean)]
+    row_labels = ["source"]
+    if out["task"] == "denoise":
+        rows_img.append(list(noisy))
+        row_labels.append("noisy")
+    for m in names:
+        rows_img.append(list(np.asarray(outputs[m])))
+        row_labels.append(f"{label[m]}\nSSIM {out['methods'][m]['ssim']:.3f}")
+    eu.image_grid(os.path.join(workdir, "grid.png"), rows_img, row_labels=row_labels,
+                  title=f"Same budget ({out['budget_seconds']:g} s): {what}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from krylovjax import experiment_utils as eu
+
+    eu.quiet_orbax_logs()
+    run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite)
+    with open(os.path.join(FLAGS.workdir, "results.md")) as f:
+        print(f.read())
+    print("Outputs in", os.path.abspath(FLAGS.workdir) + ":")
+    for name in RESULT_FILES:
+        print("  ", os.path.join(os.path.abspath(FLAGS.workdir), name))
+
+
+if __name__ == "__main__":
+    app.run(main)

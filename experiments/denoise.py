@@ -1,0 +1,562 @@
+r"""Single-image denoising: time to a target SSIM, ours vs DDPM (Paper A Table 1, method.md 7.1).
+
+Usage::
+
+    python -m experiments.denoise --config=experiments/configs/denoise_demo.py --workdir=runs/demo \
+        [--config.targets='(0.95, 0.99)'] [--overwrite]
+
+For one clean image ``x`` (``config.data``) and its noisy version ``clamp(x + std z, 0, 1)``
+(``config.noise``; Paper A: std 0.506, fixed seed):
+
+* **ours**: pre-compute the image's log-density and scores with the cross-matrix Krylov solver
+  (:func:`krylovjax.precompute.precompute_scores`, timed), embed them along the probability flow
+  (:func:`krylovjax.transport.embed`), and train the U-Net with the score-embedding loss
+  (:func:`krylovjax.training.train`, method.md 4.2). Every ``eval_every`` updates the EMA model
+  denoises the noisy image (``config.ours.sampler``: Paper A's damped reverse SDE, or
+  :func:`krylovjax.sampling.denoise` from the time matching the noise level) and the SSIM to the
+  clean image is computed.
+* **DDPM**: the same U-Net trained with epsilon prediction on the clean image, evaluated by
+  :func:`krylovjax.ddpm.ddpm_denoise` from the same noisy image (mapped to [-1, 1], noise level
+  ``2 std``), with the same cadence and target.
+
+Training stops at the largest target in ``config.targets`` or at the method's step / time cap.
+
+Timing convention (the table's "time to target"): training time as measured by
+:func:`krylovjax.training.train` (the sum of the optimiser steps' wall times: JIT compile,
+evaluation and checkpoint time excluded, reported separately), at the first evaluation whose
+metric reaches the target; for ours plus the wall time of the pre-computation and of the
+embedding. JIT compilation is excluded for every stage alike: the solver's programs are compiled
+first (:func:`krylovjax.precompute.precompile`), the embedding is compiled ahead of time, and
+:func:`~krylovjax.training.train` reports its compile time apart; all compile times are in the
+table. Resolution: one evaluation interval.
+
+Outputs in ``--workdir``: ``results.md`` (table), ``results.json``, ``trajectory.png`` (the
+denoising trajectory, ``num_frames`` frames, top row ours, bottom row DDPM: Figure 2),
+``denoised.png`` (clean / noisy / ours / DDPM), ``ssim_curve.png`` (metric vs time), and the two
+training runs in ``ours/`` and ``ddpm/`` (checkpoints, ``metrics.jsonl``; ``experiments.generate``
+can sample from them). A work directory is tied to its config (``experiment.json``): another
+config is refused before anything is written; a finished run of the same config is redone only
+with ``--overwrite``; an interrupted one resumes from its checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from typing import Any, Callable
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+if __name__ == "__main__":
+    config_flags.DEFINE_config_file("config", None, "Denoise config (experiments/configs/denoise_*.py).",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run directory (results, figures, the two training runs).")
+    flags.DEFINE_bool("overwrite", False, "Redo a finished run of the same config in --workdir (its "
+                      "results and training runs are deleted first). Another config is always refused.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+METHODS = ("ours", "ddpm")
+METRICS = ("ssim", "global_ssim")
+OUR_SAMPLERS = ("paper_a", "flow", "denoise")
+RESULT_FILES = ("results.md", "results.json", "trajectory.png", "denoised.png", "ssim_curve.png")
+
+
+# ----------------------------------------------------------------------------------------------
+# Config checks (before anything is written)
+# ----------------------------------------------------------------------------------------------
+
+
+def _dict(c) -> dict:
+    if c is None:
+        return {}
+    return c.to_dict() if hasattr(c, "to_dict") else dict(c)
+
+
+def check_config(cfg) -> None:
+    """Validate the parts of a denoise / budget config the library does not check itself.
+
+    Raises:
+      ValueError: naming the key and what was expected.
+    """
+    from krylovjax import experiment_utils as eu
+
+    targets = cfg.targets if isinstance(cfg.targets, (list, tuple)) else (cfg.targets,)
+    if not targets:
+        raise ValueError("targets: expected at least one SSIM target in (0, 1]")
+    for i, t in enumerate(targets):
+        eu.check_target(t, f"targets[{i}]")
+    if cfg.metric not in METRICS:
+        raise ValueError(f"metric: expected one of {METRICS}, got {cfg.metric!r}")
+    std = cfg.noise.std
+    if not (isinstance(std, (int, float)) and not isinstance(std, bool) and math.isfinite(std) and std > 0):
+        raise ValueError(f"noise.std: expected a finite noise level > 0, got {std!r}")
+    methods = tuple(cfg.methods)
+    if not methods or any(m not in METHODS for m in methods) or len(set(methods)) != len(methods):
+        raise ValueError(f"methods: expected distinct entries of {METHODS}, got {methods!r}")
+    if cfg.ours.sampler.kind not in OUR_SAMPLERS:
+        raise ValueError(f"ours.sampler.kind: expected one of {OUR_SAMPLERS}, got {cfg.ours.sampler.kind!r}")
+    nf = cfg.num_frames
+    if isinstance(nf, bool) or not isinstance(nf, int) or nf < 2:
+        raise ValueError(f"num_frames: expected an int >= 2, got {nf!r}")
+    for m in ("ours", "ddpm"):
+        b = cfg[m].train.get("budget_seconds")
+        if b is not None:
+            eu.check_positive_seconds(b, f"{m}.train.budget_seconds")
+
+
+def train_config(cfg, method: str):
+    """The :class:`krylovjax.training.TrainConfig` of ``method``: ``common`` + ``<method>.train``."""
+    from krylovjax import training
+
+    d = _dict(cfg.common)
+    d.update(_dict(cfg[method].train))
+    d["method"] = method
+    d.setdefault("target_metric", cfg.get("metric", "ssim"))
+    try:
+        return training.TrainConfig.from_dict(d)
+    except ValueError as err:
+        raise ValueError(f"{method}.train / common: {err}") from err
+
+
+def precompute_config(cfg, tc):
+    """The :class:`krylovjax.precompute.PrecomputeConfig` of ours (its SDE is the training's)."""
+    from krylovjax.precompute import PrecomputeConfig
+
+    d = _dict(cfg.ours.precompute)
+    for k in ("sde", "sde_kwargs"):
+        if k in d:
+            raise ValueError(f"ours.precompute.{k}: the SDE is set by ours.train.{k}")
+    try:
+        return PrecomputeConfig(sde=tc.sde, sde_kwargs=tuple(sorted(dict(tc.sde_kwargs).items())), **d)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"ours.precompute: {err}") from err
+
+
+def check_fits(tcs: dict, images, num_images: int) -> None:
+    """Raise ValueError (naming ``data``) if the images do not fit the configured U-Net."""
+    from krylovjax import training
+
+    for tc in tcs.values():
+        training.model_config(tc, tuple(images.shape[1:]), num_images)
+
+
+def load_clean(data_cfg):
+    """The clean images of ``config.data``: ``load_images(source, size=..., **kwargs)``, then
+    ``index`` (an int, a list of ints, or None for all). Returns numpy ``[B, C, H, W]``."""
+    import numpy as np
+
+    from krylovjax.data import load_images
+
+    kw = _dict(data_cfg.get("kwargs"))
+    if data_cfg.get("size") is not None:
+        kw.setdefault("size", data_cfg.size)
+    images = load_images(data_cfg.source, **kw)
+    idx = data_cfg.get("index")
+    if idx is None:
+        return images
+    sel = [idx] if isinstance(idx, int) else list(idx)
+    for i in sel:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < images.shape[0]:
+            raise ValueError(f"data.index: expected indices in [0, {images.shape[0]}) of the loaded "
+                             f"images, got {idx!r}")
+    return np.ascontiguousarray(images[sel])
+
+
+# ----------------------------------------------------------------------------------------------
+# Ours: pre-computation and embedding
+# ----------------------------------------------------------------------------------------------
+
+
+def prepare_ours(cfg, tc, images) -> tuple[Any, dict]:
+    """Pre-compute the scores of ``images`` ``[B, C, H, W]`` and embed them (method.md 3.4, 4.1).
+
+    Returns:
+      ``(Trajectories, info)`` with ``info`` the wall times of the pre-computation and the
+      embedding (run time: both are compiled first, ``compile_seconds``) and the solver
+      statistics.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from krylovjax import experiment_utils as eu
+    from krylovjax import training, transport
+    from krylovjax.precompute import precompile, precompute_scores
+
+    pc = precompute_config(cfg, tc)
+    x = jnp.asarray(images)
+    sde = pc.make_sde()
+    with eu.Stopwatch() as sw_compile:  # compile the solver's programs first: timed apart
+        precompile(x.shape, x.dtype, pc)
+    with eu.Stopwatch() as sw_pre:
+        res = precompute_scores(x, pc)
+        jax.block_until_ready(res.scores)
+    embed = jax.jit(lambda im, s, t: transport.embed(im, s, sde, t, res.dt, component=cfg.ours.embed_component))
+    with eu.Stopwatch() as sw_ecompile:
+        embed = embed.lower(x, res.scores, res.t).compile()
+    with eu.Stopwatch() as sw_emb:
+        emb = np.asarray(jax.block_until_ready(embed(x, res.scores, res.t)))
+    stats = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in res.stats.items()}
+    info = {"precompute_seconds": sw_pre.seconds, "embed_seconds": sw_emb.seconds,
+            "compile_seconds": sw_compile.seconds + sw_ecompile.seconds + float(stats.get("compile_seconds", 0.0)),
+            "solver_stats": stats, "precompute_config": pc.to_dict(), "num_levels": int(emb.shape[1])}
+    sde = {"name": tc.sde, "kwargs": dict(tc.sde_kwargs)}
+    return training.Trajectories(x=emb, t=np.asarray(res.t), sde=sde), info
+
+
+# ----------------------------------------------------------------------------------------------
+# Denoisers (model function -> denoised images in [0, 1], and the trajectory for the figure)
+# ----------------------------------------------------------------------------------------------
+
+
+def _with_idx(fn, idx):
+    if idx is None:
+        return fn
+    return lambda x, t: fn(x, t, idx=idx)
+
+
+def ours_denoiser(cfg, tc, noisy, *, idx=None) -> Callable:
+    """``denoise(score_fn, return_trajectory=False) -> (x [B, C, H, W] in [0, 1], frames or None,
+    num_score_evals)`` for ours, with the sampler of ``config.ours.sampler``.
+
+    ``"paper_a"``: :func:`krylovjax.sampling.euler_maruyama` from the noisy image at ``t_start``
+    to ``t_end`` with ``num_steps`` steps, noise multiplied by ``noise_scale`` and clamping to
+    [0, 1] after each step (Paper A's sampler: 1 -> 0, 50 steps, 0.1). ``"flow"``:
+    :func:`krylovjax.sampling.probability_flow` (adaptive Dormand-Prince, ``rtol``/``atol``, Paper
+    B's sampler) from the noisy image at ``t_start`` down to ``t_end``. ``"denoise"``:
+    :func:`krylovjax.sampling.denoise` from the time whose noise level is ``noise.std``
+    (``method`` "ode" = Paper B's probability flow, Dormand-Prince with ``rtol``/``atol``, or
+    "sde" with ``num_steps``, ``noise_scale``, ``clip``). ``idx [B]`` are image indices for
+    a model trained with per-image time offsets.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from krylovjax import sampling
+
+    sde = tc.make_sde()
+    sc = cfg.ours.sampler
+    x0 = jnp.asarray(noisy)
+    key = jax.random.PRNGKey(int(cfg.eval_seed))
+    clip = (0.0, 1.0) if sc.clip else None
+
+    def run(fn, return_trajectory=False):
+        f = _with_idx(fn, idx)
+        if sc.kind == "paper_a":
+            r = sampling.euler_maruyama(f, sde, x0, key, t_start=float(sc.t_start), t_end=float(sc.t_end),
+                                        num_steps=int(sc.num_steps), noise_scale=float(sc.noise_scale),
+                                        clip=clip, return_trajectory=return_trajectory,
+                                        num_frames=int(cfg.num_frames))
+        elif sc.kind == "flow":
+            r = sampling.probability_flow(f, sde, x0, t_start=float(sc.t_start), t_end=float(sc.t_end),
+                                          rtol=float(sc.rtol), atol=float(sc.atol),
+                                          return_trajectory=return_trajectory, num_frames=int(cfg.num_frames))
+        else:
+            if sc.method == "sde":
+                kw = {"num_steps": int(sc.num_steps), "noise_scale": float(sc.noise_scale), "clip": clip}
+            else:
+                kw = {"rtol": float(sc.get("rtol", 1e-3)), "atol": float(sc.get("atol", 1e-3))}
+            r = sampling.denoise(f, sde, x0, noise_std=float(cfg.noise.std), method=sc.method, key=key,
+                                 t_end=float(sc.t_end), return_trajectory=return_trajectory,
+                                 num_frames=int(cfg.num_frames), **kw)
+        out = jnp.clip(r.x, 0.0, 1.0)
+        frames = None if r.trajectory is None else jnp.clip(r.trajectory, 0.0, 1.0)
+        return out, frames, int(r.num_score_evals)
+
+    return run
+
+
+def ddpm_denoiser(cfg, tc, noisy) -> Callable:
+    """The same interface for DDPM: :func:`krylovjax.ddpm.ddpm_denoise` of ``2 noisy - 1`` with
+    noise level ``2 std`` (the network's [-1, 1] range), from the matching step; the output and
+    the frames are mapped back with ``(x / sqrt(abar_k) + 1) / 2`` (frames: the state rescaled to
+    the data scale at its step ``k``, so the rows of the figure are comparable)."""
+    import jax
+    import jax.numpy as jnp
+
+    from krylovjax import ddpm
+
+    sched = tc.ddpm_schedule(dtype=jnp.asarray(noisy).dtype)
+    sc = cfg.ddpm.sampler
+    x0 = 2.0 * jnp.asarray(noisy) - 1.0
+    key = jax.random.PRNGKey(int(cfg.eval_seed))
+    clip = (-1.0, 1.0) if sc.clip_x0 else None
+
+    def run(fn, return_trajectory=False):
+        r = ddpm.ddpm_denoise(fn, x0, 2.0 * float(cfg.noise.std), key, schedule=sched, method=sc.method,
+                              variance=sc.variance, clip_x0=clip, return_trajectory=return_trajectory,
+                              num_frames=int(cfg.num_frames))
+        out = jnp.clip((r.x + 1.0) / 2.0, 0.0, 1.0)
+        frames = None
+        if r.trajectory is not None:
+            abar = jnp.concatenate([jnp.ones((1,), sched.alpha_bars.dtype), sched.alpha_bars])
+            scale = jnp.sqrt(abar[r.times]).astype(r.trajectory.dtype)[:, :, None, None, None]
+            frames = jnp.clip((r.trajectory / scale + 1.0) / 2.0, 0.0, 1.0)
+        return out, frames, int(r.num_score_evals)
+
+    return run
+
+
+def image_metrics(out, clean) -> dict:
+    """Mean windowed SSIM, global SSIM, PSNR and MSE of ``out`` vs ``clean`` (``[B, C, H, W]``),
+    plus the per-image SSIM list."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from krylovjax import metrics
+
+    a, b = jnp.asarray(out), jnp.asarray(clean, jnp.asarray(out).dtype)
+    s = np.asarray(metrics.ssim(a, b), np.float64)
+    return {"ssim": float(s.mean()), "global_ssim": float(np.mean(metrics.global_ssim(a, b))),
+            "psnr": float(np.mean(metrics.psnr(a, b))), "mse": float(np.mean(metrics.mse(a, b))),
+            "ssim_per_image": s.tolist()}
+
+
+def make_eval_fn(denoiser: Callable, clean, name: str, last: dict | None = None) -> Callable:
+    """The ``eval_fn(fn, step) -> dict`` for :func:`krylovjax.training.train`.
+
+    Each evaluation denoises with the trajectory kept; if ``last`` is a dict, it receives the
+    latest evaluation's ``step``, ``out`` ``[B, C, H, W]``, ``frames`` ``[F, B, C, H, W]``,
+    ``network_evals`` and metrics (``train`` evaluates at the final step, so this is the final
+    model's result; no checkpoint reload or second sampler compile is needed).
+    """
+    import numpy as np
+
+    def eval_fn(fn, step):
+        out, frames, nfe = denoiser(fn, return_trajectory=True)
+        m = image_metrics(out, clean)
+        logging.info("[%s] step %d: SSIM %.4f  global SSIM %.4f  PSNR %.2f dB (%d network evaluations)",
+                     name, step, m["ssim"], m["global_ssim"], m["psnr"], nfe)
+        if last is not None:
+            last.update(step=int(step), out=np.asarray(out), frames=np.asarray(frames), network_evals=nfe,
+                        metrics=m)
+        return {"ssim": m["ssim"], "global_ssim": m["global_ssim"], "psnr": m["psnr"]}
+
+    return eval_fn
+
+
+# ----------------------------------------------------------------------------------------------
+# The experiment
+# ----------------------------------------------------------------------------------------------
+
+
+def _speedup(ours: dict | None, ddpm: dict | None) -> tuple[float | None, str]:
+    """Speed-up DDPM time / ours time at a target, with a note on censored runs."""
+    o, d = ours, ddpm
+    if o["seconds"] is not None and d["seconds"] is not None:
+        return d["seconds"] / o["seconds"], ""
+    if o["seconds"] is not None:
+        return None, f">= {d['cap_seconds'] / o['seconds']:.3g}x (DDPM did not reach it within its cap)"
+    if d["seconds"] is not None:
+        return None, f"<= {d['seconds'] / o['cap_seconds']:.3g}x (ours did not reach it within its cap)"
+    return None, "neither method reached the target"
+
+
+def _target_rows(records: list, targets, key: str, offset: float, cap_seconds: float, cap_step: int) -> list:
+    from krylovjax import experiment_utils as eu
+
+    out = []
+    for tgt in targets:
+        hit = eu.first_reaching(records, key, tgt)
+        out.append({"target": float(tgt), "reached": hit is not None,
+                    "step": None if hit is None else int(hit["step"]),
+                    "train_seconds": None if hit is None else float(hit["train_seconds"]),
+                    "seconds": None if hit is None else float(hit["train_seconds"]) + offset,
+                    "cap_seconds": cap_seconds + offset, "cap_step": cap_step})
+    return out
+
+
+def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
+    """Run the experiment of ``cfg`` in ``workdir``; returns the results dict (also written)."""
+    import jax
+    import numpy as np
+
+    from krylovjax import experiment_utils as eu
+    from krylovjax import training
+
+    check_config(cfg)
+    methods = tuple(cfg.methods)
+    targets = sorted(float(t) for t in (cfg.targets if isinstance(cfg.targets, (list, tuple)) else (cfg.targets,)))
+    tcs = {m: train_config(cfg, m) for m in methods}
+    if "ours" in tcs:
+        precompute_config(cfg, tcs["ours"])
+    clean = load_clean(cfg.data)
+    if clean.shape[0] != 1:
+        raise ValueError(f"data.index: the denoise experiment takes one image, got {clean.shape[0]}")
+    check_fits(tcs, clean, 1)
+
+    # The work directory: refuse another run's config before writing anything.
+    eu.claim_workdir(workdir, "denoise", cfg)
+    done = os.path.exists(os.path.join(workdir, "results.json"))
+    if done and not overwrite:
+        raise eu.WorkdirConflictError(
+            f"workdir: {workdir!r} already holds the finished results of this config; pass --overwrite "
+            "to redo them or use another --workdir (nothing was changed)")
+    if overwrite:
+        for m in METHODS:
+            shutil.rmtree(os.path.join(workdir, m), ignore_errors=True)
+        for f in RESULT_FILES:
+            p = os.path.join(workdir, f)
+            if os.path.exists(p):
+                os.remove(p)
+
+    noisy = eu.noisy_copy(clean, cfg.noise.std, cfg.noise.seed, clamp=cfg.noise.clamp)
+    base = image_metrics(noisy, clean)
+    logging.info("noisy input: SSIM %.4f, PSNR %.2f dB (std %.3f, seed %d)", base["ssim"], base["psnr"],
+                 cfg.noise.std, cfg.noise.seed)
+    wall = eu.Stopwatch()
+    wall.__enter__()
+    results: dict[str, Any] = {}
+    denoisers: dict = {}
+    outs: dict = {}
+    frames: dict = {}
+    for m in methods:
+        tc = tcs[m]
+        sub = os.path.join(workdir, m)
+        prep: dict = {"precompute_seconds": 0.0, "embed_seconds": 0.0, "compile_seconds": 0.0}
+        if m == "ours":
+            data, prep = prepare_ours(cfg, tc, clean)
+            logging.info("[ours] pre-computation %.2f s, embedding %.2f s (compile %.2f s apart): %s",
+                         prep["precompute_seconds"], prep["embed_seconds"], prep["compile_seconds"],
+                         {k: v for k, v in prep["solver_stats"].items() if np.ndim(v) == 0})
+            denoisers[m] = ours_denoiser(cfg, tc, noisy)
+        else:
+            data = clean
+            denoisers[m] = ddpm_denoiser(cfg, tc, noisy)
+        last: dict = {}
+        res = training.train(tc, data, sub, eval_fn=make_eval_fn(denoisers[m], clean, m, last),
+                             target=targets[-1])
+        if last.get("step") != res.step:  # cannot happen with train()'s final evaluation; be safe
+            fn = training.load_score_fn(sub)
+            make_eval_fn(denoisers[m], clean, m, last)(fn, res.step)
+        outs[m], frames[m] = last["out"], last["frames"]
+        offset = prep["precompute_seconds"] + prep["embed_seconds"]
+        evals = eu.read_metrics(sub, "eval")
+        results[m] = {
+            "train_config": tc.to_dict(),
+            "stop_reason": res.stop_reason, "steps": res.step, "train_seconds": res.train_seconds,
+            "compile_seconds": res.compile_seconds + prep["compile_seconds"],
+            "train_compile_seconds": res.compile_seconds, "eval_seconds": res.eval_seconds,
+            "checkpoint_seconds": res.checkpoint_seconds, "train_wall_seconds": res.wall_seconds,
+            "precompute_seconds": prep["precompute_seconds"], "embed_seconds": prep["embed_seconds"],
+            "seconds_per_step": res.train_seconds / max(res.step, 1),
+            "targets": _target_rows(evals, targets, cfg.metric, offset, res.train_seconds, res.step),
+            "evals": [{k: e.get(k) for k in ("step", "train_seconds", "ssim", "global_ssim", "psnr")} for e in evals],
+            "resumed_from": res.resumed_from,
+        }
+        results[m]["final"] = dict(last["metrics"], network_evals=last["network_evals"], step=last["step"])
+        if m == "ours":
+            results[m]["solver_stats"] = prep["solver_stats"]
+            results[m]["precompute_config"] = prep["precompute_config"]
+        logging.info("[%s] stopped (%s) after %d steps, %.1f s of training", m, res.stop_reason, res.step,
+                     res.train_seconds)
+
+    wall.__exit__()
+
+    comparison = []
+    if "ours" in results and "ddpm" in results:
+        for i, tgt in enumerate(targets):
+            o, d = results["ours"]["targets"][i], results["ddpm"]["targets"][i]
+            sp, note = _speedup(o, d)
+            comparison.append({"target": tgt, "ours_seconds": o["seconds"], "ddpm_seconds": d["seconds"],
+                               "speedup": sp, "note": note})
+
+    out = {
+        "experiment": "denoise",
+        "machine": eu.machine_info(),
+        "image": {"source": cfg.data.source, "shape": list(clean.shape), "dtype": str(clean.dtype)},
+        "noise": {"std": cfg.noise.std, "seed": cfg.noise.seed, "clamp": cfg.noise.clamp},
+        "noisy": {k: base[k] for k in ("ssim", "global_ssim", "psnr", "mse")},
+        "metric": cfg.metric, "targets": targets,
+        "timing_convention": (
+            "time to target = training time at the first evaluation reaching the target (optimiser steps "
+            "only: JIT compile, evaluation and checkpoint time excluded, reported separately); for ours plus "
+            "the pre-computation and embedding wall time (their JIT compile excluded too)"),
+        "methods": results,
+        "comparison": comparison,
+        "wall_seconds": wall.seconds,
+        "config": eu._plain(cfg),
+    }
+    _write_outputs(out, workdir, clean, noisy, outs, frames)
+    return out
+
+
+def _write_outputs(out: dict, workdir: str, clean, noisy, outs: dict, frames: dict) -> None:
+    from krylovjax import experiment_utils as eu
+
+    res = out["methods"]
+    metric = out["metric"]
+    rows = []
+    for m, r in res.items():
+        for t in r["targets"]:
+            time_s = eu.format_seconds(t["seconds"]) if t["reached"] else (
+                f"not reached in {r['steps']} steps / {eu.format_seconds(t['cap_seconds'])}")
+            rows.append([m, t["target"], time_s, t["step"] if t["reached"] else "-",
+                         eu.format_seconds(r["precompute_seconds"] + r["embed_seconds"], 2) if m == "ours" else "-",
+                         eu.format_seconds(t["train_seconds"]) if t["reached"] else "-",
+                         eu.format_seconds(r["compile_seconds"], 1), eu.format_seconds(r["eval_seconds"], 1),
+                         f"{r['final']['ssim']:.4f}", f"{r['final']['global_ssim']:.4f}",
+                         f"{r['final']['psnr']:.2f}", r["final"]["step"]])
+    headers = ["method", f"target {metric}", "time to target", "step", "pre-compute", "training",
+               "compile (excl.)", "eval (excl.)", "final SSIM", "final global SSIM", "final PSNR (dB)",
+               "final step"]
+    text = [f"# Single-image denoising ({out['image']['source']}, {out['image']['shape'][2]}x"
+            f"{out['image']['shape'][3]}, noise std {out['noise']['std']}, seed {out['noise']['seed']})\n",
+            f"Noisy input: SSIM {out['noisy']['ssim']:.4f}, PSNR {out['noisy']['psnr']:.2f} dB. "
+            f"Timing: {out['timing_convention']}.\n", eu.markdown_table(headers, rows)]
+    if out["comparison"]:
+        crow = [[c["target"], eu.format_seconds(c["ours_seconds"]), eu.format_seconds(c["ddpm_seconds"]),
+                 f"{c['speedup']:.2f}x" if c["speedup"] is not None else c["note"]] for c in out["comparison"]]
+        text.append("\n" + eu.markdown_table([f"target {metric}", "ours", "DDPM", "speed-up (DDPM / ours)"], crow))
+    mi = out["machine"]
+    text.append(f"\nMachine: {mi['processor']}, {mi['cpu_count']} CPUs, backend {mi['backend']}, jax {mi['jax']}, "
+                f"x64 {mi['x64']}, load average at the end {mi['load_average']}; {mi['date']}; "
+                f"wall time {out['wall_seconds']:.0f} s.\n")
+    eu.write_text(os.path.join(workdir, "results.md"), "".join(text))
+    eu.write_json(os.path.join(workdir, "results.json"), out)
+
+    names = [m for m in ("ours", "ddpm") if m in outs]
+    label = {"ours": "ours", "ddpm": "DDPM"}
+    eu.image_grid(os.path.join(workdir, "trajectory.png"), [frames[m][:, 0] for m in names],
+                  row_labels=[label[m] for m in names],
+                  col_labels=[f"frame {i}" for i in range(frames[names[0]].shape[0])],
+                  title="Denoising trajectory (frame 0 = noisy input, last = output)")
+    panels = [clean[0], noisy[0]] + [outs[m][0] for m in names]
+    labels = ["clean", f"noisy\nSSIM {out['noisy']['ssim']:.3f}"] + [
+        f"{label[m]} (step {res[m]['final']['step']})\nSSIM {res[m]['final']['ssim']:.3f}" for m in names]
+    eu.image_grid(os.path.join(workdir, "denoised.png"), [panels], col_labels=labels, panel_inches=1.6)
+    curves = {}
+    for m in names:
+        off = res[m]["precompute_seconds"] + res[m]["embed_seconds"]
+        ev = [e for e in res[m]["evals"] if e.get(metric) is not None]
+        curves[label[m]] = ([e["train_seconds"] + off for e in ev], [e[metric] for e in ev])
+    eu.plot_curves(os.path.join(workdir, "ssim_curve.png"), curves,
+                   xlabel="time to evaluation (s; ours incl. pre-computation)", ylabel=metric,
+                   hlines=out["targets"], title="Denoising quality during training")
+
+
+def print_summary(out: dict, workdir: str) -> None:
+    """Print the table and where the outputs are."""
+    with open(os.path.join(workdir, "results.md")) as f:
+        print(f.read())
+    print("Outputs in", os.path.abspath(workdir) + ":")
+    for name in RESULT_FILES:
+        print("  ", os.path.join(os.path.abspath(workdir), name))
+    print("   training runs:", ", ".join(os.path.join(os.path.abspath(workdir), m) for m in out["methods"]))
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from krylovjax import experiment_utils as eu
+
+    eu.quiet_orbax_logs()
+    out = run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite)
+    print_summary(out, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,227 @@
+r"""Sample from a trained model with the denoising trajectory shown (Paper B Figure 3 / 8 style).
+
+Usage::
+
+    python -m experiments.generate --workdir=runs/demo/ours [--outdir=runs/demo/ours/generate] \
+        [--num_samples=4] [--num_frames=10] [--sampler=auto] [--seed=0] [--reference=builtin:chelsea]
+
+``--workdir`` is the directory of a training run (``experiments.train``, or the ``ours/`` /
+``ddpm/`` run inside an ``experiments.denoise`` or ``experiments.budget`` work directory); its
+latest checkpoint's EMA weights are loaded (:func:`krylovjax.training.load_score_fn`).
+
+Samplers (``--sampler``):
+
+* ours (score model): ``ode`` = the probability-flow ODE from the prior ``N(0, lambda(1)^2 I)``
+  (Paper B, :func:`krylovjax.sampling.generate`); ``sde`` = the reverse SDE with
+  ``--num_steps`` Euler-Maruyama steps; ``paper_a`` = Paper A's damped reverse SDE (50 steps
+  from t = 1 to 0, noise 0.1 g sqrt(dt), clamped to [0, 1]) from a pure-noise image
+  ``clamp(0.5 + 0.5 z, 0, 1)`` (our choice of start for generation: Paper A's sampler starts
+  from the noisy test image). ``auto`` = ``paper_a`` for the constant-g SDE with a constant
+  perturbation ``std`` (it has no prior at t = 1), else ``ode``. A model trained with per-image time
+  intervals (``per_image_offset``) draws sample ``k`` for image ``k mod num_images``.
+* DDPM (epsilon model): ``ancestral`` (Ho et al., ``T`` steps, predicted x0 clipped) or
+  ``ddim`` (deterministic, ``--num_steps`` steps; all ``T`` when 0); ``auto`` = ``ancestral``.
+
+Outputs in ``--outdir`` (default ``<workdir>/generate``): ``samples.png`` (one row per sample,
+``--num_frames`` frames from the prior to the sample), ``samples.json`` and ``samples.md``
+(per-sample statistics; with ``--reference`` (a :func:`krylovjax.data.load_images` source) the
+SSIM of each sample to its nearest reference image). The output directory is tied to its
+settings; other settings are refused, a finished one is redone only with ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+SAMPLERS_OURS = ("ode", "sde", "paper_a")
+SAMPLERS_DDPM = ("ancestral", "ddim")
+RESULT_FILES = ("samples.png", "samples.json", "samples.md")
+
+if __name__ == "__main__":
+    flags.DEFINE_string("workdir", None, "Training run directory (with checkpoints/).")
+    flags.DEFINE_string("outdir", None, "Output directory (default: <workdir>/generate).")
+    flags.DEFINE_integer("num_samples", 4, "Number of samples.")
+    flags.DEFINE_integer("num_frames", 10, "Frames of each trajectory shown (>= 2).")
+    flags.DEFINE_enum("sampler", "auto", ("auto",) + SAMPLERS_OURS + SAMPLERS_DDPM, "Sampler (see module doc).")
+    flags.DEFINE_integer("num_steps", 50, "Steps of the fixed-step samplers (sde, paper_a, ddim; ddim: 0 = all).")
+    flags.DEFINE_integer("seed", 0, "PRNG seed of the prior and the sampler noise.")
+    flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
+    flags.DEFINE_string("reference", None, "Optional load_images source to compare samples with, "
+                        "e.g. builtin:chelsea or builtin (resized to the model's size).")
+    flags.DEFINE_integer("reference_count", 3, "Images of a multi-image --reference source.")
+    flags.DEFINE_bool("overwrite", False, "Redo a finished run with the same settings in --outdir.")
+    flags.mark_flags_as_required(["workdir"])
+
+
+def resolve_sampler(tc, sampler: str) -> str:
+    """The concrete sampler for a model of ``tc`` (``auto`` resolved), or ValueError."""
+    if tc.method == "ddpm":
+        if sampler == "auto":
+            return "ancestral"
+        if sampler not in SAMPLERS_DDPM:
+            raise ValueError(f"sampler: a DDPM model takes one of {SAMPLERS_DDPM} (or auto), got {sampler!r}")
+        return sampler
+    if sampler == "auto":
+        constant_lambda = tc.sde == "constant" and dict(tc.sde_kwargs).get("std", 0.1) is not None
+        return "paper_a" if constant_lambda else "ode"
+    if sampler not in SAMPLERS_OURS:
+        raise ValueError(f"sampler: a score model takes one of {SAMPLERS_OURS} (or auto), got {sampler!r}")
+    return sampler
+
+
+def sample(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_steps: int = 50, num_frames: int = 10):
+    """Draw samples ``[M, C, H, W]`` in [0, 1] from a trained model, with trajectory frames.
+
+    Args:
+      fn: the model of :func:`krylovjax.training.load_score_fn` (``score_fn`` or ``eps_fn``).
+      tc: its :class:`krylovjax.training.TrainConfig`.
+      shape: ``(M, C, H, W)``.
+      key: PRNG key.
+      idx: ``[M]`` image indices (models with per-image time intervals).
+      sampler, num_steps, num_frames: see the module docstring.
+
+    Returns:
+      ``(samples [M, C, H, W], frames [num_frames, M, C, H, W], network_evaluations)``, numpy /
+      JAX arrays in [0, 1] (DDPM states shown rescaled by ``1 / sqrt(abar_k)``).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from krylovjax import ddpm, sampling
+
+    sampler = resolve_sampler(tc, sampler)
+    dtype = jnp.result_type(float)
+    if tc.method == "ddpm":
+        sched = tc.ddpm_schedule(dtype=dtype)
+        k_prior, k_run = jax.random.split(key)
+        x_T = jax.random.normal(k_prior, shape, dtype)
+        if sampler == "ancestral":
+            r = ddpm.ddpm_ancestral_sample(fn, x_T, k_run, schedule=sched, clip_x0=(-1.0, 1.0),
+                                           return_trajectory=True, num_frames=num_frames)
+        else:
+            steps = int(num_steps) if num_steps else sched.num_steps
+            r = ddpm.ddim_sample(fn, x_T, schedule=sched, num_steps=min(steps, sched.num_steps),
+                                 clip_x0=(-1.0, 1.0), return_trajectory=True, num_frames=num_frames)
+        abar = jnp.concatenate([jnp.ones((1,), sched.alpha_bars.dtype), sched.alpha_bars])
+        scale = jnp.sqrt(abar[r.times]).astype(r.trajectory.dtype)[:, :, None, None, None]
+        frames = jnp.clip((r.trajectory / scale + 1.0) / 2.0, 0.0, 1.0)
+        return jnp.clip((r.x + 1.0) / 2.0, 0.0, 1.0), frames, int(r.num_score_evals)
+
+    f = fn if idx is None else (lambda x, t: fn(x, t, idx=idx))
+    if tc.per_image_offset and idx is None:
+        raise ValueError("idx: required ([M] image indices) for a model trained with per_image_offset")
+    sde = tc.make_sde()
+    if sampler == "paper_a":
+        k_prior, k_run = jax.random.split(key)
+        x_T = jnp.clip(0.5 + 0.5 * jax.random.normal(k_prior, shape, dtype), 0.0, 1.0)
+        r = sampling.euler_maruyama(f, sde, x_T, k_run, t_start=1.0, t_end=0.0, num_steps=int(num_steps),
+                                    noise_scale=0.1, clip=(0.0, 1.0), return_trajectory=True,
+                                    num_frames=num_frames)
+    elif sampler == "ode":
+        r = sampling.generate(f, sde, tuple(shape), key, method="ode", return_trajectory=True,
+                              num_frames=num_frames, dtype=dtype)
+    else:
+        r = sampling.generate(f, sde, tuple(shape), key, method="sde", num_steps=int(num_steps),
+                              return_trajectory=True, num_frames=num_frames, dtype=dtype)
+    return jnp.clip(r.x, 0.0, 1.0), jnp.clip(r.trajectory, 0.0, 1.0), int(r.num_score_evals)
+
+
+def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_frames: int = 10,
+        sampler: str = "auto", num_steps: int = 50, seed: int = 0, step: int | None = None,
+        reference: str | None = None, reference_count: int = 3, overwrite: bool = False) -> dict:
+    """Sample from the training run in ``workdir``; write the grid, table and JSON to ``outdir``."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from krylovjax import experiment_utils as eu
+    from krylovjax import metrics, training
+
+    for name, v, lo in (("num_samples", num_samples, 1), ("num_frames", num_frames, 2), ("num_steps", num_steps, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise FileNotFoundError(f"workdir: {workdir!r} is not a training run (no checkpoints/ inside)")
+    outdir = outdir or os.path.join(workdir, "generate")
+    fn = training.load_score_fn(workdir, step=step)
+    tc = fn.config
+    sampler = resolve_sampler(tc, sampler)
+    if sampler in ("sde", "paper_a") and num_steps < 1:
+        raise ValueError(f"num_steps: the {sampler!r} sampler needs >= 1 steps, got {num_steps}")
+    unet = fn.model_def.unet
+    shape = (num_samples, unet.in_channels, unet.image_size, unet.image_size)
+    settings = {"workdir": os.path.abspath(workdir), "step": int(fn.step), "num_samples": num_samples,
+                "num_frames": num_frames, "sampler": sampler, "num_steps": num_steps, "seed": seed,
+                "reference": reference, "reference_count": reference_count}
+    eu.claim_workdir(outdir, "generate", settings)
+    if os.path.exists(os.path.join(outdir, "samples.json")) and not overwrite:
+        raise eu.WorkdirConflictError(
+            f"outdir: {outdir!r} already holds these samples; pass --overwrite to redo them or use another --outdir")
+    idx = None
+    if unet.per_image_offset:
+        idx = jnp.arange(num_samples, dtype=jnp.int32) % unet.num_images
+    with eu.Stopwatch() as sw:
+        out, frames, nfe = sample(fn, tc, shape, jax.random.PRNGKey(seed), idx=idx, sampler=sampler,
+                                  num_steps=num_steps, num_frames=num_frames)
+        out, frames = np.asarray(out), np.asarray(frames)
+    rows = []
+    per = []
+    ref = None
+    if reference:
+        from krylovjax.data import load_images
+
+        kw: dict[str, Any] = {"size": unet.image_size}
+        if reference == "builtin":
+            kw["num_images"] = reference_count
+        ref = load_images(reference, **kw).astype(out.dtype)
+        if ref.shape[1] != out.shape[1]:
+            raise ValueError(f"reference: its images have {ref.shape[1]} channels, the model {out.shape[1]}")
+    for k in range(num_samples):
+        rec = {"sample": k, "image_index": None if idx is None else int(idx[k]), "mean": float(out[k].mean()),
+               "std": float(out[k].std()), "min": float(out[k].min()), "max": float(out[k].max())}
+        if ref is not None:
+            s = np.asarray(metrics.ssim(jnp.asarray(np.broadcast_to(out[k], ref.shape)), jnp.asarray(ref)))
+            rec.update(nearest_reference=int(np.argmax(s)), ssim_to_nearest=float(s.max()))
+        per.append(rec)
+        rows.append([k, rec["image_index"], f"{rec['mean']:.3f}", f"{rec['std']:.3f}",
+                     rec.get("nearest_reference"), None if ref is None else f"{rec['ssim_to_nearest']:.4f}"])
+    result = {"experiment": "generate", "settings": settings, "method": tc.method, "sde": tc.sde,
+              "network_evals": nfe, "sampling_seconds": sw.seconds, "samples": per,
+              "shape": list(out.shape), "machine": eu.machine_info()}
+    eu.write_json(os.path.join(outdir, "samples.json"), result)
+    text = (f"# Samples of {os.path.abspath(workdir)} (step {fn.step}, method {tc.method}, sampler {sampler})\n\n"
+            f"{nfe} network evaluations, {sw.seconds:.1f} s (compile included).\n\n"
+            + eu.markdown_table(["sample", "image index", "mean", "std", "nearest reference", "SSIM to nearest"],
+                                rows))
+    eu.write_text(os.path.join(outdir, "samples.md"), text)
+    eu.image_grid(os.path.join(outdir, "samples.png"), [frames[:, k] for k in range(num_samples)],
+                  row_labels=[f"sample {k}" for k in range(num_samples)],
+                  col_labels=[f"frame {i}" for i in range(num_frames)],
+                  title=f"{tc.method}: {sampler} sampler, frame 0 = prior, last = sample")
+    return result
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from krylovjax import experiment_utils as eu
+
+    eu.quiet_orbax_logs()
+    outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, "generate")
+    run(FLAGS.workdir, outdir, num_samples=FLAGS.num_samples, num_frames=FLAGS.num_frames,
+        sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, seed=FLAGS.seed, step=FLAGS.step,
+        reference=FLAGS.reference, reference_count=FLAGS.reference_count, overwrite=FLAGS.overwrite)
+    with open(os.path.join(outdir, "samples.md")) as f:
+        print(f.read())
+    print("Outputs in", os.path.abspath(outdir) + ":")
+    for name in RESULT_FILES:
+        print("  ", os.path.join(os.path.abspath(outdir), name))
+    logging.info("done")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,526 @@
+"""Experiment binaries (denoise, budget, generate) and their helpers (krylovjax.experiment_utils).
+
+The smoke tests run the binaries through their flags in subprocesses on a tiny problem (16x16
+photo, a one-level U-Net with 8 channels, a few steps): they check the outputs exist, that the
+JSON holds the expected keys and that its numbers are consistent with each other and with the
+training records. The bad-input tests call the binaries' ``run`` functions in-process (they fail
+before any training) and check that nothing already in the work directory changed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from krylovjax import experiment_utils as eu
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A tiny problem, as --config.* flags of denoise_demo / budget_demo.
+TINY = [
+    "--config.data.size=16",
+    "--config.common.model_overrides.ch=8",
+    "--config.common.model_overrides.ch_mult=(1,)",
+    "--config.common.model_overrides.attn_resolutions=()",
+    "--config.common.batch_size=4",
+    "--config.ours.precompute.num_steps=3",
+    "--config.ours.precompute.max_sweeps=2",
+    "--config.ours.sampler.kind=paper_a",  # a 5-step scan compiles faster than the adaptive ODE
+    "--config.ours.sampler.num_steps=5",
+    "--config.ddpm.train.ddpm_num_steps=100",
+    "--config.num_frames=3",
+]
+
+
+_CACHE: dict = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache(tmp_path_factory):
+    """One persistent XLA compilation cache for the binaries of this module (they compile the
+    same U-Net steps and samplers; a cache hit saves seconds per subprocess)."""
+    _CACHE["dir"] = str(tmp_path_factory.mktemp("jax_cache"))
+    yield
+    _CACHE.clear()
+
+
+def _run(module: str, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["JAX_PLATFORMS"] = "cpu"
+    if "dir" in _CACHE:
+        env["JAX_COMPILATION_CACHE_DIR"] = _CACHE["dir"]
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+    proc = subprocess.run([sys.executable, "-m", module] + args, cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    return proc
+
+
+def _snapshot(d: str) -> dict:
+    """path -> (size, mtime_ns, sha of content) of every file under d."""
+    import hashlib
+
+    out = {}
+    for root, _, files in os.walk(d):
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, d)] = (os.path.getsize(p), os.stat(p).st_mtime_ns,
+                                              hashlib.sha256(fh.read()).hexdigest())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def test_noisy_copy_is_papers_clamped_gaussian_noise():
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0, 1, (2, 3, 16, 16)).astype(np.float32)
+    got = eu.noisy_copy(x, 0.506, seed=7)
+    ref = np.clip(x.astype(np.float64) + 0.506 * np.random.default_rng(7).standard_normal(x.shape), 0, 1)
+    assert got.dtype == np.float32 and got.shape == x.shape
+    np.testing.assert_allclose(got, ref.astype(np.float32), rtol=0, atol=0)
+    # without the clamp the residual is N(0, std^2): sample std within 4 standard errors
+    raw = eu.noisy_copy(x.astype(np.float64), 0.3, seed=1, clamp=False) - x.astype(np.float64)
+    n = raw.size
+    assert abs(raw.std() - 0.3) < 4 * 0.3 / math.sqrt(2 * n)
+    assert abs(raw.mean()) < 4 * 0.3 / math.sqrt(n)
+    # same seed, same noise in float32 and float64
+    np.testing.assert_allclose(eu.noisy_copy(x.astype(np.float64), 0.506, seed=7), ref, atol=0)
+    with pytest.raises(ValueError, match="std"):
+        eu.noisy_copy(x, 0.0, seed=0)
+    with pytest.raises(ValueError, match="images"):
+        eu.noisy_copy(x[0], 0.1, seed=0)
+    with pytest.raises(TypeError, match="images"):
+        eu.noisy_copy(np.zeros((1, 1, 4, 4), np.int32), 0.1, seed=0)
+
+
+def test_first_reaching_and_targets():
+    recs = [{"step": 5, "train_seconds": 1.0, "ssim": 0.5}, {"step": 10, "train_seconds": 2.0},
+            {"step": 15, "train_seconds": 3.0, "ssim": 0.96}, {"step": 20, "train_seconds": 4.0, "ssim": 0.99}]
+    assert eu.first_reaching(recs, "ssim", 0.95)["step"] == 15
+    assert eu.first_reaching(recs, "ssim", 0.99)["train_seconds"] == 4.0
+    assert eu.first_reaching(recs, "ssim", 0.995) is None
+    assert eu.check_target(1) == 1.0
+    for bad in (0.0, -0.1, 1.0001, float("nan"), "0.9", True, None):
+        with pytest.raises(ValueError, match="target"):
+            eu.check_target(bad)
+    for bad in (0, -1.0, float("inf"), None):
+        with pytest.raises(ValueError, match="budget_seconds"):
+            eu.check_positive_seconds(bad)
+
+
+def test_markdown_table_and_config_diff():
+    t = eu.markdown_table(["a", "b"], [[1, 0.123456], ["x|y", None]])
+    lines = t.strip().split("\n")
+    assert lines[0] == "| a | b |" and lines[1] == "|---|---|"
+    assert lines[2] == "| 1 | 0.1235 |" and lines[3] == "| x\\|y | - |"
+    with pytest.raises(ValueError, match="rows"):
+        eu.markdown_table(["a", "b"], [[1]])
+    a = {"x": 1, "y": {"z": (1, 2), "w": 1.0}}
+    assert eu.config_diff(a, {"x": 1, "y": {"z": [1, 2], "w": 1}}) == []
+    assert eu.config_diff(a, {"x": 2, "y": {"z": (1, 3)}}) == ["x", "y.w", "y.z"]
+
+
+def test_claim_workdir_refuses_other_configs_without_touching(tmp_path):
+    wd = str(tmp_path / "run")
+    assert eu.claim_workdir(wd, "denoise", {"lr": 1e-3, "model": {"ch": 8}}) is True
+    with open(os.path.join(wd, "results.json"), "w") as f:
+        f.write("{}")
+    before = _snapshot(wd)
+    assert eu.claim_workdir(wd, "denoise", {"lr": 1e-3, "model": {"ch": 8}}) is False
+    with pytest.raises(ValueError, match=r"another run's config \(differs at: lr, model.ch\)"):
+        eu.claim_workdir(wd, "denoise", {"lr": 2e-3, "model": {"ch": 16}})
+    with pytest.raises(ValueError, match="'budget'"):
+        eu.claim_workdir(wd, "budget", {"lr": 1e-3, "model": {"ch": 8}})
+    assert _snapshot(wd) == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.txt").write_text("keep")
+    with pytest.raises(ValueError, match="not empty"):
+        eu.claim_workdir(str(other), "denoise", {})
+    assert sorted(os.listdir(other)) == ["data.txt"]
+
+
+def test_image_grid_and_curves_write_pngs(tmp_path):
+    import matplotlib.image as mpimg
+
+    rows = [np.random.default_rng(0).uniform(0, 1, (3, 3, 8, 8)), np.zeros((2, 1, 8, 8))]
+    p = tmp_path / "g.png"
+    eu.image_grid(p, rows, row_labels=["a", "b"], col_labels=["1", "2", "3"], title="t")
+    img = mpimg.imread(p)
+    assert img.ndim == 3 and img.shape[0] > 50 and img.shape[1] > 100
+    q = tmp_path / "c.png"
+    eu.plot_curves(q, {"m": ([0, 1], [0.1, 0.9])}, xlabel="s", ylabel="ssim", hlines=[0.5])
+    assert mpimg.imread(q).shape[0] > 50
+    with pytest.raises(ValueError, match="rows"):
+        eu.image_grid(tmp_path / "e.png", [])
+
+
+# ----------------------------------------------------------------------------------------------
+# Smoke tests through the binaries' flags
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def denoise_run(tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp("exp") / "denoise")
+    args = ["--config=experiments/configs/denoise_demo.py", f"--workdir={wd}", *TINY,
+            "--config.common.eval_every=3", "--config.ours.train.num_steps=3", "--config.ddpm.train.num_steps=3",
+            "--config.targets=(0.02,0.999)"]
+    proc = _run("experiments.denoise", args)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return wd, proc
+
+
+def test_denoise_smoke(denoise_run):
+    wd, proc = denoise_run
+    for f in ("results.md", "results.json", "trajectory.png", "denoised.png", "ssim_curve.png",
+              "experiment.json", "ours/metrics.jsonl", "ddpm/metrics.jsonl"):
+        assert os.path.isfile(os.path.join(wd, f)), f
+    assert os.path.abspath(os.path.join(wd, "results.md")) in proc.stdout  # says where outputs are
+    with open(os.path.join(wd, "results.json")) as f:
+        out = json.load(f)
+    for k in ("experiment", "machine", "image", "noise", "noisy", "metric", "targets", "timing_convention",
+              "methods", "comparison", "wall_seconds", "config"):
+        assert k in out, k
+    assert out["image"]["shape"] == [1, 3, 16, 16] and out["targets"] == [0.02, 0.999]
+    for m in ("ours", "ddpm"):
+        r = out["methods"][m]
+        for k in ("stop_reason", "steps", "train_seconds", "compile_seconds", "eval_seconds", "precompute_seconds",
+                  "targets", "evals", "final"):
+            assert k in r, (m, k)
+        assert r["steps"] == 3 and r["stop_reason"] in ("num_steps", "target")
+        assert r["train_seconds"] > 0 and r["compile_seconds"] > 0
+        # the step cap was hit before SSIM 0.999: reported as not reached, no time
+        hi = r["targets"][1]
+        assert hi["reached"] is False and hi["seconds"] is None and hi["step"] is None
+        # the records agree with the training run's own metrics.jsonl
+        evals = eu.read_metrics(os.path.join(wd, m), "eval")
+        assert [e["step"] for e in r["evals"]] == [e["step"] for e in evals] == [3]
+        lo = r["targets"][0]
+        assert lo["reached"] == (evals[0]["ssim"] >= 0.02)
+        if lo["reached"]:
+            assert lo["seconds"] == pytest.approx(evals[0]["train_seconds"] + r["precompute_seconds"]
+                                                  + r["embed_seconds"])
+        # the final metrics are those of the last evaluation (same model, same sampler key)
+        assert r["final"]["step"] == 3
+        assert r["final"]["ssim"] == pytest.approx(evals[-1]["ssim"], abs=1e-5)
+        assert 0 < r["final"]["psnr"] < 60
+    assert out["methods"]["ours"]["precompute_seconds"] > 0 and out["methods"]["ddpm"]["precompute_seconds"] == 0
+    assert out["methods"]["ours"]["solver_stats"]["nonconverged"] == 0
+    cmp = {c["target"]: c for c in out["comparison"]}
+    assert cmp[0.999]["speedup"] is None and cmp[0.999]["note"]
+    # the noisy input is Paper A's clamp(x + 0.506 z) with the configured seed
+    from krylovjax.data import load_images
+
+    clean = load_images("builtin:chelsea", size=16)
+    noisy = eu.noisy_copy(clean, 0.506, 0)
+    from krylovjax import metrics
+
+    assert out["noisy"]["ssim"] == pytest.approx(float(metrics.ssim(noisy, clean)[0]), abs=1e-5)
+    text = open(os.path.join(wd, "results.md")).read()
+    assert "not reached in 3 steps" in text
+
+
+def test_denoise_refuses_existing_results(denoise_run):
+    """Same config again without --overwrite, another config, a bad target: errors, no change."""
+    from experiments import denoise
+    from experiments.configs import denoise_demo
+
+    wd, _ = denoise_run
+    before = _snapshot(wd)
+    stored = json.load(open(os.path.join(wd, "experiment.json")))["config"]
+    import ml_collections
+
+    cfg = ml_collections.ConfigDict(stored)
+    with pytest.raises(ValueError, match="already holds the finished results"):
+        denoise.run(cfg, wd)
+    cfg2 = ml_collections.ConfigDict(stored)
+    cfg2.ours.train.lr = 5e-4
+    with pytest.raises(ValueError, match=r"another run's config \(differs at: ours.train.lr\)"):
+        denoise.run(cfg2, wd)
+    for bad in ((0.0,), (0.9, 1.2), ()):
+        cfg3 = denoise_demo.get_config()
+        cfg3.targets = bad
+        with pytest.raises(ValueError, match="target"):
+            denoise.run(cfg3, wd)
+    assert _snapshot(wd) == before
+
+
+def test_denoise_bad_image_size_fails_before_writing(tmp_path):
+    from experiments import denoise
+    from experiments.configs import denoise_demo
+
+    cfg = denoise_demo.get_config()
+    cfg.data.size = 16
+    cfg.common.model_overrides.image_size = 32  # the model wants 32x32 images
+    wd = tmp_path / "w"
+    with pytest.raises(ValueError, match=r"data: images of shape \[C, H, W\] = \[3, 16, 16\] do not fit the model"):
+        denoise.run(cfg, str(wd))
+    cfg = denoise_demo.get_config()
+    cfg.data.size = 18
+    cfg.common.model_overrides.ch_mult = (1, 2, 2)  # needs a multiple of 4
+    with pytest.raises(ValueError, match="data: images of size 18 x 18 do not fit the model"):
+        denoise.run(cfg, str(wd))
+    assert not wd.exists()
+
+
+def test_denoise_binary_reports_bad_target(tmp_path):
+    wd = tmp_path / "w"
+    proc = _run("experiments.denoise", ["--config=experiments/configs/denoise_demo.py", f"--workdir={wd}",
+                                        "--config.targets=(1.5,)"], timeout=120)
+    assert proc.returncode != 0
+    assert "targets[0]: expected an SSIM target in (0, 1], got 1.5" in proc.stderr
+    assert not wd.exists()
+
+
+def test_generate_from_train_run(denoise_run, tmp_path):
+    wd, _ = denoise_run
+    out = tmp_path / "gen"
+    proc = _run("experiments.generate", [f"--workdir={wd}/ours", f"--outdir={out}", "--num_samples=2",
+                                         "--num_frames=3", "--num_steps=4", "--sampler=paper_a",
+                                         "--reference=builtin:chelsea"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for f in ("samples.png", "samples.json", "samples.md"):
+        assert os.path.isfile(out / f)
+    res = json.load(open(out / "samples.json"))
+    for k in ("settings", "method", "sde", "network_evals", "samples", "shape"):
+        assert k in res
+    assert res["method"] == "ours" and res["shape"] == [2, 3, 16, 16]
+    assert res["settings"]["sampler"] == "paper_a" and res["network_evals"] == 4
+    for s in res["samples"]:
+        assert 0 <= s["min"] <= s["mean"] <= s["max"] <= 1 and -1 <= s["ssim_to_nearest"] <= 1
+    # the same outdir with other settings is refused, nothing changed
+    before = _snapshot(str(out))
+    proc = _run("experiments.generate", [f"--workdir={wd}/ours", f"--outdir={out}", "--num_samples=3"],
+                timeout=120)
+    assert proc.returncode != 0 and "another run's config" in proc.stderr
+    assert _snapshot(str(out)) == before
+
+
+def test_budget_smoke_and_bad_budget(tmp_path):
+    from experiments import budget
+    from experiments.configs import budget_demo
+
+    wd = str(tmp_path / "b")
+    # One image without per-image offsets: the training and sampling programs are those of the
+    # denoise smoke run (the compilation cache serves them); the per-image path of the denoiser
+    # is tested in-process (test_ours_denoiser_passes_image_indices).
+    args = ["--config=experiments/configs/budget_demo.py", f"--workdir={wd}", *TINY,
+            "--config.data.kwargs.num_images=1", "--config.ours.train.per_image_offset=False",
+            "--config.budget_seconds=4"]
+    proc = _run("experiments.budget", args)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for f in ("results.md", "results.json", "grid.png"):
+        assert os.path.isfile(os.path.join(wd, f))
+    out = json.load(open(os.path.join(wd, "results.json")))
+    for k in ("experiment", "task", "budget_seconds", "machine", "images", "budget_convention", "methods"):
+        assert k in out
+    assert out["budget_seconds"] == 4 and out["images"]["shape"] == [1, 3, 16, 16]
+    for m in ("ours", "ddpm"):
+        r = out["methods"][m]
+        assert r["stop_reason"] == "budget" and r["steps"] >= 1
+        # it stops at the first step past its budget: used <= budget + one step
+        assert r["train_budget_seconds"] - 1e-9 <= r["train_seconds"] <= r["train_budget_seconds"] + 3 * r["seconds_per_step"] + 1.0
+        assert len(r["ssim_per_image"]) == 1 and r["ssim"] == pytest.approx(np.mean(r["ssim_per_image"]))
+    o = out["methods"]["ours"]
+    assert o["train_budget_seconds"] == pytest.approx(4 - o["precompute_seconds"] - o["embed_seconds"])
+    # a budget of zero (or below), and another config in this workdir: errors, nothing changed
+    before = _snapshot(wd)
+    for bad in (0.0, -3.0):
+        cfg = budget_demo.get_config()
+        cfg.budget_seconds = bad
+        with pytest.raises(ValueError, match="budget_seconds: expected a finite number of seconds > 0"):
+            budget.run(cfg, wd)
+    cfg = budget_demo.get_config()
+    with pytest.raises(ValueError, match="another run's config"):
+        budget.run(cfg, wd)
+    assert _snapshot(wd) == before
+
+
+# ----------------------------------------------------------------------------------------------
+# The denoisers, with exact model functions (analytic references)
+# ----------------------------------------------------------------------------------------------
+
+
+def _point_config(kind="paper_a"):
+    from experiments.configs import denoise_demo
+
+    cfg = denoise_demo.get_config()
+    cfg.ddpm.train.ddpm_num_steps = 100
+    cfg.num_frames = 4
+    cfg.ours.sampler.kind = kind
+    if kind == "paper_a":  # Paper A's literal sampler: t = 1 -> 0 in 50 steps, noise 0.1
+        cfg.ours.train.sde_kwargs.std = 0.1
+        cfg.ours.sampler.update(t_start=1.0, t_end=0.0, num_steps=50, noise_scale=0.1, clip=True)
+    return cfg
+
+
+def test_ddpm_denoiser_with_exact_epsilon_returns_the_image():
+    """One training image x0: eps(x_k, i) = (x - sqrt(abar_i) y0) / sqrt(1 - abar_i), y0 = 2 x0 - 1,
+    is the exact epsilon; every predicted x0 is y0, so the chain ends exactly at x0, and frame 0
+    (the start state rescaled by 1 / sqrt(abar)) is the noisy input itself."""
+    import jax.numpy as jnp
+
+    from experiments import denoise
+
+    cfg = _point_config()
+    tc = denoise.train_config(cfg, "ddpm")
+    sched = tc.ddpm_schedule(dtype=jnp.float64)
+    x0 = np.random.default_rng(0).uniform(0.1, 0.9, (1, 3, 16, 16))
+    noisy = eu.noisy_copy(x0, cfg.noise.std, 0)
+    y0 = jnp.asarray(2 * x0 - 1)
+
+    def eps_fn(x, i):
+        ab = sched.alpha_bars[i][:, None, None, None]
+        return (x - jnp.sqrt(ab) * y0) / jnp.sqrt(1 - ab)
+
+    out, frames, nfe = denoise.ddpm_denoiser(cfg, tc, noisy)(eps_fn, return_trajectory=True)
+    from krylovjax.ddpm import denoise_start_step
+
+    start = int(denoise_start_step(2 * cfg.noise.std, schedule=sched))
+    assert nfe == start + 1
+    np.testing.assert_allclose(np.asarray(out), x0, atol=1e-10)
+    assert frames.shape == (4, 1, 3, 16, 16)
+    np.testing.assert_allclose(np.asarray(frames[0]), noisy, atol=1e-10)
+    np.testing.assert_allclose(np.asarray(frames[-1]), x0, atol=1e-10)
+
+
+def test_ours_paper_a_denoiser_with_exact_score_converges_as_predicted():
+    """Score of N(x0, lambda^2) with Paper A's constant g = 0.5, lambda = 0.1: each step of the
+    damped reverse SDE is e <- e - g^2 dt / lambda^2 e + 0.1 g sqrt(dt) z = e / 2 + sigma z with
+    dt = 1/50, sigma = 0.1 * 0.5 * sqrt(0.02); no noise at the last step. So the error after 50
+    steps is e_50 = e_49 / 2 with e_49 ~ N(0, sigma^2 / (1 - 1/4)) (the start is forgotten)."""
+    import jax.numpy as jnp
+
+    from experiments import denoise
+
+    cfg = _point_config("paper_a")
+    tc = denoise.train_config(cfg, "ours")
+    x0 = np.random.default_rng(1).uniform(0.3, 0.7, (1, 3, 32, 32))
+    noisy = eu.noisy_copy(x0, cfg.noise.std, 0)
+    lam2 = 0.1**2
+
+    def score_fn(x, t):
+        return -(x - jnp.asarray(x0)) / lam2
+
+    out, frames, nfe = denoise.ours_denoiser(cfg, tc, noisy)(score_fn, return_trajectory=True)
+    assert nfe == 50
+    err = np.asarray(out) - x0
+    sigma = 0.1 * 0.5 * math.sqrt(0.02)
+    want = 0.5 * sigma / math.sqrt(0.75)
+    n = err.size
+    assert abs(err.std() - want) < 5 * want / math.sqrt(2 * n)
+    assert abs(err.mean()) < 5 * want / math.sqrt(n)
+    np.testing.assert_allclose(np.asarray(frames[0]), noisy, atol=1e-12)
+    np.testing.assert_allclose(np.asarray(frames[-1]), np.asarray(out), atol=1e-12)
+
+
+def test_ours_ode_denoiser_with_exact_score_of_a_point_mass():
+    """VE SDE, data = one image x0: the exact score at time t is -(x - x0) / lambda(t)^2 and the
+    probability flow from t* (lambda(t*) = std) maps x0 + std z to x0 + lambda(t_end) z."""
+    import jax.numpy as jnp
+
+    from experiments import denoise
+
+    cfg = _point_config("denoise")
+    cfg.ours.train.sde = "ve"
+    cfg.ours.train.sde_kwargs = {"sigma": 5.0}
+    cfg.ours.sampler.method = "ode"
+    cfg.ours.sampler.clip = False
+    cfg.ours.sampler.t_end = 1e-3
+    cfg.ours.sampler.rtol = cfg.ours.sampler.atol = 1e-7
+    cfg.noise.clamp = False
+    tc = denoise.train_config(cfg, "ours")
+    sde = tc.make_sde()
+    x0 = np.random.default_rng(2).uniform(0.3, 0.7, (1, 3, 16, 16))
+    noisy = eu.noisy_copy(x0, cfg.noise.std, 0, clamp=False)
+
+    def score_fn(x, t):
+        lam = sde.perturbation_std(t)[:, None, None, None]
+        return -(x - jnp.asarray(x0)) / lam**2
+
+    out, _, _ = denoise.ours_denoiser(cfg, tc, noisy)(score_fn)
+    z = (noisy - x0) / cfg.noise.std
+    want = np.clip(x0 + float(sde.perturbation_std(jnp.asarray(1e-3))) * z, 0, 1)  # the clamp of the output
+    np.testing.assert_allclose(np.asarray(out), want, atol=1e-4)
+
+
+def test_ours_flow_denoiser_with_exact_score_of_the_demo_sde():
+    """The demo's SDE: constant g, lambda(t)^2 = g^2 t. For one image x0 the exact score is
+    -(x - x0) / (g^2 t) and the probability flow dx/dt = (x - x0) / (2 t) gives
+    x(t_end) = x0 + sqrt(t_end / t_start) (x(t_start) - x0)."""
+    import jax.numpy as jnp
+
+    from experiments import denoise
+
+    cfg = _point_config("flow")
+    assert cfg.ours.train.sde == "constant" and cfg.ours.train.sde_kwargs.std is None
+    cfg.ours.sampler.rtol = cfg.ours.sampler.atol = 1e-8
+    tc = denoise.train_config(cfg, "ours")
+    g = cfg.ours.train.sde_kwargs.g
+    x0 = np.random.default_rng(4).uniform(0.2, 0.8, (1, 3, 16, 16))
+    noisy = eu.noisy_copy(x0, cfg.noise.std, 3)
+
+    def score_fn(x, t):
+        return -(x - jnp.asarray(x0)) / (g**2 * t[:, None, None, None])
+
+    out, frames, _ = denoise.ours_denoiser(cfg, tc, noisy)(score_fn, return_trajectory=True)
+    t0, t1 = cfg.ours.sampler.t_start, cfg.ours.sampler.t_end
+    want = np.clip(x0 + math.sqrt(t1 / t0) * (noisy - x0), 0, 1)
+    np.testing.assert_allclose(np.asarray(out), want, atol=1e-6)
+    # the frames are on the same path, at evenly spaced times
+    ts = np.linspace(t0, t1, cfg.num_frames)
+    for k in range(cfg.num_frames):
+        np.testing.assert_allclose(np.asarray(frames[k]), np.clip(x0 + np.sqrt(ts[k] / t0) * (noisy - x0), 0, 1),
+                                   atol=1e-6)
+
+
+def test_ours_denoiser_passes_image_indices():
+    """Per-image time intervals (budget runs): with the exact score of each of two images,
+    selected by idx, each noisy image is denoised to its own source."""
+    import jax.numpy as jnp
+
+    from experiments import denoise
+
+    cfg = _point_config("flow")
+    cfg.ours.sampler.rtol = cfg.ours.sampler.atol = 1e-8
+    tc = denoise.train_config(cfg, "ours")
+    g = cfg.ours.train.sde_kwargs.g
+    src = np.random.default_rng(5).uniform(0.2, 0.8, (2, 3, 16, 16))
+    noisy = eu.noisy_copy(src[::-1].copy(), cfg.noise.std, 1)  # image k is a noisy copy of src[1 - k]
+    idx = np.array([1, 0])
+
+    def score_fn(x, t, idx=None):
+        target = jnp.asarray(src)[idx]
+        return -(x - target) / (g**2 * t[:, None, None, None])
+
+    out, _, _ = denoise.ours_denoiser(cfg, tc, noisy, idx=idx)(score_fn)
+    want = np.clip(src[idx] + math.sqrt(cfg.ours.sampler.t_end) * (noisy - src[idx]), 0, 1)
+    np.testing.assert_allclose(np.asarray(out), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["denoise_cifar10", "denoise_celeba64", "denoise_celeba128",
+                                  "budget_cifar10", "budget_celeba64"])
+def test_paper_configs_fail_fast_without_tfds_data(name, tmp_path):
+    import importlib
+
+    from experiments import budget, denoise
+    from krylovjax.data import DatasetNotPreparedError
+
+    cfg = importlib.import_module(f"experiments.configs.{name}").get_config()
+    cfg.data.kwargs.data_dir = str(tmp_path / "no_tfds")  # never the machine's own data
+    assert cfg.common.model == "paper"
+    wd = tmp_path / "w"
+    runner = budget.run if name.startswith("budget") else denoise.run
+    with pytest.raises(DatasetNotPreparedError, match="tfds build"):
+        runner(cfg, str(wd))
+    assert not wd.exists()
