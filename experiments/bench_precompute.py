@@ -43,7 +43,7 @@ flags.DEFINE_float("tol", 1e-10, "Relative residual of the Krylov solves.")
 flags.DEFINE_float("forcing", 0.0, "Inexact sweeps (PrecomputeConfig.forcing), 0 = off.")
 flags.DEFINE_integer("restart", 20, "GMRES restart length.")
 flags.DEFINE_integer("basis_size", 8, "Seed basis size of the cross-matrix strategies.")
-flags.DEFINE_string("chunk_size", "4", "Systems per solver chunk, or 'none'.")
+flags.DEFINE_string("chunk_size", "auto", "Systems per solver chunk, 'auto' or 'none'.")
 flags.DEFINE_enum("dtype", "float64", ["float32", "float64"], "Floating-point type.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per Krylov strategy (the fastest is reported).")
 flags.DEFINE_integer("spsolve_repeats", 1, "Timed runs of spsolve (the fastest is reported).")
@@ -118,7 +118,8 @@ def main(argv):
                   else [s for s in FLAGS.strategies if s != "spsolve"])
     if strategies[0] != "spsolve":
         strategies = ["spsolve"] + strategies
-    chunk = None if FLAGS.chunk_size == "none" else int(FLAGS.chunk_size)
+    chunk = (None if FLAGS.chunk_size == "none" else
+             "auto" if FLAGS.chunk_size == "auto" else int(FLAGS.chunk_size))
     info = machine_info()
     logging.info("machine: %s", info)
     rows = []

@@ -63,8 +63,11 @@ def precompute_config(p):
 
     d = dict(p.to_dict())
     d["sde_kwargs"] = tuple(sorted(dict(d.get("sde_kwargs") or {}).items()))
-    if d.get("chunk_size") == 0:
+    chunk = d.get("chunk_size")
+    if chunk in (0, "none", "None", None):
         d["chunk_size"] = None
+    elif isinstance(chunk, str) and chunk.isdigit():
+        d["chunk_size"] = int(chunk)
     return PrecomputeConfig(**d)
 
 

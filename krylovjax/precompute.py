@@ -75,7 +75,9 @@ class PrecomputeConfig:
       lag_init: initial lagged score for the first sweep: "initial" (score of m0) or "ones"
         (Paper B's code: every score 1).
       strategy: linear solver strategy (see module docstring).
-      tol, restart, max_restarts, basis_size, chunk_size, projection: Krylov settings.
+      tol, restart, max_restarts, basis_size, chunk_size, projection: Krylov settings
+        (:class:`krylovjax.cross_matrix.SolverConfig`; ``chunk_size="auto"`` picks
+        cache-sized chunks on CPU and the whole batch on accelerators).
       seed_image: index of the seed image of the cross-matrix strategies.
       warm_start: start each solve from the previous sweep's (or iterate's) solution.
       shard: split the systems over all local devices (see the module docstring).
@@ -108,7 +110,7 @@ class PrecomputeConfig:
     restart: int = 20
     max_restarts: int = 50
     basis_size: int = 8
-    chunk_size: int | None = 16
+    chunk_size: int | str | None = "auto"
     projection: str = "minres"
     seed_image: int = 0
     warm_start: bool = True
@@ -134,6 +136,10 @@ class PrecomputeConfig:
             if not isinstance(v, int) or v < (2 if name == "num_steps" else 1):
                 raise ValueError(f"{name}: expected an integer >= "
                                  f"{2 if name == 'num_steps' else 1}, got {v!r}")
+        if not (self.chunk_size is None or self.chunk_size == "auto"
+                or (isinstance(self.chunk_size, int) and self.chunk_size >= 1)):
+            raise ValueError(f"chunk_size: expected None, 'auto' or an integer >= 1, got "
+                             f"{self.chunk_size!r}")
         if not isinstance(self.shard, bool):
             raise ValueError(f"shard: expected a bool, got {self.shard!r}")
         if not isinstance(self.seed_image, int) or self.seed_image < 0:

@@ -4,9 +4,10 @@
 
 Settings are Paper B's ``cifar1`` ones (method.md section 8: VE SDE sigma = 5, N = 20, dh = 1,
 eps = 1e-3) with Paper B's sweeps to a relative change of 1e-6, float64, and the fastest
-strategy of our benchmark. Top-level keys choose the images, the chunking and the store; the
-``precompute`` block holds :class:`krylovjax.precompute.PrecomputeConfig` fields (``chunk_size``
-0 means None: the whole batch as one array).
+strategy of our end-to-end benchmark ("fast": BiCGStab on the red-black Schur complement,
+docs/bench_precompute_cpu.md). Top-level keys choose the images, the chunking and the store;
+the ``precompute`` block holds :class:`krylovjax.precompute.PrecomputeConfig` fields
+(``chunk_size``: "auto", "none" or an integer as a string).
 """
 
 import ml_collections
@@ -46,12 +47,13 @@ def get_config() -> ml_collections.ConfigDict:
     p.max_sweeps = 30
     p.max_fixed_point = 5
     p.lag_init = "initial"
-    p.strategy = "preconditioned"
+    p.strategy = "fast"            # fastest end to end (docs/bench_precompute_cpu.md)
     p.tol = 1e-10
     p.restart = 20
     p.max_restarts = 50
     p.basis_size = 8
-    p.chunk_size = 4               # systems per solver chunk (CPU cache); 0 = None (GPU/TPU)
+    p.chunk_size = "auto"          # systems per solver chunk: "auto" (CPU cache-sized, whole
+                                   # batch on GPU/TPU), "none" or an integer like "4"
     p.projection = "minres"
     p.seed_image = 0
     p.warm_start = True
