@@ -41,6 +41,8 @@ flags.DEFINE_float("outer_tol", 1e-6, "Relative change at which an image's sweep
 flags.DEFINE_integer("max_sweeps", 30, "Sweep budget.")
 flags.DEFINE_float("tol", 1e-10, "Relative residual of the Krylov solves.")
 flags.DEFINE_float("forcing", 0.0, "Inexact sweeps (PrecomputeConfig.forcing), 0 = off.")
+flags.DEFINE_integer("divergence_patience", 0,
+                     "Stop wandering images (PrecomputeConfig.divergence_patience), 0 = off.")
 flags.DEFINE_integer("restart", 20, "GMRES restart length.")
 flags.DEFINE_integer("basis_size", 8, "Seed basis size of the cross-matrix strategies.")
 flags.DEFINE_string("chunk_size", "auto", "Systems per solver chunk, 'auto' or 'none'.")
@@ -145,7 +147,8 @@ def main(argv):
                     sde_kwargs=(("sigma", FLAGS.sigma),), num_steps=FLAGS.num_steps,
                     outer_tol=FLAGS.outer_tol, max_sweeps=FLAGS.max_sweeps, strategy=strategy,
                     tol=FLAGS.tol, restart=FLAGS.restart, basis_size=FLAGS.basis_size,
-                    chunk_size=chunk, forcing=0.0 if strategy == "spsolve" else FLAGS.forcing)
+                    chunk_size=chunk, forcing=0.0 if strategy == "spsolve" else FLAGS.forcing,
+                    divergence_patience=FLAGS.divergence_patience)
                 res, compile_s = run_strategy(
                     images, cfg, FLAGS.spsolve_repeats if strategy == "spsolve" else FLAGS.repeats)
                 st = res.stats
@@ -190,7 +193,8 @@ def main(argv):
     print(f"\nMachine: {info['cpu']} ({info['cpu_count']} cores, load {info['load_average']}), "
           f"jax {info['jax']} on {info['platform']}, {info['date']}; {FLAGS.dtype}, VE sigma "
           f"{FLAGS.sigma:g}, N {FLAGS.num_steps}, outer tol {FLAGS.outer_tol:g}, Krylov tol "
-          f"{FLAGS.tol:g}, forcing {FLAGS.forcing:g}, chunk {FLAGS.chunk_size}\n")
+          f"{FLAGS.tol:g}, forcing {FLAGS.forcing:g}, divergence patience "
+          f"{FLAGS.divergence_patience}, chunk {FLAGS.chunk_size}\n")
     print(table)
 
     # Whole-dataset estimate from the measured throughput per image (CIFAR-10: 50,000 x 32^2).
@@ -205,7 +209,8 @@ def main(argv):
     if FLAGS.json_out:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
         flag_names = ("sizes", "images", "strategies", "subsets", "num_steps", "sigma",
-                      "outer_tol", "max_sweeps", "tol", "forcing", "restart", "basis_size",
+                      "outer_tol", "max_sweeps", "tol", "forcing", "divergence_patience",
+                      "restart", "basis_size",
                       "chunk_size", "dtype", "repeats", "spsolve_repeats", "seed")
         with open(FLAGS.json_out, "w") as fh:
             json.dump({"machine": info, "flags": {k: FLAGS[k].value for k in flag_names},

@@ -134,6 +134,7 @@ def main(argv):
             ("non-converged solves", f"{run['nonconverged']}"),
             ("sweeps / image", f"mean {run['sweeps_mean']:.2f}, max {run['sweeps_max']}"),
             ("images short of outer_tol", f"{run['outer_nonconverged']}"),
+            ("  of them diverged", f"{run['outer_diverged']}"),
             ("seconds", f"{run['seconds']:.2f} (compile {run['compile_seconds']:.2f})"),
             ("systems / s", f"{run['systems_per_second']:.1f}")]
     if totals is not None:

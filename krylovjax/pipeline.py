@@ -14,6 +14,7 @@ field                per-image shape       time axis dtype
 ``t``                ``[N]``               0         ``store_dtype``
 ``sweeps``           ``[]``                -         int32 (outer sweeps / fixed-point its.)
 ``outer_converged``  ``[]``                -         bool
+``outer_diverged``   ``[]``                -         bool (stopped by divergence_patience)
 ``systems``          ``[]``                -         int32 (linear systems solved)
 ``matvecs``          ``[]``                -         int64
 ``nonconverged``     ``[]``                -         int32 (solves that missed ``tol``)
@@ -56,8 +57,8 @@ __all__ = ["PipelineSummary", "run_precompute", "store_config", "store_fields", 
 
 STORE_DIR = "store"
 #: Per-image statistics fields and their declared dtypes.
-STAT_FIELDS = {"sweeps": np.int32, "outer_converged": np.bool_, "systems": np.int32,
-               "matvecs": np.int64, "nonconverged": np.int32}
+STAT_FIELDS = {"sweeps": np.int32, "outer_converged": np.bool_, "outer_diverged": np.bool_,
+               "systems": np.int32, "matvecs": np.int64, "nonconverged": np.int32}
 _COMPONENTS = ("sum", "x", "y")
 
 
@@ -75,6 +76,7 @@ class PipelineSummary:
       systems_solved, matvecs, nonconverged: totals over the computed images.
       sweeps_mean, sweeps_max: outer sweeps per computed image.
       outer_nonconverged: computed images that did not reach ``outer_tol``.
+      outer_diverged: of them, those stopped by ``divergence_patience``.
       seconds: wall time of this call (store I/O and compilation included).
       compile_seconds: of it, compilation.
       systems_per_second: ``systems_solved / (seconds - compile_seconds)``.
@@ -95,6 +97,7 @@ class PipelineSummary:
     sweeps_mean: float
     sweeps_max: int
     outer_nonconverged: int
+    outer_diverged: int
     seconds: float
     compile_seconds: float
     systems_per_second: float
@@ -198,6 +201,7 @@ def _compute_chunk(images, config, embed_component, key, sde, on_sweep):
     out = {"log_density": res.log_density, "scores": res.scores, "embedded": x,
            "t": jnp.broadcast_to(res.t, (b,) + res.t.shape),
            "sweeps": st["sweeps"], "outer_converged": st["outer_converged"],
+           "outer_diverged": st.get("outer_diverged", np.zeros(b, bool)),
            "systems": st["systems_per_image"], "matvecs": st["matvecs_per_image"],
            "nonconverged": st["nonconverged_per_image"]}
     return out, st
@@ -263,7 +267,8 @@ def run_precompute(images, config: PrecomputeConfig, workdir, *, chunk_images: i
     bar = tqdm(total=n_pending, unit="img", disable=not progress, dynamic_ncols=True,
                desc=f"precompute[{process_index}/{process_count}]" if process_count > 1
                else "precompute")
-    totals = dict(systems=0, matvecs=0, nonconverged=0, compile=0.0, images=0, outer_bad=0)
+    totals = dict(systems=0, matvecs=0, nonconverged=0, compile=0.0, images=0, outer_bad=0,
+                  diverged=0)
     sweeps_seen: list[np.ndarray] = []
     try:
         for index in pending:
@@ -289,6 +294,7 @@ def run_precompute(images, config: PrecomputeConfig, workdir, *, chunk_images: i
             totals["nonconverged"] += st["nonconverged"]
             totals["images"] += hi - lo
             totals["outer_bad"] += int((~np.asarray(st["outer_converged"])).sum())
+            totals["diverged"] += int(np.asarray(data["outer_diverged"]).sum())
             sweeps_seen.append(np.asarray(st["sweeps"]))
             bar.update(hi - lo)
     finally:
@@ -304,7 +310,8 @@ def run_precompute(images, config: PrecomputeConfig, workdir, *, chunk_images: i
         nonconverged=totals["nonconverged"],
         sweeps_mean=float(sweeps.mean()) if sweeps.size else 0.0,
         sweeps_max=int(sweeps.max()) if sweeps.size else 0,
-        outer_nonconverged=totals["outer_bad"], seconds=seconds,
+        outer_nonconverged=totals["outer_bad"], outer_diverged=totals["diverged"],
+        seconds=seconds,
         compile_seconds=totals["compile"],
         systems_per_second=totals["systems"] / run_s if totals["systems"] else 0.0,
         process_index=int(process_index), process_count=int(process_count),
@@ -315,7 +322,8 @@ def summarize_store(store) -> dict:
     """Totals over every image of a complete store, from its per-image statistics fields.
 
     Returns a dict: ``images``, ``systems_solved``, ``matvecs``, ``matvecs_per_system``,
-    ``nonconverged``, ``sweeps_mean``, ``sweeps_max``, ``outer_nonconverged``.
+    ``nonconverged``, ``sweeps_mean``, ``sweeps_max``, ``outer_nonconverged``,
+    ``outer_diverged``.
     """
     stats = {name: store.read_all(name) for name in STAT_FIELDS}
     systems = int(stats["systems"].astype(np.int64).sum())
@@ -324,4 +332,5 @@ def summarize_store(store) -> dict:
             "matvecs_per_system": matvecs / max(systems, 1),
             "nonconverged": int(stats["nonconverged"].astype(np.int64).sum()),
             "sweeps_mean": float(stats["sweeps"].mean()), "sweeps_max": int(stats["sweeps"].max()),
-            "outer_nonconverged": int((~stats["outer_converged"]).sum())}
+            "outer_nonconverged": int((~stats["outer_converged"]).sum()),
+            "outer_diverged": int(stats["outer_diverged"].sum())}

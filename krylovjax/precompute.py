@@ -87,6 +87,10 @@ class PrecomputeConfig:
         first sweep uses ``forcing``). Early sweeps, whose lagged scores are still far from the
         fixed point, are then solved only as accurately as they are useful; the last sweeps
         reach ``tol``. 0 (default) solves every sweep to ``tol``.
+      divergence_patience: ("sweeps") stop an image whose relative change has not reached a
+        new minimum for this many consecutive sweeps (reported in ``outer_diverged``); 0
+        (default, Paper B's Algorithm 1) iterates up to ``max_sweeps``. Either way the result
+        of an image is its iterate with the smallest change: the last one when it converges.
     """
 
     sde: str = "ve"
@@ -116,6 +120,7 @@ class PrecomputeConfig:
     warm_start: bool = True
     shard: bool = False
     forcing: float = 0.0
+    divergence_patience: int = 0
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -140,6 +145,9 @@ class PrecomputeConfig:
                 or (isinstance(self.chunk_size, int) and self.chunk_size >= 1)):
             raise ValueError(f"chunk_size: expected None, 'auto' or an integer >= 1, got "
                              f"{self.chunk_size!r}")
+        if not isinstance(self.divergence_patience, int) or self.divergence_patience < 0:
+            raise ValueError(f"divergence_patience: expected an integer >= 0, got "
+                             f"{self.divergence_patience!r}")
         if not isinstance(self.shard, bool):
             raise ValueError(f"shard: expected a bool, got {self.shard!r}")
         if not isinstance(self.seed_image, int) or self.seed_image < 0:
@@ -394,8 +402,10 @@ def _program_config(config: PrecomputeConfig) -> PrecomputeConfig:
     """The config with the fields its compiled programs do not read normalised (cache key):
     the sweep budget and the outer test of "sweeps" run on the host."""
     if config.outer == "sweeps":
-        return dataclasses.replace(config, max_sweeps=1, outer_tol=1.0, max_fixed_point=1)
-    return dataclasses.replace(config, max_sweeps=1, lag_init="initial")
+        return dataclasses.replace(config, max_sweeps=1, outer_tol=1.0, max_fixed_point=1,
+                                   divergence_patience=0)
+    return dataclasses.replace(config, max_sweeps=1, lag_init="initial", divergence_patience=0,
+                               forcing=0.0)
 
 
 def _programs(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype) -> _Programs:
@@ -475,13 +485,19 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
       ``matvecs_per_system``, ``nonconverged`` (linear solves that did not reach ``tol``),
       ``sweeps`` ([B] per image: outer sweeps, or for ``outer="timestep"`` the fixed-point
       iterations summed over the steps), ``outer_converged`` ([B] bool), ``outer_change`` ([B]
-      last relative change, "sweeps" only), ``fixed_point_iterations`` ([N-1] most iterations
-      of any image per step, "timestep" only), per image ``[B]``: ``systems_per_image``,
-      ``matvecs_per_image``, ``nonconverged_per_image``; ``seconds`` (wall time, compilation
-      included unless :func:`precompile` ran first), ``seconds_per_system``,
-      ``compile_seconds`` (compilation inside this call), ``initial_seconds`` (the initial
-      log-density), ``devices`` (1, or the number of
-      devices of a sharded run).
+      relative change of the returned iterate, "sweeps" only), ``outer_diverged`` ([B] bool,
+      stopped by ``divergence_patience``, "sweeps" only), ``fixed_point_iterations`` ([N-1]
+      most iterations of any image per step, "timestep" only), per image ``[B]``:
+      ``systems_per_image``, ``matvecs_per_image``, ``nonconverged_per_image``; ``seconds``
+      (wall time, compilation included unless :func:`precompile` ran first),
+      ``seconds_per_system``, ``compile_seconds`` (compilation inside this call),
+      ``initial_seconds`` (the initial log-density), ``devices`` (1, or the number of devices
+      of a sharded run).
+
+      With "sweeps", the returned ``log_density`` / ``scores`` of an image are its iterate with
+      the smallest relative change: the last one when it converged; for an image that did not
+      converge (``outer_converged`` False) the least bad one, which stays bounded where later
+      iterates of a wandering outer iteration can grow without bound.
     """
     images = validate_images(images)
     B, C, H, W = images.shape
@@ -509,9 +525,13 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
         else:
             lag = jnp.broadcast_to(_score(config, m0s), (N, S, 2, H, W))
         m_old = jnp.broadcast_to(m0s, (N, S, H, W))
+        m_best = m_old
         active = np.ones(Bp, bool)
         sweeps = np.zeros(Bp, np.int32)
         change = np.full(Bp, np.inf)
+        best = np.full(Bp, np.inf)
+        stall = np.zeros(Bp, np.int32)
+        diverged = np.zeros(Bp, bool)
         systems = np.zeros(Bp, np.int64)
         matvecs = np.zeros(Bp, np.int64)
         nonconv = np.zeros(Bp, np.int64)
@@ -530,16 +550,36 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
             matvecs += _per_image(mv, Bp, C)
             nonconv += _per_image(~np.asarray(conv), Bp, C)
             sweeps += active
+            # The iterate with the smallest change is the result (the last one for every
+            # image that converges); an image that stops improving for `patience` sweeps is
+            # declared diverged and stops.
+            improved = active & (change < best)
+            best = np.where(improved, change, best)
+            if improved.all():
+                m_best = m_new
+            elif improved.any():
+                m_best = jnp.where(jnp.asarray(np.repeat(improved, C))[None, :, None, None],
+                                   m_new, m_best)
+            stall = np.where(improved, 0, stall + active)
+            if config.divergence_patience > 0:
+                diverged |= active & (stall >= config.divergence_patience)
             m_old = m_new
-            active = active & ~(change <= config.outer_tol)
+            active = active & ~(change <= config.outer_tol) & ~diverged
             if progress is not None:
                 progress(k + 1, config.max_sweeps, dict(active=int(active[:B].sum()),
                                                         max_change=float(change[:B].max()),
                                                         systems=int(systems[:B].sum())))
             if not active.any():
                 break
-        m_all, scores = m_old, lag
-        stats.update(sweeps=sweeps[:B], outer_converged=~active[:B], outer_change=change[:B])
+        converged = best <= config.outer_tol
+        if converged.all():  # the last iterate of every image; its scores are the last lag
+            m_all, scores = m_old, lag
+        else:
+            if devices is not None:
+                m_best = jnp.asarray(np.asarray(m_best))
+            m_all, scores = m_best, _score(config, m_best)
+        stats.update(sweeps=sweeps[:B], outer_converged=converged[:B], outer_change=best[:B],
+                     outer_diverged=diverged[:B])
     else:
         m_all, scores, conv, mv, nit, unconv = progs.timestep_run(m0s)
         nit = np.asarray(nit)

@@ -209,3 +209,30 @@ def test_forcing_inexact_sweeps(images, references):
         PrecomputeConfig(forcing=1e-3, outer="timestep")
     with pytest.raises(ValueError, match="forcing"):
         PrecomputeConfig(forcing=1.5)
+
+
+def test_divergence_patience_and_best_iterate():
+    """A nearly flat photo (photo 6 at 10x10: cell Peclet number > 2) makes the sweeps wander.
+    With a patience it stops as diverged; every image returns its iterate with the smallest
+    change (the last one for converged images, untouched by the patience)."""
+    x = jnp.asarray(data.builtin_dataset(10, 7, seed=0)[[0, 6]], jnp.float64)
+    base = dict(num_steps=4, strategy="preconditioned", chunk_size=4, max_sweeps=14)
+    plain = precompute_scores(x, PrecomputeConfig(**base))
+    st = plain.stats
+    assert st["outer_converged"].tolist() == [True, False] and not st["outer_diverged"].any()
+    patient = precompute_scores(x, PrecomputeConfig(**base, divergence_patience=3))
+    ps = patient.stats
+    assert ps["outer_converged"].tolist() == [True, False]
+    assert ps["outer_diverged"].tolist() == [False, True]
+    assert ps["sweeps"][0] == st["sweeps"][0] and ps["sweeps"][1] < st["sweeps"][1]
+    np.testing.assert_array_equal(patient.log_density[0], plain.log_density[0])
+    # The diverged image's result is its best iterate: the last of a run cut off there (same
+    # batch: its systems are so ill-conditioned that another batching changes the digits).
+    best_sweep = int(ps["sweeps"][1]) - 3
+    cut = precompute_scores(x, PrecomputeConfig(**dict(base, max_sweeps=best_sweep)))
+    np.testing.assert_array_equal(patient.log_density[1], cut.log_density[1])
+    np.testing.assert_array_equal(patient.scores[1], cut.scores[1])
+    assert ps["outer_change"][1] == cut.stats["outer_change"][1] > 1e-3
+    assert np.isfinite(np.asarray(plain.log_density)).all()
+    with pytest.raises(ValueError, match="divergence_patience"):
+        PrecomputeConfig(divergence_patience=-1)

@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     p.outer = "sweeps"
     p.outer_tol = 1e-6
     p.max_sweeps = 30
+    p.divergence_patience = 5      # stop images whose sweeps wander (docs/bench_precompute_cpu.md)
     p.max_fixed_point = 5
     p.lag_init = "initial"
     p.strategy = "fast"            # fastest end to end (docs/bench_precompute_cpu.md)
