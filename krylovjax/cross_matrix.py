@@ -21,6 +21,10 @@ Beyond the paper, each selectable (design.md decision 7):
 - ``precondition``: a right preconditioner, e.g. the exact inverse of the shared diffusion part
   (:func:`krylovjax.preconditioners.diffusion_preconditioner`).
 - warm starts ``x0`` from a previous sweep or time step.
+- ``precondition="red_black"``: the exact red-black Schur reduction
+  (:func:`krylovjax.preconditioners.red_black_reduction`): the Krylov method runs on the black
+  pixels only; with ``krylov="bicgstab"`` this is the ``"fast"`` preset, the fastest
+  configuration on CPU (docs/bench_solvers_cpu.md).
 
 :func:`solve_fp` wires these together for an :class:`~krylovjax.fokker_planck.FPOperator` batch
 with a :class:`SolverConfig`, including cache-sized chunking of the batch.

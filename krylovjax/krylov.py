@@ -1,4 +1,5 @@
-"""Batched Krylov solvers: Arnoldi (CGS2), restarted GMRES with per-system masks, GCRO recycling.
+"""Batched Krylov solvers: Arnoldi (CGS2), restarted GMRES with per-system masks, GCRO recycling,
+BiCGStab.
 
 Every function here solves *many independent systems at once*: the systems are the leading
 batch axis of one array, never a ``vmap`` over a single-system solver (design.md decision 6).
@@ -18,6 +19,9 @@ Equations (method.md section 5, design.md decisions 5-7; standard Krylov theory)
   (design.md decision 7, "seed basis as a recycled, augmented space"):
   ``x0 <- x0 + U^T C r0``, ``r0 <- (I - C^T C) r0``, Arnoldi on ``(I - C^T C) A M^{-1}``,
   update ``x <- x + M^{-1} V y - U^T (B y)`` with ``B = C A M^{-1} V``.
+* BiCGStab (van der Vorst), right-preconditioned (method.md 5.3 step 3, "BiCGSTAB is the valid
+  fallback"): short recurrences, two operator applications per iteration and no basis, so
+  nothing has to be re-read from memory; true residual at the end of each cycle.
 
 Every dot product / matmul uses ``precision=jax.lax.Precision.HIGHEST`` (design.md decision 5).
 All functions work in float32 and float64 (whichever dtype ``b`` has) and are jit-able.
@@ -29,7 +33,9 @@ reverse-differentiated; :func:`linear_solve` gives implicit gradients.
 Large batches: XLA on CPU is bound by re-reading the Krylov basis from memory; solving
 cache-sized chunks of the batch one after the other is much faster (design.md, "Performance
 facts"). :func:`map_in_chunks` does that for any solver call whose operator is a pytree with a
-leading batch axis (e.g. ``fokker_planck.FPOperator``).
+leading batch axis (e.g. ``fokker_planck.FPOperator``). Inside the loops every operator input
+and output is materialised (:func:`_materialise`) and every reduction is a ``dot_general``
+(:func:`_dot`): XLA's CPU fusion otherwise recomputes stencils per consumer.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from krylovjax import data, initial, krylov, reference, scores
-from krylovjax.cross_matrix import (SolverConfig, cross_matrix_solve, seed_basis, solve_fp,
-                                    PRESETS)
+from krylovjax.cross_matrix import (PRESETS, SolverConfig, auto_chunk_size, cross_matrix_solve,
+                                    seed_basis, solve_fp)
 from krylovjax.fokker_planck import fp_operator
 
 
@@ -183,3 +183,18 @@ def test_solver_config_rejects_bad_krylov_settings(systems):
         cross_matrix_solve(op.matvec, b, basis, solver="cg")
     with pytest.raises(ValueError, match="solver"):
         cross_matrix_solve(op.matvec, b, basis, recycle=True, solver="bicgstab")
+
+
+def test_auto_chunk_size():
+    fast = SolverConfig(**PRESETS["fast"])
+    gm = SolverConfig(**PRESETS["gmres"], restart=20)
+    assert auto_chunk_size(fast, (32, 32), backend="gpu") is None
+    sizes = {n: (auto_chunk_size(fast, (n, n), backend="cpu"),
+                 auto_chunk_size(gm, (n, n), backend="cpu")) for n in (16, 32, 64, 128)}
+    for c in sum(sizes.values(), ()):
+        assert c in (2, 4, 8, 16)  # powers of two, clipped
+    # the reduced system's working set is smaller: larger chunks; larger grids: smaller chunks
+    assert sizes[32][0] > sizes[32][1] and sizes[16][0] >= sizes[32][0] >= sizes[64][0]
+    assert auto_chunk_size(fast, (32, 32), jnp.float32, "cpu") >= sizes[32][0]
+    with pytest.raises(ValueError, match="chunk_size"):
+        SolverConfig(chunk_size="big")
