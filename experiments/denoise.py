@@ -36,11 +36,13 @@ denoising trajectory, ``num_frames`` frames, top row ours, bottom row DDPM: Figu
 training runs in ``ours/`` and ``ddpm/`` (checkpoints, ``metrics.jsonl``; ``experiments.generate``
 can sample from them). A work directory is tied to its config (``experiment.json``): another
 config is refused before anything is written; a finished run of the same config is redone only
-with ``--overwrite``; an interrupted one resumes from its checkpoints.
+with ``--overwrite``; an interrupted one keeps the result of a method that had finished
+(``<method>/denoise_result.json``) and resumes the other from its checkpoints.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -62,6 +64,7 @@ METHODS = ("ours", "ddpm")
 METRICS = ("ssim", "global_ssim")
 OUR_SAMPLERS = ("paper_a", "flow", "denoise")
 RESULT_FILES = ("results.md", "results.json", "trajectory.png", "denoised.png", "ssim_curve.png")
+_DONE_JSON, _DONE_NPZ = "denoise_result.json", "denoise_output.npz"  # per method, in <workdir>/<method>/
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,6 +419,16 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
     for m in methods:
         tc = tcs[m]
         sub = os.path.join(workdir, m)
+        done_json, done_npz = os.path.join(sub, _DONE_JSON), os.path.join(sub, _DONE_NPZ)
+        if os.path.exists(done_json) and os.path.exists(done_npz):
+            # This method finished in an interrupted earlier run of this config: keep its result
+            # (training it again from its final checkpoint would change it).
+            with open(done_json) as f:
+                results[m] = json.load(f)
+            with np.load(done_npz) as z:
+                outs[m], frames[m] = z["out"], z["frames"]
+            logging.info("[%s] finished earlier in this workdir: result kept (%s)", m, done_json)
+            continue
         prep: dict = {"precompute_seconds": 0.0, "embed_seconds": 0.0, "compile_seconds": 0.0}
         if m == "ours":
             data, prep = prepare_ours(cfg, tc, clean)
@@ -453,6 +466,8 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
             results[m]["precompute_config"] = prep["precompute_config"]
         logging.info("[%s] stopped (%s) after %d steps, %.1f s of training", m, res.stop_reason, res.step,
                      res.train_seconds)
+        np.savez(done_npz, out=outs[m], frames=frames[m])
+        eu.write_json(done_json, results[m])
 
     wall.__exit__()
 
@@ -503,8 +518,10 @@ def _write_outputs(out: dict, workdir: str, clean, noisy, outs: dict, frames: di
     headers = ["method", f"target {metric}", "time to target", "step", "pre-compute", "training",
                "compile (excl.)", "eval (excl.)", "final SSIM", "final global SSIM", "final PSNR (dB)",
                "final step"]
+    seed = out["config"]["common"].get("seed")
     text = [f"# Single-image denoising ({out['image']['source']}, {out['image']['shape'][2]}x"
-            f"{out['image']['shape'][3]}, noise std {out['noise']['std']}, seed {out['noise']['seed']})\n",
+            f"{out['image']['shape'][3]}, noise std {out['noise']['std']}, noise seed {out['noise']['seed']}, "
+            f"training seed {seed})\n",
             f"Noisy input: SSIM {out['noisy']['ssim']:.4f}, PSNR {out['noisy']['psnr']:.2f} dB. "
             f"Timing: {out['timing_convention']}.\n", eu.markdown_table(headers, rows)]
     if out["comparison"]:

@@ -11,9 +11,11 @@ latest checkpoint's EMA weights are loaded (:func:`krylovjax.training.load_score
 
 Samplers (``--sampler``):
 
-* ours (score model): ``ode`` = the probability-flow ODE from the prior ``N(0, lambda(1)^2 I)``
-  (Paper B, :func:`krylovjax.sampling.generate`); ``sde`` = the reverse SDE with
-  ``--num_steps`` Euler-Maruyama steps; ``paper_a`` = Paper A's damped reverse SDE (50 steps
+* ours (score model): ``ode`` = the probability-flow ODE (Paper B's sampler,
+  :func:`krylovjax.sampling.probability_flow`) from t = 1 to 1e-3, started from the prior
+  ``N(0.5, lambda(1)^2 I)`` (centred on mid-grey, the centre of the data range [0, 1]; Paper B's
+  code starts from N(0, I)); ``sde`` = the reverse SDE with ``--num_steps`` Euler-Maruyama steps
+  from the same prior; ``paper_a`` = Paper A's damped reverse SDE (50 steps
   from t = 1 to 0, noise 0.1 g sqrt(dt), clamped to [0, 1]) from a pure-noise image
   ``clamp(0.5 + 0.5 z, 0, 1)`` (our choice of start for generation: Paper A's sampler starts
   from the noisy test image). ``auto`` = ``paper_a`` for the constant-g SDE with a constant
@@ -121,12 +123,19 @@ def sample(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_steps: in
         r = sampling.euler_maruyama(f, sde, x_T, k_run, t_start=1.0, t_end=0.0, num_steps=int(num_steps),
                                     noise_scale=0.1, clip=(0.0, 1.0), return_trajectory=True,
                                     num_frames=num_frames)
-    elif sampler == "ode":
-        r = sampling.generate(f, sde, tuple(shape), key, method="ode", return_trajectory=True,
-                              num_frames=num_frames, dtype=dtype)
     else:
-        r = sampling.generate(f, sde, tuple(shape), key, method="sde", num_steps=int(num_steps),
-                              return_trajectory=True, num_frames=num_frames, dtype=dtype)
+        # Prior N(0.5, lambda(1)^2 I): the forward marginal at t = 1 is x0 + lambda(1) z, centred on
+        # the data; mid-grey is the centre of [0, 1] (sampling.generate centres at 0, which matters
+        # when lambda(1) is not large against the data range, e.g. the demo's lambda(1) = 0.5).
+        k_prior, k_run = jax.random.split(key)
+        lam1 = sde.perturbation_std(jnp.asarray([1.0], dtype))[0]
+        x_T = 0.5 + lam1 * jax.random.normal(k_prior, shape, dtype)
+        if sampler == "ode":
+            r = sampling.probability_flow(f, sde, x_T, t_start=1.0, t_end=1e-3, return_trajectory=True,
+                                          num_frames=num_frames)
+        else:
+            r = sampling.euler_maruyama(f, sde, x_T, k_run, t_start=1.0, t_end=1e-3, num_steps=int(num_steps),
+                                        return_trajectory=True, num_frames=num_frames)
     return jnp.clip(r.x, 0.0, 1.0), jnp.clip(r.trajectory, 0.0, 1.0), int(r.num_score_evals)
 
 
@@ -146,7 +155,17 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
             raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise FileNotFoundError(f"workdir: {workdir!r} is not a training run (no checkpoints/ inside)")
+    if sampler not in ("auto",) + SAMPLERS_OURS + SAMPLERS_DDPM:
+        raise ValueError(f"sampler: expected auto or one of {SAMPLERS_OURS + SAMPLERS_DDPM}, got {sampler!r}")
     outdir = outdir or os.path.join(workdir, "generate")
+    # The settings as asked (checked before the model is loaded, so a refusal is immediate).
+    settings = {"workdir": os.path.abspath(workdir), "step": step, "num_samples": num_samples,
+                "num_frames": num_frames, "sampler": sampler, "num_steps": num_steps, "seed": seed,
+                "reference": reference, "reference_count": reference_count}
+    eu.claim_workdir(outdir, "generate", settings)
+    if os.path.exists(os.path.join(outdir, "samples.json")) and not overwrite:
+        raise eu.WorkdirConflictError(
+            f"outdir: {outdir!r} already holds these samples; pass --overwrite to redo them or use another --outdir")
     fn = training.load_score_fn(workdir, step=step)
     tc = fn.config
     sampler = resolve_sampler(tc, sampler)
@@ -154,13 +173,7 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
         raise ValueError(f"num_steps: the {sampler!r} sampler needs >= 1 steps, got {num_steps}")
     unet = fn.model_def.unet
     shape = (num_samples, unet.in_channels, unet.image_size, unet.image_size)
-    settings = {"workdir": os.path.abspath(workdir), "step": int(fn.step), "num_samples": num_samples,
-                "num_frames": num_frames, "sampler": sampler, "num_steps": num_steps, "seed": seed,
-                "reference": reference, "reference_count": reference_count}
-    eu.claim_workdir(outdir, "generate", settings)
-    if os.path.exists(os.path.join(outdir, "samples.json")) and not overwrite:
-        raise eu.WorkdirConflictError(
-            f"outdir: {outdir!r} already holds these samples; pass --overwrite to redo them or use another --outdir")
+    settings = dict(settings, step=int(fn.step), sampler=sampler)  # as resolved, for the record
     idx = None
     if unet.per_image_offset:
         idx = jnp.arange(num_samples, dtype=jnp.int32) % unet.num_images

@@ -253,6 +253,14 @@ def test_denoise_refuses_existing_results(denoise_run):
         with pytest.raises(ValueError, match="target"):
             denoise.run(cfg3, wd)
     assert _snapshot(wd) == before
+    # An interrupted run (no results.json yet) keeps the methods that had finished: nothing is
+    # trained again and the results are rebuilt from their saved records.
+    old = json.load(open(os.path.join(wd, "results.json")))
+    os.remove(os.path.join(wd, "results.json"))
+    new = denoise.run(ml_collections.ConfigDict(stored), wd)
+    assert json.loads(json.dumps(new["methods"])) == old["methods"]
+    assert new["comparison"] == old["comparison"]
+    assert [e["step"] for e in eu.read_metrics(os.path.join(wd, "ours"), "eval")] == [3]
 
 
 def test_denoise_bad_image_size_fails_before_writing(tmp_path):
@@ -298,11 +306,19 @@ def test_generate_from_train_run(denoise_run, tmp_path):
     assert res["settings"]["sampler"] == "paper_a" and res["network_evals"] == 4
     for s in res["samples"]:
         assert 0 <= s["min"] <= s["mean"] <= s["max"] <= 1 and -1 <= s["ssim_to_nearest"] <= 1
-    # the same outdir with other settings is refused, nothing changed
+    assert res["settings"]["step"] == 3
+    # the same outdir with other settings, or again without --overwrite: refused, nothing changed
+    from experiments import generate
+
     before = _snapshot(str(out))
-    proc = _run("experiments.generate", [f"--workdir={wd}/ours", f"--outdir={out}", "--num_samples=3"],
-                timeout=120)
-    assert proc.returncode != 0 and "another run's config" in proc.stderr
+    with pytest.raises(ValueError, match=r"another run's config \(differs at: num_samples\)"):
+        generate.run(f"{wd}/ours", str(out), num_samples=3, num_frames=3, num_steps=4, sampler="paper_a",
+                     reference="builtin:chelsea")
+    with pytest.raises(ValueError, match="already holds these samples"):
+        generate.run(f"{wd}/ours", str(out), num_samples=2, num_frames=3, num_steps=4, sampler="paper_a",
+                     reference="builtin:chelsea")
+    with pytest.raises(ValueError, match="num_frames"):
+        generate.run(f"{wd}/ours", str(tmp_path / "g2"), num_frames=1)
     assert _snapshot(str(out)) == before
 
 
@@ -316,7 +332,7 @@ def test_budget_smoke_and_bad_budget(tmp_path):
     # is tested in-process (test_ours_denoiser_passes_image_indices).
     args = ["--config=experiments/configs/budget_demo.py", f"--workdir={wd}", *TINY,
             "--config.data.kwargs.num_images=1", "--config.ours.train.per_image_offset=False",
-            "--config.budget_seconds=4"]
+            "--config.budget_seconds=3"]
     proc = _run("experiments.budget", args)
     assert proc.returncode == 0, proc.stderr[-4000:]
     for f in ("results.md", "results.json", "grid.png"):
@@ -324,7 +340,7 @@ def test_budget_smoke_and_bad_budget(tmp_path):
     out = json.load(open(os.path.join(wd, "results.json")))
     for k in ("experiment", "task", "budget_seconds", "machine", "images", "budget_convention", "methods"):
         assert k in out
-    assert out["budget_seconds"] == 4 and out["images"]["shape"] == [1, 3, 16, 16]
+    assert out["budget_seconds"] == 3 and out["images"]["shape"] == [1, 3, 16, 16]
     for m in ("ours", "ddpm"):
         r = out["methods"][m]
         assert r["stop_reason"] == "budget" and r["steps"] >= 1
@@ -332,7 +348,7 @@ def test_budget_smoke_and_bad_budget(tmp_path):
         assert r["train_budget_seconds"] - 1e-9 <= r["train_seconds"] <= r["train_budget_seconds"] + 3 * r["seconds_per_step"] + 1.0
         assert len(r["ssim_per_image"]) == 1 and r["ssim"] == pytest.approx(np.mean(r["ssim_per_image"]))
     o = out["methods"]["ours"]
-    assert o["train_budget_seconds"] == pytest.approx(4 - o["precompute_seconds"] - o["embed_seconds"])
+    assert o["train_budget_seconds"] == pytest.approx(3 - o["precompute_seconds"] - o["embed_seconds"])
     # a budget of zero (or below), and another config in this workdir: errors, nothing changed
     before = _snapshot(wd)
     for bad in (0.0, -3.0):
