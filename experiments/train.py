@@ -10,6 +10,13 @@ Data: ``--data=store`` (the default when ``--store`` is given) trains ``method=o
 ``--data=builtin`` uses ``config.data.num_images`` built-in photos at ``config.data.image_size``:
 for ``ours`` it pre-computes their scores (``config.precompute``) and embeds them on the fly,
 for ``ddpm`` it trains on the photos. Re-running with the same ``--workdir`` resumes.
+
+Multi-host (as ``experiments/precompute.py``): run one copy per process with
+``--coordinator_address=host:port --num_processes=P --process_id=i`` (or the environment
+variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; flags win).
+The mesh spans every process's devices, each process reads only its own images' rows of the
+store (or of the built-in data, which every process builds alike), and the run equals a
+one-process run on as many devices; process 0 writes ``metrics.jsonl`` and ``result.json``.
 """
 
 from __future__ import annotations
@@ -28,6 +35,10 @@ flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl,
 flags.DEFINE_string("store", None, "ScoreStore directory with an 'embedded' field (method=ours).")
 flags.DEFINE_enum("data", "auto", ["auto", "store", "builtin"],
                   "Training data: a ScoreStore, or built-in photos ('auto': store if --store is set).")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0 for jax.distributed (multi-host runs).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host runs).")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (multi-host runs).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 _NON_TRAIN_KEYS = ("data", "precompute")
@@ -54,6 +65,45 @@ def _builtin_data(cfg, train_cfg):
     return training.Trajectories(x=np.asarray(x), t=np.asarray(res.t), sde=sde)
 
 
+def distributed_args(address, num_processes, process_id, environ=None) -> dict | None:
+    """``jax.distributed.initialize`` keyword arguments from the flags (or ``JAX_*`` variables).
+
+    Returns None for a one-process run (no coordinator given). Raises ValueError naming the flag
+    for a malformed address, ``num_processes < 1``, ``process_id`` outside ``[0, num_processes)``,
+    or process flags without a coordinator.
+    """
+    environ = os.environ if environ is None else environ
+
+    def pick(value, var, name):
+        if value is not None:
+            return value
+        raw = environ.get(var)
+        if raw in (None, ""):
+            return None
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"--{name} (from ${var}): expected an integer, got {raw!r}") from None
+
+    address = address or environ.get("JAX_COORDINATOR_ADDRESS") or None
+    nproc = pick(num_processes, "JAX_NUM_PROCESSES", "num_processes")
+    pid = pick(process_id, "JAX_PROCESS_ID", "process_id")
+    if address is None:
+        if nproc not in (None, 1) or pid not in (None, 0):
+            raise ValueError("--num_processes/--process_id: a multi-process run needs "
+                             "--coordinator_address=host:port (process 0's address)")
+        return None
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--coordinator_address: expected host:port with a port in [1, 65535], got {address!r}")
+    if nproc is not None and nproc < 1:
+        raise ValueError(f"--num_processes: expected an integer >= 1, got {nproc}")
+    if pid is not None and (pid < 0 or (nproc is not None and pid >= nproc)):
+        raise ValueError(f"--process_id: expected an integer in [0, {nproc if nproc is not None else 'num_processes'})"
+                         f", got {pid}")
+    return {"coordinator_address": address, "num_processes": nproc, "process_id": pid}
+
+
 class _QuietOrbax(pylogging.Filter):
     """Drop orbax's per-save INFO chatter (warnings and errors still pass)."""
 
@@ -72,11 +122,21 @@ def main(argv):
             raise app.UsageError("--data=store needs --store=<ScoreStore directory>")
         if cfg.method != "ours":
             raise app.UsageError("--data=store holds embedded trajectories: use --config.method=ours")
-    from krylovjax import training  # after the flag checks: importing JAX takes seconds
+    try:
+        dist = distributed_args(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    except ValueError as err:
+        raise app.UsageError(str(err)) from None
+    import jax  # after the flag checks: importing JAX takes seconds
+
+    if dist is not None:
+        jax.distributed.initialize(**dist)
+        logging.info("process %d/%d, %d local device(s), %d in all", jax.process_index(), jax.process_count(),
+                     jax.local_device_count(), jax.device_count())
+    from krylovjax import training
 
     train_cfg = training.TrainConfig.from_dict({k: v for k, v in cfg.items() if k not in _NON_TRAIN_KEYS})
     if source == "store":
-        data = training.trajectories_from_store(FLAGS.store)
+        data = FLAGS.store  # training reads each process's own images from it
     else:
         data = _builtin_data(cfg, train_cfg)
 
@@ -84,9 +144,10 @@ def main(argv):
     summary = {k: getattr(result, k) for k in ("step", "stop_reason", "resumed_from", "train_seconds",
                                                "compile_seconds", "eval_seconds", "checkpoint_seconds",
                                                "wall_seconds", "last_loss")}
-    with open(os.path.join(FLAGS.workdir, "result.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    logging.info("done: %s", summary)
+    if jax.process_index() == 0:
+        with open(os.path.join(FLAGS.workdir, "result.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+    logging.info("done (process %d/%d): %s", jax.process_index(), jax.process_count(), summary)
 
 
 if __name__ == "__main__":

@@ -48,10 +48,20 @@ Everything random in step ``k`` comes from ``fold_in(rng, k)`` with ``rng`` a ke
 function of its config, data and step count: the same seed gives bit-identical parameters on
 CPU, and a run resumed from a checkpoint continues exactly like an uninterrupted one.
 
-Data parallelism: a ``jax.sharding.Mesh`` over the local devices with one axis ``"data"``; the
-parameters, optimiser state and data set are replicated, the batch is sharded along
-``"data"`` (XLA inserts the gradient all-reduce). ``batch_size`` must be divisible by the
-number of devices.
+Data parallelism, one or several processes: a ``jax.sharding.Mesh`` over ``jax.devices()`` (all
+processes' devices after ``jax.distributed.initialize()``) with one axis ``"data"``. The
+parameters and optimiser state are replicated; the data set is *sharded by images*: with ``D``
+devices, device ``k`` holds image rows ``[k S, (k+1) S)``, ``S = ceil(B / D)`` (zero rows pad
+``B`` to ``D S``), and each process reads (from its arrays or the ScoreStore) only its devices'
+rows (:func:`shard_data`). Minibatch sampling is *global*: the ``batch_size`` indices are drawn
+uniformly over all ``B`` images (and levels) from the step's key, as with one device; each
+device picks the drawn rows it holds (zeros elsewhere) and a reduce-scatter over ``"data"``
+assembles the batch, already sharded along ``"data"`` (each sum has one non-zero term, so it
+is exact). Why global and not per-process sampling: the batches, hence the run, are then the
+same for every number of devices and processes (only the gradient all-reduce's summation
+order differs), a run may resume on another layout, and the sampling distribution is exactly
+Paper B's; the price is one reduce-scatter of the batch per step, small next to the gradient
+all-reduce. ``batch_size`` must be divisible by the number of devices.
 
 Work directory layout::
 
@@ -65,7 +75,10 @@ Work directory layout::
                                    (step, the eval callback's metrics, e.g. ssim); on resume
                                    the records after the restored step are dropped first
 
-Single host: the mesh spans the local devices and checkpoints are written from a host copy.
+Multi-process: every process runs :func:`train` (and saves/restores checkpoints; orbax writes
+from process 0, from host copies of the replicated state); only process 0 writes
+``config.json``, ``metrics.jsonl`` and a progress bar. The ``"start"`` record names each
+process's image rows (``data_rows``).
 """
 
 from __future__ import annotations
@@ -115,6 +128,8 @@ __all__ = [
     "compile_train_step",
     "eval_loss",
     "prepare_data",
+    "shard_data",
+    "ShardedData",
     "trajectories_from_store",
     "train",
     "load_checkpoint",
@@ -432,8 +447,9 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 
 def make_mesh(devices=None) -> Mesh:
-    """A 1-D mesh with axis ``"data"`` over ``devices`` (default: all local devices)."""
-    devices = jax.local_devices() if devices is None else list(devices)
+    """A 1-D mesh with axis ``"data"`` over ``devices`` (default: ``jax.devices()``, the devices of
+    all processes after ``jax.distributed.initialize()``, in process order)."""
+    devices = jax.devices() if devices is None else list(devices)
     if not devices:
         raise ValueError("devices: expected at least one device")
     return Mesh(np.asarray(devices), ("data",))
@@ -459,50 +475,62 @@ class Trajectories(NamedTuple):
     sde: dict | None = None
 
 
-def _check_array(name: str, a, rank: int, what: str) -> np.ndarray:
+def _check_meta(name: str, a, rank: int, what: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype checks that need no values (every process can do them on any data)."""
     if not hasattr(a, "shape") or not hasattr(a, "dtype"):
         raise ValueError(f"{name}: expected an array of shape {what}, got {type(a).__name__}")
     if len(a.shape) != rank:
         raise ValueError(f"{name}: expected shape {what}, got {tuple(a.shape)}")
     if not np.issubdtype(np.dtype(a.dtype), np.floating):
         raise TypeError(f"{name}: expected a floating dtype (float32/float64), got {a.dtype}")
-    arr = np.asarray(a)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name}: expected finite values, found {int((~np.isfinite(arr)).sum())} NaN/Inf")
-    if min(arr.shape) < 1:
-        raise ValueError(f"{name}: expected a non-empty array of shape {what}, got {arr.shape}")
-    return arr
+    if min(a.shape) < 1:
+        raise ValueError(f"{name}: expected a non-empty array of shape {what}, got {tuple(a.shape)}")
+    return tuple(int(s) for s in a.shape), np.dtype(a.dtype)
 
 
-def prepare_data(config: TrainConfig, data) -> tuple[dict, dict]:
-    """Validate the training data of ``config.method`` and bring it into the step's form.
+class _Meta(NamedTuple):
+    """Shape and dtype of an array not read yet (a ScoreStore field)."""
 
-    Args:
-      config: the :class:`TrainConfig`.
-      data: ``"ours"``: :class:`Trajectories` (or a ``(x [B, N, C, H, W], t [N])`` pair, or a
-        :class:`krylovjax.store.ScoreStore` / store path, see :func:`trajectories_from_store`);
-        ``"ddpm"``: clean images ``[B, C, H, W]`` in [0, 1].
+    shape: tuple
+    dtype: np.dtype
 
-    Returns:
-      ``(arrays, info)``: ``arrays`` numpy float64 arrays for the step (``"ours"``: ``x``, ``lo``,
-      ``hi``; ``"ddpm"``: ``images``); ``info`` a JSON summary (``sample_shape`` ``[C, H, W]``,
-      ``num_images``, ``num_times``, ``fingerprint`` = sha256 of the data, ``sde``).
-    """
+
+class _Source(NamedTuple):
+    """Training data before it is read: metadata, and a reader of image rows ``[start, stop)``."""
+
+    key: str  # "x" (ours) or "images" (ddpm): the key in the arrays dict
+    name: str  # what error messages call it
+    shape: tuple  # global shape, images first
+    read: Callable[[int, int], np.ndarray]
+    t: np.ndarray | None
+    lo: np.ndarray | None
+    hi: np.ndarray | None
+
+
+def _source(config: TrainConfig, data) -> _Source:
+    """Validate everything about ``data`` that needs no values; nothing is read yet."""
     if config.method == "ours":
         if isinstance(data, (str, os.PathLike)) or type(data).__name__ == "ScoreStore":
-            data = trajectories_from_store(data)
-        if isinstance(data, tuple) and not isinstance(data, Trajectories):
-            if len(data) not in (2, 3):
-                raise ValueError("data: expected Trajectories(x [B, N, C, H, W], t [N]) for method='ours'")
-            data = Trajectories(*data)
-        if not isinstance(data, Trajectories):
-            raise ValueError(
-                f"data: expected Trajectories(x [B, N, C, H, W], t [N]) (or a ScoreStore) for method='ours', "
-                f"got {type(data).__name__}")
-        x = _check_array("data.x", data.x, 5, "[B, N, C, H, W]")
+            store, t, sde = _open_store(data)
+            n_img = store.num_images
+            shape = (n_img, *store.fields["embedded"].shape)
+            data = Trajectories(x=_Meta(shape, np.dtype(store.fields["embedded"].dtype)), t=t, sde=sde)
+            read = lambda a, b: store.read_batch("embedded", np.arange(a, b))  # noqa: E731
+        else:
+            if isinstance(data, tuple) and not isinstance(data, Trajectories):
+                if len(data) not in (2, 3):
+                    raise ValueError("data: expected Trajectories(x [B, N, C, H, W], t [N]) for method='ours'")
+                data = Trajectories(*data)
+            if not isinstance(data, Trajectories):
+                raise ValueError(
+                    f"data: expected Trajectories(x [B, N, C, H, W], t [N]) (or a ScoreStore) for method='ours', "
+                    f"got {type(data).__name__}")
+            x = data.x
+            read = lambda a, b: np.asarray(x[a:b])  # noqa: E731
+        shape, _ = _check_meta("data.x", data.x, 5, "[B, N, C, H, W]")
         t = np.asarray(data.t, dtype=np.float64)
-        if t.shape != (x.shape[1],):
-            raise ValueError(f"data.t: expected shape [N] = ({x.shape[1]},) (one time per level of x), got {t.shape}")
+        if t.shape != (shape[1],):
+            raise ValueError(f"data.t: expected shape [N] = ({shape[1]},) (one time per level of x), got {t.shape}")
         lo, hi = jitter_windows(t, config.time_jitter)
         if data.sde is not None:
             want = {"name": config.sde, "kwargs": _pairs_to_dict(config.sde_kwargs)}
@@ -511,28 +539,193 @@ def prepare_data(config: TrainConfig, data) -> tuple[dict, dict]:
                 raise ValueError(
                     f"sde: the config's SDE {want} differs from the SDE of the embedded data {got}; "
                     "set config.sde / config.sde_kwargs to the embedding's")
-        arrays = {"x": x, "lo": lo, "hi": hi}
-        sample_shape = x.shape[2:]
-        info = {"num_images": int(x.shape[0]), "num_times": int(x.shape[1]), "t": t.tolist()}
-        fp_parts = [x, t]
-    else:
-        if isinstance(data, Trajectories):
-            raise ValueError("data: method='ddpm' trains on clean images [B, C, H, W], got Trajectories")
-        x = _check_array("data", data, 4, "[B, C, H, W] (clean images for method='ddpm')")
-        if x.min() < 0 or x.max() > 1:
-            raise ValueError(f"data: expected images in [0, 1], got values in [{x.min():.4g}, {x.max():.4g}]")
-        arrays = {"images": x}
-        sample_shape = x.shape[1:]
-        info = {"num_images": int(x.shape[0])}
-        fp_parts = [x]
-    h = hashlib.sha256()
-    for a in fp_parts:  # as float64, so the same values in float32 or float64 match
-        a = np.ascontiguousarray(a, dtype=np.float64)
-        h.update(f"{a.dtype.str}|{a.shape}|".encode())
-        h.update(memoryview(a.reshape(-1).view(np.uint8)))
-    info.update(sample_shape=[int(s) for s in sample_shape], fingerprint=h.hexdigest(),
-                method=config.method)
+        return _Source("x", "data.x", shape, read, t, lo, hi)
+    if isinstance(data, Trajectories):
+        raise ValueError("data: method='ddpm' trains on clean images [B, C, H, W], got Trajectories")
+    shape, _ = _check_meta("data", data, 4, "[B, C, H, W] (clean images for method='ddpm')")
+    return _Source("images", "data", shape, lambda a, b: np.asarray(data[a:b]), None, None, None)
+
+
+# One row per image: sha256 of its float64 bytes (32), then int64 count of NaN/Inf, float64 min and
+# max over its finite values (8 bytes each): what the data checks and the fingerprint need.
+_ROW_BYTES = 56
+
+
+def _row_summaries(block: np.ndarray) -> np.ndarray:
+    """``[k, ...]`` image rows -> ``[k, 56]`` uint8 summaries (digest, non-finite count, min, max)."""
+    out = np.zeros((block.shape[0], _ROW_BYTES), np.uint8)
+    for i, row in enumerate(block):  # once per image at start-up, not in a hot path
+        a = np.ascontiguousarray(row, dtype=np.float64)
+        out[i, :32] = np.frombuffer(hashlib.sha256(memoryview(a.reshape(-1).view(np.uint8))).digest(), np.uint8)
+        finite = np.isfinite(a)
+        vals = a[finite]
+        stats = (np.asarray([(~finite).sum()], np.int64).view(np.uint8),
+                 np.asarray([vals.min() if vals.size else 0.0, vals.max() if vals.size else 0.0]).view(np.uint8))
+        out[i, 32:] = np.concatenate(stats)
+    return out
+
+
+def _check_values_and_fingerprint(config: TrainConfig, src: _Source, rows: np.ndarray) -> dict:
+    """The value checks (on every process alike) and ``info`` from the ``[B, 56]`` row summaries.
+
+    The fingerprint is the sha256 of the per-image digests (and the time levels): independent of
+    how the images are split between processes, so a run may resume with another layout.
+    """
+    n_bad = rows[:, 32:40].copy().view(np.int64)[:, 0]
+    mins, maxs = (rows[:, 40:48].copy().view(np.float64)[:, 0], rows[:, 48:56].copy().view(np.float64)[:, 0])
+    if n_bad.any():
+        which = np.flatnonzero(n_bad)
+        raise ValueError(f"{src.name}: expected finite values, found {int(n_bad.sum())} NaN/Inf "
+                         f"(in image(s) {which[:10].tolist()})")
+    if src.key == "images" and (mins.min() < 0 or maxs.max() > 1):
+        raise ValueError(f"data: expected images in [0, 1], got values in [{mins.min():.4g}, {maxs.max():.4g}]")
+    h = hashlib.sha256(f"{src.key}|{list(src.shape)}|".encode())
+    h.update(rows[:, :32].tobytes())
+    info: dict[str, Any] = {"num_images": int(src.shape[0])}
+    if src.t is not None:
+        h.update(np.ascontiguousarray(src.t, np.float64).tobytes())
+        info.update(num_times=int(src.shape[1]), t=src.t.tolist())
+    info.update(sample_shape=[int(s) for s in src.shape[-3:]], fingerprint=h.hexdigest(), method=config.method)
+    return info
+
+
+def prepare_data(config: TrainConfig, data) -> tuple[dict, dict]:
+    """Validate the training data of ``config.method`` and bring it into the step's form (all of
+    it, in this process; :func:`shard_data` reads only this process's images).
+
+    Args:
+      config: the :class:`TrainConfig`.
+      data: ``"ours"``: :class:`Trajectories` (or a ``(x [B, N, C, H, W], t [N])`` pair, or a
+        :class:`krylovjax.store.ScoreStore` / store path, see :func:`trajectories_from_store`);
+        ``"ddpm"``: clean images ``[B, C, H, W]`` in [0, 1].
+
+    Returns:
+      ``(arrays, info)``: ``arrays`` numpy arrays for the step (``"ours"``: ``x`` as given,
+      ``lo``, ``hi`` float64 ``[N]`` jitter windows; ``"ddpm"``: ``images``); ``info`` a JSON
+      summary (``sample_shape`` ``[C, H, W]``, ``num_images``, ``num_times``, ``t``,
+      ``fingerprint`` = sha256 of the per-image sha256 digests of the float64 data and of ``t``).
+
+    Raises:
+      ValueError: wrong shapes, NaN/Inf (the images are named), images outside [0, 1] (ddpm),
+        ``t`` not matching ``x`` or not increasing, an SDE other than the embedding's.
+      TypeError: a non-floating dtype.
+    """
+    src = _source(config, data)
+    block = src.read(0, src.shape[0])
+    info = _check_values_and_fingerprint(config, src, _row_summaries(block))
+    arrays = {src.key: block} if src.t is None else {"x": block, "lo": src.lo, "hi": src.hi}
     return arrays, info
+
+
+class ShardedData(NamedTuple):
+    """Training data on a mesh (:func:`shard_data`).
+
+    Attributes:
+      arrays: the step's data dict of global ``jax.Array`` s: the table (``"x"``
+        ``[B', N, C, H, W]`` or ``"images"`` ``[B', C, H, W]``, ``B'`` = ``B`` rounded up to a
+        multiple of the mesh size, zero rows after ``B``) sharded along ``"data"`` (device ``k``
+        holds rows ``[k B'/D, (k+1) B'/D)``), and ``"lo"``, ``"hi"`` ``[N]`` replicated.
+      info: as :func:`prepare_data`'s, identical on every process.
+      local_rows: the image rows ``((start, stop), ...)`` this process read.
+      rows_per_process: ``[[start, stop], ...]`` per process index (each process's rows as one
+        range, the union of its devices' rows).
+    """
+
+    arrays: dict
+    info: dict
+    local_rows: tuple
+    rows_per_process: list
+
+
+def _merge(ranges) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
+    for a, b in sorted(ranges):
+        if b <= a:
+            continue
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _global_from_blocks(mesh: Mesh, shape: tuple, blocks: dict, dtype) -> jax.Array:
+    """A global array sharded along ``"data"`` from this process's row blocks {(start, stop): rows}."""
+    def cb(index):
+        sl = index[0]
+        return np.asarray(blocks[(sl.start or 0, shape[0] if sl.stop is None else sl.stop)], dtype)
+    return jax.make_array_from_callback(shape, NamedSharding(mesh, P("data")), cb)
+
+
+def _replicate(mesh: Mesh, arr: jax.Array) -> np.ndarray:
+    """All of a global array, on every process (an all-gather over the mesh)."""
+    out = jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, P()))(arr)
+    return np.asarray(out.addressable_data(0))
+
+
+def shard_data(config, data, mesh: Mesh | None = None, *, dtype=None) -> ShardedData:
+    """Validate the training data and place it on ``mesh``, each process reading only its rows.
+
+    The image axis is split into ``D`` (mesh size) equal blocks of ``ceil(B / D)`` rows (zero
+    padding after ``B``), device ``k`` of the ``"data"`` axis holding block ``k``; a process reads
+    (from the arrays, or from the ScoreStore with ``read_batch``) only the blocks of its own
+    devices. The value checks and the fingerprint run on per-image summaries (sha256, NaN/Inf
+    count, min, max) gathered from all processes, so every process raises the same error.
+    The train step draws image indices over all ``B`` images and fetches the rows from the
+    owning devices (:func:`make_train_step`), so the batches do not depend on the layout.
+
+    Args:
+      config: :class:`TrainConfig` (or dict / ConfigDict).
+      data: as for :func:`prepare_data`.
+      mesh: a :func:`make_mesh` mesh (default: all devices of all processes).
+      dtype: the array dtype on the devices (default: the model's compute dtype).
+
+    Returns:
+      :class:`ShardedData`.
+
+    Raises:
+      ValueError, TypeError: as :func:`prepare_data`, and images that do not fit the model.
+    """
+    config = TrainConfig.from_dict(config)
+    mesh = make_mesh() if mesh is None else mesh
+    src = _source(config, data)
+    b, item = src.shape[0], src.shape[1:]
+    if dtype is None:  # also checks that the images fit the model before anything is read
+        dtype = _compute_dtype(model_config(config, tuple(src.shape[-3:]), b))
+    d = mesh.size
+    padded = -(-b // d) * d
+    sharding = NamedSharding(mesh, P("data"))
+
+    def rows_of(sl):
+        return (sl.start or 0, padded if sl.stop is None else sl.stop)
+
+    ranges = sorted({rows_of(idx[0]) for idx in sharding.addressable_devices_indices_map((padded,)).values()})
+    blocks, summaries = {}, {}
+    for a, c in ranges:
+        lo, hi = min(a, b), min(c, b)
+        rows = src.read(lo, hi) if hi > lo else np.zeros((0, *item), np.float64)
+        if rows.shape != (hi - lo, *item):
+            raise ValueError(f"{src.name}: rows [{lo}, {hi}) read with shape {rows.shape}, expected {(hi - lo, *item)}")
+        pad = c - a - (hi - lo)
+        blocks[(a, c)] = np.concatenate([rows, np.zeros((pad, *item), rows.dtype)]) if pad else rows
+        summaries[(a, c)] = np.concatenate([_row_summaries(rows), np.zeros((pad, _ROW_BYTES), np.uint8)])
+    local = tuple(_merge((min(a, b), min(c, b)) for a, c in ranges))
+    per_process: dict[int, list] = {}
+    for dev, idx in sharding.devices_indices_map((padded,)).items():
+        a, c = rows_of(idx[0])
+        per_process.setdefault(dev.process_index, []).append((min(a, b), min(c, b)))
+    rows_per_process = [[min(a for a, _ in r), max(c for _, c in r)] for _, r in sorted(per_process.items())]
+    logging.info("process %d/%d: read images %s of %d (%s)", jax.process_index(), jax.process_count(),
+                 [list(r) for r in local], b, src.key)
+
+    summary = _replicate(mesh, _global_from_blocks(mesh, (padded, _ROW_BYTES), summaries, np.uint8))
+    info = _check_values_and_fingerprint(config, src, summary[:b])
+    arrays = {src.key: _global_from_blocks(mesh, (padded, *item), blocks, dtype)}
+    if src.t is not None:
+        repl = NamedSharding(mesh, P())
+        arrays.update(lo=jax.device_put(jnp.asarray(src.lo, dtype), repl),
+                      hi=jax.device_put(jnp.asarray(src.hi, dtype), repl))
+    return ShardedData(arrays, info, local, rows_per_process)
 
 
 def _find_key(cfg: Mapping, key: str) -> Any:
@@ -544,21 +737,8 @@ def _find_key(cfg: Mapping, key: str) -> Any:
     return None
 
 
-def trajectories_from_store(store) -> Trajectories:
-    """The embedded trajectories of a :class:`krylovjax.store.ScoreStore` (all in memory).
-
-    Reads the field ``"embedded"`` (per-image shape ``[N, C, H, W]``). The time levels come from
-    a field ``"t"`` (per-image ``[N]``; image 0's is used) if the store has one, else from the
-    store's config: ``num_steps``, ``eps`` (default 1e-3), ``T`` (default 1) and
-    ``paper_b_time_grid`` (:func:`krylovjax.sde.time_grid`), at the top level or under
-    ``"precompute"``. The SDE (``sde``, ``sde_kwargs``) is taken from the config when present.
-
-    Args:
-      store: a ScoreStore or the path of one.
-
-    Returns:
-      :class:`Trajectories` with ``x`` float numpy ``[B, N, C, H, W]``.
-    """
+def _open_store(store):
+    """``(ScoreStore, t [N] float64, sde dict or None)`` of a store or its path; reads no trajectories."""
     from krylovjax.store import MANIFEST_NAME, ScoreStore  # local: store pulls in tensorstore
 
     if not isinstance(store, ScoreStore):
@@ -574,8 +754,7 @@ def trajectories_from_store(store) -> Trajectories:
                                           fields=fields)
     if "embedded" not in store.fields:
         raise ValueError(f"store: {store.path!r} has no 'embedded' field (fields: {list(store.fields)})")
-    x = store.read_all("embedded")
-    n = x.shape[1]
+    n = store.fields["embedded"].shape[0]
     cfg = store.config or {}
     if "t" in store.fields:
         t = np.asarray(store.read("t", 0), dtype=np.float64).reshape(-1)
@@ -600,7 +779,27 @@ def trajectories_from_store(store) -> Trajectories:
         if isinstance(kw, (list, tuple)):
             kw = {k: v for k, v in kw}
         sde = {"name": name, "kwargs": dict(kw)}
-    return Trajectories(x=x, t=t, sde=sde)
+    return store, t, sde
+
+
+def trajectories_from_store(store) -> Trajectories:
+    """The embedded trajectories of a :class:`krylovjax.store.ScoreStore` (all in memory).
+
+    Reads the field ``"embedded"`` (per-image shape ``[N, C, H, W]``). The time levels come from
+    a field ``"t"`` (per-image ``[N]``; image 0's is used) if the store has one, else from the
+    store's config: ``num_steps``, ``eps`` (default 1e-3), ``T`` (default 1) and
+    ``paper_b_time_grid`` (:func:`krylovjax.sde.time_grid`), at the top level or under
+    ``"precompute"``. The SDE (``sde``, ``sde_kwargs``) is taken from the config when present.
+    (:func:`train` / :func:`shard_data` given a store read only each process's images.)
+
+    Args:
+      store: a ScoreStore or the path of one.
+
+    Returns:
+      :class:`Trajectories` with ``x`` float numpy ``[B, N, C, H, W]``.
+    """
+    store, t, sde = _open_store(store)
+    return Trajectories(x=store.read_all("embedded"), t=t, sde=sde)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -740,8 +939,40 @@ def _apply(model_def: ModelDef, params, x, t, idx, *, train: bool, dropout_key=N
     return model(x, t, idx if model_def.unet.per_image_offset else None, train=train, rngs=rngs)
 
 
-def _loss_fn(config: TrainConfig, model_def: ModelDef, mesh: Mesh | None):
-    """``batch_loss(params, key, data, train) -> (loss, per_example)``: draw a batch, its loss."""
+def _take_rows(mesh: Mesh | None, table, rows, lev=None):
+    """``table[rows]`` (or ``table[rows, lev]``) for a table sharded along ``"data"`` by rows.
+
+    ``rows [bs]`` are global image indices (the same on every device). Each device looks up the
+    rows it holds and writes zeros for the others; a reduce-scatter (``psum_scatter``) over
+    ``"data"`` then sums the D candidates of each batch row, of which exactly one is non-zero (so
+    the result is exact), and leaves each device its ``bs / D`` rows: the batch arrives sharded
+    along ``"data"``, and no device ever holds the whole data set. Without a mesh: a plain gather.
+    """
+    if mesh is None:
+        return table[rows] if lev is None else table[rows, lev]
+    pad = (-table.shape[0]) % mesh.size  # unpadded (e.g. replicated) tables are padded here
+    if pad:
+        table = jnp.pad(table, [(0, pad)] + [(0, 0)] * (table.ndim - 1))
+
+    def local(tab, r, *maybe_lev):
+        s = tab.shape[0]
+        j = r - jax.lax.axis_index("data") * s
+        inside = (j >= 0) & (j < s)
+        jj = jnp.clip(j, 0, s - 1)
+        v = tab[jj] if not maybe_lev else tab[jj, maybe_lev[0]]
+        v = jnp.where(inside.reshape((-1,) + (1,) * (v.ndim - 1)), v, jnp.zeros((), v.dtype))
+        return jax.lax.psum_scatter(v, "data", scatter_dimension=0, tiled=True)
+
+    args = (table, rows) if lev is None else (table, rows, lev)
+    specs = (P("data"),) + (P(),) * (len(args) - 1)
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P("data"))(*args)
+
+
+def _loss_fn(config: TrainConfig, model_def: ModelDef, mesh: Mesh | None, num_images: int | None = None):
+    """``batch_loss(params, key, data, train) -> (loss, per_example)``: draw a batch, its loss.
+
+    Image indices are drawn over ``num_images`` images (default: the table's leading axis; a
+    :func:`shard_data` table is padded, so :func:`train` passes the real count)."""
     batch_sharding = NamedSharding(mesh, P("data")) if mesh is not None else None
     bs = config.batch_size
     sde = config.make_sde() if config.method == "ours" else None
@@ -757,10 +988,11 @@ def _loss_fn(config: TrainConfig, model_def: ModelDef, mesh: Mesh | None):
         drop = k_drop if train else None
         if config.method == "ours":
             xs = data["x"]
-            n_img, n_lev = xs.shape[0], xs.shape[1]
+            n_img = xs.shape[0] if num_images is None else num_images
+            n_lev = xs.shape[1]
             flat = jax.random.randint(k_pair, (bs,), 0, n_img * n_lev, dtype=jnp.int32)
             idx, lev = flat // n_lev, flat % n_lev
-            x = shard(xs[idx, lev])
+            x = shard(_take_rows(mesh, xs, idx, lev))
             u = jax.random.uniform(k_t, (bs,), dtype)
             t = shard(data["lo"][lev] + u * (data["hi"][lev] - data["lo"][lev]))
             z = shard(jax.random.normal(k_noise, x.shape, dtype))
@@ -768,8 +1000,10 @@ def _loss_fn(config: TrainConfig, model_def: ModelDef, mesh: Mesh | None):
             fn = lambda xx, tt: _apply(model_def, params, xx, tt, idx, train=train, dropout_key=drop)  # noqa: E731
             return embedding_loss(fn, x, t, z, sde, reduction=config.loss_reduction)
         imgs = data["images"]
-        idx = shard(jax.random.randint(k_pair, (bs,), 0, imgs.shape[0], dtype=jnp.int32))
-        x0 = shard(2.0 * imgs[idx] - 1.0)
+        n_img = imgs.shape[0] if num_images is None else num_images
+        idx = jax.random.randint(k_pair, (bs,), 0, n_img, dtype=jnp.int32)
+        x0 = shard(2.0 * _take_rows(mesh, imgs, idx) - 1.0)
+        idx = shard(idx)
 
         def eps_fn(xx, i):
             return _apply(model_def, params, xx, i.astype(dtype) / big_t, idx, train=train, dropout_key=drop)
@@ -779,11 +1013,11 @@ def _loss_fn(config: TrainConfig, model_def: ModelDef, mesh: Mesh | None):
     return batch_loss
 
 
-def _step_fn(config: TrainConfig, model_def: ModelDef, mesh: Mesh):
+def _step_fn(config: TrainConfig, model_def: ModelDef, mesh: Mesh, num_images: int | None = None):
     """The un-jitted train step ``(state, data) -> (state, StepMetrics)``."""
     tx = make_optimizer(config)
     sched = learning_rate(config)
-    batch_loss = _loss_fn(config, model_def, mesh)
+    batch_loss = _loss_fn(config, model_def, mesh, num_images)
 
     def step(state: TrainState, data: dict):
         key = jax.random.fold_in(state.rng, state.step)
@@ -816,33 +1050,39 @@ def eval_loss(config: TrainConfig, model_def: ModelDef, params, data: dict, key)
 _EVAL_LOSS: dict = {}
 
 
-def make_train_step(config: TrainConfig, model_def: ModelDef, mesh: Mesh | None = None, *, donate: bool = False):
+def make_train_step(config: TrainConfig, model_def: ModelDef, mesh: Mesh | None = None, *, donate: bool = False,
+                    num_images: int | None = None):
     """The jitted, data-parallel train step ``train_step(state, data) -> (state, StepMetrics)``.
 
     One update: draw the batch from ``fold_in(state.rng, state.step)`` (module docstring), the
     loss of ``config.method``, its gradient, clipping + Adam, the EMA update. ``data`` is the
-    dict of device arrays from :func:`prepare_data` (replicated); the state is replicated; the
-    batch is sharded along the mesh's ``"data"`` axis.
+    dict of device arrays of :func:`shard_data` (table sharded by image rows) or of
+    :func:`prepare_data` (any placement, e.g. replicated); the state is replicated; the batch
+    is sharded along the mesh's ``"data"`` axis, its rows fetched from the devices holding them
+    (``_take_rows``), so the drawn batch is the same for every mesh and process layout.
 
     Args:
       config: the :class:`TrainConfig`.
       model_def: from :func:`create_train_state`.
-      mesh: a mesh from :func:`make_mesh` (default: all local devices).
+      mesh: a mesh from :func:`make_mesh` (default: all devices).
       donate: donate the input state's buffers (the caller must not reuse the old state).
+      num_images: images in the data set (default: the table's leading axis; needed for a padded
+        :func:`shard_data` table).
     """
     mesh = make_mesh() if mesh is None else mesh
     if config.batch_size % mesh.size:
         raise ValueError(f"batch_size: expected a multiple of the number of devices ({mesh.size}), "
                          f"got {config.batch_size}")
     repl = NamedSharding(mesh, P())
-    return jax.jit(_step_fn(config, model_def, mesh), in_shardings=(repl, repl), out_shardings=(repl, repl),
-                   donate_argnums=(0,) if donate else ())
+    return jax.jit(_step_fn(config, model_def, mesh, num_images), in_shardings=(repl, None),
+                   out_shardings=(repl, repl), donate_argnums=(0,) if donate else ())
 
 
 _COMPILED: dict = {}
 
 
-def compile_train_step(config: TrainConfig, model_def: ModelDef, mesh: Mesh, state: TrainState, data: dict):
+def compile_train_step(config: TrainConfig, model_def: ModelDef, mesh: Mesh, state: TrainState, data: dict, *,
+                       num_images: int | None = None):
     """The train step of :func:`make_train_step` compiled ahead of time for these arguments.
 
     Cached per (config without run-control keys, model, mesh, shapes), so repeated runs in one
@@ -851,13 +1091,14 @@ def compile_train_step(config: TrainConfig, model_def: ModelDef, mesh: Mesh, sta
     Returns:
       ``(compiled_step, compile_seconds)`` (0 seconds on a cache hit).
     """
-    shapes = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(data.items()))
+    shapes = tuple((k, v.shape, str(v.dtype), str(getattr(getattr(v, "sharding", None), "spec", None)))
+                   for k, v in sorted(data.items()))
     key = (config._math_key(), model_def.unet, tuple(d.id for d in mesh.devices.flat), mesh.axis_names, shapes,
-           str(jax.tree.structure(state)))
+           str(jax.tree.structure(state)), num_images)
     if key in _COMPILED:
         return _COMPILED[key], 0.0
     t0 = time.perf_counter()
-    fn = make_train_step(config, model_def, mesh, donate=True).lower(state, data).compile()
+    fn = make_train_step(config, model_def, mesh, donate=True, num_images=num_images).lower(state, data).compile()
     sec = time.perf_counter() - t0
     if len(_COMPILED) > 8:
         _COMPILED.clear()
@@ -870,11 +1111,23 @@ def compile_train_step(config: TrainConfig, model_def: ModelDef, mesh: Mesh, sta
 # ----------------------------------------------------------------------------------------------
 
 
+def _host(tree):
+    """A numpy copy of a pytree; replicated arrays (also ones spanning several processes) are
+    read from this process's first replica."""
+    def get(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            if not a.is_fully_replicated:
+                raise ValueError(f"state: expected replicated arrays, got one sharded as {a.sharding}")
+            return np.asarray(a.addressable_data(0))
+        return np.asarray(jax.device_get(a))
+    return jax.tree.map(get, tree)
+
+
 def _state_digest(state: TrainState) -> str:
     """sha256 over the state's leaves (dtype, shape and bytes, in pytree order)."""
     h = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        a = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+    for path, leaf in jax.tree_util.tree_flatten_with_path(_host(state))[0]:
+        a = np.ascontiguousarray(leaf)
         h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|".encode())
         h.update(memoryview(a.reshape(-1).view(np.uint8)))
     return h.hexdigest()
@@ -967,9 +1220,10 @@ def _restore(mngr: ocp.CheckpointManager, step: int, template: TrainState, shard
 
 
 def _save(mngr, state: TrainState, record: dict, meta: dict) -> int:
-    # A host copy: single-host training (the mesh spans local devices), and orbax writes numpy
-    # arrays several times faster than replicated device arrays.
-    host = jax.device_get(state)
+    # A host copy of the replicated state (this process's replica): orbax writes numpy arrays
+    # several times faster than replicated device arrays, and treats them as replicated: with
+    # several processes every process calls save and process 0 writes the files.
+    host = _host(state)
     step = int(host.step)
     meta = dict(meta, sha256=_state_digest(host), step=step, saved_unix=time.time())
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host), config=ocp.args.JsonSave(record),
@@ -1058,6 +1312,16 @@ def _idx_for(model_def: ModelDef, x, idx):
     return jnp.broadcast_to(jnp.asarray(idx, jnp.int32), (x.shape[0],))
 
 
+def _from_process_0(value: int) -> int:
+    """Process 0's ``value`` on every process (so all processes take the same decision); the
+    value itself with one process."""
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
 def _rewrite_metrics(path: str, keep_upto: int) -> None:
     """Drop records of steps after ``keep_upto`` (written by a killed segment) before resuming."""
     if not os.path.exists(path):
@@ -1093,7 +1357,16 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
         ``config.eval_every`` updates and at the end, with ``fn`` the EMA model as returned by
         :func:`load_score_fn` (``score_fn(x, t, idx=None)`` or ``eps_fn(x, i, idx=None)``).
       target: stop once ``eval_fn(...)[config.target_metric] >= target``; in (0, 1] (an SSIM).
-      mesh: a :func:`make_mesh` mesh (default: all local devices).
+      mesh: a :func:`make_mesh` mesh (default: all devices of all processes).
+
+    Multi-process (after ``jax.distributed.initialize()``): every process calls :func:`train`
+    with the same arguments (``data`` may be a ScoreStore, or arrays of which each process reads
+    only its rows, :func:`shard_data`); the mesh must span all processes. Every process saves
+    and restores the checkpoints (orbax writes from process 0); only process 0 writes
+    ``config.json``, ``metrics.jsonl`` and the progress bar; stops (budget, target) are decided
+    by process 0 and shared; ``eval_fn`` runs on every process with a process-local copy of the
+    EMA weights. The result equals a one-process run on as many devices (to float rounding of
+    the cross-process gradient all-reduce).
 
     Returns:
       :class:`TrainResult`.
@@ -1120,7 +1393,12 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
     if config.batch_size % mesh.size:
         raise ValueError(f"batch_size: expected a multiple of the number of devices ({mesh.size}), "
                          f"got {config.batch_size}")
-    arrays, info = prepare_data(config, data)
+    nproc, primary = jax.process_count(), jax.process_index() == 0
+    if {d.process_index for d in mesh.devices.flat} != set(range(nproc)):
+        raise ValueError(f"mesh: expected devices of all {nproc} processes (make_mesh() with jax.devices()), got "
+                         f"devices of processes {sorted({d.process_index for d in mesh.devices.flat})}")
+    sharded = shard_data(config, data, mesh)
+    info = sharded.info
     unet = model_config(config, tuple(info["sample_shape"]), info["num_images"])
     record = _run_record(config, unet, info)
 
@@ -1142,35 +1420,45 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
     state = None
     resumed_from = None
     prior_seconds = 0.0
+    latest = None
     if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
         reader = _manager(ckpt_dir, read_only=True)
         latest = reader.latest_step()
-        if latest is not None:
-            state, stored_record, meta = _restore(reader, latest, fresh, repl, ckpt_dir)
-            _check_record(workdir, stored_record, record)
-            resumed_from = latest
-            prior_seconds = float(meta.get("train_seconds", 0.0))
         reader.close()
-    if not os.path.exists(cfg_path):
+    latest = _from_process_0(-1 if latest is None else latest)  # all processes resume alike
+    latest = None if latest < 0 else latest
+    if latest is not None:
+        reader = _manager(ckpt_dir, read_only=True)
+        try:
+            state, stored_record, meta = _restore(reader, latest, fresh, repl, ckpt_dir)
+        finally:
+            reader.close()
+        _check_record(workdir, stored_record, record)
+        resumed_from = latest
+        prior_seconds = float(meta.get("train_seconds", 0.0))
+    if primary and not os.path.exists(cfg_path):
         _atomic_write(cfg_path, json.dumps(record, indent=1, sort_keys=True))
     if state is None:
         state = jax.device_put(fresh, repl)
-        if os.path.exists(metrics_path):
+        if primary and os.path.exists(metrics_path):
             _rewrite_metrics(metrics_path, 0)
     else:
-        _rewrite_metrics(metrics_path, resumed_from)
+        if primary:
+            _rewrite_metrics(metrics_path, resumed_from)
         logging.info("resuming %s from step %d", workdir, resumed_from)
     del fresh
-    dtype = _compute_dtype(model_def.unet)
-    dev_data = jax.device_put({k: jnp.asarray(v, dtype) for k, v in arrays.items()}, repl)
-    step_fn, compile_seconds = compile_train_step(config, model_def, mesh, state, dev_data)
+    dev_data = sharded.arrays
+    step_fn, compile_seconds = compile_train_step(config, model_def, mesh, state, dev_data,
+                                                  num_images=info["num_images"])
     writer = _manager(ckpt_dir, read_only=False, max_to_keep=config.max_to_keep)
 
-    step = int(jax.device_get(state.step))
-    with open(metrics_path, "a") as f:
-        f.write(json.dumps({"step": step, "kind": "start", "resumed_from": resumed_from,
-                            "compile_seconds": compile_seconds, "num_devices": mesh.size,
-                            "train_seconds": prior_seconds}) + "\n")
+    step = int(_host(state.step))
+    if primary:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, "kind": "start", "resumed_from": resumed_from,
+                                "compile_seconds": compile_seconds, "num_devices": mesh.size,
+                                "num_processes": nproc, "data_rows": sharded.rows_per_process,
+                                "train_seconds": prior_seconds}) + "\n")
     train_seconds = prior_seconds
     eval_seconds = ckpt_seconds = 0.0
     stop_reason = "num_steps"
@@ -1190,30 +1478,32 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
     def evaluate():
         nonlocal eval_seconds, last_eval, last_eval_step, time_to_target, step_at_target
         t0 = time.perf_counter()
-        fn = _eval_fn_for(model_def, state.ema_params, config.method, config.ddpm_num_steps)
+        ema = state.ema_params if nproc == 1 else _host(state.ema_params)  # process-local copy
+        fn = _eval_fn_for(model_def, ema, config.method, config.ddpm_num_steps)
         out = eval_fn(fn, step)
         if not isinstance(out, Mapping):
             raise ValueError(f"eval_fn: expected a dict of metrics, got {type(out).__name__}")
         out = {str(k): float(v) for k, v in out.items()}
         eval_seconds += time.perf_counter() - t0
         last_eval, last_eval_step = out, step
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps({"step": step, "kind": "eval", **out, "train_seconds": train_seconds}) + "\n")
+        if primary:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({"step": step, "kind": "eval", **out, "train_seconds": train_seconds}) + "\n")
         if target is not None:
             if config.target_metric not in out:
                 raise ValueError(f"target_metric: eval_fn returned {sorted(out)}, without {config.target_metric!r}")
-            if out[config.target_metric] >= target:
+            if _from_process_0(int(out[config.target_metric] >= target)):
                 time_to_target, step_at_target = train_seconds, step
                 return True
         return False
 
     bar = None
-    if config.progress:
+    if config.progress and primary:
         from tqdm.auto import tqdm
         bar = tqdm(total=config.num_steps, initial=step, desc=f"train[{config.method}]", dynamic_ncols=True)
     try:
         while step < config.num_steps:
-            if config.budget_seconds is not None and train_seconds >= config.budget_seconds:
+            if config.budget_seconds is not None and _from_process_0(int(train_seconds >= config.budget_seconds)):
                 stop_reason = "budget"
                 break
             t0 = time.perf_counter()
@@ -1234,8 +1524,9 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
                 rec = {"step": step, "kind": "train", "loss": last_loss,
                        "images_per_s": config.batch_size * win_steps / max(win_time, 1e-12),
                        "lr": float(m.lr), "grad_norm": float(m.grad_norm), "train_seconds": train_seconds}
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
+                if primary:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
                 if bar is not None:
                     bar.set_postfix(loss=f"{last_loss:.4g}")
                 win_loss, win_steps, win_time = [], 0, 0.0
@@ -1250,7 +1541,9 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
                 stop_reason = "target"
     except KeyboardInterrupt:
         try:  # the state may be mid-update (its buffers donated to a step in flight)
-            if int(jax.device_get(state.step)) != last_saved:
+            if nproc > 1:  # a save is collective: the other processes may not be interrupted
+                raise RuntimeError("several processes: checkpoints are saved only at the schedule")
+            if int(_host(state.step)) != last_saved:
                 save()
         except Exception as err:  # noqa: BLE001 - keep the interrupt as the error
             logging.warning("no checkpoint at the interrupt (%s: %s)", type(err).__name__, err)

@@ -1,0 +1,51 @@
+"""Helpers for tests that run binaries as several jax.distributed processes on this machine
+(CPU backend, localhost coordinator)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for the coordinator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(local_devices: int, **extra: str) -> dict:
+    """The environment of one CPU process with ``local_devices`` devices."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={local_devices}"
+    return env
+
+
+def process_flags(num_processes: int, port: int, process_id: int) -> list[str]:
+    """The multi-host flags the binaries take (experiments/precompute.py, experiments/train.py)."""
+    return [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
+            f"--process_id={process_id}"]
+
+
+def run_all(commands: list[list[str]], envs: list[dict], timeout: float) -> list[tuple[int, str, str]]:
+    """Start every command at once (``python -m ...`` argument lists, run from the repository
+    root), wait for all, and return ``(returncode, stdout, stderr)`` each; a process still running
+    at ``timeout`` seconds (or when the test fails) is killed."""
+    procs = [subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for cmd, env in zip(commands, envs)]
+    outs = []
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            outs.append((p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return outs

@@ -1,0 +1,206 @@
+"""Multi-host training: the unchanged train binary on 2 jax.distributed processes x 2 CPU devices
+(localhost coordinator) equals one process with 4 devices, each process reading only its own
+images of the ScoreStore, and the 2-process run resumes from its checkpoint.
+
+Proof that a process reads only its shard: each process is given its own copy of the store in
+which only *its* images' chunks are complete; reading any other image raises (ScoreStore refuses
+incomplete chunks). The one-process reference reads the complete store.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from krylovjax import training as tr
+from krylovjax.store import ScoreStore, hash_inputs
+
+from _multiprocess import ROOT, cpu_env, free_port, process_flags, run_all
+
+B, N, C, S = 6, 4, 3, 16  # 6 images over 4 devices: rows [0, 2) [2, 4) | [4, 6) [6, 8) (padding)
+STORE_CFG = {"sde": "ve", "sde_kwargs": {"sigma": 5.0}, "num_steps": N, "eps": 1e-3}
+OWN_ROWS = [[0, 4], [4, 6]]  # process 0 holds devices 0, 1; process 1 devices 2, 3
+
+TRAIN = ["-m", "experiments.train", "--config=experiments/configs/train_tiny.py", "--data=store",
+         "--config.method=ours", "--config.model_overrides.ch=16", "--config.model_overrides.ch_mult=(1,)",
+         "--config.model_overrides.attn_resolutions=()", "--config.lr=0.002", "--config.warmup_steps=2",
+         "--config.batch_size=8", "--config.progress=False", "--config.log_every=1",
+         "--config.checkpoint_every=2"]
+
+
+def _trajectories() -> np.ndarray:
+    rng = np.random.default_rng(7)
+    base = rng.random((B, 1, C, S, S))
+    return (base * (1 - 0.2 * np.arange(N))[None, :, None, None, None]).astype(np.float32)  # [B, N, C, H, W]
+
+
+def _store(path, x, images) -> str:
+    """A store of ``x`` in which only the chunks (1 image each) of ``images`` are complete."""
+    store = ScoreStore.create_or_open(path, config=STORE_CFG, inputs_hash=hash_inputs(x[:, 0], STORE_CFG),
+                                      num_images=B, chunk_size=1, fields={"embedded": (x.shape[1:], np.float32, 0)})
+    for i in images:
+        store.write_chunk(i, {"embedded": x[i:i + 1]})
+    return str(path)
+
+
+def _run(workdirs, stores, num_steps, *, processes):
+    """One run per (workdir, store) pair: ``processes`` = 2 -> one 2-process run over the pairs,
+    ``processes`` = 1 -> the first pair as one process with 4 devices."""
+    cmds, envs = [], []
+    if processes == 2:
+        port = free_port()
+        for i in range(2):
+            cmds.append(TRAIN + [f"--workdir={workdirs[i]}", f"--store={stores[i]}",
+                                 f"--config.num_steps={num_steps}", *process_flags(2, port, i)])
+            envs.append(cpu_env(2))
+    else:
+        cmds.append(TRAIN + [f"--workdir={workdirs[0]}", f"--store={stores[0]}", f"--config.num_steps={num_steps}"])
+        envs.append(cpu_env(4))
+    return cmds, envs
+
+
+def _records(wd):
+    return [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+
+
+def test_two_processes_equal_one_and_resume(tmp_path):
+    x = _trajectories()
+    full = _store(tmp_path / "full", x, range(B))
+    own = [_store(tmp_path / f"own{p}", x, range(*OWN_ROWS[p])) for p in range(2)]
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+
+    # Segment 1: the 2-process run to step 4 and the one-process reference to step 6, at once.
+    c2, e2 = _run([two, two], own, 4, processes=2)
+    c1, e1 = _run([one], [full], 6, processes=1)
+    outs = run_all(c2 + c1, e2 + e1, timeout=240)
+    for rc, _, err in outs:
+        assert rc == 0, err[-3000:]
+    for p in range(2):  # what each process read, from its own log
+        assert f"process {p}/2: read images [{OWN_ROWS[p]}] of {B}" in outs[p][2], outs[p][2][-2000:]
+    assert f"process 0/1: read images [[0, {B}]] of {B}" in outs[2][2]
+
+    # Segment 2: the 2-process run resumes from its step-4 checkpoint and goes on to step 6.
+    c2, e2 = _run([two, two], own, 6, processes=2)
+    outs = run_all(c2, e2, timeout=240)
+    for rc, _, err in outs:
+        assert rc == 0, err[-3000:]
+
+    # Only process 0 wrote records: one start per segment, one train record per step.
+    recs = _records(two)
+    starts = [r for r in recs if r["kind"] == "start"]
+    assert [(r["step"], r["resumed_from"], r["num_processes"]) for r in starts] == [(0, None, 2), (4, 4, 2)]
+    assert all(r["data_rows"] == OWN_ROWS and r["num_devices"] == 4 for r in starts)
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    result = json.load(open(os.path.join(two, "result.json")))
+    assert result["step"] == 6 and result["resumed_from"] == 4
+    ref = _records(one)
+    assert [r["data_rows"] for r in ref if r["kind"] == "start"] == [[[0, B]]]
+    # Same batches, same losses (float32 rounding of the cross-process all-reduce aside).
+    np.testing.assert_allclose([r["loss"] for r in recs if r["kind"] == "train"],
+                               [r["loss"] for r in ref if r["kind"] == "train"], rtol=1e-5)
+
+    # Final parameters, EMA and optimiser state equal to the one-process run. The batches are the
+    # same bit for bit; what differs is the summation order of the gradient all-reduce (gloo
+    # across processes, XLA within one), float32 rounding of ~1e-7 relative, which moves an Adam
+    # update (at most ~lr per step) by a tiny fraction of it (measured: 1.2e-6 after 6 steps).
+    # A wrong batch or shard changes every update by O(lr) = 2e-3, so the tolerance lr / 100
+    # separates the two by two orders of magnitude each way.
+    a, b = tr.load_checkpoint(two), tr.load_checkpoint(one)
+    assert int(a.state.step) == int(b.state.step) == 6
+    assert a.record["data"]["fingerprint"] == b.record["data"]["fingerprint"]
+    lr = 2e-3
+    for u, v in zip(jax.tree.leaves((a.state.params, a.state.ema_params)), jax.tree.leaves((b.state.params, b.state.ema_params))):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=0, atol=lr / 100)
+    for u, v in zip(jax.tree.leaves(a.state.opt_state), jax.tree.leaves(b.state.opt_state)):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-4, atol=1e-7)  # Adam moments
+    np.testing.assert_array_equal(np.asarray(a.state.rng), np.asarray(b.state.rng))
+    init = tr.load_checkpoint(two, step=2).state.params  # the runs did move: the check can fail
+    moved = max(float(np.abs(np.asarray(u) - np.asarray(v)).max())
+                for u, v in zip(jax.tree.leaves(a.state.params), jax.tree.leaves(init)))
+    assert moved > 100 * lr / 100
+
+
+def test_bad_process_flags_are_refused(tmp_path):
+    base = [sys.executable, *TRAIN, f"--workdir={tmp_path / 'w'}", f"--store={tmp_path / 's'}"]
+    for flags, match in [(["--num_processes=2", "--process_id=1"], "--coordinator_address"),
+                         (["--coordinator_address=127.0.0.1", "--num_processes=2"], "host:port"),
+                         (["--coordinator_address=127.0.0.1:1234", "--num_processes=2", "--process_id=2"],
+                          r"--process_id: expected an integer in [0, 2)"),
+                         (["--coordinator_address=127.0.0.1:1234", "--num_processes=0"], "--num_processes")]:
+        out = subprocess.run(base + flags, cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0 and match in out.stderr, (flags, out.stderr[-1500:])
+    assert not os.path.exists(tmp_path / "w")
+
+
+# ----------------------------------------------------------------------------------------------
+# The sharded loader and the row gather, in this process (4 CPU devices)
+# ----------------------------------------------------------------------------------------------
+
+
+class _Spy:
+    """An array-like that records which rows are read."""
+
+    def __init__(self, a):
+        self.a, self.shape, self.dtype, self.reads = a, a.shape, a.dtype, []
+
+    def __getitem__(self, sl):
+        self.reads.append((sl.start, sl.stop))
+        return self.a[sl]
+
+
+@pytest.mark.parametrize("ndev", [1, 3, 4])
+def test_shard_data_reads_each_device_block_once(ndev):
+    x = _trajectories().astype(np.float64)
+    cfg = tr.TrainConfig(model="tiny", model_overrides={"ch": 16, "ch_mult": (1,), "attn_resolutions": ()},
+                         per_image_offset=True)
+    mesh = tr.make_mesh(jax.devices()[:ndev])
+    spy = _Spy(x)
+    sd = tr.shard_data(cfg, tr.Trajectories(spy, np.linspace(1e-3, 1.0, N)), mesh, dtype=np.float64)
+    rows = -(-B // ndev)
+    want = [(k * rows, min((k + 1) * rows, B)) for k in range(ndev) if k * rows < B]
+    assert sorted(spy.reads) == want  # each device's block read once; padding never read
+    assert sd.local_rows == ((0, B),) and sd.rows_per_process == [[0, B]]
+    table = sd.arrays["x"]
+    assert table.shape == (rows * ndev, N, C, S, S) and table.sharding.spec == jax.sharding.PartitionSpec("data")
+    for shard in table.addressable_shards:
+        lo = shard.index[0].start or 0
+        want_block = np.zeros((rows, N, C, S, S))
+        want_block[: max(0, min(B - lo, rows))] = x[lo:lo + rows]
+        np.testing.assert_array_equal(np.asarray(shard.data), want_block)
+    # the summary (fingerprint, sizes) does not depend on the layout
+    _, info = tr.prepare_data(cfg, tr.Trajectories(x, np.linspace(1e-3, 1.0, N)))
+    assert sd.info == info
+
+
+def test_take_rows_equals_fancy_indexing_exactly():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((B, N, C, 4, 4))
+    mesh = tr.make_mesh()
+    sd = tr.shard_data(tr.TrainConfig(), tr.Trajectories(x, np.linspace(1e-3, 1.0, N)), mesh, dtype=np.float64)
+    rows = jax.numpy.asarray(rng.integers(0, B, 16), jax.numpy.int32)  # repeats, any order
+    lev = jax.numpy.asarray(rng.integers(0, N, 16), jax.numpy.int32)
+    got = jax.jit(lambda t, r, v: tr._take_rows(mesh, t, r, v))(sd.arrays["x"], rows, lev)
+    assert got.sharding.spec == jax.sharding.PartitionSpec("data")
+    np.testing.assert_array_equal(np.asarray(got), x[np.asarray(rows), np.asarray(lev)])
+    imgs = jax.jit(lambda t, r: tr._take_rows(mesh, t, r))(jax.numpy.asarray(x[:, 0]), rows)  # unpadded, replicated
+    np.testing.assert_array_equal(np.asarray(imgs), x[np.asarray(rows), 0])
+
+
+def test_shard_data_names_bad_images_and_refuses_other_chunks(tmp_path):
+    x = _trajectories()
+    bad = x.copy()
+    bad[5, 2, 0, 1, 1] = np.inf
+    with pytest.raises(ValueError, match=r"NaN/Inf \(in image\(s\) \[5\]\)"):
+        tr.shard_data(tr.TrainConfig(), tr.Trajectories(bad, np.linspace(1e-3, 1.0, N)))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        tr.shard_data(tr.TrainConfig(method="ddpm"), x[:, 0] * 3.0)
+    # A store missing some images cannot be read by a process that owns them.
+    part = _store(tmp_path / "part", x, range(4))
+    with pytest.raises(ValueError, match="complete"):
+        tr.shard_data(tr.TrainConfig(), part)
