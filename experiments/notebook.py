@@ -443,6 +443,13 @@ class DenoiseRun(NamedTuple):
     denoised_images: np.ndarray
     frames: np.ndarray
 
+    def summary(self) -> str:
+        t = self.train
+        loss = "-" if t["last_loss"] is None else f"{t['last_loss']:.4g}"
+        return (f"trained {t['steps']} steps in {t['train_seconds']:.1f} s (stop: {t['stop_reason']}; "
+                f"compile {t['compile_seconds']:.1f} s and evaluation {t['eval_seconds']:.1f} s apart), "
+                f"last logged loss {loss}")
+
     def table(self) -> str:
         from krylovjax import experiment_utils as eu
 

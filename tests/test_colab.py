@@ -333,6 +333,7 @@ def test_notebook_runs_headless_on_mock_cifar10_and_resumes(monkeypatch, tmp_pat
     text = "".join(o.get("text", "") for c in cells for o in c.outputs if o.output_type == "stream")
     assert "platform CPU: 4 device(s)" in text
     assert "4 cifar10 images of 16x16, chunks of 4 images sharded over 4 cpu device(s)" in text
+    assert "trained 6 steps" in text and "| ours (step 6) |" in text
     pngs = [base64.b64decode(o.data["image/png"]) for c in cells for o in c.outputs
             if o.output_type == "display_data" and "image/png" in o.get("data", {})]
     assert len(pngs) == 4 and all(p.startswith(b"\x89PNG\r\n\x1a\n") and len(p) > 2000 for p in pngs)
