@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The solver, pre-computation and training benchmarks on an accelerator, in one go, each part
+# under its own time cap so that a slow part cannot starve the others. Every part writes its
+# JSON/Markdown into OUT as soon as it finishes.
+#
+#   OUT=runs/gpu bash experiments/gpu_benchmarks.sh            # all parts
+#   OUT=runs/gpu PARTS="solvers precompute" SIZES=32,64 bash experiments/gpu_benchmarks.sh
+# (SIZES, BATCH, IMAGES, BUDGET and CAP_<PART> override the defaults below.)
+#
+# PYTHON (default python3) must have krylovjax importable (pip install -e . or PYTHONPATH).
+# The spsolve/splu baselines run on the same machine's CPU (scipy), as in the paper.
+set -u
+OUT=${OUT:-runs/gpu}
+PY=${PYTHON:-python3}
+PARTS=${PARTS:-"solvers solvers32 precompute throughput denoise"}
+SIZES=${SIZES:-32,64,128}; BATCH=${BATCH:-64}; IMAGES=${IMAGES:-64}; BUDGET=${BUDGET:-60}
+TP_IMAGES=${TP_IMAGES:-512}; TP_CHUNK=${TP_CHUNK:-256}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+exec > >(tee -a "$OUT/log.txt") 2>&1  # the rows as they come, even if a part is cut off
+
+cap() {  # cap SECONDS NAME CMD...: run CMD with a time limit, report its status
+  local s=$1 name=$2; shift 2
+  local t0=$(date +%s)
+  timeout --signal=INT --kill-after=15 "$s" "$@"
+  local rc=$?
+  echo "== part $name: rc=$rc, $(( $(date +%s) - t0 )) s (cap $s s)"
+}
+
+echo "== $(date -u +%FT%TZ) $(uname -n)"
+nvidia-smi -L 2>/dev/null || true
+$PY -c "import jax, platform; print('jax', jax.__version__, jax.default_backend(), jax.devices(), platform.processor())"
+
+for part in $PARTS; do case $part in
+solvers)  # float64, the settings: 64 images x 3 channels, tol 1e-8
+  cap ${CAP_SOLVERS:-200} solvers $PY -m experiments.bench_solvers --sizes=$SIZES --batch=$BATCH \
+    --repeats=3 --dtype=float64 --tol=1e-8 --jax_gmres_max_systems=24 \
+    --methods=jax_gmres_vmap,gmres,cross_matrix,preconditioned,cross_matrix_precond,fast \
+    --json_out="$OUT/bench_solvers_f64.json" ;;
+solvers32)  # float32 (what TPUs and fast GPU paths use), tol 1e-6 (BUILD_NOTES float32 study)
+  cap ${CAP_SOLVERS32:-70} solvers32 $PY -m experiments.bench_solvers --sizes=$SIZES --batch=$BATCH \
+    --repeats=3 --dtype=float32 --tol=1e-6 --methods=gmres,preconditioned,cross_matrix_precond,fast \
+    --json_out="$OUT/bench_solvers_f32.json" ;;
+precompute)  # the whole pipeline, 64 built-in 32x32 images, spsolve vs Krylov
+  cap ${CAP_PRECOMPUTE:-120} precompute $PY -m experiments.bench_precompute --sizes=32 --images=$IMAGES \
+    --strategies=spsolve,gmres,cross_matrix_precond,fast --subsets=all --repeats=2 \
+    --json_out="$OUT/bench_precompute.json" ;;
+throughput)  # the pre-computation binary (store included) on many images: CIFAR-10 cost estimate
+  rm -rf "$OUT/tp_run"
+  cap ${CAP_THROUGHPUT:-100} throughput $PY -m experiments.precompute \
+    --config=experiments/configs/demo.py --workdir="$OUT/tp_run" \
+    --config.num_images=$TP_IMAGES --config.chunk_images=$TP_CHUNK
+  [ -f "$OUT/tp_run/precompute_summary.json" ] && cp "$OUT/tp_run/precompute_summary.json" "$OUT/"
+  rm -rf "$OUT/tp_run" ;;
+denoise)  # Paper A Table 1 on the built-in image: time to SSIM 0.95, ours vs DDPM
+  cap ${CAP_DENOISE:-160} denoise $PY -m experiments.denoise \
+    --config=experiments/configs/denoise_demo.py --workdir="$OUT/demo_run" --overwrite \
+    --config.ours.train.budget_seconds=$BUDGET --config.ddpm.train.budget_seconds=$BUDGET
+  for f in results.md results.json; do
+    [ -f "$OUT/demo_run/$f" ] && cp "$OUT/demo_run/$f" "$OUT/denoise_$f"
+  done
+  rm -rf "$OUT/demo_run" ;;
+*) echo "unknown part $part" ;;
+esac; done
+echo "== done $(date -u +%FT%TZ)"
