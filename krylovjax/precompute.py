@@ -91,6 +91,13 @@ class PrecomputeConfig:
         new minimum for this many consecutive sweeps (reported in ``outer_diverged``); 0
         (default, Paper B's Algorithm 1) iterates up to ``max_sweeps``. Either way the result
         of an image is its iterate with the smallest change: the last one when it converges.
+      compact: ("sweeps", unsharded) after the first sweep, solve only the images still
+        iterating: they are gathered into a smaller batch, their count rounded up to a power of
+        two of at least ``compact`` images (one compiled sweep per such size), and scattered
+        back. A converged image then costs nothing, as in Paper B's code; without it its
+        systems are skipped but every step still pays its solver set-up (about half the cost
+        of a solved system for the "fast" preset on CPU). The cross-matrix seed image is the
+        first image of every compacted batch. None: always the whole batch.
     """
 
     sde: str = "ve"
@@ -121,6 +128,7 @@ class PrecomputeConfig:
     shard: bool = False
     forcing: float = 0.0
     divergence_patience: int = 0
+    compact: int | None = 8
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
@@ -148,6 +156,11 @@ class PrecomputeConfig:
         if not isinstance(self.divergence_patience, int) or self.divergence_patience < 0:
             raise ValueError(f"divergence_patience: expected an integer >= 0, got "
                              f"{self.divergence_patience!r}")
+        if not (self.compact is None or (isinstance(self.compact, int)
+                                         and not isinstance(self.compact, bool)
+                                         and self.compact >= 1)):
+            raise ValueError(f"compact: expected None or an integer >= 1, got "
+                             f"{self.compact!r}")
         if not isinstance(self.shard, bool):
             raise ValueError(f"shard: expected a bool, got {self.shard!r}")
         if not isinstance(self.seed_image, int) or self.seed_image < 0:
@@ -403,13 +416,67 @@ def _program_config(config: PrecomputeConfig) -> PrecomputeConfig:
     the sweep budget and the outer test of "sweeps" run on the host."""
     if config.outer == "sweeps":
         return dataclasses.replace(config, max_sweeps=1, outer_tol=1.0, max_fixed_point=1,
-                                   divergence_patience=0)
+                                   divergence_patience=0, compact=None)
     return dataclasses.replace(config, max_sweeps=1, lag_init="initial", divergence_patience=0,
-                               forcing=0.0)
+                               forcing=0.0, compact=None)
 
 
 def _programs(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype) -> _Programs:
     return _build(_program_config(config), B, C, H, W, np.dtype(dtype), _devices(config))
+
+
+def _seeded(config: PrecomputeConfig) -> bool:
+    """Whether the strategy builds a seed basis (the seed system is solved in every step)."""
+    return (config.strategy != "spsolve"
+            and cross_matrix.PRESETS[config.strategy]["method"] != "gmres")
+
+
+def _compact_sizes(config: PrecomputeConfig, B: int) -> tuple[int, ...]:
+    """Image counts of the compacted sweeps (``config.compact``): the powers of two in
+    ``[compact, B)``; none for ``outer="timestep"``, sharded runs or ``compact=None``."""
+    if config.compact is None or config.outer != "sweeps" or config.shard:
+        return ()
+    sizes, p = [], 1
+    while p < B:
+        if p >= config.compact:
+            sizes.append(p)
+        p *= 2
+    return tuple(sizes)
+
+
+def _compact_programs(config: PrecomputeConfig, size: int, C: int, H: int, W: int, dtype):
+    """The programs of a compacted batch of ``size`` images: its seed is image 0."""
+    return _programs(dataclasses.replace(config, seed_image=0), size, C, H, W, dtype)
+
+
+def _compact_batch(active: np.ndarray, sizes: tuple[int, ...], seed: int | None):
+    """The images of the next sweep: ``None`` for the whole batch, else the smallest
+    compacted batch that holds the seed (first, when ``seed`` is not None) and every active
+    image, filled up with distinct inactive images."""
+    act = np.flatnonzero(active)
+    head = act if seed is None else np.concatenate([[seed], act[act != seed]])
+    size = next((s for s in sizes if s >= len(head)), None)
+    if size is None:
+        return None
+    rest = np.setdiff1d(np.arange(len(active)), head)[:size - len(head)]
+    return np.concatenate([head, rest]).astype(np.int32)
+
+
+def _systems(images: np.ndarray, C: int) -> np.ndarray:
+    """System indices (image-major, channel-minor) of the given images."""
+    return (images[:, None] * C + np.arange(C)).reshape(-1).astype(np.int32)
+
+
+@jax.jit
+def _gather(m0, arrays, idx):
+    """Systems ``idx`` of ``m0`` [S, ...] and of each of ``arrays`` [N, S, ...]."""
+    return m0[idx], tuple(a[:, idx] for a in arrays)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _scatter(arrays, idx, values):
+    """``arrays[i][:, idx] = values[i]``, in place (the arrays are donated)."""
+    return tuple(a.at[:, idx].set(v) for a, v in zip(arrays, values))
 
 
 def _padded_count(config: PrecomputeConfig, B: int) -> int:
@@ -453,9 +520,12 @@ def precompile(images_shape, dtype, config: PrecomputeConfig = PrecomputeConfig(
     B, C, H, W = (int(d) for d in images_shape)
     _check_seed(config, B)
     start = time.perf_counter()
-    progs = _programs(config, _padded_count(config, B), C, H, W, dtype)
+    Bp = _padded_count(config, B)
+    progs = [_programs(config, Bp, C, H, W, dtype)]
+    progs += [_compact_programs(config, n, C, H, W, dtype) for n in _compact_sizes(config, Bp)]
     name = "sweep" if config.outer == "sweeps" else "timestep_run"
-    getattr(progs, name).lower(*progs.arg_specs[name]).compile()
+    for p in progs:
+        getattr(p, name).lower(*p.arg_specs[name]).compile()
     return time.perf_counter() - start
 
 
@@ -486,7 +556,9 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
       ``sweeps`` ([B] per image: outer sweeps, or for ``outer="timestep"`` the fixed-point
       iterations summed over the steps), ``outer_converged`` ([B] bool), ``outer_change`` ([B]
       relative change of the returned iterate, "sweeps" only), ``outer_diverged`` ([B] bool,
-      stopped by ``divergence_patience``, "sweeps" only), ``fixed_point_iterations`` ([N-1]
+      stopped by ``divergence_patience``, "sweeps" only), ``batch_images`` ([sweeps run]
+      images in each sweep's batch, smaller than B once ``compact`` drops converged images;
+      "sweeps" only), ``fixed_point_iterations`` ([N-1]
       most iterations of any image per step, "timestep" only), per image ``[B]``:
       ``systems_per_image``, ``matvecs_per_image``, ``nonconverged_per_image``; ``seconds``
       (wall time, compilation included unless :func:`precompile` ran first),
@@ -535,42 +607,76 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
         systems = np.zeros(Bp, np.int64)
         matvecs = np.zeros(Bp, np.int64)
         nonconv = np.zeros(Bp, np.int64)
+        # Working batch: the whole batch (cur None) or, with `compact`, the images still
+        # iterating (cur, image indices); the full arrays are written back when it changes.
+        sizes = _compact_sizes(config, Bp)
+        seed = config.seed_image if _seeded(config) else None
+        cur = None
+        m0_w, lag_w, mold_w, mbest_w = m0s, lag, m_old, m_best
+        batch_images = []
         for k in range(config.max_sweeps):
-            act_s = np.repeat(active, C)
+            nxt = _compact_batch(active, sizes, seed) if k > 0 and sizes else None
+            if not (nxt is None and cur is None) and not (
+                    nxt is not None and cur is not None and np.array_equal(nxt, cur)):
+                if cur is None:  # leaving the whole batch: the full arrays must not alias
+                    lag, m_old, m_best = lag_w, mold_w, mbest_w
+                    if m_best is m_old:
+                        m_best = m_old.copy()
+                else:
+                    lag, m_old, m_best = _scatter((lag, m_old, m_best), _systems(cur, C),
+                                                  (lag_w, mold_w, mbest_w))
+                cur = nxt
+                if cur is None:
+                    m0_w, lag_w, mold_w, mbest_w = m0s, lag, m_old, m_best
+                else:
+                    m0_w, (lag_w, mold_w, mbest_w) = _gather(m0s, (lag, m_old, m_best),
+                                                             _systems(cur, C))
+            imgs = np.arange(Bp) if cur is None else cur
+            n_w = len(imgs)
+            prog_w = progs if cur is None else _compact_programs(config, n_w, C, H, W, dtype)
+            batch_images.append(n_w)
             tol_img = (np.clip(config.forcing * change, config.tol, config.forcing)
                        if config.forcing > 0 else np.full(Bp, config.tol))
-            tol_s = np.repeat(tol_img, C).astype(dtype)
-            m_new, lag, conv, mv, dsq, osq = progs.sweep(m0s, lag, m_old, act_s, tol_s,
-                                                         np.asarray(k == 0))
-            dsq = np.asarray(dsq).reshape(Bp, C).sum(1)
-            osq = np.asarray(osq).reshape(Bp, C).sum(1)
-            ch = np.sqrt(dsq) / np.maximum(np.sqrt(osq), np.finfo(dtype).tiny)
-            change = np.where(active, ch, change)
+            m_new, lag_w, conv, mv, dsq, osq = prog_w.sweep(
+                m0_w, lag_w, mold_w, np.repeat(active[imgs], C),
+                np.repeat(tol_img[imgs], C).astype(dtype), np.asarray(k == 0))
+            dsq = np.asarray(dsq).reshape(n_w, C).sum(1)
+            osq = np.asarray(osq).reshape(n_w, C).sum(1)
+            ch = np.full(Bp, np.inf)
+            ch[imgs] = np.sqrt(dsq) / np.maximum(np.sqrt(osq), np.finfo(dtype).tiny)
+            change = np.where(active, ch, change)  # every active image is in imgs
             systems += active * C * (N - 1)
-            matvecs += _per_image(mv, Bp, C)
-            nonconv += _per_image(~np.asarray(conv), Bp, C)
+            matvecs[imgs] += _per_image(mv, n_w, C)
+            nonconv[imgs] += _per_image(~np.asarray(conv), n_w, C)
             sweeps += active
             # The iterate with the smallest change is the result (the last one for every
             # image that converges); an image that stops improving for `patience` sweeps is
             # declared diverged and stops.
             improved = active & (change < best)
             best = np.where(improved, change, best)
-            if improved.all():
-                m_best = m_new
-            elif improved.any():
-                m_best = jnp.where(jnp.asarray(np.repeat(improved, C))[None, :, None, None],
-                                   m_new, m_best)
+            imp_w = improved[imgs]
+            if imp_w.all():
+                mbest_w = m_new
+            elif imp_w.any():
+                mbest_w = jnp.where(jnp.asarray(np.repeat(imp_w, C))[None, :, None, None],
+                                    m_new, mbest_w)
             stall = np.where(improved, 0, stall + active)
             if config.divergence_patience > 0:
                 diverged |= active & (stall >= config.divergence_patience)
-            m_old = m_new
+            mold_w = m_new
             active = active & ~(change <= config.outer_tol) & ~diverged
             if progress is not None:
                 progress(k + 1, config.max_sweeps, dict(active=int(active[:B].sum()),
                                                         max_change=float(change[:B].max()),
-                                                        systems=int(systems[:B].sum())))
+                                                        systems=int(systems[:B].sum()),
+                                                        batch_images=n_w))
             if not active.any():
                 break
+        if cur is None:
+            lag, m_old, m_best = lag_w, mold_w, mbest_w
+        else:
+            lag, m_old, m_best = _scatter((lag, m_old, m_best), _systems(cur, C),
+                                          (lag_w, mold_w, mbest_w))
         converged = best <= config.outer_tol
         if converged.all():  # the last iterate of every image; its scores are the last lag
             m_all, scores = m_old, lag
@@ -579,7 +685,7 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
                 m_best = jnp.asarray(np.asarray(m_best))
             m_all, scores = m_best, _score(config, m_best)
         stats.update(sweeps=sweeps[:B], outer_converged=converged[:B], outer_change=best[:B],
-                     outer_diverged=diverged[:B])
+                     outer_diverged=diverged[:B], batch_images=np.asarray(batch_images))
     else:
         m_all, scores, conv, mv, nit, unconv = progs.timestep_run(m0s)
         nit = np.asarray(nit)

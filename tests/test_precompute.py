@@ -236,3 +236,79 @@ def test_divergence_patience_and_best_iterate():
     assert np.isfinite(np.asarray(plain.log_density)).all()
     with pytest.raises(ValueError, match="divergence_patience"):
         PrecomputeConfig(divergence_patience=-1)
+
+
+@pytest.mark.parametrize("strategy, seed_image", [("fast", 0), ("cross_matrix_precond", 1)])
+def test_compaction_changes_nothing(images, references, strategy, seed_image):
+    """``compact``: once images converge, the sweeps solve a smaller batch (the seed image
+    first, even when it has converged); results and per-image counts are those of the whole
+    batch."""
+    base = dict(num_steps=5, strategy=strategy, max_sweeps=12, chunk_size=4,
+                seed_image=seed_image)
+    whole = precompute_scores(images, PrecomputeConfig(**base, compact=None))
+    small = precompute_scores(images, PrecomputeConfig(**base, compact=1))
+    sweeps = whole.stats["sweeps"]
+    assert len(set(sweeps.tolist())) > 1  # images stop at different sweeps
+    seeded = strategy != "fast"
+    expected = []
+    for k in range(int(sweeps.max())):
+        act = sweeps > k
+        need = int(act.sum()) + int(seeded and not act[seed_image])
+        expected.append(3 if k == 0 else next((s for s in (1, 2) if s >= need), 3))
+    assert min(expected) < 3
+    np.testing.assert_array_equal(small.stats["batch_images"], expected)
+    np.testing.assert_array_equal(whole.stats["batch_images"], 3)
+    for key in ("sweeps", "systems_per_image", "matvecs_per_image", "nonconverged_per_image",
+                "outer_converged"):
+        np.testing.assert_array_equal(small.stats[key], whole.stats[key], err_msg=key)
+    assert _rel(small.log_density, whole.log_density) < 1e-13
+    assert _rel(small.scores, whole.scores) < 1e-13
+    assert _rel(small.scores, references["sweeps", "consistent"].scores) < 1e-8
+
+
+def test_compaction_keeps_best_iterates():
+    """A wandering image (see the next test) left alone in a compacted batch: its best iterate
+    and change are those of the whole-batch run, with and without a patience."""
+    x = jnp.asarray(data.builtin_dataset(10, 7, seed=0)[[0, 6]], jnp.float64)
+    base = dict(num_steps=4, strategy="preconditioned", chunk_size=4, max_sweeps=14)
+    for patience in (0, 3):
+        whole = precompute_scores(x, PrecomputeConfig(**base, divergence_patience=patience,
+                                                      compact=None))
+        small = precompute_scores(x, PrecomputeConfig(**base, divergence_patience=patience,
+                                                      compact=1))
+        assert small.stats["outer_converged"].tolist() == [True, False]
+        assert small.stats["batch_images"].min() == 1
+        np.testing.assert_array_equal(small.stats["sweeps"], whole.stats["sweeps"])
+        np.testing.assert_allclose(small.stats["outer_change"], whole.stats["outer_change"],
+                                   rtol=1e-12)
+        np.testing.assert_allclose(small.log_density, whole.log_density, rtol=0, atol=1e-13)
+        np.testing.assert_allclose(small.scores, whole.scores, rtol=0, atol=1e-13)
+
+
+def test_compact_batch_layout():
+    from krylovjax.precompute import _compact_batch, _compact_sizes
+
+    assert _compact_sizes(PrecomputeConfig(compact=8), 64) == (8, 16, 32)
+    assert _compact_sizes(PrecomputeConfig(compact=1), 5) == (1, 2, 4)
+    assert _compact_sizes(PrecomputeConfig(compact=8), 8) == ()
+    assert _compact_sizes(PrecomputeConfig(compact=None), 64) == ()
+    assert _compact_sizes(PrecomputeConfig(compact=1, shard=True), 64) == ()
+    assert _compact_sizes(PrecomputeConfig(compact=1, outer="timestep"), 64) == ()
+    active = np.zeros(10, bool)
+    active[[1, 4, 7]] = True
+    sizes = (2, 4, 8)
+    np.testing.assert_array_equal(_compact_batch(active, sizes, None), [1, 4, 7, 0])
+    # The seed first (active or not), then the active images, filled with other images.
+    np.testing.assert_array_equal(_compact_batch(active, sizes, 3), [3, 1, 4, 7])
+    np.testing.assert_array_equal(_compact_batch(active, sizes, 4), [4, 1, 7, 0])
+    assert _compact_batch(active, (2,), 9) is None  # 4 images do not fit in 2
+    active[[0, 2, 3, 5]] = True  # 7 active images and the seed fill 8
+    assert _compact_batch(active, (2, 4), 9) is None
+    np.testing.assert_array_equal(_compact_batch(active, sizes, 9), [9, 0, 1, 2, 3, 4, 5, 7])
+    np.testing.assert_array_equal(_compact_batch(active, sizes, 7), [7, 0, 1, 2, 3, 4, 5, 6])
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "8", True])
+def test_bad_compact(bad):
+    with pytest.raises(ValueError, match="compact"):
+        PrecomputeConfig(compact=bad)
