@@ -46,6 +46,9 @@ flags.DEFINE_integer("divergence_patience", 0,
 flags.DEFINE_integer("restart", 20, "GMRES restart length.")
 flags.DEFINE_integer("basis_size", 8, "Seed basis size of the cross-matrix strategies.")
 flags.DEFINE_string("chunk_size", "auto", "Systems per solver chunk, 'auto' or 'none'.")
+flags.DEFINE_string("compact", "8",
+                    "PrecomputeConfig.compact: smallest batch (images) the sweeps shrink to once "
+                    "images converge, or 'none' (always the whole batch).")
 flags.DEFINE_enum("dtype", "float64", ["float32", "float64"], "Floating-point type.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per Krylov strategy (the fastest is reported).")
 flags.DEFINE_integer("spsolve_repeats", 1, "Timed runs of spsolve (the fastest is reported).")
@@ -122,6 +125,7 @@ def main(argv):
         strategies = ["spsolve"] + strategies
     chunk = (None if FLAGS.chunk_size == "none" else
              "auto" if FLAGS.chunk_size == "auto" else int(FLAGS.chunk_size))
+    compact = None if FLAGS.compact == "none" else int(FLAGS.compact)
     info = machine_info()
     logging.info("machine: %s", info)
     rows = []
@@ -148,7 +152,7 @@ def main(argv):
                     outer_tol=FLAGS.outer_tol, max_sweeps=FLAGS.max_sweeps, strategy=strategy,
                     tol=FLAGS.tol, restart=FLAGS.restart, basis_size=FLAGS.basis_size,
                     chunk_size=chunk, forcing=0.0 if strategy == "spsolve" else FLAGS.forcing,
-                    divergence_patience=FLAGS.divergence_patience)
+                    divergence_patience=FLAGS.divergence_patience, compact=compact)
                 res, compile_s = run_strategy(
                     images, cfg, FLAGS.spsolve_repeats if strategy == "spsolve" else FLAGS.repeats)
                 st = res.stats
@@ -170,7 +174,8 @@ def main(argv):
                     max_rel_diff_all=float(diff.max()),
                     nonconverged=st["nonconverged"],
                     outer_nonconverged=int((~np.asarray(st["outer_converged"])).sum()),
-                    sweeps_mean=float(np.mean(st["sweeps"])), sweeps_max=int(np.max(st["sweeps"])))
+                    sweeps_mean=float(np.mean(st["sweeps"])), sweeps_max=int(np.max(st["sweeps"])),
+                    compact=FLAGS.compact, batch_images=st["batch_images"].tolist())
                 rows.append(row)
                 logging.info("%s", row)
                 print(f"{strategy:>22s} {subset:>9s} {row['seconds']:8.2f} s "
@@ -194,7 +199,7 @@ def main(argv):
           f"jax {info['jax']} on {info['platform']}, {info['date']}; {FLAGS.dtype}, VE sigma "
           f"{FLAGS.sigma:g}, N {FLAGS.num_steps}, outer tol {FLAGS.outer_tol:g}, Krylov tol "
           f"{FLAGS.tol:g}, forcing {FLAGS.forcing:g}, divergence patience "
-          f"{FLAGS.divergence_patience}, chunk {FLAGS.chunk_size}\n")
+          f"{FLAGS.divergence_patience}, chunk {FLAGS.chunk_size}, compact {FLAGS.compact}\n")
     print(table)
 
     # Whole-dataset estimate from the measured throughput per image (CIFAR-10: 50,000 x 32^2).
@@ -211,7 +216,7 @@ def main(argv):
         flag_names = ("sizes", "images", "strategies", "subsets", "num_steps", "sigma",
                       "outer_tol", "max_sweeps", "tol", "forcing", "divergence_patience",
                       "restart", "basis_size",
-                      "chunk_size", "dtype", "repeats", "spsolve_repeats", "seed")
+                      "chunk_size", "compact", "dtype", "repeats", "spsolve_repeats", "seed")
         with open(FLAGS.json_out, "w") as fh:
             json.dump({"machine": info, "flags": {k: FLAGS[k].value for k in flag_names},
                        "rows": rows}, fh, indent=1)

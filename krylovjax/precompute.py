@@ -521,11 +521,19 @@ def precompile(images_shape, dtype, config: PrecomputeConfig = PrecomputeConfig(
     _check_seed(config, B)
     start = time.perf_counter()
     Bp = _padded_count(config, B)
+    sizes = _compact_sizes(config, Bp)
     progs = [_programs(config, Bp, C, H, W, dtype)]
-    progs += [_compact_programs(config, n, C, H, W, dtype) for n in _compact_sizes(config, Bp)]
+    progs += [_compact_programs(config, n, C, H, W, dtype) for n in sizes]
     name = "sweep" if config.outer == "sweeps" else "timestep_run"
     for p in progs:
         getattr(p, name).lower(*p.arg_specs[name]).compile()
+    if sizes:  # the gathers and scatters between whole and compacted batches
+        m0, lag, m = progs[0].arg_specs["sweep"][:3]
+        for n in sizes:
+            idx = jax.ShapeDtypeStruct((n * C,), jnp.int32)
+            _, (lag_c, m_c, _) = jax.eval_shape(_gather, m0, (lag, m, m), idx)
+            _gather.lower(m0, (lag, m, m), idx).compile()
+            _scatter.lower((lag, m, m), idx, (lag_c, m_c, m_c)).compile()
     return time.perf_counter() - start
 
 
