@@ -1183,8 +1183,9 @@ def _atomic_write(path: str, text: str) -> None:
 
 
 def _manager(ckpt_dir: str, *, read_only: bool, max_to_keep: int = 3) -> ocp.CheckpointManager:
+    # cleanup_tmp_directories: a writer removes the half-written step of a killed save on opening.
     opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
-                                        enable_async_checkpointing=False)
+                                        enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
     return ocp.CheckpointManager(ckpt_dir, options=opts, item_names=("state", "config", "meta"))
 
 

@@ -419,18 +419,26 @@ def _complete_steps(ckpt_dir) -> list[int]:
                   if n.isdigit() and os.path.exists(os.path.join(ckpt_dir, n, "meta")))
 
 
-@pytest.mark.slow  # flaky under heavy machine load (failed once in a shared-CPU full run); see BUILD_NOTES
 def test_binary_killed_with_sigkill_resumes_identically(tmp_path, images):
+    """SIGKILL at an arbitrary moment after the step-4 checkpoint, resume, compare bit for bit.
+
+    The binary spends most of its time writing checkpoints (every 2 steps of ~30 ms each, ~250 ms
+    per save), so the kill nearly always lands inside a save: a ``<step>.orbax-checkpoint-tmp``
+    directory is left behind (or an old step half-deleted by orbax's garbage collection). Both
+    are harmless: resuming reads the last complete step and the writer removes the leftovers.
+    The only wall-clock assumption is the ceiling on the binary's start-up (JAX import and
+    compilation, seconds when idle, minutes on a starved CPU), deliberately generous.
+    """
     wd = tmp_path / "killed"
     cmd = _BINARY + [f"--workdir={wd}", "--config.method=ddpm", "--config.num_steps=100000",
                      "--config.checkpoint_every=2"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 900  # a ceiling for a starved machine, not an expected time
         while not [s for s in _complete_steps(wd / "checkpoints") if s >= 4]:
             if proc.poll() is not None:
                 raise AssertionError(f"binary exited early ({proc.returncode}):\n{proc.stderr.read().decode()[-3000:]}")
-            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            assert time.monotonic() < deadline, "no checkpoint within 900 s"
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
     finally:
@@ -447,6 +455,9 @@ def test_binary_killed_with_sigkill_resumes_identically(tmp_path, images):
     # identical params, EMA params, optimiser state, step and RNG key, bit for bit
     assert _leaves_equal(resumed.state, reference.state)
     assert int(resumed.state.step) == final
+    leftovers = [n for n in os.listdir(wd / "checkpoints") if "tmp" in n]
+    assert not leftovers, leftovers  # a killed save's temporary directory was removed on resume
+    assert final in _complete_steps(wd / "checkpoints")
 
 
 def test_binary_ours_with_builtin_precompute(tmp_path):
