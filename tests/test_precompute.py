@@ -88,6 +88,25 @@ def test_sweep_budget_reported(images):
     assert np.all(res.stats["sweeps"] == 2)
 
 
+def test_stalled_solver_never_counts_as_converged(images, references):
+    """A sweep whose solves did not converge proves nothing: a failed solve returns about its
+    warm start, so the outer change can look tiny. With a solver budget too small to reach
+    tol, no image may be reported converged; with enough budget, the same images converge
+    and match spsolve."""
+    ref = references["sweeps", "consistent"]
+    assert np.all(ref.stats["outer_converged"])
+    starved = PrecomputeConfig(num_steps=5, strategy="gmres", tol=1e-13, restart=2,
+                               max_restarts=1, max_sweeps=12, compact=None)
+    res = precompute_scores(images, starved)
+    assert res.stats["nonconverged"] > 0
+    assert np.all(res.stats["nonconverged_per_image"] > 0)
+    assert not np.any(res.stats["outer_converged"])
+    fine = precompute_scores(images, PrecomputeConfig(num_steps=5, strategy="gmres",
+                                                      max_sweeps=12))
+    assert np.all(fine.stats["outer_converged"]) and fine.stats["nonconverged"] == 0
+    assert _rel(fine.scores, ref.scores) < 1e-6
+
+
 def test_float32(images):
     cfg = PrecomputeConfig(num_steps=4, strategy="cross_matrix_precond", tol=1e-5,
                            outer_tol=1e-4, max_sweeps=10)
@@ -279,8 +298,9 @@ def test_compaction_keeps_best_iterates():
         assert small.stats["outer_converged"].tolist() == [True, False]
         assert small.stats["batch_images"].min() == 1
         np.testing.assert_array_equal(small.stats["sweeps"], whole.stats["sweeps"])
+        # The change is a quotient of a difference (~7e-7 here): its rounding is ~eps / 7e-7.
         np.testing.assert_allclose(small.stats["outer_change"], whole.stats["outer_change"],
-                                   rtol=1e-12)
+                                   rtol=1e-9)
         np.testing.assert_allclose(small.log_density, whole.log_density, rtol=0, atol=1e-13)
         np.testing.assert_allclose(small.scores, whole.scores, rtol=0, atol=1e-13)
 
