@@ -574,10 +574,12 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
       ``initial_seconds`` (the initial log-density), ``devices`` (1, or the number of devices
       of a sharded run).
 
-      With "sweeps", the returned ``log_density`` / ``scores`` of an image are its iterate with
-      the smallest relative change: the last one when it converged; for an image that did not
-      converge (``outer_converged`` False) the least bad one, which stays bounded where later
-      iterates of a wandering outer iteration can grow without bound.
+      With "sweeps", an image converges only at a sweep whose linear solves all converged and
+      whose values are finite (a "trusted" sweep). The returned ``log_density`` / ``scores`` of
+      an image are its best iterate: trusted sweeps before untrusted ones, then the smallest
+      relative change: the last one when it converged; for an image that did not converge
+      (``outer_converged`` False) the least bad one, which stays bounded where later iterates
+      of a wandering outer iteration can grow without bound.
     """
     images = validate_images(images)
     B, C, H, W = images.shape
@@ -610,6 +612,7 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
         sweeps = np.zeros(Bp, np.int32)
         change = np.full(Bp, np.inf)
         best = np.full(Bp, np.inf)
+        best_trusted = np.zeros(Bp, bool)
         stall = np.zeros(Bp, np.int32)
         diverged = np.zeros(Bp, bool)
         systems = np.zeros(Bp, np.int64)
@@ -655,13 +658,21 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
             change = np.where(active, ch, change)  # every active image is in imgs
             systems += active * C * (N - 1)
             matvecs[imgs] += _per_image(mv, n_w, C)
-            nonconv[imgs] += _per_image(~np.asarray(conv), n_w, C)
+            nc_img = np.zeros(Bp, np.int64)
+            nc_img[imgs] = _per_image(~np.asarray(conv), n_w, C)
+            nonconv += nc_img
             sweeps += active
-            # The iterate with the smallest change is the result (the last one for every
-            # image that converges); an image that stops improving for `patience` sweeps is
-            # declared diverged and stops.
-            improved = active & (change < best)
+            # A sweep is trusted for an image when every one of its solves converged and its
+            # values are finite; only a trusted sweep can converge the image (a failed solve
+            # returns about its warm start, so its change can look tiny). The result is the
+            # best iterate: trusted before untrusted, then the smallest change (the last one
+            # for every image that converges); an image that stops improving for `patience`
+            # sweeps is declared diverged and stops.
+            trusted = (nc_img == 0) & np.isfinite(ch)
+            improved = active & ((trusted & ~best_trusted)
+                                 | ((trusted == best_trusted) & (change < best)))
             best = np.where(improved, change, best)
+            best_trusted = np.where(improved, trusted, best_trusted)
             imp_w = improved[imgs]
             if imp_w.all():
                 mbest_w = m_new
@@ -672,7 +683,7 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
             if config.divergence_patience > 0:
                 diverged |= active & (stall >= config.divergence_patience)
             mold_w = m_new
-            active = active & ~(change <= config.outer_tol) & ~diverged
+            active = active & ~(trusted & (change <= config.outer_tol)) & ~diverged
             if progress is not None:
                 progress(k + 1, config.max_sweeps, dict(active=int(active[:B].sum()),
                                                         max_change=float(change[:B].max()),
@@ -685,7 +696,7 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
         else:
             lag, m_old, m_best = _scatter((lag, m_old, m_best), _systems(cur, C),
                                           (lag_w, mold_w, mbest_w))
-        converged = best <= config.outer_tol
+        converged = best_trusted & (best <= config.outer_tol)
         if converged.all():  # the last iterate of every image; its scores are the last lag
             m_all, scores = m_old, lag
         else:
