@@ -116,19 +116,18 @@ def seed_basis(seed_matvec: Callable, seed_b: Array, k: int, *, seed_x0: Array |
 
 
 def _masked_lstsq(W: Array, r: Array) -> Array:
-    """``argmin_y ||r_t - W_t^T y||`` per target, via a batched QR; ``W`` ``[T, k, N]``.
+    """``argmin_y ||r_t - W_t^T y||`` per target, via a batched thin QR; ``W`` ``[T, k, N]``.
 
-    Directions that are numerically zero (an Arnoldi breakdown) get coefficient 0.
+    Directions that are numerically zero (an Arnoldi breakdown; ``|R_jj| <= N eps max|W_i|``)
+    get coefficient 0. The QR is :func:`krylov.orthonormalise_rows` (CGS2 in XLA ops, no
+    LAPACK call: jaxlib's batched LAPACK kernels can deadlock XLA's CPU thread pool); with
+    ``W = R^T Q`` and ``E = R^{-T}`` from the same pass, ``y = E^T Q r``.
     """
-    q, R = jnp.linalg.qr(jnp.swapaxes(W, -1, -2))  # [T, N, k], [T, k, k]
-    rhs = jnp.einsum("tnk,tn->tk", q, r, precision=_HI)
-    d = jnp.abs(jnp.diagonal(R, axis1=-2, axis2=-1))
-    scale = jnp.max(d, axis=-1, keepdims=True)
-    ok = d > scale * jnp.finfo(W.dtype).eps * W.shape[-1]
-    # A dropped direction j gets column e_j and right-hand side 0, hence y_j = 0.
-    R = jnp.where(ok[..., None, :], R, jnp.eye(R.shape[-1], dtype=R.dtype))
-    rhs = jnp.where(ok, rhs, 0.0)
-    return jax.scipy.linalg.solve_triangular(R, rhs[..., None], lower=False)[..., 0]
+    T, k = W.shape[:2]
+    eye = jnp.broadcast_to(jnp.eye(k, dtype=W.dtype), (T, k, k))
+    Q, E, _ = krylov.orthonormalise_rows(W, eye, drop_tol=jnp.finfo(W.dtype).eps * W.shape[-1])
+    c = jnp.einsum("tkn,tn->tk", Q, r, precision=_HI)
+    return jnp.einsum("tkj,tk->tj", E, c, precision=_HI)
 
 
 def apply_columns(matvec: Callable, Z: Array, batch: int, shape) -> Array:

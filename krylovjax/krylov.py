@@ -345,14 +345,57 @@ def arnoldi(matvec: MatVec, v: Array, k: int, *,
 # Recycled spaces.
 
 
+def orthonormalise_rows(W: Array, Y: Array, *, drop_tol: float) -> tuple[Array, Array, Array]:
+    """Thin QR of the rows of ``W`` by classical Gram-Schmidt twice, in plain XLA ops.
+
+    ``W [B, k, N]`` = ``R^T Q`` per system with ``Q [B, k, N]`` orthonormal rows and ``R``
+    upper triangular; the same row operations are applied to ``Y [B, k, M]``, which returns
+    ``R^{-T} Y`` without a triangular solve (``Y`` = identity gives ``R^{-T}`` itself; if
+    ``W = A Y`` row by row, then ``Q = A (R^{-T} Y)``: the GCRO pair of
+    :func:`make_recycle_space`). Row ``j`` is dropped (zero in both outputs, ``good[j]``
+    False) when its part orthogonal to the previous rows has a norm ``|R_jj| <= drop_tol *
+    max_i ||W_i||``: the Householder criterion on ``diag(R)``, as ``|R_jj|`` is that norm.
+
+    Why not ``jnp.linalg.qr`` / ``solve_triangular``: jaxlib 0.10.2's CPU LAPACK kernels split
+    a large batch over XLA's intra-op thread pool and *block* a pool thread until the pieces
+    finish. Two such calls running at once (the ``geqrf`` -> ``orgqr`` and the ``trsm`` of
+    this pair are independent, so XLA runs them concurrently) occupy both threads of a 2-core
+    machine's pool and deadlock at 0 % CPU; it happened from ``N = 128 * 128``
+    (docs/bench_solvers_cpu.md, BUILD_NOTES.md). ``k`` is small: the loop over rows is
+    unrolled, each step is two batched projections.
+
+    Returns:
+      ``(Q [B, k, N], R^{-T} Y [B, k, M], good [B, k] bool)``, dtype of ``W``.
+    """
+    k = W.shape[1]
+    scale = jnp.max(jnp.sqrt(jnp.einsum("bkn,bkn->bk", W, W, precision=_HI)), axis=1)
+    qs, ys, goods = [], [], []
+    for j in range(k):
+        w, y = W[:, j], Y[:, j]
+        if j:
+            Qj, Yj = jnp.stack(qs, axis=1), jnp.stack(ys, axis=1)
+            for _ in range(2):  # classical Gram-Schmidt, twice
+                h = _project(Qj, w)
+                w, y = w - _combine(Qj, h), y - _combine(Yj, h)
+        nrm = _norm(w)
+        good = nrm > drop_tol * scale
+        safe = jnp.where(good, nrm, 1.0)[:, None]
+        qs.append(jnp.where(good[:, None], w / safe, 0.0))
+        ys.append(jnp.where(good[:, None], y / safe, 0.0))
+        goods.append(good)
+    return jnp.stack(qs, axis=1), jnp.stack(ys, axis=1), jnp.stack(goods, axis=1)
+
+
 def make_recycle_space(matvec: MatVec, U: Array) -> RecycleSpace:
     """Build a recycled space ``(U', C)`` with ``C = A U'`` and orthonormal rows of ``C``.
 
-    Computes ``A U`` (k matvecs per system), a batched thin QR ``(A U)^T = Q R`` and returns
-    ``U' = R^{-T} U`` (rows), ``C = Q^T``, so that ``A U'^T = C^T`` holds per system (the GCRO
-    contract of :func:`gmres`'s ``recycle``). Directions of ``U`` that are (numerically)
-    linearly dependent after ``A`` (``|R_ii| <= k eps max|R|``) are dropped: their rows of
-    ``U'`` and ``C`` are zero, which keeps the contract.
+    Computes ``A U`` (k matvecs per system), a batched thin QR ``(A U)^T = Q R`` (CGS2 in
+    plain XLA ops, :func:`orthonormalise_rows`: no LAPACK call, which deadlocked XLA's CPU
+    thread pool at 128x128) and returns ``U' = R^{-T} U`` (rows), ``C = Q^T``, so that
+    ``A U'^T = C^T`` holds per system (the GCRO contract of :func:`gmres`'s ``recycle``).
+    Directions of ``U`` that are (numerically) linearly dependent after ``A``
+    (``|R_ii| <= max(k, 32) eps max_i ||(A U)_i||``) are dropped: their rows of ``U'`` and
+    ``C`` are zero, which keeps the contract.
 
     Args:
       matvec: callable ``[B, *shape] -> [B, *shape]``.
@@ -373,17 +416,10 @@ def make_recycle_space(matvec: MatVec, U: Array) -> RecycleSpace:
 
     AU = lax.map(lambda u: matvec(u), jnp.moveaxis(U, 1, 0))  # k matvecs on the whole batch
     AU = jnp.moveaxis(AU, 0, 1).reshape(B, k, n)
-    Q, R = jnp.linalg.qr(jnp.swapaxes(AU, 1, 2), mode="reduced")  # [B, N, k], [B, k, k]
-    diag = jnp.abs(jnp.diagonal(R, axis1=1, axis2=2))  # [B, k]
-    good = diag > (k * eps) * jnp.max(diag, axis=1, keepdims=True)
-    eye = jnp.eye(k, dtype=R.dtype)
-    R_safe = jnp.where(good[:, None, :] | ~eye.astype(bool), R, eye)  # patch bad diagonals
-    Uf = U.reshape(B, k, n)
-    # U' rows = R^{-T} U rows  (forward substitution with R^T, lower triangular)
-    Up = jax.scipy.linalg.solve_triangular(jnp.swapaxes(R_safe, 1, 2), Uf, lower=True)
-    Up = jnp.where(good[:, :, None], Up, 0.0)
-    Cq = jnp.where(good[:, :, None], jnp.swapaxes(Q, 1, 2), 0.0)
-    return RecycleSpace(U=Up, C=Cq, num_matvecs=jnp.full((B,), k, jnp.int32))
+    # No LAPACK here (see orthonormalise_rows): C = R^{-T} (A U), U' = R^{-T} U in one pass.
+    C, Up, _ = orthonormalise_rows(AU, U.reshape(B, k, n),
+                                   drop_tol=max(k, _BREAKDOWN_EPS) * eps)
+    return RecycleSpace(U=Up, C=C, num_matvecs=jnp.full((B,), k, jnp.int32))
 
 
 def _check_recycle(recycle, B: int, n: int, dtype):

@@ -1,4 +1,10 @@
 """Cross-matrix projection and solve_fp on real FP systems from built-in photographs."""
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -210,3 +216,70 @@ def test_auto_chunk_size():
     assert auto_chunk_size(fast, (32, 32), jnp.float32, "cpu") >= sizes[32][0]
     with pytest.raises(ValueError, match="chunk_size"):
         SolverConfig(chunk_size="big")
+
+
+# ----------------------------------------------------------------------------------------------
+# Regression: the recycled solve deadlocked XLA's CPU thread pool at 128x128 (jaxlib 0.10.2's
+# batched LAPACK kernels block pool threads; two large ones at once filled a 2-thread pool).
+
+
+def _lapack_calls(config, grid=16, systems=4):
+    """(target, [per-matrix element counts]) of every LAPACK custom call in solve_fp's program."""
+    lag = jnp.full((systems, 2, grid, grid), 0.1)
+    op = fp_operator(2.0, 0.05, 1.0, lag)
+    b = jnp.ones((systems, grid, grid))
+    text = jax.jit(lambda o, bb: solve_fp(o, bb, config)).lower(op, b).as_text()
+    calls = []
+    for target, sig in re.findall(r"custom_call @(lapack_\w+)\(.*?:\s*\(([^)]*)\)", text):
+        dims = [[int(d) for d in t.split("x")[:-1]] for t in re.findall(r"tensor<([^>]*)>", sig)]
+        calls.append((target, [int(np.prod(d[1:])) for d in dims]))
+    return calls
+
+
+@pytest.mark.parametrize("name", ["recycled", "recycled_precond", "cross_matrix",
+                                  "cross_matrix_precond"])
+def test_seed_basis_methods_call_no_field_sized_lapack(name):
+    """The directly testable condition behind the 128x128 hang: no LAPACK call on N-sized
+    operands (QR of A U, R^{-T} U, the projection's QR); only GMRES's small Hessenberg solve
+    ([restart, restart] x [restart, 1] per system) may remain."""
+    restart = 6
+    cfg = SolverConfig(**PRESETS[name], restart=restart, basis_size=4, chunk_size=2)
+    calls = _lapack_calls(cfg)
+    assert calls, "expected at least GMRES's triangular solve (is the parser still right?)"
+    for target, sizes in calls:
+        assert target.endswith("trsm_ffi") and max(sizes) <= restart * restart, (target, sizes)
+
+
+_HANG_CHILD = textwrap.dedent("""
+    import os, sys
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, cpus[:2])  # XLA's intra-op pool: 2 threads, as on the 2-core box
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    from krylovjax.cross_matrix import SolverConfig, solve_fp
+    from krylovjax.fokker_planck import fp_operator
+    n = 128  # from 128x128 jaxlib's LAPACK kernels split batches over the pool
+    y, x = jnp.meshgrid(jnp.linspace(-1, 1, n), jnp.linspace(-1, 1, n), indexing="ij")
+    m0 = jnp.stack([-(x - a) ** 2 / 0.3 - (y + a) ** 2 / 0.2 for a in (0.0, 0.1, 0.2, 0.3)])
+    lag = jnp.stack([jnp.gradient(m0, axis=2) * n, jnp.gradient(m0, axis=1) * n], axis=1)
+    op = fp_operator(4.0, 0.05, 1.0, lag)
+    cfg = SolverConfig(method="recycled", precondition=None, basis_size=8, restart=20,
+                       chunk_size=2)
+    res = jax.jit(lambda o, b: solve_fp(o, b, cfg))(op, op.rhs(m0))
+    print("converged", bool(jnp.all(res.converged)), float(jnp.max(res.residual)), flush=True)
+""")
+
+
+def test_recycled_128_does_not_deadlock_in_a_subprocess():
+    """Before the fix this child sat at 0 % CPU forever (every run on the 2-core machine)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run([sys.executable, "-c", _HANG_CHILD], cwd=root, env=env,
+                             capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("recycled solve at 128x128 hung (XLA CPU thread-pool deadlock is back)")
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = out.stdout.strip().splitlines()[-1].split()
+    assert line[:2] == ["converged", "True"] and float(line[2]) <= 1e-8, out.stdout

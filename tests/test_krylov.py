@@ -387,6 +387,34 @@ def test_jacobi_preconditioner_matches_spsolve():
 # Recycling (GCRO augmentation).
 
 
+@pytest.mark.parametrize("dtype, atol", [(np.float64, 1e-12), (np.float32, 2e-5)])
+def test_orthonormalise_rows_matches_numpy_qr(dtype, atol):
+    """CGS2 thin QR (no LAPACK: jaxlib's batched LAPACK kernels deadlocked XLA's CPU pool)
+    against numpy's Householder QR, the R^{-T} Y companion and a dropped dependent row."""
+    rng = np.random.default_rng(40)
+    B, k, N = 2, 5, 40
+    Y = rng.standard_normal((B, k, N))
+    Y[1, 3] = Y[1, 0] + 2.0 * Y[1, 2]  # dependent row in system 1
+    M = rng.standard_normal((N, N)) + 4.0 * np.eye(N)
+    W = Y @ M.T  # W_i = M y_i row by row, as (A U) in make_recycle_space
+    eps = float(np.finfo(dtype).eps)
+    Q, Yp, good = (np.asarray(a, np.float64) for a in krylov.orthonormalise_rows(
+        jnp.asarray(W, dtype), jnp.asarray(Y, dtype), drop_tol=32 * eps))
+    np.testing.assert_array_equal(good, [[True] * 5, [True, True, True, False, True]])
+    # system 0 against numpy: W^T = Qn Rn; Gram-Schmidt's R has a positive diagonal
+    Qn, Rn = np.linalg.qr(W[0].T)
+    S = np.sign(np.diag(Rn))
+    np.testing.assert_allclose(Q[0], (Qn * S).T, atol=atol * 10)
+    np.testing.assert_allclose(Yp[0], np.linalg.solve((S[:, None] * Rn).T, Y[0]),
+                               rtol=atol * 100, atol=atol * 100)
+    for i in range(B):
+        np.testing.assert_allclose(Q[i] @ Q[i].T, np.diag(good[i].astype(float)), atol=atol)
+        np.testing.assert_allclose(Yp[i] @ M.T, Q[i], atol=atol * 100)  # contract Q = M Y'
+        np.testing.assert_allclose((W[i] @ Q[i].T) @ Q[i], W[i], atol=atol * 100 * np.abs(
+            W).max())  # every row of W lies in the span of Q
+    assert np.all(Q[1, 3] == 0) and np.all(Yp[1, 3] == 0)
+
+
 def test_make_recycle_space_contract():
     B, k, H, W = 2, 4, 6, 5
     coef = stencil_coeffs(24, B, H, W)
