@@ -41,8 +41,10 @@ flags.DEFINE_float("outer_tol", 1e-6, "Relative change at which an image's sweep
 flags.DEFINE_integer("max_sweeps", 30, "Sweep budget.")
 flags.DEFINE_float("tol", 1e-10, "Relative residual of the Krylov solves.")
 flags.DEFINE_float("forcing", 0.0, "Inexact sweeps (PrecomputeConfig.forcing), 0 = off.")
-flags.DEFINE_integer("divergence_patience", 0,
-                     "Stop wandering images (PrecomputeConfig.divergence_patience), 0 = off.")
+flags.DEFINE_integer("divergence_patience", 5,
+                     "Stop wandering images (PrecomputeConfig.divergence_patience) in both "
+                     "pipelines, as the experiment configs do; 0 = Paper B's literal Algorithm 1 "
+                     "(every image that never settles runs to --max_sweeps).")
 flags.DEFINE_integer("restart", 20, "GMRES restart length.")
 flags.DEFINE_integer("basis_size", 8, "Seed basis size of the cross-matrix strategies.")
 flags.DEFINE_string("chunk_size", "auto", "Systems per solver chunk, 'auto' or 'none'.")
