@@ -443,6 +443,73 @@ def _check_recycle(recycle, B: int, n: int, dtype):
     return U, C
 
 
+def _flat_preconditioner(precondition: MatVec | None, shape) -> MatVec:
+    """``M^{-1}`` on flat ``[B, n]`` vectors (the identity when there is no preconditioner)."""
+    def M_flat(v):
+        if precondition is None:
+            return v
+        return _materialise(precondition(_materialise(v).reshape(shape)).reshape(v.shape))
+    return M_flat
+
+
+class _Start(NamedTuple):
+    """The state every batched solver starts from: flat right-hand sides, thresholds, the
+    initial iterate and residual, per-system masks, statuses and matvec counts."""
+    bf: Array
+    b_norm: Array
+    b_zero: Array
+    thresh: Array
+    stag_factor: Array
+    x: Array
+    r: Array
+    r_norm: Array
+    active: Array
+    status: Array
+    n_mv: Array
+
+
+def _start(A_flat: MatVec, b: Array, x0: Array | None, tol, atol, stagnation_tol) -> _Start:
+    """Initial iterate ``x0`` (zero where ``b = 0``) and residual; a zero initial guess needs
+    no matvec (``r0 = b`` exactly). Systems already converged or with a non-finite residual
+    are inactive from the start (``CONVERGED`` / ``BREAKDOWN``), the others ``MAX_ITERATIONS``
+    until they stop."""
+    dtype = b.dtype
+    B = b.shape[0]
+    bf = b.reshape(B, -1)
+    b_norm = _norm(bf)
+    b_zero = b_norm == 0
+    thresh = jnp.maximum(jnp.asarray(tol, dtype) * b_norm, jnp.asarray(atol, dtype))
+    stag_factor = 1.0 - jnp.asarray(stagnation_tol, dtype)
+    x = jnp.zeros_like(bf) if x0 is None else jnp.where(b_zero[:, None], 0.0,
+                                                        x0.reshape(bf.shape))
+    r = bf if x0 is None else jnp.where(b_zero[:, None], 0.0, bf - A_flat(x))
+    r_norm = _norm(r)
+    converged = r_norm <= thresh
+    ok0 = jnp.isfinite(r_norm)
+    status = jnp.where(converged, Status.CONVERGED,
+                       jnp.where(ok0, Status.MAX_ITERATIONS, Status.BREAKDOWN)).astype(jnp.int32)
+    n_mv = jnp.where(b_zero | (x0 is None), 0, 1).astype(jnp.int32)
+    return _Start(bf, b_norm, b_zero, thresh, stag_factor, x, r, r_norm, ~converged & ok0,
+                  status, n_mv)
+
+
+def _stop(status: Array, active: Array, conv: Array, brk: Array, stag: Array) -> Array:
+    """The statuses after a cycle: active systems that converged, broke down or stagnated get
+    that status; the others keep theirs."""
+    return jnp.where(active & conv, Status.CONVERGED,
+                     jnp.where(active & brk, Status.BREAKDOWN,
+                               jnp.where(active & stag, Status.STAGNATION,
+                                         status))).astype(jnp.int32)
+
+
+def _result(b: Array, st: _Start, x: Array, r_norm: Array, status: Array, n_mv: Array,
+            n_cyc: Array) -> KrylovResult:
+    residual = r_norm / jnp.where(st.b_zero, 1.0, st.b_norm)
+    return KrylovResult(x=x.reshape(b.shape), converged=status == Status.CONVERGED,
+                        num_matvecs=n_mv, residual=residual, num_restarts=n_cyc,
+                        status=status)
+
+
 def _check_solver_args(matvec, b, x0, tol, atol, restart, max_restarts, precondition,
                        stagnation_tol) -> None:
     """Checks shared by :func:`gmres` and :func:`bicgstab` (shapes, dtypes, ranges)."""
@@ -534,28 +601,10 @@ def gmres(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 1e-
 
     A_flat = _flat_operator(matvec, None, b.shape)          # x-space operator
     op = _flat_operator(matvec, precondition, b.shape)      # A M^{-1}
-
-    def M_flat(v):
-        if precondition is None:
-            return v
-        return _materialise(precondition(_materialise(v).reshape(b.shape)).reshape(v.shape))
-
-    bf = b.reshape(B, n)
-    b_norm = _norm(bf)
-    b_zero = b_norm == 0
-    thresh = jnp.maximum(jnp.asarray(tol, dtype) * b_norm, jnp.asarray(atol, dtype))
-    stag_factor = 1.0 - jnp.asarray(stagnation_tol, dtype)
-    x = jnp.zeros_like(bf) if x0 is None else jnp.where(b_zero[:, None], 0.0,
-                                                        x0.reshape(B, n))
-    # A zero initial guess needs no matvec: r0 = b exactly.
-    r = bf if x0 is None else jnp.where(b_zero[:, None], 0.0, bf - A_flat(x))
-    r_norm = _norm(r)
-    converged = r_norm <= thresh
-    ok0 = jnp.isfinite(r_norm)
-    active = ~converged & ok0
-    status = jnp.where(converged, Status.CONVERGED,
-                       jnp.where(ok0, Status.MAX_ITERATIONS, Status.BREAKDOWN)).astype(jnp.int32)
-    n_mv = jnp.where(b_zero | (x0 is None), 0, 1).astype(jnp.int32)
+    M_flat = _flat_preconditioner(precondition, b.shape)
+    st = _start(A_flat, b, x0, tol, atol, stagnation_tol)
+    thresh, stag_factor = st.thresh, st.stag_factor
+    x, r, r_norm, active, status, n_mv = st.x, st.r, st.r_norm, st.active, st.status, st.n_mv
     n_cyc = jnp.zeros((B,), jnp.int32)
     eye_m = jnp.eye(m, dtype=dtype)
     idx_m = jnp.arange(m)
@@ -636,7 +685,7 @@ def gmres(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 1e-
         if U is not None:
             dx = dx - _combine(U, jnp.einsum("bmk,bm->bk", Bt, y, precision=_HI))
         x_new = x + dx
-        r_new = bf - A_flat(x_new)
+        r_new = st.bf - A_flat(x_new)
         rn_new = _norm(r_new)
         n_mv = n_mv + active.astype(jnp.int32)
         finite = jnp.isfinite(rn_new)
@@ -649,10 +698,7 @@ def gmres(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 1e-
         x = jnp.where(accept[:, None], x_new, x)
         r = jnp.where(accept[:, None], r_new, r)
         r_norm = jnp.where(accept, rn_new, r_norm)
-        status = jnp.where(active & conv, Status.CONVERGED,
-                           jnp.where(active & brk, Status.BREAKDOWN,
-                                     jnp.where(active & stag, Status.STAGNATION,
-                                               status))).astype(jnp.int32)
+        status = _stop(status, active, conv, brk, stag)
         n_cyc = n_cyc + active.astype(jnp.int32)
         active = active & ~conv & ~brk & ~stag
         # next cycle's recycled projection (not after the last one: x must keep the residual
@@ -668,11 +714,7 @@ def gmres(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 1e-
     V = jnp.zeros((B, m + 1, n), dtype)
     state = (jnp.asarray(0, jnp.int32), x, r, r_norm, active, status, n_mv, n_cyc, V)
     _, x, r, r_norm, active, status, n_mv, n_cyc, _ = lax.while_loop(cycle_cond, cycle, state)
-
-    residual = r_norm / jnp.where(b_zero, 1.0, b_norm)
-    return KrylovResult(x=x.reshape(b.shape), converged=status == Status.CONVERGED,
-                        num_matvecs=n_mv, residual=residual, num_restarts=n_cyc,
-                        status=status)
+    return _result(b, st, x, r_norm, status, n_mv, n_cyc)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -738,30 +780,12 @@ def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 
                        stagnation_tol)
     dtype = b.dtype
     B = b.shape[0]
-    n = math.prod(b.shape[1:])
     m = int(restart)
     A_flat = _flat_operator(matvec, None, b.shape)
-
-    def M_flat(v):
-        if precondition is None:
-            return v
-        return _materialise(precondition(_materialise(v).reshape(b.shape)).reshape(v.shape))
-
-    bf = b.reshape(B, n)
-    b_norm = _norm(bf)
-    b_zero = b_norm == 0
-    thresh = jnp.maximum(jnp.asarray(tol, dtype) * b_norm, jnp.asarray(atol, dtype))
-    stag_factor = 1.0 - jnp.asarray(stagnation_tol, dtype)
-    x = jnp.zeros_like(bf) if x0 is None else jnp.where(b_zero[:, None], 0.0,
-                                                        x0.reshape(B, n))
-    r = bf if x0 is None else jnp.where(b_zero[:, None], 0.0, bf - A_flat(x))
-    r_norm = _norm(r)
-    converged = r_norm <= thresh
-    ok0 = jnp.isfinite(r_norm)
-    active = ~converged & ok0
-    status = jnp.where(converged, Status.CONVERGED,
-                       jnp.where(ok0, Status.MAX_ITERATIONS, Status.BREAKDOWN)).astype(jnp.int32)
-    n_mv = jnp.where(b_zero | (x0 is None), 0, 1).astype(jnp.int32)
+    M_flat = _flat_preconditioner(precondition, b.shape)
+    st = _start(A_flat, b, x0, tol, atol, stagnation_tol)
+    thresh, stag_factor = st.thresh, st.stag_factor
+    x, r, r_norm, active, status, n_mv = st.x, st.r, st.r_norm, st.active, st.status, st.n_mv
     n_cyc = jnp.zeros((B,), jnp.int32)
     one = jnp.ones((B,), dtype)
 
@@ -813,7 +837,7 @@ def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 
         s0 = (jnp.asarray(0, jnp.int32), x, r, r, zeros, zeros, one, one, one, active, n_mv)
         s = lax.while_loop(inner_cond, inner_body, s0)
         x_new, n_mv = s[1], s[-1]
-        r_new = bf - A_flat(x_new)
+        r_new = st.bf - A_flat(x_new)
         rn_new = _norm(r_new)
         n_mv = n_mv + active.astype(jnp.int32)
         finite = jnp.isfinite(rn_new)
@@ -824,10 +848,7 @@ def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 
         x = jnp.where(accept[:, None], x_new, x)
         r = jnp.where(accept[:, None], r_new, r)
         r_norm = jnp.where(accept, rn_new, r_norm)
-        status = jnp.where(active & conv, Status.CONVERGED,
-                           jnp.where(active & brk, Status.BREAKDOWN,
-                                     jnp.where(active & stag, Status.STAGNATION,
-                                               status))).astype(jnp.int32)
+        status = _stop(status, active, conv, brk, stag)
         n_cyc = n_cyc + active.astype(jnp.int32)
         active = active & ~conv & ~brk & ~stag
         return it + 1, x, r, r_norm, active, status, n_mv, n_cyc
@@ -837,10 +858,7 @@ def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 
 
     state = (jnp.asarray(0, jnp.int32), x, r, r_norm, active, status, n_mv, n_cyc)
     _, x, r, r_norm, active, status, n_mv, n_cyc = lax.while_loop(cycle_cond, cycle, state)
-    residual = r_norm / jnp.where(b_zero, 1.0, b_norm)
-    return KrylovResult(x=x.reshape(b.shape), converged=status == Status.CONVERGED,
-                        num_matvecs=n_mv, residual=residual, num_restarts=n_cyc,
-                        status=status)
+    return _result(b, st, x, r_norm, status, n_mv, n_cyc)
 
 
 # ----------------------------------------------------------------------------------------------
