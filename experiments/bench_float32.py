@@ -39,7 +39,8 @@ def main(argv):
     import jax.numpy as jnp
     import numpy as np
 
-    from experiments.bench_solvers import build_systems, machine_info
+    from experiments.bench_solvers import build_systems
+    from krylovjax.experiment_utils import benchmark_machine
     from krylovjax import data
     from krylovjax.cross_matrix import PRESETS, SolverConfig, solve_fp
     from krylovjax.precompute import PrecomputeConfig, precompute_scores
@@ -80,7 +81,7 @@ def main(argv):
     if FLAGS.json_out:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
         with open(FLAGS.json_out, "w") as fh:
-            json.dump({"machine": machine_info(), "rows": rows}, fh, indent=1)
+            json.dump({"machine": benchmark_machine(), "rows": rows}, fh, indent=1)
         print(f"wrote {FLAGS.json_out}")
 
 

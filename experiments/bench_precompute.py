@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 
 from absl import app, flags, logging
+
+from krylovjax.experiment_utils import benchmark_machine
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sizes", ["32"], "Image sizes (pixels per side).")
@@ -56,29 +57,6 @@ flags.DEFINE_integer("repeats", 3, "Timed runs per Krylov strategy (the fastest 
 flags.DEFINE_integer("spsolve_repeats", 1, "Timed runs of spsolve (the fastest is reported).")
 flags.DEFINE_integer("seed", 0, "Crop seed of the built-in data set.")
 flags.DEFINE_string("json_out", None, "Write {'machine': ..., 'rows': [...]} here.")
-
-
-def machine_info() -> dict:
-    import jax
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    dev = jax.devices()[0]
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return {"platform": dev.platform, "device": getattr(dev, "device_kind", str(dev)),
-            "cpu": cpu, "cpu_count": os.cpu_count(), "load_average": load,
-            "jax": jax.__version__, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
 def _per_image_rel_diff(s, ref):
@@ -128,7 +106,7 @@ def main(argv):
     chunk = (None if FLAGS.chunk_size == "none" else
              "auto" if FLAGS.chunk_size == "auto" else int(FLAGS.chunk_size))
     compact = None if FLAGS.compact == "none" else int(FLAGS.compact)
-    info = machine_info()
+    info = benchmark_machine()
     logging.info("machine: %s", info)
     rows = []
     for size in [int(s) for s in FLAGS.sizes]:

@@ -19,11 +19,12 @@ from __future__ import annotations
 import functools
 import json
 import os
-import platform
 import statistics
 import time
 
 from absl import app, flags, logging
+
+from krylovjax.experiment_utils import benchmark_machine
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sizes", ["32", "64", "128"], "Image sizes (pixels per side).")
@@ -82,30 +83,6 @@ def solver_settings(method):
     return dict(cross_matrix.PRESETS[spec] if isinstance(spec, str) else spec), warm
 
 
-def machine_info():
-    import jax
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    dev = jax.devices()[0]
-    return {
-        "platform": dev.platform,
-        "device": getattr(dev, "device_kind", str(dev)),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "jax": jax.__version__,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d"),
-    }
-
-
 @functools.lru_cache(maxsize=4)
 def _initial(size, num_images, dtype, seed):
     """The images' initial log-density [B, C, H, W] (the library default, Paper B's KDE:
@@ -147,7 +124,6 @@ def _time(fn, repeats):
 
 def run_jax_gmres_vmap(op, b, tol, restart, max_systems):
     import jax
-    import jax.numpy as jnp
 
     S = min(op.batch_shape[0], max_systems)
     sub = jax.tree_util.tree_map(lambda a: a[:S], op)
@@ -179,7 +155,7 @@ def main(argv):
 
     dtype = jnp.dtype(FLAGS.dtype)
     rows = []
-    info = machine_info()
+    info = benchmark_machine()
     logging.info("machine: %s", info)
     for size in [int(s) for s in FLAGS.sizes]:
         for step in FLAGS.time_steps:

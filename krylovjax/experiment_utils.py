@@ -42,6 +42,8 @@ __all__ = [
     "format_seconds",
     "write_json",
     "write_text",
+    "benchmark_machine",
+    "cpu_model",
     "machine_info",
     "image_grid",
     "plot_curves",
@@ -324,7 +326,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(clean(obj), indent=1, sort_keys=False) + "\n")
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     """The CPU model name (``/proc/cpuinfo`` on Linux), else the platform's processor string."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -336,6 +338,20 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def benchmark_machine() -> dict:
+    """Machine, software, load and date of a benchmark run (the ``"machine"`` entry of the
+    benchmark binaries' JSON): backend platform and device kind, CPU model and count, load
+    average, jax and Python versions, date to the minute."""
+    import jax
+
+    dev = jax.devices()[0]
+    return {"platform": dev.platform, "device": getattr(dev, "device_kind", str(dev)),
+            "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "jax": jax.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
 def machine_info() -> dict:
     """Machine, software and date for the tables."""
     import jax
@@ -344,7 +360,7 @@ def machine_info() -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "host": platform.node(),
         "platform": platform.platform(),
-        "processor": _cpu_model(),
+        "processor": cpu_model(),
         "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
         "backend": jax.default_backend(),
