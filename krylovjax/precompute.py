@@ -212,27 +212,6 @@ class PrecomputeResult(NamedTuple):
     stats: dict
 
 
-def _spsolve_active(op, b, active):
-    """scipy ``spsolve`` (the paper's baseline, as :func:`krylovjax.reference.spsolve`: one
-    ``to_scipy(i).tocsc()`` assembly and solve per system) of the *active* systems only, from
-    jitted code via ``jax.pure_callback``; inactive rows come back as 0."""
-    import scipy.sparse.linalg as spla
-
-    leaves, treedef = jax.tree_util.tree_flatten(op)
-
-    def host(b_host, active_host, *leaves_host):
-        op_host = jax.tree_util.tree_unflatten(treedef, [np.asarray(a) for a in leaves_host])
-        b_host = np.asarray(b_host)
-        x = np.zeros(b_host.shape, b_host.dtype)
-        for i in np.flatnonzero(np.asarray(active_host)):
-            A = op_host.to_scipy(int(i)).tocsc()
-            x[i] = spla.spsolve(A, b_host[i].ravel().astype(np.float64)).reshape(b.shape[1:])
-        return x
-
-    return jax.pure_callback(host, jax.ShapeDtypeStruct(b.shape, b.dtype), b, active, *leaves,
-                             vmap_method="sequential")
-
-
 def _step_solver(config: PrecomputeConfig, num_channels: int):
     """(op, b, x0, active) -> (x, converged [S], matvecs [S]) for one step's batch of systems.
 
@@ -244,7 +223,7 @@ def _step_solver(config: PrecomputeConfig, num_channels: int):
     seed = config.seed_image * num_channels
     if config.strategy == "spsolve":
         def solve(op, b, x0, active, tol=None):
-            x = _spsolve_active(op, b, active)
+            x = reference.spsolve_in_jit(op, b, active, check_finite=False)
             S = b.shape[0]
             return x, jnp.ones((S,), bool), jnp.zeros((S,), jnp.int32)
         return solve

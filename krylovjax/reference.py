@@ -66,19 +66,43 @@ def splu(op: FPOperator, b) -> DirectResult:
     return _solve_all(op, b, "splu")
 
 
-def spsolve_in_jit(op: FPOperator, b):
+def spsolve_in_jit(op: FPOperator, b, active=None, *, check_finite: bool = True):
     """``spsolve`` callable from jitted code (a ``jax.pure_callback`` to the host).
 
     Lets the pre-computation pipeline run its reference strategy through the same compiled time
-    loop as the Krylov strategies. Returns ``x`` with ``b``'s shape and dtype.
+    loop as the Krylov strategies. One ``to_scipy(i).tocsc()`` assembly and
+    ``scipy.sparse.linalg.spsolve`` per system, as :func:`spsolve`.
+
+    Args:
+      op: the batch of operators (any batch shape).
+      b: right-hand sides ``[*batch, H, W]``.
+      active: optional ``[*batch]`` bool: only these systems are solved (as Paper B's code
+        skips converged images); the others come back as 0. Default: all.
+      check_finite: raise ``ValueError`` (from the callback) when an active ``b`` holds NaN or
+        Inf; False passes them to scipy (the pipeline then sees a non-finite solution and
+        reports the image, instead of aborting the run).
+
+    Returns ``x`` with ``b``'s shape and dtype.
     """
     import jax
+    import jax.numpy as jnp
 
+    if active is None:
+        active = jnp.ones(op.batch_shape, bool)
     leaves, treedef = jax.tree_util.tree_flatten(op)
 
-    def host(b_host, *leaves_host):
+    def host(b_host, active_host, *leaves_host):
         op_host = jax.tree_util.tree_unflatten(treedef, [np.asarray(a) for a in leaves_host])
-        return spsolve(op_host, np.asarray(b_host)).x.astype(b_host.dtype)
+        b_host, active_host = np.asarray(b_host), np.asarray(active_host, bool)
+        if check_finite and not np.all(np.isfinite(b_host[active_host])):
+            raise ValueError("b: expected finite values, found NaN or Inf")
+        x = np.zeros(b_host.shape, b_host.dtype)
+        for ix in np.ndindex(*op_host.batch_shape):
+            if active_host[ix]:
+                A = op_host.to_scipy(ix).tocsc()
+                x[ix] = spla.spsolve(A, b_host[ix].ravel().astype(np.float64)).reshape(
+                    op_host.grid_shape)
+        return x
 
-    return jax.pure_callback(host, jax.ShapeDtypeStruct(b.shape, b.dtype), b, *leaves,
+    return jax.pure_callback(host, jax.ShapeDtypeStruct(b.shape, b.dtype), b, active, *leaves,
                              vmap_method="sequential")

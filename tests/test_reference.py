@@ -40,3 +40,21 @@ def test_spsolve_inside_jit():
     x = solve(jnp.asarray(s), jnp.asarray(b))
     np.testing.assert_allclose(x, reference.spsolve(fp_operator(2.0, 0.1, 1.0, s), b).x,
                                atol=1e-14)
+
+
+def test_spsolve_inside_jit_solves_only_active_systems():
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(2)
+    s = rng.normal(size=(3, 2, 6, 5))
+    b = rng.normal(size=(3, 6, 5))
+    op = fp_operator(2.0, 0.1, 1.0, s)
+    active = np.array([True, False, True])
+    x = np.asarray(reference.spsolve_in_jit(op, jnp.asarray(b), jnp.asarray(active)))
+    np.testing.assert_allclose(x[active], reference.spsolve(op, b).x[active], atol=1e-14)
+    assert np.all(x[~active] == 0)
+    # check_finite=False hands a non-finite right-hand side to scipy instead of raising
+    bad = b.copy()
+    bad[1] = np.nan
+    x = np.asarray(reference.spsolve_in_jit(op, jnp.asarray(bad), check_finite=False))
+    assert np.all(np.isnan(x[1])) and np.all(np.isfinite(x[[0, 2]]))
