@@ -38,6 +38,9 @@ flags.DEFINE_list("subsets", ["all", "converged"],
                   "Image sets: 'all', and 'converged' (images spsolve's sweeps converged on).")
 flags.DEFINE_integer("num_steps", 20, "N, FP time levels.")
 flags.DEFINE_float("sigma", 5.0, "VE SDE sigma (g = sigma^t).")
+flags.DEFINE_enum("scheme", "fitted", ["fitted", "consistent"],
+                  "FP scheme (fokker_planck.fp_operator): 'fitted', the library default, or "
+                  "'consistent' (central differences).")
 flags.DEFINE_float("outer_tol", 1e-6, "Relative change at which an image's sweeps stop.")
 flags.DEFINE_integer("max_sweeps", 30, "Sweep budget.")
 flags.DEFINE_float("tol", 1e-10, "Relative residual of the Krylov solves.")
@@ -129,6 +132,7 @@ def main(argv):
             for strategy in strategies:
                 cfg = PrecomputeConfig(
                     sde_kwargs=(("sigma", FLAGS.sigma),), num_steps=FLAGS.num_steps,
+                    scheme=FLAGS.scheme,
                     outer_tol=FLAGS.outer_tol, max_sweeps=FLAGS.max_sweeps, strategy=strategy,
                     tol=FLAGS.tol, restart=FLAGS.restart, basis_size=FLAGS.basis_size,
                     chunk_size=chunk, forcing=0.0 if strategy == "spsolve" else FLAGS.forcing,
@@ -144,6 +148,7 @@ def main(argv):
                 diff = _per_image_rel_diff(res.scores, ref.scores)
                 row = dict(
                     strategy=strategy, size=size, subset=subset, images=int(images.shape[0]),
+                    scheme=FLAGS.scheme,
                     dtype=FLAGS.dtype, systems=st["systems_solved"], seconds=st["seconds"],
                     compile_seconds=compile_s, initial_seconds=st["initial_seconds"],
                     ms_per_system=1e3 * st["seconds"] / max(st["systems_solved"], 1),
@@ -193,7 +198,7 @@ def main(argv):
         print("\n".join(est))
     if FLAGS.json_out:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
-        flag_names = ("sizes", "images", "strategies", "subsets", "num_steps", "sigma",
+        flag_names = ("sizes", "images", "strategies", "subsets", "num_steps", "sigma", "scheme",
                       "outer_tol", "max_sweeps", "tol", "forcing", "divergence_patience",
                       "restart", "basis_size",
                       "chunk_size", "compact", "dtype", "repeats", "spsolve_repeats", "seed")

@@ -234,7 +234,7 @@ class SolverConfig:
       precondition: None, ``"diffusion"`` (exact inverse of the shared diffusion part, sine or
         cosine transforms), ``"jacobi"``, or ``"red_black"`` (exact red-black Schur complement
         reduction: the Krylov method runs on the black pixels only, see
-        :class:`krylovjax.preconditioners.RedBlackSystem`; consistent scheme only).
+        :class:`krylovjax.preconditioners.RedBlackSystem`; not for Paper B's scheme).
       krylov: the Krylov method, ``"gmres"`` or ``"bicgstab"``.
       projection: ``"minres"`` or ``"seed_hessenberg"`` (see :func:`cross_matrix_solve`).
       basis_size: ``k``, the number of seed directions.
@@ -394,9 +394,10 @@ def solve_fp(op: FPOperator, b: Array, config: SolverConfig = SolverConfig(), *,
         raise ValueError(f"x0: expected shape {b.shape}, got {x0.shape}")
     if not 0 <= config.seed_index < B:
         raise ValueError(f"config.seed_index: expected in [0, {B}), got {config.seed_index}")
-    if config.precondition == "red_black" and op.scheme != "consistent":
+    if config.precondition == "red_black" and op.scheme == "paper_b":
         raise ValueError(
-            f"config.precondition: 'red_black' needs scheme='consistent', got {op.scheme!r}")
+            f"config.precondition: 'red_black' needs scheme='consistent' or 'fitted', got "
+            f"{op.scheme!r}")
     kw = dict(atol=config.atol, restart=config.restart, max_restarts=config.max_restarts)
     solver = krylov.gmres if config.krylov == "gmres" else krylov.bicgstab
 

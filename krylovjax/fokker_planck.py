@@ -26,6 +26,25 @@ Schemes
 
     centre = 1 + 4k,  east/west = -k +- dt*v_x/(2h),  south/north = -k +- dt*v_y/(2h)
 
+``"fitted"``: the consistent scheme with exponential fitting (Il'in-Allen-Southwell) of the
+diffusion in each direction: with the half cell Peclet number ``p_x = dt*v_x/(2h) / k``
+``= v_x h / g2`` (likewise ``p_y``) and ``sigma(p) = p coth p``::
+
+    centre = 1 + 2k (sigma(p_x) + sigma(p_y)),
+    east/west = -k sigma(p_x) +- dt*v_x/(2h),  south/north = -k sigma(p_y) +- dt*v_y/(2h)
+
+computed as ``k (sigma(p) -+ p) = k B(+-2p)`` with the Bernoulli function
+``B(x) = x/(e^x - 1)`` (the Scharfetter-Gummel weights; no cancellation).
+``sigma(p) >= max(1, |p|)``, so every off-diagonal coefficient is <= 0 and every row of the
+matrix sums to 1 on the interior, whatever the score: A is a strictly diagonally dominant
+M-matrix (discrete maximum principle). The central scheme loses this once ``|p| > 1`` (cell
+Peclet number above 2, i.e. ``|score| > 2/h`` with f = 0): its off-diagonals change sign, the
+solution of a step can oscillate, the oscillation steepens the next lagged score, and Paper B's
+outer sweeps diverge for about a fifth of the built-in 32x32 images (BUILD_NOTES.md). Since
+``sigma(p) = 1 + p^2/3 + O(p^4)``, the fitted scheme is a second-order perturbation of the
+central one where the score is resolved (``|p| << 1``; same O(h^2) consistency) and becomes
+upwinding where it is not. [INF: not in the papers; the pre-computation's default.]
+
 ``"paper_b"``: Paper B's official code, literally (method.md 3.2). The unknowns are coupled along
 the *flattened* (row-major) pixel index: +-1 neighbours run across row ends with no break, the
 +-W neighbours are the pixels above and below. The gradient is the scalar sum of the two partials,
@@ -62,7 +81,7 @@ from krylovjax import _checks
 
 Array = jax.Array
 
-SCHEMES = ("consistent", "paper_b")
+SCHEMES = ("consistent", "fitted", "paper_b")
 BOUNDARIES = ("zero", "dirichlet", "reflect")
 
 # Neighbour order used everywhere: east (+x, along W), west (-x), south (+y, along H), north (-y).
@@ -96,7 +115,7 @@ def _ghost_slabs(ghost: Array | None, scheme: str):
     """The ghost values each direction reads, from a ``[..., H+2, W+2]`` ring (or None)."""
     if ghost is None:
         return {d: 0.0 for d in _DIRECTIONS}
-    if scheme == "consistent":
+    if scheme != "paper_b":
         return {
             "east": ghost[..., 1:-1, -1],
             "west": ghost[..., 1:-1, 0],
@@ -122,7 +141,7 @@ def _neighbours(x: Array, scheme: str, fills: dict[str, Any]) -> dict[str, Array
         "south": _shift(x, -2, +1, fills["south"]),
         "north": _shift(x, -2, -1, fills["north"]),
     }
-    if scheme == "consistent":
+    if scheme != "paper_b":
         out["east"] = _shift(x, -1, +1, fills["east"])
         out["west"] = _shift(x, -1, -1, fills["west"])
     else:
@@ -143,11 +162,15 @@ class FPOperator:
 
     Attributes:
       centre, east, west, south, north: stencil coefficients ``[..., H, W]``.
+      diffusion: ``k = dt*g2/(2 h^2)`` ``[..., 1, 1]``, the diffusion number of the part all
+        systems share (``I + k L``, the operator with zero score and drift; see
+        :func:`krylovjax.preconditioners.diffusion_preconditioner`).
       source: ``-dt * div_h(f)`` ``[..., H, W]``, added to the right-hand side.
       ghost: Dirichlet ghost values ``[..., H+2, W+2]`` or None.
     """
 
     centre: Array
+    diffusion: Array
     east: Array
     west: Array
     south: Array
@@ -252,6 +275,13 @@ class FPOperator:
         return mat.tocsr()  # duplicate (reflect) entries are summed
 
 
+def _bernoulli(x: Array) -> Array:
+    """The Bernoulli function ``B(x) = x / (e^x - 1)`` (> 0; ``B(0) = 1``; series near 0)."""
+    small = jnp.abs(x) < 1e-3
+    q = jnp.where(small, 1.0, x)
+    return jnp.where(small, 1.0 - x / 2.0 + x * x / 12.0, q / jnp.expm1(q))
+
+
 def _as_param(name: str, value, batch_shape, dtype) -> Array:
     """A positive scalar or per-system coefficient, broadcast to ``batch_shape + (1, 1)``."""
     arr = jnp.asarray(value)
@@ -292,7 +322,7 @@ def fp_operator(
         H), or None for zero.
       drift: ``[..., 2, H, W]`` drift ``f`` in the same component order, or None for zero.
       grid_shape, batch_shape: needed only when neither ``lagged_score`` nor ``drift`` is given.
-      scheme: ``"consistent"`` or ``"paper_b"`` (see module docstring).
+      scheme: ``"consistent"``, ``"fitted"`` or ``"paper_b"`` (see module docstring).
       boundary: ``"zero"``, ``"dirichlet"`` (needs ``boundary_values``) or ``"reflect"``.
       boundary_values: ``[..., H+2, W+2]`` ghost values for ``"dirichlet"``; only the outer
         ring is read.
@@ -376,12 +406,18 @@ def fp_operator(
     vx = comp(f, 0) - 0.5 * g2 * comp(s, 0)
     vy = comp(f, 1) - 0.5 * g2 * comp(s, 1)
 
-    if scheme == "consistent":
-        k = dt * g2 / (2.0 * h * h)
+    k = dt * g2 / (2.0 * h * h)  # [*batch, 1, 1]
+    if scheme in ("consistent", "fitted"):
         ax = dt * vx / (2.0 * h)
         ay = dt * vy / (2.0 * h)
-        centre = jnp.broadcast_to(1.0 + 4.0 * k, full)
-        coeffs = dict(east=-k + ax, west=-k - ax, south=-k + ay, north=-k - ay)
+        if scheme == "consistent":
+            centre = jnp.broadcast_to(1.0 + 4.0 * k, full)
+            coeffs = dict(east=-k + ax, west=-k - ax, south=-k + ay, north=-k - ay)
+        else:  # k (sigma(p) -+ p) = k B(+-2p): no cancellation, exactly <= 0
+            px, py = 2.0 * ax / k, 2.0 * ay / k
+            coeffs = dict(east=-k * _bernoulli(px), west=-k * _bernoulli(-px),
+                          south=-k * _bernoulli(py), north=-k * _bernoulli(-py))
+            centre = 1.0 - sum(coeffs.values())
     else:
         alpha = (vx + vy) * dt / (2.0 * h)
         delta = jnp.broadcast_to(0.5 * g2 * dt / (h * h), full)
@@ -398,7 +434,7 @@ def fp_operator(
     source = None
     if f is not None:
         fills = {d: (None if boundary == "reflect" else 0.0) for d in _DIRECTIONS}
-        if scheme == "consistent":
+        if scheme != "paper_b":
             nx = _neighbours(comp(f, 0), scheme, fills)
             ny = _neighbours(comp(f, 1), scheme, fills)
         else:  # Paper B: the scalar sum of partials applied to the summed drift
@@ -431,6 +467,7 @@ def fp_operator(
 
     return FPOperator(
         centre=centre,
+        diffusion=jnp.broadcast_to(k, batch_shape + (1, 1)),
         source=source,
         ghost=ghost,
         scheme=scheme,

@@ -106,7 +106,7 @@ class PrecomputeConfig:
     eps: float = 1e-3
     paper_b_time_grid: bool = False
     h: float = 1.0
-    scheme: str = "consistent"
+    scheme: str = "fitted"
     boundary: str = "zero"
     initial: str = "paper_b_kde"
     score_method: str = "central"
@@ -137,10 +137,10 @@ class PrecomputeConfig:
             raise ValueError(f"outer: expected one of {OUTER}, got {self.outer!r}")
         precondition = (None if self.strategy == "spsolve"
                         else cross_matrix.PRESETS[self.strategy].get("precondition"))
-        if self.scheme != "consistent" and precondition in ("diffusion", "red_black"):
+        if self.scheme == "paper_b" and precondition in ("diffusion", "red_black"):
             raise ValueError(
                 f"strategy: {self.strategy!r} uses the {precondition!r} preconditioner, which "
-                f"needs scheme='consistent' (got {self.scheme!r}); use 'gmres' or "
+                f"needs scheme='consistent' or 'fitted' (got {self.scheme!r}); use 'gmres' or "
                 f"'cross_matrix'")
         if self.lag_init not in ("initial", "ones"):
             raise ValueError(f"lag_init: expected 'initial' or 'ones', got {self.lag_init!r}")

@@ -55,7 +55,7 @@ def shared_diffusion_inverse(k, grid_shape, boundary="zero", dtype=None):
     """``x -> (I + k L)^{-1} x`` for fields ``[*batch, H, W]``; ``k`` scalar or ``[*batch]``.
 
     This is the exact inverse of the operator all images share at a time step (the FP operator
-    with zero score and zero drift, consistent scheme).
+    with zero score and zero drift, consistent or fitted scheme).
     """
     H, W = (int(s) for s in grid_shape)
     qy, ly = _eigenbasis(H, boundary)
@@ -77,16 +77,17 @@ def shared_diffusion_inverse(k, grid_shape, boundary="zero", dtype=None):
 def diffusion_preconditioner(op: FPOperator):
     """The shared-diffusion preconditioner ``M^{-1} = (I + k L)^{-1}`` of an FP operator.
 
-    ``k`` is read off the operator (its centre coefficient is ``1 + 4k`` in the consistent
-    scheme), so this works for per-system ``g2``, ``dt`` and ``h``. Only the consistent scheme
-    has this symmetric diffusion part; Paper B's literal scheme does not (use :func:`jacobi`).
+    ``k`` is the operator's ``diffusion`` field (per system), so this works for per-system
+    ``g2``, ``dt`` and ``h``. ``I + k L`` is the operator with zero score and drift of the
+    consistent and the fitted scheme alike (``sigma(0) = 1``). Paper B's literal scheme has no
+    such symmetric part (use :func:`jacobi`).
     """
-    if op.scheme != "consistent":
+    if op.scheme == "paper_b":
         raise ValueError(
-            f"op: the diffusion preconditioner needs scheme='consistent', got {op.scheme!r}; "
-            "use jacobi(op) for Paper B's scheme")
-    k = (op.centre[..., 0, 0] - 1.0) / 4.0
-    return shared_diffusion_inverse(k, op.grid_shape, op.boundary, op.dtype)
+            f"op: the diffusion preconditioner needs scheme='consistent' or 'fitted', got "
+            f"{op.scheme!r}; use jacobi(op) for Paper B's scheme")
+    return shared_diffusion_inverse(op.diffusion[..., 0, 0], op.grid_shape, op.boundary,
+                                    op.dtype)
 
 
 def jacobi(op: FPOperator):
@@ -135,8 +136,8 @@ class RedBlackSystem:
     """The FP system with its red unknowns eliminated exactly (red-black Schur complement).
 
     Colour the pixels like a checkerboard: red ``(i + j)`` even, black ``(i + j)`` odd. The
-    consistent 5-point scheme couples only pixels of different colours, so with the red
-    unknowns first ``A = [[D_r, A_rb], [A_br, D_b]]`` with diagonal ``D_r`` and ``D_b``.
+    consistent (or fitted) 5-point scheme couples only pixels of different colours, so with the
+    red unknowns first ``A = [[D_r, A_rb], [A_br, D_b]]`` with diagonal ``D_r`` and ``D_b``.
     Eliminating the red unknowns exactly gives the reduced system on the black pixels
 
         S x_b = f,   S = D_b - A_br D_r^{-1} A_rb,   f = b_b - A_br D_r^{-1} b_r,
@@ -274,14 +275,14 @@ def _unpack(black: Array, red: Array) -> Array:
 def red_black_reduction(op: FPOperator) -> RedBlackSystem:
     """The exact red-black reduction of a batch of FP operators (see :class:`RedBlackSystem`).
 
-    Works for every boundary rule of the consistent scheme (zero, dirichlet: the ghost values
-    are in ``op.rhs``; reflect: the folded ghost coefficients are in the diagonal) and any
-    ``H, W >= 2``, with any leading batch shape. The couplings are read off the operator's own
+    Works for every boundary rule of the consistent and fitted schemes (zero, dirichlet: the
+    ghost values are in ``op.rhs``; reflect: the folded ghost coefficients are in the
+    diagonal) and any ``H, W >= 2``, with any leading batch shape. The couplings are read off the operator's own
     coefficient fields: ``A = diag(op.diagonal()) +`` the east/west/south/north coefficients of
     the neighbours inside the grid, which is exactly ``op.to_scipy()``.
 
     Args:
-      op: an :class:`FPOperator` with ``scheme="consistent"``.
+      op: an :class:`FPOperator` with ``scheme="consistent"`` or ``"fitted"``.
 
     Returns:
       A :class:`RedBlackSystem`; use ``rhs(b)``, ``matvec`` (``S``) and ``recover(x_b, b)``.
@@ -290,10 +291,10 @@ def red_black_reduction(op: FPOperator) -> RedBlackSystem:
       ValueError: for ``scheme="paper_b"``, whose flattened +-1 coupling joins pixels of the
         same colour across row ends (the stencil is not two-colourable).
     """
-    if op.scheme != "consistent":
+    if op.scheme == "paper_b":
         raise ValueError(
-            f"op: the red-black reduction needs scheme='consistent' (a two-colourable "
-            f"stencil), got {op.scheme!r}")
+            f"op: the red-black reduction needs scheme='consistent' or 'fitted' (a "
+            f"two-colourable stencil), got {op.scheme!r}")
     H, W = op.grid_shape
     dtype = op.dtype
     wh = (W + 1) // 2

@@ -10,7 +10,7 @@ import scipy.sparse.linalg as spla
 
 from krylovjax.fokker_planck import fp_operator
 
-SCHEMES = ["consistent", "paper_b"]
+SCHEMES = ["consistent", "fitted", "paper_b"]
 BOUNDARIES = ["zero", "dirichlet", "reflect"]
 
 
@@ -70,6 +70,82 @@ def test_consistent_zero_matches_kron_assembly():
                                m_prev.ravel() - dt * div, atol=1e-14)
 
 
+def _fitted_reference(g2, dt, h, s, f):
+    """Independent assembly of the fitted scheme: per node and direction the 1-D coefficients
+    -k p coth p -+ k p of the Il'in-Allen-Southwell scheme, with p = v h / g2 (numpy's tanh)."""
+    H, W = s.shape[-2:]
+    k = dt * g2 / (2 * h * h)
+    A = sp.lil_matrix((H * W, H * W))
+    for i in range(H):
+        for j in range(W):
+            row = i * W + j
+            diag = 1.0
+            for comp, (di, dj) in ((0, (0, 1)), (1, (1, 0))):
+                v = f[comp, i, j] - 0.5 * g2 * s[comp, i, j]
+                p = v * h / g2
+                sig = 1.0 if p == 0 else p / np.tanh(p)
+                diag += 2 * k * sig
+                for sign in (1, -1):
+                    ii, jj = i + sign * di, j + sign * dj
+                    if 0 <= ii < H and 0 <= jj < W:
+                        A[row, ii * W + jj] = -k * sig + sign * k * p
+            A[row, row] = diag
+    return A.tocsr()
+
+
+def test_fitted_matches_independent_assembly():
+    rng = np.random.default_rng(11)
+    H, W = 5, 6
+    s = 4.0 * rng.normal(size=(2, H, W))
+    f = rng.normal(size=(2, H, W))
+    s[:, 0, 0] = 0.0  # a zero Peclet number (series branch) too
+    f[:, 0, 0] = 0.0
+    g2, dt, h = 2.5, 0.07, 0.8
+    op = fp_operator(g2, dt, h, s, f, scheme="fitted")
+    np.testing.assert_allclose(op.to_scipy().toarray(),
+                               _fitted_reference(g2, dt, h, s, f).toarray(), atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fitted_is_an_m_matrix_where_central_is_not(dtype):
+    """Off-diagonals <= 0 and diag - sum|offdiag| >= 1 (= 1 inside) for any score; the central
+    scheme violates the sign condition once |score| > 2/h (cell Peclet number above 2)."""
+    rng = np.random.default_rng(12)
+    s = (30.0 * rng.normal(size=(3, 2, 8, 9))).astype(dtype)
+    ops = {sc: fp_operator(jnp.array([0.5, 3.0, 30.0]), 0.05, 1.0, s, scheme=sc)
+           for sc in ("fitted", "consistent")}
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for i in range(3):
+        A = ops["fitted"].to_scipy(i).toarray()
+        off = A - np.diag(np.diag(A))
+        assert off.max() <= 0.0
+        margin = np.diag(A) - np.abs(off).sum(axis=1)
+        assert margin.min() >= 1.0 - tol
+        inside = np.zeros((8, 9), bool)
+        inside[1:-1, 1:-1] = True
+        np.testing.assert_allclose(margin.reshape(8, 9)[inside], 1.0, rtol=tol)
+        C = ops["consistent"].to_scipy(i).toarray()
+        assert (C - np.diag(np.diag(C))).max() > 0.0
+
+
+def test_fitted_tends_to_central_at_second_order():
+    """sigma(p) = 1 + p^2/3 + O(p^4): scaling the score by e changes the fitted minus central
+    coefficients by e^2, and the two schemes coincide for a zero score."""
+    rng = np.random.default_rng(13)
+    s = rng.normal(size=(2, 6, 6))
+    diffs = []
+    for e in (0.1, 0.05, 0.025):
+        a = fp_operator(2.0, 0.1, 1.0, e * s, scheme="fitted").to_scipy().toarray()
+        b = fp_operator(2.0, 0.1, 1.0, e * s, scheme="consistent").to_scipy().toarray()
+        diffs.append(np.abs(a - b).max())
+    ratios = np.array(diffs[:-1]) / np.array(diffs[1:])
+    np.testing.assert_allclose(ratios, 4.0, rtol=0.01)
+    zero = np.zeros((2, 6, 6))
+    np.testing.assert_array_equal(
+        fp_operator(2.0, 0.1, 1.0, zero, scheme="fitted").to_scipy().toarray(),
+        fp_operator(2.0, 0.1, 1.0, zero, scheme="consistent").to_scipy().toarray())
+
+
 def test_paper_b_matches_code_description():
     """method.md 3.2: diagonals at 0, +-1, +-W on the flat index, column-node coefficients."""
     rng = np.random.default_rng(2)
@@ -107,7 +183,7 @@ def test_dirichlet_rhs_equals_stencil_on_padded_field(scheme):
         flat = m[b].ravel()
         for i in range(H):
             for j in range(W):
-                if scheme == "consistent":
+                if scheme != "paper_b":
                     e, w_ = pad[i + 1, j + 2], pad[i + 1, j]
                 else:
                     k = i * W + j
@@ -139,7 +215,7 @@ def _exact_gaussian(xx, yy, v):
     return -(xx**2 + yy**2) / (2 * v) - np.log(2 * np.pi * v)
 
 
-def _gaussian_run(n, s0sq=0.3, g2=1.0, T=0.2, L=2.0, c_dt=1.0):
+def _gaussian_run(n, s0sq=0.3, g2=1.0, T=0.2, L=2.0, c_dt=1.0, scheme="consistent"):
     """Solve the log-FP equation (f = 0) for a 2-D Gaussian with Dirichlet data from the exact
     solution; lagged score = central-difference score of the previous time step."""
     h = 2 * L / (n + 1)
@@ -155,7 +231,7 @@ def _gaussian_run(n, s0sq=0.3, g2=1.0, T=0.2, L=2.0, c_dt=1.0):
         sy = (m_pad[2:, 1:-1] - m_pad[:-2, 1:-1]) / (2 * h)
         ghost = _exact_gaussian(xx, yy, s0sq + g2 * t)
         op = fp_operator(g2, dt, h, jnp.asarray(np.stack([sx, sy])), boundary="dirichlet",
-                         boundary_values=jnp.asarray(ghost))
+                         boundary_values=jnp.asarray(ghost), scheme=scheme)
         b = np.asarray(op.rhs(jnp.asarray(m_int))).ravel()
         m_new = spla.spsolve(op.to_scipy().tocsc(), b).reshape(n, n)
         m_pad = ghost.copy()
@@ -164,11 +240,14 @@ def _gaussian_run(n, s0sq=0.3, g2=1.0, T=0.2, L=2.0, c_dt=1.0):
     return np.max(np.abs(m_pad[1:-1, 1:-1] - exact))
 
 
-def test_gaussian_oracle_converges_at_second_order_in_h():
+@pytest.mark.parametrize("scheme", ["consistent", "fitted"])
+def test_gaussian_oracle_converges_at_second_order_in_h(scheme):
     """Cole-Hopf oracle (design.md decision 4): Gaussian variance grows by the integral of g^2.
 
-    With dt proportional to h^2, the error of m must fall like h^2 (first order in dt)."""
-    errors = [_gaussian_run(n) for n in (11, 23, 47)]  # h halves each time
+    With dt proportional to h^2, the error of m must fall like h^2 (first order in dt); the
+    fitted scheme's extra diffusion is O(h^2) where the score is resolved, so it keeps the
+    order."""
+    errors = [_gaussian_run(n, scheme=scheme) for n in (11, 23, 47)]  # h halves each time
     orders = np.log2(np.array(errors[:-1]) / np.array(errors[1:]))
     assert errors[-1] < 2e-2, errors
     assert np.all(orders > 1.7), (errors, orders)

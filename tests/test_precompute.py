@@ -20,11 +20,11 @@ def _rel(a, b):
 @pytest.fixture(scope="module")
 def references(images):
     out = {}
-    for outer in ("sweeps", "timestep"):
-        for scheme in ("consistent", "paper_b"):
-            cfg = PrecomputeConfig(num_steps=5, outer=outer, scheme=scheme, strategy="spsolve",
-                                   max_sweeps=12)
-            out[outer, scheme] = precompute_scores(images, cfg)
+    for outer, scheme in [("sweeps", "consistent"), ("sweeps", "fitted"), ("sweeps", "paper_b"),
+                          ("timestep", "consistent"), ("timestep", "paper_b")]:
+        cfg = PrecomputeConfig(num_steps=5, outer=outer, scheme=scheme, strategy="spsolve",
+                               max_sweeps=12)
+        out[outer, scheme] = precompute_scores(images, cfg)
     return out
 
 
@@ -35,6 +35,8 @@ _SLOW = pytest.mark.slow
     ("sweeps", "consistent", "gmres"),
     ("sweeps", "consistent", "cross_matrix_precond"),
     ("sweeps", "consistent", "fast"),
+    ("sweeps", "fitted", "fast"),
+    ("sweeps", "fitted", "cross_matrix_precond"),
     ("sweeps", "paper_b", "cross_matrix"),
     ("timestep", "consistent", "cross_matrix_precond"),
     ("timestep", "paper_b", "cross_matrix"),
@@ -93,7 +95,7 @@ def test_stalled_solver_never_counts_as_converged(images, references):
     warm start, so the outer change can look tiny. With a solver budget too small to reach
     tol, no image may be reported converged; with enough budget, the same images converge
     and match spsolve."""
-    ref = references["sweeps", "consistent"]
+    ref = references["sweeps", "fitted"]  # the default scheme
     assert np.all(ref.stats["outer_converged"])
     starved = PrecomputeConfig(num_steps=5, strategy="gmres", tol=1e-13, restart=2,
                                max_restarts=1, max_sweeps=12, compact=None)
@@ -214,7 +216,7 @@ def test_inactive_systems_are_not_solved(images, strategy):
 
 def test_forcing_inexact_sweeps(images, references):
     """Inexact early sweeps: fewer matvecs, the same scores as spsolve to well below 1e-6."""
-    ref = references["sweeps", "consistent"]
+    ref = references["sweeps", "fitted"]  # the default scheme
     exact = precompute_scores(images, PrecomputeConfig(num_steps=5, strategy="preconditioned",
                                                        max_sweeps=12, chunk_size=4))
     inexact = precompute_scores(images, PrecomputeConfig(num_steps=5, strategy="preconditioned",
@@ -231,11 +233,13 @@ def test_forcing_inexact_sweeps(images, references):
 
 
 def test_divergence_patience_and_best_iterate():
-    """A nearly flat photo (photo 6 at 10x10: cell Peclet number > 2) makes the sweeps wander.
-    With a patience it stops as diverged; every image returns its iterate with the smallest
-    change (the last one for converged images, untouched by the patience)."""
+    """A nearly flat photo (photo 6 at 10x10: cell Peclet number > 2) makes the sweeps of the
+    central scheme wander. With a patience it stops as diverged; every image returns its
+    iterate with the smallest change (the last one for converged images, untouched by the
+    patience)."""
     x = jnp.asarray(data.builtin_dataset(10, 7, seed=0)[[0, 6]], jnp.float64)
-    base = dict(num_steps=4, strategy="preconditioned", chunk_size=4, max_sweeps=14)
+    base = dict(num_steps=4, strategy="preconditioned", chunk_size=4, max_sweeps=14,
+                scheme="consistent")
     plain = precompute_scores(x, PrecomputeConfig(**base))
     st = plain.stats
     assert st["outer_converged"].tolist() == [True, False] and not st["outer_diverged"].any()
@@ -255,6 +259,27 @@ def test_divergence_patience_and_best_iterate():
     assert np.isfinite(np.asarray(plain.log_density)).all()
     with pytest.raises(ValueError, match="divergence_patience"):
         PrecomputeConfig(divergence_patience=-1)
+
+
+def test_fitted_scheme_converges_where_central_wanders():
+    """The same two photos with the fitted scheme (the default): an M-matrix at every step, so
+    the lagged-score sweeps of the flat photo converge too, every solve converges, and the
+    Krylov result equals spsolve's; the central scheme's sweeps of that photo do not settle."""
+    x = jnp.asarray(data.builtin_dataset(10, 7, seed=0)[[0, 6]], jnp.float64)
+    base = dict(num_steps=4, chunk_size=4, max_sweeps=14)
+    central = precompute_scores(x, PrecomputeConfig(**base, strategy="fast",
+                                                    scheme="consistent"))
+    assert central.stats["outer_converged"].tolist() == [True, False]
+    fitted = precompute_scores(x, PrecomputeConfig(**base, strategy="fast"))
+    assert PrecomputeConfig().scheme == "fitted"
+    st = fitted.stats
+    assert st["outer_converged"].all() and st["nonconverged"] == 0, st
+    assert st["sweeps"].max() < 14
+    ref = precompute_scores(x, PrecomputeConfig(**base, strategy="spsolve"))
+    np.testing.assert_array_equal(ref.stats["sweeps"], st["sweeps"])
+    assert _rel(fitted.scores, ref.scores) < 1e-8
+    # Where the score is resolved (photo 0) the two schemes give nearby solutions.
+    assert _rel(fitted.log_density[0], central.log_density[0]) < 0.05
 
 
 @pytest.mark.parametrize("strategy, seed_image", [("fast", 0), ("cross_matrix_precond", 1)])
@@ -282,14 +307,15 @@ def test_compaction_changes_nothing(images, references, strategy, seed_image):
         np.testing.assert_array_equal(small.stats[key], whole.stats[key], err_msg=key)
     assert _rel(small.log_density, whole.log_density) < 1e-13
     assert _rel(small.scores, whole.scores) < 1e-13
-    assert _rel(small.scores, references["sweeps", "consistent"].scores) < 1e-8
+    assert _rel(small.scores, references["sweeps", "fitted"].scores) < 1e-8
 
 
 def test_compaction_keeps_best_iterates():
     """A wandering image (see the next test) left alone in a compacted batch: its best iterate
     and change are those of the whole-batch run, with and without a patience."""
     x = jnp.asarray(data.builtin_dataset(10, 7, seed=0)[[0, 6]], jnp.float64)
-    base = dict(num_steps=4, strategy="preconditioned", chunk_size=4, max_sweeps=14)
+    base = dict(num_steps=4, strategy="preconditioned", chunk_size=4, max_sweeps=14,
+                scheme="consistent")
     for patience in (0, 3):
         whole = precompute_scores(x, PrecomputeConfig(**base, divergence_patience=patience,
                                                       compact=None))

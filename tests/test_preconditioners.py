@@ -24,6 +24,20 @@ def test_exact_inverse_of_shared_part(boundary, grid):
         np.testing.assert_allclose(np.asarray(P(jnp.asarray(x)))[i].ravel(), ref, atol=1e-12)
 
 
+def test_fitted_scheme_shares_the_diffusion_part():
+    """The preconditioner reads k from the operator, not from its (score-dependent) centre: for
+    the fitted scheme with a large score it is the inverse of the zero-score operator."""
+    rng = np.random.default_rng(5)
+    g2, dt, h = jnp.array([0.5, 4.0]), 0.05, jnp.array([1.0, 0.5])
+    lag = 10.0 * rng.normal(size=(2, 2, 6, 7))
+    P = diffusion_preconditioner(fp_operator(g2, dt, h, lag, scheme="fitted"))
+    shared = fp_operator(g2, dt, h, np.zeros_like(lag), scheme="fitted")
+    x = rng.normal(size=(2, 6, 7))
+    for i in range(2):
+        ref = spla.spsolve(shared.to_scipy(i).tocsc(), x[i].ravel())
+        np.testing.assert_allclose(np.asarray(P(jnp.asarray(x)))[i].ravel(), ref, atol=1e-12)
+
+
 def test_float32_and_scalar_k():
     P = shared_diffusion_inverse(jnp.float32(0.3), (5, 4))
     x = jnp.ones((2, 5, 4), jnp.float32)
@@ -44,13 +58,13 @@ def test_paper_b_rejected_and_jacobi():
 from krylovjax.preconditioners import red_black_reduction  # noqa: E402
 
 
-def _rb_case(boundary, grid, seed=0, batch=3):
+def _rb_case(boundary, grid, seed=0, batch=3, scheme="consistent"):
     rng = np.random.default_rng(seed)
     H, W = grid
     lag = 3.0 * rng.normal(size=(batch, 2, H, W))  # large lagged scores: advection-dominated
     gv = rng.normal(size=(batch, H + 2, W + 2)) if boundary == "dirichlet" else None
     op = fp_operator(jnp.array([0.5, 2.0, 25.0])[:batch], 0.05, 1.0, lag, boundary=boundary,
-                     boundary_values=gv)
+                     boundary_values=gv, scheme=scheme)
     return op, rng
 
 
@@ -71,10 +85,11 @@ def _field(values, mask, H, W):
     return out.reshape(H, W)
 
 
+@pytest.mark.parametrize("scheme", ["consistent", "fitted"])
 @pytest.mark.parametrize("boundary", ["zero", "dirichlet", "reflect"])
 @pytest.mark.parametrize("grid", [(6, 8), (7, 9), (5, 4), (2, 3)])
-def test_red_black_operator_is_the_schur_complement(boundary, grid):
-    op, rng = _rb_case(boundary, grid)
+def test_red_black_operator_is_the_schur_complement(boundary, grid, scheme):
+    op, rng = _rb_case(boundary, grid, scheme=scheme)
     rb = red_black_reduction(op)
     H, W = grid
     assert rb.packed_shape == (H, (W + 1) // 2)
@@ -90,10 +105,11 @@ def test_red_black_operator_is_the_schur_complement(boundary, grid):
         np.testing.assert_allclose(y_grid.ravel()[black], ref, rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("scheme", ["consistent", "fitted"])
 @pytest.mark.parametrize("boundary", ["zero", "reflect"])
 @pytest.mark.parametrize("grid", [(6, 8), (7, 9)])
-def test_red_black_rhs_recover_give_the_exact_solution(boundary, grid):
-    op, rng = _rb_case(boundary, grid, seed=1)
+def test_red_black_rhs_recover_give_the_exact_solution(boundary, grid, scheme):
+    op, rng = _rb_case(boundary, grid, seed=1, scheme=scheme)
     rb = red_black_reduction(op)
     H, W = grid
     b = rng.normal(size=(3, H, W))

@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     p.eps = 1e-3
     p.paper_b_time_grid = False
     p.h = 1.0
-    p.scheme = "consistent"
+    p.scheme = "fitted"            # exponentially fitted: an M-matrix at any score (BUILD_NOTES)
     p.boundary = "zero"
     p.initial = "paper_b_kde"
     p.score_method = "central"
