@@ -5,7 +5,7 @@
 #
 #   OUT=runs/gpu bash experiments/gpu_benchmarks.sh            # all parts
 #   OUT=runs/gpu PARTS="solvers precompute" SIZES=32,64 bash experiments/gpu_benchmarks.sh
-# (SIZES, BATCH, IMAGES, BUDGET and CAP_<PART> override the defaults below.)
+# (SIZES, BATCH, IMAGES, BUDGET, PRE_STRATEGIES and CAP_<PART> override the defaults below.)
 #
 # PYTHON (default python3) must have krylovjax importable (pip install -e . or PYTHONPATH).
 # The spsolve/splu baselines run on the same machine's CPU (scipy), as in the paper.
@@ -43,7 +43,7 @@ solvers32)  # float32 (what TPUs and fast GPU paths use), tol 1e-6 (BUILD_NOTES 
     --json_out="$OUT/bench_solvers_f32.json" ;;
 precompute)  # the whole pipeline, 64 built-in 32x32 images, spsolve vs Krylov
   cap ${CAP_PRECOMPUTE:-120} precompute $PY -m experiments.bench_precompute --sizes=32 --images=$IMAGES \
-    --strategies=spsolve,gmres,cross_matrix_precond,fast --subsets=all --repeats=2 \
+    --strategies=${PRE_STRATEGIES:-spsolve,gmres,cross_matrix_precond,fast} --subsets=all --repeats=2 \
     --json_out="$OUT/bench_precompute.json" ;;
 throughput)  # the pre-computation binary (store included) on many images: CIFAR-10 cost estimate
   rm -rf "$OUT/tp_run"
