@@ -162,21 +162,23 @@ class FPOperator:
 
     Attributes:
       centre, east, west, south, north: stencil coefficients ``[..., H, W]``.
-      diffusion: ``k = dt*g2/(2 h^2)`` ``[..., 1, 1]``, the diffusion number of the part all
-        systems share (``I + k L``, the operator with zero score and drift; see
-        :func:`krylovjax.preconditioners.diffusion_preconditioner`).
       source: ``-dt * div_h(f)`` ``[..., H, W]``, added to the right-hand side.
       ghost: Dirichlet ghost values ``[..., H+2, W+2]`` or None.
+      diffusion: ``k = dt*g2/(2 h^2)`` ``[..., 1, 1]``, the diffusion number of the part all
+        systems share (``I + k L``, the operator with zero score and drift; see
+        :func:`krylovjax.preconditioners.diffusion_preconditioner`); :func:`fp_operator`
+        always sets it. None (an operator built by hand): only the consistent scheme's can be
+        recovered, from the centre coefficient ``1 + 4k``.
     """
 
     centre: Array
-    diffusion: Array
     east: Array
     west: Array
     south: Array
     north: Array
     source: Array | None
     ghost: Array | None
+    diffusion: Array | None = None
     scheme: str = dataclasses.field(metadata=dict(static=True), default="consistent")
     boundary: str = dataclasses.field(metadata=dict(static=True), default="zero")
 

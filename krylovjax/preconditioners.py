@@ -86,8 +86,15 @@ def diffusion_preconditioner(op: FPOperator):
         raise ValueError(
             f"op: the diffusion preconditioner needs scheme='consistent' or 'fitted', got "
             f"{op.scheme!r}; use jacobi(op) for Paper B's scheme")
-    return shared_diffusion_inverse(op.diffusion[..., 0, 0], op.grid_shape, op.boundary,
-                                    op.dtype)
+    if op.diffusion is not None:
+        k = op.diffusion[..., 0, 0]
+    elif op.scheme == "consistent":
+        k = (op.centre[..., 0, 0] - 1.0) / 4.0
+    else:
+        raise ValueError(
+            f"op: a {op.scheme!r} operator without its diffusion number; build it with "
+            "fp_operator")
+    return shared_diffusion_inverse(k, op.grid_shape, op.boundary, op.dtype)
 
 
 def jacobi(op: FPOperator):

@@ -38,6 +38,25 @@ def test_fitted_scheme_shares_the_diffusion_part():
         np.testing.assert_allclose(np.asarray(P(jnp.asarray(x)))[i].ravel(), ref, atol=1e-12)
 
 
+def test_hand_built_operator_without_diffusion_number():
+    """An FPOperator built field by field (no ``diffusion``): the consistent scheme's k comes
+    from the centre coefficient; a fitted one is refused with a message."""
+    import dataclasses
+
+    rng = np.random.default_rng(6)
+    lag = rng.normal(size=(2, 2, 5, 6))
+    for scheme in ("consistent", "fitted"):
+        op = fp_operator(jnp.array([1.0, 3.0]), 0.05, 1.0, lag, scheme=scheme)
+        bare = dataclasses.replace(op, diffusion=None)
+        if scheme == "consistent":
+            x = jnp.asarray(rng.normal(size=(2, 5, 6)))
+            np.testing.assert_allclose(diffusion_preconditioner(bare)(x),
+                                       diffusion_preconditioner(op)(x), rtol=1e-13)
+        else:
+            with pytest.raises(ValueError, match="diffusion number"):
+                diffusion_preconditioner(bare)
+
+
 def test_float32_and_scalar_k():
     P = shared_diffusion_inverse(jnp.float32(0.3), (5, 4))
     x = jnp.ones((2, 5, 4), jnp.float32)
