@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
     p.max_sweeps = 30
     p.divergence_patience = 5      # stop images whose sweeps wander (docs/bench_precompute_cpu.md)
     p.max_fixed_point = 5
-    p.lag_init = "initial"
+    p.lag_init = "initial"         # or "march" (first sweep lags the score one step: ~1 sweep fewer)
     p.strategy = "fast"            # fastest end to end (docs/bench_precompute_cpu.md)
     p.tol = 1e-10
     p.restart = 20
