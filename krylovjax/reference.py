@@ -23,6 +23,23 @@ class DirectResult(NamedTuple):
     assembly_seconds: float
 
 
+def _direct(op: FPOperator, b, solver: str, active=None):
+    """Assemble (``to_scipy(ix).tocsc()``) and solve the systems one at a time: every one, or
+    those where ``active`` (``[*batch]`` bool) is True.
+
+    Yields ``(ix, A, x_ix [H, W] float64, assembly_seconds, solve_seconds)`` per system.
+    """
+    for ix in np.ndindex(*op.batch_shape):
+        if active is not None and not active[ix]:
+            continue
+        t0 = time.perf_counter()
+        A = op.to_scipy(ix).tocsc()
+        t1 = time.perf_counter()
+        rhs = np.asarray(b[ix], np.float64).ravel()
+        x = spla.spsolve(A, rhs) if solver == "spsolve" else spla.splu(A).solve(rhs)
+        yield ix, A, x.reshape(op.grid_shape), t1 - t0, time.perf_counter() - t1
+
+
 def _solve_all(op: FPOperator, b, solver: str) -> DirectResult:
     b = np.asarray(b, np.float64)
     batch = op.batch_shape
@@ -30,25 +47,16 @@ def _solve_all(op: FPOperator, b, solver: str) -> DirectResult:
         raise ValueError(f"b: expected shape {batch + op.grid_shape}, got {b.shape}")
     if not np.all(np.isfinite(b)):
         raise ValueError("b: expected finite values, found NaN or Inf")
-    t0 = time.perf_counter()
-    mats = [op.to_scipy(ix).tocsc() for ix in np.ndindex(*batch)]
-    t1 = time.perf_counter()
-    xs = []
-    for A, ix in zip(mats, np.ndindex(*batch)):
-        rhs = b[ix].ravel()
-        if solver == "spsolve":
-            xs.append(spla.spsolve(A, rhs))
-        else:
-            xs.append(spla.splu(A).solve(rhs))
-    t2 = time.perf_counter()
-    res = []
-    for A, x, ix in zip(mats, xs, np.ndindex(*batch)):
+    x, res = np.zeros(b.shape), np.zeros(batch)
+    assembly_s = solve_s = 0.0
+    for ix, A, xi, ta, ts in _direct(op, b, solver):
+        x[ix] = xi
+        assembly_s, solve_s = assembly_s + ta, solve_s + ts
         rhs = b[ix].ravel()
         nb = np.linalg.norm(rhs)
-        res.append(np.linalg.norm(rhs - A @ x) / nb if nb > 0 else np.linalg.norm(A @ x))
-    x = np.stack(xs).reshape(batch + op.grid_shape) if xs else np.zeros(b.shape)
-    return DirectResult(x=x, residual=np.asarray(res).reshape(batch), seconds=t2 - t1,
-                        assembly_seconds=t1 - t0)
+        r = A @ x[ix].ravel()
+        res[ix] = np.linalg.norm(rhs - r) / nb if nb > 0 else np.linalg.norm(r)
+    return DirectResult(x=x, residual=res, seconds=solve_s, assembly_seconds=assembly_s)
 
 
 def spsolve(op: FPOperator, b) -> DirectResult:
@@ -97,11 +105,8 @@ def spsolve_in_jit(op: FPOperator, b, active=None, *, check_finite: bool = True)
         if check_finite and not np.all(np.isfinite(b_host[active_host])):
             raise ValueError("b: expected finite values, found NaN or Inf")
         x = np.zeros(b_host.shape, b_host.dtype)
-        for ix in np.ndindex(*op_host.batch_shape):
-            if active_host[ix]:
-                A = op_host.to_scipy(ix).tocsc()
-                x[ix] = spla.spsolve(A, b_host[ix].ravel().astype(np.float64)).reshape(
-                    op_host.grid_shape)
+        for ix, _, xi, _, _ in _direct(op_host, b_host, "spsolve", active_host):
+            x[ix] = xi
         return x
 
     return jax.pure_callback(host, jax.ShapeDtypeStruct(b.shape, b.dtype), b, active, *leaves,
