@@ -463,6 +463,13 @@ def _scatter(arrays, idx, values):
     return tuple(a.at[:, idx].set(v) for a, v in zip(arrays, values))
 
 
+def _write_back(full: tuple, cur: np.ndarray | None, working: tuple, C: int) -> tuple:
+    """The full ``[N, S, ...]`` arrays after a sweep on the working batch: the working arrays
+    themselves when it was the whole batch (``cur`` None), else ``full`` with the systems of
+    the images ``cur`` replaced by ``working`` (in place)."""
+    return working if cur is None else _scatter(full, _systems(cur, C), working)
+
+
 def _padded_count(config: PrecomputeConfig, B: int) -> int:
     """Image count after padding to a multiple of the device count (sharded runs)."""
     devices = _devices(config)
@@ -613,13 +620,10 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
             nxt = _compact_batch(active, sizes, seed) if k > 0 and sizes else None
             if not (nxt is None and cur is None) and not (
                     nxt is not None and cur is not None and np.array_equal(nxt, cur)):
-                if cur is None:  # leaving the whole batch: the full arrays must not alias
-                    lag, m_old, m_best = lag_w, mold_w, mbest_w
-                    if m_best is m_old:
-                        m_best = m_old.copy()
-                else:
-                    lag, m_old, m_best = _scatter((lag, m_old, m_best), _systems(cur, C),
-                                                  (lag_w, mold_w, mbest_w))
+                lag, m_old, m_best = _write_back((lag, m_old, m_best), cur,
+                                                 (lag_w, mold_w, mbest_w), C)
+                if cur is None and m_best is m_old:  # the full arrays must not alias
+                    m_best = m_old.copy()
                 cur = nxt
                 if cur is None:
                     m0_w, lag_w, mold_w, mbest_w = m0s, lag, m_old, m_best
@@ -675,11 +679,7 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
                                                         batch_images=n_w))
             if not active.any():
                 break
-        if cur is None:
-            lag, m_old, m_best = lag_w, mold_w, mbest_w
-        else:
-            lag, m_old, m_best = _scatter((lag, m_old, m_best), _systems(cur, C),
-                                          (lag_w, mold_w, mbest_w))
+        lag, m_old, m_best = _write_back((lag, m_old, m_best), cur, (lag_w, mold_w, mbest_w), C)
         converged = best_trusted & (best <= config.outer_tol)
         if converged.all():  # the last iterate of every image; its scores are the last lag
             m_all, scores = m_old, lag
