@@ -323,7 +323,7 @@ def _build(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype: np.d
         def step(m_prev, xs):
             g2, lag_n, x_old, f = xs
             if config.lag_init == "march":  # first sweep: lag the score by one time step
-                lag_n = jnp.where(first, _score(config, m_prev), lag_n)
+                lag_n = jax.lax.cond(first, lambda: _score(config, m_prev), lambda: lag_n)
             op = make_op(g2, lag_n, f)
             b = op.rhs(m_prev)
             x0 = jnp.where(first, m_prev, x_old) if config.warm_start else None
