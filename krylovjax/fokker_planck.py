@@ -277,11 +277,19 @@ class FPOperator:
         return mat.tocsr()  # duplicate (reflect) entries are summed
 
 
-def _bernoulli(x: Array) -> Array:
-    """The Bernoulli function ``B(x) = x / (e^x - 1)`` (> 0; ``B(0) = 1``; series near 0)."""
-    small = jnp.abs(x) < 1e-3
-    q = jnp.where(small, 1.0, x)
-    return jnp.where(small, 1.0 - x / 2.0 + x * x / 12.0, q / jnp.expm1(q))
+def _bernoulli_pair(x: Array) -> tuple[Array, Array]:
+    """``(B(x), B(-x))`` of the Bernoulli function ``B(x) = x / (e^x - 1)`` (> 0; ``B(0) = 1``).
+
+    One ``expm1`` for both, and no cancellation: ``B(|x|)`` is evaluated directly (series near
+    0) and the other value as ``B(-|x|) = B(|x|) + |x|``, a sum of two non-negative terms, so
+    both stay >= 0 in any precision (the M-matrix signs of the fitted scheme)."""
+    a = jnp.abs(x)
+    small = a < 1e-3
+    q = jnp.where(small, 1.0, a)
+    b_pos = jnp.where(small, 1.0 - a / 2.0 + a * a / 12.0, q / jnp.expm1(q))  # B(|x|)
+    b_neg = b_pos + a  # B(-|x|)
+    pos = x >= 0
+    return jnp.where(pos, b_pos, b_neg), jnp.where(pos, b_neg, b_pos)
 
 
 def _as_param(name: str, value, batch_shape, dtype) -> Array:
@@ -417,8 +425,8 @@ def fp_operator(
             coeffs = dict(east=-k + ax, west=-k - ax, south=-k + ay, north=-k - ay)
         else:  # k (sigma(p) -+ p) = k B(+-2p): no cancellation, exactly <= 0
             px, py = 2.0 * ax / k, 2.0 * ay / k
-            coeffs = dict(east=-k * _bernoulli(px), west=-k * _bernoulli(-px),
-                          south=-k * _bernoulli(py), north=-k * _bernoulli(-py))
+            (bex, bwx), (bsy, bny) = _bernoulli_pair(px), _bernoulli_pair(py)
+            coeffs = dict(east=-k * bex, west=-k * bwx, south=-k * bsy, north=-k * bny)
             centre = 1.0 - sum(coeffs.values())
     else:
         alpha = (vx + vy) * dt / (2.0 * h)

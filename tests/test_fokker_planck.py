@@ -1,6 +1,8 @@
 """The log-FP operator against independent references: hand-assembled scipy matrices, an
 explicit stencil loop, and the analytic Gaussian (Cole-Hopf) solution with its convergence order.
 """
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,6 +106,30 @@ def test_fitted_matches_independent_assembly():
     op = fp_operator(g2, dt, h, s, f, scheme="fitted")
     np.testing.assert_allclose(op.to_scipy().toarray(),
                                _fitted_reference(g2, dt, h, s, f).toarray(), atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bernoulli_pair_is_accurate_and_non_negative(dtype):
+    """(B(x), B(-x)) with B(x) = x / (e^x - 1), against a reference in Python floats (series
+    near 0), over |x| from 0 to beyond float32's overflow of e^x; both values stay >= 0."""
+    from krylovjax.fokker_planck import _bernoulli_pair
+
+    mags = np.concatenate([[0.0, 1e-9, 9.99e-4, 1e-3, 1.01e-3], np.logspace(-2, 3, 41)])
+    x = np.concatenate([mags, -mags])
+
+    def ref(v):
+        if abs(v) < 1e-4:
+            return 1.0 - v / 2 + v * v / 12 - v ** 4 / 720
+        return v / math.expm1(v) if v < 0 else v * math.exp(-v) / -math.expm1(-v)
+
+    got_p, got_m = (np.asarray(a, np.float64) for a in _bernoulli_pair(jnp.asarray(x, dtype)))
+    want_p = np.array([ref(float(v)) for v in x.astype(dtype)])
+    want_m = np.array([ref(-float(v)) for v in x.astype(dtype)])
+    rtol = 2e-6 if dtype == np.float32 else 1e-14
+    tiny = np.finfo(dtype).tiny / np.finfo(dtype).eps  # B(x) ~ x e^-x underflows for x >> 1
+    np.testing.assert_allclose(got_p, want_p, rtol=rtol, atol=tiny)
+    np.testing.assert_allclose(got_m, want_m, rtol=rtol, atol=tiny)
+    assert got_p.min() >= 0.0 and got_m.min() >= 0.0
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
