@@ -7,7 +7,9 @@ step. A whole sweep over the time steps is one compiled program (``lax.scan``); 
 is one of
 
 - ``outer="sweeps"``: Paper B's Algorithm 1 (policy iteration). Sweep k solves every time step
-  with the lagged score of sweep k-1, then updates all scores; an image stops when the relative
+  with the lagged score of sweep k-1 (the score of sweep k-1's m at that step, computed inside
+  the step and never stored: only the ``[N, S, H, W]`` log-densities are carried between
+  sweeps); an image stops when the relative
   change ``||m^(k) - m^(k-1)|| / ||m^(k-1)||`` over its (channel, time, pixel) values is at most
   ``outer_tol`` (per-image convergence masks: converged images are frozen).
 - ``outer="timestep"``: Paper A's time-step-wise fixed point: at each step iterate
@@ -282,8 +284,9 @@ def _devices(config: PrecomputeConfig):
 class _Programs(NamedTuple):
     t: Any
     dt: float
-    sweep: Any          # jitted (m0, lag, m_old, active, tol) -> (m, lag, conv, mv, dsq, osq)
+    sweep: Any          # jitted (m0, m_old, active, tol, first) -> (m, conv, mv, dsq, osq)
     timestep_run: Any   # jitted m0 -> (m, scores, conv, mv, iterations, unconverged)
+    scores: Any         # jitted m [N,S,H,W] -> scores [N,S,2,H,W] (the sweeps' result)
     arg_specs: dict     # ShapeDtypeStructs of the arguments, for ahead-of-time compilation
 
 
@@ -311,31 +314,36 @@ def _build(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype: np.d
 
     forcing = config.forcing > 0 and config.strategy != "spsolve"
 
-    def sweep_local(m0, lag, m_old, active, tol, first):
+    def sweep_local(m0, m_old, active, tol, first):
         """One Algorithm-1 sweep on (a shard of) the systems.
 
-        m0 [S,H,W]; lag [N,S,2,H,W]; m_old [N,S,H,W]; active [S]; tol [S] relative residual
-        tolerances (used with ``forcing`` only); first: scalar bool, the first sweep, whose
-        solves start from the previous time step's solution (m_old is only m0 then).
-        Returns the new m
-        [N,S,H,W], its scores (next sweep's lagged score) [N,S,2,H,W], converged and matvecs
+        m0 [S,H,W]; m_old [N,S,H,W] the last sweep's iterate (m0 at every level before the
+        first sweep); active [S]; tol [S] relative residual tolerances (used with ``forcing``
+        only); first: scalar bool, the first sweep, whose solves start from the previous time
+        step's solution. The lagged score of step n is the score of m_old[n], computed in the
+        step (fused into the operator's coefficients; never stored), except in the first
+        sweep with ``lag_init`` "ones" (a field of ones) or "march" (the score of the
+        previous step's new solution). Returns the new m [N,S,H,W], converged and matvecs
         [N-1,S], and per system sum((m - m_old)^2), sum(m_old^2) [S] for the outer test."""
         def step(m_prev, xs):
-            g2, lag_n, x_old, f = xs
+            g2, x_old, f = xs
+            lag_n = _score(config, x_old)
             if config.lag_init == "march":  # first sweep: lag the score by one time step
                 lag_n = jax.lax.cond(first, lambda: _score(config, m_prev), lambda: lag_n)
+            elif config.lag_init == "ones":
+                lag_n = jax.lax.cond(first, lambda: jnp.ones_like(lag_n), lambda: lag_n)
             op = make_op(g2, lag_n, f)
             b = op.rhs(m_prev)
             x0 = jnp.where(first, m_prev, x_old) if config.warm_start else None
             x, conv, mv = solve(op, b, x0, active, tol if forcing else None)
             x = jnp.where(active[:, None, None], x, x_old)
             return x, (x, conv | ~active, jnp.where(active, mv, 0))
-        xs = (g2s[1:], lag[1:], m_old[1:], None if drifts is None else drifts[1:])
+        xs = (g2s[1:], m_old[1:], None if drifts is None else drifts[1:])
         _, (ms, conv, mv) = jax.lax.scan(step, m0, xs)
         m = jnp.concatenate([m0[None], ms])
         dsq = jnp.sum((m - m_old) ** 2, axis=(0, 2, 3))
         osq = jnp.sum(m_old ** 2, axis=(0, 2, 3))
-        return m, _score(config, m), conv, mv, dsq, osq
+        return m, conv, mv, dsq, osq
 
     def timestep_local(m0):
         """Paper A's time-step-wise fixed point over all steps on (a shard of) the systems.
@@ -372,27 +380,32 @@ def _build(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype: np.d
         return m, _score(config, m), conv, mv, nit, unconverged
 
     specs = dict(
-        sweep=(jax.ShapeDtypeStruct((S, H, W), dtype), jax.ShapeDtypeStruct((N, S, 2, H, W), dtype),
+        sweep=(jax.ShapeDtypeStruct((S, H, W), dtype),
                jax.ShapeDtypeStruct((N, S, H, W), dtype), jax.ShapeDtypeStruct((S,), jnp.bool_),
                jax.ShapeDtypeStruct((S,), dtype), jax.ShapeDtypeStruct((), jnp.bool_)),
-        timestep_run=(jax.ShapeDtypeStruct((S, H, W), dtype),))
+        timestep_run=(jax.ShapeDtypeStruct((S, H, W), dtype),),
+        scores=(jax.ShapeDtypeStruct((N, S, H, W), dtype),))
+    scores_local = functools.partial(_score, config)
     if devices is None:
-        return _Programs(t, dt, jax.jit(sweep_local), jax.jit(timestep_local), specs)
+        return _Programs(t, dt, jax.jit(sweep_local), jax.jit(timestep_local),
+                         jax.jit(scores_local), specs)
 
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     mesh = Mesh(np.asarray(devices), ("data",))
     sys0, sys1 = P("data"), P(None, "data")  # the system axis first / after the time axis
     sweep = jax.jit(
-        jax.shard_map(sweep_local, mesh=mesh, in_specs=(sys0, sys1, sys1, sys0, sys0, P()),
-                      out_specs=(sys1, sys1, sys1, sys1, sys0, sys0), check_vma=False),
-        in_shardings=tuple(NamedSharding(mesh, p) for p in (sys0, sys1, sys1, sys0, sys0, P())),
-        out_shardings=tuple(NamedSharding(mesh, p) for p in (sys1, sys1, sys1, sys1, sys0, sys0)))
+        jax.shard_map(sweep_local, mesh=mesh, in_specs=(sys0, sys1, sys0, sys0, P()),
+                      out_specs=(sys1, sys1, sys1, sys0, sys0), check_vma=False),
+        in_shardings=tuple(NamedSharding(mesh, p) for p in (sys0, sys1, sys0, sys0, P())),
+        out_shardings=tuple(NamedSharding(mesh, p) for p in (sys1, sys1, sys1, sys0, sys0)))
     timestep_run = jax.jit(
         jax.shard_map(timestep_local, mesh=mesh, in_specs=(sys0,), out_specs=(sys1,) * 6,
                       check_vma=False),
         in_shardings=(NamedSharding(mesh, sys0),),
         out_shardings=(NamedSharding(mesh, sys1),) * 6)
-    return _Programs(t, dt, sweep, timestep_run, specs)
+    scores = jax.jit(scores_local, in_shardings=NamedSharding(mesh, sys1),
+                     out_shardings=NamedSharding(mesh, sys1))
+    return _Programs(t, dt, sweep, timestep_run, scores, specs)
 
 
 def _program_config(config: PrecomputeConfig) -> PrecomputeConfig:
@@ -515,16 +528,17 @@ def precompile(images_shape, dtype, config: PrecomputeConfig = PrecomputeConfig(
     sizes = _compact_sizes(config, Bp)
     progs = [_programs(config, Bp, C, H, W, dtype)]
     progs += [_compact_programs(config, n, C, H, W, dtype) for n in sizes]
-    name = "sweep" if config.outer == "sweeps" else "timestep_run"
+    names = ("sweep", "scores") if config.outer == "sweeps" else ("timestep_run",)
     for p in progs:
-        getattr(p, name).lower(*p.arg_specs[name]).compile()
+        for name in names:
+            getattr(p, name).lower(*p.arg_specs[name]).compile()
     if sizes:  # the gathers and scatters between whole and compacted batches
-        m0, lag, m = progs[0].arg_specs["sweep"][:3]
+        m0, m = progs[0].arg_specs["sweep"][:2]
         for n in sizes:
             idx = jax.ShapeDtypeStruct((n * C,), jnp.int32)
-            _, (lag_c, m_c, _) = jax.eval_shape(_gather, m0, (lag, m, m), idx)
-            _gather.lower(m0, (lag, m, m), idx).compile()
-            _scatter.lower((lag, m, m), idx, (lag_c, m_c, m_c)).compile()
+            _, (m_c, _) = jax.eval_shape(_gather, m0, (m, m), idx)
+            _gather.lower(m0, (m, m), idx).compile()
+            _scatter.lower((m, m), idx, (m_c, m_c)).compile()
     return time.perf_counter() - start
 
 
@@ -593,10 +607,6 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
 
     stats: dict[str, Any] = {}
     if config.outer == "sweeps":
-        if config.lag_init == "ones":
-            lag = jnp.ones((N, S, 2, H, W), dtype)
-        else:
-            lag = jnp.broadcast_to(_score(config, m0s), (N, S, 2, H, W))
         m_old = jnp.broadcast_to(m0s, (N, S, H, W))
         m_best = m_old
         active = np.ones(Bp, bool)
@@ -614,30 +624,28 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
         sizes = _compact_sizes(config, Bp)
         seed = config.seed_image if _seeded(config) else None
         cur = None
-        m0_w, lag_w, mold_w, mbest_w = m0s, lag, m_old, m_best
+        m0_w, mold_w, mbest_w = m0s, m_old, m_best
         batch_images = []
         for k in range(config.max_sweeps):
             nxt = _compact_batch(active, sizes, seed) if k > 0 and sizes else None
             if not (nxt is None and cur is None) and not (
                     nxt is not None and cur is not None and np.array_equal(nxt, cur)):
-                lag, m_old, m_best = _write_back((lag, m_old, m_best), cur,
-                                                 (lag_w, mold_w, mbest_w), C)
+                m_old, m_best = _write_back((m_old, m_best), cur, (mold_w, mbest_w), C)
                 if cur is None and m_best is m_old:  # the full arrays must not alias
                     m_best = m_old.copy()
                 cur = nxt
                 if cur is None:
-                    m0_w, lag_w, mold_w, mbest_w = m0s, lag, m_old, m_best
+                    m0_w, mold_w, mbest_w = m0s, m_old, m_best
                 else:
-                    m0_w, (lag_w, mold_w, mbest_w) = _gather(m0s, (lag, m_old, m_best),
-                                                             _systems(cur, C))
+                    m0_w, (mold_w, mbest_w) = _gather(m0s, (m_old, m_best), _systems(cur, C))
             imgs = np.arange(Bp) if cur is None else cur
             n_w = len(imgs)
             prog_w = progs if cur is None else _compact_programs(config, n_w, C, H, W, dtype)
             batch_images.append(n_w)
             tol_img = (np.clip(config.forcing * change, config.tol, config.forcing)
                        if config.forcing > 0 else np.full(Bp, config.tol))
-            m_new, lag_w, conv, mv, dsq, osq = prog_w.sweep(
-                m0_w, lag_w, mold_w, np.repeat(active[imgs], C),
+            m_new, conv, mv, dsq, osq = prog_w.sweep(
+                m0_w, mold_w, np.repeat(active[imgs], C),
                 np.repeat(tol_img[imgs], C).astype(dtype), np.asarray(k == 0))
             dsq = np.asarray(dsq).reshape(n_w, C).sum(1)
             osq = np.asarray(osq).reshape(n_w, C).sum(1)
@@ -679,14 +687,10 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
                                                         batch_images=n_w))
             if not active.any():
                 break
-        lag, m_old, m_best = _write_back((lag, m_old, m_best), cur, (lag_w, mold_w, mbest_w), C)
+        m_old, m_best = _write_back((m_old, m_best), cur, (mold_w, mbest_w), C)
         converged = best_trusted & (best <= config.outer_tol)
-        if converged.all():  # the last iterate of every image; its scores are the last lag
-            m_all, scores = m_old, lag
-        else:
-            if devices is not None:
-                m_best = jnp.asarray(np.asarray(m_best))
-            m_all, scores = m_best, _score(config, m_best)
+        m_all = m_old if converged.all() else m_best  # the last iterate of every image, or the best
+        scores = progs.scores(m_all)
         stats.update(sweeps=sweeps[:B], outer_converged=converged[:B], outer_change=best[:B],
                      outer_diverged=diverged[:B], batch_images=np.asarray(batch_images))
     else:

@@ -182,6 +182,43 @@ def _one_step(images):
     return op, op.rhs(m0.reshape(S, H, W))
 
 
+@pytest.mark.parametrize("lag_init", ["initial", "ones"])
+def test_sweeps_equal_a_scipy_loop_of_algorithm_1(images, lag_init):
+    """Paper B's Algorithm 1 written out with scipy: sweep k solves every step n with the score
+    of sweep k-1's m^n (the first sweep: the score of m0, or a field of ones) and the new m^{n-1}
+    on the right-hand side; the scores returned are those of the last sweep's m."""
+    import scipy.sparse.linalg as spla
+
+    from krylovjax import initial, scores, sde as sde_lib
+    from krylovjax.fokker_planck import fp_operator
+
+    x, N, sweeps = images[:2], 4, 2
+    got = precompute_scores(x, PrecomputeConfig(num_steps=N, strategy="fast", tol=1e-13,
+                                                lag_init=lag_init, max_sweeps=sweeps,
+                                                outer_tol=1e-14, chunk_size=4))
+    assert np.all(got.stats["sweeps"] == sweeps)
+    m0 = np.asarray(initial.initial_log_density(x))
+    B, C, H, W = m0.shape
+    m0 = m0.reshape(B * C, H, W)
+    t, dt = sde_lib.time_grid(N)
+    g2 = sde_lib.VESDE(5.0).g2(t)
+    m_old = [m0] * N
+    for k in range(sweeps):
+        m_new = [m0]
+        for n in range(1, N):
+            lag = (np.ones((B * C, 2, H, W)) if k == 0 and lag_init == "ones"
+                   else np.asarray(scores.score(jnp.asarray(m_old[n]))))
+            op = fp_operator(g2[n], dt, 1.0, lag, scheme="fitted")
+            b = np.asarray(op.rhs(jnp.asarray(m_new[-1])))
+            m_new.append(np.stack([spla.spsolve(op.to_scipy(i).tocsc(), b[i].ravel()).reshape(H, W)
+                                   for i in range(B * C)]))
+        m_old = m_new
+    want = np.stack(m_old, axis=1).reshape(B, C, N, H, W)
+    np.testing.assert_allclose(np.asarray(got.log_density), want, rtol=0, atol=1e-9 * np.abs(want).max())
+    want_s = np.asarray(scores.score(jnp.asarray(want)))
+    np.testing.assert_allclose(np.asarray(got.scores), want_s, rtol=0, atol=1e-9 * np.abs(want_s).max())
+
+
 def test_lag_init_march(images):
     """``lag_init="march"``: the first sweep lags the score by one time step (m^n solved with
     the score of m^{n-1}), checked against scipy step by step; the sweeps then reach the same
