@@ -126,6 +126,33 @@ def test_two_processes_equal_one_and_resume(tmp_path):
     assert moved > 100 * lr / 100
 
 
+def test_two_processes_stop_together_at_the_budget(tmp_path):
+    """A wall-clock budget across processes: each process times its own steps, so their clocks
+    can cross the budget at different steps; the stop follows process 0's clock (its records
+    straddle the budget), both processes leave the loop after the same step (a process that
+    left alone would leave the other blocked in the next step's all-reduce) and the final
+    checkpoint is that step. test_training checks that the decision is process 0's."""
+    x = _trajectories()
+    own = [_store(tmp_path / f"own{p}", x, range(*OWN_ROWS[p])) for p in range(2)]
+    wd, budget = str(tmp_path / "budget"), 1.5
+    cmds, envs = _run([wd, wd], own, 100000, processes=2)
+    cmds = [c + [f"--config.budget_seconds={budget}", "--config.checkpoint_every=100000"] for c in cmds]
+    outs = run_all(cmds, envs, timeout=240)
+    for rc, _, err in outs:
+        assert rc == 0, err[-3000:]
+    result = json.load(open(os.path.join(wd, "result.json")))
+    assert result["stop_reason"] == "budget"
+    step = result["step"]
+    for p in range(2):  # both processes report the same last step
+        done = [line for line in outs[p][2].splitlines() if f"done (process {p}/2)" in line]
+        assert len(done) == 1 and f"'step': {step}," in done[0] and "'budget'" in done[0], outs[p][2][-2000:]
+    train = [r for r in _records(wd) if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, step + 1))
+    # Process 0's clock: below the budget before the last step, at or above it after.
+    assert train[-2]["train_seconds"] < budget <= train[-1]["train_seconds"]
+    assert int(tr.load_checkpoint(wd).state.step) == step
+
+
 def test_bad_process_flags_are_refused(tmp_path):
     base = [sys.executable, *TRAIN, f"--workdir={tmp_path / 'w'}", f"--store={tmp_path / 's'}"]
     for flags, match in [(["--num_processes=2", "--process_id=1"], "--coordinator_address"),

@@ -341,6 +341,25 @@ def test_budget_stop_then_resume_equals_uninterrupted(tmp_path, trajectories):
     assert [r["step"] for r in recs if r["kind"] == "train"] == [5, 6]
 
 
+def test_stop_decisions_are_process_0s(tmp_path, trajectories, monkeypatch):
+    """Budget and target stops go through the broadcast of process 0's decision: with process 0
+    saying "go on" (the stand-in for ``broadcast_one_to_all`` returns 0) a run whose own clock
+    is over its budget and whose own metric is over its target trains to ``num_steps``."""
+    asked = []
+
+    def process_0_says(v):
+        asked.append(int(v))
+        return int(v) if len(asked) == 1 else 0  # the first question: the step to resume from
+
+    monkeypatch.setattr(tr, "_from_process_0", process_0_says)
+    res = tr.train(OURS.replace(num_steps=3, eval_every=1, budget_seconds=1e-9), trajectories,
+                   tmp_path / "p", eval_fn=lambda fn, step: {"ssim": 1.0}, target=0.5)
+    assert res.stop_reason == "num_steps" and res.step == 3
+    # no checkpoint to resume (-1); then the budget check before each step (0 s before the
+    # first: not over) and the target check after it, all "stop" on this process's own values
+    assert asked == [-1, 0, 1, 1, 1, 1, 1]
+
+
 def test_target_stops_training(tmp_path, trajectories):
     res = tr.train(OURS.replace(num_steps=50, eval_every=2), trajectories, tmp_path / "t",
                    eval_fn=lambda fn, step: {"ssim": 0.1 * step}, target=0.6)
