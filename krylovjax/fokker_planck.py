@@ -280,16 +280,19 @@ class FPOperator:
 def _bernoulli_pair(x: Array) -> tuple[Array, Array]:
     """``(B(x), B(-x))`` of the Bernoulli function ``B(x) = x / (e^x - 1)`` (> 0; ``B(0) = 1``).
 
-    One ``expm1`` for both, and no cancellation: ``B(|x|)`` is evaluated directly (series near
-    0) and the other value as ``B(-|x|) = B(|x|) + |x|``, a sum of two non-negative terms, so
-    both stay >= 0 in any precision (the M-matrix signs of the fitted scheme)."""
+    One ``expm1`` for both, and no cancellation: ``B(|x|)`` is evaluated directly and the other
+    value as ``B(-|x|) = B(|x|) + |x|``, a sum of two non-negative terms, so both stay >= 0 in
+    any precision (the M-matrix signs of the fitted scheme). Near 0 the series
+    ``1 -+ x/2 + x^2/12`` in ``x`` itself (so derivatives are right at ``x = 0`` too)."""
     a = jnp.abs(x)
     small = a < 1e-3
     q = jnp.where(small, 1.0, a)
-    b_pos = jnp.where(small, 1.0 - a / 2.0 + a * a / 12.0, q / jnp.expm1(q))  # B(|x|)
-    b_neg = b_pos + a  # B(-|x|)
+    b_abs = q / jnp.expm1(q)  # B(|x|), used where |x| >= 1e-3
     pos = x >= 0
-    return jnp.where(pos, b_pos, b_neg), jnp.where(pos, b_neg, b_pos)
+    even = 1.0 + x * x / 12.0
+    b_x = jnp.where(small, even - x / 2.0, jnp.where(pos, b_abs, b_abs + a))
+    b_minus_x = jnp.where(small, even + x / 2.0, jnp.where(pos, b_abs + a, b_abs))
+    return b_x, b_minus_x
 
 
 def _as_param(name: str, value, batch_shape, dtype) -> Array:

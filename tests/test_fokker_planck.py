@@ -130,6 +130,15 @@ def test_bernoulli_pair_is_accurate_and_non_negative(dtype):
     np.testing.assert_allclose(got_p, want_p, rtol=rtol, atol=tiny)
     np.testing.assert_allclose(got_m, want_m, rtol=rtol, atol=tiny)
     assert got_p.min() >= 0.0 and got_m.min() >= 0.0
+    if dtype == np.float64:  # derivatives, at 0 and on both branches
+
+        def slope(v):  # B'(v) = (e^v - 1 - v e^v) / (e^v - 1)^2, B'(0) = -1/2
+            return -0.5 if v == 0 else (math.expm1(v) - v * math.exp(v)) / math.expm1(v) ** 2
+
+        for v in (0.0, 5e-4, -5e-4, 0.3, -0.3, 7.0, -7.0):
+            d_plus, d_minus = (float(jax.grad(lambda t, i=i: _bernoulli_pair(t)[i])(v)) for i in (0, 1))
+            assert d_plus == pytest.approx(slope(v), rel=1e-6)
+            assert d_minus == pytest.approx(-slope(-v), rel=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
