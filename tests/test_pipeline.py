@@ -173,6 +173,33 @@ def test_exception_between_chunks_then_resume(images, reference_run, tmp_path, m
         np.testing.assert_array_equal(fields[name], ref, err_msg=name)
 
 
+def test_failed_background_write_raises_then_resume(images, reference_run, tmp_path, monkeypatch):
+    """Chunk writes run in a background thread: a write that fails (disk full, say) is raised
+    by run_precompute once the next chunk is computed; the chunks written before it are
+    complete, the failed one is absent, and a rerun computes only what is missing."""
+    from krylovjax.store import ScoreStore
+
+    real = ScoreStore.write_chunk
+
+    def failing(self, index, values):
+        if index == 1:
+            raise OSError("injected write failure")
+        return real(self, index, values)
+
+    monkeypatch.setattr(ScoreStore, "write_chunk", failing)
+    with pytest.raises(OSError, match="injected"):
+        pipeline.run_precompute(images, CFG, str(tmp_path), chunk_images=1,
+                                store_dtype=np.float64, progress=False)
+    assert _markers(str(tmp_path)) == ["chunk_00000000.json"]
+    monkeypatch.setattr(ScoreStore, "write_chunk", real)
+    summary = pipeline.run_precompute(images, CFG, str(tmp_path), chunk_images=1,
+                                      store_dtype=np.float64, progress=False)
+    assert (summary.chunks_skipped, summary.chunks_computed) == (1, NUM - 1)
+    fields = _all_fields(str(tmp_path), images, chunk_images=1, store_dtype=np.float64)
+    for name, ref in reference_run[2].items():
+        np.testing.assert_array_equal(fields[name], ref, err_msg=name)
+
+
 def test_other_config_or_images_refused(images, reference_run):
     workdir = reference_run[0]
     before = (_markers(workdir), open(os.path.join(workdir, "store", "manifest.json")).read())
