@@ -245,6 +245,7 @@ def test_dropout_only_in_train_mode():
     np.testing.assert_allclose(np.asarray(_fwd(no_drop, x, t)), np.asarray(e1), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow  # 5 s of eager U-Net dispatch; every other test runs the model jitted
 def test_jit_matches_eager():
     model = _build(_cfg(), seed=5)
     x, t = _images(2, 3, 16, seed=3), jnp.array([0.2, 0.6])

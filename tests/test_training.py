@@ -236,7 +236,9 @@ def ours_run(tmp_path_factory, trajectories):
     return wd, res, evals
 
 
-@pytest.mark.parametrize("method", ["ours", "ddpm"])
+# ddpm is slow (9 s): its training runs in the denoise/budget smoke tests and its loss is
+# checked against the closed form in test_ddpm.py
+@pytest.mark.parametrize("method", ["ours", pytest.param("ddpm", marks=pytest.mark.slow)])
 def test_training_lowers_the_loss(tmp_path, method, images, trajectories, ours_run):
     cfg = OURS if method == "ours" else DDPM
     data = _data(cfg, images, trajectories)
