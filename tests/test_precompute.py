@@ -182,15 +182,26 @@ def _one_step(images):
     return op, op.rhs(m0.reshape(S, H, W))
 
 
+def _scipy_step(g2, dt, lag, m_prev):
+    """One backward-Euler step of the fitted scheme for systems ``m_prev [S, H, W]`` with the
+    lagged scores ``lag [S, 2, H, W]``, solved system by system with scipy's spsolve."""
+    import scipy.sparse.linalg as spla
+
+    from krylovjax.fokker_planck import fp_operator
+
+    op = fp_operator(g2, dt, 1.0, lag, scheme="fitted")
+    b = np.asarray(op.rhs(jnp.asarray(m_prev)))
+    S, H, W = b.shape
+    return np.stack([spla.spsolve(op.to_scipy(i).tocsc(), b[i].ravel()).reshape(H, W)
+                     for i in range(S)])
+
+
 @pytest.mark.parametrize("lag_init", ["initial", "ones"])
 def test_sweeps_equal_a_scipy_loop_of_algorithm_1(images, lag_init):
     """Paper B's Algorithm 1 written out with scipy: sweep k solves every step n with the score
     of sweep k-1's m^n (the first sweep: the score of m0, or a field of ones) and the new m^{n-1}
     on the right-hand side; the scores returned are those of the last sweep's m."""
-    import scipy.sparse.linalg as spla
-
     from krylovjax import initial, scores, sde as sde_lib
-    from krylovjax.fokker_planck import fp_operator
 
     x, N, sweeps = images[:2], 4, 2
     got = precompute_scores(x, PrecomputeConfig(num_steps=N, strategy="fast", tol=1e-13,
@@ -208,10 +219,7 @@ def test_sweeps_equal_a_scipy_loop_of_algorithm_1(images, lag_init):
         for n in range(1, N):
             lag = (np.ones((B * C, 2, H, W)) if k == 0 and lag_init == "ones"
                    else np.asarray(scores.score(jnp.asarray(m_old[n]))))
-            op = fp_operator(g2[n], dt, 1.0, lag, scheme="fitted")
-            b = np.asarray(op.rhs(jnp.asarray(m_new[-1])))
-            m_new.append(np.stack([spla.spsolve(op.to_scipy(i).tocsc(), b[i].ravel()).reshape(H, W)
-                                   for i in range(B * C)]))
+            m_new.append(_scipy_step(g2[n], dt, lag, m_new[-1]))
         m_old = m_new
     want = np.stack(m_old, axis=1).reshape(B, C, N, H, W)
     np.testing.assert_allclose(np.asarray(got.log_density), want, rtol=0, atol=1e-9 * np.abs(want).max())
@@ -223,10 +231,7 @@ def test_lag_init_march(images):
     """``lag_init="march"``: the first sweep lags the score by one time step (m^n solved with
     the score of m^{n-1}), checked against scipy step by step; the sweeps then reach the same
     fixed point as with ``"initial"`` in fewer sweeps or as many."""
-    import scipy.sparse.linalg as spla
-
     from krylovjax import initial, scores, sde as sde_lib
-    from krylovjax.fokker_planck import fp_operator
 
     x = images[:2]
     first = precompute_scores(x, PrecomputeConfig(num_steps=4, strategy="spsolve",
@@ -237,10 +242,7 @@ def test_lag_init_march(images):
     t, dt = sde_lib.time_grid(4)
     g2 = sde_lib.VESDE(5.0).g2(t)
     for n in range(1, 4):
-        op = fp_operator(g2[n], dt, 1.0, scores.score(jnp.asarray(m)), scheme="fitted")
-        b = np.asarray(op.rhs(jnp.asarray(m)))
-        m = np.stack([spla.spsolve(op.to_scipy(i).tocsc(), b[i].ravel()).reshape(H, W)
-                      for i in range(B * C)])
+        m = _scipy_step(g2[n], dt, scores.score(jnp.asarray(m)), m)
         got = np.asarray(first.log_density[:, :, n]).reshape(B * C, H, W)
         np.testing.assert_allclose(got, m, rtol=1e-10, atol=1e-10)
     base = dict(num_steps=5, strategy="fast", chunk_size=4, outer_tol=1e-8, max_sweeps=20)
