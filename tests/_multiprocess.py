@@ -25,6 +25,12 @@ def cpu_env(local_devices: int, **extra: str) -> dict:
     return env
 
 
+def compile_cache_env(cache_dir: str) -> dict:
+    """Environment variables that give a binary JAX's persistent compilation cache in
+    ``cache_dir`` (tests that run the same programs in several subprocesses share one)."""
+    return {"JAX_COMPILATION_CACHE_DIR": cache_dir, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2"}
+
+
 def process_flags(num_processes: int, port: int, process_id: int) -> list[str]:
     """The multi-host flags the binaries take (experiments/precompute.py, experiments/train.py)."""
     return [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",

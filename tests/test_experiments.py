@@ -20,6 +20,8 @@ import pytest
 
 from krylovjax import experiment_utils as eu
 
+from _multiprocess import compile_cache_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A tiny problem, as --config.* flags of denoise_demo / budget_demo.
@@ -54,8 +56,7 @@ def _run(module: str, args: list[str], timeout: float = 240) -> subprocess.Compl
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
     if "dir" in _CACHE:
-        env["JAX_COMPILATION_CACHE_DIR"] = _CACHE["dir"]
-        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+        env.update(compile_cache_env(_CACHE["dir"]))
     proc = subprocess.run([sys.executable, "-m", module] + args, cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
     return proc

@@ -21,7 +21,7 @@ import pytest
 from krylovjax import training as tr
 from krylovjax.store import ScoreStore, hash_inputs
 
-from _multiprocess import ROOT, cpu_env, free_port, process_flags, run_all
+from _multiprocess import ROOT, compile_cache_env, cpu_env, free_port, process_flags, run_all
 
 B, N, C, S = 6, 4, 3, 16  # 6 images over 4 devices: rows [0, 2) [2, 4) | [4, 6) [6, 8) (padding)
 STORE_CFG = {"sde": "ve", "sde_kwargs": {"sigma": 5.0}, "num_steps": N, "eps": 1e-3}
@@ -47,10 +47,7 @@ def _compile_cache(tmp_path_factory):
 
 
 def _env(local_devices: int) -> dict:
-    extra = {}
-    if "dir" in _CACHE:
-        extra = {"JAX_COMPILATION_CACHE_DIR": _CACHE["dir"], "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2"}
-    return cpu_env(local_devices, **extra)
+    return cpu_env(local_devices, **(compile_cache_env(_CACHE["dir"]) if "dir" in _CACHE else {}))
 
 
 def _trajectories() -> np.ndarray:
