@@ -288,10 +288,11 @@ def _bernoulli_pair(x: Array) -> tuple[Array, Array]:
     small = a < 1e-3
     q = jnp.where(small, 1.0, a)
     b_abs = q / jnp.expm1(q)  # B(|x|), used where |x| >= 1e-3
+    b_neg = b_abs + a  # B(-|x|)
     pos = x >= 0
     even = 1.0 + x * x / 12.0
-    b_x = jnp.where(small, even - x / 2.0, jnp.where(pos, b_abs, b_abs + a))
-    b_minus_x = jnp.where(small, even + x / 2.0, jnp.where(pos, b_abs + a, b_abs))
+    b_x = jnp.where(small, even - x / 2.0, jnp.where(pos, b_abs, b_neg))
+    b_minus_x = jnp.where(small, even + x / 2.0, jnp.where(pos, b_neg, b_abs))
     return b_x, b_minus_x
 
 
