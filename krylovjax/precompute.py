@@ -147,6 +147,9 @@ class PrecomputeConfig:
                 f"strategy: {self.strategy!r} uses the {precondition!r} preconditioner, which "
                 f"needs scheme='consistent' or 'fitted' (got {self.scheme!r}); use 'gmres' or "
                 f"'cross_matrix'")
+        if self.initial not in initial.INITIAL_METHODS:
+            raise ValueError(f"initial: expected one of {tuple(initial.INITIAL_METHODS)}, got "
+                             f"{self.initial!r}")
         if self.lag_init not in LAG_INITS:
             raise ValueError(f"lag_init: expected one of {LAG_INITS}, got {self.lag_init!r}")
         for name in ("num_steps", "max_sweeps", "max_fixed_point"):
@@ -492,6 +495,26 @@ def _padded_count(config: PrecomputeConfig, B: int) -> int:
     return -(-B // D) * D
 
 
+def _needs_key(method: str) -> bool:
+    return initial.INITIAL_METHODS[method] is initial.paper_a_kde
+
+
+@functools.partial(jax.jit, static_argnames=("method",))
+def _initial_program(images, key, *, method: str):
+    """The initial log-density as one program, so that :func:`precompile` can compile it too."""
+    kw = {"key": key} if _needs_key(method) else {}
+    return initial.initial_log_density(images, method=method, **kw).astype(images.dtype)
+
+
+def _initial_key(config: PrecomputeConfig, key):
+    if not _needs_key(config.initial):
+        return None
+    if key is None:
+        raise ValueError(f"key: initial={config.initial!r} draws random samples, so "
+                         f"precompute_scores needs key= (a jax.random key)")
+    return key
+
+
 def _check_seed(config: PrecomputeConfig, B: int) -> None:
     devices = _devices(config)
     limit = B if devices is None else _padded_count(config, B) // len(devices)
@@ -526,6 +549,9 @@ def precompile(images_shape, dtype, config: PrecomputeConfig = PrecomputeConfig(
     start = time.perf_counter()
     Bp = _padded_count(config, B)
     sizes = _compact_sizes(config, Bp)
+    images = jax.ShapeDtypeStruct((Bp, C, H, W), dtype)
+    key = jax.random.key(0) if _needs_key(config.initial) else None
+    _initial_program.lower(images, key, method=config.initial).compile()
     progs = [_programs(config, Bp, C, H, W, dtype)]
     progs += [_compact_programs(config, n, C, H, W, dtype) for n in sizes]
     names = ("sweep", "scores") if config.outer == "sweeps" else ("timestep_run",)
@@ -589,6 +615,7 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
     images = validate_images(images)
     B, C, H, W = images.shape
     _check_seed(config, B)
+    init_key = _initial_key(config, key)
     start = time.perf_counter()
     images = jnp.asarray(images)  # float64 becomes float32 when x64 is off
     dtype = np.dtype(images.dtype)
@@ -596,13 +623,12 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
     Bp = _padded_count(config, B)
     if Bp > B:
         images = jnp.concatenate([images, jnp.repeat(images[-1:], Bp - B, axis=0)])
-    kw = {"key": key} if config.initial == "paper_a_kde" else {}
-    m0 = initial.initial_log_density(images, method=config.initial, **kw).astype(dtype)
-    m0 = jax.block_until_ready(m0)
-    initial_seconds = time.perf_counter() - start
+    compile_seconds = precompile((Bp, C, H, W), dtype, config)
+    start_initial = time.perf_counter()
+    m0 = jax.block_until_ready(_initial_program(images, init_key, method=config.initial))
+    initial_seconds = time.perf_counter() - start_initial
     S, N = Bp * C, config.num_steps
     m0s = m0.reshape(S, H, W)
-    compile_seconds = precompile((Bp, C, H, W), dtype, config)
     progs = _programs(config, Bp, C, H, W, dtype)
 
     stats: dict[str, Any] = {}

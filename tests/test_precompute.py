@@ -1,11 +1,13 @@
 """The pre-computation pipeline: Krylov strategies equal the spsolve reference on real images."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from krylovjax import data
-from krylovjax.precompute import PrecomputeConfig, precompute_scores
+from krylovjax import data, initial
+from krylovjax.precompute import PrecomputeConfig, precompile, precompute_scores
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +149,53 @@ def test_bad_config():
         PrecomputeConfig(num_steps=1)
     with pytest.raises(ValueError, match="seed_image"):
         precompute_scores(np.zeros((1, 3, 8, 8)), PrecomputeConfig(num_steps=3, seed_image=2))
+    with pytest.raises(ValueError, match="initial: expected one of"):
+        PrecomputeConfig(initial="gaussian")
+    for name in ("paper_a_kde", "paper_a"):  # the alias needs the key too
+        with pytest.raises(ValueError, match="key"):
+            precompute_scores(np.zeros((1, 3, 8, 8)), PrecomputeConfig(num_steps=3, initial=name))
+
+
+def test_paper_a_alias_uses_the_key(images):
+    cfg = PrecomputeConfig(num_steps=3, strategy="gmres", initial="paper_a")
+    key = jax.random.key(3)
+    res = precompute_scores(images[:1], cfg, key=key)
+    ref = initial.paper_a_kde(images[:1], key)
+    np.testing.assert_array_equal(res.log_density[:, :, 0], ref)
+
+
+def test_precompile_leaves_no_program_to_compile(images):
+    """After precompile, precompute_scores compiles none of its programs (initial density,
+    sweep, scores), so its stats["seconds"] is run time; without precompile it does compile
+    them (the check can fail)."""
+    import logging
+
+    names = ("_initial_program", "sweep", "_score")
+
+    def compiled(cfg, x, pre):
+        msgs = []
+
+        class Grab(logging.Handler):
+            def emit(self, record):
+                msgs.append(record.getMessage())
+
+        if pre:
+            precompile(x.shape, x.dtype, cfg)
+        grab = Grab()
+        logging.getLogger("jax").addHandler(grab)
+        try:
+            with jax.log_compiles(True):
+                res = precompute_scores(x, cfg)
+        finally:
+            logging.getLogger("jax").removeHandler(grab)
+        return res, [m.split(" with ")[0] for m in msgs if m.startswith("Compiling ")]
+
+    cfg = PrecomputeConfig(num_steps=3, strategy="fast", lag_init="march")
+    _, cold = compiled(cfg, images[:2, :, :7, :7], pre=False)  # shapes no other test compiles
+    assert all(any(n in c for c in cold) for n in names), cold
+    res, warm = compiled(cfg, images[:2, :, :9, :9], pre=True)
+    assert not [c for c in warm if any(n in c for n in names)], warm
+    assert res.stats["compile_seconds"] < res.stats["seconds"]
 
 
 def test_per_image_stats(images, references):
