@@ -290,6 +290,8 @@ class _Programs(NamedTuple):
     sweep: Any          # jitted (m0, m_old, active, tol, first) -> (m, conv, mv, dsq, osq)
     timestep_run: Any   # jitted m0 -> (m, scores, conv, mv, iterations, unconverged)
     scores: Any         # jitted m [N,S,H,W] -> scores [N,S,2,H,W] (the sweeps' result)
+    initial: Any        # jitted (images [B,C,H,W], key) -> (m0 [S,H,W], m0 at every level)
+    keep_improved: Any  # jitted (improved [S], m_new, m_best) -> the best iterates [N,S,H,W]
     arg_specs: dict     # ShapeDtypeStructs of the arguments, for ahead-of-time compilation
 
 
@@ -387,11 +389,19 @@ def _build(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype: np.d
                jax.ShapeDtypeStruct((N, S, H, W), dtype), jax.ShapeDtypeStruct((S,), jnp.bool_),
                jax.ShapeDtypeStruct((S,), dtype), jax.ShapeDtypeStruct((), jnp.bool_)),
         timestep_run=(jax.ShapeDtypeStruct((S, H, W), dtype),),
-        scores=(jax.ShapeDtypeStruct((N, S, H, W), dtype),))
+        scores=(jax.ShapeDtypeStruct((N, S, H, W), dtype),),
+        initial=(jax.ShapeDtypeStruct((B, C, H, W), dtype),
+                 jax.eval_shape(lambda: jax.random.key(0)) if _needs_key(config.initial) else None),
+        keep_improved=(jax.ShapeDtypeStruct((S,), jnp.bool_),
+                       jax.ShapeDtypeStruct((N, S, H, W), dtype),
+                       jax.ShapeDtypeStruct((N, S, H, W), dtype)))
     scores_local = functools.partial(_score, config)
+    initial_local = functools.partial(_initial_fn, method=config.initial,
+                                      levels=N if config.outer == "sweeps" else 1)
     if devices is None:
         return _Programs(t, dt, jax.jit(sweep_local), jax.jit(timestep_local),
-                         jax.jit(scores_local), specs)
+                         jax.jit(scores_local), jax.jit(initial_local), jax.jit(_keep_improved),
+                         specs)
 
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     mesh = Mesh(np.asarray(devices), ("data",))
@@ -408,7 +418,12 @@ def _build(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype: np.d
         out_shardings=(NamedSharding(mesh, sys1),) * 6)
     scores = jax.jit(scores_local, in_shardings=NamedSharding(mesh, sys1),
                      out_shardings=NamedSharding(mesh, sys1))
-    return _Programs(t, dt, sweep, timestep_run, scores, specs)
+    # m0 is made on the mesh, so that the sweeps do not move it there every time.
+    initial_prog = jax.jit(initial_local,
+                           out_shardings=(NamedSharding(mesh, sys0), NamedSharding(mesh, sys1)))
+    keep_improved = jax.jit(_keep_improved, in_shardings=tuple(
+        NamedSharding(mesh, p) for p in (sys0, sys1, sys1)), out_shardings=NamedSharding(mesh, sys1))
+    return _Programs(t, dt, sweep, timestep_run, scores, initial_prog, keep_improved, specs)
 
 
 def _program_config(config: PrecomputeConfig) -> PrecomputeConfig:
@@ -479,6 +494,15 @@ def _scatter(arrays, idx, values):
     return tuple(a.at[:, idx].set(v) for a, v in zip(arrays, values))
 
 
+_copy = jax.jit(jnp.copy)  # a new buffer (compiled by precompile, unlike Array.copy)
+
+
+def _keep_improved(improved, m_new, m_best):
+    """``m_new`` [N, S, ...] for the systems whose image improved (``improved`` [S] bool), else
+    ``m_best``."""
+    return jnp.where(improved.reshape((1, -1) + (1,) * (m_new.ndim - 2)), m_new, m_best)
+
+
 def _write_back(full: tuple, cur: np.ndarray | None, working: tuple, C: int) -> tuple:
     """The full ``[N, S, ...]`` arrays after a sweep on the working batch: the working arrays
     themselves when it was the whole batch (``cur`` None), else ``full`` with the systems of
@@ -499,11 +523,23 @@ def _needs_key(method: str) -> bool:
     return initial.INITIAL_METHODS[method] is initial.paper_a_kde
 
 
-@functools.partial(jax.jit, static_argnames=("method",))
-def _initial_program(images, key, *, method: str):
-    """The initial log-density as one program, so that :func:`precompile` can compile it too."""
+def _initial_fn(images, key, *, method: str, levels: int):
+    """m0 ``[S, H, W]`` (S = B * C) and m0 at every level ``[levels, S, H, W]`` (the first
+    sweep's lagged iterate): one program (``_Programs.initial``) that :func:`precompile`
+    compiles too."""
     kw = {"key": key} if _needs_key(method) else {}
-    return initial.initial_log_density(images, method=method, **kw).astype(images.dtype)
+    m0 = initial.initial_log_density(images, method=method, **kw).astype(images.dtype)
+    m0s = m0.reshape((-1,) + m0.shape[2:])
+    return m0s, jnp.broadcast_to(m0s, (levels,) + m0s.shape)
+
+
+@functools.partial(jax.jit, static_argnames=("B", "C"))
+def _result_layout(m_all, scores, *, B: int, C: int):
+    """``[N, S, ...]`` solver layout (padded batch) -> ``[B, C, N, ...]`` of the result."""
+    N, S = m_all.shape[:2]
+    m_all = m_all.reshape((N, S // C, C) + m_all.shape[2:])[:, :B]
+    scores = scores.reshape((N, S // C, C) + scores.shape[2:])[:, :B]
+    return jnp.moveaxis(m_all, 0, 2), jnp.moveaxis(scores, 0, 2)
 
 
 def _initial_key(config: PrecomputeConfig, key):
@@ -549,23 +585,59 @@ def precompile(images_shape, dtype, config: PrecomputeConfig = PrecomputeConfig(
     start = time.perf_counter()
     Bp = _padded_count(config, B)
     sizes = _compact_sizes(config, Bp)
-    images = jax.ShapeDtypeStruct((Bp, C, H, W), dtype)
-    key = jax.random.key(0) if _needs_key(config.initial) else None
-    _initial_program.lower(images, key, method=config.initial).compile()
     progs = [_programs(config, Bp, C, H, W, dtype)]
     progs += [_compact_programs(config, n, C, H, W, dtype) for n in sizes]
-    names = ("sweep", "scores") if config.outer == "sweeps" else ("timestep_run",)
-    for p in progs:
-        for name in names:
-            getattr(p, name).lower(*p.arg_specs[name]).compile()
-    if sizes:  # the gathers and scatters between whole and compacted batches
+    sweeps = config.outer == "sweeps"
+    names = ("sweep", "scores", "keep_improved") if sweeps else ("timestep_run",)
+    p = progs[0]
+    initial_out = p.initial.lower(*p.arg_specs["initial"]).compile().output_formats
+    if _devices(config) is None:
+        for p in progs:
+            for name in names:
+                getattr(p, name).lower(*p.arg_specs[name]).compile()
+    else:
+        _compile_sharded(p, names, initial_out)
+    S, N = Bp * C, config.num_steps
+    if sizes:  # the copy, gathers and scatters between whole and compacted batches
         m0, m = progs[0].arg_specs["sweep"][:2]
+        _copy.lower(m).compile()
         for n in sizes:
             idx = jax.ShapeDtypeStruct((n * C,), jnp.int32)
             _, (m_c, _) = jax.eval_shape(_gather, m0, (m, m), idx)
             _gather.lower(m0, (m, m), idx).compile()
             _scatter.lower((m, m), idx, (m_c, m_c)).compile()
+    # the result's layout program
+    _result_layout.lower(jax.ShapeDtypeStruct((N, S, H, W), dtype),
+                         jax.ShapeDtypeStruct((N, S, 2, H, W), dtype), B=B, C=C).compile()
     return time.perf_counter() - start
+
+
+def _compile_sharded(p: _Programs, names: tuple, initial_out: tuple) -> None:
+    """Compile sharded programs for the arrays they will be called with: m0 from the initial
+    program, and the log-densities fed from one sweep to the next. Such arrays carry their
+    concrete layout, which a plain ahead-of-time compilation does not match (the first call
+    would compile again)."""
+    def like(spec, fmt):
+        return jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=fmt)
+
+    if names == ("timestep_run",):
+        p.timestep_run.lower(like(p.arg_specs["timestep_run"][0], initial_out[0])).compile()
+        return
+    m0, m, *rest = p.arg_specs["sweep"]
+    improved = p.arg_specs["keep_improved"][0]
+    formats, todo = [], [initial_out[1]]  # the formats the iterates can arrive in
+    while todo:
+        f = todo.pop()
+        if f in formats:
+            continue
+        formats.append(f)
+        out = p.sweep.lower(like(m0, initial_out[0]), like(m, f), *rest).compile()
+        todo.append(out.output_formats[0])
+        for g in formats:  # keep_improved(improved, m_new, m_best), either from either
+            for a, b in ((f, g), (g, f)):
+                out = p.keep_improved.lower(improved, like(m, a), like(m, b)).compile()
+                todo.append(out.output_formats)
+        p.scores.lower(like(m, f)).compile()
 
 
 def _per_image(x, B: int, C: int):
@@ -617,23 +689,25 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
     _check_seed(config, B)
     init_key = _initial_key(config, key)
     start = time.perf_counter()
-    images = jnp.asarray(images)  # float64 becomes float32 when x64 is off
-    dtype = np.dtype(images.dtype)
     devices = _devices(config)
     Bp = _padded_count(config, B)
-    if Bp > B:
-        images = jnp.concatenate([images, jnp.repeat(images[-1:], Bp - B, axis=0)])
-    compile_seconds = precompile((Bp, C, H, W), dtype, config)
+    if Bp > B:  # pad with copies of the last image, on the host (no program to compile)
+        images = np.asarray(images)
+        images = np.concatenate([images, np.repeat(images[-1:], Bp - B, axis=0)])
+    # No program to compile on the way in: a sharded run's initial program puts the images on
+    # its mesh straight from the host (moving a device array there is one more program).
+    images = jax.device_put(images) if devices is None else np.asarray(images)
+    dtype = np.dtype(jax.dtypes.canonicalize_dtype(images.dtype))  # float32 when x64 is off
+    compile_seconds = precompile((B, C, H, W), dtype, config)
     start_initial = time.perf_counter()
-    m0 = jax.block_until_ready(_initial_program(images, init_key, method=config.initial))
+    progs = _programs(config, Bp, C, H, W, dtype)
+    m0s, m0_levels = jax.block_until_ready(progs.initial(images, init_key))
     initial_seconds = time.perf_counter() - start_initial
     S, N = Bp * C, config.num_steps
-    m0s = m0.reshape(S, H, W)
-    progs = _programs(config, Bp, C, H, W, dtype)
 
     stats: dict[str, Any] = {}
     if config.outer == "sweeps":
-        m_old = jnp.broadcast_to(m0s, (N, S, H, W))
+        m_old = m0_levels
         m_best = m_old
         active = np.ones(Bp, bool)
         sweeps = np.zeros(Bp, np.int32)
@@ -658,7 +732,7 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
                     nxt is not None and cur is not None and np.array_equal(nxt, cur)):
                 m_old, m_best = _write_back((m_old, m_best), cur, (mold_w, mbest_w), C)
                 if cur is None and m_best is m_old:  # the full arrays must not alias
-                    m_best = m_old.copy()
+                    m_best = _copy(m_old)
                 cur = nxt
                 if cur is None:
                     m0_w, mold_w, mbest_w = m0s, m_old, m_best
@@ -699,8 +773,7 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
             if imp_w.all():
                 mbest_w = m_new
             elif imp_w.any():
-                mbest_w = jnp.where(jnp.asarray(np.repeat(imp_w, C))[None, :, None, None],
-                                    m_new, mbest_w)
+                mbest_w = prog_w.keep_improved(np.repeat(imp_w, C), m_new, mbest_w)
             stall = np.where(improved, 0, stall + active)
             if config.divergence_patience > 0:
                 diverged |= active & (stall >= config.divergence_patience)
@@ -734,11 +807,9 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
         if progress is not None:
             progress(1, 1, dict(systems=int(systems[:B].sum())))
     if devices is not None:  # gather the shards onto the default device
-        m_all, scores = jnp.asarray(np.asarray(m_all)), jnp.asarray(np.asarray(scores))
-    m_all = jax.block_until_ready(m_all)
+        m_all, scores = jax.device_put((np.asarray(m_all), np.asarray(scores)))
+    log_density, scores = jax.block_until_ready(_result_layout(m_all, scores, B=B, C=C))
     seconds = time.perf_counter() - start
-    log_density = jnp.moveaxis(m_all.reshape(N, Bp, C, H, W)[:, :B], 0, 2)
-    scores = jnp.moveaxis(scores.reshape(N, Bp, C, 2, H, W)[:, :B], 0, 2)
     systems, matvecs, nonconv = systems[:B], matvecs[:B], nonconv[:B]
     total = int(systems.sum())
     stats.update(systems_solved=total, matvecs=int(matvecs.sum()),

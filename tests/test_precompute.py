@@ -9,6 +9,8 @@ import pytest
 from krylovjax import data, initial
 from krylovjax.precompute import PrecomputeConfig, precompile, precompute_scores
 
+from _compiles import compiled_programs
+
 
 @pytest.fixture(scope="module")
 def images():
@@ -165,37 +167,19 @@ def test_paper_a_alias_uses_the_key(images):
 
 
 def test_precompile_leaves_no_program_to_compile(images):
-    """After precompile, precompute_scores compiles none of its programs (initial density,
-    sweep, scores), so its stats["seconds"] is run time; without precompile it does compile
-    them (the check can fail)."""
-    import logging
-
-    names = ("_initial_program", "sweep", "_score")
-
-    def compiled(cfg, x, pre):
-        msgs = []
-
-        class Grab(logging.Handler):
-            def emit(self, record):
-                msgs.append(record.getMessage())
-
-        if pre:
-            precompile(x.shape, x.dtype, cfg)
-        grab = Grab()
-        logging.getLogger("jax").addHandler(grab)
-        try:
-            with jax.log_compiles(True):
-                res = precompute_scores(x, cfg)
-        finally:
-            logging.getLogger("jax").removeHandler(grab)
-        return res, [m.split(" with ")[0] for m in msgs if m.startswith("Compiling ")]
-
-    cfg = PrecomputeConfig(num_steps=3, strategy="fast", lag_init="march")
-    _, cold = compiled(cfg, images[:2, :, :7, :7], pre=False)  # shapes no other test compiles
-    assert all(any(n in c for c in cold) for n in names), cold
-    res, warm = compiled(cfg, images[:2, :, :9, :9], pre=True)
-    assert not [c for c in warm if any(n in c for n in names)], warm
-    assert res.stats["compile_seconds"] < res.stats["seconds"]
+    """After precompile, precompute_scores compiles nothing (initial density, sweeps, best
+    iterates, scores, result layout), so its stats["seconds"] is run time; without precompile
+    it does compile them (the check can fail)."""
+    cfg = PrecomputeConfig(num_steps=3, strategy="fast", lag_init="march", compact=2)
+    with compiled_programs() as cold:  # shapes no other test compiles
+        precompute_scores(images[:, :, :7, :7], cfg)
+    for name in ("_initial_fn", "sweep", "_score", "_result_layout"):
+        assert any(name in c for c in cold), (name, cold)
+    x = images[:, :, :9, :9]
+    precompile(x.shape, x.dtype, cfg)
+    with compiled_programs() as warm:
+        precompute_scores(x, cfg)
+    assert warm == []
 
 
 def test_per_image_stats(images, references):

@@ -14,6 +14,8 @@ import pytest
 from krylovjax import data, pipeline
 from krylovjax.precompute import PrecomputeConfig, _programs, precompile, precompute_scores
 
+from _compiles import compiled_programs
+
 NDEV = 4
 
 
@@ -85,6 +87,19 @@ def test_programs_run_on_all_devices(images):
         assert "data" in str(sharding.spec)
     # Second call: the cached program, nothing compiled.
     assert precompile(images.shape, np.float64, cfg) < 0.5
+
+
+def test_precompile_covers_the_sharded_run(images):
+    """A sharded run after precompile compiles nothing: m0 is made on the mesh, and the
+    programs are compiled for the iterates' concrete layouts too (which a plain ahead-of-time
+    compilation does not match). Three images: padded to four."""
+    x = images[:3, :, :9, :9]  # a shape no other test compiles
+    for cfg in (PrecomputeConfig(num_steps=3, strategy="gmres", shard=True, max_sweeps=3),
+                PrecomputeConfig(num_steps=3, strategy="gmres", shard=True, outer="timestep")):
+        precompile(x.shape, x.dtype, cfg)
+        with compiled_programs() as names:
+            precompute_scores(x, cfg)
+        assert names == [], cfg.outer
 
 
 def test_float32_sharded(images):
