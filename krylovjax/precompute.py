@@ -626,7 +626,7 @@ def _compile_sharded(p: _Programs, names: tuple, initial_out: tuple) -> None:
     m0, m, *rest = p.arg_specs["sweep"]
     improved = p.arg_specs["keep_improved"][0]
     formats, todo = [], [initial_out[1]]  # the formats the iterates can arrive in
-    while todo:
+    while todo and len(formats) < 4:  # one or two in practice; a bound all the same
         f = todo.pop()
         if f in formats:
             continue
