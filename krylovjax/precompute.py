@@ -291,6 +291,8 @@ class _Programs(NamedTuple):
     timestep_run: Any   # jitted m0 -> (m, scores, conv, mv, iterations, unconverged)
     scores: Any         # jitted m [N,S,H,W] -> scores [N,S,2,H,W] (the sweeps' result)
     initial: Any        # jitted (images [B,C,H,W], key) -> (m0 [S,H,W], m0 at every level)
+    place: Any          # sharded runs: jitted host m0 [S,H,W] -> (m0, m0 at every level) on
+                        # the mesh; None otherwise
     keep_improved: Any  # jitted (improved [S], m_new, m_best) -> the best iterates [N,S,H,W]
     arg_specs: dict     # ShapeDtypeStructs of the arguments, for ahead-of-time compilation
 
@@ -396,11 +398,14 @@ def _build(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype: np.d
                        jax.ShapeDtypeStruct((N, S, H, W), dtype),
                        jax.ShapeDtypeStruct((N, S, H, W), dtype)))
     scores_local = functools.partial(_score, config)
-    initial_local = functools.partial(_initial_fn, method=config.initial,
-                                      levels=N if config.outer == "sweeps" else 1)
+    levels = N if config.outer == "sweeps" else 1
+    # The initial density runs on one device in sharded runs too: the same m0 bit for bit,
+    # and XLA's partitioner would replicate the KDE's lax.map over the images on every device.
+    initial_prog = jax.jit(functools.partial(_initial_fn, method=config.initial,
+                                             levels=levels if devices is None else 1))
     if devices is None:
         return _Programs(t, dt, jax.jit(sweep_local), jax.jit(timestep_local),
-                         jax.jit(scores_local), jax.jit(initial_local), jax.jit(_keep_improved),
+                         jax.jit(scores_local), initial_prog, None, jax.jit(_keep_improved),
                          specs)
 
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -418,12 +423,15 @@ def _build(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype: np.d
         out_shardings=(NamedSharding(mesh, sys1),) * 6)
     scores = jax.jit(scores_local, in_shardings=NamedSharding(mesh, sys1),
                      out_shardings=NamedSharding(mesh, sys1))
-    # m0 is made on the mesh, so that the sweeps do not move it there every time.
-    initial_prog = jax.jit(initial_local,
-                           out_shardings=(NamedSharding(mesh, sys0), NamedSharding(mesh, sys1)))
+    # m0 goes to the mesh once, from the host (no resharding program to compile), so that the
+    # sweeps do not move it there every time.
+    place = jax.jit(lambda m0: (m0, jnp.broadcast_to(m0, (levels,) + m0.shape)),
+                    in_shardings=NamedSharding(mesh, sys0),
+                    out_shardings=(NamedSharding(mesh, sys0), NamedSharding(mesh, sys1)))
     keep_improved = jax.jit(_keep_improved, in_shardings=tuple(
         NamedSharding(mesh, p) for p in (sys0, sys1, sys1)), out_shardings=NamedSharding(mesh, sys1))
-    return _Programs(t, dt, sweep, timestep_run, scores, initial_prog, keep_improved, specs)
+    return _Programs(t, dt, sweep, timestep_run, scores, initial_prog, place, keep_improved,
+                     specs)
 
 
 def _program_config(config: PrecomputeConfig) -> PrecomputeConfig:
@@ -590,13 +598,14 @@ def precompile(images_shape, dtype, config: PrecomputeConfig = PrecomputeConfig(
     sweeps = config.outer == "sweeps"
     names = ("sweep", "scores", "keep_improved") if sweeps else ("timestep_run",)
     p = progs[0]
-    initial_out = p.initial.lower(*p.arg_specs["initial"]).compile().output_formats
+    p.initial.lower(*p.arg_specs["initial"]).compile()
     if _devices(config) is None:
         for p in progs:
             for name in names:
                 getattr(p, name).lower(*p.arg_specs[name]).compile()
     else:
-        _compile_sharded(p, names, initial_out)
+        m0 = p.arg_specs["timestep_run"][0]
+        _compile_sharded(p, names, p.place.lower(m0).compile().output_formats)
     S, N = Bp * C, config.num_steps
     if sizes:  # the copy, gathers and scatters between whole and compacted batches
         m0, m = progs[0].arg_specs["sweep"][:2]
@@ -613,8 +622,9 @@ def precompile(images_shape, dtype, config: PrecomputeConfig = PrecomputeConfig(
 
 
 def _compile_sharded(p: _Programs, names: tuple, initial_out: tuple) -> None:
-    """Compile sharded programs for the arrays they will be called with: m0 from the initial
-    program, and the log-densities fed from one sweep to the next. Such arrays carry their
+    """Compile sharded programs for the arrays they will be called with: m0 and its levels
+    from ``place`` (``initial_out``: their formats), and the log-densities fed from one sweep
+    to the next. Such arrays carry their
     concrete layout, which a plain ahead-of-time compilation does not match (the first call
     would compile again)."""
     def like(spec, fmt):
@@ -694,14 +704,15 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
     if Bp > B:  # pad with copies of the last image, on the host (no program to compile)
         images = np.asarray(images)
         images = np.concatenate([images, np.repeat(images[-1:], Bp - B, axis=0)])
-    # No program to compile on the way in: a sharded run's initial program puts the images on
-    # its mesh straight from the host (moving a device array there is one more program).
-    images = jax.device_put(images) if devices is None else np.asarray(images)
-    dtype = np.dtype(jax.dtypes.canonicalize_dtype(images.dtype))  # float32 when x64 is off
+    images = jax.device_put(images)  # float64 becomes float32 when x64 is off; no compilation
+    dtype = np.dtype(images.dtype)
     compile_seconds = precompile((B, C, H, W), dtype, config)
     start_initial = time.perf_counter()
     progs = _programs(config, Bp, C, H, W, dtype)
-    m0s, m0_levels = jax.block_until_ready(progs.initial(images, init_key))
+    m0s, m0_levels = progs.initial(images, init_key)
+    if devices is not None:
+        m0s, m0_levels = progs.place(np.asarray(m0s))
+    m0s, m0_levels = jax.block_until_ready((m0s, m0_levels))
     initial_seconds = time.perf_counter() - start_initial
     S, N = Bp * C, config.num_steps
 
