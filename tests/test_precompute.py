@@ -1,6 +1,4 @@
 """The pre-computation pipeline: Krylov strategies equal the spsolve reference on real images."""
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np

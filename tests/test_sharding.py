@@ -90,9 +90,9 @@ def test_programs_run_on_all_devices(images):
 
 
 def test_precompile_covers_the_sharded_run(images):
-    """A sharded run after precompile compiles nothing: m0 is made on the mesh, and the
-    programs are compiled for the iterates' concrete layouts too (which a plain ahead-of-time
-    compilation does not match). Three images: padded to four."""
+    """A sharded run after precompile compiles nothing: m0 is placed on the mesh from the host,
+    and the programs are compiled for the iterates' concrete layouts too (which a plain
+    ahead-of-time compilation does not match). Three images: padded to four."""
     x = images[:3, :, :9, :9]  # a shape no other test compiles
     for cfg in (PrecomputeConfig(num_steps=3, strategy="gmres", shard=True, max_sweeps=3),
                 PrecomputeConfig(num_steps=3, strategy="gmres", shard=True, outer="timestep")):
