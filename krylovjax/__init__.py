@@ -28,6 +28,7 @@ _LAZY_MODULES = ("data", "initial", "transport", "precompute", "store", "metrics
                  "ddpm", "models", "training", "cross_matrix")
 _LAZY_ATTRS = {
     "precompute_scores": "precompute",
+    "precompile": "precompute",
     "PrecomputeConfig": "precompute",
     "PrecomputeResult": "precompute",
     "embed": "transport",
@@ -48,6 +49,6 @@ __all__ = [
     "ConstantSDE", "FPOperator", "KrylovResult", "PRESETS", "SeedBasis", "SolverConfig",
     "Status", "VESDE", "VPSDE", "arnoldi", "cross_matrix_solve", "diffusion_preconditioner",
     "fp_operator", "get_sde", "gmres", "jacobi", "linear_solve", "seed_basis", "solve_fp",
-    "time_grid", "precompute_scores", "PrecomputeConfig", "PrecomputeResult", "embed",
+    "time_grid", "precompute_scores", "precompile", "PrecomputeConfig", "PrecomputeResult", "embed",
     "initial_log_density", "ScoreStore",
 ] + list(_LAZY_MODULES)
