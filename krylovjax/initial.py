@@ -38,6 +38,7 @@ __all__ = [
     "paper_a_kde",
     "intensity_log_density",
     "initial_log_density",
+    "needs_key",
     "INITIAL_METHODS",
 ]
 
@@ -337,6 +338,12 @@ INITIAL_METHODS: dict[str, Callable[..., jnp.ndarray]] = {
 }
 
 
+def needs_key(method: str) -> bool:
+    """Whether ``method`` (a key of :data:`INITIAL_METHODS`) draws random samples, so that
+    :func:`initial_log_density` needs ``key=``."""
+    return INITIAL_METHODS[method] is paper_a_kde
+
+
 def initial_log_density(images, method: str = "paper_b_kde", **kwargs: Any) -> jnp.ndarray:
     """Dispatch on a config string; returns ``[B, C, H, W]`` in the images' dtype.
 
@@ -349,7 +356,7 @@ def initial_log_density(images, method: str = "paper_b_kde", **kwargs: Any) -> j
     if method not in INITIAL_METHODS:
         raise ValueError(f"method must be one of {tuple(INITIAL_METHODS)}, got {method!r}")
     fn = INITIAL_METHODS[method]
-    if fn is paper_a_kde:
+    if needs_key(method):
         if kwargs.get("key") is None:
             raise ValueError("key must be given (a jax.random key) for method='paper_a_kde'")
         kwargs = dict(kwargs)

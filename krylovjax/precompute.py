@@ -393,7 +393,8 @@ def _build(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype: np.d
         timestep_run=(jax.ShapeDtypeStruct((S, H, W), dtype),),
         scores=(jax.ShapeDtypeStruct((N, S, H, W), dtype),),
         initial=(jax.ShapeDtypeStruct((B, C, H, W), dtype),
-                 jax.eval_shape(lambda: jax.random.key(0)) if _needs_key(config.initial) else None),
+                 jax.eval_shape(lambda: jax.random.key(0))
+                 if initial.needs_key(config.initial) else None),
         keep_improved=(jax.ShapeDtypeStruct((S,), jnp.bool_),
                        jax.ShapeDtypeStruct((N, S, H, W), dtype),
                        jax.ShapeDtypeStruct((N, S, H, W), dtype)))
@@ -527,15 +528,11 @@ def _padded_count(config: PrecomputeConfig, B: int) -> int:
     return -(-B // D) * D
 
 
-def _needs_key(method: str) -> bool:
-    return initial.INITIAL_METHODS[method] is initial.paper_a_kde
-
-
 def _initial_fn(images, key, *, method: str, levels: int):
     """m0 ``[S, H, W]`` (S = B * C) and m0 at every level ``[levels, S, H, W]`` (the first
     sweep's lagged iterate): one program (``_Programs.initial``) that :func:`precompile`
     compiles too."""
-    kw = {"key": key} if _needs_key(method) else {}
+    kw = {"key": key} if initial.needs_key(method) else {}
     m0 = initial.initial_log_density(images, method=method, **kw).astype(images.dtype)
     m0s = m0.reshape((-1,) + m0.shape[2:])
     return m0s, jnp.broadcast_to(m0s, (levels,) + m0s.shape)
@@ -551,7 +548,7 @@ def _result_layout(m_all, scores, *, B: int, C: int):
 
 
 def _initial_key(config: PrecomputeConfig, key):
-    if not _needs_key(config.initial):
+    if not initial.needs_key(config.initial):
         return None
     if key is None:
         raise ValueError(f"key: initial={config.initial!r} draws random samples, so "
@@ -597,15 +594,15 @@ def precompile(images_shape, dtype, config: PrecomputeConfig = PrecomputeConfig(
     progs += [_compact_programs(config, n, C, H, W, dtype) for n in sizes]
     sweeps = config.outer == "sweeps"
     names = ("sweep", "scores", "keep_improved") if sweeps else ("timestep_run",)
-    p = progs[0]
-    p.initial.lower(*p.arg_specs["initial"]).compile()
+    whole = progs[0]
+    whole.initial.lower(*whole.arg_specs["initial"]).compile()
     if _devices(config) is None:
         for p in progs:
             for name in names:
                 getattr(p, name).lower(*p.arg_specs[name]).compile()
     else:
-        m0 = p.arg_specs["timestep_run"][0]
-        _compile_sharded(p, names, p.place.lower(m0).compile().output_formats)
+        placed = whole.place.lower(whole.arg_specs["timestep_run"][0]).compile()
+        _compile_sharded(whole, sweeps, placed.output_formats)
     S, N = Bp * C, config.num_steps
     if sizes:  # the copy, gathers and scatters between whole and compacted batches
         m0, m = progs[0].arg_specs["sweep"][:2]
@@ -621,16 +618,15 @@ def precompile(images_shape, dtype, config: PrecomputeConfig = PrecomputeConfig(
     return time.perf_counter() - start
 
 
-def _compile_sharded(p: _Programs, names: tuple, initial_out: tuple) -> None:
+def _compile_sharded(p: _Programs, sweeps: bool, initial_out: tuple) -> None:
     """Compile sharded programs for the arrays they will be called with: m0 and its levels
     from ``place`` (``initial_out``: their formats), and the log-densities fed from one sweep
-    to the next. Such arrays carry their
-    concrete layout, which a plain ahead-of-time compilation does not match (the first call
-    would compile again)."""
+    to the next. Such arrays carry their concrete layout, which a plain ahead-of-time
+    compilation does not match (the first call would compile again)."""
     def like(spec, fmt):
         return jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=fmt)
 
-    if names == ("timestep_run",):
+    if not sweeps:
         p.timestep_run.lower(like(p.arg_specs["timestep_run"][0], initial_out[0])).compile()
         return
     m0, m, *rest = p.arg_specs["sweep"]
