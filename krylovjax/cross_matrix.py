@@ -19,7 +19,8 @@ Beyond the paper, each selectable (design.md decision 7):
 - ``recycle=True``: the seed directions stay in the targets' GMRES as a fixed augmentation space
   (GCRO style), not just a warm start.
 - ``precondition``: a right preconditioner, e.g. the exact inverse of the shared diffusion part
-  (:func:`krylovjax.preconditioners.diffusion_preconditioner`).
+  (:func:`krylovjax.preconditioners.diffusion_preconditioner`) or each system's own line
+  factorisation (:func:`krylovjax.preconditioners.line_preconditioner`).
 - warm starts ``x0`` from a previous sweep or time step.
 - ``precondition="red_black"``: the exact red-black Schur reduction
   (:func:`krylovjax.preconditioners.red_black_reduction`): the Krylov method runs on the black
@@ -48,7 +49,9 @@ _HI = jax.lax.Precision.HIGHEST
 
 METHODS = ("gmres", "cross_matrix", "recycled")
 PROJECTIONS = ("minres", "seed_hessenberg")
-PRECONDITIONERS = (None, "diffusion", "jacobi", "red_black")
+PRECONDITIONERS = (None, "diffusion", "line", "jacobi", "red_black")
+# Those built from the 2-D grid structure of the consistent and fitted schemes (not Paper B's).
+GRID_PRECONDITIONERS = ("diffusion", "line", "red_black")
 KRYLOV_SOLVERS = ("gmres", "bicgstab")
 
 # Named strategies: SolverConfig keyword arguments (used by the pipeline and the benchmarks).
@@ -59,6 +62,9 @@ PRESETS = {
     "preconditioned": dict(method="gmres", precondition="diffusion"),
     "cross_matrix_precond": dict(method="cross_matrix", precondition="diffusion"),
     "recycled_precond": dict(method="recycled", precondition="diffusion"),
+    # Each system's own line factorisation (captures its advection too; fewest matvecs).
+    "preconditioned_line": dict(method="gmres", precondition="line"),
+    "cross_matrix_line": dict(method="cross_matrix", precondition="line"),
     # BiCGStab (no Krylov basis to re-read) on the full system.
     "bicgstab": dict(method="gmres", precondition=None, krylov="bicgstab"),
     # The fastest on CPU (docs/bench_solvers_cpu.md): BiCGStab on the exact red-black Schur
@@ -232,9 +238,11 @@ class SolverConfig:
         start, the paper's method as reconstructed), ``"recycled"`` (seed basis as a GCRO
         augmentation space; GMRES only).
       precondition: None, ``"diffusion"`` (exact inverse of the shared diffusion part, sine or
-        cosine transforms), ``"jacobi"``, or ``"red_black"`` (exact red-black Schur complement
-        reduction: the Krylov method runs on the black pixels only, see
-        :class:`krylovjax.preconditioners.RedBlackSystem`; not for Paper B's scheme).
+        cosine transforms), ``"line"`` (each system's line factorisation,
+        :func:`krylovjax.preconditioners.line_preconditioner`), ``"jacobi"``, or
+        ``"red_black"`` (exact red-black Schur complement reduction: the Krylov method runs on
+        the black pixels only, see :class:`krylovjax.preconditioners.RedBlackSystem`).
+        ``"diffusion"``, ``"line"`` and ``"red_black"`` are not for Paper B's scheme.
       krylov: the Krylov method, ``"gmres"`` or ``"bicgstab"``.
       projection: ``"minres"`` or ``"seed_hessenberg"`` (see :func:`cross_matrix_solve`).
       basis_size: ``k``, the number of seed directions.
@@ -304,6 +312,8 @@ def auto_chunk_size(config: SolverConfig, grid_shape, dtype=jnp.float64,
         fields = fields / 2 + 6  # half-size vectors, 11 half-size coefficient fields
     else:
         fields += 6              # 5 coefficient fields and b
+    if config.precondition == "line":
+        fields += 7              # T and the Thomas factors of both directions
     per_system = fields * math.prod(grid_shape) * jnp.dtype(dtype).itemsize
     fit = max(1, int(_CHUNK_BYTES // per_system))
     return int(min(16, max(2, 1 << (fit.bit_length() - 1))))  # a power of two
@@ -314,6 +324,8 @@ def _preconditioner(op: FPOperator, name: str | None):
         return None
     if name == "diffusion":
         return preconditioners.diffusion_preconditioner(op)
+    if name == "line":
+        return preconditioners.line_preconditioner(op)
     return preconditioners.jacobi(op)
 
 
@@ -394,10 +406,10 @@ def solve_fp(op: FPOperator, b: Array, config: SolverConfig = SolverConfig(), *,
         raise ValueError(f"x0: expected shape {b.shape}, got {x0.shape}")
     if not 0 <= config.seed_index < B:
         raise ValueError(f"config.seed_index: expected in [0, {B}), got {config.seed_index}")
-    if config.precondition == "red_black" and op.scheme == "paper_b":
+    if config.precondition in GRID_PRECONDITIONERS and op.scheme == "paper_b":
         raise ValueError(
-            f"config.precondition: 'red_black' needs scheme='consistent' or 'fitted', got "
-            f"{op.scheme!r}")
+            f"config.precondition: {config.precondition!r} needs scheme='consistent' or "
+            f"'fitted', got {op.scheme!r}")
     kw = dict(atol=config.atol, restart=config.restart, max_restarts=config.max_restarts)
     solver = krylov.gmres if config.krylov == "gmres" else krylov.bicgstab
 

@@ -142,7 +142,7 @@ class PrecomputeConfig:
             raise ValueError(f"outer: expected one of {OUTER}, got {self.outer!r}")
         precondition = (None if self.strategy == "spsolve"
                         else cross_matrix.PRESETS[self.strategy].get("precondition"))
-        if self.scheme == "paper_b" and precondition in ("diffusion", "red_black"):
+        if self.scheme == "paper_b" and precondition in cross_matrix.GRID_PRECONDITIONERS:
             raise ValueError(
                 f"strategy: {self.strategy!r} uses the {precondition!r} preconditioner, which "
                 f"needs scheme='consistent' or 'fitted' (got {self.scheme!r}); use 'gmres' or "

@@ -139,6 +139,8 @@ def test_bad_config():
         PrecomputeConfig(scheme="paper_b", strategy="cross_matrix_precond")
     with pytest.raises(ValueError, match="red_black"):
         PrecomputeConfig(scheme="paper_b", strategy="fast")
+    with pytest.raises(ValueError, match="'line'"):
+        PrecomputeConfig(scheme="paper_b", strategy="preconditioned_line")
     with pytest.raises(ValueError, match="chunk_size"):
         PrecomputeConfig(chunk_size=0)
     with pytest.raises(ValueError, match="chunk_size"):

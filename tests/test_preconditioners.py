@@ -1,5 +1,6 @@
 """Preconditioners vs scipy: the shared-diffusion inverse is the exact inverse of the zero-score
-operator; the red-black reduction is the exact Schur complement of the assembled matrix."""
+operator; the line preconditioner is the line factorisation of the assembled matrix; the
+red-black reduction is the exact Schur complement of the assembled matrix."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -7,7 +8,8 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from krylovjax.fokker_planck import fp_operator
-from krylovjax.preconditioners import diffusion_preconditioner, jacobi, shared_diffusion_inverse
+from krylovjax.preconditioners import (diffusion_preconditioner, jacobi, line_preconditioner,
+                                       shared_diffusion_inverse)
 
 
 @pytest.mark.parametrize("boundary", ["zero", "dirichlet", "reflect"])
@@ -69,6 +71,75 @@ def test_paper_b_rejected_and_jacobi():
         diffusion_preconditioner(op)
     x = jnp.ones((2, 4, 4))
     np.testing.assert_allclose(jacobi(op)(x), 1.0 / (1 + 2 * 0.1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Line factorisation, against the factorisation assembled from the scipy matrix.
+
+
+def _line_scipy(A, H, W, modified, sweeps=10):
+    """Independent reference: split the assembled A by index into D + Lx (same grid row) + Ly
+    (same grid column), T = D or the row-sum fixed point, M = (T + Lx) T^-1 (T + Ly)."""
+    A = A.tocoo()
+    r, c, v = A.row, A.col, A.data
+    same_row = r // W == c // W
+    diag = r == c
+    n = H * W
+    D = np.zeros(n)
+    np.add.at(D, r[diag], v[diag])
+    Lx = sp.csr_matrix((v[same_row & ~diag], (r[same_row & ~diag], c[same_row & ~diag])),
+                       shape=(n, n))
+    Ly = sp.csr_matrix((v[~same_row], (r[~same_row], c[~same_row])), shape=(n, n))
+    T = D.copy()
+    for _ in range(sweeps if modified else 0):
+        T = D - Lx @ ((Ly @ np.ones(n)) / T)
+    return ((sp.diags(T) + Lx) @ sp.diags(1.0 / T) @ (sp.diags(T) + Ly)).tocsc()
+
+
+@pytest.mark.parametrize("modified", [False, True])
+@pytest.mark.parametrize("scheme", ["consistent", "fitted"])
+@pytest.mark.parametrize("boundary", ["zero", "dirichlet", "reflect"])
+@pytest.mark.parametrize("grid", [(6, 9), (8, 8)])
+def test_line_preconditioner_is_the_assembled_factorisation(grid, boundary, scheme, modified):
+    rng = np.random.default_rng(7)
+    H, W = grid
+    lag = 2.0 * rng.normal(size=(3, 2, H, W))
+    gv = rng.normal(size=(3, H + 2, W + 2)) if boundary == "dirichlet" else None
+    op = fp_operator(jnp.array([0.5, 2.0, 8.0]), 0.05, jnp.array([1.0, 0.5, 1.0]), lag,
+                     boundary=boundary, boundary_values=gv, scheme=scheme)
+    apply = line_preconditioner(op, modified=modified)
+    x = rng.normal(size=(3, H, W))
+    got = np.asarray(apply(jnp.asarray(x)))
+    for i in range(3):
+        M = _line_scipy(op.to_scipy(i), H, W, modified)
+        ref = spla.spsolve(M, x[i].ravel())
+        np.testing.assert_allclose(got[i].ravel(), ref, rtol=1e-10,
+                                   atol=1e-12 * np.abs(ref).max())
+
+
+def test_line_preconditioner_row_sums_and_batches():
+    """modified=True: M has A's row sums (M 1 = A 1) once the fixed point has converged; any
+    leading batch shape, and float32 stays float32."""
+    rng = np.random.default_rng(8)
+    lag = rng.normal(size=(2, 3, 2, 7, 5))
+    op = fp_operator(2.0, 0.05, 1.0, lag, scheme="fitted")
+    apply = line_preconditioner(op, fixed_point_iterations=60)
+    ones = jnp.ones((2, 3, 7, 5))
+    # M^{-1} (A 1) = 1  <=>  M 1 = A 1
+    np.testing.assert_allclose(apply(op.matvec(ones)), ones, rtol=1e-12)
+    assert not np.allclose(line_preconditioner(op, modified=False)(op.matvec(ones)), ones,
+                           rtol=1e-6)
+    op32 = fp_operator(2.0, 0.05, 1.0, lag.astype(np.float32), scheme="fitted", dtype=jnp.float32)
+    assert line_preconditioner(op32)(ones.astype(jnp.float32)).dtype == jnp.float32
+
+
+def test_line_preconditioner_bad_input():
+    op = fp_operator(1.0, 0.1, 1.0, np.zeros((2, 2, 4, 4)), scheme="paper_b")
+    with pytest.raises(ValueError, match="scheme"):
+        line_preconditioner(op)
+    op = fp_operator(1.0, 0.1, 1.0, np.zeros((2, 2, 4, 4)))
+    with pytest.raises(ValueError, match="fixed_point_iterations"):
+        line_preconditioner(op, fixed_point_iterations=-1)
 
 
 # ----------------------------------------------------------------------------------------------
