@@ -34,7 +34,8 @@ flags.DEFINE_float("tol", 1e-8, "Relative residual tolerance of the Krylov solve
 flags.DEFINE_list(
     "methods",
     ["spsolve", "splu", "jax_gmres_vmap", "gmres", "cross_matrix", "recycled", "preconditioned",
-     "cross_matrix_precond", "cross_matrix_precond_warm", "cross_matrix_precond_sh", "bicgstab",
+     "cross_matrix_precond", "cross_matrix_precond_warm", "cross_matrix_precond_sh",
+     "preconditioned_line", "cross_matrix_line", "cross_matrix_line_sh", "bicgstab",
      "red_black_gmres", "fast", "fast_warm"],
     "Methods to run (spsolve always runs: it is the reference).")
 flags.DEFINE_integer("repeats", 5, "Timed repeats per method (median reported).")
@@ -70,6 +71,11 @@ KRYLOV_METHODS = {
     # The seed's own Hessenberg relation as the projection: no target matvecs (beyond Paper A).
     "cross_matrix_precond_sh": (dict(method="cross_matrix", precondition="diffusion",
                                      projection="seed_hessenberg"), False),
+    # Each system's line factorisation (fewest matvecs; krylovjax.preconditioners).
+    "preconditioned_line": ("preconditioned_line", False),
+    "cross_matrix_line": ("cross_matrix_line", False),
+    "cross_matrix_line_sh": (dict(method="cross_matrix", precondition="line",
+                                  projection="seed_hessenberg"), False),
     "bicgstab": ("bicgstab", False),
     "red_black_gmres": (dict(method="gmres", precondition="red_black", krylov="gmres"), False),
     "fast": ("fast", False),
