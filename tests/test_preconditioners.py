@@ -133,6 +133,28 @@ def test_line_preconditioner_row_sums_and_batches():
     assert line_preconditioner(op32)(ones.astype(jnp.float32)).dtype == jnp.float32
 
 
+def test_line_preconditioner_under_vmap_and_jit():
+    """Users who batch from outside: vmapping the one-system application over the batch gives
+    the batched application (jit and vmap, and as a GMRES preconditioner)."""
+    import jax
+
+    from krylovjax.krylov import gmres
+
+    rng = np.random.default_rng(9)
+    op = fp_operator(jnp.array([1.0, 4.0, 9.0]), 0.05, 1.0, 2.0 * rng.normal(size=(3, 2, 6, 5)),
+                     scheme="fitted")
+    x = jnp.asarray(rng.normal(size=(3, 6, 5)))
+    batched = line_preconditioner(op)(x)
+    one = jax.jit(jax.vmap(lambda o, y: line_preconditioner(o)(y)))(op, x)
+    np.testing.assert_allclose(one, batched, rtol=1e-13, atol=1e-15)
+    res = jax.jit(jax.vmap(lambda o, y: gmres(o.matvec, y[None], tol=1e-12,
+                                              precondition=line_preconditioner(o))))(op, x)
+    assert bool(jnp.all(res.converged))
+    for i in range(3):
+        ref = spla.spsolve(op.to_scipy(i).tocsc(), np.asarray(x[i]).ravel())
+        np.testing.assert_allclose(np.asarray(res.x[i, 0]).ravel(), ref, rtol=1e-9, atol=1e-11)
+
+
 def test_line_preconditioner_bad_input():
     op = fp_operator(1.0, 0.1, 1.0, np.zeros((2, 2, 4, 4)), scheme="paper_b")
     with pytest.raises(ValueError, match="scheme"):
