@@ -46,7 +46,7 @@ from krylovjax.experiment_utils import benchmark_machine
 FLAGS = flags.FLAGS
 # Shared with the solver benchmark (same systems): --sizes, --batch, --time_steps, --scheme,
 # --num_steps, --sigma, --tol, --restart, --json_out. Its defaults are the benchmark's; this
-# study's table in BUILD_NOTES.md used --sizes=32 --batch=4 --scheme=fitted.
+# study's tables (BUILD_NOTES.md, docs) used --sizes=32,64 --batch=16 --scheme=fitted.
 flags.DEFINE_list("preconditioners", ["none", "diffusion", "adi", "line", "line_mod"],
                   "Preconditioners to compare.")
 flags.DEFINE_list("time_chunks", ["2", "8", "192"],
@@ -77,7 +77,7 @@ def split_lines(A, grid_shape):
     return D, Lx, Ly
 
 
-def line_preconditioner(A, grid_shape, kind, diffusion_matrix=None):
+def scipy_preconditioner(A, grid_shape, kind, diffusion_matrix=None):
     """``y -> P^{-1} y`` for one of :data:`PRECONDITIONERS` (scipy, on the assembled ``A``)."""
     import numpy as np
     import scipy.sparse as sp
@@ -165,9 +165,9 @@ def time_applications(op, chunk, repeats, inner=20):
     """Seconds per system of one batched matvec, one application of the library's diffusion
     preconditioner and one line application (LAPACK gtsv through
     ``jax.lax.linalg.tridiagonal_solve``, and the library's Thomas scans,
-    :func:`krylovjax.preconditioners.line_preconditioner`) on ``chunk`` systems: ``inner`` chained applications
-    in one jitted ``fori_loop`` (as inside the solver, no dispatch per application), median
-    of ``repeats``."""
+    :func:`krylovjax.preconditioners.line_preconditioner`) on ``chunk`` systems: ``inner``
+    chained applications in one jitted ``fori_loop`` (as inside the solver, no dispatch per
+    application), median of ``repeats``."""
     import statistics
 
     import jax
@@ -236,7 +236,7 @@ def main(argv):
             for i in range(S):
                 A = op.to_scipy(i)
                 for p in FLAGS.preconditioners:
-                    pinv = line_preconditioner(A, (size, size), p, diff)
+                    pinv = scipy_preconditioner(A, (size, size), p, diff)
                     per[p].append(count_gmres(A, b[i], pinv, FLAGS.tol, FLAGS.restart))
             cold_mv = np.mean([s + c for s, c, _ in per["none"]])
             for p, runs in per.items():

@@ -92,13 +92,13 @@ _LINE_CHECK = """
 import jax, jax.numpy as jnp, numpy as np
 jax.config.update("jax_enable_x64", True)
 from experiments.bench_solvers import build_systems
-from experiments.study_line_preconditioner import jax_line_apply, line_preconditioner
+from experiments.study_line_preconditioner import jax_line_apply, scipy_preconditioner
 op, b, _ = build_systems(10, 1, num_steps=20, sigma=5.0, step="late", dtype=jnp.float64,
                          scheme="fitted")
 y = np.random.default_rng(0).standard_normal(b.shape)
 gtsv = np.asarray(jax_line_apply(op, jnp.asarray(y)))
 for i in range(op.batch_shape[0]):
-    want = line_preconditioner(op.to_scipy(i), (10, 10), "line")(y[i].ravel())
+    want = scipy_preconditioner(op.to_scipy(i), (10, 10), "line")(y[i].ravel())
     np.testing.assert_allclose(gtsv[i].ravel(), want, rtol=1e-12, atol=1e-12)
 print("checked", op.batch_shape[0])
 """
