@@ -162,11 +162,11 @@ def line_preconditioner(op: FPOperator, *, modified: bool = True,
     iterations at the early step (diffusion preconditioner 5.2, none 6.8) and 8 late (11-12,
     22-23).
 
-    The Thomas algorithm does not pivot: each line system must be diagonally dominant. The
-    fitted scheme's operators are M-matrices whose lines are (backward Euler's identity term
-    keeps a margin), and so were the central scheme's at every step of the benchmark's
-    systems; a line without dominance shows as a non-finite or stagnating solve, which the
-    Krylov solvers report as not converged. Not for Paper B's scheme (its W couplings run along
+    The Thomas algorithm does not pivot: the line systems should be diagonally dominant. They
+    were at all 19 steps of 16 built-in 32x32 images (VE sigma 5, N 20), by at least 1.06
+    (fitted) and 0.71 (central) in ``T - |couplings|``, most of it backward Euler's identity
+    term. A singular line shows as a non-finite preconditioner, which the Krylov solvers
+    report as not converged (tested). Not for Paper B's scheme (its W couplings run along
     the flattened index).
     """
     if op.scheme == "paper_b":
