@@ -377,8 +377,9 @@ def red_black_reduction(op: FPOperator) -> RedBlackSystem:
     Works for every boundary rule of the consistent and fitted schemes (zero, dirichlet: the
     ghost values are in ``op.rhs``; reflect: the folded ghost coefficients are in the
     diagonal) and any ``H, W >= 2``, with any leading batch shape. The couplings are read off
-    the operator's own coefficient fields: ``A = diag(op.diagonal()) +`` the east/west/south/north coefficients of
-    the neighbours inside the grid, which is exactly ``op.to_scipy()``.
+    the operator's own coefficient fields: ``A = diag(op.diagonal()) +`` the
+    east/west/south/north coefficients of the neighbours inside the grid, which is exactly
+    ``op.to_scipy()``.
 
     Args:
       op: an :class:`FPOperator` with ``scheme="consistent"`` or ``"fitted"``.
