@@ -132,33 +132,23 @@ def count_gmres(A, b, apply_pinv, tol, restart):
     return steps[0], cycles, res
 
 
-def _swap(a):
-    import jax.numpy as jnp
-
-    return jnp.swapaxes(a, -1, -2)
-
-
-def _line_systems(op):
-    """(lower, diag, upper) of ``D + Lx`` (lines along W) and of ``D + Ly`` transposed (lines
-    along H), for zero/Dirichlet ghosts: the couplings that leave the grid are dropped."""
-    def one(lower, diag, upper):
-        return lower.at[..., 0].set(0.0), diag, upper.at[..., -1].set(0.0)
-
-    return (one(op.west, op.centre, op.east),
-            one(_swap(op.north), _swap(op.centre), _swap(op.south)))
-
-
 def jax_line_apply(op, y):
     """``P^{-1} y`` of the ``line`` preconditioner, ``P = (D + Lx) D^{-1} (D + Ly)``, in JAX
-    with ``jax.lax.linalg.tridiagonal_solve`` (LAPACK gtsv on the CPU) along W, then along H,
-    for a batch of consistent or fitted operators with zero/Dirichlet ghosts."""
+    with ``jax.lax.linalg.tridiagonal_solve`` (LAPACK gtsv on the CPU) along W, then along H:
+    the library's couplings and diagonal, another tridiagonal solver."""
     import jax
+    import jax.numpy as jnp
 
-    def solve(system, rhs):
-        return jax.lax.linalg.tridiagonal_solve(*system, rhs[..., None])[..., 0]
+    from krylovjax.preconditioners import _in_grid_couplings
 
-    along_w, along_h = _line_systems(op)
-    return _swap(solve(along_h, _swap(op.centre * solve(along_w, y))))
+    def solve(lower, diag, upper, rhs):  # lines along the last axis
+        return jax.lax.linalg.tridiagonal_solve(lower, diag, upper, rhs[..., None])[..., 0]
+
+    t = lambda a: jnp.swapaxes(a, -1, -2)  # noqa: E731
+    c = _in_grid_couplings(op)
+    D = op.diagonal()
+    z = D * solve(c["west"], D, c["east"], y)
+    return t(solve(t(c["north"]), t(D), t(c["south"]), t(z)))
 
 
 def time_applications(op, chunk, repeats, inner=20):
