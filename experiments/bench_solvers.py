@@ -35,7 +35,8 @@ flags.DEFINE_list(
     "methods",
     ["spsolve", "splu", "jax_gmres_vmap", "gmres", "cross_matrix", "recycled", "preconditioned",
      "cross_matrix_precond", "cross_matrix_precond_warm", "cross_matrix_precond_sh",
-     "preconditioned_line", "cross_matrix_line", "cross_matrix_line_sh", "bicgstab",
+     "preconditioned_line", "cross_matrix_line", "cross_matrix_line_sh", "preconditioned_block",
+     "cross_matrix_block", "bicgstab",
      "red_black_gmres", "fast", "fast_warm"],
     "Methods to run (spsolve always runs: it is the reference).")
 flags.DEFINE_integer("repeats", 5, "Timed repeats per method (median reported).")
@@ -76,6 +77,9 @@ KRYLOV_METHODS = {
     "cross_matrix_line": ("cross_matrix_line", False),
     "cross_matrix_line_sh": (dict(method="cross_matrix", precondition="line",
                                   projection="seed_hessenberg"), False),
+    # Block incomplete factorisation by rows (banded approximate inverses): fewest matvecs.
+    "preconditioned_block": ("preconditioned_block", False),
+    "cross_matrix_block": ("cross_matrix_block", False),
     "bicgstab": ("bicgstab", False),
     "red_black_gmres": (dict(method="gmres", precondition="red_black", krylov="gmres"), False),
     "fast": ("fast", False),

@@ -35,7 +35,7 @@ for part in $PARTS; do case $part in
 solvers)  # float64, the settings: 64 images x 3 channels, tol 1e-8
   cap ${CAP_SOLVERS:-200} solvers $PY -m experiments.bench_solvers --sizes=$SIZES --batch=$BATCH \
     --repeats=3 --dtype=float64 --tol=1e-8 --jax_gmres_max_systems=24 \
-    --methods=jax_gmres_vmap,gmres,cross_matrix,preconditioned,cross_matrix_precond,preconditioned_line,cross_matrix_line_sh,fast \
+    --methods=jax_gmres_vmap,gmres,cross_matrix,preconditioned,cross_matrix_precond,preconditioned_line,cross_matrix_line_sh,preconditioned_block,cross_matrix_block,fast \
     --json_out="$OUT/bench_solvers_f64.json" ;;
 solvers32)  # float32 (what TPUs and fast GPU paths use), tol 1e-6 (BUILD_NOTES float32 study)
   cap ${CAP_SOLVERS32:-70} solvers32 $PY -m experiments.bench_solvers --sizes=$SIZES --batch=$BATCH \

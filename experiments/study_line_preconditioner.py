@@ -15,6 +15,13 @@ along H), applied from the right:
 - ``line_mod``: the same with ``D`` replaced by ``T = D - rowsum(Lx T^{-1} Ly)`` (fixed point),
   so that ``P`` has ``A``'s row sums (the "modified" incomplete factorisation idea). This is
   the library's ``precondition="line"`` (:func:`krylovjax.preconditioners.line_preconditioner`).
+- ``block``: block incomplete factorisation by grid rows, ``(T + L) T^{-1} (T + U)`` with
+  ``L``, ``U`` the couplings between rows, ``T_j = B_j - N_j G_{j-1} S_{j-1}`` and ``G_j`` the
+  band (half-width 5) of ``T_j^{-1}``, used in place of ``T_j^{-1}`` in the sweeps too (dense
+  algebra row by row, :func:`krylovjax.reference.block_rows_scipy`); the library's
+  ``precondition="block_line"`` (:func:`krylovjax.preconditioners.block_line_preconditioner`).
+  Its error is the part of each ``T_j^{-1}`` outside the band, which falls geometrically with
+  the band's width.
 
 Each application is two sets of tridiagonal solves (lines along W, then along H). Iterations
 are scipy GMRES's inner steps on ``A P^{-1}`` to ``||b - A x|| <= tol ||b||``; "matvecs" count
@@ -47,14 +54,15 @@ FLAGS = flags.FLAGS
 # Shared with the solver benchmark (same systems): --sizes, --batch, --time_steps, --scheme,
 # --num_steps, --sigma, --tol, --restart, --json_out. Its defaults are the benchmark's; this
 # study's tables (BUILD_NOTES.md, docs) used --sizes=32,64 --batch=16 --scheme=fitted.
-flags.DEFINE_list("preconditioners", ["none", "diffusion", "adi", "line", "line_mod"],
+flags.DEFINE_list("preconditioners", ["none", "diffusion", "adi", "line", "line_mod", "block"],
                   "Preconditioners to compare.")
 flags.DEFINE_list("time_chunks", ["2", "8", "192"],
                   "Systems per chunk for the per-application timings (empty: no timing).")
 flags.DEFINE_integer("time_repeats", 20,
                      "Repeats of each timing (20 chained applications each).")
 
-PRECONDITIONERS = ("none", "diffusion", "adi", "line", "line_mod")
+PRECONDITIONERS = ("none", "diffusion", "adi", "line", "line_mod", "block")
+BLOCK_BANDWIDTH = 5
 
 
 def split_lines(A, grid_shape):
@@ -88,6 +96,10 @@ def scipy_preconditioner(A, grid_shape, kind, diffusion_matrix=None):
     if kind == "diffusion":
         lu = spla.splu(diffusion_matrix.tocsc())
         return lu.solve
+    if kind == "block":
+        from krylovjax.reference import block_rows_scipy
+
+        return block_rows_scipy(A, grid_shape, BLOCK_BANDWIDTH)
     D, Lx, Ly = split_lines(A, grid_shape)
     n = A.shape[0]
     if kind == "adi":

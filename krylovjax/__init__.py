@@ -19,7 +19,8 @@ from krylovjax.cross_matrix import (
 )
 from krylovjax.fokker_planck import FPOperator, fp_operator
 from krylovjax.krylov import KrylovResult, Status, arnoldi, gmres, linear_solve
-from krylovjax.preconditioners import diffusion_preconditioner, jacobi, line_preconditioner
+from krylovjax.preconditioners import (block_line_preconditioner, diffusion_preconditioner, jacobi,
+                                       line_preconditioner)
 from krylovjax.sde import ConstantSDE, VESDE, VPSDE, get_sde, time_grid
 
 __version__ = "0.1.0"
@@ -47,7 +48,8 @@ def __getattr__(name):
 
 __all__ = [
     "ConstantSDE", "FPOperator", "KrylovResult", "PRESETS", "SeedBasis", "SolverConfig",
-    "Status", "VESDE", "VPSDE", "arnoldi", "cross_matrix_solve", "diffusion_preconditioner",
+    "Status", "VESDE", "VPSDE", "arnoldi", "block_line_preconditioner", "cross_matrix_solve",
+    "diffusion_preconditioner",
     "fp_operator", "get_sde", "gmres", "jacobi", "line_preconditioner", "linear_solve",
     "seed_basis", "solve_fp",
     "time_grid", "precompute_scores", "precompile", "PrecomputeConfig", "PrecomputeResult", "embed",

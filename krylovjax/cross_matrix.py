@@ -20,7 +20,8 @@ Beyond the paper, each selectable (design.md decision 7):
   (GCRO style), not just a warm start.
 - ``precondition``: a right preconditioner, e.g. the exact inverse of the shared diffusion part
   (:func:`krylovjax.preconditioners.diffusion_preconditioner`) or each system's own line
-  factorisation (:func:`krylovjax.preconditioners.line_preconditioner`).
+  factorisation (:func:`krylovjax.preconditioners.line_preconditioner`), or its block
+  incomplete factorisation by rows (:func:`krylovjax.preconditioners.block_line_preconditioner`).
 - warm starts ``x0`` from a previous sweep or time step.
 - ``precondition="red_black"``: the exact red-black Schur reduction
   (:func:`krylovjax.preconditioners.red_black_reduction`): the Krylov method runs on the black
@@ -49,9 +50,9 @@ _HI = jax.lax.Precision.HIGHEST
 
 METHODS = ("gmres", "cross_matrix", "recycled")
 PROJECTIONS = ("minres", "seed_hessenberg")
-PRECONDITIONERS = (None, "diffusion", "line", "jacobi", "red_black")
+PRECONDITIONERS = (None, "diffusion", "line", "block_line", "jacobi", "red_black")
 # Those built from the 2-D grid structure of the consistent and fitted schemes (not Paper B's).
-GRID_PRECONDITIONERS = ("diffusion", "line", "red_black")
+GRID_PRECONDITIONERS = ("diffusion", "line", "block_line", "red_black")
 KRYLOV_SOLVERS = ("gmres", "bicgstab")
 
 # Named strategies: SolverConfig keyword arguments (used by the pipeline and the benchmarks).
@@ -65,6 +66,11 @@ PRESETS = {
     # Each system's own line factorisation (captures its advection too; fewest matvecs).
     "preconditioned_line": dict(method="gmres", precondition="line"),
     "cross_matrix_line": dict(method="cross_matrix", precondition="line"),
+    # Block incomplete factorisation by rows with banded approximate inverses: one or two
+    # iterations at the early step, so the seed projection is the free one (no k matvecs).
+    "preconditioned_block": dict(method="gmres", precondition="block_line"),
+    "cross_matrix_block": dict(method="cross_matrix", precondition="block_line",
+                               projection="seed_hessenberg"),
     # BiCGStab (no Krylov basis to re-read) on the full system.
     "bicgstab": dict(method="gmres", precondition=None, krylov="bicgstab"),
     # The fastest on CPU (docs/bench_solvers_cpu.md): BiCGStab on the exact red-black Schur
@@ -239,10 +245,12 @@ class SolverConfig:
         augmentation space; GMRES only).
       precondition: None, ``"diffusion"`` (exact inverse of the shared diffusion part, sine or
         cosine transforms), ``"line"`` (each system's line factorisation,
-        :func:`krylovjax.preconditioners.line_preconditioner`), ``"jacobi"``, or
+        :func:`krylovjax.preconditioners.line_preconditioner`), ``"block_line"`` (block
+        incomplete factorisation by rows with banded approximate inverses,
+        :func:`krylovjax.preconditioners.block_line_preconditioner`), ``"jacobi"``, or
         ``"red_black"`` (exact red-black Schur complement reduction: the Krylov method runs on
         the black pixels only, see :class:`krylovjax.preconditioners.RedBlackSystem`).
-        ``"diffusion"``, ``"line"`` and ``"red_black"`` are not for Paper B's scheme.
+        The grid preconditioners (:data:`GRID_PRECONDITIONERS`) are not for Paper B's scheme.
       krylov: the Krylov method, ``"gmres"`` or ``"bicgstab"``.
       projection: ``"minres"`` or ``"seed_hessenberg"`` (see :func:`cross_matrix_solve`).
       basis_size: ``k``, the number of seed directions.
@@ -314,6 +322,8 @@ def auto_chunk_size(config: SolverConfig, grid_shape, dtype=jnp.float64,
         fields += 6              # 5 coefficient fields and b
     if config.precondition == "line":
         fields += 7              # T and the Thomas factors of both directions
+    if config.precondition == "block_line":
+        fields += 2 * 5 + 1 + 2  # the banded approximate inverses, N and S (bandwidth 5)
     per_system = fields * math.prod(grid_shape) * jnp.dtype(dtype).itemsize
     fit = max(1, int(_CHUNK_BYTES // per_system))
     return int(min(16, max(2, 1 << (fit.bit_length() - 1))))  # a power of two
@@ -326,6 +336,8 @@ def _preconditioner(op: FPOperator, name: str | None):
         return preconditioners.diffusion_preconditioner(op)
     if name == "line":
         return preconditioners.line_preconditioner(op)
+    if name == "block_line":
+        return preconditioners.block_line_preconditioner(op)
     return preconditioners.jacobi(op)
 
 

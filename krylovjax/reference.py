@@ -3,6 +3,8 @@
 These run on the host with scipy, one system at a time, exactly as Paper B's code does
 (``scipy.sparse.linalg.spsolve`` per system, method.md 3.4), and ``splu`` (factorise, then
 solve) for comparison. They are the ground truth for the Krylov solvers' tests and benchmarks.
+:func:`block_rows_scipy` is the dense, row-by-row reference of the block line preconditioner
+(:func:`krylovjax.preconditioners.block_line_preconditioner`) from an assembled matrix.
 """
 
 from __future__ import annotations
@@ -111,3 +113,41 @@ def spsolve_in_jit(op: FPOperator, b, active=None, *, check_finite: bool = True)
 
     return jax.pure_callback(host, jax.ShapeDtypeStruct(b.shape, b.dtype), b, active, *leaves,
                              vmap_method="sequential")
+
+
+def block_rows_scipy(A, grid_shape, bandwidth: int, newton: int = 8):
+    """``y -> M^{-1} y`` of the block factorisation by grid rows with banded approximate
+    inverses, from an assembled (scipy) matrix ``A`` in dense algebra, row by row: the
+    independent reference of :func:`krylovjax.preconditioners.block_line_preconditioner`.
+
+    The rows' ``T_j = A_jj - N_j G_{j-1} S_{j-1}`` are formed in order (``N_j``, ``S_j`` the
+    diagonal blocks coupling row ``j`` to rows ``j-1`` and ``j+1``), each ``G_j`` by ``newton``
+    Newton-Schulz steps ``G <- band(2G - G T_j G)`` from the diagonal's inverse (half-width
+    ``bandwidth``), then ``M^{-1} y`` by the forward and backward sweeps over the rows.
+    """
+    H, W = (int(s) for s in grid_shape)
+    A = A.tocsr()
+    band = np.abs(np.subtract.outer(np.arange(W), np.arange(W))) <= bandwidth
+    G, N, S = [], [], []
+    for j in range(H):
+        rows = slice(j * W, (j + 1) * W)
+        T = A[rows, rows].toarray()
+        N.append(A[rows, (j - 1) * W:j * W].diagonal() if j > 0 else np.zeros(W))
+        S.append(A[rows, (j + 1) * W:(j + 2) * W].diagonal() if j < H - 1 else np.zeros(W))
+        if j > 0:
+            T -= N[j][:, None] * G[j - 1] * S[j - 1][None, :]
+        g = np.diag(1.0 / np.diag(T))
+        for _ in range(newton):
+            g = np.where(band, 2 * g - g @ T @ g, 0.0)
+        G.append(g)
+
+    def apply(y):
+        r = np.asarray(y, np.float64).reshape(H, W)
+        z, x = np.zeros_like(r), np.zeros_like(r)
+        for j in range(H):
+            z[j] = G[j] @ (r[j] - (N[j] * z[j - 1] if j else 0.0))
+        for j in reversed(range(H)):
+            x[j] = z[j] - (G[j] @ (S[j] * x[j + 1]) if j < H - 1 else 0.0)
+        return x.ravel()
+
+    return apply

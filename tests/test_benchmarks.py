@@ -74,14 +74,16 @@ def test_study_line_preconditioner_json(tmp_path):
          "--time_chunks=2", "--time_repeats=2", f"--json_out={out}")
     doc = json.loads(out.read_text())
     rows = {(r["step"], r["preconditioner"]): r for r in doc["rows"]}
-    assert len(rows) == 10 and doc["timing"] and "machine" in doc
+    assert len(rows) == 12 and doc["timing"] and "machine" in doc
     for (step, p), r in rows.items():
         assert r["residual"] <= 1e-8, r  # every preconditioned solve reached the tolerance
         assert r["matvecs_per_system"] == pytest.approx(r["ratio_vs_cold"]
                                                         * rows[step, "none"]["matvecs_per_system"])
     for step in ("early", "late"):
-        for p in ("diffusion", "adi", "line", "line_mod"):
+        for p in ("diffusion", "adi", "line", "line_mod", "block"):
             assert rows[step, p]["iterations"] < rows[step, "none"]["iterations"], (step, p)
+        # The block factorisation by rows drops only the far bands of each row's inverse.
+        assert rows[step, "block"]["iterations"] < rows[step, "line_mod"]["iterations"], step
         # The line factorisation's error L_x D^-1 L_y has no diagonal part: smaller than ADI's.
         assert rows[step, "line"]["iterations"] < rows[step, "adi"]["iterations"], step
     # Early, where each image's advection dominates, capturing it beats the shared diffusion.
@@ -97,16 +99,21 @@ op, b, _ = build_systems(10, 1, num_steps=20, sigma=5.0, step="late", dtype=jnp.
                          scheme="fitted")
 y = np.random.default_rng(0).standard_normal(b.shape)
 gtsv = np.asarray(jax_line_apply(op, jnp.asarray(y)))
+from krylovjax.preconditioners import block_line_preconditioner
+block = np.asarray(block_line_preconditioner(op, max_sweeps=60, sweep_tol=1e-15)(jnp.asarray(y)))
 for i in range(op.batch_shape[0]):
     want = scipy_preconditioner(op.to_scipy(i), (10, 10), "line")(y[i].ravel())
     np.testing.assert_allclose(gtsv[i].ravel(), want, rtol=1e-12, atol=1e-12)
+    want = scipy_preconditioner(op.to_scipy(i), (10, 10), "block")(y[i].ravel())
+    np.testing.assert_allclose(block[i].ravel(), want, rtol=1e-10, atol=1e-12)
 print("checked", op.batch_shape[0])
 """
 
 
 def test_study_line_application_matches_scipy():
     """The timed gtsv form of the line preconditioner is the scipy study's ``line`` (the
-    library's Thomas form is tested in test_preconditioners). In a subprocess: the experiment
+    library's Thomas form is tested in test_preconditioners), and the library's block
+    factorisation by rows is the study's ``block``. In a subprocess: the experiment
     modules define absl flags, which must not meet other binaries' in the test process."""
     proc = subprocess.run([sys.executable, "-c", _LINE_CHECK], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
