@@ -82,7 +82,8 @@ class PrecomputeConfig:
       strategy: linear solver strategy (see module docstring).
       tol, restart, max_restarts, basis_size, chunk_size, projection: Krylov settings
         (:class:`krylovjax.cross_matrix.SolverConfig`; ``chunk_size="auto"`` picks
-        cache-sized chunks on CPU and the whole batch on accelerators).
+        cache-sized chunks on CPU and the whole batch on accelerators; ``projection=None``
+        keeps the strategy's own, ``"minres"`` unless the preset names one).
       seed_image: index of the seed image of the cross-matrix strategies.
       warm_start: start each solve from the previous sweep's (or iterate's) solution.
       shard: split the systems over all local devices (see the module docstring).
@@ -127,7 +128,7 @@ class PrecomputeConfig:
     max_restarts: int = 50
     basis_size: int = 8
     chunk_size: int | str | None = "auto"
-    projection: str = "minres"
+    projection: str | None = None
     seed_image: int = 0
     warm_start: bool = True
     shard: bool = False
@@ -189,9 +190,11 @@ class PrecomputeConfig:
     def solver_config(self, num_channels: int) -> cross_matrix.SolverConfig:
         if self.strategy == "spsolve":
             raise ValueError("strategy: 'spsolve' has no Krylov solver config")
+        preset = dict(cross_matrix.PRESETS[self.strategy])
+        if self.projection is not None:
+            preset["projection"] = self.projection
         return cross_matrix.SolverConfig(
-            **cross_matrix.PRESETS[self.strategy], projection=self.projection,
-            basis_size=self.basis_size, seed_index=self.seed_image * num_channels,
+            **preset, basis_size=self.basis_size, seed_index=self.seed_image * num_channels,
             tol=self.tol, atol=1.0 if self.forcing > 0 else 0.0,
             restart=self.restart, max_restarts=self.max_restarts,
             chunk_size=self.chunk_size)

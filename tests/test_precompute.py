@@ -39,6 +39,7 @@ _SLOW = pytest.mark.slow
     ("sweeps", "consistent", "fast"),
     ("sweeps", "fitted", "fast"),
     ("sweeps", "fitted", "cross_matrix_precond"),
+    ("sweeps", "fitted", "cross_matrix_block"),
     ("sweeps", "paper_b", "cross_matrix"),
     ("timestep", "consistent", "cross_matrix_precond"),
     ("timestep", "paper_b", "cross_matrix"),
@@ -48,6 +49,8 @@ _SLOW = pytest.mark.slow
     pytest.param("timestep", "consistent", "fast", marks=_SLOW),
 ])
 def test_krylov_strategies_equal_spsolve(images, references, outer, scheme, strategy):
+    """Every strategy's pre-computation equals spsolve's (a preset with its own seed projection,
+    cross_matrix_block, included)."""
     ref = references[outer, scheme]
     cfg = PrecomputeConfig(num_steps=5, outer=outer, scheme=scheme, strategy=strategy,
                            max_sweeps=12, chunk_size=4)
@@ -135,6 +138,13 @@ def test_bad_images(bad, match):
 def test_bad_config():
     with pytest.raises(ValueError, match="strategy"):
         PrecomputeConfig(strategy="lu")
+    # projection=None keeps the preset's own projection; a named one overrides it.
+    assert PrecomputeConfig(strategy="cross_matrix_block").solver_config(3).projection == \
+        "seed_hessenberg"
+    assert PrecomputeConfig(strategy="cross_matrix_precond").solver_config(3).projection == \
+        "minres"
+    assert PrecomputeConfig(strategy="cross_matrix_block", projection="minres").solver_config(
+        3).projection == "minres"
     with pytest.raises(ValueError, match="strategy"):
         PrecomputeConfig(scheme="paper_b", strategy="cross_matrix_precond")
     with pytest.raises(ValueError, match="red_black"):

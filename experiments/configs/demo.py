@@ -55,7 +55,9 @@ def get_config() -> ml_collections.ConfigDict:
     p.basis_size = 8
     p.chunk_size = "auto"          # systems per solver chunk: "auto" (CPU cache-sized, whole
                                    # batch on GPU/TPU), "none" or an integer like "4"
-    p.projection = "minres"
+    # None: the strategy's own seed projection ("minres" unless its preset names one, e.g.
+    # "seed_hessenberg" for cross_matrix_block); or "minres" / "seed_hessenberg".
+    p.projection = ml_collections.config_dict.placeholder(str)
     p.seed_image = 0
     p.warm_start = True
     p.shard = False                # split each chunk's systems over all local devices
