@@ -259,8 +259,8 @@ def block_line_preconditioner(op: FPOperator, *, bandwidth: int = 5, max_sweeps:
     recurrence (``T_j = B_j - N_j G_{j-1} S_{j-1}``) and in the application (Concus, Golub and
     Meurant's block preconditioners with banded approximate inverses). ``M^{-1} r`` is a
     forward sweep over the rows, ``z_j = G_j (r_j - N_j z_{j-1})``, and a backward one,
-    ``x_j = z_j - G_j S_j x_{j+1}``: ``2 H`` steps of banded products along W, no tridiagonal
-    solves (this form is also what a GPU runs well).
+    ``x_j = z_j - G_j S_j x_{j+1}``: ``2 H`` sequential steps of banded products along W, no
+    tridiagonal solves (not yet measured on an accelerator).
 
     The inverse of a diagonally dominant banded ``T_j`` decays geometrically away from the
     diagonal, so the error falls by about the coupling ratio per extra band. On the solver
