@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from krylovjax.fokker_planck import FPOperator
+from krylovjax.fokker_planck import FPOperator, _shift
 
 Array = jax.Array
 _HI = jax.lax.Precision.HIGHEST
@@ -202,28 +202,17 @@ def line_preconditioner(op: FPOperator, *, modified: bool = True,
 # ``d = 0..2q`` (``q`` the half-bandwidth); entries whose column falls outside the grid are zero.
 
 
-def _shift_w(x: Array, s: int) -> Array:
-    """``y[..., i] = x[..., i + s]`` along the last axis, zero where ``i + s`` is outside."""
-    if s == 0:
-        return x
-    n = x.shape[-1]
-    if abs(s) >= n:
-        return jnp.zeros_like(x)
-    pad = [(0, 0)] * (x.ndim - 1) + ([(0, s)] if s > 0 else [(-s, 0)])
-    xp = jnp.pad(x, pad)
-    return xp[..., s:s + n] if s > 0 else xp[..., :n]
-
-
-def _pad_w(x: Array, margin: int) -> Array:
-    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(margin, margin)])
+def _previous_row(x: Array, axis: int) -> Array:
+    """``y[j] = x[j - 1]`` along the grid's H ``axis``, zero for ``j = 0``."""
+    return _shift(x, axis, -1, 0.0)
 
 
 def _band_matvec(G: Array, x: Array) -> Array:
     """``G x`` for a banded ``G [..., 2q+1, W]`` and ``x [..., W]`` (one padded copy of ``x``,
-    then offset slices: XLA fuses them into one loop)."""
+    then offset slices)."""
     q = (G.shape[-2] - 1) // 2
     n = x.shape[-1]
-    xp = _pad_w(x, q)
+    xp = _pad_shift_source(x, q)
     return sum(G[..., d, :] * xp[..., d:d + n] for d in range(2 * q + 1))
 
 
@@ -231,20 +220,14 @@ def _band_matmul(A: Array, B: Array, q_out: int) -> Array:
     """``A B`` truncated to half-bandwidth ``q_out``, all banded along the last axis."""
     qa, qb = (A.shape[-2] - 1) // 2, (B.shape[-2] - 1) // 2
     n = A.shape[-1]
-    Bp = _pad_w(B, qa)  # B_{i+a, i+s} = B[s - a + qb, i + a] = Bp[s - a + qb, i + a + qa]
+    # B_{i+a, i+s} = B[s - a + qb, i + a] = Bp[s - a + qb, i + a + qa]
+    Bp = _pad_shift_source(B, qa)
     out = []
     for s in range(-q_out, q_out + 1):  # C_{i, i+s} = sum_a A_{i, i+a} B_{i+a, i+s}
         terms = [A[..., a + qa, :] * Bp[..., s - a + qb, qa + a:qa + a + n]
                  for a in range(-qa, qa + 1) if abs(s - a) <= qb]
         out.append(sum(terms) if terms else jnp.zeros_like(A[..., 0, :]))
     return jnp.stack(out, axis=-2)
-
-
-def _shift_h(x: Array, axis: int) -> Array:
-    """``y[j] = x[j - 1]`` along ``axis`` (the grid's H), zero for ``j = 0``."""
-    x = jnp.moveaxis(x, axis, 0)
-    y = jnp.concatenate([jnp.zeros_like(x[:1]), x[:-1]], axis=0)
-    return jnp.moveaxis(y, 0, axis)
 
 
 def block_line_preconditioner(op: FPOperator, *, bandwidth: int = 5, max_sweeps: int = 12,
@@ -300,16 +283,17 @@ def block_line_preconditioner(op: FPOperator, *, bandwidth: int = 5, max_sweeps:
     B = jnp.stack([c["west"] if d == q - 1 else D if d == q else c["east"] if d == q + 1
                    else zero for d in range(2 * q + 1)], axis=-2)
     north = c["north"][..., None, :]                  # N_j, [..., H, 1, W]
-    south_prev = _shift_h(c["south"], -2)[..., None, :]  # S_{j-1}
-    # (N G_{j-1} S_{j-1})_{i, i+s} = N_i G_{i,i+s} S_{i+s}: S shifted by s per diagonal.
-    s_cols = jnp.concatenate([_shift_w(south_prev, s) for s in range(-q, q + 1)], axis=-2)
+    # (N G_{j-1} S_{j-1})_{i, i+s} = N_i G_{i,i+s} S_{i+s}: S_{j-1} shifted by s per diagonal.
+    W = D.shape[-1]
+    south_prev = _pad_shift_source(_previous_row(c["south"], -2), q)
+    s_cols = jnp.stack([south_prev[..., q + s:q + s + W] for s in range(-q, q + 1)], axis=-2)
     G = jnp.stack([1.0 / D if d == q else zero for d in range(2 * q + 1)], axis=-2)
     # Sweeps until the largest change is below sweep_tol (relative), at most max_sweeps.
     tol = max(float(sweep_tol), 64 * float(jnp.finfo(D.dtype).eps))
 
     def sweep(carry):
         i, G, _ = carry
-        T = B - north * _shift_h(G, -3) * s_cols
+        T = B - north * _previous_row(G, -3) * s_cols
         new = 2.0 * G - _band_matmul(G, _band_matmul(T, G, 2 * q), q)
         change = jnp.max(jnp.abs(new - G)) / jnp.max(jnp.abs(new))
         return i + 1, new, change

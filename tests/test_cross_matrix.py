@@ -77,6 +77,14 @@ def test_identical_systems_solved_by_projection_alone(systems):
     assert bool(small.converged[0]) and int(small.num_restarts[0]) >= 1
 
 
+def _mean_matvecs(res) -> float:
+    return float(jnp.mean(res.num_matvecs))
+
+
+def _rel_err(x, x_ref) -> float:
+    return float(np.abs(np.asarray(x) - x_ref).max() / np.abs(x_ref).max())
+
+
 def test_preconditioning_halves_cold_matvecs(systems):
     """On real images the shared-diffusion preconditioner halves cold GMRES's matvecs; the
     cross-matrix path with it stays within 55% (all matvecs counted, the seed's basis and each
@@ -89,11 +97,10 @@ def test_preconditioning_halves_cold_matvecs(systems):
                                         projection="seed_hessenberg"))
     for r in (cold, pre, fast):
         assert bool(jnp.all(r.converged))
-    mean = lambda r: float(jnp.mean(r.num_matvecs))  # noqa: E731
+    mean = _mean_matvecs
     assert mean(pre) <= 0.5 * mean(cold)
     assert mean(fast) <= 0.55 * mean(cold)
-    err = np.abs(np.asarray(fast.x) - x_ref).max() / np.abs(x_ref).max()
-    assert err < 1e-7
+    assert _rel_err(fast.x, x_ref) < 1e-7
 
 
 def test_line_preconditioning_beats_the_shared_diffusion(systems):
@@ -101,7 +108,7 @@ def test_line_preconditioning_beats_the_shared_diffusion(systems):
     diffusion inverse, and the cross-matrix path with it under half of cold GMRES (late step;
     all matvecs counted). Solutions agree with spsolve."""
     op, b, _, x_ref = systems
-    mean = lambda r: float(jnp.mean(r.num_matvecs))  # noqa: E731
+    mean = _mean_matvecs
     cold = solve_fp(op, b, SolverConfig(**PRESETS["gmres"], tol=1e-8))
     diffusion = solve_fp(op, b, SolverConfig(**PRESETS["preconditioned"], tol=1e-8))
     line = solve_fp(op, b, SolverConfig(**PRESETS["preconditioned_line"], tol=1e-8))
@@ -112,8 +119,7 @@ def test_line_preconditioning_beats_the_shared_diffusion(systems):
     assert mean(line) < mean(diffusion)
     assert mean(cross) <= 0.5 * mean(cold)
     for r in (line, cross):
-        err = np.abs(np.asarray(r.x) - x_ref).max() / np.abs(x_ref).max()
-        assert err < 1e-7
+        assert _rel_err(r.x, x_ref) < 1e-7
 
 
 def test_block_line_preconditioning_halves_the_cross_matrix_matvecs(systems):
@@ -121,7 +127,7 @@ def test_block_line_preconditioning_halves_the_cross_matrix_matvecs(systems):
     counted) needs at most half of cold GMRES's matvecs and fewer than with the line
     factorisation; solutions agree with spsolve."""
     op, b, _, x_ref = systems
-    mean = lambda r: float(jnp.mean(r.num_matvecs))  # noqa: E731
+    mean = _mean_matvecs
     cold = solve_fp(op, b, SolverConfig(**PRESETS["gmres"], tol=1e-8))
     line = solve_fp(op, b, SolverConfig(**PRESETS["cross_matrix_line"], tol=1e-8,
                                         projection="seed_hessenberg"))
@@ -133,8 +139,7 @@ def test_block_line_preconditioning_halves_the_cross_matrix_matvecs(systems):
     assert mean(block) < mean(line)
     assert mean(alone) < mean(block)  # the seed projection costs a matvec, saves none here
     for r in (block, alone):
-        err = np.abs(np.asarray(r.x) - x_ref).max() / np.abs(x_ref).max()
-        assert err < 1e-7
+        assert _rel_err(r.x, x_ref) < 1e-7
 
 
 @pytest.mark.parametrize("name", ["line", "block_line"])
@@ -179,7 +184,7 @@ def test_solve_fp_under_jit_and_float32(systems):
     f = jax.jit(lambda o, bb: solve_fp(o, bb, SolverConfig(tol=1e-5)))
     res = f(op32, b.astype(jnp.float32))
     assert res.x.dtype == jnp.float32 and bool(jnp.all(res.converged))
-    assert np.abs(np.asarray(res.x, np.float64) - x_ref).max() / np.abs(x_ref).max() < 1e-4
+    assert _rel_err(res.x, x_ref) < 1e-4
 
 
 def test_bad_inputs(systems):

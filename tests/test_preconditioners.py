@@ -97,6 +97,18 @@ def _line_scipy(A, H, W, modified, sweeps=10):
     return ((sp.diags(T) + Lx) @ sp.diags(1.0 / T) @ (sp.diags(T) + Ly)).tocsc()
 
 
+def _random_op(rng, grid, boundary="zero", scheme="consistent", batch=3, scale=2.0,
+               g2=None, h=None):
+    """``batch`` systems with random lagged scores (times ``scale``) and, for Dirichlet, random
+    boundary values; ``g2`` and ``h`` default to spreads over the batch."""
+    H, W = grid
+    lag = scale * rng.normal(size=(batch, 2, H, W))
+    gv = rng.normal(size=(batch, H + 2, W + 2)) if boundary == "dirichlet" else None
+    g2 = jnp.linspace(0.5, 8.0, batch) if g2 is None else g2
+    h = jnp.linspace(1.0, 0.5, batch) if h is None else h
+    return fp_operator(g2, 0.05, h, lag, boundary=boundary, boundary_values=gv, scheme=scheme)
+
+
 @pytest.mark.parametrize("modified", [False, True])
 @pytest.mark.parametrize("scheme", ["consistent", "fitted"])
 @pytest.mark.parametrize("boundary", ["zero", "dirichlet", "reflect"])
@@ -104,10 +116,8 @@ def _line_scipy(A, H, W, modified, sweeps=10):
 def test_line_preconditioner_is_the_assembled_factorisation(grid, boundary, scheme, modified):
     rng = np.random.default_rng(7)
     H, W = grid
-    lag = 2.0 * rng.normal(size=(3, 2, H, W))
-    gv = rng.normal(size=(3, H + 2, W + 2)) if boundary == "dirichlet" else None
-    op = fp_operator(jnp.array([0.5, 2.0, 8.0]), 0.05, jnp.array([1.0, 0.5, 1.0]), lag,
-                     boundary=boundary, boundary_values=gv, scheme=scheme)
+    op = _random_op(rng, grid, boundary, scheme, g2=jnp.array([0.5, 2.0, 8.0]),
+                    h=jnp.array([1.0, 0.5, 1.0]))
     apply = line_preconditioner(op, modified=modified)
     x = rng.normal(size=(3, H, W))
     got = np.asarray(apply(jnp.asarray(x)))
@@ -172,14 +182,6 @@ def test_line_preconditioner_bad_input():
 
 from krylovjax.preconditioners import block_line_preconditioner  # noqa: E402
 from krylovjax.reference import block_rows_scipy  # noqa: E402
-
-
-def _random_op(rng, grid, boundary="zero", scheme="consistent", batch=3, scale=2.0):
-    H, W = grid
-    lag = scale * rng.normal(size=(batch, 2, H, W))
-    gv = rng.normal(size=(batch, H + 2, W + 2)) if boundary == "dirichlet" else None
-    return fp_operator(jnp.linspace(0.5, 8.0, batch), 0.05, jnp.linspace(1.0, 0.5, batch), lag,
-                       boundary=boundary, boundary_values=gv, scheme=scheme)
 
 
 @pytest.mark.parametrize("scheme", ["consistent", "fitted"])
