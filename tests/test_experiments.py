@@ -282,31 +282,20 @@ def test_denoise_bad_image_size_fails_before_writing(tmp_path):
     assert not wd.exists()
 
 
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def test_paper_ddpm_config_is_the_demo_with_the_papers_baseline():
     """denoise_demo_paper_ddpm changes only DDPM's optimiser settings (to the papers' baseline,
     the same as the CIFAR-10 config's) and its caps."""
     from experiments.configs import denoise_cifar10, denoise_demo, denoise_demo_paper_ddpm
 
-    demo = _flat(denoise_demo.get_config().to_dict())
-    paper = _flat(denoise_demo_paper_ddpm.get_config().to_dict())
-    cifar = _flat(denoise_cifar10.get_config().to_dict())
-    assert paper.keys() == demo.keys()
-    changed = {k for k in demo if paper[k] != demo[k]}
-    assert changed == {"ddpm.train.lr", "ddpm.train.warmup_steps", "ddpm.train.ema_decay", "ddpm.train.num_steps",
-                       "ddpm.train.budget_seconds"}
-    assert (paper["ddpm.train.lr"], paper["ddpm.train.warmup_steps"], paper["ddpm.train.ema_decay"]) == (2e-4, 5000, 0.9999)
+    paper = denoise_demo_paper_ddpm.get_config()
+    assert set(eu.config_diff(denoise_demo.get_config(), paper)) == {
+        "ddpm.train.lr", "ddpm.train.warmup_steps", "ddpm.train.ema_decay", "ddpm.train.num_steps",
+        "ddpm.train.budget_seconds"}
+    ddpm = paper.ddpm.train
+    assert (ddpm.lr, ddpm.warmup_steps, ddpm.ema_decay) == (2e-4, 5000, 0.9999)
+    cifar = denoise_cifar10.get_config().ddpm.train
     for k in ("lr", "warmup_steps", "ema_decay", "ddpm_num_steps", "ddpm_beta_start", "ddpm_beta_end"):
-        assert paper[f"ddpm.train.{k}"] == cifar[f"ddpm.train.{k}"], k
+        assert ddpm[k] == cifar[k], k
 
 
 def test_denoise_binary_reports_bad_target(tmp_path):
