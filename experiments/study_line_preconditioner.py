@@ -49,6 +49,7 @@ from absl import app, flags
 
 from experiments import bench_solvers  # noqa: F401  (defines the shared flags)
 from krylovjax.experiment_utils import benchmark_machine
+from krylovjax.preconditioners import BLOCK_BANDWIDTH
 
 FLAGS = flags.FLAGS
 # Shared with the solver benchmark (same systems): --sizes, --batch, --time_steps, --scheme,
@@ -62,7 +63,6 @@ flags.DEFINE_integer("time_repeats", 20,
                      "Repeats of each timing (20 chained applications each).")
 
 PRECONDITIONERS = ("none", "diffusion", "adi", "line", "line_mod", "block")
-BLOCK_BANDWIDTH = 5
 
 
 def split_lines(A, grid_shape):

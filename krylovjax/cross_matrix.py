@@ -323,7 +323,8 @@ def auto_chunk_size(config: SolverConfig, grid_shape, dtype=jnp.float64,
     if config.precondition == "line":
         fields += 7              # T and the Thomas factors of both directions
     if config.precondition == "block_line":
-        fields += 2 * 5 + 1 + 2  # the banded approximate inverses, N and S (bandwidth 5)
+        # the banded approximate inverses (2q + 1 diagonals), N and S
+        fields += 2 * preconditioners.BLOCK_BANDWIDTH + 1 + 2
     per_system = fields * math.prod(grid_shape) * jnp.dtype(dtype).itemsize
     fit = max(1, int(_CHUNK_BYTES // per_system))
     return int(min(16, max(2, 1 << (fit.bit_length() - 1))))  # a power of two

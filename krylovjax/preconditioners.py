@@ -201,6 +201,10 @@ def line_preconditioner(op: FPOperator, *, modified: bool = True,
 # Banded matrices along W are stored by diagonals: ``G[..., d, i] = G_{i, i + d - q}`` for
 # ``d = 0..2q`` (``q`` the half-bandwidth); entries whose column falls outside the grid are zero.
 
+# Default half-bandwidth of the approximate inverses: the narrowest with which the cross-matrix
+# path needs one iteration at the early step (BUILD_NOTES, Preconditioners).
+BLOCK_BANDWIDTH = 5
+
 
 def _previous_row(x: Array, axis: int) -> Array:
     """``y[j] = x[j - 1]`` along the grid's H ``axis``, zero for ``j = 0``."""
@@ -230,8 +234,8 @@ def _band_matmul(A: Array, B: Array, q_out: int) -> Array:
     return jnp.stack(out, axis=-2)
 
 
-def block_line_preconditioner(op: FPOperator, *, bandwidth: int = 5, max_sweeps: int = 12,
-                              sweep_tol: float = 1e-5):
+def block_line_preconditioner(op: FPOperator, *, bandwidth: int = BLOCK_BANDWIDTH,
+                              max_sweeps: int = 12, sweep_tol: float = 1e-5):
     """Block incomplete factorisation by grid rows with banded approximate inverses.
 
     Order the unknowns row by row (lines along W). ``A`` is block tridiagonal: ``B_j`` (row
