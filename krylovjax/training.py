@@ -218,6 +218,12 @@ class TrainConfig:
         (module docstring); 0 trains at the grid nodes.
       per_image_offset: Paper B's disjoint per-image time intervals: the model gets the image
         index (``UNetConfig.per_image_offset`` with ``num_images`` from the data).
+      scale_by_sigma: ``method="ours"`` only: the score is the network's output divided by
+        ``lambda(t)``, ``s_theta(x, t) = net(x, t) / lambda(t)`` (score_sde's ``scale_by_sigma``,
+        NCSNv2's parameterisation). The loss of method.md 4.2 then reads
+        ``||net + z||^2 / (2 g^2)``: the network predicts ``-z``, as DDPM's predicts epsilon,
+        instead of values up to ``1 / lambda_min`` in size. False (the default) is Paper B's
+        unscaled output; BUILD_NOTES has the measured effect.
       ddpm_num_steps, ddpm_beta_start, ddpm_beta_end: the DDPM baseline's linear schedule.
       progress: show a tqdm progress bar.
     """
@@ -243,6 +249,7 @@ class TrainConfig:
     loss_reduction: str = "sum"
     time_jitter: float = 0.5
     per_image_offset: bool = False
+    scale_by_sigma: bool = False
     ddpm_num_steps: int = 1000
     ddpm_beta_start: float = 1e-4
     ddpm_beta_end: float = 0.02
@@ -298,10 +305,13 @@ class TrainConfig:
                 f"got {self.ddpm_beta_start!r}, {self.ddpm_beta_end!r}")
         if not isinstance(self.target_metric, str) or not self.target_metric:
             raise ValueError(f"target_metric: expected a non-empty str, got {self.target_metric!r}")
-        for k in ("per_image_offset", "progress"):
+        for k in ("per_image_offset", "scale_by_sigma", "progress"):
             if not isinstance(getattr(self, k), (bool, np.bool_)):
                 raise ValueError(f"{k}: expected a bool, got {getattr(self, k)!r}")
             set_(k, bool(getattr(self, k)))
+        if self.scale_by_sigma and self.method != "ours":
+            raise ValueError("scale_by_sigma: only for method='ours' (DDPM's network predicts epsilon, "
+                             f"already scaled), got method={self.method!r}")
         for k in ("lr", "ema_decay", "time_jitter", "ddpm_beta_start", "ddpm_beta_end"):
             set_(k, float(getattr(self, k)))
 
@@ -939,6 +949,15 @@ def _apply(model_def: ModelDef, params, x, t, idx, *, train: bool, dropout_key=N
     return model(x, t, idx if model_def.unet.per_image_offset else None, train=train, rngs=rngs)
 
 
+def _score_of(config: TrainConfig):
+    """``(out [B, C, H, W], t [B]) -> s_theta``: the network output as ours' score (``out`` itself,
+    or ``out / lambda(t)`` with ``scale_by_sigma``)."""
+    if not config.scale_by_sigma:
+        return lambda out, t: out
+    sde = config.make_sde()
+    return lambda out, t: out / sde.perturbation_std(t).astype(out.dtype)[:, None, None, None]
+
+
 def _take_rows(mesh: Mesh | None, table, rows, lev=None):
     """``table[rows]`` (or ``table[rows, lev]``) for a table sharded along ``"data"`` by rows.
 
@@ -976,6 +995,7 @@ def _loss_fn(config: TrainConfig, model_def: ModelDef, mesh: Mesh | None, num_im
     batch_sharding = NamedSharding(mesh, P("data")) if mesh is not None else None
     bs = config.batch_size
     sde = config.make_sde() if config.method == "ours" else None
+    as_score = _score_of(config)
     dtype = _compute_dtype(model_def.unet)
     schedule = config.ddpm_schedule(dtype) if config.method == "ddpm" else None
     big_t = config.ddpm_num_steps
@@ -997,7 +1017,7 @@ def _loss_fn(config: TrainConfig, model_def: ModelDef, mesh: Mesh | None, num_im
             t = shard(data["lo"][lev] + u * (data["hi"][lev] - data["lo"][lev]))
             z = shard(jax.random.normal(k_noise, x.shape, dtype))
             idx = shard(idx)
-            fn = lambda xx, tt: _apply(model_def, params, xx, tt, idx, train=train, dropout_key=drop)  # noqa: E731
+            fn = lambda xx, tt: as_score(_apply(model_def, params, xx, tt, idx, train=train, dropout_key=drop), tt)  # noqa: E731
             return embedding_loss(fn, x, t, z, sde, reduction=config.loss_reduction)
         imgs = data["images"]
         n_img = imgs.shape[0] if num_images is None else num_images
@@ -1157,7 +1177,13 @@ def _short(v: Any, limit: int = 70) -> str:
 
 
 def _check_record(workdir: str, stored: dict, given: dict) -> None:
-    """Raise ValueError naming the keys (run-control keys excepted) where the records differ."""
+    """Raise ValueError naming the keys (run-control keys excepted) where the records differ.
+
+    A train key missing from ``stored`` (a run made before that key existed) counts as its
+    default, which is the behaviour such runs had."""
+    defaults = TrainConfig().to_dict()
+    stored = {**stored, "train": {**{k: v for k, v in defaults.items() if k in given.get("train", {})},
+                                  **stored.get("train", {})}}
     strip = lambda r: {**r, "train": {k: v for k, v in r.get("train", {}).items() if k not in RUN_CONTROL_KEYS}}  # noqa: E731
     diffs = _diff(strip(stored), strip(given))
     if diffs:
@@ -1278,14 +1304,17 @@ class TrainResult:
 _APPLY: dict = {}
 
 
-def _eval_fn_for(model_def: ModelDef, params, method: str, ddpm_steps: int):
+def _eval_fn_for(model_def: ModelDef, params, config: TrainConfig):
     """The user-facing function (score_fn or eps_fn) of given parameters, jitted."""
     dtype = _compute_dtype(model_def.unet)
-    if model_def.unet not in _APPLY:
+    key = (model_def.unet, config.scale_by_sigma, config.sde, config.sde_kwargs)
+    if key not in _APPLY:
         if len(_APPLY) > 8:
             _APPLY.clear()
-        _APPLY[model_def.unet] = jax.jit(lambda p, x, t, idx: _apply(model_def, p, x, t, idx, train=False))
-    apply = _APPLY[model_def.unet]
+        as_score = _score_of(config)
+        _APPLY[key] = jax.jit(lambda p, x, t, idx: as_score(_apply(model_def, p, x, t, idx, train=False), t))
+    apply = _APPLY[key]
+    method, ddpm_steps = config.method, config.ddpm_num_steps
 
     if method == "ours":
         def score_fn(x, t, idx=None):
@@ -1480,7 +1509,7 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
         nonlocal eval_seconds, last_eval, last_eval_step, time_to_target, step_at_target
         t0 = time.perf_counter()
         ema = state.ema_params if nproc == 1 else _host(state.ema_params)  # process-local copy
-        fn = _eval_fn_for(model_def, ema, config.method, config.ddpm_num_steps)
+        fn = _eval_fn_for(model_def, ema, config)
         out = eval_fn(fn, step)
         if not isinstance(out, Mapping):
             raise ValueError(f"eval_fn: expected a dict of metrics, got {type(out).__name__}")
@@ -1625,7 +1654,7 @@ def load_score_fn(workdir: str | os.PathLike, *, step: int | None = None) -> Cal
     Attributes ``fn.config`` (:class:`TrainConfig`), ``fn.step`` and ``fn.model_def`` are set.
     """
     ck = load_checkpoint(workdir, step=step)
-    fn = _eval_fn_for(ck.model_def, ck.state.ema_params, ck.config.method, ck.config.ddpm_num_steps)
+    fn = _eval_fn_for(ck.model_def, ck.state.ema_params, ck.config)
     fn.config = ck.config
     fn.step = int(ck.state.step)
     fn.model_def = ck.model_def

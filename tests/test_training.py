@@ -285,8 +285,8 @@ def test_eval_callback_uses_ema_and_load_score_fn(ours_run, trajectories):
     idx = jnp.arange(NUM_IMAGES)
     got = np.asarray(fn(x, t, idx=idx))
     np.testing.assert_array_equal(got, evals[-1][2])  # what the callback saw at step 20
-    raw = tr._eval_fn_for(res.model_def, res.state.params, "ours", OURS.ddpm_num_steps)(x, t, idx=idx)
-    ema = tr._eval_fn_for(res.model_def, res.state.ema_params, "ours", OURS.ddpm_num_steps)(x, t, idx=idx)
+    raw = tr._eval_fn_for(res.model_def, res.state.params, OURS)(x, t, idx=idx)
+    ema = tr._eval_fn_for(res.model_def, res.state.ema_params, OURS)(x, t, idx=idx)
     np.testing.assert_array_equal(got, np.asarray(ema))
     assert float(jnp.max(jnp.abs(raw - ema))) > 1e-4  # the EMA weights, not the raw ones
     assert float(jnp.max(jnp.abs(ema))) > 1e-3  # the model has moved away from its zero output
@@ -294,6 +294,50 @@ def test_eval_callback_uses_ema_and_load_score_fn(ours_run, trajectories):
         fn(x, t)
     with pytest.raises(FileNotFoundError):
         tr.load_score_fn(os.path.join(wd, "nowhere"))
+
+
+def test_scale_by_sigma_divides_the_score_by_lambda(monkeypatch, ours_run, trajectories):
+    with pytest.raises(ValueError, match="scale_by_sigma"):
+        tr.TrainConfig(method="ddpm", scale_by_sigma=True)
+    with pytest.raises(ValueError, match="scale_by_sigma"):
+        tr.TrainConfig(scale_by_sigma=1)
+    scaled = OURS.replace(scale_by_sigma=True)
+    sde = OURS.make_sde()
+    _, res, _ = ours_run
+    x = jnp.asarray(trajectories.x[:, 2])
+    t = jnp.array([0.3, 0.7])
+    idx = jnp.arange(NUM_IMAGES)
+    lam = np.asarray(sde.perturbation_std(t))[:, None, None, None]
+    # The samplers' score: the network's output over lambda(t).
+    plain = np.asarray(tr._eval_fn_for(res.model_def, res.state.ema_params, OURS)(x, t, idx=idx))
+    got = np.asarray(tr._eval_fn_for(res.model_def, res.state.ema_params, scaled)(x, t, idx=idx))
+    np.testing.assert_allclose(got, plain / lam, rtol=1e-5)
+    assert np.max(np.abs(got - plain)) > 1e-3
+
+    # The training loss: a network answering ones, scaled, is the same score as an unscaled one
+    # answering 1 / lambda(t) (same batch from the same key), and not the same as unscaled ones.
+    arrays, _ = tr.prepare_data(OURS, trajectories)
+    key = jax.random.PRNGKey(7)
+
+    def loss_with(cfg, net):
+        monkeypatch.setattr(tr, "_EVAL_LOSS", {})  # trace afresh with this network
+        monkeypatch.setattr(tr, "_apply", lambda md, p, xx, tt, i, **kw: net(xx, tt))
+        return float(tr.eval_loss(cfg, res.model_def, res.state.params, arrays, key))
+
+    ones = lambda xx, tt: jnp.ones_like(xx)  # noqa: E731
+    inv_lam = lambda xx, tt: jnp.ones_like(xx) / sde.perturbation_std(tt).astype(xx.dtype)[:, None, None, None]  # noqa: E731
+    l_scaled, l_inv, l_ones = loss_with(scaled, ones), loss_with(OURS, inv_lam), loss_with(OURS, ones)
+    assert l_scaled == pytest.approx(l_inv, rel=1e-5)
+    assert abs(l_scaled - l_ones) > 1e-2 * l_ones
+
+
+def test_records_from_before_a_new_key_resume_as_its_default():
+    given = {"train": OURS.to_dict(), "model": {"ch": 16}, "data": {"fingerprint": "f"}}
+    old = {**given, "train": {k: v for k, v in given["train"].items() if k != "scale_by_sigma"}}
+    tr._check_record("wd", old, given)  # the key did not exist: its default, the old behaviour
+    changed = {**given, "train": OURS.replace(scale_by_sigma=True).to_dict()}
+    with pytest.raises(ValueError, match="scale_by_sigma: stored false, given true"):
+        tr._check_record("wd", old, changed)
 
 
 def test_data_parallel_step_matches_single_device(images, trajectories):
