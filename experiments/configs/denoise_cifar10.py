@@ -32,6 +32,7 @@ def get_config():
     c.common.eval_every = 100
     c.common.log_every = 100
     c.ours.train.lr = 1e-3
+    c.ours.train.scale_by_sigma = False  # Paper B's unscaled network output (the demo scales it)
     c.ours.train.sde_kwargs.std = 0.1  # Paper A's literal setting (the demo uses g sqrt(t))
     c.ours.sampler.kind = "paper_a"
     c.ours.sampler.t_start = 1.0
