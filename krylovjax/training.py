@@ -11,10 +11,12 @@ Two methods share one training loop (method.md sections 4.2, 4.3 and 6):
 
       loss = mean_b [ 1 / (2 g(t_b)^2) * sum_{c,h,w} (s_theta(x^n_b + lambda(t_b) z_b, t_b) lambda(t_b) + z_b)^2 ]
 
-  (``loss_reduction="sum"``, the paper's). ``loss_reduction="mean"`` replaces the sum over
-  ``c, h, w`` by the mean, i.e. divides the loss by ``C H W``; with Adam that changes only the
-  effective ``eps`` and how often gradient clipping is active (the summed loss has gradient
-  norms of tens, so ``grad_clip = 1`` normalises every step). On 2 photos at 16x16, 300 steps,
+  (``loss_reduction="sum"``, the paper's). With ``scale_by_sigma`` the score is the network's
+  output over ``lambda(t)`` (score_sde's option), so the network predicts ``-z`` on DDPM's
+  epsilon scale; Paper B's output is unscaled (the default). ``loss_reduction="mean"``
+  replaces the sum over ``c, h, w`` by the mean, i.e. divides the loss by ``C H W``; with Adam
+  that changes only the effective ``eps`` and how often gradient clipping is active (the summed
+  loss has gradient norms of tens, so ``grad_clip = 1`` normalises every step). On 2 photos at 16x16, 300 steps,
   the summed loss reached an equal or lower loss (19.6 vs 20.5 at lr 1e-3, 36.6 vs 41.0 at
   3e-4), so the paper's sum stays the default.
 
