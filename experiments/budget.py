@@ -68,6 +68,9 @@ def check_budget_config(cfg) -> float:
         if cfg[m].train.get("budget_seconds") is not None:
             raise ValueError(f"{m}.train.budget_seconds: set by budget_seconds (leave it None)")
     denoise.check_config(cfg)
+    if tuple(cfg.ddpm.sampler.get("extra_methods", ())):
+        raise ValueError("ddpm.sampler.extra_methods: the budget run reports one DDPM sampler; leave it () "
+                         "and pick the sampler with ddpm.sampler.method (e.g. --config.ddpm.sampler.method=ddim)")
     return budget
 
 

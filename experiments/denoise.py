@@ -17,7 +17,12 @@ For one clean image ``x`` (``config.data``) and its noisy version ``clamp(x + st
   clean image is computed.
 * **DDPM**: the same U-Net trained with epsilon prediction on the clean image, evaluated by
   :func:`krylovjax.ddpm.ddpm_denoise` from the same noisy image (mapped to [-1, 1], noise level
-  ``2 std``), with the same cadence and target.
+  ``2 std``), with the same cadence and target. ``ddpm.sampler.method`` is the sampler of the
+  ``ddpm`` row (ancestral by default); each entry of ``ddpm.sampler.extra_methods`` (default
+  ``("ddim",)``) is a further row of the same trained network denoised with that sampler at the
+  same evaluations (Paper B's DDIM row: the deterministic sampler, the counterpart of ours'
+  probability flow). DDPM trains until every one of its samplers has reached the target
+  (``target_metric = "min_ssim"``); each row's time to target is read from its own records.
 
 Training stops at the largest target in ``config.targets`` or at the method's step / time cap.
 
@@ -31,13 +36,14 @@ first (:func:`krylovjax.precompute.precompile`), the embedding is compiled ahead
 table. Resolution: one evaluation interval.
 
 Outputs in ``--workdir``: ``results.md`` (table), ``results.json``, ``trajectory.png`` (the
-denoising trajectory, ``num_frames`` frames, top row ours, bottom row DDPM: Figure 2),
-``denoised.png`` (clean / noisy / ours / DDPM), ``ssim_curve.png`` (metric vs time), and the two
-training runs in ``ours/`` and ``ddpm/`` (checkpoints, ``metrics.jsonl``; ``experiments.generate``
-can sample from them). A work directory is tied to its config (``experiment.json``): another
-config is refused before anything is written; a finished run of the same config is redone only
-with ``--overwrite``; an interrupted one keeps the result of a method that had finished
-(``<method>/denoise_result.json``) and resumes the other from its checkpoints.
+denoising trajectory, ``num_frames`` frames, one row per method and sampler: Figure 2),
+``denoised.png`` (clean / noisy / ours / DDPM / DDIM), ``ssim_curve.png`` (metric vs time), and
+the two training runs in ``ours/`` and ``ddpm/`` (checkpoints, ``metrics.jsonl`` with the DDIM
+row's metrics as ``ddim_ssim`` etc.; ``experiments.generate`` can sample from them). A work
+directory is tied to its config (``experiment.json``): another config is refused before anything
+is written; a finished run of the same config is redone only with ``--overwrite``; an
+interrupted one keeps the result of a method that had finished (``<method>/denoise_result.json``)
+and resumes the other from its checkpoints.
 """
 
 from __future__ import annotations
@@ -63,8 +69,23 @@ if __name__ == "__main__":
 METHODS = ("ours", "ddpm")
 METRICS = ("ssim", "global_ssim")
 OUR_SAMPLERS = ("paper_a", "flow", "denoise")
+DDPM_SAMPLERS = ("ancestral", "ddim")
+# The table row of a DDPM sampler in ``ddpm.sampler.extra_methods`` (the same trained network).
+EXTRA_ROW = {"ddim": "ddim", "ancestral": "ddpm_ancestral"}
+LABELS = {"ours": "ours", "ddpm": "DDPM", "ddim": "DDIM", "ddpm_ancestral": "DDPM (ancestral)"}
 RESULT_FILES = ("results.md", "results.json", "trajectory.png", "denoised.png", "ssim_curve.png")
 _DONE_JSON, _DONE_NPZ = "denoise_result.json", "denoise_output.npz"  # per method, in <workdir>/<method>/
+
+
+def _done_paths(sub: str, method: str, row: str) -> tuple[str, str]:
+    """The files of a finished table row in its training run's directory ``sub``: the method's
+    own row in ``denoise_result.json`` / ``denoise_output.npz``, a further sampler's row (DDIM)
+    in ``denoise_result_<row>.json`` / ``denoise_output_<row>.npz`` (written before the own
+    row's, so the own row's files mark the method as finished)."""
+    if row == method:
+        return os.path.join(sub, _DONE_JSON), os.path.join(sub, _DONE_NPZ)
+    stem_j, stem_z = (os.path.splitext(f)[0] for f in (_DONE_JSON, _DONE_NPZ))
+    return os.path.join(sub, f"{stem_j}_{row}.json"), os.path.join(sub, f"{stem_z}_{row}.npz")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,6 +129,24 @@ def check_config(cfg) -> None:
         b = cfg[m].train.get("budget_seconds")
         if b is not None:
             eu.check_positive_seconds(b, f"{m}.train.budget_seconds")
+    sc = cfg.ddpm.sampler
+    if sc.method not in DDPM_SAMPLERS:
+        raise ValueError(f"ddpm.sampler.method: expected one of {DDPM_SAMPLERS}, got {sc.method!r}")
+    extra = sc.get("extra_methods", ())
+    extra = tuple(extra) if isinstance(extra, (list, tuple)) else extra
+    if not isinstance(extra, tuple) or any(e not in DDPM_SAMPLERS for e in extra) or len(set(extra)) != len(extra):
+        raise ValueError(f"ddpm.sampler.extra_methods: expected distinct entries of {DDPM_SAMPLERS}, got {extra!r}")
+
+
+def ddpm_rows(cfg) -> dict:
+    """The table rows of the DDPM network: ``{"ddpm": ddpm.sampler.method}`` plus one row per
+    entry of ``ddpm.sampler.extra_methods`` (``"ddim"`` for DDIM: Paper B's DDIM row, the same
+    trained network denoised with the deterministic sampler); an entry equal to
+    ``ddpm.sampler.method`` is that row already and adds none (so ``--config.ddpm.sampler.method=ddim``
+    alone gives one DDIM row)."""
+    method = cfg.ddpm.sampler.method
+    extra = tuple(cfg.ddpm.sampler.get("extra_methods", ()))
+    return {"ddpm": method, **{EXTRA_ROW[e]: e for e in extra if e != method}}
 
 
 def train_config(cfg, method: str):
@@ -117,7 +156,10 @@ def train_config(cfg, method: str):
     d = _dict(cfg.common)
     d.update(_dict(cfg[method].train))
     d["method"] = method
-    d.setdefault("target_metric", cfg.get("metric", "ssim"))
+    metric = cfg.get("metric", "ssim")
+    if method == "ddpm" and len(ddpm_rows(cfg)) > 1:
+        metric = "min_" + metric  # stop when every DDPM sampler has reached the target (make_eval_fn)
+    d.setdefault("target_metric", metric)
     try:
         return training.TrainConfig.from_dict(d)
     except ValueError as err:
@@ -272,11 +314,12 @@ def ours_denoiser(cfg, tc, noisy, *, idx=None) -> Callable:
     return run
 
 
-def ddpm_denoiser(cfg, tc, noisy) -> Callable:
+def ddpm_denoiser(cfg, tc, noisy, method: str | None = None) -> Callable:
     """The same interface for DDPM: :func:`krylovjax.ddpm.ddpm_denoise` of ``2 noisy - 1`` with
     noise level ``2 std`` (the network's [-1, 1] range), from the matching step; the output and
     the frames are mapped back with ``(x / sqrt(abar_k) + 1) / 2`` (frames: the state rescaled to
-    the data scale at its step ``k``, so the rows of the figure are comparable)."""
+    the data scale at its step ``k``, so the rows of the figure are comparable). ``method``:
+    ``"ancestral"`` or ``"ddim"`` (default ``ddpm.sampler.method``)."""
     import jax
     import jax.numpy as jnp
 
@@ -289,7 +332,7 @@ def ddpm_denoiser(cfg, tc, noisy) -> Callable:
     clip = (-1.0, 1.0) if sc.clip_x0 else None
 
     def run(fn, return_trajectory=False):
-        r = ddpm.ddpm_denoise(fn, x0, 2.0 * float(cfg.noise.std), key, schedule=sched, method=sc.method,
+        r = ddpm.ddpm_denoise(fn, x0, 2.0 * float(cfg.noise.std), key, schedule=sched, method=method or sc.method,
                               variance=sc.variance, clip_x0=clip, return_trajectory=return_trajectory,
                               num_frames=int(cfg.num_frames))
         out = jnp.clip((r.x + 1.0) / 2.0, 0.0, 1.0)
@@ -318,25 +361,40 @@ def image_metrics(out, clean) -> dict:
             "ssim_per_image": s.tolist()}
 
 
-def make_eval_fn(denoiser: Callable, clean, name: str, last: dict | None = None) -> Callable:
+def make_eval_fn(denoiser: Callable, clean, name: str, last: dict | None = None, *,
+                 others: dict | None = None) -> Callable:
     """The ``eval_fn(fn, step) -> dict`` for :func:`krylovjax.training.train`.
 
     Each evaluation denoises with the trajectory kept; if ``last`` is a dict, it receives the
     latest evaluation's ``step``, ``out`` ``[B, C, H, W]``, ``frames`` ``[F, B, C, H, W]``,
     ``network_evals`` and metrics (``train`` evaluates at the final step, so this is the final
     model's result; no checkpoint reload or second sampler compile is needed).
+
+    ``others`` ``{row: (denoiser, last)}`` are further samplers of the same network (DDPM's
+    DDIM row), evaluated at the same steps: their metrics are returned as ``<row>_ssim``,
+    ``<row>_global_ssim``, ``<row>_psnr``, with ``min_ssim`` / ``min_global_ssim`` the minimum
+    over all samplers (the stop criterion: every sampler has reached the target).
     """
     import numpy as np
 
+    rows = {name: (denoiser, last), **(others or {})}
+
     def eval_fn(fn, step):
-        out, frames, nfe = denoiser(fn, return_trajectory=True)
-        m = image_metrics(out, clean)
-        logging.info("[%s] step %d: SSIM %.4f  global SSIM %.4f  PSNR %.2f dB (%d network evaluations)",
-                     name, step, m["ssim"], m["global_ssim"], m["psnr"], nfe)
-        if last is not None:
-            last.update(step=int(step), out=np.asarray(out), frames=np.asarray(frames), network_evals=nfe,
-                        metrics=m)
-        return {"ssim": m["ssim"], "global_ssim": m["global_ssim"], "psnr": m["psnr"]}
+        res = {}
+        for row, (den, lst) in rows.items():
+            out, frames, nfe = den(fn, return_trajectory=True)
+            m = image_metrics(out, clean)
+            logging.info("[%s] step %d: SSIM %.4f  global SSIM %.4f  PSNR %.2f dB (%d network evaluations)",
+                         row, step, m["ssim"], m["global_ssim"], m["psnr"], nfe)
+            if lst is not None:
+                lst.update(step=int(step), out=np.asarray(out), frames=np.asarray(frames), network_evals=nfe,
+                           metrics=m)
+            pre = "" if row == name else row + "_"
+            res.update({pre + k: m[k] for k in ("ssim", "global_ssim", "psnr")})
+        if others:
+            for k in METRICS:
+                res["min_" + k] = min(res[k], *(res[f"{r}_{k}"] for r in others))
+        return res
 
     return eval_fn
 
@@ -346,13 +404,13 @@ def make_eval_fn(denoiser: Callable, clean, name: str, last: dict | None = None)
 # ----------------------------------------------------------------------------------------------
 
 
-def _speedup(ours: dict | None, ddpm: dict | None) -> tuple[float | None, str]:
-    """Speed-up DDPM time / ours time at a target, with a note on censored runs."""
+def _speedup(ours: dict | None, ddpm: dict | None, label: str = "DDPM") -> tuple[float | None, str]:
+    """Speed-up baseline time / ours time at a target, with a note on censored runs."""
     o, d = ours, ddpm
     if o["seconds"] is not None and d["seconds"] is not None:
         return d["seconds"] / o["seconds"], ""
     if o["seconds"] is not None:
-        return None, f">= {d['cap_seconds'] / o['seconds']:.3g}x (DDPM did not reach it within its cap)"
+        return None, f">= {d['cap_seconds'] / o['seconds']:.3g}x ({label} did not reach it within its cap)"
     if d["seconds"] is not None:
         return None, f"<= {d['seconds'] / o['cap_seconds']:.3g}x (ours did not reach it within its cap)"
     return None, "neither method reached the target"
@@ -419,15 +477,18 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
     for m in methods:
         tc = tcs[m]
         sub = os.path.join(workdir, m)
-        done_json, done_npz = os.path.join(sub, _DONE_JSON), os.path.join(sub, _DONE_NPZ)
-        if os.path.exists(done_json) and os.path.exists(done_npz):
+        # The table rows of this training run: ours, or DDPM with each of its samplers.
+        rows = ddpm_rows(cfg) if m == "ddpm" else {m: None}
+        done = {r: _done_paths(sub, m, r) for r in rows}
+        if all(os.path.exists(j) and os.path.exists(z) for j, z in done.values()):
             # This method finished in an interrupted earlier run of this config: keep its result
             # (training it again from its final checkpoint would change it).
-            with open(done_json) as f:
-                results[m] = json.load(f)
-            with np.load(done_npz) as z:
-                outs[m], frames[m] = z["out"], z["frames"]
-            logging.info("[%s] finished earlier in this workdir: result kept (%s)", m, done_json)
+            for r, (done_json, done_npz) in done.items():
+                with open(done_json) as f:
+                    results[r] = json.load(f)
+                with np.load(done_npz) as z:
+                    outs[r], frames[r] = z["out"], z["frames"]
+            logging.info("[%s] finished earlier in this workdir: result kept (%s)", m, done[m][0])
             continue
         prep: dict = {"precompute_seconds": 0.0, "embed_seconds": 0.0, "compile_seconds": 0.0}
         if m == "ours":
@@ -438,46 +499,63 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
             denoisers[m] = ours_denoiser(cfg, tc, noisy)
         else:
             data = clean
-            denoisers[m] = ddpm_denoiser(cfg, tc, noisy)
-        last: dict = {}
-        res = training.train(tc, data, sub, eval_fn=make_eval_fn(denoisers[m], clean, m, last),
-                             target=targets[-1])
-        if last.get("step") != res.step:  # cannot happen with train()'s final evaluation; be safe
+            for r, method in rows.items():
+                denoisers[r] = ddpm_denoiser(cfg, tc, noisy, method)
+        lasts: dict = {r: {} for r in rows}
+        others = {r: (denoisers[r], lasts[r]) for r in rows if r != m}
+
+        def eval_fn_of(m=m, others=others):
+            return make_eval_fn(denoisers[m], clean, m, lasts[m], others=others)
+
+        res = training.train(tc, data, sub, eval_fn=eval_fn_of(), target=targets[-1])
+        if lasts[m].get("step") != res.step:  # cannot happen with train()'s final evaluation; be safe
             fn = training.load_score_fn(sub)
-            make_eval_fn(denoisers[m], clean, m, last)(fn, res.step)
-        outs[m], frames[m] = last["out"], last["frames"]
+            eval_fn_of()(fn, res.step)
         offset = prep["precompute_seconds"] + prep["embed_seconds"]
         evals = eu.read_metrics(sub, "eval")
-        results[m] = {
-            "train_config": tc.to_dict(),
-            "stop_reason": res.stop_reason, "steps": res.step, "train_seconds": res.train_seconds,
-            "compile_seconds": res.compile_seconds + prep["compile_seconds"],
-            "train_compile_seconds": res.compile_seconds, "eval_seconds": res.eval_seconds,
-            "checkpoint_seconds": res.checkpoint_seconds, "train_wall_seconds": res.wall_seconds,
-            "precompute_seconds": prep["precompute_seconds"], "embed_seconds": prep["embed_seconds"],
-            "seconds_per_step": res.train_seconds / max(res.step, 1),
-            "targets": _target_rows(evals, targets, cfg.metric, offset, res.train_seconds, res.step),
-            "evals": [{k: e.get(k) for k in ("step", "train_seconds", "ssim", "global_ssim", "psnr")} for e in evals],
-            "resumed_from": res.resumed_from,
-        }
-        results[m]["final"] = dict(last["metrics"], network_evals=last["network_evals"], step=last["step"])
+        for r, method in rows.items():
+            pre = "" if r == m else r + "_"
+            row_evals = [{k: e.get(pre + k) for k in ("ssim", "global_ssim", "psnr")}
+                         | {"step": e.get("step"), "train_seconds": e.get("train_seconds")} for e in evals]
+            outs[r], frames[r] = lasts[r]["out"], lasts[r]["frames"]
+            results[r] = {
+                "train_config": tc.to_dict(), "training_run": m,
+                "sampler": method if method is not None else cfg.ours.sampler.kind,
+                "stop_reason": res.stop_reason, "steps": res.step, "train_seconds": res.train_seconds,
+                "compile_seconds": res.compile_seconds + prep["compile_seconds"],
+                "train_compile_seconds": res.compile_seconds, "eval_seconds": res.eval_seconds,
+                "checkpoint_seconds": res.checkpoint_seconds, "train_wall_seconds": res.wall_seconds,
+                "precompute_seconds": prep["precompute_seconds"], "embed_seconds": prep["embed_seconds"],
+                "seconds_per_step": res.train_seconds / max(res.step, 1),
+                "targets": _target_rows(row_evals, targets, cfg.metric, offset, res.train_seconds, res.step),
+                "evals": [{k: e[k] for k in ("step", "train_seconds", "ssim", "global_ssim", "psnr")}
+                          for e in row_evals],
+                "resumed_from": res.resumed_from,
+            }
+            results[r]["final"] = dict(lasts[r]["metrics"], network_evals=lasts[r]["network_evals"],
+                                       step=lasts[r]["step"])
         if m == "ours":
             results[m]["solver_stats"] = prep["solver_stats"]
             results[m]["precompute_config"] = prep["precompute_config"]
         logging.info("[%s] stopped (%s) after %d steps, %.1f s of training", m, res.stop_reason, res.step,
                      res.train_seconds)
-        np.savez(done_npz, out=outs[m], frames=frames[m])
-        eu.write_json(done_json, results[m])
+        for r, (done_json, done_npz) in sorted(done.items(), key=lambda kv: kv[0] == m):  # the method's own last
+            np.savez(done_npz, out=outs[r], frames=frames[r])
+            eu.write_json(done_json, results[r])
 
     wall.__exit__()
 
     comparison = []
-    if "ours" in results and "ddpm" in results:
+    baselines = [r for r in results if r != "ours"]
+    if "ours" in results and baselines:
         for i, tgt in enumerate(targets):
-            o, d = results["ours"]["targets"][i], results["ddpm"]["targets"][i]
-            sp, note = _speedup(o, d)
-            comparison.append({"target": tgt, "ours_seconds": o["seconds"], "ddpm_seconds": d["seconds"],
-                               "speedup": sp, "note": note})
+            o = results["ours"]["targets"][i]
+            c = {"target": tgt, "ours_seconds": o["seconds"]}
+            for r in baselines:
+                sp, note = _speedup(o, results[r]["targets"][i], LABELS.get(r, r))
+                pre = "" if r == "ddpm" else r + "_"
+                c.update({f"{r}_seconds": results[r]["targets"][i]["seconds"], pre + "speedup": sp, pre + "note": note})
+            comparison.append(c)
 
     out = {
         "experiment": "denoise",
@@ -509,13 +587,13 @@ def _write_outputs(out: dict, workdir: str, clean, noisy, outs: dict, frames: di
         for t in r["targets"]:
             time_s = eu.format_seconds(t["seconds"]) if t["reached"] else (
                 f"not reached in {r['steps']} steps / {eu.format_seconds(t['cap_seconds'])}")
-            rows.append([m, t["target"], time_s, t["step"] if t["reached"] else "-",
+            rows.append([m, r.get("sampler", "-"), t["target"], time_s, t["step"] if t["reached"] else "-",
                          eu.format_seconds(r["precompute_seconds"] + r["embed_seconds"], 2) if m == "ours" else "-",
                          eu.format_seconds(t["train_seconds"]) if t["reached"] else "-",
                          eu.format_seconds(r["compile_seconds"], 1), eu.format_seconds(r["eval_seconds"], 1),
                          f"{r['final']['ssim']:.4f}", f"{r['final']['global_ssim']:.4f}",
                          f"{r['final']['psnr']:.2f}", r["final"]["step"]])
-    headers = ["method", f"target {metric}", "time to target", "step", "pre-compute", "training",
+    headers = ["method", "sampler", f"target {metric}", "time to target", "step", "pre-compute", "training",
                "compile (excl.)", "eval (excl.)", "final SSIM", "final global SSIM", "final PSNR (dB)",
                "final step"]
     seed = out["config"]["common"].get("seed")
@@ -525,9 +603,19 @@ def _write_outputs(out: dict, workdir: str, clean, noisy, outs: dict, frames: di
             f"Noisy input: SSIM {out['noisy']['ssim']:.4f}, PSNR {out['noisy']['psnr']:.2f} dB. "
             f"Timing: {out['timing_convention']}.\n", eu.markdown_table(headers, rows)]
     if out["comparison"]:
-        crow = [[c["target"], eu.format_seconds(c["ours_seconds"]), eu.format_seconds(c["ddpm_seconds"]),
-                 f"{c['speedup']:.2f}x" if c["speedup"] is not None else c["note"]] for c in out["comparison"]]
-        text.append("\n" + eu.markdown_table([f"target {metric}", "ours", "DDPM", "speed-up (DDPM / ours)"], crow))
+        base = [r for r in res if r != "ours"]
+        crow, chead = [], [f"target {metric}", "ours"]
+        for r in base:
+            lab = LABELS.get(r, r)
+            chead += [lab, f"speed-up ({lab} / ours)"]
+        for c in out["comparison"]:
+            row = [c["target"], eu.format_seconds(c["ours_seconds"])]
+            for r in base:
+                pre = "" if r == "ddpm" else r + "_"
+                sp = c[pre + "speedup"]
+                row += [eu.format_seconds(c[f"{r}_seconds"]), f"{sp:.2f}x" if sp is not None else c[pre + "note"]]
+            crow.append(row)
+        text.append("\n" + eu.markdown_table(chead, crow))
     mi = out["machine"]
     text.append(f"\nMachine: {mi['processor']}, {mi['cpu_count']} CPUs, backend {mi['backend']}, jax {mi['jax']}, "
                 f"x64 {mi['x64']}, load average at the end {mi['load_average']}; {mi['date']}; "
@@ -535,8 +623,8 @@ def _write_outputs(out: dict, workdir: str, clean, noisy, outs: dict, frames: di
     eu.write_text(os.path.join(workdir, "results.md"), "".join(text))
     eu.write_json(os.path.join(workdir, "results.json"), out)
 
-    names = [m for m in ("ours", "ddpm") if m in outs]
-    label = {"ours": "ours", "ddpm": "DDPM"}
+    names = [m for m in res if m in outs]
+    label = {m: LABELS.get(m, m) for m in names}
     eu.image_grid(os.path.join(workdir, "trajectory.png"), [frames[m][:, 0] for m in names],
                   row_labels=[label[m] for m in names],
                   col_labels=[f"frame {i}" for i in range(frames[names[0]].shape[0])],
@@ -562,7 +650,8 @@ def print_summary(out: dict, workdir: str) -> None:
     print("Outputs in", os.path.abspath(workdir) + ":")
     for name in RESULT_FILES:
         print("  ", os.path.join(os.path.abspath(workdir), name))
-    print("   training runs:", ", ".join(os.path.join(os.path.abspath(workdir), m) for m in out["methods"]))
+    runs = dict.fromkeys(r.get("training_run", m) for m, r in out["methods"].items())
+    print("   training runs:", ", ".join(os.path.join(os.path.abspath(workdir), m) for m in runs))
 
 
 def main(argv):

@@ -193,7 +193,11 @@ def test_denoise_smoke(denoise_run):
               "methods", "comparison", "wall_seconds", "config"):
         assert k in out, k
     assert out["image"]["shape"] == [1, 3, 16, 16] and out["targets"] == [0.02, 0.999]
-    for m in ("ours", "ddpm"):
+    # DDPM's network gives two rows: its ancestral sampler ("ddpm") and DDIM ("ddim", Paper B's row)
+    assert list(out["methods"]) == ["ours", "ddpm", "ddim"]
+    assert [out["methods"][m]["sampler"] for m in ("ddpm", "ddim")] == ["ancestral", "ddim"]
+    assert out["methods"]["ddim"]["training_run"] == "ddpm" and not os.path.exists(os.path.join(wd, "ddim"))
+    for m in ("ours", "ddpm", "ddim"):
         r = out["methods"][m]
         for k in ("stop_reason", "steps", "train_seconds", "compile_seconds", "eval_seconds", "precompute_seconds",
                   "targets", "evals", "final"):
@@ -204,21 +208,33 @@ def test_denoise_smoke(denoise_run):
         hi = r["targets"][1]
         assert hi["reached"] is False and hi["seconds"] is None and hi["step"] is None
         # the records agree with the training run's own metrics.jsonl
-        evals = eu.read_metrics(os.path.join(wd, m), "eval")
+        key = "ddim_ssim" if m == "ddim" else "ssim"
+        evals = eu.read_metrics(os.path.join(wd, r["training_run"]), "eval")
         assert [e["step"] for e in r["evals"]] == [e["step"] for e in evals] == [3]
+        assert r["evals"][0]["ssim"] == evals[0][key]
         lo = r["targets"][0]
-        assert lo["reached"] == (evals[0]["ssim"] >= 0.02)
+        assert lo["reached"] == (evals[0][key] >= 0.02)
         if lo["reached"]:
             assert lo["seconds"] == pytest.approx(evals[0]["train_seconds"] + r["precompute_seconds"]
                                                   + r["embed_seconds"])
         # the final metrics are those of the last evaluation (same model, same sampler key)
         assert r["final"]["step"] == 3
-        assert r["final"]["ssim"] == pytest.approx(evals[-1]["ssim"], abs=1e-5)
+        assert r["final"]["ssim"] == pytest.approx(evals[-1][key], abs=1e-5)
         assert 0 < r["final"]["psnr"] < 60
+    # DDPM stops when both of its samplers reached the target: the minimum of the two
+    ev = eu.read_metrics(os.path.join(wd, "ddpm"), "eval")[0]
+    assert ev["min_ssim"] == min(ev["ssim"], ev["ddim_ssim"])
+    assert out["methods"]["ddpm"]["train_config"]["target_metric"] == "min_ssim"
+    # the two DDPM samplers differ (stochastic ancestral vs deterministic DDIM)
+    assert out["methods"]["ddpm"]["final"]["ssim"] != out["methods"]["ddim"]["final"]["ssim"]
     assert out["methods"]["ours"]["precompute_seconds"] > 0 and out["methods"]["ddpm"]["precompute_seconds"] == 0
     assert out["methods"]["ours"]["solver_stats"]["nonconverged"] == 0
     cmp = {c["target"]: c for c in out["comparison"]}
     assert cmp[0.999]["speedup"] is None and cmp[0.999]["note"]
+    assert cmp[0.999]["ddim_speedup"] is None and cmp[0.999]["ddim_note"]
+    o, d = out["methods"]["ours"]["targets"][0], out["methods"]["ddim"]["targets"][0]
+    if o["reached"] and d["reached"]:
+        assert cmp[0.02]["ddim_speedup"] == pytest.approx(d["seconds"] / o["seconds"])
     # the noisy input is Paper A's clamp(x + 0.506 z) with the configured seed
     from krylovjax.data import load_images
 
@@ -229,6 +245,8 @@ def test_denoise_smoke(denoise_run):
     assert out["noisy"]["ssim"] == pytest.approx(float(metrics.ssim(noisy, clean)[0]), abs=1e-5)
     text = open(os.path.join(wd, "results.md")).read()
     assert "not reached in 3 steps" in text
+    assert "| ddim | ddim |" in text and "speed-up (DDIM / ours)" in text
+    assert os.path.isfile(os.path.join(wd, "ddpm", "denoise_result_ddim.json"))
 
 
 def test_denoise_refuses_existing_results(denoise_run):
@@ -380,6 +398,60 @@ def test_budget_smoke_and_bad_budget(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+def test_denoise_extra_samplers_rows_and_bad_values():
+    """ddpm.sampler.extra_methods: one row per further sampler of the same network; the eval
+    callback returns each sampler's metrics under its prefix and their minimum as the stop
+    metric; bad entries and a budget run with extra samplers are refused, naming the key."""
+    from experiments import budget, denoise
+    from experiments.configs import budget_demo, denoise_demo
+
+    cfg = denoise_demo.get_config()
+    assert denoise.ddpm_rows(cfg) == {"ddpm": "ancestral", "ddim": "ddim"}
+    assert denoise.train_config(cfg, "ddpm").target_metric == "min_ssim"
+    assert denoise.train_config(cfg, "ours").target_metric == "ssim"
+    cfg.ddpm.sampler.extra_methods = ()
+    assert denoise.ddpm_rows(cfg) == {"ddpm": "ancestral"}
+    assert denoise.train_config(cfg, "ddpm").target_metric == "ssim"
+    cfg.ddpm.sampler.method, cfg.ddpm.sampler.extra_methods = "ddim", ("ancestral",)
+    assert denoise.ddpm_rows(cfg) == {"ddpm": "ddim", "ddpm_ancestral": "ancestral"}
+    cfg.ddpm.sampler.extra_methods = ("ddim",)  # the primary sampler already: no second row
+    assert denoise.ddpm_rows(cfg) == {"ddpm": "ddim"}
+    assert denoise.train_config(cfg, "ddpm").target_metric == "ssim"
+    denoise.check_config(cfg)
+    for bad in (("euler",), ("ancestral", "ancestral")):
+        cfg.ddpm.sampler.extra_methods = bad
+        with pytest.raises(ValueError, match="ddpm.sampler.extra_methods: expected distinct entries"):
+            denoise.check_config(cfg)
+    cfg = denoise_demo.get_config()
+    cfg.ddpm.sampler.method = "euler"
+    with pytest.raises(ValueError, match="ddpm.sampler.method: expected one of"):
+        denoise.check_config(cfg)
+    b = budget_demo.get_config()
+    budget.check_budget_config(b)
+    b.ddpm.sampler.extra_methods = ("ddim",)
+    with pytest.raises(ValueError, match="ddpm.sampler.extra_methods: the budget run reports one"):
+        budget.check_budget_config(b)
+
+    clean = np.full((1, 3, 16, 16), 0.5)
+    rng = np.random.default_rng(0)
+    imgs = {"a": clean + 0.01 * rng.standard_normal(clean.shape), "b": clean + 0.2 * rng.standard_normal(clean.shape)}
+
+    def fake(img):
+        return lambda fn, return_trajectory=False: (img, np.stack([img, img]), 7)
+
+    last_a, last_b = {}, {}
+    ev = denoise.make_eval_fn(fake(imgs["a"]), clean, "ddpm", last_a, others={"ddim": (fake(imgs["b"]), last_b)})(None, 5)
+    ma, mb = denoise.image_metrics(imgs["a"], clean), denoise.image_metrics(imgs["b"], clean)
+    assert ev["ssim"] == ma["ssim"] and ev["ddim_ssim"] == mb["ssim"] and ev["ddim_psnr"] == mb["psnr"]
+    assert ev["min_ssim"] == min(ma["ssim"], mb["ssim"]) == mb["ssim"] < ma["ssim"]
+    assert ev["min_global_ssim"] == min(ma["global_ssim"], mb["global_ssim"])
+    assert last_a["step"] == last_b["step"] == 5 and np.array_equal(last_b["out"], imgs["b"])
+    # the speed-up note names the baseline that missed the target
+    sp, note = denoise._speedup({"seconds": 2.0, "cap_seconds": 8.0}, {"seconds": None, "cap_seconds": 10.0}, "DDIM")
+    assert sp is None and note == ">= 5x (DDIM did not reach it within its cap)"
+    assert denoise._speedup({"seconds": 2.0}, {"seconds": 7.0}, "DDIM") == (3.5, "")
+
+
 # The denoisers, with exact model functions (analytic references)
 # ----------------------------------------------------------------------------------------------
 

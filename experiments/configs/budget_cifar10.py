@@ -23,4 +23,5 @@ def get_config():
     c.ours.train.num_steps = 10**9
     c.ddpm.train.num_steps = 10**9
     c.ours.train.per_image_offset = False  # as budget_demo.py (no image index for either method)
+    c.ddpm.sampler.extra_methods = ()  # as budget_demo.py (one DDPM sampler per budget run)
     return c

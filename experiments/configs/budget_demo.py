@@ -35,4 +35,5 @@ def get_config():
     c.ours.train.num_steps = 10**7  # the budget stops training, not a step count
     c.ddpm.train.num_steps = 10**7
     c.ours.train.per_image_offset = False
+    c.ddpm.sampler.extra_methods = ()  # one DDPM sampler per budget run (ddpm.sampler.method)
     return c

@@ -123,6 +123,9 @@ def get_config() -> ml_collections.ConfigDict:
     # krylovjax.ddpm.ddpm_denoise from the step matching the noise level (2 * std in [-1, 1]).
     c.ddpm.sampler = ml_collections.ConfigDict()
     c.ddpm.sampler.method = "ancestral"  # or "ddim"
+    # Further samplers of the same DDPM network, evaluated at the same steps, each a table row
+    # (Paper B's DDIM row: the deterministic sampler, the counterpart of ours' probability flow).
+    c.ddpm.sampler.extra_methods = ("ddim",)
     c.ddpm.sampler.variance = "large"
     c.ddpm.sampler.clip_x0 = True  # Ho et al. clip the predicted x0 to [-1, 1]
     return c
