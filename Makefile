@@ -16,8 +16,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The demo always runs afresh in runs/demo; the previous run there is kept in runs/demo.prev
+# (the binary itself refuses a workdir holding another config, e.g. after an update of the demo's).
 demo: $(STAMP)
-	$(PY) -m experiments.denoise --config=experiments/configs/denoise_demo.py --workdir=runs/demo --overwrite
+	rm -rf runs/demo.prev
+	if [ -e runs/demo ]; then mv runs/demo runs/demo.prev; fi
+	$(PY) -m experiments.denoise --config=experiments/configs/denoise_demo.py --workdir=runs/demo
 
 # Two pytest workers (pytest-xdist): 7 min instead of 9 on the 2-core CI machine, since
 # compilation is single-threaded. TEST_WORKERS=0 runs in one process.
