@@ -77,6 +77,13 @@ RESULT_FILES = ("results.md", "results.json", "trajectory.png", "denoised.png", 
 _DONE_JSON, _DONE_NPZ = "denoise_result.json", "denoise_output.npz"  # per method, in <workdir>/<method>/
 
 
+def _prefix(row: str, own: str) -> str:
+    """The prefix of a table row's keys where rows share one record: none for ``own`` (the
+    training run's own row in its eval records, DDPM's row in the comparison), ``<row>_`` for
+    the others (``ddim_ssim``, ``ddim_speedup``)."""
+    return "" if row == own else row + "_"
+
+
 def _done_paths(sub: str, method: str, row: str) -> tuple[str, str]:
     """The files of a finished table row in its training run's directory ``sub``: the method's
     own row in ``denoise_result.json`` / ``denoise_output.npz``, a further sampler's row (DDIM)
@@ -389,7 +396,7 @@ def make_eval_fn(denoiser: Callable, clean, name: str, last: dict | None = None,
             if lst is not None:
                 lst.update(step=int(step), out=np.asarray(out), frames=np.asarray(frames), network_evals=nfe,
                            metrics=m)
-            pre = "" if row == name else row + "_"
+            pre = _prefix(row, name)
             res.update({pre + k: m[k] for k in ("ssim", "global_ssim", "psnr")})
         if others:
             for k in METRICS:
@@ -503,18 +510,15 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
                 denoisers[r] = ddpm_denoiser(cfg, tc, noisy, method)
         lasts: dict = {r: {} for r in rows}
         others = {r: (denoisers[r], lasts[r]) for r in rows if r != m}
-
-        def eval_fn_of(m=m, others=others):
-            return make_eval_fn(denoisers[m], clean, m, lasts[m], others=others)
-
-        res = training.train(tc, data, sub, eval_fn=eval_fn_of(), target=targets[-1])
+        eval_fn = make_eval_fn(denoisers[m], clean, m, lasts[m], others=others)
+        res = training.train(tc, data, sub, eval_fn=eval_fn, target=targets[-1])
         if lasts[m].get("step") != res.step:  # cannot happen with train()'s final evaluation; be safe
             fn = training.load_score_fn(sub)
-            eval_fn_of()(fn, res.step)
+            eval_fn(fn, res.step)
         offset = prep["precompute_seconds"] + prep["embed_seconds"]
         evals = eu.read_metrics(sub, "eval")
         for r, method in rows.items():
-            pre = "" if r == m else r + "_"
+            pre = _prefix(r, m)
             row_evals = [{k: e.get(pre + k) for k in ("ssim", "global_ssim", "psnr")}
                          | {"step": e.get("step"), "train_seconds": e.get("train_seconds")} for e in evals]
             outs[r], frames[r] = lasts[r]["out"], lasts[r]["frames"]
@@ -553,7 +557,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
             c = {"target": tgt, "ours_seconds": o["seconds"]}
             for r in baselines:
                 sp, note = _speedup(o, results[r]["targets"][i], LABELS.get(r, r))
-                pre = "" if r == "ddpm" else r + "_"
+                pre = _prefix(r, "ddpm")
                 c.update({f"{r}_seconds": results[r]["targets"][i]["seconds"], pre + "speedup": sp, pre + "note": note})
             comparison.append(c)
 
@@ -611,7 +615,7 @@ def _write_outputs(out: dict, workdir: str, clean, noisy, outs: dict, frames: di
         for c in out["comparison"]:
             row = [c["target"], eu.format_seconds(c["ours_seconds"])]
             for r in base:
-                pre = "" if r == "ddpm" else r + "_"
+                pre = _prefix(r, "ddpm")
                 sp = c[pre + "speedup"]
                 row += [eu.format_seconds(c[f"{r}_seconds"]), f"{sp:.2f}x" if sp is not None else c[pre + "note"]]
             crow.append(row)

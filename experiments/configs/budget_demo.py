@@ -14,9 +14,10 @@ disjoint per-image time intervals for ours (``--config.ours.train.per_image_offs
 method.md 4.3) are off: they give ours the image index, which DDPM does not have, and at this
 budget they lowered ours' mean SSIM (0.73 with them, 0.85 without; docs/experiments_cpu.md).
 The budget of 60 s was chosen when it was about twice the time ours needed to reach SSIM 0.95
-on one photo in the denoise demo (and about half of DDPM's); with ours' output scaled by 1/lambda ours needs 15 s and DDPM 53 s on this
-2-core CPU, so the budget lies between the two methods' times for all three photos together
-(mean SSIM 0.938 vs 0.780, 0.860 with DDIM), and it keeps the demo short.
+on one photo in the denoise demo (and about half of DDPM's); with ours' output scaled by
+1/lambda ours needs 15 s and DDPM (lr 1e-3) 53 s on this 2-core CPU, so the budget lies between
+the two methods' times for all three photos together (mean SSIM 0.938 vs 0.780, 0.860 with
+DDIM), and it keeps the demo short.
 """
 
 from experiments.configs import denoise_demo
