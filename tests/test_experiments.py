@@ -316,6 +316,29 @@ def test_paper_ddpm_config_is_the_demo_with_the_papers_baseline():
         assert ddpm[k] == cifar[k], k
 
 
+def test_demo128_config_is_the_demo_at_128_with_four_levels():
+    """denoise_demo128 changes only the size, the target, the U-Net's depth, the evaluation cadence
+    and the caps; its config is valid, the photo loads at 128x128 and fits the U-Net, whose
+    middle attention then runs at 16x16."""
+    from experiments import denoise
+    from experiments.configs import denoise_demo, denoise_demo128
+    from krylovjax import training
+
+    cfg = denoise_demo128.get_config()
+    assert set(eu.config_diff(denoise_demo.get_config(), cfg)) == {
+        "data.size", "targets", "common.model_overrides.ch_mult", "common.eval_every",
+        "ddpm.train.num_steps"}
+    assert (cfg.data.size, tuple(cfg.targets)) == (128, (0.90,))
+    denoise.check_config(cfg)
+    clean = denoise.load_clean(cfg.data)
+    assert clean.shape == (1, 3, 128, 128)
+    tcs = {m: denoise.train_config(cfg, m) for m in cfg.methods}
+    denoise.check_fits(tcs, clean, 1)
+    mc = training.model_config(tcs["ours"], tuple(clean.shape[1:]), 1)
+    levels = len(mc.ch_mult)
+    assert levels == 4 and 128 // 2 ** (levels - 1) == 16 and 16 in mc.attn_resolutions
+
+
 def test_denoise_binary_reports_bad_target(tmp_path):
     wd = tmp_path / "w"
     proc = _run("experiments.denoise", ["--config=experiments/configs/denoise_demo.py", f"--workdir={wd}",
