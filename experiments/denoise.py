@@ -270,6 +270,32 @@ def _with_idx(fn, idx):
     return lambda x, t: fn(x, t, idx=idx)
 
 
+def _compiled_once(sample: Callable) -> Callable:
+    """``run(fn, return_trajectory=False) -> (out, frames, num_score_evals)`` of a denoiser's
+    ``sample(fn, return_trajectory) -> (out, frames, num_score_evals array)``.
+
+    A model from :mod:`krylovjax.training` (a :class:`jax.tree_util.Partial` holding its weights:
+    ``eval_fn``'s ``fn``, :func:`~krylovjax.training.load_score_fn`) goes through one jitted
+    ``sample`` with the weights as an input, so the sampler is compiled once per
+    ``return_trajectory`` and reused at every evaluation of a training run. (With the weights
+    closed over, every evaluation compiled the sampler again: seconds each, and the compiled
+    programs' memory maps piled up until LLVM failed with "Cannot allocate memory" in long
+    runs.) Any other callable (an exact score in the tests) runs eagerly. ``run.jitted`` is the
+    jitted ``sample``.
+    """
+    import jax
+
+    jitted = jax.jit(sample, static_argnums=1)
+
+    def run(fn, return_trajectory=False):
+        call = jitted if isinstance(fn, jax.tree_util.Partial) else sample
+        out, frames, nfe = call(fn, bool(return_trajectory))
+        return out, frames, int(nfe)
+
+    run.jitted = jitted
+    return run
+
+
 def ours_denoiser(cfg, tc, noisy, *, idx=None) -> Callable:
     """``denoise(score_fn, return_trajectory=False) -> (x [B, C, H, W] in [0, 1], frames or None,
     num_score_evals)`` for ours, with the sampler of ``config.ours.sampler``.
@@ -295,7 +321,7 @@ def ours_denoiser(cfg, tc, noisy, *, idx=None) -> Callable:
     key = jax.random.PRNGKey(int(cfg.eval_seed))
     clip = (0.0, 1.0) if sc.clip else None
 
-    def run(fn, return_trajectory=False):
+    def sample(fn, return_trajectory):
         f = _with_idx(fn, idx)
         if sc.kind == "paper_a":
             r = sampling.euler_maruyama(f, sde, x0, key, t_start=float(sc.t_start), t_end=float(sc.t_end),
@@ -316,9 +342,9 @@ def ours_denoiser(cfg, tc, noisy, *, idx=None) -> Callable:
                                  num_frames=int(cfg.num_frames), **kw)
         out = jnp.clip(r.x, 0.0, 1.0)
         frames = None if r.trajectory is None else jnp.clip(r.trajectory, 0.0, 1.0)
-        return out, frames, int(r.num_score_evals)
+        return out, frames, r.num_score_evals
 
-    return run
+    return _compiled_once(sample)
 
 
 def ddpm_denoiser(cfg, tc, noisy, method: str | None = None) -> Callable:
@@ -338,7 +364,7 @@ def ddpm_denoiser(cfg, tc, noisy, method: str | None = None) -> Callable:
     key = jax.random.PRNGKey(int(cfg.eval_seed))
     clip = (-1.0, 1.0) if sc.clip_x0 else None
 
-    def run(fn, return_trajectory=False):
+    def sample(fn, return_trajectory):
         r = ddpm.ddpm_denoise(fn, x0, 2.0 * float(cfg.noise.std), key, schedule=sched, method=method or sc.method,
                               variance=sc.variance, clip_x0=clip, return_trajectory=return_trajectory,
                               num_frames=int(cfg.num_frames))
@@ -348,9 +374,9 @@ def ddpm_denoiser(cfg, tc, noisy, method: str | None = None) -> Callable:
             abar = jnp.concatenate([jnp.ones((1,), sched.alpha_bars.dtype), sched.alpha_bars])
             scale = jnp.sqrt(abar[r.times]).astype(r.trajectory.dtype)[:, :, None, None, None]
             frames = jnp.clip((r.trajectory / scale + 1.0) / 2.0, 0.0, 1.0)
-        return out, frames, int(r.num_score_evals)
+        return out, frames, r.num_score_evals
 
-    return run
+    return _compiled_once(sample)
 
 
 def image_metrics(out, clean) -> dict:

@@ -476,7 +476,11 @@ def denoise_start_step(noise_std, *, schedule: DDPMSchedule | None = None) -> np
         raise ValueError(f"noise_std: expected a scalar or a [B] vector, got shape {s.shape}")
     if not (np.all(np.isfinite(s)) and np.all(s > 0)):
         raise ValueError(f"noise_std: expected finite values > 0, got {s}")
-    nsr = np.asarray(schedule.noise_to_signal, dtype=np.float64)
+    if not is_concrete(schedule.alpha_bars):
+        raise ValueError("schedule: expected concrete arrays (the start step fixes the loop length); close "
+                         "over the schedule instead of passing it to a jitted function")
+    abar = np.asarray(schedule.alpha_bars, dtype=np.float64)  # numpy: concrete inside a jit trace too
+    nsr = (1.0 - abar) / abar  # schedule.noise_to_signal
     if np.any(s**2 > nsr[-1] * (1 + 1e-6)):
         raise ValueError(
             f"noise_std: expected at most sqrt((1 - abar_T) / abar_T) = {np.sqrt(nsr[-1]):.6g} "

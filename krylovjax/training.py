@@ -1303,23 +1303,38 @@ class TrainResult:
     last_loss: float | None = None
 
 
-_APPLY: dict = {}
+_MODEL_FNS: dict = {}
 
 
 def _eval_fn_for(model_def: ModelDef, params, config: TrainConfig):
-    """The user-facing function (score_fn or eps_fn) of given parameters, jitted."""
-    dtype = _compute_dtype(model_def.unet)
-    key = (model_def.unet, config.scale_by_sigma, config.sde, config.sde_kwargs)
-    if key not in _APPLY:
-        if len(_APPLY) > 8:
-            _APPLY.clear()
-        as_score = _score_of(config)
-        _APPLY[key] = jax.jit(lambda p, x, t, idx: as_score(_apply(model_def, p, x, t, idx, train=False), t))
-    apply = _APPLY[key]
-    method, ddpm_steps = config.method, config.ddpm_num_steps
+    """The user-facing function (``score_fn`` or ``eps_fn``) of given parameters.
 
-    if method == "ours":
-        def score_fn(x, t, idx=None):
+    It is a :class:`jax.tree_util.Partial` of one function per model and method (cached here)
+    with ``params`` as its pytree leaves. Called directly it runs the jitted network; passed as
+    an argument to a jitted sampler (``jax.jit(lambda fn, x: sampler(fn, x))``), it makes the
+    parameters an input of the compiled program instead of constants baked into it, so the
+    program is compiled once for every parameter set of the same model (every evaluation of a
+    training run, experiments.denoise) instead of once per set.
+    """
+    key = (model_def.unet, config.scale_by_sigma, config.sde, config.sde_kwargs, config.method,
+           config.ddpm_num_steps)
+    if key not in _MODEL_FNS:
+        if len(_MODEL_FNS) > 8:
+            _MODEL_FNS.clear()
+        _MODEL_FNS[key] = _model_fn(model_def, config)
+    return jax.tree_util.Partial(_MODEL_FNS[key], params)
+
+
+def _model_fn(model_def: ModelDef, config: TrainConfig) -> Callable:
+    """``fn(params, x, t_or_i, idx=None)``: the network of ``model_def`` as the score (ours) or
+    the epsilon prediction (DDPM), jitted, in the model's compute dtype."""
+    dtype = _compute_dtype(model_def.unet)
+    as_score = _score_of(config)
+    apply = jax.jit(lambda p, x, t, idx: as_score(_apply(model_def, p, x, t, idx, train=False), t))
+    ddpm_steps = config.ddpm_num_steps
+
+    if config.method == "ours":
+        def score_fn(params, x, t, idx=None):
             """``s_theta(x [B, C, H, W], t [B]) -> [B, C, H, W]`` (``idx [B]`` for per-image offsets)."""
             x = jnp.asarray(x)
             idx = _idx_for(model_def, x, idx)
@@ -1327,7 +1342,7 @@ def _eval_fn_for(model_def: ModelDef, params, config: TrainConfig):
             return apply(params, x.astype(dtype), t.astype(dtype), idx).astype(x.dtype)
         return score_fn
 
-    def eps_fn(x, i, idx=None):
+    def eps_fn(params, x, i, idx=None):
         """``eps_theta(x [B, C, H, W] in [-1, 1], i [B] int step index) -> [B, C, H, W]``."""
         x = jnp.asarray(x)
         idx = _idx_for(model_def, x, idx)
@@ -1652,7 +1667,9 @@ def load_score_fn(workdir: str | os.PathLike, *, step: int | None = None) -> Cal
     * ``method="ddpm"``: ``eps_fn(x [B, C, H, W] in [-1, 1], i [B] int step index, idx=None)``
       for :mod:`krylovjax.ddpm` samplers (``x = 2 * image - 1``).
 
-    The function is jitted; it computes in the model's parameter dtype and returns ``x``'s dtype.
+    The network is jitted; it computes in the model's parameter dtype and returns ``x``'s dtype.
+    ``fn`` is a :class:`jax.tree_util.Partial` with the weights as its leaves: a jitted sampler
+    that takes it as an argument is compiled once for any weights of the same model.
     Attributes ``fn.config`` (:class:`TrainConfig`), ``fn.step`` and ``fn.model_def`` are set.
     """
     ck = load_checkpoint(workdir, step=step)

@@ -228,6 +228,11 @@ def test_denoise_start_step_selection():
     for bad in (0.0, -1.0, float("nan"), 1.01 * math.sqrt(nsr[-1])):
         with pytest.raises(ValueError, match="noise_std"):
             ddpm.denoise_start_step(bad, schedule=sch)
+    # inside a jit trace with the schedule closed over: the same steps (numpy on its arrays)
+    got = jax.jit(lambda x: x + ddpm.denoise_start_step(sig, schedule=sch))(np.zeros(len(sig), np.int32))
+    np.testing.assert_array_equal(np.asarray(got), ref)
+    with pytest.raises(ValueError, match="schedule: expected concrete"):  # the schedule traced
+        jax.jit(lambda s: ddpm.denoise_start_step(0.5, schedule=s))(sch)
 
 
 def test_ddpm_denoise_gaussian():

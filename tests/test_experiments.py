@@ -522,6 +522,49 @@ def test_ddpm_denoiser_with_exact_epsilon_returns_the_image():
     np.testing.assert_allclose(np.asarray(frames[-1]), x0, atol=1e-10)
 
 
+@pytest.mark.parametrize("row", ["ours", "ddpm", "ddim"])
+def test_denoisers_compile_once_for_all_weights(row):
+    """Every evaluation of a training run hands the denoiser a model with new weights
+    (training._eval_fn_for: a jax.tree_util.Partial holding them). The sampler is compiled at the
+    first evaluation only (once the weights were closed-over constants and every evaluation
+    compiled it again, until long runs failed with LLVM's "Cannot allocate memory"), and with
+    other weights it gives what the same sampler gives run eagerly with those weights."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import denoise
+    from krylovjax import training
+
+    cfg = _point_config()
+    cfg.ours.sampler.num_steps = 5
+    cfg.common.model_overrides.update(ch=8, ch_mult=(1,), attn_resolutions=())
+    m = "ours" if row == "ours" else "ddpm"
+    tc = denoise.train_config(cfg, m)
+    x0 = np.random.default_rng(2).uniform(0.2, 0.8, (1, 3, 16, 16)).astype(np.float32)
+    noisy = eu.noisy_copy(x0, cfg.noise.std, 0).astype(np.float32)
+    den = (denoise.ours_denoiser(cfg, tc, noisy) if m == "ours"
+           else denoise.ddpm_denoiser(cfg, tc, noisy, "ddim" if row == "ddim" else "ancestral"))
+    state, model_def = training.create_train_state(tc, (3, 16, 16))
+
+    def model(seed):  # random weights (the initial last layer is zero: every output would be 0)
+        leaves, tree = jax.tree.flatten(state.params)
+        keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+        noisy_leaves = [p + 0.05 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]
+        return training._eval_fn_for(model_def, jax.tree.unflatten(tree, noisy_leaves), tc)
+
+    fn1, fn2 = model(1), model(2)
+    assert isinstance(fn1, jax.tree_util.Partial)
+    out1, frames1, nfe1 = den(fn1, return_trajectory=True)
+    out2, frames2, nfe2 = den(fn2, return_trajectory=True)
+    assert den.jitted._cache_size() == 1  # one program for both sets of weights
+    assert nfe1 == nfe2 > 0 and frames2.shape[0] == cfg.num_frames
+    assert not np.allclose(np.asarray(out1), np.asarray(out2), atol=1e-4)  # the weights are an input
+    eager = den(lambda x, t: fn2(x, t), return_trajectory=True)  # a plain callable: no jit
+    np.testing.assert_allclose(np.asarray(out2), np.asarray(eager[0]), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(frames2), np.asarray(eager[1]), atol=2e-5)
+    assert jnp.asarray(out2).dtype == jnp.float32
+
+
 def test_ours_paper_a_denoiser_with_exact_score_converges_as_predicted():
     """Score of N(x0, lambda^2) with Paper A's constant g = 0.5, lambda = 0.1: each step of the
     damped reverse SDE is e <- e - g^2 dt / lambda^2 e + 0.1 g sqrt(dt) z = e / 2 + sigma z with
