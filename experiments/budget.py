@@ -140,6 +140,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
             raise ValueError(f"budget_seconds: {budget:g} s does not cover ours' pre-computation and "
                              f"embedding ({spent:.2f} s); give a larger budget")
         sub = os.path.join(workdir, m)
+        mesh = denoise.batch_mesh(tc.batch_size)
         if cfg.task == "denoise":
             if m == "ours":
                 den = denoise.ours_denoiser(cfg, tc, noisy, idx=idx if tc.per_image_offset else None)
@@ -148,11 +149,11 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
             last: dict = {}
             # eval_every = 0: train() calls the callback once, on the final model (time excluded).
             res = training.train(tc.replace(budget_seconds=left, eval_every=0), data, sub,
-                                 eval_fn=denoise.make_eval_fn(den, clean, m, last))
+                                 eval_fn=denoise.make_eval_fn(den, clean, m, last), mesh=mesh)
             out, nfe = last["out"], last["network_evals"]
             pairs = clean
         else:
-            res = training.train(tc.replace(budget_seconds=left, eval_every=0), data, sub)
+            res = training.train(tc.replace(budget_seconds=left, eval_every=0), data, sub, mesh=mesh)
             fn = training.load_score_fn(sub)
             out, sidx, nfe = _generate(cfg, tc, fn, m, B, clean.shape[1:], int(cfg.eval_seed))
             if sidx is not None:

@@ -187,6 +187,18 @@ def precompute_config(cfg, tc):
         raise ValueError(f"ours.precompute: {err}") from err
 
 
+def batch_mesh(batch_size: int):
+    """The data-parallel mesh of a one-image run: the first ``gcd(batch_size, device count)``
+    devices, so any batch runs on any machine (the demo trains ours with batch 1 and DDPM with
+    batch 2; :func:`krylovjax.training.train` needs a batch divisible by the mesh size). One
+    process only, as this binary runs."""
+    import jax
+
+    from krylovjax import training
+
+    return training.make_mesh(jax.devices()[:math.gcd(int(batch_size), jax.device_count())])
+
+
 def check_fits(tcs: dict, images, num_images: int) -> None:
     """Raise ValueError (naming ``data``) if the images do not fit the configured U-Net."""
     from krylovjax import training
@@ -537,7 +549,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
         lasts: dict = {r: {} for r in rows}
         others = {r: (denoisers[r], lasts[r]) for r in rows if r != m}
         eval_fn = make_eval_fn(denoisers[m], clean, m, lasts[m], others=others)
-        res = training.train(tc, data, sub, eval_fn=eval_fn, target=targets[-1])
+        res = training.train(tc, data, sub, eval_fn=eval_fn, target=targets[-1], mesh=batch_mesh(tc.batch_size))
         if lasts[m].get("step") != res.step:  # cannot happen with train()'s final evaluation; be safe
             fn = training.load_score_fn(sub)
             eval_fn(fn, res.step)

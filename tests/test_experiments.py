@@ -30,7 +30,8 @@ TINY = [
     "--config.common.model_overrides.ch=8",
     "--config.common.model_overrides.ch_mult=(1,)",
     "--config.common.model_overrides.attn_resolutions=()",
-    "--config.common.batch_size=4",
+    "--config.ours.train.batch_size=1",  # the demo's batches: on the 4 test devices, a mesh of
+    "--config.ddpm.train.batch_size=2",  # gcd(batch, 4) devices (denoise.batch_mesh)
     "--config.ours.precompute.num_steps=3",
     "--config.ours.precompute.max_sweeps=2",
     "--config.ours.sampler.kind=paper_a",  # a 5-step scan compiles faster than the adaptive ODE
@@ -302,18 +303,40 @@ def test_denoise_bad_image_size_fails_before_writing(tmp_path):
 
 def test_paper_ddpm_config_is_the_demo_with_the_papers_baseline():
     """denoise_demo_paper_ddpm changes only DDPM's optimiser settings (to the papers' baseline,
-    the same as the CIFAR-10 config's) and its caps."""
+    the same as the CIFAR-10 config's), its caps, and both batches (8, as measured)."""
     from experiments.configs import denoise_cifar10, denoise_demo, denoise_demo_paper_ddpm
 
     paper = denoise_demo_paper_ddpm.get_config()
     assert set(eu.config_diff(denoise_demo.get_config(), paper)) == {
         "ddpm.train.lr", "ddpm.train.warmup_steps", "ddpm.train.ema_decay", "ddpm.train.num_steps",
-        "ddpm.train.budget_seconds"}
+        "ddpm.train.budget_seconds", "ours.train.batch_size", "ddpm.train.batch_size"}
+    assert paper.ours.train.batch_size == paper.ddpm.train.batch_size == 8
     ddpm = paper.ddpm.train
     assert (ddpm.lr, ddpm.warmup_steps, ddpm.ema_decay) == (2e-4, 5000, 0.9999)
     cifar = denoise_cifar10.get_config().ddpm.train
     for k in ("lr", "warmup_steps", "ema_decay", "ddpm_num_steps", "ddpm_beta_start", "ddpm_beta_end"):
         assert ddpm[k] == cifar[k], k
+
+
+def test_batches_are_per_method_and_any_batch_gets_a_mesh():
+    """The demo tunes each method's batch (ours 1, DDPM 2); configs that share one batch set
+    both; a one-image run trains on the first gcd(batch, devices) devices."""
+    import jax
+
+    from experiments import denoise
+    from experiments.configs import denoise_celeba128, denoise_cifar10, denoise_demo
+
+    cfg = denoise_demo.get_config()
+    assert "batch_size" not in cfg.common
+    assert [denoise.train_config(cfg, m).batch_size for m in ("ours", "ddpm")] == [1, 2]
+    for mod, b in ((denoise_cifar10, 16), (denoise_celeba128, 8)):
+        c = mod.get_config()
+        assert [denoise.train_config(c, m).batch_size for m in ("ours", "ddpm")] == [b, b]
+    n = jax.device_count()
+    assert n == 4  # tests/conftest.py forces 4 CPU devices
+    for b, want in ((1, 1), (2, 2), (3, 1), (6, 2), (8, 4)):
+        mesh = denoise.batch_mesh(b)
+        assert mesh.size == want and list(mesh.devices.flat) == jax.devices()[:want]
 
 
 def test_demo128_config_is_the_demo_at_128_with_four_levels():
@@ -327,7 +350,8 @@ def test_demo128_config_is_the_demo_at_128_with_four_levels():
     cfg = denoise_demo128.get_config()
     assert set(eu.config_diff(denoise_demo.get_config(), cfg)) == {
         "data.size", "targets", "common.model_overrides.ch_mult", "common.eval_every",
-        "ddpm.train.num_steps"}
+        "ddpm.train.num_steps", "ours.train.batch_size", "ddpm.train.batch_size"}
+    assert cfg.ours.train.batch_size == cfg.ddpm.train.batch_size == 8  # as measured
     assert (cfg.data.size, tuple(cfg.targets)) == (128, (0.90,))
     denoise.check_config(cfg)
     clean = denoise.load_clean(cfg.data)

@@ -12,5 +12,5 @@ def get_config():
     c = denoise_celeba64.get_config()
     c.data.size = 128
     c.targets = (0.90,)
-    c.common.batch_size = 8
+    c.ours.train.batch_size = c.ddpm.train.batch_size = 8
     return c

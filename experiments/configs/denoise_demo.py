@@ -12,9 +12,9 @@ by denoising the same noisy image and stop at the largest SSIM target (or their 
 caps); the time to each target is read from the evaluation records.
 
 Layout: ``common`` holds the :class:`krylovjax.training.TrainConfig` fields both methods share
-(the U-Net, batch, seed, evaluation cadence: the same network and the same cadence for both);
-``ours.train`` / ``ddpm.train`` hold each method's own fields (learning rate, warm-up, EMA, SDE,
-caps). ``ours.sampler`` / ``ddpm.sampler`` pick the denoising sampler.
+(the U-Net, seed, evaluation cadence: the same network and the same cadence for both);
+``ours.train`` / ``ddpm.train`` hold each method's own fields (batch size, learning rate,
+warm-up, EMA, SDE, caps). ``ours.sampler`` / ``ddpm.sampler`` pick the denoising sampler.
 
 Settings of "ours": Paper A's single-image script (method.md 8, [A-code]) with one change.
 Paper A uses the SDE with constant g = 0.5 (f = 0), 20 FP steps here (Paper A: 100). Paper A
@@ -32,6 +32,17 @@ SDEs such as this one), so the network predicts ``-z`` as DDPM's predicts epsilo
 unscaled output (``--config.ours.train.scale_by_sigma=False --config.ours.train.lr=2e-3``) needs
 250 steps to SSIM 0.95 instead of 125 and 600 to 0.99 instead of 200-225. The learning rates of both methods
 were tuned on this image with the same small sweep (docs/experiments_cpu.md).
+
+Batch sizes (2026-11-27): each method's batch size and learning rate were tuned together on this
+2-core CPU with one grid for both (batch 1, 2, 4, 8, 16; learning rates a factor 2 apart until
+the best was bracketed; docs/experiments_cpu.md). A step's cost here grows almost in proportion
+to the batch (0.017-0.02 s at batch 1, 0.03 s at 2, 0.06 s at 4, 0.11 s at 8), and both methods
+reach the target with fewer images seen at smaller batches, so ours trains with batch 1 and
+DDPM with batch 2 (at batch 1 DDPM needs 1,575-1,925 steps, slower in time than 800-1,000 at
+batch 2). On an accelerator, where the tiny U-Net's step costs about the same at batch 1 and 8,
+use larger batches (``--config.ours.train.batch_size=8 --config.ddpm.train.batch_size=8
+--config.ddpm.train.lr=5e-4``, the settings before, tuned at batch 8;
+``experiments/gpu_benchmarks.sh`` does).
 """
 
 import ml_collections
@@ -65,7 +76,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.common.model = "tiny"
     c.common.model_overrides = ml_collections.ConfigDict(
         {"ch": 32, "ch_mult": (1, 2), "attn_resolutions": (16,), "dropout": 0.0})
-    c.common.batch_size = 8
     c.common.seed = 0
     c.common.eval_every = 25
     c.common.log_every = 25
@@ -76,7 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.ours = ml_collections.ConfigDict()
     c.ours.train = ml_collections.ConfigDict()
-    c.ours.train.lr = 1e-3  # Paper B's; tuned with scale_by_sigma (2e-3 without)
+    c.ours.train.batch_size = 1  # tuned with the lr on this CPU (module docstring)
+    c.ours.train.lr = 1e-3  # Paper B's; tuned with scale_by_sigma (2e-3 without) at batch 8 and 1
     c.ours.train.warmup_steps = 10
     c.ours.train.ema_decay = 0.999
     c.ours.train.num_steps = 1500  # step cap
@@ -112,13 +123,16 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.ddpm = ml_collections.ConfigDict()
     c.ddpm.train = ml_collections.ConfigDict()
-    # Tuned on the image with the same sweep as ours (docs/experiments_cpu.md): steps to SSIM 0.95 /
-    # 0.99, ancestral and DDIM: 5e-4: 450 / 1450, 350 / 500; 1e-3: 450 / 1225, 375 / 525; 2e-3:
-    # 475 / 1775, 500 / 600 (DDIM at 2.5e-4: 550 / 750). 5e-4 is the best for the demo target 0.95.
-    c.ddpm.train.lr = 5e-4
+    # Tuned on the image with the same sweep as ours (docs/experiments_cpu.md). Batch 8, steps to
+    # SSIM 0.95 / 0.99, ancestral and DDIM: 5e-4: 450 / 1450, 350 / 500; 1e-3: 450 / 1225, 375 / 525;
+    # 2e-3: 475 / 1775, 500 / 600. Batch 2, steps to 0.95 (ancestral / DDIM): 6.25e-5: 1775 / 1825;
+    # 1.25e-4: 1150 / 800; 2.5e-4: 1000 / 950; 5e-4: 1175 / 950; 1e-3: 1350 / 975. Batch 2 at 1.25e-4
+    # gives DDPM's fastest row (DDIM, 22.8 s; the ancestral chain's best is 2.5e-4, 28.7 s).
+    c.ddpm.train.batch_size = 2  # tuned with the lr on this CPU (module docstring)
+    c.ddpm.train.lr = 1.25e-4
     c.ddpm.train.warmup_steps = 10
     c.ddpm.train.ema_decay = 0.999
-    c.ddpm.train.num_steps = 3000
+    c.ddpm.train.num_steps = 6000
     c.ddpm.train.budget_seconds = ml_collections.FieldReference(None, field_type=float)
     c.ddpm.train.ddpm_num_steps = 1000
     c.ddpm.train.ddpm_beta_start = 1e-4
