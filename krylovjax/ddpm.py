@@ -479,8 +479,8 @@ def denoise_start_step(noise_std, *, schedule: DDPMSchedule | None = None) -> np
     if not is_concrete(schedule.alpha_bars):
         raise ValueError("schedule: expected concrete arrays (the start step fixes the loop length); close "
                          "over the schedule instead of passing it to a jitted function")
-    abar = np.asarray(schedule.alpha_bars, dtype=np.float64)  # numpy: concrete inside a jit trace too
-    nsr = (1.0 - abar) / abar  # schedule.noise_to_signal
+    with jax.ensure_compile_time_eval():  # concrete inside a jit trace too
+        nsr = np.asarray(schedule.noise_to_signal, dtype=np.float64)
     if np.any(s**2 > nsr[-1] * (1 + 1e-6)):
         raise ValueError(
             f"noise_std: expected at most sqrt((1 - abar_T) / abar_T) = {np.sqrt(nsr[-1]):.6g} "

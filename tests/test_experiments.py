@@ -341,8 +341,9 @@ def test_batches_are_per_method_and_any_batch_gets_a_mesh():
 
 def test_demo128_config_is_the_demo_at_128_with_four_levels():
     """denoise_demo128 changes only the size, the target, the U-Net's depth, the evaluation cadence,
-    the caps, and the batches and DDPM's lr (those of the demo at batch 8, as measured); its config is valid, the photo loads at 128x128 and fits the U-Net, whose
-    middle attention then runs at 16x16."""
+    the caps, and the batches and DDPM's lr (those of the demo at batch 8, as measured); its
+    config is valid, the photo loads at 128x128 and fits the U-Net, whose middle attention then
+    runs at 16x16."""
     from experiments import denoise
     from experiments.configs import denoise_demo, denoise_demo128
     from krylovjax import training
