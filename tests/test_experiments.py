@@ -319,16 +319,22 @@ def test_paper_ddpm_config_is_the_demo_with_the_papers_baseline():
 
 
 def test_batches_are_per_method_and_any_batch_gets_a_mesh():
-    """The demo tunes each method's batch (ours 1, DDPM 2); configs that share one batch set
-    both; a one-image run trains on the first gcd(batch, devices) devices."""
+    """The demo and the budget demo tune each method's batch (ours 1, DDPM 2); configs that share
+    one batch set both; a one-image run trains on the first gcd(batch, devices) devices."""
     import jax
 
     from experiments import denoise
     from experiments.configs import denoise_celeba128, denoise_cifar10, denoise_demo
 
+    from experiments.configs import budget_demo
+
     cfg = denoise_demo.get_config()
     assert "batch_size" not in cfg.common
     assert [denoise.train_config(cfg, m).batch_size for m in ("ours", "ddpm")] == [1, 2]
+    # the budget demo's batches and learning rates, tuned for the budget on three photos
+    bud = budget_demo.get_config()
+    assert [(denoise.train_config(bud, m).batch_size, denoise.train_config(bud, m).lr)
+            for m in ("ours", "ddpm")] == [(1, 2e-3), (2, 5e-4)]
     for mod, b in ((denoise_cifar10, 16), (denoise_celeba128, 8)):
         c = mod.get_config()
         assert [denoise.train_config(c, m).batch_size for m in ("ours", "ddpm")] == [b, b]
