@@ -346,10 +346,10 @@ def test_batches_are_per_method_and_any_batch_gets_a_mesh():
 
 
 def test_demo128_config_is_the_demo_at_128_with_four_levels():
-    """denoise_demo128 changes only the size, the target, the U-Net's depth, the evaluation cadence,
-    the caps, and the batches and DDPM's lr (those of the demo at batch 8, as measured); its
-    config is valid, the photo loads at 128x128 and fits the U-Net, whose middle attention then
-    runs at 16x16."""
+    """denoise_demo128 changes only the size, the target, the U-Net's depth, the evaluation cadence
+    and the caps (the batches and learning rates are the demo's, as measured); its config is
+    valid, the photo loads at 128x128 and fits the U-Net, whose middle attention then runs at
+    16x16."""
     from experiments import denoise
     from experiments.configs import denoise_demo, denoise_demo128
     from krylovjax import training
@@ -357,9 +357,9 @@ def test_demo128_config_is_the_demo_at_128_with_four_levels():
     cfg = denoise_demo128.get_config()
     assert set(eu.config_diff(denoise_demo.get_config(), cfg)) == {
         "data.size", "targets", "common.model_overrides.ch_mult", "common.eval_every",
-        "ddpm.train.num_steps", "ours.train.batch_size", "ddpm.train.batch_size", "ddpm.train.lr"}
-    assert cfg.ours.train.batch_size == cfg.ddpm.train.batch_size == 8  # as measured
-    assert (cfg.ours.train.lr, cfg.ddpm.train.lr) == (1e-3, 5e-4)
+        "ours.train.num_steps", "ddpm.train.num_steps"}
+    assert (cfg.ours.train.batch_size, cfg.ddpm.train.batch_size) == (1, 2)  # as measured
+    assert (cfg.ours.train.lr, cfg.ddpm.train.lr) == (1e-3, 1.25e-4)
     assert (cfg.data.size, tuple(cfg.targets)) == (128, (0.90,))
     denoise.check_config(cfg)
     clean = denoise.load_clean(cfg.data)
