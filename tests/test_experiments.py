@@ -324,9 +324,7 @@ def test_batches_are_per_method_and_any_batch_gets_a_mesh():
     import jax
 
     from experiments import denoise
-    from experiments.configs import denoise_celeba128, denoise_cifar10, denoise_demo
-
-    from experiments.configs import budget_demo
+    from experiments.configs import budget_demo, denoise_celeba128, denoise_cifar10, denoise_demo
 
     cfg = denoise_demo.get_config()
     assert "batch_size" not in cfg.common

@@ -9,8 +9,8 @@ DDPM's DDIM row) except:
 * ``data.size = 128`` and ``targets = (0.90,)`` (Paper A's target at 128x128);
 * the U-Net has four levels, ``ch_mult = (1, 2, 2, 2)`` (the papers' multipliers at the demo's
   width 32), so its middle self-attention runs at 16x16. With the demo's two levels it would run
-  at 64x64 (4,096 tokens): 3.6 s per step on the 2-core CPU instead of 1.7 s, and ours reached
-  only SSIM 0.61 after 150 steps instead of 0.73 (docs/experiments_cpu.md). The same U-Net for
+  at 64x64 (4,096 tokens): at batch 8, 3.6 s per step on the 2-core CPU instead of 1.7 s, and
+  ours reached only SSIM 0.61 after 150 steps instead of 0.73 (docs/experiments_cpu.md). The same U-Net for
   both methods, as always;
 * an evaluation every 100 updates (each DDPM evaluation denoises through 261 steps with each of
   its two samplers at 128x128, about 25 s here), and step caps of 3,000 (ours) and 4,000 (DDPM).
