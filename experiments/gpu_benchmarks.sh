@@ -12,7 +12,7 @@
 set -u
 OUT=${OUT:-runs/gpu}
 PY=${PYTHON:-python3}
-PARTS=${PARTS:-"solvers solvers32 precompute throughput denoise"}
+PARTS=${PARTS:-"solvers solvers32 precompute throughput denoise train_step"}
 SIZES=${SIZES:-32,64,128}; BATCH=${BATCH:-64}; IMAGES=${IMAGES:-64}; BUDGET=${BUDGET:-60}
 TP_IMAGES=${TP_IMAGES:-512}; TP_CHUNK=${TP_CHUNK:-256}
 mkdir -p "$OUT"
@@ -63,6 +63,11 @@ denoise)  # Paper A Table 1 on the built-in image: time to SSIM 0.95, ours vs DD
     [ -f "$OUT/demo_run/$f" ] && cp "$OUT/demo_run/$f" "$OUT/denoise_$f"
   done
   rm -rf "$OUT/demo_run" ;;
+train_step)  # training updates per dispatched program (TrainConfig.steps_per_call), batch 8
+  # as in the denoise part; on an accelerator the multi-step calls are loops (not unrolled)
+  cap ${CAP_TRAIN_STEP:-240} train_step $PY -m experiments.bench_train_step \
+    --config.ours.train.batch_size=8 --config.ddpm.train.batch_size=8 --config.ddpm.train.lr=5e-4 \
+    --steps=500 --steps_per_call=1,5,25 --repeats=2 --json_out="$OUT/bench_train_step.json" ;;
 *) echo "unknown part $part" ;;
 esac; done
 echo "== done $(date -u +%FT%TZ)"

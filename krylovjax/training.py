@@ -128,6 +128,7 @@ __all__ = [
     "create_train_state",
     "make_train_step",
     "compile_train_step",
+    "default_unroll",
     "eval_loss",
     "prepare_data",
     "shard_data",
@@ -146,7 +147,7 @@ LOSS_REDUCTIONS = ("sum", "mean")
 #: change when a run is resumed. Every other key changes the mathematics and must match.
 RUN_CONTROL_KEYS = frozenset({
     "num_steps", "budget_seconds", "checkpoint_every", "max_to_keep", "log_every",
-    "eval_every", "target_metric", "progress",
+    "eval_every", "target_metric", "progress", "steps_per_call", "unroll_steps",
 })
 
 _CONFIG_FILE = "config.json"
@@ -228,6 +229,16 @@ class TrainConfig:
         unscaled output; BUILD_NOTES has the measured effect.
       ddpm_num_steps, ddpm_beta_start, ddpm_beta_end: the DDPM baseline's linear schedule.
       progress: show a tqdm progress bar.
+      steps_per_call: updates per dispatched program (a ``lax.scan`` of the step): fewer host
+        round trips where one step is latency-bound (accelerators, small models). The calls
+        never cross a log, checkpoint, evaluation or ``num_steps`` boundary (single steps fill
+        the gaps), the budget is checked between calls (it may overshoot by up to
+        ``steps_per_call - 1`` updates), and the updates are those of single steps (to float32
+        rounding: XLA compiles them apart). 1: one update per call.
+      unroll_steps: unroll the scan of ``steps_per_call`` updates into straight-line code
+        (compile time grows with ``steps_per_call``). ``None``: unroll on CPU, where XLA runs
+        the convolution gradients inside a loop body 5-25x slower (jax-ml/jax#12868, measured
+        in BUILD_NOTES), and loop elsewhere.
     """
 
     method: str = "ours"
@@ -256,6 +267,8 @@ class TrainConfig:
     ddpm_beta_start: float = 1e-4
     ddpm_beta_end: float = 0.02
     progress: bool = True
+    steps_per_call: int = 1
+    unroll_steps: bool | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -276,7 +289,8 @@ class TrainConfig:
             raise ValueError(f"loss_reduction: expected one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
         if not isinstance(self.model, str):
             raise ValueError(f"model: expected a preset name (str), got {self.model!r}")
-        for k in ("batch_size", "num_steps", "checkpoint_every", "max_to_keep", "log_every", "ddpm_num_steps"):
+        for k in ("batch_size", "num_steps", "checkpoint_every", "max_to_keep", "log_every", "ddpm_num_steps",
+                  "steps_per_call"):
             v = getattr(self, k)
             if not _is_int(v) or v < 1:
                 raise ValueError(f"{k}: expected an integer >= 1, got {v!r}")
@@ -311,6 +325,10 @@ class TrainConfig:
             if not isinstance(getattr(self, k), (bool, np.bool_)):
                 raise ValueError(f"{k}: expected a bool, got {getattr(self, k)!r}")
             set_(k, bool(getattr(self, k)))
+        if self.unroll_steps is not None:
+            if not isinstance(self.unroll_steps, (bool, np.bool_)):
+                raise ValueError(f"unroll_steps: expected None or a bool, got {self.unroll_steps!r}")
+            set_("unroll_steps", bool(self.unroll_steps))
         if self.scale_by_sigma and self.method != "ours":
             raise ValueError("scale_by_sigma: only for method='ours' (DDPM's network predicts epsilon, "
                              f"already scaled), got method={self.method!r}")
@@ -846,7 +864,8 @@ class ModelDef(NamedTuple):
 
 
 class StepMetrics(NamedTuple):
-    """Per-step scalars returned by the train step."""
+    """Per-step scalars returned by the train step (with a leading axis ``[steps]`` from a
+    multi-step call, :func:`make_train_step`)."""
 
     loss: jax.Array
     grad_norm: jax.Array
@@ -1073,7 +1092,7 @@ _EVAL_LOSS: dict = {}
 
 
 def make_train_step(config: TrainConfig, model_def: ModelDef, mesh: Mesh | None = None, *, donate: bool = False,
-                    num_images: int | None = None):
+                    num_images: int | None = None, steps: int = 1, unroll: bool | None = None):
     """The jitted, data-parallel train step ``train_step(state, data) -> (state, StepMetrics)``.
 
     One update: draw the batch from ``fold_in(state.rng, state.step)`` (module docstring), the
@@ -1090,37 +1109,60 @@ def make_train_step(config: TrainConfig, model_def: ModelDef, mesh: Mesh | None 
       donate: donate the input state's buffers (the caller must not reuse the old state).
       num_images: images in the data set (default: the table's leading axis; needed for a padded
         :func:`shard_data` table).
+      steps: updates per call (``TrainConfig.steps_per_call``): a ``lax.scan`` of the update,
+        whose :class:`StepMetrics` fields then have a leading axis ``[steps]``; the updates
+        are those of ``steps`` single calls (each draws its batch from its own step number), to
+        float32 rounding.
+      unroll: unroll that scan (``None``: on CPU only; ``TrainConfig.unroll_steps``).
     """
     mesh = make_mesh() if mesh is None else mesh
     if config.batch_size % mesh.size:
         raise ValueError(f"batch_size: expected a multiple of the number of devices ({mesh.size}), "
                          f"got {config.batch_size}")
+    if not _is_int(steps) or steps < 1:
+        raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
+    step = _step_fn(config, model_def, mesh, num_images)
+    if steps > 1:
+        unroll = default_unroll(mesh) if unroll is None else bool(unroll)
+        one = step
+
+        def step(state, data):
+            return jax.lax.scan(lambda s, _: one(s, data), state, None, length=steps, unroll=steps if unroll else 1)
     repl = NamedSharding(mesh, P())
-    return jax.jit(_step_fn(config, model_def, mesh, num_images), in_shardings=(repl, None),
-                   out_shardings=(repl, repl), donate_argnums=(0,) if donate else ())
+    return jax.jit(step, in_shardings=(repl, None), out_shardings=(repl, repl),
+                   donate_argnums=(0,) if donate else ())
+
+
+def default_unroll(mesh: Mesh) -> bool:
+    """Whether multi-step calls (``steps_per_call > 1``) are unrolled when ``unroll_steps`` is
+    None: on CPU devices, where XLA runs convolution gradients inside a loop body 5-25x slower
+    than outside (jax-ml/jax#12868; BUILD_NOTES), not on accelerators."""
+    return mesh.devices.flat[0].platform == "cpu"
 
 
 _COMPILED: dict = {}
 
 
 def compile_train_step(config: TrainConfig, model_def: ModelDef, mesh: Mesh, state: TrainState, data: dict, *,
-                       num_images: int | None = None):
+                       num_images: int | None = None, steps: int = 1, unroll: bool | None = None):
     """The train step of :func:`make_train_step` compiled ahead of time for these arguments.
 
-    Cached per (config without run-control keys, model, mesh, shapes), so repeated runs in one
-    process compile once. The compiled step donates its input state.
+    Cached per (config without run-control keys, model, mesh, shapes, ``steps``, unrolling), so
+    repeated runs in one process compile once. The compiled step donates its input state.
 
     Returns:
       ``(compiled_step, compile_seconds)`` (0 seconds on a cache hit).
     """
     shapes = tuple((k, v.shape, str(v.dtype), str(getattr(getattr(v, "sharding", None), "spec", None)))
                    for k, v in sorted(data.items()))
+    unroll = (default_unroll(mesh) if unroll is None else bool(unroll)) if steps > 1 else False
     key = (config._math_key(), model_def.unet, tuple(d.id for d in mesh.devices.flat), mesh.axis_names, shapes,
-           str(jax.tree.structure(state)), num_images)
+           str(jax.tree.structure(state)), num_images, steps, unroll)
     if key in _COMPILED:
         return _COMPILED[key], 0.0
     t0 = time.perf_counter()
-    fn = make_train_step(config, model_def, mesh, donate=True, num_images=num_images).lower(state, data).compile()
+    fn = make_train_step(config, model_def, mesh, donate=True, num_images=num_images, steps=steps,
+                         unroll=unroll).lower(state, data).compile()
     sec = time.perf_counter() - t0
     if len(_COMPILED) > 8:
         _COMPILED.clear()
@@ -1497,6 +1539,24 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
     dev_data = sharded.arrays
     step_fn, compile_seconds = compile_train_step(config, model_def, mesh, state, dev_data,
                                                   num_images=info["num_images"])
+    k_call = config.steps_per_call
+    chunk_fn = None
+    if k_call > 1 and config.num_steps - int(_host(state.step)) >= k_call:
+        chunk_fn, sec = compile_train_step(config, model_def, mesh, state, dev_data, num_images=info["num_images"],
+                                           steps=k_call, unroll=config.unroll_steps)
+        compile_seconds += sec
+    cadences = [config.log_every, config.checkpoint_every]
+    if eval_fn is not None and config.eval_every:
+        cadences.append(config.eval_every)
+
+    def call_length(at: int) -> int:
+        """Updates of the next call: ``steps_per_call`` unless that would cross a log,
+        checkpoint, evaluation or ``num_steps`` boundary (a function of the step and the
+        config alone, so a resumed run makes the same calls as an uninterrupted one)."""
+        if chunk_fn is None:
+            return 1
+        room = min([config.num_steps - at] + [c - at % c for c in cadences])
+        return k_call if room >= k_call else 1
     writer = _manager(ckpt_dir, read_only=False, max_to_keep=config.max_to_keep)
 
     step = int(_host(state.step))
@@ -1553,24 +1613,28 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
             if config.budget_seconds is not None and _from_process_0(int(train_seconds >= config.budget_seconds)):
                 stop_reason = "budget"
                 break
+            n = call_length(step)
             t0 = time.perf_counter()
-            state, m = step_fn(state, dev_data)
-            loss = float(m.loss)  # blocks: the step's time is measured, not its dispatch
+            state, m = (chunk_fn if n > 1 else step_fn)(state, dev_data)
+            losses = np.asarray(m.loss, np.float64).reshape(-1)  # blocks: the time is the run's, not the dispatch's
             dt = time.perf_counter() - t0
-            step += 1
+            bad = np.flatnonzero(~np.isfinite(losses))
+            if bad.size:
+                raise FloatingPointError(f"loss is {losses[bad[0]]} at step {step + bad[0] + 1} (not checkpointed); "
+                                         "lower lr or check the data")
+            step += n
             train_seconds += dt
-            win_loss.append(loss)
-            win_steps += 1
+            win_loss.extend(losses.tolist())
+            win_steps += n
             win_time += dt
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step} (not checkpointed); lower lr or check the data")
             if bar is not None:
-                bar.update(1)
+                bar.update(n)
             if step % config.log_every == 0 or step == config.num_steps:
                 last_loss = float(np.mean(win_loss))
                 rec = {"step": step, "kind": "train", "loss": last_loss,
                        "images_per_s": config.batch_size * win_steps / max(win_time, 1e-12),
-                       "lr": float(m.lr), "grad_norm": float(m.grad_norm), "train_seconds": train_seconds}
+                       "lr": float(np.asarray(m.lr).reshape(-1)[-1]),
+                       "grad_norm": float(np.asarray(m.grad_norm).reshape(-1)[-1]), "train_seconds": train_seconds}
                 if primary:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
