@@ -23,7 +23,8 @@ demo: $(STAMP)
 	if [ -e runs/demo ]; then mv runs/demo runs/demo.prev; fi
 	$(PY) -m experiments.denoise --config=experiments/configs/denoise_demo.py --workdir=runs/demo
 
-# Two pytest workers (pytest-xdist): 7 min instead of 9 on the 2-core CI machine, since
+# Two pytest workers (pytest-xdist): 9.5 min on the 2-core CI machine (one process took 1.26x as
+# long when last compared, 2026-11-26: 9 min 1 s against 7 min 10 s), since
 # compilation is single-threaded. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 

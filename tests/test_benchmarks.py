@@ -59,16 +59,16 @@ def test_bench_train_step_json(tmp_path):
     tiny = ["--config.data.size=16", "--config.common.model_overrides.ch=8", "--config.common.model_overrides.ch_mult=(1,)",
             "--config.common.model_overrides.attn_resolutions=()", "--config.ours.precompute.num_steps=3",
             "--config.ours.precompute.max_sweeps=2"]
-    _run("experiments.bench_train_step", *tiny, "--steps=6", "--steps_per_call=1,3", "--repeats=1", f"--json_out={out}")
+    _run("experiments.bench_train_step", *tiny, "--steps=4", "--steps_per_call=1,2", "--repeats=1", f"--json_out={out}")
     doc = json.loads(out.read_text())
-    assert doc["machine"]["platform"] == "cpu" and doc["steps"] == 6
+    assert doc["machine"]["platform"] == "cpu" and doc["steps"] == 4
     rows = doc["rows"]
     assert [(r["method"], r["steps_per_call"], r["unrolled"]) for r in rows] == [
-        ("ours", 1, None), ("ours", 3, True), ("ddpm", 1, None), ("ddpm", 3, True)]  # unrolled on CPU
+        ("ours", 1, None), ("ours", 2, True), ("ddpm", 1, None), ("ddpm", 2, True)]  # unrolled on CPU
     assert [r["batch_size"] for r in rows] == [1, 1, 2, 2]  # the demo's batches
     for r in rows:
         assert r["ms_per_step"] > 0 and r["ms_per_step"] == min(r["ms_per_step_runs"])
-        assert r["compile_seconds"] > 0  # the single step, then the 3-update program
+        assert r["compile_seconds"] > 0  # the single step, then the 2-update program
     for base, r in zip(rows[::2], rows[1::2]):
         assert base["speedup"] == 1.0 and r["speedup"] == pytest.approx(base["ms_per_step"] / r["ms_per_step"])
 

@@ -83,8 +83,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.common.max_to_keep = 1
     c.common.grad_clip = 1.0
     c.common.progress = False
-    # Updates per dispatched program (TrainConfig.steps_per_call); 1 on this CPU, where unrolled
-    # calls of 5 save 10-15% a step at 3x the compile time (BUILD_NOTES). Try 25 on an accelerator.
+    # Updates per dispatched program (TrainConfig.steps_per_call): 1 on this CPU, where unrolled
+    # calls of 5 save 10-14% a step at 3x the compile time (BUILD_NOTES); on an accelerator try
+    # 5-25 (not yet measured there: experiments/gpu_benchmarks.sh, part train_step).
     c.common.steps_per_call = 1
 
     c.ours = ml_collections.ConfigDict()
