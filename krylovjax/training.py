@@ -232,7 +232,8 @@ class TrainConfig:
       steps_per_call: updates per dispatched program (a ``lax.scan`` of the step): fewer host
         round trips where one step is latency-bound (accelerators, small models). The calls
         never cross a log, checkpoint, evaluation or ``num_steps`` boundary (single steps fill
-        the gaps), the budget is checked between calls (it may overshoot by up to
+        the gaps; a cadence shorter than ``steps_per_call`` leaves one update per call, with a
+        warning), the budget is checked between calls (it may overshoot by up to
         ``steps_per_call - 1`` updates), and the updates are those of single steps (to float32
         rounding: XLA compiles them apart). 1: one update per call.
       unroll_steps: unroll the scan of ``steps_per_call`` updates into straight-line code
@@ -1541,13 +1542,16 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
                                                   num_images=info["num_images"])
     k_call = config.steps_per_call
     chunk_fn = None
-    if k_call > 1 and config.num_steps - int(_host(state.step)) >= k_call:
-        chunk_fn, sec = compile_train_step(config, model_def, mesh, state, dev_data, num_images=info["num_images"],
-                                           steps=k_call, unroll=config.unroll_steps)
-        compile_seconds += sec
     cadences = [config.log_every, config.checkpoint_every]
     if eval_fn is not None and config.eval_every:
         cadences.append(config.eval_every)
+    if k_call > 1 and min(cadences) < k_call:
+        logging.warning("steps_per_call=%d: no call of that many updates fits between the log, checkpoint and "
+                        "evaluation boundaries (every %s updates); one update per call", k_call, sorted(set(cadences)))
+    elif k_call > 1 and config.num_steps - int(_host(state.step)) >= k_call:
+        chunk_fn, sec = compile_train_step(config, model_def, mesh, state, dev_data, num_images=info["num_images"],
+                                           steps=k_call, unroll=config.unroll_steps)
+        compile_seconds += sec
 
     def call_length(at: int) -> int:
         """Updates of the next call: ``steps_per_call`` unless that would cross a log,

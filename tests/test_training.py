@@ -393,10 +393,11 @@ def test_multi_step_calls_equal_single_steps_and_resume(tmp_path, trajectories, 
     batch from its own step number), unrolled (CPU's default) or as a loop; calls that never
     cross a log boundary, a budget checked between calls, and a resumed run bit for bit the
     uninterrupted one."""
-    calls = []
+    calls, programs = [], []
     compile_step = tr.compile_train_step
 
     def counting(*a, steps=1, **kw):
+        programs.append(steps)
         fn, sec = compile_step(*a, steps=steps, **kw)
 
         def run(state, data):
@@ -430,6 +431,10 @@ def test_multi_step_calls_equal_single_steps_and_resume(tmp_path, trajectories, 
     rest = tr.train(OURS.replace(num_steps=12, steps_per_call=3), trajectories, tmp_path / "cut")
     assert rest.resumed_from == 3 and rest.step == 12 and calls == [3, 1, 1, 3, 1, 1, 1, 1]
     assert _leaves_equal(runs[None].state, rest.state)  # the same calls as the uninterrupted run
+    calls.clear()  # a call of 6 never fits between log boundaries 5 apart: not even compiled
+    programs.clear()
+    tr.train(OURS.replace(num_steps=12, steps_per_call=6), trajectories, tmp_path / "wide")
+    assert calls == [1] * 12 and programs == [1]
 
 
 def test_a_non_finite_loss_names_its_step(tmp_path, trajectories, monkeypatch):
