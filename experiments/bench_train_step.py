@@ -79,11 +79,11 @@ def main(argv):
     if FLAGS.steps < 1 or any(k < 1 or FLAGS.steps % k for k in per_call):
         raise app.UsageError(f"--steps: expected a multiple of every --steps_per_call value {per_call}, "
                              f"got {FLAGS.steps}")
+    if FLAGS.repeats < 1:
+        raise app.UsageError(f"--repeats: expected >= 1, got {FLAGS.repeats}")
     unroll = {"auto": None, "true": True, "false": False}[FLAGS.unroll]
     print("| method | batch | steps per call | ms / update | compile (s) | speed-up vs first |")
     print("|---|---|---|---|---|---|")
-    if FLAGS.repeats < 1:
-        raise app.UsageError(f"--repeats: expected >= 1, got {FLAGS.repeats}")
     rows = measure(FLAGS.config, FLAGS.methods, FLAGS.steps, per_call, unroll, FLAGS.repeats)
     if FLAGS.json_out:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
