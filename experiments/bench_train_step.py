@@ -6,8 +6,8 @@ trained for ``--steps`` updates once per ``--steps_per_call`` value, each throug
 :func:`krylovjax.training.train` in a fresh workdir (logging and checkpoints only at the end, no
 evaluation), and the table gives the training time per update (compilation apart, as in the
 experiments), the compile time, and the speed-up over one update per call measured in the same
-run. The updates themselves are the same for every value (tests/test_training.py checks them bit
-for bit); only the time changes.
+run. The updates themselves are the same for every value, to float32 rounding
+(tests/test_training.py); only the time changes.
 
 Usage::
 
@@ -61,7 +61,7 @@ def measure(cfg, methods, steps: int, per_call: list[int], unroll: bool | None, 
                 compile_seconds = res.compile_seconds if compile_seconds is None else compile_seconds
             ms = min(times)
             base = ms if base is None else base
-            unrolled = (training.default_unroll(mesh) if unroll is None else unroll) if k > 1 else None
+            unrolled = training.resolve_unroll(mesh, unroll) if k > 1 else None
             rows.append({"method": method, "batch_size": tc.batch_size, "steps_per_call": k, "unrolled": unrolled,
                          "steps": steps, "ms_per_step": ms, "ms_per_step_runs": times,
                          "compile_seconds": compile_seconds, "speedup": base / ms})

@@ -128,7 +128,7 @@ __all__ = [
     "create_train_state",
     "make_train_step",
     "compile_train_step",
-    "default_unroll",
+    "resolve_unroll",
     "eval_loss",
     "prepare_data",
     "shard_data",
@@ -1124,21 +1124,21 @@ def make_train_step(config: TrainConfig, model_def: ModelDef, mesh: Mesh | None 
         raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
     step = _step_fn(config, model_def, mesh, num_images)
     if steps > 1:
-        unroll = default_unroll(mesh) if unroll is None else bool(unroll)
-        one = step
+        one, unrolled = step, resolve_unroll(mesh, unroll)
 
         def step(state, data):
-            return jax.lax.scan(lambda s, _: one(s, data), state, None, length=steps, unroll=steps if unroll else 1)
+            return jax.lax.scan(lambda s, _: one(s, data), state, None, length=steps, unroll=steps if unrolled else 1)
     repl = NamedSharding(mesh, P())
     return jax.jit(step, in_shardings=(repl, None), out_shardings=(repl, repl),
                    donate_argnums=(0,) if donate else ())
 
 
-def default_unroll(mesh: Mesh) -> bool:
-    """Whether multi-step calls (``steps_per_call > 1``) are unrolled when ``unroll_steps`` is
-    None: on CPU devices, where XLA runs convolution gradients inside a loop body 5-25x slower
-    than outside (jax-ml/jax#12868; BUILD_NOTES), not on accelerators."""
-    return mesh.devices.flat[0].platform == "cpu"
+def resolve_unroll(mesh: Mesh, unroll: bool | None = None) -> bool:
+    """Whether multi-step calls (``steps_per_call > 1``) on ``mesh`` are unrolled: ``unroll``
+    (``TrainConfig.unroll_steps``) if given; for None, on CPU devices, where XLA runs
+    convolution gradients inside a loop body 5-25x slower than outside (jax-ml/jax#12868;
+    BUILD_NOTES), and not on accelerators."""
+    return mesh.devices.flat[0].platform == "cpu" if unroll is None else bool(unroll)
 
 
 _COMPILED: dict = {}
@@ -1156,7 +1156,7 @@ def compile_train_step(config: TrainConfig, model_def: ModelDef, mesh: Mesh, sta
     """
     shapes = tuple((k, v.shape, str(v.dtype), str(getattr(getattr(v, "sharding", None), "spec", None)))
                    for k, v in sorted(data.items()))
-    unroll = (default_unroll(mesh) if unroll is None else bool(unroll)) if steps > 1 else False
+    unroll = resolve_unroll(mesh, unroll) if steps > 1 else False
     key = (config._math_key(), model_def.unet, tuple(d.id for d in mesh.devices.flat), mesh.axis_names, shapes,
            str(jax.tree.structure(state)), num_images, steps, unroll)
     if key in _COMPILED:
@@ -1540,6 +1540,7 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
     dev_data = sharded.arrays
     step_fn, compile_seconds = compile_train_step(config, model_def, mesh, state, dev_data,
                                                   num_images=info["num_images"])
+    step = int(_host(state.step))
     k_call = config.steps_per_call
     chunk_fn = None
     cadences = [config.log_every, config.checkpoint_every]
@@ -1548,7 +1549,7 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
     if k_call > 1 and min(cadences) < k_call:
         logging.warning("steps_per_call=%d: no call of that many updates fits between the log, checkpoint and "
                         "evaluation boundaries (every %s updates); one update per call", k_call, sorted(set(cadences)))
-    elif k_call > 1 and config.num_steps - int(_host(state.step)) >= k_call:
+    elif k_call > 1 and config.num_steps - step >= k_call:
         chunk_fn, sec = compile_train_step(config, model_def, mesh, state, dev_data, num_images=info["num_images"],
                                            steps=k_call, unroll=config.unroll_steps)
         compile_seconds += sec
@@ -1563,7 +1564,6 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
         return k_call if room >= k_call else 1
     writer = _manager(ckpt_dir, read_only=False, max_to_keep=config.max_to_keep)
 
-    step = int(_host(state.step))
     if primary:
         with open(metrics_path, "a") as f:
             f.write(json.dumps({"step": step, "kind": "start", "resumed_from": resumed_from,
