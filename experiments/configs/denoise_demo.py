@@ -84,7 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.common.grad_clip = 1.0
     c.common.progress = False
     # Updates per dispatched program (TrainConfig.steps_per_call): 1 on this CPU, where unrolled
-    # calls of 5 save 10-14% a step at 3x the compile time (BUILD_NOTES); on an accelerator try
+    # calls of 5 save 6-14% a step at 3x the compile time (BUILD_NOTES); on an accelerator try
     # 5-25 (not yet measured there: experiments/gpu_benchmarks.sh, part train_step).
     c.common.steps_per_call = 1
 
