@@ -171,6 +171,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
             "used_seconds": spent + res.train_seconds,
             "compile_seconds": res.compile_seconds + prep["compile_seconds"],
             "seconds_per_step": res.train_seconds / max(res.step, 1), "network_evals": nfe, **mm,
+            "steps_per_call": res.steps_per_call,
         }
         logging.info("[%s] %d steps in %.1f s (+ %.1f s pre-computation): mean SSIM %.4f", m, res.step,
                      res.train_seconds, spent, mm["ssim"])

@@ -569,6 +569,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
                 "checkpoint_seconds": res.checkpoint_seconds, "train_wall_seconds": res.wall_seconds,
                 "precompute_seconds": prep["precompute_seconds"], "embed_seconds": prep["embed_seconds"],
                 "seconds_per_step": res.train_seconds / max(res.step, 1),
+                "steps_per_call": res.steps_per_call,
                 "targets": _target_rows(row_evals, targets, cfg.metric, offset, res.train_seconds, res.step),
                 "evals": [{k: e[k] for k in ("step", "train_seconds", "ssim", "global_ssim", "psnr")}
                           for e in row_evals],

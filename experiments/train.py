@@ -143,7 +143,7 @@ def main(argv):
     result = training.train(train_cfg, data, FLAGS.workdir)
     summary = {k: getattr(result, k) for k in ("step", "stop_reason", "resumed_from", "train_seconds",
                                                "compile_seconds", "eval_seconds", "checkpoint_seconds",
-                                               "wall_seconds", "last_loss")}
+                                               "wall_seconds", "last_loss", "steps_per_call")}
     if jax.process_index() == 0:
         with open(os.path.join(FLAGS.workdir, "result.json"), "w") as f:
             json.dump(summary, f, indent=1)

@@ -174,7 +174,7 @@ def test_config_round_trip_and_validation():
     for bad, name in [({"budget_seconds": 0}, "budget_seconds"), ({"budget_seconds": -5.0}, "budget_seconds"),
                       ({"method": "vae"}, "method"), ({"batch_size": 0}, "batch_size"), ({"lr": float("nan")}, "lr"),
                       ({"ema_decay": 1.0}, "ema_decay"), ({"loss_reduction": "max"}, "loss_reduction"),
-                      ({"time_jitter": 2.0}, "time_jitter"), ({"steps_per_call": 0}, "steps_per_call"),
+                      ({"time_jitter": 2.0}, "time_jitter"), ({"steps_per_call": -1}, "steps_per_call"),
                       ({"steps_per_call": 2.5}, "steps_per_call"), ({"unroll_steps": "yes"}, "unroll_steps")]:
         with pytest.raises(ValueError, match=name):
             tr.TrainConfig(**bad)
@@ -435,6 +435,41 @@ def test_multi_step_calls_equal_single_steps_and_resume(tmp_path, trajectories, 
     programs.clear()
     tr.train(OURS.replace(num_steps=12, steps_per_call=6), trajectories, tmp_path / "wide")
     assert calls == [1] * 12 and programs == [1]
+    calls.clear()  # every call fits (cadences multiples of 3): the single step is not compiled
+    programs.clear()
+    aligned = tr.train(OURS.replace(num_steps=12, steps_per_call=3, log_every=3, checkpoint_every=6), trajectories,
+                       tmp_path / "aligned")
+    assert calls == [3] * 4 and programs == [3] and aligned.steps_per_call == 3
+    for a, b in zip(jax.tree.leaves(jax.device_get(single.state)), jax.tree.leaves(jax.device_get(aligned.state))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-6)
+    starts = [r for r in map(json.loads, open(tmp_path / "aligned" / "metrics.jsonl")) if r["kind"] == "start"]
+    assert [r["steps_per_call"] for r in starts] == [3]
+    calls.clear()  # automatic (0) on CPU devices: one update per call
+    auto = tr.train(OURS.replace(num_steps=4, steps_per_call=0), trajectories, tmp_path / "auto")
+    assert calls == [1] * 4 and auto.steps_per_call == 1
+
+
+def test_automatic_steps_per_call():
+    """``steps_per_call = 0``: 1 on CPU devices; on an accelerator the largest divisor of the
+    cadences (evaluation only when evaluating) up to AUTO_STEPS_PER_CALL; a set value is kept."""
+    from types import SimpleNamespace
+
+    def mesh_on(platform):
+        return SimpleNamespace(devices=np.array([SimpleNamespace(platform=platform)] * 2, dtype=object))
+
+    gpu, cpu = mesh_on("gpu"), mesh_on("cpu")
+    cfg = lambda **kw: OURS.replace(steps_per_call=0, **kw)  # noqa: E731
+    assert tr.resolve_steps_per_call(cfg(log_every=25, checkpoint_every=100000, eval_every=25), cpu, evaluating=True) == 1
+    assert tr.resolve_steps_per_call(cfg(log_every=25, checkpoint_every=100000, eval_every=25), gpu, evaluating=True) == 25
+    assert tr.resolve_steps_per_call(cfg(log_every=100, checkpoint_every=1000, eval_every=500), gpu, evaluating=True) == 25
+    assert tr.resolve_steps_per_call(cfg(log_every=60, checkpoint_every=120), gpu) == 20
+    assert tr.resolve_steps_per_call(cfg(log_every=50, checkpoint_every=30), gpu) == 10
+    assert tr.resolve_steps_per_call(cfg(log_every=7, checkpoint_every=14), gpu) == 7
+    assert tr.resolve_steps_per_call(cfg(log_every=50, checkpoint_every=100, eval_every=3), gpu) == 25  # not evaluating
+    assert tr.resolve_steps_per_call(cfg(log_every=50, checkpoint_every=100, eval_every=3), gpu, evaluating=True) == 1
+    assert tr.resolve_steps_per_call(OURS.replace(steps_per_call=4), gpu) == 4
+    assert tr.resolve_steps_per_call(OURS.replace(steps_per_call=4), cpu) == 4
+    assert tr.AUTO_STEPS_PER_CALL == 25
 
 
 def test_a_non_finite_loss_names_its_step(tmp_path, trajectories, monkeypatch):

@@ -67,7 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
     t.loss_reduction = "sum"
     t.per_image_offset = False
     t.progress = True  # progress bars (training and pre-computation)
-    t.steps_per_call = 1  # updates per dispatched program (TrainConfig.steps_per_call; try 5-25 on a TPU)
+    t.steps_per_call = 0  # updates per dispatched program (TrainConfig.steps_per_call); 0: 25 on a GPU/TPU here
 
     c.noise = ml_collections.ConfigDict({"std": 0.506, "seed": 0, "clamp": True})
     c.eval_seed = 1

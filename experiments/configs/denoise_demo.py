@@ -83,10 +83,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.common.max_to_keep = 1
     c.common.grad_clip = 1.0
     c.common.progress = False
-    # Updates per dispatched program (TrainConfig.steps_per_call): 1 on this CPU, where unrolled
-    # calls of 5 save 6-14% a step at 3x the compile time (BUILD_NOTES); on an accelerator try
-    # 5-25 (not yet measured there: experiments/gpu_benchmarks.sh, part train_step).
-    c.common.steps_per_call = 1
+    # Updates per dispatched program (TrainConfig.steps_per_call). 0, automatic: 1 on a CPU, where
+    # unrolled calls of 5 save 6-14% a step at 3x the compile time; 25 (the evaluation cadence) on
+    # an accelerator, where on one H100 a call of 25 took the update from 11.4 to 3.0 ms (ours)
+    # and from 12.8 to 2.9 ms (DDPM) at batch 8 (BUILD_NOTES, 2026-11-27).
+    c.common.steps_per_call = 0
 
     c.ours = ml_collections.ConfigDict()
     c.ours.train = ml_collections.ConfigDict()
