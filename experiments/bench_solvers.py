@@ -17,14 +17,13 @@ Usage::
 from __future__ import annotations
 
 import functools
-import json
 import os
 import statistics
 import time
 
 from absl import app, flags, logging
 
-from krylovjax.experiment_utils import benchmark_machine
+from krylovjax.experiment_utils import benchmark_machine, write_json, write_text
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sizes", ["32", "64", "128"], "Image sizes (pixels per side).")
@@ -170,6 +169,16 @@ def main(argv):
     rows = []
     info = benchmark_machine()
     logging.info("machine: %s", info)
+    outs = [FLAGS.json_out] if FLAGS.json_out else []
+    if FLAGS.workdir:
+        outs.append(os.path.join(FLAGS.workdir, "bench_solvers.json"))
+
+    def dump(complete: bool) -> None:  # after every row: a run cut off by a time cap keeps its rows
+        payload = {"machine": info, "flags": {k: FLAGS[k].value for k in (
+            "sizes", "batch", "dtype", "tol", "methods", "repeats", "num_steps", "sigma",
+            "basis_size", "restart", "chunk_size", "scheme")}, "complete": complete, "rows": rows}
+        for path in outs:
+            write_json(path, payload)
     for size in [int(s) for s in FLAGS.sizes]:
         for step in FLAGS.time_steps:
             op, b, m_prev = build_systems(size, FLAGS.batch, num_steps=FLAGS.num_steps,
@@ -201,6 +210,7 @@ def main(argv):
                          chunk_size=chunk)
                 rows.append(r)
                 logging.info("%s", r)
+                dump(complete=False)
 
             row("spsolve", sp_per, None, ref.x, S)
             for method in FLAGS.methods:
@@ -255,19 +265,10 @@ def main(argv):
           f"{info['platform']} / {info['device']}, {info['date']}, {FLAGS.dtype}, "
           f"tol {FLAGS.tol:g}, scheme {FLAGS.scheme}, {FLAGS.batch} images x 3 channels\n")
     print(table)
-    payload = {"machine": info, "flags": {k: FLAGS[k].value for k in (
-        "sizes", "batch", "dtype", "tol", "methods", "repeats", "num_steps", "sigma",
-        "basis_size", "restart", "chunk_size", "scheme")}, "rows": rows}
-    outs = [FLAGS.json_out] if FLAGS.json_out else []
     if FLAGS.workdir:
-        os.makedirs(FLAGS.workdir, exist_ok=True)
-        outs.append(os.path.join(FLAGS.workdir, "bench_solvers.json"))
-        with open(os.path.join(FLAGS.workdir, "bench_solvers.md"), "w") as fh:
-            fh.write(table + "\n")
+        write_text(os.path.join(FLAGS.workdir, "bench_solvers.md"), table + "\n")
+    dump(complete=True)
     for path in outs:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as fh:
-            json.dump(payload, fh, indent=1)
         print(f"wrote {path}")
 
 

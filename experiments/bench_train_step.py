@@ -18,7 +18,6 @@ Usage::
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 
@@ -37,9 +36,11 @@ flags.DEFINE_enum("unroll", "auto", ["auto", "true", "false"],
 flags.DEFINE_string("json_out", None, "Write the rows and the machine here.")
 
 
-def measure(cfg, methods, steps: int, per_call: list[int], unroll: bool | None, repeats: int = 3) -> list[dict]:
+def measure(cfg, methods, steps: int, per_call: list[int], unroll: bool | None, repeats: int = 3,
+            on_row=None) -> list[dict]:
     """``repeats`` training runs per (method, steps_per_call); rows with the fastest run's time
-    per update and the first run's compile time (the later runs hit the compile cache)."""
+    per update and the first run's compile time (the later runs hit the compile cache).
+    ``on_row(rows)`` is called with the rows so far after each one."""
     from experiments import denoise
     from krylovjax import training
 
@@ -67,13 +68,15 @@ def measure(cfg, methods, steps: int, per_call: list[int], unroll: bool | None, 
                          "compile_seconds": compile_seconds, "speedup": base / ms})
             print(f"| {method} | {tc.batch_size} | {k}{' unrolled' if unrolled else ''} | {ms:.2f} | "
                   f"{compile_seconds:.1f} | {base / ms:.2f}x |", flush=True)
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    from krylovjax.experiment_utils import benchmark_machine
+    from krylovjax.experiment_utils import benchmark_machine, write_json
 
     per_call = [int(k) for k in FLAGS.steps_per_call]
     if FLAGS.steps < 1 or any(k < 1 or FLAGS.steps % k for k in per_call):
@@ -84,11 +87,15 @@ def main(argv):
     unroll = {"auto": None, "true": True, "false": False}[FLAGS.unroll]
     print("| method | batch | steps per call | ms / update | compile (s) | speed-up vs first |")
     print("|---|---|---|---|---|---|")
-    rows = measure(FLAGS.config, FLAGS.methods, FLAGS.steps, per_call, unroll, FLAGS.repeats)
+    machine = benchmark_machine()
+
+    def write(rows, complete=False):  # after every row: a run cut off by a time cap keeps its rows
+        if FLAGS.json_out:
+            write_json(FLAGS.json_out, {"machine": machine, "steps": FLAGS.steps, "complete": complete, "rows": rows})
+
+    rows = measure(FLAGS.config, FLAGS.methods, FLAGS.steps, per_call, unroll, FLAGS.repeats, on_row=write)
     if FLAGS.json_out:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
-        with open(FLAGS.json_out, "w") as fh:
-            json.dump({"machine": benchmark_machine(), "steps": FLAGS.steps, "rows": rows}, fh, indent=1)
+        write(rows, complete=True)
         print(f"wrote {FLAGS.json_out}")
 
 

@@ -25,7 +25,7 @@ def test_bench_solvers_json(tmp_path):
          "--methods=splu,jax_gmres_vmap,gmres,cross_matrix_precond,fast",
          f"--json_out={out}")
     doc = json.loads(out.read_text())
-    assert "machine" in doc
+    assert "machine" in doc and doc["complete"] is True  # written after every row, complete at the end
     rows = doc["rows"]
     keys = {"method", "size", "batch", "seconds_per_system", "matvecs_per_system", "residual",
             "max_rel_diff_vs_spsolve", "speedup_vs_spsolve"}
@@ -61,14 +61,14 @@ def test_bench_train_step_json(tmp_path):
             "--config.ours.precompute.max_sweeps=2"]
     _run("experiments.bench_train_step", *tiny, "--steps=4", "--steps_per_call=1,2", "--repeats=1", f"--json_out={out}")
     doc = json.loads(out.read_text())
-    assert doc["machine"]["platform"] == "cpu" and doc["steps"] == 4
+    assert doc["machine"]["platform"] == "cpu" and doc["steps"] == 4 and doc["complete"] is True
     rows = doc["rows"]
     assert [(r["method"], r["steps_per_call"], r["unrolled"]) for r in rows] == [
         ("ours", 1, None), ("ours", 2, True), ("ddpm", 1, None), ("ddpm", 2, True)]  # unrolled on CPU
     assert [r["batch_size"] for r in rows] == [1, 1, 2, 2]  # the demo's batches
     for r in rows:
         assert r["ms_per_step"] > 0 and r["ms_per_step"] == min(r["ms_per_step_runs"])
-        assert r["compile_seconds"] > 0  # the single step, then the 2-update program
+        assert r["compile_seconds"] > 0  # the single step, then only the 2-update program
     for base, r in zip(rows[::2], rows[1::2]):
         assert base["speedup"] == 1.0 and r["speedup"] == pytest.approx(base["ms_per_step"] / r["ms_per_step"])
 
