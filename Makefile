@@ -23,8 +23,9 @@ demo: $(STAMP)
 	if [ -e runs/demo ]; then mv runs/demo runs/demo.prev; fi
 	$(PY) -m experiments.denoise --config=experiments/configs/denoise_demo.py --workdir=runs/demo
 
-# Two pytest workers (pytest-xdist): 9.5 min on the 2-core CI machine (one process took 1.26x as
-# long when last compared, 2026-11-26: 9 min 1 s against 7 min 10 s), since
+# Two pytest workers (pytest-xdist): 9 min 17 s on the idle 2-core machine with an empty
+# compilation cache (tests/conftest.py keeps one in .pytest_cache/jax; 10 min 22 s without it,
+# 2026-11-27); one process took 1.26x as long when last compared (2026-11-26), since
 # compilation is single-threaded. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 
@@ -38,4 +39,4 @@ bench: $(STAMP)
 	$(PY) -m experiments.bench_solvers --json_out=runs/bench_solvers.json
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs .pytest_cache

@@ -4,6 +4,14 @@ import os
 # Must be set before jax initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# A persistent compilation cache shared by the xdist workers and the binaries the tests start
+# (they inherit the environment): many tests compile the same small programs (the tiny U-Net's
+# step, the samplers) in separate processes. The cached executables are the ones XLA would
+# build again, so no result changes. Under .pytest_cache (ignored by git), kept between runs
+# (delete it to reclaim the space; jax's size cap would need the filelock package).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
