@@ -1155,7 +1155,7 @@ def resolve_steps_per_call(config: TrainConfig, mesh: Mesh, *, evaluating: bool 
     the same length."""
     if config.steps_per_call >= 1:
         return config.steps_per_call
-    if mesh.devices.flat[0].platform == "cpu":
+    if _on_cpu(mesh):
         return 1
     g = math.gcd(*_cadences(config, evaluating))
     return max(d for d in range(1, AUTO_STEPS_PER_CALL + 1) if g % d == 0)
@@ -1172,7 +1172,12 @@ def resolve_unroll(mesh: Mesh, unroll: bool | None = None) -> bool:
     (``TrainConfig.unroll_steps``) if given; for None, on CPU devices, where XLA runs
     convolution gradients inside a loop body 5-25x slower than outside (jax-ml/jax#12868;
     BUILD_NOTES), and not on accelerators."""
-    return mesh.devices.flat[0].platform == "cpu" if unroll is None else bool(unroll)
+    return _on_cpu(mesh) if unroll is None else bool(unroll)
+
+
+def _on_cpu(mesh: Mesh) -> bool:
+    """Whether ``mesh`` is made of CPU devices (both defaults above depend on it)."""
+    return mesh.devices.flat[0].platform == "cpu"
 
 
 _COMPILED: dict = {}
