@@ -1148,7 +1148,7 @@ AUTO_STEPS_PER_CALL = 25
 
 def resolve_steps_per_call(config: TrainConfig, mesh: Mesh, *, evaluating: bool = False) -> int:
     """Updates per call of a :func:`train` run: ``config.steps_per_call`` if >= 1; for 0
-    (automatic), 1 on CPU devices (where an unrolled call of 5 saves 6-14% of a step at 3x the
+    (automatic), 1 on CPU devices (where an unrolled call of 5 saves 5-16% of a step at 3x the
     compile time, and a loop is slower than single steps, :func:`resolve_unroll`) and on
     accelerators the largest divisor of the log, checkpoint and (``evaluating``) evaluation
     cadences up to :data:`AUTO_STEPS_PER_CALL`, so that every call between two boundaries has

@@ -84,7 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.common.grad_clip = 1.0
     c.common.progress = False
     # Updates per dispatched program (TrainConfig.steps_per_call). 0, automatic: 1 on a CPU, where
-    # unrolled calls of 5 save 6-14% a step at 3x the compile time; 25 (the evaluation cadence) on
+    # unrolled calls of 5 save 5-16% a step at 3x the compile time; 25 (the evaluation cadence) on
     # an accelerator, where on one H100 a call of 25 took the update from 11.4 to 3.0 ms (ours)
     # and from 12.8 to 2.9 ms (DDPM) at batch 8 (BUILD_NOTES, 2026-11-27).
     c.common.steps_per_call = 0
