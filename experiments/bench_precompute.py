@@ -21,13 +21,11 @@ Usage::
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 from absl import app, flags, logging
 
-from krylovjax.experiment_utils import benchmark_machine
+from krylovjax.experiment_utils import benchmark_machine, write_json
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sizes", ["32"], "Image sizes (pixels per side).")
@@ -59,7 +57,12 @@ flags.DEFINE_enum("dtype", "float64", ["float32", "float64"], "Floating-point ty
 flags.DEFINE_integer("repeats", 3, "Timed runs per Krylov strategy (the fastest is reported).")
 flags.DEFINE_integer("spsolve_repeats", 1, "Timed runs of spsolve (the fastest is reported).")
 flags.DEFINE_integer("seed", 0, "Crop seed of the built-in data set.")
-flags.DEFINE_string("json_out", None, "Write {'machine': ..., 'rows': [...]} here.")
+flags.DEFINE_string("json_out", None,
+                    "Write {'machine': ..., 'flags': ..., 'complete': ..., 'rows': [...]} here, after "
+                    "every row ('complete' false until the end: a run cut off keeps its rows).")
+FLAG_NAMES = ("sizes", "images", "strategies", "subsets", "num_steps", "sigma", "scheme",
+              "outer_tol", "max_sweeps", "tol", "forcing", "divergence_patience", "restart",
+              "basis_size", "chunk_size", "compact", "dtype", "repeats", "spsolve_repeats", "seed")
 
 
 def _per_image_rel_diff(s, ref):
@@ -112,6 +115,11 @@ def main(argv):
     info = benchmark_machine()
     logging.info("machine: %s", info)
     rows = []
+
+    def dump(complete: bool) -> None:
+        if FLAGS.json_out:
+            write_json(FLAGS.json_out, {"machine": info, "flags": {k: FLAGS[k].value for k in FLAG_NAMES},
+                                        "complete": complete, "rows": rows})
     for size in [int(s) for s in FLAGS.sizes]:
         all_images = jnp.asarray(data.builtin_dataset(size, FLAGS.images, seed=FLAGS.seed),
                                  FLAGS.dtype)
@@ -162,6 +170,7 @@ def main(argv):
                     sweeps_mean=float(np.mean(st["sweeps"])), sweeps_max=int(np.max(st["sweeps"])),
                     compact=FLAGS.compact, batch_images=st["batch_images"].tolist())
                 rows.append(row)
+                dump(complete=False)
                 logging.info("%s", row)
                 print(f"{strategy:>22s} {subset:>9s} {row['seconds']:8.2f} s "
                       f"x{row['speedup_vs_spsolve']:.1f}", flush=True)
@@ -197,14 +206,7 @@ def main(argv):
         print("\nCIFAR-10 train set (50,000 images at 32x32), one process on this machine:")
         print("\n".join(est))
     if FLAGS.json_out:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
-        flag_names = ("sizes", "images", "strategies", "subsets", "num_steps", "sigma", "scheme",
-                      "outer_tol", "max_sweeps", "tol", "forcing", "divergence_patience",
-                      "restart", "basis_size",
-                      "chunk_size", "compact", "dtype", "repeats", "spsolve_repeats", "seed")
-        with open(FLAGS.json_out, "w") as fh:
-            json.dump({"machine": info, "flags": {k: FLAGS[k].value for k in flag_names},
-                       "rows": rows}, fh, indent=1)
+        dump(complete=True)
         print(f"wrote {FLAGS.json_out}")
 
 

@@ -127,6 +127,7 @@ def check_config(cfg) -> None:
     methods = tuple(cfg.methods)
     if not methods or any(m not in METHODS for m in methods) or len(set(methods)) != len(methods):
         raise ValueError(f"methods: expected distinct entries of {METHODS}, got {methods!r}")
+    embeds(cfg)
     if cfg.ours.sampler.kind not in OUR_SAMPLERS:
         raise ValueError(f"ours.sampler.kind: expected one of {OUR_SAMPLERS}, got {cfg.ours.sampler.kind!r}")
     nf = cfg.num_frames
@@ -171,6 +172,28 @@ def train_config(cfg, method: str):
         return training.TrainConfig.from_dict(d)
     except ValueError as err:
         raise ValueError(f"{method}.train / common: {err}") from err
+
+
+def check_ddpm_range(cfg, tc) -> None:
+    """A DDPM trained on the steps below ``ddpm_max_train_step`` only must cover the denoising
+    chain, which calls the network at the steps ``i*, ..., 0`` (:func:`krylovjax.ddpm.denoise_start_step`
+    of the noise level ``2 std``).
+
+    Raises:
+      ValueError: naming ``ddpm.train.ddpm_max_train_step`` and the smallest value that covers it.
+    """
+    import numpy as np
+
+    from krylovjax import ddpm
+
+    m = tc.ddpm_max_train_step
+    if m is None:
+        return
+    start = int(np.max(ddpm.denoise_start_step(2.0 * float(cfg.noise.std), schedule=tc.ddpm_schedule())))
+    if m <= start:
+        raise ValueError(
+            f"ddpm.train.ddpm_max_train_step: the denoising chain for noise.std = {cfg.noise.std} starts at step "
+            f"{start}, so the network must be trained up to it: expected an integer >= {start + 1}, got {m}")
 
 
 def precompute_config(cfg, tc):
@@ -234,8 +257,19 @@ def load_clean(data_cfg):
 # ----------------------------------------------------------------------------------------------
 
 
+def embeds(cfg) -> bool:
+    """``ours.embed`` (default True). False is the ablation without pre-computed scores: ours
+    trains on the clean image at every time level (no pre-computation, no embedding), i.e.
+    denoising score matching with ours' SDE, time sampling, loss and sampler."""
+    v = cfg.ours.get("embed", True)
+    if not isinstance(v, bool):
+        raise ValueError(f"ours.embed: expected a bool, got {v!r}")
+    return v
+
+
 def prepare_ours(cfg, tc, images) -> tuple[Any, dict]:
-    """Pre-compute the scores of ``images`` ``[B, C, H, W]`` and embed them (method.md 3.4, 4.1).
+    """Pre-compute the scores of ``images`` ``[B, C, H, W]`` and embed them (method.md 3.4, 4.1);
+    with ``ours.embed = False`` (:func:`embeds`) the clean images at every level instead.
 
     Returns:
       ``(Trajectories, info)`` with ``info`` the wall times of the pre-computation and the
@@ -253,6 +287,15 @@ def prepare_ours(cfg, tc, images) -> tuple[Any, dict]:
     pc = precompute_config(cfg, tc)
     x = jnp.asarray(images)
     sde = pc.make_sde()
+    if not embeds(cfg):
+        # The ablation without pre-computed scores: the clean image at every time level.
+        from krylovjax import sde as sde_lib
+
+        t, _ = sde_lib.time_grid(pc.num_steps, pc.eps, paper_b=pc.paper_b_time_grid)
+        emb = np.repeat(np.asarray(images)[:, None], pc.num_steps, axis=1)
+        info = {"precompute_seconds": 0.0, "embed_seconds": 0.0, "compile_seconds": 0.0, "solver_stats": {},
+                "precompute_config": None, "num_levels": int(emb.shape[1])}
+        return training.Trajectories(x=emb, t=np.asarray(t), sde={"name": tc.sde, "kwargs": dict(tc.sde_kwargs)}), info
     with eu.Stopwatch() as sw_compile:  # compile the solver's programs first: timed apart
         precompile(x.shape, x.dtype, pc)
     with eu.Stopwatch() as sw_pre:
@@ -489,6 +532,8 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
     tcs = {m: train_config(cfg, m) for m in methods}
     if "ours" in tcs:
         precompute_config(cfg, tcs["ours"])
+    if "ddpm" in tcs:
+        check_ddpm_range(cfg, tcs["ddpm"])
     clean = load_clean(cfg.data)
     if clean.shape[0] != 1:
         raise ValueError(f"data.index: the denoise experiment takes one image, got {clean.shape[0]}")

@@ -218,11 +218,15 @@ class EpsilonLoss(NamedTuple):
     per_example: jax.Array  # [B]: mean over C, H, W of (eps - eps_fn(x_k, i))^2
 
 
-def epsilon_loss(eps_fn: EpsFn, x0, key, *, schedule: DDPMSchedule | None = None) -> EpsilonLoss:
+def epsilon_loss(eps_fn: EpsFn, x0, key, *, schedule: DDPMSchedule | None = None,
+                 max_step: int | None = None) -> EpsilonLoss:
     """Ho et al.'s simple loss ``E_{i, eps} |eps - eps_fn(sqrt(abar) x0 + sqrt(1-abar) eps, i)|^2``.
 
     One uniform step index ``i ~ U{0, ..., T-1}`` and one ``eps ~ N(0, I)`` per example; the
-    squared error is averaged over ``C, H, W`` (as Ho et al.'s ``mean_flat``).
+    squared error is averaged over ``C, H, W`` (as Ho et al.'s ``mean_flat``). With ``max_step
+    = M`` the index is drawn from ``U{0, ..., M-1}`` only: a network trained for the noise
+    levels up to step ``M`` (e.g. for denoising from a known noise level, see
+    :func:`denoise_start_step`); ``None``: all ``T`` steps, Ho et al.'s.
 
     Args:
       eps_fn: ``(x [B, C, H, W], i [B] int32) -> [B, C, H, W]``.
@@ -235,8 +239,13 @@ def epsilon_loss(eps_fn: EpsFn, x0, key, *, schedule: DDPMSchedule | None = None
     """
     schedule = _default(schedule)
     x0 = _check_images("x0", x0)
+    if max_step is None:
+        max_step = schedule.num_steps
+    elif isinstance(max_step, bool) or not isinstance(max_step, (int, np.integer)) or not 1 <= max_step <= schedule.num_steps:
+        raise ValueError(f"max_step: expected None or an integer in [1, {schedule.num_steps}] (the schedule's "
+                         f"num_steps), got {max_step!r}")
     k_t, k_eps = jax.random.split(key)
-    t = jax.random.randint(k_t, (x0.shape[0],), 0, schedule.num_steps, dtype=jnp.int32)
+    t = jax.random.randint(k_t, (x0.shape[0],), 0, int(max_step), dtype=jnp.int32)
     noise = jax.random.normal(k_eps, x0.shape, x0.dtype)
     x_t = q_sample(x0, t, noise, schedule=schedule)
     pred = eps_fn(x_t, t)

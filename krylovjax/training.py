@@ -230,6 +230,10 @@ class TrainConfig:
         instead of values up to ``1 / lambda_min`` in size. False (the default) is Paper B's
         unscaled output; BUILD_NOTES has the measured effect.
       ddpm_num_steps, ddpm_beta_start, ddpm_beta_end: the DDPM baseline's linear schedule.
+      ddpm_max_train_step: ``method="ddpm"`` only: train on the step indices ``0 .. M-1`` instead
+        of all ``ddpm_num_steps`` (:func:`krylovjax.ddpm.epsilon_loss`'s ``max_step``): a DDPM
+        restricted to the noise levels a task needs, as ours' ``lambda(t)`` range is (an
+        ablation, BUILD_NOTES); ``None`` (the default): every step, Ho et al.'s.
       progress: show a tqdm progress bar.
       steps_per_call: updates per dispatched program (a ``lax.scan`` of the step): fewer host
         round trips where one step is latency-bound (accelerators, small models). The calls
@@ -272,6 +276,7 @@ class TrainConfig:
     ddpm_num_steps: int = 1000
     ddpm_beta_start: float = 1e-4
     ddpm_beta_end: float = 0.02
+    ddpm_max_train_step: int | None = None
     progress: bool = True
     steps_per_call: int = 0
     unroll_steps: bool | None = None
@@ -327,6 +332,13 @@ class TrainConfig:
             raise ValueError(
                 "ddpm_beta_start, ddpm_beta_end: expected 0 < ddpm_beta_start <= ddpm_beta_end < 1, "
                 f"got {self.ddpm_beta_start!r}, {self.ddpm_beta_end!r}")
+        if self.ddpm_max_train_step is not None:
+            if self.method != "ddpm":
+                raise ValueError(f"ddpm_max_train_step: only for method='ddpm', got method={self.method!r}")
+            if not _is_int(self.ddpm_max_train_step) or not 1 <= self.ddpm_max_train_step <= self.ddpm_num_steps:
+                raise ValueError("ddpm_max_train_step: expected None or an integer in [1, ddpm_num_steps = "
+                                 f"{self.ddpm_num_steps}], got {self.ddpm_max_train_step!r}")
+            set_("ddpm_max_train_step", int(self.ddpm_max_train_step))
         if not isinstance(self.target_metric, str) or not self.target_metric:
             raise ValueError(f"target_metric: expected a non-empty str, got {self.target_metric!r}")
         for k in ("per_image_offset", "scale_by_sigma", "progress"):
@@ -1056,7 +1068,7 @@ def _loss_fn(config: TrainConfig, model_def: ModelDef, mesh: Mesh | None, num_im
 
         def eps_fn(xx, i):
             return _apply(model_def, params, xx, i.astype(dtype) / big_t, idx, train=train, dropout_key=drop)
-        out = ddpm_lib.epsilon_loss(eps_fn, x0, k_noise, schedule=schedule)
+        out = ddpm_lib.epsilon_loss(eps_fn, x0, k_noise, schedule=schedule, max_step=config.ddpm_max_train_step)
         return out.mean, out.per_example
 
     return batch_loss

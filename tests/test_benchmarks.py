@@ -44,7 +44,9 @@ def test_bench_precompute_json(tmp_path):
     out = tmp_path / "pre.json"
     _run("experiments.bench_precompute", "--sizes=8", "--images=2", "--num_steps=3",
          "--strategies=gmres,fast", "--repeats=1", "--subsets=all", f"--json_out={out}")
-    rows = json.loads(out.read_text())["rows"]
+    doc = json.loads(out.read_text())
+    assert "machine" in doc and doc["complete"] is True and doc["flags"]["sizes"] == ["8"]  # after every row
+    rows = doc["rows"]
     assert [r["strategy"] for r in rows] == ["spsolve", "gmres", "fast"]
     for r in rows:
         for k in ("strategy", "size", "images", "seconds", "speedup_vs_spsolve",

@@ -150,6 +150,37 @@ def test_epsilon_loss_expected_value():
     np.testing.assert_allclose(grad, fd, rtol=1e-7)
 
 
+def test_epsilon_loss_max_step_draws_only_the_first_steps():
+    """``max_step = M``: step indices from {0, ..., M-1} only, all of them, and E[loss] is the
+    MMSE of eps averaged over those steps (the closed form of the test above, restricted)."""
+    sch = ddpm.DDPMSchedule.linear(200)
+    n, m = 8192, 37
+    x0 = MU + math.sqrt(S2) * jax.random.normal(jax.random.PRNGKey(1), (n, 1, 2, 2))
+    seen = []
+    exact = exact_eps(sch)
+
+    def eps(x, i):
+        seen.append(np.asarray(i))
+        return exact(x, i)
+
+    out = ddpm.epsilon_loss(eps, x0, jax.random.PRNGKey(2), schedule=sch, max_step=m)
+    i = seen[0]
+    assert i.min() == 0 and i.max() == m - 1 and len(np.unique(i)) == m
+    _, ab, _ = np_schedule(200)
+    mmse = ab * S2 / (ab * S2 + 1 - ab)  # per step
+    expected, full = np.mean(mmse[:m]), np.mean(mmse)
+    se = np.std(np.asarray(out.per_example)) / math.sqrt(n)
+    assert abs(float(out.mean) - expected) < 4.5 * se
+    assert abs(full - expected) > 20 * se  # the restriction is visible in the loss
+    # max_step = T is the default draw exactly
+    a = ddpm.epsilon_loss(exact, x0[:64], jax.random.PRNGKey(3), schedule=sch, max_step=200)
+    b = ddpm.epsilon_loss(exact, x0[:64], jax.random.PRNGKey(3), schedule=sch)
+    np.testing.assert_array_equal(a.per_example, b.per_example)
+    for bad in (0, 201, 2.5, True, "10"):
+        with pytest.raises(ValueError, match=r"max_step: expected None or an integer in \[1, 200\]"):
+            ddpm.epsilon_loss(exact, x0[:4], jax.random.PRNGKey(3), schedule=sch, max_step=bad)
+
+
 # ------------------------------------------------------------------------ samplers
 
 

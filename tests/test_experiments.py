@@ -301,6 +301,51 @@ def test_denoise_bad_image_size_fails_before_writing(tmp_path):
     assert not wd.exists()
 
 
+def test_ddpm_max_train_step_must_cover_the_denoising_chain(tmp_path):
+    """The demo's chain starts at step 260 (noise std 0.506 -> 1.012 in [-1, 1]): a DDPM trained
+    on fewer steps is refused before anything is written; 261 is accepted."""
+    from experiments import denoise
+    from experiments.configs import denoise_demo
+
+    cfg = denoise_demo.get_config()
+    assert cfg.ddpm.train.ddpm_max_train_step is None
+    cfg.ddpm.train.ddpm_max_train_step = 260
+    wd = tmp_path / "w"
+    with pytest.raises(ValueError, match=r"ddpm.train.ddpm_max_train_step: .* starts at step 260, .* >= 261, got 260"):
+        denoise.run(cfg, str(wd))
+    assert not wd.exists()
+    cfg.ddpm.train.ddpm_max_train_step = 261
+    denoise.check_ddpm_range(cfg, denoise.train_config(cfg, "ddpm"))
+    cfg.ddpm.train.ddpm_max_train_step = None
+    denoise.check_ddpm_range(cfg, denoise.train_config(cfg, "ddpm"))
+
+
+def test_ours_without_embedding_trains_on_the_clean_image():
+    """``ours.embed = False`` (the ablation): the clean image at every level, on the time levels
+    the pre-computation uses, and nothing timed; a non-bool is refused."""
+    from experiments import denoise
+    from experiments.configs import denoise_demo
+
+    cfg = denoise_demo.get_config()
+    cfg.data.size = 16
+    cfg.ours.precompute.num_steps = 4
+    cfg.ours.precompute.max_sweeps = 2
+    tc = denoise.train_config(cfg, "ours")
+    clean = denoise.load_clean(cfg.data)
+    emb, info = denoise.prepare_ours(cfg, tc, clean)
+    cfg.ours.embed = False
+    plain, pinfo = denoise.prepare_ours(cfg, tc, clean)
+    np.testing.assert_allclose(plain.t, emb.t, rtol=1e-6)
+    assert plain.x.shape == emb.x.shape == (1, 4, 3, 16, 16) and plain.sde == emb.sde
+    for n in range(4):
+        np.testing.assert_array_equal(plain.x[:, n], clean)
+    assert np.abs(emb.x[:, -1] - clean).max() > 1e-3  # the embedding does move the image
+    assert pinfo["precompute_seconds"] == pinfo["embed_seconds"] == 0.0 and info["precompute_seconds"] > 0
+    cfg.ours.embed = None  # (ml_collections refuses other types already)
+    with pytest.raises(ValueError, match="ours.embed: expected a bool, got None"):
+        denoise.check_config(cfg)
+
+
 def test_paper_ddpm_config_is_the_demo_with_the_papers_baseline():
     """denoise_demo_paper_ddpm changes only DDPM's optimiser settings (to the papers' baseline,
     the same as the CIFAR-10 config's), its caps, and both batches (8, as measured)."""

@@ -297,6 +297,31 @@ def test_eval_callback_uses_ema_and_load_score_fn(ours_run, trajectories):
         tr.load_score_fn(os.path.join(wd, "nowhere"))
 
 
+def test_ddpm_max_train_step_is_validated_and_reaches_the_loss(monkeypatch, images):
+    with pytest.raises(ValueError, match="ddpm_max_train_step: only for method='ddpm'"):
+        tr.TrainConfig(method="ours", ddpm_max_train_step=10)
+    for bad in (0, 1001, 2.5, True):
+        with pytest.raises(ValueError, match=r"ddpm_max_train_step: expected None or an integer in \[1, ddpm_num_steps = 1000\]"):
+            tr.TrainConfig(method="ddpm", ddpm_max_train_step=bad)
+    with pytest.raises(ValueError, match="ddpm_num_steps = 50"):
+        tr.TrainConfig(method="ddpm", ddpm_num_steps=50, ddpm_max_train_step=51)
+    cfg = DDPM.replace(ddpm_max_train_step=300)
+    assert tr.TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg._math_key() != DDPM._math_key()  # another loss: another compiled program
+    seen = []
+    orig = tr.ddpm_lib.epsilon_loss
+
+    def spy(*a, **kw):
+        seen.append(kw.get("max_step"))
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(tr.ddpm_lib, "epsilon_loss", spy)
+    arrays, info = tr.prepare_data(cfg, images)
+    state, model_def = tr.create_train_state(cfg, tuple(info["sample_shape"]), num_images=NUM_IMAGES)
+    tr.eval_loss(cfg, model_def, state.params, arrays, jax.random.PRNGKey(1))
+    assert seen == [300]
+
+
 def test_scale_by_sigma_divides_the_score_by_lambda(monkeypatch, ours_run, trajectories):
     with pytest.raises(ValueError, match="scale_by_sigma"):
         tr.TrainConfig(method="ddpm", scale_by_sigma=True)

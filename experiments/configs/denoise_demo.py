@@ -112,6 +112,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.ours.precompute.max_sweeps = 10
     c.ours.precompute.strategy = "cross_matrix_precond"
     c.ours.embed_component = "sum"  # krylovjax.transport.embed(component=...)
+    # False: the ablation without pre-computed scores (the clean image at every time level: no
+    # pre-computation, no embedding; BUILD_NOTES).
+    c.ours.embed = True
     # "flow": probability_flow (Dormand-Prince, rtol/atol) from the noisy image at t_start to t_end;
     # "paper_a": euler_maruyama from t_start to t_end, num_steps, noise_scale, clip (Paper A's);
     # "denoise": krylovjax.sampling.denoise from the time matching noise.std (method "ode"/"sde").
@@ -142,6 +145,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.ddpm.train.ddpm_num_steps = 1000
     c.ddpm.train.ddpm_beta_start = 1e-4
     c.ddpm.train.ddpm_beta_end = 0.02
+    # Train on the step indices below this only (None: all 1000, Ho et al.'s); the denoising chain
+    # starts at step 260 here, so 261 is the smallest allowed: an ablation (BUILD_NOTES).
+    c.ddpm.train.ddpm_max_train_step = ml_collections.FieldReference(None, field_type=int)
     # krylovjax.ddpm.ddpm_denoise from the step matching the noise level (2 * std in [-1, 1]).
     c.ddpm.sampler = ml_collections.ConfigDict()
     c.ddpm.sampler.method = "ancestral"  # or "ddim"
