@@ -107,6 +107,13 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
     tcs = {m: denoise.train_config(cfg, m) for m in methods}
     if "ours" in tcs:
         denoise.precompute_config(cfg, tcs["ours"])
+    if "ddpm" in tcs:
+        if cfg.task == "denoise":
+            denoise.check_ddpm_range(cfg, tcs["ddpm"])
+        else:
+            from experiments import generate
+
+            generate.check_generates(tcs["ddpm"])
     clean = denoise.load_clean(cfg.data)
     B = clean.shape[0]
     denoise.check_fits(tcs, clean, B)

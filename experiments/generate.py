@@ -59,8 +59,23 @@ if __name__ == "__main__":
     flags.mark_flags_as_required(["workdir"])
 
 
+def check_generates(tc) -> None:
+    """A DDPM trained on the first steps only (``ddpm_max_train_step`` M < T, an ablation for
+    denoising) cannot generate from noise: the chain starts at step T - 1.
+
+    Raises:
+      ValueError: naming ``ddpm_max_train_step``.
+    """
+    m = getattr(tc, "ddpm_max_train_step", None)
+    if tc.method == "ddpm" and m is not None and m < tc.ddpm_num_steps:
+        raise ValueError(f"ddpm_max_train_step: this DDPM was trained on the steps 0 .. {m - 1} only, but "
+                         f"generation from noise starts at step {tc.ddpm_num_steps - 1}; train it on every step "
+                         "(ddpm_max_train_step None) to generate")
+
+
 def resolve_sampler(tc, sampler: str) -> str:
     """The concrete sampler for a model of ``tc`` (``auto`` resolved), or ValueError."""
+    check_generates(tc)
     if tc.method == "ddpm":
         if sampler == "auto":
             return "ancestral"

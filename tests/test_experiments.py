@@ -318,6 +318,23 @@ def test_ddpm_max_train_step_must_cover_the_denoising_chain(tmp_path):
     denoise.check_ddpm_range(cfg, denoise.train_config(cfg, "ddpm"))
     cfg.ddpm.train.ddpm_max_train_step = None
     denoise.check_ddpm_range(cfg, denoise.train_config(cfg, "ddpm"))
+    # the budget binary: the same check when it denoises; generation needs every step
+    from experiments import budget, generate
+    from experiments.configs import budget_demo
+
+    cfg = budget_demo.get_config()
+    cfg.ddpm.train.ddpm_max_train_step = 260
+    with pytest.raises(ValueError, match="ddpm.train.ddpm_max_train_step: .* >= 261, got 260"):
+        budget.run(cfg, str(wd))
+    cfg.task = "generate"
+    cfg.ddpm.train.ddpm_max_train_step = 999
+    with pytest.raises(ValueError, match=r"ddpm_max_train_step: .* steps 0 \.\. 998 only, .* starts at step 999"):
+        budget.run(cfg, str(wd))
+    assert not wd.exists()
+    tc = denoise.train_config(cfg, "ddpm")
+    with pytest.raises(ValueError, match="generation from noise"):
+        generate.resolve_sampler(tc, "auto")
+    assert generate.resolve_sampler(tc.replace(ddpm_max_train_step=1000), "auto") == "ancestral"
 
 
 def test_ours_without_embedding_trains_on_the_clean_image():
