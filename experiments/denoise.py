@@ -285,8 +285,7 @@ def prepare_ours(cfg, tc, images) -> tuple[Any, dict]:
     from krylovjax.precompute import precompile, precompute_scores
 
     pc = precompute_config(cfg, tc)
-    x = jnp.asarray(images)
-    sde = pc.make_sde()
+    sde_record = {"name": tc.sde, "kwargs": dict(tc.sde_kwargs)}
     if not embeds(cfg):
         # The ablation without pre-computed scores: the clean image at every time level.
         from krylovjax import sde as sde_lib
@@ -295,7 +294,9 @@ def prepare_ours(cfg, tc, images) -> tuple[Any, dict]:
         emb = np.repeat(np.asarray(images)[:, None], pc.num_steps, axis=1)
         info = {"precompute_seconds": 0.0, "embed_seconds": 0.0, "compile_seconds": 0.0, "solver_stats": {},
                 "precompute_config": None, "num_levels": int(emb.shape[1])}
-        return training.Trajectories(x=emb, t=np.asarray(t), sde={"name": tc.sde, "kwargs": dict(tc.sde_kwargs)}), info
+        return training.Trajectories(x=emb, t=np.asarray(t), sde=sde_record), info
+    x = jnp.asarray(images)
+    sde = pc.make_sde()
     with eu.Stopwatch() as sw_compile:  # compile the solver's programs first: timed apart
         precompile(x.shape, x.dtype, pc)
     with eu.Stopwatch() as sw_pre:
@@ -310,8 +311,7 @@ def prepare_ours(cfg, tc, images) -> tuple[Any, dict]:
     info = {"precompute_seconds": sw_pre.seconds, "embed_seconds": sw_emb.seconds,
             "compile_seconds": sw_compile.seconds + sw_ecompile.seconds + float(stats.get("compile_seconds", 0.0)),
             "solver_stats": stats, "precompute_config": pc.to_dict(), "num_levels": int(emb.shape[1])}
-    sde = {"name": tc.sde, "kwargs": dict(tc.sde_kwargs)}
-    return training.Trajectories(x=emb, t=np.asarray(res.t), sde=sde), info
+    return training.Trajectories(x=emb, t=np.asarray(res.t), sde=sde_record), info
 
 
 # ----------------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def check_generates(tc) -> None:
     Raises:
       ValueError: naming ``ddpm_max_train_step``.
     """
-    m = getattr(tc, "ddpm_max_train_step", None)
+    m = tc.ddpm_max_train_step
     if tc.method == "ddpm" and m is not None and m < tc.ddpm_num_steps:
         raise ValueError(f"ddpm_max_train_step: this DDPM was trained on the steps 0 .. {m - 1} only, but "
                          f"generation from noise starts at step {tc.ddpm_num_steps - 1}; train it on every step "
