@@ -14,18 +14,27 @@ images ``[B, C, H, W]`` (``config.data``) and the same U-Net (``config.common``)
 * DDPM trains for ``budget_seconds``.
 
 Training time is :func:`krylovjax.training.train`'s (optimiser steps only). Then every model is
-evaluated once:
+evaluated on its final weights (EMA):
 
 * ``task="denoise"``: each image's noisy copy ``clamp(x + std z, 0, 1)`` is denoised with the
   samplers of ``experiments.denoise``; score = SSIM of each output to its own source;
-* ``task="generate"``: ours samples ``samples_per_image`` images per source from the prior
-  (its per-image time interval selects the source, method.md 4.3: ``experiments.generate``'s
-  samplers); DDPM, which has no image identity, draws ``B * samples_per_image`` unconditional
-  ancestral samples; score = SSIM of each sample to its nearest source.
+* ``task="generate"``: each method draws ``samples_per_image`` samples per source from its prior
+  with ``experiments.generate``'s default sampler (ours: the probability-flow ODE, or Paper A's
+  damped SDE for a constant perturbation; DDPM: ``ddpm.sampler.method``, the ancestral chain or
+  DDIM with all ``T`` steps), with a fixed key
+  (``eval_seed``). Ours trained with per-image time intervals (method.md 4.3) draws each sample
+  for a given source and is scored against it; otherwise (DDPM always: it has no image
+  identity) a sample is scored against the source it is most similar to (SSIM).
+
+With ``common.eval_every = k > 0`` the same evaluation also runs every ``k`` updates (its time
+excluded from the budget, like the final one), so one run gives the quality at every budget up
+to ``budget_seconds``: the ``curve`` of each method in ``results.json`` (seconds of budget used,
+SSIM, PSNR), a table in ``results.md`` and ``quality_curve.png``.
 
 The table reports the average SSIM (and PSNR) over the images / samples. Outputs in
 ``--workdir``: ``results.md``, ``results.json``, ``grid.png`` (sources, inputs, ours, DDPM side
-by side), and the two training runs ``ours/``, ``ddpm/``.
+by side), ``quality_curve.png`` (with ``eval_every > 0``), and the two training runs ``ours/``,
+``ddpm/`` (a killed run resumes from their checkpoints; ours' pre-computation is redone).
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
 
 TASKS = ("denoise", "generate")
-RESULT_FILES = ("results.md", "results.json", "grid.png")
+RESULT_FILES = ("results.md", "results.json", "grid.png", "quality_curve.png")
 
 
 def check_budget_config(cfg) -> float:
@@ -74,33 +83,75 @@ def check_budget_config(cfg) -> float:
     return budget
 
 
-def _generate(cfg, tc, fn, method: str, num_images: int, shape, key_seed: int):
-    """Samples ``[M, C, H, W]`` in [0, 1] and the image index of each (None for DDPM)."""
+def generator(cfg, tc, method: str, num_images: int, shape) -> tuple[Any, Any]:
+    """``(gen, idx)``: ``gen(fn, return_trajectory=False) -> (samples [M, C, H, W] in [0, 1],
+    frames, network_evals)`` draws ``M = num_images * samples_per_image`` samples with
+    ``experiments.generate``'s default sampler (DDPM: ``ddpm.sampler.method``; DDIM with all ``T``
+    steps) and a fixed key (``eval_seed``), compiled once for
+    every evaluation of a training run (:func:`experiments.denoise._compiled_once`); ``idx [M]``
+    is the source of each sample for ours trained with per-image time intervals, else None
+    (the nearest source counts)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from experiments import generate
+    from experiments import denoise, generate
 
     per = int(cfg.samples_per_image)
-    if method == "ours":
-        idx = np.repeat(np.arange(num_images), per) if tc.per_image_offset else None
-        M = num_images * per
-    else:
-        idx, M = None, num_images * per
-    out, _, nfe = generate.sample(fn, tc, (M,) + tuple(shape), jax.random.PRNGKey(key_seed),
-                                  idx=None if idx is None else jnp.asarray(idx), num_frames=2)
-    return np.asarray(out), idx, nfe
+    M = num_images * per
+    idx = np.repeat(np.arange(num_images), per) if method == "ours" and tc.per_image_offset else None
+    key = jax.random.PRNGKey(int(cfg.eval_seed))
+    shape = (M,) + tuple(shape)
+    sampler = cfg.ddpm.sampler.method if method == "ddpm" else "auto"
+    generate.resolve_sampler(tc, sampler)  # a model that cannot generate is refused here, before training
+
+    def draw(fn, return_trajectory):
+        del return_trajectory  # two frames (prior, sample) are cheap
+        # DDIM: all T steps, deterministic (Paper B's DDIM row); the other samplers' defaults
+        return generate.sample_arrays(fn, tc, shape, key, idx=None if idx is None else jnp.asarray(idx),
+                                      sampler=sampler, num_steps=0 if sampler == "ddim" else 50, num_frames=2)
+
+    return denoise._compiled_once(draw), idx
 
 
-def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
-    """Run the budget experiment of ``cfg`` in ``workdir``; returns the results (also written)."""
+def make_generate_eval_fn(gen, clean, idx, last: dict | None = None):
+    """The ``eval_fn(fn, step) -> dict`` of the generate task: SSIM (windowed, global) and PSNR
+    of each sample to its source (``idx``) or, without ``idx``, to the source it is most similar
+    to by SSIM, and ``sources_covered``, how many distinct sources are some sample's most similar
+    one (the nearest-source SSIM alone does not see samples that all copy one source); ``last``
+    receives the latest ``step``, ``out``, ``pairs`` (the source each sample is scored against),
+    ``nearest`` (each sample's most similar source), ``network_evals`` and ``metrics`` (as
+    :func:`experiments.denoise.make_eval_fn`, plus ``sources_covered``)."""
     import jax.numpy as jnp
     import numpy as np
 
     from experiments import denoise
+    from krylovjax import metrics
+
+    def eval_fn(fn, step):
+        out, _, nfe = gen(fn)
+        out = np.asarray(out)
+        s_all = np.stack([np.asarray(metrics.ssim(jnp.asarray(out), jnp.asarray(
+            np.broadcast_to(clean[j], out.shape), out.dtype))) for j in range(clean.shape[0])], axis=1)
+        nearest = np.argmax(s_all, axis=1)
+        pairs = clean[idx] if idx is not None else clean[nearest]
+        m = dict(denoise.image_metrics(out, pairs), sources_covered=int(np.unique(nearest).size))
+        logging.info("step %d: generated samples' SSIM %.4f (PSNR %.2f dB; %d of %d sources nearest to a sample; "
+                     "%d network evaluations)", step, m["ssim"], m["psnr"], m["sources_covered"], clean.shape[0], nfe)
+        if last is not None:
+            last.update(step=int(step), out=out, pairs=pairs, nearest=nearest, network_evals=nfe, metrics=m)
+        return {k: m[k] for k in ("ssim", "global_ssim", "psnr", "sources_covered")}
+
+    return eval_fn
+
+
+def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
+    """Run the budget experiment of ``cfg`` in ``workdir``; returns the results (also written)."""
+    import numpy as np
+
+    from experiments import denoise
     from krylovjax import experiment_utils as eu
-    from krylovjax import metrics, training
+    from krylovjax import training
 
     budget = check_budget_config(cfg)
     methods = tuple(cfg.methods)
@@ -148,29 +199,24 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
                              f"embedding ({spent:.2f} s); give a larger budget")
         sub = os.path.join(workdir, m)
         mesh = denoise.batch_mesh(tc.batch_size)
+        last: dict = {}
         if cfg.task == "denoise":
             if m == "ours":
                 den = denoise.ours_denoiser(cfg, tc, noisy, idx=idx if tc.per_image_offset else None)
             else:
                 den = denoise.ddpm_denoiser(cfg, tc, noisy)
-            last: dict = {}
-            # eval_every = 0: train() calls the callback once, on the final model (time excluded).
-            res = training.train(tc.replace(budget_seconds=left, eval_every=0), data, sub,
-                                 eval_fn=denoise.make_eval_fn(den, clean, m, last), mesh=mesh)
-            out, nfe = last["out"], last["network_evals"]
-            pairs = clean
+            eval_fn = denoise.make_eval_fn(den, clean, m, last)
         else:
-            res = training.train(tc.replace(budget_seconds=left, eval_every=0), data, sub, mesh=mesh)
-            fn = training.load_score_fn(sub)
-            out, sidx, nfe = _generate(cfg, tc, fn, m, B, clean.shape[1:], int(cfg.eval_seed))
-            if sidx is not None:
-                pairs = clean[sidx]
-            else:  # nearest source by SSIM
-                s_all = np.stack([np.asarray(metrics.ssim(jnp.asarray(out), jnp.asarray(
-                    np.broadcast_to(clean[j], out.shape), out.dtype))) for j in range(B)], axis=1)
-                pairs = clean[np.argmax(s_all, axis=1)]
+            gen, sidx = generator(cfg, tc, m, B, clean.shape[1:])
+            eval_fn = make_generate_eval_fn(gen, clean, sidx, last)
+        # common.eval_every = 0: train() calls the callback once, on the final model; > 0: also
+        # every eval_every updates (the quality curve). Evaluation time is excluded from the budget.
+        res = training.train(tc.replace(budget_seconds=left), data, sub, eval_fn=eval_fn, mesh=mesh)
+        out, nfe, mm = last["out"], last["network_evals"], last["metrics"]
+        curve = [{"step": e["step"], "seconds": spent + e["train_seconds"], "ssim": e["ssim"], "psnr": e["psnr"],
+                  **({"sources_covered": int(e["sources_covered"])} if "sources_covered" in e else {})}
+                 for e in eu.read_metrics(sub, "eval")]
         outputs[m] = out
-        mm = denoise.image_metrics(out, pairs)
         results[m] = {
             "train_config": tc.to_dict(), "stop_reason": res.stop_reason, "steps": res.step,
             "train_seconds": res.train_seconds, "train_budget_seconds": left,
@@ -178,8 +224,10 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
             "used_seconds": spent + res.train_seconds,
             "compile_seconds": res.compile_seconds + prep["compile_seconds"],
             "seconds_per_step": res.train_seconds / max(res.step, 1), "network_evals": nfe, **mm,
-            "steps_per_call": res.steps_per_call,
+            "steps_per_call": res.steps_per_call, "curve": curve,
         }
+        if "nearest" in last:
+            results[m]["nearest_source"] = last["nearest"].tolist()
         logging.info("[%s] %d steps in %.1f s (+ %.1f s pre-computation): mean SSIM %.4f", m, res.step,
                      res.train_seconds, spent, mm["ssim"])
     out = {
@@ -190,7 +238,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
         "noisy": denoise.image_metrics(noisy, clean) if cfg.task == "denoise" else None,
         "budget_convention": (
             "the same wall-clock budget of work for both: ours = pre-computation + embedding + training run "
-            "time, DDPM = training run time (optimiser steps; JIT compile and the final evaluation excluded)"),
+            "time, DDPM = training run time (optimiser steps; JIT compile and the evaluations excluded)"),
         "methods": results,
         "config": eu._plain(cfg),
     }
@@ -203,20 +251,31 @@ def _write(out: dict, workdir: str, clean, noisy, outputs: dict) -> None:
 
     from krylovjax import experiment_utils as eu
 
+    gen = out["task"] == "generate"
     rows = []
     for m, r in out["methods"].items():
         rows.append([m, eu.format_seconds(out["budget_seconds"]),
                      eu.format_seconds(r["precompute_seconds"] + r["embed_seconds"], 2) if m == "ours" else "-",
                      eu.format_seconds(r["train_seconds"]), r["steps"], f"{r['ssim']:.4f}",
-                     ", ".join(f"{s:.3f}" for s in r["ssim_per_image"]), f"{r['psnr']:.2f}"])
-    what = "denoised noisy copies" if out["task"] == "denoise" else "generated samples (DDPM: nearest source)"
+                     ", ".join(f"{s:.3f}" for s in r["ssim_per_image"]), f"{r['psnr']:.2f}"]
+                    + ([f"{r['sources_covered']} of {out['images']['shape'][0]}"] if gen else []))
+    what = "denoised noisy copies" if out["task"] == "denoise" else "generated samples (to the nearest source)"
     text = [f"# Fixed budget: {out['images']['shape'][0]} images {out['images']['shape'][2]}x"
             f"{out['images']['shape'][3]} ({out['images']['source']}), {what}\n\n",
             f"Budget: {out['budget_convention']}.\n\n"]
     if out["noisy"]:
         text.append(f"Noisy inputs: mean SSIM {out['noisy']['ssim']:.4f}.\n\n")
     text.append(eu.markdown_table(["method", "budget", "pre-compute", "training", "steps", "mean SSIM",
-                                   "SSIM per image", "mean PSNR (dB)"], rows))
+                                   "SSIM per image", "mean PSNR (dB)"] + (["sources nearest to a sample"] if gen else []),
+                                  rows))
+    curves = {m: r["curve"] for m, r in out["methods"].items() if len(r.get("curve", ())) > 1}
+    if curves:
+        text.append("\nQuality during training (the evaluations every `common.eval_every` updates; seconds of "
+                    "the budget used, ours incl. pre-computation):\n\n")
+        crow = [[m, c["step"], eu.format_seconds(c["seconds"]), f"{c['ssim']:.4f}", f"{c['psnr']:.2f}"]
+                + ([c.get("sources_covered")] if gen else []) for m, cur in curves.items() for c in cur]
+        text.append(eu.markdown_table(["method", "step", "budget used", "mean SSIM", "mean PSNR (dB)"]
+                                      + (["sources nearest to a sample"] if gen else []), crow))
     mi = out["machine"]
     text.append(f"\nMachine: {mi['processor']}, {mi['cpu_count']} CPUs, backend {mi['backend']}, jax {mi['jax']}, "
                 f"x64 {mi['x64']}, load average {mi['load_average']}; {mi['date']}.\n")
@@ -235,6 +294,11 @@ def _write(out: dict, workdir: str, clean, noisy, outputs: dict) -> None:
         row_labels.append(f"{label[m]}\nSSIM {out['methods'][m]['ssim']:.3f}")
     eu.image_grid(os.path.join(workdir, "grid.png"), rows_img, row_labels=row_labels,
                   title=f"Same budget ({out['budget_seconds']:g} s): {what}")
+    if curves:
+        eu.plot_curves(os.path.join(workdir, "quality_curve.png"),
+                       {label[m]: ([c["seconds"] for c in cur], [c["ssim"] for c in cur]) for m, cur in curves.items()},
+                       xlabel="budget used (s; ours incl. pre-computation)", ylabel="mean SSIM",
+                       title=f"Quality during training: {what}")
 
 
 def main(argv):
@@ -248,7 +312,9 @@ def main(argv):
         print(f.read())
     print("Outputs in", os.path.abspath(FLAGS.workdir) + ":")
     for name in RESULT_FILES:
-        print("  ", os.path.join(os.path.abspath(FLAGS.workdir), name))
+        path = os.path.join(os.path.abspath(FLAGS.workdir), name)
+        if os.path.exists(path):  # quality_curve.png only with common.eval_every > 0
+            print("  ", path)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,18 @@ def resolve_sampler(tc, sampler: str) -> str:
 def sample(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_steps: int = 50, num_frames: int = 10):
     """Draw samples ``[M, C, H, W]`` in [0, 1] from a trained model, with trajectory frames.
 
+    :func:`sample_arrays` with the number of network evaluations as a Python int.
+    """
+    out, frames, nfe = sample_arrays(fn, tc, shape, key, idx=idx, sampler=sampler, num_steps=num_steps,
+                                     num_frames=num_frames)
+    return out, frames, int(nfe)
+
+
+def sample_arrays(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_steps: int = 50,
+                  num_frames: int = 10):
+    """Draw samples ``[M, C, H, W]`` in [0, 1] from a trained model, with trajectory frames
+    (traceable: under ``jax.jit`` with ``fn`` an input, one program serves every weight set).
+
     Args:
       fn: the model of :func:`krylovjax.training.load_score_fn` (``score_fn`` or ``eps_fn``).
       tc: its :class:`krylovjax.training.TrainConfig`.
@@ -102,8 +114,8 @@ def sample(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_steps: in
       sampler, num_steps, num_frames: see the module docstring.
 
     Returns:
-      ``(samples [M, C, H, W], frames [num_frames, M, C, H, W], network_evaluations)``, numpy /
-      JAX arrays in [0, 1] (DDPM states shown rescaled by ``1 / sqrt(abar_k)``).
+      ``(samples [M, C, H, W], frames [num_frames, M, C, H, W], network_evaluations)``, JAX
+      arrays, the first two in [0, 1] (DDPM states shown rescaled by ``1 / sqrt(abar_k)``).
     """
     import jax
     import jax.numpy as jnp
@@ -126,7 +138,7 @@ def sample(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_steps: in
         abar = jnp.concatenate([jnp.ones((1,), sched.alpha_bars.dtype), sched.alpha_bars])
         scale = jnp.sqrt(abar[r.times]).astype(r.trajectory.dtype)[:, :, None, None, None]
         frames = jnp.clip((r.trajectory / scale + 1.0) / 2.0, 0.0, 1.0)
-        return jnp.clip((r.x + 1.0) / 2.0, 0.0, 1.0), frames, int(r.num_score_evals)
+        return jnp.clip((r.x + 1.0) / 2.0, 0.0, 1.0), frames, r.num_score_evals
 
     f = fn if idx is None else (lambda x, t: fn(x, t, idx=idx))
     if tc.per_image_offset and idx is None:
@@ -151,7 +163,7 @@ def sample(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_steps: in
         else:
             r = sampling.euler_maruyama(f, sde, x_T, k_run, t_start=1.0, t_end=1e-3, num_steps=int(num_steps),
                                         return_trajectory=True, num_frames=num_frames)
-    return jnp.clip(r.x, 0.0, 1.0), jnp.clip(r.trajectory, 0.0, 1.0), int(r.num_score_evals)
+    return jnp.clip(r.x, 0.0, 1.0), jnp.clip(r.trajectory, 0.0, 1.0), r.num_score_evals
 
 
 def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_frames: int = 10,

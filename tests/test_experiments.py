@@ -512,6 +512,113 @@ def test_budget_smoke_and_bad_budget(tmp_path):
     assert _snapshot(wd) == before
 
 
+def test_budget_generate_task_records_the_quality_curve(tmp_path):
+    """task="generate" with common.eval_every > 0: both methods generate at every evaluation and
+    at the end; the curve in results.json has one point per evaluation, its seconds are the
+    budget used (ours: pre-computation and embedding included), its last point is the reported
+    score, and results.md / quality_curve.png show it."""
+    from experiments import budget
+    from experiments.configs import budget_generate
+
+    cfg = budget_generate.get_config()
+    cfg.data.size = 16
+    cfg.data.kwargs.num_images = 2
+    cfg.common.model_overrides.update(ch=8, ch_mult=(1,), attn_resolutions=())
+    cfg.common.eval_every = 2
+    cfg.ours.precompute.update(num_steps=3, max_sweeps=2)
+    cfg.ddpm.train.ddpm_num_steps = 20
+    cfg.ours.train.num_steps = cfg.ddpm.train.num_steps = 5  # the step cap stops first
+    cfg.budget_seconds = 600.0
+    wd = str(tmp_path / "g")
+    out = budget.run(cfg, wd)
+    assert out["task"] == "generate" and out["noisy"] is None
+    for m, r in out["methods"].items():
+        assert r["stop_reason"] == "num_steps" and r["steps"] == 5
+        assert [c["step"] for c in r["curve"]] == [2, 4, 5]
+        secs = [c["seconds"] for c in r["curve"]]
+        assert secs == sorted(secs) and secs[-1] == pytest.approx(r["used_seconds"])
+        assert r["curve"][-1]["ssim"] == pytest.approx(r["ssim"]) and len(r["ssim_per_image"]) == 2
+        assert len(r["nearest_source"]) == 2 and r["sources_covered"] == len(set(r["nearest_source"]))
+        assert r["curve"][-1]["sources_covered"] == r["sources_covered"]
+    o = out["methods"]["ours"]
+    assert o["curve"][0]["seconds"] > o["precompute_seconds"] + o["embed_seconds"] > 0
+    assert out["methods"]["ddpm"]["network_evals"] == 20  # the ancestral chain from step T - 1
+    text = open(os.path.join(wd, "results.md")).read()
+    assert "Quality during training" in text and "generated samples" in text
+    for f in budget.RESULT_FILES:
+        assert os.path.isfile(os.path.join(wd, f)), f
+
+
+def test_generate_eval_scores_samples_against_their_sources():
+    """Without image indices a sample counts against the source most similar to it (SSIM); with
+    them, against its own; the metrics are those of experiments.denoise.image_metrics."""
+    from experiments import budget, denoise
+    from krylovjax import metrics
+
+    rng = np.random.default_rng(3)
+    clean = rng.uniform(0.0, 1.0, (3, 3, 16, 16)).astype(np.float32)
+    order = np.array([2, 0, 2, 1])
+    samples = np.clip(clean[order] + 0.05 * rng.standard_normal((4, 3, 16, 16)), 0, 1).astype(np.float32)
+
+    def gen(fn, return_trajectory=False):
+        return samples, None, 7
+
+    last = {}
+    res = budget.make_generate_eval_fn(gen, clean, None, last)(None, 4)
+    np.testing.assert_array_equal(last["pairs"], clean[order])
+    np.testing.assert_array_equal(last["nearest"], order)
+    want = dict(denoise.image_metrics(samples, clean[order]), sources_covered=3)
+    assert res == {k: want[k] for k in ("ssim", "global_ssim", "psnr", "sources_covered")} and last["metrics"] == want
+    assert last["step"] == 4 and last["network_evals"] == 7
+    # the nearest source's SSIM is each sample's best over all sources
+    s_all = np.array([[float(metrics.ssim(samples[k][None], clean[j][None])[0]) for j in range(3)] for k in range(4)])
+    np.testing.assert_allclose(want["ssim_per_image"], s_all.max(axis=1), rtol=1e-6)
+    idx = np.array([0, 1, 2, 0])  # given sources: scored against them, not the nearest
+    budget.make_generate_eval_fn(gen, clean, idx, last)(None, 5)
+    np.testing.assert_array_equal(last["pairs"], clean[idx])
+    assert last["metrics"]["ssim"] < want["ssim"] and last["metrics"]["sources_covered"] == 3
+    samples = np.repeat(samples[:1], 4, axis=0)  # every sample copies source 2: one source covered
+    assert budget.make_generate_eval_fn(gen, clean, None, last)(None, 6)["sources_covered"] == 1
+    np.testing.assert_array_equal(last["nearest"], [2, 2, 2, 2])
+
+
+@pytest.mark.parametrize("method", ["ancestral", "ddim"])
+def test_budget_generator_returns_the_image_of_an_exact_model_and_compiles_once(method):
+    """DDPM's exact epsilon of one training image: the sampler of ddpm.sampler.method (the
+    ancestral chain, or DDIM with all T steps) ends at that image from any noise, so every sample
+    scores SSIM 1; two models (Partials with their weights) share one compiled sampler."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import budget, denoise
+    from experiments.configs import budget_generate
+
+    cfg = budget_generate.get_config()
+    cfg.ddpm.train.ddpm_num_steps = 50
+    cfg.samples_per_image = 2
+    cfg.ddpm.sampler.method = method
+    tc = denoise.train_config(cfg, "ddpm")
+    sched = tc.ddpm_schedule(dtype=jnp.float32)
+    x0 = np.random.default_rng(0).uniform(0.1, 0.9, (1, 3, 16, 16)).astype(np.float32)
+    y0 = jnp.asarray(2 * x0 - 1)
+
+    def exact(shift, x, i):  # the exact epsilon of the one image 2 x0 - 1 + shift
+        ab = sched.alpha_bars[i][:, None, None, None]
+        return (x - jnp.sqrt(ab) * (y0 + shift)) / jnp.sqrt(1 - ab)
+
+    gen, idx = budget.generator(cfg, tc, "ddpm", 1, (3, 16, 16))
+    assert idx is None
+    last = {}
+    ev = budget.make_generate_eval_fn(gen, x0, idx, last)
+    res = ev(jax.tree_util.Partial(exact, jnp.float32(0.0)), 1)
+    assert last["out"].shape == (2, 3, 16, 16) and last["network_evals"] == 50
+    np.testing.assert_allclose(last["out"], np.broadcast_to(x0, (2, 3, 16, 16)), atol=1e-5)
+    assert res["ssim"] == pytest.approx(1.0, abs=1e-5)
+    ev(jax.tree_util.Partial(exact, jnp.float32(-0.4)), 2)  # other weights: the same program
+    assert gen.jitted._cache_size() == 1
+    np.testing.assert_allclose(last["out"], np.broadcast_to(np.clip(x0 - 0.2, 0, 1), (2, 3, 16, 16)), atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 def test_denoise_extra_samplers_rows_and_bad_values():
     """ddpm.sampler.extra_methods: one row per further sampler of the same network; the eval
