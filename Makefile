@@ -23,10 +23,11 @@ demo: $(STAMP)
 	if [ -e runs/demo ]; then mv runs/demo runs/demo.prev; fi
 	$(PY) -m experiments.denoise --config=experiments/configs/denoise_demo.py --workdir=runs/demo
 
-# Two pytest workers (pytest-xdist): 9 min 17 s on the idle 2-core machine with an empty
-# compilation cache (tests/conftest.py keeps one in .pytest_cache/jax; 10 min 22 s without it,
-# 2026-11-27); one process took 1.26x as long when last compared (2026-11-26), since
-# compilation is single-threaded. TEST_WORKERS=0 runs in one process.
+# Two pytest workers (pytest-xdist). From an empty persistent compilation cache, as in CI (the
+# tests fill and share one in .pytest_cache/jax, tests/conftest.py): 9 min 17 s - 10 min 22 s on
+# the idle 2-core machine (2026-11-27; 10 min 22 s with no shared cache at all); 25 min 40 s on
+# 2026-11-28's VM, 3.6x slower per training step. One process took 1.26x as long when last
+# compared (2026-11-26), since compilation is single-threaded. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)

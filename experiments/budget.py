@@ -259,12 +259,15 @@ def _write(out: dict, workdir: str, clean, noisy, outputs: dict) -> None:
                      eu.format_seconds(r["train_seconds"]), r["steps"], f"{r['ssim']:.4f}",
                      ", ".join(f"{s:.3f}" for s in r["ssim_per_image"]), f"{r['psnr']:.2f}"]
                     + ([f"{r['sources_covered']} of {out['images']['shape'][0]}"] if gen else []))
-    what = "denoised noisy copies" if out["task"] == "denoise" else "generated samples (to the nearest source)"
+    what = "denoised noisy copies" if out["task"] == "denoise" else "generated samples"
     text = [f"# Fixed budget: {out['images']['shape'][0]} images {out['images']['shape'][2]}x"
             f"{out['images']['shape'][3]} ({out['images']['source']}), {what}\n\n",
             f"Budget: {out['budget_convention']}.\n\n"]
     if out["noisy"]:
         text.append(f"Noisy inputs: mean SSIM {out['noisy']['ssim']:.4f}.\n\n")
+    if gen:
+        text.append("Each sample is scored against its own source if the model draws it for one (ours with "
+                    "per-image time intervals), else against the source most similar to it (SSIM).\n\n")
     text.append(eu.markdown_table(["method", "budget", "pre-compute", "training", "steps", "mean SSIM",
                                    "SSIM per image", "mean PSNR (dB)"] + (["sources nearest to a sample"] if gen else []),
                                   rows))
