@@ -103,13 +103,13 @@ def generator(cfg, tc, method: str, num_images: int, shape) -> tuple[Any, Any]:
     key = jax.random.PRNGKey(int(cfg.eval_seed))
     shape = (M,) + tuple(shape)
     sampler = cfg.ddpm.sampler.method if method == "ddpm" else "auto"
-    generate.resolve_sampler(tc, sampler)  # a model that cannot generate is refused here, before training
+    # DDIM: all T steps, deterministic (Paper B's DDIM row); the other samplers: their defaults
+    steps = {"num_steps": 0} if sampler == "ddim" else {}
 
     def draw(fn, return_trajectory):
         del return_trajectory  # two frames (prior, sample) are cheap
-        # DDIM: all T steps, deterministic (Paper B's DDIM row); the other samplers' defaults
         return generate.sample_arrays(fn, tc, shape, key, idx=None if idx is None else jnp.asarray(idx),
-                                      sampler=sampler, num_steps=0 if sampler == "ddim" else 50, num_frames=2)
+                                      sampler=sampler, num_frames=2, **steps)
 
     return denoise._compiled_once(draw), idx
 
@@ -122,18 +122,14 @@ def make_generate_eval_fn(gen, clean, idx, last: dict | None = None):
     receives the latest ``step``, ``out``, ``pairs`` (the source each sample is scored against),
     ``nearest`` (each sample's most similar source), ``network_evals`` and ``metrics`` (as
     :func:`experiments.denoise.make_eval_fn`, plus ``sources_covered``)."""
-    import jax.numpy as jnp
     import numpy as np
 
-    from experiments import denoise
-    from krylovjax import metrics
+    from experiments import denoise, generate
 
     def eval_fn(fn, step):
         out, _, nfe = gen(fn)
         out = np.asarray(out)
-        s_all = np.stack([np.asarray(metrics.ssim(jnp.asarray(out), jnp.asarray(
-            np.broadcast_to(clean[j], out.shape), out.dtype))) for j in range(clean.shape[0])], axis=1)
-        nearest = np.argmax(s_all, axis=1)
+        nearest = np.argmax(generate.ssim_to_each(out, clean), axis=1)
         pairs = clean[idx] if idx is not None else clean[nearest]
         m = dict(denoise.image_metrics(out, pairs), sources_covered=int(np.unique(nearest).size))
         logging.info("step %d: generated samples' SSIM %.4f (PSNR %.2f dB; %d of %d sources nearest to a sample; "

@@ -90,6 +90,20 @@ def resolve_sampler(tc, sampler: str) -> str:
     return sampler
 
 
+def ssim_to_each(samples, refs):
+    """Windowed SSIM of every sample ``[M, C, H, W]`` to every reference ``[R, C, H, W]``
+    (references cast to the samples' dtype): numpy ``[M, R]``."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from krylovjax import metrics
+
+    x = jnp.asarray(samples)
+    refs = np.asarray(refs)
+    return np.stack([np.asarray(metrics.ssim(x, jnp.asarray(np.broadcast_to(refs[j], x.shape), x.dtype)))
+                     for j in range(refs.shape[0])], axis=1)
+
+
 def sample(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_steps: int = 50, num_frames: int = 10):
     """Draw samples ``[M, C, H, W]`` in [0, 1] from a trained model, with trajectory frames.
 
@@ -175,7 +189,7 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
     import numpy as np
 
     from krylovjax import experiment_utils as eu
-    from krylovjax import metrics, training
+    from krylovjax import training
 
     for name, v, lo in (("num_samples", num_samples, 1), ("num_frames", num_frames, 2), ("num_steps", num_steps, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -220,12 +234,12 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
         ref = load_images(reference, **kw).astype(out.dtype)
         if ref.shape[1] != out.shape[1]:
             raise ValueError(f"reference: its images have {ref.shape[1]} channels, the model {out.shape[1]}")
+    s_all = None if ref is None else ssim_to_each(out, ref)
     for k in range(num_samples):
         rec = {"sample": k, "image_index": None if idx is None else int(idx[k]), "mean": float(out[k].mean()),
                "std": float(out[k].std()), "min": float(out[k].min()), "max": float(out[k].max())}
         if ref is not None:
-            s = np.asarray(metrics.ssim(jnp.asarray(np.broadcast_to(out[k], ref.shape)), jnp.asarray(ref)))
-            rec.update(nearest_reference=int(np.argmax(s)), ssim_to_nearest=float(s.max()))
+            rec.update(nearest_reference=int(np.argmax(s_all[k])), ssim_to_nearest=float(s_all[k].max()))
         per.append(rec)
         rows.append([k, rec["image_index"], f"{rec['mean']:.3f}", f"{rec['std']:.3f}",
                      rec.get("nearest_reference"), None if ref is None else f"{rec['ssim_to_nearest']:.4f}"])
