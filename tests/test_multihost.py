@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from _multiprocess import xla_flags
 
 from krylovjax import pipeline
 
@@ -41,7 +42,7 @@ def test_two_processes_equal_one(tmp_path):
     workdir = str(tmp_path / "two")
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one CPU device per process
+    env["XLA_FLAGS"] = xla_flags(1)  # one CPU device per process
     procs = [subprocess.Popen(
         [sys.executable, "-m", "experiments.precompute", "--config=experiments/configs/demo.py",
          f"--workdir={workdir}", "--noprogress", f"--coordinator_address=127.0.0.1:{port}",

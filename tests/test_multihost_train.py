@@ -142,6 +142,9 @@ def test_two_processes_equal_one_and_resume(tmp_path):
     assert moved > 100 * lr / 100
 
 
+# slow (32 s of the default suite's time on the 2-core CI-like VM): the two-process run and its
+# resume are tested above, the budget stop and that its decision is process 0's in test_training
+@pytest.mark.slow
 def test_two_processes_stop_together_at_the_budget(tmp_path):
     """A wall-clock budget across processes: each process times its own steps, so their clocks
     can cross the budget at different steps; the stop follows process 0's clock (its records
