@@ -18,8 +18,11 @@ batches and learning rates are the denoise budget's, not retuned; docs/experimen
 60 s neither method generates anything recognisable (ours 0.088, DDPM 0.124). With
 ``--config.common.eval_every`` recording the curve, ours leads from about 250 s to 550 s (0.420
 against 0.322 at 360 s) and DDPM after about 650 s (0.666 against 0.615 at 900 s, with cleaner
-samples covering 2 of the 3 photos; ours' cover 1). Ours without pre-computation
-(``--config.ours.embed=False``) scored 0.677 at 360 s.
+samples covering 2 of the 3 photos; ours' cover 1); training seed 1 repeats it (0.561 against
+0.700 at 900 s). Ours without pre-computation (``--config.ours.embed=False``, no longer the
+papers' method) scored 0.677 at 360 s and 0.726 / 0.714 / 0.735 at 900 s (seeds 0 / 1 / 2;
+DDPM 0.666 / 0.700 / 0.851), always one photo three times. Paper B's per-image time intervals
+(``--config.ours.train.per_image_offset=True``) cover all three photos but scored 0.407 at 900 s.
 """
 
 import ml_collections
