@@ -1,10 +1,11 @@
 """Test configuration: float64 on, several CPU devices for sharding tests."""
 import os
 
-# Must be set before jax initialises its backends. LLVM at -O0 (_multiprocess.FAST_COMPILE): the suite is dominated by compiling small programs
-# once (a tiny U-Net's train step: 11.5 s -> 6.2 s on the 2-core VM of 2026-11-28, the Picard
-# sweep 6.4 s -> 3.5 s) while each program runs ~10% slower; the HLO is the same, so every
-# comparison in the tests is between programs built the same way.
+# Must be set before jax initialises its backends. LLVM at -O0 (_multiprocess.FAST_COMPILE): the
+# suite is dominated by compiling small programs once (a tiny U-Net's train step: 11.5 s ->
+# 6.2 s on the 2-core VM of 2026-11-28, the Picard sweep 6.4 s -> 3.5 s) while each program runs
+# ~10% slower; the HLO is the same, so every comparison in the tests is between programs built
+# the same way.
 from _multiprocess import xla_flags
 
 os.environ.setdefault("XLA_FLAGS", xla_flags(4))
