@@ -19,8 +19,9 @@ evaluated on its final weights (EMA):
 * ``task="denoise"``: each image's noisy copy ``clamp(x + std z, 0, 1)`` is denoised with the
   samplers of ``experiments.denoise``; score = SSIM of each output to its own source;
 * ``task="generate"``: each method draws ``samples_per_image`` samples per source from its prior
-  with ``experiments.generate``'s default sampler (ours: the probability-flow ODE, or Paper A's
-  damped SDE for a constant perturbation; DDPM: ``ddpm.sampler.method``, the ancestral chain or
+  with ``experiments.generate``'s default sampler (ours: the probability-flow ODE, ended with
+  Tweedie's denoising step unless ``final_denoise=False``, or Paper A's damped SDE for a constant
+  perturbation; DDPM: ``ddpm.sampler.method``, the ancestral chain or
   DDIM with all ``T`` steps), with a fixed key
   (``eval_seed``). Ours trained with per-image time intervals (method.md 4.3) draws each sample
   for a given source and is scored against it; otherwise (DDPM always: it has no image
@@ -73,6 +74,8 @@ def check_budget_config(cfg) -> float:
     n = cfg.get("samples_per_image", 1)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"samples_per_image: expected an int >= 1, got {n!r}")
+    if not isinstance(cfg.get("final_denoise", True), bool):
+        raise ValueError(f"final_denoise: expected a bool, got {cfg.get('final_denoise')!r}")
     for m in ("ours", "ddpm"):
         if cfg[m].train.get("budget_seconds") is not None:
             raise ValueError(f"{m}.train.budget_seconds: set by budget_seconds (leave it None)")
@@ -105,11 +108,12 @@ def generator(cfg, tc, method: str, num_images: int, shape) -> tuple[Any, Any]:
     sampler = cfg.ddpm.sampler.method if method == "ddpm" else "auto"
     # DDIM: all T steps, deterministic (Paper B's DDIM row); the other samplers: their defaults
     steps = {"num_steps": 0} if sampler == "ddim" else {}
+    fd = bool(cfg.get("final_denoise", True))
 
     def draw(fn, return_trajectory):
         del return_trajectory  # two frames (prior, sample) are cheap
         return generate.sample_arrays(fn, tc, shape, key, idx=None if idx is None else jnp.asarray(idx),
-                                      sampler=sampler, num_frames=2, **steps)
+                                      sampler=sampler, num_frames=2, final_denoise=fd, **steps)
 
     return denoise._compiled_once(draw), idx
 

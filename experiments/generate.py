@@ -12,10 +12,12 @@ latest checkpoint's EMA weights are loaded (:func:`krylovjax.training.load_score
 Samplers (``--sampler``):
 
 * ours (score model): ``ode`` = the probability-flow ODE (Paper B's sampler,
-  :func:`krylovjax.sampling.probability_flow`) from t = 1 to 1e-3, started from the prior
-  ``N(0.5, lambda(1)^2 I)`` (centred on mid-grey, the centre of the data range [0, 1]; Paper B's
-  code starts from N(0, I)); ``sde`` = the reverse SDE with ``--num_steps`` Euler-Maruyama steps
-  from the same prior; ``paper_a`` = Paper A's damped reverse SDE (50 steps
+  :func:`krylovjax.sampling.probability_flow`) from the prior ``N(0.5, lambda(1)^2 I)`` at t = 1
+  (centred on mid-grey, the centre of the data range [0, 1]; Paper B's code starts from N(0, I))
+  down to t = 1e-3, then Tweedie's denoising step (``--final_denoise``, on by default: the
+  marginal at 1e-3 still holds noise of std ``lambda(1e-3)``, and one more evaluation removes
+  it; not in Paper B's sampler); ``sde`` = the reverse SDE with ``--num_steps`` Euler-Maruyama steps
+  from the same prior (and the same last step); ``paper_a`` = Paper A's damped reverse SDE (50 steps
   from t = 1 to 0, noise 0.1 g sqrt(dt), clamped to [0, 1]) from a pure-noise image
   ``clamp(0.5 + 0.5 z, 0, 1)`` (our choice of start for generation: Paper A's sampler starts
   from the noisy test image). ``auto`` = ``paper_a`` for the constant-g SDE with a constant
@@ -42,6 +44,7 @@ FLAGS = flags.FLAGS
 SAMPLERS_OURS = ("ode", "sde", "paper_a")
 SAMPLERS_DDPM = ("ancestral", "ddim")
 RESULT_FILES = ("samples.png", "samples.json", "samples.md")
+T_END = 1e-3  # ours' ode and sde samplers stop here (Paper B's epsilon)
 
 if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "Training run directory (with checkpoints/).")
@@ -51,6 +54,8 @@ if __name__ == "__main__":
     flags.DEFINE_enum("sampler", "auto", ("auto",) + SAMPLERS_OURS + SAMPLERS_DDPM, "Sampler (see module doc).")
     flags.DEFINE_integer("num_steps", 50, "Steps of the fixed-step samplers (sde, paper_a, ddim; ddim: 0 = all).")
     flags.DEFINE_integer("seed", 0, "PRNG seed of the prior and the sampler noise.")
+    flags.DEFINE_bool("final_denoise", True, "Ours' ode/sde samplers: end with Tweedie's denoising step at "
+                      "t = 1e-3 (one more network evaluation).")
     flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
     flags.DEFINE_string("reference", None, "Optional load_images source to compare samples with, "
                         "e.g. builtin:chelsea or builtin (resized to the model's size).")
@@ -104,18 +109,19 @@ def ssim_to_each(samples, refs):
                      for j in range(refs.shape[0])], axis=1)
 
 
-def sample(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_steps: int = 50, num_frames: int = 10):
+def sample(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_steps: int = 50, num_frames: int = 10,
+           final_denoise: bool = True):
     """Draw samples ``[M, C, H, W]`` in [0, 1] from a trained model, with trajectory frames.
 
     :func:`sample_arrays` with the number of network evaluations as a Python int.
     """
     out, frames, nfe = sample_arrays(fn, tc, shape, key, idx=idx, sampler=sampler, num_steps=num_steps,
-                                     num_frames=num_frames)
+                                     num_frames=num_frames, final_denoise=final_denoise)
     return out, frames, int(nfe)
 
 
 def sample_arrays(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_steps: int = 50,
-                  num_frames: int = 10):
+                  num_frames: int = 10, final_denoise: bool = True):
     """Draw samples ``[M, C, H, W]`` in [0, 1] from a trained model, with trajectory frames
     (traceable: under ``jax.jit`` with ``fn`` an input, one program serves every weight set).
 
@@ -126,6 +132,10 @@ def sample_arrays(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_st
       key: PRNG key.
       idx: ``[M]`` image indices (models with per-image time intervals).
       sampler, num_steps, num_frames: see the module docstring.
+      final_denoise: ours' ``ode`` and ``sde`` samplers end with Tweedie's denoising step at
+        ``t_end`` (:func:`krylovjax.sampling.tweedie_denoise`, one more network evaluation);
+        ignored by ``paper_a`` (which ends at t = 0) and by DDPM's samplers (whose last step
+        is already their clipped x0 prediction).
 
     Returns:
       ``(samples [M, C, H, W], frames [num_frames, M, C, H, W], network_evaluations)``, JAX
@@ -172,17 +182,19 @@ def sample_arrays(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_st
         lam1 = sde.perturbation_std(jnp.asarray([1.0], dtype))[0]
         x_T = 0.5 + lam1 * jax.random.normal(k_prior, shape, dtype)
         if sampler == "ode":
-            r = sampling.probability_flow(f, sde, x_T, t_start=1.0, t_end=1e-3, return_trajectory=True,
+            r = sampling.probability_flow(f, sde, x_T, t_start=1.0, t_end=T_END, return_trajectory=True,
                                           num_frames=num_frames)
         else:
-            r = sampling.euler_maruyama(f, sde, x_T, k_run, t_start=1.0, t_end=1e-3, num_steps=int(num_steps),
+            r = sampling.euler_maruyama(f, sde, x_T, k_run, t_start=1.0, t_end=T_END, num_steps=int(num_steps),
                                         return_trajectory=True, num_frames=num_frames)
+        r = sampling.with_final_denoise(r, f, sde, T_END, bool(final_denoise))
     return jnp.clip(r.x, 0.0, 1.0), jnp.clip(r.trajectory, 0.0, 1.0), r.num_score_evals
 
 
 def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_frames: int = 10,
         sampler: str = "auto", num_steps: int = 50, seed: int = 0, step: int | None = None,
-        reference: str | None = None, reference_count: int = 3, overwrite: bool = False) -> dict:
+        reference: str | None = None, reference_count: int = 3, overwrite: bool = False,
+        final_denoise: bool = True) -> dict:
     """Sample from the training run in ``workdir``; write the grid, table and JSON to ``outdir``."""
     import jax
     import jax.numpy as jnp
@@ -198,11 +210,13 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
         raise FileNotFoundError(f"workdir: {workdir!r} is not a training run (no checkpoints/ inside)")
     if sampler not in ("auto",) + SAMPLERS_OURS + SAMPLERS_DDPM:
         raise ValueError(f"sampler: expected auto or one of {SAMPLERS_OURS + SAMPLERS_DDPM}, got {sampler!r}")
+    if not isinstance(final_denoise, bool):
+        raise TypeError(f"final_denoise: expected a bool, got {final_denoise!r}")
     outdir = outdir or os.path.join(workdir, "generate")
     # The settings as asked (checked before the model is loaded, so a refusal is immediate).
     settings = {"workdir": os.path.abspath(workdir), "step": step, "num_samples": num_samples,
                 "num_frames": num_frames, "sampler": sampler, "num_steps": num_steps, "seed": seed,
-                "reference": reference, "reference_count": reference_count}
+                "reference": reference, "reference_count": reference_count, "final_denoise": final_denoise}
     eu.claim_workdir(outdir, "generate", settings)
     if os.path.exists(os.path.join(outdir, "samples.json")) and not overwrite:
         raise eu.WorkdirConflictError(
@@ -220,7 +234,7 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
         idx = jnp.arange(num_samples, dtype=jnp.int32) % unet.num_images
     with eu.Stopwatch() as sw:
         out, frames, nfe = sample(fn, tc, shape, jax.random.PRNGKey(seed), idx=idx, sampler=sampler,
-                                  num_steps=num_steps, num_frames=num_frames)
+                                  num_steps=num_steps, num_frames=num_frames, final_denoise=final_denoise)
         out, frames = np.asarray(out), np.asarray(frames)
     rows = []
     per = []
@@ -268,7 +282,8 @@ def main(argv):
     outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, "generate")
     run(FLAGS.workdir, outdir, num_samples=FLAGS.num_samples, num_frames=FLAGS.num_frames,
         sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, seed=FLAGS.seed, step=FLAGS.step,
-        reference=FLAGS.reference, reference_count=FLAGS.reference_count, overwrite=FLAGS.overwrite)
+        reference=FLAGS.reference, reference_count=FLAGS.reference_count, overwrite=FLAGS.overwrite,
+        final_denoise=FLAGS.final_denoise)
     with open(os.path.join(outdir, "samples.md")) as f:
         print(f.read())
     print("Outputs in", os.path.abspath(outdir) + ":")

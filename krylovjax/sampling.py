@@ -13,7 +13,13 @@ Equations (method.md section 2.1), with ``s = grad_x log p(x, t)``:
 * reverse SDE (Anderson):  ``dx = [f(x, t) - g(t)^2 s] dt + g(t) dW``, integrated backwards in
   time from ``t_start`` to ``t_end`` (:func:`euler_maruyama`);
 * probability-flow ODE:   ``dx/dt = f(x, t) - g(t)^2 / 2 * s``, integrated backwards with diffrax
-  (:func:`probability_flow`), as Paper B's sampler (method.md section 6: RK45, rtol = atol = 1e-3).
+  (:func:`probability_flow`), as Paper B's sampler (method.md section 6: RK45, rtol = atol = 1e-3);
+* the final denoising step (:func:`tweedie_denoise`, Tweedie's formula ``E[x0 | x_t] = (x_t +
+  lambda(t)^2 s) / alpha(t)``): the samplers stop at ``t_end > 0``, where the marginal still holds
+  noise of std ``lambda(t_end)`` (0.032 for Paper B's VE SDE at ``t_end = 1e-3``); one more score
+  evaluation removes it (score_sde's ``denoise`` option, Karras et al.'s last step to sigma 0).
+  :func:`generate` and :func:`denoise` apply it with ``final_denoise=True`` (default off: Paper
+  B's sampler has none).
 
 Every sampler returns a :class:`SampleResult`. Step counts are static, loops are ``lax.scan`` (or
 diffrax's ``while_loop``), so the samplers can be wrapped in ``jax.jit`` with ``score_fn``,
@@ -44,6 +50,8 @@ __all__ = [
     "start_time",
     "denoise",
     "generate",
+    "tweedie_denoise",
+    "with_final_denoise",
     "frame_positions",
     "ODE_SOLVERS",
 ]
@@ -493,6 +501,47 @@ def _bisect_start_time(fn, target, t_min, t_max):
     return 0.5 * (lo + hi)
 
 
+def tweedie_denoise(score_fn: ScoreFn, sde: Any, x, t) -> jax.Array:
+    """The posterior mean ``E[x0 | x_t = x] = (x + lambda(t)^2 s(x, t)) / alpha(t)`` (Tweedie).
+
+    For the marginal ``x_t = alpha(t) x0 + lambda(t) z`` (``alpha = 1`` for zero-drift SDEs such as
+    VE and constant g; VP SDEs supply ``marginal_mean_coeff``), exact when ``s`` is the exact score
+    of ``p_t``. One batched score evaluation.
+
+    Args:
+      score_fn: ``(x [B, C, H, W], t [B]) -> [B, C, H, W]``.
+      sde: object with ``perturbation_std`` (and ``marginal_mean_coeff`` if it has a drift).
+      x: ``[B, C, H, W]`` states at time ``t``.
+      t: scalar or ``[B]`` times, ``> 0`` where concrete.
+
+    Returns:
+      ``[B, C, H, W]`` in the dtype of ``x``.
+    """
+    x = _check_images("x", x)
+    tb = _batch_times("t", t, x.shape[0], x.dtype)
+    if is_concrete(tb) and not bool(np.all(np.asarray(tb) > 0)):
+        raise ValueError(f"t: expected times > 0 (lambda(0) = 0 leaves nothing to remove), got {np.asarray(tb)}")
+    s = score_fn(x, tb)
+    _check_score_output(s, x)
+    lam = _sde_std(sde, tb)
+    out = x + _bcast(lam * lam, x) * s.astype(x.dtype)
+    alpha_fn = _mean_coeff_fn(sde)
+    if alpha_fn is not None:
+        out = out / _bcast(jax.vmap(alpha_fn)(tb).astype(x.dtype), x)
+    return out.astype(x.dtype)
+
+
+def with_final_denoise(r: SampleResult, score_fn: ScoreFn, sde: Any, t_end, final_denoise: bool = True) -> SampleResult:
+    """A sampler's result ``r`` (ended at ``t_end``) with :func:`tweedie_denoise` applied to ``x``
+    and to the last trajectory frame, ``num_score_evals`` one higher; ``r`` itself when
+    ``final_denoise`` is false."""
+    if not final_denoise:
+        return r
+    x = tweedie_denoise(score_fn, sde, r.x, t_end)
+    traj = None if r.trajectory is None else r.trajectory.at[-1].set(x)
+    return r._replace(x=x, trajectory=traj, num_score_evals=r.num_score_evals + 1)
+
+
 def start_time(sde: Any, noise_std, *, t_min: float = 0.0, t_max: float = 1.0) -> jax.Array:
     """The time ``t*`` whose forward marginal matches an image with additive noise ``noise_std``.
 
@@ -580,6 +629,7 @@ def denoise(
     key=None,
     t_end: float = 1e-3,
     t_max: float = 1.0,
+    final_denoise: bool = False,
     **sampler_kwargs,
 ) -> SampleResult:
     """Denoise ``noisy = x0 + noise_std z`` by integrating from ``t*`` down to ``t_end``.
@@ -601,6 +651,7 @@ def denoise(
       key: PRNG key (``method="sde"`` only).
       t_end: final time.
       t_max: largest admissible start time (the SDE's horizon, 1 in both papers).
+      final_denoise: end with :func:`tweedie_denoise` at ``t_end`` (one more evaluation, counted).
       **sampler_kwargs: passed to the sampler (``num_steps``, ``rtol``, ``clip``, ...).
 
     Returns:
@@ -615,6 +666,7 @@ def denoise(
         raise ValueError(f"method: expected 'ode' or 'sde', got {method!r}")
     if method == "sde" and key is None:
         raise ValueError("key: a PRNG key is required for method='sde'")
+    final_denoise = _check_final_denoise(final_denoise, t_end)
     std = jnp.asarray(noise_std)
     if std.ndim == 1 and std.shape[0] != x.shape[0]:
         raise ValueError(
@@ -630,8 +682,18 @@ def denoise(
     # t* may equal t_end up to round-off when noise_std = lambda(t_end): keep t_start > t_end.
     t0 = jnp.maximum(t0, jnp.nextafter(jnp.asarray(t_end, x.dtype), jnp.asarray(np.inf, x.dtype)))
     if method == "ode":
-        return probability_flow(score_fn, sde, x, t_start=t0, t_end=t_end, **sampler_kwargs)
-    return euler_maruyama(score_fn, sde, x, key, t_start=t0, t_end=t_end, **sampler_kwargs)
+        r = probability_flow(score_fn, sde, x, t_start=t0, t_end=t_end, **sampler_kwargs)
+    else:
+        r = euler_maruyama(score_fn, sde, x, key, t_start=t0, t_end=t_end, **sampler_kwargs)
+    return with_final_denoise(r, score_fn, sde, t_end, final_denoise)
+
+
+def _check_final_denoise(final_denoise, t_end) -> bool:
+    if not isinstance(final_denoise, (bool, np.bool_)):
+        raise TypeError(f"final_denoise: expected a bool, got {final_denoise!r}")
+    if final_denoise and is_concrete(t_end) and not float(t_end) > 0:
+        raise ValueError(f"final_denoise: needs t_end > 0 (nothing is left to remove at t_end = {t_end!r})")
+    return bool(final_denoise)
 
 
 def generate(
@@ -645,6 +707,7 @@ def generate(
     t_start: float = 1.0,
     t_end: float = 1e-3,
     dtype=None,
+    final_denoise: bool = False,
     **sampler_kwargs,
 ) -> SampleResult:
     """Unconditional generation from the prior ``x(t_start) ~ N(0, prior_std^2 I)``.
@@ -663,6 +726,7 @@ def generate(
       prior_std: standard deviation of the prior, ``> 0``; ``None`` for ``lambda(t_start)``.
       t_start, t_end: time interval.
       dtype: floating dtype of the samples (default: the default float dtype).
+      final_denoise: end with :func:`tweedie_denoise` at ``t_end`` (one more evaluation, counted).
       **sampler_kwargs: passed to the sampler.
 
     Returns:
@@ -670,6 +734,7 @@ def generate(
     """
     if method not in ("ode", "sde"):
         raise ValueError(f"method: expected 'ode' or 'sde', got {method!r}")
+    final_denoise = _check_final_denoise(final_denoise, t_end)
     shape = tuple(shape)
     if len(shape) != 4 or not all(isinstance(d, (int, np.integer)) and d >= 1 for d in shape):
         raise ValueError(f"shape: expected (B, C, H, W) of positive ints, got {shape!r}")
@@ -684,5 +749,7 @@ def generate(
     k_prior, k_sample = jax.random.split(key)
     x_T = jnp.asarray(prior_std, dtype) * jax.random.normal(k_prior, shape, dtype)
     if method == "ode":
-        return probability_flow(score_fn, sde, x_T, t_start=t_start, t_end=t_end, **sampler_kwargs)
-    return euler_maruyama(score_fn, sde, x_T, k_sample, t_start=t_start, t_end=t_end, **sampler_kwargs)
+        r = probability_flow(score_fn, sde, x_T, t_start=t_start, t_end=t_end, **sampler_kwargs)
+    else:
+        r = euler_maruyama(score_fn, sde, x_T, k_sample, t_start=t_start, t_end=t_end, **sampler_kwargs)
+    return with_final_denoise(r, score_fn, sde, t_end, final_denoise)

@@ -619,6 +619,44 @@ def test_budget_generator_returns_the_image_of_an_exact_model_and_compiles_once(
     np.testing.assert_allclose(last["out"], np.broadcast_to(np.clip(x0 - 0.2, 0, 1), (2, 3, 16, 16)), atol=1e-5)
 
 
+def test_budget_generator_ours_final_denoise_lands_on_the_image_of_an_exact_score():
+    """Ours' generator with the exact VE score of one image: the probability flow ends at t = 1e-3
+    with lambda(1e-3) of noise left; Tweedie's last step (``final_denoise``, the default) lands on
+    the image (SSIM 1) for one more network evaluation."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import budget, denoise
+    from experiments.configs import budget_generate
+
+    cfg = budget_generate.get_config()
+    assert cfg.final_denoise is True
+    cfg.samples_per_image = 2
+    tc = denoise.train_config(cfg, "ours")
+    sde = tc.make_sde()
+    x0 = np.random.default_rng(1).uniform(0.1, 0.9, (1, 3, 16, 16)).astype(np.float32)
+
+    def exact(shift, x, t, idx=None):  # the exact score of the one image x0 + shift
+        lam = jax.vmap(sde.perturbation_std)(t)[:, None, None, None]
+        return -(x - (jnp.asarray(x0) + shift)) / lam**2
+
+    outs, evals = {}, {}
+    for fd in (True, False):
+        cfg.final_denoise = fd
+        gen, idx = budget.generator(cfg, tc, "ours", 1, (3, 16, 16))
+        last = {}
+        res = budget.make_generate_eval_fn(gen, x0, idx, last)(jax.tree_util.Partial(exact, jnp.float32(0.0)), 1)
+        outs[fd], evals[fd] = np.asarray(last["out"]), int(last["network_evals"])
+        if fd:
+            assert res["ssim"] == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(outs[True], np.broadcast_to(x0, (2, 3, 16, 16)), atol=1e-5)
+    assert np.abs(outs[False] - x0).max() > 1e-2  # the residual noise of t = 1e-3
+    assert evals[True] == evals[False] + 1
+    cfg.final_denoise = None
+    with pytest.raises(ValueError, match="final_denoise: expected a bool"):
+        budget.check_budget_config(cfg)
+
+
 # ----------------------------------------------------------------------------------------------
 def test_denoise_extra_samplers_rows_and_bad_values():
     """ddpm.sampler.extra_methods: one row per further sampler of the same network; the eval

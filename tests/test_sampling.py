@@ -359,6 +359,53 @@ def test_generate_starts_from_the_prior():
     assert abs(np.asarray(unit.trajectory[0]).std() - 1) < 4.5 * math.sqrt(0.5 / n)
 
 
+def test_tweedie_denoise_is_the_posterior_mean():
+    """Gaussian data: E[x0 | x_t] = mu + alpha s0^2 / V (x_t - alpha mu), VE (alpha = 1) and VP."""
+    s0 = 0.3
+    x = MU + 0.8 * jax.random.normal(jax.random.PRNGKey(21), (5, 1, 2, 2), jnp.float64)
+    t = jnp.asarray([1e-3, 0.05, 0.2, 0.5, 1.0], jnp.float64)
+    for sde in (VESDE(2.0), VPSDE()):
+        out = np.asarray(sampling.tweedie_denoise(gaussian_score(sde, MU, s0), sde, x, t))
+        lam = np.asarray(jax.vmap(sde.perturbation_std)(t), np.float64)
+        a = (np.asarray(jax.vmap(sde.marginal_mean_coeff)(t), np.float64) if hasattr(sde, "marginal_mean_coeff")
+             else np.ones_like(lam))
+        V = a**2 * s0**2 + lam**2
+        w = (a * s0**2 / V)[:, None, None, None]
+        want = np.asarray(MU) + w * (np.asarray(x) - a[:, None, None, None] * np.asarray(MU))
+        np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-12)
+    # a scalar time broadcasts, and the result keeps float32 inputs float32
+    x32 = x.astype(jnp.float32)
+    sde = VESDE(2.0)
+    out32 = sampling.tweedie_denoise(gaussian_score(sde, MU, s0), sde, x32, 0.5)
+    assert out32.dtype == jnp.float32 and out32.shape == x.shape
+
+
+def test_final_denoise_recovers_a_point_mass():
+    """Data at one point (s0 = 0): the ODE ends at x0 + lambda(t_end)/lambda(1) (x_T - x0), still
+    off by the residual noise; Tweedie's last step lands on x0 exactly, with one more evaluation."""
+    sigma, t_end = 2.0, 1e-3
+    sde = VESDE(sigma)
+    score = gaussian_score(sde, MU, 0.0)
+    kw = dict(rtol=1e-9, atol=1e-9, return_trajectory=True, num_frames=3, t_end=t_end)
+    plain = sampling.generate(score, sde, (8, 1, 2, 2), jax.random.PRNGKey(22), **kw)
+    final = sampling.generate(score, sde, (8, 1, 2, 2), jax.random.PRNGKey(22), final_denoise=True, **kw)
+    start = np.asarray(plain.trajectory[0])
+    np.testing.assert_allclose(plain.x, pf_characteristic(start, 1.0, t_end, sigma, 0.0), atol=1e-7)
+    assert np.abs(np.asarray(plain.x) - np.asarray(MU)).max() > 1e-2  # lambda(1e-3) = 0.032 of noise left
+    np.testing.assert_allclose(final.x, np.broadcast_to(np.asarray(MU), final.x.shape), atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(final.trajectory[-1]), np.asarray(final.x))
+    np.testing.assert_array_equal(np.asarray(final.trajectory[:-1]), np.asarray(plain.trajectory[:-1]))
+    assert int(final.num_score_evals) == int(plain.num_score_evals) + 1
+    # denoise (ODE and SDE) takes the same last step
+    noisy = MU + 0.4 * jax.random.normal(jax.random.PRNGKey(23), (3, 1, 2, 2), jnp.float64)
+    d = sampling.denoise(score, sde, noisy, noise_std=0.4, final_denoise=True, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(d.x, np.broadcast_to(np.asarray(MU), d.x.shape), atol=1e-7)
+    e = sampling.denoise(score, sde, noisy, noise_std=0.4, method="sde", key=jax.random.PRNGKey(24),
+                         num_steps=20, final_denoise=True)
+    assert int(e.num_score_evals) == 21
+    np.testing.assert_allclose(e.x, np.broadcast_to(np.asarray(MU), e.x.shape), atol=1e-6)
+
+
 # ------------------------------------------------------------------------ bad inputs
 
 
@@ -395,12 +442,18 @@ def test_bad_inputs_raise():
         (lambda: sampling.probability_flow(score, sde, x, rtol=0.0), "rtol"),
         (lambda: sampling.generate(score, sde, (2, 1, 2), key), "shape"),
         (lambda: sampling.generate(score, sde, (2, 1, 2, 2), key, prior_std=0.0), "prior_std"),
+        (lambda: sampling.generate(score, sde, (2, 1, 2, 2), key, t_end=0.0, final_denoise=True), "final_denoise"),
+        (lambda: sampling.denoise(score, sde, x, noise_std=0.3, t_end=0.0, final_denoise=True), "final_denoise"),
+        (lambda: sampling.tweedie_denoise(score, sde, x, 0.0), "t: expected times > 0"),
+        (lambda: sampling.tweedie_denoise(score, sde, x, jnp.ones(3)), "t"),
     ]
     for fn, name in cases:
         with pytest.raises(ValueError, match=name):
             fn()
     with pytest.raises(TypeError, match="x_T"):
         sampling.euler_maruyama(score, sde, jnp.zeros((2, 1, 2, 2), jnp.int32), key, num_steps=5)
+    with pytest.raises(TypeError, match="final_denoise"):
+        sampling.generate(score, sde, (2, 1, 2, 2), key, final_denoise="yes")
 
 
 def test_with_team_sde_module():

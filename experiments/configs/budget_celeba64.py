@@ -16,7 +16,7 @@ def get_config():
     c.data.index = None
     c.data.kwargs = {"split": "test", "indices": [0, 1, 2]}
     c.budget_seconds = 6388.59
-    for k in ("task", "samples_per_image"):
+    for k in ("task", "samples_per_image", "final_denoise"):
         c[k] = b[k]
     c.common.eval_every = 0
     c.ours.train.num_steps = 10**9

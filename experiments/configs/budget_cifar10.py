@@ -19,6 +19,7 @@ def get_config():
     c.budget_seconds = 4155.17
     c.task = b.task
     c.samples_per_image = b.samples_per_image
+    c.final_denoise = b.final_denoise
     c.common.eval_every = 0
     c.ours.train.num_steps = 10**9
     c.ddpm.train.num_steps = 10**9

@@ -35,6 +35,7 @@ def get_config():
     c.budget_seconds = 60.0
     c.task = "denoise"  # or "generate"
     c.samples_per_image = 1  # task="generate": samples per photo (ours) / per photo count (DDPM)
+    c.final_denoise = True  # task="generate": ours' ODE ends with Tweedie's step (experiments.generate)
     c.targets = (0.95,)  # unused by the budget run; kept for the shared config checks
     c.common.eval_every = 0
     c.ours.train.num_steps = 10**7  # the budget stops training, not a step count

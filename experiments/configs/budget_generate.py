@@ -23,6 +23,12 @@ samples covering 2 of the 3 photos; ours' cover 1); training seed 1 repeats it (
 papers' method) scored 0.677 at 360 s and 0.726 / 0.714 / 0.735 at 900 s (seeds 0 / 1 / 2;
 DDPM 0.666 / 0.700 / 0.851), always one photo three times. Paper B's per-image time intervals
 (``--config.ours.train.per_image_offset=True``) cover all three photos but scored 0.407 at 900 s.
+
+2026-12-04 (a VM 2.4x faster per step, seed 2): DDPM 0.982 at 900 s against ours' 0.732; since
+then ours' sampler ends with Tweedie's step (``final_denoise``, on here): 0.846, crossover at
+about 430-490 s. Ours' samples keep the texture of the embedded training images, and at sigma 2
+the prior N(0.5, 1.47^2 I) is too narrow for photos 15-18 apart (no coffee cup in 30 samples);
+sigma 5 draws only the astronaut. docs/experiments_cpu.md, "Seed 2 on a faster VM".
 """
 
 import ml_collections
