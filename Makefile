@@ -26,7 +26,8 @@ demo: $(STAMP)
 # Two pytest workers (pytest-xdist). From an empty persistent compilation cache, as in CI (the
 # tests fill and share one in .pytest_cache/jax, and compile with LLVM at -O0: tests/conftest.py):
 # 9 min 17 s - 10 min 22 s on the idle 2-core machine (2026-11-27, before -O0); on 2026-11-28's
-# VMs, 3.2-3.6x slower per training step, 26 min 38 s before -O0 and 18 min 38 s with it.
+# VMs, 3.2-3.6x slower per training step, 26 min 38 s before -O0 and 18 min 38 s with it;
+# 8 min 27 s (636 tests) on 2026-12-04's VM.
 # One process took 1.26x as long when last compared (2026-11-26), since compilation is
 # single-threaded. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2

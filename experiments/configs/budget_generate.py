@@ -28,7 +28,8 @@ DDPM 0.666 / 0.700 / 0.851), always one photo three times. Paper B's per-image t
 then ours' sampler ends with Tweedie's step (``final_denoise``, on here): 0.846, crossover at
 about 430-490 s. Ours' samples keep the texture of the embedded training images, and at sigma 2
 the prior N(0.5, 1.47^2 I) is too narrow for photos 15-18 apart (no coffee cup in 30 samples);
-sigma 5 draws only the astronaut. docs/experiments_cpu.md, "Seed 2 on a faster VM".
+sigma 5 draws only the astronaut; sigma 50 (wide enough) fails with the embedding, whose
+displacement grows with g^2 (0.121 at 600 s). docs/experiments_cpu.md, "Seed 2 on a faster VM".
 """
 
 import ml_collections
