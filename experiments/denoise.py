@@ -128,6 +128,7 @@ def check_config(cfg) -> None:
     if not methods or any(m not in METHODS for m in methods) or len(set(methods)) != len(methods):
         raise ValueError(f"methods: expected distinct entries of {METHODS}, got {methods!r}")
     embeds(cfg)
+    embed_variant(cfg)
     if cfg.ours.sampler.kind not in OUR_SAMPLERS:
         raise ValueError(f"ours.sampler.kind: expected one of {OUR_SAMPLERS}, got {cfg.ours.sampler.kind!r}")
     nf = cfg.num_frames
@@ -267,6 +268,25 @@ def embeds(cfg) -> bool:
     return v
 
 
+def embed_variant(cfg) -> tuple[str, float]:
+    """``(ours.embed_variant, ours.embed_noise_scale)``, defaults ``("paper_b", 0.1)``.
+
+    ``"paper_b"``: Paper B's embedding, every level ``x^n = x^{n-1} - g^2/2 s^n dt`` (method.md
+    4.1). ``"paper_a"``: Paper A's script's, each level from the previous one plus
+    ``noise_scale * g sqrt(dt) xi`` and clamped to [0, 1] (:func:`krylovjax.transport.embed`), on
+    the same N levels (K = N - 1 embedded images), so the trajectories keep their time levels.
+    """
+    from krylovjax import transport
+
+    variant = cfg.ours.get("embed_variant", "paper_b")
+    if variant not in transport.EMBED_VARIANTS:
+        raise ValueError(f"ours.embed_variant: expected one of {transport.EMBED_VARIANTS}, got {variant!r}")
+    ns = cfg.ours.get("embed_noise_scale", 0.1)
+    if isinstance(ns, bool) or not isinstance(ns, (int, float)) or not (math.isfinite(ns) and ns >= 0):
+        raise ValueError(f"ours.embed_noise_scale: expected a finite number >= 0, got {ns!r}")
+    return variant, float(ns)
+
+
 def prepare_ours(cfg, tc, images) -> tuple[Any, dict]:
     """Pre-compute the scores of ``images`` ``[B, C, H, W]`` and embed them (method.md 3.4, 4.1);
     with ``ours.embed = False`` (:func:`embeds`) the clean images at every level instead.
@@ -302,7 +322,11 @@ def prepare_ours(cfg, tc, images) -> tuple[Any, dict]:
     with eu.Stopwatch() as sw_pre:
         res = precompute_scores(x, pc)
         jax.block_until_ready(res.scores)
-    embed = jax.jit(lambda im, s, t: transport.embed(im, s, sde, t, res.dt, component=cfg.ours.embed_component))
+    variant, noise_scale = embed_variant(cfg)
+    ekey = jax.random.fold_in(jax.random.key(int(tc.seed)), 0x454D4244)  # Paper A's noise only
+    embed = jax.jit(lambda im, s, t: transport.embed(
+        im, s, sde, t, res.dt, component=cfg.ours.embed_component, variant=variant, key=ekey,
+        num_embed=int(s.shape[2]) - 1, noise_scale=noise_scale))
     with eu.Stopwatch() as sw_ecompile:
         embed = embed.lower(x, res.scores, res.t).compile()
     with eu.Stopwatch() as sw_emb:

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -361,6 +362,44 @@ def test_ours_without_embedding_trains_on_the_clean_image():
     cfg.ours.embed = None  # (ml_collections refuses other types already)
     with pytest.raises(ValueError, match="ours.embed: expected a bool, got None"):
         denoise.check_config(cfg)
+
+
+def test_paper_a_embedding_in_the_experiments():
+    """``ours.embed_variant = "paper_a"``: Paper A's clamped embedding on the same time levels.
+    Without its noise it is Paper B's trajectory with every step clamped to [0, 1] (built here
+    from Paper B's increments); with it, the levels differ and stay in [0, 1]; bad values raise."""
+    from experiments import denoise
+    from experiments.configs import denoise_demo
+
+    cfg = denoise_demo.get_config()
+    cfg.data.size = 16
+    cfg.ours.precompute.num_steps = 4
+    cfg.ours.precompute.max_sweeps = 2
+    cfg.ours.train.sde = "ve"
+    cfg.ours.train.sde_kwargs = ml_collections.ConfigDict({"sigma": 50.0})  # large steps: clamps
+    tc = denoise.train_config(cfg, "ours")
+    clean = denoise.load_clean(cfg.data)
+    b, _ = denoise.prepare_ours(cfg, tc, clean)
+    cfg.ours.embed_variant, cfg.ours.embed_noise_scale = "paper_a", 0.0
+    a0, _ = denoise.prepare_ours(cfg, tc, clean)
+    cfg.ours.embed_noise_scale = 0.1
+    a1, _ = denoise.prepare_ours(cfg, tc, clean)
+    assert a0.x.shape == a1.x.shape == b.x.shape == (1, 4, 3, 16, 16)
+    np.testing.assert_allclose(a0.t, b.t)
+    np.testing.assert_allclose(a1.t, b.t)
+    ref = [np.asarray(clean)]
+    for n in range(1, 4):
+        ref.append(np.clip(ref[-1] + (b.x[:, n] - b.x[:, n - 1]), 0.0, 1.0))
+    np.testing.assert_allclose(a0.x, np.stack(ref, axis=1), atol=1e-5)
+    assert np.abs(b.x).max() > 1.0 + 1e-3  # Paper B's levels leave [0, 1] here; Paper A's do not
+    assert a1.x.min() >= 0.0 and a1.x.max() <= 1.0 and np.abs(a1.x - a0.x).max() > 1e-3
+    np.testing.assert_array_equal(a1.x[:, 0], clean)
+    for key, value, match in (("embed_variant", "paper_c", "ours.embed_variant: expected one of"),
+                              ("embed_noise_scale", -0.1, "ours.embed_noise_scale: expected a finite")):
+        bad = denoise_demo.get_config()
+        bad.ours[key] = value
+        with pytest.raises(ValueError, match=match):
+            denoise.check_config(bad)
 
 
 def test_paper_ddpm_config_is_the_demo_with_the_papers_baseline():

@@ -115,6 +115,10 @@ def get_config() -> ml_collections.ConfigDict:
     # False: the ablation without pre-computed scores (the clean image at every time level: no
     # pre-computation, no embedding; BUILD_NOTES).
     c.ours.embed = True
+    # "paper_b" (every level, method.md 4.1) or "paper_a" (Paper A's script: noise_scale * g
+    # sqrt(dt) noise per level and a clamp to [0, 1]; experiments.denoise.embed_variant).
+    c.ours.embed_variant = "paper_b"
+    c.ours.embed_noise_scale = 0.1
     # "flow": probability_flow (Dormand-Prince, rtol/atol) from the noisy image at t_start to t_end;
     # "paper_a": euler_maruyama from t_start to t_end, num_steps, noise_scale, clip (Paper A's);
     # "denoise": krylovjax.sampling.denoise from the time matching noise.std (method "ode"/"sde").
