@@ -57,6 +57,9 @@ if __name__ == "__main__":
 
 TASKS = ("denoise", "generate")
 RESULT_FILES = ("results.md", "results.json", "grid.png", "quality_curve.png")
+# Keys added after run directories were made without them (with denoise.LEGACY_CONFIG): the
+# generate task's sampler without Tweedie's last step.
+LEGACY_CONFIG = {"final_denoise": False}
 
 
 def check_budget_config(cfg) -> float:
@@ -169,7 +172,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
     B = clean.shape[0]
     denoise.check_fits(tcs, clean, B)
 
-    eu.claim_workdir(workdir, "budget", cfg)
+    eu.claim_workdir(workdir, "budget", cfg, legacy={**denoise.LEGACY_CONFIG, **LEGACY_CONFIG})
     if os.path.exists(os.path.join(workdir, "results.json")) and not overwrite:
         raise eu.WorkdirConflictError(
             f"workdir: {workdir!r} already holds the finished results of this config; pass --overwrite "

@@ -75,6 +75,19 @@ EXTRA_ROW = {"ddim": "ddim", "ancestral": "ddpm_ancestral"}
 LABELS = {"ours": "ours", "ddpm": "DDPM", "ddim": "DDIM", "ddpm_ancestral": "DDPM (ancestral)"}
 RESULT_FILES = ("results.md", "results.json", "trajectory.png", "denoised.png", "ssim_curve.png")
 _DONE_JSON, _DONE_NPZ = "denoise_result.json", "denoise_output.npz"  # per method, in <workdir>/<method>/
+# Config keys added after run directories were made without them, each with the value that
+# reproduces those runs (eu.claim_workdir's ``legacy``): such a directory resumes or re-runs under
+# the current code when the config holds that value. Directories from before 2026-11-27, when the
+# batch size moved from ``common`` into each method's ``train``, stay another config.
+LEGACY_CONFIG = {
+    "common.steps_per_call": 1,  # one update per call
+    "ours.train.scale_by_sigma": False,
+    "ours.embed": True,
+    "ours.embed_variant": "paper_b",
+    "ours.embed_noise_scale": 0.1,
+    "ddpm.train.ddpm_max_train_step": None,
+    "ddpm.sampler.extra_methods": (),
+}
 
 
 def _prefix(row: str, own: str) -> str:
@@ -564,7 +577,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
     check_fits(tcs, clean, 1)
 
     # The work directory: refuse another run's config before writing anything.
-    eu.claim_workdir(workdir, "denoise", cfg)
+    eu.claim_workdir(workdir, "denoise", cfg, legacy=LEGACY_CONFIG)
     done = os.path.exists(os.path.join(workdir, "results.json"))
     if done and not overwrite:
         raise eu.WorkdirConflictError(

@@ -45,6 +45,8 @@ SAMPLERS_OURS = ("ode", "sde", "paper_a")
 SAMPLERS_DDPM = ("ancestral", "ddim")
 RESULT_FILES = ("samples.png", "samples.json", "samples.md")
 T_END = 1e-3  # ours' ode and sde samplers stop here (Paper B's epsilon)
+# Settings added after output directories were made without them (denoise.LEGACY_CONFIG).
+LEGACY_SETTINGS = {"final_denoise": False}
 
 if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "Training run directory (with checkpoints/).")
@@ -217,7 +219,7 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
     settings = {"workdir": os.path.abspath(workdir), "step": step, "num_samples": num_samples,
                 "num_frames": num_frames, "sampler": sampler, "num_steps": num_steps, "seed": seed,
                 "reference": reference, "reference_count": reference_count, "final_denoise": final_denoise}
-    eu.claim_workdir(outdir, "generate", settings)
+    eu.claim_workdir(outdir, "generate", settings, legacy=LEGACY_SETTINGS)
     if os.path.exists(os.path.join(outdir, "samples.json")) and not overwrite:
         raise eu.WorkdirConflictError(
             f"outdir: {outdir!r} already holds these samples; pass --overwrite to redo them or use another --outdir")

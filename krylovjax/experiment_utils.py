@@ -101,17 +101,25 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def config_diff(stored: Any, given: Any, prefix: str = "") -> list[str]:
-    """Dotted keys at which two (nested) configs differ, e.g. ``["ours.train.lr"]``."""
+def config_diff(stored: Any, given: Any, prefix: str = "", *,
+                legacy: Mapping[str, Any] | None = None) -> list[str]:
+    """Dotted keys at which two (nested) configs differ, e.g. ``["ours.train.lr"]``.
+
+    ``legacy`` maps dotted keys added to a config after runs were made without them to the value
+    that reproduces those runs: a key of ``legacy`` missing from ``stored`` is no difference when
+    ``given`` holds that value there (any other value is one)."""
     stored, given = _plain(stored), _plain(given)
+    legacy = legacy or {}
     if isinstance(stored, dict) and isinstance(given, dict):
         out: list[str] = []
         for k in sorted(set(stored) | set(given)):
             key = f"{prefix}.{k}" if prefix else k
+            if k not in stored and k in given and key in legacy and not config_diff(legacy[key], given[k]):
+                continue
             if k not in stored or k not in given:
                 out.append(key)
             else:
-                out.extend(config_diff(stored[k], given[k], key))
+                out.extend(config_diff(stored[k], given[k], key, legacy=legacy))
         return out
     if isinstance(stored, float) or isinstance(given, float):
         try:
@@ -122,7 +130,8 @@ def config_diff(stored: Any, given: Any, prefix: str = "") -> list[str]:
     return [] if stored == given else [prefix or "<root>"]
 
 
-def claim_workdir(workdir: str | os.PathLike, experiment: str, config: Any) -> bool:
+def claim_workdir(workdir: str | os.PathLike, experiment: str, config: Any, *,
+                  legacy: Mapping[str, Any] | None = None) -> bool:
     """Make ``workdir`` the run directory of ``experiment`` with ``config``, or refuse.
 
     The first call writes ``<workdir>/experiment.json`` (``{"experiment": ..., "config": ...}``).
@@ -135,6 +144,10 @@ def claim_workdir(workdir: str | os.PathLike, experiment: str, config: Any) -> b
       workdir: the run directory (created if missing).
       experiment: the binary's name, e.g. ``"denoise"``.
       config: its config (``ml_collections.ConfigDict`` or a JSON-able mapping).
+      legacy: the binary's config keys added after runs were made without them, each with the
+        value that reproduces such runs (:func:`config_diff`): a directory claimed before a key
+        existed is this run when ``config`` holds that value there. The claim file is left as it
+        was.
 
     Returns:
       True if the directory was claimed now (fresh), False if it already held this run.
@@ -153,7 +166,7 @@ def claim_workdir(workdir: str | os.PathLike, experiment: str, config: Any) -> b
             raise WorkdirConflictError(
                 f"workdir: {workdir!r} holds a {stored.get('experiment')!r} run, not {experiment!r}; "
                 "use another --workdir")
-        diff = config_diff(stored.get("config"), record["config"])
+        diff = config_diff(stored.get("config"), record["config"], legacy=legacy)
         if diff:
             shown = ", ".join(diff[:12]) + (" ..." if len(diff) > 12 else "")
             raise WorkdirConflictError(

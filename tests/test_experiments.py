@@ -152,6 +152,90 @@ def test_claim_workdir_refuses_other_configs_without_touching(tmp_path):
     assert sorted(os.listdir(other)) == ["data.txt"]
 
 
+def test_claim_workdir_legacy_keys(tmp_path):
+    """A key added after a directory was claimed without it matches only its legacy value."""
+    stored = {"lr": 1e-3, "ours": {"ch": 8}}
+    legacy = {"ours.embed": True, "tag": None}
+    assert eu.config_diff(stored, {"lr": 1e-3, "ours": {"ch": 8, "embed": True}, "tag": None}, legacy=legacy) == []
+    assert eu.config_diff(stored, {"lr": 1e-3, "ours": {"ch": 8, "embed": False}}, legacy=legacy) == ["ours.embed"]
+    assert eu.config_diff(stored, {"lr": 1e-3, "ours": {"ch": 8}, "embed": True}, legacy=legacy) == ["embed"]
+    # a key the stored config has is compared as ever, whatever legacy says
+    assert eu.config_diff({**stored, "tag": 1}, {**stored, "tag": None}, legacy=legacy) == ["tag"]
+    assert eu.config_diff(stored, {"lr": 1e-3, "ours": {"ch": 8, "embed": True}}) == ["ours.embed"]
+    wd = str(tmp_path / "run")
+    assert eu.claim_workdir(wd, "denoise", stored) is True
+    before = _snapshot(wd)
+    assert eu.claim_workdir(wd, "denoise", {**stored, "ours": {"ch": 8, "embed": True}}, legacy=legacy) is False
+    with pytest.raises(ValueError, match=r"differs at: ours.embed\)"):
+        eu.claim_workdir(wd, "denoise", {**stored, "ours": {"ch": 8, "embed": False}}, legacy=legacy)
+    assert _snapshot(wd) == before  # the claim file is left as it was
+
+
+def _old_run_dir(path, experiment, config, drop, finished):
+    """A run directory claimed by an older version: ``config`` without the dotted keys ``drop``,
+    and the result file ``finished`` (so an accepted claim stops at "already holds")."""
+    import copy
+
+    cfg = copy.deepcopy(eu._plain(config))
+    for key in drop:
+        *parents, last = key.split(".")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        del node[last]
+    os.makedirs(path)
+    eu.write_json(os.path.join(path, "experiment.json"), {"experiment": experiment, "config": cfg})
+    eu.write_json(os.path.join(path, finished), {})
+    return str(path)
+
+
+def test_run_directories_from_before_a_key_existed(tmp_path):
+    """denoise, budget and generate accept a directory claimed before a config key existed when
+    the key holds the value that reproduces such runs, and refuse it otherwise (nothing changed)."""
+    from experiments import budget, denoise, generate
+    from experiments.configs import budget_generate, denoise_demo
+
+    for key in {**denoise.LEGACY_CONFIG, **budget.LEGACY_CONFIG}:  # every legacy key is a config key
+        node = budget_generate.get_config()
+        for p in key.split("."):
+            assert p in node, key
+            node = node[p]
+    assert budget_generate.get_config().final_denoise is True
+    # A denoise directory of 2026-11-27 (before ours.embed, ddpm_max_train_step, embed_variant).
+    added = ("ours.embed", "ddpm.train.ddpm_max_train_step", "ours.embed_variant", "ours.embed_noise_scale")
+    wd = _old_run_dir(tmp_path / "d", "denoise", denoise_demo.get_config(), added, "results.json")
+    before = _snapshot(wd)
+    with pytest.raises(ValueError, match="already holds the finished results"):
+        denoise.run(denoise_demo.get_config(), wd)
+    cfg = denoise_demo.get_config()
+    cfg.ours.embed_variant = "paper_a"
+    with pytest.raises(ValueError, match=r"another run's config \(differs at: ours.embed_variant\)"):
+        denoise.run(cfg, wd)
+    assert _snapshot(wd) == before
+    # A generation budget from before Tweedie's last step: its equivalent now is final_denoise=False.
+    cfg = budget_generate.get_config()
+    wd = _old_run_dir(tmp_path / "b", "budget", cfg, added + ("final_denoise",), "results.json")
+    before = _snapshot(wd)
+    with pytest.raises(ValueError, match=r"another run's config \(differs at: final_denoise\)"):
+        budget.run(cfg, wd)
+    cfg.final_denoise = False
+    with pytest.raises(ValueError, match="already holds the finished results"):
+        budget.run(cfg, wd)
+    assert _snapshot(wd) == before
+    # generate's output directory (the same settings as generate.run records)
+    run = tmp_path / "train"
+    (run / "checkpoints").mkdir(parents=True)
+    settings = {"workdir": os.path.abspath(run), "step": None, "num_samples": 2, "num_frames": 3, "sampler": "auto",
+                "num_steps": 50, "seed": 0, "reference": None, "reference_count": 3, "final_denoise": False}
+    out = _old_run_dir(tmp_path / "g", "generate", settings, ("final_denoise",), "samples.json")
+    before = _snapshot(out)
+    with pytest.raises(ValueError, match=r"differs at: final_denoise\)"):
+        generate.run(str(run), out, num_samples=2, num_frames=3)
+    with pytest.raises(ValueError, match="already holds these samples"):
+        generate.run(str(run), out, num_samples=2, num_frames=3, final_denoise=False)
+    assert _snapshot(out) == before
+
+
 def test_image_grid_and_curves_write_pngs(tmp_path):
     import matplotlib.image as mpimg
 
