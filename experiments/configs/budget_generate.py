@@ -37,10 +37,9 @@ does (0.836 / 0.734 against 0.915 / 0.883), leading at about 150-600 s / 230-300
 (``--config.ours.embed_variant=paper_a``) lets sigma 50 draw all three photos (0.728 over 30
 samples at 600 s, against 0.351 with Paper B's rule), still noisy; it is not the default here.
 Over 30 samples of checkpoints along the curve (seed 2) ours leads to about 700 s (about 400 s
-against DDPM at lr 1e-3); at 900 s DDPM
-scores 0.954 against ours' 0.881 over 100 samples, and DDPM's lr at 1e-3 or 2.5e-4 (0.966 /
-0.968 over 30) does as well as 5e-4, which stays (docs/experiments_cpu.md, "DDPM's learning
-rate for generation").
+against DDPM at lr 1e-3); at 900 s DDPM scores 0.954 against ours' 0.881 over 100 samples, and
+DDPM's lr at 1e-3 or 2.5e-4 (0.966 / 0.968 over 30) does as well as 5e-4, which stays
+(docs/experiments_cpu.md, "DDPM's learning rate for generation").
 """
 
 import ml_collections
