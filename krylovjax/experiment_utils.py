@@ -114,7 +114,7 @@ def config_diff(stored: Any, given: Any, prefix: str = "", *,
         out: list[str] = []
         for k in sorted(set(stored) | set(given)):
             key = f"{prefix}.{k}" if prefix else k
-            if k not in stored and k in given and key in legacy and not config_diff(legacy[key], given[k]):
+            if k not in stored and key in legacy and not config_diff(legacy[key], given[k]):
                 continue
             if k not in stored or k not in given:
                 out.append(key)
