@@ -635,6 +635,33 @@ def test_budget_smoke_and_bad_budget(tmp_path):
     assert _snapshot(wd) == before
 
 
+def test_budget_conditional_config_is_paper_b_conditional_start():
+    """budget_conditional's input, divided by w, is Paper B's conditional start w clean + (1 - w)
+    sigma z (method.md 6) for the same z; ours' SDE and DDPM's schedule both reach its noise level,
+    ours below t = 1 (its prior's level lambda(1))."""
+    from experiments import budget, denoise
+    from experiments.configs import budget_conditional as bc
+    from krylovjax import ddpm, sampling
+
+    cfg = bc.get_config()
+    budget.check_budget_config(cfg)
+    assert (cfg.task, bc.W, bc.SIGMA, cfg.noise.clamp) == ("denoise", 0.6, 2.0, False)
+    clean = np.random.default_rng(3).uniform(0.0, 1.0, (3, 3, 8, 8))
+    z = np.random.default_rng(cfg.noise.seed).standard_normal(clean.shape)
+    start = bc.W * clean + (1.0 - bc.W) * bc.SIGMA * z
+    np.testing.assert_allclose(eu.noisy_copy(clean, cfg.noise.std, cfg.noise.seed, clamp=cfg.noise.clamp),
+                               start / bc.W, rtol=0, atol=1e-12)
+    ours = denoise.train_config(cfg, "ours")
+    sde = ours.make_sde()
+    t_star = float(sampling.start_time(sde, cfg.noise.std))
+    assert 0.89 < t_star < 0.90 and abs(float(sde.perturbation_std(t_star)) - 4.0 / 3.0) < 1e-9
+    sched = denoise.train_config(cfg, "ddpm").ddpm_schedule()
+    k = int(ddpm.denoise_start_step(2.0 * cfg.noise.std, schedule=sched))
+    abar = float(sched.alpha_bars[k])
+    assert 0 < k < len(sched.alpha_bars) - 1 and abs(math.sqrt((1 - abar) / abar) / (8.0 / 3.0) - 1) < 0.01
+    assert cfg.ours.sampler.kind == "denoise" and cfg.ddpm.train.ddpm_max_train_step is None
+
+
 def test_budget_generate_task_records_the_quality_curve(tmp_path):
     """task="generate" with common.eval_every > 0: both methods generate at every evaluation and
     at the end; the curve in results.json has one point per evaluation, its seconds are the
