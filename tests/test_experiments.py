@@ -645,10 +645,11 @@ def test_budget_conditional_config_is_paper_b_conditional_start():
 
     cfg = bc.get_config()
     budget.check_budget_config(cfg)
-    assert (cfg.task, bc.W, bc.SIGMA, cfg.noise.clamp) == ("denoise", 0.6, 2.0, False)
+    sigma = cfg.ours.train.sde_kwargs.sigma
+    assert (cfg.task, bc.W, sigma, cfg.noise.clamp) == ("denoise", 0.6, 2.0, False)
     clean = np.random.default_rng(3).uniform(0.0, 1.0, (3, 3, 8, 8))
     z = np.random.default_rng(cfg.noise.seed).standard_normal(clean.shape)
-    start = bc.W * clean + (1.0 - bc.W) * bc.SIGMA * z
+    start = bc.W * clean + (1.0 - bc.W) * sigma * z
     np.testing.assert_allclose(eu.noisy_copy(clean, cfg.noise.std, cfg.noise.seed, clamp=cfg.noise.clamp),
                                start / bc.W, rtol=0, atol=1e-12)
     ours = denoise.train_config(cfg, "ours")

@@ -10,10 +10,10 @@ from ``0.6 clean + 0.4 * 2 z`` for every photo (one fixed draw, ``noise.seed``),
 form: divided by ``w`` this is ``clean + s z`` with ``s = (1 - w) sigma / w = 4/3``, so both
 methods denoise the unclamped ``clean + (4/3) z`` from the time whose noise level is 4/3 (ours:
 the probability-flow ODE from ``lambda(t*) = 4/3``, t* = 0.896; DDPM: its ancestral chain from the
-step with ``sqrt(1 - abar) / sqrt(abar) = 2 * 4/3`` in its [-1, 1] range, step 452 of 1000). That is the
-``denoise`` task at the conditional start's noise level. Paper B's code feeds the start to its
-ODE at t = 1 without the division (and scores after min-max normalising each sample); the
-matched form gives both methods the same information and needs no normalisation.
+step with ``sqrt(1 - abar) / sqrt(abar) = 2 * 4/3`` in its [-1, 1] range, step 452 of 1000).
+That is the ``denoise`` task at the conditional start's noise level. Paper B's code feeds the
+start to its ODE at t = 1 without the division (and scores after min-max normalising each
+sample); the matched form gives both methods the same information and needs no normalisation.
 
 The noise level 4/3 lies between the denoise budget's 0.506 (``budget_demo.py``) and generation
 from pure noise (``budget_generate.py``); three photos, one noisy copy each.
@@ -27,14 +27,13 @@ docs/experiments_cpu.md, "Paper B's conditional start"): ours leads to about 200
 
 from experiments.configs import budget_generate
 
-W, SIGMA = 0.6, 2.0  # Paper B's cifar3_conditional (method.md 8)
+W = 0.6  # Paper B's cifar3_conditional (method.md 8), whose sigma = 2 is budget_generate's
 
 
 def get_config():
     c = budget_generate.get_config()
-    assert c.ours.train.sde_kwargs.sigma == SIGMA
     c.task = "denoise"
-    c.noise.std = (1.0 - W) * SIGMA / W
+    c.noise.std = (1.0 - W) * float(c.ours.train.sde_kwargs.sigma) / W
     c.noise.clamp = False
     c.ours.sampler.kind = "denoise"
     c.ours.sampler.method = "ode"
