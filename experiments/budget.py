@@ -184,7 +184,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
             if os.path.exists(os.path.join(workdir, f)):
                 os.remove(os.path.join(workdir, f))
 
-    noisy = eu.noisy_copy(clean, cfg.noise.std, cfg.noise.seed, clamp=cfg.noise.clamp)
+    noisy = denoise.noisy_input(cfg, clean)
     idx = np.arange(B)
     results: dict[str, Any] = {}
     outputs: dict[str, np.ndarray] = {}
@@ -237,7 +237,8 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
         "experiment": "budget", "task": cfg.task, "budget_seconds": budget,
         "machine": eu.machine_info(),
         "images": {"source": cfg.data.source, "shape": list(clean.shape)},
-        "noise": {"std": cfg.noise.std, "seed": cfg.noise.seed} if cfg.task == "denoise" else None,
+        "noise": ({"std": cfg.noise.std, "seed": cfg.noise.seed, "signal_scale": denoise.signal_scale(cfg)}
+                  if cfg.task == "denoise" else None),
         "noisy": denoise.image_metrics(noisy, clean) if cfg.task == "denoise" else None,
         "budget_convention": (
             "the same wall-clock budget of work for both: ours = pre-computation + embedding + training run "

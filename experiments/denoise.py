@@ -70,6 +70,12 @@ METHODS = ("ours", "ddpm")
 METRICS = ("ssim", "global_ssim")
 OUR_SAMPLERS = ("paper_a", "flow", "denoise")
 DDPM_SAMPLERS = ("ancestral", "ddim")
+# Where DDPM's chain starts on a noisy input: "matched" (the step of its noise level) or "top"
+# (the whole chain from x_T = 2 noisy - 1: Paper B's literal conditional start).
+DDPM_STARTS = ("matched", "top")
+# How a denoised output is brought into [0, 1] before it is scored: clipped, or min-max
+# normalised per sample (Paper B's code).
+NORMALISE = ("clip", "minmax")
 # The table row of a DDPM sampler in ``ddpm.sampler.extra_methods`` (the same trained network).
 EXTRA_ROW = {"ddim": "ddim", "ancestral": "ddpm_ancestral"}
 LABELS = {"ours": "ours", "ddpm": "DDPM", "ddim": "DDIM", "ddpm_ancestral": "DDPM (ancestral)"}
@@ -87,6 +93,9 @@ LEGACY_CONFIG = {
     "ours.embed_noise_scale": 0.1,
     "ddpm.train.ddpm_max_train_step": None,
     "ddpm.sampler.extra_methods": (),
+    "noise.signal_scale": 1.0,
+    "ddpm.sampler.start": "matched",
+    "normalise": "clip",
 }
 
 
@@ -137,6 +146,11 @@ def check_config(cfg) -> None:
     std = cfg.noise.std
     if not (isinstance(std, (int, float)) and not isinstance(std, bool) and math.isfinite(std) and std > 0):
         raise ValueError(f"noise.std: expected a finite noise level > 0, got {std!r}")
+    ss = cfg.noise.get("signal_scale", 1.0)
+    if not (isinstance(ss, (int, float)) and not isinstance(ss, bool) and math.isfinite(ss) and ss > 0):
+        raise ValueError(f"noise.signal_scale: expected a finite factor > 0, got {ss!r}")
+    if normalise(cfg) not in NORMALISE:
+        raise ValueError(f"normalise: expected one of {NORMALISE}, got {normalise(cfg)!r}")
     methods = tuple(cfg.methods)
     if not methods or any(m not in METHODS for m in methods) or len(set(methods)) != len(methods):
         raise ValueError(f"methods: expected distinct entries of {METHODS}, got {methods!r}")
@@ -154,6 +168,8 @@ def check_config(cfg) -> None:
     sc = cfg.ddpm.sampler
     if sc.method not in DDPM_SAMPLERS:
         raise ValueError(f"ddpm.sampler.method: expected one of {DDPM_SAMPLERS}, got {sc.method!r}")
+    if ddpm_start(cfg) not in DDPM_STARTS:
+        raise ValueError(f"ddpm.sampler.start: expected one of {DDPM_STARTS}, got {ddpm_start(cfg)!r}")
     extra = sc.get("extra_methods", ())
     extra = tuple(extra) if isinstance(extra, (list, tuple)) else extra
     if not isinstance(extra, tuple) or any(e not in DDPM_SAMPLERS for e in extra) or len(set(extra)) != len(extra):
@@ -191,7 +207,7 @@ def train_config(cfg, method: str):
 def check_ddpm_range(cfg, tc) -> None:
     """A DDPM trained on the steps below ``ddpm_max_train_step`` only must cover the denoising
     chain, which calls the network at the steps ``i*, ..., 0`` (:func:`krylovjax.ddpm.denoise_start_step`
-    of the noise level ``2 std``).
+    of the noise level ``2 std / signal_scale``; with ``ddpm.sampler.start = "top"`` every step).
 
     Raises:
       ValueError: naming ``ddpm.train.ddpm_max_train_step`` and the smallest value that covers it.
@@ -203,7 +219,13 @@ def check_ddpm_range(cfg, tc) -> None:
     m = tc.ddpm_max_train_step
     if m is None:
         return
-    start = int(np.max(ddpm.denoise_start_step(2.0 * float(cfg.noise.std), schedule=tc.ddpm_schedule())))
+    if ddpm_start(cfg) == "top":
+        if m < int(tc.ddpm_num_steps):
+            raise ValueError(
+                f"ddpm.train.ddpm_max_train_step: ddpm.sampler.start = 'top' runs the whole chain, so the network "
+                f"must be trained on every step: expected None or {int(tc.ddpm_num_steps)}, got {m}")
+        return
+    start = int(np.max(ddpm.denoise_start_step(2.0 * matched_std(cfg), schedule=tc.ddpm_schedule())))
     if m <= start:
         raise ValueError(
             f"ddpm.train.ddpm_max_train_step: the denoising chain for noise.std = {cfg.noise.std} starts at step "
@@ -362,6 +384,49 @@ def _with_idx(fn, idx):
     return lambda x, t: fn(x, t, idx=idx)
 
 
+def signal_scale(cfg) -> float:
+    """``noise.signal_scale``: the clean image's factor in the noisy input (1 unless set)."""
+    return float(cfg.noise.get("signal_scale", 1.0))
+
+
+def matched_std(cfg) -> float:
+    """The noise level of the matched form ``noisy / signal_scale = clean + (std / signal_scale) z``."""
+    return float(cfg.noise.std) / signal_scale(cfg)
+
+
+def ddpm_start(cfg) -> str:
+    """``ddpm.sampler.start`` ("matched" unless set; :data:`DDPM_STARTS`)."""
+    return str(cfg.ddpm.sampler.get("start", "matched"))
+
+
+def normalise(cfg) -> str:
+    """``normalise`` ("clip" unless set; :data:`NORMALISE`)."""
+    return str(cfg.get("normalise", "clip"))
+
+
+def noisy_input(cfg, clean):
+    """The test input of ``cfg.noise``: ``clamp(signal_scale clean + std z, 0, 1)`` (without the
+    clamp if ``noise.clamp`` is False), :func:`krylovjax.experiment_utils.noisy_copy`."""
+    from krylovjax import experiment_utils as eu
+
+    return eu.noisy_copy(clean, cfg.noise.std, cfg.noise.seed, clamp=cfg.noise.clamp, scale=signal_scale(cfg))
+
+
+def to_unit(x, mode: str = "clip"):
+    """``x [B, C, H, W]`` into [0, 1]: ``"clip"``, or ``"minmax"``, each sample's
+    ``(x - min) / (max - min)`` over all its channels and pixels (Paper B's scoring; a constant
+    sample maps to 0)."""
+    import jax.numpy as jnp
+
+    if mode == "clip":
+        return jnp.clip(x, 0.0, 1.0)
+    if mode != "minmax":
+        raise ValueError(f"normalise: expected one of {NORMALISE}, got {mode!r}")
+    lo = jnp.min(x, axis=(1, 2, 3), keepdims=True)
+    span = jnp.max(x, axis=(1, 2, 3), keepdims=True) - lo
+    return jnp.where(span > 0, (x - lo) / jnp.where(span > 0, span, 1.0), 0.0)
+
+
 def _compiled_once(sample: Callable) -> Callable:
     """``run(fn, return_trajectory=False) -> (out, frames, num_score_evals)`` of a denoiser's
     ``sample(fn, return_trajectory) -> (out, frames, num_score_evals array)``.
@@ -397,10 +462,12 @@ def ours_denoiser(cfg, tc, noisy, *, idx=None) -> Callable:
     [0, 1] after each step (Paper A's sampler: 1 -> 0, 50 steps, 0.1). ``"flow"``:
     :func:`krylovjax.sampling.probability_flow` (adaptive Dormand-Prince, ``rtol``/``atol``, Paper
     B's sampler) from the noisy image at ``t_start`` down to ``t_end``. ``"denoise"``:
-    :func:`krylovjax.sampling.denoise` from the time whose noise level is ``noise.std``
-    (``method`` "ode" = Paper B's probability flow, Dormand-Prince with ``rtol``/``atol``, or
-    "sde" with ``num_steps``, ``noise_scale``, ``clip``). ``idx [B]`` are image indices for
-    a model trained with per-image time offsets.
+    :func:`krylovjax.sampling.denoise` of the matched form ``noisy / noise.signal_scale`` from the
+    time whose noise level is ``noise.std / noise.signal_scale`` (``method`` "ode" = Paper B's
+    probability flow, Dormand-Prince with ``rtol``/``atol``, or "sde" with ``num_steps``,
+    ``noise_scale``, ``clip``). The output is brought into [0, 1] by ``normalise`` (clipped or
+    min-max normalised per sample), the frames are clipped. ``idx [B]`` are image indices for a
+    model trained with per-image time offsets.
     """
     import jax
     import jax.numpy as jnp
@@ -410,6 +477,9 @@ def ours_denoiser(cfg, tc, noisy, *, idx=None) -> Callable:
     sde = tc.make_sde()
     sc = cfg.ours.sampler
     x0 = jnp.asarray(noisy)
+    if sc.kind == "denoise" and signal_scale(cfg) != 1.0:
+        x0 = x0 / signal_scale(cfg)
+    mode = normalise(cfg)
     key = jax.random.PRNGKey(int(cfg.eval_seed))
     clip = (0.0, 1.0) if sc.clip else None
 
@@ -429,10 +499,10 @@ def ours_denoiser(cfg, tc, noisy, *, idx=None) -> Callable:
                 kw = {"num_steps": int(sc.num_steps), "noise_scale": float(sc.noise_scale), "clip": clip}
             else:
                 kw = {"rtol": float(sc.get("rtol", 1e-3)), "atol": float(sc.get("atol", 1e-3))}
-            r = sampling.denoise(f, sde, x0, noise_std=float(cfg.noise.std), method=sc.method, key=key,
+            r = sampling.denoise(f, sde, x0, noise_std=matched_std(cfg), method=sc.method, key=key,
                                  t_end=float(sc.t_end), return_trajectory=return_trajectory,
                                  num_frames=int(cfg.num_frames), **kw)
-        out = jnp.clip(r.x, 0.0, 1.0)
+        out = to_unit(r.x, mode)
         frames = None if r.trajectory is None else jnp.clip(r.trajectory, 0.0, 1.0)
         return out, frames, r.num_score_evals
 
@@ -440,11 +510,15 @@ def ours_denoiser(cfg, tc, noisy, *, idx=None) -> Callable:
 
 
 def ddpm_denoiser(cfg, tc, noisy, method: str | None = None) -> Callable:
-    """The same interface for DDPM: :func:`krylovjax.ddpm.ddpm_denoise` of ``2 noisy - 1`` with
-    noise level ``2 std`` (the network's [-1, 1] range), from the matching step; the output and
-    the frames are mapped back with ``(x / sqrt(abar_k) + 1) / 2`` (frames: the state rescaled to
-    the data scale at its step ``k``, so the rows of the figure are comparable). ``method``:
-    ``"ancestral"`` or ``"ddim"`` (default ``ddpm.sampler.method``)."""
+    """The same interface for DDPM. ``ddpm.sampler.start = "matched"``:
+    :func:`krylovjax.ddpm.ddpm_denoise` of ``2 noisy / signal_scale - 1`` with noise level
+    ``2 std / signal_scale`` (the network's [-1, 1] range), from the matching step. ``"top"``: the
+    whole chain (:func:`krylovjax.ddpm.ddpm_ancestral_sample`, or DDIM through all ``T`` steps)
+    from ``x_T = 2 noisy - 1``, Paper B's literal conditional start. The output is mapped back
+    with ``(x + 1) / 2`` and brought into [0, 1] by ``normalise``; the frames with
+    ``(x / sqrt(abar_k) + 1) / 2``, clipped (the state rescaled to the data scale at its step
+    ``k``, so the rows of the figure are comparable). ``method``: ``"ancestral"`` or ``"ddim"``
+    (default ``ddpm.sampler.method``)."""
     import jax
     import jax.numpy as jnp
 
@@ -452,15 +526,22 @@ def ddpm_denoiser(cfg, tc, noisy, method: str | None = None) -> Callable:
 
     sched = tc.ddpm_schedule(dtype=jnp.asarray(noisy).dtype)
     sc = cfg.ddpm.sampler
-    x0 = 2.0 * jnp.asarray(noisy) - 1.0
+    top = ddpm_start(cfg) == "top"
+    x0 = 2.0 * jnp.asarray(noisy) / (1.0 if top else signal_scale(cfg)) - 1.0
     key = jax.random.PRNGKey(int(cfg.eval_seed))
     clip = (-1.0, 1.0) if sc.clip_x0 else None
+    mode, meth = normalise(cfg), method or sc.method
 
     def sample(fn, return_trajectory):
-        r = ddpm.ddpm_denoise(fn, x0, 2.0 * float(cfg.noise.std), key, schedule=sched, method=method or sc.method,
-                              variance=sc.variance, clip_x0=clip, return_trajectory=return_trajectory,
-                              num_frames=int(cfg.num_frames))
-        out = jnp.clip((r.x + 1.0) / 2.0, 0.0, 1.0)
+        kw = {"clip_x0": clip, "return_trajectory": return_trajectory, "num_frames": int(cfg.num_frames)}
+        if not top:
+            r = ddpm.ddpm_denoise(fn, x0, 2.0 * matched_std(cfg), key, schedule=sched, method=meth,
+                                  variance=sc.variance, **kw)
+        elif meth == "ancestral":
+            r = ddpm.ddpm_ancestral_sample(fn, x0, key, schedule=sched, variance=sc.variance, **kw)
+        else:
+            r = ddpm.ddim_sample(fn, x0, schedule=sched, num_steps=sched.num_steps, **kw)
+        out = to_unit((r.x + 1.0) / 2.0, mode)
         frames = None
         if r.trajectory is not None:
             abar = jnp.concatenate([jnp.ones((1,), sched.alpha_bars.dtype), sched.alpha_bars])
@@ -591,7 +672,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
             if os.path.exists(p):
                 os.remove(p)
 
-    noisy = eu.noisy_copy(clean, cfg.noise.std, cfg.noise.seed, clamp=cfg.noise.clamp)
+    noisy = noisy_input(cfg, clean)
     base = image_metrics(noisy, clean)
     logging.info("noisy input: SSIM %.4f, PSNR %.2f dB (std %.3f, seed %d)", base["ssim"], base["psnr"],
                  cfg.noise.std, cfg.noise.seed)
@@ -686,7 +767,8 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
         "experiment": "denoise",
         "machine": eu.machine_info(),
         "image": {"source": cfg.data.source, "shape": list(clean.shape), "dtype": str(clean.dtype)},
-        "noise": {"std": cfg.noise.std, "seed": cfg.noise.seed, "clamp": cfg.noise.clamp},
+        "noise": {"std": cfg.noise.std, "seed": cfg.noise.seed, "clamp": cfg.noise.clamp,
+                  "signal_scale": signal_scale(cfg)},
         "noisy": {k: base[k] for k in ("ssim", "global_ssim", "psnr", "mse")},
         "metric": cfg.metric, "targets": targets,
         "timing_convention": (

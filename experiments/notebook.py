@@ -480,7 +480,7 @@ def train_and_denoise(cfg, workdir: str, store_path: str, images) -> DenoiseRun:
     tc = train_config(cfg)
     k = int(cfg.denoise.num_images)
     clean = np.asarray(images)[:k]
-    noisy = eu.noisy_copy(clean, cfg.noise.std, cfg.noise.seed, clamp=cfg.noise.clamp)
+    noisy = denoise.noisy_input(cfg, clean)
     den = denoise.ours_denoiser(cfg, tc, noisy, idx=np.arange(k) if tc.per_image_offset else None)
     last: dict = {}
     sub = os.path.join(wd, "train")

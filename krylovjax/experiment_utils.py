@@ -210,8 +210,10 @@ def check_positive_seconds(value: Any, name: str = "budget_seconds") -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def noisy_copy(images, std: float, seed: int, *, clamp: bool = True) -> np.ndarray:
-    """Paper A's noisy test input ``clamp(x + std z, 0, 1)``, ``z ~ N(0, I)`` (method.md 6).
+def noisy_copy(images, std: float, seed: int, *, clamp: bool = True, scale: float = 1.0) -> np.ndarray:
+    """Paper A's noisy test input ``clamp(x + std z, 0, 1)``, ``z ~ N(0, I)`` (method.md 6), or
+    with ``scale`` ``clamp(scale x + std z, 0, 1)`` (Paper B's conditional start ``w x + (1 - w)
+    sigma z`` is ``scale = w``, ``std = (1 - w) sigma``).
 
     The noise comes from ``numpy.random.default_rng(seed)`` (standard normal, float64, then
     cast), so a seed gives the same noisy image in float32 and float64 and on every machine.
@@ -220,7 +222,8 @@ def noisy_copy(images, std: float, seed: int, *, clamp: bool = True) -> np.ndarr
       images: ``[B, C, H, W]`` float32/float64 in [0, 1].
       std: noise standard deviation, finite and > 0 (Paper A: 0.506).
       seed: integer seed.
-      clamp: clamp to [0, 1] (Paper A does); False gives ``x + std z``.
+      clamp: clamp to [0, 1] (Paper A does); False gives ``scale x + std z``.
+      scale: the clean image's factor, finite and > 0 (default 1).
 
     Returns:
       numpy array like ``images`` (same shape and dtype).
@@ -232,8 +235,10 @@ def noisy_copy(images, std: float, seed: int, *, clamp: bool = True) -> np.ndarr
         raise TypeError(f"images: expected a floating dtype, got {x.dtype}")
     if not (_real(std) and math.isfinite(float(std)) and float(std) > 0):
         raise ValueError(f"std: expected a finite noise level > 0, got {std!r}")
+    if not (_real(scale) and math.isfinite(float(scale)) and float(scale) > 0):
+        raise ValueError(f"scale: expected a finite factor > 0, got {scale!r}")
     z = np.random.default_rng(int(seed)).standard_normal(x.shape)
-    y = x.astype(np.float64) + float(std) * z
+    y = float(scale) * x.astype(np.float64) + float(std) * z
     if clamp:
         y = np.clip(y, 0.0, 1.0)
     return y.astype(x.dtype)

@@ -103,6 +103,16 @@ def test_noisy_copy_is_papers_clamped_gaussian_noise():
         eu.noisy_copy(x[0], 0.1, seed=0)
     with pytest.raises(TypeError, match="images"):
         eu.noisy_copy(np.zeros((1, 1, 4, 4), np.int32), 0.1, seed=0)
+    # scale: Paper B's conditional start w x + (1 - w) sigma z, with the same z
+    z7 = np.random.default_rng(7).standard_normal(x.shape)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(eu.noisy_copy(x64, 0.8, seed=7, clamp=False, scale=0.6), 0.6 * x64 + 0.8 * z7,
+                               rtol=0, atol=1e-15)
+    np.testing.assert_allclose(eu.noisy_copy(x64, 0.8, seed=7, scale=0.6), np.clip(0.6 * x64 + 0.8 * z7, 0, 1),
+                               rtol=0, atol=1e-15)
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="scale: expected a finite factor > 0"):
+            eu.noisy_copy(x, 0.1, seed=0, scale=bad)
 
 
 def test_first_reaching_and_targets():
@@ -614,6 +624,7 @@ def test_budget_smoke_and_bad_budget(tmp_path):
     for k in ("experiment", "task", "budget_seconds", "machine", "images", "budget_convention", "methods"):
         assert k in out
     assert out["budget_seconds"] == 3 and out["images"]["shape"] == [1, 3, 16, 16]
+    assert out["noise"] == {"std": 0.506, "seed": 0, "signal_scale": 1.0}
     for m in ("ours", "ddpm"):
         r = out["methods"][m]
         assert r["stop_reason"] == "budget" and r["steps"] >= 1
@@ -661,6 +672,31 @@ def test_budget_conditional_config_is_paper_b_conditional_start():
     abar = float(sched.alpha_bars[k])
     assert 0 < k < len(sched.alpha_bars) - 1 and abs(math.sqrt((1 - abar) / abar) / (8.0 / 3.0) - 1) < 0.01
     assert cfg.ours.sampler.kind == "denoise" and cfg.ddpm.train.ddpm_max_train_step is None
+
+
+def test_budget_conditional_literal_config_is_paper_b_code():
+    """The literal form: the input is w clean + (1 - w) sigma z itself (the matched config's input
+    times w, the same z), ours starts it at t = 1, DDPM at the top of its chain, outputs min-max
+    normalised; the networks' configs are the matched config's."""
+    from experiments import budget, denoise
+    from experiments.configs import budget_conditional as bc
+    from experiments.configs import budget_conditional_literal as bl
+
+    cfg, matched = bl.get_config(), bc.get_config()
+    budget.check_budget_config(cfg)
+    clean = np.random.default_rng(3).uniform(0.0, 1.0, (3, 3, 8, 8))
+    z = np.random.default_rng(cfg.noise.seed).standard_normal(clean.shape)
+    sigma = cfg.ours.train.sde_kwargs.sigma
+    np.testing.assert_allclose(denoise.noisy_input(cfg, clean), bc.W * clean + (1 - bc.W) * sigma * z,
+                               rtol=0, atol=1e-12)
+    np.testing.assert_allclose(denoise.noisy_input(cfg, clean), bc.W * denoise.noisy_input(matched, clean),
+                               rtol=0, atol=1e-12)
+    assert abs(denoise.matched_std(cfg) - matched.noise.std) < 1e-12
+    assert (cfg.ours.sampler.kind, cfg.ours.sampler.t_start, cfg.ddpm.sampler.start, cfg.normalise) == (
+        "flow", 1.0, "top", "minmax")
+    for m in ("ours", "ddpm"):
+        assert denoise.train_config(cfg, m) == denoise.train_config(matched, m)
+    denoise.check_ddpm_range(cfg, denoise.train_config(cfg, "ddpm"))
 
 
 def test_budget_generate_task_records_the_quality_curve(tmp_path):
@@ -1011,6 +1047,120 @@ def test_ours_ode_denoiser_with_exact_score_of_a_point_mass():
     z = (noisy - x0) / cfg.noise.std
     want = np.clip(x0 + float(sde.perturbation_std(jnp.asarray(1e-3))) * z, 0, 1)  # the clamp of the output
     np.testing.assert_allclose(np.asarray(out), want, atol=1e-4)
+
+
+def test_signal_scale_matched_denoisers_equal_the_divided_input():
+    """With noise.signal_scale s the matched denoisers see noisy / s at noise level std / s: ours'
+    "denoise" sampler and DDPM's matched chain give on s x0 + std z exactly what they give with
+    s = 1 on x0 + (std / s) z (the same z), for exact model functions of one image."""
+    import jax.numpy as jnp
+
+    from experiments import denoise
+
+    x0 = np.random.default_rng(4).uniform(0.2, 0.8, (2, 3, 8, 8))
+    z = np.random.default_rng(0).standard_normal(x0.shape)
+    outs = {}
+    for s, std in ((0.6, 0.8), (1.0, 0.8 / 0.6)):
+        cfg = _point_config("denoise")
+        cfg.ours.train.sde, cfg.ours.train.sde_kwargs = "ve", {"sigma": 2.0}
+        cfg.ours.sampler.update(method="ode", rtol=1e-6, atol=1e-6)
+        cfg.noise.update(std=std, clamp=False, signal_scale=s, seed=0)
+        cfg.ddpm.train.ddpm_num_steps = 1000  # reaches noise level 2 * 4/3 in [-1, 1]
+        denoise.check_config(cfg)
+        noisy = denoise.noisy_input(cfg, x0)
+        np.testing.assert_allclose(noisy, s * x0 + std * z, atol=1e-14)
+        tc = denoise.train_config(cfg, "ours")
+        sde = tc.make_sde()
+
+        def score_fn(x, t):
+            return -(x - jnp.asarray(x0)) / sde.perturbation_std(t)[:, None, None, None] ** 2
+
+        tcd = denoise.train_config(cfg, "ddpm")
+        sched = tcd.ddpm_schedule(dtype=jnp.float64)
+
+        def eps_fn(x, i):
+            ab = sched.alpha_bars[i][:, None, None, None]
+            return (x - jnp.sqrt(ab) * (2 * x0 - 1)) / jnp.sqrt(1 - ab)
+
+        outs[s] = (np.asarray(denoise.ours_denoiser(cfg, tc, noisy)(score_fn)[0]),
+                   np.asarray(denoise.ddpm_denoiser(cfg, tcd, noisy)(eps_fn)[0]))
+    np.testing.assert_allclose(outs[0.6][0], outs[1.0][0], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(outs[0.6][1], outs[1.0][1], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(outs[0.6][1], x0, atol=1e-10)  # the exact epsilon ends at x0
+
+
+@pytest.mark.parametrize("method", ["ancestral", "ddim"])
+def test_ddpm_top_start_runs_the_whole_chain_from_the_input(method):
+    """ddpm.sampler.start = "top": the whole chain (ancestral, or DDIM through all T steps) from
+    x_T = 2 noisy - 1, with the same key; the output is min-max normalised with normalise="minmax"."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import denoise
+    from krylovjax import ddpm
+
+    cfg = _point_config()
+    cfg.noise.update(std=0.8, clamp=False, signal_scale=0.6)
+    cfg.ddpm.sampler.start = "top"
+    cfg.ddpm.sampler.clip_x0 = False  # outputs outside [0, 1], which min-max brings back
+    cfg.normalise = "minmax"
+    denoise.check_config(cfg)
+    tc = denoise.train_config(cfg, "ddpm")
+    sched = tc.ddpm_schedule(dtype=jnp.float64)
+    noisy = denoise.noisy_input(cfg, np.random.default_rng(5).uniform(0, 1, (2, 3, 8, 8)))
+
+    def eps_fn(x, i):  # any smooth function of (x, i)
+        return jnp.tanh(0.5 * x) * (1.0 + i[:, None, None, None] / 100.0)
+
+    out, frames, nfe = denoise.ddpm_denoiser(cfg, tc, noisy, method=method)(eps_fn, return_trajectory=True)
+    xT = 2.0 * jnp.asarray(noisy) - 1.0
+    key = jax.random.PRNGKey(int(cfg.eval_seed))
+    if method == "ancestral":
+        r = ddpm.ddpm_ancestral_sample(eps_fn, xT, key, schedule=sched, variance="large")
+    else:
+        r = ddpm.ddim_sample(eps_fn, xT, schedule=sched, num_steps=100)
+    y = (np.asarray(r.x) + 1.0) / 2.0
+    assert y.min() < -0.1 and y.max() > 1.1
+    lo, hi = y.min(axis=(1, 2, 3), keepdims=True), y.max(axis=(1, 2, 3), keepdims=True)
+    np.testing.assert_allclose(np.asarray(out), (y - lo) / (hi - lo), rtol=0, atol=1e-12)
+    assert nfe == 100 and frames.shape[0] == cfg.num_frames
+    np.testing.assert_allclose(np.asarray(frames[-1]), np.clip(y, 0, 1), rtol=0, atol=1e-12)  # frames: clipped
+
+
+def test_to_unit_clip_and_minmax():
+    from experiments import denoise
+
+    x = np.random.default_rng(6).normal(0.5, 0.7, (3, 2, 4, 4))
+    x[2] = 0.25  # a constant sample
+    np.testing.assert_array_equal(np.asarray(denoise.to_unit(x, "clip")), np.clip(x, 0, 1))
+    got = np.asarray(denoise.to_unit(x, "minmax"))
+    for b in range(2):
+        np.testing.assert_allclose(got[b], (x[b] - x[b].min()) / (x[b].max() - x[b].min()), rtol=0, atol=1e-15)
+        assert got[b].min() == 0.0 and got[b].max() == 1.0
+    np.testing.assert_array_equal(got[2], 0.0)
+    with pytest.raises(ValueError, match="normalise: expected one of"):
+        denoise.to_unit(x, "scale")
+
+
+def test_conditional_start_options_reject_bad_values():
+    from experiments import denoise
+
+    for key, bad, msg in (("noise.signal_scale", 0.0, "noise.signal_scale: expected a finite factor > 0"),
+                          ("noise.signal_scale", float("nan"), "noise.signal_scale: expected a finite factor"),
+                          ("normalise", "unit", "normalise: expected one of"),
+                          ("ddpm.sampler.start", "middle", "ddpm.sampler.start: expected one of")):
+        cfg = _point_config()
+        head, _, last = key.rpartition(".")
+        (cfg if not head else eval("cfg." + head))[last] = bad
+        with pytest.raises(ValueError, match=msg):
+            denoise.check_config(cfg)
+    cfg = _point_config()
+    cfg.ddpm.sampler.start = "top"
+    cfg.ddpm.train.ddpm_max_train_step = 99  # of 100 steps
+    with pytest.raises(ValueError, match="ddpm.sampler.start = 'top' runs the whole chain.*expected None or 100, got 99"):
+        denoise.check_ddpm_range(cfg, denoise.train_config(cfg, "ddpm"))
+    cfg.ddpm.train.ddpm_max_train_step = 100
+    denoise.check_ddpm_range(cfg, denoise.train_config(cfg, "ddpm"))
 
 
 def test_ours_flow_denoiser_with_exact_score_of_the_demo_sde():

@@ -13,7 +13,8 @@ the probability-flow ODE from ``lambda(t*) = 4/3``, t* = 0.896; DDPM: its ancest
 step with ``sqrt(1 - abar) / sqrt(abar) = 2 * 4/3`` in its [-1, 1] range, step 452 of 1000).
 That is the ``denoise`` task at the conditional start's noise level. Paper B's code feeds the
 start to its ODE at t = 1 without the division (and scores after min-max normalising each
-sample); the matched form gives both methods the same information and needs no normalisation.
+sample): ``budget_conditional_literal.py``. The matched form gives both methods the same
+information and needs no normalisation.
 
 The noise level 4/3 lies between the denoise budget's 0.506 (``budget_demo.py``) and generation
 from pure noise (``budget_generate.py``); three photos, one noisy copy each.

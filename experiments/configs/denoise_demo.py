@@ -58,17 +58,20 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.index = 0
     c.data.kwargs = ml_collections.ConfigDict()  # extra load_images kwargs (tfds: split, data_dir, ...)
 
-    # Paper A's noisy test input: clamp(x + std z, 0, 1), z from numpy default_rng(seed).
+    # Paper A's noisy test input: clamp(x + std z, 0, 1), z from numpy default_rng(seed); with
+    # signal_scale s: clamp(s x + std z, 0, 1) (Paper B's conditional start, budget_conditional*.py).
     c.noise = ml_collections.ConfigDict()
     c.noise.std = 0.506
     c.noise.seed = 0
     c.noise.clamp = True
+    c.noise.signal_scale = 1.0
 
     # Stop at max(targets); the time to every target is reported.
     c.targets = (0.95,)
     c.metric = "ssim"  # "ssim" (windowed, scikit-image's) or "global_ssim" (Paper A's early stop)
     c.eval_seed = 1  # PRNG key of the stochastic samplers (the same at every evaluation)
     c.num_frames = 10  # frames of the denoising trajectory figure (Figure 2)
+    c.normalise = "clip"  # outputs into [0, 1] before scoring: "clip", or "minmax" per sample (Paper B)
     c.methods = ("ours", "ddpm")
 
     # TrainConfig fields shared by both methods: the same U-Net, batch, seed and eval cadence.
@@ -155,6 +158,8 @@ def get_config() -> ml_collections.ConfigDict:
     # krylovjax.ddpm.ddpm_denoise from the step matching the noise level (2 * std in [-1, 1]).
     c.ddpm.sampler = ml_collections.ConfigDict()
     c.ddpm.sampler.method = "ancestral"  # or "ddim"
+    # "matched": the chain from the step of the noise level; "top": all T steps from 2 noisy - 1
+    c.ddpm.sampler.start = "matched"
     # Further samplers of the same DDPM network, evaluated at the same steps, each a table row
     # (Paper B's DDIM row: the deterministic sampler, the counterpart of ours' probability flow).
     c.ddpm.sampler.extra_methods = ("ddim",)
