@@ -191,6 +191,11 @@ def _real(v: Any) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
+def _positive(v: Any) -> bool:
+    """A real number, finite and > 0 (not a bool)."""
+    return _real(v) and math.isfinite(float(v)) and float(v) > 0
+
+
 def check_target(value: Any, name: str = "target") -> float:
     """An SSIM target: a finite number in (0, 1]; returns it as float, else ValueError."""
     if not (_real(value) and math.isfinite(float(value)) and 0.0 < float(value) <= 1.0):
@@ -200,7 +205,7 @@ def check_target(value: Any, name: str = "target") -> float:
 
 def check_positive_seconds(value: Any, name: str = "budget_seconds") -> float:
     """A time budget: a finite number of seconds > 0; returns it as float, else ValueError."""
-    if not (_real(value) and math.isfinite(float(value)) and float(value) > 0):
+    if not _positive(value):
         raise ValueError(f"{name}: expected a finite number of seconds > 0, got {value!r}")
     return float(value)
 
@@ -233,9 +238,9 @@ def noisy_copy(images, std: float, seed: int, *, clamp: bool = True, scale: floa
         raise ValueError(f"images: expected shape [B, C, H, W], got {x.shape}")
     if not np.issubdtype(x.dtype, np.floating):
         raise TypeError(f"images: expected a floating dtype, got {x.dtype}")
-    if not (_real(std) and math.isfinite(float(std)) and float(std) > 0):
+    if not _positive(std):
         raise ValueError(f"std: expected a finite noise level > 0, got {std!r}")
-    if not (_real(scale) and math.isfinite(float(scale)) and float(scale) > 0):
+    if not _positive(scale):
         raise ValueError(f"scale: expected a finite factor > 0, got {scale!r}")
     z = np.random.default_rng(int(seed)).standard_normal(x.shape)
     y = float(scale) * x.astype(np.float64) + float(std) * z
