@@ -185,6 +185,8 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
                 os.remove(os.path.join(workdir, f))
 
     noisy = denoise.noisy_input(cfg, clean)
+    ddpm_in = denoise.ddpm_input(cfg, clean, noisy)  # noisy itself unless ddpm.sampler.start = "prior_mix"
+    own_start = cfg.task == "denoise" and ddpm_in is not noisy
     idx = np.arange(B)
     results: dict[str, Any] = {}
     outputs: dict[str, np.ndarray] = {}
@@ -207,7 +209,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
             if m == "ours":
                 den = denoise.ours_denoiser(cfg, tc, noisy, idx=idx if tc.per_image_offset else None)
             else:
-                den = denoise.ddpm_denoiser(cfg, tc, noisy)
+                den = denoise.ddpm_denoiser(cfg, tc, ddpm_in)
             eval_fn = denoise.make_eval_fn(den, clean, m, last)
         else:
             gen, sidx = generator(cfg, tc, m, B, clean.shape[1:])
@@ -240,17 +242,20 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
         "noise": ({"std": cfg.noise.std, "seed": cfg.noise.seed, "signal_scale": denoise.signal_scale(cfg)}
                   if cfg.task == "denoise" else None),
         "noisy": denoise.image_metrics(noisy, clean) if cfg.task == "denoise" else None,
+        "ddpm_start": denoise.ddpm_start(cfg) if cfg.task == "denoise" else None,
+        "ddpm_input": denoise.image_metrics(np.clip(ddpm_in, 0.0, 1.0), clean) if own_start else None,
         "budget_convention": (
             "the same wall-clock budget of work for both: ours = pre-computation + embedding + training run "
             "time, DDPM = training run time (optimiser steps; JIT compile and the evaluations excluded)"),
         "methods": results,
         "config": eu._plain(cfg),
     }
-    _write(out, workdir, clean, noisy, outputs)
+    _write(out, workdir, clean, noisy, outputs,
+           ddpm_in=ddpm_in if own_start else None)
     return out
 
 
-def _write(out: dict, workdir: str, clean, noisy, outputs: dict) -> None:
+def _write(out: dict, workdir: str, clean, noisy, outputs: dict, ddpm_in=None) -> None:
     import numpy as np
 
     from krylovjax import experiment_utils as eu
@@ -269,6 +274,10 @@ def _write(out: dict, workdir: str, clean, noisy, outputs: dict) -> None:
             f"Budget: {out['budget_convention']}.\n\n"]
     if out["noisy"]:
         text.append(f"Noisy inputs: mean SSIM {out['noisy']['ssim']:.4f}.\n\n")
+    if out.get("ddpm_input"):
+        text.append("DDPM starts its whole chain from Paper B's recipe at its own prior's scale "
+                    "(`ddpm.sampler.start = prior_mix`), not from the noisy inputs: mean SSIM "
+                    f"{out['ddpm_input']['ssim']:.4f} (clipped to [0, 1]).\n\n")
     if gen:
         text.append("Each sample is scored against its own source if the model draws it for one (ours with "
                     "per-image time intervals), else against the source most similar to it (SSIM).\n\n")
@@ -296,6 +305,9 @@ def _write(out: dict, workdir: str, clean, noisy, outputs: dict) -> None:
     if out["task"] == "denoise":
         rows_img.append(list(noisy))
         row_labels.append("noisy")
+    if ddpm_in is not None:  # ddpm.sampler.start = "prior_mix": DDPM's own start
+        rows_img.append(list(np.clip(ddpm_in, 0.0, 1.0)))
+        row_labels.append("DDPM's start")
     for m in names:
         rows_img.append(list(np.asarray(outputs[m])))
         row_labels.append(f"{label[m]}\nSSIM {out['methods'][m]['ssim']:.3f}")

@@ -70,9 +70,12 @@ METHODS = ("ours", "ddpm")
 METRICS = ("ssim", "global_ssim")
 OUR_SAMPLERS = ("paper_a", "flow", "denoise")
 DDPM_SAMPLERS = ("ancestral", "ddim")
-# Where DDPM's chain starts on a noisy input: "matched" (the step of its noise level) or "top"
-# (the whole chain from x_T = 2 noisy - 1: Paper B's literal conditional start).
-DDPM_STARTS = ("matched", "top")
+# Where DDPM's chain starts on a noisy input: "matched" (the step of its noise level), "top"
+# (the whole chain from x_T = 2 noisy - 1: Paper B's literal conditional start, the same array as
+# ours') or "prior_mix" (the whole chain from Paper B's recipe in DDPM's own space,
+# x_T = w (2 clean - 1) + (1 - w) z with w = noise.signal_scale and the input's own draw z).
+DDPM_STARTS = ("matched", "top", "prior_mix")
+WHOLE_CHAIN_STARTS = ("top", "prior_mix")
 # How a denoised output is brought into [0, 1] before it is scored: clipped, or min-max
 # normalised per sample (Paper B's code).
 NORMALISE = ("clip", "minmax")
@@ -168,6 +171,9 @@ def check_config(cfg) -> None:
         raise ValueError(f"ddpm.sampler.method: expected one of {DDPM_SAMPLERS}, got {sc.method!r}")
     if ddpm_start(cfg) not in DDPM_STARTS:
         raise ValueError(f"ddpm.sampler.start: expected one of {DDPM_STARTS}, got {ddpm_start(cfg)!r}")
+    if ddpm_start(cfg) == "prior_mix" and not signal_scale(cfg) < 1.0:
+        raise ValueError("noise.signal_scale: ddpm.sampler.start = 'prior_mix' mixes that share of the clean image "
+                         f"with 1 - it of DDPM's prior draw, so expected a value in (0, 1), got {signal_scale(cfg)!r}")
     extra = sc.get("extra_methods", ())
     extra = tuple(extra) if isinstance(extra, (list, tuple)) else extra
     if not isinstance(extra, tuple) or any(e not in DDPM_SAMPLERS for e in extra) or len(set(extra)) != len(extra):
@@ -205,7 +211,8 @@ def train_config(cfg, method: str):
 def check_ddpm_range(cfg, tc) -> None:
     """A DDPM trained on the steps below ``ddpm_max_train_step`` only must cover the denoising
     chain, which calls the network at the steps ``i*, ..., 0`` (:func:`krylovjax.ddpm.denoise_start_step`
-    of the noise level ``2 std / signal_scale``; with ``ddpm.sampler.start = "top"`` every step).
+    of the noise level ``2 std / signal_scale``; with ``ddpm.sampler.start`` "top" or "prior_mix"
+    every step).
 
     Raises:
       ValueError: naming ``ddpm.train.ddpm_max_train_step`` and the smallest value that covers it.
@@ -217,10 +224,10 @@ def check_ddpm_range(cfg, tc) -> None:
     m = tc.ddpm_max_train_step
     if m is None:
         return
-    if ddpm_start(cfg) == "top":
+    if ddpm_start(cfg) in WHOLE_CHAIN_STARTS:
         if m < int(tc.ddpm_num_steps):
             raise ValueError(
-                f"ddpm.train.ddpm_max_train_step: ddpm.sampler.start = 'top' runs the whole chain, so the network "
+                f"ddpm.train.ddpm_max_train_step: ddpm.sampler.start = {ddpm_start(cfg)!r} runs the whole chain, so the network "
                 f"must be trained on every step: expected None or {int(tc.ddpm_num_steps)}, got {m}")
         return
     start = int(np.max(ddpm.denoise_start_step(2.0 * matched_std(cfg), schedule=tc.ddpm_schedule())))
@@ -410,6 +417,25 @@ def noisy_input(cfg, clean):
     return eu.noisy_copy(clean, cfg.noise.std, cfg.noise.seed, clamp=cfg.noise.clamp, scale=signal_scale(cfg))
 
 
+def ddpm_input(cfg, clean, noisy):
+    """The array DDPM's sampler is given (:func:`ddpm_denoiser`'s ``noisy``): the test input
+    ``noisy`` itself, except with ``ddpm.sampler.start = "prior_mix"``: then ``(x_T + 1) / 2`` with
+    ``x_T = w (2 clean - 1) + (1 - w) z`` in the network's [-1, 1] range, ``w = noise.signal_scale``
+    and ``z`` the draw of ``noisy`` itself (:func:`krylovjax.experiment_utils.standard_noise` of
+    ``noise.seed``). That is Paper B's conditional recipe, ``w clean + (1 - w)`` a prior sample,
+    with DDPM's own prior N(0, I), where ``noisy`` is the recipe with ours' prior N(0, sigma^2)."""
+    import numpy as np
+
+    from krylovjax import experiment_utils as eu
+
+    if ddpm_start(cfg) != "prior_mix":
+        return noisy
+    c = np.asarray(clean)
+    w = signal_scale(cfg)
+    x_top = w * (2.0 * c.astype(np.float64) - 1.0) + (1.0 - w) * eu.standard_noise(c.shape, cfg.noise.seed)
+    return ((x_top + 1.0) / 2.0).astype(np.asarray(noisy).dtype)
+
+
 def to_unit(x, mode: str = "clip"):
     """``x [B, C, H, W]`` into [0, 1]: ``"clip"``, or ``"minmax"``, each sample's
     ``(x - min) / (max - min)`` over all its channels and pixels (Paper B's scoring; a constant
@@ -510,9 +536,11 @@ def ours_denoiser(cfg, tc, noisy, *, idx=None) -> Callable:
 def ddpm_denoiser(cfg, tc, noisy, method: str | None = None) -> Callable:
     """The same interface for DDPM. ``ddpm.sampler.start = "matched"``:
     :func:`krylovjax.ddpm.ddpm_denoise` of ``2 noisy / signal_scale - 1`` with noise level
-    ``2 std / signal_scale`` (the network's [-1, 1] range), from the matching step. ``"top"``: the
-    whole chain (:func:`krylovjax.ddpm.ddpm_ancestral_sample`, or DDIM through all ``T`` steps)
-    from ``x_T = 2 noisy - 1``, Paper B's literal conditional start. The output is mapped back
+    ``2 std / signal_scale`` (the network's [-1, 1] range), from the matching step. ``"top"`` and
+    ``"prior_mix"``: the whole chain (:func:`krylovjax.ddpm.ddpm_ancestral_sample`, or DDIM
+    through all ``T`` steps) from ``x_T = 2 noisy - 1``, Paper B's literal conditional start (give
+    ``noisy`` = :func:`ddpm_input`, which for "prior_mix" is Paper B's recipe at DDPM's own prior
+    scale). The output is mapped back
     with ``(x + 1) / 2`` and brought into [0, 1] by ``normalise``; the frames with
     ``(x / sqrt(abar_k) + 1) / 2``, clipped (the state rescaled to the data scale at its step
     ``k``, so the rows of the figure are comparable). ``method``: ``"ancestral"`` or ``"ddim"``
@@ -524,7 +552,7 @@ def ddpm_denoiser(cfg, tc, noisy, method: str | None = None) -> Callable:
 
     sched = tc.ddpm_schedule(dtype=jnp.asarray(noisy).dtype)
     sc = cfg.ddpm.sampler
-    top = ddpm_start(cfg) == "top"
+    top = ddpm_start(cfg) in WHOLE_CHAIN_STARTS
     x0 = 2.0 * jnp.asarray(noisy) / (1.0 if top else signal_scale(cfg)) - 1.0
     key = jax.random.PRNGKey(int(cfg.eval_seed))
     clip = (-1.0, 1.0) if sc.clip_x0 else None
@@ -706,7 +734,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
         else:
             data = clean
             for r, method in rows.items():
-                denoisers[r] = ddpm_denoiser(cfg, tc, noisy, method)
+                denoisers[r] = ddpm_denoiser(cfg, tc, ddpm_input(cfg, clean, noisy), method)
         lasts: dict = {r: {} for r in rows}
         others = {r: (denoisers[r], lasts[r]) for r in rows if r != m}
         eval_fn = make_eval_fn(denoisers[m], clean, m, lasts[m], others=others)
@@ -766,7 +794,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
         "machine": eu.machine_info(),
         "image": {"source": cfg.data.source, "shape": list(clean.shape), "dtype": str(clean.dtype)},
         "noise": {"std": cfg.noise.std, "seed": cfg.noise.seed, "clamp": cfg.noise.clamp,
-                  "signal_scale": signal_scale(cfg)},
+                  "signal_scale": signal_scale(cfg), "ddpm_start": ddpm_start(cfg)},
         "noisy": {k: base[k] for k in ("ssim", "global_ssim", "psnr", "mse")},
         "metric": cfg.metric, "targets": targets,
         "timing_convention": (
@@ -805,8 +833,10 @@ def _write_outputs(out: dict, workdir: str, clean, noisy, outs: dict, frames: di
     text = [f"# Single-image denoising ({out['image']['source']}, {out['image']['shape'][2]}x"
             f"{out['image']['shape'][3]}, noise std {out['noise']['std']}, noise seed {out['noise']['seed']}, "
             f"training seed {seed})\n",
-            f"Noisy input: SSIM {out['noisy']['ssim']:.4f}, PSNR {out['noisy']['psnr']:.2f} dB. "
-            f"Timing: {out['timing_convention']}.\n", eu.markdown_table(headers, rows)]
+            f"Noisy input: SSIM {out['noisy']['ssim']:.4f}, PSNR {out['noisy']['psnr']:.2f} dB"
+            + (" (DDPM starts its whole chain from Paper B's recipe at its own prior's scale instead, "
+               "`ddpm.sampler.start = prior_mix`)" if out["noise"].get("ddpm_start") == "prior_mix" else "")
+            + f". Timing: {out['timing_convention']}.\n", eu.markdown_table(headers, rows)]
     if out["comparison"]:
         base = [r for r in res if r != "ours"]
         crow, chead = [], [f"target {metric}", "ours"]

@@ -36,6 +36,7 @@ __all__ = [
     "check_target",
     "check_positive_seconds",
     "noisy_copy",
+    "standard_noise",
     "read_metrics",
     "first_reaching",
     "markdown_table",
@@ -215,6 +216,13 @@ def check_positive_seconds(value: Any, name: str = "budget_seconds") -> float:
 # ----------------------------------------------------------------------------------------------
 
 
+def standard_noise(shape, seed: int) -> np.ndarray:
+    """The draw ``z ~ N(0, I)`` of :func:`noisy_copy` for ``seed``: float64 from
+    ``numpy.random.default_rng(seed)``, so ``noisy_copy(x, std, seed, clamp=False, scale=s)`` is
+    ``s x + std standard_noise(x.shape, seed)`` whatever ``std`` and ``s``."""
+    return np.random.default_rng(int(seed)).standard_normal(tuple(shape))
+
+
 def noisy_copy(images, std: float, seed: int, *, clamp: bool = True, scale: float = 1.0) -> np.ndarray:
     """Paper A's noisy test input ``clamp(x + std z, 0, 1)``, ``z ~ N(0, I)`` (method.md 6), or
     with ``scale`` ``clamp(scale x + std z, 0, 1)`` (Paper B's conditional start ``w x + (1 - w)
@@ -242,8 +250,7 @@ def noisy_copy(images, std: float, seed: int, *, clamp: bool = True, scale: floa
         raise ValueError(f"std: expected a finite noise level > 0, got {std!r}")
     if not _positive(scale):
         raise ValueError(f"scale: expected a finite factor > 0, got {scale!r}")
-    z = np.random.default_rng(int(seed)).standard_normal(x.shape)
-    y = float(scale) * x.astype(np.float64) + float(std) * z
+    y = float(scale) * x.astype(np.float64) + float(std) * standard_noise(x.shape, seed)
     if clamp:
         y = np.clip(y, 0.0, 1.0)
     return y.astype(x.dtype)

@@ -1127,6 +1127,82 @@ def test_ddpm_top_start_runs_the_whole_chain_from_the_input(method):
     np.testing.assert_allclose(np.asarray(frames[-1]), np.clip(y, 0, 1), rtol=0, atol=1e-12)  # frames: clipped
 
 
+@pytest.mark.parametrize("method", ["ancestral", "ddim"])
+def test_ddpm_prior_mix_start_is_paper_b_recipe_at_ddpm_scale(method):
+    """ddpm.sampler.start = "prior_mix": DDPM's whole chain from x_T = w (2 clean - 1) + (1 - w) z,
+    w = noise.signal_scale and z the noisy input's own draw (recovered here from the unclamped
+    input), where the other starts give DDPM the noisy input itself."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import denoise
+    from krylovjax import ddpm
+
+    cfg = _point_config()
+    cfg.noise.update(std=0.8, clamp=False, signal_scale=0.6, seed=7)
+    clean = np.random.default_rng(5).uniform(0, 1, (2, 3, 8, 8))
+    noisy = denoise.noisy_input(cfg, clean)
+    for start in ("matched", "top"):
+        cfg.ddpm.sampler.start = start
+        assert denoise.ddpm_input(cfg, clean, noisy) is noisy
+    cfg.ddpm.sampler.start = "prior_mix"
+    denoise.check_config(cfg)
+    z = (noisy - 0.6 * clean) / 0.8
+    x_top = 0.6 * (2.0 * clean - 1.0) + 0.4 * z
+    given = denoise.ddpm_input(cfg, clean, noisy)
+    assert given.dtype == noisy.dtype
+    np.testing.assert_allclose(2.0 * given - 1.0, x_top, rtol=0, atol=1e-12)
+    tc = denoise.train_config(cfg, "ddpm")
+    sched = tc.ddpm_schedule(dtype=jnp.float64)
+
+    def eps_fn(x, i):  # any smooth function of (x, i)
+        return jnp.tanh(0.5 * x) * (1.0 + i[:, None, None, None] / 100.0)
+
+    out, _, nfe = denoise.ddpm_denoiser(cfg, tc, given, method=method)(eps_fn)
+    if method == "ancestral":
+        r = ddpm.ddpm_ancestral_sample(eps_fn, jnp.asarray(x_top), jax.random.PRNGKey(int(cfg.eval_seed)),
+                                       schedule=sched, variance="large", clip_x0=(-1.0, 1.0))
+    else:
+        r = ddpm.ddim_sample(eps_fn, jnp.asarray(x_top), schedule=sched, num_steps=100, clip_x0=(-1.0, 1.0))
+    assert nfe == 100
+    np.testing.assert_allclose(np.asarray(out), np.clip((np.asarray(r.x) + 1.0) / 2.0, 0, 1), rtol=0, atol=1e-12)
+    # the whole chain: the network must know every step
+    cfg.ddpm.train.ddpm_max_train_step = 99
+    with pytest.raises(ValueError, match="start = 'prior_mix' runs the whole chain.*expected None or 100, got 99"):
+        denoise.check_ddpm_range(cfg, denoise.train_config(cfg, "ddpm"))
+    # a mix needs a share of the image in (0, 1)
+    cfg.noise.signal_scale = 1.0
+    with pytest.raises(ValueError, match=r"noise.signal_scale: ddpm.sampler.start = 'prior_mix'.*\(0, 1\), got 1.0"):
+        denoise.check_config(cfg)
+
+
+def test_budget_records_ddpm_prior_mix_start(tmp_path):
+    """The budget binary with ddpm.sampler.start = "prior_mix" gives DDPM the recipe's start, says so
+    in results.md and records that start's SSIM; DDPM alone, in-process, a 2 s budget."""
+    from experiments import budget, denoise
+    from experiments.configs import budget_conditional_literal
+
+    cfg = budget_conditional_literal.get_config()
+    cfg.data.size = 16
+    cfg.data.kwargs.num_images = 1
+    cfg.common.model_overrides.update(ch=8, ch_mult=(1,), attn_resolutions=())
+    cfg.ddpm.train.update(batch_size=2, ddpm_num_steps=100)
+    cfg.num_frames = 3
+    cfg.methods = ("ddpm",)
+    cfg.ddpm.sampler.update(start="prior_mix", method="ddim")
+    cfg.budget_seconds = 2.0
+    wd = str(tmp_path / "pm")
+    out = budget.run(cfg, wd)
+    clean = denoise.load_clean(cfg.data)
+    given = denoise.ddpm_input(cfg, clean, denoise.noisy_input(cfg, clean))
+    assert out["ddpm_start"] == "prior_mix"
+    assert out["ddpm_input"]["ssim"] == pytest.approx(denoise.image_metrics(np.clip(given, 0, 1), clean)["ssim"])
+    assert out["ddpm_input"]["ssim"] > out["noisy"]["ssim"] + 0.05  # its noise is 0.2 z against 0.8 z
+    text = open(os.path.join(wd, "results.md")).read()
+    assert "DDPM starts its whole chain from Paper B's recipe" in text
+    assert os.path.isfile(os.path.join(wd, "grid.png")) and out["methods"]["ddpm"]["steps"] >= 1
+
+
 def test_to_unit_clip_and_minmax():
     from experiments import denoise
 

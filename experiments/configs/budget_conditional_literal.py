@@ -16,15 +16,18 @@ makes it:
   Paper B's scoring).
 
 ``--config.ddpm.sampler.method=ddim`` runs DDPM's deterministic sampler through all 1000 steps
-from the same start (Paper B's DDIM row on the same network).
+from the same start (Paper B's DDIM row on the same network). ``--config.ddpm.sampler.start=prior_mix``
+gives DDPM Paper B's recipe in its own space instead, ``x_T = 0.6 (2 clean - 1) + 0.4 z`` with the
+same draw ``z`` (its prior is N(0, 1), ours' N(0, 2^2)); with ``method=ddim`` that is the strongest
+DDPM counterpart measured.
 
 Measured (2026-12-05, 2-core CPU, seed 2; the checkpoints of the matched config's runs, which
 have the same training config, scored on 10 noise draws of each photo; docs/experiments_cpu.md,
 "Paper B's literal conditional start"): ours 0.966 at 900 s (min-max 0.946; the right photo in
 29 of 30, against 0.864 in the matched form), 0.921 at 139 s; DDPM's ancestral chain 0.465 at
 900 s (it forgets the input: the right photo in 14 of 30), 0.151 at 150 s. DDIM given the mix
-at DDPM's own prior scale, ``0.6 (2 clean - 1) + 0.4 z`` (not an option here), scores 0.991 at
-900 s, so which DDPM counterpart is fair decides the verdict.
+at DDPM's own prior scale (``start=prior_mix``, ``method=ddim``) scores 0.991 at 900 s, so which
+DDPM counterpart is fair decides the verdict.
 """
 
 from experiments.configs import budget_conditional
