@@ -158,7 +158,8 @@ def get_config() -> ml_collections.ConfigDict:
     # krylovjax.ddpm.ddpm_denoise from the step matching the noise level (2 * std in [-1, 1]).
     c.ddpm.sampler = ml_collections.ConfigDict()
     c.ddpm.sampler.method = "ancestral"  # or "ddim"
-    # "matched": the chain from the step of the noise level; "top": all T steps from 2 noisy - 1
+    # "matched": the chain from the step of the noise level; "top": all T steps from 2 noisy - 1;
+    # "prior_mix": all T steps from w (2 clean - 1) + (1 - w) z, w = noise.signal_scale < 1
     c.ddpm.sampler.start = "matched"
     # Further samplers of the same DDPM network, evaluated at the same steps, each a table row
     # (Paper B's DDIM row: the deterministic sampler, the counterpart of ours' probability flow).
