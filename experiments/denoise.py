@@ -422,8 +422,9 @@ def ddpm_input(cfg, clean, noisy):
     ``noisy`` itself, except with ``ddpm.sampler.start = "prior_mix"``: then ``(x_T + 1) / 2`` with
     ``x_T = w (2 clean - 1) + (1 - w) z`` in the network's [-1, 1] range, ``w = noise.signal_scale``
     and ``z`` the draw of ``noisy`` itself (:func:`krylovjax.experiment_utils.standard_noise` of
-    ``noise.seed``). That is Paper B's conditional recipe, ``w clean + (1 - w)`` a prior sample,
-    with DDPM's own prior N(0, I), where ``noisy`` is the recipe with ours' prior N(0, sigma^2)."""
+    ``noise.seed``). That is Paper B's conditional recipe, ``w clean + (1 - w) * (a prior
+    sample)``, with DDPM's own prior N(0, I), where ``noisy`` is the recipe with ours' prior
+    N(0, sigma^2)."""
     import numpy as np
 
     from krylovjax import experiment_utils as eu
@@ -733,8 +734,9 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
             denoisers[m] = ours_denoiser(cfg, tc, noisy)
         else:
             data = clean
+            given = ddpm_input(cfg, clean, noisy)
             for r, method in rows.items():
-                denoisers[r] = ddpm_denoiser(cfg, tc, ddpm_input(cfg, clean, noisy), method)
+                denoisers[r] = ddpm_denoiser(cfg, tc, given, method)
         lasts: dict = {r: {} for r in rows}
         others = {r: (denoisers[r], lasts[r]) for r in rows if r != m}
         eval_fn = make_eval_fn(denoisers[m], clean, m, lasts[m], others=others)
