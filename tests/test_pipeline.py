@@ -31,8 +31,11 @@ def images():
 
 
 def _markers(workdir):
+    """The completion markers on disk. The store writes each one atomically through a hidden
+    temporary file (``.chunk_...json.XXXX.tmp``) that is then renamed; a poll can see that file
+    for a moment, and it is not a marker (the store's own listing ignores it too)."""
     d = os.path.join(workdir, "store", "complete")
-    return sorted(os.listdir(d)) if os.path.isdir(d) else []
+    return sorted(n for n in os.listdir(d) if not n.startswith(".")) if os.path.isdir(d) else []
 
 
 def _all_fields(workdir, images, cfg=CFG, **kw):
