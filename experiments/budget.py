@@ -17,7 +17,12 @@ Training time is :func:`krylovjax.training.train`'s (optimiser steps only). Then
 evaluated on its final weights (EMA):
 
 * ``task="denoise"``: each image's noisy copy ``clamp(x + std z, 0, 1)`` is denoised with the
-  samplers of ``experiments.denoise``; score = SSIM of each output to its own source;
+  samplers of ``experiments.denoise``; score = SSIM of each output to its own source. With
+  ``noise.draws = D > 1`` each image gets ``D`` noisy copies (noise seeds ``noise.seed + d``) and
+  the score is the mean over all of them, with its standard error, each image's mean and how
+  many outputs are most similar to their own image (from a conditional start an output can land
+  on another image; one draw per image cannot tell a method that does so once in ten from one
+  that never does);
 * ``task="generate"``: each method draws ``samples_per_image`` samples per source from its prior
   with ``experiments.generate``'s default sampler (ours: the probability-flow ODE, ended with
   Tweedie's denoising step unless ``final_denoise=False``, or Paper A's damped SDE for a constant
@@ -57,9 +62,60 @@ if __name__ == "__main__":
 
 TASKS = ("denoise", "generate")
 RESULT_FILES = ("results.md", "results.json", "grid.png", "quality_curve.png")
+GRID_PANELS = 12  # grid.png shows the inputs of the first draws, whole draws, up to this many panels
 # Keys added after run directories were made without them (with denoise.LEGACY_CONFIG): the
 # generate task's sampler without Tweedie's last step.
 LEGACY_CONFIG = {"final_denoise": False}
+
+
+def test_inputs(cfg, clean) -> tuple[Any, Any, Any]:
+    """The denoise task's inputs: ``(noisy, ddpm_in, src)``.
+
+    ``noisy [D B, C, H, W]`` holds ``D = noise.draws`` noisy copies of each of the ``B`` images,
+    draw by draw: input ``i`` is a copy of image ``src[i] = i mod B``, and draw ``d`` is
+    :func:`experiments.denoise.noisy_input` with ``draw=d`` (noise seed ``noise.seed + d``, so
+    ``D = 1`` gives the inputs of before the option). ``ddpm_in`` is DDPM's array for each draw
+    (:func:`experiments.denoise.ddpm_input`), ``noisy`` itself unless ``ddpm.sampler.start =
+    "prior_mix"``.
+    """
+    import numpy as np
+
+    from experiments import denoise
+
+    D, B = denoise.noise_draws(cfg), clean.shape[0]
+    noisy = [denoise.noisy_input(cfg, clean, draw=d) for d in range(D)]
+    given = [denoise.ddpm_input(cfg, clean, x, draw=d) for d, x in enumerate(noisy)]
+    own = given[0] is not noisy[0]
+    noisy = noisy[0] if D == 1 else np.concatenate(noisy)
+    ddpm_in = (given[0] if D == 1 else np.concatenate(given)) if own else noisy
+    return noisy, ddpm_in, np.tile(np.arange(B), D)
+
+
+def input_stats(out, clean, src, ssim_per_input) -> dict:
+    """Statistics over the inputs of the denoise task (:func:`test_inputs`).
+
+    Args:
+      out: the outputs ``[N, C, H, W]`` in [0, 1].
+      clean: the ``B`` images ``[B, C, H, W]``.
+      src: ``[N]``, the image each input is a copy of.
+      ssim_per_input: ``[N]``, each output's SSIM to its own image.
+
+    Returns:
+      ``ssim_se`` (standard error of the mean SSIM over the ``N`` inputs; None for ``N = 1``),
+      ``ssim_per_source`` (each image's mean over its copies; None for an image without one),
+      ``nearest_source`` (``[N]``: the image each output is most similar to, SSIM) and
+      ``nearest_own_source`` (how many outputs are most similar to their own image).
+    """
+    import numpy as np
+
+    from experiments import generate
+
+    s = np.asarray(ssim_per_input, np.float64)
+    src = np.asarray(src)
+    nearest = np.argmax(generate.ssim_to_each(out, clean), axis=1)
+    return {"ssim_se": float(s.std(ddof=1) / np.sqrt(s.size)) if s.size > 1 else None,
+            "ssim_per_source": [float(s[src == b].mean()) if (src == b).any() else None for b in range(clean.shape[0])],
+            "nearest_source": nearest.tolist(), "nearest_own_source": int((nearest == src).sum())}
 
 
 def check_budget_config(cfg) -> float:
@@ -74,6 +130,9 @@ def check_budget_config(cfg) -> float:
     budget = eu.check_positive_seconds(cfg.get("budget_seconds"), "budget_seconds")
     if cfg.get("task") not in TASKS:
         raise ValueError(f"task: expected one of {TASKS}, got {cfg.get('task')!r}")
+    if cfg.get("task") == "generate" and denoise.noise_draws(cfg) != 1:
+        raise ValueError(f"noise.draws: the generate task has no noisy inputs (it draws samples_per_image samples "
+                         f"per image), so expected 1, got {denoise.noise_draws(cfg)}")
     n = cfg.get("samples_per_image", 1)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"samples_per_image: expected an int >= 1, got {n!r}")
@@ -184,10 +243,10 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
             if os.path.exists(os.path.join(workdir, f)):
                 os.remove(os.path.join(workdir, f))
 
-    noisy = denoise.noisy_input(cfg, clean)
-    ddpm_in = denoise.ddpm_input(cfg, clean, noisy)  # noisy itself unless ddpm.sampler.start = "prior_mix"
+    # noise.draws copies of each image; ddpm_in is noisy itself unless ddpm.sampler.start = "prior_mix"
+    noisy, ddpm_in, idx = test_inputs(cfg, clean)
+    ref = clean[idx]  # each input's own image
     own_start = cfg.task == "denoise" and ddpm_in is not noisy
-    idx = np.arange(B)
     results: dict[str, Any] = {}
     outputs: dict[str, np.ndarray] = {}
     for m in methods:
@@ -210,7 +269,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
                 den = denoise.ours_denoiser(cfg, tc, noisy, idx=idx if tc.per_image_offset else None)
             else:
                 den = denoise.ddpm_denoiser(cfg, tc, ddpm_in)
-            eval_fn = denoise.make_eval_fn(den, clean, m, last)
+            eval_fn = denoise.make_eval_fn(den, ref, m, last)
         else:
             gen, sidx = generator(cfg, tc, m, B, clean.shape[1:])
             eval_fn = make_generate_eval_fn(gen, clean, sidx, last)
@@ -233,17 +292,19 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
         }
         if "nearest" in last:
             results[m]["nearest_source"] = last["nearest"].tolist()
+        if cfg.task == "denoise":
+            results[m].update(input_stats(out, clean, idx, mm["ssim_per_image"]))
         logging.info("[%s] %d steps in %.1f s (+ %.1f s pre-computation): mean SSIM %.4f", m, res.step,
                      res.train_seconds, spent, mm["ssim"])
     out = {
         "experiment": "budget", "task": cfg.task, "budget_seconds": budget,
         "machine": eu.machine_info(),
         "images": {"source": cfg.data.source, "shape": list(clean.shape)},
-        "noise": ({"std": cfg.noise.std, "seed": cfg.noise.seed, "signal_scale": denoise.signal_scale(cfg)}
-                  if cfg.task == "denoise" else None),
-        "noisy": denoise.image_metrics(noisy, clean) if cfg.task == "denoise" else None,
+        "noise": ({"std": cfg.noise.std, "seed": cfg.noise.seed, "signal_scale": denoise.signal_scale(cfg),
+                   "draws": denoise.noise_draws(cfg)} if cfg.task == "denoise" else None),
+        "noisy": denoise.image_metrics(noisy, ref) if cfg.task == "denoise" else None,
         "ddpm_start": denoise.ddpm_start(cfg) if cfg.task == "denoise" else None,
-        "ddpm_input": denoise.image_metrics(np.clip(ddpm_in, 0.0, 1.0), clean) if own_start else None,
+        "ddpm_input": denoise.image_metrics(np.clip(ddpm_in, 0.0, 1.0), ref) if own_start else None,
         "budget_convention": (
             "the same wall-clock budget of work for both: ours = pre-computation + embedding + training run "
             "time, DDPM = training run time (optimiser steps; JIT compile and the evaluations excluded)"),
@@ -261,17 +322,26 @@ def _write(out: dict, workdir: str, clean, noisy, outputs: dict, ddpm_in=None) -
     from krylovjax import experiment_utils as eu
 
     gen = out["task"] == "generate"
+    draws = (out.get("noise") or {}).get("draws", 1)
     rows = []
     for m, r in out["methods"].items():
+        n = len(r["ssim_per_image"])
         rows.append([m, eu.format_seconds(out["budget_seconds"]),
                      eu.format_seconds(r["precompute_seconds"] + r["embed_seconds"], 2) if m == "ours" else "-",
-                     eu.format_seconds(r["train_seconds"]), r["steps"], f"{r['ssim']:.4f}",
-                     ", ".join(f"{s:.3f}" for s in r["ssim_per_image"]), f"{r['psnr']:.2f}"]
+                     eu.format_seconds(r["train_seconds"]), r["steps"], f"{r['ssim']:.4f}"]
+                    + ([f"{r['ssim_se']:.4f}", f"{r['nearest_own_source']} of {n}"] if draws > 1 else [])
+                    + [", ".join(f"{s:.3f}" for s in r["ssim_per_source" if draws > 1 else "ssim_per_image"]),
+                       f"{r['psnr']:.2f}"]
                     + ([f"{r['sources_covered']} of {out['images']['shape'][0]}"] if gen else []))
     what = "denoised noisy copies" if out["task"] == "denoise" else "generated samples"
     text = [f"# Fixed budget: {out['images']['shape'][0]} images {out['images']['shape'][2]}x"
             f"{out['images']['shape'][3]} ({out['images']['source']}), {what}\n\n",
             f"Budget: {out['budget_convention']}.\n\n"]
+    if draws > 1:
+        text.append(f"Inputs: {draws} noisy copies of each image (noise seeds {out['noise']['seed']} to "
+                    f"{out['noise']['seed'] + draws - 1}); the scores are means over all of them, with the standard "
+                    "error of the mean (s.e.), and an output counts as its own image's when that image is the one "
+                    "it is most similar to (SSIM).\n\n")
     if out["noisy"]:
         text.append(f"Noisy inputs: mean SSIM {out['noisy']['ssim']:.4f}.\n\n")
     if out.get("ddpm_input"):
@@ -281,8 +351,10 @@ def _write(out: dict, workdir: str, clean, noisy, outputs: dict, ddpm_in=None) -
     if gen:
         text.append("Each sample is scored against its own source if the model draws it for one (ours with "
                     "per-image time intervals), else against the source most similar to it (SSIM).\n\n")
-    text.append(eu.markdown_table(["method", "budget", "pre-compute", "training", "steps", "mean SSIM",
-                                   "SSIM per image", "mean PSNR (dB)"] + (["sources nearest to a sample"] if gen else []),
+    text.append(eu.markdown_table(["method", "budget", "pre-compute", "training", "steps", "mean SSIM"]
+                                  + (["s.e.", "own image nearest"] if draws > 1 else [])
+                                  + ["SSIM per image" + (f" (mean of {draws} copies)" if draws > 1 else ""),
+                                     "mean PSNR (dB)"] + (["sources nearest to a sample"] if gen else []),
                                   rows))
     curves = {m: r["curve"] for m, r in out["methods"].items() if len(r.get("curve", ())) > 1}
     if curves:
@@ -300,19 +372,23 @@ def _write(out: dict, workdir: str, clean, noisy, outputs: dict, ddpm_in=None) -
 
     names = [m for m in ("ours", "ddpm") if m in outputs]
     label = {"ours": "ours", "ddpm": "DDPM"}
-    rows_img = [list(clean)]
+    B = clean.shape[0]
+    # whole draws, up to GRID_PANELS panels (at least one draw)
+    k = B * max(1, min(draws, GRID_PANELS // B)) if out["task"] == "denoise" else None
+    rows_img = [list(np.concatenate([clean] * (k // B))) if k else list(clean)]
     row_labels = ["source"]
     if out["task"] == "denoise":
-        rows_img.append(list(noisy))
+        rows_img.append(list(noisy[:k]))
         row_labels.append("noisy")
     if ddpm_in is not None:  # ddpm.sampler.start = "prior_mix": DDPM's own start
-        rows_img.append(list(np.clip(ddpm_in, 0.0, 1.0)))
+        rows_img.append(list(np.clip(ddpm_in[:k], 0.0, 1.0)))
         row_labels.append("DDPM's start")
     for m in names:
-        rows_img.append(list(np.asarray(outputs[m])))
+        rows_img.append(list(np.asarray(outputs[m])[:k]))
         row_labels.append(f"{label[m]}\nSSIM {out['methods'][m]['ssim']:.3f}")
+    shown = f"; the first {k} of {B * draws} inputs" if k and k < B * draws else ""
     eu.image_grid(os.path.join(workdir, "grid.png"), rows_img, row_labels=row_labels,
-                  title=f"Same budget ({out['budget_seconds']:g} s): {what}")
+                  title=f"Same budget ({out['budget_seconds']:g} s): {what}{shown}")
     if curves:
         eu.plot_curves(os.path.join(workdir, "quality_curve.png"),
                        {label[m]: ([c["seconds"] for c in cur], [c["ssim"] for c in cur]) for m, cur in curves.items()},

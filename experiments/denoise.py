@@ -99,6 +99,7 @@ LEGACY_CONFIG = {
     "noise.signal_scale": 1.0,
     "ddpm.sampler.start": "matched",
     "normalise": "clip",
+    "noise.draws": 1,
 }
 
 
@@ -150,6 +151,9 @@ def check_config(cfg) -> None:
     for key, what, v in noise:
         if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
             raise ValueError(f"noise.{key}: expected a finite {what} > 0, got {v!r}")
+    draws = cfg.noise.get("draws", 1)
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ValueError(f"noise.draws: expected an int >= 1 (noisy copies of each image), got {draws!r}")
     if normalise(cfg) not in NORMALISE:
         raise ValueError(f"normalise: expected one of {NORMALISE}, got {normalise(cfg)!r}")
     methods = tuple(cfg.methods)
@@ -404,25 +408,33 @@ def ddpm_start(cfg) -> str:
     return str(cfg.ddpm.sampler.get("start", "matched"))
 
 
+def noise_draws(cfg) -> int:
+    """``noise.draws``: how many noisy copies of each image are scored (1 unless set; the budget
+    binary's; draw ``d`` uses the noise seed ``noise.seed + d``)."""
+    return int(cfg.noise.get("draws", 1))
+
+
 def normalise(cfg) -> str:
     """``normalise`` ("clip" unless set; :data:`NORMALISE`)."""
     return str(cfg.get("normalise", "clip"))
 
 
-def noisy_input(cfg, clean):
+def noisy_input(cfg, clean, *, draw: int = 0):
     """The test input of ``cfg.noise``: ``clamp(signal_scale clean + std z, 0, 1)`` (without the
-    clamp if ``noise.clamp`` is False), :func:`krylovjax.experiment_utils.noisy_copy`."""
+    clamp if ``noise.clamp`` is False), :func:`krylovjax.experiment_utils.noisy_copy`, with the
+    noise seed ``noise.seed + draw``."""
     from krylovjax import experiment_utils as eu
 
-    return eu.noisy_copy(clean, cfg.noise.std, cfg.noise.seed, clamp=cfg.noise.clamp, scale=signal_scale(cfg))
+    return eu.noisy_copy(clean, cfg.noise.std, int(cfg.noise.seed) + int(draw), clamp=cfg.noise.clamp,
+                         scale=signal_scale(cfg))
 
 
-def ddpm_input(cfg, clean, noisy):
+def ddpm_input(cfg, clean, noisy, *, draw: int = 0):
     """The array DDPM's sampler is given (:func:`ddpm_denoiser`'s ``noisy``): the test input
     ``noisy`` itself, except with ``ddpm.sampler.start = "prior_mix"``: then ``(x_T + 1) / 2`` with
     ``x_T = w (2 clean - 1) + (1 - w) z`` in the network's [-1, 1] range, ``w = noise.signal_scale``
     and ``z`` the draw of ``noisy`` itself (:func:`krylovjax.experiment_utils.standard_noise` of
-    ``noise.seed``). That is Paper B's conditional recipe, ``w clean + (1 - w) * (a prior
+    ``noise.seed + draw``, the seed of :func:`noisy_input`'s ``draw``). That is Paper B's conditional recipe, ``w clean + (1 - w) * (a prior
     sample)``, with DDPM's own prior N(0, I), where ``noisy`` is the recipe with ours' prior
     N(0, sigma^2)."""
     import numpy as np
@@ -433,7 +445,7 @@ def ddpm_input(cfg, clean, noisy):
         return noisy
     c = np.asarray(clean)
     w = signal_scale(cfg)
-    x_top = w * (2.0 * c.astype(np.float64) - 1.0) + (1.0 - w) * eu.standard_noise(c.shape, cfg.noise.seed)
+    x_top = w * (2.0 * c.astype(np.float64) - 1.0) + (1.0 - w) * eu.standard_noise(c.shape, int(cfg.noise.seed) + int(draw))
     return ((x_top + 1.0) / 2.0).astype(np.asarray(noisy).dtype)
 
 
@@ -682,6 +694,9 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
     clean = load_clean(cfg.data)
     if clean.shape[0] != 1:
         raise ValueError(f"data.index: the denoise experiment takes one image, got {clean.shape[0]}")
+    if noise_draws(cfg) != 1:
+        raise ValueError(f"noise.draws: the denoise experiment times one noisy copy to its target, so expected 1, "
+                         f"got {noise_draws(cfg)} (experiments.budget scores several draws)")
     check_fits(tcs, clean, 1)
 
     # The work directory: refuse another run's config before writing anything.

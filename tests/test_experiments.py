@@ -624,7 +624,7 @@ def test_budget_smoke_and_bad_budget(tmp_path):
     for k in ("experiment", "task", "budget_seconds", "machine", "images", "budget_convention", "methods"):
         assert k in out
     assert out["budget_seconds"] == 3 and out["images"]["shape"] == [1, 3, 16, 16]
-    assert out["noise"] == {"std": 0.506, "seed": 0, "signal_scale": 1.0}
+    assert out["noise"] == {"std": 0.506, "seed": 0, "signal_scale": 1.0, "draws": 1}
     for m in ("ours", "ddpm"):
         r = out["methods"][m]
         assert r["stop_reason"] == "budget" and r["steps"] >= 1
@@ -1191,16 +1191,96 @@ def test_budget_records_ddpm_prior_mix_start(tmp_path):
     cfg.methods = ("ddpm",)
     cfg.ddpm.sampler.update(start="prior_mix", method="ddim")
     cfg.budget_seconds = 2.0
+    assert cfg.noise.draws == 10  # the config's; three copies here
+    cfg.noise.draws = 3
     wd = str(tmp_path / "pm")
     out = budget.run(cfg, wd)
     clean = denoise.load_clean(cfg.data)
-    given = denoise.ddpm_input(cfg, clean, denoise.noisy_input(cfg, clean))
-    assert out["ddpm_start"] == "prior_mix"
-    assert out["ddpm_input"]["ssim"] == pytest.approx(denoise.image_metrics(np.clip(given, 0, 1), clean)["ssim"])
+    # draw d: the recipe from the noise seed noise.seed + d, stacked draw by draw
+    given = np.concatenate([denoise.ddpm_input(cfg, clean, denoise.noisy_input(cfg, clean, draw=d), draw=d)
+                            for d in range(3)])
+    assert out["ddpm_start"] == "prior_mix" and out["noise"]["draws"] == 3
+    assert out["ddpm_input"]["ssim"] == pytest.approx(
+        denoise.image_metrics(np.clip(given, 0, 1), np.concatenate([clean] * 3))["ssim"])
     assert out["ddpm_input"]["ssim"] > out["noisy"]["ssim"] + 0.05  # its noise is 0.2 z against 0.8 z
+    r = out["methods"]["ddpm"]
+    per = np.asarray(r["ssim_per_image"])
+    assert per.shape == (3,) and r["ssim"] == pytest.approx(per.mean())
+    assert r["ssim_se"] == pytest.approx(per.std(ddof=1) / math.sqrt(3))
+    assert r["ssim_per_source"] == pytest.approx([per.mean()]) and r["nearest_own_source"] == 3  # one image
     text = open(os.path.join(wd, "results.md")).read()
     assert "DDPM starts its whole chain from Paper B's recipe" in text
-    assert os.path.isfile(os.path.join(wd, "grid.png")) and out["methods"]["ddpm"]["steps"] >= 1
+    assert "Inputs: 3 noisy copies of each image (noise seeds 0 to 2)" in text and "| own image nearest |" in text
+    assert os.path.isfile(os.path.join(wd, "grid.png")) and r["steps"] >= 1
+
+
+def test_budget_test_inputs_draw_by_draw():
+    """noise.draws = D: D noisy copies of each image, draw d from the noise seed noise.seed + d
+    (eu.noisy_copy directly), stacked draw by draw; D = 1 is the single input of before; DDPM's
+    prior_mix start uses each draw's own z."""
+    from experiments import budget, denoise
+    from experiments.configs import budget_conditional_literal
+
+    cfg = budget_conditional_literal.get_config()
+    cfg.noise.seed = 5
+    clean = np.random.default_rng(2).uniform(0.0, 1.0, (3, 3, 8, 8))
+    noisy, ddpm_in, src = budget.test_inputs(cfg, clean)
+    assert noisy.shape == (30, 3, 8, 8) and ddpm_in is noisy  # start = "top": the same array
+    np.testing.assert_array_equal(src, np.tile(np.arange(3), 10))
+    for d in (0, 4, 9):
+        np.testing.assert_array_equal(noisy[3 * d:3 * d + 3], eu.noisy_copy(clean, 0.8, 5 + d, clamp=False, scale=0.6))
+    cfg.ddpm.sampler.start = "prior_mix"
+    _, ddpm_in, _ = budget.test_inputs(cfg, clean)
+    z = np.random.default_rng(5 + 7).standard_normal(clean.shape)
+    np.testing.assert_allclose(ddpm_in[21:24], (0.6 * (2 * clean - 1) + 0.4 * z + 1) / 2, rtol=0, atol=1e-12)
+    cfg.noise.draws = 1
+    noisy, ddpm_in, src = budget.test_inputs(cfg, clean)
+    np.testing.assert_array_equal(noisy, denoise.noisy_input(cfg, clean))
+    np.testing.assert_array_equal(ddpm_in, denoise.ddpm_input(cfg, clean, noisy))
+    np.testing.assert_array_equal(src, np.arange(3))
+
+
+def test_budget_input_stats_counts_outputs_on_another_image():
+    """input_stats against hand-made outputs: copies of the right image except two that are
+    copies of another one, which count as not their own; the per-image means and the standard
+    error come from the given per-input SSIMs."""
+    from experiments import budget
+
+    rng = np.random.default_rng(8)
+    clean = rng.uniform(0.0, 1.0, (3, 3, 16, 16))
+    src = np.tile(np.arange(3), 4)
+    out = clean[src].copy()
+    out[3], out[8] = clean[1], clean[0]  # an image-0 input on image 1, an image-2 input on image 0
+    per = rng.uniform(0.5, 1.0, 12)
+    st = budget.input_stats(out, clean, src, per)
+    want = src.copy()
+    want[3], want[8] = 1, 0
+    assert st["nearest_source"] == want.tolist() and st["nearest_own_source"] == 10
+    assert st["ssim_per_source"] == pytest.approx([per[src == b].mean() for b in range(3)])
+    assert st["ssim_se"] == pytest.approx(per.std(ddof=1) / math.sqrt(12))
+    one = budget.input_stats(out[:1], clean, src[:1], per[:1])
+    assert one["ssim_se"] is None and one["ssim_per_source"] == [pytest.approx(per[0]), None, None]
+
+
+def test_noise_draws_bad_values(tmp_path):
+    from experiments import budget, denoise
+    from experiments.configs import budget_generate, denoise_demo
+
+    for bad in (0, -2, 1.5, True, "3"):
+        cfg = _point_config()
+        cfg.noise = ml_collections.ConfigDict({**cfg.noise.to_dict(), "draws": bad})  # past the int type
+        with pytest.raises(ValueError, match=r"noise.draws: expected an int >= 1 \(noisy copies of each image\), got"):
+            denoise.check_config(cfg)
+    cfg = budget_generate.get_config()
+    cfg.noise.draws = 2
+    with pytest.raises(ValueError, match="noise.draws: the generate task has no noisy inputs.*expected 1, got 2"):
+        budget.check_budget_config(cfg)
+    cfg = denoise_demo.get_config()
+    cfg.noise.draws = 2
+    wd = tmp_path / "d"
+    with pytest.raises(ValueError, match="noise.draws: the denoise experiment times one noisy copy.*expected 1, got 2"):
+        denoise.run(cfg, str(wd))
+    assert not wd.exists()
 
 
 def test_to_unit_clip_and_minmax():

@@ -6,7 +6,7 @@
 
 The networks are trained as in ``budget_generate.py`` (ours: Paper B's VE SDE with sigma = 2,
 lambda(1) = 1.47; DDPM: its 1000-step schedule), on the same budget. Each method then starts
-from ``0.6 clean + 0.4 * 2 z`` for every photo (one fixed draw, ``noise.seed``), in its matched
+from ``0.6 clean + 0.4 * 2 z`` for every photo (10 draws of each, ``noise.draws``), in its matched
 form: divided by ``w`` this is ``clean + s z`` with ``s = (1 - w) sigma / w = 4/3``, so both
 methods denoise the unclamped ``clean + (4/3) z`` from the time whose noise level is 4/3 (ours:
 the probability-flow ODE from ``lambda(t*) = 4/3``, t* = 0.896; DDPM: its ancestral chain from the
@@ -17,7 +17,11 @@ sample): ``budget_conditional_literal.py``. The matched form gives both methods 
 information and needs no normalisation.
 
 The noise level 4/3 lies between the denoise budget's 0.506 (``budget_demo.py``) and generation
-from pure noise (``budget_generate.py``); three photos, one noisy copy each.
+from pure noise (``budget_generate.py``); three photos, 10 noisy copies each (noise seeds 0-9,
+``noise.draws = 10``): from this start an output can land on another photo, and one copy per photo
+cannot tell a method that does so once in ten from one that never does. The results report the
+mean over the 30 inputs with its standard error, and how many outputs are nearest to their own
+photo. Runs before 2026-12-05's twentieth session scored one draw (``--config.noise.draws=1``).
 
 Measured (2026-12-05, 2-core CPU, seed 2, checkpoints scored on 10 noise draws of each photo;
 docs/experiments_cpu.md, "Paper B's conditional start"): ours leads to about 200 s (0.873 at
@@ -38,4 +42,5 @@ def get_config():
     c.noise.clamp = False
     c.ours.sampler.kind = "denoise"
     c.ours.sampler.method = "ode"
+    c.noise.draws = 10
     return c

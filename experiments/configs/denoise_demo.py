@@ -65,6 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.noise.seed = 0
     c.noise.clamp = True
     c.noise.signal_scale = 1.0
+    # draws: how many noisy copies of each image experiments.budget scores (noise seeds seed + d;
+    # the denoise binary times one copy and takes only 1).
+    c.noise.draws = 1
 
     # Stop at max(targets); the time to every target is reported.
     c.targets = (0.95,)
