@@ -68,7 +68,7 @@ GRID_PANELS = 12  # grid.png shows the inputs of the first draws, whole draws, u
 LEGACY_CONFIG = {"final_denoise": False}
 
 
-def test_inputs(cfg, clean) -> tuple[Any, Any, Any]:
+def denoise_inputs(cfg, clean) -> tuple[Any, Any, Any]:
     """The denoise task's inputs: ``(noisy, ddpm_in, src)``.
 
     ``noisy [D B, C, H, W]`` holds ``D = noise.draws`` noisy copies of each of the ``B`` images,
@@ -92,7 +92,7 @@ def test_inputs(cfg, clean) -> tuple[Any, Any, Any]:
 
 
 def input_stats(out, clean, src, ssim_per_input) -> dict:
-    """Statistics over the inputs of the denoise task (:func:`test_inputs`).
+    """Statistics over the inputs of the denoise task (:func:`denoise_inputs`).
 
     Args:
       out: the outputs ``[N, C, H, W]`` in [0, 1].
@@ -116,6 +116,19 @@ def input_stats(out, clean, src, ssim_per_input) -> dict:
     return {"ssim_se": float(s.std(ddof=1) / np.sqrt(s.size)) if s.size > 1 else None,
             "ssim_per_source": [float(s[src == b].mean()) if (src == b).any() else None for b in range(clean.shape[0])],
             "nearest_source": nearest.tolist(), "nearest_own_source": int((nearest == src).sum())}
+
+
+def _with_input_stats(eval_fn, clean, src, last: dict):
+    """``eval_fn`` (:func:`experiments.denoise.make_eval_fn` with ``last``) whose metrics also hold
+    :func:`input_stats`' ``ssim_se`` and ``nearest_own_source`` of each evaluation (the quality
+    curve's)."""
+
+    def with_stats(fn, step):
+        res = eval_fn(fn, step)
+        st = input_stats(last["out"], clean, src, last["metrics"]["ssim_per_image"])
+        return {**res, "ssim_se": st["ssim_se"], "nearest_own_source": st["nearest_own_source"]}
+
+    return with_stats
 
 
 def check_budget_config(cfg) -> float:
@@ -244,7 +257,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
                 os.remove(os.path.join(workdir, f))
 
     # noise.draws copies of each image; ddpm_in is noisy itself unless ddpm.sampler.start = "prior_mix"
-    noisy, ddpm_in, idx = test_inputs(cfg, clean)
+    noisy, ddpm_in, idx = denoise_inputs(cfg, clean)
     ref = clean[idx]  # each input's own image
     own_start = cfg.task == "denoise" and ddpm_in is not noisy
     results: dict[str, Any] = {}
@@ -270,6 +283,8 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
             else:
                 den = denoise.ddpm_denoiser(cfg, tc, ddpm_in)
             eval_fn = denoise.make_eval_fn(den, ref, m, last)
+            if len(idx) > 1:  # each evaluation also records the s.e. and the outputs nearest their own image
+                eval_fn = _with_input_stats(eval_fn, clean, idx, last)
         else:
             gen, sidx = generator(cfg, tc, m, B, clean.shape[1:])
             eval_fn = make_generate_eval_fn(gen, clean, sidx, last)
@@ -278,7 +293,8 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
         res = training.train(tc.replace(budget_seconds=left), data, sub, eval_fn=eval_fn, mesh=mesh)
         out, nfe, mm = last["out"], last["network_evals"], last["metrics"]
         curve = [{"step": e["step"], "seconds": spent + e["train_seconds"], "ssim": e["ssim"], "psnr": e["psnr"],
-                  **({"sources_covered": int(e["sources_covered"])} if "sources_covered" in e else {})}
+                  **{k: int(e[k]) for k in ("sources_covered", "nearest_own_source") if k in e},
+                  **({"ssim_se": e["ssim_se"]} if "ssim_se" in e else {})}
                  for e in eu.read_metrics(sub, "eval")]
         outputs[m] = out
         results[m] = {
@@ -360,9 +376,13 @@ def _write(out: dict, workdir: str, clean, noisy, outputs: dict, ddpm_in=None) -
     if curves:
         text.append("\nQuality during training (the evaluations every `common.eval_every` updates; seconds of "
                     "the budget used, ours incl. pre-computation):\n\n")
-        crow = [[m, c["step"], eu.format_seconds(c["seconds"]), f"{c['ssim']:.4f}", f"{c['psnr']:.2f}"]
-                + ([c.get("sources_covered")] if gen else []) for m, cur in curves.items() for c in cur]
-        text.append(eu.markdown_table(["method", "step", "budget used", "mean SSIM", "mean PSNR (dB)"]
+        stats = draws > 1 and all("nearest_own_source" in c for cur in curves.values() for c in cur)
+        crow = [[m, c["step"], eu.format_seconds(c["seconds"]), f"{c['ssim']:.4f}"]
+                + ([f"{c['ssim_se']:.4f}", f"{c['nearest_own_source']} of {len(noisy)}"] if stats else [])
+                + [f"{c['psnr']:.2f}"] + ([c.get("sources_covered")] if gen else [])
+                for m, cur in curves.items() for c in cur]
+        text.append(eu.markdown_table(["method", "step", "budget used", "mean SSIM"]
+                                      + (["s.e.", "own image nearest"] if stats else []) + ["mean PSNR (dB)"]
                                       + (["sources nearest to a sample"] if gen else []), crow))
     mi = out["machine"]
     text.append(f"\nMachine: {mi['processor']}, {mi['cpu_count']} CPUs, backend {mi['backend']}, jax {mi['jax']}, "

@@ -1208,13 +1208,15 @@ def test_budget_records_ddpm_prior_mix_start(tmp_path):
     assert per.shape == (3,) and r["ssim"] == pytest.approx(per.mean())
     assert r["ssim_se"] == pytest.approx(per.std(ddof=1) / math.sqrt(3))
     assert r["ssim_per_source"] == pytest.approx([per.mean()]) and r["nearest_own_source"] == 3  # one image
+    # the evaluation's record (the quality curve's last point) holds the same statistics
+    assert r["curve"][-1]["nearest_own_source"] == 3 and r["curve"][-1]["ssim_se"] == pytest.approx(r["ssim_se"])
     text = open(os.path.join(wd, "results.md")).read()
     assert "DDPM starts its whole chain from Paper B's recipe" in text
     assert "Inputs: 3 noisy copies of each image (noise seeds 0 to 2)" in text and "| own image nearest |" in text
     assert os.path.isfile(os.path.join(wd, "grid.png")) and r["steps"] >= 1
 
 
-def test_budget_test_inputs_draw_by_draw():
+def test_budget_denoise_inputs_draw_by_draw():
     """noise.draws = D: D noisy copies of each image, draw d from the noise seed noise.seed + d
     (eu.noisy_copy directly), stacked draw by draw; D = 1 is the single input of before; DDPM's
     prior_mix start uses each draw's own z."""
@@ -1224,17 +1226,17 @@ def test_budget_test_inputs_draw_by_draw():
     cfg = budget_conditional_literal.get_config()
     cfg.noise.seed = 5
     clean = np.random.default_rng(2).uniform(0.0, 1.0, (3, 3, 8, 8))
-    noisy, ddpm_in, src = budget.test_inputs(cfg, clean)
+    noisy, ddpm_in, src = budget.denoise_inputs(cfg, clean)
     assert noisy.shape == (30, 3, 8, 8) and ddpm_in is noisy  # start = "top": the same array
     np.testing.assert_array_equal(src, np.tile(np.arange(3), 10))
     for d in (0, 4, 9):
         np.testing.assert_array_equal(noisy[3 * d:3 * d + 3], eu.noisy_copy(clean, 0.8, 5 + d, clamp=False, scale=0.6))
     cfg.ddpm.sampler.start = "prior_mix"
-    _, ddpm_in, _ = budget.test_inputs(cfg, clean)
+    _, ddpm_in, _ = budget.denoise_inputs(cfg, clean)
     z = np.random.default_rng(5 + 7).standard_normal(clean.shape)
     np.testing.assert_allclose(ddpm_in[21:24], (0.6 * (2 * clean - 1) + 0.4 * z + 1) / 2, rtol=0, atol=1e-12)
     cfg.noise.draws = 1
-    noisy, ddpm_in, src = budget.test_inputs(cfg, clean)
+    noisy, ddpm_in, src = budget.denoise_inputs(cfg, clean)
     np.testing.assert_array_equal(noisy, denoise.noisy_input(cfg, clean))
     np.testing.assert_array_equal(ddpm_in, denoise.ddpm_input(cfg, clean, noisy))
     np.testing.assert_array_equal(src, np.arange(3))
@@ -1260,6 +1262,27 @@ def test_budget_input_stats_counts_outputs_on_another_image():
     assert st["ssim_se"] == pytest.approx(per.std(ddof=1) / math.sqrt(12))
     one = budget.input_stats(out[:1], clean, src[:1], per[:1])
     assert one["ssim_se"] is None and one["ssim_per_source"] == [pytest.approx(per[0]), None, None]
+
+
+def test_budget_eval_records_input_stats():
+    """_with_input_stats adds the s.e. and the outputs nearest their own image to each evaluation's
+    metrics, from the outputs the wrapped eval_fn leaves in ``last``."""
+    from experiments import budget
+
+    clean = np.random.default_rng(9).uniform(0.0, 1.0, (2, 3, 16, 16))
+    src = np.tile(np.arange(2), 3)
+    last: dict = {}
+    per = [0.9, 0.8, 0.7, 0.95, 0.6, 0.85]
+
+    def eval_fn(fn, step):
+        out = clean[src].copy()
+        out[4] = clean[1]  # an image-0 input on image 1
+        last.update(out=out, metrics={"ssim_per_image": per})
+        return {"ssim": float(np.mean(per)), "psnr": 20.0}
+
+    got = budget._with_input_stats(eval_fn, clean, src, last)(None, 7)
+    assert got["ssim"] == pytest.approx(np.mean(per)) and got["psnr"] == 20.0
+    assert got["nearest_own_source"] == 5 and got["ssim_se"] == pytest.approx(np.std(per, ddof=1) / math.sqrt(6))
 
 
 def test_noise_draws_bad_values(tmp_path):
