@@ -86,8 +86,8 @@ def denoise_inputs(cfg, clean) -> tuple[Any, Any, Any]:
     noisy = [denoise.noisy_input(cfg, clean, draw=d) for d in range(D)]
     given = [denoise.ddpm_input(cfg, clean, x, draw=d) for d, x in enumerate(noisy)]
     own = given[0] is not noisy[0]
-    noisy = noisy[0] if D == 1 else np.concatenate(noisy)
-    ddpm_in = (given[0] if D == 1 else np.concatenate(given)) if own else noisy
+    noisy = np.concatenate(noisy)
+    ddpm_in = np.concatenate(given) if own else noisy
     return noisy, ddpm_in, np.tile(np.arange(B), D)
 
 
@@ -120,13 +120,15 @@ def input_stats(out, clean, src, ssim_per_input) -> dict:
 
 def _with_input_stats(eval_fn, clean, src, last: dict):
     """``eval_fn`` (:func:`experiments.denoise.make_eval_fn` with ``last``) whose metrics also hold
-    :func:`input_stats`' ``ssim_se`` and ``nearest_own_source`` of each evaluation (the quality
-    curve's)."""
+    :func:`input_stats`' ``nearest_own_source`` and ``ssim_se`` (for more than one input) of each
+    evaluation (the quality curve's); ``last["input_stats"]`` receives the latest evaluation's
+    :func:`input_stats` (the final model's, as ``last`` itself)."""
 
     def with_stats(fn, step):
         res = eval_fn(fn, step)
-        st = input_stats(last["out"], clean, src, last["metrics"]["ssim_per_image"])
-        return {**res, "ssim_se": st["ssim_se"], "nearest_own_source": st["nearest_own_source"]}
+        st = last["input_stats"] = input_stats(last["out"], clean, src, last["metrics"]["ssim_per_image"])
+        return {**res, "nearest_own_source": st["nearest_own_source"],
+                **({"ssim_se": st["ssim_se"]} if st["ssim_se"] is not None else {})}
 
     return with_stats
 
@@ -282,9 +284,8 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
                 den = denoise.ours_denoiser(cfg, tc, noisy, idx=idx if tc.per_image_offset else None)
             else:
                 den = denoise.ddpm_denoiser(cfg, tc, ddpm_in)
-            eval_fn = denoise.make_eval_fn(den, ref, m, last)
-            if len(idx) > 1:  # each evaluation also records the s.e. and the outputs nearest their own image
-                eval_fn = _with_input_stats(eval_fn, clean, idx, last)
+            # each evaluation also records the s.e. and the outputs nearest their own image
+            eval_fn = _with_input_stats(denoise.make_eval_fn(den, ref, m, last), clean, idx, last)
         else:
             gen, sidx = generator(cfg, tc, m, B, clean.shape[1:])
             eval_fn = make_generate_eval_fn(gen, clean, sidx, last)
@@ -309,7 +310,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
         if "nearest" in last:
             results[m]["nearest_source"] = last["nearest"].tolist()
         if cfg.task == "denoise":
-            results[m].update(input_stats(out, clean, idx, mm["ssim_per_image"]))
+            results[m].update(last["input_stats"])
         logging.info("[%s] %d steps in %.1f s (+ %.1f s pre-computation): mean SSIM %.4f", m, res.step,
                      res.train_seconds, spent, mm["ssim"])
     out = {

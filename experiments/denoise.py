@@ -410,8 +410,13 @@ def ddpm_start(cfg) -> str:
 
 def noise_draws(cfg) -> int:
     """``noise.draws``: how many noisy copies of each image are scored (1 unless set; the budget
-    binary's; draw ``d`` uses the noise seed ``noise.seed + d``)."""
+    binary's; draw ``d`` uses the noise seed :func:`noise_seed` ``(cfg, d)``)."""
     return int(cfg.noise.get("draws", 1))
+
+
+def noise_seed(cfg, draw: int = 0) -> int:
+    """The noise seed of draw ``draw``: ``noise.seed + draw``."""
+    return int(cfg.noise.seed) + int(draw)
 
 
 def normalise(cfg) -> str:
@@ -425,8 +430,7 @@ def noisy_input(cfg, clean, *, draw: int = 0):
     noise seed ``noise.seed + draw``."""
     from krylovjax import experiment_utils as eu
 
-    return eu.noisy_copy(clean, cfg.noise.std, int(cfg.noise.seed) + int(draw), clamp=cfg.noise.clamp,
-                         scale=signal_scale(cfg))
+    return eu.noisy_copy(clean, cfg.noise.std, noise_seed(cfg, draw), clamp=cfg.noise.clamp, scale=signal_scale(cfg))
 
 
 def ddpm_input(cfg, clean, noisy, *, draw: int = 0):
@@ -434,9 +438,9 @@ def ddpm_input(cfg, clean, noisy, *, draw: int = 0):
     ``noisy`` itself, except with ``ddpm.sampler.start = "prior_mix"``: then ``(x_T + 1) / 2`` with
     ``x_T = w (2 clean - 1) + (1 - w) z`` in the network's [-1, 1] range, ``w = noise.signal_scale``
     and ``z`` the draw of ``noisy`` itself (:func:`krylovjax.experiment_utils.standard_noise` of
-    ``noise.seed + draw``, the seed of :func:`noisy_input`'s ``draw``). That is Paper B's conditional recipe, ``w clean + (1 - w) * (a prior
-    sample)``, with DDPM's own prior N(0, I), where ``noisy`` is the recipe with ours' prior
-    N(0, sigma^2)."""
+    :func:`noise_seed` ``(cfg, draw)``, the seed of :func:`noisy_input`'s ``draw``). That is Paper
+    B's conditional recipe, ``w clean + (1 - w) * (a prior sample)``, with DDPM's own prior
+    N(0, I), where ``noisy`` is the recipe with ours' prior N(0, sigma^2)."""
     import numpy as np
 
     from krylovjax import experiment_utils as eu
@@ -445,7 +449,7 @@ def ddpm_input(cfg, clean, noisy, *, draw: int = 0):
         return noisy
     c = np.asarray(clean)
     w = signal_scale(cfg)
-    x_top = w * (2.0 * c.astype(np.float64) - 1.0) + (1.0 - w) * eu.standard_noise(c.shape, int(cfg.noise.seed) + int(draw))
+    x_top = w * (2.0 * c.astype(np.float64) - 1.0) + (1.0 - w) * eu.standard_noise(c.shape, noise_seed(cfg, draw))
     return ((x_top + 1.0) / 2.0).astype(np.asarray(noisy).dtype)
 
 
