@@ -30,7 +30,10 @@ evaluated on its final weights (EMA):
   DDIM with all ``T`` steps), with a fixed key
   (``eval_seed``). Ours trained with per-image time intervals (method.md 4.3) draws each sample
   for a given source and is scored against it; otherwise (DDPM always: it has no image
-  identity) a sample is scored against the source it is most similar to (SSIM).
+  identity) a sample is scored against the source it is most similar to (SSIM). The score is
+  the mean over all samples, with its standard error, how many sources are some sample's
+  nearest and how many samples are nearest each source (``grid.png`` shows the first
+  ``GRID_PANELS``).
 
 With ``common.eval_every = k > 0`` the same evaluation also runs every ``k`` updates (its time
 excluded from the budget, like the final one), so one run gives the quality at every budget up
@@ -109,11 +112,12 @@ def input_stats(out, clean, src, ssim_per_input) -> dict:
     import numpy as np
 
     from experiments import generate
+    from krylovjax import experiment_utils as eu
 
     s = np.asarray(ssim_per_input, np.float64)
     src = np.asarray(src)
     nearest = np.argmax(generate.ssim_to_each(out, clean), axis=1)
-    return {"ssim_se": float(s.std(ddof=1) / np.sqrt(s.size)) if s.size > 1 else None,
+    return {"ssim_se": eu.standard_error(s),
             "ssim_per_source": [float(s[src == b].mean()) if (src == b).any() else None for b in range(clean.shape[0])],
             "nearest_source": nearest.tolist(), "nearest_own_source": int((nearest == src).sum())}
 
@@ -151,6 +155,9 @@ def check_budget_config(cfg) -> float:
     n = cfg.get("samples_per_image", 1)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"samples_per_image: expected an int >= 1, got {n!r}")
+    if cfg.get("task") == "denoise" and n != 1:
+        raise ValueError(f"samples_per_image: the denoise task draws no samples (noise.draws sets how many noisy "
+                         f"copies of each image it denoises), so expected 1, got {n}")
     if not isinstance(cfg.get("final_denoise", True), bool):
         raise ValueError(f"final_denoise: expected a bool, got {cfg.get('final_denoise')!r}")
     for m in ("ours", "ddpm"):
@@ -198,26 +205,32 @@ def generator(cfg, tc, method: str, num_images: int, shape) -> tuple[Any, Any]:
 def make_generate_eval_fn(gen, clean, idx, last: dict | None = None):
     """The ``eval_fn(fn, step) -> dict`` of the generate task: SSIM (windowed, global) and PSNR
     of each sample to its source (``idx``) or, without ``idx``, to the source it is most similar
-    to by SSIM, and ``sources_covered``, how many distinct sources are some sample's most similar
-    one (the nearest-source SSIM alone does not see samples that all copy one source); ``last``
-    receives the latest ``step``, ``out``, ``pairs`` (the source each sample is scored against),
-    ``nearest`` (each sample's most similar source), ``network_evals`` and ``metrics`` (as
-    :func:`experiments.denoise.make_eval_fn`, plus ``sources_covered``)."""
+    to by SSIM, ``sources_covered``, how many distinct sources are some sample's most similar
+    one (the nearest-source SSIM alone does not see samples that all copy one source), and, for
+    more than one sample, ``ssim_se``, the standard error of the mean SSIM; ``last`` receives the
+    latest ``step``, ``out``, ``pairs`` (the source each sample is scored against), ``nearest``
+    (each sample's most similar source), ``network_evals`` and ``metrics`` (as
+    :func:`experiments.denoise.make_eval_fn`, plus ``sources_covered``, ``samples_per_source``
+    (how many samples are most similar to each source) and ``ssim_se`` (None for one sample))."""
     import numpy as np
 
     from experiments import denoise, generate
+    from krylovjax import experiment_utils as eu
 
     def eval_fn(fn, step):
         out, _, nfe = gen(fn)
         out = np.asarray(out)
         nearest = np.argmax(generate.ssim_to_each(out, clean), axis=1)
         pairs = clean[idx] if idx is not None else clean[nearest]
-        m = dict(denoise.image_metrics(out, pairs), sources_covered=int(np.unique(nearest).size))
+        m = denoise.image_metrics(out, pairs)
+        m.update(sources_covered=int(np.unique(nearest).size), ssim_se=eu.standard_error(m["ssim_per_image"]),
+                 samples_per_source=np.bincount(nearest, minlength=clean.shape[0]).tolist())
         logging.info("step %d: generated samples' SSIM %.4f (PSNR %.2f dB; %d of %d sources nearest to a sample; "
                      "%d network evaluations)", step, m["ssim"], m["psnr"], m["sources_covered"], clean.shape[0], nfe)
         if last is not None:
             last.update(step=int(step), out=out, pairs=pairs, nearest=nearest, network_evals=nfe, metrics=m)
-        return {k: m[k] for k in ("ssim", "global_ssim", "psnr", "sources_covered")}
+        return {**{k: m[k] for k in ("ssim", "global_ssim", "psnr", "sources_covered")},
+                **({"ssim_se": m["ssim_se"]} if m["ssim_se"] is not None else {})}
 
     return eval_fn
 
@@ -340,16 +353,19 @@ def _write(out: dict, workdir: str, clean, noisy, outputs: dict, ddpm_in=None) -
 
     gen = out["task"] == "generate"
     draws = (out.get("noise") or {}).get("draws", 1)
+    B = out["images"]["shape"][0]
     rows = []
     for m, r in out["methods"].items():
         n = len(r["ssim_per_image"])
+        per = r["ssim_per_source" if draws > 1 else "ssim_per_image"]
         rows.append([m, eu.format_seconds(out["budget_seconds"]),
                      eu.format_seconds(r["precompute_seconds"] + r["embed_seconds"], 2) if m == "ours" else "-",
                      eu.format_seconds(r["train_seconds"]), r["steps"], f"{r['ssim']:.4f}"]
-                    + ([f"{r['ssim_se']:.4f}", f"{r['nearest_own_source']} of {n}"] if draws > 1 else [])
-                    + [", ".join(f"{s:.3f}" for s in r["ssim_per_source" if draws > 1 else "ssim_per_image"]),
-                       f"{r['psnr']:.2f}"]
-                    + ([f"{r['sources_covered']} of {out['images']['shape'][0]}"] if gen else []))
+                    + ([_fmt_se(r.get("ssim_se"))] if draws > 1 or gen else [])
+                    + ([f"{r['nearest_own_source']} of {n}"] if draws > 1 else [])
+                    + [_fmt_values(per), f"{r['psnr']:.2f}"]
+                    + ([f"{r['sources_covered']} of {B}",
+                        ", ".join(str(c) for c in r.get("samples_per_source") or ()) or "-"] if gen else []))
     what = "denoised noisy copies" if out["task"] == "denoise" else "generated samples"
     text = [f"# Fixed budget: {out['images']['shape'][0]} images {out['images']['shape'][2]}x"
             f"{out['images']['shape'][3]} ({out['images']['source']}), {what}\n\n",
@@ -369,22 +385,27 @@ def _write(out: dict, workdir: str, clean, noisy, outputs: dict, ddpm_in=None) -
         text.append("Each sample is scored against its own source if the model draws it for one (ours with "
                     "per-image time intervals), else against the source most similar to it (SSIM).\n\n")
     text.append(eu.markdown_table(["method", "budget", "pre-compute", "training", "steps", "mean SSIM"]
-                                  + (["s.e.", "own image nearest"] if draws > 1 else [])
-                                  + ["SSIM per image" + (f" (mean of {draws} copies)" if draws > 1 else ""),
-                                     "mean PSNR (dB)"] + (["sources nearest to a sample"] if gen else []),
+                                  + (["s.e."] if draws > 1 or gen else [])
+                                  + (["own image nearest"] if draws > 1 else [])
+                                  + [("SSIM per sample" if gen else "SSIM per image")
+                                     + (f" (mean of {draws} copies)" if draws > 1 else ""), "mean PSNR (dB)"]
+                                  + (["sources nearest to a sample", "samples nearest each source"] if gen else []),
                                   rows))
     curves = {m: r["curve"] for m, r in out["methods"].items() if len(r.get("curve", ())) > 1}
     if curves:
         text.append("\nQuality during training (the evaluations every `common.eval_every` updates; seconds of "
                     "the budget used, ours incl. pre-computation):\n\n")
-        stats = draws > 1 and all("nearest_own_source" in c for cur in curves.values() for c in cur)
+        points = [c for cur in curves.values() for c in cur]
+        se = all("ssim_se" in c for c in points)
+        own = draws > 1 and all("nearest_own_source" in c for c in points)
         crow = [[m, c["step"], eu.format_seconds(c["seconds"]), f"{c['ssim']:.4f}"]
-                + ([f"{c['ssim_se']:.4f}", f"{c['nearest_own_source']} of {len(noisy)}"] if stats else [])
+                + ([f"{c['ssim_se']:.4f}"] if se else [])
+                + ([f"{c['nearest_own_source']} of {len(noisy)}"] if own else [])
                 + [f"{c['psnr']:.2f}"] + ([c.get("sources_covered")] if gen else [])
                 for m, cur in curves.items() for c in cur]
         text.append(eu.markdown_table(["method", "step", "budget used", "mean SSIM"]
-                                      + (["s.e.", "own image nearest"] if stats else []) + ["mean PSNR (dB)"]
-                                      + (["sources nearest to a sample"] if gen else []), crow))
+                                      + (["s.e."] if se else []) + (["own image nearest"] if own else [])
+                                      + ["mean PSNR (dB)"] + (["sources nearest to a sample"] if gen else []), crow))
     mi = out["machine"]
     text.append(f"\nMachine: {mi['processor']}, {mi['cpu_count']} CPUs, backend {mi['backend']}, jax {mi['jax']}, "
                 f"x64 {mi['x64']}, load average {mi['load_average']}; {mi['date']}.\n")
@@ -393,9 +414,8 @@ def _write(out: dict, workdir: str, clean, noisy, outputs: dict, ddpm_in=None) -
 
     names = [m for m in ("ours", "ddpm") if m in outputs]
     label = {"ours": "ours", "ddpm": "DDPM"}
-    B = clean.shape[0]
-    # whole draws, up to GRID_PANELS panels (at least one draw)
-    k = B * max(1, min(draws, GRID_PANELS // B)) if out["task"] == "denoise" else None
+    # denoise: whole draws, up to GRID_PANELS panels (at least one draw); generate: up to GRID_PANELS samples
+    k = B * max(1, min(draws, GRID_PANELS // B)) if not gen else None
     rows_img = [list(np.concatenate([clean] * (k // B))) if k else list(clean)]
     row_labels = ["source"]
     if out["task"] == "denoise":
@@ -405,9 +425,13 @@ def _write(out: dict, workdir: str, clean, noisy, outputs: dict, ddpm_in=None) -
         rows_img.append(list(np.clip(ddpm_in[:k], 0.0, 1.0)))
         row_labels.append("DDPM's start")
     for m in names:
-        rows_img.append(list(np.asarray(outputs[m])[:k]))
+        rows_img.append(list(np.asarray(outputs[m])[:k if k else GRID_PANELS]))
         row_labels.append(f"{label[m]}\nSSIM {out['methods'][m]['ssim']:.3f}")
-    shown = f"; the first {k} of {B * draws} inputs" if k and k < B * draws else ""
+    if not gen:
+        shown = f"; the first {k} of {B * draws} inputs" if k < B * draws else ""
+    else:
+        big = max((len(outputs[m]) for m in names), default=0)
+        shown = f"; the first {GRID_PANELS} of {big} samples" if big > GRID_PANELS else ""
     eu.image_grid(os.path.join(workdir, "grid.png"), rows_img, row_labels=row_labels,
                   title=f"Same budget ({out['budget_seconds']:g} s): {what}{shown}")
     if curves:
@@ -415,6 +439,21 @@ def _write(out: dict, workdir: str, clean, noisy, outputs: dict, ddpm_in=None) -
                        {label[m]: ([c["seconds"] for c in cur], [c["ssim"] for c in cur]) for m, cur in curves.items()},
                        xlabel="budget used (s; ours incl. pre-computation)", ylabel="mean SSIM",
                        title=f"Quality during training: {what}")
+
+
+def _fmt_se(se) -> str:
+    return "-" if se is None else f"{se:.4f}"
+
+
+def _fmt_values(values, most: int = GRID_PANELS) -> str:
+    """``values`` (None for a missing one) as a comma-separated list, or their range and median
+    when there are more than ``most``."""
+    import numpy as np
+
+    if len(values) > most:
+        v = np.asarray([x for x in values if x is not None], np.float64)
+        return f"{len(values)} values: min {v.min():.3f}, median {np.median(v):.3f}, max {v.max():.3f}"
+    return ", ".join("-" if x is None else f"{x:.3f}" for x in values)
 
 
 def main(argv):

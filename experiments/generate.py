@@ -29,7 +29,8 @@ Samplers (``--sampler``):
 Outputs in ``--outdir`` (default ``<workdir>/generate``): ``samples.png`` (one row per sample,
 ``--num_frames`` frames from the prior to the sample), ``samples.json`` and ``samples.md``
 (per-sample statistics; with ``--reference`` (a :func:`krylovjax.data.load_images` source) the
-SSIM of each sample to its nearest reference image). The output directory is tied to its
+SSIM of each sample to its nearest reference image, and their mean with its standard error and
+how many samples are nearest each reference). The output directory is tied to its
 settings; other settings are refused, a finished one is redone only with ``--overwrite``.
 """
 
@@ -259,14 +260,25 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
         per.append(rec)
         rows.append([k, rec["image_index"], f"{rec['mean']:.3f}", f"{rec['std']:.3f}",
                      rec.get("nearest_reference"), None if ref is None else f"{rec['ssim_to_nearest']:.4f}"])
+    summary = None
+    if ref is not None:
+        best = s_all.max(axis=1)
+        counts = np.bincount(np.argmax(s_all, axis=1), minlength=ref.shape[0])
+        summary = {"ssim_to_nearest_mean": float(best.mean()), "ssim_to_nearest_se": eu.standard_error(best),
+                   "samples_per_reference": counts.tolist(), "references_covered": int((counts > 0).sum())}
     result = {"experiment": "generate", "settings": settings, "method": tc.method, "sde": tc.sde,
-              "network_evals": nfe, "sampling_seconds": sw.seconds, "samples": per,
+              "network_evals": nfe, "sampling_seconds": sw.seconds, "samples": per, "summary": summary,
               "shape": list(out.shape), "machine": eu.machine_info()}
     eu.write_json(os.path.join(outdir, "samples.json"), result)
     text = (f"# Samples of {os.path.abspath(workdir)} (step {fn.step}, method {tc.method}, sampler {sampler})\n\n"
-            f"{nfe} network evaluations, {sw.seconds:.1f} s (compile included).\n\n"
-            + eu.markdown_table(["sample", "image index", "mean", "std", "nearest reference", "SSIM to nearest"],
-                                rows))
+            f"{nfe} network evaluations, {sw.seconds:.1f} s (compile included).\n\n")
+    if summary:
+        se = summary["ssim_to_nearest_se"]
+        text += (f"SSIM to the nearest reference, mean over the {num_samples} samples: "
+                 f"{summary['ssim_to_nearest_mean']:.4f}" + ("" if se is None else f" (s.e. {se:.4f})")
+                 + f"; {summary['references_covered']} of {ref.shape[0]} references are some sample's nearest; "
+                 f"samples nearest each reference: {', '.join(str(c) for c in summary['samples_per_reference'])}.\n\n")
+    text += eu.markdown_table(["sample", "image index", "mean", "std", "nearest reference", "SSIM to nearest"], rows)
     eu.write_text(os.path.join(outdir, "samples.md"), text)
     eu.image_grid(os.path.join(outdir, "samples.png"), [frames[:, k] for k in range(num_samples)],
                   row_labels=[f"sample {k}" for k in range(num_samples)],

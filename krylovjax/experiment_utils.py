@@ -261,6 +261,13 @@ def noisy_copy(images, std: float, seed: int, *, clamp: bool = True, scale: floa
 # ----------------------------------------------------------------------------------------------
 
 
+def standard_error(values) -> float | None:
+    """The standard error of the mean of ``values`` (sample standard deviation / sqrt(n)); None
+    for fewer than two values."""
+    v = np.asarray(values, np.float64).ravel()
+    return float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else None
+
+
 def read_metrics(train_workdir: str | os.PathLike, kind: str | None = None) -> list[dict]:
     """The records of ``<train_workdir>/metrics.jsonl`` (of :func:`krylovjax.training.train`),
     optionally only those of ``kind`` ("start", "train", "eval"); a half-written line is skipped."""

@@ -590,6 +590,11 @@ def test_generate_from_train_run(denoise_run, tmp_path):
     for s in res["samples"]:
         assert 0 <= s["min"] <= s["mean"] <= s["max"] <= 1 and -1 <= s["ssim_to_nearest"] <= 1
     assert res["settings"]["step"] == 3
+    best = [s["ssim_to_nearest"] for s in res["samples"]]
+    assert res["summary"] == {"ssim_to_nearest_mean": pytest.approx(np.mean(best)),
+                              "ssim_to_nearest_se": pytest.approx(abs(best[0] - best[1]) / 2),  # two samples
+                              "samples_per_reference": [2], "references_covered": 1}
+    assert f"mean over the 2 samples: {np.mean(best):.4f}" in open(out / "samples.md").read()
     # the same outdir with other settings, or again without --overwrite: refused, nothing changed
     from experiments import generate
 
@@ -699,11 +704,13 @@ def test_budget_conditional_literal_config_is_paper_b_code():
     denoise.check_ddpm_range(cfg, denoise.train_config(cfg, "ddpm"))
 
 
-def test_budget_generate_task_records_the_quality_curve(tmp_path):
+def test_budget_generate_task_records_the_quality_curve(tmp_path, monkeypatch):
     """task="generate" with common.eval_every > 0: both methods generate at every evaluation and
     at the end; the curve in results.json has one point per evaluation, its seconds are the
     budget used (ours: pre-computation and embedding included), its last point is the reported
-    score, and results.md / quality_curve.png show it."""
+    score, and results.md / quality_curve.png show it; with more samples than grid.png shows, the
+    grid holds the first GRID_PANELS and results.md their range, and both report the standard
+    error and how many samples are nearest each source."""
     from experiments import budget
     from experiments.configs import budget_generate
 
@@ -716,6 +723,15 @@ def test_budget_generate_task_records_the_quality_curve(tmp_path):
     cfg.ddpm.train.ddpm_num_steps = 20
     cfg.ours.train.num_steps = cfg.ddpm.train.num_steps = 5  # the step cap stops first
     cfg.budget_seconds = 600.0
+    cfg.samples_per_image = 7  # 14 samples: more than grid.png and the table show one by one
+    grids, image_grid = [], eu.image_grid
+
+    def record(path, rows, **kw):
+        grids.append((rows, kw.get("title")))
+        image_grid(path, rows, **kw)
+
+    monkeypatch.setattr(eu, "image_grid", record)
+    assert 2 * cfg.samples_per_image > budget.GRID_PANELS
     wd = str(tmp_path / "g")
     out = budget.run(cfg, wd)
     assert out["task"] == "generate" and out["noisy"] is None
@@ -724,16 +740,30 @@ def test_budget_generate_task_records_the_quality_curve(tmp_path):
         assert [c["step"] for c in r["curve"]] == [2, 4, 5]
         secs = [c["seconds"] for c in r["curve"]]
         assert secs == sorted(secs) and secs[-1] == pytest.approx(r["used_seconds"])
-        assert r["curve"][-1]["ssim"] == pytest.approx(r["ssim"]) and len(r["ssim_per_image"]) == 2
-        assert len(r["nearest_source"]) == 2 and r["sources_covered"] == len(set(r["nearest_source"]))
+        assert r["curve"][-1]["ssim"] == pytest.approx(r["ssim"]) and len(r["ssim_per_image"]) == 14
+        assert len(r["nearest_source"]) == 14 and r["sources_covered"] == len(set(r["nearest_source"]))
+        assert r["samples_per_source"] == np.bincount(r["nearest_source"], minlength=2).tolist()
         assert r["curve"][-1]["sources_covered"] == r["sources_covered"]
+        assert r["ssim_se"] == pytest.approx(np.std(r["ssim_per_image"], ddof=1) / np.sqrt(14))
+        assert all("ssim_se" in c for c in r["curve"]) and r["curve"][-1]["ssim_se"] == pytest.approx(r["ssim_se"])
     o = out["methods"]["ours"]
     assert o["curve"][0]["seconds"] > o["precompute_seconds"] + o["embed_seconds"] > 0
     assert out["methods"]["ddpm"]["network_evals"] == 20  # the ancestral chain from step T - 1
     text = open(os.path.join(wd, "results.md")).read()
     assert "Quality during training" in text and "generated samples" in text
+    o = out["methods"]["ours"]
+    v = np.asarray(o["ssim_per_image"])
+    assert (f"| {o['ssim']:.4f} | {o['ssim_se']:.4f} | 14 values: min {v.min():.3f}, median {np.median(v):.3f}, "
+            f"max {v.max():.3f} | {o['psnr']:.2f} | {o['sources_covered']} of 2 | "
+            f"{o['samples_per_source'][0]}, {o['samples_per_source'][1]} |") in text
+    c = o["curve"][0]
+    assert f"| {c['ssim']:.4f} | {c['ssim_se']:.4f} | {c['psnr']:.2f} | {c['sources_covered']} |" in text
     for f in budget.RESULT_FILES:
         assert os.path.isfile(os.path.join(wd, f)), f
+    # grid.png: the sources' row, then the first GRID_PANELS of the 14 samples of each method
+    rows, title = grids[-1]
+    assert [len(r) for r in rows] == [2, budget.GRID_PANELS, budget.GRID_PANELS]
+    assert title.endswith(f"the first {budget.GRID_PANELS} of 14 samples")
 
 
 def test_generate_eval_scores_samples_against_their_sources():
@@ -754,8 +784,13 @@ def test_generate_eval_scores_samples_against_their_sources():
     res = budget.make_generate_eval_fn(gen, clean, None, last)(None, 4)
     np.testing.assert_array_equal(last["pairs"], clean[order])
     np.testing.assert_array_equal(last["nearest"], order)
-    want = dict(denoise.image_metrics(samples, clean[order]), sources_covered=3)
-    assert res == {k: want[k] for k in ("ssim", "global_ssim", "psnr", "sources_covered")} and last["metrics"] == want
+    want = denoise.image_metrics(samples, clean[order])
+    s = np.asarray(want["ssim_per_image"])
+    # the standard error by hand: sample standard deviation over sqrt(4)
+    se = math.sqrt(sum((x - s.mean()) ** 2 for x in s) / 3) / 2
+    want.update(sources_covered=3, ssim_se=pytest.approx(se, rel=1e-12), samples_per_source=[1, 1, 2])
+    assert res == {**{k: want[k] for k in ("ssim", "global_ssim", "psnr", "sources_covered")}, "ssim_se": want["ssim_se"]}
+    assert last["metrics"] == want
     assert last["step"] == 4 and last["network_evals"] == 7
     # the nearest source's SSIM is each sample's best over all sources
     s_all = np.array([[float(metrics.ssim(samples[k][None], clean[j][None])[0]) for j in range(3)] for k in range(4)])
@@ -767,6 +802,10 @@ def test_generate_eval_scores_samples_against_their_sources():
     samples = np.repeat(samples[:1], 4, axis=0)  # every sample copies source 2: one source covered
     assert budget.make_generate_eval_fn(gen, clean, None, last)(None, 6)["sources_covered"] == 1
     np.testing.assert_array_equal(last["nearest"], [2, 2, 2, 2])
+    assert last["metrics"]["samples_per_source"] == [0, 0, 4] and last["metrics"]["ssim_se"] == 0.0
+    samples = samples[:1]  # one sample: no standard error, none in the curve point
+    assert "ssim_se" not in budget.make_generate_eval_fn(gen, clean, None, last)(None, 7)
+    assert last["metrics"]["ssim_se"] is None and last["metrics"]["samples_per_source"] == [0, 0, 1]
 
 
 @pytest.mark.parametrize("method", ["ancestral", "ddim"])
@@ -1297,6 +1336,10 @@ def test_noise_draws_bad_values(tmp_path):
     cfg = budget_generate.get_config()
     cfg.noise.draws = 2
     with pytest.raises(ValueError, match="noise.draws: the generate task has no noisy inputs.*expected 1, got 2"):
+        budget.check_budget_config(cfg)
+    cfg = budget_generate.get_config()
+    cfg.task = "denoise"  # its samples_per_image (10) has no meaning there
+    with pytest.raises(ValueError, match="samples_per_image: the denoise task draws no samples.*expected 1, got 10"):
         budget.check_budget_config(cfg)
     cfg = denoise_demo.get_config()
     cfg.noise.draws = 2

@@ -43,4 +43,5 @@ def get_config():
     c.ours.sampler.kind = "denoise"
     c.ours.sampler.method = "ode"
     c.noise.draws = 10
+    c.samples_per_image = 1  # the denoise task draws no samples
     return c

@@ -46,6 +46,11 @@ import ml_collections
 
 from experiments.configs import budget_demo
 
+# 30 samples in all: one sample per photo cannot tell a model that draws every photo from one that
+# draws the same photo again and again (runs before 2026-12-05's twenty-first session drew one:
+# --config.samples_per_image=1)
+SAMPLES_PER_IMAGE = 10
+
 
 def get_config():
     c = budget_demo.get_config()
@@ -53,4 +58,5 @@ def get_config():
     c.ours.train.sde = "ve"
     c.ours.train.sde_kwargs = ml_collections.ConfigDict({"sigma": 2.0})
     c.ours.precompute.num_steps = 10
+    c.samples_per_image = SAMPLES_PER_IMAGE
     return c
