@@ -751,7 +751,6 @@ def test_budget_generate_task_records_the_quality_curve(tmp_path, monkeypatch):
     assert out["methods"]["ddpm"]["network_evals"] == 20  # the ancestral chain from step T - 1
     text = open(os.path.join(wd, "results.md")).read()
     assert "Quality during training" in text and "generated samples" in text
-    o = out["methods"]["ours"]
     v = np.asarray(o["ssim_per_image"])
     assert (f"| {o['ssim']:.4f} | {o['ssim_se']:.4f} | 14 values: min {v.min():.3f}, median {np.median(v):.3f}, "
             f"max {v.max():.3f} | {o['psnr']:.2f} | {o['sources_covered']} of 2 | "
