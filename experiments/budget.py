@@ -116,7 +116,7 @@ def input_stats(out, clean, src, ssim_per_input) -> dict:
 
     s = np.asarray(ssim_per_input, np.float64)
     src = np.asarray(src)
-    nearest = np.argmax(generate.ssim_to_each(out, clean), axis=1)
+    nearest = generate.nearest_reference(out, clean)[0]
     return {"ssim_se": eu.standard_error(s),
             "ssim_per_source": [float(s[src == b].mean()) if (src == b).any() else None for b in range(clean.shape[0])],
             "nearest_source": nearest.tolist(), "nearest_own_source": int((nearest == src).sum())}
@@ -220,11 +220,11 @@ def make_generate_eval_fn(gen, clean, idx, last: dict | None = None):
     def eval_fn(fn, step):
         out, _, nfe = gen(fn)
         out = np.asarray(out)
-        nearest = np.argmax(generate.ssim_to_each(out, clean), axis=1)
+        nearest, _, counts = generate.nearest_reference(out, clean)
         pairs = clean[idx] if idx is not None else clean[nearest]
         m = denoise.image_metrics(out, pairs)
-        m.update(sources_covered=int(np.unique(nearest).size), ssim_se=eu.standard_error(m["ssim_per_image"]),
-                 samples_per_source=np.bincount(nearest, minlength=clean.shape[0]).tolist())
+        m.update(sources_covered=int((counts > 0).sum()), ssim_se=eu.standard_error(m["ssim_per_image"]),
+                 samples_per_source=counts.tolist())
         logging.info("step %d: generated samples' SSIM %.4f (PSNR %.2f dB; %d of %d sources nearest to a sample; "
                      "%d network evaluations)", step, m["ssim"], m["psnr"], m["sources_covered"], clean.shape[0], nfe)
         if last is not None:
@@ -364,8 +364,7 @@ def _write(out: dict, workdir: str, clean, noisy, outputs: dict, ddpm_in=None) -
                     + ([_fmt_se(r.get("ssim_se"))] if draws > 1 or gen else [])
                     + ([f"{r['nearest_own_source']} of {n}"] if draws > 1 else [])
                     + [_fmt_values(per), f"{r['psnr']:.2f}"]
-                    + ([f"{r['sources_covered']} of {B}",
-                        ", ".join(str(c) for c in r.get("samples_per_source") or ()) or "-"] if gen else []))
+                    + ([f"{r['sources_covered']} of {B}", ", ".join(map(str, r["samples_per_source"]))] if gen else []))
     what = "denoised noisy copies" if out["task"] == "denoise" else "generated samples"
     text = [f"# Fixed budget: {out['images']['shape'][0]} images {out['images']['shape'][2]}x"
             f"{out['images']['shape'][3]} ({out['images']['source']}), {what}\n\n",
@@ -414,24 +413,19 @@ def _write(out: dict, workdir: str, clean, noisy, outputs: dict, ddpm_in=None) -
 
     names = [m for m in ("ours", "ddpm") if m in outputs]
     label = {"ours": "ours", "ddpm": "DDPM"}
-    # denoise: whole draws, up to GRID_PANELS panels (at least one draw); generate: up to GRID_PANELS samples
-    k = B * max(1, min(draws, GRID_PANELS // B)) if not gen else None
-    rows_img = [list(np.concatenate([clean] * (k // B))) if k else list(clean)]
-    row_labels = ["source"]
-    if out["task"] == "denoise":
-        rows_img.append(list(noisy[:k]))
-        row_labels.append("noisy")
+    if gen:  # the sources, then up to GRID_PANELS samples of each method
+        k, total, unit = GRID_PANELS, max((len(outputs[m]) for m in names), default=0), "samples"
+        rows_img, row_labels = [list(clean)], ["source"]
+    else:  # whole draws, up to GRID_PANELS panels (at least one draw), each under its source
+        k, total, unit = B * max(1, min(draws, GRID_PANELS // B)), B * draws, "inputs"
+        rows_img, row_labels = [list(np.concatenate([clean] * (k // B))), list(noisy[:k])], ["source", "noisy"]
     if ddpm_in is not None:  # ddpm.sampler.start = "prior_mix": DDPM's own start
         rows_img.append(list(np.clip(ddpm_in[:k], 0.0, 1.0)))
         row_labels.append("DDPM's start")
     for m in names:
-        rows_img.append(list(np.asarray(outputs[m])[:k if k else GRID_PANELS]))
+        rows_img.append(list(np.asarray(outputs[m])[:k]))
         row_labels.append(f"{label[m]}\nSSIM {out['methods'][m]['ssim']:.3f}")
-    if not gen:
-        shown = f"; the first {k} of {B * draws} inputs" if k < B * draws else ""
-    else:
-        big = max((len(outputs[m]) for m in names), default=0)
-        shown = f"; the first {GRID_PANELS} of {big} samples" if big > GRID_PANELS else ""
+    shown = f"; the first {k} of {total} {unit}" if k < total else ""
     eu.image_grid(os.path.join(workdir, "grid.png"), rows_img, row_labels=row_labels,
                   title=f"Same budget ({out['budget_seconds']:g} s): {what}{shown}")
     if curves:
@@ -446,14 +440,14 @@ def _fmt_se(se) -> str:
 
 
 def _fmt_values(values, most: int = GRID_PANELS) -> str:
-    """``values`` (None for a missing one) as a comma-separated list, or their range and median
-    when there are more than ``most``."""
+    """``values`` as a comma-separated list, or their range and median when there are more than
+    ``most``."""
     import numpy as np
 
     if len(values) > most:
-        v = np.asarray([x for x in values if x is not None], np.float64)
+        v = np.asarray(values, np.float64)
         return f"{len(values)} values: min {v.min():.3f}, median {np.median(v):.3f}, max {v.max():.3f}"
-    return ", ".join("-" if x is None else f"{x:.3f}" for x in values)
+    return ", ".join(f"{x:.3f}" for x in values)
 
 
 def main(argv):

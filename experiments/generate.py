@@ -112,6 +112,17 @@ def ssim_to_each(samples, refs):
                      for j in range(refs.shape[0])], axis=1)
 
 
+def nearest_reference(samples, refs):
+    """``(nearest [M], ssim [M], counts [R])``: the reference each sample ``[M, C, H, W]`` is most
+    similar to (windowed SSIM, :func:`ssim_to_each`), its SSIM to that reference, and how many
+    samples have each reference ``[R, C, H, W]`` as their nearest (numpy)."""
+    import numpy as np
+
+    s_all = ssim_to_each(samples, refs)
+    nearest = np.argmax(s_all, axis=1)
+    return nearest, s_all.max(axis=1), np.bincount(nearest, minlength=np.shape(refs)[0])
+
+
 def sample(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_steps: int = 50, num_frames: int = 10,
            final_denoise: bool = True):
     """Draw samples ``[M, C, H, W]`` in [0, 1] from a trained model, with trajectory frames.
@@ -251,21 +262,19 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
         ref = load_images(reference, **kw).astype(out.dtype)
         if ref.shape[1] != out.shape[1]:
             raise ValueError(f"reference: its images have {ref.shape[1]} channels, the model {out.shape[1]}")
-    s_all = None if ref is None else ssim_to_each(out, ref)
+    summary = None
+    if ref is not None:
+        nearest, best, counts = nearest_reference(out, ref)
+        summary = {"ssim_to_nearest_mean": float(best.mean()), "ssim_to_nearest_se": eu.standard_error(best),
+                   "samples_per_reference": counts.tolist(), "references_covered": int((counts > 0).sum())}
     for k in range(num_samples):
         rec = {"sample": k, "image_index": None if idx is None else int(idx[k]), "mean": float(out[k].mean()),
                "std": float(out[k].std()), "min": float(out[k].min()), "max": float(out[k].max())}
         if ref is not None:
-            rec.update(nearest_reference=int(np.argmax(s_all[k])), ssim_to_nearest=float(s_all[k].max()))
+            rec.update(nearest_reference=int(nearest[k]), ssim_to_nearest=float(best[k]))
         per.append(rec)
         rows.append([k, rec["image_index"], f"{rec['mean']:.3f}", f"{rec['std']:.3f}",
                      rec.get("nearest_reference"), None if ref is None else f"{rec['ssim_to_nearest']:.4f}"])
-    summary = None
-    if ref is not None:
-        best = s_all.max(axis=1)
-        counts = np.bincount(np.argmax(s_all, axis=1), minlength=ref.shape[0])
-        summary = {"ssim_to_nearest_mean": float(best.mean()), "ssim_to_nearest_se": eu.standard_error(best),
-                   "samples_per_reference": counts.tolist(), "references_covered": int((counts > 0).sum())}
     result = {"experiment": "generate", "settings": settings, "method": tc.method, "sde": tc.sde,
               "network_evals": nfe, "sampling_seconds": sw.seconds, "samples": per, "summary": summary,
               "shape": list(out.shape), "machine": eu.machine_info()}
