@@ -62,7 +62,8 @@ if __name__ == "__main__":
     flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
     flags.DEFINE_string("reference", None, "Optional load_images source to compare samples with, "
                         "e.g. builtin:chelsea or builtin (resized to the model's size).")
-    flags.DEFINE_integer("reference_count", 3, "Images of a multi-image --reference source.")
+    flags.DEFINE_integer("reference_count", 3, "Images of a multi-image --reference source (builtin, "
+                         "cifar10, celeb_a): its first ones.")
     flags.DEFINE_bool("overwrite", False, "Redo a finished run with the same settings in --outdir.")
     flags.mark_flags_as_required(["workdir"])
 
@@ -217,7 +218,8 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
     from krylovjax import experiment_utils as eu
     from krylovjax import training
 
-    for name, v, lo in (("num_samples", num_samples, 1), ("num_frames", num_frames, 2), ("num_steps", num_steps, 0)):
+    for name, v, lo in (("num_samples", num_samples, 1), ("num_frames", num_frames, 2), ("num_steps", num_steps, 0),
+                        ("reference_count", reference_count, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
@@ -243,6 +245,19 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
     unet = fn.model_def.unet
     shape = (num_samples, unet.in_channels, unet.image_size, unet.image_size)
     settings = dict(settings, step=int(fn.step), sampler=sampler)  # as resolved, for the record
+    ref = None
+    if reference:  # loaded before sampling: a bad source fails at once, not after the chain
+        from krylovjax.data import load_images
+
+        kw: dict[str, Any] = {"size": unet.image_size}
+        if not reference.startswith("builtin:"):  # a multi-image source: its first reference_count
+            kw["num_images"] = reference_count
+        try:
+            ref = np.asarray(load_images(reference, **kw))
+        except ValueError as e:
+            raise ValueError(f"reference: {reference!r}: {e}") from e
+        if ref.shape[1] != unet.in_channels:
+            raise ValueError(f"reference: its images have {ref.shape[1]} channels, the model {unet.in_channels}")
     idx = None
     if unet.per_image_offset:
         idx = jnp.arange(num_samples, dtype=jnp.int32) % unet.num_images
@@ -250,18 +265,10 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
         out, frames, nfe = sample(fn, tc, shape, jax.random.PRNGKey(seed), idx=idx, sampler=sampler,
                                   num_steps=num_steps, num_frames=num_frames, final_denoise=final_denoise)
         out, frames = np.asarray(out), np.asarray(frames)
+    if ref is not None:
+        ref = ref.astype(out.dtype)
     rows = []
     per = []
-    ref = None
-    if reference:
-        from krylovjax.data import load_images
-
-        kw: dict[str, Any] = {"size": unet.image_size}
-        if reference == "builtin":
-            kw["num_images"] = reference_count
-        ref = load_images(reference, **kw).astype(out.dtype)
-        if ref.shape[1] != out.shape[1]:
-            raise ValueError(f"reference: its images have {ref.shape[1]} channels, the model {out.shape[1]}")
     summary = None
     if ref is not None:
         nearest, best, counts = nearest_reference(out, ref)

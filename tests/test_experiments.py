@@ -573,7 +573,7 @@ def test_denoise_binary_reports_bad_target(tmp_path):
     assert not wd.exists()
 
 
-def test_generate_from_train_run(denoise_run, tmp_path):
+def test_generate_from_train_run(denoise_run, tmp_path, monkeypatch):
     wd, _ = denoise_run
     out = tmp_path / "gen"
     proc = _run("experiments.generate", [f"--workdir={wd}/ours", f"--outdir={out}", "--num_samples=2",
@@ -607,6 +607,17 @@ def test_generate_from_train_run(denoise_run, tmp_path):
                      reference="builtin:chelsea")
     with pytest.raises(ValueError, match="num_frames"):
         generate.run(f"{wd}/ours", str(tmp_path / "g2"), num_frames=1)
+    with pytest.raises(ValueError, match="reference_count: expected an int >= 1, got 0"):
+        generate.run(f"{wd}/ours", str(tmp_path / "g2"), reference="builtin", reference_count=0)
+    # a bad reference source is refused before any sampling
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled before the reference was checked")
+
+    monkeypatch.setattr(generate, "sample", no_sampling)
+    with pytest.raises(ValueError, match="reference: 'builtin:nosuch': name must be one of"):
+        generate.run(f"{wd}/ours", str(tmp_path / "g3"), num_samples=2, num_frames=3, num_steps=4,
+                     sampler="paper_a", reference="builtin:nosuch")
+    assert not os.path.exists(tmp_path / "g3" / "samples.json")
     assert _snapshot(str(out)) == before
 
 
