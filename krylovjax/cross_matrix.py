@@ -86,7 +86,8 @@ class SeedBasis(NamedTuple):
       V: ``[k+1, N]`` orthonormal Arnoldi vectors (rows) of the seed system.
       H: ``[k+1, k]`` upper Hessenberg matrix, ``A_s M^{-1} V_k^T = V_{k+1}^T H``.
       Z: ``[k, N]`` the search directions ``M^{-1} V_k`` (``V_k`` without a preconditioner).
-      num_matvecs: matvecs spent on the seed (``k``).
+      num_matvecs: matvecs spent on the seed (``k``, and one more for the residual of a given
+        ``seed_x0``).
     """
 
     V: Array
@@ -252,7 +253,8 @@ class SolverConfig:
         the black pixels only, see :class:`krylovjax.preconditioners.RedBlackSystem`).
         The grid preconditioners (:data:`GRID_PRECONDITIONERS`) are not for Paper B's scheme.
       krylov: the Krylov method, ``"gmres"`` or ``"bicgstab"``.
-      projection: ``"minres"`` or ``"seed_hessenberg"`` (see :func:`cross_matrix_solve`).
+      projection: ``"minres"`` or ``"seed_hessenberg"`` (see :func:`cross_matrix_solve`); the
+        ``"recycled"`` method augments GMRES with the seed space instead and does not use it.
       basis_size: ``k``, the number of seed directions.
       seed_index: which system of the batch is the seed.
       tol, atol, restart, max_restarts: Krylov settings (for BiCGStab ``restart`` is the number
@@ -287,10 +289,12 @@ class SolverConfig:
                              f"{self.krylov!r}")
         if self.projection not in PROJECTIONS:
             raise ValueError(f"projection: expected one of {PROJECTIONS}, got {self.projection!r}")
-        if not (isinstance(self.basis_size, int) and self.basis_size >= 1):
-            raise ValueError(f"basis_size: expected an integer >= 1, got {self.basis_size}")
-        if not (self.tol > 0):
-            raise ValueError(f"tol: expected > 0, got {self.tol}")
+        if isinstance(self.basis_size, bool) or not (isinstance(self.basis_size, int) and self.basis_size >= 1):
+            raise ValueError(f"basis_size: expected an integer >= 1, got {self.basis_size!r}")
+        if not (math.isfinite(self.tol) and self.tol > 0):
+            raise ValueError(f"tol: expected a finite tolerance > 0, got {self.tol}")
+        if not (math.isfinite(self.atol) and self.atol >= 0):
+            raise ValueError(f"atol: expected a finite tolerance >= 0, got {self.atol}")
         if self.chunk_size is not None and self.chunk_size != "auto" and not (
                 isinstance(self.chunk_size, int) and self.chunk_size >= 1):
             raise ValueError(f"chunk_size: expected None, 'auto' or an integer >= 1, got "
@@ -347,8 +351,7 @@ def _take(op: FPOperator, index) -> FPOperator:
 
 
 def _norms(x: Array) -> Array:
-    x = x.reshape(x.shape[0], -1)
-    return jnp.sqrt(jnp.einsum("bn,bn->b", x, x, precision=_HI))
+    return krylov.scaled_norm(x.reshape(x.shape[0], -1))
 
 
 class _Problem(NamedTuple):

@@ -198,6 +198,24 @@ def _norm(x: Array) -> Array:
     return jnp.sqrt(_dot(x, x))
 
 
+def _pow2_scale(x: Array) -> Array:
+    """Per-system power of two ``s [B]`` with ``max|x| / s`` in ``[1, 2)`` (1 where ``x [B, N]``
+    is zero or not finite). Dividing by it is exact in floating point, and it keeps a sum of
+    squares from overflowing (``||b||^2`` of entries near 1e19 in float32) or underflowing
+    (near 1e-24), either of which made a solve report convergence with ``x = 0``."""
+    amax = jnp.max(jnp.abs(x), axis=1)
+    _, e = jnp.frexp(amax)
+    ok = jnp.isfinite(amax) & (amax > 0)
+    return jnp.where(ok, jnp.ldexp(jnp.ones_like(amax), e - 1), 1.0).astype(x.dtype)
+
+
+def scaled_norm(x: Array) -> Array:
+    """Euclidean norm over the last axis ``[B, N] -> [B]`` without overflow or underflow of the
+    squares (computed on ``x / s``, :func:`_pow2_scale`, times ``s``)."""
+    s = _pow2_scale(x)
+    return s * _norm(x / s[:, None])
+
+
 def _project(V: Array, w: Array) -> Array:
     """``V w`` per system: ``V [B, k, N]`` (or shared ``[k, N]``), ``w [B, N]`` -> ``[B, k]``."""
     if V.ndim == 2:
@@ -325,6 +343,7 @@ def arnoldi(matvec: MatVec, v: Array, k: int, *,
     op = _flat_operator(matvec, precondition, v.shape)
 
     v0 = v.reshape(B, n)
+    v0 = v0 / _pow2_scale(v0)[:, None]  # exact; a tiny or huge start vector normalises all the same
     nrm = _norm(v0)
     v0 = jnp.where((nrm > 0)[:, None], v0 / jnp.where(nrm > 0, nrm, 1.0)[:, None], 0.0)
     V = jnp.zeros((B, k + 1, n), dtype).at[:, 0].set(v0)
@@ -466,31 +485,38 @@ class _Start(NamedTuple):
     active: Array
     status: Array
     n_mv: Array
+    scale: Array  # [B] the power of two b was divided by (:func:`_pow2_scale`); x is solved for x / scale
 
 
 def _start(A_flat: MatVec, b: Array, x0: Array | None, tol, atol, stagnation_tol) -> _Start:
     """Initial iterate ``x0`` (zero where ``b = 0``) and residual; a zero initial guess needs
     no matvec (``r0 = b`` exactly). Systems already converged or with a non-finite residual
     are inactive from the start (``CONVERGED`` / ``BREAKDOWN``), the others ``MAX_ITERATIONS``
-    until they stop."""
+    until they stop.
+
+    Each system is solved for ``x / s`` with ``b / s`` (``s`` a power of two near ``max|b|``,
+    ``atol`` divided alike): exact in floating point, so the iterates are those of the unscaled
+    system, but the norms can neither overflow nor underflow; :func:`_result` scales back."""
     dtype = b.dtype
     B = b.shape[0]
     bf = b.reshape(B, -1)
+    scale = _pow2_scale(bf)
+    bf = bf / scale[:, None]
     b_norm = _norm(bf)
     b_zero = b_norm == 0
-    thresh = jnp.maximum(jnp.asarray(tol, dtype) * b_norm, jnp.asarray(atol, dtype))
+    thresh = jnp.maximum(jnp.asarray(tol, dtype) * b_norm, jnp.asarray(atol, dtype) / scale)
     stag_factor = 1.0 - jnp.asarray(stagnation_tol, dtype)
     x = jnp.zeros_like(bf) if x0 is None else jnp.where(b_zero[:, None], 0.0,
-                                                        x0.reshape(bf.shape))
+                                                        x0.reshape(bf.shape) / scale[:, None])
     r = bf if x0 is None else jnp.where(b_zero[:, None], 0.0, bf - A_flat(x))
     r_norm = _norm(r)
-    converged = r_norm <= thresh
-    ok0 = jnp.isfinite(r_norm)
+    ok0 = jnp.isfinite(r_norm) & jnp.isfinite(thresh)
+    converged = ok0 & (r_norm <= thresh)
     status = jnp.where(converged, Status.CONVERGED,
                        jnp.where(ok0, Status.MAX_ITERATIONS, Status.BREAKDOWN)).astype(jnp.int32)
     n_mv = jnp.where(b_zero | (x0 is None), 0, 1).astype(jnp.int32)
     return _Start(bf, b_norm, b_zero, thresh, stag_factor, x, r, r_norm, ~converged & ok0,
-                  status, n_mv)
+                  status, n_mv, scale)
 
 
 def _stop(status: Array, active: Array, conv: Array, brk: Array, stag: Array) -> Array:
@@ -505,7 +531,7 @@ def _stop(status: Array, active: Array, conv: Array, brk: Array, stag: Array) ->
 def _result(b: Array, st: _Start, x: Array, r_norm: Array, status: Array, n_mv: Array,
             n_cyc: Array) -> KrylovResult:
     residual = r_norm / jnp.where(st.b_zero, 1.0, st.b_norm)
-    return KrylovResult(x=x.reshape(b.shape), converged=status == Status.CONVERGED,
+    return KrylovResult(x=(x * st.scale[:, None]).reshape(b.shape), converged=status == Status.CONVERGED,
                         num_matvecs=n_mv, residual=residual, num_restarts=n_cyc,
                         status=status)
 

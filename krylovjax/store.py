@@ -342,6 +342,7 @@ class ScoreStore:
         self.process_count = process_count
         self.chunks_written = 0
         self._complete_cache: set[int] = set()
+        self._data_checked: set[int] = set()  # complete chunks whose data files were found (reads)
 
     # -- construction -------------------------------------------------------------------------
 
@@ -681,12 +682,14 @@ class ScoreStore:
                 + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
                 + f" of {self.num_chunks}"
             )
+        for chunk in range(self.num_chunks):
+            self._require_complete(chunk)
         return np.asarray(self._arrays[name].read().result())
 
     def verify_chunk(self, index: int) -> bool:
         """Re-reads a complete chunk and compares each field with the checksum in its marker."""
         index = self._check_chunk_index(index)
-        self._require_complete(index)
+        self._require_complete(index, check_files=False)  # a missing file reads as fill: a mismatch
         marker = _read_json(self._marker_path(index))
         start, stop = self.chunk_bounds(index)
         for name, spec in self.fields.items():
@@ -738,12 +741,35 @@ class ScoreStore:
             raise ValueError(f"name: unknown field {name!r}; the store holds {list(self.fields)}")
         return self.fields[name]
 
-    def _require_complete(self, chunk: int) -> None:
+    def _require_complete(self, chunk: int, check_files: bool = True) -> None:
+        """A chunk to read: marked complete, and its data files present (checked once per chunk)."""
         if not self.is_chunk_complete(chunk):
             start, stop = self.chunk_bounds(chunk)
             raise ValueError(
                 f"chunk {chunk} (images {start}..{stop - 1}) of {self.path!r} is not complete yet"
             )
+        if check_files and chunk not in self._data_checked:
+            self._check_chunk_files(chunk)
+            self._data_checked.add(chunk)
+
+    def _check_chunk_files(self, chunk: int) -> None:
+        """Every field of a complete chunk has its data file, unless the marker's checksum is that
+        of the fill value (tensorstore stores no file for a chunk equal to the fill value, and a
+        missing file reads back as that fill value: a deleted or never-copied file would otherwise
+        read as zeros without a word)."""
+        marker = _read_json(self._marker_path(chunk))
+        start, stop = self.chunk_bounds(chunk)
+        for name, spec in self.fields.items():
+            key = os.path.join(self.path, _ARRAYS_DIR, name, "c", str(chunk), *["0"] * len(spec.shape))
+            if os.path.exists(key):
+                continue
+            fill = np.zeros((stop - start, *spec.shape), spec.dtype)  # the fill value: 0 / False
+            if hashlib.sha256(memoryview(fill.reshape(-1).view(np.uint8))).hexdigest() != marker["sha256"].get(name):
+                raise ValueError(
+                    f"store {self.path!r} is damaged: chunk {chunk} (images {start}..{stop - 1}) is marked "
+                    f"complete but the data of field {name!r} is missing ({key!r}); delete "
+                    f"{self._marker_path(chunk)!r} to have the chunk computed again"
+                )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -85,12 +85,15 @@ process's image rows (``data_rows``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import signal
 import tempfile
+import threading
 import time
 from typing import Any, Callable, Mapping, NamedTuple
 
@@ -585,7 +588,8 @@ def _source(config: TrainConfig, data) -> _Source:
         if data.sde is not None:
             want = {"name": config.sde, "kwargs": _pairs_to_dict(config.sde_kwargs)}
             got = {"name": str(data.sde.get("name")), "kwargs": dict(data.sde.get("kwargs") or {})}
-            if json.dumps(want, sort_keys=True) != json.dumps(got, sort_keys=True, default=float):
+            plain = lambda d: json.loads(json.dumps(d, default=float))  # noqa: E731 - tuples, numpy scalars
+            if plain(want) != plain(got):  # compared as values: sigma 5 is sigma 5.0
                 raise ValueError(
                     f"sde: the config's SDE {want} differs from the SDE of the embedded data {got}; "
                     "set config.sde / config.sde_kwargs to the embedding's")
@@ -1466,11 +1470,57 @@ def _from_process_0(value: int) -> int:
     return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
-def _rewrite_metrics(path: str, keep_upto: int) -> None:
-    """Drop records of steps after ``keep_upto`` (written by a killed segment) before resuming."""
+class _DeferredInterrupt:
+    """Ctrl-C (SIGINT) during :func:`train`: the update in flight and its records finish, then
+    ``KeyboardInterrupt`` is raised at the next step boundary (where the handler saves that step).
+    A second SIGINT, or one during an evaluation (``immediate()``), interrupts at once. Installed
+    only from the main thread over Python's default handler; otherwise SIGINT is left alone."""
+
+    def __init__(self):
+        self.pending = False
+        self._immediate = False
+        self._old = None
+
+    def install(self) -> None:
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._old = signal.signal(signal.SIGINT, self._handle)
+
+    def restore(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+
+    def _handle(self, signum, frame):
+        if self._immediate or self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
+        logging.warning("interrupt: stopping after the update in flight and saving a checkpoint "
+                        "(interrupt again to stop at once)")
+
+    @contextlib.contextmanager
+    def immediate(self):
+        """A stretch where an interrupt may land at once (the state and its records agree)."""
+        self._immediate = True
+        try:
+            yield
+        finally:
+            self._immediate = False
+
+    def check(self) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+
+
+def _rewrite_metrics(path: str, keep_upto: int) -> set[int]:
+    """Drop records of steps after ``keep_upto`` (written by a killed segment) before resuming.
+
+    Returns:
+      the steps of the evaluation records kept.
+    """
     if not os.path.exists(path):
-        return
-    kept = []
+        return set()
+    kept, evals = [], set()
     with open(path) as f:
         for line in f:
             try:
@@ -1479,7 +1529,10 @@ def _rewrite_metrics(path: str, keep_upto: int) -> None:
                 continue  # a half-written last line of a killed run
             if int(rec.get("step", 0)) <= keep_upto:
                 kept.append(json.dumps(rec))
+                if rec.get("kind") == "eval":
+                    evals.add(int(rec["step"]))
     _atomic_write(path, "".join(s + "\n" for s in kept))
+    return evals
 
 
 def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None = None,
@@ -1491,6 +1544,13 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
     ``config.num_steps`` updates, when the training time reaches ``config.budget_seconds``, or
     when ``eval_fn``'s ``config.target_metric`` reaches ``target``; a checkpoint is saved every
     ``config.checkpoint_every`` updates and at the stop.
+
+    A resumed run evaluates its checkpoint's step first when that evaluation was due and has no
+    record (killed during it), or when ``target`` is set and that step was evaluated (it may have
+    stopped there); a rerun of a finished run calls ``eval_fn`` again at its last step (its
+    callers read the outputs) without a second record. Ctrl-C (SIGINT, from the main thread) lets
+    the update in flight finish with its records, saves a checkpoint of that step and raises
+    ``KeyboardInterrupt``; a second Ctrl-C, or one during an evaluation, stops at once.
 
     Args:
       config: :class:`TrainConfig` (or a dict / ConfigDict of its fields).
@@ -1582,13 +1642,14 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
         prior_seconds = float(meta.get("train_seconds", 0.0))
     if primary and not os.path.exists(cfg_path):
         _atomic_write(cfg_path, json.dumps(record, indent=1, sort_keys=True))
+    recorded_evals: set[int] = set()  # steps whose evaluation record is in metrics.jsonl (process 0)
     if state is None:
         state = jax.device_put(fresh, repl)
         if primary and os.path.exists(metrics_path):
             _rewrite_metrics(metrics_path, 0)
     else:
         if primary:
-            _rewrite_metrics(metrics_path, resumed_from)
+            recorded_evals = _rewrite_metrics(metrics_path, resumed_from)
         logging.info("resuming %s from step %d", workdir, resumed_from)
     del fresh
     dev_data = sharded.arrays
@@ -1648,7 +1709,14 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
         last_saved = _save(writer, state, record, dict(meta_base, train_seconds=train_seconds))
         ckpt_seconds += time.perf_counter() - t0
 
+    interrupts = _DeferredInterrupt()
+
     def evaluate():
+        interrupts.check()  # an interrupt while saving: stop before the evaluation
+        with interrupts.immediate():  # an evaluation may be long: Ctrl-C stops it at once
+            return _evaluate()
+
+    def _evaluate():
         nonlocal eval_seconds, last_eval, last_eval_step, time_to_target, step_at_target
         t0 = time.perf_counter()
         ema = state.ema_params if nproc == 1 else _host(state.ema_params)  # process-local copy
@@ -1659,9 +1727,10 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
         out = {str(k): float(v) for k, v in out.items()}
         eval_seconds += time.perf_counter() - t0
         last_eval, last_eval_step = out, step
-        if primary:
+        if primary and step not in recorded_evals:  # a resumed run redoes an evaluation it has recorded
             with open(metrics_path, "a") as f:
                 f.write(json.dumps({"step": step, "kind": "eval", **out, "train_seconds": train_seconds}) + "\n")
+            recorded_evals.add(step)
         if target is not None:
             if config.target_metric not in out:
                 raise ValueError(f"target_metric: eval_fn returned {sorted(out)}, without {config.target_metric!r}")
@@ -1674,8 +1743,19 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
     if config.progress and primary:
         from tqdm.auto import tqdm
         bar = tqdm(total=config.num_steps, initial=step, desc=f"train[{config.method}]", dynamic_ncols=True)
+    # A resumed run first evaluates its checkpoint's step when that evaluation was due but has no
+    # record (the earlier run was killed between the save and the evaluation's end), or when a
+    # target is set and the earlier run evaluated this step (it may have stopped there at the
+    # target): the resumed run then takes the decisions of an uninterrupted one.
+    redo_eval = resumed_from is not None and eval_fn is not None and _from_process_0(int(
+        (bool(config.eval_every) and step % config.eval_every == 0 and step not in recorded_evals)
+        or (target is not None and step in recorded_evals)))
     try:
-        while step < config.num_steps:
+        interrupts.install()
+        if redo_eval and evaluate():
+            stop_reason = "target"
+        while step < config.num_steps and stop_reason != "target":
+            interrupts.check()
             if config.budget_seconds is not None and _from_process_0(int(train_seconds >= config.budget_seconds)):
                 stop_reason = "budget"
                 break
@@ -1713,6 +1793,7 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
                 if evaluate():
                     stop_reason = "target"
                     break
+        interrupts.check()
         if eval_fn is not None and last_eval_step != step and stop_reason != "target":
             if evaluate() and target is not None:
                 stop_reason = "target"
@@ -1720,12 +1801,18 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
         try:  # the state may be mid-update (its buffers donated to a step in flight)
             if nproc > 1:  # a save is collective: the other processes may not be interrupted
                 raise RuntimeError("several processes: checkpoints are saved only at the schedule")
-            if int(_host(state.step)) != last_saved:
+            at = int(_host(state.step))
+            if at != step:  # the interrupt fell between an update and its bookkeeping (records, time)
+                raise RuntimeError(f"interrupted between update {at} and its records; the resume point "
+                                   "stays " + (f"the checkpoint of step {last_saved}" if last_saved >= 0
+                                               else "the start (no checkpoint yet)"))
+            if at != last_saved:
                 save()
         except Exception as err:  # noqa: BLE001 - keep the interrupt as the error
             logging.warning("no checkpoint at the interrupt (%s: %s)", type(err).__name__, err)
         raise
     finally:
+        interrupts.restore()
         if bar is not None:
             bar.close()
     if last_saved != step:

@@ -191,8 +191,14 @@ def test_bad_inputs(systems):
     op, b, _, _ = systems
     with pytest.raises(ValueError, match="method"):
         SolverConfig(method="lu")
-    with pytest.raises(ValueError, match="basis_size"):
-        SolverConfig(basis_size=0)
+    for bad in (0, True):
+        with pytest.raises(ValueError, match="basis_size: expected an integer >= 1"):
+            SolverConfig(basis_size=bad)
+    for bad in (0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="tol: expected a finite tolerance > 0"):
+            SolverConfig(tol=bad)
+    with pytest.raises(ValueError, match="atol: expected a finite tolerance >= 0"):
+        SolverConfig(atol=-1.0)
     with pytest.raises(ValueError, match="b:"):
         solve_fp(op, b[:3])
     with pytest.raises(ValueError, match="seed_index"):

@@ -150,6 +150,35 @@ def test_gmres_float32_reaches_1e5_and_reports_honestly():
     assert np.all(rel_err(res.x, spsolve_all(coef.astype(np.float32), b)) < 1e-4)
 
 
+@pytest.mark.parametrize("solver", ["gmres", "bicgstab"])
+@pytest.mark.parametrize("dtype, scales", [(np.float32, (1e19, 1e-24)), (np.float64, (1e155, 1e-160))])
+def test_right_hand_sides_whose_squared_norm_overflows_or_underflows(solver, dtype, scales):
+    """||b||^2 out of range used to give x = 0 reported as converged. The solvers work on b
+    divided by a power of two, so the answer is the unscaled one times the scale, bit for bit."""
+    A = random_well_conditioned(5, 2, 24).astype(dtype)
+    b = np.random.default_rng(6).standard_normal((2, 24)).astype(dtype)
+    tol = 1e-5 if dtype == np.float32 else 1e-10
+    solve = getattr(krylov, solver)
+    base = solve(dense_matvec(A), jnp.asarray(b), tol=tol)
+    ref = np.linalg.solve(A.astype(np.float64), b.astype(np.float64)[..., None])[..., 0]
+    for scale in scales:
+        k = int(np.round(np.log2(scale)))
+        res = solve(dense_matvec(A), jnp.asarray(b * dtype(2.0) ** k), tol=tol)
+        assert np.all(np.asarray(res.converged)) and np.all(np.asarray(res.x) != 0)
+        np.testing.assert_array_equal(np.asarray(res.x), np.asarray(base.x) * dtype(2.0) ** k)
+        np.testing.assert_array_equal(np.asarray(res.residual), np.asarray(base.residual))
+        np.testing.assert_array_equal(np.asarray(res.num_matvecs), np.asarray(base.num_matvecs))
+        assert np.all(rel_err(np.asarray(res.x, np.float64) / 2.0 ** k, ref) < 30 * tol)
+    # atol is an absolute threshold: scaled with the system, the same stop
+    res = solve(dense_matvec(A), jnp.asarray(b * dtype(2.0) ** 60), tol=1e-30 if dtype == np.float64 else 1e-12,
+                atol=float(dtype(2.0) ** 60) * 1e-3)
+    assert np.all(np.asarray(res.converged)) and np.all(np.asarray(res.residual) * np.linalg.norm(b, axis=1) <= 1e-3)
+    # a huge start vector for the Arnoldi basis normalises like an ordinary one
+    V, _ = krylov.arnoldi(dense_matvec(A), jnp.asarray(b * dtype(2.0) ** k), 4)
+    V1, _ = krylov.arnoldi(dense_matvec(A), jnp.asarray(b), 4)
+    np.testing.assert_array_equal(np.asarray(V), np.asarray(V1))
+
+
 def test_batched_equals_one_by_one():
     coef = stencil_coeffs(4, 3, 8, 8, k=1.5, adv=0.5)
     b = np.random.default_rng(5).standard_normal((3, 8, 8))

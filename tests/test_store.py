@@ -151,6 +151,32 @@ def test_verify_chunk_detects_corrupted_data(tmp_path):
     assert store.verify_chunk(0) and not store.verify_chunk(1)
 
 
+def test_missing_data_file_of_a_complete_chunk_is_refused(tmp_path):
+    path = tmp_path / "s"
+    store = W.open_store(path)
+    for i in store.pending_chunks():
+        data = W.make_fields(*store.chunk_bounds(i))
+        if i == 2:  # all False: equal to the fill value, tensorstore writes no file for it
+            data["nonconverged"] = np.zeros_like(data["nonconverged"])
+        store.write_chunk(i, data)
+    assert not [f for f in _chunk_files(path, 2) if "/arrays/nonconverged/" in f]
+    shard = next(f for f in _chunk_files(path, 1) if "/arrays/embedded/" in f)
+    os.remove(shard)  # a file lost after the chunk was marked complete (a partial copy, say)
+    reopened = W.open_store(path)
+    damaged = r"damaged: chunk 1 \(images 3..5\) is marked complete but the data of field 'embedded' is missing"
+    with pytest.raises(ValueError, match=damaged):
+        reopened.read("embedded", 4)
+    with pytest.raises(ValueError, match=damaged):
+        reopened.read_batch("embedded", [0, 4])
+    with pytest.raises(ValueError, match=damaged):
+        reopened.read_all("m")  # any field: the chunk is damaged
+    assert not reopened.verify_chunk(1)
+    # the chunks without a lost file read back as written, the omitted fill-valued one included
+    np.testing.assert_array_equal(reopened.read("embedded", 0), W.make_fields(0, 1)["embedded"][0])
+    np.testing.assert_array_equal(reopened.read_batch("nonconverged", [6, 7, 8]), np.zeros(3, bool))
+    assert reopened.verify_chunk(0) and reopened.verify_chunk(2)
+
+
 def test_incomplete_store_refuses_reads(tmp_path):
     store = W.open_store(tmp_path / "s")
     store.write_chunk(1, W.make_fields(*store.chunk_bounds(1)))

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -545,6 +546,81 @@ def test_target_stops_training(tmp_path, trajectories):
     with pytest.raises(ValueError, match="target_metric"):
         tr.train(OURS.replace(num_steps=50, eval_every=2), trajectories, tmp_path / "t2",
                  eval_fn=lambda fn, step: {"psnr": 1.0}, target=0.6)
+
+
+def _records(wd, kind):
+    return [r["step"] for r in (json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl")))
+            if r["kind"] == kind]
+
+
+def test_killed_during_an_evaluation_resumes_with_it(tmp_path, trajectories):
+    """A kill between a checkpoint and the evaluation of its step: the resumed run evaluates that
+    step first (its record, and a target met there, are not lost), and a rerun of a finished run
+    calls the evaluation again (its callers need the outputs) without a second record."""
+    cfg = OURS.replace(num_steps=8, checkpoint_every=4, eval_every=4, log_every=4)
+
+    def killed_at_4(fn, step):
+        if step == 4:
+            raise KeyboardInterrupt  # Ctrl-C or a kill during the evaluation
+        return {"ssim": 0.1 * step}
+
+    calls = []
+
+    def ev(fn, step):
+        calls.append(step)
+        return {"ssim": 0.1 * step}
+
+    for name, target, want in (("plain", None, (8, [4, 8], [4, 8])), ("target", 0.35, (4, [4], [4]))):
+        wd = str(tmp_path / name)
+        with pytest.raises(KeyboardInterrupt):
+            tr.train(cfg, trajectories, wd, eval_fn=killed_at_4, target=target)
+        assert _complete_steps(os.path.join(wd, "checkpoints")) == [4] and _records(wd, "eval") == []
+        calls.clear()
+        res = tr.train(cfg, trajectories, wd, eval_fn=ev, target=target)
+        assert res.resumed_from == 4 and (res.step, calls, _records(wd, "eval")) == want
+        ref = tr.train(cfg, trajectories, str(tmp_path / (name + "_ref")), eval_fn=ev, target=target)
+        assert (res.stop_reason, res.step_at_target) == (ref.stop_reason, ref.step_at_target)
+        calls.clear()
+        again = tr.train(cfg, trajectories, wd, eval_fn=ev, target=target)  # a finished run, rerun
+        assert again.step == res.step and again.stop_reason == res.stop_reason and calls == [res.step]
+        assert again.last_eval == {"ssim": pytest.approx(0.1 * res.step)}
+        assert _records(wd, "eval") == want[2]  # no second record of the same step
+
+
+def test_ctrl_c_finishes_the_update_and_saves_it(tmp_path, trajectories):
+    """SIGINT during training: the update in flight gets its records and a checkpoint, and the
+    resumed run continues from it without a gap in the records."""
+    wd = str(tmp_path / "c")
+    cfg = OURS.replace(num_steps=100_000, log_every=1)
+
+    done = threading.Event()
+
+    def interrupt_once_training():  # never after train() has returned or raised
+        while not done.wait(0.1):
+            if os.path.exists(os.path.join(wd, "metrics.jsonl")) and _records(wd, "train"):
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+
+    threading.Thread(target=interrupt_once_training, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tr.train(cfg, trajectories, wd)
+    finally:
+        done.set()
+    saved = _complete_steps(os.path.join(wd, "checkpoints"))
+    trained = _records(wd, "train")
+    assert len(saved) == 1 and saved[0] == trained[-1] == len(trained)  # every step recorded, the last saved
+    res = tr.train(cfg.replace(num_steps=saved[0] + 2), trajectories, wd)
+    assert res.resumed_from == saved[0] and _records(wd, "train") == list(range(1, saved[0] + 3))
+
+
+def test_the_data_sde_is_compared_by_value(trajectories):
+    x, t = trajectories.x, trajectories.t
+    for kwargs in ({"sigma": 5.0}, {"sigma": 5}, {"sigma": np.float32(5.0)}):  # the same SDE
+        assert tr._source(OURS, tr.Trajectories(x, t, sde={"name": "ve", "kwargs": kwargs})).shape == x.shape
+    for name, kwargs in (("ve", {"sigma": 4}), ("vp", {"sigma": 5.0}), ("ve", {})):
+        with pytest.raises(ValueError, match="sde: the config's SDE .* differs from the SDE of the embedded data"):
+            tr._source(OURS, tr.Trajectories(x, t, sde={"name": name, "kwargs": kwargs}))
 
 
 def test_mismatched_config_and_data_are_refused(ours_run, trajectories):
