@@ -297,7 +297,7 @@ def builtin_dataset(
       seed: crop seed.
       crops: if False, ``num_images`` may not exceed the number of photos.
       min_crop: smallest crop side as a fraction of the photo's short side, in (0, 1].
-      min_std: minimum std of an accepted crop.
+      min_std: minimum std of an accepted crop (ValueError when 100 draws find none).
     """
     hw = _check_size(size)
     if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
@@ -324,6 +324,8 @@ def builtin_dataset(
             crop = _resize(photo[top : top + ch, left : left + cw], hw).transpose(2, 0, 1)
             if crop.std() >= min_std:
                 break
+        else:
+            raise ValueError(f"min_std: none of 100 crops drawn for image {len(out)} has a std >= {min_std!r}")
         out.append(crop)
     return np.stack(out).astype(np.float32)
 

@@ -178,9 +178,12 @@ def open_store(workdir, images, config: PrecomputeConfig, *, chunk_images: int =
 
     images, chunk = _check_args(images, config, chunk_images, store_dtype, embed_component,
                                 process_index, process_count)
+    import jax
+
     arr = np.asarray(images)
-    cfg = store_config(config, embed_component=embed_component, compute_dtype=arr.dtype,
-                       seed=seed)
+    # the dtype JAX computes in: float64 images are float32 there unless x64 is on
+    cfg = store_config(config, embed_component=embed_component,
+                       compute_dtype=jax.dtypes.canonicalize_dtype(arr.dtype), seed=seed)
     return ScoreStore.create_or_open(
         os.path.join(os.fspath(workdir), STORE_DIR), config=cfg, inputs_hash=hash_inputs(arr, cfg),
         num_images=arr.shape[0], chunk_size=chunk,

@@ -81,6 +81,8 @@ def test_builtin_dataset_deterministic_crops():
     dists = np.abs(crops[:, None] - crops[None]).mean(axis=(2, 3, 4)) + np.eye(6)
     assert dists.min() > 1e-3
     np.testing.assert_array_equal(x, D.builtin_dataset(16, n_photos + 6, seed=3))
+    with pytest.raises(ValueError, match=f"min_std: none of 100 crops drawn for image {n_photos} has a std >= 2.0"):
+        D.builtin_dataset(16, n_photos + 1, min_std=2.0)  # no crop of [0, 1] data has a std of 2
     np.testing.assert_array_equal(x[: n_photos + 2], D.builtin_dataset(16, n_photos + 2, seed=3))  # prefix-stable
     other = D.builtin_dataset(16, n_photos + 6, seed=4)
     assert np.abs(other[n_photos:] - crops).mean() > 1e-2

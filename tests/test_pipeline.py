@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -220,6 +221,18 @@ def test_other_config_or_images_refused(images, reference_run):
                                 progress=False)
     after = (_markers(workdir), open(os.path.join(workdir, "store", "manifest.json")).read())
     assert after == before
+
+
+def test_store_records_the_dtype_jax_computes_in(images, tmp_path):
+    """float64 images are computed in float32 when x64 is off: the store says so, and a store
+    made that way is not resumed with x64 on (its chunks would mix the two precisions)."""
+    m64 = pipeline.open_store(str(tmp_path / "a"), images, CFG).manifest
+    assert m64["config"]["compute_dtype"] == "float64"
+    with jax.enable_x64(False):
+        m32 = pipeline.open_store(str(tmp_path / "b"), images, CFG).manifest
+    assert m32["config"]["compute_dtype"] == "float32" and m32["inputs_hash"] != m64["inputs_hash"]
+    with pytest.raises(ValueError, match="compute_dtype"):
+        pipeline.open_store(str(tmp_path / "b"), images, CFG)
 
 
 @pytest.mark.parametrize("bad, match", [
