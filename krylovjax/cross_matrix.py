@@ -210,8 +210,8 @@ def cross_matrix_solve(
         # GCRO augmentation; make_recycle_space drops directions made dependent by A_t.
         U = jnp.broadcast_to(Z.reshape((1, k) + tuple(shape)), (T, k) + tuple(shape))
         space = krylov.make_recycle_space(matvec, U)
-        res = krylov.gmres(matvec, b, x0=x, tol=tol, atol=atol, restart=restart,
-                           max_restarts=max_restarts, precondition=precondition,
+        res = krylov.gmres(matvec, b, x0=x0 if x0 is None else x, tol=tol, atol=atol,  # no matvec for 0
+                           restart=restart, max_restarts=max_restarts, precondition=precondition,
                            recycle=space)
         return res._replace(num_matvecs=res.num_matvecs + space.num_matvecs)
 
