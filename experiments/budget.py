@@ -48,6 +48,7 @@ by side), ``quality_curve.png`` (with ``eval_every > 0``), and the two training 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from typing import Any
@@ -60,7 +61,9 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "Budget config (experiments/configs/budget_*.py).",
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Run directory (results, figures, the two training runs).")
-    flags.DEFINE_bool("overwrite", False, "Redo a finished run of the same config in --workdir.")
+    flags.DEFINE_bool("overwrite", False, "Redo the run of the same config in --workdir from the start: its "
+                      "results and training runs (finished or not) are deleted first. Another config is always "
+                      "refused; without the flag an unfinished run resumes.")
     flags.mark_flags_as_required(["config", "workdir"])
 
 TASKS = ("denoise", "generate")
@@ -152,6 +155,16 @@ def check_budget_config(cfg) -> float:
     if cfg.get("task") == "generate" and denoise.noise_draws(cfg) != 1:
         raise ValueError(f"noise.draws: the generate task has no noisy inputs (it draws samples_per_image samples "
                          f"per image), so expected 1, got {denoise.noise_draws(cfg)}")
+    if cfg.get("task") == "generate":  # the denoise task's settings that generation does not use
+        unused = {"normalise": (denoise.normalise(cfg), "clip"), "noise.signal_scale": (denoise.signal_scale(cfg), 1.0),
+                  "ddpm.sampler.start": (denoise.ddpm_start(cfg), "matched"),
+                  "ddpm.sampler.variance": (cfg.ddpm.sampler.get("variance", "large"), "large"),
+                  "ddpm.sampler.clip_x0": (cfg.ddpm.sampler.get("clip_x0", True), True)}
+        for key, (value, default) in unused.items():
+            if value != default:
+                raise ValueError(f"{key}: the generate task does not use it (generation clips its samples, DDPM "
+                                 f"draws with the large variance and a clipped x0 prediction), so expected "
+                                 f"{default!r}, got {value!r}")
     n = cfg.get("samples_per_image", 1)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"samples_per_image: expected an int >= 1, got {n!r}")
@@ -237,11 +250,8 @@ def make_generate_eval_fn(gen, clean, idx, last: dict | None = None):
 
 def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
     """Run the budget experiment of ``cfg`` in ``workdir``; returns the results (also written)."""
-    import numpy as np
-
     from experiments import denoise
     from krylovjax import experiment_utils as eu
-    from krylovjax import training
 
     budget = check_budget_config(cfg)
     methods = tuple(cfg.methods)
@@ -256,10 +266,22 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
 
             generate.check_generates(tcs["ddpm"])
     clean = denoise.load_clean(cfg.data)
-    B = clean.shape[0]
-    denoise.check_fits(tcs, clean, B)
+    denoise.check_fits(tcs, clean, clean.shape[0])
 
-    eu.claim_workdir(workdir, "budget", cfg, legacy={**denoise.LEGACY_CONFIG, **LEGACY_CONFIG})
+    # a failure while the fresh claim is all the directory holds withdraws it (eu.run_claimed)
+    return eu.run_claimed(workdir, "budget", cfg, lambda: _run_claimed(cfg, workdir, overwrite, budget, tcs, clean),
+                          legacy={**denoise.LEGACY_CONFIG, **LEGACY_CONFIG})
+
+
+def _run_claimed(cfg, workdir: str, overwrite: bool, budget: float, tcs: dict, clean) -> dict:
+    """:func:`run` in its claimed work directory."""
+    import numpy as np
+
+    from experiments import denoise
+    from krylovjax import experiment_utils as eu
+    from krylovjax import training
+
+    methods, B = tuple(tcs), clean.shape[0]
     if os.path.exists(os.path.join(workdir, "results.json")) and not overwrite:
         raise eu.WorkdirConflictError(
             f"workdir: {workdir!r} already holds the finished results of this config; pass --overwrite "
@@ -280,8 +302,10 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
     for m in methods:
         tc = tcs[m]
         prep = {"precompute_seconds": 0.0, "embed_seconds": 0.0, "compile_seconds": 0.0}
+        sub = os.path.join(workdir, m)
         if m == "ours":
             data, prep = denoise.prepare_ours(cfg, tc, clean)
+            prep = _first_prep(sub, prep)
         else:
             data = clean
         spent = prep["precompute_seconds"] + prep["embed_seconds"]
@@ -289,7 +313,8 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
         if left <= 0:
             raise ValueError(f"budget_seconds: {budget:g} s does not cover ours' pre-computation and "
                              f"embedding ({spent:.2f} s); give a larger budget")
-        sub = os.path.join(workdir, m)
+        if m == "ours":
+            _first_prep(sub, prep, write=True)
         mesh = denoise.batch_mesh(tc.batch_size)
         last: dict = {}
         if cfg.task == "denoise":
@@ -344,6 +369,28 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
     _write(out, workdir, clean, noisy, outputs,
            ddpm_in=ddpm_in if own_start else None)
     return out
+
+
+PREP_FILE = "budget_prep.json"  # in ours/: the first run's pre-computation and embedding seconds
+
+
+def _first_prep(sub: str, prep: dict, write: bool = False) -> dict:
+    """The pre-computation and embedding times that ours' budget is charged with: those of the
+    first run in ``sub`` (``ours/``). A resumed run redoes the pre-computation (it is not stored)
+    in another time; charging that one would move ours' training budget, and a finished ours could
+    train on. ``write=True`` records ``prep``'s times if none are recorded yet."""
+    from krylovjax import experiment_utils as eu
+
+    path = os.path.join(sub, PREP_FILE)
+    keys = ("precompute_seconds", "embed_seconds")
+    if os.path.exists(path):
+        with open(path) as f:
+            first = json.load(f)
+        return {**prep, **{k: float(first[k]) for k in keys}}
+    if write:
+        os.makedirs(sub, exist_ok=True)
+        eu.write_json(path, {k: prep[k] for k in keys})
+    return prep
 
 
 def _write(out: dict, workdir: str, clean, noisy, outputs: dict, ddpm_in=None) -> None:
@@ -409,7 +456,6 @@ def _write(out: dict, workdir: str, clean, noisy, outputs: dict, ddpm_in=None) -
     text.append(f"\nMachine: {mi['processor']}, {mi['cpu_count']} CPUs, backend {mi['backend']}, jax {mi['jax']}, "
                 f"x64 {mi['x64']}, load average {mi['load_average']}; {mi['date']}.\n")
     eu.write_text(os.path.join(workdir, "results.md"), "".join(text))
-    eu.write_json(os.path.join(workdir, "results.json"), out)
 
     names = [m for m in ("ours", "ddpm") if m in outputs]
     label = {"ours": "ours", "ddpm": "DDPM"}
@@ -433,6 +479,8 @@ def _write(out: dict, workdir: str, clean, noisy, outputs: dict, ddpm_in=None) -
                        {label[m]: ([c["seconds"] for c in cur], [c["ssim"] for c in cur]) for m, cur in curves.items()},
                        xlabel="budget used (s; ours incl. pre-computation)", ylabel="mean SSIM",
                        title=f"Quality during training: {what}")
+    # Last: results.json marks the run finished (a run killed while drawing redoes the figures).
+    eu.write_json(os.path.join(workdir, "results.json"), out)
 
 
 def _fmt_se(se) -> str:

@@ -62,14 +62,17 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "Denoise config (experiments/configs/denoise_*.py).",
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Run directory (results, figures, the two training runs).")
-    flags.DEFINE_bool("overwrite", False, "Redo a finished run of the same config in --workdir (its "
-                      "results and training runs are deleted first). Another config is always refused.")
+    flags.DEFINE_bool("overwrite", False, "Redo the run of the same config in --workdir from the start: its "
+                      "results and training runs (finished or not) are deleted first. Another config is always "
+                      "refused; without the flag an unfinished run resumes.")
     flags.mark_flags_as_required(["config", "workdir"])
 
 METHODS = ("ours", "ddpm")
 METRICS = ("ssim", "global_ssim")
 OUR_SAMPLERS = ("paper_a", "flow", "denoise")
 DDPM_SAMPLERS = ("ancestral", "ddim")
+DDPM_VARIANCES = ("large", "small")  # krylovjax.ddpm.ddpm_ancestral_sample
+EMBED_COMPONENTS = ("sum", "x", "y")  # krylovjax.transport.embed
 # Where DDPM's chain starts on a noisy input: "matched" (the step of its noise level), "top"
 # (the whole chain from x_T = 2 noisy - 1: Paper B's literal conditional start, the same array as
 # ours') or "prior_mix" (the whole chain from Paper B's recipe in DDPM's own space,
@@ -145,12 +148,17 @@ def check_config(cfg) -> None:
         raise ValueError("targets: expected at least one SSIM target in (0, 1]")
     for i, t in enumerate(targets):
         eu.check_target(t, f"targets[{i}]")
+    if len(set(float(t) for t in targets)) != len(targets):
+        raise ValueError(f"targets: expected distinct SSIM targets, got {tuple(targets)!r}")
     if cfg.metric not in METRICS:
         raise ValueError(f"metric: expected one of {METRICS}, got {cfg.metric!r}")
     noise = (("std", "noise level", cfg.noise.std), ("signal_scale", "factor", cfg.noise.get("signal_scale", 1.0)))
     for key, what, v in noise:
         if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
             raise ValueError(f"noise.{key}: expected a finite {what} > 0, got {v!r}")
+    seed = cfg.noise.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"noise.seed: expected an int >= 0 (the noise draw's seed), got {seed!r}")
     draws = cfg.noise.get("draws", 1)
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise ValueError(f"noise.draws: expected an int >= 1 (noisy copies of each image), got {draws!r}")
@@ -161,8 +169,10 @@ def check_config(cfg) -> None:
         raise ValueError(f"methods: expected distinct entries of {METHODS}, got {methods!r}")
     embeds(cfg)
     embed_variant(cfg)
-    if cfg.ours.sampler.kind not in OUR_SAMPLERS:
-        raise ValueError(f"ours.sampler.kind: expected one of {OUR_SAMPLERS}, got {cfg.ours.sampler.kind!r}")
+    if cfg.ours.get("embed_component", "sum") not in EMBED_COMPONENTS:
+        raise ValueError(f"ours.embed_component: expected one of {EMBED_COMPONENTS}, "
+                         f"got {cfg.ours.get('embed_component')!r}")
+    _check_our_sampler(cfg.ours.sampler)
     nf = cfg.num_frames
     if isinstance(nf, bool) or not isinstance(nf, int) or nf < 2:
         raise ValueError(f"num_frames: expected an int >= 2, got {nf!r}")
@@ -173,6 +183,10 @@ def check_config(cfg) -> None:
     sc = cfg.ddpm.sampler
     if sc.method not in DDPM_SAMPLERS:
         raise ValueError(f"ddpm.sampler.method: expected one of {DDPM_SAMPLERS}, got {sc.method!r}")
+    if sc.get("variance", "large") not in DDPM_VARIANCES:
+        raise ValueError(f"ddpm.sampler.variance: expected one of {DDPM_VARIANCES}, got {sc.get('variance')!r}")
+    if not isinstance(sc.get("clip_x0", True), bool):
+        raise ValueError(f"ddpm.sampler.clip_x0: expected a bool, got {sc.get('clip_x0')!r}")
     if ddpm_start(cfg) not in DDPM_STARTS:
         raise ValueError(f"ddpm.sampler.start: expected one of {DDPM_STARTS}, got {ddpm_start(cfg)!r}")
     if ddpm_start(cfg) == "prior_mix" and not signal_scale(cfg) < 1.0:
@@ -182,6 +196,28 @@ def check_config(cfg) -> None:
     extra = tuple(extra) if isinstance(extra, (list, tuple)) else extra
     if not isinstance(extra, tuple) or any(e not in DDPM_SAMPLERS for e in extra) or len(set(extra)) != len(extra):
         raise ValueError(f"ddpm.sampler.extra_methods: expected distinct entries of {DDPM_SAMPLERS}, got {extra!r}")
+
+
+def _check_our_sampler(sc) -> None:
+    """``ours.sampler``: its kind, times, step count, tolerances and noise scale."""
+    if sc.kind not in OUR_SAMPLERS:
+        raise ValueError(f"ours.sampler.kind: expected one of {OUR_SAMPLERS}, got {sc.kind!r}")
+    if sc.get("method", "ode") not in ("ode", "sde"):
+        raise ValueError(f"ours.sampler.method: expected 'ode' or 'sde', got {sc.get('method')!r}")
+    real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+    t0, t1 = sc.get("t_start", 1.0), sc.get("t_end", 1e-3)
+    if not (real(t0) and real(t1) and 0 <= t1 < t0):
+        raise ValueError(f"ours.sampler.t_start, t_end: expected times with 0 <= t_end < t_start, got {t0!r}, {t1!r}")
+    n = sc.get("num_steps", 50)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"ours.sampler.num_steps: expected an int >= 1, got {n!r}")
+    for key in ("rtol", "atol"):
+        v = sc.get(key, 1e-3)
+        if not (real(v) and v > 0):
+            raise ValueError(f"ours.sampler.{key}: expected a finite tolerance > 0, got {v!r}")
+    v = sc.get("noise_scale", 0.1)
+    if not (real(v) and v >= 0):
+        raise ValueError(f"ours.sampler.noise_scale: expected a finite value >= 0, got {v!r}")
 
 
 def ddpm_rows(cfg) -> dict:
@@ -218,14 +254,26 @@ def check_ddpm_range(cfg, tc) -> None:
     of the noise level ``2 std / signal_scale``; with ``ddpm.sampler.start`` "top" or "prior_mix"
     every step).
 
+    With the matched start the noise level must also lie within the schedule's range (checked for
+    every DDPM, before anything is trained).
+
     Raises:
-      ValueError: naming ``ddpm.train.ddpm_max_train_step`` and the smallest value that covers it.
+      ValueError: naming ``ddpm.train.ddpm_max_train_step`` and the smallest value that covers it,
+      or ``noise.std`` and the largest level ``ddpm.train.ddpm_num_steps`` steps reach.
     """
     import numpy as np
 
     from krylovjax import ddpm
 
     m = tc.ddpm_max_train_step
+    if ddpm_start(cfg) not in WHOLE_CHAIN_STARTS:
+        sched = tc.ddpm_schedule()
+        top = float(np.sqrt(np.asarray(sched.noise_to_signal)[-1]))  # DDPM's space is 2 x - 1: twice the std
+        if 2.0 * matched_std(cfg) > top:
+            raise ValueError(
+                f"noise.std: the matched start needs DDPM's noise level 2 * {matched_std(cfg):.6g}, "
+                f"beyond the largest its schedule of ddpm.train.ddpm_num_steps = {int(tc.ddpm_num_steps)} steps reaches "
+                f"({top:.6g}); lower noise.std or use more steps")
     if m is None:
         return
     if ddpm_start(cfg) in WHOLE_CHAIN_STARTS:
@@ -681,11 +729,7 @@ def _target_rows(records: list, targets, key: str, offset: float, cap_seconds: f
 
 def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
     """Run the experiment of ``cfg`` in ``workdir``; returns the results dict (also written)."""
-    import jax
-    import numpy as np
-
     from krylovjax import experiment_utils as eu
-    from krylovjax import training
 
     check_config(cfg)
     methods = tuple(cfg.methods)
@@ -702,9 +746,25 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
         raise ValueError(f"noise.draws: the denoise experiment times one noisy copy to its target, so expected 1, "
                          f"got {noise_draws(cfg)} (experiments.budget scores several draws)")
     check_fits(tcs, clean, 1)
+    for m, tc in tcs.items():
+        if tc.eval_every < 1:
+            raise ValueError(f"common.eval_every: the targets are checked at the evaluations, so expected an int "
+                             f">= 1 ({m}), got {tc.eval_every}")
 
-    # The work directory: refuse another run's config before writing anything.
-    eu.claim_workdir(workdir, "denoise", cfg, legacy=LEGACY_CONFIG)
+    # The work directory: refuse another run's config before writing anything (a failure while the
+    # fresh claim is all the directory holds withdraws it).
+    return eu.run_claimed(workdir, "denoise", cfg, lambda: _run_claimed(cfg, workdir, overwrite, targets, tcs, clean),
+                          legacy=LEGACY_CONFIG)
+
+
+def _run_claimed(cfg, workdir: str, overwrite: bool, targets: list, tcs: dict, clean) -> dict:
+    """:func:`run` in its claimed work directory."""
+    import numpy as np
+
+    from krylovjax import experiment_utils as eu
+    from krylovjax import training
+
+    methods = tuple(tcs)
     done = os.path.exists(os.path.join(workdir, "results.json"))
     if done and not overwrite:
         raise eu.WorkdirConflictError(
@@ -877,7 +937,6 @@ def _write_outputs(out: dict, workdir: str, clean, noisy, outs: dict, frames: di
                 f"x64 {mi['x64']}, load average at the end {mi['load_average']}; {mi['date']}; "
                 f"wall time {out['wall_seconds']:.0f} s.\n")
     eu.write_text(os.path.join(workdir, "results.md"), "".join(text))
-    eu.write_json(os.path.join(workdir, "results.json"), out)
 
     names = [m for m in res if m in outs]
     label = {m: LABELS.get(m, m) for m in names}
@@ -897,6 +956,9 @@ def _write_outputs(out: dict, workdir: str, clean, noisy, outs: dict, frames: di
     eu.plot_curves(os.path.join(workdir, "ssim_curve.png"), curves,
                    xlabel="time to evaluation (s; ours incl. pre-computation)", ylabel=metric,
                    hlines=out["targets"], title="Denoising quality during training")
+    # Last: results.json marks the run finished, so a run killed while writing the figures redoes
+    # them (from its kept per-method results) instead of standing as finished without them.
+    eu.write_json(os.path.join(workdir, "results.json"), out)
 
 
 def print_summary(out: dict, workdir: str) -> None:

@@ -229,12 +229,15 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
     if not isinstance(final_denoise, bool):
         raise TypeError(f"final_denoise: expected a bool, got {final_denoise!r}")
     outdir = outdir or os.path.join(workdir, "generate")
-    # The settings as asked (checked before the model is loaded, so a refusal is immediate).
+    # The settings as asked: an output directory of other settings is refused at once, and it is
+    # claimed once the model, sampler and reference are found good (a bad flag leaves no claim
+    # behind that would refuse the corrected command).
     settings = {"workdir": os.path.abspath(workdir), "step": step, "num_samples": num_samples,
                 "num_frames": num_frames, "sampler": sampler, "num_steps": num_steps, "seed": seed,
                 "reference": reference, "reference_count": reference_count, "final_denoise": final_denoise}
-    eu.claim_workdir(outdir, "generate", settings, legacy=LEGACY_SETTINGS)
-    if os.path.exists(os.path.join(outdir, "samples.json")) and not overwrite:
+    eu.check_claim(outdir, "generate", settings, legacy=LEGACY_SETTINGS, arg="outdir")
+    done = os.path.join(outdir, "samples.json")
+    if os.path.exists(done) and not overwrite:
         raise eu.WorkdirConflictError(
             f"outdir: {outdir!r} already holds these samples; pass --overwrite to redo them or use another --outdir")
     fn = training.load_score_fn(workdir, step=step)
@@ -244,7 +247,7 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
         raise ValueError(f"num_steps: the {sampler!r} sampler needs >= 1 steps, got {num_steps}")
     unet = fn.model_def.unet
     shape = (num_samples, unet.in_channels, unet.image_size, unet.image_size)
-    settings = dict(settings, step=int(fn.step), sampler=sampler)  # as resolved, for the record
+    settings_asked, settings = settings, dict(settings, step=int(fn.step), sampler=sampler)  # as resolved
     ref = None
     if reference:  # loaded before sampling: a bad source fails at once, not after the chain
         from krylovjax.data import load_images
@@ -258,6 +261,7 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
             raise ValueError(f"reference: {reference!r}: {e}") from e
         if ref.shape[1] != unet.in_channels:
             raise ValueError(f"reference: its images have {ref.shape[1]} channels, the model {unet.in_channels}")
+    eu.claim_workdir(outdir, "generate", settings_asked, legacy=LEGACY_SETTINGS, arg="outdir")
     idx = None
     if unet.per_image_offset:
         idx = jnp.arange(num_samples, dtype=jnp.int32) % unet.num_images

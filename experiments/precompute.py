@@ -43,18 +43,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _init_distributed():
-    """jax.distributed.initialize from the flags or the JAX_* environment variables."""
-    import jax
+    """jax.distributed.initialize from the flags or the JAX_* environment variables (refused:
+    process flags without a coordinator, which would make every copy compute every chunk)."""
+    from krylovjax import experiment_utils as eu
 
-    address = FLAGS.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if not address:
-        return
-    nproc = FLAGS.num_processes if FLAGS.num_processes is not None else os.environ.get(
-        "JAX_NUM_PROCESSES")
-    pid = FLAGS.process_id if FLAGS.process_id is not None else os.environ.get("JAX_PROCESS_ID")
-    jax.distributed.initialize(coordinator_address=address,
-                               num_processes=None if nproc is None else int(nproc),
-                               process_id=None if pid is None else int(pid))
+    try:
+        eu.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    except ValueError as err:
+        raise app.UsageError(str(err)) from None
 
 
 def precompute_config(p):

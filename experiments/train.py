@@ -65,45 +65,6 @@ def _builtin_data(cfg, train_cfg):
     return training.Trajectories(x=np.asarray(x), t=np.asarray(res.t), sde=sde)
 
 
-def distributed_args(address, num_processes, process_id, environ=None) -> dict | None:
-    """``jax.distributed.initialize`` keyword arguments from the flags (or ``JAX_*`` variables).
-
-    Returns None for a one-process run (no coordinator given). Raises ValueError naming the flag
-    for a malformed address, ``num_processes < 1``, ``process_id`` outside ``[0, num_processes)``,
-    or process flags without a coordinator.
-    """
-    environ = os.environ if environ is None else environ
-
-    def pick(value, var, name):
-        if value is not None:
-            return value
-        raw = environ.get(var)
-        if raw in (None, ""):
-            return None
-        try:
-            return int(raw)
-        except ValueError:
-            raise ValueError(f"--{name} (from ${var}): expected an integer, got {raw!r}") from None
-
-    address = address or environ.get("JAX_COORDINATOR_ADDRESS") or None
-    nproc = pick(num_processes, "JAX_NUM_PROCESSES", "num_processes")
-    pid = pick(process_id, "JAX_PROCESS_ID", "process_id")
-    if address is None:
-        if nproc not in (None, 1) or pid not in (None, 0):
-            raise ValueError("--num_processes/--process_id: a multi-process run needs "
-                             "--coordinator_address=host:port (process 0's address)")
-        return None
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"--coordinator_address: expected host:port with a port in [1, 65535], got {address!r}")
-    if nproc is not None and nproc < 1:
-        raise ValueError(f"--num_processes: expected an integer >= 1, got {nproc}")
-    if pid is not None and (pid < 0 or (nproc is not None and pid >= nproc)):
-        raise ValueError(f"--process_id: expected an integer in [0, {nproc if nproc is not None else 'num_processes'})"
-                         f", got {pid}")
-    return {"coordinator_address": address, "num_processes": nproc, "process_id": pid}
-
-
 class _QuietOrbax(pylogging.Filter):
     """Drop orbax's per-save INFO chatter (warnings and errors still pass)."""
 
@@ -117,21 +78,22 @@ def main(argv):
     logging.get_absl_handler().addFilter(_QuietOrbax())
     cfg = FLAGS.config
     source = FLAGS.data if FLAGS.data != "auto" else ("store" if FLAGS.store else "builtin")
+    if source == "builtin" and FLAGS.store:
+        raise app.UsageError(f"--store={FLAGS.store}: --data=builtin trains on the built-in photos, not on a store; "
+                             "drop --store or use --data=store")
     if source == "store":
         if not FLAGS.store:
             raise app.UsageError("--data=store needs --store=<ScoreStore directory>")
         if cfg.method != "ours":
             raise app.UsageError("--data=store holds embedded trajectories: use --config.method=ours")
+    import jax
+
+    from krylovjax import experiment_utils as eu
+
     try:
-        dist = distributed_args(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        eu.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     except ValueError as err:
         raise app.UsageError(str(err)) from None
-    import jax  # after the flag checks: importing JAX takes seconds
-
-    if dist is not None:
-        jax.distributed.initialize(**dist)
-        logging.info("process %d/%d, %d local device(s), %d in all", jax.process_index(), jax.process_count(),
-                     jax.local_device_count(), jax.device_count())
     from krylovjax import training
 
     train_cfg = training.TrainConfig.from_dict({k: v for k, v in cfg.items() if k not in _NON_TRAIN_KEYS})

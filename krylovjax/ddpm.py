@@ -303,6 +303,8 @@ def _run_chain(step_fn, x, key, indices: np.ndarray, start, positions):
         return x, None, None
     states = np.concatenate([[indices[0] + 1], prev + 1])  # state index k after each step
     times = jnp.broadcast_to(jnp.asarray(states[positions], jnp.int32)[:, None], (len(positions), x.shape[0]))
+    if start is not None:  # an image waits at its own start state start[b] + 1 until its first step
+        times = jnp.minimum(times, jnp.asarray(start, jnp.int32)[None, :] + 1)
     return x, buf[:-1], times
 
 

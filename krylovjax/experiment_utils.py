@@ -24,7 +24,7 @@ import os
 import platform
 import tempfile
 import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -32,6 +32,10 @@ __all__ = [
     "Stopwatch",
     "WorkdirConflictError",
     "claim_workdir",
+    "check_claim",
+    "run_claimed",
+    "distributed_args",
+    "init_distributed",
     "config_diff",
     "check_target",
     "check_positive_seconds",
@@ -132,7 +136,7 @@ def config_diff(stored: Any, given: Any, prefix: str = "", *,
 
 
 def claim_workdir(workdir: str | os.PathLike, experiment: str, config: Any, *,
-                  legacy: Mapping[str, Any] | None = None) -> bool:
+                  legacy: Mapping[str, Any] | None = None, arg: str = "workdir") -> bool:
     """Make ``workdir`` the run directory of ``experiment`` with ``config``, or refuse.
 
     The first call writes ``<workdir>/experiment.json`` (``{"experiment": ..., "config": ...}``).
@@ -149,43 +153,126 @@ def claim_workdir(workdir: str | os.PathLike, experiment: str, config: Any, *,
         value that reproduces such runs (:func:`config_diff`): a directory claimed before a key
         existed is this run when ``config`` holds that value there. The claim file is left as it
         was.
+      arg: the flag the directory came from, for the messages (``"outdir"`` for ``generate``).
 
     Returns:
       True if the directory was claimed now (fresh), False if it already held this run.
     """
+    if check_claim(workdir, experiment, config, legacy=legacy, arg=arg):
+        return False
+    workdir = os.fspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    write_json(os.path.join(workdir, _CLAIM_FILE), {"experiment": experiment, "config": _plain(config)})
+    return True
+
+
+def check_claim(workdir: str | os.PathLike, experiment: str, config: Any, *,
+                legacy: Mapping[str, Any] | None = None, arg: str = "workdir") -> bool:
+    """:func:`claim_workdir`'s checks without writing anything: True if ``workdir`` already holds
+    this run, False if it is free (missing or empty); :class:`WorkdirConflictError` otherwise."""
     workdir = os.fspath(workdir)
     record = {"experiment": experiment, "config": _plain(config)}
     path = os.path.join(workdir, _CLAIM_FILE)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirConflictError(f"{arg}: {workdir!r} is a file, expected a directory (new or a run's)")
     if os.path.isfile(path):
         try:
             with open(path) as f:
                 stored = json.load(f)
         except (OSError, json.JSONDecodeError) as err:
             raise WorkdirConflictError(
-                f"workdir: {path!r} is unreadable ({err}); refusing to write into {workdir!r}") from err
+                f"{arg}: {path!r} is unreadable ({err}); refusing to write into {workdir!r}") from err
         if stored.get("experiment") != experiment:
             raise WorkdirConflictError(
-                f"workdir: {workdir!r} holds a {stored.get('experiment')!r} run, not {experiment!r}; "
-                "use another --workdir")
+                f"{arg}: {workdir!r} holds a {stored.get('experiment')!r} run, not {experiment!r}; "
+                f"use another --{arg}")
         diff = config_diff(stored.get("config"), record["config"], legacy=legacy)
         if diff:
             shown = ", ".join(diff[:12]) + (" ..." if len(diff) > 12 else "")
             raise WorkdirConflictError(
-                f"workdir: {workdir!r} holds another run's config (differs at: {shown}); "
-                "use another --workdir (nothing there was changed)")
-        return False
+                f"{arg}: {workdir!r} holds another run's config (differs at: {shown}); "
+                f"use another --{arg} (nothing there was changed)")
+        return True
     if os.path.isdir(workdir) and os.listdir(workdir):
         raise WorkdirConflictError(
-            f"workdir: {workdir!r} is not empty and is not a {experiment!r} run directory "
-            f"(no {_CLAIM_FILE}); use an empty or new --workdir")
-    os.makedirs(workdir, exist_ok=True)
-    write_json(path, record)
-    return True
+            f"{arg}: {workdir!r} is not empty and is not a {experiment!r} run directory "
+            f"(no {_CLAIM_FILE}); use an empty or new --{arg}")
+    return False
+
+
+def run_claimed(workdir: str | os.PathLike, experiment: str, config: Any, body: Callable[[], Any], *,
+                legacy: Mapping[str, Any] | None = None, arg: str = "workdir") -> Any:
+    """:func:`claim_workdir`, then ``body()``. When ``body`` fails (bad input found late, an
+    interrupt) while a fresh claim is all the directory holds, the claim is withdrawn: the
+    corrected command may then use the directory. Once anything else is written there, the claim
+    stays and protects it."""
+    fresh = claim_workdir(workdir, experiment, config, legacy=legacy, arg=arg)
+    try:
+        return body()
+    except BaseException:
+        workdir = os.fspath(workdir)
+        if fresh and os.listdir(workdir) == [_CLAIM_FILE]:
+            os.remove(os.path.join(workdir, _CLAIM_FILE))
+        raise
 
 
 # ----------------------------------------------------------------------------------------------
 # Argument checks
 # ----------------------------------------------------------------------------------------------
+
+
+def init_distributed(address, num_processes, process_id) -> bool:
+    """``jax.distributed.initialize`` with :func:`distributed_args` of the binaries' flags (or the
+    ``JAX_*`` variables); False for a one-process run. Raises ValueError naming a bad flag."""
+    dist = distributed_args(address, num_processes, process_id)
+    if dist is None:
+        return False
+    import jax
+
+    jax.distributed.initialize(**dist)
+    logging.getLogger(__name__).info("process %d/%d, %d local device(s), %d in all", jax.process_index(),
+                                     jax.process_count(), jax.local_device_count(), jax.device_count())
+    return True
+
+
+def distributed_args(address, num_processes, process_id, environ=None) -> dict | None:
+    """``jax.distributed.initialize`` keyword arguments from the flags (or ``JAX_*`` variables).
+
+    Returns None for a one-process run (no coordinator given). Raises ValueError naming the flag
+    for a malformed address, ``num_processes < 1``, ``process_id`` outside ``[0, num_processes)``,
+    or process flags without a coordinator.
+    """
+    environ = os.environ if environ is None else environ
+
+    def pick(value, var, name):
+        if value is not None:
+            return value
+        raw = environ.get(var)
+        if raw in (None, ""):
+            return None
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"--{name} (from ${var}): expected an integer, got {raw!r}") from None
+
+    address = address or environ.get("JAX_COORDINATOR_ADDRESS") or None
+    nproc = pick(num_processes, "JAX_NUM_PROCESSES", "num_processes")
+    pid = pick(process_id, "JAX_PROCESS_ID", "process_id")
+    if address is None:
+        if nproc not in (None, 1) or pid not in (None, 0):
+            raise ValueError("--num_processes/--process_id: a multi-process run needs "
+                             "--coordinator_address=host:port (process 0's address)")
+        return None
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--coordinator_address: expected host:port with a port in [1, 65535], got {address!r}")
+    if nproc is not None and nproc < 1:
+        raise ValueError(f"--num_processes: expected an integer >= 1, got {nproc}")
+    if pid is not None and (pid < 0 or (nproc is not None and pid >= nproc)):
+        raise ValueError(f"--process_id: expected an integer in [0, {nproc if nproc is not None else 'num_processes'})"
+                         f", got {pid}")
+    return {"coordinator_address": address, "num_processes": nproc, "process_id": pid}
+
 
 
 def _real(v: Any) -> bool:

@@ -534,7 +534,8 @@ def tweedie_denoise(score_fn: ScoreFn, sde: Any, x, t) -> jax.Array:
 def with_final_denoise(r: SampleResult, score_fn: ScoreFn, sde: Any, t_end, final_denoise: bool = True) -> SampleResult:
     """A sampler's result ``r`` (ended at ``t_end``) with :func:`tweedie_denoise` applied to ``x``
     and to the last trajectory frame, ``num_score_evals`` one higher; ``r`` itself when
-    ``final_denoise`` is false."""
+    ``final_denoise`` is false. ``times`` is unchanged: its last entry stays ``t_end``, the time
+    of the state the posterior mean is taken from."""
     if not final_denoise:
         return r
     x = tweedie_denoise(score_fn, sde, r.x, t_end)
@@ -712,8 +713,10 @@ def generate(
 ) -> SampleResult:
     """Unconditional generation from the prior ``x(t_start) ~ N(0, prior_std^2 I)``.
 
-    By default ``prior_std = lambda(t_start)``, the spread of the forward marginal at
-    ``t_start`` (the usual VE prior, score_sde). Paper B's code starts from ``N(0, I)`` (method.md
+    By default ``prior_std = lambda(t_start)``, the SDE's ``perturbation_std`` at ``t_start``: the
+    spread of the forward marginal for the VE and VP SDEs (the usual VE prior, score_sde); Paper
+    A's constant-g SDE with a fixed ``std`` returns that ``std`` instead, so pass ``prior_std``
+    for it. Paper B's code starts from ``N(0, I)`` (method.md
     section 6): pass ``prior_std=1.0`` to reproduce it.
 
     Args:
@@ -724,7 +727,7 @@ def generate(
       method: ``"ode"`` (:func:`probability_flow`) or ``"sde"`` (:func:`euler_maruyama`,
         requires ``num_steps``).
       prior_std: standard deviation of the prior, ``> 0``; ``None`` for ``lambda(t_start)``.
-      t_start, t_end: time interval.
+      t_start, t_end: time interval (scalars).
       dtype: floating dtype of the samples (default: the default float dtype).
       final_denoise: end with :func:`tweedie_denoise` at ``t_end`` (one more evaluation, counted).
       **sampler_kwargs: passed to the sampler.

@@ -294,6 +294,15 @@ def test_ddpm_denoise_per_image_levels_match_single_runs():
         single = ddpm.ddpm_denoise(exact_eps(sch), noisy[b:b + 1], float(sig[b]), schedule=sch, method="ddim")
         np.testing.assert_allclose(res.x[b], single.x[0], rtol=0, atol=1e-12)
     np.testing.assert_array_equal(res.t_start, ddpm.denoise_start_step(sig, schedule=sch) + 1)
+    # each image's frame times are its own: its start state until its first step, then the chain's
+    times, traj = np.asarray(res.times), np.asarray(res.trajectory)
+    np.testing.assert_array_equal(times[0], res.t_start)
+    assert np.all(times <= np.asarray(res.t_start)[None]) and np.all(times[-1] == 0)
+    for b in range(3):
+        for f in range(3):
+            waiting = times[f, b] == int(res.t_start[b])
+            assert waiting == np.array_equal(traj[f, b], traj[0, b]), (f, b)
+    assert (times[1] == np.asarray(res.t_start)).any() and (times[1] < np.asarray(res.t_start)).any()
     with pytest.raises(ValueError, match="key"):
         ddpm.ddpm_denoise(exact_eps(sch), noisy, 0.3, schedule=sch)
     with pytest.raises(ValueError, match="noise_std"):

@@ -345,7 +345,7 @@ def test_denoise_smoke(denoise_run):
     assert os.path.isfile(os.path.join(wd, "ddpm", "denoise_result_ddim.json"))
 
 
-def test_denoise_refuses_existing_results(denoise_run):
+def test_denoise_refuses_existing_results(denoise_run, monkeypatch):
     """Same config again without --overwrite, another config, a bad target: errors, no change."""
     from experiments import denoise
     from experiments.configs import denoise_demo
@@ -372,6 +372,15 @@ def test_denoise_refuses_existing_results(denoise_run):
     # trained again and the results are rebuilt from their saved records.
     old = json.load(open(os.path.join(wd, "results.json")))
     os.remove(os.path.join(wd, "results.json"))
+    # killed while drawing the figures: results.json (the finished mark) is written last
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as mp:
+        mp.setattr(eu, "plot_curves", killed)
+        with pytest.raises(KeyboardInterrupt):
+            denoise.run(ml_collections.ConfigDict(stored), wd)
+    assert not os.path.exists(os.path.join(wd, "results.json"))
     new = denoise.run(ml_collections.ConfigDict(stored), wd)
     assert json.loads(json.dumps(new["methods"])) == old["methods"]
     assert new["comparison"] == old["comparison"]
@@ -394,6 +403,88 @@ def test_denoise_bad_image_size_fails_before_writing(tmp_path):
     with pytest.raises(ValueError, match="data: images of size 18 x 18 do not fit the model"):
         denoise.run(cfg, str(wd))
     assert not wd.exists()
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("noise.seed", -1, "noise.seed: expected an int >= 0"),
+    ("ours.embed_component", "bogus", "ours.embed_component: expected one of"),
+    ("ours.sampler.num_steps", 0, "ours.sampler.num_steps: expected an int >= 1"),
+    ("ours.sampler.t_end", 2.0, "ours.sampler.t_start, t_end: expected times with 0 <= t_end < t_start"),
+    ("ours.sampler.method", "bogus", "ours.sampler.method: expected 'ode' or 'sde'"),
+    ("ours.sampler.rtol", 0.0, "ours.sampler.rtol: expected a finite tolerance > 0"),
+    ("ddpm.sampler.variance", "bogus", "ddpm.sampler.variance: expected one of"),
+    ("targets", (0.9, 0.9), "targets: expected distinct SSIM targets"),
+    ("common.eval_every", 0, "common.eval_every: the targets are checked at the evaluations"),
+    ("noise.std", 0.9, r"noise.std: the matched start needs DDPM's noise level 2 \* 0.9, beyond the largest its "
+                       r"schedule of ddpm.train.ddpm_num_steps = 100 steps reaches"),
+])
+def test_denoise_bad_values_are_refused_before_the_workdir_is_claimed(tmp_path, key, value, match):
+    """Each of these used to fail after experiment.json was written (some after ours had
+    trained), and the corrected command was then refused as another run's config."""
+    from experiments import denoise
+    from experiments.configs import denoise_demo
+
+    cfg = denoise_demo.get_config()
+    cfg.data.size = 16
+    cfg.ddpm.train.ddpm_num_steps = 100
+    *path, leaf = key.split(".")
+    node = cfg
+    for k in path:
+        node = node[k]
+    node[leaf] = value
+    wd = tmp_path / "w"
+    with pytest.raises(ValueError, match=match):
+        denoise.run(cfg, str(wd))
+    assert not wd.exists()
+
+
+@pytest.mark.parametrize("key, value", [("normalise", "minmax"), ("noise.signal_scale", 0.6),
+                                        ("ddpm.sampler.start", "prior_mix"), ("ddpm.sampler.variance", "small"),
+                                        ("ddpm.sampler.clip_x0", False)])
+def test_budget_generate_refuses_the_denoise_settings_it_does_not_use(key, value):
+    from experiments import budget
+    from experiments.configs import budget_generate
+
+    cfg = budget_generate.get_config()
+    budget.check_budget_config(cfg)  # the config as shipped passes
+    *path, leaf = key.split(".")
+    node = cfg
+    for k in path:
+        node = node[k]
+    node[leaf] = value
+    with pytest.raises(ValueError, match=f"{key}: the generate task does not use it"):
+        budget.check_budget_config(cfg)
+
+
+def test_a_failure_with_only_the_claim_written_withdraws_it(tmp_path):
+    """A budget too small for ours' pre-computation is found after the claim: the claim is
+    withdrawn (nothing else was written), so the corrected budget may use the directory."""
+    from experiments import budget
+    from experiments.configs import budget_demo
+    from krylovjax import experiment_utils as eu
+
+    cfg = budget_demo.get_config()
+    cfg.data.size = 16
+    cfg.ours.precompute.update(num_steps=3, max_sweeps=2)
+    cfg.budget_seconds = 1e-6
+    wd = tmp_path / "w"
+    with pytest.raises(ValueError, match="budget_seconds: 1e-06 s does not cover ours' pre-computation"):
+        budget.run(cfg, str(wd))
+    assert os.listdir(wd) == []
+    # the same once anything else is in the directory: the claim stays and protects it
+    def fails():
+        (wd / "ours").mkdir()
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        eu.run_claimed(str(wd), "budget", {"a": 1}, fails)
+    assert sorted(os.listdir(wd)) == ["experiment.json", "ours"]
+    with pytest.raises(ValueError, match="holds another run's config"):
+        eu.claim_workdir(str(wd), "budget", {"a": 2})
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match="workdir: .* is a file, expected a directory"):
+        eu.claim_workdir(str(afile), "budget", {"a": 1})
 
 
 def test_ddpm_max_train_step_must_cover_the_denoising_chain(tmp_path):
@@ -617,7 +708,11 @@ def test_generate_from_train_run(denoise_run, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="reference: 'builtin:nosuch': name must be one of"):
         generate.run(f"{wd}/ours", str(tmp_path / "g3"), num_samples=2, num_frames=3, num_steps=4,
                      sampler="paper_a", reference="builtin:nosuch")
-    assert not os.path.exists(tmp_path / "g3" / "samples.json")
+    with pytest.raises(FileNotFoundError, match="step: no checkpoint for step 7"):
+        generate.run(f"{wd}/ours", str(tmp_path / "g3"), step=7)
+    assert not os.path.exists(tmp_path / "g3")  # refused before the output directory was claimed
+    with pytest.raises(ValueError, match=f"outdir: '{out}' holds another run's config .*use another --outdir"):
+        generate.run(f"{wd}/ours", str(out), num_samples=2, num_frames=3, num_steps=5, sampler="paper_a")
     assert _snapshot(str(out)) == before
 
 
@@ -649,6 +744,17 @@ def test_budget_smoke_and_bad_budget(tmp_path):
         assert len(r["ssim_per_image"]) == 1 and r["ssim"] == pytest.approx(np.mean(r["ssim_per_image"]))
     o = out["methods"]["ours"]
     assert o["train_budget_seconds"] == pytest.approx(3 - o["precompute_seconds"] - o["embed_seconds"])
+    # Killed before results.json: the rerun redoes ours' pre-computation but charges the first
+    # run's times (ours/budget_prep.json), so its training budget, and every step, stay the same.
+    import ml_collections
+
+    os.remove(os.path.join(wd, "results.json"))
+    again = budget.run(ml_collections.ConfigDict(json.load(open(os.path.join(wd, "experiment.json")))["config"]), wd)
+    for m in ("ours", "ddpm"):
+        keep = ("steps", "train_seconds", "train_budget_seconds", "precompute_seconds", "embed_seconds")
+        assert {k: again["methods"][m][k] for k in keep} == {k: out["methods"][m][k] for k in keep}
+        # the same weights, evaluated in this process instead of the binary's (float32 rounding)
+        assert again["methods"][m]["ssim"] == pytest.approx(out["methods"][m]["ssim"], abs=1e-5)
     # a budget of zero (or below), and another config in this workdir: errors, nothing changed
     before = _snapshot(wd)
     for bad in (0.0, -3.0):

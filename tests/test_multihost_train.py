@@ -181,6 +181,16 @@ def test_bad_process_flags_are_refused(tmp_path):
                          (["--coordinator_address=127.0.0.1:1234", "--num_processes=0"], "--num_processes")]:
         out = subprocess.run(base + flags, cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=120)
         assert out.returncode != 0 and match in out.stderr, (flags, out.stderr[-1500:])
+    # the pre-computation binary takes the same flags: without a coordinator every copy would
+    # compute every chunk, so process flags alone are refused there too
+    pre = [sys.executable, "-m", "experiments.precompute", "--config=experiments/configs/demo.py",
+           f"--workdir={tmp_path / 'w'}", "--num_processes=2", "--process_id=1"]
+    out = subprocess.run(pre, cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "--coordinator_address" in out.stderr, out.stderr[-1500:]
+    # --data=builtin with a --store: which data was meant? refused
+    builtin = [a for a in base if a != "--data=store"] + ["--data=builtin"]
+    out = subprocess.run(builtin, cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "--data=builtin trains on the built-in photos" in out.stderr, out.stderr[-1500:]
     assert not os.path.exists(tmp_path / "w")
 
 
