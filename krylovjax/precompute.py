@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from krylovjax import cross_matrix, initial, reference, scores as scores_lib, sde as sde_lib
+from krylovjax import cross_matrix, fokker_planck, initial, reference, scores as scores_lib, sde as sde_lib
 from krylovjax.data import validate_images
 from krylovjax.fokker_planck import fp_operator
 
@@ -78,7 +78,8 @@ class PrecomputeConfig:
       lag_init: initial lagged score for the first sweep: "initial" (score of m0), "march"
         (the first sweep lags the score by one time step: m^n is solved with the score of the
         m^{n-1} just computed, Paper A's explicit lag as a predictor; about one sweep fewer
-        on the built-in images) or "ones" (Paper B's code: every score 1).
+        on the built-in images) or "ones" (Paper B's code: every score 1; with the "paper_b"
+        scheme, which sums the two components, the components (1, 0)).
       strategy: linear solver strategy (see module docstring).
       tol, restart, max_restarts, basis_size, chunk_size, projection: Krylov settings
         (:class:`krylovjax.cross_matrix.SolverConfig`; ``chunk_size="auto"`` picks
@@ -139,6 +140,16 @@ class PrecomputeConfig:
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy: expected one of {STRATEGIES}, got {self.strategy!r}")
+        if self.scheme not in fokker_planck.SCHEMES:
+            raise ValueError(f"scheme: expected one of {fokker_planck.SCHEMES}, got {self.scheme!r}")
+        if self.boundary not in ("zero", "reflect"):  # "dirichlet" needs ghost values, which nothing supplies
+            raise ValueError(f"boundary: expected 'zero' or 'reflect' (the pre-computation has no Dirichlet "
+                             f"values), got {self.boundary!r}")
+        if self.score_method not in scores_lib.SCORE_METHODS:
+            raise ValueError(f"score_method: expected one of {scores_lib.SCORE_METHODS}, got {self.score_method!r}")
+        if self.score_boundary not in scores_lib.SCORE_BOUNDARIES:
+            raise ValueError(f"score_boundary: expected one of {scores_lib.SCORE_BOUNDARIES}, "
+                             f"got {self.score_boundary!r}")
         if self.outer not in OUTER:
             raise ValueError(f"outer: expected one of {OUTER}, got {self.outer!r}")
         precondition = (None if self.strategy == "spsolve"
@@ -277,9 +288,10 @@ def _drift(sde, t, shape, h, dtype):
 
 
 def _relative_change(new, old, axes):
+    """``||new - old|| / ||old||``; NaN (never converged) when ``||old||^2`` overflowed."""
     num = jnp.sqrt(jnp.sum((new - old) ** 2, axis=axes))
     den = jnp.sqrt(jnp.sum(old ** 2, axis=axes))
-    return num / jnp.maximum(den, jnp.finfo(new.dtype).tiny)
+    return jnp.where(jnp.isfinite(den), num / jnp.maximum(den, jnp.finfo(new.dtype).tiny), jnp.nan)
 
 
 def _devices(config: PrecomputeConfig):
@@ -298,6 +310,14 @@ class _Programs(NamedTuple):
                         # the mesh; None otherwise
     keep_improved: Any  # jitted (improved [S], m_new, m_best) -> the best iterates [N,S,H,W]
     arg_specs: dict     # ShapeDtypeStructs of the arguments, for ahead-of-time compilation
+
+
+def _ones_score(config: PrecomputeConfig, like):
+    """``lag_init="ones"``: Paper B's code starts from the score 1. Its scheme ("paper_b") uses
+    the scalar sum of the two components, so that is (1, 0) there; the other schemes get 1 in
+    both components."""
+    ones = jnp.ones_like(like)
+    return ones.at[:, 1].set(0.0) if config.scheme == "paper_b" else ones
 
 
 @functools.lru_cache(maxsize=64)
@@ -341,7 +361,7 @@ def _build(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype: np.d
             if config.lag_init == "march":  # first sweep: lag the score by one time step
                 lag_n = jax.lax.cond(first, lambda: _score(config, m_prev), lambda: lag_n)
             elif config.lag_init == "ones":
-                lag_n = jax.lax.cond(first, lambda: jnp.ones_like(lag_n), lambda: lag_n)
+                lag_n = jax.lax.cond(first, lambda: _ones_score(config, lag_n), lambda: lag_n)
             op = make_op(g2, lag_n, f)
             b = op.rhs(m_prev)
             x0 = jnp.where(first, m_prev, x_old) if config.warm_start else None
@@ -359,7 +379,10 @@ def _build(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype: np.d
         """Paper A's time-step-wise fixed point over all steps on (a shard of) the systems.
 
         m0 [S, H, W]. Returns m [N,S,H,W], scores [N,S,2,H,W], and per step and system
-        [N-1,S]: converged, matvecs, fixed-point iterations, image not fixed-point converged."""
+        [N-1,S]: linear solves that did not reach tol, matvecs, fixed-point iterations, image
+        not fixed-point converged. As in the sweeps, an image's fixed point counts as reached
+        only from a trusted iteration: a finite change <= outer_tol with every solve of the
+        image converged (a solve that fails and returns its warm start changes nothing)."""
         s_loc = m0.shape[0]
         b_loc = s_loc // C
 
@@ -367,27 +390,29 @@ def _build(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype: np.d
             g2, f = xs
 
             def body(state):
-                it, x, lag, act, conv, mv, nit = state
+                it, x, lag, act, nfail, mv, nit = state
                 op = make_op(g2, lag, f)
                 xn, c, m = solve(op, op.rhs(m_prev), x if config.warm_start else None, act)
                 xn = jnp.where(act[:, None, None], xn, x)
                 change = _relative_change(xn.reshape(b_loc, -1), x.reshape(b_loc, -1), 1)
-                img_act = act.reshape(b_loc, C)[:, 0] & (change > config.outer_tol)
+                trusted = (c | ~act).reshape(b_loc, C).all(axis=1)
+                done = trusted & (change <= config.outer_tol)  # False for a NaN change
+                img_act = act.reshape(b_loc, C)[:, 0] & ~done
                 return (it + 1, xn, _score(config, xn), jnp.repeat(img_act, C),
-                        conv & (c | ~act), mv + jnp.where(act, m, 0), nit + act)
+                        nfail + (act & ~c), mv + jnp.where(act, m, 0), nit + act)
 
             def cond(state):
                 return (state[0] < config.max_fixed_point) & jnp.any(state[3])
 
             init = (0, m_prev, _score(config, m_prev), jnp.ones((s_loc,), bool),
-                    jnp.ones((s_loc,), bool), jnp.zeros((s_loc,), jnp.int32),
+                    jnp.zeros((s_loc,), jnp.int32), jnp.zeros((s_loc,), jnp.int32),
                     jnp.zeros((s_loc,), jnp.int32))
-            _, x, _, act, conv, mv, nit = jax.lax.while_loop(cond, body, init)
-            return x, (x, conv, mv, nit, act)
+            _, x, _, act, nfail, mv, nit = jax.lax.while_loop(cond, body, init)
+            return x, (x, nfail, mv, nit, act)
         xs = (g2s[1:], None if drifts is None else drifts[1:])
-        _, (ms, conv, mv, nit, unconverged) = jax.lax.scan(step, m0, xs)
+        _, (ms, nfail, mv, nit, unconverged) = jax.lax.scan(step, m0, xs)
         m = jnp.concatenate([m0[None], ms])
-        return m, _score(config, m), conv, mv, nit, unconverged
+        return m, _score(config, m), nfail, mv, nit, unconverged
 
     specs = dict(
         sweep=(jax.ShapeDtypeStruct((S, H, W), dtype),
@@ -405,7 +430,7 @@ def _build(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype: np.d
     levels = N if config.outer == "sweeps" else 1
     # The initial density runs on one device in sharded runs too: the same m0 bit for bit,
     # and XLA's partitioner would replicate the KDE's lax.map over the images on every device.
-    initial_prog = jax.jit(functools.partial(_initial_fn, method=config.initial,
+    initial_prog = jax.jit(functools.partial(_initial_fn, method=config.initial, h=config.h,
                                              levels=levels if devices is None else 1))
     if devices is None:
         return _Programs(t, dt, jax.jit(sweep_local), jax.jit(timestep_local),
@@ -531,11 +556,13 @@ def _padded_count(config: PrecomputeConfig, B: int) -> int:
     return -(-B // D) * D
 
 
-def _initial_fn(images, key, *, method: str, levels: int):
+def _initial_fn(images, key, *, method: str, h: float, levels: int):
     """m0 ``[S, H, W]`` (S = B * C) and m0 at every level ``[levels, S, H, W]`` (the first
     sweep's lagged iterate): one program (``_Programs.initial``) that :func:`precompile`
-    compiles too."""
+    compiles too. ``h``, the grid spacing, normalises the intensity density on the lattice."""
     kw = {"key": key} if initial.needs_key(method) else {}
+    if method == "intensity":
+        kw["h"] = h
     m0 = initial.initial_log_density(images, method=method, **kw).astype(images.dtype)
     m0s = m0.reshape((-1,) + m0.shape[2:])
     return m0s, jnp.broadcast_to(m0s, (levels,) + m0s.shape)
@@ -760,7 +787,10 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
             dsq = np.asarray(dsq).reshape(n_w, C).sum(1)
             osq = np.asarray(osq).reshape(n_w, C).sum(1)
             ch = np.full(Bp, np.inf)
-            ch[imgs] = np.sqrt(dsq) / np.maximum(np.sqrt(osq), np.finfo(dtype).tiny)
+            # an iterate whose sum of squares overflowed is not measured (NaN: an untrusted sweep)
+            with np.errstate(invalid="ignore"):
+                ch[imgs] = np.where(np.isfinite(osq), np.sqrt(dsq) / np.maximum(np.sqrt(osq), np.finfo(dtype).tiny),
+                                    np.nan)
             change = np.where(active, ch, change)  # every active image is in imgs
             systems += active * C * (N - 1)
             matvecs[imgs] += _per_image(mv, n_w, C)
@@ -803,13 +833,13 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
         stats.update(sweeps=sweeps[:B], outer_converged=converged[:B], outer_change=best[:B],
                      outer_diverged=diverged[:B], batch_images=np.asarray(batch_images))
     else:
-        m_all, scores, conv, mv, nit, unconv = progs.timestep_run(m0s)
+        m_all, scores, nfail, mv, nit, unconv = progs.timestep_run(m0s)
         nit = np.asarray(nit)
         unconv_img = np.asarray(unconv).reshape(N - 1, Bp, C)[..., 0]  # [N-1, Bp]
         its_img = nit.reshape(N - 1, Bp, C)[..., 0].sum(axis=0)
         systems = _per_image(nit, Bp, C)
         matvecs = _per_image(mv, Bp, C)
-        nonconv = _per_image(~np.asarray(conv), Bp, C)
+        nonconv = _per_image(np.asarray(nfail), Bp, C)  # every failed solve of every iteration
         stats.update(sweeps=its_img[:B].astype(np.int32),
                      fixed_point_iterations=nit[:, :B * C].max(axis=1),
                      outer_converged=~unconv_img[:, :B].any(axis=0),

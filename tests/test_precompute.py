@@ -163,6 +163,12 @@ def test_bad_config():
         precompute_scores(np.zeros((1, 3, 8, 8)), PrecomputeConfig(num_steps=3, seed_image=2))
     with pytest.raises(ValueError, match="initial: expected one of"):
         PrecomputeConfig(initial="gaussian")
+    for key, value, match in (("scheme", "upwind", "scheme: expected one of"),
+                              ("boundary", "dirichlet", "boundary: expected 'zero' or 'reflect'"),
+                              ("score_method", "sobel", "score_method: expected one of"),
+                              ("score_boundary", "wrap", "score_boundary: expected one of")):
+        with pytest.raises(ValueError, match=match):
+            PrecomputeConfig(**{key: value})
     for name in ("paper_a_kde", "paper_a"):  # the alias needs the key too
         with pytest.raises(ValueError, match="key"):
             precompute_scores(np.zeros((1, 3, 8, 8)), PrecomputeConfig(num_steps=3, initial=name))
@@ -474,3 +480,66 @@ def test_compact_batch_layout():
 def test_bad_compact(bad):
     with pytest.raises(ValueError, match="compact"):
         PrecomputeConfig(compact=bad)
+
+
+@pytest.mark.parametrize("failure", ["nan", "stall"])
+def test_failed_solves_are_never_a_converged_fixed_point(monkeypatch, failure):
+    """A linear solve that breaks down (NaN) or returns its warm start (a change of 0) used to
+    count as fixed-point convergence with outer="timestep"; both outer modes now report the
+    image unconverged, and count every failed solve."""
+    from krylovjax import cross_matrix, precompute
+
+    orig = cross_matrix.solve_fp
+
+    def broken(op, b, cfg, x0=None):  # system 0 (image 0, one channel) fails
+        res = orig(op, b, cfg, x0=x0)
+        bad = jnp.arange(b.shape[0]) == 0
+        x = jnp.where(bad[:, None, None], jnp.nan if failure == "nan" else (0.0 if x0 is None else x0), res.x)
+        return res._replace(x=x, converged=res.converged & ~bad)
+
+    monkeypatch.setattr(cross_matrix, "solve_fp", broken)
+    precompute._build.cache_clear()  # the programs are built with the patched solver
+    try:
+        images = np.random.default_rng(0).uniform(0.0, 1.0, (2, 1, 8, 8))
+        for outer in ("timestep", "sweeps"):
+            cfg = PrecomputeConfig(num_steps=4, strategy="gmres", outer=outer, max_sweeps=30, max_fixed_point=30)
+            st = precompute_scores(images, cfg).stats
+            assert st["outer_converged"].tolist() == [False, True], outer
+            assert st["nonconverged_per_image"][1] == 0
+            assert st["nonconverged_per_image"][0] == st["systems_per_image"][0] > 0, outer  # every solve failed
+    finally:
+        precompute._build.cache_clear()
+
+
+def test_lag_init_ones_is_paper_b_score_one():
+    """Paper B's code starts from the scalar score 1; its scheme sums the two components, so the
+    first sweep's operator is the one of method.md 3.2 with s = 1 (it used to get s = 2)."""
+    from krylovjax import fokker_planck, precompute
+
+    g2, dt, h = 3.0, 0.1, 1.0
+    like = jnp.zeros((1, 2, 4, 4))
+    lag = precompute._ones_score(PrecomputeConfig(scheme="paper_b", strategy="gmres", lag_init="ones"), like)
+    op = fokker_planck.fp_operator(g2, dt, h, lag[0], scheme="paper_b")
+    alpha, delta = -(g2 / 2) * 1.0 * dt / (2 * h), (g2 / 2) * dt / h**2
+    assert float(op.east[1, 1]) == pytest.approx(alpha + delta)
+    both = precompute._ones_score(PrecomputeConfig(lag_init="ones"), like)  # the other schemes: (1, 1)
+    assert bool(jnp.all(both == 1.0))
+
+
+def test_intensity_density_uses_the_grid_spacing():
+    images = np.random.default_rng(2).uniform(0.1, 0.9, (1, 1, 6, 6))
+    cfg = PrecomputeConfig(num_steps=2, strategy="gmres", initial="intensity", h=0.5)
+    m0 = np.asarray(precompute_scores(images, cfg).log_density)[:, :, 0]
+    np.testing.assert_allclose(m0, np.asarray(initial.intensity_log_density(images, h=0.5)), rtol=0, atol=1e-12)
+    assert np.exp(m0).sum() * 0.5**2 == pytest.approx(1.0)  # a density on the lattice of spacing h
+
+
+def test_relative_change_of_an_overflowed_iterate_is_not_a_number():
+    """||old||^2 overflowing float32 (|m| ~ 1e20, a blown-up iterate) used to give a change of
+    0, i.e. converged; it is NaN now, which no outer test accepts."""
+    from krylovjax import precompute
+
+    old = jnp.full((1, 16), 1e20, jnp.float32)
+    assert bool(jnp.isnan(precompute._relative_change(old * 1.001, old, 1)[0]))
+    ok = precompute._relative_change(jnp.full((1, 4), 2.0), jnp.ones((1, 4)), 1)
+    assert float(ok[0]) == pytest.approx(1.0)
