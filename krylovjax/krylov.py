@@ -204,9 +204,13 @@ def _pow2_scale(x: Array) -> Array:
     squares from overflowing (``||b||^2`` of entries near 1e19 in float32) or underflowing
     (near 1e-24), either of which made a solve report convergence with ``x = 0``."""
     amax = jnp.max(jnp.abs(x), axis=1)
-    _, e = jnp.frexp(amax)
-    ok = jnp.isfinite(amax) & (amax > 0)
-    return jnp.where(ok, jnp.ldexp(jnp.ones_like(amax), e - 1), 1.0).astype(x.dtype)
+    # 2^floor(log2(amax)): amax's bits with the mantissa cleared (exact; no pow or frexp)
+    info = jnp.finfo(x.dtype)
+    uint = {4: jnp.uint32, 8: jnp.uint64}[x.dtype.itemsize]
+    exponent_bits = ((1 << int(info.nexp)) - 1) << int(info.nmant)
+    s = lax.bitcast_convert_type(lax.bitcast_convert_type(amax, uint) & uint(exponent_bits), x.dtype)
+    ok = jnp.isfinite(amax) & (amax >= info.smallest_normal)  # subnormal or 0: left unscaled
+    return jnp.where(ok, s, jnp.ones_like(s))
 
 
 def scaled_norm(x: Array) -> Array:
