@@ -236,8 +236,7 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
                 "num_frames": num_frames, "sampler": sampler, "num_steps": num_steps, "seed": seed,
                 "reference": reference, "reference_count": reference_count, "final_denoise": final_denoise}
     eu.check_claim(outdir, "generate", settings, legacy=LEGACY_SETTINGS, arg="outdir")
-    done = os.path.join(outdir, "samples.json")
-    if os.path.exists(done) and not overwrite:
+    if os.path.exists(os.path.join(outdir, "samples.json")) and not overwrite:
         raise eu.WorkdirConflictError(
             f"outdir: {outdir!r} already holds these samples; pass --overwrite to redo them or use another --outdir")
     fn = training.load_score_fn(workdir, step=step)

@@ -274,7 +274,6 @@ def distributed_args(address, num_processes, process_id, environ=None) -> dict |
     return {"coordinator_address": address, "num_processes": nproc, "process_id": pid}
 
 
-
 def _real(v: Any) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 

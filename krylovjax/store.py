@@ -558,8 +558,7 @@ class ScoreStore:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "written_unix": time.time(),
-            "sha256": {name: hashlib.sha256(memoryview(arr.reshape(-1).view(np.uint8))).hexdigest()
-                       for name, arr in arrays.items()},
+            "sha256": {name: _sha256(arr) for name, arr in arrays.items()},
         }
         _atomic_write_json(self._marker_path(index), marker)
         self._complete_cache.add(index)
@@ -694,7 +693,7 @@ class ScoreStore:
         start, stop = self.chunk_bounds(index)
         for name, spec in self.fields.items():
             arr = np.ascontiguousarray(self._arrays[name][start:stop].read().result(), dtype=spec.dtype)
-            if hashlib.sha256(memoryview(arr.reshape(-1).view(np.uint8))).hexdigest() != marker["sha256"].get(name):
+            if _sha256(arr) != marker["sha256"].get(name):
                 return False
         return True
 
@@ -764,7 +763,7 @@ class ScoreStore:
             if os.path.exists(key):
                 continue
             fill = np.zeros((stop - start, *spec.shape), spec.dtype)  # the fill value: 0 / False
-            if hashlib.sha256(memoryview(fill.reshape(-1).view(np.uint8))).hexdigest() != marker["sha256"].get(name):
+            if _sha256(fill) != marker["sha256"].get(name):
                 raise ValueError(
                     f"store {self.path!r} is damaged: chunk {chunk} (images {start}..{stop - 1}) is marked "
                     f"complete but the data of field {name!r} is missing ({key!r}); delete "
@@ -778,6 +777,11 @@ class ScoreStore:
 
 # fsync every file tensorstore writes, so data is durable before a chunk's marker is published.
 _CONTEXT = ts.Context({"file_io_sync": True})
+
+
+def _sha256(arr: np.ndarray) -> str:
+    """Hex sha256 of a contiguous array's bytes (the chunk checksums of the markers)."""
+    return hashlib.sha256(memoryview(arr.reshape(-1).view(np.uint8))).hexdigest()
 
 
 def _check_positive_int(name: str, value: Any) -> int:

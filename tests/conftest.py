@@ -17,14 +17,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # (delete it to reclaim the space; jax's size cap would need the filelock package).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax"))
-# One cache per xdist worker (and the binaries it starts): with one shared by both workers, the
-# worker that ran the sharded pre-computation after ~300 other tests crashed (segfault in
-# jaxlib 0.10.2's CPU compile or executable deserialisation) on a warm cache, in three runs of
-# three; one process running the same tests in the same order did not.
-if os.environ.get("PYTEST_XDIST_WORKER") and not os.environ.get("KRYLOVJAX_TEST_CACHE_WORKER"):
-    os.environ["KRYLOVJAX_TEST_CACHE_WORKER"] = os.environ["PYTEST_XDIST_WORKER"]
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(os.environ["JAX_COMPILATION_CACHE_DIR"],
-                                                           os.environ["PYTEST_XDIST_WORKER"])
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import jax  # noqa: E402
