@@ -591,24 +591,20 @@ def test_ctrl_c_finishes_the_update_and_saves_it(tmp_path, trajectories):
     """SIGINT during training: the update in flight gets its records and a checkpoint, and the
     resumed run continues from it without a gap in the records."""
     wd = str(tmp_path / "c")
-    # The budget only bounds a run whose interrupt never arrives (it then fails, not hangs).
+    # The budget only bounds a run whose interrupt is never acted on: it then fails, not hangs.
     cfg = OURS.replace(num_steps=100_000, log_every=1, budget_seconds=600)
 
     done = threading.Event()
-    sent = []
 
     def interrupt_once_training():  # never after train() has returned or raised
         while not done.wait(0.1):
             if os.path.exists(os.path.join(wd, "metrics.jsonl")) and _records(wd, "train"):
                 os.kill(os.getpid(), signal.SIGINT)
-                sent.append(time.monotonic())
-                # A signal can be lost outside the library: one pytest worker had SIGINT ignored
-                # at the OS level for a while (2026-12-05; the steps take ~30 ms, so a run still
-                # going 60 s after its interrupt never got it). Send again in that case only.
-                if done.wait(60.0):
-                    return
+                return
 
-    # Ctrl-C reaches a process with Python's default SIGINT handler (what `train` builds on).
+    # `train` acts on Ctrl-C only over Python's default handler, as in an interactive process. A
+    # test run started in the background by a non-interactive shell inherits SIGINT ignored
+    # (POSIX), and Python keeps it so: this test then waited for an interrupt that never came.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=interrupt_once_training, daemon=True).start()
     try:
@@ -617,7 +613,6 @@ def test_ctrl_c_finishes_the_update_and_saves_it(tmp_path, trajectories):
     finally:
         done.set()
         signal.signal(signal.SIGINT, previous)
-    assert sent
     saved = _complete_steps(os.path.join(wd, "checkpoints"))
     trained = _records(wd, "train")
     assert len(saved) == 1 and saved[0] == trained[-1] == len(trained)  # every step recorded, the last saved
