@@ -38,8 +38,9 @@ def _enable_x64():
 def _free_compiled_programs():
     """Drop the compiled programs and traces of each test module when it ends. Without this an
     xdist worker kept every executable it had built: 6 GB per worker by the end of the suite
-    (2026-12-05), 12 GB of this 24 GB machine before the binaries the tests start, and workers
-    then died of failed allocations (a segfault in XLA, a MemoryError that hung a thread start).
+    (2026-12-05), 12 GB of this 24 GB machine before the binaries the tests start. Workers then
+    died: a MemoryError that hung a thread start, and segfaults inside XLA that we take to be the
+    same failed allocations (they came only late in a worker's life; none since this fixture).
     A program another module needs again comes back from the persistent cache."""
     yield
     jax.clear_caches()
