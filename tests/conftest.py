@@ -37,11 +37,11 @@ def _enable_x64():
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs():
     """Drop the compiled programs and traces of each test module when it ends. Without this an
-    xdist worker kept every executable it had built: 6 GB per worker by the end of the suite
-    (2026-12-05), 12 GB of this 24 GB machine before the binaries the tests start. Workers then
-    died: a MemoryError that hung a thread start, and segfaults inside XLA that we take to be the
-    same failed allocations (they came only late in a worker's life; none since this fixture).
-    A program another module needs again comes back from the persistent cache."""
+    xdist worker kept every executable it had built (6 GB per worker by the end of the suite,
+    2026-12-05) and ran into the 65 530 memory mappings a Linux process may hold (each loaded CPU
+    executable maps its own regions): workers died of failed allocations, as a segfault inside
+    XLA or a MemoryError that hung a thread start. The largest module maps ~18 500. A program
+    another module needs again comes back from the persistent cache."""
     yield
     jax.clear_caches()
     gc.collect()
