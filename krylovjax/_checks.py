@@ -20,8 +20,16 @@ def check_float(name: str, x) -> None:
 
 
 def check_finite(name: str, x) -> None:
-    """Raise ValueError if a concrete ``x`` holds NaN or Inf (skipped under tracing)."""
-    if is_concrete(x) and not bool(np.all(np.isfinite(np.asarray(x)))):
+    """Raise ValueError if a concrete ``x`` holds NaN or Inf (skipped under tracing). A JAX
+    array is reduced where it lives: only one bool comes back to the host, not the array."""
+    if not is_concrete(x):
+        return
+    if isinstance(x, jax.Array):
+        with jax.ensure_compile_time_eval():  # a concrete array closed over inside a jit trace
+            finite = jnp.isfinite(x).all()
+    else:
+        finite = np.isfinite(np.asarray(x)).all()
+    if not bool(finite):
         raise ValueError(f"{name}: expected finite values, found NaN or Inf")
 
 

@@ -35,13 +35,16 @@ with a :class:`SolverConfig`, including cache-sized chunking of the batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import operator
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from krylovjax import krylov
+from krylovjax import _checks, krylov
 from krylovjax.fokker_planck import FPOperator
 from krylovjax import preconditioners
 
@@ -114,12 +117,20 @@ def seed_basis(seed_matvec: Callable, seed_b: Array, k: int, *, seed_x0: Array |
     b = jnp.asarray(seed_b)
     if b.ndim < 2:
         raise ValueError(f"seed_b: expected a field [*shape] or [1, *shape], got shape {b.shape}")
+    _checks.check_finite("seed_b", b)
     if b.shape[0] != 1:
         b = b[None]
     n = int(b[0].size)
-    if not isinstance(k, int) or k < 1 or k > n:
+    k = _integer("k", k, 1, what=f"an integer in [1, {n}] (the number of unknowns)")
+    if k > n:
         raise ValueError(f"k: expected an integer in [1, {n}] (the number of unknowns), got {k}")
-    r0 = b if seed_x0 is None else b - seed_matvec(jnp.asarray(seed_x0).reshape(b.shape))
+    if seed_x0 is not None:
+        seed_x0 = jnp.asarray(seed_x0, b.dtype)
+        if seed_x0.shape not in (b.shape, b.shape[1:]):
+            raise ValueError(f"seed_x0: expected shape {b.shape[1:]} or {b.shape} (that of seed_b), "
+                             f"got {seed_x0.shape}")
+        _checks.check_finite("seed_x0", seed_x0)
+    r0 = b if seed_x0 is None else b - seed_matvec(seed_x0.reshape(b.shape))
     V, H = krylov.arnoldi(seed_matvec, r0, k, precondition=precondition)
     V, H = V[0], H[0]
     Vk = V[:k].reshape((k,) + b.shape[1:])
@@ -202,8 +213,13 @@ def cross_matrix_solve(
         raise ValueError(
             f"basis: its vectors have {basis.Z.shape[-1]} entries but the systems have {N}")
     k = basis.Z.shape[0]
+    _checks.check_finite("basis", basis.Z)
     Z = basis.Z.astype(b.dtype)
-    x = jnp.zeros_like(b) if x0 is None else jnp.asarray(x0, b.dtype).reshape(b.shape)
+    if x0 is not None:
+        x0 = jnp.asarray(x0, b.dtype)
+        if x0.shape != b.shape:
+            raise ValueError(f"x0: expected shape {b.shape} (that of b), got {x0.shape}")
+    x = jnp.zeros_like(b) if x0 is None else x0
     extra = jnp.zeros((T,), jnp.int32)
 
     if recycle:
@@ -233,6 +249,20 @@ def cross_matrix_solve(
     res = refine(matvec, b, x0=x, tol=tol, atol=atol, restart=restart,
                  max_restarts=max_restarts, precondition=precondition)
     return res._replace(num_matvecs=res.num_matvecs + extra)
+
+
+def _integer(name: str, value, minimum: int, *, what: str | None = None) -> int:
+    """``value`` as a Python int >= ``minimum`` (NumPy integers accepted; bools and floats not)."""
+    what = what or f"an integer >= {minimum}"
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name}: expected {what}, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name}: expected {what}, got {value}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,16 +319,21 @@ class SolverConfig:
                              f"{self.krylov!r}")
         if self.projection not in PROJECTIONS:
             raise ValueError(f"projection: expected one of {PROJECTIONS}, got {self.projection!r}")
-        if isinstance(self.basis_size, bool) or not (isinstance(self.basis_size, int) and self.basis_size >= 1):
-            raise ValueError(f"basis_size: expected an integer >= 1, got {self.basis_size!r}")
-        if not (math.isfinite(self.tol) and self.tol > 0):
-            raise ValueError(f"tol: expected a finite tolerance > 0, got {self.tol}")
-        if not (math.isfinite(self.atol) and self.atol >= 0):
-            raise ValueError(f"atol: expected a finite tolerance >= 0, got {self.atol}")
-        if self.chunk_size is not None and self.chunk_size != "auto" and not (
-                isinstance(self.chunk_size, int) and self.chunk_size >= 1):
-            raise ValueError(f"chunk_size: expected None, 'auto' or an integer >= 1, got "
-                             f"{self.chunk_size!r}")
+        for name, minimum in (("basis_size", 1), ("seed_index", 0), ("restart", 1),
+                              ("max_restarts", 1)):
+            object.__setattr__(self, name, _integer(name, getattr(self, name), minimum))
+        for name, positive in (("tol", True), ("atol", False)):
+            try:
+                value = float(getattr(self, name))
+            except (TypeError, ValueError):
+                value = math.nan
+            if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+                raise ValueError(f"{name}: expected a finite tolerance {'> 0' if positive else '>= 0'}, "
+                                 f"got {getattr(self, name)!r}")
+            object.__setattr__(self, name, value)  # a Python float: one hash for 1e-8 and np.float64(1e-8)
+        if self.chunk_size is not None and self.chunk_size != "auto":
+            object.__setattr__(self, "chunk_size", _integer(
+                "chunk_size", self.chunk_size, 1, what="None, 'auto' or an integer >= 1"))
 
 
 # Per-core cache budget for one chunk's working set (the 2-core AMD EPYC of the benchmarks has
@@ -367,24 +402,27 @@ class _Problem(NamedTuple):
     b: Array
     x0: Array | None
     tol: Array
+    atol: Array | float
     finish: Callable
 
 
 def _problem(op: FPOperator, b: Array, x0: Array | None, config: SolverConfig) -> _Problem:
     B = b.shape[0]
     if config.precondition != "red_black":
-        return _Problem(op, b, x0, jnp.full((B,), config.tol, b.dtype), lambda res: res)
+        return _Problem(op, b, x0, jnp.full((B,), config.tol, b.dtype), config.atol,
+                        lambda res: res)
     rb = preconditioners.red_black_reduction(op)
     f = rb.rhs(b)
-    b_norm, f_norm = _norms(b), _norms(f)
+    b_norm = _norms(b)
     # ||b - A x|| equals ||f - S x_b|| exactly, so the reduced solve gets the same absolute
-    # threshold tol * ||b||, expressed relative to ||f||.
-    tol = jnp.where(f_norm > 0, config.tol * b_norm / jnp.where(f_norm > 0, f_norm, 1.0),
-                    config.tol).astype(b.dtype)
+    # threshold max(tol ||b||, atol) (tol only where b's dtype can verify it), as its atol;
+    # its relative test is off (a tol below eps: krylov.verifiable_tol).
+    thresh = jnp.maximum(krylov.verifiable_tol(config.tol, b.dtype) * b_norm,
+                         jnp.asarray(config.atol, b.dtype))
+    tol = jnp.full((B,), jnp.finfo(b.dtype).tiny, b.dtype)
 
     def finish(res: krylov.KrylovResult) -> krylov.KrylovResult:
         x, r_norm = rb.recover(res.x, b, with_residual=True)  # true residual of A
-        thresh = jnp.maximum(config.tol * b_norm, config.atol)
         status = jnp.where(res.converged & (r_norm > thresh), krylov.Status.STAGNATION,
                            res.status).astype(jnp.int32)
         # + 1 for rhs and recovery (two half-grid stencils), + 1 for the final true residual
@@ -392,7 +430,7 @@ def _problem(op: FPOperator, b: Array, x0: Array | None, config: SolverConfig) -
                             residual=r_norm / jnp.where(b_norm > 0, b_norm, 1.0),
                             num_matvecs=res.num_matvecs + 2, status=status)
 
-    return _Problem(rb, f, None if x0 is None else rb.restrict(x0), tol, finish)
+    return _Problem(rb, f, None if x0 is None else rb.restrict(x0), tol, thresh, finish)
 
 
 def solve_fp(op: FPOperator, b: Array, config: SolverConfig = SolverConfig(), *,
@@ -412,21 +450,45 @@ def solve_fp(op: FPOperator, b: Array, config: SolverConfig = SolverConfig(), *,
       With ``precondition="red_black"`` the counts are applications of the reduced operator
       (each about one full-grid matvec) plus 2 (right-hand side and recovery, final true
       residual), and ``residual`` is the true residual of the full system.
+
+    It is jitted (``op``, ``b``, ``x0`` traced, ``config`` static): calling it again with the
+    same shapes, dtypes and config compiles nothing, eagerly too.
     """
+    if not isinstance(op, FPOperator):
+        raise TypeError(f"op: expected an FPOperator (krylovjax.fp_operator), got {type(op).__name__}")
+    if not isinstance(config, SolverConfig):
+        raise TypeError(f"config: expected a SolverConfig, got {type(config).__name__}")
     if len(op.batch_shape) != 1:
         raise ValueError(f"op: expected one leading batch axis, got batch shape {op.batch_shape}")
     B = op.batch_shape[0]
-    if b.shape != (B,) + op.grid_shape:
-        raise ValueError(f"b: expected shape {(B,) + op.grid_shape}, got {b.shape}")
-    if x0 is not None and x0.shape != b.shape:
-        raise ValueError(f"x0: expected shape {b.shape}, got {x0.shape}")
+    b = krylov._as_array(b)
+    if not hasattr(b, "shape") or b.shape != (B,) + op.grid_shape:
+        raise ValueError(f"b: expected shape {(B,) + op.grid_shape}, got {getattr(b, 'shape', type(b).__name__)}")
+    if b.dtype != op.dtype:
+        raise TypeError(f"b: expected dtype {op.dtype} (that of op), got {b.dtype}")
+    _checks.check_finite("b", b)
+    if x0 is not None:
+        x0 = krylov._as_array(x0)
+        if not hasattr(x0, "shape") or x0.shape != b.shape:
+            raise ValueError(f"x0: expected shape {b.shape}, got {getattr(x0, 'shape', type(x0).__name__)}")
+        if x0.dtype != b.dtype:
+            raise TypeError(f"x0: expected dtype {b.dtype} (that of b), got {x0.dtype}")
+        _checks.check_finite("x0", x0)
     if not 0 <= config.seed_index < B:
         raise ValueError(f"config.seed_index: expected in [0, {B}), got {config.seed_index}")
     if config.precondition in GRID_PRECONDITIONERS and op.scheme == "paper_b":
         raise ValueError(
             f"config.precondition: {config.precondition!r} needs scheme='consistent' or "
             f"'fitted', got {op.scheme!r}")
-    kw = dict(atol=config.atol, restart=config.restart, max_restarts=config.max_restarts)
+    if config.method != "gmres" and config.basis_size > math.prod(op.grid_shape):
+        raise ValueError(f"config.basis_size: expected at most {math.prod(op.grid_shape)} (the "
+                         f"unknowns of one system), got {config.basis_size}")
+    return _solve_fp(op, b, x0, config)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _solve_fp(op: FPOperator, b: Array, x0: Array | None, config: SolverConfig) -> krylov.KrylovResult:
+    kw = dict(restart=config.restart, max_restarts=config.max_restarts)
     solver = krylov.gmres if config.krylov == "gmres" else krylov.bicgstab
 
     def precondition(A):
@@ -449,11 +511,11 @@ def solve_fp(op: FPOperator, b: Array, config: SolverConfig = SolverConfig(), *,
         p = _problem(op_c, b_c, x0_c, config)
         A, M = p.operator, precondition(p.operator)
         if basis is None:
-            res = solver(A.matvec, p.b, x0=p.x0, precondition=M, tol=p.tol, **kw)
+            res = solver(A.matvec, p.b, x0=p.x0, precondition=M, tol=p.tol, atol=p.atol, **kw)
         else:
             res = cross_matrix_solve(A.matvec, p.b, basis, x0=p.x0, precondition=M,
                                      projection=config.projection,
-                                     recycle=config.method == "recycled", tol=p.tol,
+                                     recycle=config.method == "recycled", tol=p.tol, atol=p.atol,
                                      solver=config.krylov, **kw)
         return p.finish(res)
 

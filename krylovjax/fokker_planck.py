@@ -249,8 +249,13 @@ class FPOperator:
         """
         import scipy.sparse as sp
 
-        if isinstance(index, int):
+        if isinstance(index, (int, np.integer)):
             index = (index,)
+        if (not isinstance(index, tuple) or len(index) != len(self.batch_shape)
+                or any(isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer))
+                       or not -n_ <= i < n_ for i, n_ in zip(index, self.batch_shape))):
+            raise ValueError(f"index: expected a full batch index into batch shape "
+                             f"{self.batch_shape} (one int per axis, in range), got {index!r}")
         h, w = self.grid_shape
         n = h * w
         idx = np.arange(n, dtype=np.float64).reshape(h, w)

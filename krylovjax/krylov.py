@@ -25,6 +25,10 @@ Equations (method.md section 5, design.md decisions 5-7; standard Krylov theory)
 
 Every dot product / matmul uses ``precision=jax.lax.Precision.HIGHEST`` (design.md decision 5).
 All functions work in float32 and float64 (whichever dtype ``b`` has) and are jit-able.
+Called outside ``jax.jit``, every call traces and compiles its loops anew (JAX keys its cache
+on the loop bodies, which close over ``matvec``): about a second per call on a CPU, and each
+compiled program stays loaded. In a loop, call them inside your own ``jax.jit`` (with the
+operator as an argument) or use :func:`krylovjax.solve_fp`, which is jitted.
 The Givens rotations of each system are accumulated in a small orthogonal ``[m+1, m+1]`` matrix
 (``Q^T``), so applying all previous rotations to a new Hessenberg column is one tiny batched
 matvec instead of a sequential loop. :func:`gmres` contains ``lax.while_loop``s and cannot be
@@ -164,7 +168,16 @@ def _check_field_batch(name: str, x, *, what: str = "[B, *shape]") -> None:
                          f"got shape {x.shape}")
     if x.dtype not in (jnp.float32, jnp.float64):
         raise TypeError(f"{name}: expected dtype float32 or float64, got {x.dtype}")
+    if x.size == 0:
+        raise ValueError(f"{name}: expected at least one system with at least one unknown "
+                         f"{what}, got shape {x.shape}")
     _checks.check_finite(name, x)
+
+
+def _as_array(x):
+    """A NumPy array (or scalar) as a JAX array, in JAX's dtype for it (float64 NumPy input is
+    float32 while ``jax_enable_x64`` is off, as under ``jax.jit``); anything else unchanged."""
+    return jnp.asarray(x) if isinstance(x, (np.ndarray, np.generic)) else x
 
 
 def _check_callable_shape(name: str, fn: MatVec, shape, dtype) -> None:
@@ -172,7 +185,11 @@ def _check_callable_shape(name: str, fn: MatVec, shape, dtype) -> None:
     if not callable(fn):
         raise TypeError(f"{name}: expected a callable [B, *shape] -> [B, *shape], "
                         f"got {type(fn).__name__}")
-    out = jax.eval_shape(fn, jax.ShapeDtypeStruct(shape, dtype))
+    try:
+        out = jax.eval_shape(fn, jax.ShapeDtypeStruct(shape, dtype))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name}: failed on an input of shape {tuple(shape)} and dtype {dtype} "
+                         f"(that of b; does it belong to another batch or grid?): {err}") from err
     if not hasattr(out, "shape") or tuple(out.shape) != tuple(shape):
         raise ValueError(f"{name}: expected it to map an array of shape {tuple(shape)} to the "
                          f"same shape, got {getattr(out, 'shape', type(out).__name__)}")
@@ -334,6 +351,7 @@ def arnoldi(matvec: MatVec, v: Array, k: int, *,
       invariant: ``H[:, j+1, j] == 0``) the remaining rows of ``V`` and columns of ``H`` are
       zero; a zero starting vector gives all-zero ``V`` and ``H``. Never NaN.
     """
+    v = _as_array(v)
     _check_field_batch("v", v)
     _check_int("k", k, 1, static=True)
     _check_callable_shape("matvec", matvec, v.shape, v.dtype)
@@ -492,6 +510,18 @@ class _Start(NamedTuple):
     scale: Array  # [B] the power of two b was divided by (:func:`_pow2_scale`); x is solved for x / scale
 
 
+def verifiable_tol(tol, dtype) -> Array:
+    """``tol`` where the working precision can verify it, else 0 (the relative test is off).
+
+    A relative residual below the dtype's machine epsilon (1.2e-7 in float32, 2.2e-16 in
+    float64) cannot be checked in that dtype: the computed residual ``b - A x`` carries a
+    rounding error of about that size. Asked for 7e-8 in float32, GMRES reported 13 of 16
+    systems converged whose float64 residual was up to 1.27x the tolerance; from ``tol >= eps``
+    on no system was (16 log-FP systems, five solvers, tol 1.2e-7 to 1e-6; BUILD_NOTES)."""
+    tol = jnp.asarray(tol, dtype)
+    return jnp.where(tol >= jnp.finfo(dtype).eps, tol, jnp.zeros_like(tol))
+
+
 def _start(A_flat: MatVec, b: Array, x0: Array | None, tol, atol, stagnation_tol) -> _Start:
     """Initial iterate ``x0`` (zero where ``b = 0``) and residual; a zero initial guess needs
     no matvec (``r0 = b`` exactly). Systems already converged or with a non-finite residual
@@ -508,7 +538,7 @@ def _start(A_flat: MatVec, b: Array, x0: Array | None, tol, atol, stagnation_tol
     bf = bf / scale[:, None]
     b_norm = _norm(bf)
     b_zero = b_norm == 0
-    thresh = jnp.maximum(jnp.asarray(tol, dtype) * b_norm, jnp.asarray(atol, dtype) / scale)
+    thresh = jnp.maximum(verifiable_tol(tol, dtype) * b_norm, jnp.asarray(atol, dtype) / scale)
     stag_factor = 1.0 - jnp.asarray(stagnation_tol, dtype)
     x = jnp.zeros_like(bf) if x0 is None else jnp.where(b_zero[:, None], 0.0,
                                                         x0.reshape(bf.shape) / scale[:, None])
@@ -601,7 +631,11 @@ def gmres(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 1e-
         (closed over under jit; it must be linear).
       b: ``[B, *shape]`` right-hand sides, float32 or float64 (rank >= 2); sets the dtype.
       x0: optional ``[B, *shape]`` initial guesses (default 0), same dtype as ``b``.
-      tol: relative tolerance > 0, a scalar or one per system ``[B]`` (may be traced).
+      tol: relative tolerance > 0, a scalar or one per system ``[B]`` (may be traced). A
+        system converges when its true residual, computed in ``b``'s dtype, is at most
+        ``max(tol ||b||, atol)``. A ``tol`` below the dtype's machine epsilon (1.2e-7 in
+        float32) cannot be verified in it and never counts as met: such a system stops by
+        ``atol``, stagnation or the cycle limit, and says so (:func:`verifiable_tol`).
       atol: absolute tolerance >= 0, a scalar or ``[B]`` (may be traced).
       restart: Krylov dimension per cycle; static Python int >= 1 (clamped to N).
       max_restarts: maximum number of cycles >= 1 (may be traced).
@@ -618,6 +652,7 @@ def gmres(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 1e-
       ValueError / TypeError naming the argument for bad shapes, dtypes, ranges, non-finite
       concrete values.
     """
+    b, x0 = _as_array(b), _as_array(x0)
     _check_solver_args(matvec, b, x0, tol, atol, restart, max_restarts, precondition,
                        stagnation_tol)
     dtype = b.dtype
@@ -791,7 +826,11 @@ def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 
       matvec: callable ``[B, *shape] -> [B, *shape]`` applying ``A_i`` to system ``i``.
       b: ``[B, *shape]`` right-hand sides, float32 or float64 (rank >= 2); sets the dtype.
       x0: optional ``[B, *shape]`` initial guesses (default 0), same dtype as ``b``.
-      tol: relative tolerance > 0, a scalar or one per system ``[B]`` (may be traced).
+      tol: relative tolerance > 0, a scalar or one per system ``[B]`` (may be traced). A
+        system converges when its true residual, computed in ``b``'s dtype, is at most
+        ``max(tol ||b||, atol)``. A ``tol`` below the dtype's machine epsilon (1.2e-7 in
+        float32) cannot be verified in it and never counts as met: such a system stops by
+        ``atol``, stagnation or the cycle limit, and says so (:func:`verifiable_tol`).
       atol: absolute tolerance >= 0, a scalar or ``[B]`` (may be traced).
       restart: BiCGStab iterations per cycle (static Python int >= 1).
       max_restarts: maximum number of cycles >= 1 (may be traced).
@@ -806,6 +845,7 @@ def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 
       ValueError / TypeError naming the argument for bad shapes, dtypes, ranges, non-finite
       concrete values.
     """
+    b, x0 = _as_array(b), _as_array(x0)
     _check_solver_args(matvec, b, x0, tol, atol, restart, max_restarts, precondition,
                        stagnation_tol)
     dtype = b.dtype
@@ -922,6 +962,7 @@ def linear_solve(matvec: MatVec, b: Array, *, transpose_matvec: MatVec | None = 
       ``x [B, *shape]``, or ``(x, KrylovResult)`` with ``return_result=True``. Convergence is
       NOT checked here: inspect the result (``return_result=True``) or call :func:`gmres`.
     """
+    b = _as_array(b)
     _check_field_batch("b", b)
     unknown = set(gmres_kwargs) - {"x0", "tol", "atol", "restart", "max_restarts",
                                    "precondition", "recycle", "stagnation_tol"}

@@ -369,3 +369,85 @@ def test_recycled_128_does_not_deadlock_in_a_subprocess():
     assert out.returncode == 0, out.stderr[-2000:]
     line = out.stdout.strip().splitlines()[-1].split()
     assert line[:2] == ["converged", "True"] and float(line[2]) <= 1e-8, out.stdout
+
+
+def test_solve_fp_called_eagerly_compiles_once(systems):
+    import sys as _sys
+    _sys.path.insert(0, os.path.dirname(__file__))
+    from _compiles import compiled_programs
+    op, b, _, x_ref = systems
+    cfg = SolverConfig(**PRESETS["preconditioned"], tol=1e-9)
+    first = solve_fp(op, b, cfg)
+    other = fp_operator(25.0 ** 0.9, 1.0 / 19, 1.0, jnp.zeros((12, 2, 16, 16)))
+    with compiled_programs() as names:
+        again = solve_fp(op, b, cfg)
+        solve_fp(other, b, cfg, x0=None)                # new values, same shapes: no compile
+    assert names == [], names
+    np.testing.assert_array_equal(np.asarray(again.x), np.asarray(first.x))
+    assert _rel_err(first.x, x_ref) < 1e-7
+
+
+def test_solve_fp_bad_inputs_name_the_users_argument(systems):
+    op, b, _, _ = systems
+    with pytest.raises(ValueError, match="x0: expected finite values"):
+        solve_fp(op, b, SolverConfig(), x0=jnp.full_like(b, jnp.nan))
+    with pytest.raises(ValueError, match="b: expected finite values"):
+        solve_fp(op, b.at[0, 0, 0].set(jnp.inf), SolverConfig())
+    with pytest.raises(TypeError, match=r"b: expected dtype float64 \(that of op\), got int32"):
+        solve_fp(op, b.astype(jnp.int32))
+    with pytest.raises(TypeError, match=r"b: expected dtype float64 \(that of op\), got float32"):
+        solve_fp(op, b.astype(jnp.float32))
+    with pytest.raises(TypeError, match="x0: expected dtype float64"):
+        solve_fp(op, b, x0=b.astype(jnp.float32))
+    with pytest.raises(TypeError, match="op: expected an FPOperator"):
+        solve_fp(op.matvec, b)
+    with pytest.raises(ValueError, match="config.basis_size: expected at most 256"):
+        solve_fp(op, b, SolverConfig(basis_size=300))
+    # seed_basis / cross_matrix_solve: the user's names, not internal ones
+    seed = _take(op, 0)
+    with pytest.raises(ValueError, match="seed_b: expected finite values"):
+        seed_basis(seed.matvec, b[0].at[3, 3].set(jnp.nan), 4)
+    with pytest.raises(ValueError, match="seed_x0: expected shape"):
+        seed_basis(seed.matvec, b[0], 4, seed_x0=jnp.zeros((8, 32)))
+    basis = seed_basis(seed.matvec, b[0], np.int64(4))  # NumPy integers are integers
+    assert basis.Z.shape == (4, 256)
+    with pytest.raises(ValueError, match="basis: expected finite values"):
+        cross_matrix_solve(op.matvec, b, basis._replace(Z=basis.Z.at[0, 0].set(jnp.nan)))
+    with pytest.raises(ValueError, match=r"x0: expected shape \(12, 16, 16\)"):
+        cross_matrix_solve(op.matvec, b, basis, x0=jnp.zeros((12, 256)))
+
+
+def test_solver_config_takes_numpy_numbers_and_checks_every_krylov_setting():
+    cfg = SolverConfig(basis_size=np.int64(4), seed_index=np.int32(1), restart=np.int64(10),
+                       max_restarts=np.int16(5), chunk_size=np.int64(4), tol=np.float64(1e-9))
+    assert cfg == SolverConfig(basis_size=4, seed_index=1, restart=10, max_restarts=5,
+                               chunk_size=4, tol=1e-9)
+    assert hash(cfg) == hash(SolverConfig(basis_size=4, seed_index=1, restart=10, max_restarts=5,
+                                          chunk_size=4, tol=1e-9))
+    assert type(cfg.basis_size) is int and type(cfg.tol) is float
+    for field, bad in (("restart", 0), ("max_restarts", 0), ("seed_index", -1), ("restart", 2.0),
+                       ("chunk_size", 0), ("basis_size", np.bool_(True)), ("tol", "small")):
+        with pytest.raises(ValueError, match=field):
+            SolverConfig(**{field: bad})
+
+
+def test_red_black_float32_converges_from_eps_and_never_below():
+    """The reduced system's threshold is tol ||b|| as an absolute one: the floor on
+    unverifiable relative tolerances (krylov.verifiable_tol) applies to the user's tol."""
+    score = 0.5 * jax.random.normal(jax.random.key(0), (8, 2, 16, 16), jnp.float32)
+    op = fp_operator(9.0, 0.05, 1.0, score, scheme="fitted")
+    b = op.rhs(3.0 + jnp.cos(jnp.linspace(0, 3, 16, dtype=jnp.float32))[None, None, :]
+               * jnp.ones((8, 16, 16), jnp.float32))
+    eps = float(jnp.finfo(jnp.float32).eps)
+    b64 = np.asarray(b, np.float64)
+    for tol in (1.01 * eps, 4 * eps):
+        res = solve_fp(op, b, SolverConfig(**PRESETS["fast"], tol=tol))
+        conv = np.asarray(res.converged)
+        x = np.asarray(res.x, np.float64)
+        true = np.array([np.linalg.norm(op.to_scipy(i) @ x[i].ravel() - b64[i].ravel())
+                         / np.linalg.norm(b64[i]) for i in range(8)])
+        assert conv.sum() >= 6 and np.all(true[conv] <= tol)   # what is reported met holds
+        assert set(np.asarray(res.status)[~conv].tolist()) <= {2}  # the rest: stagnation, said
+    assert conv.all()                                          # 4 eps: every system
+    res = solve_fp(op, b, SolverConfig(**PRESETS["fast"], tol=0.84 * eps, max_restarts=5))
+    assert not bool(jnp.any(res.converged))

@@ -320,3 +320,15 @@ def test_matvec_shape_check():
     op = fp_operator(1.0, 0.1, 1.0, np.zeros((2, 4, 4)))
     with pytest.raises(ValueError, match="m:"):
         op.matvec(jnp.zeros((4, 5)))
+
+
+def test_to_scipy_refuses_an_index_outside_the_batch():
+    """JAX clamps an out-of-range index: to_scipy(5) on a batch of 2 used to return system 1."""
+    op = fp_operator(4.0, 0.1, 1.0, np.random.default_rng(0).normal(size=(2, 2, 8, 8)))
+    assert (op.to_scipy(np.int64(1)) != op.to_scipy(-1)).nnz == 0
+    for bad in (5, -3, (1, 0), (), True, 1.0):
+        with pytest.raises(ValueError, match=r"index: expected a full batch index into batch shape \(2,\)"):
+            op.to_scipy(bad)
+    op2 = fp_operator(4.0, 0.1, 1.0, np.zeros((2, 3, 2, 4, 4)))
+    with pytest.raises(ValueError, match="index"):
+        op2.to_scipy((1, 7))

@@ -809,3 +809,68 @@ def test_bicgstab_bad_inputs():
         krylov.bicgstab(mv, b, stagnation_tol=1.0)
     with pytest.raises(ValueError, match="precondition"):
         krylov.bicgstab(mv, b, precondition=lambda x: x.reshape(2, 16))
+
+
+# ----------------------------------------------------------------------------------------------
+# Tolerances the working precision cannot verify; NumPy inputs; empty batches.
+
+
+def _fp_systems_float32():
+    """16 log-FP systems (fitted scheme) in float32: at tol = 7e-8 (0.59 eps) GMRES used to
+    report 13 of them converged with a float64 residual of up to 1.27 tol."""
+    from krylovjax import fokker_planck
+    score = 0.5 * jax.random.normal(jax.random.key(0), (16, 2, 16, 16), jnp.float32)
+    op = fokker_planck.fp_operator(9.0, 0.05, 1.0, score, scheme="fitted")
+    b = op.rhs(3.0 + jnp.cos(jnp.linspace(0, 3, 16, dtype=jnp.float32))[None, None, :]
+               * jnp.ones((16, 16, 16), jnp.float32))
+    return op, b
+
+
+def _fp_true_residual(op, x, b):
+    x, b = np.asarray(x, np.float64), np.asarray(b, np.float64)
+    return np.array([np.linalg.norm(op.to_scipy(i) @ x[i].ravel() - b[i].ravel())
+                     / np.linalg.norm(b[i]) for i in range(b.shape[0])])
+
+
+@pytest.mark.parametrize("solver", [krylov.gmres, krylov.bicgstab])
+def test_tolerance_below_eps_is_never_reported_met(solver):
+    op, b = _fp_systems_float32()
+    eps = float(jnp.finfo(jnp.float32).eps)
+    run = jax.jit(lambda op, b, tol: solver(op.matvec, b, tol=tol, max_restarts=10))
+    for tol in (0.59 * eps, 0.84 * eps):
+        for res in (run(op, b, tol), solver(op.matvec, b, tol=tol, max_restarts=10)):  # traced, concrete
+            assert not np.any(np.asarray(res.converged)), tol
+            assert set(np.asarray(res.status).tolist()) <= {Status.STAGNATION, Status.MAX_ITERATIONS}
+    # from eps on the test is on, and what it reports holds in float64
+    res = run(op, b, 1.01 * eps)
+    assert np.all(np.asarray(res.converged))
+    assert np.all(_fp_true_residual(op, res.x, b) <= 1.01 * eps)
+    # atol still stops a system whatever tol is
+    res = solver(op.matvec, b, tol=1e-12, atol=1e-3 * float(jnp.min(jnp.linalg.norm(b.reshape(16, -1), axis=1))))
+    assert np.all(np.asarray(res.converged))
+    np.testing.assert_array_equal(np.asarray(krylov.verifiable_tol(jnp.asarray([1e-7, 2e-7]), jnp.float32)),
+                                  np.asarray([0.0, 2e-7], np.float32))
+
+
+def test_numpy_float64_inputs_follow_jax_dtype_without_x64():
+    mv = lambda x: x - 0.1 * jnp.roll(x, 1, axis=-1)  # noqa: E731
+    b = np.ones((2, 8, 8))                             # NumPy's default float64
+    with jax.enable_x64(False):
+        for solver in (krylov.gmres, krylov.bicgstab):
+            res = solver(mv, b, x0=np.zeros((2, 8, 8)), tol=1e-5)
+            assert res.x.dtype == jnp.float32 and bool(np.all(np.asarray(res.converged)))
+        V, _ = krylov.arnoldi(mv, b, 3)
+        assert V.dtype == jnp.float32
+        assert krylov.linear_solve(mv, b, tol=1e-5).dtype == jnp.float32
+
+
+def test_empty_batches_and_mismatched_operators_name_the_argument():
+    mv = lambda x: 2.0 * x  # noqa: E731
+    for solver in (krylov.gmres, krylov.bicgstab):
+        with pytest.raises(ValueError, match="b: expected at least one system"):
+            solver(mv, jnp.ones((0, 8, 8)))
+        with pytest.raises(ValueError, match="b: expected at least one system"):
+            solver(mv, jnp.ones((2, 0)))
+        coef = jnp.ones((2, 8, 8))                     # an operator for a batch of 2
+        with pytest.raises(ValueError, match=r"matvec: failed on an input of shape \(3, 8, 8\)"):
+            solver(lambda x: coef * x, jnp.ones((3, 8, 8)))

@@ -379,3 +379,28 @@ def test_red_black_float32_and_bad_inputs():
     paper = fp_operator(1.0, 0.1, 1.0, np.zeros((2, 2, 4, 4)), scheme="paper_b")
     with pytest.raises(ValueError, match="scheme"):
         red_black_reduction(paper)
+
+
+def test_preconditioners_refuse_fields_of_another_grid_or_batch():
+    """A field of the wrong grid or batch: an error naming the preconditioner, not a failure
+    deep inside an einsum or a division."""
+    op = fp_operator(1.0, 0.1, 1.0, np.zeros((2, 2, 8, 8)))
+    for name, make in (("diffusion_preconditioner", diffusion_preconditioner), ("jacobi", jacobi),
+                       ("line_preconditioner", line_preconditioner),
+                       ("block_line_preconditioner", block_line_preconditioner)):
+        M = make(op)
+        assert M(jnp.ones((2, 8, 8))).shape == (2, 8, 8)
+        for bad in ((2, 6, 6), (3, 8, 8), (8, 8)):
+            with pytest.raises(ValueError, match=rf"{name}\(op\): expected fields of shape \(2, 8, 8\)"):
+                M(jnp.ones(bad))
+
+
+def test_block_line_bandwidth_beyond_the_row_is_the_full_band():
+    """A half-width above W - 1 is W - 1 (the whole row block), not minutes of unrolled
+    compilation (bandwidth 100 on an 8x8 grid did not finish in 300 s)."""
+    rng = np.random.default_rng(13)
+    op = _random_op(rng, (8, 6), "zero", "fitted")
+    x = jnp.asarray(rng.normal(size=(3, 8, 6)))
+    full = block_line_preconditioner(op, bandwidth=5)(x)
+    wide = block_line_preconditioner(op, bandwidth=100)(x)
+    np.testing.assert_array_equal(np.asarray(wide), np.asarray(full))
