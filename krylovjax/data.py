@@ -74,7 +74,9 @@ def validate_images(images: Any, name: str = "images") -> Any:
     * an array (numpy or JAX) of rank 4, ``[B, C, H, W]`` with B >= 1;
     * C in {1, 3};
     * H, W >= 4;
-    * a floating dtype (else :class:`ImageDTypeError`, a TypeError and ValueError);
+    * dtype float32 or float64 (else :class:`ImageDTypeError`, a TypeError and
+      ValueError): integers, float16, bfloat16 and long double are refused (the
+      solvers' LAPACK calls support only float32/float64);
     * all values finite (no NaN/inf) and within [0, 1] (ValueError).
 
     The value checks (finite, range) are skipped for JAX tracers, i.e. inside
@@ -97,7 +99,8 @@ def validate_images(images: Any, name: str = "images") -> Any:
         raise ValueError(f"{name} must have C in {{1, 3}} channels [B, C, H, W], got C={C} (shape {shape})")
     if H < 4 or W < 4:
         raise ValueError(f"{name} must have H, W >= 4 [B, C, H, W], got H={H}, W={W}")
-    if not np.issubdtype(np.dtype(images.dtype), np.floating):
+    dtype = np.dtype(images.dtype)
+    if not (dtype.kind == "f" and dtype.itemsize in (4, 8)):  # float32/64 in either byte order
         raise ImageDTypeError(f"{name} must have a floating dtype (float32/float64), got {images.dtype}")
     if _is_tracer(images):
         return images

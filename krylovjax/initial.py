@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from krylovjax._checks import check_finite
 from krylovjax.data import validate_images
 
 __all__ = [
@@ -57,6 +58,8 @@ def _pairwise_logsumexp(zq: jnp.ndarray, zd: jnp.ndarray, chunk_elems: int) -> j
     """
     G, q, d = zq.shape
     n = zd.shape[1]
+    if G * q == 0:  # no queries (or no groups): nothing to evaluate
+        return jnp.zeros((G, q), zq.dtype)
     c0 = max(1, min(q, chunk_elems // max(n, 1)))
     n_chunks = -(-q // c0)
     c = -(-q // n_chunks)  # balance the chunks to minimise padding
@@ -80,7 +83,6 @@ def _pairwise_logsumexp(zq: jnp.ndarray, zd: jnp.ndarray, chunk_elems: int) -> j
     return out.reshape(G, q_pad)[:, :q]
 
 
-@functools.partial(jax.jit, static_argnames=("min_bandwidth", "chunk_elems"))
 def kde_log_density(
     data: jnp.ndarray,
     queries: jnp.ndarray,
@@ -109,19 +111,34 @@ def kde_log_density(
     result is still a normalised density on R^d.
 
     Args:
-      data: ``[..., n, d]`` sample points, n >= 2, float32/float64.
-      queries: ``[..., q, d]`` evaluation points, same leading axes.
+      data: ``[..., n, d]`` sample points, n >= 2, float32/float64, finite.
+      queries: ``[..., q, d]`` evaluation points, same leading axes, float32/float64,
+        finite.  q = 0 gives an empty ``[..., 0]`` result.
       min_bandwidth: kernel std floor (> 0; static).
       chunk_elems: pair terms per ``lax.map`` step (memory bound; static).
 
+    Raises:
+      TypeError: a dtype other than float32/float64 (e.g. float16: no LAPACK ``eigh``).
+      ValueError: NaN or inf in concrete ``data`` or ``queries`` (traced inputs, inside
+        jit, are not inspected); bad shapes.
+
     Returns:
-      ``[..., q]`` log-density, in the inputs' dtype.
+      ``[..., q]`` log-density, in the inputs' (promoted) dtype.
     """
+    for name, x in (("data", data), ("queries", queries)):
+        dtype = np.dtype(x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype)
+        if not (dtype.kind == "f" and dtype.itemsize in (4, 8)):
+            raise TypeError(f"{name}: expected float32 or float64, got {dtype}")
+        check_finite(name, x)
+    return _kde_log_density(data, queries, min_bandwidth=min_bandwidth, chunk_elems=chunk_elems)
+
+
+@functools.partial(jax.jit, static_argnames=("min_bandwidth", "chunk_elems"))
+def _kde_log_density(data, queries, *, min_bandwidth, chunk_elems):
+    """:func:`kde_log_density` after its dtype and value checks (jitted)."""
     data = jnp.asarray(data)
     queries = jnp.asarray(queries)
     dtype = jnp.result_type(data.dtype, queries.dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"data and queries must have a floating dtype, got {data.dtype}, {queries.dtype}")
     if data.ndim < 2 or queries.ndim < 2 or data.shape[-1] != queries.shape[-1]:
         raise ValueError(
             f"data [..., n, d] and queries [..., q, d] must share d; got {data.shape}, {queries.shape}"
@@ -138,8 +155,9 @@ def kde_log_density(
     data = data.astype(dtype)
     queries = queries.astype(dtype)
     lead = data.shape[:-2]
-    data = data.reshape((-1, n, d))
-    queries = queries.reshape((-1,) + queries.shape[-2:])
+    G = math.prod(lead)
+    data = data.reshape((G, n, d))
+    queries = queries.reshape((G,) + queries.shape[-2:])
     hi = jax.lax.Precision.HIGHEST
 
     centred = data - jnp.mean(data, axis=1, keepdims=True)
@@ -201,8 +219,8 @@ def _paper_b_kde(images, *, min_bandwidth, chunk_elems):
     # covariance, Scott's kernel and the KDE are swap-symmetric: m0[j, k] = m0[k, j]. Evaluate
     # the upper triangle (j <= k) only and mirror it: (R^2 + R) / 2 queries instead of R^2.
     j, k = np.triu_indices(H)
-    half = kde_log_density(pts, pts[:, :, j * H + k], min_bandwidth=min_bandwidth,
-                           chunk_elems=chunk_elems)
+    half = _kde_log_density(pts, pts[:, :, j * H + k], min_bandwidth=min_bandwidth,
+                            chunk_elems=chunk_elems)
     m0 = jnp.zeros((B, C, H, W), half.dtype).at[:, :, j, k].set(half)
     return m0.at[:, :, k, j].set(half)
 
@@ -299,7 +317,7 @@ def _paper_a_density(samples, H, W, C, floor, min_bandwidth, chunk_elems):
     B = samples.shape[0]
     dtype = samples.dtype
     grid = jnp.broadcast_to(_plane_grid(H, W, dtype), (B, H * W, 2))
-    lp = kde_log_density(samples, grid, min_bandwidth=min_bandwidth, chunk_elems=chunk_elems)
+    lp = _kde_log_density(samples, grid, min_bandwidth=min_bandwidth, chunk_elems=chunk_elems)
     lp = jnp.maximum(lp, math.log(floor))
     cell = math.log(1.0 / (H - 1)) + math.log(1.0 / (W - 1))
     lp = lp - (jax.nn.logsumexp(lp, axis=-1, keepdims=True) + cell)

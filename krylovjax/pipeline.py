@@ -115,9 +115,11 @@ def store_config(config: PrecomputeConfig, *, embed_component: str = "sum",
     """The run config recorded in (and hashed into) the store's manifest.
 
     ``{"precompute": config.to_dict(), "embed_component": ..., "compute_dtype": ..., "seed": ...}``
-    (``seed`` matters only for the random ``paper_a_kde`` initial density).
+    (``seed`` matters only for the random ``paper_a_kde`` initial density). The config's default
+    tolerance is resolved for ``compute_dtype`` first (:meth:`PrecomputeConfig.resolve`), so a
+    float64 default config records ``tol=1e-10`` as it always did.
     """
-    return {"precompute": config.to_dict(), "embed_component": embed_component,
+    return {"precompute": config.resolve(compute_dtype).to_dict(), "embed_component": embed_component,
             "compute_dtype": np.dtype(compute_dtype).name, "seed": int(seed)}
 
 

@@ -27,7 +27,10 @@ local devices along a ``Mesh`` axis ``"data"`` and each device solves its own sh
 
 - the cross-matrix seed is *per device*: device d uses its own local image ``seed_image`` (global
   image ``d * B / D + seed_image``), so the seed basis differs from the single-device run and
-  the results agree to the solver tolerance, not bit for bit (exactly for seedless strategies);
+  the results agree to the solver tolerance, not bit for bit. Seedless strategies solve the
+  same systems, but each device runs a batch of another shape (the padding below changes it
+  too), so XLA's reductions may round differently: they agree to rounding (6e-8 in float32
+  for "fast" with B = 3 on 2 devices), not necessarily bit for bit;
 - a batch whose image count B is not a multiple of the device count D is padded with copies of
   its last image up to the next multiple (the copies are solved and dropped; statistics exclude
   them). ``seed_image`` must be below ``ceil(B / D)``.
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 import time
 from typing import Any, NamedTuple
 
@@ -55,6 +59,26 @@ from krylovjax.fokker_planck import fp_operator
 STRATEGIES = ("spsolve",) + tuple(cross_matrix.PRESETS)
 OUTER = ("sweeps", "timestep")
 LAG_INITS = ("initial", "march", "ones")
+#: ``PrecomputeConfig(tol=None)``: the linear solvers' relative tolerance for each compute dtype.
+#: float32 cannot reach 1e-10 (BUILD_NOTES.md, "float32 (accelerators): attainable tolerance":
+#: 1e-6 gives no non-converged solve and scores within ~1e-5 of float64; 1e-7 is at the edge).
+DEFAULT_TOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-6}
+# Integer fields of PrecomputeConfig and their smallest allowed value.
+_INT_FIELDS = {"num_steps": 2, "max_sweeps": 1, "max_fixed_point": 1, "restart": 1,
+               "max_restarts": 1, "basis_size": 1, "seed_image": 0, "divergence_patience": 0}
+
+
+def _as_int(name: str, value: Any, low: int, extra: str = "") -> int:
+    """``value`` as a Python int >= ``low`` (any integral: int, NumPy integer; not a bool)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = operator.index(value)
+    except TypeError:
+        v = None
+    if v is None or v < low:
+        raise ValueError(f"{name}: expected {extra}an integer >= {low}, got {value!r}")
+    return v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +105,13 @@ class PrecomputeConfig:
         on the built-in images) or "ones" (Paper B's code: every score 1; with the "paper_b"
         scheme, which sums the two components, the components (1, 0)).
       strategy: linear solver strategy (see module docstring).
-      tol, restart, max_restarts, basis_size, chunk_size, projection: Krylov settings
+      tol: relative residual tolerance of the linear solves, or None (default): the
+        images' compute dtype decides, 1e-10 for float64 and 1e-6 for float32
+        (:data:`DEFAULT_TOL`; float32 cannot reach 1e-10, BUILD_NOTES.md "float32
+        (accelerators): attainable tolerance"). Resolved by :meth:`resolve` where the dtype is
+        known (:func:`precompute_scores`, :func:`precompile`), so a float64 run with the default
+        is the run with ``tol=1e-10``. ``to_dict()`` records None as None.
+      restart, max_restarts, basis_size, chunk_size, projection: Krylov settings
         (:class:`krylovjax.cross_matrix.SolverConfig`; ``chunk_size="auto"`` picks
         cache-sized chunks on CPU and the whole batch on accelerators; ``projection=None``
         keeps the strategy's own, ``"minres"`` unless the preset names one).
@@ -105,6 +135,13 @@ class PrecomputeConfig:
         systems are skipped but every step still pays its solver set-up (about half the cost
         of a solved system for the "fast" preset on CPU). The cross-matrix seed image is the
         first image of every compacted batch. None: always the whole batch.
+
+    Checked on construction (ValueError naming the field): option names, ranges, ``sde`` and
+    ``sde_kwargs`` (the SDE is built once). Integer fields accept any integral value
+    (``numpy.int64`` too; not bools) and are stored as Python ints. ``basis_size`` must also
+    be at most H * W (the unknowns of one system) for the strategies with a seed basis; that
+    is checked once the images' shape is known (:func:`precompile`,
+    :func:`precompute_scores`).
     """
 
     sde: str = "ve"
@@ -124,7 +161,7 @@ class PrecomputeConfig:
     max_fixed_point: int = 5
     lag_init: str = "initial"
     strategy: str = "cross_matrix_precond"
-    tol: float = 1e-10
+    tol: float | None = None
     restart: int = 20
     max_restarts: int = 50
     basis_size: int = 8
@@ -164,27 +201,16 @@ class PrecomputeConfig:
                              f"{self.initial!r}")
         if self.lag_init not in LAG_INITS:
             raise ValueError(f"lag_init: expected one of {LAG_INITS}, got {self.lag_init!r}")
-        for name in ("num_steps", "max_sweeps", "max_fixed_point"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < (2 if name == "num_steps" else 1):
-                raise ValueError(f"{name}: expected an integer >= "
-                                 f"{2 if name == 'num_steps' else 1}, got {v!r}")
-        if not (self.chunk_size is None or self.chunk_size == "auto"
-                or (isinstance(self.chunk_size, int) and self.chunk_size >= 1)):
-            raise ValueError(f"chunk_size: expected None, 'auto' or an integer >= 1, got "
-                             f"{self.chunk_size!r}")
-        if not isinstance(self.divergence_patience, int) or self.divergence_patience < 0:
-            raise ValueError(f"divergence_patience: expected an integer >= 0, got "
-                             f"{self.divergence_patience!r}")
-        if not (self.compact is None or (isinstance(self.compact, int)
-                                         and not isinstance(self.compact, bool)
-                                         and self.compact >= 1)):
-            raise ValueError(f"compact: expected None or an integer >= 1, got "
-                             f"{self.compact!r}")
+        for name, low in _INT_FIELDS.items():  # stored as Python ints
+            object.__setattr__(self, name, _as_int(name, getattr(self, name), low))
+        if not (self.chunk_size is None or (isinstance(self.chunk_size, str)
+                                            and self.chunk_size == "auto")):
+            object.__setattr__(self, "chunk_size", _as_int("chunk_size", self.chunk_size, 1,
+                                                           "None, 'auto' or "))
+        if self.compact is not None:
+            object.__setattr__(self, "compact", _as_int("compact", self.compact, 1, "None or "))
         if not isinstance(self.shard, bool):
             raise ValueError(f"shard: expected a bool, got {self.shard!r}")
-        if not isinstance(self.seed_image, int) or self.seed_image < 0:
-            raise ValueError(f"seed_image: expected an integer >= 0, got {self.seed_image!r}")
         if not (isinstance(self.forcing, (int, float)) and 0 <= self.forcing < 1):
             raise ValueError(f"forcing: expected a number in [0, 1), got {self.forcing!r}")
         if self.forcing > 0 and self.outer != "sweeps":
@@ -192,13 +218,41 @@ class PrecomputeConfig:
                              f"{self.outer!r} (use forcing=0)")
         for name in ("outer_tol", "tol", "h"):
             v = getattr(self, name)
+            if name == "tol" and v is None:  # the compute dtype's default (DEFAULT_TOL)
+                continue
             if not (isinstance(v, (int, float)) and np.isfinite(v) and v > 0):
-                raise ValueError(f"{name}: expected a finite number > 0, got {v!r}")
+                raise ValueError(f"{name}: expected {'None or ' if name == 'tol' else ''}a "
+                                 f"finite number > 0, got {v!r}")
+        if str(self.sde).lower() not in sde_lib.sde_names():  # as get_sde reads it
+            raise ValueError(f"sde: expected one of {sde_lib.sde_names()}, got {self.sde!r}")
+        try:
+            kwargs = dict(self.sde_kwargs)
+            hash(self.sde_kwargs)  # the config keys the compiled programs' cache
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"sde_kwargs: expected a tuple of (name, value) pairs, got "
+                             f"{self.sde_kwargs!r}") from err
+        try:
+            sde_lib.get_sde(self.sde, **kwargs)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"sde_kwargs: {err} (sde={self.sde!r}, sde_kwargs="
+                             f"{self.sde_kwargs!r})") from err
 
     def make_sde(self):
         return sde_lib.get_sde(self.sde, **dict(self.sde_kwargs))
 
-    def solver_config(self, num_channels: int) -> cross_matrix.SolverConfig:
+    def resolve(self, dtype=None) -> "PrecomputeConfig":
+        """This config for images computed in ``dtype`` (float32 or float64; None: JAX's
+        default float): ``tol=None`` replaced by :data:`DEFAULT_TOL` of that dtype (1e-10 for
+        float64, 1e-6 for float32); a config with a tolerance is returned as it is."""
+        if self.tol is not None:
+            return self
+        dtype = jax.dtypes.canonicalize_dtype(np.float64 if dtype is None else dtype)
+        if dtype not in DEFAULT_TOL:
+            raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
+        return dataclasses.replace(self, tol=DEFAULT_TOL[dtype])
+
+    def solver_config(self, num_channels: int, dtype=None) -> cross_matrix.SolverConfig:
+        """The Krylov solver config; ``tol=None`` resolves for ``dtype`` (:meth:`resolve`)."""
         if self.strategy == "spsolve":
             raise ValueError("strategy: 'spsolve' has no Krylov solver config")
         preset = dict(cross_matrix.PRESETS[self.strategy])
@@ -206,7 +260,7 @@ class PrecomputeConfig:
             preset["projection"] = self.projection
         return cross_matrix.SolverConfig(
             **preset, basis_size=self.basis_size, seed_index=self.seed_image * num_channels,
-            tol=self.tol, atol=1.0 if self.forcing > 0 else 0.0,
+            tol=self.resolve(dtype).tol, atol=1.0 if self.forcing > 0 else 0.0,
             restart=self.restart, max_restarts=self.max_restarts,
             chunk_size=self.chunk_size)
 
@@ -586,6 +640,14 @@ def _initial_key(config: PrecomputeConfig, key):
     return key
 
 
+def _check_basis_size(config: PrecomputeConfig, H: int, W: int) -> None:
+    """The seed basis has at most one direction per unknown of a system (H * W)."""
+    if _seeded(config) and config.basis_size > H * W:
+        raise ValueError(f"basis_size: expected at most H * W = {H * W} (the unknowns of one "
+                         f"{H} x {W} system) for strategy {config.strategy!r}, got "
+                         f"{config.basis_size}")
+
+
 def _check_seed(config: PrecomputeConfig, B: int) -> None:
     devices = _devices(config)
     limit = B if devices is None else _padded_count(config, B) // len(devices)
@@ -601,22 +663,32 @@ def precompile(images_shape, dtype, config: PrecomputeConfig = PrecomputeConfig(
     """Compile the programs :func:`precompute_scores` will run for this shape, ahead of time.
 
     Args:
-      images_shape: ``(B, C, H, W)``.
-      dtype: float32 or float64 (the images' dtype).
-      config: a :class:`PrecomputeConfig`.
+      images_shape: ``(B, C, H, W)``, integers, B >= 1.
+      dtype: float32 or float64 (the images' dtype). Canonicalised as
+        :func:`precompute_scores` will compute (float64 is float32 when x64 is off), so it
+        compiles the programs that call runs.
+      config: a :class:`PrecomputeConfig` (``tol=None`` resolves for that dtype).
 
     Returns:
       The compile time in seconds (about 0 when they were compiled already). A following
       :func:`precompute_scores` call with this shape, dtype and config reuses them, so its
       ``stats["seconds"]`` is run time only.
     """
-    if len(images_shape) != 4:
-        raise ValueError(f"images_shape: expected (B, C, H, W), got {images_shape!r}")
-    dtype = np.dtype(dtype)
-    if dtype.kind != "f":
+    try:
+        shape = tuple(operator.index(d) for d in images_shape)
+    except TypeError:
+        shape = None
+    if shape is None or len(shape) != 4 or min(shape) < 1:
+        raise ValueError(f"images_shape: expected (B, C, H, W), integers >= 1, got "
+                         f"{images_shape!r}")
+    dtype = np.dtype(dtype).newbyteorder("=")
+    if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
-    B, C, H, W = (int(d) for d in images_shape)
+    dtype = np.dtype(jax.dtypes.canonicalize_dtype(dtype))  # what precompute_scores computes in
+    config = config.resolve(dtype)
+    B, C, H, W = shape
     _check_seed(config, B)
+    _check_basis_size(config, H, W)
     start = time.perf_counter()
     Bp = _padded_count(config, B)
     sizes = _compact_sizes(config, Bp)
@@ -732,6 +804,7 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
         images = np.concatenate([images, np.repeat(images[-1:], Bp - B, axis=0)])
     images = jax.device_put(images)  # float64 becomes float32 when x64 is off; no compilation
     dtype = np.dtype(images.dtype)
+    config = config.resolve(dtype)  # tol=None: the default of the dtype computed in
     compile_seconds = precompile((B, C, H, W), dtype, config)
     start_initial = time.perf_counter()
     progs = _programs(config, Bp, C, H, W, dtype)
@@ -740,7 +813,7 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
         m0s, m0_levels = progs.place(np.asarray(m0s))
     m0s, m0_levels = jax.block_until_ready((m0s, m0_levels))
     initial_seconds = time.perf_counter() - start_initial
-    S, N = Bp * C, config.num_steps
+    N = config.num_steps
 
     stats: dict[str, Any] = {}
     if config.outer == "sweeps":

@@ -6,8 +6,9 @@ component 1 = dm/dy (y along H).  Grid spacing ``h`` is the same in x and y
 (method.md 2.3: dx = dy, ``dh`` in Paper B's configs).
 
 All functions are pure ``jnp`` code (jit/vmap/grad friendly) and keep the
-floating dtype of their input.  Values are not inspected (that would break
-tracing); shapes, dtypes and option names are.
+floating dtype of their input.  The values of ``m`` are not inspected (that would
+break tracing); shapes, dtypes and option names are, and so is the value of a
+concrete (non-traced) grid spacing ``h``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import math
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
+
+from krylovjax._checks import is_concrete
 
 __all__ = ["score", "scalar_score", "SCORE_METHODS", "SCORE_BOUNDARIES"]
 
@@ -37,9 +41,13 @@ def _check_field(m: Any, name: str, min_size: int = 2) -> jnp.ndarray:
 
 
 def _check_h(h: Any) -> None:
-    if isinstance(h, (int, float)) and not isinstance(h, bool):
-        if not math.isfinite(h) or h <= 0:
-            raise ValueError(f"h must be a finite grid spacing > 0, got {h!r}")
+    """``h`` must be a scalar; a concrete one (Python, NumPy or JAX) finite and > 0."""
+    if jnp.ndim(h) != 0:
+        raise ValueError(f"h must be a scalar grid spacing, got shape {jnp.shape(h)}")
+    if is_concrete(h) and not isinstance(h, bool):
+        v = float(np.asarray(h))
+        if not math.isfinite(v) or v <= 0:
+            raise ValueError(f"h must be a finite grid spacing > 0, got {v!r}")
 
 
 def _central_1d(m: jnp.ndarray, axis: int, h, boundary: str) -> jnp.ndarray:
@@ -74,7 +82,9 @@ def score(m, *, h=1.0, method: str = "central", boundary: str = "zero") -> jnp.n
 
     Args:
       m: log-density field(s), ``[..., H, W]``, float32 or float64, H, W >= 2.
-      h: grid spacing (dx = dy = h), Python float > 0 or a scalar array.
+      h: grid spacing (dx = dy = h), a scalar > 0: Python float or a NumPy/JAX
+        scalar array (checked when concrete: ValueError if <= 0, NaN or inf;
+        a traced ``h`` is not checked).
       method:
         ``"central"``: second-order central differences
           s_x[i, j] = (m[i, j+1] - m[i, j-1]) / 2h, s_y[i, j] = (m[i+1, j] - m[i-1, j]) / 2h

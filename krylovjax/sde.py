@@ -11,7 +11,12 @@ be passed to ``jax.jit`` as a static argument or closed over:
 
 Every method takes ``t`` as a Python scalar or an array of any shape and returns
 an array of the same shape, in the floating dtype of ``t`` (integer ``t`` is
-promoted to JAX's default float dtype: float32, or float64 with x64 on).
+promoted to JAX's default float dtype: float32, or float64 with x64 on).  The
+SDEs are defined for t >= 0 (the forward process starts at t = 0; the time
+grid of :func:`time_grid` lies in [eps, T] with eps >= 0): a concrete ``t``
+(Python, NumPy or JAX, not traced) with a negative, NaN or inf entry raises
+ValueError instead of returning NaN; a traced ``t`` (inside jit/vmap/grad) is
+not inspected.
 
 ``perturbation_std(t)`` is the lambda(t) used to perturb the embedded images in
 training (method.md section 4.2).  For VE and VP it is the exact marginal std of
@@ -32,6 +37,8 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import numpy as np
 
+from krylovjax._checks import check_finite, is_concrete
+
 __all__ = [
     "SDE",
     "VESDE",
@@ -45,7 +52,14 @@ __all__ = [
 
 
 def _as_time(t: Any) -> jnp.ndarray:
-    """``t`` as a floating JAX array (ints promoted to the default float)."""
+    """``t`` as a floating JAX array (ints promoted to the default float); a concrete ``t``
+    must be finite and >= 0 (the SDEs start at t = 0)."""
+    if is_concrete(t):
+        check_finite("t", t)
+        a = np.asarray(t)
+        if np.any(a < 0):
+            raise ValueError(f"t: expected times >= 0 (the SDE starts at t = 0), got "
+                             f"{a if a.size < 8 else f'an array with minimum {a.min()}'}")
     t = jnp.asarray(t)
     if not jnp.issubdtype(t.dtype, jnp.floating):
         t = t.astype(jnp.result_type(float))

@@ -20,7 +20,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from krylovjax._checks import check_finite, check_positive, is_concrete
 from krylovjax.data import validate_images
 from krylovjax.scores import scalar_score
 
@@ -64,10 +66,13 @@ def embed(
     Args:
       images: ``[B, C, H, W]`` in [0, 1] (float32/float64).
       scores: ``[B, C, N, 2, H, W]`` score fields at the times ``t`` (from
-        :func:`krylovjax.scores.score`, component 0 = d/dx, 1 = d/dy).
+        :func:`krylovjax.scores.score`, component 0 = d/dx, 1 = d/dy), finite.
       sde: a :mod:`krylovjax.sde` SDE (``g2``, ``drift``, ``has_zero_drift``).
-      t: ``[N]`` time levels (:func:`krylovjax.sde.time_grid`).
-      dt: the time step (Python float or scalar).
+      t: ``[N]`` time levels (:func:`krylovjax.sde.time_grid`): finite and
+        strictly increasing.
+      dt: the time step, finite and > 0 (Python float, or a NumPy/JAX scalar).
+        The value checks (here and on ``scores``, ``t``, ``images``) apply to
+        concrete inputs; traced ones (inside jit) are not inspected.
       component: how the 2-vector score becomes the per-pixel scalar s^n
         (:func:`krylovjax.scores.scalar_score`): "sum" (Paper B: d/dx + d/dy)
         or "x" (Paper A's script) or "y".
@@ -110,8 +115,16 @@ def embed(
         raise ValueError(f"t must have shape [N] = [{N}] (one time per score level), got {t.shape}")
     if N < 2:
         raise ValueError(f"scores need N >= 2 time levels (x^0 plus one step), got N={N}")
-    if isinstance(dt, (int, float)) and not (math.isfinite(dt) and dt > 0):
-        raise ValueError(f"dt must be finite and > 0, got {dt!r}")
+    check_finite("scores", scores)
+    check_finite("t", t)
+    if is_concrete(t):
+        tv = np.asarray(t)
+        bad = np.flatnonzero(~(np.diff(tv) > 0))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(f"t: expected strictly increasing time levels (sde.time_grid), got "
+                             f"t[{i + 1}] = {tv[i + 1]} <= t[{i}] = {tv[i]}")
+    check_positive("dt", dt)
     if component not in ("sum", "x", "y"):
         raise ValueError(f"component must be one of ('sum', 'x', 'y'), got {component!r}")
     dtype = jnp.result_type(images.dtype, scores.dtype)

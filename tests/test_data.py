@@ -271,3 +271,17 @@ def test_validate_images_under_jit():
     assert out.shape == (1, 1, 4, 4)
     with pytest.raises(ValueError, match="rank 4"):
         f(jnp.zeros((1, 4, 4)))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, jnp.bfloat16, np.longdouble])
+def test_validate_images_refuses_other_floats(dtype):
+    """Only float32/float64 pass (float16 used to pass and crash later inside LAPACK)."""
+    bad = np.full((1, 1, 8, 8), 0.5).astype(dtype)
+    with pytest.raises(D.ImageDTypeError, match=r"images must have a floating dtype \(float32/float64\), got "
+                       + np.dtype(dtype).name):
+        D.validate_images(bad)
+    with pytest.raises(TypeError, match="float32/float64"):
+        D.validate_images(jnp.asarray(bad) if dtype is not np.longdouble else bad)
+    for ok in (np.float32, np.float64, np.dtype(">f8")):
+        x = np.full((1, 1, 8, 8), 0.5).astype(ok)
+        assert D.validate_images(x) is x

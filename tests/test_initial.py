@@ -188,3 +188,34 @@ def test_paper_b_kde_128_fits_and_matches_scipy():
     idx = np.random.default_rng(0).choice(pts.shape[1], 300, replace=False)
     ref = stats.gaussian_kde(pts).logpdf(pts[:, idx])
     np.testing.assert_allclose(m[0, 0].ravel()[idx], ref, rtol=0, atol=1e-10)
+
+
+def test_kde_refuses_nan_inf_and_other_floats():
+    """NaN/inf in data or queries used to give NaN silently; float16 crashed inside LAPACK."""
+    data = np.random.default_rng(0).uniform(size=(10, 2))
+    with pytest.raises(ValueError, match="data: expected finite values, found NaN or Inf"):
+        I.kde_log_density(jnp.full((10, 2), jnp.nan), jnp.zeros((3, 2)))
+    with pytest.raises(ValueError, match="queries: expected finite values, found NaN or Inf"):
+        I.kde_log_density(data, np.full((3, 2), np.inf))
+    with pytest.raises(TypeError, match="data: expected float32 or float64, got float16"):
+        I.kde_log_density(data.astype(np.float16), data)
+    with pytest.raises(TypeError, match="queries: expected float32 or float64, got bfloat16"):
+        I.kde_log_density(data, jnp.asarray(data, jnp.bfloat16))
+    # Traced inputs are not inspected.
+    out = jax.jit(lambda q: I.kde_log_density(data, q))(jnp.full((3, 2), jnp.nan))
+    assert out.shape == (3,)
+
+
+def test_kde_no_queries_gives_an_empty_result():
+    """q = 0 queries: an empty [..., 0] result (it used to raise ZeroDivisionError)."""
+    data = np.random.default_rng(0).uniform(size=(10, 2))
+    out = I.kde_log_density(data, jnp.zeros((0, 2)))
+    assert out.shape == (0,) and out.dtype == jnp.float64
+    assert I.kde_log_density(np.stack([data, data]), np.zeros((2, 0, 2))).shape == (2, 0)
+
+
+@pytest.mark.parametrize("fn", [I.paper_b_kde, lambda x: I.paper_a_kde(x, jax.random.PRNGKey(0))],
+                         ids=["paper_b", "paper_a"])
+def test_float16_images_refused(fn):
+    with pytest.raises(TypeError, match=r"images must have a floating dtype \(float32/float64\), got float16"):
+        fn(np.full((2, 1, 8, 8), 0.5, np.float16))

@@ -1,4 +1,6 @@
 """The pre-computation pipeline: Krylov strategies equal the spsolve reference on real images."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -543,3 +545,104 @@ def test_relative_change_of_an_overflowed_iterate_is_not_a_number():
     assert bool(jnp.isnan(precompute._relative_change(old * 1.001, old, 1)[0]))
     ok = precompute._relative_change(jnp.full((1, 4), 2.0), jnp.ones((1, 4)), 1)
     assert float(ok[0]) == pytest.approx(1.0)
+
+
+def test_config_checks_sde_on_construction():
+    """A bad SDE name or SDE argument is refused by PrecomputeConfig itself, naming the field
+    (it used to fail only when the programs were built)."""
+    with pytest.raises(ValueError, match=r"sde: expected one of \('constant', 've', 'vp'\), got 'foo'"):
+        PrecomputeConfig(sde="foo")
+    with pytest.raises(ValueError, match=r"sde_kwargs: sigma must be finite and > 0, got -1.0"):
+        PrecomputeConfig(sde_kwargs=(("sigma", -1.0),))
+    with pytest.raises(ValueError, match=r"sde_kwargs: bad keyword arguments \['beta'\]"):
+        PrecomputeConfig(sde_kwargs=(("beta", 1.0),))
+    with pytest.raises(ValueError, match="sde_kwargs: expected a tuple of"):
+        PrecomputeConfig(sde_kwargs={"sigma": 2.0})  # unhashable: the programs' cache key
+    with pytest.raises(ValueError, match="sde_kwargs: beta_max must be >= beta_min"):
+        PrecomputeConfig(sde="vp", sde_kwargs=(("beta_min", 2.0), ("beta_max", 1.0)))
+    assert PrecomputeConfig(sde="VP", sde_kwargs=()).make_sde() == PrecomputeConfig(
+        sde="vp", sde_kwargs=()).make_sde()
+
+
+def test_basis_size_checked_against_the_image_size():
+    """basis_size > H * W is refused naming basis_size (it used to fail inside the seed basis
+    naming the internal ``k``); strategies without a seed basis do not use it."""
+    x = np.full((1, 1, 8, 8), 0.5)
+    cfg = PrecomputeConfig(num_steps=3, basis_size=1000)
+    for call in (lambda: precompute_scores(x, cfg), lambda: precompile(x.shape, x.dtype, cfg)):
+        with pytest.raises(ValueError, match=r"basis_size: expected at most H \* W = 64 .* got 1000"):
+            call()
+    precompile((1, 1, 4, 4), np.float64, PrecomputeConfig(num_steps=3, basis_size=1000,
+                                                          strategy="gmres"))
+
+
+@pytest.mark.parametrize("name", ["num_steps", "max_sweeps", "max_fixed_point", "restart",
+                                  "max_restarts", "basis_size", "seed_image",
+                                  "divergence_patience", "chunk_size", "compact"])
+def test_numpy_integers_accepted_bools_refused(name):
+    """Any integral value (numpy.int64 too) is accepted and stored as a Python int (it used to
+    be refused with 'expected an integer ..., got 5'); a bool is refused."""
+    cfg = PrecomputeConfig(**{name: np.int64(5)})
+    assert getattr(cfg, name) == 5 and type(getattr(cfg, name)) is int
+    assert cfg == PrecomputeConfig(**{name: 5}) and hash(cfg) == hash(PrecomputeConfig(**{name: 5}))
+    for bad in (True, 5.0, "5"):
+        with pytest.raises(ValueError, match=f"{name}: expected .*an integer >= .*, got {bad!r}"):
+            PrecomputeConfig(**{name: bad})
+
+
+@pytest.mark.parametrize("shape", [(0, 1, 8, 8), (1, 1, 8.5, 8), (1, 1, 8), (1, 0, 8, 8), "1188"])
+def test_precompile_checks_images_shape(shape):
+    """B = 0 used to be reported as a bad config.seed_image; a size 8.5 compiled for 8."""
+    with pytest.raises(ValueError, match=r"images_shape: expected \(B, C, H, W\), integers >= 1, got"):
+        precompile(shape, np.float64, PrecomputeConfig(num_steps=3))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, jnp.bfloat16, np.longdouble, np.int32])
+def test_float16_and_other_dtypes_refused(dtype):
+    """Only float32/float64: float16 used to pass validation and crash inside LAPACK."""
+    cfg = PrecomputeConfig(num_steps=3, max_sweeps=1)
+    with pytest.raises(TypeError, match=f"dtype: expected float32 or float64, got {np.dtype(dtype).name}"):
+        precompile((1, 1, 8, 8), dtype, cfg)
+    if dtype is not np.int32:
+        with pytest.raises(TypeError, match=r"images must have a floating dtype \(float32/float64\)"):
+            precompute_scores(np.full((2, 1, 8, 8), 0.5).astype(dtype), cfg)
+
+
+def test_precompile_compiles_what_x64_off_runs(images):
+    """With x64 off, float64 images are computed in float32: precompile(images.shape,
+    images.dtype) compiles those programs (it used to compile float64 ones, with JAX warning
+    that float64 is not available, and precompute_scores compiled everything again)."""
+    import warnings
+
+    cfg = PrecomputeConfig(num_steps=3, strategy="gmres", compact=None)
+    x = np.asarray(images[:1, :, :10, :10])  # float64 numpy, a shape no other test compiles
+    with jax.enable_x64(False):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # "Explicitly requested dtype float64 ..."
+            precompile(x.shape, x.dtype, cfg)
+        with compiled_programs() as warm:
+            res = precompute_scores(x, cfg)
+    assert warm == []
+    assert res.scores.dtype == jnp.float32
+
+
+def test_default_tol_follows_the_dtype(images):
+    """tol=None (the default): 1e-10 in float64, exactly the old default (same programs, same
+    results bit for bit), and 1e-6 in float32, where 1e-10 is out of reach: every solve then
+    used to be reported non-converged and no image converged."""
+    cfg = PrecomputeConfig(num_steps=4, strategy="gmres", outer_tol=1e-4, max_sweeps=10)
+    assert cfg.tol is None and cfg.to_dict()["tol"] is None
+    assert cfg.resolve(np.float64) == dataclasses.replace(cfg, tol=1e-10)
+    assert cfg.resolve(np.float32).tol == 1e-6 and cfg.solver_config(3, np.float32).tol == 1e-6
+    assert dataclasses.replace(cfg, tol=1e-8).resolve(np.float32).tol == 1e-8
+    x = images[:2]
+    res = precompute_scores(x, cfg)
+    old = precompute_scores(x, dataclasses.replace(cfg, tol=1e-10))
+    np.testing.assert_array_equal(res.scores, old.scores)
+    assert res.stats["sweeps"].tolist() == old.stats["sweeps"].tolist()
+    res32 = precompute_scores(x.astype(jnp.float32), cfg)
+    assert res32.stats["nonconverged"] == 0 and np.all(res32.stats["outer_converged"])
+    assert _rel(res32.scores.astype(jnp.float64), res.scores) < 1e-3
+    # forcing clips at the resolved tolerance too
+    forced = precompute_scores(x.astype(jnp.float32), dataclasses.replace(cfg, forcing=0.1))
+    assert forced.stats["nonconverged"] == 0 and np.all(forced.stats["outer_converged"])

@@ -135,3 +135,17 @@ def test_scalar_score_components():
 def test_bad_input(call, err, match):
     with pytest.raises(err, match=match):
         call()
+
+
+@pytest.mark.parametrize("h", [jnp.asarray(-1.0), np.float32(0.0), np.float64(np.nan), jnp.asarray(np.inf),
+                               np.asarray(-0.5)])
+def test_array_scalar_h_is_checked(h):
+    """A NumPy/JAX scalar h <= 0 (or NaN/inf) is refused like a Python float; it used to give a
+    sign-flipped or infinite score. A traced h stays unchecked (no error under jit)."""
+    with pytest.raises(ValueError, match="h must be a finite grid spacing > 0, got"):
+        score(jnp.ones((4, 4)), h=h)
+    with pytest.raises(ValueError, match="h must be a scalar"):
+        score(jnp.ones((4, 4)), h=jnp.ones(2))
+    s = jax.jit(lambda h: score(jnp.ones((4, 4)), h=h))(h)  # traced: not inspected
+    assert s.shape == (2, 4, 4)
+    np.testing.assert_allclose(score(jnp.ones((4, 4)), h=np.float32(0.5)), score(jnp.ones((4, 4)), h=0.5))

@@ -169,3 +169,25 @@ def test_time_grid_paper_b():
 def test_time_grid_bad_input(kw, err):
     with pytest.raises(err):
         S.time_grid(**kw)
+
+
+@pytest.mark.parametrize("sde", [S.VESDE(5.0), S.VESDE(1.0), S.VPSDE(), S.ConstantSDE(std=None)],
+                         ids=["ve", "ve1", "vp", "constant"])
+@pytest.mark.parametrize("method", ["g", "g2", "perturbation_std", "marginal_mean_coeff"])
+def test_concrete_time_outside_range_is_refused(sde, method):
+    """A concrete t < 0 (or NaN/inf) is refused with a message naming t; it used to give NaN
+    (VESDE(5).perturbation_std(-0.1), VPSDE().g(-1.0)). Traced t is not inspected."""
+    fn = getattr(sde, method)
+    for bad in (-0.1, np.float32(-1.0), jnp.asarray([0.5, -1e-3])):
+        with pytest.raises(ValueError, match=r"t: expected times >= 0 \(the SDE starts at t = 0\), got"):
+            fn(bad)
+    for bad in (np.nan, jnp.asarray([0.5, np.inf])):
+        with pytest.raises(ValueError, match="t: expected finite values"):
+            fn(bad)
+    assert np.isfinite(fn(0.0)) and np.isfinite(fn(jnp.asarray(1.0)))
+    jax.jit(fn)(jnp.asarray(-0.1))  # traced: unchecked, no error
+
+
+def test_vp_drift_checks_concrete_time():
+    with pytest.raises(ValueError, match="t: expected times >= 0"):
+        S.VPSDE().drift(jnp.ones((2, 3)), jnp.asarray([0.1, -0.2]))

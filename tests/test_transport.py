@@ -151,7 +151,7 @@ def test_paper_a_variant_matches_loop(setup):
         (dict(scores=np.zeros((B, C, N, 3, H, W))), "scores must have shape"),
         (dict(scores=np.zeros((B, C, N, 2, H, W + 1))), "scores must have shape"),
         (dict(t=np.zeros(N + 1)), "t must have shape"),
-        (dict(dt=0.0), "dt must"),
+        (dict(dt=0.0), "dt: expected finite values > 0"),
         (dict(variant="ddim"), "variant"),
         (dict(component="norm"), "component"),
         (dict(variant="paper_a"), "key must be given"),
@@ -167,3 +167,46 @@ def test_bad_input(setup, kw, match):
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         embed(args["images"], args["scores"], S.VESDE(2.0), args["t"], args["dt"], **opts)
+
+
+
+def _spoil(scores, t, what):
+    """Copies of (scores, t) with one defect."""
+    scores, t = scores.copy(), t.copy()
+    if what == "scores_nan":
+        scores[1, 2, 3, 0, 4, 5] = np.nan
+    elif what == "scores_inf":
+        scores[0, 0, 1, 1, 0, 0] = -np.inf
+    elif what == "t_nan":
+        t[2] = np.nan
+    elif what == "t_reversed":
+        t = t[::-1].copy()
+    elif what == "t_repeat":
+        t[3] = t[2]
+    return scores, t
+
+
+@pytest.mark.parametrize(
+    "what,dt,match",
+    [
+        (None, np.float32(-0.25), r"dt: expected finite values > 0, got -0.25"),
+        (None, jnp.asarray(0.0), r"dt: expected finite values > 0"),
+        (None, np.float64(np.nan), r"dt: expected finite values > 0"),
+        (None, np.array([0.1, np.inf]), r"dt: expected finite values > 0"),
+        ("scores_nan", None, r"scores: expected finite values, found NaN or Inf"),
+        ("scores_inf", None, r"scores: expected finite values, found NaN or Inf"),
+        ("t_nan", None, r"t: expected finite values, found NaN or Inf"),
+        ("t_reversed", None, r"t: expected strictly increasing time levels \(sde.time_grid\), got t\[1\]"),
+        ("t_repeat", None, r"t: expected strictly increasing time levels \(sde.time_grid\), got t\[3\] = "),
+    ],
+)
+def test_bad_values_are_refused(setup, what, dt, match):
+    """NumPy/JAX scalar dt <= 0 and NaN/inf in dt, scores or t, or a t that does not increase,
+    are refused naming the argument; they used to give NaN or wrong trajectories silently."""
+    images, scores, t, dt0 = setup
+    scores, t = _spoil(scores, t, what)
+    dt = dt0 if dt is None else dt
+    with pytest.raises(ValueError, match=match):
+        embed(images, scores, S.VESDE(2.0), t, dt)
+    if what in ("scores_nan", "scores_inf"):  # traced scores are not inspected (no error in jit)
+        jax.jit(lambda s: embed(images, s, S.VESDE(2.0), t, dt))(jnp.asarray(scores))
