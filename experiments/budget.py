@@ -357,7 +357,7 @@ def _run_claimed(cfg, workdir: str, overwrite: bool, budget: float, tcs: dict, c
         "images": {"source": cfg.data.source, "shape": list(clean.shape)},
         "noise": ({"std": cfg.noise.std, "seed": cfg.noise.seed, "signal_scale": denoise.signal_scale(cfg),
                    "draws": denoise.noise_draws(cfg)} if cfg.task == "denoise" else None),
-        "noisy": denoise.image_metrics(noisy, ref) if cfg.task == "denoise" else None,
+        "noisy": denoise.image_metrics(noisy, ref, in_range=False) if cfg.task == "denoise" else None,
         "ddpm_start": denoise.ddpm_start(cfg) if cfg.task == "denoise" else None,
         "ddpm_input": denoise.image_metrics(np.clip(ddpm_in, 0.0, 1.0), ref) if own_start else None,
         "budget_convention": (

@@ -643,18 +643,21 @@ def ddpm_denoiser(cfg, tc, noisy, method: str | None = None) -> Callable:
     return _compiled_once(sample)
 
 
-def image_metrics(out, clean) -> dict:
+def image_metrics(out, clean, *, in_range: bool = True) -> dict:
     """Mean windowed SSIM, global SSIM, PSNR and MSE of ``out`` vs ``clean`` (``[B, C, H, W]``),
-    plus the per-image SSIM list."""
+    plus the per-image SSIM list. ``in_range=False`` scores an ``out`` outside [0, 1] as it is
+    (the noisy input without clamping); otherwise such values are refused by the metrics."""
     import jax.numpy as jnp
     import numpy as np
 
     from krylovjax import metrics
 
     a, b = jnp.asarray(out), jnp.asarray(clean, jnp.asarray(out).dtype)
-    s = np.asarray(metrics.ssim(a, b), np.float64)
-    return {"ssim": float(s.mean()), "global_ssim": float(np.mean(metrics.global_ssim(a, b))),
-            "psnr": float(np.mean(metrics.psnr(a, b))), "mse": float(np.mean(metrics.mse(a, b))),
+    s = np.asarray(metrics.ssim(a, b, check_range=in_range), np.float64)
+    return {"ssim": float(s.mean()),
+            "global_ssim": float(np.mean(metrics.global_ssim(a, b, check_range=in_range))),
+            "psnr": float(np.mean(metrics.psnr(a, b, check_range=in_range))),
+            "mse": float(np.mean(metrics.mse(a, b))),
             "ssim_per_image": s.tolist()}
 
 
@@ -779,7 +782,7 @@ def _run_claimed(cfg, workdir: str, overwrite: bool, targets: list, tcs: dict, c
                 os.remove(p)
 
     noisy = noisy_input(cfg, clean)
-    base = image_metrics(noisy, clean)
+    base = image_metrics(noisy, clean, in_range=False)
     logging.info("noisy input: SSIM %.4f, PSNR %.2f dB (std %.3f, seed %d)", base["ssim"], base["psnr"],
                  cfg.noise.std, cfg.noise.seed)
     wall = eu.Stopwatch()

@@ -493,7 +493,7 @@ def train_and_denoise(cfg, workdir: str, store_path: str, images) -> DenoiseRun:
              "eval_seconds": res.eval_seconds, "last_loss": res.last_loss,
              "seconds_per_step": res.train_seconds / max(res.step, 1),
              "network_evals": last["network_evals"], "config": tc.to_dict()}
-    run = DenoiseRun(train=train, evals=evals, noisy=denoise.image_metrics(noisy, clean),
+    run = DenoiseRun(train=train, evals=evals, noisy=denoise.image_metrics(noisy, clean, in_range=False),
                      denoised=dict(last["metrics"]), clean=clean, noisy_images=noisy,
                      denoised_images=np.asarray(last["out"]), frames=np.asarray(last["frames"]))
     np.savez(os.path.join(wd, "denoised.npz"), clean=run.clean, noisy=run.noisy_images,

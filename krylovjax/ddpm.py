@@ -27,13 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from krylovjax._checks import is_concrete
+from krylovjax._checks import check_finite, is_concrete
 from krylovjax.sampling import (
     SampleResult,
     _bcast,
     _check_clip,
     _check_images,
     _check_num_steps,
+    _finite_rows,
     _frame_slots,
     _init_frames,
     frame_positions,
@@ -201,12 +202,17 @@ def q_sample(x0, t, noise, *, schedule: DDPMSchedule | None = None) -> jax.Array
 
     Returns:
       ``[B, C, H, W]`` in ``x0``'s dtype.
+
+    Raises:
+      ValueError: bad shapes, step indices outside ``[0, T - 1]`` or, for concrete arrays, NaN/Inf
+        in ``x0`` or ``noise``.
     """
     schedule = _default(schedule)
     x0 = _check_images("x0", x0)
     noise = jnp.asarray(noise)
     if noise.shape != x0.shape:
         raise ValueError(f"noise: expected shape {tuple(x0.shape)} (that of x0), got {tuple(noise.shape)}")
+    check_finite("noise", noise)
     t = _check_step_index(t, x0.shape[0], schedule.num_steps)
     return _take(schedule.sqrt_alpha_bars, t, x0) * x0 + _take(schedule.sqrt_one_minus_alpha_bars, t, x0) * noise.astype(x0.dtype)
 
@@ -368,7 +374,8 @@ def ddpm_ancestral_sample(
       return_trajectory, num_frames: keep ``num_frames`` evenly spaced states.
 
     Returns:
-      :class:`SampleResult` (``num_score_evals = T``; ``times`` are state indices).
+      :class:`SampleResult` (``num_score_evals = T``; ``times`` are state indices). A non-finite
+      ``eps_fn`` output is not checked: it propagates into the samples, which ``finite`` flags.
     """
     schedule = _default(schedule)
     x = _check_images("x_T", x_T)
@@ -378,14 +385,24 @@ def ddpm_ancestral_sample(
     positions = _check_frames(return_trajectory, T, num_frames)
     step = _ancestral_step(eps_fn, schedule, variance, clip_x0)
     x, traj, times = _run_chain(step, x, key, np.arange(T - 1, -1, -1), None, positions)
-    return SampleResult(x, traj, times, jnp.asarray(T, jnp.int32), jnp.full((x.shape[0],), T, jnp.int32))
+    return SampleResult(x, traj, times, jnp.asarray(T, jnp.int32), jnp.full((x.shape[0],), T, jnp.int32),
+                        _finite_rows(x))
 
 
 def ddim_timesteps(num_diffusion_steps: int, num_steps: int, start: int | None = None) -> np.ndarray:
     """The decreasing step indices ``tau`` DDIM visits: ``num_steps`` evenly spaced indices from
-    ``start`` (default ``T - 1``) down to 0, rounded (``[start]`` when ``num_steps == 1``)."""
+    ``start`` (default ``T - 1``) down to 0, rounded (``[start]`` when ``num_steps == 1``).
+
+    ``T = num_diffusion_steps`` (an int >= 1), ``start`` an integer step index in ``[0, T - 1]``
+    and ``1 <= num_steps <= start + 1``; anything else raises ValueError."""
+    T = _check_num_steps("num_diffusion_steps", num_diffusion_steps)
     num_steps = _check_num_steps("num_steps", num_steps)
-    start = num_diffusion_steps - 1 if start is None else int(start)
+    if start is None:
+        start = T - 1
+    elif isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start <= T - 1:
+        raise ValueError(f"start: expected None or an integer step index in [0, {T - 1}] (num_diffusion_steps "
+                         f"= {T}), got {start!r}")
+    start = int(start)
     if num_steps > start + 1:
         raise ValueError(f"num_steps: expected at most {start + 1} DDIM steps from step index {start}, got {num_steps}")
     if num_steps == 1:
@@ -446,7 +463,8 @@ def ddim_sample(
       return_trajectory, num_frames: keep ``num_frames`` evenly spaced states.
 
     Returns:
-      :class:`SampleResult` (``num_score_evals = num_steps``; ``times`` are state indices).
+      :class:`SampleResult` (``num_score_evals = num_steps``; ``times`` are state indices). A
+      non-finite ``eps_fn`` output propagates into the samples, which ``finite`` flags.
     """
     schedule = _default(schedule)
     x = _check_images("x_T", x_T)
@@ -462,7 +480,8 @@ def ddim_sample(
     positions = _check_frames(return_trajectory, len(taus), num_frames)
     step = _ddim_step(eps_fn, schedule, eta, clip_x0)
     x, traj, times = _run_chain(step, x, key, taus, None, positions)
-    return SampleResult(x, traj, times, jnp.asarray(len(taus), jnp.int32), jnp.full((x.shape[0],), T, jnp.int32))
+    return SampleResult(x, traj, times, jnp.asarray(len(taus), jnp.int32), jnp.full((x.shape[0],), T, jnp.int32),
+                        _finite_rows(x))
 
 
 def denoise_start_step(noise_std, *, schedule: DDPMSchedule | None = None) -> np.ndarray:
@@ -533,7 +552,8 @@ def ddpm_denoise(
       return_trajectory, num_frames: frames over the steps taken.
 
     Returns:
-      :class:`SampleResult` with ``t_start`` the start state index ``i* + 1`` per image.
+      :class:`SampleResult` with ``t_start`` the start state index ``i* + 1`` per image; a
+      non-finite ``eps_fn`` output propagates into the samples, which ``finite`` flags.
     """
     schedule = _default(schedule)
     x = _check_images("noisy", noisy)
@@ -559,4 +579,4 @@ def ddpm_denoise(
         key = jax.random.PRNGKey(0) if key is None else key
     per_image = None if np.all(start == top) else start_j
     x, traj, times = _run_chain(step, x, key, np.arange(top, -1, -1), per_image, positions)
-    return SampleResult(x, traj, times, jnp.asarray(n, jnp.int32), start_j + 1)
+    return SampleResult(x, traj, times, jnp.asarray(n, jnp.int32), start_j + 1, _finite_rows(x))

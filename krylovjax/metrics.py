@@ -1,8 +1,10 @@
 """Image-quality metrics: windowed SSIM, PSNR, MSE and Paper A's global SSIM.
 
 All functions take two image batches ``a`` and ``b`` of shape ``[B, C, H, W]`` (the library's
-layout; values nominally in ``[0, data_range]``), float32 or float64, and return one value per
-image, shape ``[B]``, in the floating dtype of the inputs. The numerical cores are jitted; the
+layout; values in ``[0, data_range]``, checked for concrete inputs unless
+``check_range=False``; ``mse`` takes any values), float32 or float64, and return one value per
+image, shape ``[B]``, in the floating dtype of the inputs (an empty batch, ``B = 0``, gives an
+empty ``[0]`` result). The numerical cores are jitted; the
 public wrappers check shapes and dtypes first (and, for concrete arrays, NaN / Inf), so they can
 also be called inside other jitted code, where only the static checks run.
 
@@ -37,7 +39,7 @@ import dm_pix
 import jax
 import jax.numpy as jnp
 
-from krylovjax._checks import check_finite, check_float
+from krylovjax._checks import check_finite, check_float, is_concrete
 
 __all__ = ["ssim", "psnr", "mse", "global_ssim", "SSIM_FILTER_SIZE", "SSIM_FILTER_SIGMA"]
 
@@ -74,6 +76,26 @@ def _check_pair(a, b, *, min_size: int = 1):
     return jnp.asarray(a, dtype), jnp.asarray(b, dtype)
 
 
+def _check_range(a, b, data_range: float, check_range: bool) -> None:
+    """Concrete images must lie in ``[0, data_range]`` (up to 1e-6 of it, for rounding):
+    scored on the wrong range (images in [0, 255] with the default ``data_range=1``) PSNR and
+    SSIM are numbers without meaning. ``check_range=False`` scores values outside as they are
+    (e.g. a noisy input before clipping)."""
+    if not check_range:
+        return
+    slack = 1e-6 * data_range
+    for name, x in (("a", a), ("b", b)):
+        if not is_concrete(x) or x.size == 0:
+            continue
+        with jax.ensure_compile_time_eval():
+            lo, hi = float(jnp.min(x)), float(jnp.max(x))
+        if lo < -slack or hi > data_range + slack:
+            raise ValueError(
+                f"{name}: expected values in [0, data_range] = [0, {data_range:g}], got [{lo:.4g}, "
+                f"{hi:.4g}]; pass the images' range as data_range (255 for 8-bit values), or "
+                "check_range=False to score them as they are")
+
+
 def _check_data_range(data_range) -> float:
     try:
         value = float(data_range)
@@ -100,7 +122,7 @@ def _ssim(a, b, data_range):
     ).astype(a.dtype)  # dm_pix's filter is float64 when x64 is on; keep the input dtype
 
 
-def ssim(a, b, *, data_range: float = 1.0):
+def ssim(a, b, *, data_range: float = 1.0, check_range: bool = True):
     """Windowed structural similarity (Wang et al. 2004), one value per image.
 
     method.md section 6: the paper's metric is scikit-image's SSIM with ``data_range=1``. This is
@@ -113,9 +135,12 @@ def ssim(a, b, *, data_range: float = 1.0):
       a: images ``[B, C, H, W]``, float32/float64, ``H, W >= 11``.
       b: images ``[B, C, H, W]``, same shape as ``a``.
       data_range: ``L``, the dynamic range of the data (1 for images in ``[0, 1]``).
+      check_range: refuse concrete images outside ``[0, L]`` (default); False scores them as
+        they are.
 
     Returns:
-      ``[B]`` mean SSIM per image, in ``(-1, 1]``; 1 for identical images.
+      ``[B]`` mean SSIM per image, in ``(-1, 1]``; 1 for identical images; an empty ``[0]``
+      array for an empty batch (``B = 0``), as the other metrics.
 
     Raises:
       ValueError: wrong rank, mismatched shapes, images smaller than 11x11, NaN/Inf in a
@@ -123,7 +148,11 @@ def ssim(a, b, *, data_range: float = 1.0):
       TypeError: a non-floating dtype.
     """
     a, b = _check_pair(a, b, min_size=SSIM_FILTER_SIZE)
-    return _ssim(a, b, _check_data_range(data_range))
+    data_range = _check_data_range(data_range)
+    _check_range(a, b, data_range, check_range)
+    if a.shape[0] == 0:  # dm_pix divides by the batch size
+        return jnp.zeros((0,), a.dtype)
+    return _ssim(a, b, data_range)
 
 
 @jax.jit
@@ -151,18 +180,22 @@ def _psnr(a, b, data_range):
     return 10.0 * (2.0 * jnp.log10(jnp.asarray(data_range, err.dtype)) - jnp.log10(err))
 
 
-def psnr(a, b, *, data_range: float = 1.0):
+def psnr(a, b, *, data_range: float = 1.0, check_range: bool = True):
     """Peak signal-to-noise ratio in dB per image: ``10 log10(L^2 / MSE)``.
 
     Args:
       a, b: images ``[B, C, H, W]``, float32/float64, same shape.
       data_range: ``L``, the dynamic range of the data (1 for images in ``[0, 1]``).
+      check_range: refuse concrete images outside ``[0, L]`` (default); False scores them as
+        they are.
 
     Returns:
       ``[B]`` PSNR in decibels; ``+inf`` where the two images are identical.
     """
     a, b = _check_pair(a, b)
-    return _psnr(a, b, _check_data_range(data_range))
+    data_range = _check_data_range(data_range)
+    _check_range(a, b, data_range, check_range)
+    return _psnr(a, b, data_range)
 
 
 @functools.partial(jax.jit, static_argnames=("data_range", "variant"))
@@ -186,7 +219,8 @@ def _global_ssim(a, b, data_range, variant):
     )
 
 
-def global_ssim(a, b, *, data_range: float = 1.0, variant: str = "consistent"):
+def global_ssim(a, b, *, data_range: float = 1.0, variant: str = "consistent",
+                check_range: bool = True):
     """Paper A's single global (non-windowed) SSIM per image (method.md section 6).
 
     With all ``C*H*W`` values of an image pooled::
@@ -204,6 +238,8 @@ def global_ssim(a, b, *, data_range: float = 1.0, variant: str = "consistent"):
       a, b: images ``[B, C, H, W]``, float32/float64, same shape, ``C*H*W >= 2``.
       data_range: ``L``.
       variant: ``"consistent"`` or ``"a_code"``.
+      check_range: refuse concrete images outside ``[0, L]`` (default); False scores them as
+        they are.
 
     Returns:
       ``[B]`` global SSIM per image.
@@ -213,4 +249,6 @@ def global_ssim(a, b, *, data_range: float = 1.0, variant: str = "consistent"):
     a, b = _check_pair(a, b)
     if a.shape[1] * a.shape[2] * a.shape[3] < 2:
         raise ValueError(f"a: expected at least 2 values per image, got shape {tuple(a.shape)}")
-    return _global_ssim(a, b, _check_data_range(data_range), variant)
+    data_range = _check_data_range(data_range)
+    _check_range(a, b, data_range, check_range)
+    return _global_ssim(a, b, data_range, variant)

@@ -21,10 +21,13 @@ Equations (method.md section 2.1), with ``s = grad_x log p(x, t)``:
   :func:`generate` and :func:`denoise` apply it with ``final_denoise=True`` (default off: Paper
   B's sampler has none).
 
-Every sampler returns a :class:`SampleResult`. Step counts are static, loops are ``lax.scan`` (or
-diffrax's ``while_loop``), so the samplers can be wrapped in ``jax.jit`` with ``score_fn``,
-``sde`` and the keyword options static. Computation runs in the floating dtype of the input
-images (float32 or float64).
+Every sampler returns a :class:`SampleResult`. The network's output is not checked inside the
+samplers (that would need a host sync in jitted code): NaN or Inf from ``score_fn`` propagates into
+the samples it touches, and ``SampleResult.finite`` flags them per image (the adaptive ODE solver
+cannot finish then and raises instead, :func:`probability_flow`). Step counts are static, loops
+are ``lax.scan`` (or diffrax's ``while_loop``), so the samplers can be wrapped in ``jax.jit`` with
+``score_fn``, ``sde`` and the keyword options static. Computation runs in the floating dtype of
+the input images (float32 or float64).
 
 Time convention for batched start times: ``t_start`` may be a scalar or one time per image,
 shape ``[B]``. Each image then gets its own time grid from its ``t_start`` to the common
@@ -37,6 +40,7 @@ import math
 from typing import Any, Callable, NamedTuple
 
 import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,6 +75,11 @@ class SampleResult(NamedTuple):
       num_score_evals: int32 scalar, number of batched calls of the score (or epsilon)
         network, i.e. function evaluations of the whole batch.
       t_start: ``[B]`` the start time of each image (``t*`` for :func:`denoise`).
+      finite: ``[B]`` bool, True where the sample ``x[b]`` holds only finite values. The samplers
+        do not check the network's output (that would need a host sync inside jitted code): a
+        score / epsilon network that returns NaN or Inf makes the samples it touches NaN, and
+        this flag (computed on the device, as part of the result) is how to find them, e.g.
+        ``assert bool(r.finite.all())``. ``None`` only for results built by other code.
     """
 
     x: jax.Array
@@ -78,6 +87,7 @@ class SampleResult(NamedTuple):
     times: jax.Array | None
     num_score_evals: jax.Array
     t_start: jax.Array
+    finite: jax.Array | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,6 +185,11 @@ def _check_interval(t0: jax.Array, t_end) -> None:
         raise ValueError(f"t_start: expected every t_start > t_end = {te}, got {np.asarray(t0)}")
 
 
+def _finite_rows(x: jax.Array) -> jax.Array:
+    """``[B]`` bool: which samples of ``x [B, ...]`` hold only finite values (no host sync)."""
+    return jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
+
+
 def _check_score_output(s, x) -> None:
     if jnp.shape(s) != x.shape:
         raise ValueError(
@@ -195,6 +210,16 @@ def _sde_drift(sde, x: jax.Array, t: jax.Array) -> jax.Array:
 def _sde_std(sde, t: jax.Array) -> jax.Array:
     """``lambda(t)`` per example, ``t [B] -> [B]``."""
     return jax.vmap(sde.perturbation_std)(t).astype(t.dtype)
+
+
+def _as_float(v) -> float:
+    """``float(v)``, or NaN for something that is not a real number (a str, None, an array)."""
+    if isinstance(v, (str, bytes, bool)):
+        return float("nan")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def _check_clip(clip):
@@ -244,10 +269,11 @@ def _euler_maruyama(score_fn, sde, x, key, t0, t_end, num_steps, clip, positions
 
     inputs = (jnp.arange(num_steps), keys, jnp.asarray(slots), jnp.asarray(noise_on))
     (x, buf), _ = jax.lax.scan(step, (x, buf), inputs)
+    nfe = jnp.asarray(num_steps, jnp.int32)
     if positions is None:
-        return SampleResult(x, None, None, jnp.asarray(num_steps, jnp.int32), t0)
+        return SampleResult(x, None, None, nfe, t0, _finite_rows(x))
     times = t0[None, :] + jnp.asarray(positions, dtype)[:, None] * dt[None, :]
-    return SampleResult(x, buf[:-1], times, jnp.asarray(num_steps, jnp.int32), t0)
+    return SampleResult(x, buf[:-1], times, nfe, t0, _finite_rows(x))
 
 
 def euler_maruyama(
@@ -289,7 +315,8 @@ def euler_maruyama(
       noise_scale: multiplies the diffusion noise, ``>= 0``.
 
     Returns:
-      :class:`SampleResult` with ``num_score_evals = num_steps``.
+      :class:`SampleResult` with ``num_score_evals = num_steps``. A non-finite ``score_fn``
+      output is not checked: it propagates into the samples, which ``finite`` flags.
     """
     x = _check_images("x_T", x_T)
     num_steps = _check_num_steps("num_steps", num_steps)
@@ -344,8 +371,9 @@ def _probability_flow(score_fn, sde, x, t0, t_end, *, rtol, atol, solver, num_st
         controller = diffrax.ConstantStepSize()
         dt0 = 1.0 / num_steps
         init_evals = at_init
-    # Times in the dtype of x: diffrax promotes y to the dtype of the time variable.
-    saveat = diffrax.SaveAt(t1=True) if frame_u is None else diffrax.SaveAt(ts=jnp.asarray(frame_u, dtype))
+    # Times in the dtype of x: diffrax promotes y to the dtype of the time variable. t1=True also
+    # saves the last state reached when the solve stops early (for the diagnosis below).
+    ts = None if frame_u is None else jnp.asarray(frame_u, dtype)
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(vector_field),
         solver_cls(),
@@ -353,15 +381,71 @@ def _probability_flow(score_fn, sde, x, t0, t_end, *, rtol, atol, solver, num_st
         t1=jnp.asarray(1.0, dtype),
         dt0=jnp.asarray(dt0, dtype),
         y0=x,
-        saveat=saveat,
+        saveat=diffrax.SaveAt(ts=ts, t1=True),
         stepsize_controller=controller,
         max_steps=max_steps,
+        throw=False,  # failures are reported below, with their likely cause
     )
+    failed = sol.result != diffrax.RESULTS.successful
+    frames = None if frame_u is None else sol.ys[:-1]
+    x_end = sol.ys[-1] if frame_u is None else frames[-1]
+    if is_concrete(failed):
+        if bool(failed):
+            # The t1 save holds the last state reached; it follows the frames reached (the
+            # unreached ones, after it, are inf).
+            k = int(np.sum(np.isfinite(np.asarray(sol.ts)))) - 1
+            _raise_solve_failure(score_fn, sde, sol.ys[k], sol.ts[k], t0, span, max_steps)
+    else:  # under tracing: a runtime error, as diffrax's own (throw=True), with a truthful message
+        x_end, frames = eqx.error_if((x_end, frames), failed, _FAILED_UNDER_JIT.format(max_steps=max_steps))
     nfe = (per_step * sol.stats["num_steps"] + init_evals).astype(jnp.int32)
     if frame_u is None:
-        return SampleResult(sol.ys[-1], None, None, nfe, t0)
+        return SampleResult(x_end, None, None, nfe, t0, _finite_rows(x_end))
     times = t0[None, :] + jnp.asarray(frame_u, dtype)[:, None] * span[None, :]
-    return SampleResult(sol.ys[-1], sol.ys, times, nfe, t0)
+    return SampleResult(x_end, frames, times, nfe, t0, _finite_rows(x_end))
+
+
+_FAILED_UNDER_JIT = (
+    "probability_flow: the ODE solver stopped before t_end after max_steps = {max_steps} steps. "
+    "The likely cause is a non-finite vector field: score_fn returned NaN or Inf (or t_start is NaN, "
+    "as start_time returns under jit for an unattainable noise level), so every step is rejected; "
+    "otherwise the solve needs more steps (increase max_steps). Call probability_flow outside jit "
+    "for a precise diagnosis."
+)
+
+
+def _raise_solve_failure(score_fn, sde, y, u, t0, span, max_steps) -> None:
+    """Why a concrete solve stopped early at the normalised time ``u`` in the state ``y``.
+
+    The step-size controller rejects every step whose error estimate is NaN, so a score that is
+    non-finite from some time on makes the solver creep towards that time with ever smaller
+    steps until ``max_steps``. Before blaming ``max_steps``, the score (and the SDE) is checked
+    at the last state reached, at its time and at a few times just past it (where the rejected
+    steps evaluated it): at most 8 score evaluations, only when a concrete solve has failed.
+    """
+    u = float(u)
+    t = t0 + jnp.asarray(u, y.dtype) * span
+    probes = [u, float(np.nextafter(np.asarray(u, y.dtype), np.asarray(np.inf, y.dtype)))]
+    probes += [u + d for d in (1e-13, 1e-11, 1e-9, 1e-7, 1e-5, 1e-3) if u + d <= 1.0]
+    for uu in probes:
+        tt = t0 + jnp.asarray(uu, y.dtype) * span  # as in the vector field
+        s = np.asarray(score_fn(y, tt))
+        if not np.all(np.isfinite(s)):
+            bad = np.flatnonzero(~np.all(np.isfinite(s.reshape(s.shape[0], -1)), axis=1))
+            raise ValueError(
+                f"score_fn: returned non-finite values (NaN or Inf) for images {bad.tolist()} at t = "
+                f"{np.asarray(tt)[bad]}, where the ODE solver stopped: its step-size controller rejects "
+                f"every step with a non-finite error estimate, so it ran out of steps (max_steps = "
+                f"{max_steps} is not the problem)"
+            )
+        v = np.asarray(_sde_drift(sde, y, tt)) - 0.5 * np.asarray(_bcast(_sde_g2(sde, tt), y))
+        if not np.all(np.isfinite(v)):
+            raise ValueError(f"sde: its drift or g(t)^2 is not finite at t = {np.asarray(tt)}, where the "
+                             "ODE solver stopped")
+    raise RuntimeError(
+        f"max_steps: the ODE solver took max_steps = {max_steps} steps and stopped at t = {np.asarray(t)} "
+        "before t_end; increase max_steps (or loosen rtol / atol). The score was finite where it stopped; "
+        "if score_fn returns NaN or Inf somewhat later, the step-size controller rejects every step there."
+    )
 
 
 def probability_flow(
@@ -399,13 +483,23 @@ def probability_flow(
       return_trajectory: keep ``num_frames`` frames; adaptive solvers save at evenly spaced times
         (dense output), fixed-step solvers at the states of :func:`frame_positions`.
       num_frames: number of frames, ``>= 1`` (and ``<= num_steps + 1`` for fixed steps).
-      max_steps: bound on the adaptive steps; diffrax raises if it is reached.
+      max_steps: bound on the solver steps (accepted and rejected).
       dt0: first trial step of the adaptive solvers, in the normalised time ``[0, 1]`` (the
         controller adapts it at once; an explicit value keeps the evaluation count exact).
 
     Returns:
       :class:`SampleResult`; ``num_score_evals`` counts every evaluation of the vector field
-      (accepted and rejected steps and the first FSAL stage).
+      (accepted and rejected steps and the first FSAL stage). A fixed-step solver does not check
+      the score: a non-finite ``score_fn`` output propagates into the samples (see ``finite``).
+
+    Raises:
+      ValueError: bad arguments (named), or, for a concrete solve that stopped before ``t_end``,
+        ``score_fn`` returning NaN/Inf where it stopped: an adaptive controller rejects every
+        step whose error estimate is NaN, so a non-finite score shows up as running out of steps.
+        Diagnosing it costs at most 8 extra score evaluations, only when the solve fails.
+      RuntimeError: a concrete solve that used up ``max_steps`` with a finite score.
+      Under ``jax.jit`` a solve that stops early raises at run time (an equinox runtime error,
+      as diffrax itself does) with a message naming both possible causes.
     """
     x = _check_images("x_T", x_T)
     if solver not in ODE_SOLVERS:
@@ -413,10 +507,10 @@ def probability_flow(
     adaptive = ODE_SOLVERS[solver][1]
     if adaptive:
         for name, v in (("rtol", rtol), ("atol", atol)):
-            if not (np.isfinite(float(v)) and float(v) > 0):
-                raise ValueError(f"{name}: expected a finite tolerance > 0, got {v!r}")
+            if not 0 < _as_float(v) < np.inf:  # NaN fails too
+                raise ValueError(f"{name}: expected a finite tolerance > 0 (a real number), got {v!r}")
         _check_num_steps("max_steps", max_steps)
-        if not (np.isfinite(float(dt0)) and 0 < float(dt0) <= 1):
+        if not 0 < _as_float(dt0) <= 1:
             raise ValueError(f"dt0: expected a step in (0, 1] of the normalised time, got {dt0!r}")
         steps = None
         frame_u = None
@@ -440,6 +534,7 @@ def probability_flow(
 # --------------------------------------------------------------------------------------------
 
 _BISECTION_ITERS = 60
+_RANGE_RTOL = 1e-6  # a noise level this far (relatively) outside the SDE's range still counts
 
 
 def _is_ve(sde) -> bool:
@@ -540,7 +635,7 @@ def with_final_denoise(r: SampleResult, score_fn: ScoreFn, sde: Any, t_end, fina
         return r
     x = tweedie_denoise(score_fn, sde, r.x, t_end)
     traj = None if r.trajectory is None else r.trajectory.at[-1].set(x)
-    return r._replace(x=x, trajectory=traj, num_score_evals=r.num_score_evals + 1)
+    return r._replace(x=x, trajectory=traj, num_score_evals=r.num_score_evals + 1, finite=_finite_rows(x))
 
 
 def start_time(sde: Any, noise_std, *, t_min: float = 0.0, t_max: float = 1.0) -> jax.Array:
@@ -565,10 +660,14 @@ def start_time(sde: Any, noise_std, *, t_min: float = 0.0, t_max: float = 1.0) -
 
     Returns:
       ``t*`` with the shape of ``noise_std``, in the default float dtype (float64 under x64).
+      Under tracing (``noise_std`` inside ``jax.jit``) the value checks below cannot raise:
+      an entry that is not finite, ``<= 0`` or outside the SDE's range gives ``t* = NaN``
+      (never a clipped ``t_min`` / ``t_max`` that could pass as a valid start time).
 
     Raises:
       ValueError: ``noise_std`` not finite, ``<= 0``, of rank > 1, or outside the SDE's range on
-        ``[t_min, t_max]``; ``lambda / alpha`` constant or not increasing there.
+        ``[t_min, t_max]``; ``lambda / alpha`` constant or not increasing there (for concrete
+        values; see Returns for traced ones).
     """
     std = jnp.asarray(noise_std)
     if std.ndim > 1:
@@ -592,8 +691,7 @@ def start_time(sde: Any, noise_std, *, t_min: float = 0.0, t_max: float = 1.0) -
                 f"[{t_min}, {t_max}] (a constant perturbation_std?), so no start time matches a "
                 "noise level; call the samplers with an explicit t_start instead"
             )
-        rel = 1e-6
-        if np.any(a < ends[0] * (1 - rel)) or np.any(a > ends[1] * (1 + rel)):
+        if np.any(a < ends[0] * (1 - _RANGE_RTOL)) or np.any(a > ends[1] * (1 + _RANGE_RTOL)):
             raise ValueError(
                 f"noise_std: expected values in the SDE's range [{ends[0]:.6g}, {ends[1]:.6g}] "
                 f"(its noise level at t = {t_min} and t = {t_max}), got {a}"
@@ -617,6 +715,10 @@ def start_time(sde: Any, noise_std, *, t_min: float = 0.0, t_max: float = 1.0) -
                     "sde: lambda(t)/alpha(t) is not increasing on [t_min, t_max]; bisection found "
                     f"{lam} for noise_std = {np.asarray(std)}"
                 )
+    if not concrete:  # the checks above cannot raise: mark an unattainable level with NaN
+        ends = ratio(jnp.asarray([t_min, t_max], std.dtype))
+        ok = (std > 0) & (std >= ends[0] * (1 - _RANGE_RTOL)) & (std <= ends[1] * (1 + _RANGE_RTOL))
+        t = jnp.where(ok & (ends[1] > ends[0]), t, jnp.asarray(jnp.nan, t.dtype))  # NaN std: ok is False
     return t
 
 
@@ -656,7 +758,9 @@ def denoise(
       **sampler_kwargs: passed to the sampler (``num_steps``, ``rtol``, ``clip``, ...).
 
     Returns:
-      :class:`SampleResult` whose ``t_start`` holds ``t*`` per image.
+      :class:`SampleResult` whose ``t_start`` holds ``t*`` per image. Under ``jax.jit`` an
+      unattainable ``noise_std`` gives ``t* = NaN`` (:func:`start_time`): the ODE solver then
+      raises at run time, ``method="sde"`` returns NaN samples (``finite`` False).
 
     Raises:
       ValueError: bad ``noise_std`` (see :func:`start_time`), unknown ``method``, missing

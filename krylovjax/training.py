@@ -109,7 +109,8 @@ from jax.sharding import PartitionSpec as P
 
 from krylovjax import ddpm as ddpm_lib
 from krylovjax import sde as sde_lib
-from krylovjax.models import UNet, UNetConfig, get_config
+from krylovjax._checks import check_finite, is_concrete
+from krylovjax.models import PRESETS, UNet, UNetConfig, get_config
 
 __all__ = [
     "TrainConfig",
@@ -192,6 +193,11 @@ def _is_int(v: Any) -> bool:
 
 def _is_real(v: Any) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _check_time_jitter(w: Any) -> None:
+    if not (_is_real(w) and 0.0 <= w <= 1.0):  # NaN fails the comparison
+        raise ValueError(f"time_jitter: expected a window fraction in [0, 1], got {w!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,8 +307,14 @@ class TrainConfig:
             raise ValueError(f"method: expected one of {METHODS}, got {self.method!r}")
         if self.loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction: expected one of {LOSS_REDUCTIONS}, got {self.loss_reduction!r}")
-        if not isinstance(self.model, str):
-            raise ValueError(f"model: expected a preset name (str), got {self.model!r}")
+        if not isinstance(self.model, str) or self.model not in PRESETS:
+            raise ValueError(f"model: expected a preset name, one of {tuple(PRESETS)}, got {self.model!r}")
+        if not isinstance(self.sde, str) or self.sde.lower() not in sde_lib.sde_names():
+            raise ValueError(f"sde: expected an SDE name, one of {sde_lib.sde_names()}, got {self.sde!r}")
+        try:
+            self.make_sde()
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"sde_kwargs: not accepted by the SDE {self.sde!r}: {err}") from err
         for k in ("batch_size", "num_steps", "checkpoint_every", "max_to_keep", "log_every", "ddpm_num_steps"):
             v = getattr(self, k)
             if not _is_int(v) or v < 1:
@@ -328,8 +340,7 @@ class TrainConfig:
             if not (_is_real(self.budget_seconds) and math.isfinite(self.budget_seconds) and self.budget_seconds > 0):
                 raise ValueError(f"budget_seconds: expected None or a finite number of seconds > 0, got {self.budget_seconds!r}")
             set_("budget_seconds", float(self.budget_seconds))
-        if not (_is_real(self.time_jitter) and 0.0 <= self.time_jitter <= 1.0):
-            raise ValueError(f"time_jitter: expected a window fraction in [0, 1], got {self.time_jitter!r}")
+        _check_time_jitter(self.time_jitter)
         if not (_is_real(self.ddpm_beta_start) and _is_real(self.ddpm_beta_end)
                 and 0 < self.ddpm_beta_start <= self.ddpm_beta_end < 1):
             raise ValueError(
@@ -417,13 +428,20 @@ def embedding_loss(score_fn: Callable[[jax.Array, jax.Array], jax.Array], x, t, 
     Args:
       score_fn: ``(x [B, C, H, W], t [B]) -> [B, C, H, W]``, the network ``s_theta``.
       x: ``[B, C, H, W]`` embedded images ``x^n`` (floating).
-      t: ``[B]`` times.
+      t: ``[B]`` times ``> 0`` where the SDE's ``lambda(t)`` and ``g(t)^2`` are finite and ``> 0``.
       z: ``[B, C, H, W]`` standard normal noise.
       sde: an SDE of :mod:`krylovjax.sde` (``g2`` and ``perturbation_std`` = lambda).
       reduction: ``"sum"`` or ``"mean"``.
 
     Returns:
       ``(loss, per_example [B])``, in the dtype of ``x``.
+
+    Raises:
+      ValueError: bad shapes or ``reduction``; for concrete inputs, NaN/Inf in ``x``, ``t`` or
+        ``z``, a time ``<= 0``, or a time where ``lambda(t)`` or ``g(t)^2`` is not finite and
+        positive. The value checks are skipped for traced inputs (inside the jitted train step),
+        so they cost nothing there.
+      TypeError: a non-floating ``x``.
     """
     if reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"reduction: expected one of {LOSS_REDUCTIONS}, got {reduction!r}")
@@ -438,8 +456,19 @@ def embedding_loss(score_fn: Callable[[jax.Array, jax.Array], jax.Array], x, t, 
     t = jnp.asarray(t, x.dtype)
     if t.shape != (x.shape[0],):
         raise ValueError(f"t: expected shape [B] = ({x.shape[0]},), got {tuple(t.shape)}")
-    lam = sde.perturbation_std(t).astype(x.dtype)[:, None, None, None]
+    for name, v in (("x", x), ("t", t), ("z", z)):
+        check_finite(name, v)  # skipped for traced values
+    if is_concrete(t) and not bool(np.all(np.asarray(t) > 0)):
+        raise ValueError(f"t: expected times > 0 (lambda(t) > 0), got {np.asarray(t)}")
+    lam = sde.perturbation_std(t).astype(x.dtype)
     g2 = sde.g2(t).astype(x.dtype)
+    for what, v in (("lambda(t)", lam), ("g(t)^2", g2)):
+        if is_concrete(v):
+            a = np.asarray(v)
+            if not (np.all(np.isfinite(a)) and np.all(a > 0)):
+                raise ValueError(f"t: expected times in the SDE's range, where {what} is finite and > 0; "
+                                 f"got {what} = {a} at t = {np.asarray(t)}")
+    lam = lam[:, None, None, None]
     s = score_fn(x + lam * z, t)
     if jnp.shape(s) != x.shape:
         raise ValueError(f"score_fn: expected an output of shape {tuple(x.shape)}, got {tuple(jnp.shape(s))}")
@@ -454,11 +483,18 @@ def jitter_windows(t, time_jitter: float) -> tuple[np.ndarray, np.ndarray]:
 
     Args:
       t: ``[N]`` strictly increasing time levels (concrete), ``N >= 1``.
-      time_jitter: ``w`` in [0, 1].
+      time_jitter: ``w`` in [0, 1] (a real scalar).
 
     Returns:
       ``(lo [N], hi [N])`` float64 numpy arrays with ``t_0 <= lo_n <= t_n <= hi_n <= t_{N-1}``.
+
+    Raises:
+      ValueError: ``t`` not finite, ``<= 0`` or not strictly increasing; a concrete
+        ``time_jitter`` outside [0, 1] or NaN (the guarantee above needs ``w <= 1``).
     """
+    if is_concrete(time_jitter):
+        _check_time_jitter(time_jitter.item() if isinstance(time_jitter, (np.ndarray, np.generic, jax.Array))
+                           and np.ndim(time_jitter) == 0 else time_jitter)
     t = np.asarray(t, dtype=np.float64)
     if t.ndim != 1 or t.size < 1:
         raise ValueError(f"t: expected time levels of shape [N] with N >= 1, got shape {t.shape}")

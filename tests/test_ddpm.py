@@ -347,3 +347,39 @@ def test_float32_and_jit():
     np.testing.assert_allclose(f(xT, jax.random.PRNGKey(1), sch).x,
                                ddpm.ddpm_ancestral_sample(exact_eps(sch), xT, jax.random.PRNGKey(1), schedule=sch).x,
                                rtol=1e-12, atol=1e-12)
+
+
+def test_q_sample_and_ddim_timesteps_reject_bad_values():
+    sch = ddpm.DDPMSchedule.linear(50)
+    x = jnp.zeros((2, 1, 2, 2))
+    with pytest.raises(ValueError, match="^noise: expected finite values"):
+        ddpm.q_sample(x, jnp.array([1, 2]), x * jnp.nan, schedule=sch)
+    with pytest.raises(ValueError, match="^x0: expected finite values"):
+        ddpm.q_sample(x * jnp.nan, jnp.array([1, 2]), x, schedule=sch)
+    # traced values are not checked (no host sync inside jit)
+    jax.jit(lambda x0, n: ddpm.q_sample(x0, jnp.array([1, 2]), n, schedule=sch))(x, x * jnp.nan)
+    for start in (100, 20, -1, 2.5, True):
+        with pytest.raises(ValueError, match=r"^start: expected None or an integer step index in \[0, 19\]"):
+            ddpm.ddim_timesteps(20, 5, start=start)
+    np.testing.assert_array_equal(ddpm.ddim_timesteps(20, 5, start=np.int64(19)), [19, 14, 10, 5, 0])
+    np.testing.assert_array_equal(ddpm.ddim_timesteps(20, 5, start=10), [10, 8, 5, 3, 0])
+    with pytest.raises(ValueError, match="^num_diffusion_steps"):
+        ddpm.ddim_timesteps(0, 1)
+
+
+def test_samplers_flag_samples_a_non_finite_eps_reached():
+    sch = ddpm.DDPMSchedule.linear(50)
+    x = jnp.zeros((3, 1, 2, 2))
+    key = jax.random.PRNGKey(0)
+    eps = exact_eps(sch)
+
+    def bad_eps(x, i):  # NaN for image 1 from step index 20 down
+        out = eps(x, i)
+        return jnp.where(((i <= 20) & (jnp.arange(x.shape[0]) == 1))[:, None, None, None], jnp.nan, out)
+
+    for r in (ddpm.ddpm_ancestral_sample(bad_eps, x, key, schedule=sch),
+              ddpm.ddim_sample(bad_eps, x, schedule=sch, num_steps=10),
+              ddpm.ddpm_denoise(bad_eps, x, 0.5, key, schedule=sch),
+              jax.jit(lambda x: ddpm.ddim_sample(bad_eps, x, schedule=sch, num_steps=10))(x)):
+        np.testing.assert_array_equal(r.finite, [True, False, True])
+    np.testing.assert_array_equal(ddpm.ddim_sample(eps, x, schedule=sch, num_steps=10).finite, True)

@@ -1036,7 +1036,9 @@ def test_denoise_extra_samplers_rows_and_bad_values():
 
     clean = np.full((1, 3, 16, 16), 0.5)
     rng = np.random.default_rng(0)
-    imgs = {"a": clean + 0.01 * rng.standard_normal(clean.shape), "b": clean + 0.2 * rng.standard_normal(clean.shape)}
+    # in [0, 1], as the denoisers' normalised outputs (the metrics refuse other values)
+    imgs = {"a": np.clip(clean + 0.01 * rng.standard_normal(clean.shape), 0, 1),
+            "b": np.clip(clean + 0.2 * rng.standard_normal(clean.shape), 0, 1)}
 
     def fake(img):
         return lambda fn, return_trajectory=False: (img, np.stack([img, img]), 7)

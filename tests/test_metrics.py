@@ -117,16 +117,16 @@ def _numpy_global_ssim(x, y, L=1.0, cov_ddof=0):
 
 def test_global_ssim_matches_numpy_formula():
     a, b = _random_pair(5, (3, 3, 20, 12), noise=0.2)
-    ours = np.asarray(metrics.global_ssim(a, b))
+    ours = np.asarray(metrics.global_ssim(a, b, check_range=False))
     np.testing.assert_allclose(ours, [_numpy_global_ssim(a[i], b[i]) for i in range(3)], rtol=1e-12)
     # Paper A's script: np.var (ddof 0) with np.cov (ddof 1)
-    lit = np.asarray(metrics.global_ssim(a, b, variant="a_code"))
+    lit = np.asarray(metrics.global_ssim(a, b, variant="a_code", check_range=False))
     np.testing.assert_allclose(lit, [_numpy_global_ssim(a[i], b[i], cov_ddof=1) for i in range(3)], rtol=1e-12)
     assert np.all(lit != ours)
-    g255 = np.asarray(metrics.global_ssim(7 * a, 7 * b, data_range=7.0))
+    g255 = np.asarray(metrics.global_ssim(7 * a, 7 * b, data_range=7.0, check_range=False))
     np.testing.assert_allclose(g255, ours, rtol=1e-12)  # scale invariant when L scales too
     # a shifted image is penalised in luminance only: closed form with zero-variance difference
-    shifted = np.asarray(metrics.global_ssim(a, a + 0.1))
+    shifted = np.asarray(metrics.global_ssim(a, a + 0.1, check_range=False))
     mx = a.reshape(3, -1).mean(1)
     my = mx + 0.1
     c1 = 1e-4
@@ -179,3 +179,32 @@ def test_bad_data_range_and_small_images():
         metrics.ssim(a[:, :, :10], b[:, :, :10])
     with pytest.raises(ValueError, match="variant"):
         metrics.global_ssim(a, b, variant="windowed")
+
+
+def test_empty_batch_gives_an_empty_result():
+    z = np.zeros((0, 1, 16, 16))
+    for fn in (metrics.ssim, metrics.psnr, metrics.mse, metrics.global_ssim):
+        out = fn(z, z)
+        assert out.shape == (0,) and out.dtype == z.dtype
+    with pytest.raises(ValueError, match="data_range"):
+        metrics.ssim(z, z, data_range=0.0)
+
+
+def test_values_outside_the_data_range_are_refused_unless_asked():
+    """8-bit values scored with the default data_range=1 gave ~0 dB (48 dB is right)."""
+    rng = np.random.default_rng(0)
+    a = rng.uniform(size=(1, 1, 16, 16)) * 255
+    b = np.clip(a + 1.0, 0, 255)
+    for fn in (metrics.psnr, metrics.ssim, metrics.global_ssim):
+        with pytest.raises(ValueError, match=r"a: expected values in \[0, data_range\] = \[0, 1\]"):
+            fn(a, b)
+        with pytest.raises(ValueError, match="b: expected values in"):
+            fn(a / 255, b)
+        ok = fn(a, b, data_range=255.0)
+        assert np.all(np.isfinite(np.asarray(ok)))
+        fn(a, b, check_range=False)                   # scored as they are, on request
+    assert float(metrics.psnr(a, b, data_range=255.0)[0]) > 45
+    # rounding above 1 is tolerated, and traced values are not inspected
+    c = np.full((1, 1, 16, 16), 1.0 + 1e-9)
+    metrics.psnr(c, np.ones_like(c))
+    jax.jit(lambda x: metrics.psnr(x, x))(jnp.asarray(a))

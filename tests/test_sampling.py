@@ -472,3 +472,80 @@ def test_with_team_sde_module():
     np.testing.assert_allclose(vp.perturbation_std(t_vp) / vp.marginal_mean_coeff(t_vp), std, rtol=1e-9)
     with pytest.raises(ValueError, match="sde"):
         sampling.denoise(gaussian_score(ve, MU, s0), sde_mod.ConstantSDE(0.5, 0.1), noisy, noise_std=0.1)
+
+
+# ------------------------------------------------------------------------ non-finite values
+
+
+def test_start_time_under_jit_marks_an_unattainable_noise_level_nan():
+    """Eagerly such a noise level raises; under jit it cannot, so t* is NaN (never t_min / t_max)."""
+    ve = VESDE(5.0)
+    with pytest.raises(ValueError, match="^noise_std: expected values in the SDE's range"):
+        sampling.start_time(ve, 50.0)
+    jitted = jax.jit(lambda s: sampling.start_time(ve, s))
+    assert np.isnan(float(jitted(50.0)))
+    t = np.asarray(jitted(jnp.asarray([0.3, 50.0, -1.0, np.nan])))
+    np.testing.assert_allclose(t[0], sampling.start_time(ve, 0.3), rtol=1e-12)
+    assert np.all(np.isnan(t[1:]))
+    # the bisection path (VP) too, and a level below the SDE's range on [t_min, t_max]
+    t_vp = np.asarray(jax.jit(lambda s: sampling.start_time(VPSDE(), s, t_min=0.5))(jnp.asarray([10.0, 1e6, 1e-3])))
+    np.testing.assert_allclose(t_vp[0], sampling.start_time(VPSDE(), 10.0, t_min=0.5), rtol=1e-10)
+    assert np.all(np.isnan(t_vp[1:]))
+
+
+def _nan_below(t_cut, image):
+    """An exact-looking score that is NaN for one image at times below ``t_cut``."""
+    def score(x, t):
+        bad = (t < t_cut)[:, None, None, None] & (jnp.arange(x.shape[0]) == image)[:, None, None, None]
+        return jnp.where(bad, jnp.nan, -x)
+    return score
+
+
+def test_probability_flow_reports_a_non_finite_score_not_max_steps():
+    sde = VESDE(5.0)
+    x = jnp.zeros((2, 1, 8, 8))
+    nan_score = lambda x, t: x * jnp.nan  # noqa: E731
+    with pytest.raises(ValueError, match=r"^score_fn: returned non-finite values .* images \[0, 1\]"):
+        sampling.probability_flow(nan_score, sde, x, max_steps=20)
+    # NaN only from t = 0.5 on, for image 1; with frames (their unreached entries are inf)
+    with pytest.raises(ValueError, match=r"^score_fn: returned non-finite values .* images \[1\]"):
+        sampling.probability_flow(_nan_below(0.5, 1), sde, x + 1.0, max_steps=200, return_trajectory=True,
+                                  num_frames=4)
+    # a finite score that needs more steps is a max_steps problem
+    with pytest.raises(RuntimeError, match="^max_steps: .* increase max_steps"):
+        sampling.probability_flow(lambda x, t: -x, sde, x + 1.0, max_steps=3)
+    # under jit: a run-time error whose message names the score first
+    with pytest.raises(Exception, match="score_fn returned NaN or Inf"):
+        jax.block_until_ready(jax.jit(lambda x: sampling.probability_flow(nan_score, sde, x, max_steps=20).x)(x))
+    # a successful solve is unaffected, jitted or not
+    r = jax.jit(lambda x: sampling.probability_flow(lambda x, t: -x, sde, x, return_trajectory=True, num_frames=3))(x + 1)
+    assert r.trajectory.shape == (3, 2, 1, 8, 8) and bool(r.finite.all())
+    np.testing.assert_array_equal(r.trajectory[-1], r.x)
+
+
+def test_probability_flow_tolerances_name_the_argument():
+    sde = VESDE(2.0)
+    x = jnp.zeros((2, 1, 2, 2))
+    for kw, name in (({"rtol": "a"}, "rtol"), ({"atol": None}, "atol"), ({"atol": float("nan")}, "atol"),
+                     ({"dt0": "x"}, "dt0")):
+        with pytest.raises(ValueError, match=f"^{name}: expected"):
+            sampling.probability_flow(lambda x, t: -x, sde, x, **kw)
+
+
+def test_samplers_flag_samples_a_non_finite_score_reached():
+    sde = VESDE(2.0)
+    x = jnp.ones((3, 1, 2, 2))
+    key = jax.random.PRNGKey(0)
+    score = _nan_below(0.5, 1)
+    em = sampling.euler_maruyama(score, sde, x, key, num_steps=10)
+    np.testing.assert_array_equal(em.finite, [True, False, True])
+    assert np.isnan(np.asarray(em.x[1])).all() and np.isfinite(np.asarray(em.x[0])).all()
+    jitted = jax.jit(lambda x: sampling.euler_maruyama(score, sde, x, key, num_steps=10))(x)
+    np.testing.assert_array_equal(jitted.finite, [True, False, True])
+    for solver in ("euler", "heun"):  # fixed steps: no solver failure, the flag tells
+        r = sampling.probability_flow(score, sde, x, solver=solver, num_steps=10)
+        np.testing.assert_array_equal(r.finite, [True, False, True])
+    good = sampling.generate(gaussian_score(sde, MU, 0.3), sde, (2, 1, 2, 2), key, method="sde", num_steps=5,
+                             final_denoise=True)
+    np.testing.assert_array_equal(good.finite, [True, True])
+    assert good.finite.dtype == jnp.bool_

@@ -165,6 +165,57 @@ def test_jitter_windows_schedule_and_ema_closed_forms():
                                [0.1, 11 / 20, 0.999], rtol=1e-6)
 
 
+def test_jitter_windows_rejects_a_time_jitter_outside_0_1():
+    t = np.linspace(0.1, 1.0, 4)
+    for w in (5.0, -0.1, float("nan"), "0.5", True):
+        with pytest.raises(ValueError, match=r"^time_jitter: expected a window fraction in \[0, 1\]"):
+            tr.jitter_windows(t, w)
+    for w in (1.0, np.float32(0.5), np.asarray(0.25)):
+        lo, hi = tr.jitter_windows(t, w)
+        assert np.all(t[0] <= lo) and np.all(lo <= t) and np.all(t <= hi) and np.all(hi <= t[-1])
+
+
+def test_embedding_loss_checks_concrete_values_and_costs_nothing_traced():
+    x = jnp.ones((2, 1, 4, 4))
+    z = jnp.zeros_like(x)
+    sde = sde_lib.VESDE(5.0)
+    score = lambda a, b: -a  # noqa: E731
+    for args, msg in [((x, jnp.array([-0.1, 0.5]), z), r"^t: expected times > 0"),
+                      ((x, jnp.array([0.0, 0.5]), z), r"^t: expected times > 0"),
+                      ((x, jnp.array([np.nan, 0.5]), z), "^t: expected finite"),
+                      ((x.at[0, 0, 0, 0].set(np.nan), jnp.array([0.1, 0.5]), z), "^x: expected finite"),
+                      ((x, jnp.array([0.1, 0.5]), z.at[1, 0, 0, 0].set(np.inf)), "^z: expected finite")]:
+        with pytest.raises(ValueError, match=msg):
+            tr.embedding_loss(score, *args, sde)
+
+    class HalfRange(sde_lib.VESDE):  # an SDE whose lambda(t) is NaN beyond t = 1
+        def perturbation_std(self, t):
+            return jnp.where(t > 1.0, jnp.nan, super().perturbation_std(t))
+
+    with pytest.raises(ValueError, match=r"^t: expected times in the SDE's range, where lambda\(t\)"):
+        tr.embedding_loss(score, x, jnp.array([0.5, 1.5]), z, HalfRange())
+    # Traced inputs (the jitted train step) skip the value checks: no error, no host callback.
+    fn = lambda xx, tt, zz: tr.embedding_loss(score, xx, tt, zz, sde)[0]  # noqa: E731
+    assert np.isnan(float(jax.jit(fn)(x, jnp.array([-0.1, 0.5]), z)))
+    assert "callback" not in str(jax.make_jaxpr(fn)(x, jnp.array([0.1, 0.5]), z))
+
+
+def test_config_validates_sde_and_model_names_and_stores_python_ints():
+    with pytest.raises(ValueError, match=r"^sde: expected an SDE name, one of \('constant', 've', 'vp'\), got 'foo'"):
+        tr.TrainConfig(sde="foo")
+    with pytest.raises(ValueError, match=r"^model: expected a preset name, one of \('paper', 'tiny'\), got 'foo'"):
+        tr.TrainConfig(model="foo")
+    with pytest.raises(ValueError, match="^sde_kwargs: .*sigma"):
+        tr.TrainConfig(sde_kwargs={"sigma": -1.0})
+    with pytest.raises(ValueError, match="^sde_kwargs: "):
+        tr.TrainConfig(sde="vp")  # the default kwargs are the VE SDE's sigma
+    assert tr.TrainConfig(sde="vp", sde_kwargs={}).make_sde() == sde_lib.VPSDE()
+    assert tr.TrainConfig(sde="constant", sde_kwargs={"g": 0.5, "std": None}).make_sde() == sde_lib.ConstantSDE(0.5, None)
+    cfg = tr.TrainConfig(batch_size=np.int64(4), num_steps=np.int32(7), seed=np.uint8(3))
+    assert type(cfg.batch_size) is int and type(cfg.num_steps) is int and type(cfg.seed) is int
+    assert json.loads(json.dumps(cfg.to_dict()))["batch_size"] == 4
+
+
 def test_config_round_trip_and_validation():
     cfg = tr.TrainConfig(model_overrides={"ch": 16, "ch_mult": [1, 2]}, sde_kwargs={"sigma": 2.0})
     assert tr.TrainConfig.from_dict(cfg.to_dict()) == cfg
