@@ -637,7 +637,21 @@ def _initial_key(config: PrecomputeConfig, key):
     if key is None:
         raise ValueError(f"key: initial={config.initial!r} draws random samples, so "
                          f"precompute_scores needs key= (a jax.random key)")
-    return key
+    if isinstance(key, (jax.Array, np.ndarray)) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise ValueError(f"key: expected one jax.random key, got shape {key.shape}")
+        return key
+    bad = ValueError(f"key: expected a jax.random key (jax.random.key, or a legacy "
+                     f"jax.random.PRNGKey: uint32 key data), got {getattr(key, 'dtype', type(key))} "
+                     f"of shape {getattr(key, 'shape', ())}")
+    if getattr(key, "dtype", None) != np.uint32 or getattr(key, "ndim", 0) != 1:
+        raise bad
+    # A legacy PRNGKey holds the default implementation's key data: as a typed key the draws
+    # are identical, and the programs compiled for typed keys (precompile) serve it.
+    try:
+        return jax.random.wrap_key_data(jnp.asarray(key))
+    except (TypeError, ValueError) as err:
+        raise bad from err
 
 
 def _check_basis_size(config: PrecomputeConfig, H: int, W: int) -> None:

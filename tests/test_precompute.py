@@ -646,3 +646,22 @@ def test_default_tol_follows_the_dtype(images):
     # forcing clips at the resolved tolerance too
     forced = precompute_scores(x.astype(jnp.float32), dataclasses.replace(cfg, forcing=0.1))
     assert forced.stats["nonconverged"] == 0 and np.all(forced.stats["outer_converged"])
+
+
+def test_legacy_prng_key_runs_the_precompiled_programs():
+    """A legacy jax.random.PRNGKey for paper_a_kde is the same key as jax.random.key: the same
+    draws, and the programs precompile built serve it (it used to compile the initial density
+    again, 1.3 s inside initial_seconds); anything else is refused naming key."""
+    x = np.random.default_rng(0).uniform(0.1, 0.9, (2, 1, 8, 8))
+    cfg = PrecomputeConfig(num_steps=3, initial="paper_a_kde", strategy="gmres", max_sweeps=2)
+    precompile(x.shape, x.dtype, cfg)
+    legacy, typed = jax.random.PRNGKey(3), jax.random.key(3)
+    with compiled_programs() as names:
+        a = precompute_scores(x, cfg, key=legacy)
+    assert names == []
+    b = precompute_scores(x, cfg, key=typed)
+    np.testing.assert_array_equal(np.asarray(a.scores), np.asarray(b.scores))
+    for bad in (np.zeros(2, np.int32), jnp.zeros((2, 2), jnp.uint32), 3,
+                jax.random.split(jax.random.key(0), 2)):
+        with pytest.raises(ValueError, match="key: expected"):
+            precompute_scores(x, cfg, key=bad)
