@@ -68,6 +68,13 @@ _INT_FIELDS = {"num_steps": 2, "max_sweeps": 1, "max_fixed_point": 1, "restart":
                "max_restarts": 1, "basis_size": 1, "seed_image": 0, "divergence_patience": 0}
 
 
+def _as_real(name: str, value: Any) -> float:
+    """``value`` as a Python float (any real number: int, float, NumPy scalar; not a bool)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name}: expected a real number, got {value!r}")
+    return float(value)
+
+
 def _as_int(name: str, value: Any, low: int, extra: str = "") -> int:
     """``value`` as a Python int >= ``low`` (any integral: int, NumPy integer; not a bool)."""
     try:
@@ -211,8 +218,12 @@ class PrecomputeConfig:
             object.__setattr__(self, "compact", _as_int("compact", self.compact, 1, "None or "))
         if not isinstance(self.shard, bool):
             raise ValueError(f"shard: expected a bool, got {self.shard!r}")
-        if not (isinstance(self.forcing, (int, float)) and 0 <= self.forcing < 1):
+        for name in ("forcing", "eps", "outer_tol", "h") + (() if self.tol is None else ("tol",)):
+            object.__setattr__(self, name, _as_real(name, getattr(self, name)))  # NumPy floats too
+        if not 0 <= self.forcing < 1:
             raise ValueError(f"forcing: expected a number in [0, 1), got {self.forcing!r}")
+        if not 0 <= self.eps < 1:  # the time grid runs from eps to T = 1
+            raise ValueError(f"eps: expected the first time in [0, 1), got {self.eps!r}")
         if self.forcing > 0 and self.outer != "sweeps":
             raise ValueError(f"forcing: inexact solves are for outer='sweeps', got outer="
                              f"{self.outer!r} (use forcing=0)")

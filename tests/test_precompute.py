@@ -665,3 +665,17 @@ def test_legacy_prng_key_runs_the_precompiled_programs():
                 jax.random.split(jax.random.key(0), 2)):
         with pytest.raises(ValueError, match="key: expected"):
             precompute_scores(x, cfg, key=bad)
+
+
+def test_numpy_floats_accepted_and_eps_checked_on_construction():
+    """NumPy floats are real numbers (stored as Python floats: one config, one cache key);
+    eps outside [0, 1) was refused only when the time grid was built."""
+    cfg = PrecomputeConfig(tol=np.float64(1e-8), outer_tol=np.float32(0.5), h=np.float64(1.0),
+                           eps=np.float64(1e-3), forcing=np.float64(0.25))
+    plain = PrecomputeConfig(tol=1e-8, outer_tol=0.5, h=1.0, eps=1e-3, forcing=0.25)
+    assert cfg == plain and hash(cfg) == hash(plain) and type(cfg.tol) is float
+    for kw, match in (({"eps": 1.5}, "eps: expected the first time in"), ({"eps": -0.1}, "eps:"),
+                      ({"eps": float("nan")}, "eps:"), ({"tol": "a"}, "tol: expected a real"),
+                      ({"h": True}, "h: expected a real"), ({"forcing": 1.0}, "forcing:")):
+        with pytest.raises(ValueError, match=match):
+            PrecomputeConfig(**kw)
