@@ -41,7 +41,8 @@ flags.DEFINE_enum("scheme", "fitted", ["fitted", "consistent"],
                   "'consistent' (central differences).")
 flags.DEFINE_float("outer_tol", 1e-6, "Relative change at which an image's sweeps stop.")
 flags.DEFINE_integer("max_sweeps", 30, "Sweep budget.")
-flags.DEFINE_float("tol", 1e-10, "Relative residual of the Krylov solves.")
+flags.DEFINE_float("tol", None, "Relative residual of the Krylov solves; default: the dtype's "
+                   "(precompute.DEFAULT_TOL: 1e-10 in float64, 1e-6 in float32).")
 flags.DEFINE_float("forcing", 0.0, "Inexact sweeps (PrecomputeConfig.forcing), 0 = off.")
 flags.DEFINE_integer("divergence_patience", 5,
                      "Stop wandering images (PrecomputeConfig.divergence_patience) in both "
@@ -93,6 +94,14 @@ def run_strategy(images, cfg, repeats):
     return best, compile_s
 
 
+def _krylov_tol() -> float:
+    """The Krylov tolerance the runs use (--tol, or the dtype's default)."""
+    import numpy as np
+
+    from krylovjax.precompute import DEFAULT_TOL
+    return FLAGS.tol if FLAGS.tol is not None else DEFAULT_TOL[np.dtype(FLAGS.dtype)]
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -118,7 +127,9 @@ def main(argv):
 
     def dump(complete: bool) -> None:
         if FLAGS.json_out:
-            write_json(FLAGS.json_out, {"machine": info, "flags": {k: FLAGS[k].value for k in FLAG_NAMES},
+            flag_values = {k: FLAGS[k].value for k in FLAG_NAMES}
+            flag_values["tol"] = _krylov_tol()  # the one the runs used
+            write_json(FLAGS.json_out, {"machine": info, "flags": flag_values,
                                         "complete": complete, "rows": rows})
     for size in [int(s) for s in FLAGS.sizes]:
         all_images = jnp.asarray(data.builtin_dataset(size, FLAGS.images, seed=FLAGS.seed),
@@ -192,7 +203,7 @@ def main(argv):
     print(f"\nMachine: {info['cpu']} ({info['cpu_count']} cores, load {info['load_average']}), "
           f"jax {info['jax']} on {info['platform']}, {info['date']}; {FLAGS.dtype}, VE sigma "
           f"{FLAGS.sigma:g}, N {FLAGS.num_steps}, outer tol {FLAGS.outer_tol:g}, Krylov tol "
-          f"{FLAGS.tol:g}, forcing {FLAGS.forcing:g}, divergence patience "
+          f"{_krylov_tol():g}, forcing {FLAGS.forcing:g}, divergence patience "
           f"{FLAGS.divergence_patience}, chunk {FLAGS.chunk_size}, compact {FLAGS.compact}\n")
     print(table)
 

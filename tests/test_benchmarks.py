@@ -47,6 +47,7 @@ def test_bench_precompute_json(tmp_path):
          "--strategies=gmres,fast", "--repeats=1", "--subsets=all", f"--json_out={out}")
     doc = json.loads(out.read_text())
     assert "machine" in doc and doc["complete"] is True and doc["flags"]["sizes"] == ["8"]  # after every row
+    assert doc["flags"]["tol"] == 1e-10  # the float64 default the runs used (--tol not given)
     rows = doc["rows"]
     assert [r["strategy"] for r in rows] == ["spsolve", "gmres", "fast"]
     for r in rows:
