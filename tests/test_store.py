@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from krylovjax import store as store_lib
 from krylovjax.store import ScoreStore, hash_inputs
 
 REPO = Path(__file__).resolve().parents[1]
