@@ -71,6 +71,7 @@ ghosts only at the two ends of the flat vector (west of pixel (0, 0), east of pi
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any
 
 import jax
@@ -317,6 +318,18 @@ def _as_param(name: str, value, batch_shape, dtype) -> Array:
     return arr[..., None, None]
 
 
+def _sizes(name: str, shape, minimum: int) -> tuple[int, ...]:
+    """``shape`` as a tuple of Python ints >= ``minimum`` (NumPy integers accepted; floats such
+    as 8.7, which used to be truncated silently, and negative sizes are refused)."""
+    try:
+        out = tuple(operator.index(d) for d in shape)
+    except TypeError:
+        out = None
+    if out is None or any(isinstance(d, (bool, np.bool_)) for d in shape) or any(d < minimum for d in out):
+        raise ValueError(f"{name}: expected a tuple of integers >= {minimum}, got {shape!r}")
+    return out
+
+
 def fp_operator(
     g2,
     dt,
@@ -382,13 +395,17 @@ def fp_operator(
             raise ValueError(f"grid_shape: {grid_shape} does not match the fields' grid {gs}")
         grid_shape = tuple(gs)
         if batch_shape is not None:
-            bs = jnp.broadcast_shapes(bs, tuple(batch_shape))
+            try:
+                bs = jnp.broadcast_shapes(bs, _sizes("batch_shape", batch_shape, 0))
+            except ValueError:
+                raise ValueError(f"batch_shape: {tuple(batch_shape)} does not broadcast with the "
+                                 f"fields' batch shape {tuple(bs)}") from None
         batch_shape = tuple(bs)
     else:
         if grid_shape is None:
             raise ValueError("grid_shape: required when lagged_score and drift are both None")
-        grid_shape = tuple(int(s) for s in grid_shape)
-        batch_shape = tuple(batch_shape or ())
+        grid_shape = _sizes("grid_shape", grid_shape, 2)
+        batch_shape = _sizes("batch_shape", batch_shape or (), 0)
     if len(grid_shape) != 2 or min(grid_shape) < 2:
         raise ValueError(f"grid_shape: expected (H, W) with H, W >= 2, got {grid_shape}")
 

@@ -124,6 +124,8 @@ def embed(
             i = int(bad[0])
             raise ValueError(f"t: expected strictly increasing time levels (sde.time_grid), got "
                              f"t[{i + 1}] = {tv[i + 1]} <= t[{i}] = {tv[i]}")
+    if jnp.ndim(dt) != 0:
+        raise ValueError(f"dt: expected a scalar time step, got shape {jnp.shape(dt)}")
     check_positive("dt", dt)
     if component not in ("sum", "x", "y"):
         raise ValueError(f"component must be one of ('sum', 'x', 'y'), got {component!r}")

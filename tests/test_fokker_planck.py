@@ -332,3 +332,16 @@ def test_to_scipy_refuses_an_index_outside_the_batch():
     op2 = fp_operator(4.0, 0.1, 1.0, np.zeros((2, 3, 2, 4, 4)))
     with pytest.raises(ValueError, match="index"):
         op2.to_scipy((1, 7))
+
+
+def test_grid_and_batch_shapes_must_be_integer_sizes():
+    """A grid of 8.7 used to become 8 silently, a negative batch failed inside broadcast_in_dim."""
+    op = fp_operator(1.0, 0.1, grid_shape=(np.int64(8), 8), batch_shape=(np.int32(2),))
+    assert op.grid_shape == (8, 8) and op.batch_shape == (2,)
+    for kw, match in ((dict(grid_shape=(8.7, 8)), "grid_shape: expected a tuple of integers >= 2"),
+                      (dict(grid_shape=(8, 8), batch_shape=(-2,)), "batch_shape: expected a tuple of integers >= 0"),
+                      (dict(grid_shape=(8, True)), "grid_shape")):
+        with pytest.raises(ValueError, match=match):
+            fp_operator(1.0, 0.1, **kw)
+    with pytest.raises(ValueError, match=r"batch_shape: \(3,\) does not broadcast"):
+        fp_operator(1.0, 0.1, 1.0, np.zeros((2, 2, 4, 4)), batch_shape=(3,))
