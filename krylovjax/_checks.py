@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,3 +47,36 @@ def check_rank(name: str, x, min_rank: int, what: str) -> None:
     """Raise ValueError if ``x`` has fewer than ``min_rank`` axes."""
     if jnp.ndim(x) < min_rank:
         raise ValueError(f"{name}: expected {what}, got shape {jnp.shape(x)}")
+
+
+def as_real(name: str, value) -> float:
+    """``value`` as a Python float: any real number (int, float, NumPy scalar), not a bool, a
+    string or an array."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name}: expected a real number, got {value!r}")
+    return float(value)
+
+
+def as_int(name: str, value, minimum: int, *, what: str | None = None) -> int:
+    """``value`` as a Python int >= ``minimum``: any integral (int, NumPy integer), not a bool or
+    a float. ``what`` is the expectation the error states (default "an integer >= minimum")."""
+    what = what or f"an integer >= {minimum}"
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+    try:
+        out = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name}: expected {what}, got {value!r}") from None
+    if out < minimum:
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+    return out
+
+
+def as_sizes(name: str, shape, minimum: int, *, what: str | None = None) -> tuple[int, ...]:
+    """``shape`` as a tuple of Python ints >= ``minimum`` (NumPy integers accepted; floats such
+    as 8.7, bools and negative sizes refused); the error names the whole ``shape``."""
+    what = what or f"a tuple of integers >= {minimum}"
+    try:
+        return tuple(as_int(name, d, minimum) for d in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected {what}, got {shape!r}") from None

@@ -37,12 +37,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import operator
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from krylovjax import _checks, krylov
 from krylovjax.fokker_planck import FPOperator
@@ -121,7 +119,7 @@ def seed_basis(seed_matvec: Callable, seed_b: Array, k: int, *, seed_x0: Array |
     if b.shape[0] != 1:
         b = b[None]
     n = int(b[0].size)
-    k = _integer("k", k, 1, what=f"an integer in [1, {n}] (the number of unknowns)")
+    k = _checks.as_int("k", k, 1, what=f"an integer in [1, {n}] (the number of unknowns)")
     if k > n:
         raise ValueError(f"k: expected an integer in [1, {n}] (the number of unknowns), got {k}")
     if seed_x0 is not None:
@@ -251,20 +249,6 @@ def cross_matrix_solve(
     return res._replace(num_matvecs=res.num_matvecs + extra)
 
 
-def _integer(name: str, value, minimum: int, *, what: str | None = None) -> int:
-    """``value`` as a Python int >= ``minimum`` (NumPy integers accepted; bools and floats not)."""
-    what = what or f"an integer >= {minimum}"
-    if isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name}: expected {what}, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name}: expected {what}, got {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name}: expected {what}, got {value}")
-    return value
-
-
 @dataclasses.dataclass(frozen=True)
 class SolverConfig:
     """How to solve one time step's batch of FP systems (immutable and hashable: jit-static).
@@ -321,18 +305,15 @@ class SolverConfig:
             raise ValueError(f"projection: expected one of {PROJECTIONS}, got {self.projection!r}")
         for name, minimum in (("basis_size", 1), ("seed_index", 0), ("restart", 1),
                               ("max_restarts", 1)):
-            object.__setattr__(self, name, _integer(name, getattr(self, name), minimum))
+            object.__setattr__(self, name, _checks.as_int(name, getattr(self, name), minimum))
         for name, positive in (("tol", True), ("atol", False)):
-            try:
-                value = float(getattr(self, name))
-            except (TypeError, ValueError):
-                value = math.nan
+            value = _checks.as_real(name, getattr(self, name))
             if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
                 raise ValueError(f"{name}: expected a finite tolerance {'> 0' if positive else '>= 0'}, "
                                  f"got {getattr(self, name)!r}")
             object.__setattr__(self, name, value)  # a Python float: one hash for 1e-8 and np.float64(1e-8)
         if self.chunk_size is not None and self.chunk_size != "auto":
-            object.__setattr__(self, "chunk_size", _integer(
+            object.__setattr__(self, "chunk_size", _checks.as_int(
                 "chunk_size", self.chunk_size, 1, what="None, 'auto' or an integer >= 1"))
 
 

@@ -71,7 +71,6 @@ ghosts only at the two ends of the flat vector (west of pixel (0, 0), east of pi
 from __future__ import annotations
 
 import dataclasses
-import operator
 from typing import Any
 
 import jax
@@ -318,18 +317,6 @@ def _as_param(name: str, value, batch_shape, dtype) -> Array:
     return arr[..., None, None]
 
 
-def _sizes(name: str, shape, minimum: int) -> tuple[int, ...]:
-    """``shape`` as a tuple of Python ints >= ``minimum`` (NumPy integers accepted; floats such
-    as 8.7, which used to be truncated silently, and negative sizes are refused)."""
-    try:
-        out = tuple(operator.index(d) for d in shape)
-    except TypeError:
-        out = None
-    if out is None or any(isinstance(d, (bool, np.bool_)) for d in shape) or any(d < minimum for d in out):
-        raise ValueError(f"{name}: expected a tuple of integers >= {minimum}, got {shape!r}")
-    return out
-
-
 def fp_operator(
     g2,
     dt,
@@ -396,7 +383,7 @@ def fp_operator(
         grid_shape = tuple(gs)
         if batch_shape is not None:
             try:
-                bs = jnp.broadcast_shapes(bs, _sizes("batch_shape", batch_shape, 0))
+                bs = jnp.broadcast_shapes(bs, _checks.as_sizes("batch_shape", batch_shape, 0))
             except ValueError:
                 raise ValueError(f"batch_shape: {tuple(batch_shape)} does not broadcast with the "
                                  f"fields' batch shape {tuple(bs)}") from None
@@ -404,8 +391,8 @@ def fp_operator(
     else:
         if grid_shape is None:
             raise ValueError("grid_shape: required when lagged_score and drift are both None")
-        grid_shape = _sizes("grid_shape", grid_shape, 2)
-        batch_shape = _sizes("batch_shape", batch_shape or (), 0)
+        grid_shape = _checks.as_sizes("grid_shape", grid_shape, 2)
+        batch_shape = _checks.as_sizes("batch_shape", batch_shape or (), 0)
     if len(grid_shape) != 2 or min(grid_shape) < 2:
         raise ValueError(f"grid_shape: expected (H, W) with H, W >= 2, got {grid_shape}")
 

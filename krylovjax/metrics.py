@@ -38,6 +38,7 @@ import functools
 import dm_pix
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from krylovjax._checks import check_finite, check_float, is_concrete
 
@@ -88,7 +89,7 @@ def _check_range(a, b, data_range: float, check_range: bool) -> None:
         if not is_concrete(x) or x.size == 0:
             continue
         with jax.ensure_compile_time_eval():
-            lo, hi = float(jnp.min(x)), float(jnp.max(x))
+            lo, hi = np.asarray(jnp.stack([jnp.min(x), jnp.max(x)])).tolist()  # one transfer
         if lo < -slack or hi > data_range + slack:
             raise ValueError(
                 f"{name}: expected values in [0, data_range] = [0, {data_range:g}], got [{lo:.4g}, "

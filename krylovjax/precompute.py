@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import operator
 import time
 from typing import Any, NamedTuple
 
@@ -52,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from krylovjax import cross_matrix, fokker_planck, initial, reference, scores as scores_lib, sde as sde_lib
+from krylovjax import _checks, cross_matrix, fokker_planck, initial, reference, scores as scores_lib, sde as sde_lib
 from krylovjax.data import validate_images
 from krylovjax.fokker_planck import fp_operator
 
@@ -66,26 +65,6 @@ DEFAULT_TOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-6}
 # Integer fields of PrecomputeConfig and their smallest allowed value.
 _INT_FIELDS = {"num_steps": 2, "max_sweeps": 1, "max_fixed_point": 1, "restart": 1,
                "max_restarts": 1, "basis_size": 1, "seed_image": 0, "divergence_patience": 0}
-
-
-def _as_real(name: str, value: Any) -> float:
-    """``value`` as a Python float (any real number: int, float, NumPy scalar; not a bool)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name}: expected a real number, got {value!r}")
-    return float(value)
-
-
-def _as_int(name: str, value: Any, low: int, extra: str = "") -> int:
-    """``value`` as a Python int >= ``low`` (any integral: int, NumPy integer; not a bool)."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        v = operator.index(value)
-    except TypeError:
-        v = None
-    if v is None or v < low:
-        raise ValueError(f"{name}: expected {extra}an integer >= {low}, got {value!r}")
-    return v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,17 +188,18 @@ class PrecomputeConfig:
         if self.lag_init not in LAG_INITS:
             raise ValueError(f"lag_init: expected one of {LAG_INITS}, got {self.lag_init!r}")
         for name, low in _INT_FIELDS.items():  # stored as Python ints
-            object.__setattr__(self, name, _as_int(name, getattr(self, name), low))
+            object.__setattr__(self, name, _checks.as_int(name, getattr(self, name), low))
         if not (self.chunk_size is None or (isinstance(self.chunk_size, str)
                                             and self.chunk_size == "auto")):
-            object.__setattr__(self, "chunk_size", _as_int("chunk_size", self.chunk_size, 1,
-                                                           "None, 'auto' or "))
+            object.__setattr__(self, "chunk_size", _checks.as_int(
+                "chunk_size", self.chunk_size, 1, what="None, 'auto' or an integer >= 1"))
         if self.compact is not None:
-            object.__setattr__(self, "compact", _as_int("compact", self.compact, 1, "None or "))
+            object.__setattr__(self, "compact", _checks.as_int(
+                "compact", self.compact, 1, what="None or an integer >= 1"))
         if not isinstance(self.shard, bool):
             raise ValueError(f"shard: expected a bool, got {self.shard!r}")
         for name in ("forcing", "eps", "outer_tol", "h") + (() if self.tol is None else ("tol",)):
-            object.__setattr__(self, name, _as_real(name, getattr(self, name)))  # NumPy floats too
+            object.__setattr__(self, name, _checks.as_real(name, getattr(self, name)))  # NumPy floats too
         if not 0 <= self.forcing < 1:
             raise ValueError(f"forcing: expected a number in [0, 1), got {self.forcing!r}")
         if not 0 <= self.eps < 1:  # the time grid runs from eps to T = 1
@@ -699,13 +679,10 @@ def precompile(images_shape, dtype, config: PrecomputeConfig = PrecomputeConfig(
       :func:`precompute_scores` call with this shape, dtype and config reuses them, so its
       ``stats["seconds"]`` is run time only.
     """
-    try:
-        shape = tuple(operator.index(d) for d in images_shape)
-    except TypeError:
-        shape = None
-    if shape is None or len(shape) != 4 or min(shape) < 1:
-        raise ValueError(f"images_shape: expected (B, C, H, W), integers >= 1, got "
-                         f"{images_shape!r}")
+    what = "(B, C, H, W), integers >= 1"
+    shape = _checks.as_sizes("images_shape", images_shape, 1, what=what)
+    if len(shape) != 4:
+        raise ValueError(f"images_shape: expected {what}, got {images_shape!r}")
     dtype = np.dtype(dtype).newbyteorder("=")
     if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"dtype: expected float32 or float64, got {dtype}")

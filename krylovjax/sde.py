@@ -55,8 +55,8 @@ def _as_time(t: Any) -> jnp.ndarray:
     """``t`` as a floating JAX array (ints promoted to the default float); a concrete ``t``
     must be finite and >= 0 (the SDEs start at t = 0)."""
     if is_concrete(t):
-        check_finite("t", t)
-        a = np.asarray(t)
+        a = np.asarray(t)  # one copy to the host for both checks
+        check_finite("t", a)
         if np.any(a < 0):
             raise ValueError(f"t: expected times >= 0 (the SDE starts at t = 0), got "
                              f"{a if a.size < 8 else f'an array with minimum {a.min()}'}")
