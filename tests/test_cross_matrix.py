@@ -426,7 +426,8 @@ def test_solver_config_takes_numpy_numbers_and_checks_every_krylov_setting():
                                           chunk_size=4, tol=1e-9))
     assert type(cfg.basis_size) is int and type(cfg.tol) is float
     for field, bad in (("restart", 0), ("max_restarts", 0), ("seed_index", -1), ("restart", 2.0),
-                       ("chunk_size", 0), ("basis_size", np.bool_(True)), ("tol", "small")):
+                       ("chunk_size", 0), ("basis_size", np.bool_(True)), ("tol", "small"),
+                       ("tol", "1e-8")):
         with pytest.raises(ValueError, match=field):
             SolverConfig(**{field: bad})
 
