@@ -1,9 +1,9 @@
 """krylovjax: score pre-computation for diffusion models via the log-density Fokker-Planck
 equation and cross-matrix Krylov projection, in JAX.
 
-The core (operators, solvers, pre-computation, embedding) is imported eagerly; the heavier
-stages (``models``, ``training``, ``sampling``, ``metrics``, ``ddpm``, ``store``, ``data``) load on
-first access. Importing krylovjax never imports TensorFlow or the experiment binaries.
+The operators, solvers and preconditioners are imported eagerly; the pre-computation
+(``precompute``, ``initial``, ``transport``) and the heavier stages (``models``, ``training``,
+``sampling``, ``metrics``, ``ddpm``, ``store``, ``data``) load on first access. Importing krylovjax never imports TensorFlow or the experiment binaries.
 """
 
 import importlib
@@ -18,7 +18,7 @@ from krylovjax.cross_matrix import (
     solve_fp,
 )
 from krylovjax.fokker_planck import FPOperator, fp_operator
-from krylovjax.krylov import KrylovResult, Status, arnoldi, gmres, linear_solve
+from krylovjax.krylov import KrylovResult, Status, arnoldi, bicgstab, gmres, linear_solve
 from krylovjax.preconditioners import (block_line_preconditioner, diffusion_preconditioner, jacobi,
                                        line_preconditioner)
 from krylovjax.sde import ConstantSDE, VESDE, VPSDE, get_sde, time_grid
@@ -48,7 +48,7 @@ def __getattr__(name):
 
 __all__ = [
     "ConstantSDE", "FPOperator", "KrylovResult", "PRESETS", "SeedBasis", "SolverConfig",
-    "Status", "VESDE", "VPSDE", "arnoldi", "block_line_preconditioner", "cross_matrix_solve",
+    "Status", "VESDE", "VPSDE", "arnoldi", "bicgstab", "block_line_preconditioner", "cross_matrix_solve",
     "diffusion_preconditioner",
     "fp_operator", "get_sde", "gmres", "jacobi", "line_preconditioner", "linear_solve",
     "seed_basis", "solve_fp",

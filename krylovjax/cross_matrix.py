@@ -23,6 +23,12 @@ Beyond the paper, each selectable (design.md decision 7):
   factorisation (:func:`krylovjax.preconditioners.line_preconditioner`), or its block
   incomplete factorisation by rows (:func:`krylovjax.preconditioners.block_line_preconditioner`).
 - warm starts ``x0`` from a previous sweep or time step.
+
+:func:`seed_basis` and :func:`cross_matrix_solve` take the user's callables: called outside
+``jax.jit``, each call traces and compiles its loops anew (about a second on a CPU) and the
+program stays loaded, so in a loop call them inside your own ``jax.jit`` with the operator as an
+argument. :func:`solve_fp` is jitted itself (``config`` static) and compiles once per shape,
+dtype and config.
 - ``precondition="red_black"``: the exact red-black Schur reduction
   (:func:`krylovjax.preconditioners.red_black_reduction`): the Krylov method runs on the black
   pixels only; with ``krylov="bicgstab"`` this is the ``"fast"`` preset, the fastest
@@ -111,6 +117,9 @@ def seed_basis(seed_matvec: Callable, seed_b: Array, k: int, *, seed_x0: Array |
       k: number of Krylov directions (>= 1, at most the number of unknowns).
       seed_x0: optional warm start of the seed; the basis starts from its residual.
       precondition: optional right preconditioner ``M^{-1}`` on ``[1, *shape]`` fields.
+
+    Eager calls compile again each time (the module docstring); in a loop, call it inside
+    ``jax.jit``.
     """
     b = jnp.asarray(seed_b)
     if b.ndim < 2:
@@ -195,6 +204,9 @@ def cross_matrix_solve(
 
     Returns:
       A :class:`krylov.KrylovResult`; ``num_matvecs`` includes the projection's matvecs.
+
+    Eager calls compile again each time (the module docstring); in a loop, call it inside
+    ``jax.jit``.
     """
     b = jnp.asarray(b)
     if b.ndim < 2:

@@ -336,6 +336,9 @@ def arnoldi(matvec: MatVec, v: Array, k: int, *,
             precondition: MatVec | None = None) -> tuple[Array, Array]:
     """Batched Arnoldi process (CGS2): an orthonormal basis of ``K_{k+1}(A M^{-1}, v)``.
 
+    Called outside ``jax.jit`` it traces and compiles anew on every call (the module
+    docstring); in a loop, call it inside your own ``jax.jit``.
+
     Implements the seed-basis construction of method.md section 5.3 step 1:
     ``A M^{-1} V_k = V_{k+1} H`` (``M^{-1}`` = identity when ``precondition`` is None).
 
@@ -603,6 +606,9 @@ def gmres(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 1e-
           stagnation_tol: float = 1e-3) -> KrylovResult:
     """Batched restarted GMRES(restart) with right preconditioning and per-system masks.
 
+    Called outside ``jax.jit`` it traces and compiles anew on every call (the module
+    docstring); in a loop, call it inside your own ``jax.jit``.
+
     Solves ``A_i x_i = b_i`` for every system ``i`` of the batch at once (method.md section 5.3
     step 3; design.md decision 6). Each cycle: Arnoldi (CGS2) on ``A M^{-1}`` from the current
     residual, Givens rotations applied per system after every step (so each residual estimate
@@ -791,6 +797,9 @@ def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 
              precondition: MatVec | None = None,
              stagnation_tol: float = 1e-3) -> KrylovResult:
     """Batched right-preconditioned BiCGStab with per-system masks and true-residual cycles.
+
+    Called outside ``jax.jit`` it traces and compiles anew on every call (the module
+    docstring); in a loop, call it inside your own ``jax.jit``.
 
     Solves ``A_i x_i = b_i`` for every system ``i`` of the batch at once (method.md section 5.3
     step 3: "BiCGSTAB is the valid fallback"; design.md decision 6) with van der Vorst's

@@ -16,10 +16,12 @@ is one of
   ``solve -> update lagged score`` at most ``max_fixed_point`` times, until the relative change
   of that step's solution is at most ``outer_tol``.
 
-The linear solver of each step is a strategy: ``"spsolve"`` (the reference, scipy on the host
-through a callback), ``"gmres"``, ``"cross_matrix"`` (the paper's method, reconstructed),
-``"recycled"``, ``"preconditioned"`` and ``"cross_matrix_precond"`` (see
-:data:`krylovjax.cross_matrix.PRESETS`). Warm starts from the previous sweep are on by default.
+The linear solver of each step is a strategy (:data:`STRATEGIES`): ``"spsolve"`` (the reference,
+scipy on the host through a callback) or a preset of :data:`krylovjax.cross_matrix.PRESETS`:
+``"gmres"``, ``"bicgstab"``, ``"cross_matrix"`` (the paper's method, reconstructed),
+``"recycled"``, ``"preconditioned"``, ``"cross_matrix_precond"`` (the default), ``"fast"``
+(BiCGStab on the exact red-black reduction, the fastest on a CPU), and the line and block
+preconditioned variants (``"preconditioned_line"``, ``"cross_matrix_block"``, ...). Warm starts from the previous sweep are on by default.
 
 Sharding (``PrecomputeConfig(shard=True)``): the systems (images x channels) are split over all
 local devices along a ``Mesh`` axis ``"data"`` and each device solves its own shard inside

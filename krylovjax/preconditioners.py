@@ -8,9 +8,9 @@ transform (DST-I: zero / Dirichlet ghosts) or the cosine transform (DCT-II: half
 So ``P^{-1} x = Q_y [ (Q_y^T x Q_x) / (1 + k (lam_y + lam_x)) ] Q_x^T`` exactly.
 
 We apply the transforms as dense matrix products with the orthogonal transform matrices: on
-GPUs and TPUs a batched matmul is the fastest form for grids up to a few hundred pixels, and on
-the CPU it beat an FFT-based DST-I (odd extension, ``jnp.fft.rfft``) at 32, 64 and 128 pixels
-(3.6 / 22 / 191 vs 12.6 / 49 / 334 us per system and application, docs/bench_solvers_cpu.md).
+GPUs and TPUs batched matmuls run on the matrix units (not compared with an FFT there), and on
+the CPU they beat an FFT-based DST-I (odd extension, ``jnp.fft.rfft``) 2.6-4x at 32, 64 and 128
+pixels (``experiments/study_dst_fft.py``, BUILD_NOTES.md Preconditioners; the same results to 2e-14).
 All products use ``precision=HIGHEST``.
 
 The fastest exact tool on CPU is not a preconditioner but a reduction: :func:`red_black_reduction`

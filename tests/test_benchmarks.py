@@ -86,6 +86,7 @@ def test_bench_train_step_json(tmp_path):
     ("experiments.study_line_preconditioner", ["--preconditioners=none,ilu"], "preconditioners"),
     ("experiments.study_line_preconditioner", ["--preconditioners=line"], "cold baseline"),
     ("experiments.bench_train_step", ["--steps=10", "--steps_per_call=1,3"], "multiple of every"),
+    ("experiments.study_dst_fft", ["--sizes=1,8"], "--sizes"),
 ])
 def test_bench_bad_flags(module, args, match):
     env = dict(os.environ, XLA_FLAGS=xla_flags(1))
@@ -146,3 +147,29 @@ def test_study_line_application_matches_scipy():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "checked 3" in proc.stdout
+
+
+def test_study_dst_fft_json(tmp_path):
+    out = tmp_path / "dst.json"
+    _run("experiments.study_dst_fft", "--sizes=6,9", "--batch=3", "--rounds=1", f"--json_out={out}")
+    doc = json.loads(out.read_text())
+    assert "machine" in doc and [r["size"] for r in doc["rows"]] == [6, 9]
+    for r in doc["rows"]:
+        assert r["max_rel_diff"] < 1e-13  # the FFT form is the same operator
+        assert r["matmul_us_per_system"] > 0 and r["fft_us_per_system"] > 0
+
+
+def test_study_dst_fft_matches_the_assembled_inverse():
+    import jax.numpy as jnp
+    import numpy as np
+    import scipy.sparse as sp
+
+    from experiments.study_dst_fft import fft_inverse
+
+    n, k = 7, 0.3
+    t = sp.diags([-np.ones(n - 1), 2 * np.ones(n), -np.ones(n - 1)], [-1, 0, 1])
+    A = (sp.identity(n * n) + k * (sp.kron(t, sp.identity(n)) + sp.kron(sp.identity(n), t))).toarray()
+    x = np.random.default_rng(1).standard_normal((2, n, n))
+    got = np.asarray(fft_inverse(k, n)(jnp.asarray(x)))
+    want = np.linalg.solve(A, x.reshape(2, -1).T).T.reshape(2, n, n)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
