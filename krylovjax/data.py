@@ -300,13 +300,15 @@ def builtin_dataset(
       seed: crop seed.
       crops: if False, ``num_images`` may not exceed the number of photos.
       min_crop: smallest crop side as a fraction of the photo's short side, in (0, 1].
-      min_std: minimum std of an accepted crop (ValueError when 100 draws find none).
+      min_std: minimum std of an accepted crop, in [0, 0.5] (ValueError when 100 draws find none).
     """
     hw = _check_size(size)
     if isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1:
         raise ValueError(f"num_images must be an int >= 1, got {num_images!r}")
     if not 0.0 < float(min_crop) <= 1.0:
         raise ValueError(f"min_crop must be in (0, 1], got {min_crop!r}")
+    if not 0.0 <= float(min_std) <= 0.5:  # NaN fails too
+        raise ValueError(f"min_std must be in [0, 0.5] (no image in [0, 1] has a larger std), got {min_std!r}")
     n_photos = len(_RGB_PHOTOS)
     if not crops and num_images > n_photos:
         raise ValueError(

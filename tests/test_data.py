@@ -81,8 +81,10 @@ def test_builtin_dataset_deterministic_crops():
     dists = np.abs(crops[:, None] - crops[None]).mean(axis=(2, 3, 4)) + np.eye(6)
     assert dists.min() > 1e-3
     np.testing.assert_array_equal(x, D.builtin_dataset(16, n_photos + 6, seed=3))
-    with pytest.raises(ValueError, match=f"min_std: none of 100 crops drawn for image {n_photos} has a std >= 2.0"):
+    with pytest.raises(ValueError, match=r"min_std must be in \[0, 0.5\]"):
         D.builtin_dataset(16, n_photos + 1, min_std=2.0)  # no crop of [0, 1] data has a std of 2
+    with pytest.raises(ValueError, match="min_std must be"):
+        D.builtin_dataset(16, n_photos + 1, min_std=float("nan"))
     np.testing.assert_array_equal(x[: n_photos + 2], D.builtin_dataset(16, n_photos + 2, seed=3))  # prefix-stable
     other = D.builtin_dataset(16, n_photos + 6, seed=4)
     assert np.abs(other[n_photos:] - crops).mean() > 1e-2
@@ -91,6 +93,22 @@ def test_builtin_dataset_deterministic_crops():
         D.builtin_dataset(16, n_photos + 1, crops=False)
     with pytest.raises(ValueError, match="num_images"):
         D.builtin_dataset(16, 0)
+
+
+def test_builtin_dataset_gives_up_after_100_flat_crops(monkeypatch):
+    n_photos = len(D.builtin_names(rgb_only=True))
+    calls = []
+
+    def flat(img, hw):  # every crop comes out flat: std 0
+        calls.append(hw)
+        return np.full(tuple(hw) + img.shape[2:], 0.5, np.float32)
+
+    monkeypatch.setattr(D, "_resize", flat)
+    monkeypatch.setattr(D, "_photo", lambda name: np.zeros((40, 50, 3), np.float32))
+    monkeypatch.setattr(D, "builtin_image", lambda name, size, channels: np.zeros((channels, *size)))
+    with pytest.raises(ValueError, match=f"min_std: none of 100 crops drawn for image {n_photos} has a std >= 0.03"):
+        D.builtin_dataset(8, n_photos + 1)
+    assert len(calls) == 100
 
 
 # ----------------------------------------------------------------------------- tfds
