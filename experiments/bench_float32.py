@@ -15,12 +15,9 @@ Usage::
 
 from __future__ import annotations
 
-import json
-import os
-
 from absl import app, flags
 
-from experiments import bench_solvers  # noqa: F401  (shares its --json_out flag and helpers)
+from experiments import bench_solvers  # shares its --json_out flag and helpers
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("image_size", 32, "Image size.")
@@ -31,8 +28,46 @@ flags.DEFINE_string("solver_strategy", "preconditioned", "Solver strategy preset
 
 
 
+def check_flags() -> list[float]:
+    """Every flag of this binary checked before any work; returns the tolerances. Raises
+    ``absl.app.UsageError`` naming the flag."""
+    import math
+
+    from krylovjax import experiment_utils as eu
+    from krylovjax.cross_matrix import PRESETS
+
+    # bench_solvers' flags are defined in this process too (it is imported for --json_out and its
+    # helpers), but only --json_out is used here: any other is refused, not silently ignored.
+    foreign = sorted(f.name for f in FLAGS.get_flags_for_module(bench_solvers)
+                     if f.present and f.name != "json_out")
+    if foreign:
+        from absl import app
+
+        raise app.UsageError(f"--{foreign[0]}: a flag of experiments.bench_solvers that bench_float32 does not "
+                             "use (its flags: --image_size, --num_images, --fp_steps, --tolerances, "
+                             "--solver_strategy, --json_out)")
+    for name, lo in (("image_size", 4), ("num_images", 1), ("fp_steps", 2)):
+        eu.check_flag(FLAGS[name].value >= lo, name, f"an integer >= {lo}", FLAGS[name].value)
+    eu.check_flag(FLAGS.solver_strategy in PRESETS, "solver_strategy", f"one of {tuple(PRESETS)}",
+                  FLAGS.solver_strategy)
+    tols = []
+    for t in FLAGS.tolerances:
+        try:
+            v = float(t)
+        except ValueError:
+            v = math.nan
+        eu.check_flag(math.isfinite(v) and v > 0, "tolerances", "comma-separated finite numbers > 0",
+                      ",".join(FLAGS.tolerances))
+        tols.append(v)
+    eu.check_flag(bool(tols), "tolerances", "at least one tolerance", "")
+    return tols
+
+
 def main(argv):
-    del argv
+    from krylovjax import experiment_utils as eu
+
+    eu.check_no_args(argv)
+    tolerances = check_flags()
     import jax
 
     jax.config.update("jax_enable_x64", True)
@@ -69,7 +104,7 @@ def main(argv):
     print("\n2. float32 pipeline vs float64 reference (outer tol 1e-5)")
     print("| solver tol | non-converged solves | sweeps (max) | max rel. score diff |")
     print("|---|---|---|---|")
-    for tol in [float(t) for t in FLAGS.tolerances]:
+    for tol in tolerances:
         out = precompute_scores(images.astype(np.float32), PrecomputeConfig(**base, tol=tol))
         diff = float(np.abs(np.asarray(out.scores, np.float64) - ref_scores).max() / scale)
         row = dict(kind="pipeline", tol=tol, nonconverged=int(out.stats["nonconverged"]),
@@ -79,9 +114,8 @@ def main(argv):
         rows.append(row)
         print(f"| {tol:g} | {row['nonconverged']} | {row['max_sweeps']} | {diff:.2e} |")
     if FLAGS.json_out:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
-        with open(FLAGS.json_out, "w") as fh:
-            json.dump({"machine": benchmark_machine(), "rows": rows}, fh, indent=1)
+        # atomic, NaN/Inf as null (a float32 run that broke down must still give strict JSON)
+        eu.write_json(FLAGS.json_out, {"machine": benchmark_machine(), "rows": rows})
         print(f"wrote {FLAGS.json_out}")
 
 

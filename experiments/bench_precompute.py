@@ -25,6 +25,7 @@ import time
 
 from absl import app, flags, logging
 
+from krylovjax import experiment_utils as eu
 from krylovjax.experiment_utils import benchmark_machine, write_json
 
 FLAGS = flags.FLAGS
@@ -102,9 +103,28 @@ def _krylov_tol() -> float:
     return FLAGS.tol if FLAGS.tol is not None else DEFAULT_TOL[np.dtype(FLAGS.dtype)]
 
 
+def check_flags() -> list[int]:
+    """The list and string flags checked before any work (PrecomputeConfig checks the numbers
+    of each run); returns the sizes. Raises ``absl.app.UsageError`` naming the flag."""
+    from krylovjax.precompute import STRATEGIES
+
+    sizes = eu.int_list_flag("sizes", FLAGS.sizes, 4)
+    if FLAGS.strategies != ["all"]:
+        eu.choice_list_flag("strategies", FLAGS.strategies, STRATEGIES)
+    eu.choice_list_flag("subsets", FLAGS.subsets, ("all", "converged"))
+    for name, lo in (("images", 1), ("repeats", 1), ("spsolve_repeats", 1)):
+        eu.check_flag(FLAGS[name].value >= lo, name, f"an integer >= {lo}", FLAGS[name].value)
+    for name, words in (("chunk_size", ("auto", "none")), ("compact", ("none",))):
+        v = FLAGS[name].value
+        eu.check_flag(v in words or (v.isdigit() and int(v) >= 1), name,
+                      " or ".join(repr(w) for w in words) + " or an integer >= 1", v)
+    return sizes
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    sizes = check_flags()
     import jax
 
     jax.config.update("jax_enable_x64", FLAGS.dtype == "float64")
@@ -131,7 +151,7 @@ def main(argv):
             flag_values["tol"] = _krylov_tol()  # the one the runs used
             write_json(FLAGS.json_out, {"machine": info, "flags": flag_values,
                                         "complete": complete, "rows": rows})
-    for size in [int(s) for s in FLAGS.sizes]:
+    for size in sizes:
         all_images = jnp.asarray(data.builtin_dataset(size, FLAGS.images, seed=FLAGS.seed),
                                  FLAGS.dtype)
         converged_idx = None

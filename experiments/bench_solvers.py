@@ -23,6 +23,7 @@ import time
 
 from absl import app, flags, logging
 
+from krylovjax import experiment_utils as eu
 from krylovjax.experiment_utils import benchmark_machine, write_json, write_text
 
 FLAGS = flags.FLAGS
@@ -116,6 +117,8 @@ def build_systems(size, num_images, *, num_steps, sigma, step, dtype, seed=0,
     lag = scores.score(m0)  # [B, C, 2, H, W]
     sde = sde_lib.VESDE(sigma)
     t, dt = sde_lib.time_grid(num_steps)
+    if step not in ("early", "late"):
+        raise ValueError(f"step: expected 'early' or 'late', got {step!r}")
     n = 1 if step == "early" else num_steps - 1
     g2 = sde.g2(t[n])
     S = m0.shape[0] * m0.shape[1]
@@ -152,8 +155,36 @@ def run_jax_gmres_vmap(op, b, tol, restart, max_systems):
     return sub, b[:S], solve
 
 
+DIRECT_METHODS = ("spsolve", "splu", "jax_gmres_vmap")
+TIME_STEPS = ("early", "late")
+
+
+def check_flags() -> list[int]:
+    """Every flag checked before any work (a bad value found after minutes of solves, or a
+    misspelt time step silently run as the late one, is worse than an error now). Returns the
+    sizes. Raises ``absl.app.UsageError`` naming the flag."""
+    import math
+
+    sizes = eu.int_list_flag("sizes", FLAGS.sizes, 4)
+    eu.choice_list_flag("methods", FLAGS.methods, DIRECT_METHODS + tuple(KRYLOV_METHODS))
+    eu.choice_list_flag("time_steps", FLAGS.time_steps, TIME_STEPS)
+    for name, lo in (("batch", 1), ("repeats", 1), ("num_steps", 2), ("basis_size", 1),
+                     ("restart", 1), ("jax_gmres_max_systems", 1)):
+        eu.check_flag(FLAGS[name].value >= lo, name, f"an integer >= {lo}", FLAGS[name].value)
+    for name in ("tol", "sigma"):
+        v = FLAGS[name].value
+        eu.check_flag(math.isfinite(v) and v > 0, name, "a finite number > 0", v)
+    if FLAGS.workdir:
+        eu.check_dir_arg(FLAGS.workdir, "workdir")
+    cs = FLAGS.chunk_size
+    eu.check_flag(cs in ("auto", "none") or (cs.isdigit() and int(cs) >= 1), "chunk_size",
+                  "'auto', 'none' or an integer >= 1", cs)
+    return sizes
+
+
 def main(argv):
-    del argv
+    eu.check_no_args(argv)
+    sizes = check_flags()
     import jax
 
     if FLAGS.dtype == "float64":
@@ -179,7 +210,7 @@ def main(argv):
             "basis_size", "restart", "chunk_size", "scheme")}, "complete": complete, "rows": rows}
         for path in outs:
             write_json(path, payload)
-    for size in [int(s) for s in FLAGS.sizes]:
+    for size in sizes:
         for step in FLAGS.time_steps:
             op, b, m_prev = build_systems(size, FLAGS.batch, num_steps=FLAGS.num_steps,
                                           sigma=FLAGS.sigma, step=step, dtype=dtype,

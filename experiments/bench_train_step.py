@@ -74,12 +74,15 @@ def measure(cfg, methods, steps: int, per_call: list[int], unroll: bool | None, 
 
 
 def main(argv):
-    del argv
+    from krylovjax import experiment_utils as eu
+
+    eu.check_no_args(argv)
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     from krylovjax.experiment_utils import benchmark_machine, write_json
 
-    per_call = [int(k) for k in FLAGS.steps_per_call]
-    if FLAGS.steps < 1 or any(k < 1 or FLAGS.steps % k for k in per_call):
+    per_call = eu.int_list_flag("steps_per_call", FLAGS.steps_per_call, 1)
+    eu.choice_list_flag("methods", FLAGS.methods, ("ours", "ddpm"))
+    if FLAGS.steps < 1 or any(FLAGS.steps % k for k in per_call):
         raise app.UsageError(f"--steps: expected a multiple of every --steps_per_call value {per_call}, "
                              f"got {FLAGS.steps}")
     if FLAGS.repeats < 1:

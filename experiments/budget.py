@@ -504,6 +504,7 @@ def main(argv):
     from krylovjax import experiment_utils as eu
 
     eu.quiet_orbax_logs()
+    eu.sigterm_as_interrupt()  # kill / timeout / schedulers: checkpoint like Ctrl-C, then exit non-zero
     run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite)
     with open(os.path.join(FLAGS.workdir, "results.md")) as f:
         print(f.read())

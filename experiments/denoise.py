@@ -981,6 +981,7 @@ def main(argv):
     from krylovjax import experiment_utils as eu
 
     eu.quiet_orbax_logs()
+    eu.sigterm_as_interrupt()  # kill / timeout / schedulers: checkpoint like Ctrl-C, then exit non-zero
     out = run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite)
     print_summary(out, FLAGS.workdir)
 

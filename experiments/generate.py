@@ -288,7 +288,6 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
     result = {"experiment": "generate", "settings": settings, "method": tc.method, "sde": tc.sde,
               "network_evals": nfe, "sampling_seconds": sw.seconds, "samples": per, "summary": summary,
               "shape": list(out.shape), "machine": eu.machine_info()}
-    eu.write_json(os.path.join(outdir, "samples.json"), result)
     text = (f"# Samples of {os.path.abspath(workdir)} (step {fn.step}, method {tc.method}, sampler {sampler})\n\n"
             f"{nfe} network evaluations, {sw.seconds:.1f} s (compile included).\n\n")
     if summary:
@@ -303,6 +302,9 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
                   row_labels=[f"sample {k}" for k in range(num_samples)],
                   col_labels=[f"frame {i}" for i in range(num_frames)],
                   title=f"{tc.method}: {sampler} sampler, frame 0 = prior, last = sample")
+    # Last: samples.json marks the outputs finished (a run killed while writing the table or the
+    # figure redoes them instead of standing as finished without them).
+    eu.write_json(os.path.join(outdir, "samples.json"), result)
     return result
 
 

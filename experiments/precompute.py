@@ -12,14 +12,14 @@ skipped; another config or other images are refused.
 
 Multi-host: run one copy per process with ``--coordinator_address=host:port
 --num_processes=P --process_id=i`` (or the environment variables ``JAX_COORDINATOR_ADDRESS``,
-``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``); each process computes the chunks ``i % P == id`` on
+``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``), or with ``--coordinator_address=auto`` on a TPU pod,
+SLURM or Open MPI, where JAX finds the layout itself; each process computes the chunks ``i % P == id`` on
 its local devices, process 0 creates the store and, once every chunk is done, writes the
 summary (the others write ``precompute_summary_process<i>.json``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -33,7 +33,8 @@ config_flags.DEFINE_config_file("config", None, "Config file (experiments/config
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: store/ and precompute_summary.json.")
 flags.DEFINE_string("coordinator_address", None,
-                    "host:port of process 0 for jax.distributed (multi-host runs).")
+                    "host:port of process 0 for jax.distributed (multi-host runs), or 'auto': JAX takes "
+                    "the process layout from the cluster (TPU pod, SLURM, Open MPI).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host runs).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host runs).")
 flags.DEFINE_float("wait_s", 3600.0,
@@ -91,6 +92,11 @@ def _table(rows):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from krylovjax import experiment_utils as eu
+
+    eu.check_dir_arg(FLAGS.workdir, "workdir")
+    eu.refuse_other_runs(FLAGS.workdir, {"experiment.json": "another experiment's run",
+                                         "checkpoints": "a training run"})
     cfg = FLAGS.config
     if cfg.dtype not in ("float32", "float64"):
         raise app.UsageError(f"--config.dtype: expected float32 or float64, got {cfg.dtype!r}")
@@ -149,8 +155,7 @@ def main(argv):
                        "jax": jax.__version__}}
     name = ("precompute_summary.json" if summary.process_index == 0
             else f"precompute_summary_process{summary.process_index}.json")
-    with open(os.path.join(FLAGS.workdir, name), "w") as f:
-        json.dump(out, f, indent=1)
+    eu.write_json(os.path.join(FLAGS.workdir, name), out)  # atomic; NaN/Inf as null (strict JSON)
     logging.info("wrote %s", os.path.join(FLAGS.workdir, name))
 
 

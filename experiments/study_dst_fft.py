@@ -14,8 +14,6 @@ Usage::
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 from absl import app, flags
@@ -84,24 +82,17 @@ def measure(n, batch, rounds, k):
 
 
 def main(argv):
-    del argv
     import jax
 
-    jax.config.update("jax_enable_x64", True)
-    from krylovjax.experiment_utils import benchmark_machine
+    from krylovjax import experiment_utils as eu
 
-    try:
-        sizes = [int(s) for s in FLAGS.sizes]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 2:
-        raise app.UsageError(f"--sizes: expected integers >= 2, got {','.join(FLAGS.sizes)!r}")
+    eu.check_no_args(argv)
+    sizes = eu.int_list_flag("sizes", FLAGS.sizes, 2)
     for name in ("batch", "rounds"):
-        if FLAGS[name].value < 1:
-            raise app.UsageError(f"--{name}: expected an integer >= 1, got {FLAGS[name].value}")
-    if not FLAGS.k > 0:
-        raise app.UsageError(f"--k: expected a number > 0, got {FLAGS.k}")
+        eu.check_flag(FLAGS[name].value >= 1, name, "an integer >= 1", FLAGS[name].value)
+    eu.check_flag(FLAGS.k > 0, "k", "a number > 0", FLAGS.k)
     batch, rounds = FLAGS.batch, FLAGS.rounds
+    jax.config.update("jax_enable_x64", True)
     rows = []
     print("| size | matmul us/system | FFT us/system | FFT / matmul | max rel diff |")
     print("|---|---|---|---|---|")
@@ -111,9 +102,7 @@ def main(argv):
         print(f"| {n} | {r['matmul_us_per_system']:.2f} | {r['fft_us_per_system']:.2f} | "
               f"{r['fft_over_matmul']:.2f} | {r['max_rel_diff']:.1e} |", flush=True)
     if FLAGS.json_out:
-        os.makedirs(os.path.dirname(os.path.abspath(FLAGS.json_out)), exist_ok=True)
-        with open(FLAGS.json_out, "w") as f:
-            json.dump({"machine": benchmark_machine(), "rows": rows}, f, indent=1)
+        eu.write_json(FLAGS.json_out, {"machine": eu.benchmark_machine(), "rows": rows})
 
 
 if __name__ == "__main__":

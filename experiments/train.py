@@ -3,7 +3,7 @@ r"""Train the score model on embedded trajectories (ours) or the DDPM baseline.
 Usage::
 
     python -m experiments.train --config=experiments/configs/train_tiny.py --workdir=runs/tiny \
-        [--store=runs/precompute/scores] [--data=builtin] [--config.num_steps=500]
+        [--store=runs/pre/store] [--data=builtin] [--config.num_steps=500]
 
 Data: ``--data=store`` (the default when ``--store`` is given) trains ``method=ours`` on the
 ``"embedded"`` field of a pre-computed :class:`krylovjax.store.ScoreStore`;
@@ -13,7 +13,8 @@ for ``ddpm`` it trains on the photos. Re-running with the same ``--workdir`` res
 
 Multi-host (as ``experiments/precompute.py``): run one copy per process with
 ``--coordinator_address=host:port --num_processes=P --process_id=i`` (or the environment
-variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; flags win).
+variables ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; flags win), or
+``--coordinator_address=auto`` on a TPU pod, SLURM or Open MPI, where JAX finds the layout itself.
 The mesh spans every process's devices, each process reads only its own images' rows of the
 store (or of the built-in data, which every process builds alike), and the run equals a
 one-process run on as many devices; process 0 writes ``metrics.jsonl`` and ``result.json``.
@@ -36,7 +37,8 @@ flags.DEFINE_string("store", None, "ScoreStore directory with an 'embedded' fiel
 flags.DEFINE_enum("data", "auto", ["auto", "store", "builtin"],
                   "Training data: a ScoreStore, or built-in photos ('auto': store if --store is set).")
 flags.DEFINE_string("coordinator_address", None,
-                    "host:port of process 0 for jax.distributed (multi-host runs).")
+                    "host:port of process 0 for jax.distributed (multi-host runs), or 'auto': JAX takes "
+                    "the process layout from the cluster (TPU pod, SLURM, Open MPI).")
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host runs).")
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (multi-host runs).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -72,9 +74,23 @@ class _QuietOrbax(pylogging.Filter):
         return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
 
 
+def _previous_result(workdir):
+    """The ``result.json`` of an earlier invocation in ``workdir``, or None."""
+    try:
+        with open(os.path.join(workdir, "result.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from krylovjax import experiment_utils as eu
+
+    eu.check_no_args(argv)
+    eu.check_dir_arg(FLAGS.workdir, "workdir")
+    eu.refuse_other_runs(FLAGS.workdir, {"experiment.json": "another experiment's run",
+                                         "precompute_summary.json": "an experiments.precompute run"})
+    eu.sigterm_as_interrupt()  # kill / timeout / schedulers: checkpoint like Ctrl-C, then exit non-zero
     logging.get_absl_handler().addFilter(_QuietOrbax())
     cfg = FLAGS.config
     source = FLAGS.data if FLAGS.data != "auto" else ("store" if FLAGS.store else "builtin")
@@ -87,8 +103,6 @@ def main(argv):
         if cfg.method != "ours":
             raise app.UsageError("--data=store holds embedded trajectories: use --config.method=ours")
     import jax
-
-    from krylovjax import experiment_utils as eu
 
     try:
         eu.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -106,9 +120,16 @@ def main(argv):
     summary = {k: getattr(result, k) for k in ("step", "stop_reason", "resumed_from", "train_seconds",
                                                "compile_seconds", "eval_seconds", "checkpoint_seconds",
                                                "wall_seconds", "last_loss", "steps_per_call")}
+    if result.resumed_from == result.step:
+        # Nothing trained in this invocation (the run already stood at --config.num_steps or past
+        # it): keep the finished run's last loss instead of overwriting it with None.
+        logging.warning("the run in %s already stood at step %d (--config.num_steps=%d): nothing was trained",
+                        FLAGS.workdir, result.step, train_cfg.num_steps)
+        prev = _previous_result(FLAGS.workdir)
+        if prev is not None and prev.get("step") == result.step and summary["last_loss"] is None:
+            summary["last_loss"] = prev.get("last_loss")
     if jax.process_index() == 0:
-        with open(os.path.join(FLAGS.workdir, "result.json"), "w") as f:
-            json.dump(summary, f, indent=1)
+        eu.write_json(os.path.join(FLAGS.workdir, "result.json"), summary)
     logging.info("done (process %d/%d): %s", jax.process_index(), jax.process_count(), summary)
 
 

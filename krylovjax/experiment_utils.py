@@ -11,6 +11,11 @@ Nothing here is numerics of the method; these are the small pieces every experim
   :func:`krylovjax.training.train` run;
 * :class:`Stopwatch`, :func:`markdown_table`, :func:`write_json`, :func:`image_grid`,
   :func:`plot_curves` (matplotlib with the Agg backend, PNG).
+* flag checks for the binaries' ``main`` (``absl.app.UsageError`` naming the flag, before any
+  work): :func:`check_no_args`, :func:`check_flag`, :func:`int_list_flag`,
+  :func:`choice_list_flag`, :func:`check_dir_arg` (a directory flag that is a file),
+  :func:`refuse_other_runs` (a directory holding another binary's run), and
+  :func:`sigterm_as_interrupt` (SIGTERM checkpoints a training run like Ctrl-C).
 
 Images are ``[B, C, H, W]`` (or ``[C, H, W]``) float arrays in [0, 1], as everywhere else.
 """
@@ -22,6 +27,7 @@ import logging
 import math
 import os
 import platform
+import signal
 import tempfile
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -36,6 +42,7 @@ __all__ = [
     "run_claimed",
     "distributed_args",
     "init_distributed",
+    "multiprocess_environment",
     "config_diff",
     "check_target",
     "check_positive_seconds",
@@ -53,6 +60,13 @@ __all__ = [
     "image_grid",
     "plot_curves",
     "quiet_orbax_logs",
+    "sigterm_as_interrupt",
+    "check_dir_arg",
+    "refuse_other_runs",
+    "check_no_args",
+    "int_list_flag",
+    "choice_list_flag",
+    "check_flag",
 ]
 
 _CLAIM_FILE = "experiment.json"
@@ -166,6 +180,17 @@ def claim_workdir(workdir: str | os.PathLike, experiment: str, config: Any, *,
     return True
 
 
+def _file_above(path: str) -> str | None:
+    """The nearest existing ancestor of a missing ``path`` if it is not a directory, else None."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return None
+        probe = parent
+    return None if os.path.isdir(probe) or probe == os.path.abspath(path) else probe
+
+
 def check_claim(workdir: str | os.PathLike, experiment: str, config: Any, *,
                 legacy: Mapping[str, Any] | None = None, arg: str = "workdir") -> bool:
     """:func:`claim_workdir`'s checks without writing anything: True if ``workdir`` already holds
@@ -175,6 +200,10 @@ def check_claim(workdir: str | os.PathLike, experiment: str, config: Any, *,
     path = os.path.join(workdir, _CLAIM_FILE)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise WorkdirConflictError(f"{arg}: {workdir!r} is a file, expected a directory (new or a run's)")
+    above = _file_above(workdir)
+    if above is not None:
+        raise WorkdirConflictError(f"{arg}: {workdir!r} lies under the file {above!r}, expected a directory "
+                                   "(new or a run's)")
     if os.path.isfile(path):
         try:
             with open(path) as f:
@@ -221,26 +250,169 @@ def run_claimed(workdir: str | os.PathLike, experiment: str, config: Any, body: 
 # ----------------------------------------------------------------------------------------------
 
 
+def check_no_args(argv: Sequence[str]) -> None:
+    """Refuse positional arguments left over after the flags (``--sizes=32 64`` leaves ``64``
+    behind, which would otherwise be dropped without a word). Raises ``absl.app.UsageError``."""
+    if len(argv) > 1:
+        from absl import app
+
+        raise app.UsageError(f"unexpected arguments: {list(argv[1:])} (flags take --name=value; "
+                             "list flags take comma-separated values, e.g. --sizes=32,64)")
+
+
+def check_flag(ok: bool, name: str, expected: str, value: Any) -> None:
+    """``absl.app.UsageError`` ``--<name>: expected <expected>, got <value>`` unless ``ok``."""
+    if not ok:
+        from absl import app
+
+        raise app.UsageError(f"--{name}: expected {expected}, got {value!r}")
+
+
+def int_list_flag(name: str, values: Sequence[str], minimum: int) -> list[int]:
+    """A comma-separated list flag of integers ``>= minimum`` (at least one), parsed, or
+    ``absl.app.UsageError`` naming ``--<name>``."""
+    out = []
+    for v in values:
+        try:
+            i = int(v)
+        except (TypeError, ValueError):
+            i = None
+        check_flag(i is not None and i >= minimum, name,
+                   f"comma-separated integers >= {minimum}", ",".join(map(str, values)))
+        out.append(i)
+    check_flag(bool(out), name, f"at least one integer >= {minimum}", "")
+    return out
+
+
+def choice_list_flag(name: str, values: Sequence[str], choices: Iterable[str]) -> list[str]:
+    """A comma-separated list flag whose entries (at least one, distinct) are among ``choices``,
+    or ``absl.app.UsageError`` naming ``--<name>`` and the unknown entries."""
+    choices = list(choices)
+    values = list(values)
+    unknown = [v for v in values if v not in choices]
+    check_flag(not unknown, name, f"entries of {choices}; unknown: {unknown}", ",".join(values))
+    check_flag(bool(values) and len(set(values)) == len(values), name,
+               f"at least one entry, each once, of {choices}", ",".join(values))
+    return values
+
+
+def check_dir_arg(path: str | os.PathLike | None, arg: str = "workdir") -> str:
+    """A run/output directory flag: refuse a path that is a file (or lies under one) with a message
+    naming ``--<arg>``, before any work is done. Returns the path. Raises ``absl.app.UsageError``."""
+    from absl import app
+
+    if path is None or not os.fspath(path):
+        raise app.UsageError(f"--{arg}: expected a directory path, got {path!r}")
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise app.UsageError(f"--{arg}: {path!r} is a file; expected a directory (new or a run's)")
+    above = _file_above(path)
+    if above is not None:
+        raise app.UsageError(f"--{arg}: {path!r} lies under the file {above!r}; expected a directory (new or a run's)")
+    return path
+
+
+def refuse_other_runs(path: str | os.PathLike, markers: Mapping[str, str], arg: str = "workdir") -> None:
+    """Refuse a run directory that holds another binary's run: ``markers`` maps a file or
+    directory name that binary leaves in its run directory to what it is (e.g.
+    ``{"experiment.json": "another experiment's run"}``); the first one found
+    in ``path`` raises ``absl.app.UsageError`` naming ``--<arg>`` (nothing is written)."""
+    path = os.fspath(path)
+    for name, what in markers.items():
+        if os.path.exists(os.path.join(path, name)):
+            from absl import app
+
+            detail = ""
+            if name == _CLAIM_FILE:
+                try:
+                    with open(os.path.join(path, name)) as f:
+                        detail = f", experiments.{json.load(f)['experiment']}"
+                except (OSError, ValueError, KeyError, TypeError):
+                    pass
+            raise app.UsageError(f"--{arg}: {path!r} holds {what} ({name}{detail}); use another --{arg} "
+                                 "(nothing there was changed)")
+
+
+def sigterm_as_interrupt() -> None:
+    """Handle SIGTERM (``kill``, ``timeout``, batch schedulers, ``docker stop``) as Ctrl-C.
+
+    :func:`krylovjax.training.train` saves a checkpoint when interrupted with SIGINT; SIGTERM's
+    default action ends the process at once and the updates since the last scheduled checkpoint
+    are lost (the demos checkpoint only at the stop). With this handler SIGTERM goes to whatever
+    handles SIGINT at that moment (the training loop's deferred interrupt: the update in flight
+    finishes, a checkpoint is saved, the run exits non-zero), or raises ``KeyboardInterrupt``
+    where SIGINT has no Python handler. Main thread only (the binaries' ``main``)."""
+
+    def handle(signum, frame):
+        h = signal.getsignal(signal.SIGINT)
+        if callable(h):
+            h(signal.SIGINT, frame)
+        else:  # SIGINT ignored (started in the background by a shell) or default: interrupt now
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handle)
+
+
 def init_distributed(address, num_processes, process_id) -> bool:
     """``jax.distributed.initialize`` with :func:`distributed_args` of the binaries' flags (or the
-    ``JAX_*`` variables); False for a one-process run. Raises ValueError naming a bad flag."""
+    ``JAX_*`` variables); False for a one-process run. Raises ValueError naming a bad flag.
+
+    ``--coordinator_address=auto`` lets JAX take the process layout from the cluster (TPU pods,
+    SLURM, Open MPI: ``jax.distributed.initialize()`` without arguments). A one-process run in an
+    environment that looks like a job of several processes logs a warning: without a coordinator
+    each copy would run the whole job on its own."""
     dist = distributed_args(address, num_processes, process_id)
+    log = logging.getLogger(__name__)
     if dist is None:
+        hint = multiprocess_environment()
+        if hint:
+            log.warning("%s, but no coordinator was given: this copy runs the whole job on its own. "
+                        "Pass --coordinator_address=auto (or host:port) to share the work.", hint)
         return False
     import jax
 
-    jax.distributed.initialize(**dist)
-    logging.getLogger(__name__).info("process %d/%d, %d local device(s), %d in all", jax.process_index(),
-                                     jax.process_count(), jax.local_device_count(), jax.device_count())
+    if dist["coordinator_address"] is None:  # "auto"
+        kwargs = {k: v for k, v in dist.items() if v is not None}
+        try:
+            jax.distributed.initialize(**kwargs)
+        except ValueError as err:
+            raise ValueError(f"--coordinator_address=auto: JAX found no cluster to take the process layout "
+                             f"from (a TPU pod, SLURM, Open MPI): {err}; pass host:port instead") from None
+    else:
+        jax.distributed.initialize(**dist)
+    log.info("process %d/%d, %d local device(s), %d in all", jax.process_index(), jax.process_count(),
+             jax.local_device_count(), jax.device_count())
     return True
+
+
+def multiprocess_environment(environ=None) -> str | None:
+    """A description of the job's process count when the environment says it has several
+    processes (SLURM, Open MPI / PMI, a multi-host TPU slice), else None."""
+    environ = os.environ if environ is None else environ
+
+    def count(var):
+        try:
+            return int(environ.get(var, ""))
+        except ValueError:
+            return 0
+
+    for var in ("SLURM_NTASKS", "SLURM_NPROCS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if count(var) > 1:
+            return f"${var}={environ[var]} says this job has {count(var)} processes"
+    hosts = [h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if len(hosts) > 1:
+        return f"$TPU_WORKER_HOSTNAMES names {len(hosts)} TPU hosts"
+    return None
 
 
 def distributed_args(address, num_processes, process_id, environ=None) -> dict | None:
     """``jax.distributed.initialize`` keyword arguments from the flags (or ``JAX_*`` variables).
 
-    Returns None for a one-process run (no coordinator given). Raises ValueError naming the flag
-    for a malformed address, ``num_processes < 1``, ``process_id`` outside ``[0, num_processes)``,
-    or process flags without a coordinator.
+    Returns None for a one-process run (no coordinator given). ``address="auto"`` gives
+    ``coordinator_address=None`` (JAX detects the cluster; ``num_processes``/``process_id`` are
+    passed on when given). Raises ValueError naming the flag for a malformed address,
+    ``num_processes < 1``, ``process_id`` outside ``[0, num_processes)``, or process flags
+    without a coordinator.
     """
     environ = os.environ if environ is None else environ
 
@@ -261,16 +433,20 @@ def distributed_args(address, num_processes, process_id, environ=None) -> dict |
     if address is None:
         if nproc not in (None, 1) or pid not in (None, 0):
             raise ValueError("--num_processes/--process_id: a multi-process run needs "
-                             "--coordinator_address=host:port (process 0's address)")
+                             "--coordinator_address=host:port (process 0's address) or "
+                             "--coordinator_address=auto (a TPU pod, SLURM, Open MPI)")
         return None
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"--coordinator_address: expected host:port with a port in [1, 65535], got {address!r}")
     if nproc is not None and nproc < 1:
         raise ValueError(f"--num_processes: expected an integer >= 1, got {nproc}")
     if pid is not None and (pid < 0 or (nproc is not None and pid >= nproc)):
         raise ValueError(f"--process_id: expected an integer in [0, {nproc if nproc is not None else 'num_processes'})"
                          f", got {pid}")
+    if address == "auto":
+        return {"coordinator_address": None, "num_processes": nproc, "process_id": pid}
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--coordinator_address: expected host:port with a port in [1, 65535] or 'auto', "
+                         f"got {address!r}")
     return {"coordinator_address": address, "num_processes": nproc, "process_id": pid}
 
 

@@ -1,0 +1,302 @@
+"""Command-line behaviour of the experiment binaries found by an audit: bad flags are refused up
+front with the flag named (not run silently, not a traceback after minutes of work), a work
+directory that is a file is refused, SIGTERM saves a checkpoint like Ctrl-C, a re-run that
+trains nothing keeps the finished run's record, and ``generate`` marks its outputs finished only
+once every file is written.
+
+The flag tests run the binaries in subprocesses and fail before any computation (seconds each);
+the two training-binary tests are marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+
+from krylovjax import experiment_utils as eu
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(module: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags checked before any work
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module, args, message", [
+    # a misspelt time step ran silently as the late one
+    ("experiments.bench_solvers", ["--sizes=8", "--batch=1", "--methods=gmres", "--time_steps=early,middle"],
+     "--time_steps: expected entries of ['early', 'late']; unknown: ['middle']"),
+    # "--sizes=8 16": the 16 was dropped without a word
+    ("experiments.bench_solvers", ["--sizes=8", "16", "--batch=1", "--methods=gmres"],
+     "unexpected arguments: ['16']"),
+    ("experiments.bench_solvers", ["--sizes=abc"], "--sizes: expected comma-separated integers >= 4, got 'abc'"),
+    ("experiments.bench_solvers", ["--sizes=8", "--batch=1", "--methods=gmres", "--repeats=0"],
+     "--repeats: expected an integer >= 1, got 0"),
+    ("experiments.bench_solvers", ["--sizes=8", "--batch=1", "--methods=nosuch"], "unknown: ['nosuch']"),
+    ("experiments.bench_solvers", ["--sizes=8", "--batch=1", "--methods=gmres", f"--workdir={__file__}"],
+     f"--workdir: '{__file__}' is a file; expected a directory"),
+    ("experiments.bench_float32", ["--image_size=8", "--num_images=1", "--fp_steps=3", "extra"],
+     "unexpected arguments: ['extra']"),
+    ("experiments.bench_float32", ["--solver_strategy=nosuch"], "--solver_strategy: expected one of"),
+    ("experiments.bench_float32", ["--tolerances=1e-4,abc"], "--tolerances: expected comma-separated finite"),
+    # bench_solvers' flags are defined in bench_float32's process but were silently ignored
+    ("experiments.bench_float32", ["--dtype=float32"], "--dtype: a flag of experiments.bench_solvers"),
+    ("experiments.bench_train_step", ["--methods=foo", "--steps=1", "--steps_per_call=1"],
+     "--methods: expected entries of ['ours', 'ddpm']; unknown: ['foo']"),
+    ("experiments.bench_train_step", ["--steps=2", "--steps_per_call=abc"],
+     "--steps_per_call: expected comma-separated integers >= 1, got 'abc'"),
+    ("experiments.bench_train_step", ["--steps=2", "--steps_per_call=0"],
+     "--steps_per_call: expected comma-separated integers >= 1, got '0'"),
+    ("experiments.bench_precompute", ["--sizes=abc"], "--sizes: expected comma-separated integers >= 4"),
+    ("experiments.bench_precompute", ["--sizes=8", "--chunk_size=abc"], "--chunk_size: expected 'auto' or 'none'"),
+    ("experiments.bench_precompute", ["--sizes=8", "--compact=abc"], "--compact: expected 'none' or an integer"),
+    ("experiments.bench_precompute", ["--sizes=8", "--repeats=0"], "--repeats: expected an integer >= 1, got 0"),
+    ("experiments.bench_precompute", ["--sizes=8", "--strategies=nosuch"], "unknown: ['nosuch']"),
+])
+def test_bench_flags_refused_up_front(module, args, message, tmp_path):
+    out = tmp_path / "out.json"
+    proc = _run(module, *args, f"--json_out={out}", timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_build_systems_refuses_unknown_step():
+    # In a subprocess: importing experiments.bench_solvers defines its absl flags (--workdir ...)
+    # in this process, and a later import of another binary here would define them twice.
+    code = ("import numpy as np\nfrom experiments.bench_solvers import build_systems\n"
+            "build_systems(8, 1, num_steps=3, sigma=5.0, step='middle', dtype=np.float32)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "ValueError: step: expected 'early' or 'late', got 'middle'" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_flag_helpers():
+    from absl import app
+
+    assert eu.int_list_flag("sizes", ["8", "16"], 4) == [8, 16]
+    with pytest.raises(app.UsageError, match="--sizes: expected comma-separated integers >= 4, got '8,2'"):
+        eu.int_list_flag("sizes", ["8", "2"], 4)
+    with pytest.raises(app.UsageError, match="--sizes: expected at least one"):
+        eu.int_list_flag("sizes", [], 4)
+    assert eu.choice_list_flag("m", ["a"], ("a", "b")) == ["a"]
+    with pytest.raises(app.UsageError, match="each once"):
+        eu.choice_list_flag("m", ["a", "a"], ("a", "b"))
+    with pytest.raises(app.UsageError, match="unexpected arguments"):
+        eu.check_no_args(["prog", "x"])
+    eu.check_no_args(["prog"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Work directories that are files
+# ----------------------------------------------------------------------------------------------
+
+
+def test_dir_arg_that_is_a_file(tmp_path):
+    from absl import app
+
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(app.UsageError, match=r"--workdir: '.*file' is a file; expected a directory"):
+        eu.check_dir_arg(str(f))
+    with pytest.raises(app.UsageError, match=r"--outdir: '.*file/sub' lies under the file"):
+        eu.check_dir_arg(str(f / "sub"), "outdir")
+    assert eu.check_dir_arg(str(tmp_path / "new" / "dir")) == str(tmp_path / "new" / "dir")
+
+
+def test_claim_under_a_file_is_refused(tmp_path):
+    """A run directory below a file was let through the claim check (the path does not "exist")
+    and failed later with a NotADirectoryError from os.makedirs (generate: after loading the
+    model)."""
+    f = tmp_path / "afile"
+    f.write_text("keep me")
+    with pytest.raises(eu.WorkdirConflictError, match=r"outdir: '.*afile/sub' lies under the file '.*afile'"):
+        eu.check_claim(str(f / "sub"), "generate", {"a": 1}, arg="outdir")
+    with pytest.raises(eu.WorkdirConflictError, match=r"workdir: '.*afile/a/b' lies under the file"):
+        eu.claim_workdir(str(f / "a" / "b"), "denoise", {"a": 1})
+    assert f.read_text() == "keep me"
+    assert eu.claim_workdir(str(tmp_path / "new" / "run"), "denoise", {"a": 1}) is True
+
+
+@pytest.mark.parametrize("module, args", [
+    ("experiments.train", ["--config=experiments/configs/train_tiny.py", "--data=builtin",
+                           "--config.data.image_size=16", "--config.num_steps=2"]),
+    ("experiments.precompute", ["--config=experiments/configs/demo.py", "--noprogress",
+                                "--config.num_images=1", "--config.image_size=8", "--config.precompute.num_steps=3"]),
+])
+def test_workdir_that_is_a_file_is_refused(module, args, tmp_path):
+    """Was a FileExistsError / NotADirectoryError traceback from os.makedirs (train.py after the
+    whole pre-computation of the built-in data)."""
+    f = tmp_path / "afile"
+    f.write_text("keep me")
+    proc = _run(module, *args, f"--workdir={f}")
+    assert proc.returncode != 0
+    assert f"--workdir: '{f}' is a file; expected a directory" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert f.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("module, args, marker, message", [
+    # experiments.train used to write checkpoints/, config.json, metrics.jsonl and result.json
+    # into a denoise run's directory, experiments.precompute a store/ into a training run's
+    ("experiments.train", ["--config=experiments/configs/train_tiny.py", "--data=builtin", "--config.num_steps=2"],
+     "experiment.json", "holds another experiment's run (experiment.json, experiments.denoise)"),
+    ("experiments.train", ["--config=experiments/configs/train_tiny.py", "--data=builtin", "--config.num_steps=2"],
+     "precompute_summary.json", "holds an experiments.precompute run (precompute_summary.json)"),
+    ("experiments.precompute", ["--config=experiments/configs/demo.py", "--noprogress", "--config.num_images=1",
+                                "--config.image_size=8"], "checkpoints", "holds a training run (checkpoints)"),
+])
+def test_workdir_of_another_binary_is_refused(module, args, marker, message, tmp_path):
+    wd = tmp_path / "run"
+    wd.mkdir()
+    if marker == "checkpoints":
+        (wd / marker).mkdir()
+    else:
+        (wd / marker).write_text(json.dumps({"experiment": "denoise", "config": {}}))
+    before = sorted(os.listdir(wd))
+    proc = _run(module, *args, f"--workdir={wd}")
+    assert proc.returncode != 0
+    assert message in proc.stderr and "use another --workdir" in proc.stderr, proc.stderr[-2000:]
+    assert sorted(os.listdir(wd)) == before
+
+
+# ----------------------------------------------------------------------------------------------
+# SIGTERM
+# ----------------------------------------------------------------------------------------------
+
+
+def test_sigterm_goes_to_the_sigint_handler():
+    got = []
+    old_int, old_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGINT, lambda s, f: got.append(s))
+        eu.sigterm_as_interrupt()
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):
+            if got:
+                break
+            time.sleep(0.01)
+        assert got == [signal.SIGINT]
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # e.g. started in the background by a shell
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1.0)
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+
+
+_TRAIN = ["--config=experiments/configs/train_tiny.py", "--data=builtin", "--config.data.image_size=16",
+          "--config.data.num_images=2", "--config.model_overrides.ch=16", "--config.model_overrides.ch_mult=(1,)",
+          "--config.model_overrides.attn_resolutions=()", "--config.lr=0.002", "--config.warmup_steps=5",
+          "--config.batch_size=8", "--config.progress=False", "--config.log_every=5", "--config.method=ddpm"]
+
+
+def _train_steps(wd) -> list[int]:
+    try:
+        with open(os.path.join(wd, "metrics.jsonl")) as f:
+            return [json.loads(line)["step"] for line in f if '"train"' in line]
+    except OSError:
+        return []
+
+
+@pytest.mark.slow
+def test_train_binary_sigterm_saves_a_checkpoint(tmp_path):
+    """SIGTERM (kill, timeout, batch schedulers) used to end the run at once: with checkpoints only
+    at the stop every update was lost. Now it is handled like Ctrl-C: a checkpoint of the step
+    reached, and a non-zero exit."""
+    wd = tmp_path / "run"
+    cmd = [sys.executable, "-m", "experiments.train", *_TRAIN, f"--workdir={wd}", "--config.num_steps=100000",
+           "--config.checkpoint_every=100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 600  # a ceiling for a starved machine
+        while len(_train_steps(wd)) < 2:
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    steps = sorted(int(n) for n in os.listdir(wd / "checkpoints") if n.isdigit())
+    assert steps and steps[-1] >= 10, steps  # the step reached (>= the 2nd log record at step 10)
+
+
+@pytest.mark.slow
+def test_train_binary_rerun_past_num_steps_keeps_result(tmp_path):
+    """A re-run with --config.num_steps at or below the run's step trains nothing; it used to
+    overwrite result.json's last_loss with null."""
+    wd = tmp_path / "run"
+    args = [*_TRAIN, f"--workdir={wd}", "--config.checkpoint_every=2", "--config.log_every=1"]
+    proc = _run("experiments.train", *args, "--config.num_steps=2", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = json.load(open(wd / "result.json"))
+    assert first["step"] == 2 and first["last_loss"] is not None
+    proc = _run("experiments.train", *args, "--config.num_steps=1", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "nothing was trained" in proc.stderr
+    again = json.load(open(wd / "result.json"))
+    assert again["step"] == 2 and again["resumed_from"] == 2
+    assert again["last_loss"] == first["last_loss"]
+
+
+# ----------------------------------------------------------------------------------------------
+# generate: samples.json last
+# ----------------------------------------------------------------------------------------------
+
+
+def test_generate_interrupted_while_drawing_the_figure_reruns(tmp_path, monkeypatch):
+    """samples.json marks the outputs finished; it was written before samples.md and samples.png,
+    so a run killed while drawing stood as finished and the same command was refused ("already
+    holds these samples") with the figure missing."""
+    from experiments import generate
+    from krylovjax import training
+
+    wd = tmp_path / "train"
+    (wd / "checkpoints").mkdir(parents=True)
+    unet = types.SimpleNamespace(in_channels=1, image_size=8, per_image_offset=False, num_images=1)
+    tc = types.SimpleNamespace(method="ddpm", sde="ve", ddpm_max_train_step=None, ddpm_num_steps=10)
+    fake = types.SimpleNamespace(config=tc, model_def=types.SimpleNamespace(unet=unet), step=3)
+    monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None: fake)
+
+    def fake_sample(fn, tc, shape, key, **kw):
+        x = np.full(shape, 0.5, np.float32)
+        return x, np.stack([x] * kw["num_frames"]), 7
+
+    monkeypatch.setattr(generate, "sample", fake_sample)
+    out = tmp_path / "gen"
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(eu, "image_grid", killed)
+        with pytest.raises(KeyboardInterrupt):
+            generate.run(str(wd), str(out), num_samples=2, num_frames=2)
+    assert not (out / "samples.json").exists()  # not marked finished
+    res = generate.run(str(wd), str(out), num_samples=2, num_frames=2)  # the same command completes
+    assert res["network_evals"] == 7
+    for f in generate.RESULT_FILES:
+        assert (out / f).is_file(), f
