@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 
+from krylovjax import experiment_utils as eu
 from krylovjax import training as tr
 from krylovjax.store import ScoreStore, hash_inputs
 
@@ -171,15 +173,57 @@ def test_two_processes_stop_together_at_the_budget(tmp_path):
     assert int(tr.load_checkpoint(wd).state.step) == step
 
 
-def test_bad_process_flags_are_refused(tmp_path):
+@pytest.mark.parametrize("flags, environ, match", [
+    ((None, 2, 1), {}, "--coordinator_address"),
+    (("127.0.0.1", 2, None), {}, "host:port"),
+    (("127.0.0.1:1234", 2, 2), {}, r"--process_id: expected an integer in [0, 2)"),
+    (("127.0.0.1:1234", 0, None), {}, "--num_processes"),
+    (("auto", 2, 3), {}, r"--process_id: expected an integer in [0, 2)"),
+    ((None, None, None), {"JAX_NUM_PROCESSES": "2"}, "--coordinator_address"),
+    ((None, None, None), {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_PROCESS_ID": "x"}, "from $JAX_PROCESS_ID"),
+])
+def test_bad_process_flags_are_refused(flags, environ, match):
+    with pytest.raises(ValueError, match=re.escape(match)):
+        eu.distributed_args(*flags, environ=environ)
+
+
+def test_process_flags_and_auto_detection(monkeypatch, caplog):
+    assert eu.distributed_args(None, None, None, environ={}) is None
+    assert eu.distributed_args("h:1", 2, 1, environ={}) == {"coordinator_address": "h:1", "num_processes": 2,
+                                                            "process_id": 1}
+    assert eu.distributed_args(None, None, None, environ={"JAX_COORDINATOR_ADDRESS": "h:9", "JAX_NUM_PROCESSES": "3",
+                                                          "JAX_PROCESS_ID": "2"})["process_id"] == 2
+    # auto: JAX detects the cluster; the flags given are passed on, the others left to JAX
+    assert eu.distributed_args("auto", None, None, environ={}) == {"coordinator_address": None,
+                                                                   "num_processes": None, "process_id": None}
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    assert eu.init_distributed("auto", 4, None) is True and calls == [{"num_processes": 4}]
+
+    def no_cluster(**kw):
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setattr(jax.distributed, "initialize", no_cluster)
+    with pytest.raises(ValueError, match="--coordinator_address=auto: JAX found no cluster"):
+        eu.init_distributed("auto", None, None)
+    # several processes in the environment but no coordinator: each copy would run the whole job
+    assert eu.multiprocess_environment({"SLURM_NTASKS": "4"}) == "$SLURM_NTASKS=4 says this job has 4 processes"
+    assert "2 TPU hosts" in eu.multiprocess_environment({"TPU_WORKER_HOSTNAMES": "a,b"})
+    for env in ({}, {"SLURM_NTASKS": "1"}, {"TPU_WORKER_HOSTNAMES": "localhost"}, {"OMPI_COMM_WORLD_SIZE": "x"}):
+        assert eu.multiprocess_environment(env) is None, env
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    with caplog.at_level("WARNING", logger="krylovjax.experiment_utils"):
+        assert eu.init_distributed(None, None, None) is False
+    assert "--coordinator_address=auto" in caplog.text and "OMPI_COMM_WORLD_SIZE=2" in caplog.text
+
+
+def test_binaries_refuse_bad_process_flags(tmp_path):
     base = [sys.executable, *TRAIN, f"--workdir={tmp_path / 'w'}", f"--store={tmp_path / 's'}"]
-    for flags, match in [(["--num_processes=2", "--process_id=1"], "--coordinator_address"),
-                         (["--coordinator_address=127.0.0.1", "--num_processes=2"], "host:port"),
-                         (["--coordinator_address=127.0.0.1:1234", "--num_processes=2", "--process_id=2"],
-                          r"--process_id: expected an integer in [0, 2)"),
-                         (["--coordinator_address=127.0.0.1:1234", "--num_processes=0"], "--num_processes")]:
-        out = subprocess.run(base + flags, cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=120)
-        assert out.returncode != 0 and match in out.stderr, (flags, out.stderr[-1500:])
+    out = subprocess.run(base + ["--num_processes=2", "--process_id=1"], cwd=ROOT, env=cpu_env(1),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "--coordinator_address" in out.stderr, out.stderr[-1500:]
     # the pre-computation binary takes the same flags: without a coordinator every copy would
     # compute every chunk, so process flags alone are refused there too
     pre = [sys.executable, "-m", "experiments.precompute", "--config=experiments/configs/demo.py",
