@@ -141,6 +141,7 @@ __all__ = [
     "ShardedData",
     "trajectories_from_store",
     "train",
+    "check_workdir",
     "load_checkpoint",
     "LoadedCheckpoint",
     "load_score_fn",
@@ -1327,6 +1328,29 @@ def _check_record(workdir: str, stored: dict, given: dict) -> None:
             f"workdir: {workdir!r} holds a run with a different config; differing keys: " + "; ".join(diffs)
             + ". Use a new workdir, or the stored config (only " + ", ".join(sorted(RUN_CONTROL_KEYS))
             + " may change on resume).")
+
+
+def check_workdir(workdir: str | os.PathLike, config: "TrainConfig") -> None:
+    """Refuse, before any work, a ``workdir`` whose run was made with another train config.
+
+    :func:`train` checks the whole record (train config, model and data) once the data are
+    known; this checks the train keys alone (run-control keys excepted, as there), so a caller
+    that must prepare its data first (the train binary pre-computes the built-in photos' scores)
+    can fail at once. No run there, or the same train config: returns None. Raises ValueError
+    naming the differing keys, or for an unreadable ``config.json``."""
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config: expected a TrainConfig, got {type(config).__name__}")
+    path = os.path.join(os.fspath(workdir), _CONFIG_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        try:
+            stored = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"workdir: {path!r} is not valid JSON ({err}); refusing to use this workdir") from err
+    if not isinstance(stored, dict):
+        raise ValueError(f"workdir: {path!r} does not hold a run record; refusing to use this workdir")
+    _check_record(os.fspath(workdir), {"train": stored.get("train", {})}, {"train": config.to_dict()})
 
 
 def _atomic_write(path: str, text: str) -> None:

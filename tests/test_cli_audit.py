@@ -300,3 +300,17 @@ def test_generate_interrupted_while_drawing_the_figure_reruns(tmp_path, monkeypa
     assert res["network_evals"] == 7
     for f in generate.RESULT_FILES:
         assert (out / f).is_file(), f
+
+
+def test_train_binary_refuses_another_config_before_precomputing(tmp_path):
+    """Was refused only inside training.train, after the built-in photos' scores were
+    pre-computed; now training.check_workdir runs first (the pre-computation logs never start)."""
+    wd = tmp_path / "run"
+    wd.mkdir()
+    (wd / "config.json").write_text(json.dumps({"train": {"lr": 0.5}, "model": {}, "data": {}}))
+    proc = _run("experiments.train", "--config=experiments/configs/train_tiny.py", "--data=builtin",
+                "--config.method=ours", "--config.num_steps=2", f"--workdir={wd}")
+    assert proc.returncode != 0
+    assert "holds a run with a different config" in proc.stderr and "lr: stored 0.5" in proc.stderr, proc.stderr[-2000:]
+    assert "pre-computed scores of" not in proc.stderr, proc.stderr[-3000:]
+    assert sorted(os.listdir(wd)) == ["config.json"]

@@ -690,6 +690,11 @@ def test_mismatched_config_and_data_are_refused(ours_run, trajectories):
     with pytest.raises(ValueError, match="fingerprint"):
         tr.train(OURS.replace(num_steps=30), other, wd)
     assert tr.load_checkpoint(wd).meta["step"] == 20  # nothing was written
+    # the same refusal before any data are prepared (the train keys alone; run-control keys may change)
+    with pytest.raises(ValueError, match=r"lr: stored 0\.002, given 0\.001"):
+        tr.check_workdir(wd, OURS.replace(lr=1e-3))
+    assert tr.check_workdir(wd, OURS.replace(num_steps=30, checkpoint_every=10, eval_every=10)) is None
+    assert tr.check_workdir(str(wd) + "_new", OURS.replace(lr=1e-3)) is None  # no run there yet
 
 
 def test_corrupt_checkpoint_gives_clear_error_and_touches_nothing(tmp_path, ours_run, trajectories):
