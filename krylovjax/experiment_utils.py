@@ -338,10 +338,11 @@ def sigterm_as_interrupt() -> None:
 
     :func:`krylovjax.training.train` saves a checkpoint when interrupted with SIGINT; SIGTERM's
     default action ends the process at once and the updates since the last scheduled checkpoint
-    are lost (the demos checkpoint only at the stop). With this handler SIGTERM goes to whatever
-    handles SIGINT at that moment (the training loop's deferred interrupt: the update in flight
-    finishes, a checkpoint is saved, the run exits non-zero), or raises ``KeyboardInterrupt``
-    where SIGINT has no Python handler. Main thread only (the binaries' ``main``)."""
+    are lost (the demos checkpoint only at the stop). With this handler the training loop defers
+    SIGTERM as it does Ctrl-C (the update in flight finishes, a checkpoint is saved, the run exits
+    non-zero; :data:`krylovjax.training.DEFER_IN_TRAIN`), also where SIGINT is ignored (a job
+    started with ``&`` or ``nohup``). Outside training SIGTERM goes to SIGINT's Python handler,
+    or raises ``KeyboardInterrupt`` where there is none. Main thread only (the binaries' ``main``)."""
 
     def handle(signum, frame):
         h = signal.getsignal(signal.SIGINT)
@@ -350,6 +351,7 @@ def sigterm_as_interrupt() -> None:
         else:  # SIGINT ignored (started in the background by a shell) or default: interrupt now
             raise KeyboardInterrupt
 
+    handle.defer_in_train = True  # training.DEFER_IN_TRAIN (not imported: training pulls in flax)
     signal.signal(signal.SIGTERM, handle)
 
 

@@ -122,6 +122,7 @@ __all__ = [
     "CheckpointError",
     "METHODS",
     "RUN_CONTROL_KEYS",
+    "DEFER_IN_TRAIN",
     "embedding_loss",
     "jitter_windows",
     "learning_rate",
@@ -1530,26 +1531,36 @@ def _from_process_0(value: int) -> int:
     return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
+#: A signal handler with this attribute set true asks :func:`train` to defer that signal like
+#: Ctrl-C while it trains (``experiment_utils.sigterm_as_interrupt`` sets it on its SIGTERM handler).
+DEFER_IN_TRAIN = "defer_in_train"
+
+
 class _DeferredInterrupt:
     """Ctrl-C (SIGINT) during :func:`train`: the update in flight and its records finish, then
     ``KeyboardInterrupt`` is raised at the next step boundary (where the handler saves that step).
     A second SIGINT, or one during an evaluation (``immediate()``), interrupts at once. Installed
-    only from the main thread over Python's default handler; otherwise SIGINT is left alone."""
+    only from the main thread over Python's default handler; otherwise SIGINT is left alone
+    (ignored, as in a job started with ``&``, or the caller's own handler). SIGTERM is deferred
+    the same way when its handler asks for it (:data:`DEFER_IN_TRAIN`), whatever SIGINT's state."""
 
     def __init__(self):
         self.pending = False
         self._immediate = False
-        self._old = None
+        self._old = {}
 
     def install(self) -> None:
-        if (threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-            self._old = signal.signal(signal.SIGINT, self._handle)
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._old[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
+        if getattr(signal.getsignal(signal.SIGTERM), DEFER_IN_TRAIN, False):
+            self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
 
     def restore(self) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-            self._old = None
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
 
     def _handle(self, signum, frame):
         if self._immediate or self.pending:

@@ -203,6 +203,40 @@ def test_sigterm_goes_to_the_sigint_handler():
         signal.signal(signal.SIGTERM, old_term)
 
 
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_training_defers_sigterm_whatever_sigint_is(sigint):
+    """Inside train, SIGTERM from sigterm_as_interrupt is deferred to the step boundary like
+    Ctrl-C, also where SIGINT is ignored (a job started with & or nohup), and put back after."""
+    from krylovjax import training
+
+    old_int, old_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler if sigint == "default" else signal.SIG_IGN)
+        eu.sigterm_as_interrupt()
+        ours = signal.getsignal(signal.SIGTERM)
+        assert getattr(ours, training.DEFER_IN_TRAIN)
+        deferred = training._DeferredInterrupt()
+        deferred.install()
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # lands in the handler, which only marks it
+            for _ in range(100):
+                if deferred.pending:
+                    break
+                time.sleep(0.01)
+        except KeyboardInterrupt:
+            deferred.restore()
+            pytest.fail("SIGTERM interrupted at once instead of being deferred to the step boundary")
+        assert deferred.pending
+        with pytest.raises(KeyboardInterrupt):
+            deferred.check()  # the step boundary
+        deferred.restore()
+        assert signal.getsignal(signal.SIGTERM) is ours
+        assert signal.getsignal(signal.SIGINT) is (signal.default_int_handler if sigint == "default" else signal.SIG_IGN)
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+
+
 _TRAIN = ["--config=experiments/configs/train_tiny.py", "--data=builtin", "--config.data.image_size=16",
           "--config.data.num_images=2", "--config.model_overrides.ch=16", "--config.model_overrides.ch_mult=(1,)",
           "--config.model_overrides.attn_resolutions=()", "--config.lr=0.002", "--config.warmup_steps=5",
@@ -218,15 +252,18 @@ def _train_steps(wd) -> list[int]:
 
 
 @pytest.mark.slow
-def test_train_binary_sigterm_saves_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_train_binary_sigterm_saves_a_checkpoint(tmp_path, sigint):
     """SIGTERM (kill, timeout, batch schedulers) used to end the run at once: with checkpoints only
     at the stop every update was lost. Now it is handled like Ctrl-C: a checkpoint of the step
-    reached, and a non-zero exit."""
+    reached, and a non-zero exit; also where SIGINT is ignored (the child's SIGINT is set here,
+    not inherited from however pytest was started)."""
     wd = tmp_path / "run"
     cmd = [sys.executable, "-m", "experiments.train", *_TRAIN, f"--workdir={wd}", "--config.num_steps=100000",
            "--config.checkpoint_every=100000"]
+    disposition = signal.SIG_DFL if sigint == "default" else signal.SIG_IGN
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))
     try:
         deadline = time.monotonic() + 600  # a ceiling for a starved machine
         while len(_train_steps(wd)) < 2:
