@@ -3,7 +3,8 @@ equation and cross-matrix Krylov projection, in JAX.
 
 The operators, solvers and preconditioners are imported eagerly; the pre-computation
 (``precompute``, ``initial``, ``transport``) and the heavier stages (``models``, ``training``,
-``sampling``, ``metrics``, ``ddpm``, ``store``, ``data``) load on first access. Importing krylovjax never imports TensorFlow or the experiment binaries.
+``sampling``, ``metrics``, ``ddpm``, ``store``, ``data``) load on first access. Importing
+krylovjax never imports TensorFlow or the experiment binaries.
 """
 
 import importlib
