@@ -135,4 +135,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from krylovjax.experiment_utils import parse_flags
+
+    app.run(main, flags_parser=parse_flags)

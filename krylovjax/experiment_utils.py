@@ -64,6 +64,7 @@ __all__ = [
     "check_dir_arg",
     "refuse_other_runs",
     "check_no_args",
+    "parse_flags",
     "int_list_flag",
     "choice_list_flag",
     "check_flag",
@@ -248,6 +249,31 @@ def run_claimed(workdir: str | os.PathLike, experiment: str, config: Any, body: 
 # ----------------------------------------------------------------------------------------------
 # Argument checks
 # ----------------------------------------------------------------------------------------------
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl's flag parsing (``app.run(main, flags_parser=parse_flags)``) with a config override
+    that names no key of the config (``--config.num_stepz=3``) reported like any bad flag: one
+    line naming the flag and ml_collections' suggestion, exit status 1, instead of an
+    ``AttributeError`` traceback from inside ml_collections."""
+    import sys
+
+    from absl import app
+
+    try:
+        return app.parse_flags_with_usage(argv)
+    except AttributeError as err:
+        inner = err.args[0] if err.args else None
+        if not (isinstance(inner, KeyError) and inner.args and isinstance(inner.args[0], str)):
+            raise
+        first, _, hint = inner.args[0].partition("\n")
+        key = first.strip("'\"")
+        named = [a.split("=", 1)[0] for a in argv[1:]
+                 if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")]
+        flag = named[0] if named else "--config.*"
+        sys.stderr.write(f"FATAL Flags parsing error: {flag}: the config has no key {key!r}"
+                         f"{'. ' + hint if hint else ''}\nPass --helpshort or --helpfull to see help on flags.\n")
+        sys.exit(1)
 
 
 def check_no_args(argv: Sequence[str]) -> None:

@@ -351,3 +351,21 @@ def test_train_binary_refuses_another_config_before_precomputing(tmp_path):
     assert "holds a run with a different config" in proc.stderr and "lr: stored 0.5" in proc.stderr, proc.stderr[-2000:]
     assert "pre-computed scores of" not in proc.stderr, proc.stderr[-3000:]
     assert sorted(os.listdir(wd)) == ["config.json"]
+
+
+@pytest.mark.parametrize("module, config, key", [
+    ("experiments.train", "train_tiny.py", "num_stepz"),
+    ("experiments.precompute", "demo.py", "precompute.tolx"),
+    ("experiments.denoise", "denoise_demo.py", "ours.train.lrx"),
+    ("experiments.budget", "budget_demo.py", "budget_secondz"),
+])
+def test_misspelt_config_key_is_a_flag_error(module, config, key, tmp_path):
+    """Was an AttributeError traceback from inside ml_collections' flag parsing."""
+    wd = tmp_path / "run"
+    proc = _run(module, f"--config=experiments/configs/{config}", f"--workdir={wd}", f"--config.{key}=3")
+    assert proc.returncode == 1
+    last = key.split(".")[-1]
+    assert f"FATAL Flags parsing error: --config.{key}: the config has no key '{last}'" in proc.stderr, \
+        proc.stderr[-2000:]
+    assert "Did you mean" in proc.stderr and "Traceback" not in proc.stderr
+    assert not wd.exists()
