@@ -103,9 +103,10 @@ def _krylov_tol() -> float:
     return FLAGS.tol if FLAGS.tol is not None else DEFAULT_TOL[np.dtype(FLAGS.dtype)]
 
 
-def check_flags() -> list[int]:
+def check_flags() -> tuple[list[int], str | int | None, int | None]:
     """The list and string flags checked before any work (PrecomputeConfig checks the numbers
-    of each run); returns the sizes. Raises ``absl.app.UsageError`` naming the flag."""
+    of each run); returns the parsed sizes, chunk size and compact. Raises
+    ``absl.app.UsageError`` naming the flag."""
     from krylovjax.precompute import STRATEGIES
 
     sizes = eu.int_list_flag("sizes", FLAGS.sizes, 4)
@@ -114,17 +115,14 @@ def check_flags() -> list[int]:
     eu.choice_list_flag("subsets", FLAGS.subsets, ("all", "converged"))
     for name, lo in (("images", 1), ("repeats", 1), ("spsolve_repeats", 1)):
         eu.check_flag(FLAGS[name].value >= lo, name, f"an integer >= {lo}", FLAGS[name].value)
-    for name, words in (("chunk_size", ("auto", "none")), ("compact", ("none",))):
-        v = FLAGS[name].value
-        eu.check_flag(v in words or (v.isdigit() and int(v) >= 1), name,
-                      " or ".join(repr(w) for w in words) + " or an integer >= 1", v)
-    return sizes
+    chunk = eu.word_or_int_flag("chunk_size", FLAGS.chunk_size, ("auto", "none"))
+    compact = eu.word_or_int_flag("compact", FLAGS.compact, ("none",))
+    return sizes, chunk, compact
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    sizes = check_flags()
+    eu.check_no_args(argv)
+    sizes, chunk, compact = check_flags()
     import jax
 
     jax.config.update("jax_enable_x64", FLAGS.dtype == "float64")
@@ -138,9 +136,6 @@ def main(argv):
                   else [s for s in FLAGS.strategies if s != "spsolve"])
     if strategies[0] != "spsolve":
         strategies = ["spsolve"] + strategies
-    chunk = (None if FLAGS.chunk_size == "none" else
-             "auto" if FLAGS.chunk_size == "auto" else int(FLAGS.chunk_size))
-    compact = None if FLAGS.compact == "none" else int(FLAGS.compact)
     info = benchmark_machine()
     logging.info("machine: %s", info)
     rows = []

@@ -499,10 +499,9 @@ def _fmt_values(values, most: int = GRID_PANELS) -> str:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from krylovjax import experiment_utils as eu
 
+    eu.check_no_args(argv)
     eu.quiet_orbax_logs()
     eu.sigterm_as_interrupt()  # kill / timeout / schedulers: checkpoint like Ctrl-C, then exit non-zero
     run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite)

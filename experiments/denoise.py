@@ -976,10 +976,9 @@ def print_summary(out: dict, workdir: str) -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from krylovjax import experiment_utils as eu
 
+    eu.check_no_args(argv)
     eu.quiet_orbax_logs()
     eu.sigterm_as_interrupt()  # kill / timeout / schedulers: checkpoint like Ctrl-C, then exit non-zero
     out = run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite)

@@ -309,10 +309,9 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from krylovjax import experiment_utils as eu
 
+    eu.check_no_args(argv)
     eu.quiet_orbax_logs()
     outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, "generate")
     run(FLAGS.workdir, outdir, num_samples=FLAGS.num_samples, num_frames=FLAGS.num_frames,

@@ -13,9 +13,9 @@ skipped; another config or other images are refused.
 Multi-host: run one copy per process with ``--coordinator_address=host:port
 --num_processes=P --process_id=i`` (or the environment variables ``JAX_COORDINATOR_ADDRESS``,
 ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``), or with ``--coordinator_address=auto`` on a TPU pod,
-SLURM or Open MPI, where JAX finds the layout itself; each process computes the chunks ``i % P == id`` on
-its local devices, process 0 creates the store and, once every chunk is done, writes the
-summary (the others write ``precompute_summary_process<i>.json``).
+SLURM or Open MPI, where JAX finds the layout itself; each process computes the chunks
+``i % P == id`` on its local devices, process 0 creates the store and, once every chunk is done,
+writes the summary (the others write ``precompute_summary_process<i>.json``).
 """
 
 from __future__ import annotations
@@ -90,10 +90,9 @@ def _table(rows):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from krylovjax import experiment_utils as eu
 
+    eu.check_no_args(argv)
     eu.check_dir_arg(FLAGS.workdir, "workdir")
     eu.refuse_other_runs(FLAGS.workdir, {"experiment.json": "another experiment's run",
                                          "checkpoints": "a training run"})

@@ -111,7 +111,7 @@ def main(argv):
     from krylovjax import training
 
     train_cfg = training.TrainConfig.from_dict({k: v for k, v in cfg.items() if k not in _NON_TRAIN_KEYS})
-    training.check_workdir(FLAGS.workdir, train_cfg)  # another run's config: refused before any pre-computation
+    training.check_workdir(FLAGS.workdir, train_cfg)  # another run's config: refused before pre-computing
     if source == "store":
         data = FLAGS.store  # training reads each process's own images from it
     else:

@@ -23,12 +23,6 @@ Beyond the paper, each selectable (design.md decision 7):
   factorisation (:func:`krylovjax.preconditioners.line_preconditioner`), or its block
   incomplete factorisation by rows (:func:`krylovjax.preconditioners.block_line_preconditioner`).
 - warm starts ``x0`` from a previous sweep or time step.
-
-:func:`seed_basis` and :func:`cross_matrix_solve` take the user's callables: called outside
-``jax.jit``, each call traces and compiles its loops anew (about a second on a CPU) and the
-program stays loaded, so in a loop call them inside your own ``jax.jit`` with the operator as an
-argument. :func:`solve_fp` is jitted itself (``config`` static) and compiles once per shape,
-dtype and config.
 - ``precondition="red_black"``: the exact red-black Schur reduction
   (:func:`krylovjax.preconditioners.red_black_reduction`): the Krylov method runs on the black
   pixels only; with ``krylov="bicgstab"`` this is the ``"fast"`` preset, the fastest
@@ -36,6 +30,12 @@ dtype and config.
 
 :func:`solve_fp` wires these together for an :class:`~krylovjax.fokker_planck.FPOperator` batch
 with a :class:`SolverConfig`, including cache-sized chunking of the batch.
+
+:func:`seed_basis` and :func:`cross_matrix_solve` take the user's callables: called outside
+``jax.jit``, each call traces and compiles its loops anew (about a second on a CPU) and the
+program stays loaded, so in a loop call them inside your own ``jax.jit`` with the operator as an
+argument. :func:`solve_fp` is jitted itself (``config`` static) and compiles once per shape,
+dtype and config.
 """
 
 from __future__ import annotations

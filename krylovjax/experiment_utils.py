@@ -13,7 +13,7 @@ Nothing here is numerics of the method; these are the small pieces every experim
   :func:`plot_curves` (matplotlib with the Agg backend, PNG).
 * flag checks for the binaries' ``main`` (``absl.app.UsageError`` naming the flag, before any
   work): :func:`check_no_args`, :func:`check_flag`, :func:`int_list_flag`,
-  :func:`choice_list_flag`, :func:`check_dir_arg` (a directory flag that is a file),
+  :func:`word_or_int_flag`, :func:`choice_list_flag`, :func:`check_dir_arg` (a directory flag that is a file),
   :func:`refuse_other_runs` (a directory holding another binary's run), and
   :func:`sigterm_as_interrupt` (SIGTERM checkpoints a training run like Ctrl-C).
 
@@ -66,6 +66,7 @@ __all__ = [
     "check_no_args",
     "parse_flags",
     "int_list_flag",
+    "word_or_int_flag",
     "choice_list_flag",
     "check_flag",
 ]
@@ -181,15 +182,17 @@ def claim_workdir(workdir: str | os.PathLike, experiment: str, config: Any, *,
     return True
 
 
-def _file_above(path: str) -> str | None:
-    """The nearest existing ancestor of a missing ``path`` if it is not a directory, else None."""
+def _not_a_directory(path: str) -> str | None:
+    """Why ``path`` cannot be a run directory (it is a file, or lies under one), else None."""
     probe = os.path.abspath(path)
     while not os.path.exists(probe):
         parent = os.path.dirname(probe)
         if parent == probe:
             return None
         probe = parent
-    return None if os.path.isdir(probe) or probe == os.path.abspath(path) else probe
+    if os.path.isdir(probe):
+        return None
+    return "is a file" if probe == os.path.abspath(path) else f"lies under the file {probe!r}"
 
 
 def check_claim(workdir: str | os.PathLike, experiment: str, config: Any, *,
@@ -199,12 +202,9 @@ def check_claim(workdir: str | os.PathLike, experiment: str, config: Any, *,
     workdir = os.fspath(workdir)
     record = {"experiment": experiment, "config": _plain(config)}
     path = os.path.join(workdir, _CLAIM_FILE)
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise WorkdirConflictError(f"{arg}: {workdir!r} is a file, expected a directory (new or a run's)")
-    above = _file_above(workdir)
-    if above is not None:
-        raise WorkdirConflictError(f"{arg}: {workdir!r} lies under the file {above!r}, expected a directory "
-                                   "(new or a run's)")
+    problem = _not_a_directory(workdir)
+    if problem:
+        raise WorkdirConflictError(f"{arg}: {workdir!r} {problem}, expected a directory (new or a run's)")
     if os.path.isfile(path):
         try:
             with open(path) as f:
@@ -310,6 +310,15 @@ def int_list_flag(name: str, values: Sequence[str], minimum: int) -> list[int]:
     return out
 
 
+def word_or_int_flag(name: str, value: str, words: Sequence[str], minimum: int = 1) -> str | int | None:
+    """A string flag that is one of ``words`` or an integer ``>= minimum``, parsed: ``"none"`` as
+    None, another word as itself, digits as an int; else ``absl.app.UsageError`` naming
+    ``--<name>``."""
+    ok = value in words or (value.isdigit() and int(value) >= minimum)
+    check_flag(ok, name, " or ".join(repr(w) for w in words) + f" or an integer >= {minimum}", value)
+    return None if value == "none" else value if value in words else int(value)
+
+
 def choice_list_flag(name: str, values: Sequence[str], choices: Iterable[str]) -> list[str]:
     """A comma-separated list flag whose entries (at least one, distinct) are among ``choices``,
     or ``absl.app.UsageError`` naming ``--<name>`` and the unknown entries."""
@@ -330,11 +339,9 @@ def check_dir_arg(path: str | os.PathLike | None, arg: str = "workdir") -> str:
     if path is None or not os.fspath(path):
         raise app.UsageError(f"--{arg}: expected a directory path, got {path!r}")
     path = os.fspath(path)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise app.UsageError(f"--{arg}: {path!r} is a file; expected a directory (new or a run's)")
-    above = _file_above(path)
-    if above is not None:
-        raise app.UsageError(f"--{arg}: {path!r} lies under the file {above!r}; expected a directory (new or a run's)")
+    problem = _not_a_directory(path)
+    if problem:
+        raise app.UsageError(f"--{arg}: {path!r} {problem}; expected a directory (new or a run's)")
     return path
 
 
@@ -399,15 +406,14 @@ def init_distributed(address, num_processes, process_id) -> bool:
         return False
     import jax
 
-    if dist["coordinator_address"] is None:  # "auto"
-        kwargs = {k: v for k, v in dist.items() if v is not None}
-        try:
-            jax.distributed.initialize(**kwargs)
-        except ValueError as err:
-            raise ValueError(f"--coordinator_address=auto: JAX found no cluster to take the process layout "
-                             f"from (a TPU pod, SLURM, Open MPI): {err}; pass host:port instead") from None
-    else:
-        jax.distributed.initialize(**dist)
+    try:
+        # the arguments not given are left to JAX, which takes them from the cluster
+        jax.distributed.initialize(**{k: v for k, v in dist.items() if v is not None})
+    except ValueError as err:
+        if dist["coordinator_address"] is not None:
+            raise
+        raise ValueError(f"--coordinator_address=auto: JAX found no cluster to take the process layout "
+                         f"from (a TPU pod, SLURM, Open MPI): {err}; pass host:port instead") from None
     log.info("process %d/%d, %d local device(s), %d in all", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
     return True

@@ -21,7 +21,8 @@ scipy on the host through a callback) or a preset of :data:`krylovjax.cross_matr
 ``"gmres"``, ``"bicgstab"``, ``"cross_matrix"`` (the paper's method, reconstructed),
 ``"recycled"``, ``"preconditioned"``, ``"cross_matrix_precond"`` (the default), ``"fast"``
 (BiCGStab on the exact red-black reduction, the fastest on a CPU), and the line and block
-preconditioned variants (``"preconditioned_line"``, ``"cross_matrix_block"``, ...). Warm starts from the previous sweep are on by default.
+preconditioned variants (``"preconditioned_line"``, ``"cross_matrix_block"``, ...). Warm starts
+from the previous sweep are on by default.
 
 Sharding (``PrecomputeConfig(shard=True)``): the systems (images x channels) are split over all
 local devices along a ``Mesh`` axis ``"data"`` and each device solves its own shard inside
@@ -209,11 +210,11 @@ class PrecomputeConfig:
         if self.forcing > 0 and self.outer != "sweeps":
             raise ValueError(f"forcing: inexact solves are for outer='sweeps', got outer="
                              f"{self.outer!r} (use forcing=0)")
-        for name in ("outer_tol", "tol", "h"):
+        for name in ("outer_tol", "tol", "h"):  # Python floats by now (as_real above)
             v = getattr(self, name)
             if name == "tol" and v is None:  # the compute dtype's default (DEFAULT_TOL)
                 continue
-            if not (isinstance(v, (int, float)) and np.isfinite(v) and v > 0):
+            if not (np.isfinite(v) and v > 0):
                 raise ValueError(f"{name}: expected {'None or ' if name == 'tol' else ''}a "
                                  f"finite number > 0, got {v!r}")
         if str(self.sde).lower() not in sde_lib.sde_names():  # as get_sde reads it
