@@ -48,6 +48,7 @@ import time
 from absl import app, flags
 
 from experiments import bench_solvers  # noqa: F401  (defines the shared flags)
+from krylovjax import experiment_utils as eu
 from krylovjax.experiment_utils import benchmark_machine
 from krylovjax.preconditioners import BLOCK_BANDWIDTH
 
@@ -206,7 +207,7 @@ def time_applications(op, chunk, repeats, inner=20):
 
 
 def main(argv):
-    del argv
+    eu.check_no_args(argv)
     import jax
 
     jax.config.update("jax_enable_x64", True)

@@ -43,16 +43,33 @@ def check_positive(name: str, x) -> None:
             raise ValueError(f"{name}: expected finite values > 0, got {a if a.size < 8 else 'an array with some <= 0'}")
 
 
+def is_float32_or_64(dtype) -> bool:
+    """True for float32 or float64 in either byte order: the dtypes the solvers' LAPACK calls
+    support (not float16/bfloat16)."""
+    dtype = np.dtype(dtype)
+    return dtype.kind == "f" and dtype.itemsize in (4, 8)
+
+
 def check_rank(name: str, x, min_rank: int, what: str) -> None:
     """Raise ValueError if ``x`` has fewer than ``min_rank`` axes."""
     if jnp.ndim(x) < min_rank:
         raise ValueError(f"{name}: expected {what}, got shape {jnp.shape(x)}")
 
 
+def is_int(value) -> bool:
+    """True for a Python or NumPy integer, not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value) -> bool:
+    """True for a real number (int, float, NumPy scalar), not a bool, a string or an array."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
 def as_real(name: str, value) -> float:
     """``value`` as a Python float: any real number (int, float, NumPy scalar), not a bool, a
     string or an array."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+    if not is_real(value):
         raise ValueError(f"{name}: expected a real number, got {value!r}")
     return float(value)
 

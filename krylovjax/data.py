@@ -26,6 +26,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from krylovjax._checks import is_concrete, is_float32_or_64
+
 __all__ = [
     "ImageDTypeError",
     "DatasetNotPreparedError",
@@ -55,15 +57,6 @@ class DatasetNotPreparedError(FileNotFoundError):
 
 # --------------------------------------------------------------------------
 # validation
-
-
-def _is_tracer(x: Any) -> bool:
-    try:
-        import jax
-
-        return isinstance(x, jax.core.Tracer)
-    except Exception:  # pragma: no cover - jax always present in this project
-        return False
 
 
 def validate_images(images: Any, name: str = "images") -> Any:
@@ -99,10 +92,9 @@ def validate_images(images: Any, name: str = "images") -> Any:
         raise ValueError(f"{name} must have C in {{1, 3}} channels [B, C, H, W], got C={C} (shape {shape})")
     if H < 4 or W < 4:
         raise ValueError(f"{name} must have H, W >= 4 [B, C, H, W], got H={H}, W={W}")
-    dtype = np.dtype(images.dtype)
-    if not (dtype.kind == "f" and dtype.itemsize in (4, 8)):  # float32/64 in either byte order
+    if not is_float32_or_64(images.dtype):
         raise ImageDTypeError(f"{name} must have a floating dtype (float32/float64), got {images.dtype}")
-    if _is_tracer(images):
+    if not is_concrete(images):
         return images
     arr = np.asarray(images)
     finite = np.isfinite(arr)

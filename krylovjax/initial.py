@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from krylovjax._checks import check_finite
+from krylovjax._checks import check_finite, is_float32_or_64
 from krylovjax.data import validate_images
 
 __all__ = [
@@ -127,7 +127,7 @@ def kde_log_density(
     """
     for name, x in (("data", data), ("queries", queries)):
         dtype = np.dtype(x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype)
-        if not (dtype.kind == "f" and dtype.itemsize in (4, 8)):
+        if not is_float32_or_64(dtype):
             raise TypeError(f"{name}: expected float32 or float64, got {dtype}")
         check_finite(name, x)
     return _kde_log_density(data, queries, min_bandwidth=min_bandwidth, chunk_elems=chunk_elems)

@@ -109,7 +109,7 @@ from jax.sharding import PartitionSpec as P
 
 from krylovjax import ddpm as ddpm_lib
 from krylovjax import sde as sde_lib
-from krylovjax._checks import check_finite, is_concrete
+from krylovjax._checks import check_finite, is_concrete, is_int, is_real
 from krylovjax.models import PRESETS, UNet, UNetConfig, get_config
 
 __all__ = [
@@ -189,16 +189,8 @@ def _pairs_to_dict(pairs: tuple) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in pairs}
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-
 def _check_time_jitter(w: Any) -> None:
-    if not (_is_real(w) and 0.0 <= w <= 1.0):  # NaN fails the comparison
+    if not (is_real(w) and 0.0 <= w <= 1.0):  # NaN fails the comparison
         raise ValueError(f"time_jitter: expected a window fraction in [0, 1], got {w!r}")
 
 
@@ -319,31 +311,31 @@ class TrainConfig:
             raise ValueError(f"sde_kwargs: not accepted by the SDE {self.sde!r}: {err}") from err
         for k in ("batch_size", "num_steps", "checkpoint_every", "max_to_keep", "log_every", "ddpm_num_steps"):
             v = getattr(self, k)
-            if not _is_int(v) or v < 1:
+            if not is_int(v) or v < 1:
                 raise ValueError(f"{k}: expected an integer >= 1, got {v!r}")
             set_(k, int(v))
-        if not _is_int(self.steps_per_call) or self.steps_per_call < 0:
+        if not is_int(self.steps_per_call) or self.steps_per_call < 0:
             raise ValueError(f"steps_per_call: expected an integer >= 1, or 0 for automatic, got {self.steps_per_call!r}")
         set_("steps_per_call", int(self.steps_per_call))
         for k in ("warmup_steps", "eval_every", "seed"):
             v = getattr(self, k)
-            if not _is_int(v) or v < 0:
+            if not is_int(v) or v < 0:
                 raise ValueError(f"{k}: expected an integer >= 0, got {v!r}")
             set_(k, int(v))
-        if not (_is_real(self.lr) and math.isfinite(self.lr) and self.lr > 0):
+        if not (is_real(self.lr) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr: expected a finite learning rate > 0, got {self.lr!r}")
         if self.grad_clip is not None:
-            if not (_is_real(self.grad_clip) and math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            if not (is_real(self.grad_clip) and math.isfinite(self.grad_clip) and self.grad_clip >= 0):
                 raise ValueError(f"grad_clip: expected None or a finite value >= 0, got {self.grad_clip!r}")
             set_("grad_clip", float(self.grad_clip) if self.grad_clip > 0 else None)
-        if not (_is_real(self.ema_decay) and 0.0 <= self.ema_decay < 1.0):
+        if not (is_real(self.ema_decay) and 0.0 <= self.ema_decay < 1.0):
             raise ValueError(f"ema_decay: expected a value in [0, 1), got {self.ema_decay!r}")
         if self.budget_seconds is not None:
-            if not (_is_real(self.budget_seconds) and math.isfinite(self.budget_seconds) and self.budget_seconds > 0):
+            if not (is_real(self.budget_seconds) and math.isfinite(self.budget_seconds) and self.budget_seconds > 0):
                 raise ValueError(f"budget_seconds: expected None or a finite number of seconds > 0, got {self.budget_seconds!r}")
             set_("budget_seconds", float(self.budget_seconds))
         _check_time_jitter(self.time_jitter)
-        if not (_is_real(self.ddpm_beta_start) and _is_real(self.ddpm_beta_end)
+        if not (is_real(self.ddpm_beta_start) and is_real(self.ddpm_beta_end)
                 and 0 < self.ddpm_beta_start <= self.ddpm_beta_end < 1):
             raise ValueError(
                 "ddpm_beta_start, ddpm_beta_end: expected 0 < ddpm_beta_start <= ddpm_beta_end < 1, "
@@ -351,7 +343,7 @@ class TrainConfig:
         if self.ddpm_max_train_step is not None:
             if self.method != "ddpm":
                 raise ValueError(f"ddpm_max_train_step: only for method='ddpm', got method={self.method!r}")
-            if not _is_int(self.ddpm_max_train_step) or not 1 <= self.ddpm_max_train_step <= self.ddpm_num_steps:
+            if not is_int(self.ddpm_max_train_step) or not 1 <= self.ddpm_max_train_step <= self.ddpm_num_steps:
                 raise ValueError("ddpm_max_train_step: expected None or an integer in [1, ddpm_num_steps = "
                                  f"{self.ddpm_num_steps}], got {self.ddpm_max_train_step!r}")
             set_("ddpm_max_train_step", int(self.ddpm_max_train_step))
@@ -1181,7 +1173,7 @@ def make_train_step(config: TrainConfig, model_def: ModelDef, mesh: Mesh | None 
     if config.batch_size % mesh.size:
         raise ValueError(f"batch_size: expected a multiple of the number of devices ({mesh.size}), "
                          f"got {config.batch_size}")
-    if not _is_int(steps) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise ValueError(f"steps: expected an integer >= 1, got {steps!r}")
     step = _step_fn(config, model_def, mesh, num_images)
     if steps > 1:
@@ -1656,7 +1648,7 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
     wall0 = time.perf_counter()
     config = TrainConfig.from_dict(config)
     if target is not None:
-        if not (_is_real(target) and math.isfinite(target) and 0.0 < target <= 1.0):
+        if not (is_real(target) and math.isfinite(target) and 0.0 < target <= 1.0):
             raise ValueError(f"target: expected a value in (0, 1] (e.g. an SSIM), got {target!r}")
         if eval_fn is None:
             raise ValueError("target: needs an eval_fn returning the target metric")

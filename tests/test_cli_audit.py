@@ -67,6 +67,7 @@ def _run(module: str, *args: str, timeout: float = 180) -> subprocess.CompletedP
     ("experiments.bench_precompute", ["--sizes=8", "--compact=abc"], "--compact: expected 'none' or an integer"),
     ("experiments.bench_precompute", ["--sizes=8", "--repeats=0"], "--repeats: expected an integer >= 1, got 0"),
     ("experiments.bench_precompute", ["--sizes=8", "--strategies=nosuch"], "unknown: ['nosuch']"),
+    ("experiments.study_line_preconditioner", ["extra"], "unexpected arguments: ['extra']"),
 ])
 def test_bench_flags_refused_up_front(module, args, message, tmp_path):
     out = tmp_path / "out.json"
