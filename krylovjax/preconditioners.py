@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from krylovjax import krylov
 from krylovjax.fokker_planck import FPOperator, _shift
 
 Array = jax.Array
@@ -362,12 +363,6 @@ def block_line_preconditioner(op: FPOperator, *, bandwidth: int = BLOCK_BANDWIDT
 # Red-black (Schur complement) reduction.
 
 
-def _sumsq(x: Array) -> Array:
-    """``sum(x**2)`` over the last axis as a ``dot_general`` (``precision=HIGHEST``); see
-    ``krylov._dot`` for why not a reduction."""
-    return jnp.einsum("...n,...n->...", x, x, precision=_HI)
-
-
 def _pad_shift_source(x: Array, margin: int) -> Array:
     """``x [..., n]`` padded with ``margin`` zeros on both sides of the last axis, materialised.
 
@@ -494,7 +489,11 @@ class RedBlackSystem:
             return full
         r_black = bb - self.d_black * xb - _apply5(self.a_br, xr, wh)
         r_red = br - self.d_red * (xr + ax)
-        return full, jnp.sqrt(_sumsq(r_black) + _sumsq(r_red))
+        # scaled by a power of two per system (krylov.scaled_norm): a plain sum of squares
+        # overflowed to inf for float32 fields near 1e19 (a converged solve reported
+        # STAGNATION) and underflowed to 0 near 1e-24 (a wrong x reported converged)
+        r = jnp.concatenate([r_black, r_red], axis=-1)
+        return full, krylov.scaled_norm(r.reshape(-1, r.shape[-1])).reshape(r.shape[:-1])
 
 
 def _pad_even(a: Array, grid_shape) -> Array:
