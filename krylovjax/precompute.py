@@ -84,6 +84,8 @@ class PrecomputeConfig:
       scheme, boundary: of the FP operator (:func:`krylovjax.fokker_planck.fp_operator`).
       initial: initial log-density method (:func:`krylovjax.initial.initial_log_density`).
       score_method, score_boundary: how scores are taken from m (:func:`krylovjax.scores.score`).
+        ``score_boundary="reflect"`` mirrors about the boundary node, the operator's
+        ``boundary="reflect"`` half a cell out: two different conditions, set separately.
       outer: "sweeps" (Paper B) or "timestep" (Paper A).
       outer_tol: relative-change tolerance of the outer iteration.
       max_sweeps: sweep budget ("sweeps").
