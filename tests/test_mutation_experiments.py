@@ -497,6 +497,22 @@ def test_train_excludes_evaluation_time_from_time_to_target_and_budget(tmp_path,
     assert res.stop_reason == "num_steps" and res.step == 3 and res.eval_seconds >= 3 * EVAL
 
 
+def test_train_does_not_count_a_non_finite_metric_as_reaching_the_target(tmp_path, _trajectories):
+    """An evaluation that returns +inf (or NaN) does not stop training at the target, as
+    experiment_utils.first_reaching skips it when the tables are made."""
+    from krylovjax import training as tr
+
+    seen = []
+
+    def ev(fn, step):
+        seen.append(step)
+        return {"ssim": math.inf if step == 1 else math.nan}
+
+    res = tr.train(_tiny_train_config(num_steps=2, eval_every=1, log_every=1), _trajectories, tmp_path / "t",
+                   eval_fn=ev, target=0.9)
+    assert seen == [1, 2] and res.stop_reason == "num_steps" and res.time_to_target is None
+
+
 # ----------------------------------------------------------------------------------------------
 # krylovjax.reference: the baseline's timing
 # ----------------------------------------------------------------------------------------------
