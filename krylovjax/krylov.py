@@ -629,6 +629,10 @@ def gmres(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 1e-
     last finite iterate is kept), stops with ``Status.BREAKDOWN``; running out of cycles gives
     ``Status.MAX_ITERATIONS``. A lucky breakdown (the Krylov space contains the solution) is
     simply convergence. Rows with ``b_i = 0`` return ``x_i = 0``, converged, residual 0.
+    ``b`` is rescaled by a power of two, the operator is not: an ``A M^{-1}`` whose norm
+    exceeds about 1e154 in float64 (1e19 in float32) overflows the Arnoldi step's sums of
+    squares and ends in ``Status.BREAKDOWN`` (scale such an operator first; the log-FP
+    operators, ``I`` plus a scaled stencil, are far from it).
 
     With ``recycle=(U, C)`` (GCRO augmentation with a fixed space, ``C = A U``, orthonormal
     rows; see :func:`make_recycle_space`) every cycle starts with ``x += U^T C r``,
@@ -720,7 +724,7 @@ def gmres(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 1e-
             rcol = jnp.einsum("bij,bj->bi", QT, h, precision=_HI)
             a = lax.dynamic_index_in_dim(rcol, j, axis=1, keepdims=False)
             c_ = lax.dynamic_index_in_dim(rcol, j + 1, axis=1, keepdims=False)  # = h[j+1]
-            rho = jnp.sqrt(a * a + c_ * c_)
+            rho = jnp.hypot(a, c_)  # no overflow of the squares
             nz = rho > 0
             safe = jnp.where(nz, rho, 1.0)
             cs = jnp.where(nz, a / safe, 1.0)

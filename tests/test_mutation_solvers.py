@@ -382,3 +382,35 @@ def test_jacobi_divides_by_the_assembled_diagonal(boundary):
     for i in range(2):
         d = op.to_scipy(i).diagonal()
         np.testing.assert_allclose(out[i].ravel(), x[i].ravel() / d, rtol=1e-13)
+
+
+# ----------------------------------------------------------------------------------------------
+# Second audit: the mutants the first one did not run
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("solver", [krylov.gmres, krylov.bicgstab])
+def test_non_finite_initial_residual_is_a_breakdown_before_any_cycle(solver):
+    """A warm start whose residual b - A x0 overflows (A = 2 I, x0 = 1.5e308: A x0 = inf) is a
+    breakdown from the start (_start's contract): no cycle, the one residual matvec counted,
+    x0 returned unchanged; the other system of the batch is solved as usual."""
+    scale = 2.0
+    b = jnp.ones((2, 4))
+    x0 = jnp.array([[1.5e308] * 4, [0.0] * 4])
+    res = solver(lambda x: scale * x, b, x0=x0, tol=1e-10, restart=4, max_restarts=3)
+    assert int(res.status[0]) == Status.BREAKDOWN and not bool(res.converged[0])
+    assert int(res.num_restarts[0]) == 0 and int(res.num_matvecs[0]) == 1
+    np.testing.assert_array_equal(np.asarray(res.x[0]), np.asarray(x0[0]))
+    assert bool(res.converged[1])
+    np.testing.assert_allclose(np.asarray(res.x[1]), 1.0 / scale, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, scale", [(jnp.float64, 1e-160), (jnp.float32, 1e-25)])
+def test_gmres_solves_a_tiny_operator(dtype, scale):
+    """A = scale I with scale^2 below the smallest normal: the Givens rotation's norm is a
+    hypot, so the squares' underflow no longer ends the solve in BREAKDOWN with x = 0."""
+    b = jnp.asarray(np.random.default_rng(29).standard_normal((2, 6)), dtype)
+    s = jnp.asarray(scale, dtype)
+    res = krylov.gmres(lambda x: s * x, b, tol=1e-5, restart=4)
+    assert np.all(np.asarray(res.converged))
+    np.testing.assert_allclose(np.asarray(res.x) * scale, np.asarray(b), rtol=1e-5)
