@@ -1797,8 +1797,9 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
         if target is not None:
             if config.target_metric not in out:
                 raise ValueError(f"target_metric: eval_fn returned {sorted(out)}, without {config.target_metric!r}")
-            v = out[config.target_metric]  # a non-finite metric (a failed sample) reaches nothing,
-            if _from_process_0(int(math.isfinite(v) and v >= target)):  # as in first_reaching
+            # a non-finite metric (a failed sample) reaches nothing, as in first_reaching
+            v = out[config.target_metric]
+            if _from_process_0(int(math.isfinite(v) and v >= target)):
                 time_to_target, step_at_target = train_seconds, step
                 return True
         return False

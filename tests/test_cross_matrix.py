@@ -15,6 +15,8 @@ from krylovjax.cross_matrix import (GRID_PRECONDITIONERS, PRESETS, SolverConfig,
                                     auto_chunk_size, cross_matrix_solve, seed_basis, solve_fp)
 from krylovjax.fokker_planck import fp_operator
 
+from _linalg import take_system
+
 
 @pytest.fixture(scope="module")
 def systems():
@@ -28,13 +30,9 @@ def systems():
     return op, b, m0, ref.x
 
 
-def _take(op, i):
-    return jax.tree_util.tree_map(lambda a: a[i:i + 1], op)
-
-
 def test_seed_basis_arnoldi_relation(systems):
     op, b, _, _ = systems
-    basis = seed_basis(_take(op, 0).matvec, b[0], 6)
+    basis = seed_basis(take_system(op, 0).matvec, b[0], 6)
     V, H = np.asarray(basis.V), np.asarray(basis.H)
     np.testing.assert_allclose(V @ V.T, np.eye(7), atol=1e-12)
     A = op.to_scipy(0)
@@ -45,14 +43,14 @@ def test_seed_basis_arnoldi_relation(systems):
 def test_seed_basis_rejects_too_wide_basis(systems):
     op, b, _, _ = systems
     with pytest.raises(ValueError, match="k"):
-        seed_basis(_take(op, 0).matvec, b[0], 16 * 16 + 1)
+        seed_basis(take_system(op, 0).matvec, b[0], 16 * 16 + 1)
 
 
 @pytest.mark.parametrize("projection", ["minres", "seed_hessenberg"])
 @pytest.mark.parametrize("recycle", [False, True])
 def test_cross_matrix_matches_spsolve(systems, projection, recycle):
     op, b, _, x_ref = systems
-    basis = seed_basis(_take(op, 0).matvec, b[0], 8)
+    basis = seed_basis(take_system(op, 0).matvec, b[0], 8)
     res = cross_matrix_solve(op.matvec, b, basis, projection=projection, recycle=recycle,
                              tol=1e-11)
     assert bool(jnp.all(res.converged))
@@ -72,7 +70,7 @@ def test_identical_systems_solved_by_projection_alone(systems):
 
     def solve(k):  # jitted: one compile instead of the unrolled QR's many eager ones
         return jax.jit(lambda o, rhs: cross_matrix_solve(
-            o.matvec, rhs[:1], seed_basis(o.matvec, rhs[0], k), tol=1e-8))(_take(op, 0), b)
+            o.matvec, rhs[:1], seed_basis(o.matvec, rhs[0], k), tol=1e-8))(take_system(op, 0), b)
 
     res = solve(24)
     assert bool(res.converged[0])
@@ -207,7 +205,7 @@ def test_bad_inputs(systems):
         solve_fp(op, b[:3])
     with pytest.raises(ValueError, match="seed_index"):
         solve_fp(op, b, SolverConfig(seed_index=99))
-    basis = seed_basis(_take(op, 0).matvec, b[0], 4)
+    basis = seed_basis(take_system(op, 0).matvec, b[0], 4)
     with pytest.raises(ValueError, match="projection"):
         cross_matrix_solve(op.matvec, b, basis, projection="galerkin")
     with pytest.raises(ValueError, match="basis"):
@@ -282,7 +280,7 @@ def test_solver_config_rejects_bad_krylov_settings(systems):
     paper = fp_operator(25.0 ** 0.95, 1.0 / 19, 1.0, np.zeros((2, 2, 8, 8)), scheme="paper_b")
     with pytest.raises(ValueError, match="red_black"):
         solve_fp(paper, jnp.ones((2, 8, 8)), SolverConfig(**PRESETS["fast"]))
-    basis = seed_basis(_take(op, 0).matvec, b[0], 4)
+    basis = seed_basis(take_system(op, 0).matvec, b[0], 4)
     with pytest.raises(ValueError, match="solver"):
         cross_matrix_solve(op.matvec, b, basis, solver="cg")
     with pytest.raises(ValueError, match="solver"):
@@ -404,7 +402,7 @@ def test_solve_fp_bad_inputs_name_the_users_argument(systems):
     with pytest.raises(ValueError, match="config.basis_size: expected at most 256"):
         solve_fp(op, b, SolverConfig(basis_size=300))
     # seed_basis / cross_matrix_solve: the user's names, not internal ones
-    seed = _take(op, 0)
+    seed = take_system(op, 0)
     with pytest.raises(ValueError, match="seed_b: expected finite values"):
         seed_basis(seed.matvec, b[0].at[3, 3].set(jnp.nan), 4)
     with pytest.raises(ValueError, match="seed_x0: expected shape"):

@@ -20,6 +20,8 @@ import scipy.sparse.linalg as spla
 from krylovjax import krylov
 from krylovjax.krylov import Status
 
+from _linalg import dense_matvec, random_well_conditioned
+
 # ----------------------------------------------------------------------------------------------
 # Test operators.
 
@@ -74,17 +76,6 @@ def solve_stencil(coef, b, x0=None, tol=1e-10, max_restarts=50, recycle=None, *,
 @jax.jit
 def recycle_space_stencil(coef, U):
     return krylov.make_recycle_space(stencil_matvec(coef), U)
-
-
-def dense_matvec(A):
-    """``[B, N, N]`` matrices acting on ``[B, N]`` vectors."""
-    A = jnp.asarray(A)
-    return lambda x: jnp.einsum("bij,bj->bi", A, x, precision=jax.lax.Precision.HIGHEST)
-
-
-def random_well_conditioned(seed, B, N, scale=0.3):
-    rng = np.random.default_rng(seed)
-    return np.eye(N)[None] + scale * rng.standard_normal((B, N, N)) / np.sqrt(N)
 
 
 def spsolve_all(coef, b):

@@ -22,18 +22,7 @@ from krylovjax.fokker_planck import fp_operator
 from krylovjax.krylov import Status
 from krylovjax.preconditioners import block_line_preconditioner, diffusion_preconditioner, jacobi
 
-HI = jax.lax.Precision.HIGHEST
-
-
-def dense_matvec(A):
-    A = jnp.asarray(A)
-    return lambda x: jnp.einsum("bij,bj->bi", A, x, precision=HI)
-
-
-def random_nonsymmetric(seed, B, N, scale=0.6):
-    rng = np.random.default_rng(seed)
-    return np.eye(N)[None] + scale * rng.standard_normal((B, N, N)) / np.sqrt(N)
-
+from _linalg import dense_matvec, random_well_conditioned, take_system
 
 def krylov_lstsq_basis(A, r0, m):
     """An orthonormal basis of K_m(A, r0) (numpy: explicit normalised powers, QR)."""
@@ -68,10 +57,6 @@ def spsolve_ops(op, b):
                      for i in range(b.shape[0])]).reshape(b.shape)
 
 
-def _take(op, i):
-    return jax.tree_util.tree_map(lambda a: a[i:i + 1], op)
-
-
 # ----------------------------------------------------------------------------------------------
 # GMRES: one cycle is the minimal-residual iterate over the Krylov space.
 
@@ -82,7 +67,7 @@ def test_gmres_one_cycle_is_the_krylov_minimal_residual_iterate(variant):
     K_m(A M^{-1}, r0) (right preconditioning minimises the *unpreconditioned* residual), and
     costs m inner matvecs + 1 true residual (+ 1 initial residual when x0 is given)."""
     B, N, m = 3, 30, 6
-    A = random_nonsymmetric(1, B, N)
+    A = random_well_conditioned(1, B, N, scale=0.6)
     rng = np.random.default_rng(2)
     b = rng.standard_normal((B, N))
     x0 = rng.standard_normal((B, N)) if variant == "x0" else None
@@ -116,7 +101,7 @@ def test_bicgstab_iterates_match_scipy(preconditioned):
     scipy.sparse.linalg.bicgstab's iterate after three iterations; 2 matvecs per iteration +
     1 true residual."""
     B, N, its = 2, 24, 3
-    A = random_nonsymmetric(3, B, N)
+    A = random_well_conditioned(3, B, N, scale=0.6)
     rng = np.random.default_rng(4)
     b = rng.standard_normal((B, N))
     Minv = (np.linalg.inv(np.eye(N)[None] + 0.3 * rng.standard_normal((B, N, N)) / np.sqrt(N))
@@ -212,7 +197,7 @@ def test_gcro_cycle_is_the_minimal_residual_over_the_augmented_space():
     x0 + span(U) + K_m((I - C^T C) A, (I - C^T C) r0) (numpy least squares over that basis):
     the update needs its correction - U^T B y, not only V y."""
     B, N, k, m = 2, 30, 3, 4
-    A = random_nonsymmetric(5, B, N)
+    A = random_well_conditioned(5, B, N, scale=0.6)
     rng = np.random.default_rng(6)
     b = rng.standard_normal((B, N))
     U = rng.standard_normal((B, k, N))
@@ -269,7 +254,7 @@ def test_cross_matrix_exact_warm_start_costs_the_documented_matvecs(projection):
     op, b = fp_systems(3, (8, 8), 21)
     xs = spsolve_ops(op, b)
     k = 4
-    seed = _take(op, 0)
+    seed = take_system(op, 0)
 
     @jax.jit
     def run(op, b, x0):
