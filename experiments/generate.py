@@ -12,8 +12,10 @@ latest checkpoint's EMA weights are loaded (:func:`krylovjax.training.load_score
 Samplers (``--sampler``):
 
 * ours (score model): ``ode`` = the probability-flow ODE (Paper B's sampler,
-  :func:`krylovjax.sampling.probability_flow`) from the prior ``N(0.5, lambda(1)^2 I)`` at t = 1
-  (centred on mid-grey, the centre of the data range [0, 1]; Paper B's code starts from N(0, I))
+  :func:`krylovjax.sampling.probability_flow`) from the prior ``N(alpha(1) 0.5, lambda(1)^2 I)`` at t = 1
+  (centred on mid-grey, the centre of the data range [0, 1], carried to t = 1 by the SDE's mean
+  coefficient alpha: 1 for VE and the constant g, ``exp(-B(1)/2)`` for VP; Paper B's code starts
+  from N(0, I))
   down to t = 1e-3, then Tweedie's denoising step (``--final_denoise``, on by default: the
   marginal at 1e-3 still holds noise of std ``lambda(1e-3)``, and one more evaluation removes
   it; not in Paper B's sampler); ``sde`` = the reverse SDE with ``--num_steps`` Euler-Maruyama steps
@@ -190,12 +192,17 @@ def sample_arrays(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_st
                                     noise_scale=0.1, clip=(0.0, 1.0), return_trajectory=True,
                                     num_frames=num_frames)
     else:
-        # Prior N(0.5, lambda(1)^2 I): the forward marginal at t = 1 is x0 + lambda(1) z, centred on
-        # the data; mid-grey is the centre of [0, 1] (sampling.generate centres at 0, which matters
-        # when lambda(1) is not large against the data range, e.g. the demo's lambda(1) = 0.5).
+        # Prior N(alpha(1) 0.5, lambda(1)^2 I): the forward marginal at t = 1 is alpha(1) x0 +
+        # lambda(1) z (alpha = 1 without drift; VP's exp(-B(1)/2)), centred on the data's mean
+        # carried forward; mid-grey is the centre of [0, 1] (sampling.generate centres at 0, which
+        # matters when lambda(1) is not large against the data range, e.g. the demo's
+        # lambda(1) = 0.5). Before 2026-12-06 the centre was 0.5 for every SDE, off by 0.5 for VP.
         k_prior, k_run = jax.random.split(key)
-        lam1 = sde.perturbation_std(jnp.asarray([1.0], dtype))[0]
-        x_T = 0.5 + lam1 * jax.random.normal(k_prior, shape, dtype)
+        t1 = jnp.asarray([1.0], dtype)
+        lam1 = sde.perturbation_std(t1)[0]
+        alpha_fn = sampling._mean_coeff_fn(sde)  # None: zero drift, alpha = 1
+        centre = 0.5 if alpha_fn is None else 0.5 * alpha_fn(t1)[0].astype(dtype)
+        x_T = centre + lam1 * jax.random.normal(k_prior, shape, dtype)
         if sampler == "ode":
             r = sampling.probability_flow(f, sde, x_T, t_start=1.0, t_end=T_END, return_trajectory=True,
                                           num_frames=num_frames)

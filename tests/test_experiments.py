@@ -999,6 +999,43 @@ def test_budget_generator_ours_final_denoise_lands_on_the_image_of_an_exact_scor
         budget.check_budget_config(cfg)
 
 
+@pytest.mark.parametrize("sde_name", ["ve", "vp"])
+def test_generate_ours_prior_is_the_forward_marginal_at_t1(sde_name):
+    """Ours' probability flow (``experiments.generate.sample``) with the exact score of Gaussian
+    data N(0.5, s0^2) per pixel gives back that Gaussian, for an SDE without drift (VE) and with
+    one (VP). The marginal at t is N(alpha(t) 0.5, alpha(t)^2 s0^2 + lambda(t)^2); the flow keeps
+    each value's standard score, so a prior centred at 0.5 instead of alpha(1) 0.5 (VP:
+    alpha(1) = exp(-B(1)/2) = 0.0066, lambda(1) = 1) would move every sample by about
+    0.5 s0 / lambda(1) (the code before 2026-12-06 did, for every SDE)."""
+    import jax
+
+    from experiments import generate
+    from krylovjax import training
+
+    s0 = 0.1
+    tc = training.TrainConfig(method="ours", sde=sde_name,
+                              sde_kwargs=(("sigma", 2.0),) if sde_name == "ve" else ())
+    sde = tc.make_sde()
+
+    def exact(x, t):
+        a = sde.marginal_mean_coeff(t)[:, None, None, None]
+        lam = sde.perturbation_std(t)[:, None, None, None]
+        return -(x - 0.5 * a) / (a**2 * s0**2 + lam**2)
+
+    # Without Tweedie's last step (a posterior mean, narrower than the data) the flow ends at
+    # t_end = 1e-3 on the marginal there, N(alpha 0.5, alpha^2 s0^2 + lambda^2), scaled by the
+    # prior's std ratio lambda(1) / sqrt(alpha(1)^2 s0^2 + lambda(1)^2) (0.998 for VE, 1.0 for VP).
+    out, _, _ = generate.sample(exact, tc, (8, 1, 16, 16), jax.random.PRNGKey(3), sampler="ode",
+                                final_denoise=False)
+    v = np.asarray(out, np.float64).ravel()  # 2048 independent pixels; clipping at [0, 1] is 5 s0 away
+    t_end, t1 = np.asarray([generate.T_END]), np.asarray([1.0])
+    a_end, lam_end = float(sde.marginal_mean_coeff(t_end)[0]), float(sde.perturbation_std(t_end)[0])
+    a1, lam1 = float(sde.marginal_mean_coeff(t1)[0]), float(sde.perturbation_std(t1)[0])
+    std = math.hypot(a_end * s0, lam_end) * lam1 / math.hypot(a1 * s0, lam1)
+    assert abs(v.mean() - 0.5 * a_end) < 5 * std / math.sqrt(v.size), (v.mean(), 0.5 * a_end)
+    assert abs(v.std() / std - 1.0) < 0.05, (v.std(), std)  # the std's standard error is 1.6%
+
+
 # ----------------------------------------------------------------------------------------------
 def test_denoise_extra_samplers_rows_and_bad_values():
     """ddpm.sampler.extra_methods: one row per further sampler of the same network; the eval
