@@ -352,8 +352,9 @@ def load_clean(data_cfg):
 
 def embeds(cfg) -> bool:
     """``ours.embed`` (default True). False is the ablation without pre-computed scores: ours
-    trains on the clean image at every time level (no pre-computation, no embedding), i.e.
-    denoising score matching with ours' SDE, time sampling, loss and sampler."""
+    trains on the clean image at every time level (``alpha(t) x0`` for an SDE with a drift, the
+    forward marginal's mean; no pre-computation, no embedding), i.e. denoising score matching
+    with ours' SDE, time sampling, loss and sampler."""
     v = cfg.ours.get("embed", True)
     if not isinstance(v, bool):
         raise ValueError(f"ours.embed: expected a bool, got {v!r}")
@@ -399,11 +400,17 @@ def prepare_ours(cfg, tc, images) -> tuple[Any, dict]:
     pc = precompute_config(cfg, tc)
     sde_record = {"name": tc.sde, "kwargs": dict(tc.sde_kwargs)}
     if not embeds(cfg):
-        # The ablation without pre-computed scores: the clean image at every time level.
+        # The ablation without pre-computed scores: the clean image at every time level, carried
+        # there by the SDE's mean coefficient (alpha(t) x0, the forward marginal's mean: x0 itself
+        # without drift; VP's exp(-B(t)/2) x0, which the image alone missed before 2026-12-06).
+        from krylovjax import sampling
         from krylovjax import sde as sde_lib
 
         t, _ = sde_lib.time_grid(pc.num_steps, pc.eps, paper_b=pc.paper_b_time_grid)
         emb = np.repeat(np.asarray(images)[:, None], pc.num_steps, axis=1)
+        alpha_fn = sampling._mean_coeff_fn(pc.make_sde())  # None: zero drift, alpha = 1
+        if alpha_fn is not None:
+            emb = emb * np.asarray(alpha_fn(jnp.asarray(t)), emb.dtype)[None, :, None, None, None]
         info = {"precompute_seconds": 0.0, "embed_seconds": 0.0, "compile_seconds": 0.0, "solver_stats": {},
                 "precompute_config": None, "num_levels": int(emb.shape[1])}
         return training.Trajectories(x=emb, t=np.asarray(t), sde=sde_record), info

@@ -525,7 +525,8 @@ def test_ddpm_max_train_step_must_cover_the_denoising_chain(tmp_path):
 
 def test_ours_without_embedding_trains_on_the_clean_image():
     """``ours.embed = False`` (the ablation): the clean image at every level, on the time levels
-    the pre-computation uses, and nothing timed; a non-bool is refused."""
+    the pre-computation uses (for the VP SDE scaled by its mean coefficient), and nothing timed;
+    a non-bool is refused."""
     from experiments import denoise
     from experiments.configs import denoise_demo
 
@@ -544,6 +545,14 @@ def test_ours_without_embedding_trains_on_the_clean_image():
         np.testing.assert_array_equal(plain.x[:, n], clean)
     assert np.abs(emb.x[:, -1] - clean).max() > 1e-3  # the embedding does move the image
     assert pinfo["precompute_seconds"] == pinfo["embed_seconds"] == 0.0 and info["precompute_seconds"] > 0
+    # The VP SDE has a drift: the forward marginal's mean at t is exp(-B(t)/2) x0, by hand.
+    vp = denoise.train_config(cfg, "ours").replace(sde="vp", sde_kwargs=(("beta_min", 0.1), ("beta_max", 20.0)))
+    vplain, _ = denoise.prepare_ours(cfg, vp, clean)
+    assert vplain.sde == {"name": "vp", "kwargs": {"beta_min": 0.1, "beta_max": 20.0}}
+    for n, tn in enumerate(np.asarray(vplain.t, np.float64)):
+        alpha = math.exp(-0.5 * (0.1 * tn + 0.5 * (20.0 - 0.1) * tn**2))
+        np.testing.assert_allclose(vplain.x[:, n], alpha * np.asarray(clean), rtol=1e-5, atol=1e-7)
+    assert float(np.asarray(vplain.t)[-1]) == pytest.approx(1.0) and np.abs(vplain.x[:, -1]).max() < 0.01
     cfg.ours.embed = None  # (ml_collections refuses other types already)
     with pytest.raises(ValueError, match="ours.embed: expected a bool, got None"):
         denoise.check_config(cfg)
