@@ -48,6 +48,12 @@ binary (seed 2, 900 s, ``--config.common.eval_every=3000``): ours 0.880 +- 0.019
 560-760 s (docs/experiments_cpu.md, "The matched conditional start and generation, scored by the
 binary"). One evaluation of DDPM's 1000-step chain on 30 samples takes about 3.3 minutes on a
 2-core CPU (outside the budget).
+
+The VP SDE for ours (``--config.ours.train.sde=vp --config.ours.train.sde_kwargs="{}"``, prior
+N(alpha(1) 0.5, 1) like DDPM's; 2026-12-06, seed 2, 30 samples) does not generate: 0.023 at
+900 s with the embedding, whose displacement alpha(t) does not contract and the reverse flow
+expands by up to 1 / alpha(1) = 150; 0.208 at 300 s without it (docs/experiments_cpu.md, "Ours
+with the VP SDE for generation"). VE sigma 2 stays.
 """
 
 import ml_collections
