@@ -212,6 +212,10 @@ def check_claim(workdir: str | os.PathLike, experiment: str, config: Any, *,
         except (OSError, json.JSONDecodeError) as err:
             raise WorkdirConflictError(
                 f"{arg}: {path!r} is unreadable ({err}); refusing to write into {workdir!r}") from err
+        if not isinstance(stored, dict):
+            raise WorkdirConflictError(
+                f"{arg}: {path!r} does not hold a run's claim (a JSON object), got {type(stored).__name__}; "
+                f"refusing to write into {workdir!r}")
         if stored.get("experiment") != experiment:
             raise WorkdirConflictError(
                 f"{arg}: {workdir!r} holds a {stored.get('experiment')!r} run, not {experiment!r}; "

@@ -616,8 +616,10 @@ def _source(config: TrainConfig, data) -> _Source:
             raise ValueError(f"data.t: expected shape [N] = ({shape[1]},) (one time per level of x), got {t.shape}")
         lo, hi = jitter_windows(t, config.time_jitter)
         if data.sde is not None:
-            want = {"name": config.sde, "kwargs": _pairs_to_dict(config.sde_kwargs)}
-            got = {"name": str(data.sde.get("name")), "kwargs": dict(data.sde.get("kwargs") or {})}
+            # names in lower case, as get_sde reads them ("VE" is "ve"; TrainConfig and PrecomputeConfig
+            # accept either)
+            want = {"name": config.sde.lower(), "kwargs": _pairs_to_dict(config.sde_kwargs)}
+            got = {"name": str(data.sde.get("name")).lower(), "kwargs": dict(data.sde.get("kwargs") or {})}
             plain = lambda d: json.loads(json.dumps(d, default=float))  # noqa: E731 - tuples, numpy scalars
             if plain(want) != plain(got):  # compared as values: sigma 5 is sigma 5.0
                 raise ValueError(

@@ -138,7 +138,12 @@ class UNetConfig:
                 f"image_size: expected a multiple of 2**(len(ch_mult)-1) = {factor} "
                 f"(ch_mult={self.ch_mult}), got {self.image_size}"
             )
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+        for k in ("dropout", "time_multiplier"):  # numpy scalars (np.float32(0.1)) as Python numbers
+            v = getattr(self, k)
+            if isinstance(v, (np.integer, np.floating)):
+                set_(k, v.item())
+        if not (isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool)
+                and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout: expected a rate in [0, 1), got {self.dropout!r}")
         if self.time_embedding not in TIME_EMBEDDINGS:
             raise ValueError(f"time_embedding: expected one of {TIME_EMBEDDINGS}, got {self.time_embedding!r}")
