@@ -66,6 +66,12 @@ the matrix is that of ``"zero"`` and the known ghost values move to the right-ha
 (:meth:`FPOperator.rhs`). ``"reflect"``: zero normal derivative with half-sample symmetry, the
 ghost node equals the boundary node itself. For ``"paper_b"`` the flattened +-1 coupling has its
 ghosts only at the two ends of the flat vector (west of pixel (0, 0), east of pixel (H-1, W-1)).
+
+The drift's source ``-dt*div_h(f)`` reads ghost values of ``f`` too. The boundary conditions
+above are conditions on m; f is a given field, so the consistent and fitted schemes extrapolate
+it linearly for every boundary (``2 f_0 - f_1``: the one-sided difference at the border, exact
+for a linear drift such as VP's). Paper B's scheme takes f = 0 beyond the two ends of its flat
+coupling (and vertically outside the grid), as it does for m (the papers use f = 0).
 """
 
 from __future__ import annotations
@@ -128,6 +134,17 @@ def _ghost_slabs(ghost: Array | None, scheme: str):
         "west": ghost[..., 1, 0],
         "south": ghost[..., -1, 1:-1],
         "north": ghost[..., 0, 1:-1],
+    }
+
+
+def _extrapolated_ghosts(x: Array) -> dict[str, Array]:
+    """Ghost slabs of a field ``x`` [..., H, W] (H, W >= 2) extrapolated linearly from the two
+    nodes next to each side (``2 x_0 - x_1``), for :func:`_neighbours`."""
+    return {
+        "east": 2.0 * x[..., :, -1] - x[..., :, -2],
+        "west": 2.0 * x[..., :, 0] - x[..., :, 1],
+        "south": 2.0 * x[..., -1, :] - x[..., -2, :],
+        "north": 2.0 * x[..., 0, :] - x[..., 1, :],
     }
 
 
@@ -339,7 +356,8 @@ def fp_operator(
       h: grid spacing, positive scalar or per-system array.
       lagged_score: ``[..., 2, H, W]`` lagged score (component 0 = d/dx along W, 1 = d/dy along
         H), or None for zero.
-      drift: ``[..., 2, H, W]`` drift ``f`` in the same component order, or None for zero.
+      drift: ``[..., 2, H, W]`` drift ``f`` in the same component order, or None for zero. Its
+        ghost values for ``div_h(f)`` follow the boundary (module docstring, "Boundaries").
       grid_shape, batch_shape: needed only when neither ``lagged_score`` nor ``drift`` is given.
       scheme: ``"consistent"``, ``"fitted"`` or ``"paper_b"`` (see module docstring).
       boundary: ``"zero"``, ``"dirichlet"`` (needs ``boundary_values``) or ``"reflect"``.
@@ -456,11 +474,18 @@ def fp_operator(
 
     source = None
     if f is not None:
-        fills = {d: (None if boundary == "reflect" else 0.0) for d in _DIRECTIONS}
         if scheme != "paper_b":
-            nx = _neighbours(comp(f, 0), scheme, fills)
-            ny = _neighbours(comp(f, 1), scheme, fills)
-        else:  # Paper B: the scalar sum of partials applied to the summed drift
+            # The boundary condition is one of m; f is a given field, extrapolated linearly to
+            # the ghost ring for every boundary, so div_h(f) at the border is the one-sided
+            # difference (exact for a linear drift such as VP's). Zero ghosts (zero and
+            # dirichlet before 2026-12-06) made it ~ f / 2h there, an O(1/h) error of the
+            # source: the Gaussian oracle with an Ornstein-Uhlenbeck drift did not converge;
+            # edge replication (reflect) gave half the border's normal derivative.
+            fx, fy = comp(f, 0), comp(f, 1)
+            nx = _neighbours(fx, scheme, _extrapolated_ghosts(fx))
+            ny = _neighbours(fy, scheme, _extrapolated_ghosts(fy))
+        else:  # Paper B: the scalar sum of partials applied to the summed drift, ghosts as for m
+            fills = {d: (None if boundary == "reflect" else 0.0) for d in _DIRECTIONS}
             nx = ny = _neighbours(comp(f, 0) + comp(f, 1), scheme, fills)
         div = (nx["east"] - nx["west"] + ny["south"] - ny["north"]) / (2.0 * h)
         source = -dt * div

@@ -243,8 +243,8 @@ def run_precompute(images, config: PrecomputeConfig, workdir, *, chunk_images: i
       store_dtype: float dtype of the stored arrays (float32 halves the disk of float64).
       embed_component: how the 2-vector score enters the embedding (:func:`embed`): "sum"
         (Paper B), "x" (Paper A) or "y".
-      seed: PRNG seed of the ``paper_a_kde`` initial density (chunk ``i`` uses
-        ``fold_in(key(seed), i)``); unused otherwise.
+      seed: PRNG seed of the ``paper_a_kde`` (alias ``paper_a``) initial density (chunk ``i``
+        uses ``fold_in(key(seed), i)``); unused otherwise.
       process_index, process_count: this process and the number of processes (default:
         ``jax.process_index()``, ``jax.process_count()``).
       progress: show a tqdm bar (images, with systems/s).
@@ -273,7 +273,10 @@ def run_precompute(images, config: PrecomputeConfig, workdir, *, chunk_images: i
     owned = store.owned_chunks()
     pending = store.pending_chunks()
     sde = config.make_sde()
-    key = jax.random.key(seed) if config.initial == "paper_a_kde" else None
+    from krylovjax import initial
+
+    # every random initial density, its alias "paper_a" too (it failed for want of a key)
+    key = jax.random.key(seed) if initial.needs_key(config.initial) else None
 
     from tqdm.auto import tqdm
 

@@ -88,9 +88,10 @@ def spsolve_in_jit(op: FPOperator, b, active=None, *, check_finite: bool = True)
       b: right-hand sides ``[*batch, H, W]``.
       active: optional ``[*batch]`` bool: only these systems are solved (as Paper B's code
         skips converged images); the others come back as 0. Default: all.
-      check_finite: raise ``ValueError`` (from the callback) when an active ``b`` holds NaN or
-        Inf; False passes them to scipy (the pipeline then sees a non-finite solution and
-        reports the image, instead of aborting the run).
+      check_finite: raise ``ValueError`` (from the callback, so the caller sees JAX's
+        ``JaxRuntimeError``, a ``RuntimeError`` whose message holds it) when an active ``b``
+        holds NaN or Inf; False passes them to scipy (the pipeline then sees a non-finite
+        solution and reports the image, instead of aborting the run).
 
     Returns ``x`` with ``b``'s shape and dtype.
     """

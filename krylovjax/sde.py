@@ -31,6 +31,7 @@ the backward-Euler FP solve and the transport embedding (method.md 2.3, 3.4).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Any, Callable
 
@@ -67,6 +68,8 @@ def _as_time(t: Any) -> jnp.ndarray:
 
 
 def _check_positive(name: str, value: Any, *, allow_zero: bool = False) -> float:
+    if isinstance(value, (bool, np.bool_, str, bytes)):  # float("5") and float(True) would pass
+        raise TypeError(f"{name} must be a real number, got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError) as err:
@@ -295,19 +298,24 @@ def get_sde(name: str, **kwargs: Any) -> SDE:
     """Build an SDE from a config string: ``"ve"``, ``"constant"`` or ``"vp"``.
 
     Keyword arguments go to the class (``sigma`` for ve; ``g``/``std`` for
-    constant; ``beta_min``/``beta_max`` for vp).
+    constant; ``beta_min``/``beta_max`` for vp). An unknown name or keyword raises
+    ValueError listing the accepted ones; a bad value raises the class's own
+    TypeError/ValueError, which names the argument.
     """
     key = str(name).lower()
     if key not in _REGISTRY:
         raise ValueError(f"name must be one of {sde_names()}, got {name!r}")
     cls = _REGISTRY[key]
-    try:
-        return cls(**kwargs)
-    except TypeError as err:
-        fields = [f.name for f in dataclasses.fields(cls)]
+    # The names the class takes (ConstantSDE's ``g``, not its field ``g_const``); a bad *value*
+    # of a known name raises the class's own error, which names it.
+    sig = inspect.signature(cls).parameters
+    params = [n for n, p in sig.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    any_name = any(p.kind == p.VAR_KEYWORD for p in sig.values())
+    unknown = [] if any_name else sorted(set(kwargs) - set(params))
+    if unknown:
         raise ValueError(
-            f"bad keyword arguments {sorted(kwargs)} for SDE {key!r}; expected some of {fields}"
-        ) from err
+            f"bad keyword arguments {unknown} for SDE {key!r}; expected some of {params}")
+    return cls(**kwargs)
 
 
 def time_grid(

@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import operator
 import os
 import re
 import socket
@@ -195,8 +196,10 @@ class FieldSpec:
             raise ValueError(
                 f"fields[{name!r}]: expected (shape, dtype) or (shape, dtype, time_axis), got {spec!r}"
             )
-        try:
-            shape = tuple(int(d) for d in shape)
+        try:  # integers only: int(2.5) would truncate a float size without a word
+            if isinstance(shape, (str, bytes)) or any(isinstance(d, (bool, np.bool_)) for d in shape):
+                raise TypeError
+            shape = tuple(operator.index(d) for d in shape)
         except TypeError as e:
             raise ValueError(f"fields[{name!r}]: shape must be a sequence of ints, got {shape!r}") from e
         if any(d <= 0 for d in shape):

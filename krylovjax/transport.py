@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from krylovjax._checks import check_finite, check_positive, is_concrete
+from krylovjax._checks import as_int, check_finite, check_positive, is_concrete, is_real
 from krylovjax.data import validate_images
 from krylovjax.scores import scalar_score
 
@@ -141,9 +141,11 @@ def embed(
 
     if key is None:
         raise ValueError("key must be given (a jax.random key) for variant='paper_a'")
-    if not (isinstance(noise_scale, (int, float)) and math.isfinite(noise_scale) and noise_scale >= 0):
+    if not (is_real(noise_scale) and math.isfinite(noise_scale) and noise_scale >= 0):
         raise ValueError(f"noise_scale must be finite and >= 0, got {noise_scale!r}")
-    idx = jnp.asarray(paper_a_indices(N, int(num_embed)))
+    # an integer (NumPy too): int(2.7) would embed 2 steps without a word
+    num_embed = as_int("num_embed", num_embed, 1)
+    idx = jnp.asarray(paper_a_indices(N, num_embed))
     xi = jax.random.normal(key, (B, len(idx), C, H, W), dtype)
     return _embed_paper_a(images, s[:, idx], sde, t[idx], dt, xi, float(noise_scale))
 

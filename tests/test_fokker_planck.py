@@ -65,9 +65,11 @@ def test_consistent_zero_matches_kron_assembly():
     A_ref = (sp.identity(H * W) + k * L + dt * (sp.diags(vx) @ sp.kron(I_h, d_x)
                                                  + sp.diags(vy) @ sp.kron(d_y, I_w)))
     np.testing.assert_allclose(op.to_scipy().toarray(), A_ref.toarray(), atol=1e-14)
-    # Right-hand side: m_prev - dt * div_h(f) with f = 0 outside the grid.
+    # Right-hand side: m_prev - dt * div_h(f) with f extrapolated linearly outside the grid
+    # (the boundary condition is one of m): numpy's odd reflection, ghost = 2 f_0 - f_1.
     m_prev = rng.normal(size=(H, W))
-    div = sp.kron(I_h, d_x) @ f[0].ravel() + sp.kron(d_y, I_w) @ f[1].ravel()
+    fp = [np.pad(f[c], 1, mode="reflect", reflect_type="odd") for c in range(2)]
+    div = ((fp[0][1:-1, 2:] - fp[0][1:-1, :-2]) + (fp[1][2:, 1:-1] - fp[1][:-2, 1:-1])).ravel() / (2 * h)
     np.testing.assert_allclose(np.asarray(op.rhs(jnp.asarray(m_prev))).ravel(),
                                m_prev.ravel() - dt * div, atol=1e-14)
 

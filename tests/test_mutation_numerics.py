@@ -30,17 +30,21 @@ def _central_div(fx, fy, h):
     return ((fx[1:-1, 2:] - fx[1:-1, :-2]) + (fy[2:, 1:-1] - fy[:-2, 1:-1])) / (2 * h)
 
 
+@pytest.mark.parametrize("boundary", ["zero", "reflect"])
 @pytest.mark.parametrize("scheme", ["consistent", "fitted"])
-def test_reflect_drift_source_replicates_the_boundary_value(scheme):
-    """boundary="reflect": div_h(f) reads the ghost f as the boundary node's own value (edge
-    replication, BUILD_NOTES "Drift"); numpy's pad(mode="edge") is the reference.
-    Mutant: zero ghosts for the drift under reflect (div f at the border off by f/2h)."""
+def test_drift_source_extrapolates_the_drift_linearly(scheme, boundary):
+    """div_h(f) reads the ghost f as the linear extrapolation 2 f_0 - f_1 for every boundary (the
+    boundary condition is one of m, BUILD_NOTES "Drift"); numpy's pad(mode="reflect",
+    reflect_type="odd") is the reference. Mutants: zero ghosts (div f at the border off by
+    f/2h), edge replication (half the border's normal derivative; the rule before 2026-12-06
+    for reflect). The Dirichlet case is in tests/test_coverage_numerics.py."""
     rng = np.random.default_rng(21)
     H, W = 5, 7
     f = rng.normal(size=(2, H, W))
     g2, dt, h = 1.3, 0.05, 0.7
-    op = fp_operator(g2, dt, h, drift=jnp.asarray(f), scheme=scheme, boundary="reflect")
-    div = _central_div(np.pad(f[0], 1, mode="edge"), np.pad(f[1], 1, mode="edge"), h)
+    op = fp_operator(g2, dt, h, drift=jnp.asarray(f), scheme=scheme, boundary=boundary)
+    odd = lambda a: np.pad(a, 1, mode="reflect", reflect_type="odd")  # noqa: E731
+    div = _central_div(odd(f[0]), odd(f[1]), h)
     m_prev = rng.normal(size=(H, W))
     np.testing.assert_allclose(np.asarray(op.rhs(jnp.asarray(m_prev))), m_prev - dt * div,
                                rtol=0, atol=1e-14)
