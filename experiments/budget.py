@@ -258,6 +258,8 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
     tcs = {m: denoise.train_config(cfg, m) for m in methods}
     if "ours" in tcs:
         denoise.precompute_config(cfg, tcs["ours"])
+        if cfg.task == "denoise":
+            denoise.check_ours_sampler(cfg, tcs["ours"])
     if "ddpm" in tcs:
         if cfg.task == "denoise":
             denoise.check_ddpm_range(cfg, tcs["ddpm"])

@@ -196,6 +196,11 @@ def check_config(cfg) -> None:
     extra = tuple(extra) if isinstance(extra, (list, tuple)) else extra
     if not isinstance(extra, tuple) or any(e not in DDPM_SAMPLERS for e in extra) or len(set(extra)) != len(extra):
         raise ValueError(f"ddpm.sampler.extra_methods: expected distinct entries of {DDPM_SAMPLERS}, got {extra!r}")
+    if "ddpm" in methods and cfg.ddpm.train.get("per_image_offset", False) is not False:
+        # Its samplers here take no image index (the model would refuse every evaluation after
+        # training; before 2026-12-06 that was the first sign).
+        raise ValueError("ddpm.train.per_image_offset: the experiments' DDPM has no image identity (its samplers "
+                         f"take no image index), so expected False, got {cfg.ddpm.train.get('per_image_offset')!r}")
 
 
 def _check_our_sampler(sc) -> None:
@@ -287,6 +292,49 @@ def check_ddpm_range(cfg, tc) -> None:
         raise ValueError(
             f"ddpm.train.ddpm_max_train_step: the denoising chain for noise.std = {cfg.noise.std} starts at step "
             f"{start}, so the network must be trained up to it: expected an integer >= {start + 1}, got {m}")
+
+
+def check_ours_sampler(cfg, tc) -> None:
+    """``ours.sampler`` against ours' SDE, before anything is computed: the sampler runs first at
+    the first evaluation, after the pre-computation and the training up to it (the whole budget in
+    ``experiments.budget``), which is where these failed before 2026-12-06.
+
+    * ``kind = "denoise"`` starts at the time ``t*`` whose noise level ``lambda(t*) / alpha(t*)``
+      matches ``noise.std / noise.signal_scale`` (:func:`krylovjax.sampling.start_time` on
+      ``[ours.sampler.t_end, 1]``, as :func:`krylovjax.sampling.denoise` takes it): there must be
+      one (not for the demo's SDE, lambda(1) = 0.5, with its noise std 0.506; nor for Paper A's
+      constant perturbation, which matches no level). Other kinds start at ``t_start``.
+    * The probability flow (``kind = "flow"``, or ``"denoise"`` with ``method = "ode"``)
+      evaluates the score at ``t_end``; with ``ours.train.scale_by_sigma`` the score is the
+      network over ``lambda(t_end)``, infinite at ``t_end = 0`` where ``lambda(0) = 0`` (every
+      SDE but the constant perturbation). The fixed-step samplers stop short of ``t_end``.
+
+    Raises:
+      ValueError: naming ``noise.std`` or ``ours.sampler.t_end``.
+    """
+    import jax.numpy as jnp
+
+    from krylovjax import sampling
+
+    sc = cfg.ours.sampler
+    t_end = float(sc.get("t_end", 1e-3))
+    sde = tc.make_sde()
+    flow = sc.kind == "flow" or (sc.kind == "denoise" and sc.get("method", "ode") == "ode")
+    if flow and tc.scale_by_sigma and t_end == 0.0 and float(sde.perturbation_std(jnp.zeros(1))[0]) == 0.0:
+        raise ValueError(
+            f"ours.sampler.t_end: the probability flow of ours.sampler.kind = {sc.kind!r} evaluates the score at "
+            "t_end, and with ours.train.scale_by_sigma the score is the network over lambda(t_end), which is 0 at "
+            f"t_end = 0 for ours.train.sde = {tc.sde!r}: expected t_end > 0 (Paper B's 1e-3)")
+    if sc.kind != "denoise":
+        return
+    level = matched_std(cfg)
+    try:
+        sampling.start_time(sde, level, t_min=t_end, t_max=1.0)
+    except ValueError as err:
+        raise ValueError(
+            f"noise.std: ours.sampler.kind = 'denoise' starts where the noise level of ours.train.sde = {tc.sde!r} "
+            f"{dict(tc.sde_kwargs)} matches noise.std / noise.signal_scale = {level:.6g}, and there is no such time: "
+            f"{err}. Lower noise.std, change the SDE, or use ours.sampler.kind = 'flow' or 'paper_a'") from None
 
 
 def precompute_config(cfg, tc):
@@ -747,6 +795,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
     tcs = {m: train_config(cfg, m) for m in methods}
     if "ours" in tcs:
         precompute_config(cfg, tcs["ours"])
+        check_ours_sampler(cfg, tcs["ours"])
     if "ddpm" in tcs:
         check_ddpm_range(cfg, tcs["ddpm"])
     clean = load_clean(cfg.data)
@@ -820,7 +869,9 @@ def _run_claimed(cfg, workdir: str, overwrite: bool, targets: list, tcs: dict, c
             logging.info("[ours] pre-computation %.2f s, embedding %.2f s (compile %.2f s apart): %s",
                          prep["precompute_seconds"], prep["embed_seconds"], prep["compile_seconds"],
                          {k: v for k, v in prep["solver_stats"].items() if np.ndim(v) == 0})
-            denoisers[m] = ours_denoiser(cfg, tc, noisy)
+            # A model trained with per-image time intervals takes the image index: 0, the one image
+            # (before 2026-12-06 it was not given, and the first evaluation failed).
+            denoisers[m] = ours_denoiser(cfg, tc, noisy, idx=np.zeros(1, np.int32) if tc.per_image_offset else None)
         else:
             data = clean
             given = ddpm_input(cfg, clean, noisy)

@@ -27,6 +27,8 @@ Samplers (``--sampler``):
   intervals (``per_image_offset``) draws sample ``k`` for image ``k mod num_images``.
 * DDPM (epsilon model): ``ancestral`` (Ho et al., ``T`` steps, predicted x0 clipped) or
   ``ddim`` (deterministic, ``--num_steps`` steps; all ``T`` when 0); ``auto`` = ``ancestral``.
+  A DDPM trained with ``per_image_offset`` (``train_tiny.py``'s default) draws sample ``k`` for
+  image ``k mod num_images`` as ours does.
 
 Outputs in ``--outdir`` (default ``<workdir>/generate``): ``samples.png`` (one row per sample,
 ``--num_frames`` frames from the prior to the sample), ``samples.json`` and ``samples.md``
@@ -165,25 +167,28 @@ def sample_arrays(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_st
 
     sampler = resolve_sampler(tc, sampler)
     dtype = jnp.result_type(float)
+    # A model trained with per-image time intervals takes the image index, DDPM's as ours' (before
+    # 2026-12-06 DDPM's samplers were handed the model without it: a DDPM of train_tiny.py, whose
+    # per_image_offset is on, could not generate).
+    if tc.per_image_offset and idx is None:
+        raise ValueError("idx: required ([M] image indices) for a model trained with per_image_offset")
+    f = fn if idx is None else (lambda x, t: fn(x, t, idx=idx))
     if tc.method == "ddpm":
         sched = tc.ddpm_schedule(dtype=dtype)
         k_prior, k_run = jax.random.split(key)
         x_T = jax.random.normal(k_prior, shape, dtype)
         if sampler == "ancestral":
-            r = ddpm.ddpm_ancestral_sample(fn, x_T, k_run, schedule=sched, clip_x0=(-1.0, 1.0),
+            r = ddpm.ddpm_ancestral_sample(f, x_T, k_run, schedule=sched, clip_x0=(-1.0, 1.0),
                                            return_trajectory=True, num_frames=num_frames)
         else:
             steps = int(num_steps) if num_steps else sched.num_steps
-            r = ddpm.ddim_sample(fn, x_T, schedule=sched, num_steps=min(steps, sched.num_steps),
+            r = ddpm.ddim_sample(f, x_T, schedule=sched, num_steps=min(steps, sched.num_steps),
                                  clip_x0=(-1.0, 1.0), return_trajectory=True, num_frames=num_frames)
         abar = jnp.concatenate([jnp.ones((1,), sched.alpha_bars.dtype), sched.alpha_bars])
         scale = jnp.sqrt(abar[r.times]).astype(r.trajectory.dtype)[:, :, None, None, None]
         frames = jnp.clip((r.trajectory / scale + 1.0) / 2.0, 0.0, 1.0)
         return jnp.clip((r.x + 1.0) / 2.0, 0.0, 1.0), frames, r.num_score_evals
 
-    f = fn if idx is None else (lambda x, t: fn(x, t, idx=idx))
-    if tc.per_image_offset and idx is None:
-        raise ValueError("idx: required ([M] image indices) for a model trained with per_image_offset")
     sde = tc.make_sde()
     if sampler == "paper_a":
         k_prior, k_run = jax.random.split(key)

@@ -478,6 +478,11 @@ def train_and_denoise(cfg, workdir: str, store_path: str, images) -> DenoiseRun:
 
     wd = os.path.expanduser(str(workdir))
     tc = train_config(cfg)
+    # The sampler's settings and what ours' SDE allows of them, before training (experiments.denoise
+    # checks them before its runs; unchecked, an unknown kind ran as "denoise", and an unmatched
+    # noise level failed at the first evaluation).
+    denoise._check_our_sampler(cfg.ours.sampler)
+    denoise.check_ours_sampler(cfg, tc)
     k = int(cfg.denoise.num_images)
     clean = np.asarray(images)[:k]
     noisy = denoise.noisy_input(cfg, clean)
