@@ -50,12 +50,6 @@ def is_float32_or_64(dtype) -> bool:
     return dtype.kind == "f" and dtype.itemsize in (4, 8)
 
 
-def check_rank(name: str, x, min_rank: int, what: str) -> None:
-    """Raise ValueError if ``x`` has fewer than ``min_rank`` axes."""
-    if jnp.ndim(x) < min_rank:
-        raise ValueError(f"{name}: expected {what}, got shape {jnp.shape(x)}")
-
-
 def is_int(value) -> bool:
     """True for a Python or NumPy integer, not a bool."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
