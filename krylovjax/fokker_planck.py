@@ -356,8 +356,9 @@ def fp_operator(
       h: grid spacing, positive scalar or per-system array.
       lagged_score: ``[..., 2, H, W]`` lagged score (component 0 = d/dx along W, 1 = d/dy along
         H), or None for zero.
-      drift: ``[..., 2, H, W]`` drift ``f`` in the same component order, or None for zero. Its
-        ghost values for ``div_h(f)`` follow the boundary (module docstring, "Boundaries").
+      drift: ``[..., 2, H, W]`` drift ``f`` in the same component order, or None for zero. For
+        ``div_h(f)`` it is extrapolated linearly beyond the grid whatever the boundary of m
+        (Paper B's scheme: ghosts as for m; module docstring).
       grid_shape, batch_shape: needed only when neither ``lagged_score`` nor ``drift`` is given.
       scheme: ``"consistent"``, ``"fitted"`` or ``"paper_b"`` (see module docstring).
       boundary: ``"zero"``, ``"dirichlet"`` (needs ``boundary_values``) or ``"reflect"``.
