@@ -420,17 +420,29 @@ def _raise_solve_failure(score_fn, sde, y, u, t0, span, max_steps) -> None:
     non-finite from some time on makes the solver creep towards that time with ever smaller
     steps until ``max_steps``. Before blaming ``max_steps``, the score (and the SDE) is checked
     at the last state reached, at its time and at a few times just past it (where the rejected
-    steps evaluated it): at most 8 score evaluations, only when a concrete solve has failed.
+    steps evaluated it) and at ``t_end``: at most 9 score evaluations, only when a concrete
+    solve has failed.
     """
     u = float(u)
     t = t0 + jnp.asarray(u, y.dtype) * span
     probes = [u, float(np.nextafter(np.asarray(u, y.dtype), np.asarray(np.inf, y.dtype)))]
     probes += [u + d for d in (1e-13, 1e-11, 1e-9, 1e-7, 1e-5, 1e-3) if u + d <= 1.0]
+    if 1.0 not in probes:
+        # the end point t_end too: every step that reaches it evaluates the score there (e.g. a
+        # network over lambda(t), infinite at t_end = 0), so the solve cannot end, whatever max_steps
+        probes.append(1.0)
     for uu in probes:
         tt = t0 + jnp.asarray(uu, y.dtype) * span  # as in the vector field
         s = np.asarray(score_fn(y, tt))
         if not np.all(np.isfinite(s)):
             bad = np.flatnonzero(~np.all(np.isfinite(s.reshape(s.shape[0], -1)), axis=1))
+            if uu == 1.0 and u + 1e-3 < 1.0:
+                raise ValueError(
+                    f"score_fn: returned non-finite values (NaN or Inf) for images {bad.tolist()} at t = "
+                    f"{np.asarray(tt)[bad]}, t_end itself: every step that reaches t_end is rejected, so the "
+                    f"ODE solver cannot finish whatever max_steps (it stopped at t = {np.asarray(t)}); choose a "
+                    "t_end where the score is finite (t_end > 0 for a score scaled by 1 / lambda(t))"
+                )
             raise ValueError(
                 f"score_fn: returned non-finite values (NaN or Inf) for images {bad.tolist()} at t = "
                 f"{np.asarray(tt)[bad]}, where the ODE solver stopped: its step-size controller rejects "

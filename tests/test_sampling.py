@@ -523,6 +523,25 @@ def test_probability_flow_reports_a_non_finite_score_not_max_steps():
     np.testing.assert_array_equal(r.trajectory[-1], r.x)
 
 
+def test_probability_flow_names_a_score_infinite_only_at_t_end():
+    """A score scaled by 1 / lambda(t) (scale_by_sigma) is infinite at t_end = 0 only, where
+    lambda(0) = 0: every step reaching t_end is rejected and the solver runs out of steps before
+    it, however many it has. The message names the score at t_end (before 2026-12-06 it said the
+    score was finite and blamed max_steps); t_end = 1e-3 solves."""
+    sde = VESDE(2.0)
+    x = jnp.ones((2, 1, 4, 4))
+
+    def scaled(x, t):
+        return -x / jax.vmap(sde.perturbation_std)(t)[:, None, None, None]
+
+    for max_steps in (64, 4096):  # more steps only creep closer to t_end
+        with pytest.raises(ValueError, match=r"^score_fn: returned non-finite values .* images \[0, 1\] at "
+                                             r"t = \[0\. 0\.\], t_end itself: .* whatever max_steps"):
+            sampling.probability_flow(scaled, sde, x, t_end=0.0, max_steps=max_steps)
+    r = sampling.probability_flow(scaled, sde, x, t_end=1e-3)
+    assert bool(r.finite.all())
+
+
 def test_probability_flow_tolerances_name_the_argument():
     sde = VESDE(2.0)
     x = jnp.zeros((2, 1, 2, 2))
