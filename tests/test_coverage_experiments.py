@@ -376,6 +376,24 @@ def test_ddpm_with_per_image_offsets_is_refused_by_the_config_check():
         check(cfg)
 
 
+def _prepared_ours(cfg_, tc, images):
+    """A stand-in for ``denoise.prepare_ours``: no pre-computation, fixed timings."""
+    return "trajectories", {"precompute_seconds": 1.0, "embed_seconds": 0.5, "compile_seconds": 0.0,
+                            "solver_stats": {}, "precompute_config": None, "num_levels": 3}
+
+
+def _one_evaluation(workdir, eval_fn, model, step, seconds, stop_reason):
+    """A scripted ``training.train`` run: one evaluation of ``model`` at ``step`` after ``seconds``
+    of training, its record appended to the run's metrics, and train's result."""
+    os.makedirs(workdir, exist_ok=True)
+    rec = eval_fn(model, step)
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"kind": "eval", "step": step, "train_seconds": seconds, **rec}) + "\n")
+    return types.SimpleNamespace(step=step, stop_reason=stop_reason, train_seconds=seconds, compile_seconds=0.0,
+                                 eval_seconds=0.1, checkpoint_seconds=0.0, wall_seconds=seconds + 0.5,
+                                 steps_per_call=1, resumed_from=None)
+
+
 def test_denoise_run_gives_a_per_image_model_its_images_index(tmp_path, monkeypatch):
     """``ours.train.per_image_offset = True`` in the denoise binary: the model is called with the
     one image's index 0 (before, without any, and the first evaluation failed after training). A
@@ -401,21 +419,11 @@ def test_denoise_run_gives_a_per_image_model_its_images_index(tmp_path, monkeypa
             raise ValueError("idx: required")
         return -(x - jnp.asarray(x0, x.dtype)) / (0.25 * t[:, None, None, None])
 
-    def prepare_ours(cfg_, tc, images):
-        return "trajectories", {"precompute_seconds": 1.0, "embed_seconds": 0.5, "compile_seconds": 0.0,
-                                "solver_stats": {}, "precompute_config": None, "num_levels": 3}
-
     def train(tc, data, workdir, *, eval_fn=None, target=None, mesh=None):
         assert tc.per_image_offset and data == "trajectories"
-        os.makedirs(workdir, exist_ok=True)
-        rec = eval_fn(score, 4)
-        with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
-            f.write(json.dumps({"kind": "eval", "step": 4, "train_seconds": 2.0, **rec}) + "\n")
-        return types.SimpleNamespace(step=4, stop_reason="num_steps", train_seconds=2.0, compile_seconds=0.0,
-                                     eval_seconds=0.1, checkpoint_seconds=0.0, wall_seconds=2.5,
-                                     steps_per_call=1, resumed_from=None)
+        return _one_evaluation(workdir, eval_fn, score, 4, 2.0, "num_steps")
 
-    monkeypatch.setattr(denoise, "prepare_ours", prepare_ours)
+    monkeypatch.setattr(denoise, "prepare_ours", _prepared_ours)
     monkeypatch.setattr(training, "train", train)
     out = denoise.run(cfg, str(tmp_path / "w"))
     assert seen and all(s == [0] for s in seen)
@@ -489,21 +497,11 @@ def test_overwrite_redoes_a_finished_run_from_the_start(binary, methods, tmp_pat
             return out, np.stack([np.asarray(noisy), out]), 1
         return den
 
-    def prepare_ours(cfg_, tc, images):
-        return "trajectories", {"precompute_seconds": 1.0, "embed_seconds": 0.5, "compile_seconds": 0.0,
-                                "solver_stats": {}, "precompute_config": None, "num_levels": 3}
-
     def train(tc, data, workdir, *, eval_fn=None, target=None, mesh=None):
         calls.append((tc.method, os.path.exists(os.path.join(workdir, "stale"))))
-        os.makedirs(workdir, exist_ok=True)
-        rec = eval_fn("model", 1)
-        with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps({"kind": "eval", "step": 1, "train_seconds": 0.5, **rec}) + "\n")
-        return types.SimpleNamespace(step=1, stop_reason="target", train_seconds=0.5, compile_seconds=0.0,
-                                     eval_seconds=0.1, checkpoint_seconds=0.0, wall_seconds=1.0,
-                                     steps_per_call=1, resumed_from=None)
+        return _one_evaluation(workdir, eval_fn, "model", 1, 0.5, "target")
 
-    monkeypatch.setattr(denoise, "prepare_ours", prepare_ours)
+    monkeypatch.setattr(denoise, "prepare_ours", _prepared_ours)
     monkeypatch.setattr(denoise, "ours_denoiser", den_for)
     monkeypatch.setattr(denoise, "ddpm_denoiser", den_for)
     monkeypatch.setattr(training, "train", train)

@@ -32,7 +32,7 @@ from krylovjax.sde import VPSDE
 
 import test_data
 import test_training
-from test_mutation_pipeline import C, HW, _coded_trajectories, _model_def
+from test_mutation_pipeline import C, HW, _affine, _coded_trajectories, _jitter_bounds, _model_def, _record_apply, _zero
 from test_sampling import MU, VESDE, gaussian_score
 from test_training import OURS
 
@@ -75,19 +75,11 @@ def test_ours_loss_for_the_vp_and_constant_sdes(monkeypatch, sde, kwargs, scale_
     cfg = tr.TrainConfig(batch_size=48, sde=sde, sde_kwargs=kwargs, scale_by_sigma=scale_by_sigma,
                          loss_reduction=reduction, time_jitter=jitter, model_overrides={"param_dtype": param_dtype})
     arrays, _ = tr.prepare_data(cfg, traj)
-    seen = {}
-
-    def fake_apply(md, params, xx, tt, idx, **kw):
-        seen.update(x=np.asarray(xx), t=np.asarray(tt))
-        return params["a"] * xx + params["b"]
-
-    monkeypatch.setattr(tr, "_apply", fake_apply)
+    seen = _record_apply(monkeypatch, _affine)
     params = {"a": jnp.asarray(0.02), "b": jnp.asarray(-0.4)}
     loss_fn = tr._loss_fn(cfg, _model_def(cfg), None)
     tn = traj.t
-    gaps = np.diff(tn)
-    lo = tn - 0.5 * jitter * np.concatenate([[0.0], gaps])
-    hi = tn + 0.5 * jitter * np.concatenate([gaps, [0.0]])
+    lo, hi = _jitter_bounds(tn, jitter)
     data = {k: jnp.asarray(v) for k, v in arrays.items()}
     for k in range(2):
         loss, per = loss_fn(params, jax.random.PRNGKey(10 + k), data, False)
@@ -121,13 +113,7 @@ def test_ddpm_loss_uses_its_own_number_of_steps_and_beta_end(monkeypatch):
     vals = np.array([0.2, 0.9])
     images_ = np.ascontiguousarray(np.broadcast_to(vals[:, None, None, None], (2, C, HW, HW)))
     arrays, _ = tr.prepare_data(cfg, images_)
-    seen = {}
-
-    def fake_apply(md, params, xx, tt, idx, **kw):
-        seen.update(x=np.asarray(xx), t=np.asarray(tt))
-        return jnp.zeros_like(xx)
-
-    monkeypatch.setattr(tr, "_apply", fake_apply)
+    seen = _record_apply(monkeypatch, _zero)
     loss_fn = tr._loss_fn(cfg, _model_def(cfg, 2), None)
     abar = np.cumprod(1.0 - np.linspace(1e-4, 0.05, 50))
     steps = set()

@@ -39,6 +39,33 @@ def _ve_lambda_g2(t, sigma=5.0):
     return np.sqrt((sigma ** (2 * t) - 1) / (2 * np.log(sigma))), sigma ** (2 * t)
 
 
+def _record_apply(monkeypatch, out):
+    """Replace the U-Net (``training._apply``) by ``out(params, x)``; the returned dict holds the
+    last call's x, t and image index."""
+    seen = {}
+
+    def fake_apply(md, params, xx, tt, idx, **kw):
+        seen.update(x=np.asarray(xx), t=np.asarray(tt), idx=None if idx is None else np.asarray(idx))
+        return out(params, xx)
+
+    monkeypatch.setattr(tr, "_apply", fake_apply)
+    return seen
+
+
+def _affine(params, x):
+    return params["a"] * x + params["b"]
+
+
+def _zero(params, x):
+    return jnp.zeros_like(x)
+
+
+def _jitter_bounds(t, w):
+    """Level n's time window by hand: w / 2 of the gap to each neighbour, cut at the two ends."""
+    gaps = np.diff(t)
+    return t - 0.5 * w * np.concatenate([[0.0], gaps]), t + 0.5 * w * np.concatenate([gaps, [0.0]])
+
+
 @pytest.mark.parametrize("scale_by_sigma", [False, True])
 def test_ours_batch_pairs_times_noise_and_loss(monkeypatch, scale_by_sigma):
     """The ``ours`` batch (method.md 4.2-4.3): each drawn x is x^n_i of one pair (i, n) plus
@@ -49,19 +76,11 @@ def test_ours_batch_pairs_times_noise_and_loss(monkeypatch, scale_by_sigma):
     cfg = tr.TrainConfig(batch_size=64, time_jitter=0.5, per_image_offset=True,
                          scale_by_sigma=scale_by_sigma)
     arrays, _ = tr.prepare_data(cfg, traj)
-    seen = {}
-
-    def fake_apply(md, params, xx, tt, idx, **kw):
-        seen.update(x=np.asarray(xx), t=np.asarray(tt), idx=np.asarray(idx))
-        return params["a"] * xx + params["b"]
-
-    monkeypatch.setattr(tr, "_apply", fake_apply)
+    seen = _record_apply(monkeypatch, _affine)
     params = {"a": jnp.asarray(0.01), "b": jnp.asarray(-0.3)}
     loss_fn = tr._loss_fn(cfg, _model_def(cfg), None)
     tt = traj.t
-    gaps = np.diff(tt)
-    lo = tt - 0.25 * np.concatenate([[0.0], gaps])  # w / 2 of the gap on each side, cut at the ends
-    hi = tt + 0.25 * np.concatenate([gaps, [0.0]])
+    lo, hi = _jitter_bounds(tt, 0.5)
     us, levels = [], set()
     for k in range(3):
         loss, per = loss_fn(params, jax.random.PRNGKey(k), {k2: jnp.asarray(v) for k2, v in arrays.items()}, False)
@@ -99,13 +118,7 @@ def test_ddpm_batch_is_centred_images_at_integer_steps(monkeypatch):
     vals = np.array([0.1, 0.5, 0.85])
     images = np.broadcast_to(vals[:, None, None, None], (3, C, HW, HW)).astype(np.float64)
     arrays, _ = tr.prepare_data(cfg, np.ascontiguousarray(images))
-    seen = {}
-
-    def fake_apply(md, params, xx, tt, idx, **kw):
-        seen.update(x=np.asarray(xx), t=np.asarray(tt))
-        return jnp.zeros_like(xx)
-
-    monkeypatch.setattr(tr, "_apply", fake_apply)
+    seen = _record_apply(monkeypatch, _zero)
     loss_fn = tr._loss_fn(cfg, _model_def(cfg), None)
     abar = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
     drawn = set()
