@@ -17,11 +17,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The demo always runs afresh in runs/demo; the previous run there is kept in runs/demo.prev
-# (the binary itself refuses a workdir holding another config, e.g. after an update of the demo's).
+# (--fresh: the binary moves it aside itself while holding the directory's lock, so a second
+# `make demo` started during a run is refused instead of moving the running one away).
 demo: $(STAMP)
-	rm -rf runs/demo.prev
-	if [ -e runs/demo ]; then mv runs/demo runs/demo.prev; fi
-	$(PY) -m experiments.denoise --config=experiments/configs/denoise_demo.py --workdir=runs/demo
+	$(PY) -m experiments.denoise --config=experiments/configs/denoise_demo.py --workdir=runs/demo --fresh
 
 # Two pytest workers (pytest-xdist). From an empty persistent compilation cache, as in CI (the
 # tests fill and share one in .pytest_cache/jax, and compile with LLVM at -O0: tests/conftest.py):

@@ -3,7 +3,7 @@ r"""Fixed wall-clock budget: ours vs DDPM on the same images (Paper A Figures 4/
 Usage::
 
     python -m experiments.budget --config=experiments/configs/budget_demo.py --workdir=runs/budget \
-        [--config.budget_seconds=120] [--config.task=generate] [--overwrite]
+        [--config.budget_seconds=120] [--config.task=generate] [--overwrite | --fresh]
 
 Both methods get the same budget of ``budget_seconds`` wall-clock seconds of work on the same
 images ``[B, C, H, W]`` (``config.data``) and the same U-Net (``config.common``):
@@ -44,6 +44,8 @@ The table reports the average SSIM (and PSNR) over the images / samples. Outputs
 ``--workdir``: ``results.md``, ``results.json``, ``grid.png`` (sources, inputs, ours, DDPM side
 by side), ``quality_curve.png`` (with ``eval_every > 0``), and the two training runs ``ours/``,
 ``ddpm/`` (a killed run resumes from their checkpoints; ours' pre-computation is redone).
+``--fresh`` moves an existing work directory to ``<workdir>.prev`` first; a second run in a work
+directory that a run holds is refused at once (:mod:`krylovjax.workdir_lock`).
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ if __name__ == "__main__":
     flags.DEFINE_bool("overwrite", False, "Redo the run of the same config in --workdir from the start: its "
                       "results and training runs (finished or not) are deleted first. Another config is always "
                       "refused; without the flag an unfinished run resumes.")
+    flags.DEFINE_bool("fresh", False, "Start afresh: move an existing --workdir to <workdir>.prev first (an older "
+                      "<workdir>.prev is deleted), whatever its config; refused while another run holds either.")
     flags.mark_flags_as_required(["config", "workdir"])
 
 TASKS = ("denoise", "generate")
@@ -248,7 +252,7 @@ def make_generate_eval_fn(gen, clean, idx, last: dict | None = None):
     return eval_fn
 
 
-def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
+def run(cfg, workdir: str, *, overwrite: bool = False, fresh: bool = False) -> dict:
     """Run the budget experiment of ``cfg`` in ``workdir``; returns the results (also written)."""
     from experiments import denoise
     from krylovjax import experiment_utils as eu
@@ -272,7 +276,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
 
     # a failure while the fresh claim is all the directory holds withdraws it (eu.run_claimed)
     return eu.run_claimed(workdir, "budget", cfg, lambda: _run_claimed(cfg, workdir, overwrite, budget, tcs, clean),
-                          legacy={**denoise.LEGACY_CONFIG, **LEGACY_CONFIG})
+                          legacy={**denoise.LEGACY_CONFIG, **LEGACY_CONFIG}, fresh=fresh)
 
 
 def _run_claimed(cfg, workdir: str, overwrite: bool, budget: float, tcs: dict, clean) -> dict:
@@ -506,7 +510,8 @@ def main(argv):
     eu.check_no_args(argv)
     eu.quiet_orbax_logs()
     eu.sigterm_as_interrupt()  # kill / timeout / schedulers: checkpoint like Ctrl-C, then exit non-zero
-    run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite)
+    with eu.busy_is_a_usage_error():
+        run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite, fresh=FLAGS.fresh)
     with open(os.path.join(FLAGS.workdir, "results.md")) as f:
         print(f.read())
     print("Outputs in", os.path.abspath(FLAGS.workdir) + ":")

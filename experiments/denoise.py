@@ -3,7 +3,7 @@ r"""Single-image denoising: time to a target SSIM, ours vs DDPM (Paper A Table 1
 Usage::
 
     python -m experiments.denoise --config=experiments/configs/denoise_demo.py --workdir=runs/demo \
-        [--config.targets='(0.95, 0.99)'] [--overwrite]
+        [--config.targets='(0.95, 0.99)'] [--overwrite | --fresh]
 
 For one clean image ``x`` (``config.data``) and its noisy version ``clamp(x + std z, 0, 1)``
 (``config.noise``; Paper A: std 0.506, fixed seed):
@@ -43,7 +43,9 @@ row's metrics as ``ddim_ssim`` etc.; ``experiments.generate`` can sample from th
 directory is tied to its config (``experiment.json``): another config is refused before anything
 is written; a finished run of the same config is redone only with ``--overwrite``; an
 interrupted one keeps the result of a method that had finished (``<method>/denoise_result.json``)
-and resumes the other from its checkpoints.
+and resumes the other from its checkpoints. ``--fresh`` moves an existing work directory to
+``<workdir>.prev`` first (``make demo``). One run at a time: a second run in a work directory that
+a run holds is refused at once, naming that run (:mod:`krylovjax.workdir_lock`).
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ if __name__ == "__main__":
     flags.DEFINE_bool("overwrite", False, "Redo the run of the same config in --workdir from the start: its "
                       "results and training runs (finished or not) are deleted first. Another config is always "
                       "refused; without the flag an unfinished run resumes.")
+    flags.DEFINE_bool("fresh", False, "Start afresh: move an existing --workdir to <workdir>.prev first (an older "
+                      "<workdir>.prev is deleted), whatever its config; refused while another run holds either.")
     flags.mark_flags_as_required(["config", "workdir"])
 
 METHODS = ("ours", "ddpm")
@@ -785,7 +789,7 @@ def _target_rows(records: list, targets, key: str, offset: float, cap_seconds: f
     return out
 
 
-def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
+def run(cfg, workdir: str, *, overwrite: bool = False, fresh: bool = False) -> dict:
     """Run the experiment of ``cfg`` in ``workdir``; returns the results dict (also written)."""
     from krylovjax import experiment_utils as eu
 
@@ -813,7 +817,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False) -> dict:
     # The work directory: refuse another run's config before writing anything (a failure while the
     # fresh claim is all the directory holds withdraws it).
     return eu.run_claimed(workdir, "denoise", cfg, lambda: _run_claimed(cfg, workdir, overwrite, targets, tcs, clean),
-                          legacy=LEGACY_CONFIG)
+                          legacy=LEGACY_CONFIG, fresh=fresh)
 
 
 def _run_claimed(cfg, workdir: str, overwrite: bool, targets: list, tcs: dict, clean) -> dict:
@@ -1039,7 +1043,8 @@ def main(argv):
     eu.check_no_args(argv)
     eu.quiet_orbax_logs()
     eu.sigterm_as_interrupt()  # kill / timeout / schedulers: checkpoint like Ctrl-C, then exit non-zero
-    out = run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite)
+    with eu.busy_is_a_usage_error():
+        out = run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite, fresh=FLAGS.fresh)
     print_summary(out, FLAGS.workdir)
 
 

@@ -228,7 +228,7 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
     import numpy as np
 
     from krylovjax import experiment_utils as eu
-    from krylovjax import training
+    from krylovjax import training, workdir_lock
 
     for name, v, lo in (("num_samples", num_samples, 1), ("num_frames", num_frames, 2), ("num_steps", num_steps, 0),
                         ("reference_count", reference_count, 1)):
@@ -241,83 +241,85 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
     if not isinstance(final_denoise, bool):
         raise TypeError(f"final_denoise: expected a bool, got {final_denoise!r}")
     outdir = outdir or os.path.join(workdir, "generate")
-    # The settings as asked: an output directory of other settings is refused at once, and it is
-    # claimed once the model, sampler and reference are found good (a bad flag leaves no claim
-    # behind that would refuse the corrected command).
-    settings = {"workdir": os.path.abspath(workdir), "step": step, "num_samples": num_samples,
-                "num_frames": num_frames, "sampler": sampler, "num_steps": num_steps, "seed": seed,
-                "reference": reference, "reference_count": reference_count, "final_denoise": final_denoise}
-    eu.check_claim(outdir, "generate", settings, legacy=LEGACY_SETTINGS, arg="outdir")
-    if os.path.exists(os.path.join(outdir, "samples.json")) and not overwrite:
-        raise eu.WorkdirConflictError(
-            f"outdir: {outdir!r} already holds these samples; pass --overwrite to redo them or use another --outdir")
-    fn = training.load_score_fn(workdir, step=step)
-    tc = fn.config
-    sampler = resolve_sampler(tc, sampler)
-    if sampler in ("sde", "paper_a") and num_steps < 1:
-        raise ValueError(f"num_steps: the {sampler!r} sampler needs >= 1 steps, got {num_steps}")
-    unet = fn.model_def.unet
-    shape = (num_samples, unet.in_channels, unet.image_size, unet.image_size)
-    settings_asked, settings = settings, dict(settings, step=int(fn.step), sampler=sampler)  # as resolved
-    ref = None
-    if reference:  # loaded before sampling: a bad source fails at once, not after the chain
-        from krylovjax.data import load_images
+    # One run at a time in outdir (a second generate there is refused at once, naming this one).
+    with workdir_lock.hold(outdir, arg="outdir"):
+        # The settings as asked: an output directory of other settings is refused at once, and it is
+        # claimed once the model, sampler and reference are found good (a bad flag leaves no claim
+        # behind that would refuse the corrected command).
+        settings = {"workdir": os.path.abspath(workdir), "step": step, "num_samples": num_samples,
+                    "num_frames": num_frames, "sampler": sampler, "num_steps": num_steps, "seed": seed,
+                    "reference": reference, "reference_count": reference_count, "final_denoise": final_denoise}
+        eu.check_claim(outdir, "generate", settings, legacy=LEGACY_SETTINGS, arg="outdir")
+        if os.path.exists(os.path.join(outdir, "samples.json")) and not overwrite:
+            raise eu.WorkdirConflictError(
+                f"outdir: {outdir!r} already holds these samples; pass --overwrite to redo them or use another --outdir")
+        fn = training.load_score_fn(workdir, step=step)
+        tc = fn.config
+        sampler = resolve_sampler(tc, sampler)
+        if sampler in ("sde", "paper_a") and num_steps < 1:
+            raise ValueError(f"num_steps: the {sampler!r} sampler needs >= 1 steps, got {num_steps}")
+        unet = fn.model_def.unet
+        shape = (num_samples, unet.in_channels, unet.image_size, unet.image_size)
+        settings_asked, settings = settings, dict(settings, step=int(fn.step), sampler=sampler)  # as resolved
+        ref = None
+        if reference:  # loaded before sampling: a bad source fails at once, not after the chain
+            from krylovjax.data import load_images
 
-        kw: dict[str, Any] = {"size": unet.image_size}
-        if not reference.startswith("builtin:"):  # a multi-image source: its first reference_count
-            kw["num_images"] = reference_count
-        try:
-            ref = np.asarray(load_images(reference, **kw))
-        except ValueError as e:
-            raise ValueError(f"reference: {reference!r}: {e}") from e
-        if ref.shape[1] != unet.in_channels:
-            raise ValueError(f"reference: its images have {ref.shape[1]} channels, the model {unet.in_channels}")
-    eu.claim_workdir(outdir, "generate", settings_asked, legacy=LEGACY_SETTINGS, arg="outdir")
-    idx = None
-    if unet.per_image_offset:
-        idx = jnp.arange(num_samples, dtype=jnp.int32) % unet.num_images
-    with eu.Stopwatch() as sw:
-        out, frames, nfe = sample(fn, tc, shape, jax.random.PRNGKey(seed), idx=idx, sampler=sampler,
-                                  num_steps=num_steps, num_frames=num_frames, final_denoise=final_denoise)
-        out, frames = np.asarray(out), np.asarray(frames)
-    if ref is not None:
-        ref = ref.astype(out.dtype)
-    rows = []
-    per = []
-    summary = None
-    if ref is not None:
-        nearest, best, counts = nearest_reference(out, ref)
-        summary = {"ssim_to_nearest_mean": float(best.mean()), "ssim_to_nearest_se": eu.standard_error(best),
-                   "samples_per_reference": counts.tolist(), "references_covered": int((counts > 0).sum())}
-    for k in range(num_samples):
-        rec = {"sample": k, "image_index": None if idx is None else int(idx[k]), "mean": float(out[k].mean()),
-               "std": float(out[k].std()), "min": float(out[k].min()), "max": float(out[k].max())}
+            kw: dict[str, Any] = {"size": unet.image_size}
+            if not reference.startswith("builtin:"):  # a multi-image source: its first reference_count
+                kw["num_images"] = reference_count
+            try:
+                ref = np.asarray(load_images(reference, **kw))
+            except ValueError as e:
+                raise ValueError(f"reference: {reference!r}: {e}") from e
+            if ref.shape[1] != unet.in_channels:
+                raise ValueError(f"reference: its images have {ref.shape[1]} channels, the model {unet.in_channels}")
+        eu.claim_workdir(outdir, "generate", settings_asked, legacy=LEGACY_SETTINGS, arg="outdir")
+        idx = None
+        if unet.per_image_offset:
+            idx = jnp.arange(num_samples, dtype=jnp.int32) % unet.num_images
+        with eu.Stopwatch() as sw:
+            out, frames, nfe = sample(fn, tc, shape, jax.random.PRNGKey(seed), idx=idx, sampler=sampler,
+                                      num_steps=num_steps, num_frames=num_frames, final_denoise=final_denoise)
+            out, frames = np.asarray(out), np.asarray(frames)
         if ref is not None:
-            rec.update(nearest_reference=int(nearest[k]), ssim_to_nearest=float(best[k]))
-        per.append(rec)
-        rows.append([k, rec["image_index"], f"{rec['mean']:.3f}", f"{rec['std']:.3f}",
-                     rec.get("nearest_reference"), None if ref is None else f"{rec['ssim_to_nearest']:.4f}"])
-    result = {"experiment": "generate", "settings": settings, "method": tc.method, "sde": tc.sde,
-              "network_evals": nfe, "sampling_seconds": sw.seconds, "samples": per, "summary": summary,
-              "shape": list(out.shape), "machine": eu.machine_info()}
-    text = (f"# Samples of {os.path.abspath(workdir)} (step {fn.step}, method {tc.method}, sampler {sampler})\n\n"
-            f"{nfe} network evaluations, {sw.seconds:.1f} s (compile included).\n\n")
-    if summary:
-        se = summary["ssim_to_nearest_se"]
-        text += (f"SSIM to the nearest reference, mean over the {num_samples} samples: "
-                 f"{summary['ssim_to_nearest_mean']:.4f}" + ("" if se is None else f" (s.e. {se:.4f})")
-                 + f"; {summary['references_covered']} of {ref.shape[0]} references are some sample's nearest; "
-                 f"samples nearest each reference: {', '.join(str(c) for c in summary['samples_per_reference'])}.\n\n")
-    text += eu.markdown_table(["sample", "image index", "mean", "std", "nearest reference", "SSIM to nearest"], rows)
-    eu.write_text(os.path.join(outdir, "samples.md"), text)
-    eu.image_grid(os.path.join(outdir, "samples.png"), [frames[:, k] for k in range(num_samples)],
-                  row_labels=[f"sample {k}" for k in range(num_samples)],
-                  col_labels=[f"frame {i}" for i in range(num_frames)],
-                  title=f"{tc.method}: {sampler} sampler, frame 0 = prior, last = sample")
-    # Last: samples.json marks the outputs finished (a run killed while writing the table or the
-    # figure redoes them instead of standing as finished without them).
-    eu.write_json(os.path.join(outdir, "samples.json"), result)
-    return result
+            ref = ref.astype(out.dtype)
+        rows = []
+        per = []
+        summary = None
+        if ref is not None:
+            nearest, best, counts = nearest_reference(out, ref)
+            summary = {"ssim_to_nearest_mean": float(best.mean()), "ssim_to_nearest_se": eu.standard_error(best),
+                       "samples_per_reference": counts.tolist(), "references_covered": int((counts > 0).sum())}
+        for k in range(num_samples):
+            rec = {"sample": k, "image_index": None if idx is None else int(idx[k]), "mean": float(out[k].mean()),
+                   "std": float(out[k].std()), "min": float(out[k].min()), "max": float(out[k].max())}
+            if ref is not None:
+                rec.update(nearest_reference=int(nearest[k]), ssim_to_nearest=float(best[k]))
+            per.append(rec)
+            rows.append([k, rec["image_index"], f"{rec['mean']:.3f}", f"{rec['std']:.3f}",
+                         rec.get("nearest_reference"), None if ref is None else f"{rec['ssim_to_nearest']:.4f}"])
+        result = {"experiment": "generate", "settings": settings, "method": tc.method, "sde": tc.sde,
+                  "network_evals": nfe, "sampling_seconds": sw.seconds, "samples": per, "summary": summary,
+                  "shape": list(out.shape), "machine": eu.machine_info()}
+        text = (f"# Samples of {os.path.abspath(workdir)} (step {fn.step}, method {tc.method}, sampler {sampler})\n\n"
+                f"{nfe} network evaluations, {sw.seconds:.1f} s (compile included).\n\n")
+        if summary:
+            se = summary["ssim_to_nearest_se"]
+            text += (f"SSIM to the nearest reference, mean over the {num_samples} samples: "
+                     f"{summary['ssim_to_nearest_mean']:.4f}" + ("" if se is None else f" (s.e. {se:.4f})")
+                     + f"; {summary['references_covered']} of {ref.shape[0]} references are some sample's nearest; "
+                     f"samples nearest each reference: {', '.join(str(c) for c in summary['samples_per_reference'])}.\n\n")
+        text += eu.markdown_table(["sample", "image index", "mean", "std", "nearest reference", "SSIM to nearest"], rows)
+        eu.write_text(os.path.join(outdir, "samples.md"), text)
+        eu.image_grid(os.path.join(outdir, "samples.png"), [frames[:, k] for k in range(num_samples)],
+                      row_labels=[f"sample {k}" for k in range(num_samples)],
+                      col_labels=[f"frame {i}" for i in range(num_frames)],
+                      title=f"{tc.method}: {sampler} sampler, frame 0 = prior, last = sample")
+        # Last: samples.json marks the outputs finished (a run killed while writing the table or the
+        # figure redoes them instead of standing as finished without them).
+        eu.write_json(os.path.join(outdir, "samples.json"), result)
+        return result
 
 
 def main(argv):
@@ -326,10 +328,11 @@ def main(argv):
     eu.check_no_args(argv)
     eu.quiet_orbax_logs()
     outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, "generate")
-    run(FLAGS.workdir, outdir, num_samples=FLAGS.num_samples, num_frames=FLAGS.num_frames,
-        sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, seed=FLAGS.seed, step=FLAGS.step,
-        reference=FLAGS.reference, reference_count=FLAGS.reference_count, overwrite=FLAGS.overwrite,
-        final_denoise=FLAGS.final_denoise)
+    with eu.busy_is_a_usage_error():
+        run(FLAGS.workdir, outdir, num_samples=FLAGS.num_samples, num_frames=FLAGS.num_frames,
+            sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, seed=FLAGS.seed, step=FLAGS.step,
+            reference=FLAGS.reference, reference_count=FLAGS.reference_count, overwrite=FLAGS.overwrite,
+            final_denoise=FLAGS.final_denoise)
     with open(os.path.join(outdir, "samples.md")) as f:
         print(f.read())
     print("Outputs in", os.path.abspath(outdir) + ":")

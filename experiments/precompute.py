@@ -103,6 +103,18 @@ def main(argv):
     import jax
 
     jax.config.update("jax_enable_x64", cfg.dtype == "float64")
+    from krylovjax import workdir_lock
+
+    # One run at a time in the workdir, to its summary (a second run there is refused at once).
+    with eu.busy_is_a_usage_error(), workdir_lock.hold(FLAGS.workdir, process_index=jax.process_index()):
+        _precompute(cfg)
+
+
+def _precompute(cfg):
+    """main's run, holding --workdir."""
+    import jax
+
+    from krylovjax import experiment_utils as eu
     from krylovjax import pipeline
     from krylovjax.data import DatasetNotPreparedError
 

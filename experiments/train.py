@@ -108,6 +108,19 @@ def main(argv):
         eu.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     except ValueError as err:
         raise app.UsageError(str(err)) from None
+    from krylovjax import workdir_lock
+
+    # One run at a time in the workdir, from the pre-computation to result.json (a second run
+    # there is refused at once, naming this one).
+    with eu.busy_is_a_usage_error(), workdir_lock.hold(FLAGS.workdir, process_index=jax.process_index()):
+        _train(cfg, source)
+
+
+def _train(cfg, source):
+    """main's run, holding --workdir."""
+    import jax
+
+    from krylovjax import experiment_utils as eu
     from krylovjax import training
 
     train_cfg = training.TrainConfig.from_dict({k: v for k, v in cfg.items() if k not in _NON_TRAIN_KEYS})

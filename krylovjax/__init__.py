@@ -26,7 +26,7 @@ from krylovjax.sde import ConstantSDE, VESDE, VPSDE, get_sde, time_grid
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = ("data", "initial", "transport", "precompute", "store", "metrics", "sampling",
+_LAZY_MODULES = ("data", "initial", "transport", "precompute", "store", "metrics", "sampling", "workdir_lock",
                  "ddpm", "models", "training", "cross_matrix")
 _LAZY_ATTRS = {
     "precompute_scores": "precompute",

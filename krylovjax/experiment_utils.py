@@ -5,7 +5,8 @@ Nothing here is numerics of the method; these are the small pieces every experim
 
 * :func:`claim_workdir`: a run directory remembers the config it was made for
   (``<workdir>/experiment.json``); another config is refused with the differing keys named,
-  before anything in the directory is touched;
+  before anything in the directory is touched; :func:`run_claimed` runs in it holding it
+  (one run at a time), :func:`move_aside` starts a directory afresh;
 * :func:`noisy_copy`: Paper A's test input ``clamp(x + std z, 0, 1)`` with a fixed seed;
 * :func:`first_reaching`, :func:`read_metrics`: time-to-target from the ``metrics.jsonl`` of a
   :func:`krylovjax.training.train` run;
@@ -14,7 +15,8 @@ Nothing here is numerics of the method; these are the small pieces every experim
 * flag checks for the binaries' ``main`` (``absl.app.UsageError`` naming the flag, before any
   work): :func:`check_no_args`, :func:`check_flag`, :func:`int_list_flag`,
   :func:`word_or_int_flag`, :func:`choice_list_flag`, :func:`check_dir_arg` (a directory flag that is a file),
-  :func:`refuse_other_runs` (a directory holding another binary's run), and
+  :func:`refuse_other_runs` (a directory holding another binary's run),
+  :func:`busy_is_a_usage_error` (a directory another run holds: :mod:`krylovjax.workdir_lock`), and
   :func:`sigterm_as_interrupt` (SIGTERM checkpoints a training run like Ctrl-C).
 
 Images are ``[B, C, H, W]`` (or ``[C, H, W]``) float arrays in [0, 1], as everywhere else.
@@ -22,6 +24,7 @@ Images are ``[B, C, H, W]`` (or ``[C, H, W]``) float arrays in [0, 1], as everyw
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -30,7 +33,7 @@ import platform
 import signal
 import tempfile
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -40,6 +43,7 @@ __all__ = [
     "claim_workdir",
     "check_claim",
     "run_claimed",
+    "move_aside",
     "distributed_args",
     "init_distributed",
     "multiprocess_environment",
@@ -235,19 +239,52 @@ def check_claim(workdir: str | os.PathLike, experiment: str, config: Any, *,
 
 
 def run_claimed(workdir: str | os.PathLike, experiment: str, config: Any, body: Callable[[], Any], *,
-                legacy: Mapping[str, Any] | None = None, arg: str = "workdir") -> Any:
-    """:func:`claim_workdir`, then ``body()``. When ``body`` fails (bad input found late, an
-    interrupt) while a fresh claim is all the directory holds, the claim is withdrawn: the
+                legacy: Mapping[str, Any] | None = None, arg: str = "workdir", fresh: bool = False) -> Any:
+    """:func:`claim_workdir`, then ``body()``, holding ``workdir`` throughout
+    (:func:`krylovjax.workdir_lock.hold`: a second run there is refused with
+    :class:`~krylovjax.workdir_lock.WorkdirBusyError`). When ``body`` fails (bad input found late,
+    an interrupt) while a fresh claim is all the directory holds, the claim is withdrawn: the
     corrected command may then use the directory. Once anything else is written there, the claim
-    stays and protects it."""
-    fresh = claim_workdir(workdir, experiment, config, legacy=legacy, arg=arg)
-    try:
-        return body()
-    except BaseException:
-        workdir = os.fspath(workdir)
-        if fresh and os.listdir(workdir) == [_CLAIM_FILE]:
-            os.remove(os.path.join(workdir, _CLAIM_FILE))
-        raise
+    stays and protects it.
+
+    ``fresh=True`` first moves an existing ``workdir`` aside to ``<workdir>.prev`` (deleting an
+    older ``<workdir>.prev``), holding both names, so the run starts afresh (``make demo``)."""
+    from krylovjax import workdir_lock
+
+    with workdir_lock.hold(workdir, arg=arg):
+        if fresh:
+            move_aside(workdir, arg=arg)
+        claimed_now = claim_workdir(workdir, experiment, config, legacy=legacy, arg=arg)
+        try:
+            return body()
+        except BaseException:
+            workdir = os.fspath(workdir)
+            if claimed_now and os.listdir(workdir) == [_CLAIM_FILE]:
+                os.remove(os.path.join(workdir, _CLAIM_FILE))
+            raise
+
+
+def move_aside(workdir: str | os.PathLike, *, arg: str = "workdir") -> str | None:
+    """Move the directory ``workdir`` to ``<workdir>.prev``, deleting an older one there; returns
+    the new path, or None when ``workdir`` did not exist. Refuses (nothing moved) a ``workdir``
+    or ``.prev`` that is not a directory and a ``.prev`` that another run holds. The caller
+    should hold ``workdir`` (:func:`run_claimed` does)."""
+    import shutil
+
+    from krylovjax import workdir_lock
+
+    workdir = os.path.abspath(os.fspath(workdir))
+    prev = workdir + ".prev"
+    for path in (workdir, prev):
+        if os.path.lexists(path) and not os.path.isdir(path):
+            raise WorkdirConflictError(f"{arg}: {path!r} is not a directory; refusing to move or delete it")
+    if not os.path.exists(workdir):
+        return None
+    with workdir_lock.hold(prev, arg=arg):
+        if os.path.exists(prev):
+            shutil.rmtree(prev)
+        os.replace(workdir, prev)
+    return prev
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,6 +384,21 @@ def check_dir_arg(path: str | os.PathLike | None, arg: str = "workdir") -> str:
     if problem:
         raise app.UsageError(f"--{arg}: {path!r} {problem}; expected a directory (new or a run's)")
     return path
+
+
+@contextlib.contextmanager
+def busy_is_a_usage_error() -> Iterator[None]:
+    """In a binary's ``main``: a run directory held by another run
+    (:class:`krylovjax.workdir_lock.WorkdirBusyError`) ends the binary like a bad flag (its
+    message, no traceback, exit status 1)."""
+    from absl import app
+
+    from krylovjax.workdir_lock import WorkdirBusyError
+
+    try:
+        yield
+    except WorkdirBusyError as err:
+        raise app.UsageError(str(err)) from None
 
 
 def refuse_other_runs(path: str | os.PathLike, markers: Mapping[str, str], arg: str = "workdir") -> None:

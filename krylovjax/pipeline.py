@@ -258,6 +258,7 @@ def run_precompute(images, config: PrecomputeConfig, workdir, *, chunk_images: i
         store of other images / another config in ``workdir`` (the store's message names the
         differing keys; nothing written).
       TypeError: wrong config type or dtypes.
+      WorkdirBusyError: another run holds ``workdir`` (:mod:`krylovjax.workdir_lock`).
     """
     import jax
 
@@ -266,6 +267,20 @@ def run_precompute(images, config: PrecomputeConfig, workdir, *, chunk_images: i
         process_index = jax.process_index()
     if process_count is None:
         process_count = jax.process_count()
+    from krylovjax import workdir_lock
+
+    with workdir_lock.hold(workdir, process_index=process_index):
+        return _run_precompute(images, config, workdir, chunk_images=chunk_images, store_dtype=store_dtype,
+                               embed_component=embed_component, seed=seed, process_index=process_index,
+                               process_count=process_count, progress=progress, open_timeout_s=open_timeout_s,
+                               start=start)
+
+
+def _run_precompute(images, config, workdir, *, chunk_images, store_dtype, embed_component, seed,
+                    process_index, process_count, progress, open_timeout_s, start) -> PipelineSummary:
+    """:func:`run_precompute` holding ``workdir``."""
+    import jax
+
     store = open_store(workdir, images, config, chunk_images=chunk_images, store_dtype=store_dtype,
                        embed_component=embed_component, seed=seed, process_index=process_index,
                        process_count=process_count, open_timeout_s=open_timeout_s)

@@ -109,6 +109,7 @@ from jax.sharding import PartitionSpec as P
 
 from krylovjax import ddpm as ddpm_lib
 from krylovjax import sde as sde_lib
+from krylovjax import workdir_lock
 from krylovjax._checks import check_finite, is_concrete, is_int, is_real
 from krylovjax.models import PRESETS, UNet, UNetConfig, get_config
 
@@ -1646,7 +1647,15 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
         ``workdir`` holding a run with another config or other data (the keys are named).
       CheckpointError: the latest checkpoint cannot be restored or fails its checksum (nothing on
         disk is changed).
+      WorkdirBusyError: another run holds ``workdir`` (:mod:`krylovjax.workdir_lock`; nothing
+        there is changed).
     """
+    with workdir_lock.hold(workdir, process_index=jax.process_index()):
+        return _train(config, data, workdir, eval_fn=eval_fn, target=target, mesh=mesh)
+
+
+def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
+    """:func:`train` holding ``workdir``."""
     wall0 = time.perf_counter()
     config = TrainConfig.from_dict(config)
     if target is not None:
