@@ -16,7 +16,8 @@ Nothing here is numerics of the method; these are the small pieces every experim
   work): :func:`check_no_args`, :func:`check_flag`, :func:`int_list_flag`,
   :func:`word_or_int_flag`, :func:`choice_list_flag`, :func:`check_dir_arg` (a directory flag that is a file),
   :func:`refuse_other_runs` (a directory holding another binary's run),
-  :func:`busy_is_a_usage_error` (a directory another run holds: :mod:`krylovjax.workdir_lock`), and
+  :func:`exit_if_busy` (a directory another run holds, :mod:`krylovjax.workdir_lock`: an
+  error message and status 1), and
   :func:`sigterm_as_interrupt` (SIGTERM checkpoints a training run like Ctrl-C).
 
 Images are ``[B, C, H, W]`` (or ``[C, H, W]``) float arrays in [0, 1], as everywhere else.
@@ -387,18 +388,16 @@ def check_dir_arg(path: str | os.PathLike | None, arg: str = "workdir") -> str:
 
 
 @contextlib.contextmanager
-def busy_is_a_usage_error() -> Iterator[None]:
+def exit_if_busy() -> Iterator[None]:
     """In a binary's ``main``: a run directory held by another run
-    (:class:`krylovjax.workdir_lock.WorkdirBusyError`) ends the binary like a bad flag (its
-    message, no traceback, exit status 1)."""
-    from absl import app
-
+    (:class:`krylovjax.workdir_lock.WorkdirBusyError`) ends the binary with ``error: <message>``
+    on stderr and exit status 1 (no traceback, and no flag help: the flags were right)."""
     from krylovjax.workdir_lock import WorkdirBusyError
 
     try:
         yield
     except WorkdirBusyError as err:
-        raise app.UsageError(str(err)) from None
+        raise SystemExit(f"error: {err}") from None
 
 
 def refuse_other_runs(path: str | os.PathLike, markers: Mapping[str, str], arg: str = "workdir") -> None:

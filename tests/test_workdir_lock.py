@@ -327,8 +327,8 @@ def _binary(module, *args, timeout=300):
     ("experiments.denoise", ["--config=experiments/configs/denoise_demo.py", "--fresh"]),
 ])
 def test_binary_refuses_a_held_workdir_cleanly(module, args, tmp_path):
-    """The binary ends like a bad flag (message, no traceback, status 1) before any work; a held
-    demo is neither moved aside by --fresh nor written into."""
+    """The binary ends with the message (no traceback, no flag help, status 1) before any work;
+    a held demo is neither moved aside by --fresh nor written into."""
     wd = tmp_path / "run"
     wd.mkdir()
     (wd / "keep.txt").write_text("a run's file")
@@ -336,6 +336,6 @@ def test_binary_refuses_a_held_workdir_cleanly(module, args, tmp_path):
     with _Holder(wd) as holder:
         proc = _binary(module, *args, f"--workdir={wd}")
     assert proc.returncode == 1
-    assert f"workdir: '{wd}' is in use by another run (process {holder.pid} on " in proc.stderr, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
+    assert f"error: workdir: '{wd}' is in use by another run (process {holder.pid} on " in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "--workdir: Run directory" not in proc.stderr  # no flag help
     assert _snapshot(tmp_path) == before
