@@ -510,7 +510,7 @@ def main(argv):
     eu.check_no_args(argv)
     eu.quiet_orbax_logs()
     eu.sigterm_as_interrupt()  # kill / timeout / schedulers: checkpoint like Ctrl-C, then exit non-zero
-    with eu.exit_if_busy():
+    with eu.exit_on_run_errors():
         run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite, fresh=FLAGS.fresh)
     with open(os.path.join(FLAGS.workdir, "results.md")) as f:
         print(f.read())

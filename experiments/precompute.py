@@ -106,7 +106,7 @@ def main(argv):
     from krylovjax import workdir_lock
 
     # One run at a time in the workdir, to its summary (a second run there is refused at once).
-    with eu.exit_if_busy(), workdir_lock.hold(FLAGS.workdir, process_index=jax.process_index()):
+    with eu.exit_on_run_errors(), workdir_lock.hold(FLAGS.workdir, process_index=jax.process_index()):
         _precompute(cfg)
 
 

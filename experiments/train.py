@@ -112,7 +112,7 @@ def main(argv):
 
     # One run at a time in the workdir, from the pre-computation to result.json (a second run
     # there is refused at once, naming this one).
-    with eu.exit_if_busy(), workdir_lock.hold(FLAGS.workdir, process_index=jax.process_index()):
+    with eu.exit_on_run_errors(), workdir_lock.hold(FLAGS.workdir, process_index=jax.process_index()):
         _train(cfg, source)
 
 

@@ -16,8 +16,8 @@ Nothing here is numerics of the method; these are the small pieces every experim
   work): :func:`check_no_args`, :func:`check_flag`, :func:`int_list_flag`,
   :func:`word_or_int_flag`, :func:`choice_list_flag`, :func:`check_dir_arg` (a directory flag that is a file),
   :func:`refuse_other_runs` (a directory holding another binary's run),
-  :func:`exit_if_busy` (a directory another run holds, :mod:`krylovjax.workdir_lock`: an
-  error message and status 1), and
+  :func:`exit_on_run_errors` (a directory another run holds, :mod:`krylovjax.workdir_lock`, or a
+  checkpoint that cannot be restored or written: an error message and status 1), and
   :func:`sigterm_as_interrupt` (SIGTERM checkpoints a training run like Ctrl-C).
 
 Images are ``[B, C, H, W]`` (or ``[C, H, W]``) float arrays in [0, 1], as everywhere else.
@@ -388,16 +388,27 @@ def check_dir_arg(path: str | os.PathLike | None, arg: str = "workdir") -> str:
 
 
 @contextlib.contextmanager
-def exit_if_busy() -> Iterator[None]:
+def exit_on_run_errors() -> Iterator[None]:
     """In a binary's ``main``: a run directory held by another run
-    (:class:`krylovjax.workdir_lock.WorkdirBusyError`) ends the binary with ``error: <message>``
-    on stderr and exit status 1 (no traceback, and no flag help: the flags were right)."""
+    (:class:`krylovjax.workdir_lock.WorkdirBusyError`), a checkpoint that cannot be restored or
+    written (:class:`krylovjax.training.CheckpointError`: a corrupt one, a full disk) or a store
+    chunk that cannot be written (:class:`krylovjax.store.StoreWriteError`) ends the
+    binary with ``error: <message>`` on stderr and exit status 1: the message says what to do,
+    a traceback would bury it, and the flags were right (no flag help)."""
+    import sys
+
     from krylovjax.workdir_lock import WorkdirBusyError
 
     try:
         yield
     except WorkdirBusyError as err:
         raise SystemExit(f"error: {err}") from None
+    except Exception as err:
+        # the classes of modules not imported cannot have been raised (and stay unimported)
+        for module, name in (("krylovjax.training", "CheckpointError"), ("krylovjax.store", "StoreWriteError")):
+            if module in sys.modules and isinstance(err, getattr(sys.modules[module], name)):
+                raise SystemExit(f"error: {err}") from None
+        raise
 
 
 def refuse_other_runs(path: str | os.PathLike, markers: Mapping[str, str], arg: str = "workdir") -> None:

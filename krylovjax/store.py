@@ -45,9 +45,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import tensorstore as ts
 
+from krylovjax._io_errors import write_failure_cause
+
 __all__ = [
     "FieldSpec",
     "ScoreStore",
+    "StoreWriteError",
     "canonical_config",
     "hash_inputs",
     "MANIFEST_NAME",
@@ -161,6 +164,10 @@ def hash_inputs(images: np.ndarray, config: Mapping[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------
 
 _SUPPORTED_KINDS = "biuf"
+
+
+class StoreWriteError(RuntimeError):
+    """A chunk's data could not be written (a full disk, a lost mount); the chunk stays missing."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -535,6 +542,8 @@ class ScoreStore:
           ValueError: bad index, a chunk owned by another host, a chunk already complete, missing
             or unknown fields, wrong shapes, or NaN/inf values.
           TypeError: an array whose dtype is not the field's dtype.
+          StoreWriteError: the data could not be written (a full disk): the chunk is not marked
+            complete.
         """
         index = self._check_chunk_index(index)
         owner = index % self.process_count
@@ -550,9 +559,17 @@ class ScoreStore:
         start, stop = self.chunk_bounds(index)
         arrays = self._validate_chunk(index, start, stop, data)
 
-        futures = [self._write_field(name, start, stop, arr) for name, arr in arrays.items()]
-        for future in futures:
-            future.result()
+        try:
+            futures = [self._write_field(name, start, stop, arr) for name, arr in arrays.items()]
+            for future in futures:
+                future.result()
+        except Exception as err:  # tensorstore: ValueError("RESOURCE_EXHAUSTED ...") on a full disk
+            cause, full = write_failure_cause(err)
+            raise StoreWriteError(
+                f"chunk {index} (images {start}..{stop - 1}) could not be written to {self.path!r}: {cause}. "
+                f"It is not marked complete, so it counts as missing and the complete chunks are intact: "
+                f"the same run again computes and writes only the missing chunks"
+                + (" once space is freed" if full else "") + ".") from err
 
         marker = {
             "chunk": index,

@@ -111,6 +111,7 @@ from krylovjax import ddpm as ddpm_lib
 from krylovjax import sde as sde_lib
 from krylovjax import workdir_lock
 from krylovjax._checks import check_finite, is_concrete, is_int, is_real
+from krylovjax._io_errors import write_failure_cause
 from krylovjax.models import PRESETS, UNet, UNetConfig, get_config
 
 __all__ = [
@@ -165,7 +166,8 @@ _CKPT_DIR = "checkpoints"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint exists but cannot be restored (unreadable, incomplete or corrupt)."""
+    """A checkpoint exists but cannot be restored (unreadable, incomplete or corrupt), or cannot
+    be written (a full disk)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1402,6 +1404,17 @@ def _restore(mngr: ocp.CheckpointManager, step: int, template: TrainState, shard
     return state, record, meta
 
 
+def _save_failure(ckpt_dir: str, step: int, last_saved: int, err: BaseException) -> str:
+    """The message of a checkpoint that could not be written: the cause (a full disk named as
+    such), the last complete checkpoint, and how to go on."""
+    cause, full = write_failure_cause(err)
+    last = (f"the last complete checkpoint is step {last_saved}, and the same call again resumes from it"
+            if last_saved >= 0 else "there is no complete checkpoint yet; the same call again starts afresh")
+    return (f"checkpoint of step {step} could not be written to {ckpt_dir!r}: {cause}. The earlier ones are "
+            f"intact: {last}" + (" once space is freed (a smaller TrainConfig.max_to_keep keeps fewer "
+                                   "checkpoints)" if full else "") + ".")
+
+
 def _save(mngr, state: TrainState, record: dict, meta: dict) -> int:
     # A host copy of the replicated state (this process's replica): orbax writes numpy arrays
     # several times faster than replicated device arrays, and treats them as replicated: with
@@ -1780,7 +1793,12 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
     def save():
         nonlocal ckpt_seconds, last_saved
         t0 = time.perf_counter()
-        last_saved = _save(writer, state, record, dict(meta_base, train_seconds=train_seconds))
+        try:
+            last_saved = _save(writer, state, record, dict(meta_base, train_seconds=train_seconds))
+        except Exception as err:  # orbax / tensorstore raise many types (a full disk: ValueError)
+            with contextlib.suppress(Exception):
+                writer.close()  # its background threads finish before the error goes up
+            raise CheckpointError(_save_failure(ckpt_dir, step, last_saved, err)) from err
         ckpt_seconds += time.perf_counter() - t0
 
     interrupts = _DeferredInterrupt()

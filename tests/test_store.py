@@ -140,6 +140,47 @@ def test_round_trip_random_access_and_layout(tmp_path):
     assert manifest["chunk_size"] == W.CHUNK_SIZE and manifest["config"] == W.run_config()
 
 
+@pytest.mark.parametrize("failure", ["full_disk", "other"])
+def test_chunk_that_cannot_be_written_says_so_and_stays_missing(tmp_path, monkeypatch, failure):
+    """A full disk used to surface as tensorstore's ValueError; now StoreWriteError names the
+    chunk, the cause and what a rerun does. The chunk is not marked complete, and it is written
+    whole once the disk takes it."""
+    from krylovjax.store import StoreWriteError
+
+    path = tmp_path / "s"
+    store = W.open_store(path)
+    store.write_chunk(0, W.make_fields(*store.chunk_bounds(0)))
+    real = store._write_field
+    calls = []
+
+    def failing(name, start, stop, arr):
+        calls.append(name)
+        if len(calls) < 3:  # two fields reach the disk, the third does not
+            return real(name, start, stop, arr)
+        if failure == "full_disk":  # tensorstore's message on a full tmpfs (2026-12-06)
+            raise ValueError(f'RESOURCE_EXHAUSTED: Error writing local file "{path}/arrays/{name}/c/1/0": Failed '
+                             "to write 49796 bytes to file 5: No space left on device [os_error_code='28']")
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store, "_write_field", failing)
+    lo, hi = store.chunk_bounds(1)
+    with pytest.raises(StoreWriteError) as err:
+        store.write_chunk(1, W.make_fields(lo, hi))
+    msg = str(err.value)
+    assert f"chunk 1 (images {lo}..{hi - 1}) could not be written to '{path}'" in msg
+    assert "the same run again computes and writes only the missing chunks" in msg
+    if failure == "full_disk":
+        assert "the disk is full (No space left on device)" in msg and msg.endswith("once space is freed.")
+    else:
+        assert "OSError: [Errno 5] Input/output error" in msg and "space" not in msg
+    assert store.completed_chunks() == [0] and 1 in W.open_store(path).pending_chunks()
+    monkeypatch.undo()
+    _fill(store)
+    ref = _all_fields()
+    for name in W.field_specs():
+        np.testing.assert_array_equal(W.open_store(path).read_all(name), ref[name])
+
+
 def test_verify_chunk_detects_corrupted_data(tmp_path):
     store = W.open_store(tmp_path / "s")
     _fill(store)

@@ -725,6 +725,61 @@ def test_corrupt_checkpoint_gives_clear_error_and_touches_nothing(tmp_path, ours
     assert tr.load_checkpoint(wd, step=10).meta["step"] == 10
 
 
+@pytest.mark.parametrize("failure", ["full_disk", "other"])
+def test_checkpoint_that_cannot_be_written_says_so_and_resumes(tmp_path, trajectories, monkeypatch, failure):
+    """A full disk used to end in orbax's ValueError among a hundred lines of its threads'
+    tracebacks; now a CheckpointError names the step, the cause and the last complete checkpoint,
+    and the same call again resumes from that checkpoint as if nothing had happened."""
+    cfg = OURS.replace(num_steps=4, checkpoint_every=2)
+    full = tr.train(cfg, trajectories, tmp_path / "full")
+    real_save, calls = tr._save, []
+
+    def save(mngr, state, record, meta):
+        calls.append(int(jax.device_get(state.step)))
+        if len(calls) == 1:
+            return real_save(mngr, state, record, meta)
+        tmp = tmp_path / "cut" / "checkpoints" / f"{calls[-1]}.orbax-checkpoint-tmp"
+        tmp.mkdir()  # what orbax leaves of a failed write
+        if failure == "full_disk":  # orbax's message on a full tmpfs (2026-12-06)
+            raise ValueError('RESOURCE_EXHAUSTED: Error writing "params.x/0" in OCDBT database at local file '
+                             f'"{tmp}/state/": Failed to write 3334132 bytes to file 15: No space left on '
+                             "device [os_error_code='28']")
+        raise PermissionError(13, "Permission denied", str(tmp))
+
+    monkeypatch.setattr(tr, "_save", save)
+    with pytest.raises(tr.CheckpointError) as err:
+        tr.train(cfg, trajectories, tmp_path / "cut")
+    msg = str(err.value)
+    assert f"checkpoint of step 4 could not be written to '{tmp_path / 'cut' / 'checkpoints'}'" in msg
+    assert "the last complete checkpoint is step 2, and the same call again resumes from it" in msg
+    if failure == "full_disk":
+        assert "the disk is full (No space left on device)" in msg and "once space is freed" in msg
+    else:
+        assert "PermissionError: [Errno 13] Permission denied" in msg and "space" not in msg
+    monkeypatch.undo()
+    again = tr.train(cfg, trajectories, tmp_path / "cut")
+    assert again.resumed_from == 2 and again.step == 4
+    assert _leaves_equal(full.state, again.state)
+    assert _complete_steps(tmp_path / "cut" / "checkpoints") == [2, 4]
+    assert not (tmp_path / "cut" / "checkpoints" / "4.orbax-checkpoint-tmp").exists()
+
+
+def test_run_errors_end_a_binary_with_their_message():
+    from krylovjax import experiment_utils as eu
+    from krylovjax.store import StoreWriteError
+    from krylovjax.workdir_lock import WorkdirBusyError
+
+    for err in (tr.CheckpointError("checkpoint of step 4 could not be written"), WorkdirBusyError("held"),
+                StoreWriteError("chunk 1 could not be written")):
+        with pytest.raises(SystemExit) as ex:
+            with eu.exit_on_run_errors():
+                raise err
+        assert ex.value.code == f"error: {err}" and ex.value.__cause__ is None
+    with pytest.raises(ValueError, match="other"):  # anything else keeps its traceback
+        with eu.exit_on_run_errors():
+            raise ValueError("other")
+
+
 # ----------------------------------------------------------------------------------------------
 # The binary (subprocesses)
 # ----------------------------------------------------------------------------------------------
