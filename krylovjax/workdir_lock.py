@@ -65,6 +65,7 @@ def lock_path(workdir: str | os.PathLike, process_index: int = 0) -> str:
     parent, name = os.path.split(path)
     if not name:  # the file system's root
         raise ValueError(f"workdir: expected a directory below the root, got {os.fspath(workdir)!r}")
+    parent = os.path.realpath(parent)  # one lock whichever symlinked path leads to the parent
     try:
         index = -1 if isinstance(process_index, bool) else operator.index(process_index)
     except TypeError:

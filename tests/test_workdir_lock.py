@@ -109,6 +109,15 @@ def test_second_process_is_refused_and_told_who_holds(tmp_path):
     assert not wd.exists()  # the lock never makes the directory itself (an empty one is a new run's)
 
 
+def test_a_symlinked_path_to_the_same_directory_is_refused(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "real")
+    with _Holder(tmp_path / "real" / "run"):
+        with pytest.raises(wl.WorkdirBusyError):
+            with wl.hold(tmp_path / "alias" / "run"):
+                pass
+
+
 def test_killed_holder_frees_the_directory_at_once(tmp_path):
     wd = tmp_path / "run"
     with _Holder(wd) as holder:
