@@ -8,7 +8,9 @@ Usage::
 Writes ``<workdir>/store`` (a :class:`krylovjax.store.ScoreStore`: log-densities, scores,
 embedded trajectories, per-image solver statistics) and ``<workdir>/precompute_summary.json``,
 and prints a summary table. Re-running with the same workdir resumes: finished chunks are
-skipped; another config or other images are refused.
+skipped; another config or other images are refused, and so is a second run started there
+while one runs (:mod:`krylovjax.workdir_lock`). A chunk that cannot be written (a full disk)
+ends the run; it stays missing, and the same command computes it once space is freed.
 
 Multi-host: run one copy per process with ``--coordinator_address=host:port
 --num_processes=P --process_id=i`` (or the environment variables ``JAX_COORDINATOR_ADDRESS``,

@@ -9,7 +9,9 @@ Data: ``--data=store`` (the default when ``--store`` is given) trains ``method=o
 ``"embedded"`` field of a pre-computed :class:`krylovjax.store.ScoreStore`;
 ``--data=builtin`` uses ``config.data.num_images`` built-in photos at ``config.data.image_size``:
 for ``ours`` it pre-computes their scores (``config.precompute``) and embeds them on the fly,
-for ``ddpm`` it trains on the photos. Re-running with the same ``--workdir`` resumes.
+for ``ddpm`` it trains on the photos. Re-running with the same ``--workdir`` resumes; a second
+run started there while one runs is refused at once (:mod:`krylovjax.workdir_lock`), and a
+checkpoint that cannot be written (a full disk) ends the run naming the last complete one.
 
 Multi-host (as ``experiments/precompute.py``): run one copy per process with
 ``--coordinator_address=host:port --num_processes=P --process_id=i`` (or the environment
