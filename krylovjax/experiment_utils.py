@@ -401,13 +401,14 @@ def exit_on_run_errors() -> Iterator[None]:
 
     try:
         yield
-    except WorkdirBusyError as err:
-        raise SystemExit(f"error: {err}") from None
     except Exception as err:
         # the classes of modules not imported cannot have been raised (and stay unimported)
-        for module, name in (("krylovjax.training", "CheckpointError"), ("krylovjax.store", "StoreWriteError")):
-            if module in sys.modules and isinstance(err, getattr(sys.modules[module], name)):
-                raise SystemExit(f"error: {err}") from None
+        kinds = (WorkdirBusyError,) + tuple(
+            getattr(sys.modules[module], name)
+            for module, name in (("krylovjax.training", "CheckpointError"), ("krylovjax.store", "StoreWriteError"))
+            if module in sys.modules)
+        if isinstance(err, kinds):
+            raise SystemExit(f"error: {err}") from None
         raise
 
 

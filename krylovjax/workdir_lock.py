@@ -51,7 +51,7 @@ __all__ = ["WorkdirBusyError", "hold", "lock_path"]
 _NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 _NO_FILE = {errno.EACCES, errno.EPERM, errno.EROFS}
 
-_held: dict[str, list] = {}  # lock path -> [fd or None, owning thread id, depth]
+_held: dict[str, int] = {}  # lock path -> the thread holding it in this process
 _mutex = threading.Lock()
 
 
@@ -93,24 +93,23 @@ def hold(workdir: str | os.PathLike, *, arg: str = "workdir", process_index: int
     """
     path = lock_path(workdir, process_index)
     me = threading.get_ident()
-    with _mutex:
-        entry = _held.get(path)
-        if entry is not None:
-            if entry[1] != me:
-                raise WorkdirBusyError(
-                    f"{arg}: {os.fspath(workdir)!r} is in use by another thread of this process; "
-                    f"wait for that run to finish or use another --{arg}")
-            entry[2] += 1
-    if entry is not None:  # re-entered by its holder
-        try:
-            yield path
-        finally:
-            with _mutex:
-                entry[2] -= 1
+    with _mutex:  # claimed for this thread before its file is locked: no other thread gets past
+        owner = _held.get(path)
+        if owner is None:
+            _held[path] = me
+    if owner is not None and owner != me:
+        raise WorkdirBusyError(
+            f"{arg}: {os.fspath(workdir)!r} is in use by another thread of this process; "
+            f"wait for that run to finish or use another --{arg}")
+    if owner == me:  # re-entered by its holder: the outermost block releases it
+        yield path
         return
-    fd = _acquire(path, workdir, arg)
-    with _mutex:
-        _held[path] = [fd, me, 1]
+    try:
+        fd = _acquire(path, workdir, arg)
+    except BaseException:
+        with _mutex:
+            del _held[path]
+        raise
     try:
         yield path
     finally:

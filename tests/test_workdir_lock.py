@@ -21,6 +21,7 @@ import pytest
 
 from krylovjax import experiment_utils as eu
 from krylovjax import workdir_lock as wl
+from test_cli_audit import _run  # a binary in a subprocess, on the CPU
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -325,11 +326,6 @@ def test_generate_refuses_a_held_outdir(tmp_path):
     assert os.listdir(wd) == ["checkpoints"]
 
 
-def _binary(module, *args, timeout=300):
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=timeout)
-
-
 @pytest.mark.parametrize("module, args", [
     ("experiments.train", ["--config=experiments/configs/train_tiny.py", "--data=builtin",
                            "--config.data.image_size=16", "--config.num_steps=2"]),
@@ -343,7 +339,7 @@ def test_binary_refuses_a_held_workdir_cleanly(module, args, tmp_path):
     (wd / "keep.txt").write_text("a run's file")
     before = _snapshot(tmp_path)
     with _Holder(wd) as holder:
-        proc = _binary(module, *args, f"--workdir={wd}")
+        proc = _run(module, *args, f"--workdir={wd}")
     assert proc.returncode == 1
     assert f"error: workdir: '{wd}' is in use by another run (process {holder.pid} on " in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "--workdir: Run directory" not in proc.stderr  # no flag help
