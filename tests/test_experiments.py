@@ -21,6 +21,7 @@ import pytest
 
 from krylovjax import experiment_utils as eu
 
+from _fs import snapshot as _snapshot
 from _multiprocess import compile_cache_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,20 +63,6 @@ def _run(module: str, args: list[str], timeout: float = 240) -> subprocess.Compl
     proc = subprocess.run([sys.executable, "-m", module] + args, cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
     return proc
-
-
-def _snapshot(d: str) -> dict:
-    """path -> (size, mtime_ns, sha of content) of every file under d."""
-    import hashlib
-
-    out = {}
-    for root, _, files in os.walk(d):
-        for f in files:
-            p = os.path.join(root, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, d)] = (os.path.getsize(p), os.stat(p).st_mtime_ns,
-                                              hashlib.sha256(fh.read()).hexdigest())
-    return out
 
 
 # ----------------------------------------------------------------------------------------------

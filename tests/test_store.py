@@ -19,6 +19,8 @@ import tensorstore as ts
 
 from krylovjax.store import ScoreStore, hash_inputs
 
+from _fs import snapshot as _snapshot
+
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("_store_worker", Path(__file__).with_name("_store_worker.py"))
 W = importlib.util.module_from_spec(_spec)
@@ -32,17 +34,6 @@ def _all_fields():
 def _fill(store):
     for i in store.pending_chunks():
         store.write_chunk(i, W.make_fields(*store.chunk_bounds(i)))
-
-
-def _snapshot(path):
-    """{relative path: (mtime_ns, sha256 of bytes)} of every file under path."""
-    out = {}
-    for root, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(root, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, path)] = (os.stat(p).st_mtime_ns, hashlib.sha256(fh.read()).hexdigest())
-    return out
 
 
 def _chunk_files(path, chunk):

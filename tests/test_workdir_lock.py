@@ -21,6 +21,7 @@ import pytest
 
 from krylovjax import experiment_utils as eu
 from krylovjax import workdir_lock as wl
+from _fs import snapshot as _snapshot
 from test_cli_audit import _run  # a binary in a subprocess, on the CPU
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,18 +61,6 @@ def _refused_elsewhere(path) -> None:
                           capture_output=True, timeout=60)
     assert proc.returncode != 0 and "WorkdirBusyError" in proc.stderr, proc.stderr[-2000:]
     assert f"(process {os.getpid()} on " in proc.stderr
-
-
-def _snapshot(root) -> dict:
-    """Every file under ``root`` with its bytes (directories as None)."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            out[os.path.relpath(os.path.join(dirpath, d), root)] = None
-        for f in filenames:
-            with open(os.path.join(dirpath, f), "rb") as fh:
-                out[os.path.relpath(os.path.join(dirpath, f), root)] = fh.read()
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
