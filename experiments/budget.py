@@ -257,22 +257,23 @@ def run(cfg, workdir: str, *, overwrite: bool = False, fresh: bool = False) -> d
     from experiments import denoise
     from krylovjax import experiment_utils as eu
 
-    budget = check_budget_config(cfg)
-    methods = tuple(cfg.methods)
-    tcs = {m: denoise.train_config(cfg, m) for m in methods}
-    if "ours" in tcs:
-        denoise.precompute_config(cfg, tcs["ours"])
-        if cfg.task == "denoise":
-            denoise.check_ours_sampler(cfg, tcs["ours"])
-    if "ddpm" in tcs:
-        if cfg.task == "denoise":
-            denoise.check_ddpm_range(cfg, tcs["ddpm"])
-        else:
-            from experiments import generate
+    with eu.checking_arguments():  # a bad value ends the binary with its message alone
+        budget = check_budget_config(cfg)
+        methods = tuple(cfg.methods)
+        tcs = {m: denoise.train_config(cfg, m) for m in methods}
+        if "ours" in tcs:
+            denoise.precompute_config(cfg, tcs["ours"])
+            if cfg.task == "denoise":
+                denoise.check_ours_sampler_with_sde(cfg, tcs["ours"])
+        if "ddpm" in tcs:
+            if cfg.task == "denoise":
+                denoise.check_ddpm_range(cfg, tcs["ddpm"])
+            else:
+                from experiments import generate
 
-            generate.check_generates(tcs["ddpm"])
-    clean = denoise.load_clean(cfg.data)
-    denoise.check_fits(tcs, clean, clean.shape[0])
+                generate.check_generates(tcs["ddpm"])
+        clean = denoise.load_clean(cfg.data)
+        denoise.check_fits(tcs, clean, clean.shape[0])
 
     # a failure while the fresh claim is all the directory holds withdraws it (eu.run_claimed)
     return eu.run_claimed(workdir, "budget", cfg, lambda: _run_claimed(cfg, workdir, overwrite, budget, tcs, clean),

@@ -176,7 +176,7 @@ def check_config(cfg) -> None:
     if cfg.ours.get("embed_component", "sum") not in EMBED_COMPONENTS:
         raise ValueError(f"ours.embed_component: expected one of {EMBED_COMPONENTS}, "
                          f"got {cfg.ours.get('embed_component')!r}")
-    _check_our_sampler(cfg.ours.sampler)
+    check_ours_sampler_fields(cfg.ours.sampler)
     nf = cfg.num_frames
     if isinstance(nf, bool) or not isinstance(nf, int) or nf < 2:
         raise ValueError(f"num_frames: expected an int >= 2, got {nf!r}")
@@ -207,7 +207,7 @@ def check_config(cfg) -> None:
                          f"take no image index), so expected False, got {cfg.ddpm.train.get('per_image_offset')!r}")
 
 
-def _check_our_sampler(sc) -> None:
+def check_ours_sampler_fields(sc) -> None:
     """``ours.sampler``: its kind, times, step count, tolerances and noise scale."""
     if sc.kind not in OUR_SAMPLERS:
         raise ValueError(f"ours.sampler.kind: expected one of {OUR_SAMPLERS}, got {sc.kind!r}")
@@ -298,7 +298,7 @@ def check_ddpm_range(cfg, tc) -> None:
             f"{start}, so the network must be trained up to it: expected an integer >= {start + 1}, got {m}")
 
 
-def check_ours_sampler(cfg, tc) -> None:
+def check_ours_sampler_with_sde(cfg, tc) -> None:
     """``ours.sampler`` against ours' SDE, before anything is computed: the sampler runs first at
     the first evaluation, after the pre-computation and the training up to it (the whole budget in
     ``experiments.budget``), which is where these failed before 2026-12-06.
@@ -793,26 +793,27 @@ def run(cfg, workdir: str, *, overwrite: bool = False, fresh: bool = False) -> d
     """Run the experiment of ``cfg`` in ``workdir``; returns the results dict (also written)."""
     from krylovjax import experiment_utils as eu
 
-    check_config(cfg)
-    methods = tuple(cfg.methods)
-    targets = sorted(float(t) for t in (cfg.targets if isinstance(cfg.targets, (list, tuple)) else (cfg.targets,)))
-    tcs = {m: train_config(cfg, m) for m in methods}
-    if "ours" in tcs:
-        precompute_config(cfg, tcs["ours"])
-        check_ours_sampler(cfg, tcs["ours"])
-    if "ddpm" in tcs:
-        check_ddpm_range(cfg, tcs["ddpm"])
-    clean = load_clean(cfg.data)
-    if clean.shape[0] != 1:
-        raise ValueError(f"data.index: the denoise experiment takes one image, got {clean.shape[0]}")
-    if noise_draws(cfg) != 1:
-        raise ValueError(f"noise.draws: the denoise experiment times one noisy copy to its target, so expected 1, "
-                         f"got {noise_draws(cfg)} (experiments.budget scores several draws)")
-    check_fits(tcs, clean, 1)
-    for m, tc in tcs.items():
-        if tc.eval_every < 1:
-            raise ValueError(f"common.eval_every: the targets are checked at the evaluations, so expected an int "
-                             f">= 1 ({m}), got {tc.eval_every}")
+    with eu.checking_arguments():  # a bad value ends the binary with its message alone
+        check_config(cfg)
+        methods = tuple(cfg.methods)
+        targets = sorted(float(t) for t in (cfg.targets if isinstance(cfg.targets, (list, tuple)) else (cfg.targets,)))
+        tcs = {m: train_config(cfg, m) for m in methods}
+        if "ours" in tcs:
+            precompute_config(cfg, tcs["ours"])
+            check_ours_sampler_with_sde(cfg, tcs["ours"])
+        if "ddpm" in tcs:
+            check_ddpm_range(cfg, tcs["ddpm"])
+        clean = load_clean(cfg.data)
+        if clean.shape[0] != 1:
+            raise ValueError(f"data.index: the denoise experiment takes one image, got {clean.shape[0]}")
+        if noise_draws(cfg) != 1:
+            raise ValueError(f"noise.draws: the denoise experiment times one noisy copy to its target, so expected 1, "
+                             f"got {noise_draws(cfg)} (experiments.budget scores several draws)")
+        check_fits(tcs, clean, 1)
+        for m, tc in tcs.items():
+            if tc.eval_every < 1:
+                raise ValueError(f"common.eval_every: the targets are checked at the evaluations, so expected an int "
+                                 f">= 1 ({m}), got {tc.eval_every}")
 
     # The work directory: refuse another run's config before writing anything (a failure while the
     # fresh claim is all the directory holds withdraws it).

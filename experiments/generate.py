@@ -230,16 +230,17 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
     from krylovjax import experiment_utils as eu
     from krylovjax import training, workdir_lock
 
-    for name, v, lo in (("num_samples", num_samples, 1), ("num_frames", num_frames, 2), ("num_steps", num_steps, 0),
-                        ("reference_count", reference_count, 1)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise FileNotFoundError(f"workdir: {workdir!r} is not a training run (no checkpoints/ inside)")
-    if sampler not in ("auto",) + SAMPLERS_OURS + SAMPLERS_DDPM:
-        raise ValueError(f"sampler: expected auto or one of {SAMPLERS_OURS + SAMPLERS_DDPM}, got {sampler!r}")
-    if not isinstance(final_denoise, bool):
-        raise TypeError(f"final_denoise: expected a bool, got {final_denoise!r}")
+    with eu.checking_arguments():  # a bad flag ends the binary with its message alone
+        for name, v, lo in (("num_samples", num_samples, 1), ("num_frames", num_frames, 2), ("num_steps", num_steps, 0),
+                            ("reference_count", reference_count, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+        if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+            raise FileNotFoundError(f"workdir: {workdir!r} is not a training run (no checkpoints/ inside)")
+        if sampler not in ("auto",) + SAMPLERS_OURS + SAMPLERS_DDPM:
+            raise ValueError(f"sampler: expected auto or one of {SAMPLERS_OURS + SAMPLERS_DDPM}, got {sampler!r}")
+        if not isinstance(final_denoise, bool):
+            raise TypeError(f"final_denoise: expected a bool, got {final_denoise!r}")
     outdir = outdir or os.path.join(workdir, "generate")
     # One run at a time in outdir (a second generate there is refused at once, naming this one).
     with workdir_lock.hold(outdir, arg="outdir"):
@@ -249,31 +250,34 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
         settings = {"workdir": os.path.abspath(workdir), "step": step, "num_samples": num_samples,
                     "num_frames": num_frames, "sampler": sampler, "num_steps": num_steps, "seed": seed,
                     "reference": reference, "reference_count": reference_count, "final_denoise": final_denoise}
-        eu.check_claim(outdir, "generate", settings, legacy=LEGACY_SETTINGS, arg="outdir")
-        if os.path.exists(os.path.join(outdir, "samples.json")) and not overwrite:
-            raise eu.WorkdirConflictError(
-                f"outdir: {outdir!r} already holds these samples; pass --overwrite to redo them or use another --outdir")
-        fn = training.load_score_fn(workdir, step=step)
-        tc = fn.config
-        sampler = resolve_sampler(tc, sampler)
-        if sampler in ("sde", "paper_a") and num_steps < 1:
-            raise ValueError(f"num_steps: the {sampler!r} sampler needs >= 1 steps, got {num_steps}")
-        unet = fn.model_def.unet
-        shape = (num_samples, unet.in_channels, unet.image_size, unet.image_size)
-        settings_asked, settings = settings, dict(settings, step=int(fn.step), sampler=sampler)  # as resolved
-        ref = None
-        if reference:  # loaded before sampling: a bad source fails at once, not after the chain
-            from krylovjax.data import load_images
+        with eu.checking_arguments():
+            eu.check_claim(outdir, "generate", settings, legacy=LEGACY_SETTINGS, arg="outdir")
+            if os.path.exists(os.path.join(outdir, "samples.json")) and not overwrite:
+                raise eu.WorkdirConflictError(
+                    f"outdir: {outdir!r} already holds these samples; pass --overwrite to redo them "
+                    "or use another --outdir")
+            fn = training.load_score_fn(workdir, step=step)
+            tc = fn.config
+            sampler = resolve_sampler(tc, sampler)
+            if sampler in ("sde", "paper_a") and num_steps < 1:
+                raise ValueError(f"num_steps: the {sampler!r} sampler needs >= 1 steps, got {num_steps}")
+            unet = fn.model_def.unet
+            shape = (num_samples, unet.in_channels, unet.image_size, unet.image_size)
+            settings_asked, settings = settings, dict(settings, step=int(fn.step), sampler=sampler)  # as resolved
+            ref = None
+            if reference:  # loaded before sampling: a bad source fails at once, not after the chain
+                from krylovjax.data import load_images
 
-            kw: dict[str, Any] = {"size": unet.image_size}
-            if not reference.startswith("builtin:"):  # a multi-image source: its first reference_count
-                kw["num_images"] = reference_count
-            try:
-                ref = np.asarray(load_images(reference, **kw))
-            except ValueError as e:
-                raise ValueError(f"reference: {reference!r}: {e}") from e
-            if ref.shape[1] != unet.in_channels:
-                raise ValueError(f"reference: its images have {ref.shape[1]} channels, the model {unet.in_channels}")
+                kw: dict[str, Any] = {"size": unet.image_size}
+                if not reference.startswith("builtin:"):  # a multi-image source: its first reference_count
+                    kw["num_images"] = reference_count
+                try:
+                    ref = np.asarray(load_images(reference, **kw))
+                except ValueError as e:
+                    raise ValueError(f"reference: {reference!r}: {e}") from e
+                if ref.shape[1] != unet.in_channels:
+                    raise ValueError(f"reference: its images have {ref.shape[1]} channels, "
+                                     f"the model {unet.in_channels}")
         eu.claim_workdir(outdir, "generate", settings_asked, legacy=LEGACY_SETTINGS, arg="outdir")
         idx = None
         if unet.per_image_offset:

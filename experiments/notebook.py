@@ -481,8 +481,8 @@ def train_and_denoise(cfg, workdir: str, store_path: str, images) -> DenoiseRun:
     # The sampler's settings and what ours' SDE allows of them, before training (experiments.denoise
     # checks them before its runs; unchecked, an unknown kind ran as "denoise", and an unmatched
     # noise level failed at the first evaluation).
-    denoise._check_our_sampler(cfg.ours.sampler)
-    denoise.check_ours_sampler(cfg, tc)
+    denoise.check_ours_sampler_fields(cfg.ours.sampler)
+    denoise.check_ours_sampler_with_sde(cfg, tc)
     k = int(cfg.denoise.num_images)
     clean = np.asarray(images)[:k]
     noisy = denoise.noisy_input(cfg, clean)

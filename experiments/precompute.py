@@ -67,7 +67,10 @@ def precompute_config(p):
         d["chunk_size"] = None
     elif isinstance(chunk, str) and chunk.isdigit():
         d["chunk_size"] = int(chunk)
-    return PrecomputeConfig(**d)
+    try:
+        return PrecomputeConfig(**d)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"precompute: {err}") from err
 
 
 def load(cfg):
@@ -76,13 +79,16 @@ def load(cfg):
 
     from krylovjax.data import load_images
 
-    if cfg.dataset == "builtin":
-        images = load_images("builtin", size=cfg.image_size, num_images=cfg.num_images,
-                             seed=cfg.data_seed)
-    else:
-        images = load_images(cfg.dataset, split=cfg.split, data_dir=cfg.data_dir or None,
-                             size=cfg.image_size, class_filter=cfg.class_filter or None,
-                             num_images=cfg.num_images)
+    try:
+        if cfg.dataset == "builtin":
+            images = load_images("builtin", size=cfg.image_size, num_images=cfg.num_images,
+                                 seed=cfg.data_seed)
+        else:
+            images = load_images(cfg.dataset, split=cfg.split, data_dir=cfg.data_dir or None,
+                                 size=cfg.image_size, class_filter=cfg.class_filter or None,
+                                 num_images=cfg.num_images)
+    except (TypeError, ValueError) as err:  # the keys are the config's: dataset, image_size, ...
+        raise ValueError(f"dataset {cfg.dataset!r}: {err}") from err
     return images.astype(np.dtype(cfg.dtype))
 
 
@@ -120,11 +126,14 @@ def _precompute(cfg):
     from krylovjax import pipeline
     from krylovjax.data import DatasetNotPreparedError
 
-    pcfg = precompute_config(cfg.precompute)
-    try:
-        images = load(cfg)
-    except DatasetNotPreparedError as err:
-        sys.exit(f"error: {err}")
+    with eu.checking_arguments():  # a bad value ends the binary with its message alone
+        pcfg = precompute_config(cfg.precompute)
+        try:
+            images = load(cfg)
+        except DatasetNotPreparedError as err:
+            sys.exit(f"error: {err}")
+        pipeline.check_run_args(images, pcfg, cfg.chunk_images, cfg.store_dtype, cfg.embed_component,
+                                jax.process_index(), jax.process_count())
     logging.info("%d images %s (%s), %d process(es), %d local device(s)", images.shape[0],
                  images.shape[1:], cfg.dataset, jax.process_count(), jax.local_device_count())
 

@@ -25,7 +25,6 @@ one-process run on as many devices; process 0 writes ``metrics.jsonl`` and ``res
 from __future__ import annotations
 
 import json
-import logging as pylogging
 import os
 
 from absl import app, flags, logging
@@ -48,32 +47,44 @@ flags.mark_flags_as_required(["config", "workdir"])
 _NON_TRAIN_KEYS = ("data", "precompute")
 
 
-def _builtin_data(cfg, train_cfg):
+def _builtin_inputs(cfg, train_cfg):
+    """The built-in photos and, for ours, the pre-computation's config, checked before the
+    pre-computation: the config keys, and that the photos fit the model."""
+    from krylovjax import training
+    from krylovjax.data import builtin_dataset
+
+    try:
+        images = builtin_dataset(cfg.data.image_size, cfg.data.num_images, seed=cfg.data.seed)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"data: {err}") from err
+    training.model_config(train_cfg, tuple(images.shape[1:]), images.shape[0])
+    if train_cfg.method == "ddpm":
+        return images, None
+    from krylovjax.precompute import PrecomputeConfig
+
+    try:
+        return images, PrecomputeConfig(sde=train_cfg.sde, sde_kwargs=train_cfg.sde_kwargs,
+                                        **cfg.precompute.to_dict())
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"precompute: {err}") from err
+
+
+def _builtin_data(images, pc, train_cfg):
+    """The photos (DDPM), or ours' embedded trajectories of them (pre-computed with ``pc``)."""
+    if pc is None:
+        return images
     import jax.numpy as jnp
     import numpy as np
 
     from krylovjax import training, transport
-    from krylovjax.data import builtin_dataset
+    from krylovjax.precompute import precompute_scores
 
-    images = builtin_dataset(cfg.data.image_size, cfg.data.num_images, seed=cfg.data.seed)
-    if train_cfg.method == "ddpm":
-        return images
-    from krylovjax.precompute import PrecomputeConfig, precompute_scores
-
-    pc = PrecomputeConfig(sde=train_cfg.sde, sde_kwargs=train_cfg.sde_kwargs, **cfg.precompute.to_dict())
     res = precompute_scores(jnp.asarray(images), pc)
     logging.info("pre-computed scores of %d images: %s", images.shape[0],
                  {k: v for k, v in res.stats.items() if np.ndim(v) == 0})
     x = transport.embed(images, res.scores, pc.make_sde(), res.t, res.dt)
     sde = {"name": train_cfg.sde, "kwargs": dict(train_cfg.sde_kwargs)}
     return training.Trajectories(x=np.asarray(x), t=np.asarray(res.t), sde=sde)
-
-
-class _QuietOrbax(pylogging.Filter):
-    """Drop orbax's per-save INFO chatter (warnings and errors still pass)."""
-
-    def filter(self, record):
-        return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
 
 
 def _previous_result(workdir):
@@ -93,7 +104,7 @@ def main(argv):
     eu.refuse_other_runs(FLAGS.workdir, {"experiment.json": "another experiment's run",
                                          "precompute_summary.json": "an experiments.precompute run"})
     eu.sigterm_as_interrupt()  # kill / timeout / schedulers: checkpoint like Ctrl-C, then exit non-zero
-    logging.get_absl_handler().addFilter(_QuietOrbax())
+    eu.quiet_orbax_logs()
     cfg = FLAGS.config
     source = FLAGS.data if FLAGS.data != "auto" else ("store" if FLAGS.store else "builtin")
     if source == "builtin" and FLAGS.store:
@@ -125,12 +136,15 @@ def _train(cfg, source):
     from krylovjax import experiment_utils as eu
     from krylovjax import training
 
-    train_cfg = training.TrainConfig.from_dict({k: v for k, v in cfg.items() if k not in _NON_TRAIN_KEYS})
-    training.check_workdir(FLAGS.workdir, train_cfg)  # another run's config: refused before pre-computing
-    if source == "store":
-        data = FLAGS.store  # training reads each process's own images from it
-    else:
-        data = _builtin_data(cfg, train_cfg)
+    with eu.checking_arguments():  # a bad value ends the binary with its message alone
+        train_cfg = training.TrainConfig.from_dict({k: v for k, v in cfg.items() if k not in _NON_TRAIN_KEYS})
+        training.check_workdir(FLAGS.workdir, train_cfg)  # another run's config: refused before pre-computing
+        if source == "builtin":
+            images, pc = _builtin_inputs(cfg, train_cfg)
+        else:
+            training.check_store(FLAGS.store)
+    # the store: training reads each process's own images from it
+    data = FLAGS.store if source == "store" else _builtin_data(images, pc, train_cfg)
 
     result = training.train(train_cfg, data, FLAGS.workdir)
     summary = {k: getattr(result, k) for k in ("step", "stop_reason", "resumed_from", "train_seconds",

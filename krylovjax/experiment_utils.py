@@ -16,8 +16,9 @@ Nothing here is numerics of the method; these are the small pieces every experim
   work): :func:`check_no_args`, :func:`check_flag`, :func:`int_list_flag`,
   :func:`word_or_int_flag`, :func:`choice_list_flag`, :func:`check_dir_arg` (a directory flag that is a file),
   :func:`refuse_other_runs` (a directory holding another binary's run),
-  :func:`exit_on_run_errors` (a directory another run holds, :mod:`krylovjax.workdir_lock`, or a
-  checkpoint that cannot be restored or written: an error message and status 1), and
+  :func:`checking_arguments` and :func:`exit_on_run_errors` (a bad config value, a directory
+  another run holds, :mod:`krylovjax.workdir_lock`, or a checkpoint that cannot be restored or
+  written: an error message and status 1, no traceback), and
   :func:`sigterm_as_interrupt` (SIGTERM checkpoints a training run like Ctrl-C).
 
 Images are ``[B, C, H, W]`` (or ``[C, H, W]``) float arrays in [0, 1], as everywhere else.
@@ -74,6 +75,8 @@ __all__ = [
     "word_or_int_flag",
     "choice_list_flag",
     "check_flag",
+    "checking_arguments",
+    "exit_on_run_errors",
 ]
 
 _CLAIM_FILE = "experiment.json"
@@ -295,17 +298,21 @@ def move_aside(workdir: str | os.PathLike, *, arg: str = "workdir") -> str | Non
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
     """absl's flag parsing (``app.run(main, flags_parser=parse_flags)``) with a config override
-    that names no key of the config (``--config.num_stepz=3``) reported like any bad flag: one
-    line naming the flag and ml_collections' suggestion, exit status 1, instead of an
-    ``AttributeError`` traceback from inside ml_collections."""
+    that names no key of the config (``--config.num_stepz=3``, or ``--config.train.num_steps=3``
+    where the config has no ``train``) reported like any bad flag: one line naming the flag and
+    ml_collections' suggestion, exit status 1, instead of an ``AttributeError`` or ``KeyError``
+    traceback from inside ml_collections."""
     import sys
 
     from absl import app
 
     try:
         return app.parse_flags_with_usage(argv)
-    except AttributeError as err:
-        inner = err.args[0] if err.args else None
+    except (AttributeError, KeyError) as err:
+        # a key missing at the end of the path (--config.num_stepz) comes as an AttributeError
+        # holding the KeyError, one missing in the middle (--config.train.num_steps where there
+        # is no 'train') as the KeyError itself
+        inner = err if isinstance(err, KeyError) else (err.args[0] if err.args else None)
         if not (isinstance(inner, KeyError) and inner.args and isinstance(inner.args[0], str)):
             raise
         first, _, hint = inner.args[0].partition("\n")
@@ -387,14 +394,35 @@ def check_dir_arg(path: str | os.PathLike | None, arg: str = "workdir") -> str:
     return path
 
 
+_BAD_ARGUMENT = "_krylovjax_bad_argument"
+
+
+@contextlib.contextmanager
+def checking_arguments() -> Iterator[None]:
+    """Around a run's checks of its config, flags and inputs, before any work: a ``ValueError``,
+    ``TypeError`` or ``FileNotFoundError`` raised there is the user's bad argument (every check
+    names the config key or flag and what it expected), and :func:`exit_on_run_errors` ends the
+    binary with that one line instead of a traceback. The exception itself is unchanged (marked,
+    not wrapped), so a library caller of the run function still gets it whole; outside such a block
+    those errors are the code's own and keep their tracebacks."""
+    try:
+        yield
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        setattr(err, _BAD_ARGUMENT, True)
+        raise
+
+
 @contextlib.contextmanager
 def exit_on_run_errors() -> Iterator[None]:
-    """In a binary's ``main``: a run directory held by another run
+    """In a binary's ``main``: a bad config value or flag found by the run's checks
+    (:func:`checking_arguments`), a work directory holding another run's config or finished
+    results (:class:`WorkdirConflictError`) or held by another run
     (:class:`krylovjax.workdir_lock.WorkdirBusyError`), a checkpoint that cannot be restored or
-    written (:class:`krylovjax.training.CheckpointError`: a corrupt one, a full disk) or a store
-    chunk that cannot be written (:class:`krylovjax.store.StoreWriteError`) ends the
-    binary with ``error: <message>`` on stderr and exit status 1: the message says what to do,
-    a traceback would bury it, and the flags were right (no flag help)."""
+    written (:class:`krylovjax.training.CheckpointError`: a corrupt one, a full disk), a store of
+    another run (:class:`krylovjax.store.StoreConflictError`) or a store chunk that cannot be
+    written (:class:`krylovjax.store.StoreWriteError`) ends the binary with
+    ``error: <message>`` on stderr and exit status 1: the message says what to do, a traceback
+    would bury it, and the flags' help would not help (none is printed)."""
     import sys
 
     from krylovjax.workdir_lock import WorkdirBusyError
@@ -403,11 +431,12 @@ def exit_on_run_errors() -> Iterator[None]:
         yield
     except Exception as err:
         # the classes of modules not imported cannot have been raised (and stay unimported)
-        kinds = (WorkdirBusyError,) + tuple(
+        kinds = (WorkdirBusyError, WorkdirConflictError) + tuple(
             getattr(sys.modules[module], name)
-            for module, name in (("krylovjax.training", "CheckpointError"), ("krylovjax.store", "StoreWriteError"))
+            for module, name in (("krylovjax.training", "CheckpointError"), ("krylovjax.store", "StoreWriteError"),
+                                 ("krylovjax.store", "StoreConflictError"))
             if module in sys.modules)
-        if isinstance(err, kinds):
+        if isinstance(err, kinds) or getattr(err, _BAD_ARGUMENT, False):
             raise SystemExit(f"error: {err}") from None
         raise
 
@@ -864,19 +893,48 @@ def plot_curves(path: str | os.PathLike, curves: Mapping[str, tuple[Sequence[flo
 
 class _QuietOrbax(logging.Filter):
     """Drop orbax's per-save INFO chatter and its read-only-manager notices (other warnings and
-    errors pass)."""
+    errors pass). Orbax's errors pass as their one-line message, without the traceback of its
+    worker thread: a checkpoint that cannot be written (a full disk) is logged once per writer
+    thread with some 90 lines of orbax's and asyncio's frames each, above the run's own
+    ``CheckpointError`` that says what failed and how to go on."""
 
     def filter(self, record):
         if "orbax" not in record.pathname:
             return True
         if record.levelno >= logging.ERROR:
+            record.exc_info = record.exc_text = None
             return True
         msg = str(record.msg)
         return record.levelno >= logging.WARNING and "read_only" not in msg and "read only" not in msg
 
 
+def _closed_loop_callback(unraisable) -> bool:
+    """An exception of asyncio's ``call_soon_threadsafe`` on a closed event loop: tensorstore
+    completing a write that orbax abandoned when another write of the checkpoint failed."""
+    err = unraisable.exc_value
+    if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
+        return False
+    tb = unraisable.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name == "_check_closed"
+
+
 def quiet_orbax_logs() -> None:
-    """Silence orbax's INFO messages on the absl handler (binaries call this in ``main``)."""
+    """In a binary's ``main``: silence orbax's INFO messages and its worker threads' tracebacks
+    on the absl handler (:class:`_QuietOrbax`), and drop the "Event loop is closed" exceptions that
+    tensorstore's callbacks raise, one per abandoned write (17 for the tiny U-Net), after orbax
+    gives up on a checkpoint; Python would print each as a traceback (``sys.unraisablehook``).
+    Every other unraisable exception goes to the previous hook."""
+    import sys
+
     from absl import logging as absl_logging
 
     absl_logging.get_absl_handler().addFilter(_QuietOrbax())
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _closed_loop_callback(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook

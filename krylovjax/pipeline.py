@@ -53,8 +53,8 @@ import numpy as np
 from krylovjax.data import validate_images
 from krylovjax.precompute import PrecomputeConfig, precompile, precompute_scores
 
-__all__ = ["PipelineSummary", "run_precompute", "store_config", "store_fields", "summarize_store",
-           "open_store", "STORE_DIR", "STAT_FIELDS"]
+__all__ = ["PipelineSummary", "run_precompute", "check_run_args", "store_config", "store_fields",
+           "summarize_store", "open_store", "STORE_DIR", "STAT_FIELDS"]
 
 STORE_DIR = "store"
 #: Per-image statistics fields and their declared dtypes.
@@ -140,8 +140,10 @@ def store_fields(images_shape, num_steps: int, store_dtype: Any = np.float32) ->
     return fields
 
 
-def _check_args(images, config, chunk_images, store_dtype, embed_component, process_index,
-                process_count):
+def check_run_args(images, config, chunk_images, store_dtype, embed_component, process_index,
+                   process_count):
+    """The checks :func:`run_precompute` makes of its arguments before any work: (the validated
+    images, the chunk size). Raises ValueError or TypeError naming the argument."""
     images = validate_images(images)
     if not isinstance(config, PrecomputeConfig):
         raise TypeError(f"config: expected a PrecomputeConfig, got {type(config).__name__}")
@@ -178,8 +180,8 @@ def open_store(workdir, images, config: PrecomputeConfig, *, chunk_images: int =
     """
     from krylovjax.store import ScoreStore, hash_inputs
 
-    images, chunk = _check_args(images, config, chunk_images, store_dtype, embed_component,
-                                process_index, process_count)
+    images, chunk = check_run_args(images, config, chunk_images, store_dtype, embed_component,
+                                   process_index, process_count)
     import jax
 
     arr = np.asarray(images)

@@ -50,6 +50,7 @@ from krylovjax._io_errors import write_failure_cause
 __all__ = [
     "FieldSpec",
     "ScoreStore",
+    "StoreConflictError",
     "StoreWriteError",
     "canonical_config",
     "hash_inputs",
@@ -164,6 +165,11 @@ def hash_inputs(images: np.ndarray, config: Mapping[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------
 
 _SUPPORTED_KINDS = "biuf"
+
+
+class StoreConflictError(ValueError):
+    """The store's directory holds a store of other inputs or another config, or other files; nothing
+    was written."""
 
 
 class StoreWriteError(RuntimeError):
@@ -457,7 +463,7 @@ class ScoreStore:
             foreign = [e for e in os.listdir(path)
                        if e not in (_ARRAYS_DIR, _COMPLETE_DIR) and not e.startswith("." + MANIFEST_NAME)]
             if foreign:
-                raise ValueError(
+                raise StoreConflictError(
                     f"path: {path!r} is a non-empty directory without {MANIFEST_NAME} (found "
                     f"{sorted(foreign)[:5]}); refusing to write into it, use a new or empty directory"
                 )
@@ -860,14 +866,14 @@ def _open_arrays(path: str, manifest: dict, specs: dict[str, FieldSpec]) -> dict
 
 
 def _check_compatible(path: str, stored: dict, wanted: dict) -> None:
-    """Raises ValueError naming every manifest key where ``stored`` and ``wanted`` differ."""
+    """Raises StoreConflictError naming every manifest key where ``stored`` and ``wanted`` differ."""
     if stored.get("format") != STORE_FORMAT:
-        raise ValueError(
+        raise StoreConflictError(
             f"path: {path!r} has a {MANIFEST_NAME} that is not a {STORE_FORMAT} manifest; "
             "refusing to write into it, use a new workdir"
         )
     if stored.get("version") != STORE_VERSION:
-        raise ValueError(
+        raise StoreConflictError(
             f"path: store {path!r} has format version {stored.get('version')}, this code writes "
             f"version {STORE_VERSION}; refusing to write into it, use a new workdir"
         )
@@ -886,7 +892,7 @@ def _check_compatible(path: str, stored: dict, wanted: dict) -> None:
     if field_keys:
         problems.append("fields differ: " + ", ".join(f"fields.{k}" for k in field_keys))
     if problems:
-        raise ValueError(
+        raise StoreConflictError(
             f"path: {path!r} holds a store from a different run: " + "; ".join(problems)
             + ". Refusing to write into it; use a new workdir (or delete this store deliberately)."
         )

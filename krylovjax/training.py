@@ -145,6 +145,7 @@ __all__ = [
     "trajectories_from_store",
     "train",
     "check_workdir",
+    "check_store",
     "load_checkpoint",
     "LoadedCheckpoint",
     "load_score_fn",
@@ -824,6 +825,17 @@ def _find_key(cfg: Mapping, key: str) -> Any:
         if isinstance(cfg.get(sub), Mapping) and key in cfg[sub]:
             return cfg[sub][key]
     return None
+
+
+def check_store(store) -> None:
+    """The checks :func:`train` makes of a :class:`~krylovjax.store.ScoreStore` (or its path)
+    before any work: a store (its manifest) holding embedded trajectories and their time levels.
+    Reads the manifest and the time levels only.
+
+    Raises:
+      FileNotFoundError: no store there. ValueError: no ``embedded`` field, or no time levels.
+    """
+    _open_store(store)
 
 
 def _open_store(store):

@@ -354,19 +354,82 @@ def test_train_binary_refuses_another_config_before_precomputing(tmp_path):
     assert sorted(os.listdir(wd)) == ["config.json"]
 
 
-@pytest.mark.parametrize("module, config, key", [
-    ("experiments.train", "train_tiny.py", "num_stepz"),
-    ("experiments.precompute", "demo.py", "precompute.tolx"),
-    ("experiments.denoise", "denoise_demo.py", "ours.train.lrx"),
-    ("experiments.budget", "budget_demo.py", "budget_secondz"),
+@pytest.mark.parametrize("module, config, key, missing", [
+    ("experiments.train", "train_tiny.py", "num_stepz", "num_stepz"),
+    ("experiments.precompute", "demo.py", "precompute.tolx", "tolx"),
+    ("experiments.denoise", "denoise_demo.py", "ours.train.lrx", "lrx"),
+    # a key missing in the middle of the path: a KeyError traceback until 2026-12-06 (twenty-ninth session)
+    ("experiments.budget", "budget_demo.py", "commonx.lr", "commonx"),
 ])
-def test_misspelt_config_key_is_a_flag_error(module, config, key, tmp_path):
-    """Was an AttributeError traceback from inside ml_collections' flag parsing."""
+def test_misspelt_config_key_is_a_flag_error(module, config, key, missing, tmp_path):
+    """Was an AttributeError (or KeyError) traceback from inside ml_collections' flag parsing."""
     wd = tmp_path / "run"
     proc = _run(module, f"--config=experiments/configs/{config}", f"--workdir={wd}", f"--config.{key}=3")
     assert proc.returncode == 1
-    last = key.split(".")[-1]
-    assert f"FATAL Flags parsing error: --config.{key}: the config has no key '{last}'" in proc.stderr, \
+    assert f"FATAL Flags parsing error: --config.{key}: the config has no key '{missing}'" in proc.stderr, \
         proc.stderr[-2000:]
     assert "Did you mean" in proc.stderr and "Traceback" not in proc.stderr
     assert not wd.exists()
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("experiments.train", ["--config=experiments/configs/train_tiny.py", "--config.lr=nan"],
+     "error: lr: expected a finite learning rate > 0, got nan"),
+    # found only by training.train, after the whole pre-computation, until the twenty-ninth session
+    ("experiments.train", ["--config=experiments/configs/train_tiny.py", "--config.data.image_size=10",
+                           "--config.model_overrides.ch_mult=(1,2,2)"],
+     "error: data: images of size 10 x 10 do not fit the model: image_size: expected a multiple of "
+     "2**(len(ch_mult)-1) = 4"),
+    ("experiments.train", ["--config=experiments/configs/train_tiny.py", "--data=store", "--store=/nonexistent/kj"],
+     "error: store: '/nonexistent/kj' has no manifest.json; not a ScoreStore"),
+    ("experiments.precompute", ["--config=experiments/configs/demo.py", "--config.precompute.tol=-1"],
+     "error: precompute: tol: expected None or a finite number > 0, got -1.0"),
+    ("experiments.precompute", ["--config=experiments/configs/demo.py", "--config.dataset=nosuch"],
+     "error: dataset 'nosuch': source must be 'builtin'"),
+    ("experiments.denoise", ["--config=experiments/configs/denoise_demo.py", "--config.noise.std=-1"],
+     "error: noise.std: expected a finite noise level > 0, got -1.0"),
+    ("experiments.budget", ["--config=experiments/configs/budget_demo.py", "--config.budget_seconds=0"],
+     "error: budget_seconds: expected a finite number of seconds > 0, got 0.0"),
+    ("experiments.generate", ["--num_samples=0"], "error: num_samples: expected an int >= 1, got 0"),
+])
+def test_bad_config_value_ends_the_binary_with_its_message(module, args, message, tmp_path):
+    """A value the run's checks refuse (the config's, or generate's flags) was a ValueError
+    traceback ending in the message; now the message alone, status 1, nothing created."""
+    wd = tmp_path / "run"
+    proc = _run(module, *args, f"--workdir={wd}")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "pre-computed scores of" not in proc.stderr, proc.stderr[-3000:]
+    assert not wd.exists() and os.listdir(tmp_path) == []
+
+
+def test_another_runs_store_ends_precompute_with_its_message(tmp_path):
+    """StoreConflictError (a store directory with other files, another config or other images)."""
+    (tmp_path / "run" / "store").mkdir(parents=True)
+    (tmp_path / "run" / "store" / "notes.txt").write_text("mine")
+    proc = _run("experiments.precompute", "--config=experiments/configs/demo.py", "--config.num_images=1",
+                f"--workdir={tmp_path / 'run'}")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"error: path: '{tmp_path / 'run' / 'store'}' is a non-empty directory without manifest.json" \
+        in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert sorted(os.listdir(tmp_path / "run" / "store")) == ["notes.txt"]
+
+
+def test_checked_errors_keep_their_type_for_library_callers(tmp_path):
+    """checking_arguments marks the error for the binaries and changes nothing else."""
+    from experiments import denoise
+    from experiments.configs import denoise_demo
+
+    cfg = denoise_demo.get_config()
+    cfg.noise.std = -1.0
+    with pytest.raises(ValueError, match="noise.std: expected a finite noise level > 0") as err:
+        denoise.run(cfg, str(tmp_path / "run"))
+    assert type(err.value) is ValueError and not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit) as ex:  # as a binary's main reports it
+        with eu.exit_on_run_errors():
+            raise err.value
+    assert ex.value.code == f"error: {err.value}"
+    with pytest.raises(TypeError, match="unmarked"):  # outside a checking block: the code's own error
+        with eu.exit_on_run_errors():
+            raise TypeError("unmarked")

@@ -180,7 +180,7 @@ def test_every_config_passes_its_binarys_checks_without_loading_data(name, no_da
         pc = denoise.precompute_config(cfg, tcs["ours"])
         assert pc.make_sde() == tcs["ours"].make_sde()  # one SDE for the pre-computation and training
         if not gen:
-            denoise.check_ours_sampler(cfg, tcs["ours"])
+            denoise.check_ours_sampler_with_sde(cfg, tcs["ours"])
             denoise.check_ddpm_range(cfg, tcs["ddpm"])
         else:
             generate.check_generates(tcs["ddpm"])
@@ -208,8 +208,8 @@ def test_every_config_passes_its_binarys_checks_without_loading_data(name, no_da
         pcfg, kw = notebook._precompute_args(cfg)
         assert pcfg.make_sde() == tc.make_sde() and kw["chunk_images"] == cfg.chunk_images
         notebook.check_sharding(cfg, 1)
-        denoise._check_our_sampler(cfg.ours.sampler)
-        denoise.check_ours_sampler(cfg, tc)
+        denoise.check_ours_sampler_fields(cfg.ours.sampler)
+        denoise.check_ours_sampler_with_sde(cfg, tc)
         training.model_config(tc, (3, cfg.image_size, cfg.image_size), cfg.num_images)
 
 
@@ -254,7 +254,7 @@ def test_ours_denoise_ode_starts_at_the_matched_time_for_every_sde(sde, scale):
     cfg.noise.update(std=0.3 * scale / 0.75, clamp=False, signal_scale=scale, seed=5)
     denoise.check_config(cfg)
     tc = denoise.train_config(cfg, "ours")
-    denoise.check_ours_sampler(cfg, tc)
+    denoise.check_ours_sampler_with_sde(cfg, tc)
     x0 = np.random.default_rng(4).uniform(0.3, 0.7, (2, 3, 8, 8))
     noisy = denoise.noisy_input(cfg, x0)
     z = np.random.default_rng(5).standard_normal(x0.shape)
@@ -358,7 +358,7 @@ def test_ours_sampler_settings_the_sde_can_run_pass(sde, edit):
     for key, v in edit.items():
         cfg = _set(cfg, key, v)
     denoise.check_config(cfg)
-    denoise.check_ours_sampler(cfg, denoise.train_config(cfg, "ours"))
+    denoise.check_ours_sampler_with_sde(cfg, denoise.train_config(cfg, "ours"))
 
 
 def test_ddpm_with_per_image_offsets_is_refused_by_the_config_check():

@@ -10,12 +10,15 @@ naming the argument. Training tests replace the U-Net by a two-parameter fake ne
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import os
 import signal
+import sys
 import threading
+import types
 
 import jax
 import jax.numpy as jnp
@@ -791,16 +794,37 @@ def test_quiet_orbax_filter():
     assert not f.filter(rec("/site-packages/orbax/checkpoint/m.py", logging.WARNING, "manager is read_only"))
     assert f.filter(rec("/site-packages/orbax/checkpoint/m.py", logging.WARNING, "disk almost full"))
     assert f.filter(rec("/site-packages/orbax/checkpoint/m.py", logging.ERROR, "read only: failed"))
+    try:
+        raise ValueError("RESOURCE_EXHAUSTED")
+    except ValueError:
+        failed = logging.LogRecord("x", logging.ERROR, "/orbax/future.py", 1, "thread raised", None, sys.exc_info())
+        other = logging.LogRecord("x", logging.ERROR, "/krylovjax/training.py", 1, "ours", None, sys.exc_info())
+    assert f.filter(failed) and failed.exc_info is None  # orbax's error line, without its thread's traceback
+    assert f.filter(other) and other.exc_info is not None  # not orbax's: kept whole
     from absl import logging as absl_logging
 
     handler = absl_logging.get_absl_handler()
-    before = list(handler.filters)
+    before, hook = list(handler.filters), sys.unraisablehook
+    seen = []
+    sys.unraisablehook = seen.append
     try:
         eu.quiet_orbax_logs()
         added = [x for x in handler.filters if x not in before]
         assert len(added) == 1 and isinstance(added[0], eu._QuietOrbax)
+        loop = asyncio.new_event_loop()
+        loop.close()
+        try:
+            loop.call_soon_threadsafe(print)  # what tensorstore's callback meets once orbax gave up
+        except RuntimeError as err:
+            closed = err
+        unrelated = RuntimeError("Event loop is closed")  # the same text raised elsewhere
+        for err in (closed, unrelated, ValueError("other")):
+            sys.unraisablehook(types.SimpleNamespace(exc_type=type(err), exc_value=err, exc_traceback=err.__traceback__,
+                                                     err_msg=None, object=None))
+        assert len(seen) == 2 and seen[0].exc_value is unrelated and isinstance(seen[1].exc_value, ValueError)
     finally:
         handler.filters[:] = before
+        sys.unraisablehook = hook
 
 
 def test_image_grid_per_row_labels_and_bad_panels(tmp_path, monkeypatch):
