@@ -332,7 +332,8 @@ def main(argv):
     eu.check_no_args(argv)
     eu.quiet_orbax_logs()
     outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, "generate")
-    with eu.exit_on_run_errors():
+    with eu.exit_on_run_errors(interrupted="samples.json, written last, marks a finished run: the same command "
+                                           "samples again"):
         run(FLAGS.workdir, outdir, num_samples=FLAGS.num_samples, num_frames=FLAGS.num_frames,
             sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, seed=FLAGS.seed, step=FLAGS.step,
             reference=FLAGS.reference, reference_count=FLAGS.reference_count, overwrite=FLAGS.overwrite,

@@ -413,7 +413,8 @@ def checking_arguments() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def exit_on_run_errors() -> Iterator[None]:
+def exit_on_run_errors(interrupted: str = "what was saved (checkpoints, complete chunks of a store) is kept, "
+                                          "and the same command resumes from it") -> Iterator[None]:
     """In a binary's ``main``: a bad config value or flag found by the run's checks
     (:func:`checking_arguments`), a work directory holding another run's config or finished
     results (:class:`WorkdirConflictError`) or held by another run
@@ -422,13 +423,25 @@ def exit_on_run_errors() -> Iterator[None]:
     another run (:class:`krylovjax.store.StoreConflictError`) or a store chunk that cannot be
     written (:class:`krylovjax.store.StoreWriteError`) ends the binary with
     ``error: <message>`` on stderr and exit status 1: the message says what to do, a traceback
-    would bury it, and the flags' help would not help (none is printed)."""
+    would bury it, and the flags' help would not help (none is printed).
+
+    Ctrl-C (and SIGTERM, :func:`sigterm_as_interrupt`) ends it with ``interrupted in <function>
+    (<file>:<line>): <interrupted>`` and status 130 (128 + SIGINT): where it was, for a run that
+    seemed stuck, and what is kept, instead of a ``KeyboardInterrupt`` traceback."""
     import sys
 
     from krylovjax.workdir_lock import WorkdirBusyError
 
     try:
         yield
+    except KeyboardInterrupt as err:
+        tb = err.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        code = None if tb is None else tb.tb_frame.f_code
+        where = "" if code is None else f" in {code.co_name} ({code.co_filename}:{tb.tb_lineno})"
+        sys.stderr.write(f"interrupted{where}: {interrupted}\n")
+        raise SystemExit(130) from None
     except Exception as err:
         # the classes of modules not imported cannot have been raised (and stay unimported)
         kinds = (WorkdirBusyError, WorkdirConflictError) + tuple(

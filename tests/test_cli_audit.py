@@ -277,9 +277,32 @@ def test_train_binary_sigterm_saves_a_checkpoint(tmp_path, sigint):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode != 0
+    assert proc.returncode == 130
+    err = proc.stderr.read().decode()
+    assert "interrupted in " in err and "the same command resumes from it" in err, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
     steps = sorted(int(n) for n in os.listdir(wd / "checkpoints") if n.isdigit())
     assert steps and steps[-1] >= 10, steps  # the step reached (>= the 2nd log record at step 10)
+
+
+def test_an_interrupt_ends_a_binary_with_where_it_was_and_what_is_kept(capsys):
+    """Ctrl-C (or SIGTERM) ended every binary with a KeyboardInterrupt traceback."""
+
+    def deep_in_the_run():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as ex:
+        with eu.exit_on_run_errors():
+            deep_in_the_run()
+    assert ex.value.code == 130 and ex.value.__cause__ is None
+    err = capsys.readouterr().err
+    assert err.startswith(f"interrupted in deep_in_the_run ({__file__}:")
+    assert err.endswith("what was saved (checkpoints, complete chunks of a store) is kept, and the same command "
+                        "resumes from it\n")
+    with pytest.raises(SystemExit):
+        with eu.exit_on_run_errors(interrupted="nothing to keep"):
+            raise KeyboardInterrupt
+    assert capsys.readouterr().err.endswith(": nothing to keep\n")
 
 
 @pytest.mark.slow
