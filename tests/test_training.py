@@ -849,9 +849,14 @@ def test_binary_checkpoint_that_cannot_be_written_is_one_message(tmp_path):
     # process with JAX's threads); an ignored SIGXFSZ stays ignored across exec, so writes past
     # the limit fail with EFBIG instead of killing the binary
     limited = ["bash", "-c", "trap '' XFSZ; ulimit -f 16; exec \"$@\"", "bash"]
+    # Without the shared persistent compilation cache: the limit would truncate the entries this
+    # process writes there, and the other tests would read them (on a cold cache in CI, a
+    # 'jit_step' entry was cut short and then failed to decompress in another test).
+    env = {k: v for k, v in _env().items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     proc = subprocess.run(limited + _BINARY + [f"--workdir={wd}", "--config.method=ddpm", "--config.num_steps=2",
                                                "--config.checkpoint_every=1"],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert f"error: checkpoint of step 1 could not be written to '{wd / 'checkpoints'}': ValueError: " in proc.stderr, \
         proc.stderr[-3000:]
