@@ -419,7 +419,8 @@ def exit_on_run_errors(interrupted: str = "what was saved (checkpoints, complete
     (:func:`checking_arguments`), a work directory holding another run's config or finished
     results (:class:`WorkdirConflictError`) or held by another run
     (:class:`krylovjax.workdir_lock.WorkdirBusyError`), a checkpoint that cannot be restored or
-    written (:class:`krylovjax.training.CheckpointError`: a corrupt one, a full disk), a store of
+    written (:class:`krylovjax.training.CheckpointError`: a corrupt one, a full disk), a loss
+    that became NaN (:class:`krylovjax.training.NonFiniteLossError`), a store of
     another run (:class:`krylovjax.store.StoreConflictError`) or a store chunk that cannot be
     written (:class:`krylovjax.store.StoreWriteError`) ends the binary with
     ``error: <message>`` on stderr and exit status 1: the message says what to do, a traceback
@@ -446,8 +447,9 @@ def exit_on_run_errors(interrupted: str = "what was saved (checkpoints, complete
         # the classes of modules not imported cannot have been raised (and stay unimported)
         kinds = (WorkdirBusyError, WorkdirConflictError) + tuple(
             getattr(sys.modules[module], name)
-            for module, name in (("krylovjax.training", "CheckpointError"), ("krylovjax.store", "StoreWriteError"),
-                                 ("krylovjax.store", "StoreConflictError"))
+            for module, name in (("krylovjax.training", "CheckpointError"),
+                                 ("krylovjax.training", "NonFiniteLossError"),
+                                 ("krylovjax.store", "StoreWriteError"), ("krylovjax.store", "StoreConflictError"))
             if module in sys.modules)
         if isinstance(err, kinds) or getattr(err, _BAD_ARGUMENT, False):
             raise SystemExit(f"error: {err}") from None

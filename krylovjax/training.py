@@ -122,6 +122,7 @@ __all__ = [
     "Trajectories",
     "TrainResult",
     "CheckpointError",
+    "NonFiniteLossError",
     "METHODS",
     "RUN_CONTROL_KEYS",
     "DEFER_IN_TRAIN",
@@ -169,6 +170,11 @@ _CKPT_DIR = "checkpoints"
 class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be restored (unreadable, incomplete or corrupt), or cannot
     be written (a full disk)."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite (a learning rate too high, bad data); the
+    update is not checkpointed and the message names its step."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1872,7 +1878,7 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
             dt = time.perf_counter() - t0
             bad = np.flatnonzero(~np.isfinite(losses))
             if bad.size:
-                raise FloatingPointError(f"loss is {losses[bad[0]]} at step {step + bad[0] + 1} (not checkpointed); "
+                raise NonFiniteLossError(f"loss is {losses[bad[0]]} at step {step + bad[0] + 1} (not checkpointed); "
                                          "lower lr or check the data")
             step += n
             train_seconds += dt

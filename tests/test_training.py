@@ -555,7 +555,7 @@ def test_a_non_finite_loss_names_its_step(tmp_path, trajectories, monkeypatch):
 
     monkeypatch.setattr(tr, "_step_fn", nan_at_6)
     cfg = OURS.replace(num_steps=8, log_every=100, seed=1000, steps_per_call=2)  # seed: a new compile
-    with pytest.raises(FloatingPointError, match="loss is nan at step 6 "):
+    with pytest.raises(tr.NonFiniteLossError, match="loss is nan at step 6 "):
         tr.train(cfg, trajectories, tmp_path / "nan")
     assert not os.path.isdir(tmp_path / "nan" / "checkpoints") or _complete_steps(tmp_path / "nan" / "checkpoints") == []
 
@@ -761,7 +761,8 @@ def test_run_errors_end_a_binary_with_their_message():
     from krylovjax.workdir_lock import WorkdirBusyError
 
     for err in (tr.CheckpointError("checkpoint of step 4 could not be written"), WorkdirBusyError("held"),
-                StoreWriteError("chunk 1 could not be written")):
+                StoreWriteError("chunk 1 could not be written"),
+                tr.NonFiniteLossError("loss is nan at step 6 (not checkpointed); lower lr or check the data")):
         with pytest.raises(SystemExit) as ex:
             with eu.exit_on_run_errors():
                 raise err
