@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 import time
 
 from absl import app, flags, logging
@@ -124,14 +123,12 @@ def _precompute(cfg):
 
     from krylovjax import experiment_utils as eu
     from krylovjax import pipeline
-    from krylovjax.data import DatasetNotPreparedError
 
-    with eu.checking_arguments():  # a bad value ends the binary with its message alone
+    # a bad value ends the binary with its message alone, as does a dataset not prepared on disk
+    # (DatasetNotPreparedError, a FileNotFoundError)
+    with eu.checking_arguments():
         pcfg = precompute_config(cfg.precompute)
-        try:
-            images = load(cfg)
-        except DatasetNotPreparedError as err:
-            sys.exit(f"error: {err}")
+        images = load(cfg)
         pipeline.check_run_args(images, pcfg, cfg.chunk_images, cfg.store_dtype, cfg.embed_component,
                                 jax.process_index(), jax.process_count())
     logging.info("%d images %s (%s), %d process(es), %d local device(s)", images.shape[0],

@@ -394,6 +394,13 @@ def check_dir_arg(path: str | os.PathLike | None, arg: str = "workdir") -> str:
     return path
 
 
+def _innermost(tb):
+    """The last entry of a traceback (where the exception was raised), or None."""
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb
+
+
 _BAD_ARGUMENT = "_krylovjax_bad_argument"
 
 
@@ -436,9 +443,7 @@ def exit_on_run_errors(interrupted: str = "what was saved (checkpoints, complete
     try:
         yield
     except KeyboardInterrupt as err:
-        tb = err.__traceback__
-        while tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
+        tb = _innermost(err.__traceback__)
         code = None if tb is None else tb.tb_frame.f_code
         where = "" if code is None else f" in {code.co_name} ({code.co_filename}:{tb.tb_lineno})"
         sys.stderr.write(f"interrupted{where}: {interrupted}\n")
@@ -929,9 +934,7 @@ def _closed_loop_callback(unraisable) -> bool:
     err = unraisable.exc_value
     if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
         return False
-    tb = unraisable.exc_traceback
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
+    tb = _innermost(unraisable.exc_traceback)
     return tb is not None and tb.tb_frame.f_code.co_name == "_check_closed"
 
 
