@@ -276,7 +276,8 @@ def run(cfg, workdir: str, *, overwrite: bool = False, fresh: bool = False) -> d
         denoise.check_fits(tcs, clean, clean.shape[0])
 
     # a failure while the fresh claim is all the directory holds withdraws it (eu.run_claimed)
-    return eu.run_claimed(workdir, "budget", cfg, lambda: _run_claimed(cfg, workdir, overwrite, budget, tcs, clean),
+    return eu.run_claimed(workdir, "budget", denoise.claim_record(cfg, clean),
+                          lambda: _run_claimed(cfg, workdir, overwrite, budget, tcs, clean),
                           legacy={**denoise.LEGACY_CONFIG, **LEGACY_CONFIG}, fresh=fresh)
 
 

@@ -397,6 +397,28 @@ def load_clean(data_cfg):
     return np.ascontiguousarray(images[sel])
 
 
+def claim_record(cfg, clean):
+    """The config a work directory is claimed with (:func:`run`, ``experiments.budget.run``):
+    ``cfg``, plus ``data.images_sha256``, the sha256 of the loaded images, when they come from
+    your own files (``files:`` / ``array:`` sources). Their config names a path, not its content,
+    so a run over changed files is another run: it is refused in the directory of the old one
+    instead of resuming (or reporting) the old images' results."""
+    import copy
+    import hashlib
+
+    import numpy as np
+
+    src = cfg.data.source
+    if not (isinstance(src, str) and src.startswith(("files:", "array:"))):
+        return cfg
+    rec = copy.deepcopy(cfg)
+    arr = np.ascontiguousarray(clean, np.float32)
+    digest = hashlib.sha256(f"{list(arr.shape)}|".encode() + arr.tobytes()).hexdigest()
+    with rec.unlocked():
+        rec.data.images_sha256 = digest
+    return rec
+
+
 # ----------------------------------------------------------------------------------------------
 # Ours: pre-computation and embedding
 # ----------------------------------------------------------------------------------------------
@@ -817,7 +839,8 @@ def run(cfg, workdir: str, *, overwrite: bool = False, fresh: bool = False) -> d
 
     # The work directory: refuse another run's config before writing anything (a failure while the
     # fresh claim is all the directory holds withdraws it).
-    return eu.run_claimed(workdir, "denoise", cfg, lambda: _run_claimed(cfg, workdir, overwrite, targets, tcs, clean),
+    return eu.run_claimed(workdir, "denoise", claim_record(cfg, clean),
+                          lambda: _run_claimed(cfg, workdir, overwrite, targets, tcs, clean),
                           legacy=LEGACY_CONFIG, fresh=fresh)
 
 

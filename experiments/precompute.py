@@ -82,10 +82,18 @@ def load(cfg):
         if cfg.dataset == "builtin":
             images = load_images("builtin", size=cfg.image_size, num_images=cfg.num_images,
                                  seed=cfg.data_seed)
+        elif isinstance(cfg.dataset, str) and cfg.dataset.startswith(("files:", "array:")):
+            for k in ("class_filter", "data_dir"):  # not silently ignored
+                if cfg.get(k):
+                    raise ValueError(f"{k} is for tfds datasets only; got {k}={cfg.get(k)!r}")
+            try:
+                images = load_images(cfg.dataset, size=cfg.image_size, num_images=cfg.num_images or None)
+            except FileNotFoundError as err:  # no such path, or no image there
+                raise FileNotFoundError(f"dataset {cfg.dataset!r}: {err}") from err
         else:
             images = load_images(cfg.dataset, split=cfg.split, data_dir=cfg.data_dir or None,
                                  size=cfg.image_size, class_filter=cfg.class_filter or None,
-                                 num_images=cfg.num_images)
+                                 num_images=cfg.num_images or None)
     except (TypeError, ValueError) as err:  # the keys are the config's: dataset, image_size, ...
         raise ValueError(f"dataset {cfg.dataset!r}: {err}") from err
     return images.astype(np.dtype(cfg.dtype))

@@ -1,13 +1,20 @@
 """Images in, as ``[B, C, H, W]`` float32 arrays in [0, 1].
 
-Two sources:
+Four sources:
 
 * built-in, offline photographs from ``skimage.data`` (:func:`builtin_image`,
   :func:`builtin_dataset`), resized with antialiasing, plus deterministic random
   crops for a larger CIFAR-like set;
 * TensorFlow Datasets ``cifar10`` and ``celeb_a`` through ``tfds.data_source``
   (array_record files, no TensorFlow needed; :func:`load_tfds`), with
-  ``tfds.load`` as the fallback when TensorFlow is installed.
+  ``tfds.load`` as the fallback when TensorFlow is installed;
+* your own image files (PNG, JPEG, ...; a directory, a glob pattern or one
+  file), read with Pillow (:func:`load_files`);
+* your own array in a ``.npy``/``.npz`` file (:func:`load_array`).
+
+:func:`load_images` dispatches on a source string (``"builtin"``,
+``"builtin:<name>"``, ``"cifar10"``, ``"celeb_a"``, ``"files:<path>"``,
+``"array:<path>"``): the experiment binaries' ``dataset`` / ``data.source``.
 
 :func:`validate_images` is the one input check everybody uses.
 
@@ -20,7 +27,9 @@ dataset fails at once with instructions.
 from __future__ import annotations
 
 import functools
+import glob
 import importlib.util
+import os
 import re
 from typing import Any, Sequence
 
@@ -36,7 +45,12 @@ __all__ = [
     "builtin_image",
     "builtin_dataset",
     "load_tfds",
+    "load_files",
+    "load_array",
     "load_images",
+    "image_paths",
+    "IMAGE_EXTENSIONS",
+    "ARRAY_LAYOUTS",
     "TFDS_DATASETS",
     "CIFAR10_CLASSES",
 ]
@@ -458,16 +472,7 @@ def load_tfds(
         hw = TFDS_DATASETS[name]["shape"] if name == "cifar10" else (64, 64)
     else:
         hw = _check_size(size)
-    if indices is not None and num_images is not None:
-        raise ValueError("indices and num_images are mutually exclusive; pass one of them")
-    if num_images is not None and (
-        isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1
-    ):
-        raise ValueError(f"num_images must be an int >= 1, got {num_images!r}")
-    if indices is not None:
-        indices = [int(i) for i in np.asarray(indices).reshape(-1)]
-        if not indices or min(indices) < 0:
-            raise ValueError(f"indices must be a non-empty list of non-negative ints, got {indices!r}")
+    indices, num_images = _check_selection(indices, num_images)
 
     tfds = _import_tfds()
     try:
@@ -561,6 +566,342 @@ def _select(source, keep, indices, num_images) -> list:
 
 
 # --------------------------------------------------------------------------
+# your own images: image files (Pillow) and numpy arrays
+
+#: the file name endings :func:`load_files` reads from a directory (any case)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+                    ".ppm", ".pgm", ".pbm", ".pnm")
+# Pillow modes read as one channel (the rest are colour, or converted to RGB(A) first)
+_GRAY_MODES = ("1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _check_selection(indices: Any, num_images: Any) -> tuple[list[int] | None, int | None]:
+    """``(indices, num_images)`` checked: at most one of them, ints, non-negative / >= 1."""
+    if indices is not None and num_images is not None:
+        raise ValueError("indices and num_images are mutually exclusive; pass one of them")
+    if num_images is not None and (
+        isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1
+    ):
+        raise ValueError(f"num_images must be an int >= 1, got {num_images!r}")
+    if indices is not None:
+        raw = np.asarray(indices).reshape(-1)
+        if raw.size == 0 or raw.dtype.kind not in "iu" or raw.min() < 0:
+            raise ValueError(f"indices must be a non-empty list of non-negative ints, got {indices!r}")
+        indices = [int(i) for i in raw]
+    return indices, (None if num_images is None else int(num_images))
+
+
+def _pick(n: int, indices: list[int] | None, num_images: int | None, what: str) -> list[int]:
+    """Positions to read out of ``n``: ``indices`` (each < n), else the first ``num_images`` (at
+    most n), else all."""
+    if indices is not None:
+        bad = [i for i in indices if i >= n]
+        if bad:
+            raise ValueError(f"indices must be < {n} ({what}), got {bad}")
+        return list(indices)
+    return list(range(n if num_images is None else min(num_images, n)))
+
+
+def _natural_key(path: str) -> tuple:
+    """Sort key comparing the digits in a name as numbers (img2 before img10), then the name."""
+    parts = re.split(r"(\d+)", path)
+    return tuple(int(p) if i % 2 else p for i, p in enumerate(parts)), path
+
+
+def image_paths(path: str) -> list[str]:
+    """The image files :func:`load_files` reads for ``path``, in its order.
+
+    ``path`` (``~`` expanded) is one of:
+
+    * a directory: its files ending in :data:`IMAGE_EXTENSIONS` (any case), not its
+      subdirectories, not hidden files (a leading ``.``);
+    * a glob pattern (``*``, ``?``, ``[...]``; ``**`` descends into subdirectories), e.g.
+      ``photos/**/*.jpg``: every matching file, whatever its ending;
+    * one file.
+
+    Sorted by name with the digits in names compared as numbers (``img2.png`` before
+    ``img10.png``). Raises FileNotFoundError when nothing is there.
+    """
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ValueError(f"path must name a directory, a glob pattern or an image file, got {path!r}")
+    spec = os.fspath(path)
+    full = os.path.expanduser(spec)
+    if any(c in full for c in "*?["):
+        found = [p for p in glob.glob(full, recursive=True) if os.path.isfile(p)]
+        if not found:
+            raise FileNotFoundError(f"no file matches the pattern {spec!r}")
+    elif os.path.isdir(full):
+        found = [os.path.join(full, n) for n in os.listdir(full)
+                 if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)
+                 and os.path.isfile(os.path.join(full, n))]
+        if not found:
+            subdirs = [n for n in os.listdir(full) if os.path.isdir(os.path.join(full, n))]
+            hint = (f"; it has subdirectories ({', '.join(sorted(subdirs)[:3])}{', ...' if len(subdirs) > 3 else ''}):"
+                    f" a pattern like {os.path.join(spec, '**', '*.png')!r} reads their files") if subdirs else ""
+            raise FileNotFoundError(f"directory {spec!r} holds no image file (names ending in "
+                                    f"{', '.join(IMAGE_EXTENSIONS)}){hint}")
+    elif os.path.isfile(full):
+        found = [full]
+    else:
+        raise FileNotFoundError(f"{spec!r}: no such file or directory")
+    return sorted(found, key=_natural_key)
+
+
+def _gray_mode(path: str) -> bool:
+    """Whether the file's pixels are one channel (from its header; nothing is decoded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.mode in _GRAY_MODES
+    except Exception as err:  # Pillow raises several types for a file that is no image
+        raise ValueError(f"{path!r} could not be read as an image: {type(err).__name__}: {err}") from err
+
+
+def _read_image_file(path: str) -> np.ndarray:
+    """One image file -> float32 ``[H, W, c]`` in [0, 1], c in {1, 3}.
+
+    The EXIF orientation is applied (phone photos). Palette, CMYK and YCbCr images become RGB;
+    16-bit grayscale is scaled by 65535 (Pillow reads 16-bit colour PNGs at 8 bits). An alpha
+    channel that is fully opaque is dropped; transparency is refused, since a transparent pixel
+    has no intensity. An animation or multi-page file is refused.
+    """
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as src:
+            frames = int(getattr(src, "n_frames", 1))
+            im = ImageOps.exif_transpose(src) if frames == 1 else None  # a decoded copy
+    except Exception as err:  # UnidentifiedImageError, OSError (truncated), SyntaxError, ...
+        raise ValueError(f"{path!r} could not be read as an image: {type(err).__name__}: {err}") from err
+    if im is None:
+        raise ValueError(f"{path!r} holds {frames} frames (an animation or a multi-page file); "
+                         "save the frame you want as an image of its own")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif im.mode in ("PA", "RGBa", "La"):
+        im = im.convert("RGBA" if im.mode != "La" else "LA")
+    elif im.mode not in ("1", "L", "LA", "RGB", "RGBA", "I", "F") and not im.mode.startswith("I;16"):
+        im = im.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX
+    mode, arr = im.mode, np.asarray(im)
+    if mode in ("LA", "RGBA"):
+        arr, alpha = arr[..., :-1], arr[..., -1]
+        if (alpha < 255).any():
+            raise ValueError(f"{path!r} has transparent pixels ({int((alpha < 255).sum())} with alpha < 255); "
+                             "flatten it onto a background first: a transparent pixel has no intensity")
+    if mode == "I":  # 32-bit integer pixels: 16-bit PNGs on some Pillow versions
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 65535:
+            raise ValueError(f"{path!r}: 32-bit integer pixels in [{lo}, {hi}] are outside the 16-bit "
+                             "range [0, 65535]; save it as 8- or 16-bit")
+        img = arr.astype(np.float32) / 65535.0
+    elif mode == "F":
+        img = arr.astype(np.float32)
+        if not np.isfinite(img).all() or img.min() < 0.0 or img.max() > 1.0:
+            raise ValueError(f"{path!r}: floating-point pixels must be finite and in [0, 1], got values "
+                             f"in [{np.nanmin(img):.6g}, {np.nanmax(img):.6g}]")
+    else:  # "1" (bool), "L"/"RGB" (uint8), "I;16*" (uint16)
+        img = _to_float01(arr.astype(arr.dtype.newbyteorder("=")))
+    if img.ndim == 2:
+        img = img[:, :, None]
+    return img
+
+
+def load_files(
+    path: str,
+    *,
+    size: Any = None,
+    channels: int | None = None,
+    indices: Sequence[int] | None = None,
+    num_images: int | None = None,
+) -> np.ndarray:
+    """Your own image files as numpy ``[B, C, H, W]`` float32 in [0, 1].
+
+    Files are read one at a time with Pillow (PNG, JPEG, BMP, GIF, TIFF, WebP, PPM/PGM, ...),
+    so a folder of large photos needs memory for the output only.
+
+    Args:
+      path: a directory, a glob pattern or one file; which files and in which order:
+        :func:`image_paths`.
+      size: output size, an int or (H, W); each image's largest centred crop with that aspect
+        ratio is resized with an antialiasing filter (as the built-in photos). None keeps the
+        files' own size, which must then be the same for all.
+      channels: 1 or 3; None gives 1 when every file is grayscale, else 3. Grayscale is
+        replicated to 3; colour becomes luminance (ITU-R 601) for 1.
+      indices: positions in the sorted file list to read.
+      num_images: read the first ``num_images`` files (all of them when fewer).
+        ``indices`` and ``num_images`` are mutually exclusive; with neither all files are read.
+
+    Pixels: 8-bit /255, 16-bit grayscale /65535, 1-bit as 0/1, floating-point TIFFs as they are
+    (they must lie in [0, 1]); EXIF orientation applied; a fully opaque alpha channel dropped.
+    Refused with a ValueError naming the file: a file that is no image, transparency, an
+    animation or multi-page file, and (with ``size=None``) files of different sizes.
+    """
+    paths = image_paths(path)
+    hw = None if size is None else _check_size(size)
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be None, 1 or 3, got {channels!r}")
+    indices, num_images = _check_selection(indices, num_images)
+    chosen = [paths[i] for i in _pick(len(paths), indices, num_images, f"the {len(paths)} files of {path!r}")]
+    if channels is None:
+        channels = 1 if all(_gray_mode(p) for p in chosen) else 3
+    out = None if hw is None else np.empty((len(chosen), channels) + hw, np.float32)
+    first = None
+    for i, p in enumerate(chosen):
+        img = _set_channels(_read_image_file(p), channels)
+        if hw is not None:
+            out[i] = _resize(_center_crop_to_aspect(img, hw), hw).transpose(2, 0, 1)
+            continue
+        if first is None:
+            first = (p, img.shape[:2])
+            out = np.empty((len(chosen), channels) + img.shape[:2], np.float32)
+        elif img.shape[:2] != first[1]:
+            raise ValueError(f"size: None keeps the files' own size, but {first[0]!r} is {first[1][0]}x"
+                             f"{first[1][1]} and {p!r} is {img.shape[0]}x{img.shape[1]} (H x W); pass size "
+                             "to resize them all")
+        out[i] = img.transpose(2, 0, 1)
+    return validate_images(out, name=f"the images of {path!r}")
+
+
+#: array layouts :func:`load_array` takes (N images, C channels, H x W pixels)
+ARRAY_LAYOUTS = ("NCHW", "NHWC", "CHW", "HWC", "NHW", "HW")
+
+
+def _array_layout(shape: tuple[int, ...], layout: str, path: str) -> str:
+    """The layout of an array of ``shape``: ``layout`` checked, or inferred for "auto"."""
+    if layout != "auto":
+        if layout not in ARRAY_LAYOUTS:
+            raise ValueError(f"layout must be 'auto' or one of {ARRAY_LAYOUTS}, got {layout!r}")
+        if len(layout) != len(shape):
+            raise ValueError(f"layout: {layout!r} is for rank-{len(layout)} arrays; {path!r} holds shape {shape}")
+        return layout
+    ch = (1, 3)
+    if len(shape) == 2:
+        return "HW"
+    if len(shape) in (3, 4):
+        first, last = shape[len(shape) - 3], shape[-1]  # the candidates for the channel axis
+        cands = [lay for lay, ok in ((("NCHW" if len(shape) == 4 else "CHW"), first in ch),
+                                     (("NHWC" if len(shape) == 4 else "HWC"), last in ch)) if ok]
+        if len(shape) == 3 and not cands:
+            return "NHW"
+        if len(cands) == 1:
+            return cands[0]
+        why = "both axes could be channels" if cands else "no axis of length 1 or 3 for the channels"
+        raise ValueError(f"layout: cannot tell the layout of {path!r}'s shape {shape} ({why}); pass one "
+                         f"of {tuple(x for x in ARRAY_LAYOUTS if len(x) == len(shape))}")
+    raise ValueError(f"{path!r} holds an array of shape {shape}; expected rank 2 to 4 (layouts {ARRAY_LAYOUTS})")
+
+
+def load_array(
+    path: str,
+    *,
+    key: str | None = None,
+    layout: str = "auto",
+    size: Any = None,
+    channels: int | None = None,
+    indices: Sequence[int] | None = None,
+    num_images: int | None = None,
+) -> np.ndarray:
+    """Images from a ``.npy`` or ``.npz`` file as numpy ``[B, C, H, W]`` float32 in [0, 1].
+
+    A ``.npy`` file is memory-mapped, so only the selected images are read.
+
+    Args:
+      path: the file (``~`` expanded).
+      key: the array of a ``.npz`` file; None takes its only array, or the one named
+        ``images``.
+      layout: ``"auto"`` or one of :data:`ARRAY_LAYOUTS`. "auto" takes the axis of length 1 or
+        3 for the channels (first or last of the image axes; NCHW / NHWC, CHW / HWC), a rank-3
+        array with neither as a batch of grayscale images (NHW), and a rank-2 array as one
+        grayscale image; an array where both or neither could be the channels is refused, with
+        the layouts to pass.
+      size: as :func:`load_files` (None keeps the array's size).
+      channels: 1 or 3, as :func:`load_files`; None keeps the array's.
+      indices / num_images: as :func:`load_files`, along the images' axis.
+
+    Values: uint8 /255, uint16 /65535, bool as 0/1, float16/32/64 as they are (they must be
+    finite and in [0, 1]; data in [-1, 1] is refused with the rescaling to apply). Other
+    dtypes and pickled object arrays are refused.
+    """
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise ValueError(f"path must name a .npy or .npz file, got {path!r}")
+    spec = os.fspath(path)
+    full = os.path.expanduser(spec)
+    if not os.path.isfile(full):
+        raise FileNotFoundError(f"{spec!r}: no such file")
+    if not isinstance(layout, str):
+        raise ValueError(f"layout must be 'auto' or one of {ARRAY_LAYOUTS}, got {layout!r}")
+    hw = None if size is None else _check_size(size)
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be None, 1 or 3, got {channels!r}")
+    indices, num_images = _check_selection(indices, num_images)
+    pickled = f"{spec!r} holds Python objects (a pickled array), which are not loaded; save a numeric array"
+    with open(full, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY" and not magic.startswith(b"PK"):  # numpy takes anything else for a pickle
+        raise ValueError(f"{spec!r} is not a .npy or .npz file numpy can read (it starts with {magic!r})")
+
+    def unreadable(err: Exception) -> ValueError:
+        if isinstance(err, ValueError) and ("pickle" in str(err) or "Python objects" in str(err)):
+            return ValueError(pickled)
+        return ValueError(f"{spec!r} is not a .npy or .npz file numpy can read: {type(err).__name__}: {err}")
+
+    try:
+        obj = np.load(full, mmap_mode="r", allow_pickle=False)
+    except Exception as err:  # ValueError (pickled, truncated), OSError, EOFError, BadZipFile, ...
+        raise unreadable(err) from err
+    if isinstance(obj, np.lib.npyio.NpzFile):
+        with obj:
+            names = list(obj.files)
+            if key is None:
+                if len(names) != 1 and "images" not in names:
+                    raise ValueError(f"key: {spec!r} holds the arrays {names}; name the one to load")
+                key = names[0] if len(names) == 1 else "images"
+            elif key not in names:
+                raise ValueError(f"key must be one of the arrays of {spec!r}, {names}, got {key!r}")
+            try:
+                arr = obj[key]
+            except Exception as err:
+                raise unreadable(err) from err
+    elif key is not None:
+        raise ValueError(f"key: only a .npz file holds named arrays; {spec!r} is a .npy file")
+    else:
+        arr = obj
+    lay = _array_layout(tuple(arr.shape), layout, spec)
+    kind = arr.dtype.kind
+    if not (kind == "b" or arr.dtype in (np.uint8, np.uint16) or arr.dtype in (np.float16, np.float32, np.float64)):
+        hint = " (cast it with .astype(np.uint8) if its values are 0..255)" if kind in "iu" else ""
+        raise ImageDTypeError(f"{spec!r} holds {arr.dtype} values; expected uint8, uint16, bool or "
+                              f"float16/32/64 in [0, 1]{hint}")
+    if "N" not in lay:
+        arr, lay = arr[None], "N" + lay
+    if "C" not in lay:
+        arr, lay = arr[..., None], lay + "C"
+    n = arr.shape[0]
+    sel = _pick(n, indices, num_images, f"the {n} images of {spec!r}")
+    arr = np.asarray(arr[sel]).transpose([lay.index(a) for a in "NHWC"])
+    if arr.shape[3] not in (1, 3):
+        raise ValueError(f"{spec!r}: {arr.shape[3]} channels in layout {lay}; expected 1 or 3")
+    if kind == "f":
+        img = arr.astype(np.float32)
+        finite = np.isfinite(img)
+        if not finite.all():
+            raise ValueError(f"{spec!r} holds {int((~finite).sum())} NaN/inf value(s)")
+        lo, hi = float(img.min()), float(img.max())
+        if lo < 0.0 or hi > 1.0:
+            fix = " (data in [-1, 1]: save (x + 1) / 2)" if lo >= -1.0 and hi <= 1.0 else ""
+            raise ValueError(f"{spec!r} holds values in [{lo:.6g}, {hi:.6g}]; floating-point images must lie in "
+                             f"[0, 1]{fix}")
+    else:
+        img = _to_float01(arr)
+    out = []
+    for im in img:
+        im = _set_channels(im, channels)
+        out.append(im if hw is None else _resize(_center_crop_to_aspect(im, hw), hw))
+    return validate_images(np.stack(out).transpose(0, 3, 1, 2).astype(np.float32), name=f"the images of {spec!r}")
+
+
+# --------------------------------------------------------------------------
 # dispatch
 
 
@@ -573,11 +914,16 @@ def load_images(source: str, **kwargs: Any) -> np.ndarray:
       * ``"builtin:<name>"``: one photo ``[1, 3, H, W]`` via
         :func:`builtin_image` (kwargs size=32, channels=3);
       * ``"cifar10"`` / ``"celeb_a"``: :func:`load_tfds` (kwargs split,
-        data_dir, size, class_filter, indices, num_images).
+        data_dir, size, class_filter, indices, num_images);
+      * ``"files:<path>"``: your image files, a directory, a glob pattern or one
+        file (:func:`load_files`; kwargs size, channels, indices, num_images);
+      * ``"array:<path>"``: your ``.npy``/``.npz`` array (:func:`load_array`;
+        kwargs key, layout, size, channels, indices, num_images).
     The result passes :func:`validate_images`.
     """
+    expected = f"'builtin', 'builtin:<name>', {', '.join(repr(n) for n in TFDS_DATASETS)}, 'files:<path>' or 'array:<path>'"
     if not isinstance(source, str):
-        raise ValueError(f"source must be a string ('builtin', 'builtin:<name>', 'cifar10', 'celeb_a'), got {source!r}")
+        raise ValueError(f"source must be a string ({expected}), got {source!r}")
     if source == "builtin":
         kw = {"size": 32, "num_images": 8}
         kw.update(kwargs)
@@ -588,8 +934,11 @@ def load_images(source: str, **kwargs: Any) -> np.ndarray:
         images = builtin_image(source.split(":", 1)[1], **kw)[None]
     elif source in TFDS_DATASETS:
         images = load_tfds(source, **kwargs)
+    elif source.startswith(("files:", "array:")):
+        kind, path = source.split(":", 1)
+        if not path:
+            raise ValueError(f"source: {source!r} names no path; expected {kind}:<path>")
+        images = (load_files if kind == "files" else load_array)(path, **kwargs)
     else:
-        raise ValueError(
-            f"source must be 'builtin', 'builtin:<name>' or one of {tuple(TFDS_DATASETS)}, got {source!r}"
-        )
+        raise ValueError(f"source must be {expected}, got {source!r}")
     return validate_images(images)

@@ -80,6 +80,23 @@ def test_bench_train_step_json(tmp_path):
         assert base["speedup"] == 1.0 and r["speedup"] == pytest.approx(base["ms_per_step"] / r["ms_per_step"])
 
 
+def test_bench_load_images_json(tmp_path):
+    """Three sources of the same photos: the PNG files and the array read back the same images,
+    the JPEG files within its loss."""
+    out = tmp_path / "load.json"
+    proc = _run("experiments.bench_load_images", "--num_images=9", "--source_size=24", "--size=8",
+                "--repeats=2", f"--json_out={out}")
+    assert "| png | 9 | 24 -> 8 |" in proc.stdout
+    doc = json.loads(out.read_text())
+    rows = {r["source"]: r for r in doc["rows"]}
+    assert list(rows) == ["png", "jpeg", "npy"] and doc["machine"]["platform"] == "cpu"
+    for r in rows.values():
+        assert r["images"] == 9 and r["size"] == 8 and len(r["seconds_runs"]) == 2
+        assert r["seconds"] == min(r["seconds_runs"]) > 0 and r["disk_mb"] > 0
+    assert rows["png"]["max_abs_diff_vs_png"] == 0.0 and rows["npy"]["max_abs_diff_vs_png"] == 0.0
+    assert 0.0 < rows["jpeg"]["max_abs_diff_vs_png"] < 0.2
+
+
 @pytest.mark.parametrize("module,args,match", [
     ("experiments.bench_solvers", ["--sizes=8", "--dtype=float16"], "dtype"),
     ("experiments.bench_precompute", ["--subsets=converged"], "converged"),
@@ -87,6 +104,7 @@ def test_bench_train_step_json(tmp_path):
     ("experiments.study_line_preconditioner", ["--preconditioners=line"], "cold baseline"),
     ("experiments.bench_train_step", ["--steps=10", "--steps_per_call=1,3"], "multiple of every"),
     ("experiments.study_dst_fft", ["--sizes=1,8"], "--sizes"),
+    ("experiments.bench_load_images", ["--size=2"], "--size: expected an integer >= 4"),
 ])
 def test_bench_bad_flags(module, args, match):
     env = dict(os.environ, XLA_FLAGS=xla_flags(1))

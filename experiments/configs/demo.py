@@ -16,9 +16,12 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # Images: krylovjax.data.load_images(dataset, ...).
-    c.dataset = "builtin"          # "builtin", "cifar10" or "celeb_a"
-    c.num_images = 8
-    c.image_size = 32
+    c.dataset = "builtin"          # "builtin", "cifar10", "celeb_a", or your own images:
+                                   # "files:<directory, glob pattern or file>" (PNG, JPEG, ...)
+                                   # or "array:<file.npy or .npz>" (krylovjax.data.load_files /
+                                   # load_array)
+    c.num_images = 8               # tfds and your own images: the first ones; 0 = all
+    c.image_size = 32              # every image is centre-cropped to a square and resized
     c.split = "train"              # tfds only
     c.class_filter = ""            # tfds only: cifar10 class name, celeb_a attribute; "" = all
     c.data_dir = ""                # tfds data directory; "" = tfds's default

@@ -1,0 +1,435 @@
+"""Your own images: ``krylovjax.data.load_files`` (image files through Pillow), ``load_array``
+(``.npy``/``.npz``) and their ``load_images`` sources ``files:<path>`` / ``array:<path>``.
+
+The references are the arrays the tests write: a PNG holds its pixels exactly, so what is read
+back must be them / 255 (or / 65535); resizing is checked against a centre crop computed here
+and ``skimage.transform.resize``."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage.transform import resize as sk_resize
+
+from krylovjax import data as D
+
+
+def _rgb(rng, h, w):
+    return (rng.random((h, w, 3)) * 255).astype(np.uint8)
+
+
+def _save(path, arr, **kw):
+    Image.fromarray(arr).save(path, **kw)
+    return path
+
+
+# ----------------------------------------------------------------------------- image files
+
+
+def test_files_read_exactly_in_natural_order(tmp_path):
+    """A directory's image files, sorted with numbers compared as numbers; other files, hidden
+    files and subdirectories are left out; the pixels are the PNGs' / 255 exactly."""
+    rng = np.random.default_rng(0)
+    arrs = {n: _rgb(rng, 6, 9) for n in ("img10.png", "img2.png", "img1.PNG")}
+    for n, a in arrs.items():
+        _save(tmp_path / n, a)
+    (tmp_path / "notes.txt").write_text("not an image")
+    _save(tmp_path / ".hidden.png", _rgb(rng, 6, 9))
+    os.mkdir(tmp_path / "sub")
+    _save(tmp_path / "sub" / "img0.png", _rgb(rng, 6, 9))
+    order = ["img1.PNG", "img2.png", "img10.png"]
+    assert D.image_paths(str(tmp_path)) == [str(tmp_path / n) for n in order]
+    x = D.load_files(str(tmp_path))
+    assert x.shape == (3, 3, 6, 9) and x.dtype == np.float32
+    want = np.stack([arrs[n] for n in order]).transpose(0, 3, 1, 2) / 255.0
+    np.testing.assert_allclose(x, want, rtol=0, atol=1e-7)
+    # the same through load_images, with a selection
+    y = D.load_images(f"files:{tmp_path}", indices=[2, 0])
+    np.testing.assert_array_equal(y, x[[2, 0]])
+    np.testing.assert_array_equal(D.load_images(f"files:{tmp_path}", num_images=2), x[:2])
+    # num_images is an upper bound (as for tfds): all three
+    assert D.load_files(str(tmp_path), num_images=50).shape[0] == 3
+
+
+def test_files_glob_single_file_and_subdirectory_hint(tmp_path):
+    rng = np.random.default_rng(1)
+    os.makedirs(tmp_path / "a" / "b")
+    p1 = _save(tmp_path / "a" / "x.png", _rgb(rng, 5, 5))
+    p2 = _save(tmp_path / "a" / "b" / "y.png", _rgb(rng, 5, 5))
+    assert D.image_paths(str(tmp_path / "**" / "*.png")) == [str(p2), str(p1)]  # by path: a/b/ < a/x
+    assert D.image_paths(str(p2)) == [str(p2)]
+    assert D.load_files(str(p2)).shape == (1, 3, 5, 5)
+    with pytest.raises(FileNotFoundError, match=r"holds no image file.*subdirectories \(a\).*\*\*"):
+        D.image_paths(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no file matches the pattern"):
+        D.image_paths(str(tmp_path / "*.jpg"))
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+        D.load_images(f"files:{tmp_path / 'nothing'}")
+    with pytest.raises(ValueError, match="names no path"):
+        D.load_images("files:")
+
+
+def test_files_resize_is_a_centre_crop_then_antialiased_resize(tmp_path):
+    rng = np.random.default_rng(2)
+    a = _rgb(rng, 20, 30)
+    _save(tmp_path / "wide.png", a)
+    x = D.load_files(str(tmp_path), size=8)
+    crop = a[:, 5:25] / 255.0  # the centred 20 x 20 square
+    want = sk_resize(crop, (8, 8, 3), order=1, mode="reflect", anti_aliasing=True)
+    np.testing.assert_allclose(x[0], want.transpose(2, 0, 1), atol=1e-6)
+    y = D.load_files(str(tmp_path), size=(10, 5))  # taller than wide: the centred 20 x 10
+    want = sk_resize(a[:, 10:20] / 255.0, (10, 5, 3), order=1, mode="reflect", anti_aliasing=True)
+    np.testing.assert_allclose(y[0], want.transpose(2, 0, 1), atol=1e-6)
+
+
+def test_files_channels(tmp_path):
+    """All grayscale -> one channel; a grayscale file among colour ones is replicated; colour to
+    one channel is ITU-R 601 luminance."""
+    rng = np.random.default_rng(3)
+    g = (rng.random((6, 6)) * 255).astype(np.uint8)
+    c = _rgb(rng, 6, 6)
+    gdir, mdir = tmp_path / "g", tmp_path / "m"
+    os.makedirs(gdir)
+    os.makedirs(mdir)
+    _save(gdir / "g.png", g)
+    _save(mdir / "a.png", g)
+    _save(mdir / "b.png", c)
+    x = D.load_files(str(gdir))
+    assert x.shape == (1, 1, 6, 6)
+    np.testing.assert_allclose(x[0, 0], g / 255.0, atol=1e-7)
+    m = D.load_files(str(mdir))
+    assert m.shape == (2, 3, 6, 6)
+    np.testing.assert_allclose(m[0], np.repeat(g[None] / 255.0, 3, axis=0), atol=1e-7)
+    one = D.load_files(str(mdir), channels=1)
+    lum = (c / 255.0) @ np.array([0.2125, 0.7154, 0.0721])
+    np.testing.assert_allclose(one[1, 0], lum, atol=1e-6)
+    with pytest.raises(ValueError, match="channels must be None, 1 or 3"):
+        D.load_files(str(mdir), channels=2)
+
+
+def test_files_pixel_formats(tmp_path):
+    """16-bit grayscale / 65535, 1-bit as 0/1, a palette as its colours, an opaque alpha dropped,
+    CMYK converted, a float TIFF as it is, the EXIF orientation applied."""
+    rng = np.random.default_rng(4)
+    g16 = (rng.random((5, 7)) * 65535).astype(np.uint16)
+    _save(tmp_path / "g16.png", g16)
+    np.testing.assert_allclose(D.load_files(str(tmp_path / "g16.png"))[0, 0], g16 / 65535.0, atol=1e-7)
+
+    bits = rng.random((5, 7)) > 0.5
+    Image.fromarray(bits).convert("1").save(tmp_path / "bits.png")
+    np.testing.assert_array_equal(D.load_files(str(tmp_path / "bits.png"))[0, 0], bits.astype(np.float32))
+
+    rgb = _rgb(rng, 5, 7)
+    pal = Image.fromarray(rgb).quantize(colors=16)
+    pal.save(tmp_path / "pal.png")
+    want = np.asarray(pal.convert("RGB")) / 255.0
+    np.testing.assert_allclose(D.load_files(str(tmp_path / "pal.png"))[0], want.transpose(2, 0, 1), atol=1e-7)
+
+    rgba = np.concatenate([rgb, np.full((5, 7, 1), 255, np.uint8)], axis=2)
+    _save(tmp_path / "opaque.png", rgba)
+    np.testing.assert_allclose(D.load_files(str(tmp_path / "opaque.png"))[0], rgb.transpose(2, 0, 1) / 255.0,
+                               atol=1e-7)
+
+    cmyk = Image.fromarray(rgb).convert("CMYK")
+    cmyk.save(tmp_path / "cmyk.tif")
+    want = np.asarray(cmyk.convert("RGB")) / 255.0
+    np.testing.assert_allclose(D.load_files(str(tmp_path / "cmyk.tif"))[0], want.transpose(2, 0, 1), atol=1e-7)
+
+    f = rng.random((5, 7)).astype(np.float32)
+    Image.fromarray(f).save(tmp_path / "f.tif")  # float32: mode F
+    np.testing.assert_array_equal(D.load_files(str(tmp_path / "f.tif"))[0, 0], f)
+
+    # EXIF orientation 6: the stored 8 x 16 pixels are shown rotated 90 degrees clockwise
+    grad = np.tile(np.linspace(0, 255, 16).astype(np.uint8), (8, 1))
+    img = Image.fromarray(np.stack([grad] * 3, axis=2))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    img.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    x = D.load_files(str(tmp_path / "phone.jpg"))
+    assert x.shape == (1, 3, 16, 8)
+    np.testing.assert_allclose(x[0, 0], np.rot90(grad, -1) / 255.0, atol=0.03)
+
+
+def test_files_refused_with_the_file_named(tmp_path):
+    rng = np.random.default_rng(5)
+    rgb = _rgb(rng, 5, 7)
+    rgba = np.concatenate([rgb, np.full((5, 7, 1), 255, np.uint8)], axis=2)
+    rgba[0, 0, 3] = 10
+    _save(tmp_path / "clear.png", rgba)
+    with pytest.raises(ValueError, match=r"clear\.png' has transparent pixels \(1 with alpha < 255\)"):
+        D.load_files(str(tmp_path / "clear.png"))
+
+    frames = [Image.fromarray(_rgb(rng, 5, 5)) for _ in range(3)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    with pytest.raises(ValueError, match=r"anim\.gif' holds 3 frames"):
+        D.load_files(str(tmp_path / "anim.gif"))
+
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(ValueError, match=r"broken\.png' could not be read as an image"):
+        D.load_files(str(tmp_path / "broken.png"))
+    data = (tmp_path / "d")
+    os.makedirs(data)
+    _save(data / "ok.png", rgb)
+    buf = (tmp_path / "x.png")
+    _save(buf, _rgb(rng, 32, 32))
+    (data / "truncated.png").write_bytes(buf.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"truncated\.png' could not be read"):
+        D.load_files(str(data), size=4)
+
+    f = np.full((5, 5), 2.0, np.float32)
+    Image.fromarray(f).save(tmp_path / "hot.tif")  # float32: mode F
+    with pytest.raises(ValueError, match=r"hot\.tif': floating-point pixels must be finite and in \[0, 1\]"):
+        D.load_files(str(tmp_path / "hot.tif"))
+
+    sizes = tmp_path / "sizes"
+    os.makedirs(sizes)
+    _save(sizes / "a.png", _rgb(rng, 5, 7))
+    _save(sizes / "b.png", _rgb(rng, 6, 7))
+    with pytest.raises(ValueError, match=r"a\.png' is 5x7 and .*b\.png' is 6x7.*pass size"):
+        D.load_files(str(sizes))
+    assert D.load_files(str(sizes), size=4).shape == (2, 3, 4, 4)
+    tiny = tmp_path / "tiny"
+    os.makedirs(tiny)
+    _save(tiny / "t.png", _rgb(rng, 3, 3))
+    with pytest.raises(ValueError, match="H, W >= 4"):
+        D.load_files(str(tiny))
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"indices": [3]}, r"indices must be < 2 \(the 2 files of"),
+    ({"indices": [0], "num_images": 1}, "mutually exclusive"),
+    ({"num_images": 0}, "num_images must be an int >= 1"),
+    ({"indices": [-1]}, "non-negative ints"),
+    ({"indices": [0.5]}, "non-negative ints"),
+    ({"size": 2}, ">= 4"),
+])
+def test_files_bad_selection(tmp_path, kw, match):
+    rng = np.random.default_rng(6)
+    for n in ("a.png", "b.png"):
+        _save(tmp_path / n, _rgb(rng, 5, 5))
+    with pytest.raises(ValueError, match=match):
+        D.load_files(str(tmp_path), **kw)
+
+
+# ----------------------------------------------------------------------------- arrays
+
+
+@pytest.mark.parametrize("layout, make", [
+    ("NHWC", lambda a: a),
+    ("NCHW", lambda a: a.transpose(0, 3, 1, 2)),
+])
+def test_array_layouts_found_and_exact(tmp_path, layout, make):
+    rng = np.random.default_rng(7)
+    a = (rng.random((4, 6, 5, 3)) * 255).astype(np.uint8)  # NHWC
+    np.save(tmp_path / "x.npy", make(a))
+    want = a.transpose(0, 3, 1, 2) / 255.0
+    for lay in ("auto", layout):
+        np.testing.assert_allclose(D.load_array(str(tmp_path / "x.npy"), layout=lay), want, atol=1e-7)
+    np.testing.assert_allclose(D.load_images(f"array:{tmp_path / 'x.npy'}", indices=[3, 1]), want[[3, 1]],
+                               atol=1e-7)
+
+
+def test_array_single_images_gray_batches_and_dtypes(tmp_path):
+    rng = np.random.default_rng(8)
+    hwc = rng.random((6, 7, 3))
+    np.save(tmp_path / "hwc.npy", hwc)
+    np.testing.assert_allclose(D.load_array(str(tmp_path / "hwc.npy")), hwc.transpose(2, 0, 1)[None], atol=1e-7)
+    nhw = (rng.random((5, 6, 7)) * 65535).astype(np.uint16)
+    np.save(tmp_path / "nhw.npy", nhw)
+    np.testing.assert_allclose(D.load_array(str(tmp_path / "nhw.npy")), nhw[:, None] / 65535.0, atol=1e-7)
+    hw = rng.random((6, 7)) > 0.5
+    np.save(tmp_path / "hw.npy", hw)
+    np.testing.assert_array_equal(D.load_array(str(tmp_path / "hw.npy")), hw[None, None].astype(np.float32))
+    f16 = rng.random((2, 1, 6, 6)).astype(np.float16)
+    np.save(tmp_path / "f16.npy", f16)
+    np.testing.assert_array_equal(D.load_array(str(tmp_path / "f16.npy")), f16.astype(np.float32))
+    # channels and size, as load_files
+    x = D.load_array(str(tmp_path / "hwc.npy"), channels=1, size=4)
+    lum = hwc @ np.array([0.2125, 0.7154, 0.0721])
+    want = sk_resize(lum[:, :6], (4, 4), order=1, mode="reflect", anti_aliasing=True)  # centred 6 x 6 of 6 x 7
+    np.testing.assert_allclose(x[0, 0], want, atol=1e-6)
+
+
+def test_array_npz_keys(tmp_path):
+    rng = np.random.default_rng(9)
+    a, b = rng.random((2, 3, 5, 5)), rng.random((1, 5, 5, 1))
+    np.savez(tmp_path / "one.npz", a)
+    np.testing.assert_allclose(D.load_array(str(tmp_path / "one.npz")), a, atol=1e-7)
+    np.savez(tmp_path / "named.npz", images=a, labels=np.arange(2))
+    np.testing.assert_allclose(D.load_array(str(tmp_path / "named.npz")), a, atol=1e-7)
+    np.savez(tmp_path / "two.npz", a=a, b=b)
+    with pytest.raises(ValueError, match=r"key: .* holds the arrays \['a', 'b'\]; name the one"):
+        D.load_array(str(tmp_path / "two.npz"))
+    np.testing.assert_allclose(D.load_array(str(tmp_path / "two.npz"), key="b"), b.transpose(0, 3, 1, 2),
+                               atol=1e-7)
+    with pytest.raises(ValueError, match="key must be one of"):
+        D.load_array(str(tmp_path / "two.npz"), key="c")
+    np.save(tmp_path / "a.npy", a)
+    with pytest.raises(ValueError, match="only a .npz file holds named arrays"):
+        D.load_array(str(tmp_path / "a.npy"), key="a")
+
+
+@pytest.mark.parametrize("arr, kw, err, match", [
+    (np.zeros((2, 3, 5, 3)), {}, ValueError, "both axes could be channels"),
+    (np.zeros((2, 5, 5, 5)), {}, ValueError, "no axis of length 1 or 3"),
+    (np.zeros((2, 5, 5, 3)), {"layout": "NCHW"}, ValueError, r"5 channels in layout NCHW; expected 1 or 3"),
+    (np.zeros((2, 5, 5, 3)), {"layout": "HWC"}, ValueError, "'HWC' is for rank-3 arrays"),
+    (np.zeros((2, 5, 5, 3)), {"layout": "nhwc"}, ValueError, "layout must be 'auto' or one of"),
+    (np.zeros((5,)), {}, ValueError, "expected rank 2 to 4"),
+    (np.zeros((2, 5, 5, 3), np.int64), {}, D.ImageDTypeError, r"int64 values.*astype\(np.uint8\)"),
+    (np.zeros((2, 5, 5, 3), np.complex64), {}, D.ImageDTypeError, "complex64 values"),
+    (np.full((2, 5, 5, 3), -0.5), {}, ValueError, r"\[-0.5, -0.5\].*\(x \+ 1\) / 2"),
+    (np.full((2, 5, 5, 3), 3.0), {}, ValueError, r"must lie in \[0, 1\]$"),
+    (np.full((2, 5, 5, 3), np.nan), {}, ValueError, "4?.*NaN/inf"),
+    (np.zeros((2, 5, 5, 3)), {"indices": [2]}, ValueError, r"indices must be < 2 \(the 2 images"),
+    (np.zeros((2, 3, 2, 2)), {}, ValueError, "H, W >= 4"),
+])
+def test_array_refused(tmp_path, arr, kw, err, match):
+    np.save(tmp_path / "x.npy", arr)
+    with pytest.raises(err, match=match):
+        D.load_array(str(tmp_path / "x.npy"), **kw)
+
+
+def test_array_files_numpy_cannot_read(tmp_path):
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="holds Python objects"):
+        D.load_array(str(tmp_path / "obj.npy"))
+    np.savez(tmp_path / "obj.npz", images=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError, match="holds Python objects"):
+        D.load_array(str(tmp_path / "obj.npz"))
+    (tmp_path / "junk.npy").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a .npy or .npz file numpy can read"):
+        D.load_array(str(tmp_path / "junk.npy"))
+    np.save(tmp_path / "whole.npy", np.zeros((10, 3, 8, 8)))
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "whole.npy").read_bytes()[:300])
+    with pytest.raises(ValueError, match="not a .npy or .npz file numpy can read: ValueError: mmap length"):
+        D.load_array(str(tmp_path / "cut.npy"))
+    (tmp_path / "cut.npz").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(ValueError, match="not a .npy or .npz file numpy can read: BadZipFile"):
+        D.load_array(str(tmp_path / "cut.npz"))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        D.load_images(f"array:{tmp_path / 'none.npy'}")
+
+
+def test_array_reads_only_the_selected_images(tmp_path, monkeypatch):
+    """A .npy is memory-mapped: picking two images of a large array copies those two only."""
+    big = np.zeros((64, 3, 8, 8), np.uint8)
+    big[5] = 255
+    np.save(tmp_path / "big.npy", big)
+    seen = []
+    real = np.asarray
+
+    def spy(a, *args, **kw):
+        seen.append(getattr(a, "nbytes", 0))
+        return real(a, *args, **kw)
+
+    monkeypatch.setattr(D.np, "asarray", spy)
+    x = D.load_array(str(tmp_path / "big.npy"), indices=[5, 6])
+    monkeypatch.undo()
+    assert x[0].min() == 1.0 and x[1].max() == 0.0
+    assert max(seen) <= 2 * 3 * 8 * 8 * 4, seen  # nothing of the size of the whole array
+
+
+def test_load_images_names_the_new_sources():
+    with pytest.raises(ValueError, match=r"'files:<path>' or 'array:<path>', got 'nosuch'"):
+        D.load_images("nosuch")
+
+
+# ----------------------------------------------------------------------------- the binaries
+
+
+def _precompute(workdir, dataset, *extra):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.precompute", "--config=experiments/configs/demo.py",
+         f"--workdir={workdir}", "--noprogress", f"--config.dataset={dataset}", "--config.num_images=0",
+         "--config.image_size=8", "--config.chunk_images=2", "--config.precompute.num_steps=2", *extra],
+        cwd=root, capture_output=True, text=True, timeout=300)
+
+
+def test_precompute_binary_on_files_and_on_the_same_array(tmp_path):
+    """``--config.dataset=files:<dir>`` (num_images 0: all) pre-computes the folder's images: the
+    same scores as the same pixels given as ``array:<file.npy>``. Changing one file afterwards
+    is refused on resume (the store's inputs hash), with one line."""
+    from krylovjax.training import trajectories_from_store
+
+    rng = np.random.default_rng(10)
+    pics = tmp_path / "pics"
+    os.makedirs(pics)
+    arrs = [_rgb(rng, 10, 12) for _ in range(3)]
+    for i, a in enumerate(arrs):
+        _save(pics / f"p{i}.png", a)
+    np.save(tmp_path / "pics.npy", np.stack(arrs))
+    runs = {}
+    for name, source in (("files", f"files:{pics}"), ("array", f"array:{tmp_path / 'pics.npy'}")):
+        out = _precompute(tmp_path / name, source)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "3 of 3" in out.stdout
+        runs[name] = np.asarray(trajectories_from_store(str(tmp_path / name / "store")).x)
+    assert runs["files"].shape == (3, 2, 3, 8, 8)  # [B, N levels, C, H, W]
+    np.testing.assert_allclose(runs["files"][:, 0], D.load_files(str(pics), size=8), atol=1e-7)
+    assert np.abs(runs["files"][:, -1] - runs["files"][:, 0]).max() > 1e-3  # the embedding moved them
+    np.testing.assert_array_equal(runs["files"], runs["array"])
+    _save(pics / "p1.png", _rgb(rng, 10, 12))
+    out = _precompute(tmp_path / "files", f"files:{pics}")
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith("error: path: ") and "inputs_hash differs" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("dataset, extra, message", [
+    ("files:{tmp}/none", [], "error: dataset 'files:{tmp}/none': '{tmp}/none': no such file or directory"),
+    ("files:{tmp}", ["--config.class_filter=dog"],
+     "error: dataset 'files:{tmp}': class_filter is for tfds datasets only; got class_filter='dog'"),
+    ("array:{tmp}/x.npy", ["--config.data_dir=/d"],
+     "error: dataset 'array:{tmp}/x.npy': data_dir is for tfds datasets only; got data_dir='/d'"),
+])
+def test_precompute_binary_refuses_bad_own_images_in_one_line(tmp_path, dataset, extra, message):
+    out = _precompute(tmp_path / "w", dataset.format(tmp=tmp_path), *extra)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == message.format(tmp=tmp_path)
+    assert not os.path.exists(tmp_path / "w" / "store")
+
+
+def test_denoise_clean_image_from_files(tmp_path):
+    """``config.data`` of denoise/budget: ``source="files:<dir>"`` with ``index`` picks one file."""
+    import ml_collections
+
+    from experiments import denoise
+
+    rng = np.random.default_rng(11)
+    arrs = [_rgb(rng, 16, 16) for _ in range(2)]
+    for i, a in enumerate(arrs):
+        _save(tmp_path / f"c{i}.png", a)
+    cfg = ml_collections.ConfigDict({"source": f"files:{tmp_path}", "size": 16, "index": 1, "kwargs": {}})
+    x = denoise.load_clean(cfg)
+    np.testing.assert_allclose(x, arrs[1].transpose(2, 0, 1)[None] / 255.0, atol=1e-7)
+
+
+def test_a_run_over_changed_files_is_another_run(tmp_path):
+    """denoise/budget claim their work directory with the loaded images' sha256 when the images
+    come from files: the same config over changed files is refused there, naming the key; the
+    built-in sources (fixed by the config) are claimed with the config alone, as before."""
+    from experiments import denoise
+    from experiments.configs import budget_demo
+    from krylovjax import experiment_utils as eu
+
+    cfg = budget_demo.get_config()
+    clean = np.full((2, 3, 8, 8), 0.5, np.float32)
+    assert denoise.claim_record(cfg, clean) is cfg
+    cfg.data.source = f"files:{tmp_path}/pics"
+    rec = denoise.claim_record(cfg, clean)
+    assert "images_sha256" not in cfg.data and len(rec.data.images_sha256) == 64
+    assert denoise.claim_record(cfg, clean.copy()).data.images_sha256 == rec.data.images_sha256
+    changed = clean.copy()
+    changed[1, 2, 3, 4] = 0.25
+    wd = tmp_path / "run"
+    assert eu.claim_workdir(wd, "budget", rec)
+    assert not eu.claim_workdir(wd, "budget", denoise.claim_record(cfg, clean))  # the same run: resumes
+    with pytest.raises(eu.WorkdirConflictError, match=r"differs at: data\.images_sha256"):
+        eu.claim_workdir(wd, "budget", denoise.claim_record(cfg, changed))
+    cfg.data.source = f"array:{tmp_path}/pics.npy"
+    assert "images_sha256" in denoise.claim_record(cfg, clean).data
