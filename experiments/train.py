@@ -6,7 +6,9 @@ Usage::
         [--store=runs/pre/store] [--data=builtin] [--config.num_steps=500]
 
 Data: ``--data=store`` (the default when ``--store`` is given) trains ``method=ours`` on the
-``"embedded"`` field of a pre-computed :class:`krylovjax.store.ScoreStore`;
+``"embedded"`` field of a pre-computed :class:`krylovjax.store.ScoreStore` (e.g. of your own
+images, ``experiments.precompute --config.dataset=files:<path>``), and ``method=ddpm`` on the
+same store's images (the first level of each trajectory, the image itself);
 ``--data=builtin`` uses ``config.data.num_images`` built-in photos at ``config.data.image_size``:
 for ``ours`` it pre-computes their scores (``config.precompute``) and embeds them on the fly,
 for ``ddpm`` it trains on the photos. Re-running with the same ``--workdir`` resumes; a second
@@ -34,7 +36,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (see experiments/configs/train_*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, result.json.")
-flags.DEFINE_string("store", None, "ScoreStore directory with an 'embedded' field (method=ours).")
+flags.DEFINE_string("store", None, "ScoreStore directory with an 'embedded' field: ours trains on its "
+                    "trajectories, ddpm on their first level (the images).")
 flags.DEFINE_enum("data", "auto", ["auto", "store", "builtin"],
                   "Training data: a ScoreStore, or built-in photos ('auto': store if --store is set).")
 flags.DEFINE_string("coordinator_address", None,
@@ -113,8 +116,6 @@ def main(argv):
     if source == "store":
         if not FLAGS.store:
             raise app.UsageError("--data=store needs --store=<ScoreStore directory>")
-        if cfg.method != "ours":
-            raise app.UsageError("--data=store holds embedded trajectories: use --config.method=ours")
     import jax
 
     try:
@@ -139,10 +140,12 @@ def _train(cfg, source):
     with eu.checking_arguments():  # a bad value ends the binary with its message alone
         train_cfg = training.TrainConfig.from_dict({k: v for k, v in cfg.items() if k not in _NON_TRAIN_KEYS})
         training.check_workdir(FLAGS.workdir, train_cfg)  # another run's config: refused before pre-computing
+        training.check_mesh(train_cfg)  # the batch against this machine's devices
         if source == "builtin":
             images, pc = _builtin_inputs(cfg, train_cfg)
         else:
-            training.check_store(FLAGS.store)
+            num_images, shape = training.check_store(FLAGS.store)
+            training.model_config(train_cfg, shape, num_images)  # the store's images fit the model
     # the store: training reads each process's own images from it
     data = FLAGS.store if source == "store" else _builtin_data(images, pc, train_cfg)
 

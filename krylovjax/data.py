@@ -602,6 +602,22 @@ def _pick(n: int, indices: list[int] | None, num_images: int | None, what: str) 
     return list(range(n if num_images is None else min(num_images, n)))
 
 
+def _map_images(fn, items: Sequence[Any]) -> list:
+    """``[fn(x) for x in items]`` on up to ``os.cpu_count()`` threads (at most 16), in order:
+    Pillow's decoding and scipy's filters release the GIL. On an error the items not started are
+    cancelled and the first failing item's error (in order) is raised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = min(len(items), os.cpu_count() or 1, 16)
+    if workers <= 1:
+        return [fn(x) for x in items]
+    ex = ThreadPoolExecutor(workers, thread_name_prefix="krylovjax-images")
+    try:
+        return list(ex.map(fn, items))
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
 def _natural_key(path: str) -> tuple:
     """Sort key comparing the digits in a name as numbers (img2 before img10), then the name."""
     parts = re.split(r"(\d+)", path)
@@ -717,8 +733,9 @@ def load_files(
 ) -> np.ndarray:
     """Your own image files as numpy ``[B, C, H, W]`` float32 in [0, 1].
 
-    Files are read one at a time with Pillow (PNG, JPEG, BMP, GIF, TIFF, WebP, PPM/PGM, ...),
-    so a folder of large photos needs memory for the output only.
+    Files are read with Pillow (PNG, JPEG, BMP, GIF, TIFF, WebP, PPM/PGM, ...), each decoded,
+    cropped and resized on its own, on up to ``os.cpu_count()`` threads (at most 16): with
+    ``size``, a folder of large photos needs memory for the output and one photo per thread.
 
     Args:
       path: a directory, a glob pattern or one file; which files and in which order:
@@ -745,22 +762,18 @@ def load_files(
     chosen = [paths[i] for i in _pick(len(paths), indices, num_images, f"the {len(paths)} files of {path!r}")]
     if channels is None:
         channels = 1 if all(_gray_mode(p) for p in chosen) else 3
-    out = None if hw is None else np.empty((len(chosen), channels) + hw, np.float32)
-    first = None
-    for i, p in enumerate(chosen):
+
+    def read(p: str) -> np.ndarray:
         img = _set_channels(_read_image_file(p), channels)
-        if hw is not None:
-            out[i] = _resize(_center_crop_to_aspect(img, hw), hw).transpose(2, 0, 1)
-            continue
-        if first is None:
-            first = (p, img.shape[:2])
-            out = np.empty((len(chosen), channels) + img.shape[:2], np.float32)
-        elif img.shape[:2] != first[1]:
-            raise ValueError(f"size: None keeps the files' own size, but {first[0]!r} is {first[1][0]}x"
-                             f"{first[1][1]} and {p!r} is {img.shape[0]}x{img.shape[1]} (H x W); pass size "
+        return img if hw is None else _resize(_center_crop_to_aspect(img, hw), hw)
+
+    imgs = _map_images(read, chosen)
+    for p, img in zip(chosen, imgs):
+        if img.shape[:2] != imgs[0].shape[:2]:
+            raise ValueError(f"size: None keeps the files' own size, but {chosen[0]!r} is {imgs[0].shape[0]}x"
+                             f"{imgs[0].shape[1]} and {p!r} is {img.shape[0]}x{img.shape[1]} (H x W); pass size "
                              "to resize them all")
-        out[i] = img.transpose(2, 0, 1)
-    return validate_images(out, name=f"the images of {path!r}")
+    return validate_images(np.stack(imgs).transpose(0, 3, 1, 2), name=f"the images of {path!r}")
 
 
 #: array layouts :func:`load_array` takes (N images, C channels, H x W pixels)
@@ -894,10 +907,11 @@ def load_array(
                              f"[0, 1]{fix}")
     else:
         img = _to_float01(arr)
-    out = []
-    for im in img:
+    def convert(im: np.ndarray) -> np.ndarray:
         im = _set_channels(im, channels)
-        out.append(im if hw is None else _resize(_center_crop_to_aspect(im, hw), hw))
+        return im if hw is None else _resize(_center_crop_to_aspect(im, hw), hw)
+
+    out = _map_images(convert, list(img))
     return validate_images(np.stack(out).transpose(0, 3, 1, 2).astype(np.float32), name=f"the images of {spec!r}")
 
 

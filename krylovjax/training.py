@@ -131,6 +131,7 @@ __all__ = [
     "learning_rate",
     "ema_decay_at",
     "make_mesh",
+    "check_mesh",
     "make_optimizer",
     "model_config",
     "create_train_state",
@@ -548,6 +549,20 @@ def make_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), ("data",))
 
 
+def check_mesh(config: TrainConfig, mesh: Mesh | None = None) -> Mesh:
+    """The checks :func:`train` makes of its mesh (default :func:`make_mesh`), returned: the
+    batch a multiple of its devices, and devices of every process. Raises ValueError."""
+    mesh = make_mesh() if mesh is None else mesh
+    if config.batch_size % mesh.size:
+        raise ValueError(f"batch_size: expected a multiple of the number of devices ({mesh.size}), "
+                         f"got {config.batch_size}")
+    nproc = jax.process_count()
+    if {d.process_index for d in mesh.devices.flat} != set(range(nproc)):
+        raise ValueError(f"mesh: expected devices of all {nproc} processes (make_mesh() with jax.devices()), got "
+                         f"devices of processes {sorted({d.process_index for d in mesh.devices.flat})}")
+    return mesh
+
+
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
@@ -638,8 +653,17 @@ def _source(config: TrainConfig, data) -> _Source:
         return _Source("x", "data.x", shape, read, t, lo, hi)
     if isinstance(data, Trajectories):
         raise ValueError("data: method='ddpm' trains on clean images [B, C, H, W], got Trajectories")
+    if isinstance(data, (str, os.PathLike)) or type(data).__name__ == "ScoreStore":
+        # the store's images: the first level of each embedded trajectory is the image itself
+        # (x^0 = x, krylovjax.transport.embed), so ours and DDPM train on the same images
+        store = _open_store(data)[0]
+        shape = (store.num_images, *store.fields["embedded"].shape[1:])
+        data = _Meta(shape, np.dtype(store.fields["embedded"].dtype))
+        read = lambda a, b: store.read_batch("embedded", np.arange(a, b), np.zeros(b - a, np.int64))  # noqa: E731
+    else:
+        read = lambda a, b: np.asarray(data[a:b])  # noqa: E731
     shape, _ = _check_meta("data", data, 4, "[B, C, H, W] (clean images for method='ddpm')")
-    return _Source("images", "data", shape, lambda a, b: np.asarray(data[a:b]), None, None, None)
+    return _Source("images", "data", shape, read, None, None, None)
 
 
 # One row per image: sha256 of its float64 bytes (32), then int64 count of NaN/Inf, float64 min and
@@ -693,7 +717,9 @@ def prepare_data(config: TrainConfig, data) -> tuple[dict, dict]:
       config: the :class:`TrainConfig`.
       data: ``"ours"``: :class:`Trajectories` (or a ``(x [B, N, C, H, W], t [N])`` pair, or a
         :class:`krylovjax.store.ScoreStore` / store path, see :func:`trajectories_from_store`);
-        ``"ddpm"``: clean images ``[B, C, H, W]`` in [0, 1].
+        ``"ddpm"``: clean images ``[B, C, H, W]`` in [0, 1], or a ScoreStore / store path,
+        whose images it trains on (the first level of each embedded trajectory, the image
+        itself: the images ours trains on).
 
     Returns:
       ``(arrays, info)``: ``arrays`` numpy arrays for the step (``"ours"``: ``x`` as given,
@@ -833,15 +859,19 @@ def _find_key(cfg: Mapping, key: str) -> Any:
     return None
 
 
-def check_store(store) -> None:
+def check_store(store) -> tuple[int, tuple[int, int, int]]:
     """The checks :func:`train` makes of a :class:`~krylovjax.store.ScoreStore` (or its path)
     before any work: a store (its manifest) holding embedded trajectories and their time levels.
     Reads the manifest and the time levels only.
 
+    Returns:
+      ``(number of images, image shape (C, H, W))``, e.g. for :func:`model_config`.
+
     Raises:
       FileNotFoundError: no store there. ValueError: no ``embedded`` field, or no time levels.
     """
-    _open_store(store)
+    opened = _open_store(store)[0]
+    return opened.num_images, tuple(int(d) for d in opened.fields["embedded"].shape[1:])
 
 
 def _open_store(store):
@@ -1652,7 +1682,8 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
     Args:
       config: :class:`TrainConfig` (or a dict / ConfigDict of its fields).
       data: see :func:`prepare_data` (``"ours"``: :class:`Trajectories` ``x [B, N, C, H, W]``,
-        ``t [N]``, or a ScoreStore; ``"ddpm"``: images ``[B, C, H, W]`` in [0, 1]).
+        ``t [N]``, or a ScoreStore; ``"ddpm"``: images ``[B, C, H, W]`` in [0, 1], or a
+        ScoreStore's images).
       workdir: the run directory (created if missing).
       eval_fn: optional ``eval_fn(fn, step) -> dict[str, float]`` called every
         ``config.eval_every`` updates and at the end, with ``fn`` the EMA model as returned by
@@ -1698,14 +1729,8 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
             raise ValueError("eval_every: must be >= 1 when a target is given")
     if eval_fn is not None and not callable(eval_fn):
         raise ValueError(f"eval_fn: expected a callable eval_fn(fn, step) -> dict, got {type(eval_fn).__name__}")
-    mesh = make_mesh() if mesh is None else mesh
-    if config.batch_size % mesh.size:
-        raise ValueError(f"batch_size: expected a multiple of the number of devices ({mesh.size}), "
-                         f"got {config.batch_size}")
+    mesh = check_mesh(config, mesh)
     nproc, primary = jax.process_count(), jax.process_index() == 0
-    if {d.process_index for d in mesh.devices.flat} != set(range(nproc)):
-        raise ValueError(f"mesh: expected devices of all {nproc} processes (make_mesh() with jax.devices()), got "
-                         f"devices of processes {sorted({d.process_index for d in mesh.devices.flat})}")
     sharded = shard_data(config, data, mesh)
     info = sharded.info
     unet = model_config(config, tuple(info["sample_shape"]), info["num_images"])

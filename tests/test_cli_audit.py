@@ -403,6 +403,9 @@ def test_misspelt_config_key_is_a_flag_error(module, config, key, missing, tmp_p
                            "--config.model_overrides.ch_mult=(1,2,2)"],
      "error: data: images of size 10 x 10 do not fit the model: image_size: expected a multiple of "
      "2**(len(ch_mult)-1) = 4"),
+    # a batch the devices do not divide: a traceback from training.train until the thirtieth session
+    ("experiments.train", ["--config=experiments/configs/train_tiny.py", "--config.batch_size=3"],
+     "error: batch_size: expected a multiple of the number of devices (4), got 3"),
     ("experiments.train", ["--config=experiments/configs/train_tiny.py", "--data=store", "--store=/nonexistent/kj"],
      "error: store: '/nonexistent/kj' has no manifest.json; not a ScoreStore"),
     ("experiments.precompute", ["--config=experiments/configs/demo.py", "--config.precompute.tol=-1"],

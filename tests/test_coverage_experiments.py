@@ -758,7 +758,7 @@ def _run_binary(module, *args, timeout=120):
     ("experiments.precompute", ["--config=experiments/configs/demo.py", "--config.dtype=float16"],
      "--config.dtype: expected float32 or float64, got 'float16'"),
     ("experiments.train", ["--config=experiments/configs/train_tiny.py", "--config.method=ddpm", "--store=S"],
-     "--data=store holds embedded trajectories: use --config.method=ours"),
+     "error: store: 'S' has no manifest.json; not a ScoreStore"),
 ])
 def test_binaries_refuse_bad_settings_before_any_work(module, args, message, tmp_path):
     wd = tmp_path / "w"

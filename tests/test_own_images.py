@@ -4,7 +4,10 @@
 The references are the arrays the tests write: a PNG holds its pixels exactly, so what is read
 back must be them / 255 (or / 65535); resizing is checked against a centre crop computed here
 and ``skimage.transform.resize``."""
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -195,6 +198,23 @@ def test_files_refused_with_the_file_named(tmp_path):
         D.load_files(str(tiny))
 
 
+def test_files_read_on_threads_keep_their_order_and_the_first_error(tmp_path, monkeypatch):
+    """Files are decoded and resized on several threads: the images come back in the files'
+    order, and of two unreadable files the first in that order is named."""
+    rng = np.random.default_rng(12)
+    monkeypatch.setattr(D.os, "cpu_count", lambda: 4)
+    arrs = [_rgb(rng, 12, 12) for _ in range(24)]
+    for i, a in enumerate(arrs):
+        _save(tmp_path / f"f{i}.png", a)
+    x = D.load_files(str(tmp_path), size=6)
+    for i in (0, 7, 23):
+        np.testing.assert_array_equal(x[i], D.load_files(str(tmp_path / f"f{i}.png"), size=6)[0])
+    for i in (5, 17):
+        (tmp_path / f"f{i}.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"f5\.png' could not be read"):
+        D.load_files(str(tmp_path), size=6, channels=3)  # channels given: no header pass first
+
+
 @pytest.mark.parametrize("kw, match", [
     ({"indices": [3]}, r"indices must be < 2 \(the 2 files of"),
     ({"indices": [0], "num_images": 1}, "mutually exclusive"),
@@ -339,9 +359,6 @@ def test_load_images_names_the_new_sources():
 
 
 def _precompute(workdir, dataset, *extra):
-    import subprocess
-    import sys
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return subprocess.run(
         [sys.executable, "-m", "experiments.precompute", "--config=experiments/configs/demo.py",
@@ -352,9 +369,10 @@ def _precompute(workdir, dataset, *extra):
 
 def test_precompute_binary_on_files_and_on_the_same_array(tmp_path):
     """``--config.dataset=files:<dir>`` (num_images 0: all) pre-computes the folder's images: the
-    same scores as the same pixels given as ``array:<file.npy>``. Changing one file afterwards
-    is refused on resume (the store's inputs hash), with one line."""
-    from krylovjax.training import trajectories_from_store
+    same trajectories as the same pixels given as ``array:<file.npy>``. The DDPM baseline trains
+    on the store's images (``train --config.method=ddpm --store=...``). Changing one file
+    afterwards is refused on resume (the store's inputs hash), with one line."""
+    from krylovjax.training import TrainConfig, prepare_data, trajectories_from_store
 
     rng = np.random.default_rng(10)
     pics = tmp_path / "pics"
@@ -373,6 +391,34 @@ def test_precompute_binary_on_files_and_on_the_same_array(tmp_path):
     np.testing.assert_allclose(runs["files"][:, 0], D.load_files(str(pics), size=8), atol=1e-7)
     assert np.abs(runs["files"][:, -1] - runs["files"][:, 0]).max() > 1e-3  # the embedding moved them
     np.testing.assert_array_equal(runs["files"], runs["array"])
+    # the DDPM baseline trains on the same store's images: its first level
+    store = str(tmp_path / "files" / "store")
+    ddpm = TrainConfig(method="ddpm")
+    from_store, info = prepare_data(ddpm, store)
+    from_images, info_images = prepare_data(ddpm, runs["files"][:, 0])
+    np.testing.assert_array_equal(from_store["images"], from_images["images"])
+    assert info == info_images and info["num_images"] == 3
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.train", "--config=experiments/configs/train_tiny.py", "--config.method=ddpm",
+         f"--store={store}", f"--workdir={tmp_path / 'ddpm'}", "--config.num_steps=2", "--config.batch_size=4",
+         "--config.model_overrides.ch=8", "--config.model_overrides.ch_mult=(1,)",
+         "--config.model_overrides.attn_resolutions=()", "--config.progress=False"],
+        cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(tmp_path / "ddpm" / "result.json") as f:
+        assert json.load(f)["step"] == 2
+    # a model the store's images do not fit: one line before any work (a traceback from
+    # training.train, after reading the store, until the thirtieth session)
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.train", "--config=experiments/configs/train_tiny.py", f"--store={store}",
+         f"--workdir={tmp_path / 'ours'}", "--config.model_overrides.ch_mult=(1,2,2,2,2)"],
+        cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: data: images of size 8 x 8 do not fit the model: image_size: expected a multiple of "
+        "2**(len(ch_mult)-1) = 16 (ch_mult=(1, 2, 2, 2, 2)), got 8")
+    assert not (tmp_path / "ours").exists()
     _save(pics / "p1.png", _rgb(rng, 10, 12))
     out = _precompute(tmp_path / "files", f"files:{pics}")
     assert out.returncode == 1
