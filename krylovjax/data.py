@@ -495,9 +495,19 @@ def load_tfds(
             label_names = None
     keep = _class_predicate(name, class_filter, label_names)
 
+    def convert(ex) -> np.ndarray:  # each record as it is read: memory for the output only
+        img = _to_float01(ex["image"])
+        if img.ndim == 2:
+            img = img[:, :, None]
+        if img.shape[2] == 1:
+            img = np.repeat(img, 3, axis=2)
+        if name == "celeb_a":
+            img = _celeba_crop(img)
+        return _resize(_center_crop_to_aspect(img, hw), hw).transpose(2, 0, 1)
+
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False, try_gcs=False)
-        records = _select(source, keep, indices, num_images)
+        out = _select(source, keep, indices, num_images, convert)
     except NotImplementedError as err:  # prepared in a non random-access format
         if not _tf_available():
             raise DatasetNotPreparedError(
@@ -506,18 +516,7 @@ def load_tfds(
                 f"--file_format=array_record. " + _prepare_hint(name, data_dir)
             ) from err
         ds = tfds.load(name, split=split, data_dir=data_dir, download=False, try_gcs=False)
-        records = _select(_IterSource(tfds.as_numpy(ds)), keep, indices, num_images)
-
-    out = []
-    for ex in records:
-        img = _to_float01(ex["image"])
-        if img.ndim == 2:
-            img = img[:, :, None]
-        if img.shape[2] == 1:
-            img = np.repeat(img, 3, axis=2)
-        if name == "celeb_a":
-            img = _celeba_crop(img)
-        out.append(_resize(_center_crop_to_aspect(img, hw), hw).transpose(2, 0, 1))
+        out = _select(_IterSource(tfds.as_numpy(ds)), keep, indices, num_images, convert)
     if not out:
         raise ValueError(f"no images selected from {name}[{split}] with class_filter={class_filter!r}")
     return np.stack(out).astype(np.float32)
@@ -533,8 +532,9 @@ class _IterSource:
         return self._it
 
 
-def _select(source, keep, indices, num_images) -> list:
-    """Apply filter, then indices / num_images, reading as few records as possible."""
+def _select(source, keep, indices, num_images, convert=lambda ex: ex) -> list:
+    """Apply filter, then indices / num_images, reading as few records as possible; returns
+    ``convert`` of each selected record, applied as it is read (no record is kept)."""
     random_access = hasattr(source, "__getitem__") and hasattr(source, "__len__")
     if keep is None and random_access:
         n = len(source)
@@ -542,18 +542,18 @@ def _select(source, keep, indices, num_images) -> list:
             bad = [i for i in indices if i >= n]
             if bad:
                 raise ValueError(f"indices must be < {n} (the split's size), got {bad}")
-            return [source[i] for i in indices]
+            return [convert(source[i]) for i in indices]
         count = n if num_images is None else min(num_images, n)
-        return [source[i] for i in range(count)]
+        return [convert(source[i]) for i in range(count)]
     it = (source[i] for i in range(len(source))) if random_access else iter(source)
     if indices is not None:
         need, wanted = max(indices) + 1, indices
     else:
         need, wanted = num_images, None
-    matched = []
+    matched, wanted_set = [], None if wanted is None else set(wanted)
     for ex in it:
-        if keep is None or keep(ex):
-            matched.append(ex)
+        if keep is None or keep(ex):  # the matches that are not wanted are counted, not converted
+            matched.append(convert(ex) if wanted_set is None or len(matched) in wanted_set else None)
             if need is not None and len(matched) >= need:
                 break
     if wanted is not None:

@@ -223,6 +223,25 @@ def test_load_tfds_bad_selection(mocked_tfds):
         D.load_tfds("cifar10", class_filter="dog", indices=[39])
 
 
+def test_select_converts_each_wanted_record_as_it_is_read():
+    """``load_tfds`` converts records as they are read (a whole CelebA split is never held as
+    full-size records), and with a filter and indices only the wanted matches."""
+    records = [{"image": np.full((2, 2), i), "label": i % 3} for i in range(30)]
+    calls = []
+
+    def convert(ex):
+        calls.append(int(ex["image"][0, 0]))
+        return int(ex["image"][0, 0])
+
+    keep = lambda ex: ex["label"] == 0  # noqa: E731 - records 0, 3, 6, ...
+    assert D._select(D._IterSource(iter(records)), keep, [4, 1], None, convert) == [12, 3]
+    assert calls == [3, 12]  # in reading order; matches 0, 2, 3 were only counted
+    calls.clear()
+    assert D._select(records, None, None, 4, convert) == [0, 1, 2, 3] and calls == [0, 1, 2, 3]
+    calls.clear()
+    assert D._select(D._IterSource(iter(records)), keep, None, 3, convert) == [0, 3, 6] and calls == [0, 3, 6]
+
+
 def test_load_images_dispatch(mocked_tfds):
     x = D.load_images("builtin", size=16, num_images=3)
     np.testing.assert_array_equal(x, D.builtin_dataset(16, 3))
