@@ -632,7 +632,8 @@ def image_paths(path: str) -> list[str]:
     * a directory: its files ending in :data:`IMAGE_EXTENSIONS` (any case), not its
       subdirectories, not hidden files (a leading ``.``);
     * a glob pattern (``*``, ``?``, ``[...]``; ``**`` descends into subdirectories), e.g.
-      ``photos/**/*.jpg``: every matching file, whatever its ending;
+      ``photos/**/*.jpg``: every matching file, whatever its ending (a path that exists, such as
+      a directory ``photos [2024]``, is taken as itself);
     * one file.
 
     Sorted by name with the digits in names compared as numbers (``img2.png`` before
@@ -642,7 +643,7 @@ def image_paths(path: str) -> list[str]:
         raise ValueError(f"path must name a directory, a glob pattern or an image file, got {path!r}")
     spec = os.fspath(path)
     full = os.path.expanduser(spec)
-    if any(c in full for c in "*?["):
+    if not os.path.exists(full) and any(c in full for c in "*?["):  # an existing "photos [2024]" is a path
         found = [p for p in glob.glob(full, recursive=True) if os.path.isfile(p)]
         if not found:
             raise FileNotFoundError(f"no file matches the pattern {spec!r}")

@@ -70,6 +70,11 @@ def test_files_glob_single_file_and_subdirectory_hint(tmp_path):
         D.load_images(f"files:{tmp_path / 'nothing'}")
     with pytest.raises(ValueError, match="names no path"):
         D.load_images("files:")
+    # a directory whose name holds glob characters is read as itself
+    odd = tmp_path / "photos [2024]"
+    os.makedirs(odd)
+    p3 = _save(odd / "z.png", _rgb(rng, 5, 5))
+    assert D.image_paths(str(odd)) == [str(p3)]
 
 
 def test_files_resize_is_a_centre_crop_then_antialiased_resize(tmp_path):
