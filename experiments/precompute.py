@@ -6,8 +6,9 @@ Usage::
         [--config.num_images=8 --config.precompute.strategy=spsolve ...]
 
 Writes ``<workdir>/store`` (a :class:`krylovjax.store.ScoreStore`: log-densities, scores,
-embedded trajectories, per-image solver statistics) and ``<workdir>/precompute_summary.json``,
-and prints a summary table. Re-running with the same workdir resumes: finished chunks are
+embedded trajectories, per-image solver statistics) and ``<workdir>/precompute_summary.json``
+(with ``files``, the file of each store image in order, for a ``files:`` dataset), and prints a
+summary table. Re-running with the same workdir resumes: finished chunks are
 skipped; another config or other images are refused, and so is a second run started there
 while one runs (:mod:`krylovjax.workdir_lock`). A chunk that cannot be written (a full disk)
 ends the run; it stays missing, and the same command computes it once space is freed.
@@ -99,6 +100,18 @@ def load(cfg):
     return images.astype(np.dtype(cfg.dtype))
 
 
+def image_files(cfg) -> list[str] | None:
+    """For a ``files:`` dataset, the absolute path of each image of the store, in the store's
+    order (``load`` reads the first ``num_images`` of :func:`krylovjax.data.image_paths`, or all
+    for 0); None for the other datasets."""
+    from krylovjax.data import image_paths
+
+    if not (isinstance(cfg.dataset, str) and cfg.dataset.startswith("files:")):
+        return None
+    paths = image_paths(cfg.dataset.split(":", 1)[1])
+    return [os.path.abspath(p) for p in paths[:cfg.num_images or None]]
+
+
 def _table(rows):
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
@@ -176,7 +189,7 @@ def _precompute(cfg):
     print(f"\nprecompute summary ({pcfg.strategy}, process {summary.process_index}/"
           f"{summary.process_count}):\n" + _table(rows), flush=True)
 
-    out = {"run": run, "store": totals, "config": cfg.to_dict(),
+    out = {"run": run, "store": totals, "config": cfg.to_dict(), "files": image_files(cfg),
            "machine": {"platform": platform.platform(), "backend": jax.default_backend(),
                        "local_devices": jax.local_device_count(),
                        "jax": jax.__version__}}

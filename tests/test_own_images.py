@@ -392,6 +392,9 @@ def test_precompute_binary_on_files_and_on_the_same_array(tmp_path):
         assert out.returncode == 0, out.stderr[-3000:]
         assert "3 of 3" in out.stdout
         runs[name] = np.asarray(trajectories_from_store(str(tmp_path / name / "store")).x)
+        with open(tmp_path / name / "precompute_summary.json") as f:
+            files = json.load(f)["files"]
+        assert files == ([str(pics / f"p{i}.png") for i in range(3)] if name == "files" else None)
     assert runs["files"].shape == (3, 2, 3, 8, 8)  # [B, N levels, C, H, W]
     np.testing.assert_allclose(runs["files"][:, 0], D.load_files(str(pics), size=8), atol=1e-7)
     assert np.abs(runs["files"][:, -1] - runs["files"][:, 0]).max() > 1e-3  # the embedding moved them
