@@ -80,7 +80,9 @@ def get_config(name: str = "full", *, dataset: str = "", num_images: Any = "", d
 
     Args:
       name: ``KRYLOVJAX_NB_CONFIG``: one of :data:`CONFIGS`.
-      dataset: ``KRYLOVJAX_NB_DATASET``: ``""`` (the config's) or one of :data:`DATASETS`.
+      dataset: ``KRYLOVJAX_NB_DATASET``: ``""`` (the config's), one of :data:`DATASETS`, or your
+        own images, ``"files:<directory, glob pattern or file>"`` or ``"array:<.npy/.npz>"``
+        (:func:`krylovjax.data.load_images`; the config's tfds class filter is dropped).
       num_images: ``KRYLOVJAX_NB_NUM_IMAGES``: ``""`` or an int >= 1 (the subset size; the
         denoised images are the first ``min(denoise.num_images, num_images)``).
       data_dir: ``KRYLOVJAX_NB_DATA_DIR``: the tfds data directory (``""``: tfds's default).
@@ -92,11 +94,19 @@ def get_config(name: str = "full", *, dataset: str = "", num_images: Any = "", d
     if key not in CONFIGS:
         raise ValueError(f"KRYLOVJAX_NB_CONFIG: expected one of {CONFIGS}, got {name!r}")
     cfg = importlib.import_module(f"experiments.configs.colab_{key}").get_config()
-    ds = str(dataset or "").strip().lower()
-    if ds:
+    raw = str(dataset or "").strip()
+    ds = raw.lower()
+    if ds.startswith(("files:", "array:")):  # your own images (e.g. uploaded to Colab); the path keeps its case
+        kind, path = raw.split(":", 1)
+        if not path.strip():
+            raise ValueError(f"KRYLOVJAX_NB_DATASET: {raw!r} names no path; expected {kind.lower()}:<path>")
+        cfg.dataset = f"{kind.lower()}:{os.path.expanduser(path.strip())}"
+        cfg.class_filter = ""  # the tfds-only keys of the config (the full config's "dog")
+        cfg.data_dir = ""
+    elif ds:
         if ds not in DATASETS:
-            raise ValueError(f"KRYLOVJAX_NB_DATASET: expected one of {DATASETS} (or empty for the "
-                             f"config's {cfg.dataset!r}), got {dataset!r}")
+            raise ValueError(f"KRYLOVJAX_NB_DATASET: expected one of {DATASETS}, 'files:<path>' or "
+                             f"'array:<path>' (or empty for the config's {cfg.dataset!r}), got {dataset!r}")
         cfg.dataset = ds
     n = _positive_int(num_images, "KRYLOVJAX_NB_NUM_IMAGES")
     if n is not None:
@@ -290,6 +300,8 @@ def prepare_dataset(cfg, download: str = "auto") -> str:
         raise ValueError(f"KRYLOVJAX_NB_DOWNLOAD: expected one of {DOWNLOADS}, got {download!r}")
     if cfg.dataset == "builtin":
         return "built-in photographs (scikit-image, offline): nothing to prepare"
+    if cfg.dataset.startswith(("files:", "array:")):
+        return f"your own images ({cfg.dataset}): nothing to prepare"
     if mode == "no" or (mode == "auto" and not in_colab()):
         return f"no download (KRYLOVJAX_NB_DOWNLOAD={mode}): {cfg.dataset} must be prepared already"
     import tensorflow_datasets as tfds

@@ -191,7 +191,8 @@ def test_get_config_overrides_and_bad_settings(helpers):
     assert cfg.data_dir == os.path.expanduser("~/tfds")
     with pytest.raises(ValueError, match=r"KRYLOVJAX_NB_CONFIG: expected one of \('full', 'tiny'\), got 'big'"):
         helpers.get_config("big")
-    with pytest.raises(ValueError, match=r"KRYLOVJAX_NB_DATASET: expected one of \('builtin', 'cifar10'\)"):
+    with pytest.raises(ValueError, match=r"KRYLOVJAX_NB_DATASET: expected one of \('builtin', 'cifar10'\), "
+                                         r"'files:<path>' or 'array:<path>'"):
         helpers.get_config("tiny", dataset="mnist")
     for bad in ("0", "x", "-1"):
         with pytest.raises(ValueError, match="KRYLOVJAX_NB_NUM_IMAGES: expected an integer >= 1"):
@@ -247,6 +248,28 @@ def test_builtin_images_and_workdir_claim(helpers, tmp_path):
         helpers.claim_workdir(wd, other)
     with pytest.raises(ValueError, match="KRYLOVJAX_NB_WORKDIR"):
         helpers.claim_workdir("  ", cfg)
+
+
+def test_your_own_images_in_the_notebook(helpers, tmp_path):
+    """``KRYLOVJAX_NB_DATASET=files:<folder>`` (e.g. photos uploaded to Colab): the path keeps its
+    case, the full config's tfds class filter is dropped, nothing is downloaded, and the images
+    are the folder's at the config's size."""
+    from PIL import Image
+
+    from krylovjax.data import load_files
+
+    folder = tmp_path / "My Photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray((rng.random((20, 24, 3)) * 255).astype(np.uint8)).save(folder / f"p{i}.jpg")
+    cfg = helpers.get_config("full", dataset=f" FILES:{folder} ", num_images="4")
+    assert (cfg.dataset, cfg.class_filter, cfg.num_images) == (f"files:{folder}", "", 4)
+    assert helpers.prepare_dataset(cfg, "yes") == f"your own images (files:{folder}): nothing to prepare"
+    images = helpers.load_images(cfg)
+    np.testing.assert_array_equal(images, load_files(str(folder), size=32))
+    with pytest.raises(ValueError, match=r"KRYLOVJAX_NB_DATASET: 'array:' names no path"):
+        helpers.get_config("tiny", dataset="array:")
 
 
 # ----------------------------------------------------------------------------------------------
