@@ -102,14 +102,14 @@ def load(cfg):
 
 def image_files(cfg) -> list[str] | None:
     """For a ``files:`` dataset, the absolute path of each image of the store, in the store's
-    order (``load`` reads the first ``num_images`` of :func:`krylovjax.data.image_paths`, or all
-    for 0); None for the other datasets."""
-    from krylovjax.data import image_paths
+    order (the files ``load`` read: :func:`krylovjax.data.selected_paths` with ``num_images``, 0
+    for all); None for the other datasets."""
+    from krylovjax.data import selected_paths
 
     if not (isinstance(cfg.dataset, str) and cfg.dataset.startswith("files:")):
         return None
-    paths = image_paths(cfg.dataset.split(":", 1)[1])
-    return [os.path.abspath(p) for p in paths[:cfg.num_images or None]]
+    path = cfg.dataset.split(":", 1)[1]
+    return [os.path.abspath(p) for p in selected_paths(path, num_images=cfg.num_images or None)]
 
 
 def _table(rows):

@@ -49,6 +49,7 @@ __all__ = [
     "load_array",
     "load_images",
     "image_paths",
+    "selected_paths",
     "IMAGE_EXTENSIONS",
     "ARRAY_LAYOUTS",
     "TFDS_DATASETS",
@@ -235,6 +236,20 @@ def _photo(name: str) -> np.ndarray:
     return img
 
 
+def _check_channels(channels: Any) -> None:
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be None, 1 or 3, got {channels!r}")
+
+
+def _fit(img: np.ndarray, hw: tuple[int, int] | None, channels: int | None) -> np.ndarray:
+    """``[H, W, c]`` -> its largest centred crop of ``hw``'s aspect, in ``channels``, resized to
+    ``hw`` (just the channels when ``hw`` is None): every source's images (built-in, tfds,
+    files, arrays)."""
+    if hw is None:
+        return _set_channels(img, channels)
+    return _resize(_set_channels(_center_crop_to_aspect(img, hw), channels), hw)
+
+
 def _set_channels(img: np.ndarray, channels: int | None) -> np.ndarray:
     """[H, W, c] -> [H, W, channels] (gray replicated; RGB -> luminance for 1)."""
     if channels is None or img.shape[2] == channels:
@@ -248,8 +263,7 @@ def _set_channels(img: np.ndarray, channels: int | None) -> np.ndarray:
 
 @functools.lru_cache(maxsize=256)
 def _builtin_resized(name: str, hw: tuple[int, int], channels: int | None) -> np.ndarray:
-    img = _center_crop_to_aspect(_photo(name), hw)
-    out = _resize(_set_channels(img, channels), hw).transpose(2, 0, 1)
+    out = _fit(_photo(name), hw, channels).transpose(2, 0, 1)
     out.setflags(write=False)
     return out
 
@@ -274,8 +288,7 @@ def builtin_image(name: str, size: Any = 64, *, channels: int | None = None) -> 
     """
     key = _canonical(name)
     hw = _check_size(size)
-    if channels not in (None, 1, 3):
-        raise ValueError(f"channels must be None, 1 or 3, got {channels!r}")
+    _check_channels(channels)
     return np.array(_builtin_resized(key, hw, channels))
 
 
@@ -499,11 +512,9 @@ def load_tfds(
         img = _to_float01(ex["image"])
         if img.ndim == 2:
             img = img[:, :, None]
-        if img.shape[2] == 1:
-            img = np.repeat(img, 3, axis=2)
         if name == "celeb_a":
             img = _celeba_crop(img)
-        return _resize(_center_crop_to_aspect(img, hw), hw).transpose(2, 0, 1)
+        return _fit(img, hw, 3).transpose(2, 0, 1)
 
     try:
         source = tfds.data_source(name, split=split, data_dir=data_dir, download=False, try_gcs=False)
@@ -537,14 +548,7 @@ def _select(source, keep, indices, num_images, convert=lambda ex: ex) -> list:
     ``convert`` of each selected record, applied as it is read (no record is kept)."""
     random_access = hasattr(source, "__getitem__") and hasattr(source, "__len__")
     if keep is None and random_access:
-        n = len(source)
-        if indices is not None:
-            bad = [i for i in indices if i >= n]
-            if bad:
-                raise ValueError(f"indices must be < {n} (the split's size), got {bad}")
-            return [convert(source[i]) for i in indices]
-        count = n if num_images is None else min(num_images, n)
-        return [convert(source[i]) for i in range(count)]
+        return [convert(source[i]) for i in _pick(len(source), indices, num_images, "the split's size")]
     it = (source[i] for i in range(len(source))) if random_access else iter(source)
     if indices is not None:
         need, wanted = max(indices) + 1, indices
@@ -664,6 +668,14 @@ def image_paths(path: str) -> list[str]:
     return sorted(found, key=_natural_key)
 
 
+def selected_paths(path: str, indices: Sequence[int] | None = None, num_images: int | None = None) -> list[str]:
+    """The files :func:`load_files` reads for these arguments, in order: :func:`image_paths`, then
+    ``indices`` (positions in it) or its first ``num_images`` (all of them when fewer)."""
+    paths = image_paths(path)
+    indices, num_images = _check_selection(indices, num_images)
+    return [paths[i] for i in _pick(len(paths), indices, num_images, f"the {len(paths)} files of {path!r}")]
+
+
 def _gray_mode(path: str) -> bool:
     """Whether the file's pixels are one channel (from its header; nothing is decoded)."""
     from PIL import Image
@@ -755,20 +767,13 @@ def load_files(
     Refused with a ValueError naming the file: a file that is no image, transparency, an
     animation or multi-page file, and (with ``size=None``) files of different sizes.
     """
-    paths = image_paths(path)
+    chosen = selected_paths(path, indices, num_images)
     hw = None if size is None else _check_size(size)
-    if channels not in (None, 1, 3):
-        raise ValueError(f"channels must be None, 1 or 3, got {channels!r}")
-    indices, num_images = _check_selection(indices, num_images)
-    chosen = [paths[i] for i in _pick(len(paths), indices, num_images, f"the {len(paths)} files of {path!r}")]
+    _check_channels(channels)
     if channels is None:
         channels = 1 if all(_gray_mode(p) for p in chosen) else 3
 
-    def read(p: str) -> np.ndarray:
-        img = _set_channels(_read_image_file(p), channels)
-        return img if hw is None else _resize(_center_crop_to_aspect(img, hw), hw)
-
-    imgs = _map_images(read, chosen)
+    imgs = _map_images(lambda p: _fit(_read_image_file(p), hw, channels), chosen)
     for p, img in zip(chosen, imgs):
         if img.shape[:2] != imgs[0].shape[:2]:
             raise ValueError(f"size: None keeps the files' own size, but {chosen[0]!r} is {imgs[0].shape[0]}x"
@@ -846,8 +851,7 @@ def load_array(
     if not isinstance(layout, str):
         raise ValueError(f"layout must be 'auto' or one of {ARRAY_LAYOUTS}, got {layout!r}")
     hw = None if size is None else _check_size(size)
-    if channels not in (None, 1, 3):
-        raise ValueError(f"channels must be None, 1 or 3, got {channels!r}")
+    _check_channels(channels)
     indices, num_images = _check_selection(indices, num_images)
     pickled = f"{spec!r} holds Python objects (a pickled array), which are not loaded; save a numeric array"
     with open(full, "rb") as f:
@@ -908,11 +912,7 @@ def load_array(
                              f"[0, 1]{fix}")
     else:
         img = _to_float01(arr)
-    def convert(im: np.ndarray) -> np.ndarray:
-        im = _set_channels(im, channels)
-        return im if hw is None else _resize(_center_crop_to_aspect(im, hw), hw)
-
-    out = _map_images(convert, list(img))
+    out = _map_images(lambda im: _fit(im, hw, channels), list(img))
     return validate_images(np.stack(out).transpose(0, 3, 1, 2).astype(np.float32), name=f"the images of {spec!r}")
 
 

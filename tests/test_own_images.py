@@ -6,13 +6,12 @@ back must be them / 255 (or / 65535); resizing is checked against a centre crop 
 and ``skimage.transform.resize``."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 from skimage.transform import resize as sk_resize
+from test_cli_audit import _run
 
 from krylovjax import data as D
 
@@ -364,12 +363,9 @@ def test_load_images_names_the_new_sources():
 
 
 def _precompute(workdir, dataset, *extra):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.precompute", "--config=experiments/configs/demo.py",
-         f"--workdir={workdir}", "--noprogress", f"--config.dataset={dataset}", "--config.num_images=0",
-         "--config.image_size=8", "--config.chunk_images=2", "--config.precompute.num_steps=2", *extra],
-        cwd=root, capture_output=True, text=True, timeout=300)
+    return _run("experiments.precompute", "--config=experiments/configs/demo.py", f"--workdir={workdir}",
+                "--noprogress", f"--config.dataset={dataset}", "--config.num_images=0", "--config.image_size=8",
+                "--config.chunk_images=2", "--config.precompute.num_steps=2", *extra, timeout=300)
 
 
 def test_precompute_binary_on_files_and_on_the_same_array(tmp_path):
@@ -406,22 +402,17 @@ def test_precompute_binary_on_files_and_on_the_same_array(tmp_path):
     from_images, info_images = prepare_data(ddpm, runs["files"][:, 0])
     np.testing.assert_array_equal(from_store["images"], from_images["images"])
     assert info == info_images and info["num_images"] == 3
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(
-        [sys.executable, "-m", "experiments.train", "--config=experiments/configs/train_tiny.py", "--config.method=ddpm",
-         f"--store={store}", f"--workdir={tmp_path / 'ddpm'}", "--config.num_steps=2", "--config.batch_size=4",
-         "--config.model_overrides.ch=8", "--config.model_overrides.ch_mult=(1,)",
-         "--config.model_overrides.attn_resolutions=()", "--config.progress=False"],
-        cwd=root, capture_output=True, text=True, timeout=300)
+    out = _run("experiments.train", "--config=experiments/configs/train_tiny.py", "--config.method=ddpm",
+               f"--store={store}", f"--workdir={tmp_path / 'ddpm'}", "--config.num_steps=2", "--config.batch_size=4",
+               "--config.model_overrides.ch=8", "--config.model_overrides.ch_mult=(1,)",
+               "--config.model_overrides.attn_resolutions=()", "--config.progress=False", timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     with open(tmp_path / "ddpm" / "result.json") as f:
         assert json.load(f)["step"] == 2
     # a model the store's images do not fit: one line before any work (a traceback from
     # training.train, after reading the store, until the thirtieth session)
-    out = subprocess.run(
-        [sys.executable, "-m", "experiments.train", "--config=experiments/configs/train_tiny.py", f"--store={store}",
-         f"--workdir={tmp_path / 'ours'}", "--config.model_overrides.ch_mult=(1,2,2,2,2)"],
-        cwd=root, capture_output=True, text=True, timeout=300)
+    out = _run("experiments.train", "--config=experiments/configs/train_tiny.py", f"--store={store}",
+               f"--workdir={tmp_path / 'ours'}", "--config.model_overrides.ch_mult=(1,2,2,2,2)", timeout=300)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert out.stderr.strip().splitlines()[-1] == (
         "error: data: images of size 8 x 8 do not fit the model: image_size: expected a multiple of "
