@@ -680,29 +680,65 @@ def _gray_mode(path: str) -> bool:
     """Whether the file's pixels are one channel (from its header; nothing is decoded)."""
     from PIL import Image
 
+    from krylovjax import _deep_images
+
     try:
         with Image.open(path) as im:
-            return im.mode in _GRAY_MODES
+            return im.mode in _GRAY_MODES or _deep_images.stored_gray(im)
     except Exception as err:  # Pillow raises several types for a file that is no image
         raise ValueError(f"{path!r} could not be read as an image: {type(err).__name__}: {err}") from err
+
+
+# EXIF orientation (tag 0x0112) -> the numpy form of what ImageOps.exif_transpose does to [H, W, c]
+_ORIENT = {
+    2: lambda a: a[:, ::-1],                       # FLIP_LEFT_RIGHT
+    3: lambda a: a[::-1, ::-1],                    # ROTATE_180
+    4: lambda a: a[::-1],                          # FLIP_TOP_BOTTOM
+    5: lambda a: a.swapaxes(0, 1),                 # TRANSPOSE
+    6: lambda a: np.rot90(a, -1),                  # ROTATE_270 (counter-clockwise)
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),     # TRANSVERSE
+    8: lambda a: np.rot90(a, 1),                   # ROTATE_90
+}
+
+
+def _check_opaque(path: str, transparent: np.ndarray) -> None:
+    if transparent.any():
+        raise ValueError(f"{path!r} has transparent pixels ({int(transparent.sum())} with alpha below its maximum); "
+                         "flatten it onto a background first: a transparent pixel has no intensity")
 
 
 def _read_image_file(path: str) -> np.ndarray:
     """One image file -> float32 ``[H, W, c]`` in [0, 1], c in {1, 3}.
 
     The EXIF orientation is applied (phone photos). Palette, CMYK and YCbCr images become RGB;
-    16-bit grayscale is scaled by 65535 (Pillow reads 16-bit colour PNGs at 8 bits). An alpha
-    channel that is fully opaque is dropped; transparency is refused, since a transparent pixel
-    has no intensity. An animation or multi-page file is refused.
+    16-bit grayscale is scaled by 65535, and 16-bit colour PNG, PPM and uncompressed TIFF
+    files, which Pillow reads at 8 bits, are read at their full depth
+    (:mod:`krylovjax._deep_images`; other 16-bit colour files are read at 8 bits with a
+    warning). An alpha channel that is fully opaque is dropped; transparency is refused, since
+    a transparent pixel has no intensity. An animation or multi-page file is refused.
     """
     from PIL import Image, ImageOps
+
+    from krylovjax import _deep_images
 
     try:
         with Image.open(path) as src:
             frames = int(getattr(src, "n_frames", 1))
-            im = ImageOps.exif_transpose(src) if frames == 1 else None  # a decoded copy
+            deep = _deep_images.read_deep(path, src) if frames == 1 else None
+            if deep is not None:
+                orient = _ORIENT.get(src.getexif().get(0x0112, 1), lambda a: a)
+                im = None
+            else:
+                im = ImageOps.exif_transpose(src) if frames == 1 else None  # a decoded copy
     except Exception as err:  # UnidentifiedImageError, OSError (truncated), SyntaxError, ...
         raise ValueError(f"{path!r} could not be read as an image: {type(err).__name__}: {err}") from err
+    if deep is not None:
+        img, has_alpha = deep
+        img = np.ascontiguousarray(orient(img))
+        if has_alpha:
+            img, alpha = img[..., :-1], img[..., -1]
+            _check_opaque(path, alpha < 1.0)
+        return img
     if im is None:
         raise ValueError(f"{path!r} holds {frames} frames (an animation or a multi-page file); "
                          "save the frame you want as an image of its own")
@@ -715,9 +751,7 @@ def _read_image_file(path: str) -> np.ndarray:
     mode, arr = im.mode, np.asarray(im)
     if mode in ("LA", "RGBA"):
         arr, alpha = arr[..., :-1], arr[..., -1]
-        if (alpha < 255).any():
-            raise ValueError(f"{path!r} has transparent pixels ({int((alpha < 255).sum())} with alpha < 255); "
-                             "flatten it onto a background first: a transparent pixel has no intensity")
+        _check_opaque(path, alpha < 255)
     if mode == "I":  # 32-bit integer pixels: 16-bit PNGs on some Pillow versions
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi > 65535:
@@ -762,8 +796,10 @@ def load_files(
       num_images: read the first ``num_images`` files (all of them when fewer).
         ``indices`` and ``num_images`` are mutually exclusive; with neither all files are read.
 
-    Pixels: 8-bit /255, 16-bit grayscale /65535, 1-bit as 0/1, floating-point TIFFs as they are
-    (they must lie in [0, 1]); EXIF orientation applied; a fully opaque alpha channel dropped.
+    Pixels: 8-bit /255, 16-bit /65535 (16-bit PNG, PGM/PPM and uncompressed TIFF at their full
+    depth, colour too; a compressed 16-bit colour TIFF at 8 bits, with a warning), 1-bit as 0/1,
+    floating-point TIFFs as they are (they must lie in [0, 1]); EXIF orientation applied; a fully
+    opaque alpha channel dropped.
     Refused with a ValueError naming the file: a file that is no image, transparency, an
     animation or multi-page file, and (with ``size=None``) files of different sizes.
     """

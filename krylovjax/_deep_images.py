@@ -1,0 +1,276 @@
+"""Colour image files stored at more than 8 bits per sample, read at their full depth.
+
+Pillow (up to 13 at least) has no 16-bit colour mode: it opens a 16-bit RGB(A) or gray+alpha
+PNG, a 16-bit colour PPM and a 16-bit colour TIFF as 8-bit RGB(A)/LA, keeping the high byte or
+rounding. :func:`read_deep` reads those files itself where the format is simple enough to do
+so exactly:
+
+* PNG, every variant of 16-bit colour types 2 (RGB), 4 (gray + alpha) and 6 (RGBA),
+  interlaced or not: the zlib stream is inflated and each scanline's filter (None, Sub, Up,
+  Average, Paeth; PNG spec section 9) undone;
+* binary and plain PPM with ``maxval`` above 255 (big-endian samples, scaled by ``maxval``);
+* TIFF, uncompressed (strips or tiles, as Pillow locates them) or in deflate-compressed
+  strips (with or without the horizontal-differencing predictor).
+
+Any other file stored at more than 8 bits per colour sample (a 16-bit colour TIFF with LZW or
+JPEG compression) is read by Pillow at 8 bits, with a warning saying so. 16-bit grayscale needs none of this:
+Pillow reads it at full depth (modes ``I;16*`` and ``I``).
+
+Undoing Average and Paeth filters is sequential along a row and down the image, since each
+byte depends on its left, upper and upper-left neighbours once they are decoded. Rather than
+one Python step per pixel, the pixels are decoded one anti-diagonal ``y + x = k`` at a time: a
+pixel's three neighbours lie on the two diagonals before its own, so each of the ``H + W - 1``
+steps is one vectorised numpy update of a whole diagonal (any mix of filter types).
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+import zlib
+from typing import Any
+
+import numpy as np
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {2: 3, 4: 2, 6: 4}  # colour type -> samples per pixel (the 16-bit types handled here)
+# Adam7 passes: (first row, first column, row step, column step)
+_ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1))
+# Pillow raw modes of 16-bit colour TIFF pixels -> (samples per pixel, numpy dtype)
+_TIFF_RAWMODES = {f"{m};16{e}": (len(m), "<u2" if e == "L" else ">u2")
+                  for m in ("RGB", "RGBA", "RGBa", "LA") for e in "LB"}
+
+
+def read_deep(path: str, src: Any) -> tuple[np.ndarray, bool] | None:
+    """The pixels of an opened Pillow image ``src`` (from file ``path``) that Pillow would read at
+    8 bits per sample, at their full depth: ``(float32 [H, W, c] in [0, 1], has_alpha)``, the
+    last channel the alpha when ``has_alpha``, before any EXIF orientation. None when the file
+    is not stored at more than 8 bits per colour sample (Pillow reads it as it is), or when it
+    is but cannot be read here (a warning says it is read at 8 bits).
+
+    Raises ValueError for a corrupt file (message without the path; the caller adds it).
+    """
+    fmt = getattr(src, "format", None)
+    if fmt == "PNG":
+        with open(path, "rb") as f:
+            head = f.read(33)
+        if head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+            return None
+        depth, ctype = head[24], head[25]
+        if depth != 16 or ctype not in _PNG_CHANNELS:
+            return None
+        with open(path, "rb") as f:
+            arr = decode_png16(f.read())
+        return _scale(arr, 65535), ctype in (4, 6)
+    if fmt == "PPM" and src.mode == "RGB" and src.tile:
+        tile = src.tile[0]  # an 8-bit binary file is a "raw" tile; maxval in the args of the others
+        if tile.codec_name not in ("ppm", "ppm_plain") or not isinstance(tile.args, tuple) or len(tile.args) < 2:
+            return None
+        maxval = int(tile.args[1])
+        if maxval <= 255:
+            return None
+        with open(path, "rb") as f:
+            data = f.read()
+        w, h = src.size
+        n = h * w * 3
+        if tile.codec_name == "ppm":
+            raw = data[tile.offset:tile.offset + 2 * n]
+            if len(raw) < 2 * n:
+                raise ValueError(f"the file is cut short: {len(raw)} of its {2 * n} pixel bytes are there")
+            vals = np.frombuffer(raw, ">u2").astype(np.int64)
+        else:  # "ppm_plain": decimal numbers separated by white space, comments from '#' to the line end
+            text = b"\n".join(line.split(b"#", 1)[0] for line in data[tile.offset:].splitlines())
+            vals = np.array([int(t) for t in text.split()[:n]], dtype=np.int64)
+            if vals.size < n:
+                raise ValueError(f"the file is cut short: {vals.size} of its {n} samples are there")
+        if vals.max(initial=0) > maxval:
+            raise ValueError(f"a sample {int(vals.max())} exceeds the file's maxval {maxval}")
+        return _scale(vals.reshape(h, w, 3), maxval), False
+    if fmt == "TIFF":
+        bits = src.tag_v2.get(258, (1,)) if hasattr(src, "tag_v2") else (1,)
+        bits = bits if isinstance(bits, tuple) else (bits,)
+        if max(bits) <= 8 or src.mode.startswith("I") or src.mode == "F":
+            return None  # 8-bit, or a mode Pillow reads at full depth (I;16*, I, F)
+        arr = _tiff_raw(path, src)
+        if arr is None:
+            arr = _tiff_deflate(path, src)
+        if arr is None:
+            compression = src.tag_v2.get(259, 1)
+            warnings.warn(f"{path!r} is stored at {max(bits)} bits per sample (TIFF compression {compression}), "
+                          "which is read here only through Pillow, at 8 bits; save it uncompressed, with "
+                          "deflate (zlib) compression or as a 16-bit PNG to keep the full depth",
+                          stacklevel=2)
+            return None
+        return _scale(arr, 65535), arr.shape[2] in (2, 4)
+    return None
+
+
+def stored_gray(src: Any) -> bool:
+    """Whether an opened Pillow image is a 16-bit gray + alpha PNG, which Pillow opens as RGBA
+    (its samples are one gray channel and an alpha)."""
+    if getattr(src, "format", None) != "PNG" or not src.tile:
+        return False
+    args = src.tile[0].args
+    rawmode = args if isinstance(args, str) else (args[0] if args else "")
+    return isinstance(rawmode, str) and rawmode.startswith("LA;16")
+
+
+def _scale(arr: np.ndarray, maxval: int) -> np.ndarray:
+    return (arr.astype(np.float64) / maxval).astype(np.float32)
+
+
+def _tiff_raw(path: str, src: Any) -> np.ndarray | None:
+    """A 16-bit colour TIFF's uint16 ``[H, W, c]`` from Pillow's tile list when every tile is an
+    uncompressed ``raw`` block in a known raw mode, top-down and unpadded; else None."""
+    w, h = src.size
+    out = None
+    with open(path, "rb") as f:
+        for tile in src.tile:
+            args = tuple(tile.args) if isinstance(tile.args, tuple) else (tile.args,)
+            if tile.codec_name != "raw" or not args or args[0] not in _TIFF_RAWMODES:
+                return None
+            if len(args) > 1 and args[1] not in (0, None) or len(args) > 2 and args[2] not in (1, None):
+                return None  # a row stride or a bottom-up orientation
+            c, dtype = _TIFF_RAWMODES[args[0]]
+            x0, y0, x1, y1 = tile.extents
+            tw, th = x1 - x0, y1 - y0
+            f.seek(tile.offset)
+            raw = f.read(tw * th * c * 2)
+            if len(raw) < tw * th * c * 2:
+                raise ValueError(f"the file is cut short: a strip holds {len(raw)} of its {tw * th * c * 2} bytes")
+            if out is None:
+                out = np.zeros((h, w, c), np.uint16)
+            elif out.shape[2] != c:
+                return None
+            block = np.frombuffer(raw, dtype).reshape(th, tw, c)
+            # a tile may reach past the image's right or bottom edge (TIFF tiles are whole)
+            out[y0:min(y1, h), x0:min(x1, w)] = block[:min(y1, h) - y0, :min(x1, w) - x0]
+    return out
+
+
+def _tiff_deflate(path: str, src: Any) -> np.ndarray | None:
+    """A 16-bit colour TIFF in deflate-compressed strips (compression 8 or 32946, predictor none
+    or horizontal differencing, chunky unsigned samples) -> uint16 ``[H, W, c]``; else None."""
+    tags = src.tag_v2
+    w, h = src.size
+    c = int(tags.get(277, 1))
+    bits = tags.get(258)
+    bits = bits if isinstance(bits, tuple) else (bits,)
+    sample_format = tags.get(339, 1)
+    sample_format = sample_format[0] if isinstance(sample_format, tuple) else sample_format
+    if (tags.get(259) not in (8, 32946) or tags.get(284, 1) != 1 or 322 in tags or tags.get(317, 1) not in (1, 2)
+            or set(bits) != {16} or sample_format != 1 or tags.get(262) not in (1, 2) or not 2 <= c <= 4):
+        return None
+    offsets, counts = tags.get(273), tags.get(279)
+    offsets = offsets if isinstance(offsets, tuple) else (offsets,)
+    counts = counts if isinstance(counts, tuple) else (counts,)
+    rows_per_strip = min(int(tags.get(278, h)), h)
+    with open(path, "rb") as f:
+        endian = "<" if f.read(2) == b"II" else ">"
+        strips = []
+        for i, (offset, count) in enumerate(zip(offsets, counts)):
+            rows = min(rows_per_strip, h - i * rows_per_strip)
+            if rows <= 0:
+                break
+            f.seek(offset)
+            try:
+                block = zlib.decompress(f.read(count))
+            except zlib.error as err:
+                raise ValueError(f"strip {i} cannot be inflated ({err}): the file is corrupt or cut short") from err
+            if len(block) < rows * w * c * 2:
+                raise ValueError(f"strip {i} holds {len(block)} bytes, fewer than its {rows} rows need")
+            strips.append(np.frombuffer(block, endian + "u2", rows * w * c).reshape(rows, w, c))
+    arr = np.concatenate(strips) if strips else np.zeros((0, w, c), np.uint16)
+    if arr.shape[0] != h:
+        raise ValueError(f"its strips hold {arr.shape[0]} of its {h} rows")
+    if tags.get(317, 1) == 2:  # horizontal differencing: each sample minus the one a pixel left, mod 2^16
+        arr = np.cumsum(arr, axis=1, dtype=np.uint16)
+    return arr.astype(np.uint16)
+
+
+def decode_png16(data: bytes) -> np.ndarray:
+    """A PNG file of bit depth 16 and colour type 2, 4 or 6 -> uint16 ``[H, W, c]`` (c = 3, 2, 4).
+
+    Chunks are checked against their CRC; ancillary chunks (gamma, colour profile, text, EXIF,
+    transparency key) are skipped. Raises ValueError for anything else or a corrupt file.
+    """
+    if data[:8] != _PNG_SIGNATURE:
+        raise ValueError("not a PNG file (its signature is missing)")
+    pos, ihdr, idat = 8, None, []
+    while True:
+        if pos + 8 > len(data):
+            raise ValueError("the file is cut short (no IEND chunk)")
+        length, ctype_ = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        crc = data[pos + 8 + length:pos + 12 + length]
+        if len(body) < length or len(crc) < 4:
+            raise ValueError(f"the file is cut short (in its {ctype_.decode('latin-1')} chunk)")
+        if zlib.crc32(ctype_ + body) != struct.unpack(">I", crc)[0]:
+            raise ValueError(f"its {ctype_.decode('latin-1')} chunk fails its CRC check (the file is corrupt)")
+        pos += 12 + length
+        if ctype_ == b"IHDR":
+            ihdr = struct.unpack(">IIBBBBB", body)
+        elif ctype_ == b"IDAT":
+            idat.append(body)
+        elif ctype_ == b"IEND":
+            break
+    if ihdr is None or not idat:
+        raise ValueError("the file has no IHDR or no IDAT chunk")
+    width, height, depth, colour, compression, filtering, interlace = ihdr
+    if depth != 16 or colour not in _PNG_CHANNELS or compression != 0 or filtering != 0 or interlace not in (0, 1):
+        raise ValueError(f"decode_png16 reads bit depth 16, colour types 2/4/6, interlace 0/1; got depth {depth}, "
+                         f"colour type {colour}, compression {compression}, filter {filtering}, interlace {interlace}")
+    try:
+        raw = zlib.decompress(b"".join(idat))
+    except zlib.error as err:
+        raise ValueError(f"its image data cannot be inflated ({err}): the file is corrupt or cut short") from err
+    c = _PNG_CHANNELS[colour]
+    bpp = 2 * c
+    passes = [(0, 0, 1, 1)] if interlace == 0 else _ADAM7
+    out = np.zeros((height, width, c), np.uint16)
+    pos = 0
+    for r0, c0, dr, dc in passes:
+        ph, pw = -(-(height - r0) // dr), -(-(width - c0) // dc)
+        if ph <= 0 or pw <= 0:
+            continue  # an empty pass has no bytes at all, not even filter bytes
+        size = ph * (1 + pw * bpp)
+        if pos + size > len(raw):
+            raise ValueError(f"its image data holds {len(raw)} bytes, fewer than its {width}x{height} pixels need")
+        rows = np.frombuffer(raw, np.uint8, size, pos).reshape(ph, 1 + pw * bpp)
+        pos += size
+        pixels = unfilter(rows[:, 1:].reshape(ph, pw, bpp), rows[:, 0])
+        out[r0::dr, c0::dc] = pixels.view(">u2").reshape(ph, pw, c)
+    if pos != len(raw):
+        raise ValueError(f"its image data holds {len(raw)} bytes, more than its {width}x{height} pixels need ({pos})")
+    return out
+
+
+def unfilter(filtered: np.ndarray, types: np.ndarray) -> np.ndarray:
+    """Undo PNG scanline filters: ``filtered`` uint8 ``[h, w, bpp]`` (each row's bytes after its
+    filter-type byte, grouped by pixel), ``types`` uint8 ``[h]`` -> the raw bytes ``[h, w, bpp]``.
+
+    Filter f predicts each byte from a = the byte one pixel left, b = the byte above, c = the
+    byte above-left (0 outside the image): 0 none, 1 a, 2 b, 3 floor((a + b) / 2), 4 Paeth's
+    choice among a, b, c; the raw byte is (filtered + prediction) mod 256. Decoded one
+    anti-diagonal at a time (see the module's docstring).
+    """
+    h, w, bpp = filtered.shape
+    types = np.asarray(types)
+    if types.size and int(types.max()) > 4:
+        bad = int(np.argmax(types > 4))
+        raise ValueError(f"scanline {bad} has filter type {int(types[bad])}; PNG defines 0-4")
+    rec = np.zeros((h + 1, w + 1, bpp), np.int16)  # rec[y + 1, x + 1] is pixel (y, x); a zero border
+    f = filtered.astype(np.int16)
+    for k in range(h + w - 1):
+        ys = np.arange(max(0, k - w + 1), min(h, k + 1))
+        xs = k - ys
+        a = rec[ys + 1, xs]
+        b = rec[ys, xs + 1]
+        c = rec[ys, xs]
+        pa, pb, pc = np.abs(b - c), np.abs(a - c), np.abs(a + b - 2 * c)
+        paeth = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+        t = types[ys][:, None]
+        pred = np.where(t == 1, a, np.where(t == 2, b, np.where(t == 3, (a + b) >> 1,
+                                                             np.where(t == 4, paeth, 0))))
+        rec[ys + 1, xs + 1] = (f[ys, xs] + pred) & 0xFF
+    return rec[1:, 1:].astype(np.uint8)
