@@ -14,7 +14,8 @@ Four sources:
 
 :func:`load_images` dispatches on a source string (``"builtin"``,
 ``"builtin:<name>"``, ``"cifar10"``, ``"celeb_a"``, ``"files:<path>"``,
-``"array:<path>"``): the experiment binaries' ``dataset`` / ``data.source``.
+``"array:<path>"``, ``"array:<path>,key=<name>,layout=<LAYOUT>"``): the experiment binaries'
+``dataset`` / ``data.source``.
 
 :func:`validate_images` is the one input check everybody uses.
 
@@ -31,6 +32,7 @@ import glob
 import importlib.util
 import os
 import re
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -52,6 +54,7 @@ __all__ = [
     "selected_paths",
     "IMAGE_EXTENSIONS",
     "ARRAY_LAYOUTS",
+    "SOURCE_OPTIONS",
     "TFDS_DATASETS",
     "CIFAR10_CLASSES",
 ]
@@ -572,9 +575,12 @@ def _select(source, keep, indices, num_images, convert=lambda ex: ex) -> list:
 # --------------------------------------------------------------------------
 # your own images: image files (Pillow) and numpy arrays
 
-#: the file name endings :func:`load_files` reads from a directory (any case)
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp",
-                    ".ppm", ".pgm", ".pbm", ".pnm")
+#: the file name endings :func:`load_files` reads from a directory (any case): Pillow's still-image
+#: formats (``PIL.Image.registered_extensions()``), less the ones that are not plain images or are
+#: ambiguous (icons, layered PSD, animated APNG/FLI, MPO pairs, PDF/EPS, FITS/HDF5, raw ``.rgb``)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".tif", ".tiff",
+                    ".webp", ".avif", ".ppm", ".pgm", ".pbm", ".pnm", ".pfm", ".tga", ".jp2", ".j2k",
+                    ".pcx", ".sgi", ".qoi")
 # Pillow modes read as one channel (the rest are colour, or converted to RGB(A) first)
 _GRAY_MODES = ("1", "L", "LA", "La", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
 
@@ -633,8 +639,10 @@ def image_paths(path: str) -> list[str]:
 
     ``path`` (``~`` expanded) is one of:
 
-    * a directory: its files ending in :data:`IMAGE_EXTENSIONS` (any case), not its
-      subdirectories, not hidden files (a leading ``.``);
+    * a directory: its files ending in :data:`IMAGE_EXTENSIONS` (any case), not hidden files
+      (a leading ``.``), not its subdirectories: their files are read only with a ``**``
+      pattern (``photos/**/*.png``); :func:`load_files` warns about the other files it leaves
+      out;
     * a glob pattern (``*``, ``?``, ``[...]``; ``**`` descends into subdirectories), e.g.
       ``photos/**/*.jpg``: every matching file, whatever its ending (a path that exists, such as
       a directory ``photos [2024]``, is taken as itself);
@@ -666,6 +674,14 @@ def image_paths(path: str) -> list[str]:
     else:
         raise FileNotFoundError(f"{spec!r}: no such file or directory")
     return sorted(found, key=_natural_key)
+
+
+def _left_out(directory: str) -> list[str]:
+    """The non-hidden files of ``directory`` that :func:`image_paths` leaves out (their names do
+    not end in :data:`IMAGE_EXTENSIONS`), in its order."""
+    return sorted((n for n in os.listdir(directory)
+                   if not n.startswith(".") and not n.lower().endswith(IMAGE_EXTENSIONS)
+                   and os.path.isfile(os.path.join(directory, n))), key=_natural_key)
 
 
 def selected_paths(path: str, indices: Sequence[int] | None = None, num_images: int | None = None) -> list[str]:
@@ -786,7 +802,8 @@ def load_files(
 
     Args:
       path: a directory, a glob pattern or one file; which files and in which order:
-        :func:`image_paths`.
+        :func:`image_paths` (a directory's subdirectories are read only with a ``**`` pattern;
+        its non-hidden files of other endings are left out with a warning naming them).
       size: output size, an int or (H, W); each image's largest centred crop with that aspect
         ratio is resized with an antialiasing filter (as the built-in photos). None keeps the
         files' own size, which must then be the same for all.
@@ -804,6 +821,13 @@ def load_files(
     animation or multi-page file, and (with ``size=None``) files of different sizes.
     """
     chosen = selected_paths(path, indices, num_images)
+    full = os.path.expanduser(os.fspath(path))
+    skipped = _left_out(full) if os.path.isdir(full) else []
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        warnings.warn(f"{os.fspath(path)!r}: {len(skipped)} file(s) left out, their names not ending in an image "
+                      f"extension (krylovjax.data.IMAGE_EXTENSIONS): {shown}; a glob pattern such as "
+                      f"{os.path.join(os.fspath(path), '*')!r} reads files of any ending", stacklevel=2)
     hw = None if size is None else _check_size(size)
     _check_channels(channels)
     if channels is None:
@@ -822,8 +846,20 @@ def load_files(
 ARRAY_LAYOUTS = ("NCHW", "NHWC", "CHW", "HWC", "NHW", "HW")
 
 
+def _how_to_pass(option: str, values: Sequence[str], path: str) -> str:
+    """How to pass ``option`` both ways: the keyword of :func:`load_array` and the source string."""
+    kw = " or ".join(f"{option}={v!r}" for v in values)
+    return f"pass {kw} (or the source 'array:{path},{option}={values[0]}')"
+
+
 def _array_layout(shape: tuple[int, ...], layout: str, path: str) -> str:
-    """The layout of an array of ``shape``: ``layout`` checked, or inferred for "auto"."""
+    """The layout of an array of ``shape``: ``layout`` checked, or inferred for "auto".
+
+    Rank 3 under "auto", with ``(a, b, c)`` the shape: c in {1, 3} and a not: HWC; neither: NHW
+    (grayscale images); a == 1 and c not: CHW (one grayscale image, which NHW reads the same);
+    a == 3 and c not: refused (three grayscale images NHW, or one 3-channel image CHW); both a
+    and c in {1, 3}: refused. Rank 4: NCHW or NHWC by the axis of length 1 or 3, refused when
+    both or neither are. Rank 2: HW."""
     if layout != "auto":
         if layout not in ARRAY_LAYOUTS:
             raise ValueError(f"layout must be 'auto' or one of {ARRAY_LAYOUTS}, got {layout!r}")
@@ -839,11 +875,17 @@ def _array_layout(shape: tuple[int, ...], layout: str, path: str) -> str:
                                      (("NHWC" if len(shape) == 4 else "HWC"), last in ch)) if ok]
         if len(shape) == 3 and not cands:
             return "NHW"
+        if len(shape) == 3 and cands == ["CHW"] and first == 3:  # CHW or NHW: both read the array
+            raise ValueError(
+                f"layout: cannot tell the layout of the shape {shape} of {path!r}: 3 grayscale images of "
+                f"{shape[1]}x{shape[2]} (NHW) or one 3-channel image of {shape[1]}x{shape[2]} (CHW); "
+                + _how_to_pass("layout", ("NHW", "CHW"), path))
         if len(cands) == 1:
             return cands[0]
         why = "both axes could be channels" if cands else "no axis of length 1 or 3 for the channels"
-        raise ValueError(f"layout: cannot tell the layout of {path!r}'s shape {shape} ({why}); pass one "
-                         f"of {tuple(x for x in ARRAY_LAYOUTS if len(x) == len(shape))}")
+        lays = tuple(x for x in ARRAY_LAYOUTS if len(x) == len(shape))
+        raise ValueError(f"layout: cannot tell the layout of the shape {shape} of {path!r} ({why}); "
+                         + _how_to_pass("layout", lays, path))
     raise ValueError(f"{path!r} holds an array of shape {shape}; expected rank 2 to 4 (layouts {ARRAY_LAYOUTS})")
 
 
@@ -864,12 +906,15 @@ def load_array(
     Args:
       path: the file (``~`` expanded).
       key: the array of a ``.npz`` file; None takes its only array, or the one named
-        ``images``.
+        ``images`` (else refused, with the names to pass).
       layout: ``"auto"`` or one of :data:`ARRAY_LAYOUTS`. "auto" takes the axis of length 1 or
         3 for the channels (first or last of the image axes; NCHW / NHWC, CHW / HWC), a rank-3
         array with neither as a batch of grayscale images (NHW), and a rank-2 array as one
-        grayscale image; an array where both or neither could be the channels is refused, with
-        the layouts to pass.
+        grayscale image. Refused, with the layouts to pass: an array where both or neither could
+        be the channels, and a rank-3 array ``(3, H, W)`` (three grayscale images NHW, or one
+        3-channel image CHW; ``(1, H, W)`` is one grayscale image either way).
+      ``key`` and ``layout`` can also be given in a :func:`load_images` source string:
+      ``"array:<path>,key=<name>,layout=<LAYOUT>"``.
       size: as :func:`load_files` (None keeps the array's size).
       channels: 1 or 3, as :func:`load_files`; None keeps the array's.
       indices / num_images: as :func:`load_files`, along the images' axis.
@@ -909,7 +954,8 @@ def load_array(
             names = list(obj.files)
             if key is None:
                 if len(names) != 1 and "images" not in names:
-                    raise ValueError(f"key: {spec!r} holds the arrays {names}; name the one to load")
+                    raise ValueError(f"key: {spec!r} holds the arrays {names}; name the one to load, e.g. "
+                                     + _how_to_pass("key", names[:1], spec))
                 key = names[0] if len(names) == 1 else "images"
             elif key not in names:
                 raise ValueError(f"key must be one of the arrays of {spec!r}, {names}, got {key!r}")
@@ -956,6 +1002,35 @@ def load_array(
 # dispatch
 
 
+#: the options an ``array:`` source string may end with: ``array:<path>,key=<name>,layout=<LAYOUT>``
+SOURCE_OPTIONS = ("key", "layout")
+
+
+def _source_options(source: str, path: str) -> tuple[str, dict[str, str]]:
+    """An ``array:`` source's ``path`` without its trailing ``,name=value`` options, and them.
+
+    A path that exists as given (commas included) is taken as itself; so is what is left once an
+    option is taken off and it exists."""
+    opts: dict[str, str] = {}
+    while "," in path and not os.path.exists(os.path.expanduser(path)):
+        head, tail = path.rsplit(",", 1)
+        m = re.fullmatch(r"\s*([A-Za-z_]\w*)\s*=(.*)", tail)
+        if m is None:
+            break
+        name, value = m.group(1), m.group(2).strip()
+        if name not in SOURCE_OPTIONS:
+            raise ValueError(f"source: {source!r} ends in an unknown option {name!r}; the options are "
+                             f"{', '.join(SOURCE_OPTIONS)} ('array:<path>,key=<name>,layout=<LAYOUT>'), and "
+                             f"no file {path!r} exists")
+        if name in opts:
+            raise ValueError(f"source: {source!r} gives the option {name} twice")
+        if not value:
+            raise ValueError(f"source: {source!r} gives the option {name} no value")
+        opts[name] = value
+        path = head
+    return path, opts
+
+
 def load_images(source: str, **kwargs: Any) -> np.ndarray:
     """One entry point for configs: returns ``[B, C, H, W]`` float32 in [0, 1].
 
@@ -969,7 +1044,12 @@ def load_images(source: str, **kwargs: Any) -> np.ndarray:
       * ``"files:<path>"``: your image files, a directory, a glob pattern or one
         file (:func:`load_files`; kwargs size, channels, indices, num_images);
       * ``"array:<path>"``: your ``.npy``/``.npz`` array (:func:`load_array`;
-        kwargs key, layout, size, channels, indices, num_images).
+        kwargs key, layout, size, channels, indices, num_images). ``key`` and ``layout`` can
+        also end the source string, so that every binary taking a source passes them:
+        ``"array:<path>,key=<name>"``, ``"array:<path>,layout=NHW"``,
+        ``"array:<path>,key=<name>,layout=<LAYOUT>"`` (either or both, in any order; only these
+        two names; a path that exists as given, commas included, is taken as itself). An option
+        given both in the string and as a keyword argument is refused.
     The result passes :func:`validate_images`.
     """
     expected = f"'builtin', 'builtin:<name>', {', '.join(repr(n) for n in TFDS_DATASETS)}, 'files:<path>' or 'array:<path>'"
@@ -989,7 +1069,17 @@ def load_images(source: str, **kwargs: Any) -> np.ndarray:
         kind, path = source.split(":", 1)
         if not path:
             raise ValueError(f"source: {source!r} names no path; expected {kind}:<path>")
-        images = (load_files if kind == "files" else load_array)(path, **kwargs)
+        if kind == "files":
+            images = load_files(path, **kwargs)
+        else:
+            path, opts = _source_options(source, path)
+            if not path:
+                raise ValueError(f"source: {source!r} names no path; expected array:<path>")
+            both = [k for k in opts if k in kwargs]
+            if both:
+                raise ValueError(f"source: {source!r} gives {both[0]}, which is also passed as the keyword "
+                                 f"argument {both[0]}={kwargs[both[0]]!r}; give it once")
+            images = load_array(path, **opts, **kwargs)
     else:
         raise ValueError(f"source must be {expected}, got {source!r}")
     return validate_images(images)

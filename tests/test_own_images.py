@@ -6,6 +6,7 @@ back must be them / 255 (or / 65535); resizing is checked against a centre crop 
 and ``skimage.transform.resize``."""
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -28,6 +29,7 @@ def _save(path, arr, **kw):
 # ----------------------------------------------------------------------------- image files
 
 
+@pytest.mark.filterwarnings("ignore:.*file\\(s\\) left out")  # notes.txt: checked once below
 def test_files_read_exactly_in_natural_order(tmp_path):
     """A directory's image files, sorted with numbers compared as numbers; other files, hidden
     files and subdirectories are left out; the pixels are the PNGs' / 255 exactly."""
@@ -41,7 +43,8 @@ def test_files_read_exactly_in_natural_order(tmp_path):
     _save(tmp_path / "sub" / "img0.png", _rgb(rng, 6, 9))
     order = ["img1.PNG", "img2.png", "img10.png"]
     assert D.image_paths(str(tmp_path)) == [str(tmp_path / n) for n in order]
-    x = D.load_files(str(tmp_path))
+    with pytest.warns(UserWarning, match=r"1 file\(s\) left out.*: notes\.txt;"):  # named, not skipped silently
+        x = D.load_files(str(tmp_path))
     assert x.shape == (3, 3, 6, 9) and x.dtype == np.float32
     want = np.stack([arrs[n] for n in order]).transpose(0, 3, 1, 2) / 255.0
     np.testing.assert_allclose(x, want, rtol=0, atol=1e-7)
@@ -219,6 +222,51 @@ def test_files_read_on_threads_keep_their_order_and_the_first_error(tmp_path, mo
         D.load_files(str(tmp_path), size=6, channels=3)  # channels given: no header pass first
 
 
+# Pillow reads these (and the endings listed before them); a directory left them out silently
+NEW_ENDINGS = {".jfif": "JPEG", ".jpe": "JPEG", ".tga": "TGA", ".dib": "DIB", ".jp2": "JPEG2000",
+               ".j2k": "JPEG2000", ".pcx": "PCX", ".sgi": "SGI", ".qoi": "QOI", ".avif": "AVIF"}
+
+
+def test_directory_reads_every_pillow_image_ending_and_names_the_files_it_leaves_out(tmp_path):
+    """A directory's .jfif, .tga, ... files were left out (a .jfif named directly loaded fine);
+    now they are read, and the non-hidden files it still leaves out are named in one warning."""
+    rng = np.random.default_rng(13)
+    a = _rgb(rng, 8, 8)
+    for i, (ext, fmt) in enumerate(NEW_ENDINGS.items()):
+        Image.fromarray(a).save(tmp_path / f"im{i}{ext.upper() if i % 2 else ext}", format=fmt)
+    Image.fromarray(rng.random((8, 8)).astype(np.float32)).save(tmp_path / "f.pfm")
+    assert {".jfif", ".jpe", ".tga", ".pfm"} <= set(D.IMAGE_EXTENSIONS)
+    assert not {".pdf", ".eps", ".ps", ".h5", ".fits", ".ico", ".psd", ".apng"} & set(D.IMAGE_EXTENSIONS)
+    n = len(NEW_ENDINGS) + 1
+    assert len(D.image_paths(str(tmp_path))) == n
+    for name in ("notes.txt", "data.csv", "scan.heic"):
+        (tmp_path / name).write_text("x")
+    (tmp_path / ".DS_Store").write_text("x")
+    os.mkdir(tmp_path / "sub")
+    _save(tmp_path / "sub" / "deeper.png", a)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x = D.load_files(str(tmp_path), size=4)
+        assert D.load_images(f"files:{tmp_path}", num_images=1, channels=3).shape == (1, 3, 8, 8)
+    assert x.shape == (n, 3, 4, 4)
+    msgs = [str(w.message) for w in caught]
+    assert len(msgs) == 2 and msgs[0] == msgs[1], msgs  # one per load
+    assert msgs[0] == (f"{str(tmp_path)!r}: 3 file(s) left out, their names not ending in an image extension "
+                       f"(krylovjax.data.IMAGE_EXTENSIONS): data.csv, notes.txt, scan.heic; a glob pattern such "
+                       f"as {str(tmp_path / '*')!r} reads files of any ending")
+    for name in range(4):
+        (tmp_path / f"z{name}.txt").write_text("x")
+    with pytest.warns(UserWarning, match=r": 7 file\(s\) left out.*: data\.csv, notes\.txt, scan\.heic, z0\.txt, "
+                                         r"z1\.txt, \.\.\.;"):
+        D.load_files(str(tmp_path), indices=[0])
+    # a pattern or one file warns about nothing, and image_paths (the binaries' file lists) neither
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        D.load_files(str(tmp_path / "im0.jfif"))
+        D.load_files(str(tmp_path / "im*"))
+        D.image_paths(str(tmp_path))
+
+
 @pytest.mark.parametrize("kw, match", [
     ({"indices": [3]}, r"indices must be < 2 \(the 2 files of"),
     ({"indices": [0], "num_images": 1}, "mutually exclusive"),
@@ -272,6 +320,87 @@ def test_array_single_images_gray_batches_and_dtypes(tmp_path):
     lum = hwc @ np.array([0.2125, 0.7154, 0.0721])
     want = sk_resize(lum[:, :6], (4, 4), order=1, mode="reflect", anti_aliasing=True)  # centred 6 x 6 of 6 x 7
     np.testing.assert_allclose(x[0, 0], want, atol=1e-6)
+
+
+def test_array_three_by_h_by_w_is_refused_with_both_readings(tmp_path):
+    """(3, H, W) was taken for one RGB image: it may as well be three grayscale images."""
+    a = (np.random.default_rng(15).random((3, 20, 21)) * 255).astype(np.uint8)
+    path = str(tmp_path / "gray3.npy")
+    np.save(path, a)
+    with pytest.raises(ValueError) as err:
+        D.load_array(path)
+    assert str(err.value) == (
+        f"layout: cannot tell the layout of the shape (3, 20, 21) of {path!r}: 3 grayscale images of 20x21 "
+        f"(NHW) or one 3-channel image of 20x21 (CHW); pass layout='NHW' or layout='CHW' (or the source "
+        f"'array:{path},layout=NHW')")
+    with pytest.raises(ValueError, match="3 grayscale images"):
+        D.load_images(f"array:{path}")
+    np.testing.assert_allclose(D.load_array(path, layout="NHW"), a[:, None] / 255.0, atol=1e-7)
+    np.testing.assert_allclose(D.load_array(path, layout="CHW"), a[None] / 255.0, atol=1e-7)
+    np.testing.assert_allclose(D.load_images(f"array:{path},layout=NHW"), a[:, None] / 255.0, atol=1e-7)
+    np.testing.assert_allclose(D.load_images(f"array:{path},layout=CHW"), a[None] / 255.0, atol=1e-7)
+    # the rank-3 shapes that tell their layout still do
+    for shape, want in (((1, 20, 21), lambda x: x[None]),                    # CHW or NHW: the same image
+                        ((20, 21, 3), lambda x: x.transpose(2, 0, 1)[None]),  # HWC
+                        ((20, 21, 1), lambda x: x.transpose(2, 0, 1)[None]),  # HWC
+                        ((5, 20, 21), lambda x: x[:, None]),                 # NHW
+                        ((20, 21, 22), lambda x: x[:, None])):               # NHW
+        x = (np.random.default_rng(14).random(shape) * 255).astype(np.uint8)
+        np.save(tmp_path / "x.npy", x)
+        np.testing.assert_allclose(D.load_array(str(tmp_path / "x.npy")), want(x) / 255.0, atol=1e-7)
+
+
+def test_array_source_options(tmp_path):
+    """``array:<path>,key=<name>,layout=<LAYOUT>``: the options the binaries had no way to pass."""
+    rng = np.random.default_rng(16)
+    a, b = rng.random((2, 3, 5, 5)), rng.random((3, 5, 6))
+    path = str(tmp_path / "two.npz")
+    np.savez(path, a=a, b=b)
+    with pytest.raises(ValueError) as err:
+        D.load_images(f"array:{path}")
+    assert str(err.value) == (f"key: {path!r} holds the arrays ['a', 'b']; name the one to load, e.g. pass key='a' "
+                              f"(or the source 'array:{path},key=a')")
+    np.testing.assert_allclose(D.load_images(f"array:{path},key=a"), a, atol=1e-7)
+    for src in (f"array:{path},key=b,layout=NHW", f"array:{path}, layout=NHW ,key=b"):
+        np.testing.assert_allclose(D.load_images(src), b[:, None], atol=1e-7)
+    np.testing.assert_allclose(D.load_images(f"array:{path},layout=CHW", key="b"), b[None], atol=1e-7)
+    np.testing.assert_allclose(D.load_images(f"array:{path},key=b,layout=NHW", indices=[2], size=4),
+                               D.load_array(path, key="b", layout="NHW", indices=[2], size=4), atol=0)
+    # through a binary's config: denoise/budget's config.data.source
+    import ml_collections
+
+    from experiments import denoise
+
+    cfg = ml_collections.ConfigDict({"source": f"array:{path},layout=NHW,key=b", "size": None, "index": 1,
+                                     "kwargs": {}})
+    np.testing.assert_allclose(denoise.load_clean(cfg), b[1][None, None], atol=1e-7)
+    # a path that exists as given is itself, commas and '=' included
+    odd = tmp_path / "run,key=b"
+    os.makedirs(odd)
+    np.save(odd / "x,layout=NHW.npy", b)
+    with pytest.raises(ValueError, match="3 grayscale images"):  # the file itself: no option taken off
+        D.load_images(f"array:{odd / 'x,layout=NHW.npy'}")
+    np.testing.assert_allclose(D.load_images(f"array:{odd / 'x,layout=NHW.npy'},layout=NHW"), b[:, None], atol=1e-7)
+    with pytest.raises(ValueError) as err:
+        D.load_images(f"array:{path},kee=a")
+    assert str(err.value) == (f"source: 'array:{path},kee=a' ends in an unknown option 'kee'; the options are key, "
+                              f"layout ('array:<path>,key=<name>,layout=<LAYOUT>'), and no file '{path},kee=a' exists")
+    with pytest.raises(ValueError) as err:
+        D.load_images(f"array:{path},key=b", key="a")
+    assert str(err.value) == (f"source: 'array:{path},key=b' gives key, which is also passed as the keyword "
+                              f"argument key='a'; give it once")
+    with pytest.raises(ValueError, match="gives layout, which is also passed as the keyword argument layout='auto'"):
+        D.load_images(f"array:{path},key=b,layout=NHW", layout="auto")
+    with pytest.raises(ValueError, match="gives the option key twice"):
+        D.load_images(f"array:{path},key=a,key=b")
+    with pytest.raises(ValueError, match="gives the option layout no value"):
+        D.load_images(f"array:{path},layout=")
+    with pytest.raises(ValueError, match="layout must be 'auto' or one of"):
+        D.load_images(f"array:{path},key=b,layout=nhw")
+    with pytest.raises(ValueError, match="names no path"):
+        D.load_images("array:,key=a")
+    with pytest.raises(FileNotFoundError, match=r"none\.npz': no such file"):
+        D.load_images(f"array:{tmp_path / 'none.npz'},key=a")
 
 
 def test_array_npz_keys(tmp_path):
@@ -423,6 +552,28 @@ def test_precompute_binary_on_files_and_on_the_same_array(tmp_path):
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith("error: path: ") and "inputs_hash differs" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_precompute_binary_takes_the_array_options_in_the_source(tmp_path):
+    """The binary has no key/layout flag: the source string carries them; its refusal of an
+    ambiguous (3, H, W) array says so, in one line."""
+    from krylovjax.training import trajectories_from_store
+
+    a = (np.random.default_rng(17).random((3, 10, 10)) * 255).astype(np.uint8)
+    path = str(tmp_path / "gray3.npy")
+    np.save(path, a)
+    out = _precompute(tmp_path / "w", f"array:{path}")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: dataset 'array:{path}': layout: cannot tell the layout of the shape (3, 10, 10) of {path!r}: 3 "
+        f"grayscale images of 10x10 (NHW) or one 3-channel image of 10x10 (CHW); pass layout='NHW' or "
+        f"layout='CHW' (or the source 'array:{path},layout=NHW')")
+    out = _precompute(tmp_path / "w", f"array:{path},layout=NHW")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "3 of 3" in out.stdout
+    x = np.asarray(trajectories_from_store(str(tmp_path / "w" / "store")).x)
+    assert x.shape == (3, 2, 1, 8, 8)
+    np.testing.assert_allclose(x[:, 0], D.load_array(path, layout="NHW", size=8), atol=1e-7)
 
 
 @pytest.mark.parametrize("dataset, extra, message", [
