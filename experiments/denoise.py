@@ -694,6 +694,7 @@ def ddpm_denoiser(cfg, tc, noisy, method: str | None = None) -> Callable:
     import jax
     import jax.numpy as jnp
 
+    from experiments import generate
     from krylovjax import ddpm
 
     sched = tc.ddpm_schedule(dtype=jnp.asarray(noisy).dtype)
@@ -714,11 +715,7 @@ def ddpm_denoiser(cfg, tc, noisy, method: str | None = None) -> Callable:
         else:
             r = ddpm.ddim_sample(fn, x0, schedule=sched, num_steps=sched.num_steps, **kw)
         out = to_unit((r.x + 1.0) / 2.0, mode)
-        frames = None
-        if r.trajectory is not None:
-            abar = jnp.concatenate([jnp.ones((1,), sched.alpha_bars.dtype), sched.alpha_bars])
-            scale = jnp.sqrt(abar[r.times]).astype(r.trajectory.dtype)[:, :, None, None, None]
-            frames = jnp.clip((r.trajectory / scale + 1.0) / 2.0, 0.0, 1.0)
+        frames = None if r.trajectory is None else generate.ddpm_frames(r, sched)
         return out, frames, r.num_score_evals
 
     return _compiled_once(sample)

@@ -86,6 +86,31 @@ def check_generates(tc) -> None:
                          "(ddpm_max_train_step None) to generate")
 
 
+def constant_perturbation(tc) -> bool:
+    """Whether the model's SDE has a constant perturbation std (Paper A's constant-g SDE with
+    ``std`` set): no noise-level schedule, so no prior at t = 1 and no start time for a noise level."""
+    return tc.sde == "constant" and dict(tc.sde_kwargs).get("std", 0.1) is not None
+
+
+def with_indices(fn, tc, idx, rows: str = "M"):
+    """The model ``fn`` with the image indices ``idx`` closed over (``(x, t) -> ...``), as the
+    samplers call it; ``idx`` is required for a model trained with per-image time intervals."""
+    if tc.per_image_offset and idx is None:
+        raise ValueError(f"idx: required ([{rows}] image indices) for a model trained with per_image_offset")
+    return fn if idx is None else (lambda x, t: fn(x, t, idx=idx))
+
+
+def ddpm_frames(r, sched):
+    """A DDPM trajectory ``r`` (states in the network's [-1, 1] range) shown on the data scale:
+    each state divided by ``sqrt(abar_k)`` of its step, mapped by ``(x + 1) / 2`` and clipped to
+    [0, 1], so the frames of a figure are comparable."""
+    import jax.numpy as jnp
+
+    abar = jnp.concatenate([jnp.ones((1,), sched.alpha_bars.dtype), sched.alpha_bars])
+    scale = jnp.sqrt(abar[r.times]).astype(r.trajectory.dtype)[:, :, None, None, None]
+    return jnp.clip((r.trajectory / scale + 1.0) / 2.0, 0.0, 1.0)
+
+
 def resolve_sampler(tc, sampler: str) -> str:
     """The concrete sampler for a model of ``tc`` (``auto`` resolved), or ValueError."""
     check_generates(tc)
@@ -96,8 +121,7 @@ def resolve_sampler(tc, sampler: str) -> str:
             raise ValueError(f"sampler: a DDPM model takes one of {SAMPLERS_DDPM} (or auto), got {sampler!r}")
         return sampler
     if sampler == "auto":
-        constant_lambda = tc.sde == "constant" and dict(tc.sde_kwargs).get("std", 0.1) is not None
-        return "paper_a" if constant_lambda else "ode"
+        return "paper_a" if constant_perturbation(tc) else "ode"
     if sampler not in SAMPLERS_OURS:
         raise ValueError(f"sampler: a score model takes one of {SAMPLERS_OURS} (or auto), got {sampler!r}")
     return sampler
@@ -170,9 +194,7 @@ def sample_arrays(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_st
     # A model trained with per-image time intervals takes the image index, DDPM's as ours' (before
     # 2026-12-06 DDPM's samplers were handed the model without it: a DDPM of train_tiny.py, whose
     # per_image_offset is on, could not generate).
-    if tc.per_image_offset and idx is None:
-        raise ValueError("idx: required ([M] image indices) for a model trained with per_image_offset")
-    f = fn if idx is None else (lambda x, t: fn(x, t, idx=idx))
+    f = with_indices(fn, tc, idx)
     if tc.method == "ddpm":
         sched = tc.ddpm_schedule(dtype=dtype)
         k_prior, k_run = jax.random.split(key)
@@ -184,10 +206,7 @@ def sample_arrays(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_st
             steps = int(num_steps) if num_steps else sched.num_steps
             r = ddpm.ddim_sample(f, x_T, schedule=sched, num_steps=min(steps, sched.num_steps),
                                  clip_x0=(-1.0, 1.0), return_trajectory=True, num_frames=num_frames)
-        abar = jnp.concatenate([jnp.ones((1,), sched.alpha_bars.dtype), sched.alpha_bars])
-        scale = jnp.sqrt(abar[r.times]).astype(r.trajectory.dtype)[:, :, None, None, None]
-        frames = jnp.clip((r.trajectory / scale + 1.0) / 2.0, 0.0, 1.0)
-        return jnp.clip((r.x + 1.0) / 2.0, 0.0, 1.0), frames, r.num_score_evals
+        return jnp.clip((r.x + 1.0) / 2.0, 0.0, 1.0), ddpm_frames(r, sched), r.num_score_evals
 
     sde = tc.make_sde()
     if sampler == "paper_a":

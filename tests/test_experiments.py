@@ -712,6 +712,51 @@ def test_generate_from_train_run(denoise_run, tmp_path, monkeypatch):
     assert _snapshot(str(out)) == before
 
 
+def test_restore_reproduces_the_denoise_runs_outputs(denoise_run, tmp_path):
+    """``experiments.restore`` on the denoise run's two models, given the run's noisy input
+    (``--add_noise`` = its noise std and seed), against the denoise experiment's own denoisers:
+    DDPM (ancestral, the run's ``eval_seed`` 1) gives the run's final SSIM, PSNR and number of
+    network evaluations; ours with ``flow`` (no Tweedie step) gives what
+    ``experiments.denoise.ours_denoiser`` gives with ``ours.sampler.kind = "flow"`` (the demo
+    config's sampler; this run used ``paper_a`` to compile faster), computed here."""
+    from experiments import denoise
+    from experiments.configs import denoise_demo
+    from krylovjax import metrics, training
+    from krylovjax.data import load_images
+
+    wd, _ = denoise_run
+    ref = load_images("builtin:chelsea", size=16)
+    final = json.load(open(os.path.join(wd, "results.json")))["methods"]["ddpm"]["final"]
+    fn = training.load_score_fn(f"{wd}/ours")
+    cfg = denoise_demo.get_config()
+    noisy = denoise.noisy_input(cfg, ref)
+    x, _, nfe = denoise.ours_denoiser(cfg, fn.config, noisy)(fn)
+    ours = {"ssim": float(metrics.ssim(x, ref)[0]), "psnr": float(metrics.psnr(x, ref)[0]), "network_evals": nfe}
+    for method, extra, want in (("ours", ["--sampler=flow", "--final_denoise=false"], ours),
+                                ("ddpm", ["--seed=1"], final)):
+        out = tmp_path / method
+        proc = _run("experiments.restore", [f"--workdir={wd}/{method}", "--input=builtin:chelsea", "--add_noise=0.506",
+                                            f"--outdir={out}", "--num_frames=3", *extra])
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        res = json.load(open(out / "restore.json"))
+        (rec,) = res["images"]
+        assert rec["ssim_output"] == pytest.approx(want["ssim"], abs=1e-4), method
+        assert rec["psnr_output"] == pytest.approx(want["psnr"], abs=1e-2), method
+        assert res["network_evals"] == want["network_evals"], method
+        np.testing.assert_array_equal(np.load(out / "noisy.npy"), noisy)
+        den = np.load(out / "denoised.npy")
+        assert den.shape == (1, 3, 16, 16)
+        assert float(metrics.ssim(den, ref)[0]) == pytest.approx(rec["ssim_output"], abs=1e-6)
+        assert str(out / "restore.md") in proc.stdout
+        assert os.path.isfile(out / "denoised" / "000.png") and os.path.isfile(out / "restore.png")
+    # a bad flag: one line, nothing created
+    bad = tmp_path / "bad"
+    proc = _run("experiments.restore", [f"--workdir={wd}/ours", "--input=builtin:chelsea", "--noise_std=-1",
+                                        f"--outdir={bad}"])
+    assert proc.returncode != 0 and "noise_std: expected finite values > 0" in proc.stderr
+    assert "Traceback" not in proc.stderr and not bad.exists()
+
+
 def test_budget_smoke_and_bad_budget(tmp_path):
     from experiments import budget
     from experiments.configs import budget_demo

@@ -1,0 +1,402 @@
+r"""Denoise your own noisy images with a trained model (Paper A's task, on your images).
+
+Usage::
+
+    python -m experiments.restore --workdir=runs/mine_ours --input=files:~/noisy --noise_std=auto
+    python -m experiments.restore --workdir=runs/demo/ours --input=builtin:chelsea --add_noise=0.3
+
+``--workdir`` is a training run (``experiments.train``, or the ``ours/`` / ``ddpm/`` run inside
+an ``experiments.denoise`` or ``experiments.budget`` work directory); its latest checkpoint's EMA
+weights are loaded (:func:`krylovjax.training.load_score_fn`).
+
+``--input`` is a :func:`krylovjax.data.load_images` source: ``files:<folder, glob pattern or
+file>``, ``array:<file.npy or .npz>``, ``builtin:<name>``, ... Each image is centre-cropped and
+resized to the model's size (``--num_images``: its first ones, 0 = all).
+
+``--noise_std`` is the standard deviation of the Gaussian noise in the inputs on the [0, 1] pixel
+scale, as the model sees them (after the resize, which averages noise away when the files are
+larger than the model): a number, or ``auto``, each image's own estimate
+(:func:`estimate_noise`: Donoho's median absolute deviation of its finest diagonal wavelet
+coefficients, for Gaussian noise). The estimate is reported for every image either way.
+``--add_noise=S`` first adds ``N(0, S^2)`` noise (``--noise_seed``) to the inputs and clamps to
+[0, 1], Paper A's test input, and scores the outputs against the inputs: a demonstration on clean
+images (``--noise_std`` then defaults to ``S``). ``--clean`` is a source of the clean images, in the
+inputs' order, to score against otherwise.
+
+Samplers (``--sampler``):
+
+* ours (score model): ``ode`` = :func:`krylovjax.sampling.denoise`, the probability-flow ODE
+  (Dormand-Prince, rtol = atol = 1e-3) from the time whose noise level is ``--noise_std`` (each
+  image its own with ``auto``) down to t = 1e-3, then Tweedie's step (``--final_denoise``);
+  ``sde`` = the same start with ``--num_steps`` Euler-Maruyama steps; ``flow`` = the
+  probability-flow ODE from t = 1 whatever the noise level (Paper B's sampler, the
+  ``experiments.denoise`` demo's); ``paper_a`` = Paper A's damped reverse SDE from t = 1 to 0
+  (``--num_steps`` steps, noise 0.1 g sqrt(dt), clamped to [0, 1]). ``auto`` = ``paper_a`` for a
+  model with a constant perturbation ``std`` (it has no noise-level schedule to start from), else
+  ``ode``.
+* DDPM: ``ancestral`` (the default) or ``ddim``: :func:`krylovjax.ddpm.ddpm_denoise` from the
+  step whose noise level matches ``2 noise_std`` (the network's [-1, 1] range).
+
+A model trained with per-image time intervals (``per_image_offset``) needs the training image
+each input is a noisy copy of: ``--image_index=k`` (one for all inputs, or one per input; 0 when
+the model was trained on one image).
+
+Outputs in ``--outdir`` (default ``<workdir>/restore``): ``denoised/<k>_<name>.png`` (8-bit, named
+after the input files), ``denoised.npy`` (float32 ``[B, C, H, W]`` in [0, 1]), ``noisy.npy`` (the
+inputs as denoised: resized, with the added noise), ``restore.png`` (per image: the input, frames
+of its trajectory, the output and the clean image when known), ``restore.md`` and
+``restore.json`` (written last: it marks a finished run; SSIM and PSNR of input and output
+against the clean images when known). One run at a time per output directory; other settings
+or other input pixels are refused there, a finished run is redone only with ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+SAMPLERS_OURS = ("ode", "sde", "flow", "paper_a")
+SAMPLERS_DDPM = ("ancestral", "ddim")
+RESULT_FILES = ("restore.png", "restore.md", "restore.json", "denoised.npy", "noisy.npy", "denoised/")
+T_END = 1e-3  # the ode, sde and flow samplers stop here (Paper B's epsilon)
+ODE_TOL = 1e-3  # Paper B's rtol and atol
+
+if __name__ == "__main__":
+    flags.DEFINE_string("workdir", None, "Training run directory (with checkpoints/).")
+    flags.DEFINE_string("input", None, "load_images source of the noisy images (files:<path>, array:<path>, "
+                        "builtin:<name>, ...).")
+    flags.DEFINE_string("noise_std", None, "Noise standard deviation of the inputs on the [0, 1] scale, or "
+                        "'auto' (estimated per image). Default: --add_noise when given, else required.")
+    flags.DEFINE_float("add_noise", 0.0, "Add N(0, S^2) noise to the inputs first (clamped to [0, 1]) and score "
+                       "against them: a demonstration on clean images.")
+    flags.DEFINE_integer("noise_seed", 0, "Seed of --add_noise's noise.")
+    flags.DEFINE_string("clean", None, "Optional load_images source of the clean images, in the inputs' order.")
+    flags.DEFINE_integer("num_images", 0, "Denoise the first N images of --input (0: all).")
+    flags.DEFINE_list("image_index", [], "Training image of each input for a per_image_offset model "
+                      "(one for all, or one per input).")
+    flags.DEFINE_string("outdir", None, "Output directory (default: <workdir>/restore).")
+    flags.DEFINE_enum("sampler", "auto", ("auto",) + SAMPLERS_OURS + SAMPLERS_DDPM, "Sampler (see module doc).")
+    flags.DEFINE_integer("num_steps", 50, "Steps of the sde and paper_a samplers.")
+    flags.DEFINE_integer("num_frames", 6, "Trajectory frames shown per image (>= 2).")
+    flags.DEFINE_integer("seed", 0, "PRNG seed of the stochastic samplers.")
+    flags.DEFINE_bool("final_denoise", True, "Ours' ode/sde/flow samplers: end with Tweedie's denoising step.")
+    flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
+    flags.DEFINE_bool("overwrite", False, "Redo a finished run with the same settings in --outdir.")
+    flags.mark_flags_as_required(["workdir", "input"])
+
+
+def resolve_sampler(tc, sampler: str) -> str:
+    """The concrete denoising sampler for a model of ``tc`` (``auto`` resolved), or ValueError."""
+    from experiments.generate import constant_perturbation
+
+    if tc.method == "ddpm":
+        if sampler == "auto":
+            return "ancestral"
+        if sampler not in SAMPLERS_DDPM:
+            raise ValueError(f"sampler: a DDPM model takes one of {SAMPLERS_DDPM} (or auto), got {sampler!r}")
+        return sampler
+    if sampler == "auto":
+        return "paper_a" if constant_perturbation(tc) else "ode"
+    if sampler not in SAMPLERS_OURS:
+        raise ValueError(f"sampler: a score model takes one of {SAMPLERS_OURS} (or auto), got {sampler!r}")
+    if sampler in ("ode", "sde") and constant_perturbation(tc):
+        raise ValueError(f"sampler: {sampler!r} starts at the time matching the noise level, but this model's "
+                         "perturbation std is constant (no noise-level schedule); use paper_a or flow")
+    return sampler
+
+
+def estimate_noise(images) -> "Any":
+    """Each image's Gaussian noise standard deviation ``[B]`` (float64), Donoho's wavelet estimate:
+    the median absolute value of the finest diagonal (HH) Haar coefficients ``(a - b - c + d) / 2``
+    of the 2x2 blocks, divided by 0.6745 (the median of |N(0, 1)|), averaged over the channels.
+    Haar's orthonormal HH coefficient of i.i.d. noise has the noise's variance, and it cancels any
+    image content of the form f(row) + g(column); edges and texture bias it upwards."""
+    import numpy as np
+
+    x = np.asarray(images, np.float64)
+    h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
+    x = x[:, :, :h, :w]
+    hh = (x[:, :, 0::2, 0::2] - x[:, :, 0::2, 1::2] - x[:, :, 1::2, 0::2] + x[:, :, 1::2, 1::2]) / 2.0
+    return np.median(np.abs(hh), axis=(2, 3)).mean(axis=1) / 0.6744897501960817
+
+
+def check_noise_std(tc, sampler: str, noise_std, dtype) -> None:
+    """Refuse, naming ``noise_std``, a level the sampler cannot start from (outside the model's noise
+    range); ``flow`` and ``paper_a`` start at t = 1 whatever the level."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from krylovjax import ddpm, sampling
+
+    std = np.asarray(noise_std, np.float64)
+    if not (np.all(np.isfinite(std)) and np.all(std > 0)):
+        raise ValueError(f"noise_std: expected finite values > 0, got {std}")
+    hint = ""
+    try:
+        if tc.method == "ddpm":
+            ddpm.denoise_start_step(2.0 * std, schedule=tc.ddpm_schedule(dtype=dtype))
+        elif sampler in ("ode", "sde"):
+            hint = "; --sampler=flow or paper_a start at t = 1 whatever the noise level"
+            sampling.start_time(tc.make_sde(), jnp.asarray(std, dtype), t_min=T_END, t_max=1.0)
+    except ValueError as e:
+        why = str(e).removeprefix("noise_std: ")
+        scale = " (twice that in the DDPM's [-1, 1] range)" if tc.method == "ddpm" else ""
+        levels = np.round(std, 4).tolist()
+        raise ValueError(f"noise_std: the model cannot start from {levels}{scale}: {why}{hint}") from e
+
+
+def restore_arrays(fn, tc, noisy, noise_std, key, *, idx=None, sampler: str = "auto", num_steps: int = 50,
+                   num_frames: int = 6, final_denoise: bool = True):
+    """Denoise ``noisy [B, C, H, W]`` in [0, 1] with a trained model.
+
+    Args:
+      fn: the model of :func:`krylovjax.training.load_score_fn` (``score_fn`` or ``eps_fn``).
+      tc: its :class:`krylovjax.training.TrainConfig`.
+      noisy: ``[B, C, H, W]`` noisy images on the [0, 1] scale.
+      noise_std: their noise level, a scalar or ``[B]`` (not used by ``flow`` and ``paper_a``).
+      key: PRNG key of the stochastic samplers.
+      idx: ``[B]`` training image indices (models with per-image time intervals).
+      sampler, num_steps, num_frames, final_denoise: see the module docstring.
+
+    Returns:
+      ``(denoised [B, C, H, W], frames [num_frames, B, C, H, W], network_evaluations)``, JAX
+      arrays, the first two in [0, 1] (DDPM states shown rescaled by ``1 / sqrt(abar_k)``).
+    """
+    import jax.numpy as jnp
+
+    from experiments.generate import ddpm_frames, with_indices
+    from krylovjax import ddpm, sampling
+
+    sampler = resolve_sampler(tc, sampler)
+    x = jnp.asarray(noisy)
+    f = with_indices(fn, tc, idx, rows="B")
+    traj = {"return_trajectory": True, "num_frames": int(num_frames)}
+    if tc.method == "ddpm":
+        sched = tc.ddpm_schedule(dtype=x.dtype)
+        r = ddpm.ddpm_denoise(f, 2.0 * x - 1.0, 2.0 * noise_std, key, schedule=sched, method=sampler,
+                              clip_x0=(-1.0, 1.0), **traj)
+        return jnp.clip((r.x + 1.0) / 2.0, 0.0, 1.0), ddpm_frames(r, sched), r.num_score_evals
+    sde = tc.make_sde()
+    if sampler == "paper_a":
+        r = sampling.euler_maruyama(f, sde, x, key, t_start=1.0, t_end=0.0, num_steps=int(num_steps),
+                                    noise_scale=0.1, clip=(0.0, 1.0), **traj)
+    elif sampler == "flow":
+        r = sampling.probability_flow(f, sde, x, t_start=1.0, t_end=T_END, rtol=ODE_TOL, atol=ODE_TOL, **traj)
+        r = sampling.with_final_denoise(r, f, sde, T_END, bool(final_denoise))
+    else:
+        kw = {"rtol": ODE_TOL, "atol": ODE_TOL} if sampler == "ode" else {"num_steps": int(num_steps)}
+        r = sampling.denoise(f, sde, x, noise_std=jnp.asarray(noise_std, x.dtype), method=sampler, key=key,
+                             t_end=T_END, final_denoise=bool(final_denoise), **traj, **kw)
+    return jnp.clip(r.x, 0.0, 1.0), jnp.clip(r.trajectory, 0.0, 1.0), r.num_score_evals
+
+
+def _image_indices(image_index, per_image_offset: bool, num_trained: int, count: int):
+    """``[count]`` int32 training image indices for a per-image-offset model (None otherwise)."""
+    import numpy as np
+
+    if not per_image_offset:
+        if image_index:
+            raise ValueError("image_index: this model was not trained with per-image time intervals; leave it out")
+        return None
+    if not image_index:
+        if num_trained != 1:
+            raise ValueError(f"image_index: this model was trained with per-image time intervals on {num_trained} "
+                             "images; give the training image each input is a noisy copy of (one index for all "
+                             "inputs, or one per input)")
+        image_index = [0]
+    if len(image_index) not in (1, count):
+        raise ValueError(f"image_index: expected one index or one per input ({count}), got {len(image_index)}")
+    bad = [k for k in image_index if not 0 <= k < num_trained]
+    if bad:
+        raise ValueError(f"image_index: expected indices in [0, {num_trained}), got {bad}")
+    return np.broadcast_to(np.asarray(image_index, np.int32), (count,)).copy()
+
+
+def _names(source: str, count: int, num_images: int | None) -> list[str]:
+    """The output file names: ``<k>_<stem>.png`` after the input files, else ``<k>.png``."""
+    from krylovjax.data import selected_paths
+
+    stems = [None] * count
+    if source.startswith("files:"):
+        stems = [os.path.splitext(os.path.basename(p))[0] for p in selected_paths(source[6:], num_images=num_images)]
+    return [f"{k:03d}" + ("" if s is None else f"_{s}") + ".png" for k, s in enumerate(stems)]
+
+
+def _load(source: str, arg: str, size: int, num_images: int | None, channels: int):
+    import numpy as np
+
+    from krylovjax.data import load_images
+
+    kw: dict[str, Any] = {"size": size}
+    if not source.startswith("builtin:") and num_images is not None:
+        kw["num_images"] = num_images
+    try:
+        x = np.asarray(load_images(source, **kw))
+    except (ValueError, FileNotFoundError) as e:
+        raise ValueError(f"{arg}: {source!r}: {e}") from e
+    if x.shape[1] != channels:
+        raise ValueError(f"{arg}: its images have {x.shape[1]} channels, the model {channels}")
+    return x
+
+
+def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any = None, add_noise: float = 0.0,
+        noise_seed: int = 0, clean: str | None = None, num_images: int = 0, image_index=(),
+        sampler: str = "auto", num_steps: int = 50, num_frames: int = 6, seed: int = 0,
+        final_denoise: bool = True, step: int | None = None, overwrite: bool = False) -> dict:
+    """Denoise ``input`` with the training run in ``workdir``; write the images, figure, table and
+    JSON to ``outdir`` (see the module docstring)."""
+    import jax
+    import numpy as np
+
+    from krylovjax import experiment_utils as eu
+    from krylovjax import metrics, training, workdir_lock
+
+    with eu.checking_arguments():
+        for name, v, lo in (("num_images", num_images, 0), ("num_frames", num_frames, 2), ("num_steps", num_steps, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+        if not isinstance(add_noise, (int, float)) or isinstance(add_noise, bool) or not (
+                np.isfinite(add_noise) and add_noise >= 0):
+            raise ValueError(f"add_noise: expected a finite noise level >= 0, got {add_noise!r}")
+        if add_noise and clean:
+            raise ValueError("clean: --add_noise scores against the inputs themselves; give one or the other")
+        if noise_std is None or noise_std == "":
+            if not add_noise:
+                raise ValueError("noise_std: required (a number, or auto to estimate it per image) unless "
+                                 "--add_noise is given")
+            noise_std = float(add_noise)
+        elif isinstance(noise_std, str) and noise_std != "auto":
+            try:
+                noise_std = float(noise_std)
+            except ValueError:
+                raise ValueError(f"noise_std: expected a number or 'auto', got {noise_std!r}") from None
+        if not isinstance(final_denoise, bool):
+            raise TypeError(f"final_denoise: expected a bool, got {final_denoise!r}")
+        image_index = [int(k) for k in image_index]
+        if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+            raise FileNotFoundError(f"workdir: {workdir!r} is not a training run (no checkpoints/ inside)")
+        if sampler not in ("auto",) + SAMPLERS_OURS + SAMPLERS_DDPM:
+            raise ValueError(f"sampler: expected auto or one of {SAMPLERS_OURS + SAMPLERS_DDPM}, got {sampler!r}")
+    outdir = outdir or os.path.join(workdir, "restore")
+    with workdir_lock.hold(outdir, arg="outdir"):
+        settings = {"workdir": os.path.abspath(workdir), "step": step, "input": input, "num_images": num_images,
+                    "noise_std": noise_std, "add_noise": float(add_noise), "noise_seed": noise_seed, "clean": clean,
+                    "image_index": image_index, "sampler": sampler, "num_steps": num_steps,
+                    "num_frames": num_frames, "seed": seed, "final_denoise": final_denoise}
+        with eu.checking_arguments():
+            fn = training.load_score_fn(workdir, step=step)
+            tc = fn.config
+            sampler = resolve_sampler(tc, sampler)
+            unet = fn.model_def.unet
+            count = num_images or None
+            source = _load(input, "input", unet.image_size, count, unet.in_channels)
+            ref = source if add_noise else (None if not clean else
+                                            _load(clean, "clean", unet.image_size, count, unet.in_channels))
+            if ref is not None and ref.shape[0] != source.shape[0]:
+                raise ValueError(f"clean: {ref.shape[0]} images for the {source.shape[0]} inputs")
+            noisy = eu.noisy_copy(source, float(add_noise), noise_seed) if add_noise else source
+            estimated = estimate_noise(noisy)
+            names = _names(input, noisy.shape[0], count)
+            std = estimated if noise_std == "auto" else np.full(noisy.shape[0], float(noise_std))
+            if noise_std == "auto" and not np.all(estimated > 0):
+                k = int(np.argmin(estimated))
+                raise ValueError(f"noise_std: 'auto' found no noise in {names[k]} (estimate {estimated[k]:.3g}); "
+                                 "give --noise_std")
+            check_noise_std(tc, sampler, std, noisy.dtype)
+            idx = _image_indices(image_index, unet.per_image_offset, unet.num_images, noisy.shape[0])
+            # the pixels denoised, so that a changed input file is not taken for a finished run
+            settings["input_sha256"] = hashlib.sha256(np.ascontiguousarray(noisy).tobytes()).hexdigest()
+            eu.check_claim(outdir, "restore", settings, arg="outdir")
+            if os.path.exists(os.path.join(outdir, "restore.json")) and not overwrite:
+                raise eu.WorkdirConflictError(
+                    f"outdir: {outdir!r} already holds these results; pass --overwrite to redo them or use "
+                    "another --outdir")
+        eu.claim_workdir(outdir, "restore", settings, arg="outdir")
+        with eu.Stopwatch() as sw:
+            out, frames, nfe = restore_arrays(fn, tc, noisy, std.astype(noisy.dtype), jax.random.PRNGKey(seed),
+                                              idx=idx, sampler=sampler, num_steps=num_steps,
+                                              num_frames=num_frames, final_denoise=final_denoise)
+            out, frames, nfe = np.asarray(out), np.asarray(frames), int(nfe)
+        per, rows = [], []
+        if ref is not None:
+            ref = ref.astype(out.dtype)
+            scores = {k: np.asarray(f(x, ref)) for k, f, x in (
+                ("ssim_input", metrics.ssim, np.clip(noisy, 0, 1)), ("ssim_output", metrics.ssim, out),
+                ("psnr_input", metrics.psnr, np.clip(noisy, 0, 1)), ("psnr_output", metrics.psnr, out))}
+        for k in range(out.shape[0]):
+            rec = {"image": k, "file": names[k], "noise_std": float(std[k]), "noise_std_estimated": float(estimated[k]),
+                   "image_index": None if idx is None else int(idx[k])}
+            if ref is not None:
+                rec.update({key: float(v[k]) for key, v in scores.items()})
+            per.append(rec)
+            rows.append([k, names[k], f"{std[k]:.4f}", f"{estimated[k]:.4f}"]
+                        + ([f"{rec['ssim_input']:.4f}", f"{rec['ssim_output']:.4f}", f"{rec['psnr_input']:.2f}",
+                            f"{rec['psnr_output']:.2f}"] if ref is not None else []))
+        summary = None
+        if ref is not None:
+            summary = {key: float(np.mean(v)) for key, v in scores.items()}
+            summary["ssim_output_se"] = eu.standard_error(scores["ssim_output"])
+        os.makedirs(os.path.join(outdir, "denoised"), exist_ok=True)
+        from PIL import Image
+
+        for k, name in enumerate(names):
+            img = np.round(out[k] * 255.0).astype(np.uint8).transpose(1, 2, 0)
+            Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).save(os.path.join(outdir, "denoised", name))
+        np.save(os.path.join(outdir, "denoised.npy"), out.astype(np.float32))
+        np.save(os.path.join(outdir, "noisy.npy"), noisy.astype(np.float32))
+        result = {"experiment": "restore", "settings": settings, "method": tc.method, "sde": tc.sde,
+                  "sampler": sampler, "model_step": int(fn.step), "network_evals": nfe,
+                  "sampling_seconds": sw.seconds, "images": per, "summary": summary, "shape": list(out.shape),
+                  "machine": eu.machine_info()}
+        n = noisy.shape[0]
+        text = (f"# {n} image{'s' if n != 1 else ''} of {input} denoised by {os.path.abspath(workdir)} "
+                f"(step {fn.step}, "
+                f"method {tc.method}, sampler {sampler})\n\n{nfe} network evaluations, {sw.seconds:.1f} s "
+                "(compile included).\n\n")
+        if summary:
+            text += (f"Against the clean images: SSIM {summary['ssim_input']:.4f} (input) -> "
+                     f"{summary['ssim_output']:.4f} (output), PSNR {summary['psnr_input']:.2f} -> "
+                     f"{summary['psnr_output']:.2f} dB, means over the images.\n\n")
+        heads = ["image", "file", "noise std used", "noise std estimated"]
+        if ref is not None:
+            heads += ["SSIM input", "SSIM output", "PSNR input", "PSNR output"]
+        text += eu.markdown_table(heads, rows)
+        eu.write_text(os.path.join(outdir, "restore.md"), text)
+        grid = [[np.clip(noisy[k], 0, 1)] + [frames[i, k] for i in range(1, num_frames)] + [out[k]]
+                + ([ref[k]] if ref is not None else []) for k in range(out.shape[0])]
+        cols = ["input"] + [f"frame {i}" for i in range(1, num_frames)] + ["output"] + (["clean"] if ref is not None
+                                                                                      else [])
+        eu.image_grid(os.path.join(outdir, "restore.png"), grid, row_labels=names, col_labels=cols,
+                      title=f"{tc.method}: {sampler} sampler")
+        eu.write_json(os.path.join(outdir, "restore.json"), result)  # last: marks the run finished
+        return result
+
+
+def main(argv):
+    from krylovjax import experiment_utils as eu
+
+    eu.check_no_args(argv)
+    eu.quiet_orbax_logs()
+    outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, "restore")
+    with eu.exit_on_run_errors(interrupted="restore.json, written last, marks a finished run: the same command "
+                                           "denoises again"):
+        with eu.checking_arguments():
+            index = eu.int_list_flag("image_index", FLAGS.image_index, 0) if FLAGS.image_index else []
+        run(FLAGS.workdir, FLAGS.input, outdir, noise_std=FLAGS.noise_std, add_noise=FLAGS.add_noise,
+            noise_seed=FLAGS.noise_seed, clean=FLAGS.clean, num_images=FLAGS.num_images, image_index=index,
+            sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, num_frames=FLAGS.num_frames, seed=FLAGS.seed,
+            final_denoise=FLAGS.final_denoise, step=FLAGS.step, overwrite=FLAGS.overwrite)
+    with open(os.path.join(outdir, "restore.md")) as f:
+        print(f.read())
+    print("Outputs in", os.path.abspath(outdir) + ":")
+    for name in RESULT_FILES:
+        print("  ", os.path.join(os.path.abspath(outdir), name))
+    logging.info("done")
+
+
+if __name__ == "__main__":
+    app.run(main)

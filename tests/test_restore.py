@@ -1,0 +1,235 @@
+"""``experiments.restore``: denoising your own noisy images with a trained model.
+
+The models here are exact: the score of a one-image data set under the VE SDE,
+``-(x - y0) / lambda(t)^2``, and DDPM's exact epsilon of it, so a correct start time (or step)
+and sampler must carry a noisy copy back to the clean image ``y0`` (SSIM 1 up to the ODE's
+tolerance). Through a real checkpoint and the binary's flags: tests/test_experiments.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+from test_coverage_experiments import _FakeModel
+
+from _fs import snapshot
+from experiments import restore
+from krylovjax import experiment_utils as eu
+from krylovjax import metrics, training
+from krylovjax.data import load_images
+
+
+def _clean(n=1, size=16):
+    """The first ``n`` built-in photos; the first is ``builtin:astronaut``."""
+    return np.asarray(load_images("builtin", size=size, num_images=n), np.float64)
+
+
+def _ve_model(tc, y0, size=16, channels=3):
+    """The exact VE score of the images ``y0 [N, C, H, W]`` (image ``idx`` for a per-image model)."""
+    sde = tc.make_sde()
+    y0 = jnp.asarray(y0)
+
+    def score(x, t, idx=None):
+        lam = sde.perturbation_std(jnp.broadcast_to(t, (x.shape[0],)))[:, None, None, None]
+        target = y0[0] if idx is None else y0[jnp.asarray(idx)]
+        return -(x - target) / lam**2
+
+    return _FakeModel(score, tc, channels, size, num_images=y0.shape[0])
+
+
+def _ddpm_model(tc, y0, size=16, channels=3):
+    sched = tc.ddpm_schedule(dtype=jnp.float64)
+    z0 = jnp.asarray(2 * y0 - 1)
+
+    def eps(x, i, idx=None):
+        ab = sched.alpha_bars[i][:, None, None, None]
+        target = z0[0] if idx is None else z0[jnp.asarray(idx)]
+        return (x - jnp.sqrt(ab) * target) / jnp.sqrt(1 - ab)
+
+    return _FakeModel(eps, tc, channels, size, num_images=y0.shape[0])
+
+
+def _workdir(tmp_path, monkeypatch, model):
+    wd = tmp_path / "train"
+    (wd / "checkpoints").mkdir(parents=True)
+    monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None: model)
+    return str(wd)
+
+
+@pytest.mark.parametrize("sampler", ["ode", "sde"])
+def test_ours_returns_the_clean_image_and_writes_every_output(sampler, tmp_path, monkeypatch):
+    """``--add_noise``: Paper A's noisy copy (eu.noisy_copy) is denoised from the time matching its
+    noise level; the exact score returns the photo (``sde``: its own noise is 0 at the end, since
+    Tweedie's step removes what the last step leaves). Every output agrees with the others."""
+    clean = _clean()
+    tc = training.TrainConfig(method="ours", sde="ve", sde_kwargs=(("sigma", 2.0),), per_image_offset=False)
+    wd = _workdir(tmp_path, monkeypatch, _ve_model(tc, clean))
+    out = str(tmp_path / "r")
+    res = restore.run(wd, "builtin:astronaut", out, add_noise=0.2, sampler=sampler, num_frames=3, num_steps=40)
+    assert res["sampler"] == sampler and res["shape"] == [1, 3, 16, 16]
+    (rec,) = res["images"]
+    assert rec["noise_std"] == 0.2 and rec["file"] == "000.png"
+    assert rec["ssim_output"] == pytest.approx(1.0, abs=2e-3 if sampler == "ode" else 5e-2)
+    assert rec["ssim_input"] < 0.8 and rec["psnr_output"] > rec["psnr_input"] + 10
+    noisy = np.load(os.path.join(out, "noisy.npy"))
+    np.testing.assert_array_equal(noisy, eu.noisy_copy(clean.astype(np.float32), 0.2, 0))
+    den = np.load(os.path.join(out, "denoised.npy"))
+    assert den.dtype == np.float32 and den.shape == (1, 3, 16, 16)
+    assert float(metrics.ssim(jnp.asarray(den), jnp.asarray(clean, jnp.float32))[0]) == pytest.approx(
+        rec["ssim_output"], abs=1e-5)
+    png = np.asarray(Image.open(os.path.join(out, "denoised", "000.png")))
+    np.testing.assert_array_equal(png, np.round(den[0] * 255).astype(np.uint8).transpose(1, 2, 0))
+    assert res["summary"]["ssim_output"] == pytest.approx(rec["ssim_output"])
+    text = open(os.path.join(out, "restore.md")).read()
+    assert f"SSIM {rec['ssim_input']:.4f} (input) -> {rec['ssim_output']:.4f} (output)" in text
+    assert os.path.getsize(os.path.join(out, "restore.png")) > 1000
+    assert json.load(open(os.path.join(out, "restore.json")))["images"] == res["images"]
+
+    # the same command again: refused; --overwrite redoes it; other settings: refused
+    before = snapshot(out)
+    with pytest.raises(eu.WorkdirConflictError, match="already holds these results; pass --overwrite"):
+        restore.run(wd, "builtin:astronaut", out, add_noise=0.2, sampler=sampler, num_frames=3, num_steps=40)
+    with pytest.raises(ValueError, match=r"another run's config \(differs at: add_noise"):
+        restore.run(wd, "builtin:astronaut", out, add_noise=0.3, sampler=sampler, num_frames=3, num_steps=40)
+    assert snapshot(out) == before
+    again = restore.run(wd, "builtin:astronaut", out, add_noise=0.2, sampler=sampler, num_frames=3, num_steps=40,
+                        overwrite=True)
+    assert again["images"] == res["images"]
+
+
+def test_files_with_estimated_noise_per_image_offsets_and_clean_references(tmp_path, monkeypatch):
+    """Noisy photos as files (names kept), each image's own estimated noise level and start time,
+    a per-image model told which training image each input is, and the clean files as references."""
+    clean = _clean(2, 32)
+    rng = np.random.default_rng(0)
+    stds = (0.05, 0.15)
+    (tmp_path / "noisy").mkdir()
+    (tmp_path / "clean").mkdir()
+    for k, (name, s) in enumerate(zip(("b_cat", "a_rocket"), stds)):  # file order: a_rocket, b_cat
+        noisy = np.clip(clean[k] + s * rng.standard_normal(clean[k].shape), 0, 1)
+        Image.fromarray(np.round(noisy * 255).astype(np.uint8).transpose(1, 2, 0)).save(tmp_path / "noisy" / f"{name}.png")
+        Image.fromarray(np.round(clean[k] * 255).astype(np.uint8).transpose(1, 2, 0)).save(tmp_path / "clean" / f"{name}.png")
+    refs = np.asarray(load_images(f"files:{tmp_path / 'clean'}"), np.float64)  # a_rocket, b_cat
+    tc = training.TrainConfig(method="ours", sde="ve", sde_kwargs=(("sigma", 2.0),), per_image_offset=True)
+    wd = _workdir(tmp_path, monkeypatch, _ve_model(tc, refs, size=32))
+    out = str(tmp_path / "r")
+    kw = dict(noise_std="auto", clean=f"files:{tmp_path / 'clean'}", num_frames=2)
+    with pytest.raises(ValueError, match=r"image_index: this model was trained with per-image time intervals on 2 "):
+        restore.run(wd, f"files:{tmp_path / 'noisy'}", out, **kw)
+    with pytest.raises(ValueError, match=r"image_index: expected indices in \[0, 2\), got \[2\]"):
+        restore.run(wd, f"files:{tmp_path / 'noisy'}", out, image_index=[0, 2], **kw)
+    assert not os.path.exists(out)
+    res = restore.run(wd, f"files:{tmp_path / 'noisy'}", out, image_index=[0, 1], **kw)
+    assert [r["file"] for r in res["images"]] == ["000_a_rocket.png", "001_b_cat.png"]
+    assert sorted(os.listdir(os.path.join(out, "denoised"))) == ["000_a_rocket.png", "001_b_cat.png"]
+    used = [r["noise_std"] for r in res["images"]]
+    assert used == [r["noise_std_estimated"] for r in res["images"]]
+    want = restore.estimate_noise(load_images(f"files:{tmp_path / 'noisy'}"))
+    assert used == pytest.approx(want.tolist(), rel=1e-6) and used[0] > 2 * used[1]  # 0.15 and 0.05 were added
+    for r in res["images"]:
+        assert r["ssim_output"] > 0.995 and r["ssim_output"] > r["ssim_input"]
+    # a changed input file: not taken for the finished run
+    edited = np.asarray(Image.open(tmp_path / "noisy" / "b_cat.png")).copy()
+    edited[0, 0] ^= 1
+    Image.fromarray(edited).save(tmp_path / "noisy" / "b_cat.png")
+    with pytest.raises(ValueError, match=r"another run's config \(differs at: input_sha256"):
+        restore.run(wd, f"files:{tmp_path / 'noisy'}", out, image_index=[0, 1], **kw)
+    # an image without noise has no estimate to start from: refused naming its file
+    Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(tmp_path / "noisy" / "b_cat.png")
+    with pytest.raises(ValueError, match=r"noise_std: 'auto' found no noise in 001_b_cat.png \(estimate 0\); "
+                                         "give --noise_std"):
+        restore.run(wd, f"files:{tmp_path / 'noisy'}", str(tmp_path / "r2"), image_index=[0, 1], **kw)
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "ddim"])
+def test_ddpm_from_the_matching_step(sampler, tmp_path, monkeypatch):
+    clean = _clean()
+    tc = training.TrainConfig(method="ddpm", per_image_offset=False, ddpm_num_steps=100)
+    wd = _workdir(tmp_path, monkeypatch, _ddpm_model(tc, clean))
+    res = restore.run(wd, "builtin:astronaut", str(tmp_path / "r"), add_noise=0.2, sampler=sampler, num_frames=2)
+    (rec,) = res["images"]
+    assert res["sampler"] == sampler and rec["ssim_output"] == pytest.approx(1.0, abs=1e-4)
+    # the chain ran from the step whose noise level is 2 * 0.2 in the [-1, 1] range, not from T
+    from krylovjax import ddpm
+    start = int(ddpm.denoise_start_step(0.4, schedule=tc.ddpm_schedule(dtype=jnp.float64)))
+    assert res["network_evals"] == start + 1 < 100
+
+
+@pytest.mark.parametrize("method, kw, match", [
+    ("ours", {}, "noise_std: required .* unless --add_noise is given"),
+    ("ours", {"noise_std": "loud"}, "noise_std: expected a number or 'auto', got 'loud'"),
+    ("ours", {"noise_std": -0.1}, r"noise_std: expected finite values > 0"),
+    ("ours", {"noise_std": 50.0},
+     r"noise_std: the model cannot start from \[50.0\]: expected values in the SDE's range .*--sampler=flow or paper_a"),
+    ("ddpm", {"noise_std": 500.0},
+     r"noise_std: the model cannot start from \[500.0\] \(twice that in the DDPM's \[-1, 1\] range\): expected at most"),
+    ("ours", {"add_noise": 0.1, "clean": "builtin:astronaut"}, "clean: --add_noise scores against the inputs"),
+    ("ours", {"add_noise": -1.0}, "add_noise: expected a finite noise level >= 0"),
+    ("ours", {"noise_std": 0.1, "clean": "builtin"}, r"clean: \d+ images for the 1 inputs"),
+    ("ours", {"noise_std": 0.1, "input": "GRAY"}, "input: its images have 1 channels, the model 3"),
+    ("ours", {"noise_std": 0.1, "input": "files:/nonexistent/x"}, r"input: 'files:/nonexistent/x': .*no such file"),
+    ("ours", {"noise_std": 0.1, "image_index": [0]}, "image_index: this model was not trained with per-image"),
+    ("ours", {"noise_std": 0.1, "sampler": "ddim"}, r"sampler: a score model takes one of \('ode', 'sde', 'flow'"),
+    ("ddpm", {"noise_std": 0.1, "sampler": "ode"}, r"sampler: a DDPM model takes one of \('ancestral', 'ddim'\)"),
+    ("constant", {"noise_std": 0.1, "sampler": "ode"}, "perturbation std is constant .* use paper_a or flow"),
+    ("ours", {"noise_std": 0.1, "num_frames": 1}, "num_frames: expected an int >= 2, got 1"),
+])
+def test_refused_before_anything_is_written(method, kw, match, tmp_path, monkeypatch):
+    clean = _clean()
+    if method == "constant":
+        tc = training.TrainConfig(method="ours", sde="constant", sde_kwargs=(("std", 0.1),), per_image_offset=False)
+    elif method == "ours":
+        tc = training.TrainConfig(method="ours", sde="ve", sde_kwargs=(("sigma", 2.0),), per_image_offset=False)
+    else:
+        tc = training.TrainConfig(method="ddpm", per_image_offset=False, ddpm_num_steps=50)
+    model = _ddpm_model(tc, clean) if tc.method == "ddpm" else _ve_model(tc, clean)
+    wd = _workdir(tmp_path, monkeypatch, model)
+    monkeypatch.setattr(restore, "restore_arrays", lambda *a, **k: pytest.fail("denoised"))
+    source = kw.pop("input", "builtin:astronaut")
+    if source == "GRAY":  # a one-channel array
+        np.save(tmp_path / "gray.npy", np.full((1, 1, 16, 16), 0.5, np.float32))
+        source = f"array:{tmp_path / 'gray.npy'}"
+    out = tmp_path / "r"
+    with pytest.raises((ValueError, TypeError), match=match):
+        restore.run(wd, source, str(out), **kw)
+    assert not out.exists()
+
+
+def test_constant_perturbation_model_takes_paper_a_by_default(tmp_path, monkeypatch):
+    """Paper A's literal model (constant perturbation std) has no start time for a noise level:
+    ``auto`` picks Paper A's sampler from t = 1, the noisy image as it is."""
+    clean = _clean()
+    tc = training.TrainConfig(method="ours", sde="constant", sde_kwargs=(("std", 0.1),), per_image_offset=False)
+    assert restore.resolve_sampler(tc, "auto") == "paper_a"
+    seen = {}
+
+    def spy(fn, tc_, noisy, noise_std, key, **k):
+        seen.update(k, noisy=noisy)
+        return jnp.asarray(noisy), jnp.stack([jnp.asarray(noisy)] * k["num_frames"]), jnp.asarray(0)
+
+    wd = _workdir(tmp_path, monkeypatch, _ve_model(tc, clean))
+    monkeypatch.setattr(restore, "restore_arrays", spy)
+    restore.run(wd, "builtin:astronaut", str(tmp_path / "r"), noise_std=0.3, num_frames=2)
+    assert seen["sampler"] == "paper_a"
+    np.testing.assert_array_equal(seen["noisy"], load_images("builtin:astronaut", size=16))
+
+
+def test_estimate_noise():
+    """Donoho's estimate: on pure Gaussian noise within a few per cent of the truth; image content
+    of the form f(row) + g(column) leaves it unchanged; on noisy photos it errs upwards, by the
+    photos' own texture."""
+    rng = np.random.default_rng(1)
+    for s in (0.01, 0.1, 0.5):
+        z = s * rng.standard_normal((4, 3, 64, 64))
+        np.testing.assert_allclose(restore.estimate_noise(z), s, rtol=0.08)
+        ramp = np.linspace(0, 1, 64)[:, None] + np.sin(np.arange(64))[None, :]
+        np.testing.assert_allclose(restore.estimate_noise(z + ramp), restore.estimate_noise(z), rtol=1e-9)
+    photos = _clean(4, 64)
+    for s in (0.05, 0.1):
+        est = restore.estimate_noise(eu.noisy_copy(photos, s, 3, clamp=False))
+        assert np.all(est >= s * 0.9) and np.all(est <= s * 1.25)  # texture adds to it, at 64x64 up to 22 %
+    assert restore.estimate_noise(_clean(1, 15)).shape == (1,)  # odd sizes: the last row and column left out
