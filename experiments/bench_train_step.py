@@ -103,6 +103,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from krylovjax.experiment_utils import parse_flags
+    from krylovjax.experiment_utils import one_line_usage_errors, parse_flags
 
-    app.run(main, flags_parser=parse_flags)
+    app.run(one_line_usage_errors(main), flags_parser=parse_flags)

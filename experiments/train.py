@@ -106,16 +106,15 @@ def main(argv):
     eu.check_dir_arg(FLAGS.workdir, "workdir")
     eu.refuse_other_runs(FLAGS.workdir, {"experiment.json": "another experiment's run",
                                          "precompute_summary.json": "an experiments.precompute run"})
+    source = FLAGS.data if FLAGS.data != "auto" else ("store" if FLAGS.store else "builtin")
+    if source == "builtin" and FLAGS.store:
+        raise app.UsageError(f"--store={FLAGS.store}: --data=builtin trains on the built-in photos, not on a "
+                             "store; drop --store or use --data=store")
+    if source == "store" and not FLAGS.store:
+        raise app.UsageError("--data=store needs --store=<ScoreStore directory>")
     eu.sigterm_as_interrupt()  # kill / timeout / schedulers: checkpoint like Ctrl-C, then exit non-zero
     eu.quiet_orbax_logs()
     cfg = FLAGS.config
-    source = FLAGS.data if FLAGS.data != "auto" else ("store" if FLAGS.store else "builtin")
-    if source == "builtin" and FLAGS.store:
-        raise app.UsageError(f"--store={FLAGS.store}: --data=builtin trains on the built-in photos, not on a store; "
-                             "drop --store or use --data=store")
-    if source == "store":
-        if not FLAGS.store:
-            raise app.UsageError("--data=store needs --store=<ScoreStore directory>")
     import jax
 
     try:
@@ -128,6 +127,26 @@ def main(argv):
     # there is refused at once, naming this one).
     with eu.exit_on_run_errors(), workdir_lock.hold(FLAGS.workdir, process_index=jax.process_index()):
         _train(cfg, source)
+
+
+def _check_store_path(path):
+    """A ``--store`` that is no store, said plainly: a path that does not exist, a file, or an
+    ``experiments.precompute`` work directory (its store is ``<workdir>/store``: pass that).
+    Raises FileNotFoundError; anything else is left to :func:`krylovjax.training.check_store`."""
+    from krylovjax.store import MANIFEST_NAME
+
+    if os.path.isfile(os.path.join(path, MANIFEST_NAME)):
+        return
+    head = f"store: {path!r} has no {MANIFEST_NAME}; not a ScoreStore"
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{head}: {path!r} does not exist (experiments.precompute writes its store to "
+                                "<its --workdir>/store)")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{head}: {path!r} is a file; expected the store's directory")
+    inner = os.path.join(path, "store")
+    if os.path.isfile(os.path.join(inner, MANIFEST_NAME)):
+        raise FileNotFoundError(f"{head}, but {inner!r} is one (experiments.precompute writes its store to "
+                                f"<its --workdir>/store): pass --store={inner}")
 
 
 def _train(cfg, source):
@@ -144,6 +163,7 @@ def _train(cfg, source):
         if source == "builtin":
             images, pc = _builtin_inputs(cfg, train_cfg)
         else:
+            _check_store_path(FLAGS.store)
             num_images, shape = training.check_store(FLAGS.store)
             training.model_config(train_cfg, shape, num_images)  # the store's images fit the model
     # the store: training reads each process's own images from it
@@ -167,6 +187,6 @@ def _train(cfg, source):
 
 
 if __name__ == "__main__":
-    from krylovjax.experiment_utils import parse_flags
+    from krylovjax.experiment_utils import one_line_usage_errors, parse_flags
 
-    app.run(main, flags_parser=parse_flags)
+    app.run(one_line_usage_errors(main), flags_parser=parse_flags)

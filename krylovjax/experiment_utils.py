@@ -325,6 +325,26 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         sys.exit(1)
 
 
+def one_line_usage_errors(main: Callable[[Sequence[str]], Any]) -> Callable[[Sequence[str]], Any]:
+    """``app.run(one_line_usage_errors(main), ...)``: a flag refused by ``main``'s checks
+    (``absl.app.UsageError``: the helpers below, a positional argument, flags that contradict
+    each other) ends the binary with ``error: <message>`` and exit status 1, the form of every
+    other refusal (:func:`exit_on_run_errors`), instead of absl's module doc and flag help (some
+    40 lines) above the message. ``--helpshort`` / ``--helpfull`` still print the help."""
+    import functools
+
+    from absl import app
+
+    @functools.wraps(main)
+    def run(argv):
+        try:
+            return main(argv)
+        except app.UsageError as err:
+            raise SystemExit(f"error: {err}") from None
+
+    return run
+
+
 def check_no_args(argv: Sequence[str]) -> None:
     """Refuse positional arguments left over after the flags (``--sizes=32 64`` leaves ``64``
     behind, which would otherwise be dropped without a word). Raises ``absl.app.UsageError``."""

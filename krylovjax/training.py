@@ -112,6 +112,7 @@ from krylovjax import sde as sde_lib
 from krylovjax import workdir_lock
 from krylovjax._checks import check_finite, is_concrete, is_int, is_real
 from krylovjax._io_errors import write_failure_cause
+from krylovjax.experiment_utils import checking_arguments
 from krylovjax.models import PRESETS, UNet, UNetConfig, get_config
 
 __all__ = [
@@ -1370,8 +1371,10 @@ def _check_record(workdir: str, stored: dict, given: dict) -> None:
     strip = lambda r: {**r, "train": {k: v for k, v in r.get("train", {}).items() if k not in RUN_CONTROL_KEYS}}  # noqa: E731
     diffs = _diff(strip(stored), strip(given))
     if diffs:
+        data = any(d.startswith("data.fingerprint") for d in diffs)
         raise ValueError(
             f"workdir: {workdir!r} holds a run with a different config; differing keys: " + "; ".join(diffs)
+            + (" (data.fingerprint: the training data differ, another store or other images)" if data else "")
             + ". Use a new workdir, or the stored config (only " + ", ".join(sorted(RUN_CONTROL_KEYS))
             + " may change on resume).")
 
@@ -1719,22 +1722,26 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
 def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
     """:func:`train` holding ``workdir``."""
     wall0 = time.perf_counter()
-    config = TrainConfig.from_dict(config)
-    if target is not None:
-        if not (is_real(target) and math.isfinite(target) and 0.0 < target <= 1.0):
-            raise ValueError(f"target: expected a value in (0, 1] (e.g. an SSIM), got {target!r}")
-        if eval_fn is None:
-            raise ValueError("target: needs an eval_fn returning the target metric")
-        if config.eval_every < 1:
-            raise ValueError("eval_every: must be >= 1 when a target is given")
-    if eval_fn is not None and not callable(eval_fn):
-        raise ValueError(f"eval_fn: expected a callable eval_fn(fn, step) -> dict, got {type(eval_fn).__name__}")
-    mesh = check_mesh(config, mesh)
-    nproc, primary = jax.process_count(), jax.process_index() == 0
-    sharded = shard_data(config, data, mesh)
-    info = sharded.info
-    unet = model_config(config, tuple(info["sample_shape"]), info["num_images"])
-    record = _run_record(config, unet, info)
+    # The config, the data and the run already in workdir are the user's input: a ValueError or
+    # TypeError found here is marked as such (checking_arguments; unchanged for a library caller),
+    # and the binaries end with its one line instead of a traceback.
+    with checking_arguments():
+        config = TrainConfig.from_dict(config)
+        if target is not None:
+            if not (is_real(target) and math.isfinite(target) and 0.0 < target <= 1.0):
+                raise ValueError(f"target: expected a value in (0, 1] (e.g. an SSIM), got {target!r}")
+            if eval_fn is None:
+                raise ValueError("target: needs an eval_fn returning the target metric")
+            if config.eval_every < 1:
+                raise ValueError("eval_every: must be >= 1 when a target is given")
+        if eval_fn is not None and not callable(eval_fn):
+            raise ValueError(f"eval_fn: expected a callable eval_fn(fn, step) -> dict, got {type(eval_fn).__name__}")
+        mesh = check_mesh(config, mesh)
+        nproc, primary = jax.process_count(), jax.process_index() == 0
+        sharded = shard_data(config, data, mesh)
+        info = sharded.info
+        unet = model_config(config, tuple(info["sample_shape"]), info["num_images"])
+        record = _run_record(config, unet, info)
 
     workdir = os.fspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -1742,12 +1749,12 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
     cfg_path = os.path.join(workdir, _CONFIG_FILE)
     metrics_path = os.path.join(workdir, _METRICS_FILE)
     if os.path.exists(cfg_path):
-        with open(cfg_path) as f:
+        with open(cfg_path) as f, checking_arguments():
             try:
                 stored = json.load(f)
             except json.JSONDecodeError as err:
                 raise ValueError(f"workdir: {cfg_path!r} is not valid JSON ({err}); refusing to use this workdir") from err
-        _check_record(workdir, stored, record)
+            _check_record(workdir, stored, record)
     fresh, model_def = create_train_state(config, tuple(info["sample_shape"]), num_images=info["num_images"])
 
     repl = NamedSharding(mesh, P())
@@ -1767,7 +1774,8 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
             state, stored_record, meta = _restore(reader, latest, fresh, repl, ckpt_dir)
         finally:
             reader.close()
-        _check_record(workdir, stored_record, record)
+        with checking_arguments():
+            _check_record(workdir, stored_record, record)
         resumed_from = latest
         prior_seconds = float(meta.get("train_seconds", 0.0))
     if primary and not os.path.exists(cfg_path):

@@ -20,6 +20,7 @@ import types
 
 import numpy as np
 import pytest
+from _fs import snapshot
 
 from krylovjax import experiment_utils as eu
 
@@ -70,10 +71,15 @@ def _run(module: str, *args: str, timeout: float = 180) -> subprocess.CompletedP
     ("experiments.study_line_preconditioner", ["extra"], "unexpected arguments: ['extra']"),
 ])
 def test_bench_flags_refused_up_front(module, args, message, tmp_path):
+    """Each refusal is one line, ``error: <message>`` (eu.one_line_usage_errors; before, absl printed
+    the module doc and the flag help, some 40 lines, above the message)."""
     out = tmp_path / "out.json"
     proc = _run(module, *args, f"--json_out={out}", timeout=120)
-    assert proc.returncode != 0
-    assert message in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith(("I1", "W1", "WARNING"))]
+    assert len(lines) == 1 and lines[0].startswith(("error: --", "error: unexpected arguments")), \
+        proc.stderr[-2000:]
+    assert message in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert not out.exists()
 
@@ -412,6 +418,9 @@ def test_misspelt_config_key_is_a_flag_error(module, config, key, missing, tmp_p
      "error: precompute: tol: expected None or a finite number > 0, got -1.0"),
     ("experiments.precompute", ["--config=experiments/configs/demo.py", "--config.dataset=nosuch"],
      "error: dataset 'nosuch': source must be 'builtin'"),
+    # said "num_images must be an int >= 1" although 0 (all) is valid there
+    ("experiments.precompute", ["--config=experiments/configs/demo.py", "--config.num_images=-1"],
+     "error: num_images: expected an int >= 1, or 0 for all the images of a files:, array: or tfds dataset, got -1"),
     ("experiments.denoise", ["--config=experiments/configs/denoise_demo.py", "--config.noise.std=-1"],
      "error: noise.std: expected a finite noise level > 0, got -1.0"),
     ("experiments.budget", ["--config=experiments/configs/budget_demo.py", "--config.budget_seconds=0"],
@@ -459,3 +468,113 @@ def test_checked_errors_keep_their_type_for_library_callers(tmp_path):
     with pytest.raises(TypeError, match="unmarked"):  # outside a checking block: the code's own error
         with eu.exit_on_run_errors():
             raise TypeError("unmarked")
+
+
+# ----------------------------------------------------------------------------------------------
+# experiments.train: the store and the workdir's run, refused in one line (a user review)
+# ----------------------------------------------------------------------------------------------
+
+# a model small enough that a one-step run on a tiny store takes seconds
+_STORE_TRAIN = ["--config=experiments/configs/train_tiny.py", "--config.num_steps=1", "--config.progress=False",
+                "--config.model_overrides.ch=8", "--config.model_overrides.ch_mult=(1,)",
+                "--config.model_overrides.attn_resolutions=()", "--config.batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def precomputed(tmp_path_factory):
+    """``precomputed(name)``: an experiments.precompute work directory (``<dir>/store``) of two
+    8x8 built-in photos, made once per module: ``"a"``, or ``"b"`` whose sweeps stop after two
+    (the same photos, other trajectories: another data fingerprint)."""
+    root = tmp_path_factory.mktemp("precomputed")
+    extra = {"a": [], "b": ["--config.precompute.max_sweeps=2"]}
+
+    def get(name):
+        wd = root / name
+        if not wd.exists():
+            proc = _run("experiments.precompute", "--config=experiments/configs/demo.py", "--noprogress",
+                        "--config.num_images=2", "--config.image_size=8", "--config.precompute.num_steps=3",
+                        *extra[name], f"--workdir={wd}", timeout=600)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        return wd
+
+    return get
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_train_refuses_a_store_of_another_sde_in_one_line(tmp_path, precomputed):
+    """The store's SDE against the config's is checked by training.train itself: that ValueError
+    was a 25-line traceback."""
+    store = precomputed("a") / "store"
+    before = snapshot(store)
+    wd = tmp_path / "run"
+    proc = _run("experiments.train", *_STORE_TRAIN, f"--workdir={wd}", f"--store={store}",
+                "--config.sde_kwargs.sigma=2.0")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert _error_lines(proc.stderr) == [
+        "error: sde: the config's SDE {'name': 've', 'kwargs': {'sigma': 2.0}} differs from the SDE of the embedded "
+        "data {'name': 've', 'kwargs': {'sigma': 5.0}}; set config.sde / config.sde_kwargs to the embedding's"], \
+        proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert os.listdir(tmp_path) == [] and snapshot(store) == before
+
+
+def test_train_refuses_another_store_in_a_runs_workdir_in_one_line(tmp_path, precomputed):
+    """A re-run with another --store: the workdir's record (the data fingerprint) is compared by
+    training.train once it has read the data; that ValueError was a traceback."""
+    wd = tmp_path / "run"
+    proc = _run("experiments.train", *_STORE_TRAIN, f"--workdir={wd}", f"--store={precomputed('a') / 'store'}",
+                timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = snapshot(tmp_path)
+    proc = _run("experiments.train", *_STORE_TRAIN, f"--workdir={wd}", f"--store={precomputed('b') / 'store'}",
+                timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = _error_lines(proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: workdir: '{wd}' holds a run with a different config; differing keys: data.fingerprint: stored "), \
+        proc.stderr[-3000:]
+    assert "Use a new workdir" in lines[0] and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "(data.fingerprint: the training data differ, another store or other images)" in lines[0]
+    assert snapshot(tmp_path) == before  # the run is untouched
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data=builtin", "--store={tmp}/s"],
+     "error: --store={tmp}/s: --data=builtin trains on the built-in photos, not on a store; drop --store or use "
+     "--data=store"),
+    (["--data=store"], "error: --data=store needs --store=<ScoreStore directory>"),
+])
+def test_train_refuses_contradicting_data_flags_in_one_line(args, message, tmp_path):
+    """Were absl's usage errors: the module doc and the flag help (44 lines), a blank line, then
+    the message without the binary's `error:` form."""
+    wd = tmp_path / "run"
+    proc = _run("experiments.train", "--config=experiments/configs/train_tiny.py", f"--workdir={wd}",
+                *[a.format(tmp=tmp_path) for a in args])
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [message.format(tmp=tmp_path)], proc.stderr[-3000:]
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", ["precompute_workdir", "missing"])
+def test_train_says_what_a_store_path_that_is_no_store_is(where, tmp_path, request):
+    """--store=<precompute workdir> (not its store/) said only "has no manifest.json; not a
+    ScoreStore", as did a path that does not exist."""
+    if where == "precompute_workdir":
+        path = request.getfixturevalue("precomputed")("a")
+        message = (f"error: store: '{path}' has no manifest.json; not a ScoreStore, but '{path / 'store'}' is one "
+                   f"(experiments.precompute writes its store to <its --workdir>/store): "
+                   f"pass --store={path / 'store'}")
+    else:
+        path = tmp_path / "nosuch"
+        message = (f"error: store: '{path}' has no manifest.json; not a ScoreStore: '{path}' does not exist "
+                   "(experiments.precompute writes its store to <its --workdir>/store)")
+    before = snapshot(path) if path.exists() else None
+    wd = tmp_path / "run"
+    proc = _run("experiments.train", *_STORE_TRAIN, f"--workdir={wd}", f"--store={path}")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert _error_lines(proc.stderr) == [message], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert os.listdir(tmp_path) == [] and (before is None or snapshot(path) == before)
