@@ -362,7 +362,7 @@ def _run_claimed(cfg, workdir: str, overwrite: bool, budget: float, tcs: dict, c
     out = {
         "experiment": "budget", "task": cfg.task, "budget_seconds": budget,
         "machine": eu.machine_info(),
-        "images": {"source": cfg.data.source, "shape": list(clean.shape)},
+        "images": {"source": cfg.data.source, "shape": list(clean.shape), "files": denoise.clean_files(cfg.data)},
         "noise": ({"std": cfg.noise.std, "seed": cfg.noise.seed, "signal_scale": denoise.signal_scale(cfg),
                    "draws": denoise.noise_draws(cfg)} if cfg.task == "denoise" else None),
         "noisy": denoise.image_metrics(noisy, ref, in_range=False) if cfg.task == "denoise" else None,
@@ -424,6 +424,9 @@ def _write(out: dict, workdir: str, clean, noisy, outputs: dict, ddpm_in=None) -
     text = [f"# Fixed budget: {out['images']['shape'][0]} images {out['images']['shape'][2]}x"
             f"{out['images']['shape'][3]} ({out['images']['source']}), {what}\n\n",
             f"Budget: {out['budget_convention']}.\n\n"]
+    if out["images"].get("files"):
+        text.append("Images: " + ", ".join(f"{k} = {os.path.basename(f)}" for k, f in enumerate(out["images"]["files"]))
+                    + ".\n\n")
     if draws > 1:
         text.append(f"Inputs: {draws} noisy copies of each image (noise seeds {out['noise']['seed']} to "
                     f"{out['noise']['seed'] + draws - 1}); the scores are means over all of them, with the standard "
@@ -524,6 +527,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from krylovjax.experiment_utils import parse_flags
+    from krylovjax.experiment_utils import one_line_usage_errors, parse_flags
 
-    app.run(main, flags_parser=parse_flags)
+    app.run(one_line_usage_errors(main), flags_parser=parse_flags)

@@ -375,17 +375,41 @@ def check_fits(tcs: dict, images, num_images: int) -> None:
         training.model_config(tc, tuple(images.shape[1:]), num_images)
 
 
+def _load_kwargs(data_cfg) -> dict:
+    """``config.data``'s keyword arguments of ``load_images``: ``kwargs`` with ``size``;
+    ``kwargs.num_images = 0`` is all the images of a ``files:``/``array:``/tfds source (as
+    ``experiments.precompute``'s ``num_images``)."""
+    kw = _dict(data_cfg.get("kwargs"))
+    if data_cfg.get("size") is not None:
+        kw.setdefault("size", data_cfg.size)
+    if kw.get("num_images") == 0 and not str(data_cfg.source).startswith("builtin"):
+        kw["num_images"] = None
+    return kw
+
+
 def load_clean(data_cfg):
     """The clean images of ``config.data``: ``load_images(source, size=..., **kwargs)``, then
-    ``index`` (an int, a list of ints, or None for all). Returns numpy ``[B, C, H, W]``."""
+    ``index`` (an int, a list of ints, or None for all). Returns numpy ``[B, C, H, W]``.
+
+    A source that cannot be read or a bad value is refused naming the config key it comes from
+    (``data.source``, ``data.size`` or ``data.kwargs.<name>``)."""
+    import re
+
     import numpy as np
 
     from krylovjax.data import load_images
 
-    kw = _dict(data_cfg.get("kwargs"))
-    if data_cfg.get("size") is not None:
-        kw.setdefault("size", data_cfg.size)
-    images = load_images(data_cfg.source, **kw)
+    kw = _load_kwargs(data_cfg)
+    try:
+        images = load_images(data_cfg.source, **kw)
+    except (ValueError, FileNotFoundError) as err:
+        msg = str(err)
+        m = re.match(r"\w+", msg)
+        name = m.group(0) if m else ""
+        given = _dict(data_cfg.get("kwargs"))
+        key = (f"data.kwargs.{name}" if name in given else
+               "data.size" if name == "size" else f"data.source {data_cfg.source!r}")
+        raise type(err)(f"{key}: {msg}") from err
     idx = data_cfg.get("index")
     if idx is None:
         return images
@@ -395,6 +419,22 @@ def load_clean(data_cfg):
             raise ValueError(f"data.index: expected indices in [0, {images.shape[0]}) of the loaded "
                              f"images, got {idx!r}")
     return np.ascontiguousarray(images[sel])
+
+
+def clean_files(data_cfg) -> list[str] | None:
+    """For a ``files:`` source, the absolute path of each image :func:`load_clean` returns, in its
+    order (the results name them); None for the other sources."""
+    from krylovjax.data import selected_paths
+
+    src = data_cfg.source
+    if not (isinstance(src, str) and src.startswith("files:")):
+        return None
+    kw = _load_kwargs(data_cfg)
+    paths = selected_paths(src.split(":", 1)[1], kw.get("indices"), kw.get("num_images"))
+    idx = data_cfg.get("index")
+    if idx is not None:
+        paths = [paths[i] for i in ([idx] if isinstance(idx, int) else idx)]
+    return [os.path.abspath(p) for p in paths]
 
 
 def claim_record(cfg, clean):
@@ -959,7 +999,8 @@ def _run_claimed(cfg, workdir: str, overwrite: bool, targets: list, tcs: dict, c
     out = {
         "experiment": "denoise",
         "machine": eu.machine_info(),
-        "image": {"source": cfg.data.source, "shape": list(clean.shape), "dtype": str(clean.dtype)},
+        "image": {"source": cfg.data.source, "shape": list(clean.shape), "dtype": str(clean.dtype),
+                  "files": clean_files(cfg.data)},
         "noise": {"std": cfg.noise.std, "seed": cfg.noise.seed, "clamp": cfg.noise.clamp,
                   "signal_scale": signal_scale(cfg), "ddpm_start": ddpm_start(cfg)},
         "noisy": {k: base[k] for k in ("ssim", "global_ssim", "psnr", "mse")},
@@ -997,7 +1038,9 @@ def _write_outputs(out: dict, workdir: str, clean, noisy, outs: dict, frames: di
                "compile (excl.)", "eval (excl.)", "final SSIM", "final global SSIM", "final PSNR (dB)",
                "final step"]
     seed = out["config"]["common"].get("seed")
-    text = [f"# Single-image denoising ({out['image']['source']}, {out['image']['shape'][2]}x"
+    files = out["image"].get("files")
+    source = out["image"]["source"] + (f": {', '.join(os.path.basename(f) for f in files)}" if files else "")
+    text = [f"# Single-image denoising ({source}, {out['image']['shape'][2]}x"
             f"{out['image']['shape'][3]}, noise std {out['noise']['std']}, noise seed {out['noise']['seed']}, "
             f"training seed {seed})\n",
             f"Noisy input: SSIM {out['noisy']['ssim']:.4f}, PSNR {out['noisy']['psnr']:.2f} dB"
@@ -1070,6 +1113,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from krylovjax.experiment_utils import parse_flags
+    from krylovjax.experiment_utils import one_line_usage_errors, parse_flags
 
-    app.run(main, flags_parser=parse_flags)
+    app.run(one_line_usage_errors(main), flags_parser=parse_flags)

@@ -67,7 +67,8 @@ if __name__ == "__main__":
     flags.DEFINE_string("reference", None, "Optional load_images source to compare samples with, "
                         "e.g. builtin:chelsea or builtin (resized to the model's size).")
     flags.DEFINE_integer("reference_count", 3, "Images of a multi-image --reference source (builtin, "
-                         "cifar10, celeb_a): its first ones.")
+                         "cifar10, celeb_a, files:<path>, array:<path>): its first ones; 0 = all of them "
+                         "(files, arrays and tfds datasets).")
     flags.DEFINE_bool("overwrite", False, "Redo a finished run with the same settings in --outdir.")
     flags.mark_flags_as_required(["workdir"])
 
@@ -251,7 +252,7 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
 
     with eu.checking_arguments():  # a bad flag ends the binary with its message alone
         for name, v, lo in (("num_samples", num_samples, 1), ("num_frames", num_frames, 2), ("num_steps", num_steps, 0),
-                            ("reference_count", reference_count, 1)):
+                            ("reference_count", reference_count, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
         if not os.path.isdir(os.path.join(workdir, "checkpoints")):
@@ -289,11 +290,14 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
 
                 kw: dict[str, Any] = {"size": unet.image_size}
                 if not reference.startswith("builtin:"):  # a multi-image source: its first reference_count
-                    kw["num_images"] = reference_count
+                    if reference_count == 0 and reference == "builtin":
+                        raise ValueError("reference_count: 0 (all) is for files, arrays and tfds datasets; "
+                                         "the built-in set has no fixed size: give a count")
+                    kw["num_images"] = reference_count or None
                 try:
                     ref = np.asarray(load_images(reference, **kw))
-                except ValueError as e:
-                    raise ValueError(f"reference: {reference!r}: {e}") from e
+                except (ValueError, FileNotFoundError) as e:
+                    raise type(e)(f"reference: {reference!r}: {e}") from e
                 if ref.shape[1] != unet.in_channels:
                     raise ValueError(f"reference: its images have {ref.shape[1]} channels, "
                                      f"the model {unet.in_channels}")
@@ -366,4 +370,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from krylovjax.experiment_utils import one_line_usage_errors
+
+    app.run(one_line_usage_errors(main))

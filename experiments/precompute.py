@@ -79,6 +79,10 @@ def load(cfg):
 
     from krylovjax.data import load_images
 
+    n = cfg.num_images
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0 or (n == 0 and cfg.dataset == "builtin"):
+        raise ValueError(f"num_images: expected an int >= 1, or 0 for all the images of a files:, array: or tfds "
+                         f"dataset, got {n!r}")
     try:
         if cfg.dataset == "builtin":
             images = load_images("builtin", size=cfg.image_size, num_images=cfg.num_images,
@@ -200,6 +204,6 @@ def _precompute(cfg):
 
 
 if __name__ == "__main__":
-    from krylovjax.experiment_utils import parse_flags
+    from krylovjax.experiment_utils import one_line_usage_errors, parse_flags
 
-    app.run(main, flags_parser=parse_flags)
+    app.run(one_line_usage_errors(main), flags_parser=parse_flags)

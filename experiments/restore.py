@@ -399,4 +399,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from krylovjax.experiment_utils import one_line_usage_errors
+
+    app.run(one_line_usage_errors(main))

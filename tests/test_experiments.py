@@ -694,8 +694,8 @@ def test_generate_from_train_run(denoise_run, tmp_path, monkeypatch):
                      reference="builtin:chelsea")
     with pytest.raises(ValueError, match="num_frames"):
         generate.run(f"{wd}/ours", str(tmp_path / "g2"), num_frames=1)
-    with pytest.raises(ValueError, match="reference_count: expected an int >= 1, got 0"):
-        generate.run(f"{wd}/ours", str(tmp_path / "g2"), reference="builtin", reference_count=0)
+    with pytest.raises(ValueError, match="reference_count: expected an int >= 0, got -1"):
+        generate.run(f"{wd}/ours", str(tmp_path / "g2"), reference="builtin", reference_count=-1)
     # a bad reference source is refused before any sampling
     def no_sampling(*a, **k):
         raise AssertionError("sampled before the reference was checked")

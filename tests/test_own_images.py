@@ -605,6 +605,65 @@ def test_denoise_clean_image_from_files(tmp_path):
     np.testing.assert_allclose(x, arrs[1].transpose(2, 0, 1)[None] / 255.0, atol=1e-7)
 
 
+def test_denoise_and_budget_data_config_all_images_named_files_and_keyed_errors(tmp_path):
+    """``config.data`` of denoise/budget (a user review): ``kwargs.num_images = 0`` reads all the
+    files (it was refused, while precompute's 0 means all), the results name the files read
+    (``clean_files``, with ``index``), and a bad source or value names the config key it comes
+    from (the messages named none)."""
+    import ml_collections
+
+    from experiments import denoise
+
+    rng = np.random.default_rng(12)
+    for i in range(4):
+        _save(tmp_path / f"p{i}.png", _rgb(rng, 16, 16))
+
+    def cfg(**kw):
+        base = {"source": f"files:{tmp_path}", "size": 16, "index": None, "kwargs": {}}
+        base.update(kw)
+        return ml_collections.ConfigDict(base)
+
+    assert denoise.load_clean(cfg(kwargs={"num_images": 0})).shape[0] == 4
+    assert denoise.load_clean(cfg(kwargs={"num_images": 3})).shape[0] == 3
+    assert denoise.clean_files(cfg(kwargs={"num_images": 3})) == [str(tmp_path / f"p{i}.png") for i in range(3)]
+    assert denoise.clean_files(cfg(index=[2, 0])) == [str(tmp_path / "p2.png"), str(tmp_path / "p0.png")]
+    assert denoise.clean_files(cfg(source="builtin:chelsea")) is None
+    with pytest.raises(FileNotFoundError, match=r"^data.source 'files:/nonexistent/x': '/nonexistent/x': no such"):
+        denoise.load_clean(cfg(source="files:/nonexistent/x"))
+    with pytest.raises(ValueError, match=r"^data.size: size must be"):
+        denoise.load_clean(cfg(size=3))
+    with pytest.raises(ValueError, match=r"^data.kwargs.num_images: num_images must be"):
+        denoise.load_clean(cfg(kwargs={"num_images": -1}))
+
+
+def test_generate_reference_from_files_all_of_them_and_missing_named(tmp_path):
+    """``generate --reference=files:<dir>``: ``reference_count=0`` compares with every file (it
+    took the first 3 whatever the folder held); a missing folder names ``reference``."""
+    from test_coverage_experiments import _FakeModel
+
+    from experiments import generate
+    from krylovjax import training
+
+    rng = np.random.default_rng(13)
+    for i in range(4):
+        _save(tmp_path / f"r{i}.png", _rgb(rng, 16, 16))
+    tc = training.TrainConfig(method="ddpm", per_image_offset=False, ddpm_num_steps=4)
+    model = _FakeModel(lambda x, i: 0.0 * x, tc, 3, 16)
+    wd = tmp_path / "train"
+    (wd / "checkpoints").mkdir(parents=True)
+    import unittest.mock as mock
+
+    with mock.patch.object(training, "load_score_fn", lambda workdir, step=None: model):
+        res = generate.run(str(wd), str(tmp_path / "g"), num_samples=2, num_frames=2, num_steps=2, sampler="ddim",
+                           reference=f"files:{tmp_path}", reference_count=0)
+        assert len(res["summary"]["samples_per_reference"]) == 4
+        with pytest.raises(FileNotFoundError, match=r"^reference: 'files:/nonexistent/x': '/nonexistent/x': no such"):
+            generate.run(str(wd), str(tmp_path / "g2"), reference="files:/nonexistent/x")
+        with pytest.raises(ValueError, match=r"reference_count: 0 \(all\) is for files, arrays and tfds"):
+            generate.run(str(wd), str(tmp_path / "g3"), reference="builtin", reference_count=0)
+    assert not (tmp_path / "g2").exists() and not (tmp_path / "g3").exists()
+
+
 def test_a_run_over_changed_files_is_another_run(tmp_path):
     """denoise/budget claim their work directory with the loaded images' sha256 when the images
     come from files: the same config over changed files is refused there, naming the key; the
