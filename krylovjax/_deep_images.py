@@ -34,6 +34,7 @@ import numpy as np
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_CHANNELS = {2: 3, 4: 2, 6: 4}  # colour type -> samples per pixel (the 16-bit types handled here)
+_PNG_RAWMODES = ("RGB;16B", "LA;16B", "RGBA;16B")  # Pillow's raw modes of those types at 16 bits
 # Adam7 passes: (first row, first column, row step, column step)
 _ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1))
 # Pillow raw modes of 16-bit colour TIFF pixels -> (samples per pixel, numpy dtype)
@@ -52,16 +53,11 @@ def read_deep(path: str, src: Any) -> tuple[np.ndarray, bool] | None:
     """
     fmt = getattr(src, "format", None)
     if fmt == "PNG":
-        with open(path, "rb") as f:
-            head = f.read(33)
-        if head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
-            return None
-        depth, ctype = head[24], head[25]
-        if depth != 16 or ctype not in _PNG_CHANNELS:
+        if _png_rawmode(src) not in _PNG_RAWMODES:  # Pillow's unpacking of the header's depth and type
             return None
         with open(path, "rb") as f:
             arr = decode_png16(f.read())
-        return _scale(arr, 65535), ctype in (4, 6)
+        return _scale(arr, 65535), arr.shape[2] in (2, 4)
     if fmt == "PPM" and src.mode == "RGB" and src.tile:
         tile = src.tile[0]  # an 8-bit binary file is a "raw" tile; maxval in the args of the others
         if tile.codec_name not in ("ppm", "ppm_plain") or not isinstance(tile.args, tuple) or len(tile.args) < 2:
@@ -105,14 +101,20 @@ def read_deep(path: str, src: Any) -> tuple[np.ndarray, bool] | None:
     return None
 
 
+def _png_rawmode(src: Any) -> str | None:
+    """The raw mode Pillow unpacks an opened PNG's pixels from (``"RGB;16B"`` for 16-bit RGB), from
+    the header alone; None for another format."""
+    if getattr(src, "format", None) != "PNG" or not src.tile:
+        return None
+    args = src.tile[0].args
+    rawmode = args if isinstance(args, str) else (args[0] if args else None)
+    return rawmode if isinstance(rawmode, str) else None
+
+
 def stored_gray(src: Any) -> bool:
     """Whether an opened Pillow image is a 16-bit gray + alpha PNG, which Pillow opens as RGBA
     (its samples are one gray channel and an alpha)."""
-    if getattr(src, "format", None) != "PNG" or not src.tile:
-        return False
-    args = src.tile[0].args
-    rawmode = args if isinstance(args, str) else (args[0] if args else "")
-    return isinstance(rawmode, str) and rawmode.startswith("LA;16")
+    return _png_rawmode(src) == "LA;16B"
 
 
 def _scale(arr: np.ndarray, maxval: int) -> np.ndarray:
@@ -251,14 +253,27 @@ def unfilter(filtered: np.ndarray, types: np.ndarray) -> np.ndarray:
 
     Filter f predicts each byte from a = the byte one pixel left, b = the byte above, c = the
     byte above-left (0 outside the image): 0 none, 1 a, 2 b, 3 floor((a + b) / 2), 4 Paeth's
-    choice among a, b, c; the raw byte is (filtered + prediction) mod 256. Decoded one
-    anti-diagonal at a time (see the module's docstring).
+    choice among a, b, c; the raw byte is (filtered + prediction) mod 256. With Average or Paeth
+    rows, decoded one anti-diagonal at a time (see the module's docstring); without, one row at a
+    time (each row depends only on itself and the one above).
     """
     h, w, bpp = filtered.shape
     types = np.asarray(types)
     if types.size and int(types.max()) > 4:
         bad = int(np.argmax(types > 4))
         raise ValueError(f"scanline {bad} has filter type {int(types[bad])}; PNG defines 0-4")
+    if not np.any(types >= 3):  # None, Sub and Up only: each row is one vectorised step
+        out = np.empty((h, w, bpp), np.uint8)
+        above = np.zeros((w, bpp), np.uint8)
+        for y in range(h):  # uint8 arithmetic wraps mod 256, as the filters do
+            t = int(types[y])
+            row = filtered[y]
+            if t == 1:
+                row = np.cumsum(row, axis=0, dtype=np.uint8)  # each byte plus the one a pixel left
+            elif t == 2:
+                row = row + above
+            out[y] = above = row
+        return out
     rec = np.zeros((h + 1, w + 1, bpp), np.int16)  # rec[y + 1, x + 1] is pixel (y, x); a zero border
     f = filtered.astype(np.int16)
     for k in range(h + w - 1):
