@@ -9,8 +9,9 @@ Writes ``<workdir>/store`` (a :class:`krylovjax.store.ScoreStore`: log-densities
 embedded trajectories, per-image solver statistics) and ``<workdir>/precompute_summary.json``
 (with ``files``, the file of each store image in order, for a ``files:`` dataset), and prints a
 summary table. Re-running with the same workdir resumes: finished chunks are
-skipped; another config or other images are refused, and so is a second run started there
-while one runs (:mod:`krylovjax.workdir_lock`). A chunk that cannot be written (a full disk)
+skipped; another config or other images are refused (``--fresh`` moves the old run to
+``<workdir>.prev`` and starts again), and so is a second run started there while one runs
+(:mod:`krylovjax.workdir_lock`). A chunk that cannot be written (a full disk)
 ends the run; it stays missing, and the same command computes it once space is freed.
 
 Multi-host: run one copy per process with ``--coordinator_address=host:port
@@ -42,6 +43,8 @@ flags.DEFINE_integer("process_id", None, "This process's index (multi-host runs)
 flags.DEFINE_float("wait_s", 3600.0,
                    "Multi-host: how long process 0 waits for the other processes' chunks.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_bool("fresh", False, "Start afresh: move an existing --workdir to <workdir>.prev first (an older "
+                  "<workdir>.prev is deleted). One-process runs only.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -134,11 +137,18 @@ def main(argv):
     _init_distributed()
     import jax
 
+    if FLAGS.fresh and jax.process_count() > 1:
+        raise app.UsageError("--fresh: one-process runs only (the processes would move the work directory "
+                             "under each other); move it aside yourself")
     jax.config.update("jax_enable_x64", cfg.dtype == "float64")
     from krylovjax import workdir_lock
 
     # One run at a time in the workdir, to its summary (a second run there is refused at once).
     with eu.exit_on_run_errors(), workdir_lock.hold(FLAGS.workdir, process_index=jax.process_index()):
+        if FLAGS.fresh:
+            moved = eu.move_aside(FLAGS.workdir)
+            if moved:
+                logging.info("--fresh: moved the previous run to %s", moved)
         _precompute(cfg)
 
 

@@ -552,6 +552,15 @@ def test_precompute_binary_on_files_and_on_the_same_array(tmp_path):
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith("error: path: ") and "inputs_hash differs" in out.stderr
     assert "Traceback" not in out.stderr
+    # --fresh (a user review: only denoise and budget had it): the old run moves to <workdir>.prev
+    out = _precompute(tmp_path / "files", f"files:{pics}", "--fresh")
+    assert out.returncode == 0, out.stderr[-3000:]
+    np.testing.assert_array_equal(np.asarray(trajectories_from_store(str(tmp_path / "files.prev" / "store")).x),
+                                  runs["files"])
+    again = np.asarray(trajectories_from_store(store).x)
+    np.testing.assert_allclose(again[:, 0], D.load_files(str(pics), size=8), atol=1e-7)
+    np.testing.assert_array_equal(again[[0, 2]], runs["files"][[0, 2]])  # the unchanged photos
+    assert np.abs(again[1] - runs["files"][1]).max() > 1e-3
 
 
 def test_precompute_binary_takes_the_array_options_in_the_source(tmp_path):
