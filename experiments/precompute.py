@@ -145,10 +145,6 @@ def main(argv):
 
     # One run at a time in the workdir, to its summary (a second run there is refused at once).
     with eu.exit_on_run_errors(), workdir_lock.hold(FLAGS.workdir, process_index=jax.process_index()):
-        if FLAGS.fresh:
-            moved = eu.move_aside(FLAGS.workdir)
-            if moved:
-                logging.info("--fresh: moved the previous run to %s", moved)
         _precompute(cfg)
 
 
@@ -166,6 +162,10 @@ def _precompute(cfg):
         images = load(cfg)
         pipeline.check_run_args(images, pcfg, cfg.chunk_images, cfg.store_dtype, cfg.embed_component,
                                 jax.process_index(), jax.process_count())
+    if FLAGS.fresh:  # once the config and the images are found good: a refused command moves nothing
+        moved = eu.move_aside(FLAGS.workdir)
+        if moved:
+            logging.info("--fresh: moved the previous run to %s", moved)
     logging.info("%d images %s (%s), %d process(es), %d local device(s)", images.shape[0],
                  images.shape[1:], cfg.dataset, jax.process_count(), jax.local_device_count())
 

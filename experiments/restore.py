@@ -53,6 +53,7 @@ or other input pixels are refused there, a finished run is redone only with ``--
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from typing import Any
 
@@ -194,6 +195,28 @@ def restore_arrays(fn, tc, noisy, noise_std, key, *, idx=None, sampler: str = "a
     return jnp.clip(r.x, 0.0, 1.0), jnp.clip(r.trajectory, 0.0, 1.0), r.num_score_evals
 
 
+def frames_shown(tc, sampler: str, noise_std, num_steps: int, num_frames: int) -> int:
+    """The trajectory frames a run can show: at most the states of a fixed-length chain (DDPM's
+    from the step matching the noise, ``sde``/``paper_a``'s ``num_steps``) plus its start;
+    ``num_frames`` for the adaptive ODE samplers."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from krylovjax import ddpm
+
+    if tc.method == "ddpm":
+        start = ddpm.denoise_start_step(2.0 * np.asarray(noise_std), schedule=tc.ddpm_schedule(dtype=jnp.float32))
+        chain = int(np.max(start)) + 1
+    elif sampler in ("sde", "paper_a"):
+        chain = int(num_steps)
+    else:
+        return num_frames
+    if num_frames > chain + 1:
+        logging.info("num_frames: the %s chain has %d steps; showing %d frames, not %d", sampler, chain,
+                     chain + 1, num_frames)
+    return min(num_frames, chain + 1)
+
+
 def _image_indices(image_index, per_image_offset: bool, num_trained: int, count: int):
     """``[count]`` int32 training image indices for a per-image-offset model (None otherwise)."""
     import numpy as np
@@ -307,73 +330,85 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
                 raise ValueError(f"noise_std: 'auto' found no noise in {names[k]} (estimate {estimated[k]:.3g}); "
                                  "give --noise_std")
             check_noise_std(tc, sampler, std, noisy.dtype)
+            num_frames = frames_shown(tc, sampler, std, num_steps, num_frames)
             idx = _image_indices(image_index, unet.per_image_offset, unet.num_images, noisy.shape[0])
             # the pixels denoised, so that a changed input file is not taken for a finished run
             settings["input_sha256"] = hashlib.sha256(np.ascontiguousarray(noisy).tobytes()).hexdigest()
             eu.check_claim(outdir, "restore", settings, arg="outdir")
             if os.path.exists(os.path.join(outdir, "restore.json")) and not overwrite:
+                try:
+                    with open(os.path.join(outdir, "restore.json")) as f:
+                        done_step = json.load(f).get("model_step")
+                except (OSError, ValueError):
+                    done_step = None
+                newer = (f", from step {done_step} of the model (its checkpoint now is step {fn.step})"
+                         if done_step is not None and done_step != int(fn.step) else "")
                 raise eu.WorkdirConflictError(
-                    f"outdir: {outdir!r} already holds these results; pass --overwrite to redo them or use "
+                    f"outdir: {outdir!r} already holds these results{newer}; pass --overwrite to redo them or use "
                     "another --outdir")
-        eu.claim_workdir(outdir, "restore", settings, arg="outdir")
-        with eu.Stopwatch() as sw:
-            out, frames, nfe = restore_arrays(fn, tc, noisy, std.astype(noisy.dtype), jax.random.PRNGKey(seed),
-                                              idx=idx, sampler=sampler, num_steps=num_steps,
-                                              num_frames=num_frames, final_denoise=final_denoise)
-            out, frames, nfe = np.asarray(out), np.asarray(frames), int(nfe)
-        per, rows = [], []
-        if ref is not None:
-            ref = ref.astype(out.dtype)
-            scores = {k: np.asarray(f(x, ref)) for k, f, x in (
-                ("ssim_input", metrics.ssim, np.clip(noisy, 0, 1)), ("ssim_output", metrics.ssim, out),
-                ("psnr_input", metrics.psnr, np.clip(noisy, 0, 1)), ("psnr_output", metrics.psnr, out))}
-        for k in range(out.shape[0]):
-            rec = {"image": k, "file": names[k], "noise_std": float(std[k]), "noise_std_estimated": float(estimated[k]),
-                   "image_index": None if idx is None else int(idx[k])}
-            if ref is not None:
-                rec.update({key: float(v[k]) for key, v in scores.items()})
-            per.append(rec)
-            rows.append([k, names[k], f"{std[k]:.4f}", f"{estimated[k]:.4f}"]
-                        + ([f"{rec['ssim_input']:.4f}", f"{rec['ssim_output']:.4f}", f"{rec['psnr_input']:.2f}",
-                            f"{rec['psnr_output']:.2f}"] if ref is not None else []))
-        summary = None
-        if ref is not None:
-            summary = {key: float(np.mean(v)) for key, v in scores.items()}
-            summary["ssim_output_se"] = eu.standard_error(scores["ssim_output"])
-        os.makedirs(os.path.join(outdir, "denoised"), exist_ok=True)
-        from PIL import Image
 
-        for k, name in enumerate(names):
-            img = np.round(out[k] * 255.0).astype(np.uint8).transpose(1, 2, 0)
-            Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).save(os.path.join(outdir, "denoised", name))
-        np.save(os.path.join(outdir, "denoised.npy"), out.astype(np.float32))
-        np.save(os.path.join(outdir, "noisy.npy"), noisy.astype(np.float32))
-        result = {"experiment": "restore", "settings": settings, "method": tc.method, "sde": tc.sde,
-                  "sampler": sampler, "model_step": int(fn.step), "network_evals": nfe,
-                  "sampling_seconds": sw.seconds, "images": per, "summary": summary, "shape": list(out.shape),
-                  "machine": eu.machine_info()}
-        n = noisy.shape[0]
-        text = (f"# {n} image{'s' if n != 1 else ''} of {input} denoised by {os.path.abspath(workdir)} "
-                f"(step {fn.step}, "
-                f"method {tc.method}, sampler {sampler})\n\n{nfe} network evaluations, {sw.seconds:.1f} s "
-                "(compile included).\n\n")
-        if summary:
-            text += (f"Against the clean images: SSIM {summary['ssim_input']:.4f} (input) -> "
-                     f"{summary['ssim_output']:.4f} (output), PSNR {summary['psnr_input']:.2f} -> "
-                     f"{summary['psnr_output']:.2f} dB, means over the images.\n\n")
-        heads = ["image", "file", "noise std used", "noise std estimated"]
-        if ref is not None:
-            heads += ["SSIM input", "SSIM output", "PSNR input", "PSNR output"]
-        text += eu.markdown_table(heads, rows)
-        eu.write_text(os.path.join(outdir, "restore.md"), text)
-        grid = [[np.clip(noisy[k], 0, 1)] + [frames[i, k] for i in range(1, num_frames)] + [out[k]]
-                + ([ref[k]] if ref is not None else []) for k in range(out.shape[0])]
-        cols = ["input"] + [f"frame {i}" for i in range(1, num_frames)] + ["output"] + (["clean"] if ref is not None
-                                                                                      else [])
-        eu.image_grid(os.path.join(outdir, "restore.png"), grid, row_labels=names, col_labels=cols,
-                      title=f"{tc.method}: {sampler} sampler")
-        eu.write_json(os.path.join(outdir, "restore.json"), result)  # last: marks the run finished
-        return result
+        def denoise_and_write():
+            with eu.Stopwatch() as sw:
+                out, frames, nfe = restore_arrays(fn, tc, noisy, std.astype(noisy.dtype), jax.random.PRNGKey(seed),
+                                                  idx=idx, sampler=sampler, num_steps=num_steps,
+                                                  num_frames=num_frames, final_denoise=final_denoise)
+                out, frames, nfe = np.asarray(out), np.asarray(frames), int(nfe)
+            per, rows = [], []
+            refs = None if ref is None else ref.astype(out.dtype)
+            if refs is not None:
+                scores = {k: np.asarray(f(x, refs)) for k, f, x in (
+                    ("ssim_input", metrics.ssim, np.clip(noisy, 0, 1)), ("ssim_output", metrics.ssim, out),
+                    ("psnr_input", metrics.psnr, np.clip(noisy, 0, 1)), ("psnr_output", metrics.psnr, out))}
+            for k in range(out.shape[0]):
+                rec = {"image": k, "file": names[k], "noise_std": float(std[k]),
+                       "noise_std_estimated": float(estimated[k]), "image_index": None if idx is None else int(idx[k])}
+                if refs is not None:
+                    rec.update({key: float(v[k]) for key, v in scores.items()})
+                per.append(rec)
+                rows.append([k, names[k], f"{std[k]:.4f}", f"{estimated[k]:.4f}"]
+                            + ([f"{rec['ssim_input']:.4f}", f"{rec['ssim_output']:.4f}", f"{rec['psnr_input']:.2f}",
+                                f"{rec['psnr_output']:.2f}"] if refs is not None else []))
+            summary = None
+            if refs is not None:
+                summary = {key: float(np.mean(v)) for key, v in scores.items()}
+                summary["ssim_output_se"] = eu.standard_error(scores["ssim_output"])
+            os.makedirs(os.path.join(outdir, "denoised"), exist_ok=True)
+            from PIL import Image
+
+            for k, name in enumerate(names):
+                img = np.round(out[k] * 255.0).astype(np.uint8).transpose(1, 2, 0)
+                Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).save(os.path.join(outdir, "denoised", name))
+            np.save(os.path.join(outdir, "denoised.npy"), out.astype(np.float32))
+            np.save(os.path.join(outdir, "noisy.npy"), noisy.astype(np.float32))
+            result = {"experiment": "restore", "settings": settings, "method": tc.method, "sde": tc.sde,
+                      "sampler": sampler, "model_step": int(fn.step), "network_evals": nfe, "frames": num_frames,
+                      "sampling_seconds": sw.seconds, "images": per, "summary": summary, "shape": list(out.shape),
+                      "machine": eu.machine_info()}
+            n = noisy.shape[0]
+            text = (f"# {n} image{'s' if n != 1 else ''} of {input} denoised by {os.path.abspath(workdir)} "
+                    f"(step {fn.step}, "
+                    f"method {tc.method}, sampler {sampler})\n\n{nfe} network evaluations, {sw.seconds:.1f} s "
+                    "(compile included).\n\n")
+            if summary:
+                text += (f"Against the clean images: SSIM {summary['ssim_input']:.4f} (input) -> "
+                         f"{summary['ssim_output']:.4f} (output), PSNR {summary['psnr_input']:.2f} -> "
+                         f"{summary['psnr_output']:.2f} dB, means over the images.\n\n")
+            heads = ["image", "file", "noise std used", "noise std estimated"]
+            if refs is not None:
+                heads += ["SSIM input", "SSIM output", "PSNR input", "PSNR output"]
+            text += eu.markdown_table(heads, rows)
+            eu.write_text(os.path.join(outdir, "restore.md"), text)
+            grid = [[np.clip(noisy[k], 0, 1)] + [frames[i, k] for i in range(1, num_frames)] + [out[k]]
+                    + ([refs[k]] if refs is not None else []) for k in range(out.shape[0])]
+            cols = (["input"] + [f"frame {i}" for i in range(1, num_frames)] + ["output"]
+                    + (["clean"] if refs is not None else []))
+            eu.image_grid(os.path.join(outdir, "restore.png"), grid, row_labels=names, col_labels=cols,
+                          title=f"{tc.method}: {sampler} sampler")
+            eu.write_json(os.path.join(outdir, "restore.json"), result)  # last: marks the run finished
+            return result
+
+        # claimed with the settings; a failure while the claim is all the directory holds withdraws it
+        return eu.run_claimed(outdir, "restore", settings, denoise_and_write, arg="outdir")
 
 
 def main(argv):

@@ -9,12 +9,15 @@ so exactly:
   interlaced or not: the zlib stream is inflated and each scanline's filter (None, Sub, Up,
   Average, Paeth; PNG spec section 9) undone;
 * binary and plain PPM with ``maxval`` above 255 (big-endian samples, scaled by ``maxval``);
-* TIFF, uncompressed (strips or tiles, as Pillow locates them) or in deflate-compressed
-  strips (with or without the horizontal-differencing predictor).
+* TIFF, uncompressed (strips or tiles, as Pillow locates them, the right-edge tiles' rows
+  padded) or in deflate-compressed strips (with or without the horizontal-differencing
+  predictor); chunky samples; an unspecified extra sample is padding and dropped.
 
-Any other file stored at more than 8 bits per colour sample (a 16-bit colour TIFF with LZW or
-JPEG compression) is read by Pillow at 8 bits, with a warning saying so. 16-bit grayscale needs none of this:
-Pillow reads it at full depth (modes ``I;16*`` and ``I``).
+Any other file whose header shows more than 8 bits per colour sample (a 16-bit colour TIFF with
+LZW compression, in tiles with deflate or in separate planes; a 16-bit SGI file) is read by
+Pillow at 8 bits, with a warning naming the file and the reason. JPEG 2000 and AVIF files of more
+than 8 bits are decoded by Pillow to 8 bits before their depth can be seen here: no warning.
+16-bit grayscale needs none of this: Pillow reads it at full depth (modes ``I;16*`` and ``I``).
 
 Undoing Average and Paeth filters is sequential along a row and down the image, since each
 byte depends on its left, upper and upper-left neighbours once they are decoded. Rather than
@@ -39,7 +42,7 @@ _PNG_RAWMODES = ("RGB;16B", "LA;16B", "RGBA;16B")  # Pillow's raw modes of those
 _ADAM7 = ((0, 0, 8, 8), (0, 4, 8, 8), (4, 0, 8, 4), (0, 2, 4, 4), (2, 0, 4, 2), (0, 1, 2, 2), (1, 0, 2, 1))
 # Pillow raw modes of 16-bit colour TIFF pixels -> (samples per pixel, numpy dtype)
 _TIFF_RAWMODES = {f"{m};16{e}": (len(m), "<u2" if e == "L" else ">u2")
-                  for m in ("RGB", "RGBA", "RGBa", "LA") for e in "LB"}
+                  for m in ("RGB", "RGBA", "RGBa", "RGBX", "LA") for e in "LB"}
 
 
 def read_deep(path: str, src: Any) -> tuple[np.ndarray, bool] | None:
@@ -87,18 +90,37 @@ def read_deep(path: str, src: Any) -> tuple[np.ndarray, bool] | None:
         bits = bits if isinstance(bits, tuple) else (bits,)
         if max(bits) <= 8 or src.mode.startswith("I") or src.mode == "F":
             return None  # 8-bit, or a mode Pillow reads at full depth (I;16*, I, F)
-        arr = _tiff_raw(path, src)
-        if arr is None:
-            arr = _tiff_deflate(path, src)
-        if arr is None:
-            compression = src.tag_v2.get(259, 1)
-            warnings.warn(f"{path!r} is stored at {max(bits)} bits per sample (TIFF compression {compression}), "
-                          "which is read here only through Pillow, at 8 bits; save it uncompressed, with "
-                          "deflate (zlib) compression or as a 16-bit PNG to keep the full depth",
-                          stacklevel=2)
-            return None
-        return _scale(arr, 65535), arr.shape[2] in (2, 4)
+        got = _tiff_raw(path, src)
+        if isinstance(got, str):
+            raw_reason = got
+            got = _tiff_deflate(path, src)
+            if isinstance(got, str):
+                _warn_8_bits(path, f"{max(bits)} bits per sample",
+                             got if src.tag_v2.get(259, 1) != 1 else raw_reason)
+                return None
+        arr, has_alpha = got
+        return _scale(arr, 65535), has_alpha
+    if src.mode.startswith("I") or src.mode == "F":
+        return None  # gray at full depth
+    codec = src.tile[0].codec_name if src.tile else ""
+    if ";16" in _rawmode(src) or codec.endswith("16"):  # e.g. a 16-bit SGI file
+        _warn_8_bits(path, "16 bits per sample", f"{fmt} files are read only through Pillow")
     return None
+
+
+def _warn_8_bits(path: str, depth: str, reason: str) -> None:
+    warnings.warn(f"{path!r} is stored at {depth}, but {reason}: it is left to Pillow, which reads 8 bits of "
+                  "each sample at most; save it as a 16-bit PNG, or as a TIFF uncompressed or with deflate (zlib) "
+                  "in strips, to keep the full depth", stacklevel=3)
+
+
+def _rawmode(src: Any) -> str:
+    """The raw mode of an opened image's first tile ("" when there is none)."""
+    if not src.tile:
+        return ""
+    args = src.tile[0].args
+    rawmode = args if isinstance(args, str) else (args[0] if args else "")
+    return rawmode if isinstance(rawmode, str) else ""
 
 
 def _png_rawmode(src: Any) -> str | None:
@@ -121,38 +143,63 @@ def _scale(arr: np.ndarray, maxval: int) -> np.ndarray:
     return (arr.astype(np.float64) / maxval).astype(np.float32)
 
 
-def _tiff_raw(path: str, src: Any) -> np.ndarray | None:
-    """A 16-bit colour TIFF's uint16 ``[H, W, c]`` from Pillow's tile list when every tile is an
-    uncompressed ``raw`` block in a known raw mode, top-down and unpadded; else None."""
+def _alpha_sample(tags: Any, c: int) -> bool:
+    """Whether the last of a TIFF's ``c`` samples is an alpha (ExtraSamples 1, associated, or 2,
+    unassociated); an unspecified extra sample (0, or none given) is padding."""
+    if c not in (2, 4):
+        return False
+    extra = tags.get(338, (0,))
+    extra = extra if isinstance(extra, tuple) else (extra,)
+    return bool(extra) and extra[0] in (1, 2)
+
+
+def _tiff_raw(path: str, src: Any) -> tuple[np.ndarray, bool] | str:
+    """A 16-bit colour TIFF's uint16 ``[H, W, c]`` and whether its last sample is an alpha, from
+    Pillow's tile list when every tile is an uncompressed ``raw`` block of chunky 16-bit samples,
+    top-down (strips, or tiles, whose rows at the right edge are padded to the tile's width); else
+    the reason why not."""
     w, h = src.size
+    if src.tag_v2.get(284, 1) != 1:
+        return "its channels are stored as separate planes"
     out = None
     with open(path, "rb") as f:
         for tile in src.tile:
             args = tuple(tile.args) if isinstance(tile.args, tuple) else (tile.args,)
-            if tile.codec_name != "raw" or not args or args[0] not in _TIFF_RAWMODES:
-                return None
-            if len(args) > 1 and args[1] not in (0, None) or len(args) > 2 and args[2] not in (1, None):
-                return None  # a row stride or a bottom-up orientation
+            if tile.codec_name != "raw":
+                return f"its pixels are coded ({tile.codec_name})"
+            if not args or args[0] not in _TIFF_RAWMODES:
+                return f"its samples are laid out as {args[0] if args else '?'}"
+            if len(args) > 2 and args[2] not in (1, None):
+                return "its rows are stored bottom-up"
             c, dtype = _TIFF_RAWMODES[args[0]]
             x0, y0, x1, y1 = tile.extents
-            tw, th = x1 - x0, y1 - y0
+            tw, th = min(x1, w) - x0, min(y1, h) - y0
+            stride = int(args[1]) if len(args) > 1 and args[1] else tw * c * 2  # bytes per stored row
+            if stride < tw * c * 2:
+                return f"its rows are {stride} bytes, fewer than {tw} pixels need"
             f.seek(tile.offset)
-            raw = f.read(tw * th * c * 2)
-            if len(raw) < tw * th * c * 2:
-                raise ValueError(f"the file is cut short: a strip holds {len(raw)} of its {tw * th * c * 2} bytes")
+            need = (th - 1) * stride + tw * c * 2
+            raw = f.read(need)
+            if len(raw) < need:
+                raise ValueError(f"the file is cut short: a strip or tile holds {len(raw)} of its {need} bytes")
             if out is None:
                 out = np.zeros((h, w, c), np.uint16)
             elif out.shape[2] != c:
-                return None
-            block = np.frombuffer(raw, dtype).reshape(th, tw, c)
-            # a tile may reach past the image's right or bottom edge (TIFF tiles are whole)
-            out[y0:min(y1, h), x0:min(x1, w)] = block[:min(y1, h) - y0, :min(x1, w) - x0]
-    return out
+                return "its strips or tiles differ in their samples"
+            rows = np.frombuffer(raw + bytes(stride * th - need), np.uint8).reshape(th, stride)
+            out[y0:y0 + th, x0:x0 + tw] = rows[:, :tw * c * 2].copy().view(dtype).reshape(th, tw, c)
+    if out is None:
+        return "it has no pixels Pillow locates"
+    if args[0].startswith("RGBX"):  # an unspecified extra sample: padding, dropped
+        return out[..., :3], False
+    return out, c in (2, 4)
 
 
-def _tiff_deflate(path: str, src: Any) -> np.ndarray | None:
+def _tiff_deflate(path: str, src: Any) -> tuple[np.ndarray, bool] | str:
     """A 16-bit colour TIFF in deflate-compressed strips (compression 8 or 32946, predictor none
-    or horizontal differencing, chunky unsigned samples) -> uint16 ``[H, W, c]``; else None."""
+    or horizontal differencing, chunky unsigned samples) -> uint16 ``[H, W, c]`` and whether its
+    last sample is an alpha (an unspecified extra sample is padding, dropped); else the reason
+    why not."""
     tags = src.tag_v2
     w, h = src.size
     c = int(tags.get(277, 1))
@@ -160,9 +207,17 @@ def _tiff_deflate(path: str, src: Any) -> np.ndarray | None:
     bits = bits if isinstance(bits, tuple) else (bits,)
     sample_format = tags.get(339, 1)
     sample_format = sample_format[0] if isinstance(sample_format, tuple) else sample_format
-    if (tags.get(259) not in (8, 32946) or tags.get(284, 1) != 1 or 322 in tags or tags.get(317, 1) not in (1, 2)
-            or set(bits) != {16} or sample_format != 1 or tags.get(262) not in (1, 2) or not 2 <= c <= 4):
-        return None
+    compression = tags.get(259, 1)
+    for bad, reason in ((compression not in (8, 32946), f"its compression ({compression}) is not deflate"),
+                        (tags.get(284, 1) != 1, "its channels are stored as separate planes"),
+                        (322 in tags, "it is stored in tiles"),
+                        (tags.get(317, 1) not in (1, 2), f"its predictor is {tags.get(317)}"),
+                        (set(bits) != {16} or sample_format != 1, f"its samples are {bits} bits, format "
+                                                                  f"{sample_format}"),
+                        (tags.get(262) not in (1, 2) or not 2 <= c <= 4, f"its photometric interpretation is "
+                                                                        f"{tags.get(262)} with {c} samples")):
+        if bad:
+            return reason
     offsets, counts = tags.get(273), tags.get(279)
     offsets = offsets if isinstance(offsets, tuple) else (offsets,)
     counts = counts if isinstance(counts, tuple) else (counts,)
@@ -187,7 +242,10 @@ def _tiff_deflate(path: str, src: Any) -> np.ndarray | None:
         raise ValueError(f"its strips hold {arr.shape[0]} of its {h} rows")
     if tags.get(317, 1) == 2:  # horizontal differencing: each sample minus the one a pixel left, mod 2^16
         arr = np.cumsum(arr, axis=1, dtype=np.uint16)
-    return arr.astype(np.uint16)
+    arr = arr.astype(np.uint16)
+    if c in (2, 4) and not _alpha_sample(tags, c):
+        return arr[..., :-1], False
+    return arr, c in (2, 4)
 
 
 def decode_png16(data: bytes) -> np.ndarray:

@@ -727,7 +727,7 @@ def _read_image_file(path: str) -> np.ndarray:
     """One image file -> float32 ``[H, W, c]`` in [0, 1], c in {1, 3}.
 
     The EXIF orientation is applied (phone photos). Palette, CMYK and YCbCr images become RGB;
-    16-bit grayscale is scaled by 65535, and 16-bit colour PNG, PPM and uncompressed TIFF
+    16-bit grayscale is scaled by 65535, and 16-bit colour PNG, PPM and TIFF (uncompressed, or deflate in strips)
     files, which Pillow reads at 8 bits, are read at their full depth
     (:mod:`krylovjax._deep_images`; other 16-bit colour files are read at 8 bits with a
     warning). An alpha channel that is fully opaque is dropped; transparency is refused, since
@@ -813,8 +813,9 @@ def load_files(
       num_images: read the first ``num_images`` files (all of them when fewer).
         ``indices`` and ``num_images`` are mutually exclusive; with neither all files are read.
 
-    Pixels: 8-bit /255, 16-bit /65535 (16-bit PNG, PGM/PPM and uncompressed TIFF at their full
-    depth, colour too; a compressed 16-bit colour TIFF at 8 bits, with a warning), 1-bit as 0/1,
+    Pixels: 8-bit /255, 16-bit /65535 (16-bit PNG, PGM/PPM and TIFF, uncompressed or deflate in
+    strips, at their full depth, colour too; other 16-bit colour files (LZW TIFF, deflate tiles,
+    SGI) at 8 bits, with a warning naming the file and why), 1-bit as 0/1,
     floating-point TIFFs as they are (they must lie in [0, 1]); EXIF orientation applied; a fully
     opaque alpha channel dropped.
     Refused with a ValueError naming the file: a file that is no image, transparency, an

@@ -304,10 +304,57 @@ def test_tiff16_in_another_compression_is_read_at_8_bits_with_a_warning(tmp_path
     img = np.random.default_rng(8).integers(0, 65536, (4, 6, 3)).astype(np.uint16)
     path = _write(tmp_path / "packbits.tif", tiff16(img, compression=32773))
     np.testing.assert_array_equal(_pillow8(path), img >> 8)
-    with pytest.warns(UserWarning, match=r"packbits\.tif' is stored at 16 bits per sample \(TIFF compression "
-                                         r"32773\), which is read here only through Pillow, at 8 bits"):
+    with pytest.warns(UserWarning, match=r"packbits\.tif' is stored at 16 bits per sample, but its compression "
+                                         r"\(32773\) is not deflate: it is left to Pillow, which reads 8 bits"):
         x = _read(path)
     np.testing.assert_array_equal(x, ((img >> 8) / 255.0).astype(np.float32))
+
+
+@pytest.mark.parametrize("shape", [(20, 40), (32, 20), (20, 32), (17, 5)])
+@pytest.mark.parametrize("compression", [None, "zlib"])
+def test_tifffile_tiles_and_padding_samples(tmp_path, shape, compression):
+    """TIFFs written by tifffile (an independent writer, and reader): tiles that reach past the
+    right or bottom edge (Pillow gives their rows a stride), and an RGB with an unspecified extra
+    sample (padding: dropped, not taken for transparency). Uncompressed tiles and deflate strips
+    are read at full depth; deflate tiles are read at 8 bits with a warning saying why."""
+    tifffile = pytest.importorskip("tifffile")  # a dependency of scikit-image
+    rng = np.random.default_rng(shape[0] * shape[1])
+    img = rng.integers(0, 65536, shape + (3,)).astype(np.uint16)
+    tiled = str(tmp_path / "tiled.tif")
+    tifffile.imwrite(tiled, img, tile=(16, 16), photometric="rgb", compression=compression)
+    np.testing.assert_array_equal(tifffile.imread(tiled), img)
+    if compression is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            np.testing.assert_array_equal(_read(tiled), (img / 65535.0).astype(np.float32))
+    else:
+        with pytest.warns(UserWarning, match=r"but it is stored in tiles: it is left to Pillow, which reads 8 bits"):
+            x = _read(tiled)
+        np.testing.assert_array_equal(x, ((img >> 8) / 255.0).astype(np.float32))
+    padded = np.concatenate([img, np.zeros(shape + (1,), np.uint16)], axis=2)  # the extra sample: 0
+    path = str(tmp_path / "rgbx.tif")
+    tifffile.imwrite(path, padded, photometric="rgb", extrasamples=["unspecified"], compression=compression)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(_read(path), (img / 65535.0).astype(np.float32))
+
+
+def test_tiff_planes_and_sgi16_warn_with_the_reason(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    img = np.random.default_rng(21).integers(0, 65536, (6, 8, 3)).astype(np.uint16)
+    path = str(tmp_path / "planar.tif")
+    tifffile.imwrite(path, img, photometric="rgb", planarconfig="separate")
+    with pytest.warns(UserWarning, match=r"planar\.tif' is stored at 16 bits per sample, but its channels are "
+                                         r"stored as separate planes: it is left to Pillow"):
+        with pytest.raises(ValueError, match=r"planar\.tif' could not be read as an image"):  # nor can Pillow
+            D.load_files(path)
+    # SGI, 16 bits per sample, uncompressed (the format's 512-byte header, then the planes bottom-up)
+    head = struct.pack(">hbbHHHHii4s80sI", 474, 0, 2, 3, 8, 6, 3, 0, 65535, b"", b"", 0).ljust(512, b"\0")
+    sgi = _write(tmp_path / "x16.sgi", head + b"".join(img[::-1, :, c].astype(">u2").tobytes() for c in range(3)))
+    with pytest.warns(UserWarning, match=r"x16\.sgi' is stored at 16 bits per sample, but SGI files are read "
+                                         r"only through Pillow"):
+        x = _read(sgi)
+    np.testing.assert_array_equal(np.round(x * 255).astype(int), img >> 8)  # Pillow's 8 bits, as warned
 
 
 def test_8bit_files_are_not_touched(tmp_path):

@@ -14,6 +14,8 @@ from PIL import Image
 from skimage.transform import resize as sk_resize
 from test_cli_audit import _run
 
+from _fs import snapshot
+
 from krylovjax import data as D
 
 
@@ -552,7 +554,12 @@ def test_precompute_binary_on_files_and_on_the_same_array(tmp_path):
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1].startswith("error: path: ") and "inputs_hash differs" in out.stderr
     assert "Traceback" not in out.stderr
-    # --fresh (a user review: only denoise and budget had it): the old run moves to <workdir>.prev
+    # --fresh (a user review: only denoise and budget had it): the old run moves to <workdir>.prev,
+    # once the command is found good (a refused one moves nothing)
+    before = snapshot(tmp_path / "files")
+    out = _precompute(tmp_path / "files", f"files:{pics}", "--fresh", "--config.precompute.tol=-1")
+    assert out.returncode == 1 and "error: precompute: tol" in out.stderr, out.stderr[-3000:]
+    assert snapshot(tmp_path / "files") == before and not (tmp_path / "files.prev").exists()
     out = _precompute(tmp_path / "files", f"files:{pics}", "--fresh")
     assert out.returncode == 0, out.stderr[-3000:]
     np.testing.assert_array_equal(np.asarray(trajectories_from_store(str(tmp_path / "files.prev" / "store")).x),

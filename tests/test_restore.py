@@ -233,3 +233,45 @@ def test_estimate_noise():
         est = restore.estimate_noise(eu.noisy_copy(photos, s, 3, clamp=False))
         assert np.all(est >= s * 0.9) and np.all(est <= s * 1.25)  # texture adds to it, at 64x64 up to 22 %
     assert restore.estimate_noise(_clean(1, 15)).shape == (1,)  # odd sizes: the last row and column left out
+
+
+def test_short_chains_show_fewer_frames_a_failure_withdraws_the_claim_and_a_newer_model_is_named(
+        tmp_path, monkeypatch):
+    """(A review.) DDPM at a small noise level runs a chain of few steps: the default 6 frames were
+    refused after the output directory was claimed, a traceback, and the claim then refused the
+    corrected command. Now the frames shown are at most the chain's states; a failure while the
+    claim is all the directory holds withdraws it; and a finished directory whose results came
+    from an older checkpoint says so."""
+    from krylovjax import ddpm
+
+    clean = _clean()
+    tc = training.TrainConfig(method="ddpm", per_image_offset=False, ddpm_num_steps=100)
+    model = _ddpm_model(tc, clean)
+    wd = _workdir(tmp_path, monkeypatch, model)
+    start = int(ddpm.denoise_start_step(0.02, schedule=tc.ddpm_schedule(dtype=jnp.float64)))
+    assert start + 2 < 6
+    out = str(tmp_path / "r")
+    res = restore.run(wd, "builtin:astronaut", out, noise_std=0.01, sampler="ddim")
+    assert res["frames"] == start + 2 and res["network_evals"] == start + 1
+    assert restore.frames_shown(tc, "ddim", [0.01], 50, 6) == start + 2
+    ours = training.TrainConfig(method="ours", sde="ve", sde_kwargs=(("sigma", 2.0),))
+    assert restore.frames_shown(ours, "sde", [0.1], 3, 6) == 4
+    assert restore.frames_shown(ours, "ode", [0.1], 3, 6) == 6
+
+    model.step = 9  # trained further since
+    with pytest.raises(eu.WorkdirConflictError, match=r"already holds these results, from step 5 of the model "
+                                                      r"\(its checkpoint now is step 9\); pass --overwrite"):
+        restore.run(wd, "builtin:astronaut", out, noise_std=0.01, sampler="ddim")
+
+    def boom(*a, **k):
+        raise RuntimeError("failed while denoising")
+
+    monkeypatch.setattr(restore, "restore_arrays", boom)
+    fresh = tmp_path / "r2"
+    with pytest.raises(RuntimeError, match="failed while denoising"):
+        restore.run(wd, "builtin:astronaut", str(fresh), noise_std=0.01, sampler="ddim")
+    assert not fresh.exists() or os.listdir(fresh) == []  # the claim withdrawn
+    monkeypatch.undo()
+    monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None: model)
+    again = restore.run(wd, "builtin:astronaut", str(fresh), noise_std=0.02, sampler="ddim")  # other settings
+    assert again["images"][0]["noise_std"] == 0.02
