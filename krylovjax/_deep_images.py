@@ -300,8 +300,7 @@ def decode_png16(data: bytes) -> np.ndarray:
         pos += size
         pixels = unfilter(rows[:, 1:].reshape(ph, pw, bpp), rows[:, 0])
         out[r0::dr, c0::dc] = pixels.view(">u2").reshape(ph, pw, c)
-    if pos != len(raw):
-        raise ValueError(f"its image data holds {len(raw)} bytes, more than its {width}x{height} pixels need ({pos})")
+    # bytes after the last scanline are ignored, as libpng does ("extra compressed data")
     return out
 
 

@@ -256,6 +256,13 @@ def test_png16_corrupt_or_cut_short_is_refused_with_the_file_named(tmp_path):
         D.load_files(cut)
     with pytest.raises(ValueError, match="not a PNG file"):
         deep.decode_png16(b"GIF89a" + bytes(20))
+    # image data longer than the pixels need: the rest is ignored, as libpng (and Pillow) do
+    h, w = img.shape[:2]
+    rows = b"".join(b"\x00" + img[y].astype(">u2").tobytes() for y in range(h)) + bytes(7)
+    extra = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+             + _chunk(b"IDAT", zlib.compress(rows)) + _chunk(b"IEND", b""))
+    np.testing.assert_array_equal(deep.decode_png16(extra), img)
+    np.testing.assert_array_equal(_pillow8(_write(tmp_path / "extra.png", extra)), img >> 8)
 
 
 # ----------------------------------------------------------------------------- PPM
