@@ -13,6 +13,7 @@ import zlib
 
 import numpy as np
 import pytest
+import tifffile  # the test extra (and a dependency of scikit-image): an independent TIFF writer and reader
 from PIL import Image, ImageOps
 
 from krylovjax import _deep_images as deep
@@ -324,7 +325,6 @@ def test_tifffile_tiles_and_padding_samples(tmp_path, shape, compression):
     right or bottom edge (Pillow gives their rows a stride), and an RGB with an unspecified extra
     sample (padding: dropped, not taken for transparency). Uncompressed tiles and deflate strips
     are read at full depth; deflate tiles are read at 8 bits with a warning saying why."""
-    tifffile = pytest.importorskip("tifffile")  # a dependency of scikit-image
     rng = np.random.default_rng(shape[0] * shape[1])
     img = rng.integers(0, 65536, shape + (3,)).astype(np.uint16)
     tiled = str(tmp_path / "tiled.tif")
@@ -347,7 +347,6 @@ def test_tifffile_tiles_and_padding_samples(tmp_path, shape, compression):
 
 
 def test_tiff_planes_and_sgi16_warn_with_the_reason(tmp_path):
-    tifffile = pytest.importorskip("tifffile")
     img = np.random.default_rng(21).integers(0, 65536, (6, 8, 3)).astype(np.uint16)
     path = str(tmp_path / "planar.tif")
     tifffile.imwrite(path, img, photometric="rgb", planarconfig="separate")
