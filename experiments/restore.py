@@ -195,17 +195,18 @@ def restore_arrays(fn, tc, noisy, noise_std, key, *, idx=None, sampler: str = "a
     return jnp.clip(r.x, 0.0, 1.0), jnp.clip(r.trajectory, 0.0, 1.0), r.num_score_evals
 
 
-def frames_shown(tc, sampler: str, noise_std, num_steps: int, num_frames: int) -> int:
+def frames_shown(tc, sampler: str, noise_std, num_steps: int, num_frames: int, dtype="float32") -> int:
     """The trajectory frames a run can show: at most the states of a fixed-length chain (DDPM's
     from the step matching the noise, ``sde``/``paper_a``'s ``num_steps``) plus its start;
-    ``num_frames`` for the adaptive ODE samplers."""
-    import jax.numpy as jnp
+    ``num_frames`` for the adaptive ODE samplers. ``noise_std`` and ``dtype`` (the images') as
+    :func:`restore_arrays` is given them, so that the start step is found as it finds it."""
     import numpy as np
 
     from krylovjax import ddpm
 
     if tc.method == "ddpm":
-        start = ddpm.denoise_start_step(2.0 * np.asarray(noise_std), schedule=tc.ddpm_schedule(dtype=jnp.float32))
+        std = np.asarray(noise_std, dtype)
+        start = ddpm.denoise_start_step(2.0 * std, schedule=tc.ddpm_schedule(dtype=np.dtype(dtype)))
         chain = int(np.max(start)) + 1
     elif sampler in ("sde", "paper_a"):
         chain = int(num_steps)
@@ -330,7 +331,8 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
                 raise ValueError(f"noise_std: 'auto' found no noise in {names[k]} (estimate {estimated[k]:.3g}); "
                                  "give --noise_std")
             check_noise_std(tc, sampler, std, noisy.dtype)
-            num_frames = frames_shown(tc, sampler, std, num_steps, num_frames)
+            std_run = std.astype(noisy.dtype)  # as the samplers get it
+            num_frames = frames_shown(tc, sampler, std_run, num_steps, num_frames, noisy.dtype)
             idx = _image_indices(image_index, unet.per_image_offset, unet.num_images, noisy.shape[0])
             # the pixels denoised, so that a changed input file is not taken for a finished run
             settings["input_sha256"] = hashlib.sha256(np.ascontiguousarray(noisy).tobytes()).hexdigest()
@@ -338,9 +340,10 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
             if os.path.exists(os.path.join(outdir, "restore.json")) and not overwrite:
                 try:
                     with open(os.path.join(outdir, "restore.json")) as f:
-                        done_step = json.load(f).get("model_step")
+                        done = json.load(f)
                 except (OSError, ValueError):
-                    done_step = None
+                    done = None
+                done_step = done.get("model_step") if isinstance(done, dict) else None
                 newer = (f", from step {done_step} of the model (its checkpoint now is step {fn.step})"
                          if done_step is not None and done_step != int(fn.step) else "")
                 raise eu.WorkdirConflictError(
@@ -349,7 +352,7 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
 
         def denoise_and_write():
             with eu.Stopwatch() as sw:
-                out, frames, nfe = restore_arrays(fn, tc, noisy, std.astype(noisy.dtype), jax.random.PRNGKey(seed),
+                out, frames, nfe = restore_arrays(fn, tc, noisy, std_run, jax.random.PRNGKey(seed),
                                                   idx=idx, sampler=sampler, num_steps=num_steps,
                                                   num_frames=num_frames, final_denoise=final_denoise)
                 out, frames, nfe = np.asarray(out), np.asarray(frames), int(nfe)

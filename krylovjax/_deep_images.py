@@ -28,6 +28,7 @@ steps is one vectorised numpy update of a whole diagonal (any mix of filter type
 
 from __future__ import annotations
 
+import re
 import struct
 import warnings
 import zlib
@@ -103,7 +104,9 @@ def read_deep(path: str, src: Any) -> tuple[np.ndarray, bool] | None:
     if src.mode.startswith("I") or src.mode == "F":
         return None  # gray at full depth
     codec = src.tile[0].codec_name if src.tile else ""
-    if ";16" in _rawmode(src) or codec.endswith("16"):  # e.g. a 16-bit SGI file
+    # 16-bit samples unpacked to 8 (";16B" big-endian, ";16L", ";16N" native; SGI's own decoder), not
+    # a 16-bit pixel of 5-6-5 or 5-5-5 colour ("BGR;16", "BGR;15": full depth as it is)
+    if re.search(r";16[BLN]$", _rawmode(src)) or codec == "SGI16":
         _warn_8_bits(path, "16 bits per sample", f"{fmt} files are read only through Pillow")
     return None
 
@@ -143,14 +146,11 @@ def _scale(arr: np.ndarray, maxval: int) -> np.ndarray:
     return (arr.astype(np.float64) / maxval).astype(np.float32)
 
 
-def _alpha_sample(tags: Any, c: int) -> bool:
-    """Whether the last of a TIFF's ``c`` samples is an alpha (ExtraSamples 1, associated, or 2,
-    unassociated); an unspecified extra sample (0, or none given) is padding."""
-    if c not in (2, 4):
-        return False
-    extra = tags.get(338, (0,))
-    extra = extra if isinstance(extra, tuple) else (extra,)
-    return bool(extra) and extra[0] in (1, 2)
+def _alpha_sample(src: Any, c: int) -> bool:
+    """Whether the last of a TIFF's ``c`` samples is an alpha, as Pillow reads it (its mode RGBA or
+    LA: an ExtraSamples tag of 1 or 2, or none at all) rather than padding (an unspecified extra
+    sample, 0: mode RGB). The same rule for every coding, so a file reads alike compressed or not."""
+    return c in (2, 4) and src.mode in ("RGBA", "RGBa", "LA", "La")
 
 
 def _tiff_raw(path: str, src: Any) -> tuple[np.ndarray, bool] | str:
@@ -190,8 +190,8 @@ def _tiff_raw(path: str, src: Any) -> tuple[np.ndarray, bool] | str:
             out[y0:y0 + th, x0:x0 + tw] = rows[:, :tw * c * 2].copy().view(dtype).reshape(th, tw, c)
     if out is None:
         return "it has no pixels Pillow locates"
-    if args[0].startswith("RGBX"):  # an unspecified extra sample: padding, dropped
-        return out[..., :3], False
+    if c in (2, 4) and not _alpha_sample(src, c):  # an unspecified extra sample: padding, dropped
+        return out[..., :-1], False
     return out, c in (2, 4)
 
 
@@ -243,7 +243,7 @@ def _tiff_deflate(path: str, src: Any) -> tuple[np.ndarray, bool] | str:
     if tags.get(317, 1) == 2:  # horizontal differencing: each sample minus the one a pixel left, mod 2^16
         arr = np.cumsum(arr, axis=1, dtype=np.uint16)
     arr = arr.astype(np.uint16)
-    if c in (2, 4) and not _alpha_sample(tags, c):
+    if c in (2, 4) and not _alpha_sample(src, c):
         return arr[..., :-1], False
     return arr, c in (2, 4)
 

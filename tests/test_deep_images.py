@@ -73,7 +73,7 @@ def _exif_chunk(orientation):
     return _chunk(b"eXIf", raw[6:] if raw.startswith(b"Exif\x00\x00") else raw)
 
 
-def tiff16(img, endian="<", strips=1, compression=1, predictor=1):
+def tiff16(img, endian="<", strips=1, compression=1, predictor=1, extrasamples=2):
     """A baseline TIFF of uint16 [h, w, c] (c = 3, or 4 with an unassociated alpha), chunky, in
     ``strips`` strips; compression 1 (none), 8 (deflate) or 32773 (PackBits)."""
     h, w, c = img.shape
@@ -95,8 +95,8 @@ def tiff16(img, endian="<", strips=1, compression=1, predictor=1):
     tags = {256: (4, [w]), 257: (4, [h]), 258: (3, [16] * c), 259: (3, [compression]), 262: (3, [2]),
             273: (4, None), 277: (3, [c]), 278: (4, [rows]), 279: (4, [len(b) for b in blocks]),
             284: (3, [1]), 317: (3, [predictor])}
-    if c == 4:
-        tags[338] = (3, [2])
+    if c == 4 and extrasamples is not None:
+        tags[338] = (3, [extrasamples])
     n = len(tags)
     pos = 8 + 2 + 12 * n + 4
     extra, offsets = b"", {}
@@ -361,6 +361,37 @@ def test_tiff_planes_and_sgi16_warn_with_the_reason(tmp_path):
                                          r"only through Pillow"):
         x = _read(sgi)
     np.testing.assert_array_equal(np.round(x * 255).astype(int), img >> 8)  # Pillow's 8 bits, as warned
+
+
+@pytest.mark.parametrize("compression", [1, 8])
+def test_tiff_rgba_without_extrasamples_reads_alike_compressed_or_not(tmp_path, compression):
+    """(A review.) With no ExtraSamples tag Pillow takes the 4th sample for alpha: the uncompressed
+    path did, the deflate path took it for padding. Both follow Pillow's mode now."""
+    img = np.random.default_rng(23).integers(0, 65536, (6, 5, 4)).astype(np.uint16)
+    img[..., 3] = 65535
+    path = _write(tmp_path / "a.tif", tiff16(img, compression=compression, extrasamples=None))
+    with Image.open(path) as im:
+        assert im.mode == "RGBA"
+    np.testing.assert_array_equal(_read(path), (img[..., :3] / 65535.0).astype(np.float32))
+    img[0, 0, 3] = 1000
+    path = _write(tmp_path / "b.tif", tiff16(img, compression=compression, extrasamples=None))
+    with pytest.raises(ValueError, match=r"b\.tif' has transparent pixels \(1 with alpha below"):
+        D.load_files(path)
+
+
+def test_a_565_bmp_is_not_warned_about(tmp_path):
+    """(A review.) A BMP of 16-bit 5-6-5 pixels (Pillow's raw mode "BGR;16") is read at its full
+    depth by Pillow; the warning about 16-bit samples matched its raw mode's name."""
+    w, h = 4, 4
+    px = np.array([[0xF800, 0x07E0, 0x001F, 0xFFFF]] * h, "<u2")
+    info = (struct.pack("<IiiHHIIiiII", 40, w, h, 1, 16, 3, px.nbytes, 2835, 2835, 0, 0)
+            + struct.pack("<III", 0xF800, 0x07E0, 0x001F))
+    off = 14 + len(info)
+    path = _write(tmp_path / "565.bmp", b"BM" + struct.pack("<IHHI", off + px.nbytes, 0, 0, off) + info + px.tobytes())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = _read(path)
+    np.testing.assert_array_equal(np.round(x[0] * 255), [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255]])
 
 
 def test_8bit_files_are_not_touched(tmp_path):

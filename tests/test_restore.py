@@ -275,3 +275,38 @@ def test_short_chains_show_fewer_frames_a_failure_withdraws_the_claim_and_a_newe
     monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None: model)
     again = restore.run(wd, "builtin:astronaut", str(fresh), noise_std=0.02, sampler="ddim")  # other settings
     assert again["images"][0]["noise_std"] == 0.02
+
+
+def test_the_start_step_counted_for_the_frames_is_the_samplers(tmp_path, monkeypatch):
+    """(A review.) The frames were counted from a start step found in float64 while the sampler
+    finds it in the images' float32: near the middle of two levels they differed by one, and
+    the run failed after its checks. And a finished ``restore.json`` that is no JSON object is
+    reported as finished, not as an AttributeError."""
+    from krylovjax import ddpm
+
+    clean = _clean()
+    tc = training.TrainConfig(method="ddpm", per_image_offset=False, ddpm_num_steps=100)
+    sched = tc.ddpm_schedule(dtype=jnp.float32)
+    nsr = np.asarray(sched.noise_to_signal, np.float64)
+    found = None  # a level whose start step differs between float64 and float32
+    for k in range(30):
+        mid = np.sqrt((nsr[k] + nsr[k + 1]) / 2) / 2
+        for d in np.linspace(-3e-9, 3e-9, 601):
+            s64 = mid + d
+            a = int(ddpm.denoise_start_step(2.0 * np.asarray([s64]), schedule=sched)[0])
+            b = int(ddpm.denoise_start_step(2.0 * np.asarray([s64], np.float32), schedule=sched)[0])
+            if a == b + 1:  # float64 counts one more state than the sampler runs
+                found = (k, float(s64))
+                break
+        if found:
+            break
+    assert found is not None
+    k, s64 = found
+    wd = _workdir(tmp_path, monkeypatch, _ddpm_model(tc, clean))
+    out = str(tmp_path / "r")
+    res = restore.run(wd, "builtin:astronaut", out, noise_std=repr(s64), sampler="ddim", num_frames=k + 3)
+    assert res["frames"] <= res["network_evals"] + 1
+    with open(os.path.join(out, "restore.json"), "w") as f:
+        f.write("[1]")
+    with pytest.raises(eu.WorkdirConflictError, match="already holds these results; pass --overwrite"):
+        restore.run(wd, "builtin:astronaut", out, noise_std=repr(s64), sampler="ddim", num_frames=k + 3)
