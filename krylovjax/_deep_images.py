@@ -46,22 +46,25 @@ _TIFF_RAWMODES = {f"{m};16{e}": (len(m), "<u2" if e == "L" else ">u2")
                   for m in ("RGB", "RGBA", "RGBa", "RGBX", "LA") for e in "LB"}
 
 
-def read_deep(path: str, src: Any) -> tuple[np.ndarray, bool] | None:
+def read_deep(path: str, src: Any) -> tuple[np.ndarray, bool, int] | None:
     """The pixels of an opened Pillow image ``src`` (from file ``path``) that Pillow would read at
-    8 bits per sample, at their full depth: ``(float32 [H, W, c] in [0, 1], has_alpha)``, the
-    last channel the alpha when ``has_alpha``, before any EXIF orientation. None when the file
-    is not stored at more than 8 bits per colour sample (Pillow reads it as it is), or when it
-    is but cannot be read here (a warning says it is read at 8 bits).
+    8 bits per sample, at their full depth: ``(float32 [H, W, c] in [0, 1], has_alpha,
+    orientation)``, the last channel the alpha when ``has_alpha``, before the EXIF
+    ``orientation`` (tag 0x0112, 1 when there is none) is applied. None when the file is not
+    stored at more than 8 bits per colour sample (Pillow reads it as it is), or when it is but
+    cannot be read here (a warning says it is left to Pillow).
 
     Raises ValueError for a corrupt file (message without the path; the caller adds it).
     """
     fmt = getattr(src, "format", None)
     if fmt == "PNG":
-        if _png_rawmode(src) not in _PNG_RAWMODES:  # Pillow's unpacking of the header's depth and type
+        if _rawmode(src) not in _PNG_RAWMODES:  # Pillow's unpacking of the header's depth and type
             return None
         with open(path, "rb") as f:
-            arr = decode_png16(f.read())
-        return _scale(arr, 65535), arr.shape[2] in (2, 4)
+            arr, exif = _decode_png16(f.read())
+        # the EXIF chunk as the decoder met it: Pillow's getexif() would decode the pixels again to
+        # reach an eXIf chunk after the image data
+        return _scale(arr, 65535), arr.shape[2] in (2, 4), _exif_orientation(exif)
     if fmt == "PPM" and src.mode == "RGB" and src.tile:
         tile = src.tile[0]  # an 8-bit binary file is a "raw" tile; maxval in the args of the others
         if tile.codec_name not in ("ppm", "ppm_plain") or not isinstance(tile.args, tuple) or len(tile.args) < 2:
@@ -85,12 +88,13 @@ def read_deep(path: str, src: Any) -> tuple[np.ndarray, bool] | None:
                 raise ValueError(f"the file is cut short: {vals.size} of its {n} samples are there")
         if vals.max(initial=0) > maxval:
             raise ValueError(f"a sample {int(vals.max())} exceeds the file's maxval {maxval}")
-        return _scale(vals.reshape(h, w, 3), maxval), False
+        return _scale(vals.reshape(h, w, 3), maxval), False, int(src.getexif().get(0x0112, 1))
+    if src.mode.startswith("I") or src.mode == "F":
+        return None  # gray, which Pillow reads at full depth (I;16*, I, F)
     if fmt == "TIFF":
-        bits = src.tag_v2.get(258, (1,)) if hasattr(src, "tag_v2") else (1,)
-        bits = bits if isinstance(bits, tuple) else (bits,)
-        if max(bits) <= 8 or src.mode.startswith("I") or src.mode == "F":
-            return None  # 8-bit, or a mode Pillow reads at full depth (I;16*, I, F)
+        bits = _tag(src.tag_v2, 258, 1)
+        if max(bits) <= 8:
+            return None
         got = _tiff_raw(path, src)
         if isinstance(got, str):
             raw_reason = got
@@ -100,9 +104,7 @@ def read_deep(path: str, src: Any) -> tuple[np.ndarray, bool] | None:
                              got if src.tag_v2.get(259, 1) != 1 else raw_reason)
                 return None
         arr, has_alpha = got
-        return _scale(arr, 65535), has_alpha
-    if src.mode.startswith("I") or src.mode == "F":
-        return None  # gray at full depth
+        return _scale(arr, 65535), has_alpha, int(src.getexif().get(0x0112, 1))
     codec = src.tile[0].codec_name if src.tile else ""
     # 16-bit samples unpacked to 8 (";16B" big-endian, ";16L", ";16N" native; SGI's own decoder), not
     # a 16-bit pixel of 5-6-5 or 5-5-5 colour ("BGR;16", "BGR;15": full depth as it is)
@@ -126,20 +128,27 @@ def _rawmode(src: Any) -> str:
     return rawmode if isinstance(rawmode, str) else ""
 
 
-def _png_rawmode(src: Any) -> str | None:
-    """The raw mode Pillow unpacks an opened PNG's pixels from (``"RGB;16B"`` for 16-bit RGB), from
-    the header alone; None for another format."""
-    if getattr(src, "format", None) != "PNG" or not src.tile:
-        return None
-    args = src.tile[0].args
-    rawmode = args if isinstance(args, str) else (args[0] if args else None)
-    return rawmode if isinstance(rawmode, str) else None
+def _exif_orientation(body: bytes | None) -> int:
+    """The orientation (tag 0x0112; 1 when there is none) in the body of a PNG's eXIf chunk."""
+    if not body:
+        return 1
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif.load(body)
+    return int(exif.get(0x0112, 1))
+
+
+def _tag(tags: Any, key: int, default: Any) -> tuple:
+    """A TIFF tag's values as a tuple (Pillow gives a single value bare)."""
+    value = tags.get(key, default)
+    return value if isinstance(value, tuple) else (value,)
 
 
 def stored_gray(src: Any) -> bool:
     """Whether an opened Pillow image is a 16-bit gray + alpha PNG, which Pillow opens as RGBA
     (its samples are one gray channel and an alpha)."""
-    return _png_rawmode(src) == "LA;16B"
+    return getattr(src, "format", None) == "PNG" and _rawmode(src) == "LA;16B"
 
 
 def _scale(arr: np.ndarray, maxval: int) -> np.ndarray:
@@ -203,10 +212,8 @@ def _tiff_deflate(path: str, src: Any) -> tuple[np.ndarray, bool] | str:
     tags = src.tag_v2
     w, h = src.size
     c = int(tags.get(277, 1))
-    bits = tags.get(258)
-    bits = bits if isinstance(bits, tuple) else (bits,)
-    sample_format = tags.get(339, 1)
-    sample_format = sample_format[0] if isinstance(sample_format, tuple) else sample_format
+    bits = _tag(tags, 258, 1)
+    sample_format = _tag(tags, 339, 1)[0]
     compression = tags.get(259, 1)
     for bad, reason in ((compression not in (8, 32946), f"its compression ({compression}) is not deflate"),
                         (tags.get(284, 1) != 1, "its channels are stored as separate planes"),
@@ -218,9 +225,7 @@ def _tiff_deflate(path: str, src: Any) -> tuple[np.ndarray, bool] | str:
                                                                         f"{tags.get(262)} with {c} samples")):
         if bad:
             return reason
-    offsets, counts = tags.get(273), tags.get(279)
-    offsets = offsets if isinstance(offsets, tuple) else (offsets,)
-    counts = counts if isinstance(counts, tuple) else (counts,)
+    offsets, counts = _tag(tags, 273, ()), _tag(tags, 279, ())
     rows_per_strip = min(int(tags.get(278, h)), h)
     with open(path, "rb") as f:
         endian = "<" if f.read(2) == b"II" else ">"
@@ -254,9 +259,14 @@ def decode_png16(data: bytes) -> np.ndarray:
     Chunks are checked against their CRC; ancillary chunks (gamma, colour profile, text, EXIF,
     transparency key) are skipped. Raises ValueError for anything else or a corrupt file.
     """
+    return _decode_png16(data)[0]
+
+
+def _decode_png16(data: bytes) -> tuple[np.ndarray, bytes | None]:
+    """:func:`decode_png16`, and the body of the file's eXIf chunk (None without one)."""
     if data[:8] != _PNG_SIGNATURE:
         raise ValueError("not a PNG file (its signature is missing)")
-    pos, ihdr, idat = 8, None, []
+    pos, ihdr, idat, exif = 8, None, [], None
     while True:
         if pos + 8 > len(data):
             raise ValueError("the file is cut short (no IEND chunk)")
@@ -272,6 +282,8 @@ def decode_png16(data: bytes) -> np.ndarray:
             ihdr = struct.unpack(">IIBBBBB", body)
         elif ctype_ == b"IDAT":
             idat.append(body)
+        elif ctype_ == b"eXIf":
+            exif = body
         elif ctype_ == b"IEND":
             break
     if ihdr is None or not idat:
@@ -301,7 +313,7 @@ def decode_png16(data: bytes) -> np.ndarray:
         pixels = unfilter(rows[:, 1:].reshape(ph, pw, bpp), rows[:, 0])
         out[r0::dr, c0::dc] = pixels.view(">u2").reshape(ph, pw, c)
     # bytes after the last scanline are ignored, as libpng does ("extra compressed data")
-    return out
+    return out, exif
 
 
 def unfilter(filtered: np.ndarray, types: np.ndarray) -> np.ndarray:
