@@ -660,9 +660,7 @@ def image_paths(path: str) -> list[str]:
         if not found:
             raise FileNotFoundError(f"no file matches the pattern {spec!r}")
     elif os.path.isdir(full):
-        found = [os.path.join(full, n) for n in os.listdir(full)
-                 if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)
-                 and os.path.isfile(os.path.join(full, n))]
+        found = [os.path.join(full, n) for n in _directory_files(full)[0]]
         if not found:
             subdirs = [n for n in os.listdir(full) if os.path.isdir(os.path.join(full, n))]
             hint = (f"; it has subdirectories ({', '.join(sorted(subdirs)[:3])}{', ...' if len(subdirs) > 3 else ''}):"
@@ -676,12 +674,14 @@ def image_paths(path: str) -> list[str]:
     return sorted(found, key=_natural_key)
 
 
-def _left_out(directory: str) -> list[str]:
-    """The non-hidden files of ``directory`` that :func:`image_paths` leaves out (their names do
-    not end in :data:`IMAGE_EXTENSIONS`), in its order."""
-    return sorted((n for n in os.listdir(directory)
-                   if not n.startswith(".") and not n.lower().endswith(IMAGE_EXTENSIONS)
-                   and os.path.isfile(os.path.join(directory, n))), key=_natural_key)
+def _directory_files(directory: str) -> tuple[list[str], list[str]]:
+    """The names of ``directory``'s non-hidden files: those ending in :data:`IMAGE_EXTENSIONS`
+    (any case), which :func:`image_paths` reads, and the others, which it leaves out; each in
+    its order."""
+    names = sorted((n for n in os.listdir(directory)
+                    if not n.startswith(".") and os.path.isfile(os.path.join(directory, n))), key=_natural_key)
+    images = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+    return images, [n for n in names if not n.lower().endswith(IMAGE_EXTENSIONS)]
 
 
 def selected_paths(path: str, indices: Sequence[int] | None = None, num_images: int | None = None) -> list[str]:
@@ -741,16 +741,12 @@ def _read_image_file(path: str) -> np.ndarray:
         with Image.open(path) as src:
             frames = int(getattr(src, "n_frames", 1))
             deep = _deep_images.read_deep(path, src) if frames == 1 else None
-            if deep is not None:
-                orient = _ORIENT.get(src.getexif().get(0x0112, 1), lambda a: a)
-                im = None
-            else:
-                im = ImageOps.exif_transpose(src) if frames == 1 else None  # a decoded copy
+            im = None if deep is not None or frames != 1 else ImageOps.exif_transpose(src)  # a decoded copy
     except Exception as err:  # UnidentifiedImageError, OSError (truncated), SyntaxError, ...
         raise ValueError(f"{path!r} could not be read as an image: {type(err).__name__}: {err}") from err
     if deep is not None:
-        img, has_alpha = deep
-        img = np.ascontiguousarray(orient(img))
+        img, has_alpha, orientation = deep
+        img = np.ascontiguousarray(_ORIENT.get(orientation, lambda a: a)(img))
         if has_alpha:
             img, alpha = img[..., :-1], img[..., -1]
             _check_opaque(path, alpha < 1.0)
@@ -823,7 +819,7 @@ def load_files(
     """
     chosen = selected_paths(path, indices, num_images)
     full = os.path.expanduser(os.fspath(path))
-    skipped = _left_out(full) if os.path.isdir(full) else []
+    skipped = _directory_files(full)[1] if os.path.isdir(full) else []
     if skipped:
         shown = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         warnings.warn(f"{os.fspath(path)!r}: {len(skipped)} file(s) left out, their names not ending in an image "
