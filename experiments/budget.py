@@ -517,13 +517,7 @@ def main(argv):
     eu.sigterm_as_interrupt()  # kill / timeout / schedulers: checkpoint like Ctrl-C, then exit non-zero
     with eu.exit_on_run_errors():
         run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite, fresh=FLAGS.fresh)
-    with open(os.path.join(FLAGS.workdir, "results.md")) as f:
-        print(f.read())
-    print("Outputs in", os.path.abspath(FLAGS.workdir) + ":")
-    for name in RESULT_FILES:
-        path = os.path.join(os.path.abspath(FLAGS.workdir), name)
-        if os.path.exists(path):  # quality_curve.png only with common.eval_every > 0
-            print("  ", path)
+    eu.print_outputs(FLAGS.workdir, "results.md", RESULT_FILES)  # quality_curve.png only with eval_every > 0
 
 
 if __name__ == "__main__":

@@ -1092,11 +1092,9 @@ def _write_outputs(out: dict, workdir: str, clean, noisy, outs: dict, frames: di
 
 def print_summary(out: dict, workdir: str) -> None:
     """Print the table and where the outputs are."""
-    with open(os.path.join(workdir, "results.md")) as f:
-        print(f.read())
-    print("Outputs in", os.path.abspath(workdir) + ":")
-    for name in RESULT_FILES:
-        print("  ", os.path.join(os.path.abspath(workdir), name))
+    from krylovjax import experiment_utils as eu
+
+    eu.print_outputs(workdir, "results.md", RESULT_FILES)
     runs = dict.fromkeys(r.get("training_run", m) for m, r in out["methods"].items())
     print("   training runs:", ", ".join(os.path.join(os.path.abspath(workdir), m) for m in runs))
 

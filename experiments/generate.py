@@ -361,11 +361,7 @@ def main(argv):
             sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, seed=FLAGS.seed, step=FLAGS.step,
             reference=FLAGS.reference, reference_count=FLAGS.reference_count, overwrite=FLAGS.overwrite,
             final_denoise=FLAGS.final_denoise)
-    with open(os.path.join(outdir, "samples.md")) as f:
-        print(f.read())
-    print("Outputs in", os.path.abspath(outdir) + ":")
-    for name in RESULT_FILES:
-        print("  ", os.path.join(os.path.abspath(outdir), name))
+    eu.print_outputs(outdir, "samples.md", RESULT_FILES)
     logging.info("done")
 
 

@@ -428,11 +428,7 @@ def main(argv):
             noise_seed=FLAGS.noise_seed, clean=FLAGS.clean, num_images=FLAGS.num_images, image_index=index,
             sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, num_frames=FLAGS.num_frames, seed=FLAGS.seed,
             final_denoise=FLAGS.final_denoise, step=FLAGS.step, overwrite=FLAGS.overwrite)
-    with open(os.path.join(outdir, "restore.md")) as f:
-        print(f.read())
-    print("Outputs in", os.path.abspath(outdir) + ":")
-    for name in RESULT_FILES:
-        print("  ", os.path.join(os.path.abspath(outdir), name))
+    eu.print_outputs(outdir, "restore.md", RESULT_FILES)
     logging.info("done")
 
 

@@ -779,6 +779,20 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def print_outputs(directory: str | os.PathLike, table: str, names: Sequence[str]) -> None:
+    """A binary's last words: the Markdown ``table`` file of ``directory`` printed, then where its
+    outputs are: each of ``names`` that exists there (a figure made only with some settings is
+    left out), as absolute paths."""
+    root = os.path.abspath(os.fspath(directory))
+    with open(os.path.join(root, table)) as f:
+        print(f.read())
+    print("Outputs in", root + ":")
+    for name in names:
+        path = os.path.join(root, name)
+        if os.path.exists(path):
+            print("  ", path)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON atomically (numpy values converted; NaN/Inf as null)."""
 
