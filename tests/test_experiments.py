@@ -749,6 +749,10 @@ def test_restore_reproduces_the_denoise_runs_outputs(denoise_run, tmp_path):
         assert float(metrics.ssim(den, ref)[0]) == pytest.approx(rec["ssim_output"], abs=1e-6)
         assert str(out / "restore.md") in proc.stdout
         assert os.path.isfile(out / "denoised" / "000.png") and os.path.isfile(out / "restore.png")
+        # the run's one training photo is said, and the classical baseline given beside the model
+        assert res["trained_images"] == 1 and "this model was trained on 1 image" in proc.stderr
+        assert "trained on 1 image; it has learnt that image" in open(out / "restore.md").read()
+        assert np.load(out / "baseline.npy").shape == (1, 3, 16, 16) and 0 < rec["ssim_baseline"] < 1
     # a bad flag: one line, nothing created
     bad = tmp_path / "bad"
     proc = _run("experiments.restore", [f"--workdir={wd}/ours", "--input=builtin:chelsea", "--noise_std=-1",

@@ -88,6 +88,15 @@ def test_ours_returns_the_clean_image_and_writes_every_output(sampler, tmp_path,
     assert f"SSIM {rec['ssim_input']:.4f} (input) -> {rec['ssim_output']:.4f} (output)" in text
     assert os.path.getsize(os.path.join(out, "restore.png")) > 1000
     assert json.load(open(os.path.join(out, "restore.json")))["images"] == res["images"]
+    # the classical baseline beside it, on the same noisy pixels and noise level
+    base = np.load(os.path.join(out, "baseline.npy"))
+    np.testing.assert_array_equal(base, restore.nl_means(noisy, 0.2))
+    assert rec["ssim_baseline"] == pytest.approx(
+        float(metrics.ssim(jnp.asarray(base), jnp.asarray(clean, jnp.float32))[0]), abs=1e-5)
+    assert rec["ssim_input"] < rec["ssim_baseline"] < rec["ssim_output"]  # the exact model knows the photo
+    assert "| SSIM input | SSIM output | SSIM NL-means | PSNR input |" in text
+    assert f"non-local means: SSIM {res['summary']['ssim_baseline']:.4f}" in text
+    assert res["baseline"] == "nl_means" and res["baseline_seconds"] >= 0 and res["trained_images"] is None
 
     # the same command again: refused; --overwrite redoes it; other settings: refused
     before = snapshot(out)
@@ -310,3 +319,47 @@ def test_the_start_step_counted_for_the_frames_is_the_samplers(tmp_path, monkeyp
         f.write("[1]")
     with pytest.raises(eu.WorkdirConflictError, match="already holds these results; pass --overwrite"):
         restore.run(wd, "builtin:astronaut", out, noise_std=repr(s64), sampler="ddim", num_frames=k + 3)
+
+
+def test_nl_means_baseline():
+    """scikit-image's non-local means at the gallery's settings: better than the noisy input on
+    every built-in photo at two noise levels, each image with its own level, a constant image kept."""
+    clean = _clean(8, 32)
+    for s in (0.1, 0.2):
+        noisy = eu.noisy_copy(clean.astype(np.float32), s, 1)
+        out = restore.nl_means(noisy, s)
+        assert out.dtype == np.float32 and out.shape == clean.shape and out.min() >= 0 and out.max() <= 1
+        gain = np.asarray(metrics.ssim(out, clean.astype(np.float32))) - np.asarray(
+            metrics.ssim(noisy, clean.astype(np.float32)))
+        assert np.all(gain > 0.05), gain
+    pair = eu.noisy_copy(clean[:2].astype(np.float32), 0.1, 2)
+    np.testing.assert_array_equal(restore.nl_means(pair, [0.02, 0.3]), np.concatenate(
+        [restore.nl_means(pair[:1], 0.02), restore.nl_means(pair[1:], 0.3)]))
+    flat = np.full((1, 1, 16, 16), 0.4)
+    np.testing.assert_allclose(restore.nl_means(flat, 0.1), 0.4, atol=1e-6)
+
+
+@pytest.mark.parametrize("trained, noted", [(1, True), (3, True), (500, False), (None, False)])
+def test_the_training_set_size_is_said_and_few_images_warned(trained, noted, tmp_path, monkeypatch):
+    """A model trained on few images has learnt them (the demo's one photo): the run says how many,
+    warns below FEW_IMAGES, and the baseline can be left out."""
+    clean = _clean()
+    tc = training.TrainConfig(method="ours", sde="ve", sde_kwargs=(("sigma", 2.0),), per_image_offset=False)
+    wd = _workdir(tmp_path, monkeypatch, _ve_model(tc, clean))
+    if trained is not None:
+        with open(os.path.join(wd, "config.json"), "w") as f:
+            json.dump({"data": {"num_images": trained}, "train": {}}, f)
+    out = str(tmp_path / "r")
+    res = restore.run(wd, "builtin:astronaut", out, add_noise=0.1, num_frames=2, baseline="none")
+    text = open(os.path.join(out, "restore.md")).read()
+    assert res["trained_images"] == trained and restore.trained_images(wd) == trained
+    assert ("Note: this model was trained on" in text) == noted
+    if trained == 1:
+        assert "trained on 1 image; it has learnt that image" in text and "baseline's" not in text
+    if trained == 3:
+        assert "trained on 3 images; it has learnt those images" in text
+    assert res["baseline"] == "none" and res["baseline_seconds"] is None
+    assert not os.path.exists(os.path.join(out, "baseline.npy")) and "NL-means" not in text
+    assert "ssim_baseline" not in res["images"][0] and "ssim_output" in res["images"][0]
+    with pytest.raises(ValueError, match=r"baseline: expected one of \('nl_means', 'none'\), got 'bm3d'"):
+        restore.run(wd, "builtin:astronaut", str(tmp_path / "r2"), add_noise=0.1, baseline="bm3d")
