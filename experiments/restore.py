@@ -226,15 +226,19 @@ def restore_arrays(fn, tc, noisy, noise_std, key, *, idx=None, sampler: str = "a
                               clip_x0=(-1.0, 1.0), **traj)
         return jnp.clip((r.x + 1.0) / 2.0, 0.0, 1.0), ddpm_frames(r, sched), r.num_score_evals
     sde = tc.make_sde()
+    # the adaptive ODE: every image its own steps, so that an image's output does not depend on the
+    # other inputs (the network is called on single rows, the image indices passed with them)
+    rows = {"step_control": "per_image", "score_args": () if idx is None else (jnp.asarray(idx),)}
     if sampler == "paper_a":
         r = sampling.euler_maruyama(f, sde, x, key, t_start=1.0, t_end=0.0, num_steps=int(num_steps),
                                     noise_scale=0.1, clip=(0.0, 1.0), **traj)
     elif sampler == "flow":
-        r = sampling.probability_flow(f, sde, x, t_start=1.0, t_end=T_END, rtol=ODE_TOL, atol=ODE_TOL, **traj)
+        r = sampling.probability_flow(fn, sde, x, t_start=1.0, t_end=T_END, rtol=ODE_TOL, atol=ODE_TOL, **rows,
+                                      **traj)
         r = sampling.with_final_denoise(r, f, sde, T_END, bool(final_denoise))
     else:
-        kw = {"rtol": ODE_TOL, "atol": ODE_TOL} if sampler == "ode" else {"num_steps": int(num_steps)}
-        r = sampling.denoise(f, sde, x, noise_std=jnp.asarray(noise_std, x.dtype), method=sampler, key=key,
+        kw = {"rtol": ODE_TOL, "atol": ODE_TOL, **rows} if sampler == "ode" else {"num_steps": int(num_steps)}
+        r = sampling.denoise(fn if sampler == "ode" else f, sde, x, noise_std=jnp.asarray(noise_std, x.dtype), method=sampler, key=key,
                              t_end=T_END, final_denoise=bool(final_denoise), **traj, **kw)
     return jnp.clip(r.x, 0.0, 1.0), jnp.clip(r.trajectory, 0.0, 1.0), r.num_score_evals
 
