@@ -169,29 +169,65 @@ def trained_images(workdir: str) -> int | None:
     return int(n) if isinstance(n, int) and not isinstance(n, bool) else None
 
 
-def check_noise_std(tc, sampler: str, noise_std, dtype) -> None:
-    """Refuse, naming ``noise_std``, a level the sampler cannot start from (outside the model's noise
-    range); ``flow`` and ``paper_a`` start at t = 1 whatever the level."""
-    import jax.numpy as jnp
+def noise_range(tc, sampler: str, dtype="float32") -> tuple[float, float] | None:
+    """The noise levels (on the [0, 1] pixel scale) ``sampler`` can start from with a model of
+    ``tc``: ours' ``ode``/``sde`` those of its SDE on ``[T_END, 1]``; DDPM's up to its schedule's
+    largest (half of it: the network's range is [-1, 1]; any smaller level starts at the nearest
+    step); None for ``flow`` and ``paper_a``, which start at t = 1 whatever the level."""
     import numpy as np
 
-    from krylovjax import ddpm, sampling
+    from krylovjax import sampling
 
-    std = np.asarray(noise_std, np.float64)
-    if not (np.all(np.isfinite(std)) and np.all(std > 0)):
-        raise ValueError(f"noise_std: expected finite values > 0, got {std}")
-    hint = ""
-    try:
-        if tc.method == "ddpm":
-            ddpm.denoise_start_step(2.0 * std, schedule=tc.ddpm_schedule(dtype=dtype))
-        elif sampler in ("ode", "sde"):
-            hint = "; --sampler=flow or paper_a start at t = 1 whatever the noise level"
-            sampling.start_time(tc.make_sde(), jnp.asarray(std, dtype), t_min=T_END, t_max=1.0)
-    except ValueError as e:
-        why = str(e).removeprefix("noise_std: ")
-        scale = " (twice that in the DDPM's [-1, 1] range)" if tc.method == "ddpm" else ""
-        levels = np.round(std, 4).tolist()
-        raise ValueError(f"noise_std: the model cannot start from {levels}{scale}: {why}{hint}") from e
+    if tc.method == "ddpm":
+        nsr = np.asarray(tc.ddpm_schedule(dtype=np.dtype(dtype)).noise_to_signal, np.float64)
+        return 0.0, float(np.sqrt(nsr[-1])) / 2.0
+    if sampler not in ("ode", "sde"):
+        return None
+    return sampling.noise_range(tc.make_sde(), t_min=T_END, t_max=1.0, dtype=dtype)
+
+
+def noise_levels(given, estimated, span, names, arg: str = "noise_std"):
+    """Each image's noise level to denoise from, and the notes to show: ``given`` is a number (the
+    same for all), ``"auto"`` (the estimates) or None (none needed: ``span`` is None). ``span`` is
+    :func:`noise_range`'s. A given level outside ``span`` is refused, naming ``arg``; an estimate
+    below it is raised to its lower end (a nearly clean image), one above it refused naming the
+    file; a given level more than 3x from an image's estimate is noted (a 0-255 value, a wrong
+    image), as is the 0-255 scale for a level above 1."""
+    import numpy as np
+
+    est = np.asarray(estimated, np.float64)
+    notes = []
+    if given is None:
+        return est.copy(), notes
+    if given == "auto":
+        std = est.copy()
+        if span is not None:
+            low, high = std < span[0], std > span[1] * (1 + 1e-6)
+            if high.any():
+                bad = [f"{names[k]} ({std[k]:.4g})" for k in np.flatnonzero(high)]
+                raise ValueError(f"{arg}: 'auto' estimated noise above the model's largest level {span[1]:.4g} in "
+                                 f"{', '.join(bad)}; --sampler=flow or paper_a start at t = 1 whatever the level")
+            if low.any():
+                notes.append(f"Estimated noise below the model's smallest level {span[0]:.4g}, denoised from that "
+                             "level (nearly clean): " + ", ".join(f"{names[k]} ({std[k]:.3g})" for k in np.flatnonzero(low)))
+                std = np.maximum(std, span[0])
+        return std, notes
+    value = float(given)
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"{arg}: expected a finite noise level > 0, got {given!r}")
+    if span is not None and not span[0] * (1 - 1e-6) <= value <= span[1] * (1 + 1e-6):
+        hint = "; --sampler=flow or paper_a start at t = 1 whatever the level" if span[0] > 0 else ""
+        scale = (f" (on the [0, 1] pixel scale: {value / 255:.4g} for {value:g} on a 0-255 scale)"
+                 if value > 1 and arg == "noise_std" else "")
+        raise ValueError(f"{arg}: the model cannot start from {value:g}{scale}: its noise levels span "
+                         f"[{span[0]:.4g}, {span[1]:.4g}] on the [0, 1] pixel scale{hint}")
+    far = np.flatnonzero((value > 3 * est) | (value < est / 3))
+    if far.size:
+        notes.append(f"--{arg}={value:g} is more than 3x from the noise estimated in "
+                     + ", ".join(f"{names[k]} ({est[k]:.3g})" for k in far)
+                     + (f"; the scale is [0, 1] pixel values ({value / 255:.4g} for {value:g} on a 0-255 scale)"
+                        if value > 1 else ""))
+    return np.full(est.shape, value), notes
 
 
 def restore_arrays(fn, tc, noisy, noise_std, key, *, idx=None, sampler: str = "auto", num_steps: int = 50,
@@ -337,16 +373,16 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
             raise ValueError(f"add_noise: expected a finite noise level >= 0, got {add_noise!r}")
         if add_noise and clean:
             raise ValueError("clean: --add_noise scores against the inputs themselves; give one or the other")
+        noise_arg = "noise_std"
         if noise_std is None or noise_std == "":
-            if not add_noise:
-                raise ValueError("noise_std: required (a number, or auto to estimate it per image) unless "
-                                 "--add_noise is given")
-            noise_std = float(add_noise)
+            noise_std, noise_arg = (float(add_noise), "add_noise") if add_noise else (None, noise_arg)
         elif isinstance(noise_std, str) and noise_std != "auto":
             try:
                 noise_std = float(noise_std)
             except ValueError:
                 raise ValueError(f"noise_std: expected a number or 'auto', got {noise_std!r}") from None
+        if isinstance(noise_std, (int, float)) and not (np.isfinite(noise_std) and noise_std > 0):
+            raise ValueError(f"noise_std: expected a finite noise level > 0, got {noise_std!r}")
         if baseline not in BASELINES:
             raise ValueError(f"baseline: expected one of {BASELINES}, got {baseline!r}")
         if not isinstance(final_denoise, bool):
@@ -366,6 +402,11 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
             fn = training.load_score_fn(workdir, step=step)
             tc = fn.config
             sampler = resolve_sampler(tc, sampler)
+            span = noise_range(tc, sampler, np.float32)
+            if noise_std is None and span is not None:
+                raise ValueError(f"noise_std: required for the {sampler} sampler (a number, or auto to estimate it "
+                                 "per image), unless --add_noise is given; --sampler=flow or paper_a start at t = 1 "
+                                 "and need none")
             unet = fn.model_def.unet
             count = num_images or None
             source = _load(input, "input", unet.image_size, count, unet.in_channels)
@@ -376,12 +417,15 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
             noisy = eu.noisy_copy(source, float(add_noise), noise_seed) if add_noise else source
             estimated = estimate_noise(noisy)
             names = _names(input, noisy.shape[0], count)
-            std = estimated if noise_std == "auto" else np.full(noisy.shape[0], float(noise_std))
-            if noise_std == "auto" and not np.all(estimated > 0):
+            if (noise_std == "auto" or (noise_std is None and baseline != "none")) and not np.all(estimated > 0):
                 k = int(np.argmin(estimated))
                 raise ValueError(f"noise_std: 'auto' found no noise in {names[k]} (estimate {estimated[k]:.3g}); "
-                                 "give --noise_std")
-            check_noise_std(tc, sampler, std, noisy.dtype)
+                                 "give --noise_std" if noise_std else
+                                 f"noise_std: no noise found in {names[k]} (estimate {estimated[k]:.3g}) for the "
+                                 "baseline; give --noise_std")
+            std, notes = noise_levels(noise_std, estimated, span, names, noise_arg)
+            for note in notes:
+                logging.warning("%s", note)
             std_run = std.astype(noisy.dtype)  # as the samplers get it
             num_frames = frames_shown(tc, sampler, std_run, num_steps, num_frames, noisy.dtype)
             idx = _image_indices(image_index, unet.per_image_offset, unet.num_images, noisy.shape[0])
@@ -432,12 +476,12 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
                 scores = {f"{m}_{k}": np.asarray(f(x, refs)) for m, f in (("ssim", metrics.ssim), ("psnr", metrics.psnr))
                           for k, x in outputs.items()}
             for k in range(out.shape[0]):
-                rec = {"image": k, "file": names[k], "noise_std": float(std[k]),
+                rec = {"image": k, "file": names[k], "noise_std": None if noise_std is None else float(std[k]),
                        "noise_std_estimated": float(estimated[k]), "image_index": None if idx is None else int(idx[k])}
                 if refs is not None:
                     rec.update({key: float(v[k]) for key, v in scores.items()})
                 per.append(rec)
-                rows.append([k, names[k], f"{std[k]:.4f}", f"{estimated[k]:.4f}"]
+                rows.append([k, names[k], "-" if noise_std is None else f"{std[k]:.4f}", f"{estimated[k]:.4f}"]
                             + ([f"{rec[f'ssim_{o}']:.4f}" for o in outputs] + [f"{rec[f'psnr_{o}']:.2f}" for o in outputs]
                                if refs is not None else []))
             summary = None
@@ -457,7 +501,7 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
             result = {"experiment": "restore", "settings": settings, "method": tc.method, "sde": tc.sde,
                       "sampler": sampler, "model_step": int(fn.step), "network_evals": nfe, "frames": num_frames,
                       "sampling_seconds": sw.seconds, "baseline": baseline, "baseline_seconds": base_seconds,
-                      "trained_images": num_trained, "images": per, "summary": summary, "shape": list(out.shape),
+                      "trained_images": num_trained, "notes": notes, "images": per, "summary": summary, "shape": list(out.shape),
                       "machine": eu.machine_info()}
             n = noisy.shape[0]
             text = (f"# {n} image{'s' if n != 1 else ''} of {input} denoised by {os.path.abspath(workdir)} "
@@ -468,6 +512,7 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
                     + ".\n\n")
             if few_images_note:
                 text += few_images_note + "\n\n"
+            text += "".join(f"Note: {n}.\n\n" for n in notes)
             if summary:
                 text += (f"Against the clean images: SSIM {summary['ssim_input']:.4f} (input) -> "
                          f"{summary['ssim_output']:.4f} (output), PSNR {summary['psnr_input']:.2f} -> "

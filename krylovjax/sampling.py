@@ -53,6 +53,7 @@ __all__ = [
     "euler_maruyama",
     "probability_flow",
     "start_time",
+    "noise_range",
     "denoise",
     "generate",
     "tweedie_denoise",
@@ -727,6 +728,16 @@ def with_final_denoise(r: SampleResult, score_fn: ScoreFn, sde: Any, t_end, fina
     x = tweedie_denoise(score_fn, sde, r.x, t_end)
     traj = None if r.trajectory is None else r.trajectory.at[-1].set(x)
     return r._replace(x=x, trajectory=traj, num_score_evals=r.num_score_evals + 1, finite=_finite_rows(x))
+
+
+def noise_range(sde: Any, *, t_min: float = 0.0, t_max: float = 1.0, dtype=None) -> tuple[float, float]:
+    """The noise levels ``lambda(t) / alpha(t)`` of ``sde`` at ``t_min`` and ``t_max`` (``lambda(t)``
+    for a zero-drift SDE): the range of ``noise_std`` that :func:`start_time` and :func:`denoise`
+    accept on ``[t_min, t_max]``, in ``dtype`` (default: the default float dtype)."""
+    dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
+    with jax.ensure_compile_time_eval():
+        ends = np.asarray(_noise_to_signal(sde, _mean_coeff_fn(sde), jnp.asarray([t_min, t_max], dtype)))
+    return float(ends[0]), float(ends[1])
 
 
 def start_time(sde: Any, noise_std, *, t_min: float = 0.0, t_max: float = 1.0) -> jax.Array:

@@ -757,7 +757,7 @@ def test_restore_reproduces_the_denoise_runs_outputs(denoise_run, tmp_path):
     bad = tmp_path / "bad"
     proc = _run("experiments.restore", [f"--workdir={wd}/ours", "--input=builtin:chelsea", "--noise_std=-1",
                                         f"--outdir={bad}"])
-    assert proc.returncode != 0 and "noise_std: expected finite values > 0" in proc.stderr
+    assert proc.returncode != 0 and "noise_std: expected a finite noise level > 0, got -1.0" in proc.stderr
     assert "Traceback" not in proc.stderr and not bad.exists()
 
 

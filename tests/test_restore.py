@@ -170,13 +170,16 @@ def test_ddpm_from_the_matching_step(sampler, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("method, kw, match", [
-    ("ours", {}, "noise_std: required .* unless --add_noise is given"),
+    ("ours", {}, "noise_std: required for the ode sampler .* unless --add_noise is given; --sampler=flow or paper_a"),
     ("ours", {"noise_std": "loud"}, "noise_std: expected a number or 'auto', got 'loud'"),
-    ("ours", {"noise_std": -0.1}, r"noise_std: expected finite values > 0"),
+    ("ours", {"noise_std": -0.1}, r"noise_std: expected a finite noise level > 0, got -0.1"),
     ("ours", {"noise_std": 50.0},
-     r"noise_std: the model cannot start from \[50.0\]: expected values in the SDE's range .*--sampler=flow or paper_a"),
+     r"noise_std: the model cannot start from 50 \(on the \[0, 1\] pixel scale: 0.1961 for 50 on a 0-255 scale\): "
+     r"its noise levels span \[0.03163, 1.471\] on the \[0, 1\] pixel scale; --sampler=flow or paper_a"),
+    ("ours", {"add_noise": 2.0}, r"add_noise: the model cannot start from 2: its noise levels span"),
     ("ddpm", {"noise_std": 500.0},
-     r"noise_std: the model cannot start from \[500.0\] \(twice that in the DDPM's \[-1, 1\] range\): expected at most"),
+     r"noise_std: the model cannot start from 500 \(.*\): its noise levels span \[0, \d+\.\d+\] on the \[0, 1\] pixel "
+     r"scale$"),
     ("ours", {"add_noise": 0.1, "clean": "builtin:astronaut"}, "clean: --add_noise scores against the inputs"),
     ("ours", {"add_noise": -1.0}, "add_noise: expected a finite noise level >= 0"),
     ("ours", {"noise_std": 0.1, "clean": "builtin"}, r"clean: \d+ images for the 1 inputs"),
@@ -389,3 +392,43 @@ def test_an_images_output_does_not_depend_on_the_other_inputs(sampler, tmp_path,
     many, _, _ = restore.restore_arrays(model, tc, noisy, np.asarray([0.3, 0.05, 0.2], np.float32), key, **kw)
     one, _, _ = restore.restore_arrays(model, tc, noisy[1:2], np.asarray([0.05], np.float32), key, **kw)
     np.testing.assert_allclose(np.asarray(many[1]), np.asarray(one[0]), rtol=0, atol=1e-6)  # shared steps: 6e-5
+
+
+def test_noise_levels_given_estimated_or_none():
+    """(A walkthrough: --noise_std=25, a 0-255 value, denoised an image whose noise was estimated at
+    0.2 without a word; a nearly clean image under auto stopped the whole run, without its name.)"""
+    names = ["a.png", "b.png", "c.png"]
+    est = np.asarray([0.2, 0.01, 0.1])
+    std, notes = restore.noise_levels("auto", est, (0.03, 1.5), names)
+    np.testing.assert_allclose(std, [0.2, 0.03, 0.1])  # the nearly clean one from the smallest level
+    assert len(notes) == 1 and "below the model's smallest level 0.03" in notes[0] and "b.png (0.01)" in notes[0]
+    with pytest.raises(ValueError, match=r"noise_std: 'auto' estimated noise above the model's largest level 0.15 "
+                                         r"in a.png \(0.2\)"):
+        restore.noise_levels("auto", est, (0.03, 0.15), names)
+    std, notes = restore.noise_levels(0.1, est, (0.03, 1.5), names)
+    np.testing.assert_array_equal(std, 0.1)
+    assert notes == ["--noise_std=0.1 is more than 3x from the noise estimated in b.png (0.01)"]
+    _, notes = restore.noise_levels(25, est, None, names, arg="noise_std")  # flow: any level, still noted
+    assert "a.png (0.2), b.png (0.01), c.png (0.1); the scale is [0, 1] pixel values (0.09804 for 25" in notes[0]
+    std, notes = restore.noise_levels(None, est, None, names)
+    np.testing.assert_array_equal(std, est)
+    assert not notes
+    with pytest.raises(ValueError, match="add_noise: the model cannot start from 2: its noise levels span"):
+        restore.noise_levels(2.0, est, (0.03, 1.5), names, arg="add_noise")
+
+
+def test_flow_needs_no_noise_level_and_a_far_one_is_noted(tmp_path, monkeypatch):
+    clean = _clean()
+    tc = training.TrainConfig(method="ours", sde="ve", sde_kwargs=(("sigma", 2.0),), per_image_offset=False)
+    wd = _workdir(tmp_path, monkeypatch, _ve_model(tc, clean))
+    noisy = eu.noisy_copy(clean.astype(np.float32), 0.1, 0)
+    np.save(tmp_path / "noisy.npy", noisy)
+    res = restore.run(wd, f"array:{tmp_path / 'noisy.npy'}", str(tmp_path / "f"), sampler="flow", num_frames=2)
+    (rec,) = res["images"]
+    assert rec["noise_std"] is None and rec["noise_std_estimated"] > 0 and res["notes"] == []
+    assert "| 0 | 000.png | - |" in open(tmp_path / "f" / "restore.md").read()
+    np.testing.assert_array_equal(np.load(tmp_path / "f" / "baseline.npy"),
+                                  restore.nl_means(noisy, restore.estimate_noise(noisy)))  # the estimate serves it
+    res = restore.run(wd, f"array:{tmp_path / 'noisy.npy'}", str(tmp_path / "g"), noise_std=0.5, num_frames=2)
+    assert res["notes"] and "--noise_std=0.5 is more than 3x from the noise estimated in 000.png" in res["notes"][0]
+    assert "Note: --noise_std=0.5 is more than 3x" in open(tmp_path / "g" / "restore.md").read()
