@@ -654,3 +654,17 @@ def test_per_image_step_control_names_the_image_whose_score_is_not_finite():
     with pytest.raises(Exception, match="score_fn returned NaN or Inf"):
         jax.block_until_ready(jax.jit(lambda x: sampling.probability_flow(
             score, sde, x, max_steps=200, step_control="per_image", score_args=(jnp.arange(3),)).x)(x))
+
+
+def test_noise_range_is_the_start_times_range():
+    """noise_range gives the closed-form ends (VE: lambda; VP: lambda / alpha), and start_time
+    accepts exactly that range."""
+    lo, hi = sampling.noise_range(VESDE(2.0), t_min=1e-3, t_max=1.0, dtype=jnp.float64)
+    np.testing.assert_allclose([lo, hi], np.sqrt(ve_lambda2(2.0, [1e-3, 1.0])), rtol=1e-12)
+    vp = VPSDE()
+    lo, hi = sampling.noise_range(vp, t_min=0.01, t_max=1.0, dtype=jnp.float64)
+    t = jnp.asarray([0.01, 1.0], jnp.float64)
+    np.testing.assert_allclose([lo, hi], vp.perturbation_std(t) / vp.marginal_mean_coeff(t), rtol=1e-12)
+    sampling.start_time(vp, jnp.asarray([lo, hi]), t_min=0.01, t_max=1.0)
+    with pytest.raises(ValueError, match="expected values in the SDE's range"):
+        sampling.start_time(vp, jnp.asarray([hi * 1.01]), t_min=0.01, t_max=1.0)
