@@ -241,8 +241,11 @@ def sample_arrays(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_st
 def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_frames: int = 10,
         sampler: str = "auto", num_steps: int = 50, seed: int = 0, step: int | None = None,
         reference: str | None = None, reference_count: int = 3, overwrite: bool = False,
-        final_denoise: bool = True) -> dict:
-    """Sample from the training run in ``workdir``; write the grid, table and JSON to ``outdir``."""
+        final_denoise: bool = True, check_interrupt=None) -> dict:
+    """Sample from the training run in ``workdir``; write the grid, table and JSON to ``outdir``.
+    ``check_interrupt`` (the binary's :func:`krylovjax.experiment_utils.interrupts_between_steps`)
+    is called before the output directory is claimed and between the sampling and the writing."""
+    check_interrupt = check_interrupt or (lambda: None)
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -301,6 +304,7 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
                 if ref.shape[1] != unet.in_channels:
                     raise ValueError(f"reference: its images have {ref.shape[1]} channels, "
                                      f"the model {unet.in_channels}")
+        check_interrupt()
         eu.claim_workdir(outdir, "generate", settings_asked, legacy=LEGACY_SETTINGS, arg="outdir")
         idx = None
         if unet.per_image_offset:
@@ -309,6 +313,7 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
             out, frames, nfe = sample(fn, tc, shape, jax.random.PRNGKey(seed), idx=idx, sampler=sampler,
                                       num_steps=num_steps, num_frames=num_frames, final_denoise=final_denoise)
             out, frames = np.asarray(out), np.asarray(frames)
+        check_interrupt()
         if ref is not None:
             ref = ref.astype(out.dtype)
         rows = []
@@ -355,12 +360,12 @@ def main(argv):
     eu.check_no_args(argv)
     eu.quiet_orbax_logs()
     outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, "generate")
-    with eu.exit_on_run_errors(interrupted="samples.json, written last, marks a finished run: the same command "
-                                           "samples again"):
+    kept = "samples.json, written last, marks a finished run: the same command samples again"
+    with eu.exit_on_run_errors(interrupted=kept), eu.interrupts_between_steps(kept) as check:
         run(FLAGS.workdir, outdir, num_samples=FLAGS.num_samples, num_frames=FLAGS.num_frames,
             sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, seed=FLAGS.seed, step=FLAGS.step,
             reference=FLAGS.reference, reference_count=FLAGS.reference_count, overwrite=FLAGS.overwrite,
-            final_denoise=FLAGS.final_denoise)
+            final_denoise=FLAGS.final_denoise, check_interrupt=check)
     eu.print_outputs(outdir, "samples.md", RESULT_FILES)
     logging.info("done")
 

@@ -64,7 +64,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 from absl import app, flags, logging
 
@@ -355,9 +355,12 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
         noise_seed: int = 0, clean: str | None = None, num_images: int = 0, image_index=(),
         sampler: str = "auto", num_steps: int = 50, num_frames: int = 6, seed: int = 0,
         final_denoise: bool = True, step: int | None = None, baseline: str = "nl_means",
-        overwrite: bool = False) -> dict:
+        overwrite: bool = False, check_interrupt: Callable[[], None] | None = None) -> dict:
     """Denoise ``input`` with the training run in ``workdir``; write the images, figure, table and
-    JSON to ``outdir`` (see the module docstring)."""
+    JSON to ``outdir`` (see the module docstring). ``check_interrupt`` (the binary's
+    :func:`krylovjax.experiment_utils.interrupts_between_steps`) is called before the work
+    directory is claimed and between the sampling and the writing."""
+    check_interrupt = check_interrupt or (lambda: None)
     import jax
     import numpy as np
 
@@ -432,6 +435,7 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
             num_trained = trained_images(workdir)
             # the pixels denoised, so that a changed input file is not taken for a finished run
             settings["input_sha256"] = hashlib.sha256(np.ascontiguousarray(noisy).tobytes()).hexdigest()
+            check_interrupt()
             eu.check_claim(outdir, "restore", settings, arg="outdir")
             if os.path.exists(os.path.join(outdir, "restore.json")) and not overwrite:
                 try:
@@ -462,6 +466,7 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
                                                   idx=idx, sampler=sampler, num_steps=num_steps,
                                                   num_frames=num_frames, final_denoise=final_denoise)
                 out, frames, nfe = np.asarray(out), np.asarray(frames), int(nfe)
+            check_interrupt()
             base, base_seconds = None, None
             if baseline == "nl_means":
                 with eu.Stopwatch() as bw:
@@ -545,15 +550,15 @@ def main(argv):
     eu.check_no_args(argv)
     eu.quiet_orbax_logs()
     outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, "restore")
-    with eu.exit_on_run_errors(interrupted="restore.json, written last, marks a finished run: the same command "
-                                           "denoises again"):
+    kept = "restore.json, written last, marks a finished run: the same command denoises again"
+    with eu.exit_on_run_errors(interrupted=kept), eu.interrupts_between_steps(kept) as check:
         with eu.checking_arguments():
             index = eu.int_list_flag("image_index", FLAGS.image_index, 0) if FLAGS.image_index else []
         run(FLAGS.workdir, FLAGS.input, outdir, noise_std=FLAGS.noise_std, add_noise=FLAGS.add_noise,
             noise_seed=FLAGS.noise_seed, clean=FLAGS.clean, num_images=FLAGS.num_images, image_index=index,
             sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, num_frames=FLAGS.num_frames, seed=FLAGS.seed,
             final_denoise=FLAGS.final_denoise, step=FLAGS.step, baseline=FLAGS.baseline,
-            overwrite=FLAGS.overwrite)
+            overwrite=FLAGS.overwrite, check_interrupt=check)
     eu.print_outputs(outdir, "restore.md", RESULT_FILES)
     logging.info("done")
 

@@ -67,6 +67,7 @@ __all__ = [
     "plot_curves",
     "quiet_orbax_logs",
     "sigterm_as_interrupt",
+    "interrupts_between_steps",
     "check_dir_arg",
     "refuse_other_runs",
     "check_no_args",
@@ -414,11 +415,91 @@ def check_dir_arg(path: str | os.PathLike | None, arg: str = "workdir") -> str:
     return path
 
 
+_PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def _innermost(tb):
-    """The last entry of a traceback (where the exception was raised), or None."""
-    while tb is not None and tb.tb_next is not None:
+    """The last entry of a traceback in this project's code (krylovjax/, experiments/): where
+    the project was when the exception came (from inside JAX or the standard library, their
+    frames would not tell the user where the run was); the last entry of all where none is."""
+    last = mine = None
+    roots = tuple(os.path.join(_PROJECT_ROOT, d) + os.sep for d in ("krylovjax", "experiments"))
+    while tb is not None:
+        if tb.tb_frame.f_code not in _INTERRUPT_CHECKS:  # a checkpoint: its caller says where the run was
+            last = tb
+            if os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(roots):
+                mine = tb
         tb = tb.tb_next
-    return tb
+    return mine or last
+
+
+_INTERRUPT_CHECKS: set = set()  # the code of interrupts_between_steps' check: its caller is where the run was
+
+
+@contextlib.contextmanager
+def interrupts_between_steps(interrupted: str) -> Iterator[Callable[[], None]]:
+    """For a binary whose work is a few long computations that cannot be cut short (a jitted
+    sampler runs as one program): Ctrl-C is said at once and acted on between them.
+
+    A KeyboardInterrupt is raised by Python only when the main thread runs Python code again,
+    after the computation in flight, and raised inside JAX's own code (while it compiles) it can
+    crash the interpreter. Here SIGINT only records the interrupt; a watcher thread (woken through
+    :func:`signal.set_wakeup_fd` while the main thread waits on the computation) writes at once
+    that the run stops after the computation in flight, and the yielded ``check()`` raises
+    ``KeyboardInterrupt`` where the binary calls it (between computations, before writing
+    results). A second Ctrl-C ends the process at once (``os._exit(130)``) with ``interrupted (a
+    second Ctrl-C): <interrupted>`` on stderr. Main thread only; restores the handlers on exit."""
+    import sys
+    import threading
+
+    state = {"count": 0, "done": False}
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+
+    def on_sigint(signum, frame):  # runs in the main thread, between bytecodes: record only
+        state["pending"] = True
+
+    def watch():
+        while True:
+            try:
+                data = os.read(r, 64)
+            except OSError:
+                return
+            if state["done"] or not data:
+                return
+            for byte in data:
+                if byte != signal.SIGINT:
+                    continue
+                state["count"] += 1
+                if state["count"] == 1:
+                    sys.stderr.write("interrupt: stopping when the computation in flight ends (it cannot be cut "
+                                     "short); Ctrl-C again to stop at once\n")
+                    sys.stderr.flush()
+                else:
+                    sys.stderr.write(f"interrupted (a second Ctrl-C): {interrupted}\n")
+                    sys.stderr.flush()
+                    os._exit(130)
+
+    def check():
+        if state.get("pending") or state["count"]:
+            raise KeyboardInterrupt
+
+    _INTERRUPT_CHECKS.add(check.__code__)
+
+    old_handler = signal.signal(signal.SIGINT, on_sigint)
+    old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    thread = threading.Thread(target=watch, name="krylovjax-interrupts", daemon=True)
+    thread.start()
+    try:
+        yield check
+    finally:
+        state["done"] = True
+        signal.set_wakeup_fd(old_fd)
+        signal.signal(signal.SIGINT, old_handler)
+        os.write(w, b"\0")  # wake the watcher to end
+        thread.join(timeout=5)
+        os.close(w)
+        os.close(r)
 
 
 _BAD_ARGUMENT = "_krylovjax_bad_argument"
@@ -463,7 +544,7 @@ def exit_on_run_errors(interrupted: str = "what was saved (checkpoints, complete
     try:
         yield
     except KeyboardInterrupt as err:
-        tb = _innermost(err.__traceback__)
+        tb = _innermost(err.__traceback__.tb_next)  # (its first entry is this function's own frame)
         code = None if tb is None else tb.tb_frame.f_code
         where = "" if code is None else f" in {code.co_name} ({code.co_filename}:{tb.tb_lineno})"
         sys.stderr.write(f"interrupted{where}: {interrupted}\n")

@@ -311,6 +311,78 @@ def test_an_interrupt_ends_a_binary_with_where_it_was_and_what_is_kept(capsys):
     assert capsys.readouterr().err.endswith(": nothing to keep\n")
 
 
+def test_an_interrupt_inside_a_library_names_the_projects_code(tmp_path, monkeypatch, capsys):
+    """(A walkthrough: the line named frames of JAX or the standard library, e.g. ``_value
+    (.../jax/_src/array.py:623)``, which do not say where the run was.) The innermost frame of
+    krylovjax/ or experiments/ is named."""
+    import json as json_module
+
+    def dumps(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(json_module, "dumps", dumps)
+    with pytest.raises(SystemExit):
+        with eu.exit_on_run_errors(interrupted="kept"):
+            eu.write_json(str(tmp_path / "x.json"), {"a": 1})
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted in write_json (") and "krylovjax/experiment_utils.py:" in err, err
+
+
+_LONG_RUN = r"""
+import sys
+import jax, jax.numpy as jnp
+from krylovjax import experiment_utils as eu
+
+@jax.jit
+def long(x, n):
+    return jax.lax.fori_loop(0, n, lambda i, v: jnp.sin(v) * 1.0000001 + 1e-9, x)
+
+def steps(check):
+    long(jnp.ones(256), 1).block_until_ready()
+    print("ready", flush=True)
+    for _ in range(1000):
+        long(jnp.ones(256), int(sys.argv[1])).block_until_ready()
+        check()
+    print("finished", flush=True)
+
+with eu.exit_on_run_errors(interrupted="kept"), eu.interrupts_between_steps("kept") as check:
+    steps(check)
+"""
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_during_a_long_computation(presses, tmp_path):
+    """(A walkthrough: restore ignored Ctrl-C until its sampling ended, 46 s, a second one too, and
+    an interrupt while JAX compiled crashed the interpreter in 2 of 4 tries.) With
+    ``interrupts_between_steps`` the first Ctrl-C is said at once and acted on at the next check
+    (status 130, naming the caller of the check); a second one stops the process at once."""
+    script = tmp_path / "long.py"
+    script.write_text(_LONG_RUN)
+    # one computation takes about a second (one press), or many minutes (two presses)
+    loops = 10**9 if presses == 2 else 10**6
+    proc = subprocess.Popen([sys.executable, str(script), str(loops)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        if presses == 2:
+            time.sleep(1.0)
+            start = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupt: stopping when the computation in flight ends" in err
+    assert "Traceback" not in err and "Fatal Python error" not in err
+    if presses == 1:
+        assert err.rstrip().endswith("kept") and f"interrupted in steps ({script}:15)" in err, err[-2000:]
+    else:
+        assert time.monotonic() - start < 60  # one computation alone takes many minutes
+        assert err.rstrip().endswith("interrupted (a second Ctrl-C): kept"), err[-2000:]
+
+
 @pytest.mark.slow
 def test_train_binary_rerun_past_num_steps_keeps_result(tmp_path):
     """A re-run with --config.num_steps at or below the run's step trains nothing; it used to
