@@ -334,7 +334,10 @@ def _names(source: str, count: int, num_images: int | None) -> list[str]:
     return [f"{k:03d}" + ("" if s is None else f"_{s}") + ".png" for k, s in enumerate(stems)]
 
 
-def _load(source: str, arg: str, size: int, num_images: int | None, channels: int):
+def _load(source: str, arg: str, size: int, num_images: int | None, channels: int, notes: list):
+    """The images of ``source`` at the model's size; images of another channel count are converted
+    to the model's (gray as R = G = B, colour to its luminance) where the source can (files, arrays,
+    a built-in photo), with a note in ``notes``, and refused otherwise."""
     import numpy as np
 
     from krylovjax.data import load_images
@@ -344,11 +347,52 @@ def _load(source: str, arg: str, size: int, num_images: int | None, channels: in
         kw["num_images"] = num_images
     try:
         x = np.asarray(load_images(source, **kw))
+        if x.shape[1] != channels and source.startswith(("files:", "array:", "builtin:")):
+            notes.append(f"{arg}: its images have {x.shape[1]} channel{'s' if x.shape[1] != 1 else ''}, converted to "
+                         f"the model's {channels} ({'R = G = B' if channels == 3 else 'their luminance'})")
+            x = np.asarray(load_images(source, channels=channels, **kw))
     except (ValueError, FileNotFoundError) as e:
         raise ValueError(f"{arg}: {source!r}: {e}") from e
     if x.shape[1] != channels:
         raise ValueError(f"{arg}: its images have {x.shape[1]} channels, the model {channels}")
     return x
+
+
+def _mispaired(inputs: list, cleans: list) -> list[str]:
+    """Inputs whose file name (stem) is not in the name of the clean file paired with them by order
+    but is in another's: ``"cat.png with a_person.png (cat is in z_cat.png)"``."""
+    def stem(p):
+        return os.path.splitext(os.path.basename(p))[0].lower()
+
+    if not (inputs and cleans and all(inputs) and all(cleans)):
+        return []
+    out = []
+    for k, a in enumerate(inputs):
+        others = [b for j, b in enumerate(cleans) if j != k and stem(a) in stem(b)]
+        if stem(a) not in stem(cleans[k]) and others:
+            out.append(f"{os.path.basename(a)} with {os.path.basename(cleans[k])} ({stem(a)} is in "
+                       f"{os.path.basename(others[0])})")
+    return out
+
+
+def _files(source: str, arg: str, count: int, num_images: int | None, channels: int, notes: list):
+    """Each image's file and its size as read (``files:`` sources; None otherwise), with notes on
+    what the reading did to them: gray files in colour, centre crops of oblong files."""
+    from krylovjax.data import file_info, selected_paths
+
+    if not source.startswith("files:"):
+        return [None] * count, [None] * count, [None] * count
+    paths = [os.path.abspath(p) for p in selected_paths(source[6:], num_images=num_images)]
+    infos = [file_info(p) for p in paths]
+    base = os.path.commonpath([os.path.dirname(p) for p in paths])
+    shown = [os.path.relpath(p, base) for p in paths]
+    gray = [n for n, i in zip(shown, infos) if i["gray"]]
+    if gray and channels == 3 and len(gray) < len(paths):
+        notes.append(f"{arg}: grayscale files read in colour (R = G = B), among colour files: {', '.join(gray)}")
+    oblong = [f"{n} ({i['size'][0]}x{i['size'][1]})" for n, i in zip(shown, infos) if i["size"][0] != i["size"][1]]
+    if oblong:
+        notes.append(f"{arg}: centre-cropped to a square before the resize: {', '.join(oblong)}")
+    return paths, [list(i["size"]) for i in infos], shown
 
 
 def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any = None, add_noise: float = 0.0,
@@ -412,14 +456,22 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
                                  "and need none")
             unet = fn.model_def.unet
             count = num_images or None
-            source = _load(input, "input", unet.image_size, count, unet.in_channels)
-            ref = source if add_noise else (None if not clean else
-                                            _load(clean, "clean", unet.image_size, count, unet.in_channels))
+            read_notes: list[str] = []
+            source = _load(input, "input", unet.image_size, count, unet.in_channels, read_notes)
+            ref = source if add_noise else (None if not clean else _load(
+                clean, "clean", unet.image_size, count, unet.in_channels, read_notes))
             if ref is not None and ref.shape[0] != source.shape[0]:
                 raise ValueError(f"clean: {ref.shape[0]} images for the {source.shape[0]} inputs")
             noisy = eu.noisy_copy(source, float(add_noise), noise_seed) if add_noise else source
             estimated = estimate_noise(noisy)
             names = _names(input, noisy.shape[0], count)
+            files, sizes, shown = _files(input, "input", noisy.shape[0], count, unet.in_channels, read_notes)
+            clean_files = ([None] * noisy.shape[0] if add_noise or not clean else
+                           _files(clean, "clean", noisy.shape[0], count, unet.in_channels, read_notes)[0])
+            odd = _mispaired(files, clean_files)
+            if odd:
+                read_notes.append("clean: paired with the inputs by their order, and the names suggest another "
+                                  "pairing: " + ", ".join(odd))
             if (noise_std == "auto" or (noise_std is None and baseline != "none")) and not np.all(estimated > 0):
                 k = int(np.argmin(estimated))
                 raise ValueError(f"noise_std: 'auto' found no noise in {names[k]} (estimate {estimated[k]:.3g}); "
@@ -427,6 +479,7 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
                                  f"noise_std: no noise found in {names[k]} (estimate {estimated[k]:.3g}) for the "
                                  "baseline; give --noise_std")
             std, notes = noise_levels(noise_std, estimated, span, names, noise_arg)
+            notes = read_notes + notes
             for note in notes:
                 logging.warning("%s", note)
             std_run = std.astype(noisy.dtype)  # as the samplers get it
@@ -481,12 +534,14 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
                 scores = {f"{m}_{k}": np.asarray(f(x, refs)) for m, f in (("ssim", metrics.ssim), ("psnr", metrics.psnr))
                           for k, x in outputs.items()}
             for k in range(out.shape[0]):
-                rec = {"image": k, "file": names[k], "noise_std": None if noise_std is None else float(std[k]),
+                rec = {"image": k, "file": names[k], "input_file": files[k], "input_size": sizes[k],
+                       "clean_file": clean_files[k], "noise_std": None if noise_std is None else float(std[k]),
                        "noise_std_estimated": float(estimated[k]), "image_index": None if idx is None else int(idx[k])}
                 if refs is not None:
                     rec.update({key: float(v[k]) for key, v in scores.items()})
                 per.append(rec)
-                rows.append([k, names[k], "-" if noise_std is None else f"{std[k]:.4f}", f"{estimated[k]:.4f}"]
+                rows.append([k, names[k]] + ([f"{shown[k]} ({sizes[k][0]}x{sizes[k][1]})"] if files[0] else [])
+                            + ["-" if noise_std is None else f"{std[k]:.4f}", f"{estimated[k]:.4f}"]
                             + ([f"{rec[f'ssim_{o}']:.4f}" for o in outputs] + [f"{rec[f'psnr_{o}']:.2f}" for o in outputs]
                                if refs is not None else []))
             summary = None
@@ -524,7 +579,8 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
                          f"{summary['psnr_output']:.2f} dB" + ("" if base is None else
                          f"; non-local means: SSIM {summary['ssim_baseline']:.4f}, PSNR "
                          f"{summary['psnr_baseline']:.2f} dB") + "; means over the images.\n\n")
-            heads = ["image", "file", "noise std used", "noise std estimated"]
+            heads = ["image", "file"] + (["input file (size)"] if files[0] else []) + [
+                "noise std used", "noise std estimated"]
             if refs is not None:
                 label = {"input": "input", "output": "output", "baseline": "NL-means"}
                 heads += [f"SSIM {label[o]}" for o in outputs] + [f"PSNR {label[o]}" for o in outputs]

@@ -51,6 +51,7 @@ __all__ = [
     "load_array",
     "load_images",
     "image_paths",
+    "file_info",
     "selected_paths",
     "IMAGE_EXTENSIONS",
     "ARRAY_LAYOUTS",
@@ -694,15 +695,7 @@ def selected_paths(path: str, indices: Sequence[int] | None = None, num_images: 
 
 def _gray_mode(path: str) -> bool:
     """Whether the file's pixels are one channel (from its header; nothing is decoded)."""
-    from PIL import Image
-
-    from krylovjax import _deep_images
-
-    try:
-        with Image.open(path) as im:
-            return im.mode in _GRAY_MODES or _deep_images.stored_gray(im)
-    except Exception as err:  # Pillow raises several types for a file that is no image
-        raise ValueError(f"{path!r} could not be read as an image: {type(err).__name__}: {err}") from err
+    return file_info(path)["gray"]
 
 
 # EXIF orientation (tag 0x0112) -> the numpy form of what ImageOps.exif_transpose does to [H, W, c]
@@ -780,6 +773,29 @@ def _read_image_file(path: str) -> np.ndarray:
     if img.ndim == 2:
         img = img[:, :, None]
     return img
+
+
+def file_info(path: str) -> dict:
+    """What an image file's header says (nothing is decoded): ``{"size": (width, height)}`` as it
+    is read (after its EXIF orientation) and ``"gray"``, whether its pixels are one channel (read
+    as R = G = B where colour is asked for). ValueError naming the file if it is no image."""
+    from PIL import Image
+
+    from krylovjax import _deep_images
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            gray = im.mode in _GRAY_MODES or _deep_images.stored_gray(im)
+            try:
+                turned = int(im.getexif().get(0x0112, 1)) in (5, 6, 7, 8)  # a quarter turn: w and h swap
+            except Exception:  # a damaged file: said by the reading itself, which checks it
+                turned = False
+            if turned:
+                w, h = h, w
+    except Exception as err:  # Pillow raises several types for a file that is no image
+        raise ValueError(f"{path!r} could not be read as an image: {type(err).__name__}: {err}") from err
+    return {"size": (int(w), int(h)), "gray": bool(gray)}
 
 
 def load_files(

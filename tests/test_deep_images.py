@@ -233,6 +233,8 @@ def test_exif_orientation_as_pillow(tmp_path, orientation):
         want = np.asarray(ImageOps.exif_transpose(src))
     got = D._ORIENT.get(orientation, lambda a: a)(a8)
     np.testing.assert_array_equal(got, want)
+    # file_info's size is that of the oriented image (a quarter turn swaps width and height)
+    assert D.file_info(str(tmp_path / "o.png")) == {"size": (want.shape[1], want.shape[0]), "gray": False}
 
     img = rng.integers(0, 65536, (4, 6, 3)).astype(np.uint16)
     path = _write(tmp_path / "o16.png", png16(img, extra=[_exif_chunk(orientation)]))

@@ -183,7 +183,6 @@ def test_ddpm_from_the_matching_step(sampler, tmp_path, monkeypatch):
     ("ours", {"add_noise": 0.1, "clean": "builtin:astronaut"}, "clean: --add_noise scores against the inputs"),
     ("ours", {"add_noise": -1.0}, "add_noise: expected a finite noise level >= 0"),
     ("ours", {"noise_std": 0.1, "clean": "builtin"}, r"clean: \d+ images for the 1 inputs"),
-    ("ours", {"noise_std": 0.1, "input": "GRAY"}, "input: its images have 1 channels, the model 3"),
     ("ours", {"noise_std": 0.1, "input": "files:/nonexistent/x"}, r"input: 'files:/nonexistent/x': .*no such file"),
     ("ours", {"noise_std": 0.1, "image_index": [0]}, "image_index: this model was not trained with per-image"),
     ("ours", {"noise_std": 0.1, "sampler": "ddim"}, r"sampler: a score model takes one of \('ode', 'sde', 'flow'"),
@@ -203,9 +202,6 @@ def test_refused_before_anything_is_written(method, kw, match, tmp_path, monkeyp
     wd = _workdir(tmp_path, monkeypatch, model)
     monkeypatch.setattr(restore, "restore_arrays", lambda *a, **k: pytest.fail("denoised"))
     source = kw.pop("input", "builtin:astronaut")
-    if source == "GRAY":  # a one-channel array
-        np.save(tmp_path / "gray.npy", np.full((1, 1, 16, 16), 0.5, np.float32))
-        source = f"array:{tmp_path / 'gray.npy'}"
     out = tmp_path / "r"
     with pytest.raises((ValueError, TypeError), match=match):
         restore.run(wd, source, str(out), **kw)
@@ -432,3 +428,53 @@ def test_flow_needs_no_noise_level_and_a_far_one_is_noted(tmp_path, monkeypatch)
     res = restore.run(wd, f"array:{tmp_path / 'noisy.npy'}", str(tmp_path / "g"), noise_std=0.5, num_frames=2)
     assert res["notes"] and "--noise_std=0.5 is more than 3x from the noise estimated in 000.png" in res["notes"][0]
     assert "Note: --noise_std=0.5 is more than 3x" in open(tmp_path / "g" / "restore.md").read()
+
+
+def test_results_name_each_input_file_and_what_reading_did_to_it(tmp_path, monkeypatch):
+    """(A walkthrough: the results named only the outputs, 000_a.png, 001_a.png, ..., for x/a.png,
+    y/a.jpg and y/a.png; a gray file among colour ones came back in colour, an oblong one cropped,
+    and clean files paired by order with the wrong inputs, all without a word; a gray --clean file
+    was refused where the same in a folder was converted.)"""
+    clean = _clean(2, 16)
+    tc = training.TrainConfig(method="ours", sde="ve", sde_kwargs=(("sigma", 2.0),), per_image_offset=False)
+    wd = _workdir(tmp_path, monkeypatch, _ve_model(tc, clean[:1]))
+    rng = np.random.default_rng(0)
+    for d in ("in/x", "in/y", "ref"):
+        (tmp_path / d).mkdir(parents=True)
+
+    def save(path, img):
+        Image.fromarray(np.round(np.clip(img, 0, 1) * 255).astype(np.uint8).squeeze()).save(path)
+
+    noisy = [np.clip(c.transpose(1, 2, 0) + 0.1 * rng.standard_normal((16, 16, 3)), 0, 1) for c in clean]
+    save(tmp_path / "in/x/a.png", noisy[0])
+    save(tmp_path / "in/y/a.png", np.pad(noisy[1], ((0, 0), (2, 2), (0, 0)), mode="edge"))  # 20 wide, 16 high
+    save(tmp_path / "in/y/b.png", noisy[1].mean(axis=2))  # one channel
+    save(tmp_path / "ref/1_b.png", clean[1].transpose(1, 2, 0))  # sorted: 1_b, 2_a, 3_c
+    save(tmp_path / "ref/2_a.png", clean[0].transpose(1, 2, 0))
+    save(tmp_path / "ref/3_c.png", clean[1].mean(axis=0))
+    res = restore.run(wd, f"files:{tmp_path}/in/**/*.png", str(tmp_path / "r"), noise_std=0.1, num_frames=2,
+                      clean=f"files:{tmp_path / 'ref'}", baseline="none")
+    recs = res["images"]
+    assert [os.path.relpath(r["input_file"], tmp_path) for r in recs] == ["in/x/a.png", "in/y/a.png", "in/y/b.png"]
+    assert [r["input_size"] for r in recs] == [[16, 16], [20, 16], [16, 16]]
+    assert [os.path.basename(r["clean_file"]) for r in recs] == ["1_b.png", "2_a.png", "3_c.png"]
+    text = open(tmp_path / "r" / "restore.md").read()
+    assert "| 0 | 000_a.png | x/a.png (16x16) |" in text and "| 1 | 001_a.png | y/a.png (20x16) |" in text
+    notes = "\n".join(res["notes"])
+    assert "input: grayscale files read in colour (R = G = B), among colour files: y/b.png" in notes
+    assert "input: centre-cropped to a square before the resize: y/a.png (20x16)" in notes
+    assert "clean: grayscale files read in colour (R = G = B), among colour files: 3_c.png" in notes
+    assert ("clean: paired with the inputs by their order, and the names suggest another pairing: a.png with "
+            "1_b.png (a is in 2_a.png)") in notes
+    for n in res["notes"]:
+        assert f"Note: {n}." in text
+    # one gray file for a colour model: converted, said (it was refused; in a folder it was converted)
+    res = restore.run(wd, f"files:{tmp_path}/in/y/b.png", str(tmp_path / "g"), noise_std=0.1, num_frames=2,
+                      baseline="none")
+    assert res["shape"] == [1, 3, 16, 16]
+    assert "input: its images have 1 channel, converted to the model's 3 (R = G = B)" in res["notes"]
+    # a source that cannot convert (the built-in data set) is refused, naming it
+    gray = training.TrainConfig(method="ours", sde="ve", sde_kwargs=(("sigma", 2.0),), per_image_offset=False)
+    monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None: _ve_model(gray, clean[:1, :1], channels=1))
+    with pytest.raises(ValueError, match="input: its images have 3 channels, the model 1"):
+        restore.run(wd, "builtin", str(tmp_path / "h"), noise_std=0.1, num_images=1)
