@@ -32,8 +32,9 @@ Samplers (``--sampler``):
   probability-flow ODE from t = 1 whatever the noise level (Paper B's sampler, the
   ``experiments.denoise`` demo's); ``paper_a`` = Paper A's damped reverse SDE from t = 1 to 0
   (``--num_steps`` steps, noise 0.1 g sqrt(dt), clamped to [0, 1]). ``auto`` = ``paper_a`` for a
-  model with a constant perturbation ``std`` (it has no noise-level schedule to start from), else
-  ``ode``.
+  model trained with a fixed perturbation std (``sde="constant"`` with ``std`` set, Paper A's
+  script: it has no noise-level schedule to start from), else ``ode`` (also for the demo's
+  ``sde="constant"`` with ``std=None``, whose std grows as ``g sqrt(t)``).
 * DDPM: ``ancestral`` (the default) or ``ddim``: :func:`krylovjax.ddpm.ddpm_denoise` from the
   step whose noise level matches ``2 noise_std`` (the network's [-1, 1] range).
 
@@ -55,7 +56,8 @@ inputs as denoised: resized, with the added noise), ``baseline.npy`` (the non-lo
 outputs), ``restore.png`` (per image: the input, frames of its trajectory, the output, the
 baseline's output and the clean image when known), ``restore.md`` and ``restore.json`` (written
 last: it marks a finished run; SSIM and PSNR of input, output and baseline against the clean
-images when known). One run at a time per output directory; other settings
+images when known; each input's file, its size as read and its clean file; the notes), and
+``experiment.json`` (the run's settings, written first: another run's settings are refused there). One run at a time per output directory; other settings
 or other input pixels are refused there, a finished run is redone only with ``--overwrite``.
 """
 
