@@ -16,7 +16,7 @@ resized to the model's size (``--num_images``: its first ones, 0 = all).
 ``--noise_std`` is the standard deviation of the Gaussian noise in the inputs on the [0, 1] pixel
 scale, as the model sees them (after the resize, which averages noise away when the files are
 larger than the model): a number, or ``auto``, each image's own estimate
-(:func:`estimate_noise`: Donoho's median absolute deviation of its finest diagonal wavelet
+(:func:`krylovjax.metrics.estimate_noise`: Donoho's median absolute deviation of its finest diagonal wavelet
 coefficients, for Gaussian noise). The estimate is reported for every image either way.
 ``--add_noise=S`` first adds ``N(0, S^2)`` noise (``--noise_seed``) to the inputs and clamps to
 [0, 1], Paper A's test input, and scores the outputs against the inputs: a demonstration on clean
@@ -126,19 +126,12 @@ def resolve_sampler(tc, sampler: str) -> str:
     return sampler
 
 
-def estimate_noise(images) -> "Any":
-    """Each image's Gaussian noise standard deviation ``[B]`` (float64), Donoho's wavelet estimate:
-    the median absolute value of the finest diagonal (HH) Haar coefficients ``(a - b - c + d) / 2``
-    of the 2x2 blocks, divided by 0.6745 (the median of |N(0, 1)|), averaged over the channels.
-    Haar's orthonormal HH coefficient of i.i.d. noise has the noise's variance, and it cancels any
-    image content of the form f(row) + g(column); edges and texture bias it upwards."""
-    import numpy as np
+def estimate_noise(images):
+    """:func:`krylovjax.metrics.estimate_noise`, the estimate of ``--noise_std=auto`` (imported when
+    called: the binary's flag errors come before JAX is imported)."""
+    from krylovjax.metrics import estimate_noise as estimate
 
-    x = np.asarray(images, np.float64)
-    h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
-    x = x[:, :, :h, :w]
-    hh = (x[:, :, 0::2, 0::2] - x[:, :, 0::2, 1::2] - x[:, :, 1::2, 0::2] + x[:, :, 1::2, 1::2]) / 2.0
-    return np.median(np.abs(hh), axis=(2, 3)).mean(axis=1) / 0.6744897501960817
+    return estimate(images)
 
 
 def nl_means(noisy, noise_std):

@@ -208,3 +208,18 @@ def test_values_outside_the_data_range_are_refused_unless_asked():
     c = np.full((1, 1, 16, 16), 1.0 + 1e-9)
     metrics.psnr(c, np.ones_like(c))
     jax.jit(lambda x: metrics.psnr(x, x))(jnp.asarray(a))
+
+
+def test_estimate_noise_checks_its_input_and_reads_pure_noise():
+    from krylovjax.metrics import estimate_noise
+
+    rng = np.random.default_rng(4)
+    np.testing.assert_allclose(estimate_noise(0.05 * rng.standard_normal((3, 2, 64, 64))), 0.05, rtol=0.08)
+    with pytest.raises(ValueError, match=r"images: expected \[B, C, H, W\], got shape \(64, 64\)"):
+        estimate_noise(np.zeros((64, 64)))
+    with pytest.raises(ValueError, match="images: expected H, W >= 2"):
+        estimate_noise(np.zeros((1, 1, 1, 8)))
+    with pytest.raises(ValueError, match="images: contain NaN or Inf"):
+        estimate_noise(np.full((1, 1, 4, 4), np.nan))
+    with pytest.raises(TypeError, match="images: expected a real array, got dtype complex128"):
+        estimate_noise(np.zeros((1, 1, 4, 4), complex))
