@@ -258,8 +258,7 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
                             ("reference_count", reference_count, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
-        if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-            raise FileNotFoundError(f"workdir: {workdir!r} is not a training run (no checkpoints/ inside)")
+        eu.check_training_run(workdir)
         if sampler not in ("auto",) + SAMPLERS_OURS + SAMPLERS_DDPM:
             raise ValueError(f"sampler: expected auto or one of {SAMPLERS_OURS + SAMPLERS_DDPM}, got {sampler!r}")
         if not isinstance(final_denoise, bool):

@@ -430,8 +430,7 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
         if not isinstance(final_denoise, bool):
             raise TypeError(f"final_denoise: expected a bool, got {final_denoise!r}")
         image_index = [int(k) for k in image_index]
-        if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-            raise FileNotFoundError(f"workdir: {workdir!r} is not a training run (no checkpoints/ inside)")
+        eu.check_training_run(workdir)
         if sampler not in ("auto",) + SAMPLERS_OURS + SAMPLERS_DDPM:
             raise ValueError(f"sampler: expected auto or one of {SAMPLERS_OURS + SAMPLERS_DDPM}, got {sampler!r}")
     outdir = outdir or os.path.join(workdir, "restore")

@@ -70,6 +70,7 @@ __all__ = [
     "interrupts_between_steps",
     "check_dir_arg",
     "refuse_other_runs",
+    "check_training_run",
     "check_no_args",
     "parse_flags",
     "int_list_flag",
@@ -560,6 +561,18 @@ def exit_on_run_errors(interrupted: str = "what was saved (checkpoints, complete
         if isinstance(err, kinds) or getattr(err, _BAD_ARGUMENT, False):
             raise SystemExit(f"error: {err}") from None
         raise
+
+
+def check_training_run(workdir: str, arg: str = "workdir") -> None:
+    """FileNotFoundError naming ``arg`` unless ``workdir`` is a training run (holds
+    ``checkpoints/``); where it holds training runs itself (an ``experiments.denoise`` or
+    ``budget`` work directory: ``ours/``, ``ddpm/``), the message names them."""
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return
+    inside = sorted(d for d in os.listdir(workdir) if os.path.isdir(os.path.join(workdir, d, "checkpoints"))) \
+        if os.path.isdir(workdir) else []
+    hint = f"; the training runs inside it: {', '.join(os.path.join(workdir, d) for d in inside)}" if inside else ""
+    raise FileNotFoundError(f"{arg}: {workdir!r} is not a training run (no checkpoints/ inside){hint}")
 
 
 def refuse_other_runs(path: str | os.PathLike, markers: Mapping[str, str], arg: str = "workdir") -> None:

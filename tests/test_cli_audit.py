@@ -650,3 +650,16 @@ def test_train_says_what_a_store_path_that_is_no_store_is(where, tmp_path, reque
     assert _error_lines(proc.stderr) == [message], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert os.listdir(tmp_path) == [] and (before is None or snapshot(path) == before)
+
+
+def test_a_run_directory_holding_training_runs_is_named_with_them(tmp_path):
+    """(A walkthrough: ``--workdir=runs/demo`` said "not a training run" without pointing to its
+    ``ours/`` and ``ddpm/``.)"""
+    for d in ("ours/checkpoints", "ddpm/checkpoints", "other"):
+        (tmp_path / d).mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"is not a training run \(no checkpoints/ inside\); the training runs "
+                                                f"inside it: {tmp_path}/ddpm, {tmp_path}/ours$"):
+        eu.check_training_run(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"'/nonexistent' is not a training run \(no checkpoints/ inside\)$"):
+        eu.check_training_run("/nonexistent")
+    eu.check_training_run(str(tmp_path / "ours"))
