@@ -435,6 +435,10 @@ def test_array_npz_keys(tmp_path):
     (np.zeros((2, 5, 5, 3), np.complex64), {}, D.ImageDTypeError, "complex64 values"),
     (np.full((2, 5, 5, 3), -0.5), {}, ValueError, r"\[-0.5, -0.5\].*\(x \+ 1\) / 2"),
     (np.full((2, 5, 5, 3), 3.0), {}, ValueError, r"must lie in \[0, 1\]$"),
+    # noisy images on the [0, 1] scale whose noise left it (a walkthrough found no hint)
+    (np.concatenate([np.full((2, 5, 4, 3), 0.5), np.full((2, 5, 1, 3), 1.2)], axis=2), {}, ValueError,
+     r"\[0.5, 1.2\]; floating-point images must lie in \[0, 1\] \(20.0% of the values are outside it: noisy images "
+     r"on the \[0, 1\] scale\? save np.clip\(x, 0, 1\)\)$"),
     (np.full((2, 5, 5, 3), np.nan), {}, ValueError, "4?.*NaN/inf"),
     (np.zeros((2, 5, 5, 3)), {"indices": [2]}, ValueError, r"indices must be < 2 \(the 2 images"),
     (np.zeros((2, 3, 2, 2)), {}, ValueError, "H, W >= 4"),
