@@ -76,6 +76,7 @@ SAMPLERS_DDPM = ("ancestral", "ddim")
 RESULT_FILES = ("restore.png", "restore.md", "restore.json", "denoised.npy", "noisy.npy", "baseline.npy",
                 "denoised/")
 BASELINES = ("nl_means", "none")
+LEGACY_SETTINGS = {"baseline": "none"}  # output directories of the code before --baseline had none
 FEW_IMAGES = 100  # a model trained on fewer images than this is warned about (module docstring)
 T_END = 1e-3  # the ode, sde and flow samplers stop here (Paper B's epsilon)
 ODE_TOL = 1e-3  # Paper B's rtol and atol
@@ -483,7 +484,7 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
             # the pixels denoised, so that a changed input file is not taken for a finished run
             settings["input_sha256"] = hashlib.sha256(np.ascontiguousarray(noisy).tobytes()).hexdigest()
             check_interrupt()
-            eu.check_claim(outdir, "restore", settings, arg="outdir")
+            eu.check_claim(outdir, "restore", settings, legacy=LEGACY_SETTINGS, arg="outdir")
             if os.path.exists(os.path.join(outdir, "restore.json")) and not overwrite:
                 try:
                     with open(os.path.join(outdir, "restore.json")) as f:
@@ -516,9 +517,10 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
             check_interrupt()
             base, base_seconds = None, None
             if baseline == "nl_means":
-                with eu.Stopwatch() as bw:
-                    base = nl_means(noisy, std)
+                with eu.Stopwatch() as bw:  # each image's own estimate where the level was not given
+                    base = nl_means(noisy, estimated if noise_std in ("auto", None) else std)
                 base_seconds = bw.seconds
+                check_interrupt()
             per, rows = [], []
             refs = None if ref is None else ref.astype(out.dtype)
             outputs = {"input": np.clip(noisy, 0, 1).astype(out.dtype), "output": out}
@@ -591,7 +593,7 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
             return result
 
         # claimed with the settings; a failure while the claim is all the directory holds withdraws it
-        return eu.run_claimed(outdir, "restore", settings, denoise_and_write, arg="outdir")
+        return eu.run_claimed(outdir, "restore", settings, denoise_and_write, legacy=LEGACY_SETTINGS, arg="outdir")
 
 
 def main(argv):

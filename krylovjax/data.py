@@ -1003,9 +1003,12 @@ def load_array(
         lo, hi = float(img.min()), float(img.max())
         if lo < 0.0 or hi > 1.0:
             outside = float(np.mean((img < 0.0) | (img > 1.0)))
-            fix = (" (data in [-1, 1]: save (x + 1) / 2)" if lo >= -1.0 and hi <= 1.0 and outside > 0.25 else
-                   f" ({outside:.1%} of the values are outside it: noisy images on the [0, 1] scale? save "
-                   "np.clip(x, 0, 1))" if outside <= 0.25 else "")
+            clip = (f"{outside:.1%} of the values are outside it: noisy images on the [0, 1] scale? save "
+                    "np.clip(x, 0, 1)")
+            if lo >= -1.0 and hi <= 1.0:
+                fix = " (data in [-1, 1]: save (x + 1) / 2" + (f"; {clip}" if outside <= 0.25 else "") + ")"
+            else:
+                fix = f" ({clip})" if outside <= 0.25 else ""
             raise ValueError(f"{spec!r} holds values in [{lo:.6g}, {hi:.6g}]; floating-point images must lie in "
                              f"[0, 1]{fix}")
     else:

@@ -420,9 +420,17 @@ _PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _innermost(tb):
+    """The last entry of a traceback (where the exception was raised), or None."""
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb
+
+
+def _where(tb):
     """The last entry of a traceback in this project's code (krylovjax/, experiments/): where
     the project was when the exception came (from inside JAX or the standard library, their
-    frames would not tell the user where the run was); the last entry of all where none is."""
+    frames would not tell the user where the run was); the last entry of all where none is.
+    The checkpoints of :func:`interrupts_between_steps` are passed over for their callers."""
     last = mine = None
     roots = tuple(os.path.join(_PROJECT_ROOT, d) + os.sep for d in ("krylovjax", "experiments"))
     while tb is not None:
@@ -448,12 +456,20 @@ def interrupts_between_steps(interrupted: str) -> Iterator[Callable[[], None]]:
     :func:`signal.set_wakeup_fd` while the main thread waits on the computation) writes at once
     that the run stops after the computation in flight, and the yielded ``check()`` raises
     ``KeyboardInterrupt`` where the binary calls it (between computations, before writing
-    results). A second Ctrl-C ends the process at once (``os._exit(130)``) with ``interrupted (a
-    second Ctrl-C): <interrupted>`` on stderr. Main thread only; restores the handlers on exit."""
+    results). A second Ctrl-C ends the process at once (``os._exit(130)``, which leaves the run
+    directory's claim in place: the same command runs again there) with ``interrupted (a second
+    Ctrl-C): <interrupted>`` on stderr. An interrupt that no check acted on (it came during the
+    last step) is said on leaving: the run finished. Where SIGINT is ignored (a job started with
+    ``&`` by a non-interactive shell) or off the main thread (no signal handlers there), nothing
+    is installed and ``check()`` never raises. Restores the handlers on exit."""
     import sys
     import threading
 
-    state = {"count": 0, "done": False}
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield lambda: None
+        return
+    state = {"count": 0, "done": False, "acted": False}
     r, w = os.pipe()
     os.set_blocking(w, False)
 
@@ -483,6 +499,7 @@ def interrupts_between_steps(interrupted: str) -> Iterator[Callable[[], None]]:
 
     def check():
         if state.get("pending") or state["count"]:
+            state["acted"] = True
             raise KeyboardInterrupt
 
     _INTERRUPT_CHECKS.add(check.__code__)
@@ -493,6 +510,7 @@ def interrupts_between_steps(interrupted: str) -> Iterator[Callable[[], None]]:
     thread.start()
     try:
         yield check
+        state["finished"] = True
     finally:
         state["done"] = True
         signal.set_wakeup_fd(old_fd)
@@ -501,6 +519,8 @@ def interrupts_between_steps(interrupted: str) -> Iterator[Callable[[], None]]:
         thread.join(timeout=5)
         os.close(w)
         os.close(r)
+        if state.get("finished") and (state.get("pending") or state["count"]) and not state["acted"]:
+            sys.stderr.write("interrupt: it came during the last step; the run finished\n")
 
 
 _BAD_ARGUMENT = "_krylovjax_bad_argument"
@@ -545,7 +565,7 @@ def exit_on_run_errors(interrupted: str = "what was saved (checkpoints, complete
     try:
         yield
     except KeyboardInterrupt as err:
-        tb = _innermost(err.__traceback__.tb_next)  # (its first entry is this function's own frame)
+        tb = _where(err.__traceback__.tb_next)  # (its first entry is this function's own frame)
         code = None if tb is None else tb.tb_frame.f_code
         where = "" if code is None else f" in {code.co_name} ({code.co_filename}:{tb.tb_lineno})"
         sys.stderr.write(f"interrupted{where}: {interrupted}\n")

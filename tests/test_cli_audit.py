@@ -329,9 +329,12 @@ def test_an_interrupt_inside_a_library_names_the_projects_code(tmp_path, monkeyp
 
 
 _LONG_RUN = r"""
-import sys
+import os, signal, sys
 import jax, jax.numpy as jnp
 from krylovjax import experiment_utils as eu
+
+if os.environ.get("IGNORE_SIGINT"):  # as a background job of a non-interactive shell inherits it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 @jax.jit
 def long(x, n):
@@ -340,9 +343,11 @@ def long(x, n):
 def steps(check):
     long(jnp.ones(256), 1).block_until_ready()
     print("ready", flush=True)
-    for _ in range(1000):
+    for _ in range(int(sys.argv[2])):
         long(jnp.ones(256), int(sys.argv[1])).block_until_ready()
         check()
+    if len(sys.argv) > 3:  # a last step without a check after it
+        long(jnp.ones(256), int(sys.argv[3])).block_until_ready()
     print("finished", flush=True)
 
 with eu.exit_on_run_errors(interrupted="kept"), eu.interrupts_between_steps("kept") as check:
@@ -360,7 +365,7 @@ def test_ctrl_c_during_a_long_computation(presses, tmp_path):
     script.write_text(_LONG_RUN)
     # one computation takes about a second (one press), or many minutes (two presses)
     loops = 10**9 if presses == 2 else 10**6
-    proc = subprocess.Popen([sys.executable, str(script), str(loops)], cwd=ROOT, text=True,
+    proc = subprocess.Popen([sys.executable, str(script), str(loops), "1000"], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=ROOT))
     try:
         assert proc.stdout.readline().strip() == "ready"
@@ -377,7 +382,7 @@ def test_ctrl_c_during_a_long_computation(presses, tmp_path):
     assert "interrupt: stopping when the computation in flight ends" in err
     assert "Traceback" not in err and "Fatal Python error" not in err
     if presses == 1:
-        assert err.rstrip().endswith("kept") and f"interrupted in steps ({script}:15)" in err, err[-2000:]
+        assert err.rstrip().endswith("kept") and f"interrupted in steps ({script}:18)" in err, err[-2000:]
     else:
         assert time.monotonic() - start < 60  # one computation alone takes many minutes
         assert err.rstrip().endswith("interrupted (a second Ctrl-C): kept"), err[-2000:]
@@ -663,3 +668,29 @@ def test_a_run_directory_holding_training_runs_is_named_with_them(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"'/nonexistent' is not a training run \(no checkpoints/ inside\)$"):
         eu.check_training_run("/nonexistent")
     eu.check_training_run(str(tmp_path / "ours"))
+
+
+@pytest.mark.parametrize("case", ["ignored", "late"])
+def test_ctrl_c_ignored_or_after_the_last_check(case, tmp_path):
+    """(A review.) A job whose SIGINT is ignored (started with ``&`` by a non-interactive shell)
+    keeps ignoring it: the handler is not installed. An interrupt during the last step, after the
+    last check, is said on leaving (the run finished, status 0) rather than announced and dropped."""
+    script = tmp_path / "long.py"
+    script.write_text(_LONG_RUN)
+    args = ["10", "0", str(3 * 10**6)]  # no checked steps, then one of about a second
+    env = dict(os.environ, PYTHONPATH=ROOT, **({"IGNORE_SIGINT": "1"} if case == "ignored" else {}))
+    proc = subprocess.Popen([sys.executable, str(script), *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out.strip() == "finished", err[-3000:]
+    if case == "ignored":
+        assert "interrupt" not in err, err[-2000:]
+    else:
+        assert "interrupt: stopping when the computation in flight ends" in err
+        assert err.rstrip().endswith("interrupt: it came during the last step; the run finished"), err[-2000:]
