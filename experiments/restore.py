@@ -39,8 +39,8 @@ Samplers (``--sampler``):
   step whose noise level matches ``2 noise_std`` (the network's [-1, 1] range).
 
 ``--baseline=nl_means`` (the default; ``none`` leaves it out) also denoises each input with a
-classical method that needs no training, scikit-image's non-local means (:func:`nl_means`, with the
-same noise level), and reports it beside the model: a yardstick that shows when the model does
+classical method that needs no training, scikit-image's non-local means (:func:`nl_means`, with
+``--noise_std`` when given, else each image's estimate, unraised), and reports it beside the model: a yardstick that shows when the model does
 not know images like the inputs. A model trained on few images has learnt those images, not
 photos in general: it restores noisy copies of them and draws other images towards them (the
 demo's one-photo model turns a noisy astronaut into a blend with the cat it was trained on). The
@@ -484,7 +484,14 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
             # the pixels denoised, so that a changed input file is not taken for a finished run
             settings["input_sha256"] = hashlib.sha256(np.ascontiguousarray(noisy).tobytes()).hexdigest()
             check_interrupt()
-            eu.check_claim(outdir, "restore", settings, legacy=LEGACY_SETTINGS, arg="outdir")
+            try:
+                eu.check_claim(outdir, "restore", settings, legacy=LEGACY_SETTINGS, arg="outdir")
+            except eu.WorkdirConflictError as err:
+                if baseline == "none" or "differs at: baseline)" not in str(err):
+                    raise
+                raise eu.WorkdirConflictError(
+                    f"outdir: {outdir!r} holds a run of restore from before --baseline (it has none); pass "
+                    "--baseline=none to use it, or another --outdir (nothing there was changed)") from err
             if os.path.exists(os.path.join(outdir, "restore.json")) and not overwrite:
                 try:
                     with open(os.path.join(outdir, "restore.json")) as f:

@@ -1007,8 +1007,10 @@ def load_array(
                     "np.clip(x, 0, 1)")
             if lo >= -1.0 and hi <= 1.0:
                 fix = " (data in [-1, 1]: save (x + 1) / 2" + (f"; {clip}" if outside <= 0.25 else "") + ")"
-            else:
-                fix = f" ({clip})" if outside <= 0.25 else ""
+            elif lo >= 0.0 and 1.0 < hi <= 255.0 and hi > 2.0:
+                fix = " (data on a 0-255 scale: save x / 255)"
+            else:  # noise on the [0, 1] scale leaves it by little
+                fix = f" ({clip})" if outside <= 0.25 and lo >= -1.0 and hi <= 2.0 else ""
             raise ValueError(f"{spec!r} holds values in [{lo:.6g}, {hi:.6g}]; floating-point images must lie in "
                              f"[0, 1]{fix}")
     else:

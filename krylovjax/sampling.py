@@ -546,7 +546,8 @@ def probability_flow(
     batch; ``"per_image"`` gives every image its own steps and a result of its own, at the
     number of batched score calls of the image needing the most steps (often more than
     ``"batch"``'s, whose RMS lets a hard image take the steps of easier ones: 187 against 175 in
-    the example of tests/test_sampling.py, 32 against 20 for the demo's model on eight photos).
+    the example of tests/test_sampling.py, 32 against 20 for the demo's model on eight photos at
+    noise 0.1).
     "Of its own" holds to rounding: a score whose batched kernels round differently with the
     batch's size (some GPU convolutions) can still, rarely, tip an accepted step. ``solver="euler"`` or ``"heun"`` are fixed-step options with
     ``num_steps`` equal steps (``step_control`` changes nothing there); ``"tsit5"`` is another

@@ -434,11 +434,14 @@ def test_array_npz_keys(tmp_path):
     (np.zeros((2, 5, 5, 3), np.int64), {}, D.ImageDTypeError, r"int64 values.*astype\(np.uint8\)"),
     (np.zeros((2, 5, 5, 3), np.complex64), {}, D.ImageDTypeError, "complex64 values"),
     (np.full((2, 5, 5, 3), -0.5), {}, ValueError, r"\[-0.5, -0.5\].*\(data in \[-1, 1\]: save \(x \+ 1\) / 2\)$"),
+    # a dark float image on a 0-255 scale (a review: the clip hint would have destroyed it)
+    (np.concatenate([np.zeros((2, 5, 4, 3)), np.full((2, 5, 1, 3), 254.0)], axis=2), {}, ValueError,
+     r"\[0, 254\]; floating-point images must lie in \[0, 1\] \(data on a 0-255 scale: save x / 255\)$"),
     # bright [-1, 1] data with few negatives: both readings named (a review: clipping it alone would ruin it)
     (np.concatenate([np.full((2, 5, 4, 3), 0.5), np.full((2, 5, 1, 3), -0.2)], axis=2), {}, ValueError,
      r"\(data in \[-1, 1\]: save \(x \+ 1\) / 2; 20.0% of the values are outside it: noisy images on the \[0, 1\] "
      r"scale\? save np.clip\(x, 0, 1\)\)$"),
-    (np.full((2, 5, 5, 3), 3.0), {}, ValueError, r"must lie in \[0, 1\]$"),
+    (np.full((2, 5, 5, 3), 300.0), {}, ValueError, r"must lie in \[0, 1\]$"),
     # noisy images on the [0, 1] scale whose noise left it (a walkthrough found no hint)
     (np.concatenate([np.full((2, 5, 4, 3), 0.5), np.full((2, 5, 1, 3), 1.2)], axis=2), {}, ValueError,
      r"\[0.5, 1.2\]; floating-point images must lie in \[0, 1\] \(20.0% of the values are outside it: noisy images "

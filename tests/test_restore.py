@@ -478,3 +478,33 @@ def test_results_name_each_input_file_and_what_reading_did_to_it(tmp_path, monke
     monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None: _ve_model(gray, clean[:1, :1], channels=1))
     with pytest.raises(ValueError, match="input: its images have 3 channels, the model 1"):
         restore.run(wd, "builtin", str(tmp_path / "h"), noise_std=0.1, num_images=1)
+
+
+def test_an_output_directory_from_before_the_baseline_and_the_baselines_level(tmp_path, monkeypatch):
+    """(A review.) A restore output directory claimed before ``--baseline`` existed reads as
+    ``baseline=none``: that setting uses it, the default is refused saying so. Under ``auto`` an
+    estimate below the model's smallest level raises the model's level, not the baseline's."""
+    clean = _clean()
+    tc = training.TrainConfig(method="ours", sde="ve", sde_kwargs=(("sigma", 2.0),), per_image_offset=False)
+    wd = _workdir(tmp_path, monkeypatch, _ve_model(tc, clean))
+    out = tmp_path / "old"
+    res = restore.run(wd, "builtin:astronaut", str(out), add_noise=0.1, num_frames=2, baseline="none")
+    claim = json.load(open(out / "experiment.json"))
+    del claim["config"]["baseline"]  # as the code before --baseline wrote it
+    with open(out / "experiment.json", "w") as f:
+        json.dump(claim, f)
+    with pytest.raises(eu.WorkdirConflictError, match=r"holds a run of restore from before --baseline \(it has none\); "
+                                                      r"pass --baseline=none to use it"):
+        restore.run(wd, "builtin:astronaut", str(out), add_noise=0.1, num_frames=2)
+    again = restore.run(wd, "builtin:astronaut", str(out), add_noise=0.1, num_frames=2, baseline="none",
+                        overwrite=True)
+    assert again["images"] == res["images"]
+    # a nearly clean image: the model from its smallest level, the baseline from the image's estimate
+    ramp = np.broadcast_to(np.linspace(0.2, 0.8, 16)[None, None, :, None], clean.shape)  # no Haar HH content
+    flat = np.clip(ramp + 0.004 * np.random.default_rng(0).standard_normal(clean.shape), 0, 1).astype(np.float32)
+    np.save(tmp_path / "flat.npy", flat)
+    res = restore.run(wd, f"array:{tmp_path / 'flat.npy'}", str(tmp_path / "f"), noise_std="auto", num_frames=2)
+    (rec,) = res["images"]
+    assert rec["noise_std_estimated"] < rec["noise_std"] == pytest.approx(0.03163, rel=1e-3)
+    np.testing.assert_array_equal(np.load(tmp_path / "f" / "baseline.npy"),
+                                  restore.nl_means(flat, [rec["noise_std_estimated"]]))
