@@ -41,7 +41,6 @@ settings; other settings are refused, a finished one is redone only with ``--ove
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from absl import app, flags, logging
 
@@ -246,10 +245,6 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
     ``check_interrupt`` (the binary's :func:`krylovjax.experiment_utils.interrupts_between_steps`)
     is called before the output directory is claimed and between the sampling and the writing."""
     check_interrupt = check_interrupt or (lambda: None)
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
     from krylovjax import experiment_utils as eu
     from krylovjax import training, workdir_lock
 
@@ -274,83 +269,124 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
                     "reference": reference, "reference_count": reference_count, "final_denoise": final_denoise}
         with eu.checking_arguments():
             eu.check_claim(outdir, "generate", settings, legacy=LEGACY_SETTINGS, arg="outdir")
-            if os.path.exists(os.path.join(outdir, "samples.json")) and not overwrite:
-                raise eu.WorkdirConflictError(
-                    f"outdir: {outdir!r} already holds these samples; pass --overwrite to redo them "
-                    "or use another --outdir")
             fn = training.load_score_fn(workdir, step=step)
             tc = fn.config
+            if os.path.exists(os.path.join(outdir, "samples.json")) and not overwrite:
+                done_step = eu.finished_step(os.path.join(outdir, "samples.json"))
+                newer = (f", from step {done_step} of the model (its checkpoint now is step {fn.step})"
+                         if done_step is not None and done_step != int(fn.step) else "")
+                raise eu.WorkdirConflictError(
+                    f"outdir: {outdir!r} already holds these samples{newer}; pass --overwrite to redo them "
+                    "or use another --outdir")
             sampler = resolve_sampler(tc, sampler)
             if sampler in ("sde", "paper_a") and num_steps < 1:
                 raise ValueError(f"num_steps: the {sampler!r} sampler needs >= 1 steps, got {num_steps}")
+            chain = chain_steps(tc, sampler, num_steps)
+            if chain is not None and num_frames > chain + 1:
+                raise ValueError(f"num_frames: the {sampler} chain has {chain} steps, so at most {chain + 1} frames, "
+                                 f"got {num_frames}")
             unet = fn.model_def.unet
             shape = (num_samples, unet.in_channels, unet.image_size, unet.image_size)
             settings_asked, settings = settings, dict(settings, step=int(fn.step), sampler=sampler)  # as resolved
-            ref = None
+            ref, notes, ref_names = None, [], None
             if reference:  # loaded before sampling: a bad source fails at once, not after the chain
-                from krylovjax.data import load_images
+                if reference_count == 0 and reference == "builtin":
+                    raise ValueError("reference_count: 0 (all) is for files, arrays and tfds datasets; "
+                                     "the built-in set has no fixed size: give a count")
+                count = None if reference.startswith("builtin:") else (reference_count or None)
+                ref = eu.load_for_model(reference, "reference", unet.image_size, count, unet.in_channels, notes)
+                if reference.startswith("files:"):
+                    from krylovjax.data import image_paths
 
-                kw: dict[str, Any] = {"size": unet.image_size}
-                if not reference.startswith("builtin:"):  # a multi-image source: its first reference_count
-                    if reference_count == 0 and reference == "builtin":
-                        raise ValueError("reference_count: 0 (all) is for files, arrays and tfds datasets; "
-                                         "the built-in set has no fixed size: give a count")
-                    kw["num_images"] = reference_count or None
-                try:
-                    ref = np.asarray(load_images(reference, **kw))
-                except (ValueError, FileNotFoundError) as e:
-                    raise type(e)(f"reference: {reference!r}: {e}") from e
-                if ref.shape[1] != unet.in_channels:
-                    raise ValueError(f"reference: its images have {ref.shape[1]} channels, "
-                                     f"the model {unet.in_channels}")
+                    paths = image_paths(reference[6:])
+                    base = os.path.commonpath([os.path.dirname(p) for p in paths])
+                    ref_names = [os.path.relpath(p, base) for p in paths[:ref.shape[0]]]
+                    if len(paths) > ref.shape[0]:
+                        notes.append(f"reference: compared with the first {ref.shape[0]} of the {len(paths)} files "
+                                     "(--reference_count=0 for all)")
+            for note in notes:
+                logging.warning("%s", note)
         check_interrupt()
-        eu.claim_workdir(outdir, "generate", settings_asked, legacy=LEGACY_SETTINGS, arg="outdir")
-        idx = None
-        if unet.per_image_offset:
-            idx = jnp.arange(num_samples, dtype=jnp.int32) % unet.num_images
-        with eu.Stopwatch() as sw:
-            out, frames, nfe = sample(fn, tc, shape, jax.random.PRNGKey(seed), idx=idx, sampler=sampler,
-                                      num_steps=num_steps, num_frames=num_frames, final_denoise=final_denoise)
-            out, frames = np.asarray(out), np.asarray(frames)
-        check_interrupt()
+
+        def sample_and_write():
+            return _sample_and_write(fn, tc, workdir, outdir, settings, shape, sampler, num_samples, num_frames,
+                                     num_steps, seed, final_denoise, ref, ref_names, notes, check_interrupt)
+
+        # claimed with the settings asked; a failure while the claim is all the directory holds withdraws it
+        return eu.run_claimed(outdir, "generate", settings_asked, sample_and_write, legacy=LEGACY_SETTINGS,
+                              arg="outdir")
+
+
+def chain_steps(tc, sampler: str, num_steps: int) -> int | None:
+    """The steps of the sampler's fixed-length chain (its frames are at most these plus one), or
+    None for the adaptive ODE."""
+    if tc.method == "ddpm":
+        total = tc.ddpm_num_steps
+        return total if sampler == "ancestral" else min(int(num_steps) if num_steps else total, total)
+    return int(num_steps) if sampler in ("sde", "paper_a") else None
+
+
+def _sample_and_write(fn, tc, workdir, outdir, settings, shape, sampler, num_samples, num_frames, num_steps, seed,
+                      final_denoise, ref, ref_names, notes, check_interrupt):
+    """:func:`run`'s work once the output directory is claimed."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from krylovjax import experiment_utils as eu
+
+    unet = fn.model_def.unet
+    idx = None
+    if unet.per_image_offset:
+        idx = jnp.arange(num_samples, dtype=jnp.int32) % unet.num_images
+    with eu.Stopwatch() as sw:
+        out, frames, nfe = sample(fn, tc, shape, jax.random.PRNGKey(seed), idx=idx, sampler=sampler,
+                                  num_steps=num_steps, num_frames=num_frames, final_denoise=final_denoise)
+        out, frames = np.asarray(out), np.asarray(frames)
+    check_interrupt()
+    if ref is not None:
+        ref = ref.astype(out.dtype)
+    rows = []
+    per = []
+    summary = None
+    if ref is not None:
+        nearest, best, counts = nearest_reference(out, ref)
+        summary = {"ssim_to_nearest_mean": float(best.mean()), "ssim_to_nearest_se": eu.standard_error(best),
+                   "samples_per_reference": counts.tolist(), "references_covered": int((counts > 0).sum())}
+    for k in range(num_samples):
+        rec = {"sample": k, "image_index": None if idx is None else int(idx[k]), "mean": float(out[k].mean()),
+               "std": float(out[k].std()), "min": float(out[k].min()), "max": float(out[k].max())}
         if ref is not None:
-            ref = ref.astype(out.dtype)
-        rows = []
-        per = []
-        summary = None
-        if ref is not None:
-            nearest, best, counts = nearest_reference(out, ref)
-            summary = {"ssim_to_nearest_mean": float(best.mean()), "ssim_to_nearest_se": eu.standard_error(best),
-                       "samples_per_reference": counts.tolist(), "references_covered": int((counts > 0).sum())}
-        for k in range(num_samples):
-            rec = {"sample": k, "image_index": None if idx is None else int(idx[k]), "mean": float(out[k].mean()),
-                   "std": float(out[k].std()), "min": float(out[k].min()), "max": float(out[k].max())}
-            if ref is not None:
-                rec.update(nearest_reference=int(nearest[k]), ssim_to_nearest=float(best[k]))
-            per.append(rec)
-            rows.append([k, rec["image_index"], f"{rec['mean']:.3f}", f"{rec['std']:.3f}",
-                         rec.get("nearest_reference"), None if ref is None else f"{rec['ssim_to_nearest']:.4f}"])
-        result = {"experiment": "generate", "settings": settings, "method": tc.method, "sde": tc.sde,
-                  "network_evals": nfe, "sampling_seconds": sw.seconds, "samples": per, "summary": summary,
-                  "shape": list(out.shape), "machine": eu.machine_info()}
-        text = (f"# Samples of {os.path.abspath(workdir)} (step {fn.step}, method {tc.method}, sampler {sampler})\n\n"
-                f"{nfe} network evaluations, {sw.seconds:.1f} s (compile included).\n\n")
-        if summary:
-            se = summary["ssim_to_nearest_se"]
-            text += (f"SSIM to the nearest reference, mean over the {num_samples} samples: "
-                     f"{summary['ssim_to_nearest_mean']:.4f}" + ("" if se is None else f" (s.e. {se:.4f})")
-                     + f"; {summary['references_covered']} of {ref.shape[0]} references are some sample's nearest; "
-                     f"samples nearest each reference: {', '.join(str(c) for c in summary['samples_per_reference'])}.\n\n")
-        text += eu.markdown_table(["sample", "image index", "mean", "std", "nearest reference", "SSIM to nearest"], rows)
-        eu.write_text(os.path.join(outdir, "samples.md"), text)
-        eu.image_grid(os.path.join(outdir, "samples.png"), [frames[:, k] for k in range(num_samples)],
-                      row_labels=[f"sample {k}" for k in range(num_samples)],
-                      col_labels=[f"frame {i}" for i in range(num_frames)],
-                      title=f"{tc.method}: {sampler} sampler, frame 0 = prior, last = sample")
-        # Last: samples.json marks the outputs finished (a run killed while writing the table or the
-        # figure redoes them instead of standing as finished without them).
-        eu.write_json(os.path.join(outdir, "samples.json"), result)
-        return result
+            rec.update(nearest_reference=int(nearest[k]), ssim_to_nearest=float(best[k]),
+                       nearest_reference_file=None if ref_names is None else ref_names[int(nearest[k])])
+        per.append(rec)
+        shown = rec.get("nearest_reference") if ref_names is None or ref is None else (
+            f"{rec['nearest_reference']} ({rec['nearest_reference_file']})")
+        rows.append([k, rec["image_index"], f"{rec['mean']:.3f}", f"{rec['std']:.3f}",
+                     shown, None if ref is None else f"{rec['ssim_to_nearest']:.4f}"])
+    result = {"experiment": "generate", "settings": settings, "method": tc.method, "sde": tc.sde,
+              "model_step": int(fn.step), "network_evals": nfe, "sampling_seconds": sw.seconds, "samples": per,
+              "summary": summary, "references": ref_names, "notes": notes, "shape": list(out.shape),
+              "machine": eu.machine_info()}
+    text = (f"# Samples of {os.path.abspath(workdir)} (step {fn.step}, method {tc.method}, sampler {sampler})\n\n"
+            f"{nfe} network evaluations, {sw.seconds:.1f} s (compile included).\n\n")
+    if summary:
+        se = summary["ssim_to_nearest_se"]
+        text += (f"SSIM to the nearest reference, mean over the {num_samples} samples: "
+                 f"{summary['ssim_to_nearest_mean']:.4f}" + ("" if se is None else f" (s.e. {se:.4f})")
+                 + f"; {summary['references_covered']} of {ref.shape[0]} references are some sample's nearest; "
+                 f"samples nearest each reference: {', '.join(str(c) for c in summary['samples_per_reference'])}.\n\n")
+    text += "".join(f"Note: {n}.\n\n" for n in notes)
+    text += eu.markdown_table(["sample", "image index", "mean", "std", "nearest reference", "SSIM to nearest"], rows)
+    eu.write_text(os.path.join(outdir, "samples.md"), text)
+    eu.image_grid(os.path.join(outdir, "samples.png"), [frames[:, k] for k in range(num_samples)],
+                  row_labels=[f"sample {k}" for k in range(num_samples)],
+                  col_labels=[f"frame {i}" for i in range(num_frames)],
+                  title=f"{tc.method}: {sampler} sampler, frame 0 = prior, last = sample")
+    # Last: samples.json marks the outputs finished (a run killed while writing the table or the
+    # figure redoes them instead of standing as finished without them).
+    eu.write_json(os.path.join(outdir, "samples.json"), result)
+    return result
 
 
 def main(argv):

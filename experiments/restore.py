@@ -330,30 +330,6 @@ def _names(source: str, count: int, num_images: int | None) -> list[str]:
     return [f"{k:03d}" + ("" if s is None else f"_{s}") + ".png" for k, s in enumerate(stems)]
 
 
-def _load(source: str, arg: str, size: int, num_images: int | None, channels: int, notes: list):
-    """The images of ``source`` at the model's size; images of another channel count are converted
-    to the model's (gray as R = G = B, colour to its luminance) where the source can (files, arrays,
-    a built-in photo), with a note in ``notes``, and refused otherwise."""
-    import numpy as np
-
-    from krylovjax.data import load_images
-
-    kw: dict[str, Any] = {"size": size}
-    if not source.startswith("builtin:") and num_images is not None:
-        kw["num_images"] = num_images
-    try:
-        x = np.asarray(load_images(source, **kw))
-        if x.shape[1] != channels and source.startswith(("files:", "array:", "builtin:")):
-            notes.append(f"{arg}: its images have {x.shape[1]} channel{'s' if x.shape[1] != 1 else ''}, converted to "
-                         f"the model's {channels} ({'R = G = B' if channels == 3 else 'their luminance'})")
-            x = np.asarray(load_images(source, channels=channels, **kw))
-    except (ValueError, FileNotFoundError) as e:
-        raise ValueError(f"{arg}: {source!r}: {e}") from e
-    if x.shape[1] != channels:
-        raise ValueError(f"{arg}: its images have {x.shape[1]} channels, the model {channels}")
-    return x
-
-
 def _mispaired(inputs: list, cleans: list) -> list[str]:
     """Inputs whose file name (stem) is not in the name of the clean file paired with them by order
     but is in another's: ``"cat.png with a_person.png (cat is in z_cat.png)"``."""
@@ -452,8 +428,8 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
             unet = fn.model_def.unet
             count = num_images or None
             read_notes: list[str] = []
-            source = _load(input, "input", unet.image_size, count, unet.in_channels, read_notes)
-            ref = source if add_noise else (None if not clean else _load(
+            source = eu.load_for_model(input, "input", unet.image_size, count, unet.in_channels, read_notes)
+            ref = source if add_noise else (None if not clean else eu.load_for_model(
                 clean, "clean", unet.image_size, count, unet.in_channels, read_notes))
             if ref is not None and ref.shape[0] != source.shape[0]:
                 raise ValueError(f"clean: {ref.shape[0]} images for the {source.shape[0]} inputs")
@@ -493,12 +469,7 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
                     f"outdir: {outdir!r} holds a run of restore from before --baseline (it has none); pass "
                     "--baseline=none to use it, or another --outdir (nothing there was changed)") from err
             if os.path.exists(os.path.join(outdir, "restore.json")) and not overwrite:
-                try:
-                    with open(os.path.join(outdir, "restore.json")) as f:
-                        done = json.load(f)
-                except (OSError, ValueError):
-                    done = None
-                done_step = done.get("model_step") if isinstance(done, dict) else None
+                done_step = eu.finished_step(os.path.join(outdir, "restore.json"))
                 newer = (f", from step {done_step} of the model (its checkpoint now is step {fn.step})"
                          if done_step is not None and done_step != int(fn.step) else "")
                 raise eu.WorkdirConflictError(

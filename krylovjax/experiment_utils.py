@@ -71,6 +71,8 @@ __all__ = [
     "check_dir_arg",
     "refuse_other_runs",
     "check_training_run",
+    "load_for_model",
+    "finished_step",
     "check_no_args",
     "parse_flags",
     "int_list_flag",
@@ -581,6 +583,44 @@ def exit_on_run_errors(interrupted: str = "what was saved (checkpoints, complete
         if isinstance(err, kinds) or getattr(err, _BAD_ARGUMENT, False):
             raise SystemExit(f"error: {err}") from None
         raise
+
+
+def load_for_model(source: str, arg: str, size: int, num_images: int | None, channels: int,
+                   notes: list) -> np.ndarray:
+    """The images of a :func:`krylovjax.data.load_images` ``source`` at a model's ``size``
+    (``num_images``: a multi-image source's first ones, None for all). Images of another channel
+    count are converted to the model's ``channels`` (gray as R = G = B, colour to its luminance)
+    where the source can (files, arrays, a built-in photo), with a note appended to ``notes``, and
+    refused otherwise. Errors (ValueError, FileNotFoundError for a missing path) start with ``arg``
+    (restore's ``input`` and ``clean``, generate's ``reference``)."""
+    from krylovjax.data import load_images
+
+    kw: dict[str, Any] = {"size": size}
+    if not source.startswith("builtin:") and num_images is not None:
+        kw["num_images"] = num_images
+    try:
+        x = np.asarray(load_images(source, **kw))
+        if x.shape[1] != channels and source.startswith(("files:", "array:", "builtin:")):
+            notes.append(f"{arg}: its images have {x.shape[1]} channel{'s' if x.shape[1] != 1 else ''}, converted to "
+                         f"the model's {channels} ({'R = G = B' if channels == 3 else 'their luminance'})")
+            x = np.asarray(load_images(source, channels=channels, **kw))
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"{arg}: {source!r}: {e}") from e
+    if x.shape[1] != channels:
+        raise ValueError(f"{arg}: its images have {x.shape[1]} channels, the model {channels}")
+    return x
+
+
+def finished_step(path: str) -> int | None:
+    """The model step recorded (``model_step``) in a finished run's result JSON at ``path``, or None
+    where it is unreadable or says none."""
+    try:
+        with open(path) as f:
+            done = json.load(f)
+    except (OSError, ValueError):
+        return None
+    step = done.get("model_step") if isinstance(done, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def check_training_run(workdir: str, arg: str = "workdir") -> None:

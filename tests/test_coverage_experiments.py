@@ -669,7 +669,12 @@ def test_generate_run_per_image_ddpm_against_multi_image_references(tmp_path, mo
     ("ddpm", {"sampler": "ode"}, ValueError, r"sampler: a DDPM model takes one of \('ancestral', 'ddim'\)"),
     ("ours", {"sampler": "sde", "num_steps": 0}, ValueError, "num_steps: the 'sde' sampler needs >= 1 steps, got 0"),
     ("ours", {"sampler": "paper_a", "num_steps": 0}, ValueError, "num_steps: the 'paper_a' sampler needs >= 1"),
-    ("ours", {"reference": "builtin:chelsea"}, ValueError, "reference: its images have 3 channels, the model 1"),
+    ("ours", {"reference": "builtin", "reference_count": 2}, ValueError,
+     "reference: its images have 3 channels, the model 1"),  # (builtin:<name> is converted, with a note)
+    ("ours", {"sampler": "sde", "num_steps": 3, "num_frames": 5}, ValueError,
+     r"num_frames: the sde chain has 3 steps, so at most 4 frames, got 5"),
+    ("ddpm", {"sampler": "ddim", "num_steps": 2, "num_frames": 4}, ValueError,
+     r"num_frames: the ddim chain has 2 steps, so at most 3 frames, got 4"),
     ("ours", {"no_checkpoints": True}, FileNotFoundError, "is not a training run \\(no checkpoints/ inside\\)"),
 ])
 def test_generate_run_refuses_bad_settings_before_sampling(method, kw, error, match, tmp_path, monkeypatch):
@@ -929,3 +934,45 @@ def test_notebook_run_figures_and_results_from_scripted_stages(tmp_path, monkeyp
     notebook.show(figs["denoised"])
     assert len(shown) == 1 and shown[0].filename == figs["denoised"]
     assert notebook._levels(3, 6) == [0, 1, 2] and notebook._levels(10, 3) == [0, 4, 9]
+
+
+def test_generate_names_its_references_and_the_step_of_finished_samples(tmp_path, monkeypatch):
+    """(A walkthrough.) The references compared are named (files), those left out by
+    --reference_count said; finished samples from an older checkpoint say which step; a failure
+    after the claim withdraws it (a traceback used to leave the claim, refusing a corrected command)."""
+    from PIL import Image
+
+    from experiments import generate
+    from krylovjax import training
+
+    tc = training.TrainConfig(method="ddpm", per_image_offset=False, ddpm_num_steps=4)
+    model = _FakeModel(lambda x, i: 0.0 * x, tc, 3, 16)
+    model.step = 100
+    wd = tmp_path / "train"
+    (wd / "checkpoints").mkdir(parents=True)
+    (tmp_path / "refs" / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png", "sub/c.png"):
+        Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(tmp_path / "refs" / name)
+    monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None: model)
+    out = tmp_path / "g"
+    res = generate.run(str(wd), str(out), num_samples=2, num_frames=2, reference=f"files:{tmp_path}/refs/**/*.png",
+                       reference_count=2)
+    assert res["references"] == ["a.png", "b.png"] and res["model_step"] == 100
+    assert res["notes"] == ["reference: compared with the first 2 of the 3 files (--reference_count=0 for all)"]
+    assert all(r["nearest_reference_file"] in ("a.png", "b.png") for r in res["samples"])
+    text = open(out / "samples.md").read()
+    assert "Note: reference: compared with the first 2 of the 3 files" in text and "(a.png)" in text + "(b.png)"
+    model.step = 110
+    with pytest.raises(Exception, match=r"already holds these samples, from step 100 of the model \(its checkpoint "
+                                        r"now is step 110\); pass --overwrite"):
+        generate.run(str(wd), str(out), num_samples=2, num_frames=2, reference=f"files:{tmp_path}/refs/**/*.png",
+                     reference_count=2)
+
+    def broken(*a, **k):
+        raise RuntimeError("the sampler failed")
+
+    monkeypatch.setattr(generate, "sample", broken)
+    with pytest.raises(RuntimeError, match="the sampler failed"):
+        generate.run(str(wd), str(tmp_path / "h"), num_samples=2, num_frames=2)
+    assert not (tmp_path / "h" / "experiment.json").exists()  # the claim withdrawn

@@ -685,9 +685,9 @@ def test_generate_reference_from_files_all_of_them_and_missing_named(tmp_path):
                            reference=f"files:{tmp_path}", reference_count=0)
         assert len(res["summary"]["samples_per_reference"]) == 4
         with pytest.raises(FileNotFoundError, match=r"^reference: 'files:/nonexistent/x': '/nonexistent/x': no such"):
-            generate.run(str(wd), str(tmp_path / "g2"), reference="files:/nonexistent/x")
+            generate.run(str(wd), str(tmp_path / "g2"), reference="files:/nonexistent/x", num_frames=2)
         with pytest.raises(ValueError, match=r"reference_count: 0 \(all\) is for files, arrays and tfds"):
-            generate.run(str(wd), str(tmp_path / "g3"), reference="builtin", reference_count=0)
+            generate.run(str(wd), str(tmp_path / "g3"), reference="builtin", reference_count=0, num_frames=2)
     assert not (tmp_path / "g2").exists() and not (tmp_path / "g3").exists()
 
 

@@ -203,7 +203,7 @@ def test_refused_before_anything_is_written(method, kw, match, tmp_path, monkeyp
     monkeypatch.setattr(restore, "restore_arrays", lambda *a, **k: pytest.fail("denoised"))
     source = kw.pop("input", "builtin:astronaut")
     out = tmp_path / "r"
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises((ValueError, TypeError, FileNotFoundError), match=match):
         restore.run(wd, source, str(out), **kw)
     assert not out.exists()
 
