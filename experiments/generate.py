@@ -269,15 +269,20 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
                     "reference": reference, "reference_count": reference_count, "final_denoise": final_denoise}
         with eu.checking_arguments():
             eu.check_claim(outdir, "generate", settings, legacy=LEGACY_SETTINGS, arg="outdir")
-            fn = training.load_score_fn(workdir, step=step)
-            tc = fn.config
             if os.path.exists(os.path.join(outdir, "samples.json")) and not overwrite:
-                done_step = eu.finished_step(os.path.join(outdir, "samples.json"))
-                newer = (f", from step {done_step} of the model (its checkpoint now is step {fn.step})"
-                         if done_step is not None and done_step != int(fn.step) else "")
+                done_step, newer = eu.finished_step(os.path.join(outdir, "samples.json")), ""
+                if done_step is not None:  # samples of an older checkpoint are said to be so
+                    try:
+                        now = int(training.load_score_fn(workdir, step=step).step)
+                    except Exception:  # (the refusal stands whatever the model's state)
+                        now = done_step
+                    if now != done_step:
+                        newer = f", from step {done_step} of the model (its checkpoint now is step {now})"
                 raise eu.WorkdirConflictError(
                     f"outdir: {outdir!r} already holds these samples{newer}; pass --overwrite to redo them "
                     "or use another --outdir")
+            fn = training.load_score_fn(workdir, step=step)
+            tc = fn.config
             sampler = resolve_sampler(tc, sampler)
             if sampler in ("sde", "paper_a") and num_steps < 1:
                 raise ValueError(f"num_steps: the {sampler!r} sampler needs >= 1 steps, got {num_steps}")

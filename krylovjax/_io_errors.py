@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 from typing import Iterator
 
-__all__ = ["write_failure_cause"]
+__all__ = ["write_failure_cause", "plain_file_mode"]
 
 
 def _chain(err: BaseException) -> Iterator[BaseException]:
@@ -28,3 +28,25 @@ def write_failure_cause(err: BaseException) -> tuple[str, bool]:
     if full:
         return "the disk is full (No space left on device)", True
     return f"{type(err).__name__}: {err}".splitlines()[0][:400], False
+
+
+def plain_file_mode() -> int:
+    """The permissions ``open(path, "w")`` would give a new file (``0o666`` less the umask).
+
+    The atomic writers create their temporary file with :func:`tempfile.mkstemp`, which makes it
+    readable by its owner only (0600), and rename it into place: results, configs and manifests
+    came out 0600 where a figure written by matplotlib is 0644 (a walkthrough found it). They set
+    this mode on the temporary file. The umask is read from ``/proc/self/status`` where Linux gives
+    it, else by setting and restoring it (not thread-safe, hence the first way)."""
+    import os
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask

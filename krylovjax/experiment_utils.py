@@ -924,6 +924,9 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
     try:
+        from krylovjax._io_errors import plain_file_mode
+
+        os.fchmod(fd, plain_file_mode())  # mkstemp's 0600 would outlive the rename
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)

@@ -45,7 +45,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import tensorstore as ts
 
-from krylovjax._io_errors import write_failure_cause
+from krylovjax._io_errors import plain_file_mode, write_failure_cause
 
 __all__ = [
     "FieldSpec",
@@ -267,6 +267,7 @@ def _atomic_write_json(path: str, obj: Any) -> None:
     directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
+        os.fchmod(fd, plain_file_mode())  # mkstemp's 0600 would outlive the rename
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=1, sort_keys=False, allow_nan=False)
             f.write("\n")

@@ -111,7 +111,7 @@ from krylovjax import ddpm as ddpm_lib
 from krylovjax import sde as sde_lib
 from krylovjax import workdir_lock
 from krylovjax._checks import check_finite, is_concrete, is_int, is_real
-from krylovjax._io_errors import write_failure_cause
+from krylovjax._io_errors import plain_file_mode, write_failure_cause
 from krylovjax.experiment_utils import checking_arguments
 from krylovjax.models import PRESETS, UNet, UNetConfig, get_config
 
@@ -1406,6 +1406,7 @@ def _atomic_write(path: str, text: str) -> None:
     d = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".")
     try:
+        os.fchmod(fd, plain_file_mode())  # mkstemp's 0600 would outlive the rename
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

@@ -693,3 +693,25 @@ def test_ctrl_c_ignored_or_after_the_last_check(case, tmp_path):
     else:
         assert "interrupt: stopping when the computation in flight ends" in err
         assert err.rstrip().endswith("interrupt: it came during the last step; the run finished"), err[-2000:]
+
+
+def test_atomic_writes_give_files_the_usual_permissions(tmp_path):
+    """(A walkthrough: experiment.json, samples.json and samples.md were 0600 while samples.png was
+    0644: the atomic writers' mkstemp mode outlived the rename.)"""
+    import stat
+
+    from krylovjax import store, training
+    from krylovjax._io_errors import plain_file_mode
+
+    mask = os.umask(0o022)
+    try:
+        assert plain_file_mode() == 0o644
+        eu.write_json(str(tmp_path / "a.json"), {"a": 1})
+        training._atomic_write(str(tmp_path / "b.json"), "{}")
+        store._atomic_write_json(str(tmp_path / "c.json"), {"c": 1})
+        for name in ("a.json", "b.json", "c.json"):
+            assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644, name
+        os.umask(0o077)
+        assert plain_file_mode() == 0o600
+    finally:
+        os.umask(mask)
