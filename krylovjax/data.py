@@ -33,7 +33,7 @@ import importlib.util
 import os
 import re
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -693,9 +693,29 @@ def selected_paths(path: str, indices: Sequence[int] | None = None, num_images: 
     return [paths[i] for i in _pick(len(paths), indices, num_images, f"the {len(paths)} files of {path!r}")]
 
 
+def _header_gray(im) -> bool:
+    """Whether an opened Pillow image's pixels are one channel (its header; nothing decoded)."""
+    from krylovjax import _deep_images
+
+    return im.mode in _GRAY_MODES or _deep_images.stored_gray(im)
+
+
+def _open_header(path: str, read: Callable):
+    """``read(im)`` of the file opened with Pillow, or ValueError naming the file if it is no image."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return read(im)
+    except Exception as err:  # Pillow raises several types for a file that is no image
+        raise ValueError(f"{path!r} could not be read as an image: {type(err).__name__}: {err}") from err
+
+
 def _gray_mode(path: str) -> bool:
-    """Whether the file's pixels are one channel (from its header; nothing is decoded)."""
-    return file_info(path)["gray"]
+    """Whether the file's pixels are one channel (from its header; nothing is decoded: unlike
+    :func:`file_info`, whose EXIF lookup makes Pillow decode a PNG, so load_files stays at one
+    decoding per file)."""
+    return _open_header(path, _header_gray)
 
 
 # EXIF orientation (tag 0x0112) -> the numpy form of what ImageOps.exif_transpose does to [H, W, c]
@@ -776,26 +796,20 @@ def _read_image_file(path: str) -> np.ndarray:
 
 
 def file_info(path: str) -> dict:
-    """What an image file's header says (nothing is decoded): ``{"size": (width, height)}`` as it
+    """What an image file's header says: ``{"size": (width, height)}`` as it
     is read (after its EXIF orientation) and ``"gray"``, whether its pixels are one channel (read
-    as R = G = B where colour is asked for). ValueError naming the file if it is no image."""
-    from PIL import Image
+    as R = G = B where colour is asked for). ValueError naming the file if it is no image. Pillow
+    decodes a PNG to look for its EXIF chunk, so this costs a reading of the file."""
 
-    from krylovjax import _deep_images
+    def read(im):
+        w, h = im.size
+        try:
+            turned = int(im.getexif().get(0x0112, 1)) in (5, 6, 7, 8)  # a quarter turn: w and h swap
+        except Exception:  # a damaged file: said by the reading itself, which checks it
+            turned = False
+        return {"size": (int(h), int(w)) if turned else (int(w), int(h)), "gray": bool(_header_gray(im))}
 
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            gray = im.mode in _GRAY_MODES or _deep_images.stored_gray(im)
-            try:
-                turned = int(im.getexif().get(0x0112, 1)) in (5, 6, 7, 8)  # a quarter turn: w and h swap
-            except Exception:  # a damaged file: said by the reading itself, which checks it
-                turned = False
-            if turned:
-                w, h = h, w
-    except Exception as err:  # Pillow raises several types for a file that is no image
-        raise ValueError(f"{path!r} could not be read as an image: {type(err).__name__}: {err}") from err
-    return {"size": (int(w), int(h)), "gray": bool(gray)}
+    return _open_header(path, read)
 
 
 def load_files(
@@ -1007,7 +1021,7 @@ def load_array(
                     "np.clip(x, 0, 1)")
             if lo >= -1.0 and hi <= 1.0:
                 fix = " (data in [-1, 1]: save (x + 1) / 2" + (f"; {clip}" if outside <= 0.25 else "") + ")"
-            elif lo >= 0.0 and 1.0 < hi <= 255.0 and hi > 2.0:
+            elif lo >= 0.0 and 2.0 < hi <= 255.0:
                 fix = " (data on a 0-255 scale: save x / 255)"
             else:  # noise on the [0, 1] scale leaves it by little
                 fix = f" ({clip})" if outside <= 0.25 and lo >= -1.0 and hi <= 2.0 else ""
