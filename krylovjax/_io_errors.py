@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 from typing import Iterator
 
-__all__ = ["write_failure_cause", "plain_file_mode"]
+__all__ = ["write_failure_cause", "plain_file_mode", "atomic_write_text"]
 
 
 def _chain(err: BaseException) -> Iterator[BaseException]:
@@ -50,3 +50,29 @@ def plain_file_mode() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return 0o666 & ~mask
+
+
+def atomic_write_text(path: str, text: str, *, durable: bool = False) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically: a temporary file in the same directory, with
+    the mode ``open()`` would give (:func:`plain_file_mode`), renamed into place; ``durable`` also
+    fsyncs it before the rename. A failure removes the temporary file and raises. The one writer
+    of the binaries' results, the training run's records and the store's manifest and markers."""
+    import os
+    import tempfile
+
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        os.fchmod(fd, plain_file_mode())  # mkstemp's 0600 would outlive the rename
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

@@ -33,7 +33,6 @@ import math
 import os
 import platform
 import signal
-import tempfile
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -919,21 +918,11 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
 
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` atomically (temporary file + rename)."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-    try:
-        from krylovjax._io_errors import plain_file_mode
+    from krylovjax._io_errors import atomic_write_text
 
-        os.fchmod(fd, plain_file_mode())  # mkstemp's 0600 would outlive the rename
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_text(path, text)
 
 
 def print_outputs(directory: str | os.PathLike, table: str, names: Sequence[str]) -> None:

@@ -38,14 +38,13 @@ import operator
 import os
 import re
 import socket
-import tempfile
 import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import tensorstore as ts
 
-from krylovjax._io_errors import plain_file_mode, write_failure_cause
+from krylovjax._io_errors import atomic_write_text, write_failure_cause
 
 __all__ = [
     "FieldSpec",
@@ -264,23 +263,8 @@ def _fsync_dir(path: str) -> None:
 
 def _atomic_write_json(path: str, obj: Any) -> None:
     """Writes ``obj`` as JSON to ``path`` atomically: temp file in the same dir, fsync, replace."""
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        os.fchmod(fd, plain_file_mode())  # mkstemp's 0600 would outlive the rename
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, sort_keys=False, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
+    atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False, allow_nan=False) + "\n", durable=True)
+    _fsync_dir(os.path.dirname(path))
 
 
 def _read_json(path: str) -> Any:

@@ -92,7 +92,6 @@ import json
 import math
 import os
 import signal
-import tempfile
 import threading
 import time
 from typing import Any, Callable, Mapping, NamedTuple
@@ -111,7 +110,7 @@ from krylovjax import ddpm as ddpm_lib
 from krylovjax import sde as sde_lib
 from krylovjax import workdir_lock
 from krylovjax._checks import check_finite, is_concrete, is_int, is_real
-from krylovjax._io_errors import plain_file_mode, write_failure_cause
+from krylovjax._io_errors import atomic_write_text, write_failure_cause
 from krylovjax.experiment_utils import checking_arguments
 from krylovjax.models import PRESETS, UNet, UNetConfig, get_config
 
@@ -1403,19 +1402,7 @@ def check_workdir(workdir: str | os.PathLike, config: "TrainConfig") -> None:
 
 
 def _atomic_write(path: str, text: str) -> None:
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".")
-    try:
-        os.fchmod(fd, plain_file_mode())  # mkstemp's 0600 would outlive the rename
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, text, durable=True)
 
 
 def _manager(ckpt_dir: str, *, read_only: bool, max_to_keep: int = 3) -> ocp.CheckpointManager:
