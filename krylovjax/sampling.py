@@ -358,21 +358,14 @@ def _probability_flow(score_fn, sde, x, t0, t_end, *, rtol, atol, solver, num_st
     span = jnp.asarray(t_end, dtype) - t0  # [B], negative
 
     def vector_field(u, y, args):
-        t = t0 + jnp.asarray(u, dtype) * span
-        s = score_fn(y, t)
-        _check_score_output(s, y)
-        g2 = _sde_g2(sde, t)
-        v = _sde_drift(sde, y, t) - 0.5 * _bcast(g2, y) * s.astype(dtype)
-        return (_bcast(span, y) * v).astype(dtype)
+        return _flow_velocity(score_fn, sde, y, t0 + jnp.asarray(u, dtype) * span, span)
 
     solver_cls, adaptive, per_step, at_init = ODE_SOLVERS[solver]
     if adaptive:
         controller = diffrax.PIDController(rtol=rtol, atol=atol)
-        init_evals = at_init
     else:
         controller = diffrax.ConstantStepSize()
         dt0 = 1.0 / num_steps
-        init_evals = at_init
     # Times in the dtype of x: diffrax promotes y to the dtype of the time variable. t1=True also
     # saves the last state reached when the solve stops early (for the diagnosis below).
     ts = None if frame_u is None else jnp.asarray(frame_u, dtype)
@@ -389,8 +382,7 @@ def _probability_flow(score_fn, sde, x, t0, t_end, *, rtol, atol, solver, num_st
         throw=False,  # failures are reported below, with their likely cause
     )
     failed = sol.result != diffrax.RESULTS.successful
-    frames = None if frame_u is None else sol.ys[:-1]
-    x_end = sol.ys[-1] if frame_u is None else frames[-1]
+    x_end, frames = _split_saves(sol.ys, frame_u)
     if is_concrete(failed):
         if bool(failed):
             # The t1 save holds the last state reached; it follows the frames reached (the
@@ -399,10 +391,29 @@ def _probability_flow(score_fn, sde, x, t0, t_end, *, rtol, atol, solver, num_st
             _raise_solve_failure(score_fn, sde, sol.ys[k], sol.ts[k], t0, span, max_steps)
     else:  # under tracing: a runtime error, as diffrax's own (throw=True), with a truthful message
         x_end, frames = eqx.error_if((x_end, frames), failed, _FAILED_UNDER_JIT.format(max_steps=max_steps))
-    nfe = (per_step * sol.stats["num_steps"] + init_evals).astype(jnp.int32)
+    nfe = (per_step * sol.stats["num_steps"] + at_init).astype(jnp.int32)
+    return _flow_result(x_end, frames, frame_u, nfe, t0, span)
+
+
+def _flow_velocity(score_fn, sde, y, t, span):
+    """The normalised probability-flow ODE's right-hand side ``span (f - g^2/2 s)(y, t)`` for a
+    batch ``y [B, C, H, W]`` at times ``t [B]``, in ``y``'s dtype."""
+    s = score_fn(y, t)
+    _check_score_output(s, y)
+    v = _sde_drift(sde, y, t) - 0.5 * _bcast(_sde_g2(sde, t), y) * s.astype(y.dtype)
+    return (_bcast(span, y) * v).astype(y.dtype)
+
+
+def _split_saves(ys, frame_u):
+    """``(x_end, frames)`` of diffrax's saves (the frames, then the t1 save)."""
+    frames = None if frame_u is None else ys[:-1]
+    return (ys[-1] if frame_u is None else frames[-1]), frames
+
+
+def _flow_result(x_end, frames, frame_u, nfe, t0, span) -> SampleResult:
     if frame_u is None:
         return SampleResult(x_end, None, None, nfe, t0, _finite_rows(x_end))
-    times = t0[None, :] + jnp.asarray(frame_u, dtype)[:, None] * span[None, :]
+    times = t0[None, :] + jnp.asarray(frame_u, x_end.dtype)[:, None] * span[None, :]
     return SampleResult(x_end, frames, times, nfe, t0, _finite_rows(x_end))
 
 
@@ -423,14 +434,13 @@ def _probability_flow_rows(score_fn, score_args, sde, x, t0, t_end, *, rtol, ato
     end = jnp.asarray(t_end, dtype)
 
     def solve_one(xb, t0b, args):
-        spanb = end - t0b
+        spanb = (end - t0b)[None]
+
+        def row_score(y, t):
+            return score_fn(y, t, *[a[None] for a in args])
 
         def vector_field(u, y, _):
-            t = (t0b + jnp.asarray(u, dtype) * spanb)[None]
-            s = score_fn(y[None], t, *[a[None] for a in args])
-            _check_score_output(s, y[None])
-            v = _sde_drift(sde, y[None], t) - 0.5 * _bcast(_sde_g2(sde, t), y[None]) * s.astype(dtype)
-            return (spanb * v[0]).astype(dtype)
+            return _flow_velocity(row_score, sde, y[None], t0b + jnp.asarray(u, dtype) * spanb, spanb)[0]
 
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(vector_field), solver_cls(), t0=jnp.asarray(0.0, dtype), t1=jnp.asarray(1.0, dtype),
@@ -440,22 +450,19 @@ def _probability_flow_rows(score_fn, score_args, sde, x, t0, t_end, *, rtol, ato
 
     ys, us, steps, failed = jax.vmap(solve_one)(x, t0, tuple(score_args))
     ys = jnp.swapaxes(ys, 0, 1)  # [saves, B, C, H, W]
-    frames = None if frame_u is None else ys[:-1]
-    x_end = ys[-1] if frame_u is None else frames[-1]
+    x_end, frames = _split_saves(ys, frame_u)
+    span = end - t0
     if is_concrete(failed):
         if bool(jnp.any(failed)):
             b = int(np.flatnonzero(np.asarray(failed))[0])
             k = int(np.sum(np.isfinite(np.asarray(us[b])))) - 1
             row_args = [a[b:b + 1] for a in score_args]
             _raise_solve_failure(lambda y, t: score_fn(y, t, *row_args), sde, ys[k, b:b + 1], us[b, k],
-                                 t0[b:b + 1], (end - t0)[b:b + 1], max_steps, rows=[b])
+                                 t0[b:b + 1], span[b:b + 1], max_steps, rows=[b])
     else:
         x_end, frames = eqx.error_if((x_end, frames), jnp.any(failed), _FAILED_UNDER_JIT.format(max_steps=max_steps))
     nfe = (per_step * jnp.max(steps) + at_init).astype(jnp.int32)
-    if frame_u is None:
-        return SampleResult(x_end, None, None, nfe, t0, _finite_rows(x_end))
-    times = t0[None, :] + jnp.asarray(frame_u, dtype)[:, None] * (end - t0)[None, :]
-    return SampleResult(x_end, frames, times, nfe, t0, _finite_rows(x_end))
+    return _flow_result(x_end, frames, frame_u, nfe, t0, span)
 
 
 _FAILED_UNDER_JIT = (
@@ -490,11 +497,9 @@ def _raise_solve_failure(score_fn, sde, y, u, t0, span, max_steps, rows=None) ->
         s = np.asarray(score_fn(y, tt))
         if not np.all(np.isfinite(s)):
             bad = np.flatnonzero(~np.all(np.isfinite(s.reshape(s.shape[0], -1)), axis=1))
+            bad_t = np.asarray(tt)[bad]
             if rows is not None:
-                tt, bad = np.asarray(tt)[bad], np.asarray(rows)[bad]
-                bad_t = tt
-            else:
-                bad_t = np.asarray(tt)[bad]
+                bad = np.asarray(rows)[bad]
             if uu == 1.0 and u + 1e-3 < 1.0:
                 raise ValueError(
                     f"score_fn: returned non-finite values (NaN or Inf) for images {bad.tolist()} at t = "
@@ -547,11 +552,10 @@ def probability_flow(
     number of batched score calls of the image needing the most steps (often more than
     ``"batch"``'s, whose RMS lets a hard image take the steps of easier ones: 187 against 175 in
     the example of tests/test_sampling.py, 32 against 20 for the demo's model on eight photos at
-    noise 0.1).
-    "Of its own" holds to rounding: a score whose batched kernels round differently with the
-    batch's size (some GPU convolutions) can still, rarely, tip an accepted step. ``solver="euler"`` or ``"heun"`` are fixed-step options with
-    ``num_steps`` equal steps (``step_control`` changes nothing there); ``"tsit5"`` is another
-    adaptive pair.
+    noise 0.1). "Of its own" holds to rounding: a score whose batched kernels round differently
+    with the batch's size (some GPU convolutions) can still, rarely, tip an accepted step.
+    ``solver="euler"`` or ``"heun"`` are fixed-step options with ``num_steps`` equal steps
+    (``step_control`` changes nothing there); ``"tsit5"`` is another adaptive pair.
 
     Args:
       score_fn: ``(x [B, C, H, W], t [B]) -> [B, C, H, W]``.
@@ -788,8 +792,7 @@ def start_time(sde: Any, noise_std, *, t_min: float = 0.0, t_max: float = 1.0) -
         a = np.asarray(std)
         if not (np.all(np.isfinite(a)) and np.all(a > 0)):
             raise ValueError(f"noise_std: expected finite values > 0, got {a}")
-        with jax.ensure_compile_time_eval():
-            ends = np.asarray(ratio(jnp.asarray([t_min, t_max], std.dtype)))
+        ends = noise_range(sde, t_min=t_min, t_max=t_max, dtype=std.dtype)
         if not ends[1] > ends[0]:
             raise ValueError(
                 f"sde: the noise level lambda(t)/alpha(t) = {ends[0]:.6g} is not increasing on "
