@@ -304,8 +304,7 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
                     from krylovjax.data import image_paths
 
                     paths = image_paths(reference[6:])
-                    base = os.path.commonpath([os.path.dirname(p) for p in paths])
-                    ref_names = [os.path.relpath(p, base) for p in paths[:ref.shape[0]]]
+                    ref_names = eu.short_paths(paths)[:ref.shape[0]]
                     if len(paths) > ref.shape[0]:
                         notes.append(f"reference: compared with the first {ref.shape[0]} of the {len(paths)} files "
                                      "(--reference_count=0 for all)")

@@ -320,14 +320,11 @@ def _image_indices(image_index, per_image_offset: bool, num_trained: int, count:
     return np.broadcast_to(np.asarray(image_index, np.int32), (count,)).copy()
 
 
-def _names(source: str, count: int, num_images: int | None) -> list[str]:
-    """The output file names: ``<k>_<stem>.png`` after the input files, else ``<k>.png``."""
-    from krylovjax.data import selected_paths
-
-    stems = [None] * count
-    if source.startswith("files:"):
-        stems = [os.path.splitext(os.path.basename(p))[0] for p in selected_paths(source[6:], num_images=num_images)]
-    return [f"{k:03d}" + ("" if s is None else f"_{s}") + ".png" for k, s in enumerate(stems)]
+def _names(files: list) -> list[str]:
+    """The output file names: ``<k>_<stem>.png`` after the input files (:func:`_files`), else
+    ``<k>.png``."""
+    return [f"{k:03d}" + ("" if p is None else "_" + os.path.splitext(os.path.basename(p))[0]) + ".png"
+            for k, p in enumerate(files)]
 
 
 def _mispaired(inputs: list, cleans: list) -> list[str]:
@@ -350,14 +347,14 @@ def _mispaired(inputs: list, cleans: list) -> list[str]:
 def _files(source: str, arg: str, count: int, num_images: int | None, channels: int, notes: list):
     """Each image's file and its size as read (``files:`` sources; None otherwise), with notes on
     what the reading did to them: gray files in colour, centre crops of oblong files."""
+    from krylovjax import experiment_utils as eu
     from krylovjax.data import file_info, selected_paths
 
     if not source.startswith("files:"):
         return [None] * count, [None] * count, [None] * count
     paths = [os.path.abspath(p) for p in selected_paths(source[6:], num_images=num_images)]
     infos = [file_info(p) for p in paths]
-    base = os.path.commonpath([os.path.dirname(p) for p in paths])
-    shown = [os.path.relpath(p, base) for p in paths]
+    shown = eu.short_paths(paths)
     gray = [n for n, i in zip(shown, infos) if i["gray"]]
     if gray and channels == 3 and len(gray) < len(paths):
         notes.append(f"{arg}: grayscale files read in colour (R = G = B), among colour files: {', '.join(gray)}")
@@ -435,8 +432,8 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
                 raise ValueError(f"clean: {ref.shape[0]} images for the {source.shape[0]} inputs")
             noisy = eu.noisy_copy(source, float(add_noise), noise_seed) if add_noise else source
             estimated = estimate_noise(noisy)
-            names = _names(input, noisy.shape[0], count)
             files, sizes, shown = _files(input, "input", noisy.shape[0], count, unet.in_channels, read_notes)
+            names = _names(files)
             clean_files = ([None] * noisy.shape[0] if add_noise or not clean else
                            _files(clean, "clean", noisy.shape[0], count, unet.in_channels, read_notes)[0])
             odd = _mispaired(files, clean_files)

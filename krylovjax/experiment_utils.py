@@ -72,6 +72,7 @@ __all__ = [
     "check_training_run",
     "load_for_model",
     "finished_step",
+    "short_paths",
     "check_no_args",
     "parse_flags",
     "int_list_flag",
@@ -608,6 +609,16 @@ def load_for_model(source: str, arg: str, size: int, num_images: int | None, cha
     if x.shape[1] != channels:
         raise ValueError(f"{arg}: its images have {x.shape[1]} channels, the model {channels}")
     return x
+
+
+def short_paths(paths: Sequence[str]) -> list[str]:
+    """Files named as a user tells them apart: each path relative to the directory all of them
+    share (``x/a.png``, ``y/a.png`` for a ``**`` pattern; the bare names for one folder)."""
+    full = [os.path.abspath(p) for p in paths]
+    if not full:
+        return []
+    base = os.path.commonpath([os.path.dirname(p) for p in full])
+    return [os.path.relpath(p, base) for p in full]
 
 
 def finished_step(path: str) -> int | None:
