@@ -310,8 +310,16 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
     from absl import app
 
+    from absl import flags
+
+    if "config" in flags.FLAGS and "show_config" not in flags.FLAGS:
+        flags.DEFINE_bool("show_config", False, "Print the config (--config with the --config.<key> overrides "
+                          "given), every key that --config.<key>=<value> can set, and exit; nothing is run.",
+                          module_name=sys.argv[0])
     try:
-        return app.parse_flags_with_usage(argv)
+        rest = _parse_for_show(argv) if "show_config" in flags.FLAGS and any(
+            a.split("=", 1)[0] in ("--show_config", "-show_config") and a.split("=", 1)[-1].lower() not in (
+                "false", "0") for a in argv[1:]) else app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError) as err:
         # a key missing at the end of the path (--config.num_stepz) comes as an AttributeError
         # holding the KeyError, one missing in the middle (--config.train.num_steps where there
@@ -324,9 +332,112 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         named = [a.split("=", 1)[0] for a in argv[1:]
                  if a.startswith("--config.") and key in a.split("=", 1)[0].split(".")]
         flag = named[0] if named else "--config.*"
+        if not hint and named:
+            hint = _config_key_hint(argv, flag[len("--config."):], key)
         sys.stderr.write(f"FATAL Flags parsing error: {flag}: the config has no key {key!r}"
-                         f"{'. ' + hint if hint else ''}\nPass --helpshort or --helpfull to see help on flags.\n")
+                         f"{'. ' + hint if hint else ''}\nPass --helpshort or --helpfull to see help on flags, "
+                         f"--show_config to see every key of the config.\n")
         sys.exit(1)
+    show = flags.FLAGS["show_config"].value if "show_config" in flags.FLAGS else False
+    if show:
+        config = flags.FLAGS["config"].value
+        if config is None:
+            sys.stderr.write("FATAL Flags parsing error: --show_config: give --config=<file> to show\n")
+            sys.exit(1)
+        sys.stdout.write(f"# {flags.FLAGS['config'].config_filename}, with the overrides given; set a key with "
+                         "--config.<key>=<value>\n" + "".join(
+                             f"{p} = {v!r}\n" for p, v in _config_items(config)))
+        sys.exit(0)
+    return rest
+
+
+def _parse_for_show(argv: Sequence[str]) -> list[str]:
+    """The flags parsed for ``--show_config``, which needs no ``--workdir``: a required flag left
+    out is let pass; any other bad flag is reported as usual."""
+    import sys
+
+    from absl import flags
+
+    try:
+        return flags.FLAGS(list(argv))
+    except flags.Error as err:
+        if isinstance(err, flags.IllegalFlagValueError) and "must have a value other than None" in str(err):
+            return list(argv[:1])
+        sys.stderr.write(f"FATAL Flags parsing error: {err}\nPass --helpshort or --helpfull to see help on flags.\n")
+        sys.exit(1)
+
+
+def _config_items(config, prefix: str = "") -> list[tuple[str, Any]]:
+    """``(dotted path, value)`` of a config's leaves (``("ours.train.lr", 0.001)``), in order;
+    an empty nested config is a leaf."""
+    out = []
+    for k, v in config.items():
+        path = f"{prefix}{k}"
+        if hasattr(v, "items") and len(v):
+            out.extend(_config_items(v, path + "."))
+        else:
+            out.append((path, v.to_dict() if hasattr(v, "to_dict") else v))
+    return out
+
+
+def _config_leaves(config) -> list[str]:
+    """Every dotted path of a config's keys, the nested configs' own included."""
+    paths = set()
+    for path, _ in _config_items(config):
+        parts = path.split(".")
+        paths.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return sorted(paths)
+
+
+def _load_config_arg(argv: Sequence[str]):
+    """The config of ``--config=<file>[:<arg>]`` in ``argv``, loaded as ml_collections does, or
+    None where that fails (the hint is then left out)."""
+    import importlib.util
+
+    args = list(argv[1:])
+    value = None
+    for i, a in enumerate(args):
+        if a.startswith("--config="):
+            value = a.split("=", 1)[1]
+        elif a == "--config" and i + 1 < len(args):
+            value = args[i + 1]
+    if not value:
+        return None
+    path, _, arg = value.partition(":")
+    try:
+        spec = importlib.util.spec_from_file_location("_krylovjax_config_hint", os.path.expanduser(path))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config(arg) if arg else module.get_config()
+    except Exception:  # noqa: BLE001 - only a hint; the error itself is reported anyway
+        return None
+
+
+def _config_key_hint(argv: Sequence[str], path: str, key: str) -> str:
+    """``Did you mean --config.ours.train.learning_rate?`` for a key misspelt or put at the wrong
+    level (``--config.common.lerning_rate``), from every key of the config; else the keys that
+    the level named holds."""
+    import difflib
+
+    config = _load_config_arg(argv)
+    if config is None:
+        return ""
+    leaves = _config_leaves(config)
+    last = {p: p.rsplit(".", 1)[-1] for p in leaves}
+    close = difflib.get_close_matches(key, sorted(set(last.values())), n=3, cutoff=0.75)
+    found = [p for p in leaves if last[p] in close]
+    if found:
+        found.sort(key=lambda p: (last[p] != key, -difflib.SequenceMatcher(None, path, p).ratio()))
+        return "Did you mean " + " or ".join(f"--config.{p}" for p in found[:4]) + "?"
+    parts = path.split(".")
+    level = parts[:parts.index(key)] if key in parts else parts[:-1]
+    node = config
+    for part in level:
+        node = node.get(part) if hasattr(node, "get") else None
+    if hasattr(node, "keys"):
+        where = "config." + ".".join(level) if level else "the config"
+        return f"Keys of {where}: {', '.join(sorted(node.keys()))}"
+    return ""
 
 
 def one_line_usage_errors(main: Callable[[Sequence[str]], Any]) -> Callable[[Sequence[str]], Any]:

@@ -480,6 +480,54 @@ def test_misspelt_config_key_is_a_flag_error(module, config, key, missing, tmp_p
     assert not wd.exists()
 
 
+@pytest.mark.parametrize("key, hint", [
+    # the key exists at another level: named in full (ml_collections suggests only within the level)
+    ("common.batch_size", "Did you mean --config.ddpm.train.batch_size or --config.ours.train.batch_size?"),
+    # nothing close anywhere: the keys the level holds
+    ("ours.train.learning_rate", "Keys of config.ours.train: batch_size, budget_seconds, ema_decay, "
+                                 "loss_reduction, lr, num_steps,"),
+    ("lerning_rate", "Keys of the config: common, data, ddpm,"),
+])
+def test_misspelt_config_key_names_the_keys_there_are(key, hint, tmp_path):
+    """Until the thirty-third session a key with no close match at its level got no hint at all."""
+    proc = _run("experiments.denoise", "--config=experiments/configs/denoise_demo.py", f"--workdir={tmp_path / 'r'}",
+                f"--config.{key}=3")
+    assert proc.returncode == 1
+    missing = key.rsplit(".", 1)[-1]
+    assert f"--config.{key}: the config has no key '{missing}'. {hint}" in proc.stderr, proc.stderr[-2000:]
+    assert "--show_config to see every key of the config" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("module, config, override, line", [
+    ("experiments.train", "train_tiny.py", "--config.lr=0.003", "lr = 0.003"),
+    ("experiments.precompute", "demo.py", "--config.precompute.tol=1e-07", "precompute.tol = 1e-07"),
+    ("experiments.denoise", "denoise_demo.py", "--config.ours.train.lr=0.0002", "ours.train.lr = 0.0002"),
+    ("experiments.budget", "budget_demo.py", "--config.budget_seconds=7.0", "budget_seconds = 7.0"),
+])
+def test_show_config_prints_every_key_with_the_overrides_and_runs_nothing(module, config, override, line,
+                                                                          tmp_path):
+    """``--show_config``: the config as the run would get it, one ``<key> = <value>`` line per key
+    (what ``--config.<key>=`` sets), without --workdir and touching nothing."""
+    proc = _run(module, f"--config=experiments/configs/{config}", override, "--show_config")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith(f"# experiments/configs/{config}, with the overrides given"), proc.stdout[:300]
+    assert line in lines, proc.stdout
+    keys = [ln.split(" = ", 1)[0] for ln in lines[1:]]
+    assert len(keys) == len(set(keys)) > 5 and all(" " not in k for k in keys), lines
+    # with a work directory given, nothing is written there either
+    wd = tmp_path / "run"
+    proc = _run(module, f"--config=experiments/configs/{config}", f"--workdir={wd}", "--show_config")
+    assert proc.returncode == 0 and not wd.exists(), proc.stderr[-2000:]
+    # a bad value is still refused, and --show_config=false runs the binary's usual checks
+    proc = _run(module, f"--config=experiments/configs/{config}", override.split("=")[0] + "=x,y", "--show_config")
+    assert proc.returncode == 1 and "FATAL Flags parsing error: flag " + override.split("=")[0] in proc.stderr, \
+        proc.stderr[-2000:]
+    proc = _run(module, f"--config=experiments/configs/{config}", "--show_config=false")
+    assert proc.returncode == 1 and "Flag --workdir must have a value other than None" in proc.stderr
+
+
 @pytest.mark.parametrize("module, args, message", [
     ("experiments.train", ["--config=experiments/configs/train_tiny.py", "--config.lr=nan"],
      "error: lr: expected a finite learning rate > 0, got nan"),
