@@ -30,8 +30,14 @@ Samplers (``--sampler``):
   A DDPM trained with ``per_image_offset`` (``train_tiny.py``'s default) draws sample ``k`` for
   image ``k mod num_images`` as ours does.
 
+Sample ``k`` depends on ``--seed`` and ``k`` only, not on ``--num_samples``: asking for more
+samples with the same seed keeps the first ones (the ODE steps each sample on its own, and JAX's
+partitionable Threefry, the default since JAX 0.5, draws row ``k``'s noise independently of the
+rows after it).
+
 Outputs in ``--outdir`` (default ``<workdir>/generate``): ``samples.png`` (one row per sample,
-``--num_frames`` frames from the prior to the sample), ``samples.json`` and ``samples.md``
+``--num_frames`` frames from the prior to the sample), ``samples.npy`` (float32 ``[M, C, H, W]``
+in [0, 1]), ``samples/sample_<k>.png`` (8-bit, one per sample), ``samples.json`` and ``samples.md``
 (per-sample statistics; with ``--reference`` (a :func:`krylovjax.data.load_images` source) the
 SSIM of each sample to its nearest reference image, and their mean with its standard error and
 how many samples are nearest each reference). The output directory is tied to its
@@ -47,7 +53,7 @@ from absl import app, flags, logging
 FLAGS = flags.FLAGS
 SAMPLERS_OURS = ("ode", "sde", "paper_a")
 SAMPLERS_DDPM = ("ancestral", "ddim")
-RESULT_FILES = ("samples.png", "samples.json", "samples.md")
+RESULT_FILES = ("samples.png", "samples.json", "samples.md", "samples.npy", "samples/")
 T_END = 1e-3  # ours' ode and sde samplers stop here (Paper B's epsilon)
 # Settings added after output directories were made without them (denoise.LEGACY_CONFIG).
 LEGACY_SETTINGS = {"final_denoise": False}
@@ -228,8 +234,13 @@ def sample_arrays(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_st
         centre = 0.5 if alpha_fn is None else 0.5 * alpha_fn(t1)[0].astype(dtype)
         x_T = centre + lam1 * jax.random.normal(k_prior, shape, dtype)
         if sampler == "ode":
-            r = sampling.probability_flow(f, sde, x_T, t_start=1.0, t_end=T_END, return_trajectory=True,
-                                          num_frames=num_frames)
+            # every sample its own adaptive steps (the network called on single rows, the image
+            # indices passed with them), so that sample k is the same whatever num_samples is; the
+            # noise draws already are (JAX's partitionable Threefry: row k's numbers do not depend
+            # on the rows after it)
+            r = sampling.probability_flow(fn, sde, x_T, t_start=1.0, t_end=T_END, return_trajectory=True,
+                                          num_frames=num_frames, step_control="per_image",
+                                          score_args=() if idx is None else (jnp.asarray(idx),))
         else:
             r = sampling.euler_maruyama(f, sde, x_T, k_run, t_start=1.0, t_end=T_END, num_steps=int(num_steps),
                                         return_trajectory=True, num_frames=num_frames)
@@ -383,6 +394,8 @@ def _sample_and_write(fn, tc, workdir, outdir, settings, shape, sampler, num_sam
     text += "".join(f"Note: {n}.\n\n" for n in notes)
     text += eu.markdown_table(["sample", "image index", "mean", "std", "nearest reference", "SSIM to nearest"], rows)
     eu.write_text(os.path.join(outdir, "samples.md"), text)
+    np.save(os.path.join(outdir, "samples.npy"), out.astype(np.float32))
+    eu.write_images(os.path.join(outdir, "samples"), out, [f"sample_{k:03d}.png" for k in range(num_samples)])
     eu.image_grid(os.path.join(outdir, "samples.png"), [frames[:, k] for k in range(num_samples)],
                   row_labels=[f"sample {k}" for k in range(num_samples)],
                   col_labels=[f"frame {i}" for i in range(num_frames)],

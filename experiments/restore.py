@@ -519,12 +519,7 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
             if refs is not None:
                 summary = {key: float(np.mean(v)) for key, v in scores.items()}
                 summary["ssim_output_se"] = eu.standard_error(scores["ssim_output"])
-            os.makedirs(os.path.join(outdir, "denoised"), exist_ok=True)
-            from PIL import Image
-
-            for k, name in enumerate(names):
-                img = np.round(out[k] * 255.0).astype(np.uint8).transpose(1, 2, 0)
-                Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).save(os.path.join(outdir, "denoised", name))
+            eu.write_images(os.path.join(outdir, "denoised"), out, names)
             np.save(os.path.join(outdir, "denoised.npy"), out.astype(np.float32))
             np.save(os.path.join(outdir, "noisy.npy"), noisy.astype(np.float32))
             if base is not None:

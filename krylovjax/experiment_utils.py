@@ -58,6 +58,7 @@ __all__ = [
     "markdown_table",
     "format_seconds",
     "write_json",
+    "write_images",
     "write_text",
     "benchmark_machine",
     "cpu_model",
@@ -1075,6 +1076,25 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         return v
 
     write_text(path, json.dumps(clean(obj), indent=1, sort_keys=False) + "\n")
+
+
+def write_images(folder: str | os.PathLike, images, names: Sequence[str]) -> list[str]:
+    """Each image of ``images [B, C, H, W]`` (in [0, 1]; C = 1 or 3) as an 8-bit PNG
+    ``<folder>/<names[k]>`` (the folder made), and the paths written."""
+    from PIL import Image
+
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[1] not in (1, 3) or len(names) != images.shape[0]:
+        raise ValueError(f"images: expected [B, C, H, W] with C 1 or 3 and {len(names)} names, got shape "
+                         f"{images.shape}")
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for img, name in zip(images, names):
+        pixels = np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(1, 2, 0)
+        path = os.path.join(folder, name)
+        Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels).save(path)
+        paths.append(path)
+    return paths
 
 
 def cpu_model() -> str:

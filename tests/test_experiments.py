@@ -667,9 +667,21 @@ def test_generate_from_train_run(denoise_run, tmp_path, monkeypatch):
                                          "--num_frames=3", "--num_steps=4", "--sampler=paper_a",
                                          "--reference=builtin:chelsea"])
     assert proc.returncode == 0, proc.stderr[-4000:]
-    for f in ("samples.png", "samples.json", "samples.md"):
+    for f in ("samples.png", "samples.json", "samples.md", "samples.npy"):
         assert os.path.isfile(out / f)
     res = json.load(open(out / "samples.json"))
+    # the samples themselves: the array (until the thirty-third session only the figure had them)
+    # and one 8-bit PNG each, which the array rounds to
+    from PIL import Image
+
+    arr = np.load(out / "samples.npy")
+    assert arr.shape == (2, 3, 16, 16) and arr.dtype == np.float32 and 0 <= arr.min() and arr.max() <= 1
+    assert sorted(os.listdir(out / "samples")) == ["sample_000.png", "sample_001.png"]
+    for k in range(2):
+        png = np.asarray(Image.open(out / "samples" / f"sample_{k:03d}.png"))
+        assert png.shape == (16, 16, 3) and png.dtype == np.uint8
+        np.testing.assert_array_equal(png, np.round(arr[k].transpose(1, 2, 0) * 255).astype(np.uint8))
+        assert res["samples"][k]["mean"] == pytest.approx(float(arr[k].mean()), abs=1e-6)
     for k in ("settings", "method", "sde", "network_evals", "samples", "shape"):
         assert k in res
     assert res["method"] == "ours" and res["shape"] == [2, 3, 16, 16]
@@ -1079,6 +1091,46 @@ def test_generate_ours_prior_is_the_forward_marginal_at_t1(sde_name):
     std = math.hypot(a_end * s0, lam_end) * lam1 / math.hypot(a1 * s0, lam1)
     assert abs(v.mean() - 0.5 * a_end) < 5 * std / math.sqrt(v.size), (v.mean(), 0.5 * a_end)
     assert abs(v.std() / std - 1.0) < 0.05, (v.std(), std)  # the std's standard error is 1.6%
+
+
+@pytest.mark.parametrize("method, sampler", [("ours", "ode"), ("ours", "sde"), ("ours", "paper_a"),
+                                             ("ddpm", "ancestral"), ("ddpm", "ddim")])
+def test_generate_sample_k_does_not_depend_on_the_number_of_samples(method, sampler):
+    """``--num_samples=5`` gives the 2 samples of ``--num_samples=2`` (same seed) and 3 more. Until
+    the thirty-third session ours' ODE stepped the whole batch with one adaptive step size (an RMS
+    error over all samples), so the first samples moved with the number asked for (by 1.4e-4 here);
+    the stochastic samplers' draws already kept them (JAX's partitionable Threefry)."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import generate
+    from krylovjax import training
+
+    assert jax.config.jax_threefry_partitionable  # the draws' row independence rests on it
+    centres = jnp.asarray(np.random.default_rng(4).uniform(0.2, 0.8, (3, 1, 8, 8)))
+    if method == "ours":
+        tc = training.TrainConfig(method="ours", sde="ve", sde_kwargs=(("sigma", 2.0),), per_image_offset=True)
+        sde = tc.make_sde()
+
+        def fn(x, t, idx=None):  # the exact score of a mixture of three narrow Gaussians
+            lam2 = sde.perturbation_std(t)[:, None, None, None, None] ** 2 + 0.01
+            d2 = jnp.sum((x[:, None] - centres[None]) ** 2, axis=(2, 3, 4))
+            w = jax.nn.softmax(-d2 / (2 * lam2[:, :, 0, 0, 0]), axis=1)[:, :, None, None, None]
+            return jnp.sum(w * (centres[None] - x[:, None]), axis=1) / lam2[:, 0]
+    else:
+        tc = training.TrainConfig(method="ddpm", ddpm_num_steps=40, per_image_offset=True)
+        sched = tc.ddpm_schedule(dtype=jnp.float64)
+
+        def fn(x, i, idx=None):  # the exact epsilon of Gaussian data around the centres
+            ab = sched.alpha_bars[i][:, None, None, None]
+            mu = 2 * centres[jnp.asarray(idx) % 3] - 1
+            return jnp.sqrt(1 - ab) * (x - jnp.sqrt(ab) * mu) / (ab * 0.04 + 1 - ab)
+    kw = dict(sampler=sampler, num_steps=20, num_frames=3)
+    few = generate.sample(fn, tc, (2, 1, 8, 8), jax.random.PRNGKey(7), idx=jnp.arange(2) % 3, **kw)
+    many = generate.sample(fn, tc, (5, 1, 8, 8), jax.random.PRNGKey(7), idx=jnp.arange(5) % 3, **kw)
+    np.testing.assert_allclose(np.asarray(many[0][:2]), np.asarray(few[0]), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(many[1][:, :2]), np.asarray(few[1]), rtol=0, atol=1e-9)
+    assert float(np.max(np.abs(np.asarray(many[0][2:]) - np.asarray(many[0][:3])))) > 1e-3  # not one sample
 
 
 # ----------------------------------------------------------------------------------------------
