@@ -516,6 +516,19 @@ class _Start(NamedTuple):
     scale: Array  # [B] the power of two b was divided by (:func:`_pow2_scale`); x is solved for x / scale
 
 
+#: ``tol=None``: the relative tolerance of :func:`gmres` and :func:`bicgstab` for ``b``'s dtype.
+#: float32 cannot verify 1e-8 (below its machine epsilon, :func:`verifiable_tol`): asked for it,
+#: every system ended with STAGNATION at a residual of about 5e-8 (a thirty-third session
+#: walkthrough); 1e-6 is what :data:`krylovjax.precompute.DEFAULT_TOL` uses for float32.
+DEFAULT_TOL = {np.dtype(np.float64): 1e-8, np.dtype(np.float32): 1e-6}
+
+
+def default_tol(tol, dtype):
+    """``tol``, or for None the default of ``dtype`` (:data:`DEFAULT_TOL`; 1e-8 for a dtype the
+    solvers refuse anyway)."""
+    return DEFAULT_TOL.get(np.dtype(dtype), 1e-8) if tol is None else tol
+
+
 def verifiable_tol(tol, dtype) -> Array:
     """``tol`` where the working precision can verify it, else 0 (the relative test is off).
 
@@ -603,7 +616,7 @@ def _check_solver_args(matvec, b, x0, tol, atol, restart, max_restarts, precondi
 # GMRES.
 
 
-def gmres(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 1e-8,
+def gmres(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float | None = None,
           atol: float = 0.0, restart: int = 20, max_restarts: int = 50,
           precondition: MatVec | None = None, recycle=None,
           stagnation_tol: float = 1e-3) -> KrylovResult:
@@ -644,11 +657,12 @@ def gmres(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 1e-
         (closed over under jit; it must be linear).
       b: ``[B, *shape]`` right-hand sides, float32 or float64 (rank >= 2); sets the dtype.
       x0: optional ``[B, *shape]`` initial guesses (default 0), same dtype as ``b``.
-      tol: relative tolerance > 0, a scalar or one per system ``[B]`` (may be traced). A
-        system converges when its true residual, computed in ``b``'s dtype, is at most
-        ``max(tol ||b||, atol)``. A ``tol`` below the dtype's machine epsilon (1.2e-7 in
-        float32) cannot be verified in it and never counts as met: such a system stops by
-        ``atol``, stagnation or the cycle limit, and says so (:func:`verifiable_tol`).
+      tol: relative tolerance > 0, a scalar or one per system ``[B]`` (may be traced), or
+        None: 1e-8 for float64, 1e-6 for float32 (:data:`DEFAULT_TOL`). A system converges
+        when its true residual, computed in ``b``'s dtype, is at most ``max(tol ||b||,
+        atol)``. A ``tol`` below the dtype's machine epsilon (1.2e-7 in float32) cannot be
+        verified in it and never counts as met: such a system stops by ``atol``, stagnation
+        or the cycle limit, and says so (:func:`verifiable_tol`).
       atol: absolute tolerance >= 0, a scalar or ``[B]`` (may be traced).
       restart: Krylov dimension per cycle; static Python int >= 1 (clamped to N).
       max_restarts: maximum number of cycles >= 1 (may be traced).
@@ -666,6 +680,7 @@ def gmres(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 1e-
       concrete values.
     """
     b, x0 = _as_array(b), _as_array(x0)
+    tol = default_tol(tol, getattr(b, "dtype", np.float64))
     _check_solver_args(matvec, b, x0, tol, atol, restart, max_restarts, precondition,
                        stagnation_tol)
     dtype = b.dtype
@@ -799,10 +814,10 @@ def gmres(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 1e-
 # BiCGStab.
 
 
-def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 1e-8,
+def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float | None = None,
              atol: float = 0.0, restart: int = 20, max_restarts: int = 50,
              precondition: MatVec | None = None,
-             stagnation_tol: float = 1e-3) -> KrylovResult:
+             stagnation_tol: float = 1e-3, stagnation_patience: int = 3) -> KrylovResult:
     """Batched right-preconditioned BiCGStab with per-system masks and true-residual cycles.
 
     Called outside ``jax.jit`` it traces and compiles anew on every call (the module
@@ -827,11 +842,16 @@ def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 
 
     A system that is not converged starts another cycle from its true residual with a fresh
     shadow residual ``r^ = r`` (this also restarts after the method's breakdowns
-    ``<r^, r> = 0``, ``<r^, v> = 0`` or ``omega = 0``). Statuses as in :func:`gmres`: a cycle
-    that reduces the true residual by less than ``(1 - stagnation_tol)`` ends with
-    ``Status.STAGNATION`` (an increase is discarded), a non-finite residual with
-    ``Status.BREAKDOWN`` (the last finite iterate is kept), running out of cycles with
-    ``Status.MAX_ITERATIONS``.
+    ``<r^, r> = 0``, ``<r^, v> = 0`` or ``omega = 0``), from the cycle's last iterate even when
+    its residual is larger than the cycle's start: BiCGStab's residual is not monotone, and on
+    a convection-dominated system it can rise 30-fold over the first 20 iterations before it
+    falls. The iterate returned is the one with the smallest true residual seen. Statuses as in
+    :func:`gmres`, except that stagnation needs ``stagnation_patience`` cycles in a row that do
+    not reduce that smallest residual by the factor ``(1 - stagnation_tol)``; a non-finite
+    residual ends with ``Status.BREAKDOWN`` (the best finite iterate is kept), running out of
+    cycles with ``Status.MAX_ITERATIONS``. (Before 2026-12-07 one cycle without that decrease
+    ended the solve, and a rise stopped it with the start's iterate: a system scipy's BiCGStab
+    solves in 89 iterations was returned as ``x = 0``.)
 
     ``num_matvecs`` counts per system: one initial residual when ``x0`` is given, one or two
     per iteration (one when the half step already met the tolerance or ``<r^, v> = 0``), and
@@ -842,17 +862,21 @@ def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 
       matvec: callable ``[B, *shape] -> [B, *shape]`` applying ``A_i`` to system ``i``.
       b: ``[B, *shape]`` right-hand sides, float32 or float64 (rank >= 2); sets the dtype.
       x0: optional ``[B, *shape]`` initial guesses (default 0), same dtype as ``b``.
-      tol: relative tolerance > 0, a scalar or one per system ``[B]`` (may be traced). A
-        system converges when its true residual, computed in ``b``'s dtype, is at most
-        ``max(tol ||b||, atol)``. A ``tol`` below the dtype's machine epsilon (1.2e-7 in
-        float32) cannot be verified in it and never counts as met: such a system stops by
-        ``atol``, stagnation or the cycle limit, and says so (:func:`verifiable_tol`).
+      tol: relative tolerance > 0, a scalar or one per system ``[B]`` (may be traced), or
+        None: 1e-8 for float64, 1e-6 for float32 (:data:`DEFAULT_TOL`). A system converges
+        when its true residual, computed in ``b``'s dtype, is at most ``max(tol ||b||,
+        atol)``. A ``tol`` below the dtype's machine epsilon (1.2e-7 in float32) cannot be
+        verified in it and never counts as met: such a system stops by ``atol``, stagnation
+        or the cycle limit, and says so (:func:`verifiable_tol`).
       atol: absolute tolerance >= 0, a scalar or ``[B]`` (may be traced).
       restart: BiCGStab iterations per cycle (static Python int >= 1).
       max_restarts: maximum number of cycles >= 1 (may be traced).
       precondition: optional callable ``[B, *shape] -> [B, *shape]`` applying ``M^{-1}``
         (right preconditioning; it must be linear).
-      stagnation_tol: minimum relative decrease of the true residual per cycle (in [0, 1)).
+      stagnation_tol: minimum relative decrease of the smallest true residual that counts as
+        progress (in [0, 1); 0: any decrease).
+      stagnation_patience: cycles in a row without progress that end with
+        ``Status.STAGNATION`` (static Python int >= 1).
 
     Returns:
       :class:`KrylovResult`; ``x`` has the shape and dtype of ``b``, the other fields ``[B]``.
@@ -862,8 +886,10 @@ def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 
       concrete values.
     """
     b, x0 = _as_array(b), _as_array(x0)
+    tol = default_tol(tol, getattr(b, "dtype", np.float64))
     _check_solver_args(matvec, b, x0, tol, atol, restart, max_restarts, precondition,
                        stagnation_tol)
+    _check_int("stagnation_patience", stagnation_patience, 1, static=True)
     dtype = b.dtype
     B = b.shape[0]
     m = int(restart)
@@ -874,12 +900,13 @@ def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 
     x, r, r_norm, active, status, n_mv = st.x, st.r, st.r_norm, st.active, st.status, st.n_mv
     n_cyc = jnp.zeros((B,), jnp.int32)
     one = jnp.ones((B,), dtype)
+    patience = int(stagnation_patience)
 
     def safe(d):
         return jnp.where(d != 0, d, 1.0)
 
     def cycle(state):
-        it, x, r, r_norm, active, status, n_mv, n_cyc = state
+        it, x, r, r_norm, best_x, best_rn, idle, active, status, n_mv, n_cyc = state
 
         def inner_cond(s):
             return (s[0] < m) & jnp.any(s[-2])
@@ -929,22 +956,28 @@ def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float = 
         finite = jnp.isfinite(rn_new)
         conv = finite & (rn_new <= thresh)
         brk = ~conv & ~finite
-        stag = ~conv & ~brk & (rn_new > stag_factor * r_norm)
-        accept = active & finite & (conv | (rn_new <= r_norm))
-        x = jnp.where(accept[:, None], x_new, x)
-        r = jnp.where(accept[:, None], r_new, r)
-        r_norm = jnp.where(accept, rn_new, r_norm)
+        progress = finite & (rn_new <= stag_factor * best_rn)
+        idle = jnp.where(active, jnp.where(progress, 0, idle + 1), idle)
+        stag = ~conv & ~brk & (idle >= patience)
+        go_on = active & finite  # the next cycle starts here, a rise included
+        x = jnp.where(go_on[:, None], x_new, x)
+        r = jnp.where(go_on[:, None], r_new, r)
+        r_norm = jnp.where(go_on, rn_new, r_norm)
+        better = go_on & (rn_new < best_rn)
+        best_x = jnp.where(better[:, None], x_new, best_x)
+        best_rn = jnp.where(better, rn_new, best_rn)
         status = _stop(status, active, conv, brk, stag)
         n_cyc = n_cyc + active.astype(jnp.int32)
         active = active & ~conv & ~brk & ~stag
-        return it + 1, x, r, r_norm, active, status, n_mv, n_cyc
+        return it + 1, x, r, r_norm, best_x, best_rn, idle, active, status, n_mv, n_cyc
 
     def cycle_cond(state):
-        return (state[0] < max_restarts) & jnp.any(state[4])
+        return (state[0] < max_restarts) & jnp.any(state[7])
 
-    state = (jnp.asarray(0, jnp.int32), x, r, r_norm, active, status, n_mv, n_cyc)
-    _, x, r, r_norm, active, status, n_mv, n_cyc = lax.while_loop(cycle_cond, cycle, state)
-    return _result(b, st, x, r_norm, status, n_mv, n_cyc)
+    state = (jnp.asarray(0, jnp.int32), x, r, r_norm, x, r_norm, jnp.zeros((B,), jnp.int32), active, status,
+             n_mv, n_cyc)
+    _, x, r, r_norm, best_x, best_rn, _, active, status, n_mv, n_cyc = lax.while_loop(cycle_cond, cycle, state)
+    return _result(b, st, best_x, best_rn, status, n_mv, n_cyc)
 
 
 # ----------------------------------------------------------------------------------------------
