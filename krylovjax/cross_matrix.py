@@ -179,7 +179,7 @@ def cross_matrix_solve(
     projection: str = "minres",
     recycle: bool = False,
     precondition: Callable | None = None,
-    tol: float = 1e-8,
+    tol: float | None = None,
     atol: float = 0.0,
     restart: int = 20,
     max_restarts: int = 50,
@@ -284,7 +284,8 @@ class SolverConfig:
       basis_size: ``k``, the number of seed directions.
       seed_index: which system of the batch is the seed.
       tol, atol, restart, max_restarts: Krylov settings (for BiCGStab ``restart`` is the number
-        of iterations between true-residual checks).
+        of iterations between true-residual checks); ``tol=None`` (the default) is 1e-8 for
+        float64 systems and 1e-6 for float32 (:data:`krylovjax.krylov.DEFAULT_TOL`).
       chunk_size: solve the batch in chunks of this many systems (``lax.map``), which keeps
         the Krylov vectors in cache on CPUs; None solves the whole batch as one array;
         ``"auto"``: :func:`auto_chunk_size` (cache-sized chunks on CPU, None elsewhere).
@@ -295,7 +296,7 @@ class SolverConfig:
     projection: str = "minres"
     basis_size: int = 8
     seed_index: int = 0
-    tol: float = 1e-8
+    tol: float | None = None
     atol: float = 0.0
     restart: int = 20
     max_restarts: int = 50
@@ -319,6 +320,8 @@ class SolverConfig:
                               ("max_restarts", 1)):
             object.__setattr__(self, name, _checks.as_int(name, getattr(self, name), minimum))
         for name, positive in (("tol", True), ("atol", False)):
+            if name == "tol" and self.tol is None:
+                continue
             value = _checks.as_real(name, getattr(self, name))
             if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
                 raise ValueError(f"{name}: expected a finite tolerance {'> 0' if positive else '>= 0'}, "
@@ -401,8 +404,9 @@ class _Problem(NamedTuple):
 
 def _problem(op: FPOperator, b: Array, x0: Array | None, config: SolverConfig) -> _Problem:
     B = b.shape[0]
+    tol = krylov.default_tol(config.tol, b.dtype)
     if config.precondition != "red_black":
-        return _Problem(op, b, x0, jnp.full((B,), config.tol, b.dtype), config.atol,
+        return _Problem(op, b, x0, jnp.full((B,), tol, b.dtype), config.atol,
                         lambda res: res)
     rb = preconditioners.red_black_reduction(op)
     f = rb.rhs(b)
@@ -410,7 +414,7 @@ def _problem(op: FPOperator, b: Array, x0: Array | None, config: SolverConfig) -
     # ||b - A x|| equals ||f - S x_b|| exactly, so the reduced solve gets the same absolute
     # threshold max(tol ||b||, atol) (tol only where b's dtype can verify it), as its atol;
     # its relative test is off (a tol below eps: krylov.verifiable_tol).
-    thresh = jnp.maximum(krylov.verifiable_tol(config.tol, b.dtype) * b_norm,
+    thresh = jnp.maximum(krylov.verifiable_tol(tol, b.dtype) * b_norm,
                          jnp.asarray(config.atol, b.dtype))
     tol = jnp.full((B,), jnp.finfo(b.dtype).tiny, b.dtype)
 
