@@ -862,13 +862,8 @@ def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float | 
       matvec: callable ``[B, *shape] -> [B, *shape]`` applying ``A_i`` to system ``i``.
       b: ``[B, *shape]`` right-hand sides, float32 or float64 (rank >= 2); sets the dtype.
       x0: optional ``[B, *shape]`` initial guesses (default 0), same dtype as ``b``.
-      tol: relative tolerance > 0, a scalar or one per system ``[B]`` (may be traced), or
-        None: 1e-8 for float64, 1e-6 for float32 (:data:`DEFAULT_TOL`). A system converges
-        when its true residual, computed in ``b``'s dtype, is at most ``max(tol ||b||,
-        atol)``. A ``tol`` below the dtype's machine epsilon (1.2e-7 in float32) cannot be
-        verified in it and never counts as met: such a system stops by ``atol``, stagnation
-        or the cycle limit, and says so (:func:`verifiable_tol`).
-      atol: absolute tolerance >= 0, a scalar or ``[B]`` (may be traced).
+      tol, atol: the tolerances, as in :func:`gmres` (``tol=None``: 1e-8 for float64, 1e-6
+        for float32).
       restart: BiCGStab iterations per cycle (static Python int >= 1).
       max_restarts: maximum number of cycles >= 1 (may be traced).
       precondition: optional callable ``[B, *shape] -> [B, *shape]`` applying ``M^{-1}``
