@@ -124,9 +124,19 @@ def seed_basis(seed_matvec: Callable, seed_b: Array, k: int, *, seed_x0: Array |
     b = jnp.asarray(seed_b)
     if b.ndim < 2:
         raise ValueError(f"seed_b: expected a field [*shape] or [1, *shape], got shape {b.shape}")
+    if b.dtype not in (jnp.float32, jnp.float64):
+        raise TypeError(f"seed_b: expected dtype float32 or float64, got {b.dtype}")
     _checks.check_finite("seed_b", b)
+    given = tuple(b.shape)
     if b.shape[0] != 1:
         b = b[None]
+    try:
+        krylov._check_callable_shape("seed_matvec", seed_matvec, b.shape, b.dtype)
+    except (TypeError, ValueError) as err:
+        if len(given) >= 3 and given[0] != 1:  # a batch's b given whole, taken as one 3-D field
+            raise type(err)(f"{err}; seed_b of shape {given} was taken as one field of that shape: "
+                            f"give the seed's own right-hand side, b[i] of shape {given[1:]}") from err
+        raise
     n = int(b[0].size)
     k = _checks.as_int("k", k, 1, what=f"an integer in [1, {n}] (the number of unknowns)")
     if k > n:
@@ -217,6 +227,8 @@ def cross_matrix_solve(
         raise ValueError(f"solver: expected one of {KRYLOV_SOLVERS}, got {solver!r}")
     if recycle and solver != "gmres":
         raise ValueError(f"solver: recycling (GCRO) needs 'gmres', got {solver!r}")
+    if b.dtype not in (jnp.float32, jnp.float64):
+        raise TypeError(f"b: expected dtype float32 or float64, got {b.dtype}")
     T, shape = b.shape[0], b.shape[1:]
     N = math.prod(shape)
     if basis.Z.shape[-1] != N:
@@ -224,6 +236,8 @@ def cross_matrix_solve(
             f"basis: its vectors have {basis.Z.shape[-1]} entries but the systems have {N}")
     k = basis.Z.shape[0]
     _checks.check_finite("basis", basis.Z)
+    # before the projection, whose result would otherwise be refused as the refinement's x0
+    krylov._check_callable_shape("matvec", matvec, b.shape, b.dtype)
     Z = basis.Z.astype(b.dtype)
     if x0 is not None:
         x0 = jnp.asarray(x0, b.dtype)

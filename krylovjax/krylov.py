@@ -669,7 +669,10 @@ def gmres(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float | Non
       precondition: optional callable ``[B, *shape] -> [B, *shape]`` applying ``M^{-1}``
         (right preconditioning, must be linear).
       recycle: optional ``(U, C)`` pair or :class:`RecycleSpace`, each ``[B, k, N]`` or
-        ``[k, N]`` (shared by all systems), same dtype as ``b``.
+        ``[k, N]`` (shared by all systems), same dtype as ``b``, with ``C = A_i U`` for every
+        system ``i`` (:func:`make_recycle_space`): a shared ``[k, N]`` pair is valid only
+        when all the systems have the same operator (one system's pair used for three
+        different operators left two at residuals 2e-2 and 5e-3, reported as STAGNATION).
       stagnation_tol: minimum relative decrease of the true residual per cycle (in [0, 1)).
 
     Returns:

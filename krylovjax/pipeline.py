@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from krylovjax.data import validate_images
-from krylovjax.precompute import PrecomputeConfig, precompile, precompute_scores
+from krylovjax.precompute import PrecomputeConfig, check_config, precompile, precompute_scores
 
 __all__ = ["PipelineSummary", "run_precompute", "check_run_args", "store_config", "store_fields",
            "summarize_store", "open_store", "STORE_DIR", "STAT_FIELDS"]
@@ -119,7 +119,7 @@ def store_config(config: PrecomputeConfig, *, embed_component: str = "sum",
     tolerance is resolved for ``compute_dtype`` first (:meth:`PrecomputeConfig.resolve`), so a
     float64 default config records ``tol=1e-10`` as it always did.
     """
-    return {"precompute": config.resolve(compute_dtype).to_dict(), "embed_component": embed_component,
+    return {"precompute": check_config(config).resolve(compute_dtype).to_dict(), "embed_component": embed_component,
             "compute_dtype": np.dtype(compute_dtype).name, "seed": int(seed)}
 
 
@@ -145,8 +145,7 @@ def check_run_args(images, config, chunk_images, store_dtype, embed_component, p
     """The checks :func:`run_precompute` makes of its arguments before any work: (the validated
     images, the chunk size). Raises ValueError or TypeError naming the argument."""
     images = validate_images(images)
-    if not isinstance(config, PrecomputeConfig):
-        raise TypeError(f"config: expected a PrecomputeConfig, got {type(config).__name__}")
+    check_config(config)
     if isinstance(chunk_images, bool) or not isinstance(chunk_images, (int, np.integer)) \
             or chunk_images < 1:
         raise ValueError(f"chunk_images: expected an integer >= 1, got {chunk_images!r}")

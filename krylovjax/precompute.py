@@ -669,6 +669,15 @@ def _check_seed(config: PrecomputeConfig, B: int) -> None:
                          f"{config.seed_image}")
 
 
+def check_config(config) -> PrecomputeConfig:
+    """``config`` if it is a :class:`PrecomputeConfig`, else ``TypeError`` naming it (a dict of
+    its fields: ``PrecomputeConfig(**d)``)."""
+    if not isinstance(config, PrecomputeConfig):
+        hint = "; build one from a dict with PrecomputeConfig(**d)" if isinstance(config, dict) else ""
+        raise TypeError(f"config: expected a PrecomputeConfig, got {type(config).__name__}{hint}")
+    return config
+
+
 def precompile(images_shape, dtype, config: PrecomputeConfig = PrecomputeConfig()) -> float:
     """Compile the programs :func:`precompute_scores` will run for this shape, ahead of time.
 
@@ -692,7 +701,7 @@ def precompile(images_shape, dtype, config: PrecomputeConfig = PrecomputeConfig(
     if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
         raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
     dtype = np.dtype(jax.dtypes.canonicalize_dtype(dtype))  # what precompute_scores computes in
-    config = config.resolve(dtype)
+    config = check_config(config).resolve(dtype)
     B, C, H, W = shape
     _check_seed(config, B)
     _check_basis_size(config, H, W)
@@ -800,6 +809,7 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
       of a wandering outer iteration can grow without bound.
     """
     images = validate_images(images)
+    check_config(config)
     B, C, H, W = images.shape
     _check_seed(config, B)
     init_key = _initial_key(config, key)

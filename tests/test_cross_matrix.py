@@ -230,6 +230,20 @@ def test_bad_inputs(systems):
         cross_matrix_solve(op.matvec, b, basis, projection="galerkin")
     with pytest.raises(ValueError, match="basis"):
         cross_matrix_solve(op.matvec, b[:, :8, :8], basis)
+    # (a walkthrough) a matvec that promotes float32 to float64 was blamed on x0, never passed
+    b32 = b.astype(jnp.float32)
+    for kw in ({}, {"projection": "seed_hessenberg"}, {"recycle": True}):
+        with pytest.raises(TypeError, match=r"^matvec: expected output dtype float32 \(that of b\), got float64"):
+            cross_matrix_solve(op.matvec, b32, basis, tol=1e-5, **kw)
+    with pytest.raises(TypeError, match="b: expected dtype float32 or float64, got int32"):
+        cross_matrix_solve(op.matvec, b.astype(jnp.int32), basis)
+    # seed_basis names its own arguments; the whole batch's b as seed_b is said to be that
+    with pytest.raises(TypeError, match="seed_b: expected dtype float32 or float64, got int32"):
+        seed_basis(take_system(op, 0).matvec, b[0].astype(jnp.int32), 4)
+    with pytest.raises(ValueError, match=r"^seed_matvec: failed on an input of shape \(1, 12, 16, 16\).*seed_b of "
+                                         r"shape \(12, 16, 16\) was taken as one field of that shape: give the "
+                                         r"seed's own right-hand side, b\[i\] of shape \(16, 16\)"):
+        seed_basis(lambda u: take_system(op, 0).matvec(u.reshape(1, 16, 16)), b, 4)  # a matvec for [1, 16, 16]
 
 
 # One compilation per (shapes, config), shared by the tests below.

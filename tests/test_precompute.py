@@ -140,6 +140,16 @@ def test_bad_images(bad, match):
 def test_bad_config():
     with pytest.raises(ValueError, match="strategy"):
         PrecomputeConfig(strategy="lu")
+    # (a walkthrough) a dict was an AttributeError "'dict' object has no attribute 'shard'"
+    from krylovjax.precompute import precompile
+
+    hint = r"^config: expected a PrecomputeConfig, got dict; build one from a dict with PrecomputeConfig\(\*\*d\)$"
+    with pytest.raises(TypeError, match=hint):
+        precompute_scores(np.zeros((1, 3, 8, 8)), {"num_steps": 3})
+    with pytest.raises(TypeError, match=hint):
+        precompile((1, 3, 8, 8), np.float64, {"num_steps": 3})
+    with pytest.raises(TypeError, match=r"^config: expected a PrecomputeConfig, got str$"):
+        precompute_scores(np.zeros((1, 3, 8, 8)), "fast")
     # projection=None keeps the preset's own projection; a named one overrides it.
     assert PrecomputeConfig(strategy="cross_matrix_block").solver_config(3).projection == \
         "seed_hessenberg"
