@@ -21,6 +21,16 @@ def check_float(name: str, x) -> None:
         raise TypeError(f"{name}: expected a floating-point array, got dtype {dtype}")
 
 
+def channels_last_hint(shape) -> str:
+    """``"; ... transpose ..."`` when a ``[B, C, H, W]`` argument's ``shape`` looks channels-last
+    (``[B, H, W, C]``: a last axis of 1, 3 or 4 after larger ones), else ``""``."""
+    shape = tuple(shape)
+    if len(shape) == 4 and shape[-1] in (1, 3, 4) and min(shape[1], shape[2]) > 4:
+        return ("; it looks channels-last [B, H, W, C], and the library takes [B, C, H, W]: "
+                "x.transpose(0, 3, 1, 2)")
+    return ""
+
+
 def check_finite(name: str, x) -> None:
     """Raise ValueError if a concrete ``x`` holds NaN or Inf (skipped under tracing). A JAX
     array is reduced where it lives: only one bool comes back to the host, not the array."""

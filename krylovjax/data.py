@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from krylovjax._checks import is_concrete, is_float32_or_64
+from krylovjax._checks import channels_last_hint, is_concrete, is_float32_or_64
 
 __all__ = [
     "ImageDTypeError",
@@ -108,11 +108,15 @@ def validate_images(images: Any, name: str = "images") -> Any:
     if B < 1:
         raise ValueError(f"{name} must hold at least one image (B >= 1), got shape {shape}")
     if C not in (1, 3):
-        raise ValueError(f"{name} must have C in {{1, 3}} channels [B, C, H, W], got C={C} (shape {shape})")
+        raise ValueError(f"{name} must have C in {{1, 3}} channels [B, C, H, W], got C={C} (shape {shape})"
+                         + channels_last_hint(shape))
     if H < 4 or W < 4:
         raise ValueError(f"{name} must have H, W >= 4 [B, C, H, W], got H={H}, W={W}")
     if not is_float32_or_64(images.dtype):
-        raise ImageDTypeError(f"{name} must have a floating dtype (float32/float64), got {images.dtype}")
+        hint = ("; 8-bit pixels become [0, 1] with x.astype(np.float32) / 255" if np.dtype(images.dtype) == np.uint8
+                else "; 16-bit pixels become [0, 1] with x.astype(np.float32) / 65535"
+                if np.dtype(images.dtype) == np.uint16 else "")
+        raise ImageDTypeError(f"{name} must have a floating dtype (float32/float64), got {images.dtype}{hint}")
     if not is_concrete(images):
         return images
     arr = np.asarray(images)

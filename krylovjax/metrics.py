@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from krylovjax._checks import check_finite, check_float, is_concrete
+from krylovjax._checks import channels_last_hint, check_finite, check_float, is_concrete
 
 __all__ = ["ssim", "psnr", "mse", "global_ssim", "estimate_noise", "SSIM_FILTER_SIZE", "SSIM_FILTER_SIGMA"]
 
@@ -60,6 +60,9 @@ def _check_pair(a, b, *, min_size: int = 1):
     a = jnp.asarray(a)
     b = jnp.asarray(b)
     for name, x in (("a", a), ("b", b)):
+        if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
+            raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}; convert it, "
+                            f"{name}.astype(jnp.float32) with data_range=255 for 8-bit values, or / 255 for [0, 1]")
         check_float(name, x)
         if x.ndim != 4:
             raise ValueError(f"{name}: expected an image batch of shape [B, C, H, W], got shape {tuple(x.shape)}")
@@ -67,11 +70,11 @@ def _check_pair(a, b, *, min_size: int = 1):
         raise ValueError(
             f"b: expected the same shape as a {tuple(a.shape)}, got {tuple(b.shape)}"
         )
-    _, _, h, w = a.shape
+    _, c, h, w = a.shape
     if h < min_size or w < min_size:
         raise ValueError(
             f"a: images must be at least {min_size}x{min_size} pixels for an "
-            f"{min_size}-tap SSIM window, got H={h}, W={w}"
+            f"{min_size}-tap SSIM window, got H={h}, W={w}" + channels_last_hint(a.shape)
         )
     check_finite("a", a)
     check_finite("b", b)

@@ -310,6 +310,21 @@ def test_validate_images_under_jit():
         f(jnp.zeros((1, 4, 4)))
 
 
+def test_validate_images_hints_at_channels_last_and_integer_pixels():
+    """(A walkthrough.) A channels-last array and 8/16-bit pixels are refused with the fix."""
+    rgb = np.random.default_rng(0).uniform(size=(2, 16, 16, 3))
+    with pytest.raises(ValueError, match=r"got C=16 \(shape \(2, 16, 16, 3\)\); it looks channels-last "
+                                         r"\[B, H, W, C\], and the library takes \[B, C, H, W\]: x.transpose\(0, 3, 1, 2\)$"):
+        D.validate_images(rgb)
+    D.validate_images(rgb.transpose(0, 3, 1, 2))
+    with pytest.raises(ValueError, match=r"got C=2 \(shape \(1, 2, 8, 8\)\)$"):  # no hint where none fits
+        D.validate_images(np.zeros((1, 2, 8, 8)))
+    for dtype, scale in ((np.uint8, 255), (np.uint16, 65535)):
+        with pytest.raises(D.ImageDTypeError, match=f"got {np.dtype(dtype).name}; .*-bit pixels become \\[0, 1\\] "
+                                                    f"with x.astype\\(np.float32\\) / {scale}$"):
+            D.validate_images((rgb.transpose(0, 3, 1, 2) * scale).astype(dtype))
+
+
 @pytest.mark.parametrize("dtype", [np.float16, jnp.bfloat16, np.longdouble])
 def test_validate_images_refuses_other_floats(dtype):
     """Only float32/float64 pass (float16 used to pass and crash later inside LAPACK)."""

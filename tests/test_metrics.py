@@ -168,6 +168,20 @@ def test_bad_inputs(fn):
         fn(a, bad)
 
 
+def test_integer_and_channels_last_images_are_refused_with_the_fix():
+    """(A walkthrough.) ``ssim(uint8, uint8, data_range=255)`` said only "expected a
+    floating-point array"; a channels-last batch said only "got H=16, W=3"."""
+    a = np.random.default_rng(1).uniform(size=(2, 3, 16, 16))
+    u8 = (a * 255).astype(np.uint8)
+    with pytest.raises(TypeError, match=r"a: expected a floating-point array, got dtype uint8; convert it, "
+                                        r"a.astype\(jnp.float32\) with data_range=255 for 8-bit values"):
+        metrics.ssim(u8, u8, data_range=255)
+    ok = metrics.ssim(u8.astype(np.float32), (a * 255).astype(np.float32), data_range=255)
+    assert np.all(np.asarray(ok) > 0.99)
+    with pytest.raises(ValueError, match=r"got H=16, W=3; it looks channels-last \[B, H, W, C\]"):
+        metrics.ssim(a.transpose(0, 2, 3, 1), a.transpose(0, 2, 3, 1))
+
+
 def test_bad_data_range_and_small_images():
     a, b = _random_pair(9, (1, 1, 16, 16))
     for fn in (metrics.ssim, metrics.psnr, metrics.global_ssim):
