@@ -1985,27 +1985,60 @@ def load_checkpoint(workdir: str | os.PathLike, *, step: int | None = None) -> L
     ckpt_dir = os.path.abspath(os.path.join(workdir, _CKPT_DIR))
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"workdir: {workdir!r} has no checkpoints directory ({ckpt_dir!r})")
+    # A training run writing this directory deletes its older checkpoints (max_to_keep) and can
+    # do so between the listing and the reading: the latest is then listed again (a walkthrough:
+    # sampling from a run in progress failed with "move this step directory away").
+    for _ in range(_LOAD_ATTEMPTS):
+        reader = _manager(ckpt_dir, read_only=True)
+        try:
+            steps = reader.all_steps()
+            if not steps:
+                raise FileNotFoundError(f"workdir: {ckpt_dir!r} holds no complete checkpoint")
+            chosen = max(steps) if step is None else step
+            if chosen not in steps:
+                raise FileNotFoundError(f"step: no checkpoint for step {step} in {ckpt_dir!r} (have {sorted(steps)})")
+            try:
+                return _load_step(reader, ckpt_dir, chosen)
+            except Exception:
+                if os.path.isdir(os.path.join(ckpt_dir, str(chosen))):
+                    raise
+            if step is not None:
+                raise FileNotFoundError(
+                    f"step: checkpoint {step} of {ckpt_dir!r} was deleted while it was read (a training run "
+                    f"writing there keeps its last max_to_keep checkpoints); have {sorted(_steps(ckpt_dir))}")
+        finally:
+            reader.close()
+    raise CheckpointError(f"workdir: the latest checkpoint of {ckpt_dir!r} was deleted while it was read, "
+                          f"{_LOAD_ATTEMPTS} times (a training run writing there keeps only its last max_to_keep); "
+                          "try again, or give --step of a checkpoint it keeps")
+
+
+#: Listings of a checkpoint directory :func:`load_checkpoint` tries while a training run deletes
+#: the checkpoint it chose.
+_LOAD_ATTEMPTS = 5
+
+
+def _steps(ckpt_dir: str) -> list[int]:
+    """The checkpoint steps in ``ckpt_dir`` now."""
     reader = _manager(ckpt_dir, read_only=True)
     try:
-        steps = reader.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"workdir: {ckpt_dir!r} holds no complete checkpoint")
-        if step is None:
-            step = max(steps)
-        elif step not in steps:
-            raise FileNotFoundError(f"step: no checkpoint for step {step} in {ckpt_dir!r} (have {sorted(steps)})")
-        try:
-            record = reader.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-            cfg = TrainConfig.from_dict(record["train"])
-            info = record["data"]
-        except Exception as err:
-            raise CheckpointError(f"checkpoint {os.path.join(ckpt_dir, str(step))!r}: cannot read its config "
-                                  f"({type(err).__name__}: {err})") from err
-        template, model_def = create_train_state(cfg, tuple(info["sample_shape"]), num_images=info["num_images"])
-        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        state, record, meta = _restore(reader, step, template, sharding, ckpt_dir)
+        return list(reader.all_steps())
     finally:
         reader.close()
+
+
+def _load_step(reader, ckpt_dir: str, step: int) -> LoadedCheckpoint:
+    """Checkpoint ``step`` through ``reader``: its config, then the verified state."""
+    try:
+        record = reader.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        cfg = TrainConfig.from_dict(record["train"])
+        info = record["data"]
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {os.path.join(ckpt_dir, str(step))!r}: cannot read its config "
+                              f"({type(err).__name__}: {err})") from err
+    template, model_def = create_train_state(cfg, tuple(info["sample_shape"]), num_images=info["num_images"])
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    state, record, meta = _restore(reader, step, template, sharding, ckpt_dir)
     return LoadedCheckpoint(state, model_def, cfg, record, meta)
 
 

@@ -716,6 +716,41 @@ def test_corrupt_checkpoint_gives_clear_error_and_touches_nothing(tmp_path, ours
     assert tr.load_checkpoint(wd, step=10).meta["step"] == 10
 
 
+def test_a_checkpoint_deleted_while_it_is_read_is_replaced_by_the_latest(tmp_path, ours_run, monkeypatch):
+    """(A walkthrough.) Sampling from a run in progress: the training run deleted the checkpoint
+    that load_checkpoint had chosen (max_to_keep) before it was read, and the error said to move
+    the step directory away. The latest is now listed again; an explicit step says what happened."""
+    import shutil
+
+    wd = tmp_path / "copy"
+    shutil.copytree(ours_run[0], wd)
+    steps = sorted(int(d) for d in os.listdir(wd / "checkpoints") if d.isdigit())
+    assert len(steps) >= 2
+    real = tr._load_step
+    calls = []
+
+    def rotating(reader, ckpt_dir, step):
+        calls.append(step)
+        if len(calls) == 1:  # the "training run" deletes the chosen step and writes none newer
+            shutil.rmtree(os.path.join(ckpt_dir, str(step)))
+            raise FileNotFoundError(f"Checkpoint at {ckpt_dir}/{step} not found.")
+        return real(reader, ckpt_dir, step)
+
+    monkeypatch.setattr(tr, "_load_step", rotating)
+    ck = tr.load_checkpoint(wd)
+    assert calls == [steps[-1], steps[-2]] and ck.meta["step"] == steps[-2]
+    # a checkpoint still there that fails is an error as before (not retried)
+    with monkeypatch.context() as m:
+        m.setattr(tr, "_load_step", lambda *a: (_ for _ in ()).throw(tr.CheckpointError("bad")))
+        with pytest.raises(tr.CheckpointError, match="^bad$"):
+            tr.load_checkpoint(wd)
+    calls.clear()
+    with pytest.raises(FileNotFoundError, match=rf"^step: checkpoint {steps[-2]} of .* was deleted while it was read "
+                                                rf"\(a training run writing there keeps its last max_to_keep "
+                                                rf"checkpoints\); have \[{', '.join(map(str, steps[:-2]))}\]$"):
+        tr.load_checkpoint(wd, step=steps[-2])
+
+
 @pytest.mark.parametrize("failure", ["full_disk", "other"])
 def test_checkpoint_that_cannot_be_written_says_so_and_resumes(tmp_path, trajectories, monkeypatch, failure):
     """A full disk used to end in orbax's ValueError among a hundred lines of its threads'
