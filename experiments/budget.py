@@ -513,6 +513,7 @@ def main(argv):
     from krylovjax import experiment_utils as eu
 
     eu.check_no_args(argv)
+    eu.check_config_kind(FLAGS.config, "budget")
     eu.quiet_orbax_logs()
     eu.sigterm_as_interrupt()  # kill / timeout / schedulers: checkpoint like Ctrl-C, then exit non-zero
     with eu.exit_on_run_errors():

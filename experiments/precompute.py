@@ -128,6 +128,7 @@ def main(argv):
     from krylovjax import experiment_utils as eu
 
     eu.check_no_args(argv)
+    eu.check_config_kind(FLAGS.config, "precompute")
     eu.check_dir_arg(FLAGS.workdir, "workdir")
     eu.refuse_other_runs(FLAGS.workdir, {"experiment.json": "another experiment's run",
                                          "checkpoints": "a training run"})

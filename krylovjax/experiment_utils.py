@@ -80,6 +80,7 @@ __all__ = [
     "word_or_int_flag",
     "choice_list_flag",
     "check_flag",
+    "check_config_kind",
     "checking_arguments",
     "exit_on_run_errors",
 ]
@@ -471,6 +472,37 @@ def check_no_args(argv: Sequence[str]) -> None:
                              "list flags take comma-separated values, e.g. --sizes=32,64)")
 
 
+#: binary -> (the top-level keys its configs have, keys they must not have, its configs' files).
+_CONFIG_KINDS = {
+    "precompute": ({"dataset", "precompute", "image_size", "num_images"}, set(),
+                   "experiments/configs/demo.py, cifar10.py, celeba64.py or celeba128.py"),
+    "train": ({"method", "lr", "num_steps", "batch_size"}, set(), "experiments/configs/train_*.py"),
+    "denoise": ({"common", "data", "ours", "ddpm", "targets", "noise"}, {"budget_seconds", "task"},
+                "experiments/configs/denoise_*.py"),
+    "budget": ({"common", "data", "ours", "ddpm", "budget_seconds", "task"}, set(),
+               "experiments/configs/budget_*.py"),
+}
+
+
+def check_config_kind(config: Any, binary: str) -> None:
+    """Refuse a config made for another binary (``experiments.precompute`` given
+    ``train_tiny.py`` ended in ``AttributeError: 'dtype'``; ``denoise`` given ``demo.py`` in
+    ``AttributeError: 'targets'``): ``absl.app.UsageError`` naming the binary the config looks
+    made for and the files meant for this one."""
+    from absl import app
+
+    need, refuse, files = _CONFIG_KINDS[binary]
+    keys = set(config.keys()) if hasattr(config, "keys") else set()
+    missing, extra = sorted(need - keys), sorted(refuse & keys)
+    if not missing and not extra:
+        return
+    owners = [b for b, (n, r, _) in _CONFIG_KINDS.items() if b != binary and n <= keys and not (r & keys)]
+    whose = f"; it looks like a config of experiments.{owners[0]}" if owners else ""
+    why = f"it has no {', '.join(missing)}" if missing else f"it has {', '.join(extra)}"
+    raise app.UsageError(f"--config: not a config of experiments.{binary} ({why}){whose}; this binary takes "
+                         f"{files}")
+
+
 def check_flag(ok: bool, name: str, expected: str, value: Any) -> None:
     """``absl.app.UsageError`` ``--<name>: expected <expected>, got <value>`` unless ``ok``."""
     if not ok:
@@ -674,7 +706,7 @@ def exit_on_run_errors(interrupted: str = "what was saved (checkpoints, complete
     seemed stuck, and what is kept, instead of a ``KeyboardInterrupt`` traceback."""
     import sys
 
-    from krylovjax.workdir_lock import WorkdirBusyError
+    from krylovjax.workdir_lock import WorkdirBusyError, WorkdirUnwritableError
 
     try:
         yield
@@ -686,7 +718,7 @@ def exit_on_run_errors(interrupted: str = "what was saved (checkpoints, complete
         raise SystemExit(130) from None
     except Exception as err:
         # the classes of modules not imported cannot have been raised (and stay unimported)
-        kinds = (WorkdirBusyError, WorkdirConflictError) + tuple(
+        kinds = (WorkdirBusyError, WorkdirConflictError, WorkdirUnwritableError) + tuple(
             getattr(sys.modules[module], name)
             for module, name in (("krylovjax.training", "CheckpointError"),
                                  ("krylovjax.training", "NonFiniteLossError"),

@@ -45,7 +45,7 @@ try:  # POSIX; elsewhere runs are not locked (one warning)
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-__all__ = ["WorkdirBusyError", "hold", "lock_path"]
+__all__ = ["WorkdirBusyError", "WorkdirUnwritableError", "hold", "lock_path"]
 
 # errno values meaning "this file system cannot lock" / "cannot make the lock file here".
 _NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
@@ -57,6 +57,23 @@ _mutex = threading.Lock()
 
 class WorkdirBusyError(RuntimeError):
     """Another run (process or thread) holds the directory."""
+
+
+class WorkdirUnwritableError(OSError):
+    """The directory can neither be made nor written (a missing or read-only parent, ``/proc``):
+    said naming the argument, before any work, instead of a traceback from the first write."""
+
+
+def _unwritable(workdir, arg: str, err: OSError) -> WorkdirUnwritableError:
+    where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+    return WorkdirUnwritableError(f"{arg}: {os.fspath(workdir)!r} cannot be made or written: "
+                                  f"{err.strerror or err}{where}")
+
+
+def _usable(workdir) -> bool:
+    """An existing directory this process can write in (a writable mount under a read-only
+    parent runs unlocked, with a warning)."""
+    return os.path.isdir(workdir) and os.access(workdir, os.W_OK | os.X_OK)
 
 
 def lock_path(workdir: str | os.PathLike, process_index: int = 0) -> str:
@@ -90,6 +107,7 @@ def hold(workdir: str | os.PathLike, *, arg: str = "workdir", process_index: int
 
     Raises:
       WorkdirBusyError: another process, or another thread of this one, holds ``workdir``.
+      WorkdirUnwritableError: ``workdir`` cannot be made or written.
     """
     path = lock_path(workdir, process_index)
     me = threading.get_ident()
@@ -132,16 +150,20 @@ def _acquire(path: str, workdir, arg: str) -> int | None:
         return None
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-    except OSError as err:  # a file in the way, a read-only parent: the run's own checks report it
-        _warn_unlocked(path, str(err))
-        return None
+    except OSError as err:  # a file in the way, a read-only parent
+        if _usable(workdir):
+            _warn_unlocked(path, str(err))
+            return None
+        raise _unwritable(workdir, arg, err) from None
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
-            if err.errno in _NO_FILE:
+            if err.errno in _NO_FILE | {errno.ENOENT} and _usable(workdir):
                 _warn_unlocked(path, str(err))
                 return None
+            if err.errno in _NO_FILE | {errno.ENOENT, errno.ENOTDIR}:
+                raise _unwritable(workdir, arg, err) from None
             raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

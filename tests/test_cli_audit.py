@@ -480,6 +480,29 @@ def test_misspelt_config_key_is_a_flag_error(module, config, key, missing, tmp_p
     assert not wd.exists()
 
 
+@pytest.mark.parametrize("module, config, lacks, owner, files", [
+    # an AttributeError traceback ('dtype') until the thirty-third session
+    ("experiments.precompute", "train_tiny.py", "it has no dataset, image_size, num_images", "train",
+     "experiments/configs/demo.py, cifar10.py, celeba64.py or celeba128.py"),
+    ("experiments.denoise", "demo.py", "it has no common, data, ddpm, noise, ours, targets", "precompute",
+     "experiments/configs/denoise_*.py"),  # AttributeError 'targets'
+    ("experiments.budget", "train_tiny.py", "it has no common, ddpm, ours, task", "train",
+     "experiments/configs/budget_*.py"),  # "budget_seconds: expected ... got None"
+    ("experiments.denoise", "budget_demo.py", "it has budget_seconds, task", "budget", "experiments/configs/denoise_*.py"),
+    ("experiments.train", "denoise_demo.py", "it has no batch_size, lr, method, num_steps", "denoise",
+     "experiments/configs/train_*.py"),
+])
+def test_another_binarys_config_is_refused_naming_it(module, config, lacks, owner, files, tmp_path):
+    wd = tmp_path / "run"
+    proc = _run(module, f"--config=experiments/configs/{config}", f"--workdir={wd}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    binary = module.split(".")[1]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: --config: not a config of experiments.{binary} ({lacks}); it looks like a config of "
+        f"experiments.{owner}; this binary takes {files}"), proc.stderr[-1000:]
+    assert not wd.exists()
+
+
 @pytest.mark.parametrize("key, hint", [
     # the key exists at another level: named in full (ml_collections suggests only within the level)
     ("common.batch_size", "Did you mean --config.ddpm.train.batch_size or --config.ours.train.batch_size?"),

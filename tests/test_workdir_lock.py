@@ -188,10 +188,40 @@ def test_no_locking_possible_runs_unlocked_with_a_warning(tmp_path, monkeypatch,
         monkeypatch.setattr(wl.os, "open", lambda p, *a, **k: refuse() if p.endswith(".lock") else real_open(p, *a, **k))
     warned = []
     monkeypatch.setattr(wl.logging, "warning", lambda fmt, *a: warned.append(fmt % a))
+    if where == "open":  # no lock file beside it: only a directory there that can be written runs
+        (tmp_path / "run").mkdir()
     with wl.hold(tmp_path / "run"):
         pass
     assert len(warned) == 1 and "not protected against a second run" in warned[0]
     assert not os.path.exists(wl.lock_path(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("err", [errno.ENOENT, errno.EROFS, errno.EACCES])
+def test_a_directory_that_cannot_be_made_is_said_to_be_so(tmp_path, monkeypatch, err):
+    """(A walkthrough: --workdir=/proc/nope ended in a FileNotFoundError traceback from the lock
+    file, or in one line naming only the lock file.) No lock file and no directory to write in:
+    WorkdirUnwritableError names the argument and the directory; nothing is made."""
+    real_open = os.open
+    monkeypatch.setattr(wl.os, "open", lambda p, *a, **k: (_ for _ in ()).throw(OSError(err, os.strerror(err), p))
+                        if p.endswith(".lock") else real_open(p, *a, **k))
+    with pytest.raises(wl.WorkdirUnwritableError, match=rf"^outdir: '{tmp_path / 'run'}' cannot be made or written: "
+                                                        rf"{os.strerror(err)} \(.*\.run\.lock\)$"):
+        with wl.hold(tmp_path / "run", arg="outdir"):
+            pass
+    assert os.listdir(tmp_path) == []
+    # a parent that is a file: the lock file's folder cannot be made
+    (tmp_path / "f").write_text("x")
+    monkeypatch.undo()
+    with pytest.raises(wl.WorkdirUnwritableError, match=r"^workdir: '.*/f/a/run' cannot be made or written: "):
+        with wl.hold(tmp_path / "f" / "a" / "run"):
+            pass
+
+
+def test_binaries_say_a_workdir_cannot_be_made(tmp_path):
+    proc = _run("experiments.budget", "--config=experiments/configs/budget_demo.py", "--workdir=/proc/nope")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: workdir: '/proc/nope' cannot be made or written: No such file or directory (/proc/.nope.lock)")
 
 
 def test_other_errors_are_not_swallowed(tmp_path, monkeypatch):
