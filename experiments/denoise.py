@@ -410,6 +410,9 @@ def load_clean(data_cfg):
         key = (f"data.kwargs.{name}" if name in given else
                "data.size" if name == "size" else f"data.source {data_cfg.source!r}")
         raise type(err)(f"{key}: {msg}") from err
+    from krylovjax import experiment_utils as eu
+
+    eu.warn_fewer_images(kw.get("num_images"), images.shape[0], "data.kwargs.num_images", data_cfg.source)
     idx = data_cfg.get("index")
     if idx is None:
         return images

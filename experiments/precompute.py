@@ -104,6 +104,9 @@ def load(cfg):
                                  num_images=cfg.num_images or None)
     except (TypeError, ValueError) as err:  # the keys are the config's: dataset, image_size, ...
         raise ValueError(f"dataset {cfg.dataset!r}: {err}") from err
+    from krylovjax import experiment_utils as eu
+
+    eu.warn_fewer_images(cfg.num_images, images.shape[0], "num_images", cfg.dataset)
     return images.astype(np.dtype(cfg.dtype))
 
 

@@ -159,6 +159,10 @@ def _train(cfg, source):
 
     with eu.checking_arguments():  # a bad value ends the binary with its message alone
         train_cfg = training.TrainConfig.from_dict({k: v for k, v in cfg.items() if k not in _NON_TRAIN_KEYS})
+        if train_cfg.eval_every:  # (a walkthrough: accepted, and nothing was evaluated)
+            raise ValueError(f"eval_every: expected 0, got {train_cfg.eval_every}; experiments.train has no "
+                             "evaluation set and never evaluates (experiments.denoise and experiments.budget do, "
+                             "on their noisy photos)")
         training.check_workdir(FLAGS.workdir, train_cfg)  # another run's config: refused before pre-computing
         training.check_mesh(train_cfg)  # the batch against this machine's devices
         if source == "builtin":
@@ -173,7 +177,7 @@ def _train(cfg, source):
     result = training.train(train_cfg, data, FLAGS.workdir)
     summary = {k: getattr(result, k) for k in ("step", "stop_reason", "resumed_from", "train_seconds",
                                                "compile_seconds", "eval_seconds", "checkpoint_seconds",
-                                               "wall_seconds", "last_loss", "steps_per_call")}
+                                               "wall_seconds", "last_loss", "last_loss_step", "steps_per_call")}
     if result.resumed_from == result.step:
         # Nothing trained in this invocation (the run already stood at --config.num_steps or past
         # it): keep the finished run's last loss instead of overwriting it with None.
@@ -182,6 +186,7 @@ def _train(cfg, source):
         prev = _previous_result(FLAGS.workdir)
         if prev is not None and prev.get("step") == result.step and summary["last_loss"] is None:
             summary["last_loss"] = prev.get("last_loss")
+            summary["last_loss_step"] = prev.get("last_loss_step")
     if jax.process_index() == 0:
         eu.write_json(os.path.join(FLAGS.workdir, "result.json"), summary)
     logging.info("done (process %d/%d): %s", jax.process_index(), jax.process_count(), summary)

@@ -59,6 +59,7 @@ __all__ = [
     "format_seconds",
     "write_json",
     "write_images",
+    "warn_fewer_images",
     "write_text",
     "benchmark_machine",
     "cpu_model",
@@ -753,6 +754,25 @@ def load_for_model(source: str, arg: str, size: int, num_images: int | None, cha
     if x.shape[1] != channels:
         raise ValueError(f"{arg}: its images have {x.shape[1]} channels, the model {channels}")
     return x
+
+
+def progress_bar(**kwargs):
+    """A tqdm bar on stderr (``tqdm.auto``'s keywords), redrawn at most every 30 s when stderr
+    is not a terminal: a log file gets a line now and then instead of a redraw per update (a
+    walkthrough found logs filled with them)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    tty = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    return tqdm(dynamic_ncols=True, mininterval=0.1 if tty else 30.0, **kwargs)
+
+
+def warn_fewer_images(asked: Any, got: int, key: str, source: Any) -> None:
+    """A warning when a source held fewer images than ``key`` asked for (``num_images`` is an
+    upper bound: 20 asked of a folder of 8 gives 8, which a walkthrough found said nowhere)."""
+    if isinstance(asked, int) and not isinstance(asked, bool) and 0 < got < asked:
+        logging.warning("%s: %d images asked for, %r holds %d; using those %d", key, asked, source, got, got)
 
 
 def short_paths(paths: Sequence[str]) -> list[str]:

@@ -294,11 +294,11 @@ def _run_precompute(images, config, workdir, *, chunk_images, store_dtype, embed
     # every random initial density, its alias "paper_a" too (it failed for want of a key)
     key = jax.random.key(seed) if initial.needs_key(config.initial) else None
 
-    from tqdm.auto import tqdm
+    from krylovjax.experiment_utils import progress_bar
 
     n_pending = sum(store.chunk_bounds(i)[1] - store.chunk_bounds(i)[0] for i in pending)
-    bar = tqdm(total=n_pending, unit="img", disable=not progress, dynamic_ncols=True,
-               desc=f"precompute[{process_index}/{process_count}]" if process_count > 1
+    bar = progress_bar(total=n_pending, unit="img", disable=not progress,
+                       desc=f"precompute[{process_index}/{process_count}]" if process_count > 1
                else "precompute")
     totals = dict(systems=0, matvecs=0, nonconverged=0, compile=0.0, images=0, outer_bad=0,
                   diverged=0)

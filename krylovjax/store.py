@@ -756,7 +756,9 @@ class ScoreStore:
         if not self.is_chunk_complete(chunk):
             start, stop = self.chunk_bounds(chunk)
             raise ValueError(
-                f"chunk {chunk} (images {start}..{stop - 1}) of {self.path!r} is not complete yet"
+                f"chunk {chunk} (images {start}..{stop - 1}) of {self.path!r} is not complete yet "
+                f"({len(self.pending_chunks(all_hosts=True))} of {self.num_chunks} chunks are not); finish the store first: "
+                "the command that made it (experiments.precompute) resumes from its complete chunks"
             )
         if check_files and chunk not in self._data_checked:
             self._check_chunk_files(chunk)
@@ -871,13 +873,17 @@ def _check_compatible(path: str, stored: dict, wanted: dict) -> None:
         )
         problems.append(f"config keys differ: {details}")
     for key in ("inputs_hash", "num_images", "chunk_size"):
+        if key == "inputs_hash" and config_keys:  # the hash covers the config: no news about the images
+            continue
         if stored.get(key) != wanted[key]:
-            problems.append(f"{key} differs (stored {_short(stored.get(key))}, given {_short(wanted[key])})")
+            what = "the images differ: " if key == "inputs_hash" else ""
+            problems.append(f"{what}{key} differs (stored {_short(stored.get(key))}, given {_short(wanted[key])})")
     field_keys = _diff_keys(stored.get("fields"), wanted["fields"])
     if field_keys:
         problems.append("fields differ: " + ", ".join(f"fields.{k}" for k in field_keys))
     if problems:
         raise StoreConflictError(
             f"path: {path!r} holds a store from a different run: " + "; ".join(problems)
-            + ". Refusing to write into it; use a new workdir (or delete this store deliberately)."
+            + ". Refusing to write into it; use a new workdir, or move this one aside (experiments.precompute "
+            "--fresh does)."
         )

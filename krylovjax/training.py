@@ -319,7 +319,11 @@ class TrainConfig:
         try:
             self.make_sde()
         except (TypeError, ValueError) as err:
-            raise ValueError(f"sde_kwargs: not accepted by the SDE {self.sde!r}: {err}") from err
+            given = dict(self.sde_kwargs)
+            hint = (f" (the config's sde_kwargs {given} are another SDE's: set them for {self.sde!r} too, "
+                    "from the command line --config.sde_kwargs={} for its defaults, or e.g. "
+                    "--config.sde_kwargs=\"{'beta_max': 20.0}\")" if given else "")
+            raise ValueError(f"sde_kwargs: not accepted by the SDE {self.sde!r}: {err}{hint}") from err
         for k in ("batch_size", "num_steps", "checkpoint_every", "max_to_keep", "log_every", "ddpm_num_steps"):
             v = getattr(self, k)
             if not is_int(v) or v < 1:
@@ -1491,6 +1495,8 @@ class TrainResult:
       step_at_target: the step at which it was reached, else None.
       last_eval: the last evaluation dict (or None).
       last_loss: the mean loss over the last logging window (or None).
+      last_loss_step: the step that window ended at (a run stopped by its time budget or a
+        target between two log steps ends after it), or None.
       steps_per_call: the updates per call this segment used (``TrainConfig.steps_per_call``
         resolved, :func:`resolve_steps_per_call`).
     """
@@ -1510,6 +1516,7 @@ class TrainResult:
     last_eval: dict | None = None
     last_loss: float | None = None
     steps_per_call: int = 1
+    last_loss_step: int | None = None
 
 
 _MODEL_FNS: dict = {}
@@ -1813,6 +1820,10 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
     writer = _manager(ckpt_dir, read_only=False, max_to_keep=config.max_to_keep)
 
     if primary:
+        logging.info("training %s on %d device%s (%s), %d update%s per call, from step %d to %d", config.method,
+                     mesh.size, "s" if mesh.size != 1 else "",
+                     f"data parallel: the batch of {config.batch_size} split {mesh.size} ways" if mesh.size > 1 else
+                     "no data parallelism", k_call, "s" if k_call != 1 else "", step, config.num_steps)
         with open(metrics_path, "a") as f:
             f.write(json.dumps({"step": step, "kind": "start", "resumed_from": resumed_from,
                                 "compile_seconds": compile_seconds, "num_devices": mesh.size,
@@ -1823,7 +1834,7 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
     eval_seconds = ckpt_seconds = 0.0
     stop_reason = "num_steps"
     time_to_target = step_at_target = None
-    last_eval = last_loss = None
+    last_eval = last_loss = last_loss_step = None
     last_saved = step if resumed_from is not None else -1
     last_eval_step = -1
     win_loss, win_steps, win_time = [], 0, 0.0
@@ -1874,8 +1885,9 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
 
     bar = None
     if config.progress and primary:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=config.num_steps, initial=step, desc=f"train[{config.method}]", dynamic_ncols=True)
+        from krylovjax.experiment_utils import progress_bar
+
+        bar = progress_bar(total=config.num_steps, initial=step, desc=f"train[{config.method}]")
     # A resumed run first evaluates its checkpoint's step when that evaluation was due but has no
     # record (the earlier run was killed between the save and the evaluation's end), or when a
     # target is set and the earlier run evaluated this step (it may have stopped there at the
@@ -1909,7 +1921,7 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
             if bar is not None:
                 bar.update(n)
             if step % config.log_every == 0 or step == config.num_steps:
-                last_loss = float(np.mean(win_loss))
+                last_loss, last_loss_step = float(np.mean(win_loss)), step
                 rec = {"step": step, "kind": "train", "loss": last_loss,
                        "images_per_s": config.batch_size * win_steps / max(win_time, 1e-12),
                        "lr": float(np.asarray(m.lr).reshape(-1)[-1]),
@@ -1918,7 +1930,7 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(rec) + "\n")
                 if bar is not None:
-                    bar.set_postfix(loss=f"{last_loss:.4g}")
+                    bar.set_postfix(loss=f"{last_loss:.4g}", refresh=False)
                 win_loss, win_steps, win_time = [], 0, 0.0
             if step % config.checkpoint_every == 0:
                 save()
@@ -1956,7 +1968,7 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
                        eval_seconds=eval_seconds, checkpoint_seconds=ckpt_seconds,
                        wall_seconds=time.perf_counter() - wall0, time_to_target=time_to_target,
                        step_at_target=step_at_target, last_eval=last_eval, last_loss=last_loss,
-                       steps_per_call=k_call)
+                       steps_per_call=k_call, last_loss_step=last_loss_step)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -405,7 +405,7 @@ def test_train_binary_rerun_past_num_steps_keeps_result(tmp_path):
     assert "nothing was trained" in proc.stderr
     again = json.load(open(wd / "result.json"))
     assert again["step"] == 2 and again["resumed_from"] == 2
-    assert again["last_loss"] == first["last_loss"]
+    assert again["last_loss"] == first["last_loss"] and again["last_loss_step"] == first["last_loss_step"] == 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -478,6 +478,38 @@ def test_misspelt_config_key_is_a_flag_error(module, config, key, missing, tmp_p
         proc.stderr[-2000:]
     assert "Did you mean" in proc.stderr and "Traceback" not in proc.stderr
     assert not wd.exists()
+
+
+def test_train_binary_refuses_eval_every_and_says_how_many_devices(tmp_path):
+    """(A walkthrough.) --config.eval_every=20 was accepted and nothing was evaluated; the log
+    never said how many devices trained (only metrics.jsonl's num_devices)."""
+    wd = tmp_path / "run"
+    proc = _run("experiments.train", *_TRAIN, f"--workdir={wd}", "--config.eval_every=20")
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        "error: eval_every: expected 0, got 20; experiments.train has no evaluation set and never evaluates "
+        "(experiments.denoise and experiments.budget do, on their noisy photos)"), proc.stderr[-2000:]
+    assert not wd.exists()
+    proc = _run("experiments.train", *_TRAIN, f"--workdir={wd}", "--config.num_steps=2", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import re
+
+    # (the suite may give the process several CPU devices: XLA_FLAGS)
+    assert re.search(r"training ddpm on (1 device \(no data parallelism\)|(\d+) devices \(data parallel: the batch "
+                     r"of 8 split \2 ways\)), 1 update per call, from step 0 to 2", proc.stderr), proc.stderr[-3000:]
+
+
+def test_precompute_says_when_a_folder_holds_fewer_images_than_asked(tmp_path):
+    from PIL import Image
+
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((8, 8, 3), 40 * i + 50, np.uint8)).save(pics / f"p{i}.png")
+    proc = _run("experiments.precompute", "--config=experiments/configs/demo.py", f"--workdir={tmp_path / 'w'}",
+                "--noprogress", f"--config.dataset=files:{pics}", "--config.num_images=5", "--config.image_size=8",
+                "--config.chunk_images=2", "--config.precompute.num_steps=2", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"num_images: 5 images asked for, 'files:{pics}' holds 2; using those 2" in proc.stderr
 
 
 @pytest.mark.parametrize("module, config, lacks, owner, files", [

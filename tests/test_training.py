@@ -493,9 +493,12 @@ def test_multi_step_calls_equal_single_steps_and_resume(tmp_path, trajectories, 
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-6)
         np.testing.assert_allclose(recs(wd), recs("single"), rtol=1e-6)
         assert [s for s, _ in recs(wd)] == [5, 10, 12]
+        assert multi.last_loss_step == 12 and multi.last_loss == pytest.approx(recs(wd)[-1][1])
     calls.clear()
     cut = tr.train(OURS.replace(num_steps=12, steps_per_call=3, budget_seconds=1e-9), trajectories, tmp_path / "cut")
     assert cut.stop_reason == "budget" and cut.step == 3 and calls == [3]  # the budget overshoots by a call
+    # no log step reached (log_every 5): no last loss, and none claimed for step 3
+    assert cut.last_loss is None and cut.last_loss_step is None
     rest = tr.train(OURS.replace(num_steps=12, steps_per_call=3), trajectories, tmp_path / "cut")
     assert rest.resumed_from == 3 and rest.step == 12 and calls == [3, 1, 1, 3, 1, 1, 1, 1]
     assert _leaves_equal(runs[None].state, rest.state)  # the same calls as the uninterrupted run
