@@ -249,6 +249,31 @@ def _check_channels(channels: Any) -> None:
         raise ValueError(f"channels must be None, 1 or 3, got {channels!r}")
 
 
+def _warn_fitting(path, files: Sequence[str], shapes: Sequence[tuple], hw, channels: int) -> None:
+    """One warning naming the files that were not taken as they are: centre-cropped to another
+    aspect, enlarged, or converted to ``channels`` (a walkthrough: a folder of 20x20 to 74x64
+    photos and a gray one was read at 32x32 colour without a word)."""
+    def names(idx):
+        shown = ", ".join(os.path.basename(files[i]) for i in idx[:3])
+        return shown + (f" and {len(idx) - 3} more" if len(idx) > 3 else "")
+
+    notes = []
+    if hw is not None:
+        cropped = [i for i, (h, w, _) in enumerate(shapes) if h * hw[1] != w * hw[0]]
+        enlarged = [i for i, (h, w, _) in enumerate(shapes) if h < hw[0] or w < hw[1]]
+        if cropped:
+            notes.append(f"{len(cropped)} centre-cropped to the {hw[0]}x{hw[1]} aspect ({names(cropped)})")
+        if enlarged:
+            notes.append(f"{len(enlarged)} smaller than {hw[0]}x{hw[1]} and enlarged ({names(enlarged)})")
+    converted = [i for i, (_, _, c) in enumerate(shapes) if c != channels]
+    if converted:
+        how = "gray read as R = G = B" if channels == 3 else "colour read as its luminance"
+        notes.append(f"{len(converted)} converted to {channels} channel{'s' if channels != 1 else ''} "
+                     f"({how}: {names(converted)})")
+    if notes:
+        warnings.warn(f"{os.fspath(path)!r}: of {len(files)} images, " + "; ".join(notes), stacklevel=3)
+
+
 def _fit(img: np.ndarray, hw: tuple[int, int] | None, channels: int | None) -> np.ndarray:
     """``[H, W, c]`` -> its largest centred crop of ``hw``'s aspect, in ``channels``, resized to
     ``hw`` (just the channels when ``hw`` is None): every source's images (built-in, tfds,
@@ -864,7 +889,13 @@ def load_files(
     if channels is None:
         channels = 1 if all(_gray_mode(p) for p in chosen) else 3
 
-    imgs = _map_images(lambda p: _fit(_read_image_file(p), hw, channels), chosen)
+    def read(p):
+        img = _read_image_file(p)
+        return _fit(img, hw, channels), img.shape
+
+    fitted = _map_images(read, chosen)
+    imgs = [f for f, _ in fitted]
+    _warn_fitting(path, chosen, [shape for _, shape in fitted], hw, channels)
     for p, img in zip(chosen, imgs):
         if img.shape[:2] != imgs[0].shape[:2]:
             raise ValueError(f"size: None keeps the files' own size, but {chosen[0]!r} is {imgs[0].shape[0]}x"

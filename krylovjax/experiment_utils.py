@@ -455,12 +455,27 @@ def one_line_usage_errors(main: Callable[[Sequence[str]], Any]) -> Callable[[Seq
 
     @functools.wraps(main)
     def run(argv):
+        plain_warnings()
         try:
             return main(argv)
         except app.UsageError as err:
             raise SystemExit(f"error: {err}") from None
 
     return run
+
+
+def plain_warnings() -> None:
+    """Python warnings as one line, ``warning: <message>`` (``<Category>: <message>`` for other
+    categories than ``UserWarning``), without the file, line and source line that Python prints
+    (a walkthrough: a folder's skipped files were reported with ``images = load_files(path,
+    **kwargs)`` echoed under them). The binaries' wrapper :func:`one_line_usage_errors` sets it."""
+    import warnings
+
+    def one_line(message, category, filename, lineno, line=None):
+        kind = "warning" if category is UserWarning else category.__name__
+        return f"{kind}: {message}\n"
+
+    warnings.formatwarning = one_line
 
 
 def check_no_args(argv: Sequence[str]) -> None:

@@ -510,6 +510,17 @@ def test_precompute_says_when_a_folder_holds_fewer_images_than_asked(tmp_path):
                 "--config.chunk_images=2", "--config.precompute.num_steps=2", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"num_images: 5 images asked for, 'files:{pics}' holds 2; using those 2" in proc.stderr
+    # Python's warnings as one line each (they came with the file, line and source line)
+    (pics / "notes.txt").write_text("x")
+    Image.fromarray(np.full((8, 12, 3), 90, np.uint8)).save(pics / "p2.png")
+    proc = _run("experiments.precompute", "--config=experiments/configs/demo.py", f"--workdir={tmp_path / 'w2'}",
+                "--noprogress", f"--config.dataset=files:{pics}", "--config.num_images=0", "--config.image_size=8",
+                "--config.chunk_images=2", "--config.precompute.num_steps=2", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert f"warning: '{pics}': of 3 images, 1 centre-cropped to the 8x8 aspect (p2.png)" in lines
+    assert any(ln.startswith(f"warning: '{pics}': 1 file(s) left out") for ln in lines)
+    assert "UserWarning" not in proc.stderr and "load_files(" not in proc.stderr
 
 
 @pytest.mark.parametrize("module, config, lacks, owner, files", [

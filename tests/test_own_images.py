@@ -229,6 +229,26 @@ NEW_ENDINGS = {".jfif": "JPEG", ".jpe": "JPEG", ".tga": "TGA", ".dib": "DIB", ".
                ".j2k": "JPEG2000", ".pcx": "PCX", ".sgi": "SGI", ".qoi": "QOI", ".avif": "AVIF"}
 
 
+def test_files_not_taken_as_they_are_are_named(tmp_path):
+    """(A walkthrough: 20x20, 58x48 and 74x64 photos and a gray one became 32x32 colour without a
+    word.) One warning names the files centre-cropped, enlarged and converted."""
+    rng = np.random.default_rng(3)
+    for name, (h, w) in {"a_small.png": (20, 20), "b_wide.png": (48, 58), "c_big.png": (64, 74),
+                         "d_square.png": (40, 40)}.items():
+        _save(tmp_path / name, _rgb(rng, h, w))
+    _save(tmp_path / "e_gray.png", (rng.random((32, 32)) * 255).astype(np.uint8))
+    with pytest.warns(UserWarning) as caught:
+        x = D.load_files(str(tmp_path), size=32)
+    assert x.shape == (5, 3, 32, 32)
+    assert [str(w.message) for w in caught] == [
+        f"{str(tmp_path)!r}: of 5 images, 2 centre-cropped to the 32x32 aspect (b_wide.png, c_big.png); 1 smaller "
+        "than 32x32 and enlarged (a_small.png); 1 converted to 3 channels (gray read as R = G = B: e_gray.png)"]
+    with warnings.catch_warnings():  # square colour files at least the size: nothing to say
+        warnings.simplefilter("error")
+        D.load_files(str(tmp_path / "d_square.png"), size=32)
+        D.load_files(str(tmp_path / "c_big.png"), size=None)
+
+
 def test_directory_reads_every_pillow_image_ending_and_names_the_files_it_leaves_out(tmp_path):
     """A directory's .jfif, .tga, ... files were left out (a .jfif named directly loaded fine);
     now they are read, and the non-hidden files it still leaves out are named in one warning."""
@@ -251,8 +271,13 @@ def test_directory_reads_every_pillow_image_ending_and_names_the_files_it_leaves
         x = D.load_files(str(tmp_path), size=4)
         assert D.load_images(f"files:{tmp_path}", num_images=1, channels=3).shape == (1, 3, 8, 8)
     assert x.shape == (n, 3, 4, 4)
-    msgs = [str(w.message) for w in caught]
+    fitted = [str(w.message) for w in caught if "converted" in str(w.message)]
+    msgs = [str(w.message) for w in caught if "left out" in str(w.message)]
     assert len(msgs) == 2 and msgs[0] == msgs[1], msgs  # one per load
+    # the gray f.pfm among colour images: said (thirty-third session), once per load
+    assert fitted == [f"{str(tmp_path)!r}: of {n} images, 1 converted to 3 channels (gray read as R = G = B: f.pfm)",
+                      f"{str(tmp_path)!r}: of 1 images, 1 converted to 3 channels (gray read as R = G = B: f.pfm)"]
+    assert len(caught) == 4
     assert msgs[0] == (f"{str(tmp_path)!r}: 3 file(s) left out, their names not ending in an image extension "
                        f"(krylovjax.data.IMAGE_EXTENSIONS): data.csv, notes.txt, scan.heic; a glob pattern such "
                        f"as {str(tmp_path / '*')!r} reads files of any ending")
