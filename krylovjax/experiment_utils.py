@@ -753,17 +753,22 @@ def load_for_model(source: str, arg: str, size: int, num_images: int | None, cha
     where the source can (files, arrays, a built-in photo), with a note appended to ``notes``, and
     refused otherwise. Errors (ValueError, FileNotFoundError for a missing path) start with ``arg``
     (restore's ``input`` and ``clean``, generate's ``reference``)."""
+    import warnings
+
     from krylovjax.data import load_images
 
     kw: dict[str, Any] = {"size": size}
     if not source.startswith("builtin:") and num_images is not None:
         kw["num_images"] = num_images
     try:
-        x = np.asarray(load_images(source, **kw))
-        if x.shape[1] != channels and source.startswith(("files:", "array:", "builtin:")):
-            notes.append(f"{arg}: its images have {x.shape[1]} channel{'s' if x.shape[1] != 1 else ''}, converted to "
-                         f"the model's {channels} ({'R = G = B' if channels == 3 else 'their luminance'})")
-            x = np.asarray(load_images(source, channels=channels, **kw))
+        with warnings.catch_warnings():  # the files cropped or converted: the callers' notes say it per file
+            warnings.filterwarnings("ignore", message=r".*: of \d+ images, ", category=UserWarning)
+            x = np.asarray(load_images(source, **kw))
+            if x.shape[1] != channels and source.startswith(("files:", "array:", "builtin:")):
+                notes.append(f"{arg}: its images have {x.shape[1]} channel{'s' if x.shape[1] != 1 else ''}, "
+                             f"converted to the model's {channels} "
+                             f"({'R = G = B' if channels == 3 else 'their luminance'})")
+                x = np.asarray(load_images(source, channels=channels, **kw))
     except (ValueError, FileNotFoundError) as e:
         raise type(e)(f"{arg}: {source!r}: {e}") from e
     if x.shape[1] != channels:
