@@ -137,6 +137,21 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _at(config: Any, dotted: str) -> Any:
+    """The value at a dotted key of a nested config, or ``"<absent>"``."""
+    node = _plain(config)
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return "<absent>"
+        node = _plain(node[part])
+    return node
+
+
+def _short_value(v: Any, width: int = 60) -> str:
+    text = v if v == "<absent>" else repr(v)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def config_diff(stored: Any, given: Any, prefix: str = "", *,
                 legacy: Mapping[str, Any] | None = None) -> list[str]:
     """Dotted keys at which two (nested) configs differ, e.g. ``["ours.train.lr"]``.
@@ -238,8 +253,10 @@ def check_claim(workdir: str | os.PathLike, experiment: str, config: Any, *,
         diff = config_diff(stored.get("config"), record["config"], legacy=legacy)
         if diff:
             shown = ", ".join(diff[:12]) + (" ..." if len(diff) > 12 else "")
+            values = "; ".join(f"{k}: stored {_short_value(_at(stored.get('config'), k))}, given "
+                               f"{_short_value(_at(record['config'], k))}" for k in diff[:4])
             raise WorkdirConflictError(
-                f"{arg}: {workdir!r} holds another run's config (differs at: {shown}); "
+                f"{arg}: {workdir!r} holds another run's config (differs at: {shown}) ({values}); "
                 f"use another --{arg} (nothing there was changed)")
         return True
     if os.path.isdir(workdir) and os.listdir(workdir):

@@ -136,8 +136,13 @@ def test_claim_workdir_refuses_other_configs_without_touching(tmp_path):
         f.write("{}")
     before = _snapshot(wd)
     assert eu.claim_workdir(wd, "denoise", {"lr": 1e-3, "model": {"ch": 8}}) is False
-    with pytest.raises(ValueError, match=r"another run's config \(differs at: lr, model.ch\)"):
+    # with the values (a walkthrough: the keys alone, where train's message gave both)
+    with pytest.raises(ValueError, match=r"another run's config \(differs at: lr, model.ch\) \(lr: stored 0\.001, "
+                                         r"given 0\.002; model\.ch: stored 8, given 16\); use another --workdir"):
         eu.claim_workdir(wd, "denoise", {"lr": 2e-3, "model": {"ch": 16}})
+    with pytest.raises(ValueError, match=r"\(differs at: extra, lr\) \(extra: stored <absent>, given 'xxxx.*\.\.\.; "
+                                         r"lr: stored 0\.001, given 0\.003\)"):
+        eu.claim_workdir(wd, "denoise", {"lr": 3e-3, "model": {"ch": 8}, "extra": "x" * 80})
     with pytest.raises(ValueError, match="'budget'"):
         eu.claim_workdir(wd, "budget", {"lr": 1e-3, "model": {"ch": 8}})
     assert _snapshot(wd) == before
