@@ -494,7 +494,7 @@ def solve_fp(op: FPOperator, b: Array, config: SolverConfig = SolverConfig(), *,
     if config.method != "gmres" and config.basis_size > math.prod(op.grid_shape):
         raise ValueError(f"config.basis_size: expected at most {math.prod(op.grid_shape)} (the "
                          f"unknowns of one system), got {config.basis_size}")
-    if config.precondition == "diffusion":  # a hand-built operator's k checked here, outside the jit
+    if config.precondition == "diffusion" and op.diffusion is None:  # a hand-built operator's k, outside the jit
         preconditioners.diffusion_preconditioner(op)
     return _solve_fp(op, b, x0, config)
 

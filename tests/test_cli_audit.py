@@ -582,6 +582,8 @@ def test_show_config_prints_every_key_with_the_overrides_and_runs_nothing(module
     assert line in lines, proc.stdout
     keys = [ln.split(" = ", 1)[0] for ln in lines[1:]]
     assert len(keys) == len(set(keys)) > 5 and all(" " not in k for k in keys), lines
+    if module != "experiments.train":  # the rest is the flag parsing all four share (one subprocess each)
+        return
     # with a work directory given, nothing is written there either
     wd = tmp_path / "run"
     proc = _run(module, f"--config=experiments/configs/{config}", f"--workdir={wd}", "--show_config")
