@@ -213,8 +213,9 @@ def generator(cfg, tc, method: str, num_images: int, shape) -> tuple[Any, Any]:
 
     def draw(fn, return_trajectory):
         del return_trajectory  # two frames (prior, sample) are cheap
+        # one adaptive step size for the batch ("batch"), as the recorded figures were made
         return generate.sample_arrays(fn, tc, shape, key, idx=None if idx is None else jnp.asarray(idx),
-                                      sampler=sampler, num_frames=2, final_denoise=fd, **steps)
+                                      sampler=sampler, num_frames=2, final_denoise=fd, step_control="batch", **steps)
 
     return denoise._compiled_once(draw), idx
 

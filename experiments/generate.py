@@ -159,18 +159,18 @@ def nearest_reference(samples, refs):
 
 
 def sample(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_steps: int = 50, num_frames: int = 10,
-           final_denoise: bool = True):
+           final_denoise: bool = True, step_control: str = "per_image"):
     """Draw samples ``[M, C, H, W]`` in [0, 1] from a trained model, with trajectory frames.
 
     :func:`sample_arrays` with the number of network evaluations as a Python int.
     """
     out, frames, nfe = sample_arrays(fn, tc, shape, key, idx=idx, sampler=sampler, num_steps=num_steps,
-                                     num_frames=num_frames, final_denoise=final_denoise)
+                                     num_frames=num_frames, final_denoise=final_denoise, step_control=step_control)
     return out, frames, int(nfe)
 
 
 def sample_arrays(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_steps: int = 50,
-                  num_frames: int = 10, final_denoise: bool = True):
+                  num_frames: int = 10, final_denoise: bool = True, step_control: str = "per_image"):
     """Draw samples ``[M, C, H, W]`` in [0, 1] from a trained model, with trajectory frames
     (traceable: under ``jax.jit`` with ``fn`` an input, one program serves every weight set).
 
@@ -185,6 +185,10 @@ def sample_arrays(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_st
         ``t_end`` (:func:`krylovjax.sampling.tweedie_denoise`, one more network evaluation);
         ignored by ``paper_a`` (which ends at t = 0) and by DDPM's samplers (whose last step
         is already their clipped x0 prediction).
+      step_control: ours' ``ode``: ``"per_image"`` (each sample its own adaptive steps, so that
+        sample k does not depend on the number drawn; the binary's) or ``"batch"`` (one step
+        size for all, :func:`krylovjax.sampling.probability_flow`'s default; the budget
+        experiment's, whose recorded figures were made with it).
 
     Returns:
       ``(samples [M, C, H, W], frames [num_frames, M, C, H, W], network_evaluations)``, JAX
@@ -234,13 +238,14 @@ def sample_arrays(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_st
         centre = 0.5 if alpha_fn is None else 0.5 * alpha_fn(t1)[0].astype(dtype)
         x_T = centre + lam1 * jax.random.normal(k_prior, shape, dtype)
         if sampler == "ode":
-            # every sample its own adaptive steps (the network called on single rows, the image
-            # indices passed with them), so that sample k is the same whatever num_samples is; the
-            # noise draws already are (JAX's partitionable Threefry: row k's numbers do not depend
-            # on the rows after it)
-            r = sampling.probability_flow(fn, sde, x_T, t_start=1.0, t_end=T_END, return_trajectory=True,
-                                          num_frames=num_frames, step_control="per_image",
-                                          score_args=() if idx is None else (jnp.asarray(idx),))
+            # per_image: every sample its own adaptive steps (the network called on single rows, the
+            # image indices passed with them), so that sample k is the same whatever num_samples is;
+            # the noise draws already are (JAX's partitionable Threefry: row k's numbers do not
+            # depend on the rows after it)
+            rows = step_control == "per_image"
+            r = sampling.probability_flow(fn if rows else f, sde, x_T, t_start=1.0, t_end=T_END,
+                                          return_trajectory=True, num_frames=num_frames, step_control=step_control,
+                                          score_args=() if idx is None or not rows else (jnp.asarray(idx),))
         else:
             r = sampling.euler_maruyama(f, sde, x_T, k_run, t_start=1.0, t_end=T_END, num_steps=int(num_steps),
                                         return_trajectory=True, num_frames=num_frames)

@@ -134,8 +134,8 @@ def seed_basis(seed_matvec: Callable, seed_b: Array, k: int, *, seed_x0: Array |
         krylov._check_callable_shape("seed_matvec", seed_matvec, b.shape, b.dtype)
     except (TypeError, ValueError) as err:
         if len(given) >= 3 and given[0] != 1:  # a batch's b given whole, taken as one 3-D field
-            raise type(err)(f"{err}; seed_b of shape {given} was taken as one field of that shape: "
-                            f"give the seed's own right-hand side, b[i] of shape {given[1:]}") from err
+            raise type(err)(f"{err}; seed_b of shape {given} was taken as one field of that shape: if it is "
+                            f"a batch's b, give the seed's own right-hand side, b[i] of shape {given[1:]}") from err
         raise
     n = int(b[0].size)
     k = _checks.as_int("k", k, 1, what=f"an integer in [1, {n}] (the number of unknowns)")

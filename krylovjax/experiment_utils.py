@@ -137,21 +137,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _at(config: Any, dotted: str) -> Any:
-    """The value at a dotted key of a nested config, or ``"<absent>"``."""
-    node = _plain(config)
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return "<absent>"
-        node = _plain(node[part])
-    return node
-
-
-def _short_value(v: Any, width: int = 60) -> str:
-    text = v if v == "<absent>" else repr(v)
-    return text if len(text) <= width else text[:width - 3] + "..."
-
-
 def config_diff(stored: Any, given: Any, prefix: str = "", *,
                 legacy: Mapping[str, Any] | None = None) -> list[str]:
     """Dotted keys at which two (nested) configs differ, e.g. ``["ours.train.lr"]``.
@@ -253,11 +238,13 @@ def check_claim(workdir: str | os.PathLike, experiment: str, config: Any, *,
         diff = config_diff(stored.get("config"), record["config"], legacy=legacy)
         if diff:
             shown = ", ".join(diff[:12]) + (" ..." if len(diff) > 12 else "")
-            values = "; ".join(f"{k}: stored {_short_value(_at(stored.get('config'), k))}, given "
-                               f"{_short_value(_at(record['config'], k))}" for k in diff[:4])
+            from krylovjax.store import _lookup, _short  # the store's conflict message shows them alike
+
+            values = "; ".join(f"{k}: stored {_short(_lookup(_plain(stored.get('config')), k))}, given "
+                               f"{_short(_lookup(_plain(record['config']), k))}" for k in diff[:4] if k != "<root>")
             raise WorkdirConflictError(
-                f"{arg}: {workdir!r} holds another run's config (differs at: {shown}) ({values}); "
-                f"use another --{arg} (nothing there was changed)")
+                f"{arg}: {workdir!r} holds another run's config (differs at: {shown})"
+                + (f" ({values})" if values else "") + f"; use another --{arg} (nothing there was changed)")
         return True
     if os.path.isdir(workdir) and os.listdir(workdir):
         raise WorkdirConflictError(
@@ -337,9 +324,8 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
                           "given), every key that --config.<key>=<value> can set, and exit; nothing is run.",
                           module_name=sys.argv[0])
     try:
-        rest = _parse_for_show(argv) if "show_config" in flags.FLAGS and any(
-            a.split("=", 1)[0] in ("--show_config", "-show_config") and a.split("=", 1)[-1].lower() not in (
-                "false", "0") for a in argv[1:]) else app.parse_flags_with_usage(argv)
+        rest = _parse_for_show(argv) if "show_config" in flags.FLAGS and _asks_show(argv) else \
+            app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError) as err:
         # a key missing at the end of the path (--config.num_stepz) comes as an AttributeError
         # holding the KeyError, one missing in the middle (--config.train.num_steps where there
@@ -369,6 +355,23 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
                              f"{p} = {v!r}\n" for p, v in _config_items(config)))
         sys.exit(0)
     return rest
+
+
+def _asks_show(argv: Sequence[str]) -> bool:
+    """Whether ``argv``'s last ``--show_config`` (``=<bool>`` as absl reads it) is on."""
+    from absl import flags
+
+    on = False
+    for a in argv[1:]:
+        name, eq, value = a.lstrip("-").partition("=")
+        if a.startswith("-") and name == "show_config":
+            try:
+                on = flags.BooleanParser().parse(value) if eq else True
+            except ValueError:
+                on = False  # absl refuses the value itself
+        elif a.startswith("-") and name == "noshow_config":
+            on = False
+    return on
 
 
 def _parse_for_show(argv: Sequence[str]) -> list[str]:
@@ -508,7 +511,7 @@ def check_no_args(argv: Sequence[str]) -> None:
 #: binary -> (the top-level keys its configs have, keys they must not have, its configs' files).
 _CONFIG_KINDS = {
     "precompute": ({"dataset", "precompute", "image_size", "num_images"}, set(),
-                   "experiments/configs/demo.py, cifar10.py, celeba64.py or celeba128.py"),
+                   "experiments/configs/demo.py, cifar10.py, celeba64.py, celeba128.py or colab_*.py"),
     "train": ({"method", "lr", "num_steps", "batch_size"}, set(), "experiments/configs/train_*.py"),
     "denoise": ({"common", "data", "ours", "ddpm", "targets", "noise"}, {"budget_seconds", "task"},
                 "experiments/configs/denoise_*.py"),

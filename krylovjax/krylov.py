@@ -74,7 +74,8 @@ class Status(enum.IntEnum):
 
     CONVERGED = 0       # ||b - A x|| <= max(tol ||b||, atol), checked with a true residual
     MAX_ITERATIONS = 1  # max_restarts cycles used without converging
-    STAGNATION = 2      # a whole cycle reduced the true residual by less than stagnation_tol
+    STAGNATION = 2      # gmres: a whole cycle reduced the true residual by less than stagnation_tol;
+    #                     bicgstab: stagnation_patience cycles in a row did so for its best residual
     BREAKDOWN = 3       # Krylov space exhausted with a singular projected problem, or non-finite
 
 
@@ -954,7 +955,7 @@ def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float | 
         finite = jnp.isfinite(rn_new)
         conv = finite & (rn_new <= thresh)
         brk = ~conv & ~finite
-        progress = finite & (rn_new <= stag_factor * best_rn)
+        progress = finite & (rn_new <= stag_factor * best_rn) & (rn_new < best_rn)  # stagnation_tol=0: any decrease
         idle = jnp.where(active, jnp.where(progress, 0, idle + 1), idle)
         stag = ~conv & ~brk & (idle >= patience)
         go_on = active & finite  # the next cycle starts here, a rise included

@@ -62,7 +62,8 @@ def _check_pair(a, b, *, min_size: int = 1):
     for name, x in (("a", a), ("b", b)):
         if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_:
             raise TypeError(f"{name}: expected a floating-point array, got dtype {x.dtype}; convert it, "
-                            f"{name}.astype(jnp.float32) with data_range=255 for 8-bit values, or / 255 for [0, 1]")
+                            f"{name}.astype(jnp.float32) with data_range=255 for 8-bit values (65535 for 16-bit), or "
+                            "divided by that for [0, 1]")
         check_float(name, x)
         if x.ndim != 4:
             raise ValueError(f"{name}: expected an image batch of shape [B, C, H, W], got shape {tuple(x.shape)}")

@@ -132,10 +132,11 @@ def _check_recovered_diffusion(op: FPOperator, k) -> None:
     kk = np.asarray(k, np.float64)[..., None, None]
     centre, east, west, south, north = (np.asarray(a, np.float64)[..., 1:-1, 1:-1] for a in
                                         (op.centre, op.east, op.west, op.south, op.north))
-    scale = 1.0 + 4.0 * np.abs(kk)
-    tol = 1e-6 * scale
-    ok = (np.all(kk > 0) and np.all(np.abs(centre - (1.0 + 4.0 * kk)) <= tol)
-          and np.all(np.abs(east + west + 2.0 * kk) <= tol) and np.all(np.abs(south + north + 2.0 * kk) <= tol))
+    # rounding of the coefficients in their dtype: east = -k + a rounds with |a| (a strong drift)
+    eps = 64.0 * float(np.finfo(np.dtype(op.dtype)).eps)
+    ok = (np.all(kk > 0) and np.all(np.abs(centre - (1.0 + 4.0 * kk)) <= eps * (1.0 + 4.0 * np.abs(kk)))
+          and np.all(np.abs(east + west + 2.0 * kk) <= eps * (2.0 * np.abs(kk) + np.abs(east) + np.abs(west)))
+          and np.all(np.abs(south + north + 2.0 * kk) <= eps * (2.0 * np.abs(kk) + np.abs(south) + np.abs(north))))
     if not ok:
         raise ValueError(
             "op: built without its diffusion number, and not of the consistent scheme's form that "

@@ -319,10 +319,10 @@ class TrainConfig:
         try:
             self.make_sde()
         except (TypeError, ValueError) as err:
-            given = dict(self.sde_kwargs)
-            hint = (f" (the config's sde_kwargs {given} are another SDE's: set them for {self.sde!r} too, "
-                    "from the command line --config.sde_kwargs={} for its defaults, or e.g. "
-                    "--config.sde_kwargs=\"{'beta_max': 20.0}\")" if given else "")
+            # names of another SDE's settings (train_tiny.py's VE sigma after --config.sde=vp):
+            # say how to clear them (a walkthrough found the fix only in docs/experiments_cpu.md)
+            hint = (f" (sde_kwargs {dict(self.sde_kwargs)} belong to another SDE: give {self.sde!r}'s own, or "
+                    "an empty dict, {}, for its defaults)" if "bad keyword arguments" in str(err) else "")
             raise ValueError(f"sde_kwargs: not accepted by the SDE {self.sde!r}: {err}{hint}") from err
         for k in ("batch_size", "num_steps", "checkpoint_every", "max_to_keep", "log_every", "ddpm_num_steps"):
             v = getattr(self, k)
@@ -1820,10 +1820,12 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
     writer = _manager(ckpt_dir, read_only=False, max_to_keep=config.max_to_keep)
 
     if primary:
-        logging.info("training %s on %d device%s (%s), %d update%s per call, from step %d to %d", config.method,
+        per_call = k_call if use_chunk else 1  # (calls of k_call updates only where they fit the cadences)
+        logging.info("training %s on %d device%s (%s), %s update%s per call, from step %d to %d", config.method,
                      mesh.size, "s" if mesh.size != 1 else "",
                      f"data parallel: the batch of {config.batch_size} split {mesh.size} ways" if mesh.size > 1 else
-                     "no data parallelism", k_call, "s" if k_call != 1 else "", step, config.num_steps)
+                     "no data parallelism", f"up to {per_call}" if per_call > 1 else "1",
+                     "s" if per_call != 1 else "", step, config.num_steps)
         with open(metrics_path, "a") as f:
             f.write(json.dumps({"step": step, "kind": "start", "resumed_from": resumed_from,
                                 "compile_seconds": compile_seconds, "num_devices": mesh.size,
@@ -2011,13 +2013,14 @@ def load_checkpoint(workdir: str | os.PathLike, *, step: int | None = None) -> L
                 raise FileNotFoundError(f"step: no checkpoint for step {step} in {ckpt_dir!r} (have {sorted(steps)})")
             try:
                 return _load_step(reader, ckpt_dir, chosen)
-            except Exception:
+            except Exception as err:
                 if os.path.isdir(os.path.join(ckpt_dir, str(chosen))):
                     raise
-            if step is not None:
-                raise FileNotFoundError(
-                    f"step: checkpoint {step} of {ckpt_dir!r} was deleted while it was read (a training run "
-                    f"writing there keeps its last max_to_keep checkpoints); have {sorted(_steps(ckpt_dir))}")
+                if step is not None:
+                    raise FileNotFoundError(
+                        f"step: checkpoint {step} of {ckpt_dir!r} was deleted while it was read (a training run "
+                        f"writing there keeps its last max_to_keep checkpoints); have {sorted(_steps(ckpt_dir))}"
+                    ) from err
         finally:
             reader.close()
     raise CheckpointError(f"workdir: the latest checkpoint of {ckpt_dir!r} was deleted while it was read, "

@@ -526,7 +526,7 @@ def test_precompute_says_when_a_folder_holds_fewer_images_than_asked(tmp_path):
 @pytest.mark.parametrize("module, config, lacks, owner, files", [
     # an AttributeError traceback ('dtype') until the thirty-third session
     ("experiments.precompute", "train_tiny.py", "it has no dataset, image_size, num_images", "train",
-     "experiments/configs/demo.py, cifar10.py, celeba64.py or celeba128.py"),
+     "experiments/configs/demo.py, cifar10.py, celeba64.py, celeba128.py or colab_*.py"),
     ("experiments.denoise", "demo.py", "it has no common, data, ddpm, noise, ours, targets", "precompute",
      "experiments/configs/denoise_*.py"),  # AttributeError 'targets'
     ("experiments.budget", "train_tiny.py", "it has no common, ddpm, ours, task", "train",

@@ -241,7 +241,7 @@ def test_bad_inputs(systems):
     with pytest.raises(TypeError, match="seed_b: expected dtype float32 or float64, got int32"):
         seed_basis(take_system(op, 0).matvec, b[0].astype(jnp.int32), 4)
     with pytest.raises(ValueError, match=r"^seed_matvec: failed on an input of shape \(1, 12, 16, 16\).*seed_b of "
-                                         r"shape \(12, 16, 16\) was taken as one field of that shape: give the "
+                                         r"shape \(12, 16, 16\) was taken as one field of that shape: if it is a batch's b, give the "
                                          r"seed's own right-hand side, b\[i\] of shape \(16, 16\)"):
         seed_basis(lambda u: take_system(op, 0).matvec(u.reshape(1, 16, 16)), b, 4)  # a matvec for [1, 16, 16]
 

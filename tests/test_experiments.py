@@ -140,7 +140,7 @@ def test_claim_workdir_refuses_other_configs_without_touching(tmp_path):
     with pytest.raises(ValueError, match=r"another run's config \(differs at: lr, model.ch\) \(lr: stored 0\.001, "
                                          r"given 0\.002; model\.ch: stored 8, given 16\); use another --workdir"):
         eu.claim_workdir(wd, "denoise", {"lr": 2e-3, "model": {"ch": 16}})
-    with pytest.raises(ValueError, match=r"\(differs at: extra, lr\) \(extra: stored <absent>, given 'xxxx.*\.\.\.; "
+    with pytest.raises(ValueError, match=r"\(differs at: extra, lr\) \(extra: stored <absent>, given \"xxxx.*\.\.\.; "
                                          r"lr: stored 0\.001, given 0\.003\)"):
         eu.claim_workdir(wd, "denoise", {"lr": 3e-3, "model": {"ch": 8}, "extra": "x" * 80})
     with pytest.raises(ValueError, match="'budget'"):
@@ -1136,6 +1136,12 @@ def test_generate_sample_k_does_not_depend_on_the_number_of_samples(method, samp
     np.testing.assert_allclose(np.asarray(many[0][:2]), np.asarray(few[0]), rtol=0, atol=1e-9)
     np.testing.assert_allclose(np.asarray(many[1][:, :2]), np.asarray(few[1]), rtol=0, atol=1e-9)
     assert float(np.max(np.abs(np.asarray(many[0][2:]) - np.asarray(many[0][:3])))) > 1e-3  # not one sample
+    if sampler == "ode":  # the budget experiment's one step size for the batch, as its figures were made
+        few_b = generate.sample(fn, tc, (2, 1, 8, 8), jax.random.PRNGKey(7), idx=jnp.arange(2) % 3,
+                                step_control="batch", **kw)
+        many_b = generate.sample(fn, tc, (5, 1, 8, 8), jax.random.PRNGKey(7), idx=jnp.arange(5) % 3,
+                                 step_control="batch", **kw)
+        assert float(np.max(np.abs(np.asarray(many_b[0][:2]) - np.asarray(few_b[0])))) > 1e-5
 
 
 # ----------------------------------------------------------------------------------------------

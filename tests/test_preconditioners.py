@@ -74,6 +74,13 @@ def test_hand_built_operator_without_diffusion_number():
                 call()
     res = solve_fp(op, b, SolverConfig(precondition="jacobi"))  # another preconditioner is fine
     assert bool(jnp.all(res.converged))
+    # (a review) float32 with a strong drift: east = -k + a rounds with |a|; still read off
+    for scale in (1.0, 1e3, 1e5):
+        op32 = fp_operator(jnp.array([0.1, 3.0], jnp.float32), 0.05, 1.0, jnp.asarray(lag * scale, jnp.float32))
+        bare32 = dataclasses.replace(op32, diffusion=None)
+        x32 = jnp.asarray(rng.normal(size=(2, 5, 6)), jnp.float32)
+        np.testing.assert_allclose(diffusion_preconditioner(bare32)(x32), diffusion_preconditioner(op32)(x32),
+                                   rtol=1e-4, atol=1e-6)
 
 
 def test_float32_and_scalar_k():

@@ -196,10 +196,14 @@ def test_config_validates_sde_and_model_names_and_stores_python_ints():
         tr.TrainConfig(sde="foo")
     with pytest.raises(ValueError, match=r"^model: expected a preset name, one of \('paper', 'tiny'\), got 'foo'"):
         tr.TrainConfig(model="foo")
-    with pytest.raises(ValueError, match="^sde_kwargs: .*sigma"):
+    with pytest.raises(ValueError, match="^sde_kwargs: .*sigma") as bad_value:
         tr.TrainConfig(sde_kwargs={"sigma": -1.0})
-    with pytest.raises(ValueError, match="^sde_kwargs: "):
-        tr.TrainConfig(sde="vp")  # the default kwargs are the VE SDE's sigma
+    assert "belong to another SDE" not in str(bad_value.value)  # the SDE's own key with a bad value
+    # the default kwargs are the VE SDE's sigma: the fix is named (a walkthrough)
+    with pytest.raises(ValueError, match=r"^sde_kwargs: not accepted by the SDE 'vp': bad keyword arguments \['sigma'\]"
+                                         r".* \(sde_kwargs \{'sigma': 5\.0\} belong to another SDE: give 'vp''s own, "
+                                         r"or an empty dict, \{\}, for its defaults\)$"):
+        tr.TrainConfig(sde="vp")
     assert tr.TrainConfig(sde="vp", sde_kwargs={}).make_sde() == sde_lib.VPSDE()
     assert tr.TrainConfig(sde="constant", sde_kwargs={"g": 0.5, "std": None}).make_sde() == sde_lib.ConstantSDE(0.5, None)
     cfg = tr.TrainConfig(batch_size=np.int64(4), num_steps=np.int32(7), seed=np.uint8(3))
