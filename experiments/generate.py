@@ -41,7 +41,9 @@ in [0, 1]), ``samples/sample_<k>.png`` (8-bit, one per sample), ``samples.json``
 (per-sample statistics; with ``--reference`` (a :func:`krylovjax.data.load_images` source) the
 SSIM of each sample to its nearest reference image, and their mean with its standard error and
 how many samples are nearest each reference). The output directory is tied to its
-settings; other settings are refused, a finished one is redone only with ``--overwrite``.
+settings; other settings are refused, a finished one is redone only with ``--overwrite``; ``--fresh``
+moves whatever the directory holds to ``<outdir>.prev`` and starts afresh (after the other flags are
+checked).
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ if __name__ == "__main__":
                          "cifar10, celeb_a, files:<path>, array:<path>): its first ones; 0 = all of them "
                          "(files, arrays and tfds datasets).")
     flags.DEFINE_bool("overwrite", False, "Redo a finished run with the same settings in --outdir.")
+    flags.DEFINE_bool("fresh", False, "Start afresh whatever --outdir holds: move it to <outdir>.prev first (an "
+                      "older <outdir>.prev is deleted), after the other flags are checked.")
     flags.mark_flags_as_required(["workdir"])
 
 
@@ -255,7 +259,7 @@ def sample_arrays(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_st
 
 def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_frames: int = 10,
         sampler: str = "auto", num_steps: int = 50, seed: int = 0, step: int | None = None,
-        reference: str | None = None, reference_count: int = 3, overwrite: bool = False,
+        reference: str | None = None, reference_count: int = 3, overwrite: bool = False, fresh: bool = False,
         final_denoise: bool = True, check_interrupt=None) -> dict:
     """Sample from the training run in ``workdir``; write the grid, table and JSON to ``outdir``.
     ``check_interrupt`` (the binary's :func:`krylovjax.experiment_utils.interrupts_between_steps`)
@@ -284,8 +288,9 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
                     "num_frames": num_frames, "sampler": sampler, "num_steps": num_steps, "seed": seed,
                     "reference": reference, "reference_count": reference_count, "final_denoise": final_denoise}
         with eu.checking_arguments():
-            eu.check_claim(outdir, "generate", settings, legacy=LEGACY_SETTINGS, arg="outdir")
-            if os.path.exists(os.path.join(outdir, "samples.json")) and not overwrite:
+            if not fresh:  # (--fresh moves whatever is there aside, once the flags are found good)
+                eu.check_claim(outdir, "generate", settings, legacy=LEGACY_SETTINGS, arg="outdir")
+            if os.path.exists(os.path.join(outdir, "samples.json")) and not (overwrite or fresh):
                 done_step, newer = eu.finished_step(os.path.join(outdir, "samples.json")), ""
                 if done_step is not None:  # samples of an older checkpoint are said to be so
                     try:
@@ -295,8 +300,8 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
                     if now != done_step:
                         newer = f", from step {done_step} of the model (its checkpoint now is step {now})"
                 raise eu.WorkdirConflictError(
-                    f"outdir: {outdir!r} already holds these samples{newer}; pass --overwrite to redo them "
-                    "or use another --outdir")
+                    f"outdir: {outdir!r} already holds these samples{newer}; pass --overwrite to redo them, "
+                    "--fresh to move them aside, or use another --outdir")
             fn = training.load_score_fn(workdir, step=step)
             tc = fn.config
             sampler = resolve_sampler(tc, sampler)
@@ -334,7 +339,7 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
 
         # claimed with the settings asked; a failure while the claim is all the directory holds withdraws it
         return eu.run_claimed(outdir, "generate", settings_asked, sample_and_write, legacy=LEGACY_SETTINGS,
-                              arg="outdir")
+                              arg="outdir", fresh=fresh)
 
 
 def chain_steps(tc, sampler: str, num_steps: int) -> int | None:
@@ -422,6 +427,7 @@ def main(argv):
         run(FLAGS.workdir, outdir, num_samples=FLAGS.num_samples, num_frames=FLAGS.num_frames,
             sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, seed=FLAGS.seed, step=FLAGS.step,
             reference=FLAGS.reference, reference_count=FLAGS.reference_count, overwrite=FLAGS.overwrite,
+            fresh=FLAGS.fresh,
             final_denoise=FLAGS.final_denoise, check_interrupt=check)
     eu.print_outputs(outdir, "samples.md", RESULT_FILES)
     logging.info("done")

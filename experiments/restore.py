@@ -58,7 +58,8 @@ baseline's output and the clean image when known), ``restore.md`` and ``restore.
 last: it marks a finished run; SSIM and PSNR of input, output and baseline against the clean
 images when known; each input's file, its size as read and its clean file; the notes), and
 ``experiment.json`` (the run's settings, written first: another run's settings are refused there). One run at a time per output directory; other settings
-or other input pixels are refused there, a finished run is redone only with ``--overwrite``.
+or other input pixels are refused there, a finished run is redone only with ``--overwrite``;
+``--fresh`` moves whatever the directory holds to ``<outdir>.prev`` and starts afresh.
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ if __name__ == "__main__":
     flags.DEFINE_enum("baseline", "nl_means", BASELINES, "Also denoise with scikit-image's non-local means "
                       "(no training) and report it beside the model; none: leave it out.")
     flags.DEFINE_bool("overwrite", False, "Redo a finished run with the same settings in --outdir.")
+    flags.DEFINE_bool("fresh", False, "Start afresh whatever --outdir holds: move it to <outdir>.prev first (an "
+                      "older <outdir>.prev is deleted), after the other flags are checked.")
     flags.mark_flags_as_required(["workdir", "input"])
 
 
@@ -368,7 +371,7 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
         noise_seed: int = 0, clean: str | None = None, num_images: int = 0, image_index=(),
         sampler: str = "auto", num_steps: int = 50, num_frames: int = 6, seed: int = 0,
         final_denoise: bool = True, step: int | None = None, baseline: str = "nl_means",
-        overwrite: bool = False, check_interrupt: Callable[[], None] | None = None) -> dict:
+        overwrite: bool = False, fresh: bool = False, check_interrupt: Callable[[], None] | None = None) -> dict:
     """Denoise ``input`` with the training run in ``workdir``; write the images, figure, table and
     JSON to ``outdir`` (see the module docstring). ``check_interrupt`` (the binary's
     :func:`krylovjax.experiment_utils.interrupts_between_steps`) is called before the work
@@ -458,20 +461,21 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
             settings["input_sha256"] = hashlib.sha256(np.ascontiguousarray(noisy).tobytes()).hexdigest()
             check_interrupt()
             try:
-                eu.check_claim(outdir, "restore", settings, legacy=LEGACY_SETTINGS, arg="outdir")
+                if not fresh:  # (--fresh moves whatever is there aside, once the flags are found good)
+                    eu.check_claim(outdir, "restore", settings, legacy=LEGACY_SETTINGS, arg="outdir")
             except eu.WorkdirConflictError as err:
                 if baseline == "none" or "differs at: baseline)" not in str(err):
                     raise
                 raise eu.WorkdirConflictError(
                     f"outdir: {outdir!r} holds a run of restore from before --baseline (it has none); pass "
                     "--baseline=none to use it, or another --outdir (nothing there was changed)") from err
-            if os.path.exists(os.path.join(outdir, "restore.json")) and not overwrite:
+            if os.path.exists(os.path.join(outdir, "restore.json")) and not (overwrite or fresh):
                 done_step = eu.finished_step(os.path.join(outdir, "restore.json"))
                 newer = (f", from step {done_step} of the model (its checkpoint now is step {fn.step})"
                          if done_step is not None and done_step != int(fn.step) else "")
                 raise eu.WorkdirConflictError(
-                    f"outdir: {outdir!r} already holds these results{newer}; pass --overwrite to redo them or use "
-                    "another --outdir")
+                    f"outdir: {outdir!r} already holds these results{newer}; pass --overwrite to redo them, "
+                    "--fresh to move them aside, or use another --outdir")
 
         few_images_note = None
         if num_trained is not None and num_trained < FEW_IMAGES:
@@ -563,7 +567,8 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
             return result
 
         # claimed with the settings; a failure while the claim is all the directory holds withdraws it
-        return eu.run_claimed(outdir, "restore", settings, denoise_and_write, legacy=LEGACY_SETTINGS, arg="outdir")
+        return eu.run_claimed(outdir, "restore", settings, denoise_and_write, legacy=LEGACY_SETTINGS, arg="outdir",
+                              fresh=fresh)
 
 
 def main(argv):
@@ -580,7 +585,7 @@ def main(argv):
             noise_seed=FLAGS.noise_seed, clean=FLAGS.clean, num_images=FLAGS.num_images, image_index=index,
             sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, num_frames=FLAGS.num_frames, seed=FLAGS.seed,
             final_denoise=FLAGS.final_denoise, step=FLAGS.step, baseline=FLAGS.baseline,
-            overwrite=FLAGS.overwrite, check_interrupt=check)
+            overwrite=FLAGS.overwrite, fresh=FLAGS.fresh, check_interrupt=check)
     eu.print_outputs(outdir, "restore.md", RESULT_FILES)
     logging.info("done")
 

@@ -446,6 +446,18 @@ def test_generate_interrupted_while_drawing_the_figure_reruns(tmp_path, monkeypa
     assert res["network_evals"] == 7
     for f in generate.RESULT_FILES:
         assert (out / f).is_dir() if f.endswith("/") else (out / f).is_file(), f
+    # more samples: refused without --fresh (with the values), moved aside with it
+    with pytest.raises(eu.WorkdirConflictError, match=r"differs at: num_samples\) \(num_samples: stored 2, given 3\)"):
+        generate.run(str(wd), str(out), num_samples=3, num_frames=2)
+    with pytest.raises(eu.WorkdirConflictError, match="already holds these samples; pass --overwrite to redo them, "
+                                                      "--fresh to move them aside"):
+        generate.run(str(wd), str(out), num_samples=2, num_frames=2)
+    with pytest.raises(ValueError, match="num_frames"):  # a bad flag moves nothing
+        generate.run(str(wd), str(out), num_samples=3, num_frames=1, fresh=True)
+    assert not os.path.exists(str(out) + ".prev")
+    more = generate.run(str(wd), str(out), num_samples=3, num_frames=2, fresh=True)
+    assert len(more["samples"]) == 3 and np.load(out / "samples.npy").shape[0] == 3
+    assert len(json.load(open(str(out) + ".prev/samples.json"))["samples"]) == 2
 
 
 def test_train_binary_refuses_another_config_before_precomputing(tmp_path):

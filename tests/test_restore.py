@@ -109,6 +109,16 @@ def test_ours_returns_the_clean_image_and_writes_every_output(sampler, tmp_path,
     again = restore.run(wd, "builtin:astronaut", out, add_noise=0.2, sampler=sampler, num_frames=3, num_steps=40,
                         overwrite=True)
     assert again["images"] == res["images"]
+    # --fresh (a walkthrough had to delete the directory by hand for other settings): a bad flag
+    # moves nothing; good ones move the old results to <outdir>.prev and start afresh
+    with pytest.raises(ValueError, match="num_frames"):
+        restore.run(wd, "builtin:astronaut", out, add_noise=0.3, sampler=sampler, num_frames=1, fresh=True)
+    assert not os.path.exists(out + ".prev")
+    other = restore.run(wd, "builtin:astronaut", out, add_noise=0.3, sampler=sampler, num_frames=3, num_steps=40,
+                        fresh=True)
+    assert json.load(open(os.path.join(out + ".prev", "restore.json")))["images"] == res["images"]
+    assert json.load(open(os.path.join(out, "restore.json")))["settings"]["add_noise"] == 0.3 == other["settings"][
+        "add_noise"]
 
 
 def test_files_with_estimated_noise_per_image_offsets_and_clean_references(tmp_path, monkeypatch):
