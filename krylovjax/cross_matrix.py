@@ -124,9 +124,7 @@ def seed_basis(seed_matvec: Callable, seed_b: Array, k: int, *, seed_x0: Array |
     b = jnp.asarray(seed_b)
     if b.ndim < 2:
         raise ValueError(f"seed_b: expected a field [*shape] or [1, *shape], got shape {b.shape}")
-    if b.dtype not in (jnp.float32, jnp.float64):
-        raise TypeError(f"seed_b: expected dtype float32 or float64, got {b.dtype}")
-    _checks.check_finite("seed_b", b)
+    krylov._check_field_batch("seed_b", b, what="[*shape] or [1, *shape]")  # dtype, values
     given = tuple(b.shape)
     if b.shape[0] != 1:
         b = b[None]
@@ -227,8 +225,7 @@ def cross_matrix_solve(
         raise ValueError(f"solver: expected one of {KRYLOV_SOLVERS}, got {solver!r}")
     if recycle and solver != "gmres":
         raise ValueError(f"solver: recycling (GCRO) needs 'gmres', got {solver!r}")
-    if b.dtype not in (jnp.float32, jnp.float64):
-        raise TypeError(f"b: expected dtype float32 or float64, got {b.dtype}")
+    krylov._check_field_batch("b", b, what="[T, *shape]")  # dtype, values
     T, shape = b.shape[0], b.shape[1:]
     N = math.prod(shape)
     if basis.Z.shape[-1] != N:

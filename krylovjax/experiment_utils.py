@@ -315,9 +315,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     traceback from inside ml_collections."""
     import sys
 
-    from absl import app
-
-    from absl import flags
+    from absl import app, flags
 
     if "config" in flags.FLAGS and "show_config" not in flags.FLAGS:
         flags.DEFINE_bool("show_config", False, "Print the config (--config with the --config.<key> overrides "

@@ -905,7 +905,7 @@ def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float | 
         return jnp.where(d != 0, d, 1.0)
 
     def cycle(state):
-        it, x, r, r_norm, best_x, best_rn, idle, active, status, n_mv, n_cyc = state
+        it, x, r, best_x, best_rn, idle, active, status, n_mv, n_cyc = state
 
         def inner_cond(s):
             return (s[0] < m) & jnp.any(s[-2])
@@ -961,21 +961,19 @@ def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float | 
         go_on = active & finite  # the next cycle starts here, a rise included
         x = jnp.where(go_on[:, None], x_new, x)
         r = jnp.where(go_on[:, None], r_new, r)
-        r_norm = jnp.where(go_on, rn_new, r_norm)
         better = go_on & (rn_new < best_rn)
         best_x = jnp.where(better[:, None], x_new, best_x)
         best_rn = jnp.where(better, rn_new, best_rn)
         status = _stop(status, active, conv, brk, stag)
         n_cyc = n_cyc + active.astype(jnp.int32)
         active = active & ~conv & ~brk & ~stag
-        return it + 1, x, r, r_norm, best_x, best_rn, idle, active, status, n_mv, n_cyc
+        return it + 1, x, r, best_x, best_rn, idle, active, status, n_mv, n_cyc
 
     def cycle_cond(state):
-        return (state[0] < max_restarts) & jnp.any(state[7])
+        return (state[0] < max_restarts) & jnp.any(state[6])
 
-    state = (jnp.asarray(0, jnp.int32), x, r, r_norm, x, r_norm, jnp.zeros((B,), jnp.int32), active, status,
-             n_mv, n_cyc)
-    _, x, r, r_norm, best_x, best_rn, _, active, status, n_mv, n_cyc = lax.while_loop(cycle_cond, cycle, state)
+    state = (jnp.asarray(0, jnp.int32), x, r, x, r_norm, jnp.zeros((B,), jnp.int32), active, status, n_mv, n_cyc)
+    _, _, _, best_x, best_rn, _, _, status, n_mv, n_cyc = lax.while_loop(cycle_cond, cycle, state)
     return _result(b, st, best_x, best_rn, status, n_mv, n_cyc)
 
 

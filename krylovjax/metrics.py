@@ -71,7 +71,7 @@ def _check_pair(a, b, *, min_size: int = 1):
         raise ValueError(
             f"b: expected the same shape as a {tuple(a.shape)}, got {tuple(b.shape)}"
         )
-    _, c, h, w = a.shape
+    _, _, h, w = a.shape
     if h < min_size or w < min_size:
         raise ValueError(
             f"a: images must be at least {min_size}x{min_size} pixels for an "

@@ -2019,7 +2019,7 @@ def load_checkpoint(workdir: str | os.PathLike, *, step: int | None = None) -> L
                 if step is not None:
                     raise FileNotFoundError(
                         f"step: checkpoint {step} of {ckpt_dir!r} was deleted while it was read (a training run "
-                        f"writing there keeps its last max_to_keep checkpoints); have {sorted(_steps(ckpt_dir))}"
+                        f"writing there keeps its last max_to_keep checkpoints); have {sorted(reader.all_steps(read=True))}"
                     ) from err
         finally:
             reader.close()
@@ -2031,15 +2031,6 @@ def load_checkpoint(workdir: str | os.PathLike, *, step: int | None = None) -> L
 #: Listings of a checkpoint directory :func:`load_checkpoint` tries while a training run deletes
 #: the checkpoint it chose.
 _LOAD_ATTEMPTS = 5
-
-
-def _steps(ckpt_dir: str) -> list[int]:
-    """The checkpoint steps in ``ckpt_dir`` now."""
-    reader = _manager(ckpt_dir, read_only=True)
-    try:
-        return list(reader.all_steps())
-    finally:
-        reader.close()
 
 
 def _load_step(reader, ckpt_dir: str, step: int) -> LoadedCheckpoint:
