@@ -107,6 +107,7 @@ LEGACY_CONFIG = {
     "ddpm.sampler.start": "matched",
     "normalise": "clip",
     "noise.draws": 1,
+    "data.kwargs.data_dir": "",  # the tfds configs' data directory (tfds's default)
 }
 
 

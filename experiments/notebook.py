@@ -46,7 +46,7 @@ import numpy as np
 __all__ = [
     "CONFIGS", "DATASETS", "PLATFORMS", "DOWNLOADS", "PlatformInfo", "PrecomputeRun", "DenoiseRun",
     "get_config", "select_platform", "check_sharding", "in_colab", "prepare_dataset", "load_images",
-    "claim_workdir", "precompute", "train_config", "train_and_denoise", "write_figures",
+    "claim_workdir", "workdir_note", "precompute", "train_config", "train_and_denoise", "write_figures",
     "write_results", "show",
 ]
 
@@ -252,22 +252,31 @@ def check_sharding(cfg, num_devices: int) -> None:
     D = int(num_devices)
     if D < 1:
         raise ValueError(f"num_devices: expected an integer >= 1, got {num_devices!r}")
-    B = int(cfg.num_images)
-    chunk = min(int(cfg.chunk_images), B)
-    sizes = sorted({chunk} | ({B % chunk} if B % chunk else set()))
-    ragged = [s for s in sizes if s % D]
-    if ragged:
-        good = D * max(1, B // D)
+    B, chunk_images, bs = int(cfg.num_images), int(cfg.chunk_images), int(cfg.train.batch_size)
+
+    def shard_sizes(n: int) -> list[int]:  # the chunks of n images, the last one what is left
+        chunk = min(chunk_images, n)
+        return sorted({chunk} | ({n % chunk} if n % chunk else set()))
+
+    def fits(d: int, n: int) -> bool:
+        return bs % d == 0 and all(s % d == 0 for s in shard_sizes(n))
+
+    if not fits(D, B):
+        ragged = [s for s in shard_sizes(B) if s % D]
+        what = ([f"the batch of {ragged[0]} images to shard (num_images={B} in chunks of chunk_images="
+                 f"{chunk_images})"] if ragged else []) + \
+               ([f"the training batch of {bs} (train.batch_size)"] if bs % D else [])
+        # Advice that works for every batch at once (a walkthrough was sent from one refusal to
+        # the next): a device count that divides them all, and, when the training batch allows
+        # D devices, the nearest image count that does too.
+        fixes = [f"KRYLOVJAX_NB_DEVICES={max(d for d in range(1, D) if fits(d, B))}"]
+        if bs % D == 0:
+            near = min((n for n in range(D, 2 * B + D + 1) if fits(D, n)), key=lambda n: (abs(n - B), n), default=None)
+            if near is not None:
+                fixes.append(f"KRYLOVJAX_NB_NUM_IMAGES={near}")
         raise ValueError(
-            f"KRYLOVJAX_NB_NUM_IMAGES / KRYLOVJAX_NB_DEVICES: the {D} devices do not divide the batch "
-            f"of {ragged[0]} images to shard (num_images={B} in chunks of chunk_images="
-            f"{cfg.chunk_images}); set KRYLOVJAX_NB_NUM_IMAGES to a multiple of {D} (e.g. {good}) or "
-            f"KRYLOVJAX_NB_DEVICES to a divisor of {ragged[0]}")
-    bs = int(cfg.train.batch_size)
-    if bs % D:
-        raise ValueError(
-            f"KRYLOVJAX_NB_DEVICES: the {D} devices do not divide the training batch of {bs} "
-            f"(train.batch_size); set KRYLOVJAX_NB_DEVICES to a divisor of {bs}")
+            f"KRYLOVJAX_NB_NUM_IMAGES / KRYLOVJAX_NB_DEVICES: the {D} devices do not divide "
+            + " nor ".join(what) + "; set " + " or ".join(fixes))
     k = int(cfg.denoise.num_images)
     if not 1 <= k <= B:
         raise ValueError(f"denoise.num_images: expected an integer in [1, num_images={B}], got {k}")
@@ -310,8 +319,14 @@ def prepare_dataset(cfg, download: str = "auto") -> str:
     builder = tfds.builder(cfg.dataset, data_dir=data_dir, try_gcs=False)
     if builder.is_prepared():
         return f"{cfg.dataset} is prepared in {builder.data_dir}"
-    tfds.data_source(cfg.dataset, split=cfg.split, data_dir=data_dir, download=True, try_gcs=False)
-    return f"downloaded and prepared {cfg.dataset} (array_record) in {data_dir or '~/tensorflow_datasets'}"
+    try:
+        tfds.data_source(cfg.dataset, split=cfg.split, data_dir=data_dir, download=True, try_gcs=False)
+    except ModuleNotFoundError as err:  # tfds's download imports modules it does not require
+        raise ValueError(
+            f"KRYLOVJAX_NB_DOWNLOAD={mode}: preparing {cfg.dataset} needs the module {err.name!r}, which is "
+            f"not installed: pip install {err.name} (or krylovjax's extra: pip install '.[tf]'), or "
+            f"prepare it elsewhere and set KRYLOVJAX_NB_DATA_DIR") from err
+    return f"downloaded and prepared {cfg.dataset} (array_record) in {builder.data_dir_root}"
 
 
 def load_images(cfg) -> np.ndarray:
@@ -345,13 +360,40 @@ def claim_workdir(workdir: str, cfg) -> bool:
     """Make ``workdir`` this config's run directory (:func:`krylovjax.experiment_utils.claim_workdir`).
 
     Returns True for a new run directory, False when it resumes one of the same config;
-    raises ``ValueError`` (naming the differing keys) for another config's directory.
+    raises ``ValueError`` (naming the differing keys) for another config's directory. The
+    training's run-control keys (``train.budget_seconds``, ``train.num_steps``, ``train.eval_every``,
+    ... :data:`krylovjax.training.RUN_CONTROL_KEYS`) may change: a larger budget trains the same
+    run on, from its last checkpoint and the same store.
     """
     from krylovjax import experiment_utils as eu
+    from krylovjax.training import RUN_CONTROL_KEYS
 
     if not workdir or not str(workdir).strip():
         raise ValueError("KRYLOVJAX_NB_WORKDIR: expected a directory path, got an empty string")
-    return eu.claim_workdir(os.path.expanduser(str(workdir)), EXPERIMENT, cfg)
+    try:
+        return eu.claim_workdir(os.path.expanduser(str(workdir)), EXPERIMENT, cfg,
+                                may_change=[f"train.{k}" for k in RUN_CONTROL_KEYS])
+    except eu.WorkdirConflictError as err:  # the binaries' wording, in the notebook's settings
+        msg = str(err)
+        if msg.startswith("workdir: "):
+            msg = "KRYLOVJAX_NB_WORKDIR: " + msg[len("workdir: "):]
+        msg = (msg.replace("use another --workdir", "set KRYLOVJAX_NB_WORKDIR to another directory")
+               .replace("use an empty or new --workdir", "set KRYLOVJAX_NB_WORKDIR to an empty or new directory"))
+        raise ValueError(msg) from None
+
+
+def workdir_note(workdir: str) -> str:
+    """A note when the run directory would not outlive the Colab runtime, else ``""``.
+
+    In Colab, files outside Google Drive (``/content/...``) are deleted when the runtime is
+    recycled (a disconnect, the idle limit), and the notebook cannot resume from them.
+    """
+    path = os.path.abspath(os.path.expanduser(str(workdir)))
+    if not in_colab() or path.startswith("/content/drive/"):
+        return ""
+    return (f"note: {path} is on the Colab runtime's own disk, deleted when the runtime is recycled (a "
+            f"disconnect, the idle limit); to resume after one, mount Google Drive (from google.colab import "
+            f"drive; drive.mount('/content/drive')) and set KRYLOVJAX_NB_WORKDIR=/content/drive/MyDrive/krylovjax_colab")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,10 +499,16 @@ class DenoiseRun(NamedTuple):
 
     def summary(self) -> str:
         t = self.train
-        loss = "-" if t["last_loss"] is None else f"{t['last_loss']:.4g}"
+        if t["last_loss"] is not None:
+            loss = f"last logged loss {t['last_loss']:.4g}"
+        else:  # none in this call: it trained nothing, or fewer updates than train.log_every
+            loss = f"no loss logged in this call (one every train.log_every={t['config']['log_every']} updates)"
+        if t["resumed_from"] is not None and t["resumed_from"] == t["steps"]:
+            return (f"the run in this work directory already stood at step {t['steps']} ({t['train_seconds']:.1f} s "
+                    f"of training; stop: {t['stop_reason']}): nothing trained now; raise train.budget_seconds or "
+                    f"train.num_steps in the settings cell to train it on")
         return (f"trained {t['steps']} steps in {t['train_seconds']:.1f} s (stop: {t['stop_reason']}; "
-                f"compile {t['compile_seconds']:.1f} s and evaluation {t['eval_seconds']:.1f} s apart), "
-                f"last logged loss {loss}")
+                f"compile {t['compile_seconds']:.1f} s and evaluation {t['eval_seconds']:.1f} s apart), {loss}")
 
     def table(self) -> str:
         from krylovjax import experiment_utils as eu
@@ -471,6 +519,20 @@ class DenoiseRun(NamedTuple):
                  f"{self.denoised['psnr']:.2f}",
                  ", ".join(f"{s:.3f}" for s in self.denoised["ssim_per_image"])]]
         return eu.markdown_table(["images", "mean SSIM", "mean PSNR (dB)", "SSIM per image"], rows)
+
+
+def _quiet_orbax_notices() -> None:
+    """Drop orbax's INFO chatter and read-only-manager notices (six ``Given directory is read
+    only`` warnings on a resumed run) in a notebook kernel, where absl's records reach Python's
+    handlers through the ``absl`` logger rather than absl's own handler (the binaries'
+    :func:`krylovjax.experiment_utils.quiet_orbax_logs`)."""
+    import logging
+
+    from krylovjax import experiment_utils as eu
+
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, eu._QuietOrbax) for f in logger.filters):
+        logger.addFilter(eu._QuietOrbax())
 
 
 def train_and_denoise(cfg, workdir: str, store_path: str, images) -> DenoiseRun:
@@ -489,6 +551,7 @@ def train_and_denoise(cfg, workdir: str, store_path: str, images) -> DenoiseRun:
     from krylovjax import training
 
     wd = os.path.expanduser(str(workdir))
+    _quiet_orbax_notices()
     tc = train_config(cfg)
     # The sampler's settings and what ours' SDE allows of them, before training (experiments.denoise
     # checks them before its runs; unchecked, an unknown kind ran as "denoise", and an unmatched

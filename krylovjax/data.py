@@ -412,13 +412,16 @@ def _import_tfds():
     return tfds
 
 
-def _prepare_hint(name: str, data_dir: str | None) -> str:
-    dd = data_dir or "~/tensorflow_datasets"
+def _prepare_hint(name: str, root: str) -> str:
+    """How to prepare ``name`` in the tfds data directory ``root``, and where to pass it."""
     return (
-        f"Prepare it once on a machine with network access, e.g.\n"
-        f"    tfds build {name} --data_dir={dd} --file_format=array_record\n"
-        f"(array_record files can be read without TensorFlow through tfds.data_source), "
-        f"then pass data_dir={dd!r} (the experiment binaries' --data_dir flag)."
+        f"Prepare it once on a machine with network access (tfds build needs TensorFlow: "
+        f"pip install tensorflow importlib_resources, or krylovjax's extra: pip install -e '.[tf]'), e.g.\n"
+        f"    tfds build {name} --data_dir={root} --file_format=array_record\n"
+        f"(array_record files can be read without TensorFlow through tfds.data_source), then give "
+        f"that data directory: load_tfds/load_images(data_dir=...); experiments.precompute "
+        f"--config.data_dir=...; experiments.denoise and experiments.budget --config.data.kwargs.data_dir=...; "
+        f"the Colab notebook KRYLOVJAX_NB_DATA_DIR; or the TFDS_DATA_DIR environment variable."
     )
 
 
@@ -469,6 +472,11 @@ def _tf_available() -> bool:
     return importlib.util.find_spec("tensorflow") is not None
 
 
+def _data_dir_root(builder, data_dir: str | None) -> str:
+    """The data directory that holds ``builder``'s dataset (not its versioned subfolder)."""
+    return str(getattr(builder, "data_dir_root", None) or data_dir or "~/tensorflow_datasets")
+
+
 def load_tfds(
     name: str,
     split: str = "train",
@@ -498,7 +506,8 @@ def load_tfds(
       name: "cifar10" or "celeb_a".
       split: "train", "test" (and "validation" for celeb_a); tfds slicing
         such as "train[:1000]" is allowed.
-      data_dir: the tfds data directory (default: tfds's, ~/tensorflow_datasets).
+      data_dir: the tfds data directory (``None`` or ``""``: tfds's default, ``$TFDS_DATA_DIR``
+        or ~/tensorflow_datasets); a leading ``~`` is expanded.
       size: output size (int or (H, W)); None keeps 32 x 32 for cifar10 and
         gives 64 x 64 for celeb_a.  celeb_a is first centre-cropped to 140 x 140
         (the score_sde / NCSN convention), then resized with antialiasing.
@@ -519,6 +528,10 @@ def load_tfds(
     else:
         hw = _check_size(size)
     indices, num_images = _check_selection(indices, num_images)
+    if data_dir is not None and not isinstance(data_dir, (str, os.PathLike)):
+        raise ValueError(f"data_dir: expected a directory path (or None for tfds's default), got {data_dir!r}")
+    # "" is the configs' "tfds's default"; tfds itself would take "~/x" as a folder named "~"
+    data_dir = os.path.expanduser(os.fspath(data_dir)) if data_dir else None
 
     tfds = _import_tfds()
     try:
@@ -526,9 +539,10 @@ def load_tfds(
     except Exception as err:  # e.g. a registered name unknown to this tfds version
         raise ValueError(f"could not create the tfds builder for {name!r}: {err}") from err
     if not builder.is_prepared():
+        root = _data_dir_root(builder, data_dir)
         raise DatasetNotPreparedError(
-            f"tfds dataset {name!r} is not prepared in data_dir={builder.data_dir!r} "
-            f"(nothing is downloaded automatically). " + _prepare_hint(name, data_dir)
+            f"tfds dataset {name!r} is not prepared in the data directory {root!r} (looked for "
+            f"{builder.data_dir!r}; nothing is downloaded automatically). " + _prepare_hint(name, root)
         )
     label_names = None
     if name == "cifar10":
@@ -557,7 +571,7 @@ def load_tfds(
             raise DatasetNotPreparedError(
                 f"tfds dataset {name!r} in {builder.data_dir!r} is not in array_record format and "
                 f"TensorFlow is not installed, so it cannot be read. Rebuild it with "
-                f"--file_format=array_record. " + _prepare_hint(name, data_dir)
+                f"--file_format=array_record. " + _prepare_hint(name, _data_dir_root(builder, data_dir))
             ) from err
         ds = tfds.load(name, split=split, data_dir=data_dir, download=False, try_gcs=False)
         out = _select(_IterSource(tfds.as_numpy(ds)), keep, indices, num_images, convert)

@@ -167,7 +167,8 @@ def config_diff(stored: Any, given: Any, prefix: str = "", *,
 
 
 def claim_workdir(workdir: str | os.PathLike, experiment: str, config: Any, *,
-                  legacy: Mapping[str, Any] | None = None, arg: str = "workdir") -> bool:
+                  legacy: Mapping[str, Any] | None = None, arg: str = "workdir",
+                  may_change: Iterable[str] = ()) -> bool:
     """Make ``workdir`` the run directory of ``experiment`` with ``config``, or refuse.
 
     The first call writes ``<workdir>/experiment.json`` (``{"experiment": ..., "config": ...}``).
@@ -185,11 +186,13 @@ def claim_workdir(workdir: str | os.PathLike, experiment: str, config: Any, *,
         existed is this run when ``config`` holds that value there. The claim file is left as it
         was.
       arg: the flag the directory came from, for the messages (``"outdir"`` for ``generate``).
+      may_change: dotted keys that may differ from the claim's on a later call (e.g. a training
+        budget raised to train longer); the claim file keeps the first call's values.
 
     Returns:
       True if the directory was claimed now (fresh), False if it already held this run.
     """
-    if check_claim(workdir, experiment, config, legacy=legacy, arg=arg):
+    if check_claim(workdir, experiment, config, legacy=legacy, arg=arg, may_change=may_change):
         return False
     workdir = os.fspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -211,9 +214,11 @@ def _not_a_directory(path: str) -> str | None:
 
 
 def check_claim(workdir: str | os.PathLike, experiment: str, config: Any, *,
-                legacy: Mapping[str, Any] | None = None, arg: str = "workdir") -> bool:
+                legacy: Mapping[str, Any] | None = None, arg: str = "workdir",
+                may_change: Iterable[str] = ()) -> bool:
     """:func:`claim_workdir`'s checks without writing anything: True if ``workdir`` already holds
     this run, False if it is free (missing or empty); :class:`WorkdirConflictError` otherwise."""
+    may_change = frozenset(may_change)
     workdir = os.fspath(workdir)
     record = {"experiment": experiment, "config": _plain(config)}
     path = os.path.join(workdir, _CLAIM_FILE)
@@ -235,7 +240,7 @@ def check_claim(workdir: str | os.PathLike, experiment: str, config: Any, *,
             raise WorkdirConflictError(
                 f"{arg}: {workdir!r} holds a {stored.get('experiment')!r} run, not {experiment!r}; "
                 f"use another --{arg}")
-        diff = config_diff(stored.get("config"), record["config"], legacy=legacy)
+        diff = [k for k in config_diff(stored.get("config"), record["config"], legacy=legacy) if k not in may_change]
         if diff:
             shown = ", ".join(diff[:12]) + (" ..." if len(diff) > 12 else "")
             from krylovjax.store import _lookup, _short  # the store's conflict message shows them alike

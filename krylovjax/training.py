@@ -1889,7 +1889,9 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
     if config.progress and primary:
         from krylovjax.experiment_utils import progress_bar
 
-        bar = progress_bar(total=config.num_steps, initial=step, desc=f"train[{config.method}]")
+        bar = progress_bar(total=config.num_steps, initial=step, desc=f"train[{config.method}]"
+                           + (f" (budget {config.budget_seconds:g} s)" if config.budget_seconds is not None else ""))
+    seg_steps, seg_time = 0, 0.0  # this call's updates and their seconds (the budget's bar)
     # A resumed run first evaluates its checkpoint's step when that evaluation was due but has no
     # record (the earlier run was killed between the save and the evaluation's end), or when a
     # target is set and the earlier run evaluated this step (it may have stopped there at the
@@ -1921,6 +1923,13 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
             win_steps += n
             win_time += dt
             if bar is not None:
+                if config.budget_seconds is not None:
+                    # The budget stops the run first when its rate reaches it before num_steps:
+                    # then the bar's end is the budget's step (a walkthrough saw an ETA of 57 hours
+                    # from the step cap of a 300 s run), re-estimated from this call's rate.
+                    seg_steps, seg_time = seg_steps + n, seg_time + dt
+                    left = max(config.budget_seconds - train_seconds, 0.0) * seg_steps / max(seg_time, 1e-12)
+                    bar.total = min(config.num_steps, step + max(int(math.ceil(left)), 1))
                 bar.update(n)
             if step % config.log_every == 0 or step == config.num_steps:
                 last_loss, last_loss_step = float(np.mean(win_loss)), step
@@ -1961,6 +1970,9 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
     finally:
         interrupts.restore()
         if bar is not None:
+            if stop_reason == "budget":  # the budget's end is the bar's: full at the last update
+                bar.total = step
+                bar.refresh()
             bar.close()
     if last_saved != step:
         save()

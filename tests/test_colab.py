@@ -167,16 +167,34 @@ def test_check_sharding_needs_devices_that_divide_every_chunk_and_batch(helpers)
     assert (cfg.num_images, cfg.chunk_images, cfg.train.batch_size) == (4, 4, 4)
     for d in (1, 2, 4):
         helpers.check_sharding(cfg, d)
-    with pytest.raises(ValueError, match=r"the 3 devices do not divide the batch of 4 images to shard "
-                                         r".*KRYLOVJAX_NB_NUM_IMAGES to a multiple of 3"):
+    # 3 devices divide neither the 4 images nor the training batch of 4 (which no setting
+    # changes): the advice is a device count, not an image count that the batch then refuses
+    # (a walkthrough was sent from one refusal to the next, 2026-12-07).
+    with pytest.raises(ValueError) as err:
         helpers.check_sharding(cfg, 3)
+    assert str(err.value).endswith("the 3 devices do not divide the batch of 4 images to shard (num_images=4 in "
+                                   "chunks of chunk_images=4) nor the training batch of 4 (train.batch_size); "
+                                   "set KRYLOVJAX_NB_DEVICES=2"), err.value
     # 6 images in chunks of 4: the last chunk holds 2, which 4 devices do not divide.
     cfg6 = helpers.get_config("tiny", num_images="6")
     helpers.check_sharding(cfg6, 2)
-    with pytest.raises(ValueError, match=r"the 4 devices do not divide the batch of 2 images"):
+    with pytest.raises(ValueError, match=r"the 4 devices do not divide the batch of 2 images.*; set "
+                                         r"KRYLOVJAX_NB_DEVICES=2 or KRYLOVJAX_NB_NUM_IMAGES=4$") as err:
         helpers.check_sharding(cfg6, 4)
+    # each piece of advice is taken at its word and passes
+    helpers.check_sharding(helpers.get_config("tiny", num_images="4"), 4)
+    full = helpers.get_config("full", num_images="63")  # chunks of 64: 63 at once
+    with pytest.raises(ValueError, match=r"set KRYLOVJAX_NB_DEVICES=1 or KRYLOVJAX_NB_NUM_IMAGES=64$"):
+        helpers.check_sharding(full, 4)
+    full100 = helpers.get_config("full", num_images="100")  # chunks of 64 and 36
+    helpers.check_sharding(full100, 4)
+    with pytest.raises(ValueError, match=r"the 8 devices do not divide the batch of 36 images.*"
+                                         r"set KRYLOVJAX_NB_DEVICES=4 or KRYLOVJAX_NB_NUM_IMAGES=96$"):
+        helpers.check_sharding(full100, 8)
+    helpers.check_sharding(helpers.get_config("full", num_images="96"), 8)
     cfg.train.batch_size = 6
-    with pytest.raises(ValueError, match=r"training batch of 6 \(train.batch_size\)"):
+    with pytest.raises(ValueError, match=r"the 4 devices do not divide the training batch of 6 \(train.batch_size\); "
+                                         r"set KRYLOVJAX_NB_DEVICES=2$"):
         helpers.check_sharding(cfg, 4)
     with pytest.raises(ValueError, match="num_devices"):
         helpers.check_sharding(cfg, 0)
@@ -248,6 +266,61 @@ def test_builtin_images_and_workdir_claim(helpers, tmp_path):
         helpers.claim_workdir(wd, other)
     with pytest.raises(ValueError, match="KRYLOVJAX_NB_WORKDIR"):
         helpers.claim_workdir("  ", cfg)
+
+
+def test_workdir_claim_in_the_notebooks_words_and_a_longer_training(helpers, tmp_path):
+    """A refusal names the notebook's setting (not the binaries' --workdir), and the training's
+    run-control keys may change on resume: a larger budget trains the same run on (a walkthrough
+    found any change refused, 2026-12-07). The claim keeps its first values."""
+    import json
+
+    cfg = helpers.get_config("tiny")
+    wd = tmp_path / "run"
+    assert helpers.claim_workdir(str(wd), cfg) is True
+    longer = helpers.get_config("tiny")
+    longer.train.budget_seconds = 2 * (cfg.train.budget_seconds or 60.0)
+    longer.train.num_steps = cfg.train.num_steps + 10
+    longer.train.eval_every = cfg.train.eval_every + 1
+    assert helpers.claim_workdir(str(wd), longer) is False
+    assert json.loads((wd / "experiment.json").read_text())["config"]["train"]["num_steps"] == cfg.train.num_steps
+    other = helpers.get_config("tiny")
+    other.train.lr = cfg.train.lr * 2  # the model's training itself: another run
+    with pytest.raises(ValueError) as err:
+        helpers.claim_workdir(str(wd), other)
+    msg = str(err.value)
+    assert msg.startswith(f"KRYLOVJAX_NB_WORKDIR: {str(wd)!r} holds another run's config (differs at: train.lr)")
+    assert "set KRYLOVJAX_NB_WORKDIR to another directory" in msg and "--workdir" not in msg
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"^KRYLOVJAX_NB_WORKDIR: .* set KRYLOVJAX_NB_WORKDIR to an empty or new "
+                                         r"directory$"):
+        helpers.claim_workdir(str(tmp_path / "full"), cfg)
+
+
+def test_workdir_note_only_in_colab_and_off_drive(helpers, monkeypatch):
+    monkeypatch.setattr(helpers, "in_colab", lambda: False)
+    assert helpers.workdir_note("krylovjax_colab") == ""
+    monkeypatch.setattr(helpers, "in_colab", lambda: True)
+    note = helpers.workdir_note("/content/krylovjax_colab")
+    assert "deleted when the runtime is recycled" in note and "drive.mount('/content/drive')" in note
+    assert "KRYLOVJAX_NB_WORKDIR=/content/drive/MyDrive/krylovjax_colab" in note
+    assert helpers.workdir_note("/content/drive/MyDrive/krylovjax_colab") == ""
+
+
+def test_a_download_missing_a_module_names_it(helpers, monkeypatch, tmp_path):
+    """tfds's download_and_prepare imports importlib_resources, which tfds does not require on
+    Python >= 3.9: the walkthrough's ModuleNotFoundError traceback is now one message."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    def missing(*a, **k):
+        raise ModuleNotFoundError("No module named 'importlib_resources'", name="importlib_resources")
+
+    monkeypatch.setattr(tfds, "data_source", missing)
+    cfg = helpers.get_config("tiny", dataset="cifar10", data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"^KRYLOVJAX_NB_DOWNLOAD=yes: preparing cifar10 needs the module "
+                                         r"'importlib_resources', which is not installed: pip install "
+                                         r"importlib_resources"):
+        helpers.prepare_dataset(cfg, "yes")
 
 
 def test_your_own_images_in_the_notebook(helpers, tmp_path):
@@ -403,6 +476,10 @@ def test_notebook_runs_headless_on_mock_cifar10_and_resumes(monkeypatch, tmp_pat
     assert err2 is None, str(err2)[-3000:]
     text2 = "".join(o.get("text", "") for c in _code_cells(nb2) for o in c.outputs if o.output_type == "stream")
     assert "resuming the run of this config" in text2 and "| computed now / already done | 0 / 4 |" in text2
+    # it says the run had finished (the walkthrough's "trained 6 steps in 0.2 s ... last logged
+    # loss -" did not), without orbax's six read-only-manager warnings
+    assert "already stood at step 6" in text2 and "nothing trained now" in text2, text2[-3000:]
+    assert "read only" not in text2 and "read_only" not in text2, text2[-3000:]
     with open(wd / "results.json") as f:
         res2 = json.load(f)
     assert res2["train"]["resumed_from"] == 6 and res2["train"]["steps"] == 6

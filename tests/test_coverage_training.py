@@ -411,6 +411,37 @@ def test_train_progress_bar_target_at_the_last_evaluation_and_stale_records(tmp_
         tr.train(cfg.replace(num_steps=4, progress=False), trajectories, wd, eval_fn=lambda f, s: [1.0])
 
 
+def test_a_budgets_progress_bar_ends_at_the_budget_not_the_step_cap(tmp_path, trajectories, monkeypatch):
+    """With ``budget_seconds`` the bar's end is re-estimated from the run's rate and is the last
+    step when the budget stops it (the Colab walkthrough, 2026-12-07, saw 35 steps of a 300 s
+    budget drawn as 35/20000 with an ETA of 57 hours)."""
+    from krylovjax import experiment_utils as eu
+
+    bars, totals = [], []
+    real = eu.progress_bar
+
+    def spy(**kw):
+        bar = real(**kw)
+        update = bar.update
+
+        def recording_update(n=1):
+            totals.append(bar.total)  # set just before each update
+            return update(n)
+
+        bar.update = recording_update
+        bars.append((kw, bar))
+        return bar
+
+    monkeypatch.setattr(eu, "progress_bar", spy)
+    cfg = OURS.replace(num_steps=10**6, budget_seconds=1e-6, progress=True, log_every=1000)
+    res = tr.train(cfg, trajectories, tmp_path / "b")
+    assert res.stop_reason == "budget" and 1 <= res.step < 10
+    (kw, bar), = bars
+    assert kw["total"] == 10**6 and kw["desc"] == "train[ours] (budget 1e-06 s)"
+    assert totals and all(t <= res.step + 1 for t in totals), totals  # the budget was spent at once
+    assert bar.total == bar.n == res.step
+
+
 # ==============================================================================================
 # sampling: the VP SDE through the reverse SDE, denoise(method="sde") and generate
 # ==============================================================================================

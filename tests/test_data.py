@@ -1,5 +1,6 @@
 """Tests for krylovjax.data: built-in photos, tfds pipelines (mocked, no TF), validation."""
 import os
+import re
 import subprocess
 import sys
 import time
@@ -192,6 +193,31 @@ def test_unprepared_dataset_fails_fast(tmp_path, name):
     assert f"tfds build {name}" in msg and f"--data_dir={tmp_path}" in msg and "array_record" in msg
     assert isinstance(info.value, FileNotFoundError)
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # nothing was downloaded or written
+    # the data directory itself, not the builder's versioned folder inside it, and how to install
+    # what `tfds build` needs and where each entry point takes the directory (a walkthrough,
+    # 2026-12-07, found `tfds build` failing without TensorFlow and a --data_dir flag that no
+    # binary has)
+    assert f"not prepared in the data directory {str(tmp_path)!r} (looked for '{tmp_path / name}{os.sep}" in msg
+    assert "pip install tensorflow importlib_resources" in msg and "the experiment binaries' --data_dir flag" not in msg
+    assert "--config.data.kwargs.data_dir" in msg and "--config.data_dir" in msg and "TFDS_DATA_DIR" in msg
+
+
+def test_tfds_data_dir_expands_the_home_and_takes_empty_for_the_default(tmp_path, monkeypatch):
+    """tfds would take "~/x" as a folder named "~" in the working directory; the configs' "" is
+    tfds's default directory, as None."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(D.DatasetNotPreparedError, match=f"data directory {re.escape(repr(str(tmp_path / 'home' / 'tfds')))}"):
+        D.load_tfds("cifar10", data_dir="~/tfds")
+    msgs = []
+    for default in ("", None):
+        with pytest.raises(D.DatasetNotPreparedError) as err:
+            D.load_tfds("cifar10", data_dir=default)
+        msgs.append(str(err.value))
+    assert msgs[0] == msgs[1] and "data directory '/'" not in msgs[0] and "data directory ''" not in msgs[0]
+    assert not (tmp_path / "~").exists()
+    with pytest.raises(ValueError, match=r"^data_dir: expected a directory path \(or None for tfds's default\), got 3"):
+        D.load_tfds("cifar10", data_dir=3)
 
 
 @pytest.mark.parametrize(

@@ -1,12 +1,14 @@
 """The Colab notebook's default run (``experiments/colab.ipynb``, ``KRYLOVJAX_NB_CONFIG=full``).
 
 A CIFAR-10 subset (the first 64 dogs of the training split, Paper B's class) at 32x32 on a
-Colab accelerator (GPU or TPU; a CPU runtime works too, slowly), float32:
+Colab accelerator (GPU or TPU; on a CPU its 300 s of training denoise nothing: use ``colab_tiny``
+there), float32:
 
 * pre-computation: Paper A's SDE (constant g = 0.5, f = 0) with the exact perturbation
   lambda(t) = g sqrt(t) (``sde_kwargs.std = None``, as ``denoise_demo``), 20 FP time levels,
   Paper B's sweeps, the cross-matrix strategy with the shared-diffusion preconditioner
-  (``cross_matrix_precond``), float32 tolerances (BUILD_NOTES float32 study), every chunk of
+  (``cross_matrix_precond``: the paper's method, which the notebook shows; on a GPU the plain
+  batched ``fast`` strategy is 3-13x quicker, BUILD_NOTES "GPU"), float32 tolerances (BUILD_NOTES float32 study), every chunk of
   ``chunk_images`` images sharded over all devices of the runtime (``shard = True``), stored in
   a resumable :class:`krylovjax.store.ScoreStore`;
 * training: our score-embedding loss (method.md 4.2) on the embedded trajectories, a small

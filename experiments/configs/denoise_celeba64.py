@@ -16,7 +16,7 @@ def get_config():
     c.data.source = "celeb_a"
     c.data.size = 64
     c.data.index = 0
-    c.data.kwargs = {"split": "test", "indices": [0]}
+    c.data.kwargs = {"split": "test", "indices": [0], "data_dir": ""}  # data_dir "": tfds's default
     c.targets = (0.95, 0.99)
     c.ddpm.train.ddpm_beta_end = 0.002
     return c

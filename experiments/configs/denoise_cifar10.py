@@ -24,7 +24,8 @@ def get_config():
     c.data.source = "cifar10"
     c.data.size = 32
     c.data.index = 0
-    c.data.kwargs = {"split": "train", "class_filter": "dog", "indices": [0]}
+    c.data.kwargs = {"split": "train", "class_filter": "dog", "indices": [0],
+                     "data_dir": ""}  # the tfds data directory; "": tfds's default
     c.targets = (0.95, 0.99)
     c.common.model = "paper"
     c.common.model_overrides = {"dropout": 0.1}
