@@ -117,7 +117,26 @@ def check_flags() -> tuple[list[int], str | int | None, int | None]:
         eu.check_flag(FLAGS[name].value >= lo, name, f"an integer >= {lo}", FLAGS[name].value)
     chunk = eu.word_or_int_flag("chunk_size", FLAGS.chunk_size, ("auto", "none"))
     compact = eu.word_or_int_flag("compact", FLAGS.compact, ("none",))
+    # The numbers of every run's config, now (a bad --outer_tol ended in a traceback after the
+    # images were made, until a walkthrough of 2026-12-07).
+    for strategy in ("spsolve", "gmres"):  # spsolve takes no forcing; the Krylov strategies all alike
+        try:
+            precompute_config(strategy, chunk, compact)
+        except (ValueError, TypeError) as err:
+            raise app.UsageError(str(err).replace("sde_kwargs", "sigma (sde_kwargs)", 1)) from None
     return sizes, chunk, compact
+
+
+def precompute_config(strategy: str, chunk, compact):
+    """The :class:`krylovjax.precompute.PrecomputeConfig` of a run of ``strategy`` with the flags."""
+    from krylovjax.precompute import PrecomputeConfig
+
+    return PrecomputeConfig(
+        sde_kwargs=(("sigma", FLAGS.sigma),), num_steps=FLAGS.num_steps, scheme=FLAGS.scheme,
+        outer_tol=FLAGS.outer_tol, max_sweeps=FLAGS.max_sweeps, strategy=strategy,
+        tol=FLAGS.tol, restart=FLAGS.restart, basis_size=FLAGS.basis_size,
+        chunk_size=chunk, forcing=0.0 if strategy == "spsolve" else FLAGS.forcing,
+        divergence_patience=FLAGS.divergence_patience, compact=compact)
 
 
 def main(argv):
@@ -130,7 +149,6 @@ def main(argv):
     import numpy as np
 
     from krylovjax import cross_matrix, data
-    from krylovjax.precompute import PrecomputeConfig
 
     strategies = (["spsolve"] + list(cross_matrix.PRESETS) if FLAGS.strategies == ["all"]
                   else [s for s in FLAGS.strategies if s != "spsolve"])
@@ -164,13 +182,7 @@ def main(argv):
                 raise app.UsageError(f"--subsets: unknown subset {subset!r}")
             ref = None
             for strategy in strategies:
-                cfg = PrecomputeConfig(
-                    sde_kwargs=(("sigma", FLAGS.sigma),), num_steps=FLAGS.num_steps,
-                    scheme=FLAGS.scheme,
-                    outer_tol=FLAGS.outer_tol, max_sweeps=FLAGS.max_sweeps, strategy=strategy,
-                    tol=FLAGS.tol, restart=FLAGS.restart, basis_size=FLAGS.basis_size,
-                    chunk_size=chunk, forcing=0.0 if strategy == "spsolve" else FLAGS.forcing,
-                    divergence_patience=FLAGS.divergence_patience, compact=compact)
+                cfg = precompute_config(strategy, chunk, compact)
                 res, compile_s = run_strategy(
                     images, cfg, FLAGS.spsolve_repeats if strategy == "spsolve" else FLAGS.repeats)
                 st = res.stats

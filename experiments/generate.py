@@ -289,7 +289,7 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
                     "reference": reference, "reference_count": reference_count, "final_denoise": final_denoise}
         with eu.checking_arguments():
             if not fresh:  # (--fresh moves whatever is there aside, once the flags are found good)
-                eu.check_claim(outdir, "generate", settings, legacy=LEGACY_SETTINGS, arg="outdir")
+                eu.check_claim(outdir, "generate", settings, legacy=LEGACY_SETTINGS, arg="outdir", fresh_flag=True)
             if os.path.exists(os.path.join(outdir, "samples.json")) and not (overwrite or fresh):
                 done_step, newer = eu.finished_step(os.path.join(outdir, "samples.json")), ""
                 if done_step is not None:  # samples of an older checkpoint are said to be so

@@ -462,7 +462,7 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
             check_interrupt()
             try:
                 if not fresh:  # (--fresh moves whatever is there aside, once the flags are found good)
-                    eu.check_claim(outdir, "restore", settings, legacy=LEGACY_SETTINGS, arg="outdir")
+                    eu.check_claim(outdir, "restore", settings, legacy=LEGACY_SETTINGS, arg="outdir", fresh_flag=True)
             except eu.WorkdirConflictError as err:
                 if baseline == "none" or "differs at: baseline)" not in str(err):
                     raise

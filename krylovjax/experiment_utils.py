@@ -168,7 +168,7 @@ def config_diff(stored: Any, given: Any, prefix: str = "", *,
 
 def claim_workdir(workdir: str | os.PathLike, experiment: str, config: Any, *,
                   legacy: Mapping[str, Any] | None = None, arg: str = "workdir",
-                  may_change: Iterable[str] = ()) -> bool:
+                  may_change: Iterable[str] = (), fresh_flag: bool = False) -> bool:
     """Make ``workdir`` the run directory of ``experiment`` with ``config``, or refuse.
 
     The first call writes ``<workdir>/experiment.json`` (``{"experiment": ..., "config": ...}``).
@@ -188,11 +188,13 @@ def claim_workdir(workdir: str | os.PathLike, experiment: str, config: Any, *,
       arg: the flag the directory came from, for the messages (``"outdir"`` for ``generate``).
       may_change: dotted keys that may differ from the claim's on a later call (e.g. a training
         budget raised to train longer); the claim file keeps the first call's values.
+      fresh_flag: the binary takes ``--fresh`` (:func:`move_aside`): a refusal names it too.
 
     Returns:
       True if the directory was claimed now (fresh), False if it already held this run.
     """
-    if check_claim(workdir, experiment, config, legacy=legacy, arg=arg, may_change=may_change):
+    if check_claim(workdir, experiment, config, legacy=legacy, arg=arg, may_change=may_change,
+                   fresh_flag=fresh_flag):
         return False
     workdir = os.fspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -215,10 +217,12 @@ def _not_a_directory(path: str) -> str | None:
 
 def check_claim(workdir: str | os.PathLike, experiment: str, config: Any, *,
                 legacy: Mapping[str, Any] | None = None, arg: str = "workdir",
-                may_change: Iterable[str] = ()) -> bool:
+                may_change: Iterable[str] = (), fresh_flag: bool = False) -> bool:
     """:func:`claim_workdir`'s checks without writing anything: True if ``workdir`` already holds
     this run, False if it is free (missing or empty); :class:`WorkdirConflictError` otherwise."""
     may_change = frozenset(may_change)
+    # the other way out, for a binary that has it (a walkthrough, 2026-12-07, found it unsaid)
+    fresh = f", or --fresh to move it to {os.fspath(workdir) + '.prev'!r} first" if fresh_flag else ""
     workdir = os.fspath(workdir)
     record = {"experiment": experiment, "config": _plain(config)}
     path = os.path.join(workdir, _CLAIM_FILE)
@@ -239,7 +243,7 @@ def check_claim(workdir: str | os.PathLike, experiment: str, config: Any, *,
         if stored.get("experiment") != experiment:
             raise WorkdirConflictError(
                 f"{arg}: {workdir!r} holds a {stored.get('experiment')!r} run, not {experiment!r}; "
-                f"use another --{arg}")
+                f"use another --{arg}{fresh}")
         diff = [k for k in config_diff(stored.get("config"), record["config"], legacy=legacy) if k not in may_change]
         if diff:
             shown = ", ".join(diff[:12]) + (" ..." if len(diff) > 12 else "")
@@ -249,7 +253,7 @@ def check_claim(workdir: str | os.PathLike, experiment: str, config: Any, *,
                                f"{_short(_lookup(_plain(record['config']), k))}" for k in diff[:4] if k != "<root>")
             raise WorkdirConflictError(
                 f"{arg}: {workdir!r} holds another run's config (differs at: {shown})"
-                + (f" ({values})" if values else "") + f"; use another --{arg} (nothing there was changed)")
+                + (f" ({values})" if values else "") + f"; use another --{arg}{fresh} (nothing there was changed)")
         return True
     if os.path.isdir(workdir) and os.listdir(workdir):
         raise WorkdirConflictError(
@@ -274,7 +278,7 @@ def run_claimed(workdir: str | os.PathLike, experiment: str, config: Any, body: 
     with workdir_lock.hold(workdir, arg=arg):
         if fresh:
             move_aside(workdir, arg=arg)
-        claimed_now = claim_workdir(workdir, experiment, config, legacy=legacy, arg=arg)
+        claimed_now = claim_workdir(workdir, experiment, config, legacy=legacy, arg=arg, fresh_flag=True)
         try:
             return body()
         except BaseException:
@@ -347,6 +351,8 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
                          f"{'. ' + hint if hint else ''}\nPass --helpshort or --helpfull to see help on flags, "
                          f"--show_config to see every key of the config.\n")
         sys.exit(1)
+    if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
+        _split_word_lists(flags.FLAGS["config"].value, argv)
     show = flags.FLAGS["show_config"].value if "show_config" in flags.FLAGS else False
     if show:
         config = flags.FLAGS["config"].value
@@ -358,6 +364,29 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
                              f"{p} = {v!r}\n" for p, v in _config_items(config)))
         sys.exit(0)
     return rest
+
+
+def _split_word_lists(config, argv: Sequence[str]) -> None:
+    """``--config.methods=ours,ddpm`` as the tuple ``('ours', 'ddpm')``. ml_collections reads a
+    tuple override as a Python literal (``1,2`` is ``(1, 2)``); words are no literal, so it kept
+    the whole string as one entry, ``('ours,ddpm',)``, which the run then refused as an unknown
+    method (a walkthrough, 2026-12-07). Only an override whose value became that one-entry tuple
+    of the very string given is split, at its commas (brackets and quotes around it dropped)."""
+    for a in argv[1:]:
+        flag, eq, raw = a.partition("=")
+        if not (eq and flag.startswith("--config.") and "," in raw):
+            continue
+        *path, leaf = flag[len("--config."):].split(".")
+        node = config
+        try:
+            for part in path:
+                node = node[part]
+            value = node[leaf]
+        except (KeyError, TypeError, AttributeError):
+            continue
+        if isinstance(value, (tuple, list)) and len(value) == 1 and value[0] == raw:
+            words = tuple(w.strip().strip("'\"") for w in raw.strip().strip("()[]").split(","))
+            node[leaf] = type(value)(w for w in words if w)
 
 
 def _asks_show(argv: Sequence[str]) -> bool:

@@ -72,8 +72,9 @@ Work directory layout::
                                    optimiser state, step, RNG key), "config", "meta" (sha256 of
                                    the state, train time, data fingerprint)
     <workdir>/metrics.jsonl        one JSON object per line: kind="start" (step, resumed_from,
-                                   compile_seconds, num_devices), kind="train" (step, loss,
-                                   images_per_s, lr, grad_norm, train_seconds), kind="eval"
+                                   compile_seconds, num_devices), kind="train" (step, loss:
+                                   the mean over its loss_steps updates since the last record
+                                   or the resume, images_per_s, lr, grad_norm, train_seconds), kind="eval"
                                    (step, the eval callback's metrics, e.g. ssim); on resume
                                    the records after the restored step are dropped first
 
@@ -1933,7 +1934,10 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
                 bar.update(n)
             if step % config.log_every == 0 or step == config.num_steps:
                 last_loss, last_loss_step = float(np.mean(win_loss)), step
-                rec = {"step": step, "kind": "train", "loss": last_loss,
+                # loss_steps: the updates the loss averages (fewer than log_every in the first
+                # window after a resume from a checkpoint between log steps; a walkthrough took
+                # such a record for the uninterrupted run's, 2026-12-07)
+                rec = {"step": step, "kind": "train", "loss": last_loss, "loss_steps": len(win_loss),
                        "images_per_s": config.batch_size * win_steps / max(win_time, 1e-12),
                        "lr": float(np.asarray(m.lr).reshape(-1)[-1]),
                        "grad_norm": float(np.asarray(m.grad_norm).reshape(-1)[-1]), "train_seconds": train_seconds}

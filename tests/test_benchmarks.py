@@ -39,6 +39,30 @@ def test_bench_solvers_json(tmp_path):
         assert r["max_rel_diff_vs_spsolve"] < 1e-7  # tol 1e-8 (default) in float64
         if r["method"] in ("gmres", "cross_matrix_precond", "fast"):
             assert r["residual"] <= 1.5e-8 and r["matvecs_per_system"] >= 1
+    assert doc["flags"]["tol"] == 1e-8 and doc["flags"]["time_steps"] == ["early", "late"]  # the default used
+
+
+def test_bench_solvers_says_which_solves_did_not_converge(tmp_path):
+    """A row whose solver reported systems short of ``tol`` says so in its table row, with a note
+    under the table; the ``--workdir`` table carries the machine line (a walkthrough, 2026-12-07,
+    saw float32 speed-ups of solves that had all failed, shown as any other)."""
+    proc = _run("experiments.bench_solvers", "--sizes=8", "--batch=2", "--repeats=1", "--dtype=float32",
+                "--tol=1.2e-7", "--time_steps=late", "--methods=gmres,fast", f"--workdir={tmp_path}")
+    doc = json.loads((tmp_path / "bench_solvers.json").read_text())
+    md = (tmp_path / "bench_solvers.md").read_text()
+    assert md.startswith("Machine: ") and "float32, tol 1.2e-07, scheme consistent" in md.splitlines()[0]
+    assert f"wrote {tmp_path / 'bench_solvers.md'}" in proc.stdout
+    table = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert "| not converged | speed-up |" in table[0]
+    rows = doc["rows"]
+    assert [r["method"] for r in rows] == ["spsolve", "gmres", "fast"] and len(table) == 1 + 3
+    for r, line in zip(rows, table[1:]):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == r["method"]
+        assert cells[-2] == ("-" if r["method"] == "spsolve" else str(r["nonconverged"]))
+        assert cells[-1].endswith("(not converged)") == (r["nonconverged"] > 0), line
+    bad = sum(r["nonconverged"] > 0 for r in rows)
+    assert (f"{bad} row(s) with systems that did not reach tol 1.2e-07" in md) == (bad > 0)
 
 
 def test_bench_precompute_json(tmp_path):
@@ -99,6 +123,13 @@ def test_bench_load_images_json(tmp_path):
 
 @pytest.mark.parametrize("module,args,match", [
     ("experiments.bench_solvers", ["--sizes=8", "--dtype=float16"], "dtype"),
+    # below float32's resolution no solve can be shown to converge (the library never reports it met)
+    ("experiments.bench_solvers", ["--dtype=float32", "--tol=1e-8"],
+     "error: --tol: expected a tolerance float32 can resolve (>= its machine epsilon 1.2e-07; the default 1e-06)"),
+    ("experiments.bench_solvers", ["--direct_repeats=0"], "error: --direct_repeats: expected an integer >= 1"),
+    # the pre-computation's numbers, checked up front in one line (a traceback until 2026-12-07)
+    ("experiments.bench_precompute", ["--outer_tol=0"], "error: outer_tol: expected a finite number > 0, got 0.0"),
+    ("experiments.bench_precompute", ["--basis_size=0"], "error: basis_size: expected an integer >= 1, got 0"),
     ("experiments.bench_precompute", ["--subsets=converged"], "converged"),
     ("experiments.study_line_preconditioner", ["--preconditioners=none,ilu"], "preconditioners"),
     ("experiments.study_line_preconditioner", ["--preconditioners=line"], "cold baseline"),
@@ -112,7 +143,7 @@ def test_bench_bad_flags(module, args, match):
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert match in proc.stderr
+    assert match in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_study_line_preconditioner_json(tmp_path):

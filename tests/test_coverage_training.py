@@ -411,6 +411,18 @@ def test_train_progress_bar_target_at_the_last_evaluation_and_stale_records(tmp_
         tr.train(cfg.replace(num_steps=4, progress=False), trajectories, wd, eval_fn=lambda f, s: [1.0])
 
 
+def test_a_logged_loss_says_how_many_updates_it_averages_across_a_resume(tmp_path, trajectories):
+    """After a resume from a checkpoint between two log steps, the first record averages fewer
+    updates than log_every: ``loss_steps`` says how many (a walkthrough, 2026-12-07, compared such
+    a record with the uninterrupted run's and found them 30% apart)."""
+    wd = tmp_path / "run"
+    cfg = OURS.replace(num_steps=3, log_every=2, checkpoint_every=100)
+    tr.train(cfg, trajectories, wd)
+    tr.train(cfg.replace(num_steps=6), trajectories, wd)
+    recs = [json.loads(line) for line in open(wd / "metrics.jsonl")]
+    assert [(r["step"], r["loss_steps"]) for r in recs if r["kind"] == "train"] == [(2, 2), (3, 1), (4, 1), (6, 2)]
+
+
 def test_a_budgets_progress_bar_ends_at_the_budget_not_the_step_cap(tmp_path, trajectories, monkeypatch):
     """With ``budget_seconds`` the bar's end is re-estimated from the run's rate and is the last
     step when the budget stops it (the Colab walkthrough, 2026-12-07, saw 35 steps of a 300 s

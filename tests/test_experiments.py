@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -140,6 +141,12 @@ def test_claim_workdir_refuses_other_configs_without_touching(tmp_path):
     with pytest.raises(ValueError, match=r"another run's config \(differs at: lr, model.ch\) \(lr: stored 0\.001, "
                                          r"given 0\.002; model\.ch: stored 8, given 16\); use another --workdir"):
         eu.claim_workdir(wd, "denoise", {"lr": 2e-3, "model": {"ch": 16}})
+    # a binary with --fresh names it as the other way out (a walkthrough, 2026-12-07)
+    with pytest.raises(ValueError, match=r"given 16\); use another --workdir, or --fresh to move it to "
+                                         + re.escape(repr(wd + ".prev")) + r" first \(nothing there was changed\)$"):
+        eu.claim_workdir(wd, "denoise", {"lr": 2e-3, "model": {"ch": 16}}, fresh_flag=True)
+    with pytest.raises(ValueError, match=r"holds a 'denoise' run, not 'budget'; use another --workdir, or --fresh"):
+        eu.claim_workdir(wd, "budget", {}, fresh_flag=True)
     with pytest.raises(ValueError, match=r"\(differs at: extra, lr\) \(extra: stored <absent>, given \"xxxx.*\.\.\.; "
                                          r"lr: stored 0\.001, given 0\.003\)"):
         eu.claim_workdir(wd, "denoise", {"lr": 3e-3, "model": {"ch": 8}, "extra": "x" * 80})
@@ -724,7 +731,8 @@ def test_generate_from_train_run(denoise_run, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="step: no checkpoint for step 7"):
         generate.run(f"{wd}/ours", str(tmp_path / "g3"), step=7)
     assert not os.path.exists(tmp_path / "g3")  # refused before the output directory was claimed
-    with pytest.raises(ValueError, match=f"outdir: '{out}' holds another run's config .*use another --outdir"):
+    with pytest.raises(ValueError, match=f"outdir: '{out}' holds another run's config .*use another --outdir, or "
+                                         "--fresh to move it to"):
         generate.run(f"{wd}/ours", str(out), num_samples=2, num_frames=3, num_steps=5, sampler="paper_a")
     assert _snapshot(str(out)) == before
 

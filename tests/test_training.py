@@ -315,6 +315,7 @@ def test_training_lowers_the_loss(tmp_path, method, images, trajectories, ours_r
     assert [r["step"] for r in train_recs] == [5, 10, 15, 20]
     for r in train_recs:
         assert {"loss", "images_per_s", "lr", "train_seconds"} <= set(r) and r["images_per_s"] > 0
+        assert r["loss_steps"] == 5  # the updates the logged loss averages
     assert train_recs[-1]["lr"] == pytest.approx(cfg.lr)
 
 
