@@ -326,7 +326,9 @@ def prepare_dataset(cfg, download: str = "auto") -> str:
             f"KRYLOVJAX_NB_DOWNLOAD={mode}: preparing {cfg.dataset} needs the module {err.name!r}, which is "
             f"not installed: pip install {err.name} (or krylovjax's extra: pip install '.[tf]'), or "
             f"prepare it elsewhere and set KRYLOVJAX_NB_DATA_DIR") from err
-    return f"downloaded and prepared {cfg.dataset} (array_record) in {builder.data_dir_root}"
+    from krylovjax.data import _data_dir_root
+
+    return f"downloaded and prepared {cfg.dataset} (array_record) in {_data_dir_root(builder, data_dir)}"
 
 
 def load_images(cfg) -> np.ndarray:
