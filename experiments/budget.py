@@ -279,7 +279,8 @@ def run(cfg, workdir: str, *, overwrite: bool = False, fresh: bool = False) -> d
     # a failure while the fresh claim is all the directory holds withdraws it (eu.run_claimed)
     return eu.run_claimed(workdir, "budget", denoise.claim_record(cfg, clean),
                           lambda: _run_claimed(cfg, workdir, overwrite, budget, tcs, clean),
-                          legacy={**denoise.LEGACY_CONFIG, **LEGACY_CONFIG}, fresh=fresh)
+                          legacy={**denoise.LEGACY_CONFIG, **LEGACY_CONFIG}, fresh=fresh,
+                          may_change=denoise.MAY_CHANGE)
 
 
 def _run_claimed(cfg, workdir: str, overwrite: bool, budget: float, tcs: dict, clean) -> dict:

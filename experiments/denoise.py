@@ -109,6 +109,10 @@ LEGACY_CONFIG = {
     "noise.draws": 1,
     "data.kwargs.data_dir": "",  # the tfds configs' data directory (tfds's default)
 }
+# Config keys a run directory's later runs may change: where the tfds data lie is no part of the
+# run (the dataset, split and indices name its images; a review, 2026-12-07, found a moved
+# dataset refused).
+MAY_CHANGE = ("data.kwargs.data_dir",)
 
 
 def _prefix(row: str, own: str) -> str:
@@ -882,7 +886,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False, fresh: bool = False) -> d
     # fresh claim is all the directory holds withdraws it).
     return eu.run_claimed(workdir, "denoise", claim_record(cfg, clean),
                           lambda: _run_claimed(cfg, workdir, overwrite, targets, tcs, clean),
-                          legacy=LEGACY_CONFIG, fresh=fresh)
+                          legacy=LEGACY_CONFIG, fresh=fresh, may_change=MAY_CHANGE)
 
 
 def _run_claimed(cfg, workdir: str, overwrite: bool, targets: list, tcs: dict, clean) -> dict:

@@ -237,7 +237,7 @@ def select_platform(platform: str = "auto", devices: Any = "all") -> PlatformInf
                         jax_version=jax.__version__)
 
 
-def check_sharding(cfg, num_devices: int) -> None:
+def check_sharding(cfg, num_devices: int, *, platform: str | None = None) -> None:
     """Check that ``num_devices`` divide every batch that is split over them.
 
     The pre-computation splits each chunk of ``chunk_images`` images (the last chunk: what is
@@ -245,6 +245,9 @@ def check_sharding(cfg, num_devices: int) -> None:
     ``train.batch_size``. The library would pad a ragged chunk with copies of its last image;
     the notebook asks for an even split instead (no device solves padding) and says so before
     any work is done.
+
+    ``platform``: the runtime's (:class:`PlatformInfo`); on ``"tpu"`` the device count cannot be
+    chosen (all of them are used), so the advice is the config's numbers instead.
 
     Raises:
       ValueError: naming the numbers and the setting to change.
@@ -254,12 +257,16 @@ def check_sharding(cfg, num_devices: int) -> None:
         raise ValueError(f"num_devices: expected an integer >= 1, got {num_devices!r}")
     B, chunk_images, bs = int(cfg.num_images), int(cfg.chunk_images), int(cfg.train.batch_size)
 
-    def shard_sizes(n: int) -> list[int]:  # the chunks of n images, the last one what is left
+    def shard_sizes(n: int, chunk_images: int = chunk_images) -> list[int]:  # the chunks of n images
         chunk = min(chunk_images, n)
         return sorted({chunk} | ({n % chunk} if n % chunk else set()))
 
-    def fits(d: int, n: int) -> bool:
-        return bs % d == 0 and all(s % d == 0 for s in shard_sizes(n))
+    def fits(d: int, n: int, bs: int = bs, chunk_images: int = chunk_images) -> bool:
+        return bs % d == 0 and all(s % d == 0 for s in shard_sizes(n, chunk_images))
+
+    def nearest(d: int, **kw) -> int | None:  # the image count nearest B that d devices divide (ties: more)
+        return min((n for n in range(d, 2 * B + d + 1) if fits(d, n, **kw)), key=lambda n: (abs(n - B), -n),
+                   default=None)
 
     if not fits(D, B):
         ragged = [s for s in shard_sizes(B) if s % D]
@@ -267,16 +274,26 @@ def check_sharding(cfg, num_devices: int) -> None:
                  f"{chunk_images})"] if ragged else []) + \
                ([f"the training batch of {bs} (train.batch_size)"] if bs % D else [])
         # Advice that works for every batch at once (a walkthrough was sent from one refusal to
-        # the next): a device count that divides them all, and, when the training batch allows
-        # D devices, the nearest image count that does too.
-        fixes = [f"KRYLOVJAX_NB_DEVICES={max(d for d in range(1, D) if fits(d, B))}"]
-        if bs % D == 0:
-            near = min((n for n in range(D, 2 * B + D + 1) if fits(D, n)), key=lambda n: (abs(n - B), n), default=None)
-            if near is not None:
-                fixes.append(f"KRYLOVJAX_NB_NUM_IMAGES={near}")
+        # the next, 2026-12-07): a device count that divides them all (not on a TPU, whose count
+        # is all of its cores), else the nearest image count that D devices divide, else the
+        # config's batch sizes too.
+        fixes = [] if platform == "tpu" else [f"set KRYLOVJAX_NB_DEVICES={max(d for d in range(1, D) if fits(d, B))}"]
+        near = nearest(D)
+        if near is not None:
+            fixes.append(f"set KRYLOVJAX_NB_NUM_IMAGES={near}")
+        else:
+            new_bs = bs + (-bs) % D
+            options = [{"bs": new_bs, "chunk_images": c} for c in {chunk_images, chunk_images + (-chunk_images) % D}]
+            # the image count nearest B; on a tie, the config's chunk_images kept
+            change, near = min(((o, nearest(D, **o)) for o in options if nearest(D, **o) is not None),
+                               key=lambda on: (abs(on[1] - B), on[0]["chunk_images"] != chunk_images))
+            sets = ([f"cfg.train.batch_size = {new_bs}"] if new_bs != bs else []) + \
+                   ([f"cfg.chunk_images = {change['chunk_images']}"] if change["chunk_images"] != chunk_images else [])
+            fixes.append("add " + " and ".join(sets) + " below cfg = nb.get_config(...)"
+                         + (f" with KRYLOVJAX_NB_NUM_IMAGES={near}" if near != B else ""))
         raise ValueError(
             f"KRYLOVJAX_NB_NUM_IMAGES / KRYLOVJAX_NB_DEVICES: the {D} devices do not divide "
-            + " nor ".join(what) + "; set " + " or ".join(fixes))
+            + " nor ".join(what) + "; " + " or ".join(fixes))
     k = int(cfg.denoise.num_images)
     if not 1 <= k <= B:
         raise ValueError(f"denoise.num_images: expected an integer in [1, num_images={B}], got {k}")
@@ -506,9 +523,11 @@ class DenoiseRun(NamedTuple):
         else:  # none in this call: it trained nothing, or fewer updates than train.log_every
             loss = f"no loss logged in this call (one every train.log_every={t['config']['log_every']} updates)"
         if t["resumed_from"] is not None and t["resumed_from"] == t["steps"]:
+            on = ("it had reached the target" if t["stop_reason"] == "target" else
+                  "to train it on, set a larger cfg.train.budget_seconds or cfg.train.num_steps below "
+                  "cfg = nb.get_config(...) and run the notebook again")
             return (f"the run in this work directory already stood at step {t['steps']} ({t['train_seconds']:.1f} s "
-                    f"of training; stop: {t['stop_reason']}): nothing trained now; raise train.budget_seconds or "
-                    f"train.num_steps in the settings cell to train it on")
+                    f"of training; stop: {t['stop_reason']}): nothing trained now; {on}")
         return (f"trained {t['steps']} steps in {t['train_seconds']:.1f} s (stop: {t['stop_reason']}; "
                 f"compile {t['compile_seconds']:.1f} s and evaluation {t['eval_seconds']:.1f} s apart), {loss}")
 

@@ -474,7 +474,8 @@ def _tf_available() -> bool:
 
 def _data_dir_root(builder, data_dir: str | None) -> str:
     """The data directory that holds ``builder``'s dataset (not its versioned subfolder)."""
-    return str(getattr(builder, "data_dir_root", None) or data_dir or "~/tensorflow_datasets")
+    return str(getattr(builder, "data_dir_root", None) or data_dir or os.environ.get("TFDS_DATA_DIR")
+               or os.path.expanduser("~/tensorflow_datasets"))
 
 
 def load_tfds(

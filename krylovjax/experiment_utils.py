@@ -222,7 +222,7 @@ def check_claim(workdir: str | os.PathLike, experiment: str, config: Any, *,
     this run, False if it is free (missing or empty); :class:`WorkdirConflictError` otherwise."""
     may_change = frozenset(may_change)
     # the other way out, for a binary that has it (a walkthrough, 2026-12-07, found it unsaid)
-    fresh = f", or --fresh to move it to {os.fspath(workdir) + '.prev'!r} first" if fresh_flag else ""
+    fresh = f", or --fresh to move it to {os.path.abspath(workdir) + '.prev'!r} first" if fresh_flag else ""
     workdir = os.fspath(workdir)
     record = {"experiment": experiment, "config": _plain(config)}
     path = os.path.join(workdir, _CLAIM_FILE)
@@ -263,7 +263,8 @@ def check_claim(workdir: str | os.PathLike, experiment: str, config: Any, *,
 
 
 def run_claimed(workdir: str | os.PathLike, experiment: str, config: Any, body: Callable[[], Any], *,
-                legacy: Mapping[str, Any] | None = None, arg: str = "workdir", fresh: bool = False) -> Any:
+                legacy: Mapping[str, Any] | None = None, arg: str = "workdir", fresh: bool = False,
+                may_change: Iterable[str] = ()) -> Any:
     """:func:`claim_workdir`, then ``body()``, holding ``workdir`` throughout
     (:func:`krylovjax.workdir_lock.hold`: a second run there is refused with
     :class:`~krylovjax.workdir_lock.WorkdirBusyError`). When ``body`` fails (bad input found late,
@@ -278,7 +279,8 @@ def run_claimed(workdir: str | os.PathLike, experiment: str, config: Any, body: 
     with workdir_lock.hold(workdir, arg=arg):
         if fresh:
             move_aside(workdir, arg=arg)
-        claimed_now = claim_workdir(workdir, experiment, config, legacy=legacy, arg=arg, fresh_flag=True)
+        claimed_now = claim_workdir(workdir, experiment, config, legacy=legacy, arg=arg, fresh_flag=True,
+                                    may_change=may_change)
         try:
             return body()
         except BaseException:

@@ -46,23 +46,24 @@ def test_bench_solvers_says_which_solves_did_not_converge(tmp_path):
     """A row whose solver reported systems short of ``tol`` says so in its table row, with a note
     under the table; the ``--workdir`` table carries the machine line (a walkthrough, 2026-12-07,
     saw float32 speed-ups of solves that had all failed, shown as any other)."""
-    proc = _run("experiments.bench_solvers", "--sizes=8", "--batch=2", "--repeats=1", "--dtype=float32",
-                "--tol=1.2e-7", "--time_steps=late", "--methods=gmres,fast", f"--workdir={tmp_path}")
+    # GMRES(1) within its 100-matvec cap: 4 of the 6 late-step systems at 16x16 do not converge
+    proc = _run("experiments.bench_solvers", "--sizes=16", "--batch=2", "--repeats=1", "--restart=1",
+                "--time_steps=late", "--methods=gmres,jax_gmres_vmap", f"--workdir={tmp_path}")
     doc = json.loads((tmp_path / "bench_solvers.json").read_text())
     md = (tmp_path / "bench_solvers.md").read_text()
-    assert md.startswith("Machine: ") and "float32, tol 1.2e-07, scheme consistent" in md.splitlines()[0]
+    assert md.startswith("Machine: ") and "float64, tol 1e-08, scheme consistent" in md.splitlines()[0]
     assert f"wrote {tmp_path / 'bench_solvers.md'}" in proc.stdout
     table = [ln for ln in md.splitlines() if ln.startswith("| ")]
     assert "| not converged | speed-up |" in table[0]
     rows = doc["rows"]
-    assert [r["method"] for r in rows] == ["spsolve", "gmres", "fast"] and len(table) == 1 + 3
+    assert [r["method"] for r in rows] == ["spsolve", "gmres", "jax_gmres_vmap"] and len(table) == 1 + 3
+    assert rows[1]["nonconverged"] > 0 and rows[0]["nonconverged"] is None and rows[2]["nonconverged"] is None
     for r, line in zip(rows, table[1:]):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[0] == r["method"]
-        assert cells[-2] == ("-" if r["method"] == "spsolve" else str(r["nonconverged"]))
-        assert cells[-1].endswith("(not converged)") == (r["nonconverged"] > 0), line
-    bad = sum(r["nonconverged"] > 0 for r in rows)
-    assert (f"{bad} row(s) with systems that did not reach tol 1.2e-07" in md) == (bad > 0)
+        assert cells[-2] == ("-" if r["nonconverged"] is None else str(r["nonconverged"]))  # jax.scipy: unknown
+        assert cells[-1].endswith("(not converged)") == bool(r["nonconverged"]), line
+    assert "1 row(s) with systems that did not reach tol 1e-08" in md
 
 
 def test_bench_precompute_json(tmp_path):
@@ -125,7 +126,7 @@ def test_bench_load_images_json(tmp_path):
     ("experiments.bench_solvers", ["--sizes=8", "--dtype=float16"], "dtype"),
     # below float32's resolution no solve can be shown to converge (the library never reports it met)
     ("experiments.bench_solvers", ["--dtype=float32", "--tol=1e-8"],
-     "error: --tol: expected a tolerance float32 can resolve (>= its machine epsilon 1.2e-07; the default 1e-06)"),
+     "error: --tol: expected a tolerance at or above float32's machine epsilon 1.2e-07"),
     ("experiments.bench_solvers", ["--direct_repeats=0"], "error: --direct_repeats: expected an integer >= 1"),
     # the pre-computation's numbers, checked up front in one line (a traceback until 2026-12-07)
     ("experiments.bench_precompute", ["--outer_tol=0"], "error: outer_tol: expected a finite number > 0, got 0.0"),

@@ -198,6 +198,25 @@ def _old_run_dir(path, experiment, config, drop, finished):
     return str(path)
 
 
+def test_a_moved_tfds_dataset_is_the_same_run(tmp_path):
+    """The tfds data directory may change between runs of one work directory (the data moved, or
+    ``""`` became an explicit path); any other key may not."""
+    from experiments import denoise
+    from experiments.configs import denoise_cifar10
+
+    cfg = denoise_cifar10.get_config()
+    wd = str(tmp_path / "w")
+    assert eu.claim_workdir(wd, "denoise", cfg, may_change=denoise.MAY_CHANGE) is True
+    moved = denoise_cifar10.get_config()
+    moved.data.kwargs.data_dir = str(tmp_path / "tfds")
+    assert eu.claim_workdir(wd, "denoise", moved, may_change=denoise.MAY_CHANGE) is False
+    with pytest.raises(ValueError, match=r"differs at: data.kwargs.data_dir\)"):
+        eu.claim_workdir(wd, "denoise", moved)  # without it: refused, as before the review
+    moved.data.kwargs.split = "test"
+    with pytest.raises(ValueError, match=r"differs at: data.kwargs.split\)"):
+        eu.claim_workdir(wd, "denoise", moved, may_change=denoise.MAY_CHANGE)
+
+
 def test_run_directories_from_before_a_key_existed(tmp_path):
     """denoise, budget and generate accept a directory claimed before a config key existed when
     the key holds the value that reproduces such runs, and refuse it otherwise (nothing changed)."""

@@ -8,7 +8,7 @@ there), float32:
   lambda(t) = g sqrt(t) (``sde_kwargs.std = None``, as ``denoise_demo``), 20 FP time levels,
   Paper B's sweeps, the cross-matrix strategy with the shared-diffusion preconditioner
   (``cross_matrix_precond``: the paper's method, which the notebook shows; on a GPU the plain
-  batched ``fast`` strategy is 3-13x quicker, BUILD_NOTES "GPU"), float32 tolerances (BUILD_NOTES float32 study), every chunk of
+  batched ``fast`` strategy is 8-19x quicker per system on an H200, docs/bench_gpu_h200.md), float32 tolerances (BUILD_NOTES float32 study), every chunk of
   ``chunk_images`` images sharded over all devices of the runtime (``shard = True``), stored in
   a resumable :class:`krylovjax.store.ScoreStore`;
 * training: our score-embedding loss (method.md 4.2) on the embedded trajectories, a small
