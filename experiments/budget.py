@@ -512,13 +512,14 @@ def _fmt_values(values, most: int = GRID_PANELS) -> str:
 
 
 def main(argv):
+    from experiments import denoise
     from krylovjax import experiment_utils as eu
 
     eu.check_no_args(argv)
     eu.check_config_kind(FLAGS.config, "budget")
     eu.quiet_orbax_logs()
     eu.sigterm_as_interrupt()  # kill / timeout / schedulers: checkpoint like Ctrl-C, then exit non-zero
-    with eu.exit_on_run_errors():
+    with eu.exit_on_run_errors(out_of_memory=denoise.OUT_OF_MEMORY):
         run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite, fresh=FLAGS.fresh)
     eu.print_outputs(FLAGS.workdir, "results.md", RESULT_FILES)  # quality_curve.png only with eval_every > 0
 

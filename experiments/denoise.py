@@ -113,6 +113,10 @@ LEGACY_CONFIG = {
 # run (the dataset, split and indices name its images; a review, 2026-12-07, found a moved
 # dataset refused).
 MAY_CHANGE = ("data.kwargs.data_dir",)
+# What to lower when XLA runs out of memory (eu.exit_on_run_errors).
+OUT_OF_MEMORY = ("lower the batch sizes (--config.ours.train.batch_size, --config.ddpm.train.batch_size) or the "
+                 "model's width (--config.common.model_overrides.ch), with --fresh or a new --workdir (they are part "
+                 "of the run)")
 
 
 def _prefix(row: str, own: str) -> str:
@@ -1114,7 +1118,7 @@ def main(argv):
     eu.check_config_kind(FLAGS.config, "denoise")
     eu.quiet_orbax_logs()
     eu.sigterm_as_interrupt()  # kill / timeout / schedulers: checkpoint like Ctrl-C, then exit non-zero
-    with eu.exit_on_run_errors():
+    with eu.exit_on_run_errors(out_of_memory=OUT_OF_MEMORY):
         out = run(FLAGS.config, FLAGS.workdir, overwrite=FLAGS.overwrite, fresh=FLAGS.fresh)
     print_summary(out, FLAGS.workdir)
 

@@ -145,10 +145,15 @@ def main(argv):
         raise app.UsageError("--fresh: one-process runs only (the processes would move the work directory "
                              "under each other); move it aside yourself")
     jax.config.update("jax_enable_x64", cfg.dtype == "float64")
+    # kill / timeout / batch schedulers: stop like Ctrl-C (complete chunks kept, one line, status
+    # 130); SIGTERM's default ended the run without a word (a walkthrough, 2026-12-07)
+    eu.sigterm_as_interrupt()
     from krylovjax import workdir_lock
 
     # One run at a time in the workdir, to its summary (a second run there is refused at once).
-    with eu.exit_on_run_errors(), workdir_lock.hold(FLAGS.workdir, process_index=jax.process_index()):
+    oom = ("lower --config.precompute.chunk_size (systems solved at once) or --config.chunk_images (images per "
+           "chunk: a store with no complete chunk takes a new one); the complete chunks are kept")
+    with eu.exit_on_run_errors(out_of_memory=oom), workdir_lock.hold(FLAGS.workdir, process_index=jax.process_index()):
         _precompute(cfg)
 
 

@@ -126,7 +126,9 @@ def main(argv):
 
     # One run at a time in the workdir, from the pre-computation to result.json (a second run
     # there is refused at once, naming this one).
-    with eu.exit_on_run_errors(), workdir_lock.hold(FLAGS.workdir, process_index=jax.process_index()):
+    oom = ("lower --config.batch_size or the model's width (--config.model_overrides.ch), in a new --workdir "
+           "(both are part of the run); the checkpoints saved are kept")
+    with eu.exit_on_run_errors(out_of_memory=oom), workdir_lock.hold(FLAGS.workdir, process_index=jax.process_index()):
         _train(cfg, source)
 
 

@@ -759,7 +759,8 @@ def checking_arguments() -> Iterator[None]:
 
 @contextlib.contextmanager
 def exit_on_run_errors(interrupted: str = "what was saved (checkpoints, complete chunks of a store) is kept, "
-                                          "and the same command resumes from it") -> Iterator[None]:
+                                          "and the same command resumes from it",
+                       out_of_memory: str | None = None) -> Iterator[None]:
     """In a binary's ``main``: a bad config value or flag found by the run's checks
     (:func:`checking_arguments`), a work directory holding another run's config or finished
     results (:class:`WorkdirConflictError`) or held by another run
@@ -773,7 +774,12 @@ def exit_on_run_errors(interrupted: str = "what was saved (checkpoints, complete
 
     Ctrl-C (and SIGTERM, :func:`sigterm_as_interrupt`) ends it with ``interrupted in <function>
     (<file>:<line>): <interrupted>`` and status 130 (128 + SIGINT): where it was, for a run that
-    seemed stuck, and what is kept, instead of a ``KeyboardInterrupt`` traceback."""
+    seemed stuck, and what is kept, instead of a ``KeyboardInterrupt`` traceback.
+
+    With ``out_of_memory`` (the binary's settings that size its arrays), XLA running out of
+    memory (``RESOURCE_EXHAUSTED``) ends it with ``error: out of memory: <XLA's line>; <that
+    advice>`` and status 1 instead of a page of JAX's traceback (a walkthrough at 128x128,
+    2026-12-07)."""
     import sys
 
     from krylovjax.workdir_lock import WorkdirBusyError, WorkdirUnwritableError
@@ -796,7 +802,16 @@ def exit_on_run_errors(interrupted: str = "what was saved (checkpoints, complete
             if module in sys.modules)
         if isinstance(err, kinds) or getattr(err, _BAD_ARGUMENT, False):
             raise SystemExit(f"error: {err}") from None
+        if out_of_memory is not None and _out_of_memory(err):
+            first = next((ln.strip() for ln in str(err).splitlines() if "RESOURCE_EXHAUSTED" in ln),
+                         str(err).splitlines()[0] if str(err) else type(err).__name__)
+            raise SystemExit(f"error: out of memory: {first}; {out_of_memory}") from None
         raise
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is XLA's out-of-memory error (a ``JaxRuntimeError`` saying RESOURCE_EXHAUSTED)."""
+    return type(err).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and "RESOURCE_EXHAUSTED" in str(err)
 
 
 def load_for_model(source: str, arg: str, size: int, num_images: int | None, channels: int,

@@ -297,6 +297,7 @@ def _run_precompute(images, config, workdir, *, chunk_images, store_dtype, embed
     from krylovjax.experiment_utils import progress_bar
 
     n_pending = sum(store.chunk_bounds(i)[1] - store.chunk_bounds(i)[0] for i in pending)
+    drawn = [time.perf_counter()]  # when on_sweep last drew the bar
     bar = progress_bar(total=n_pending, unit="img", disable=not progress,
                        desc=f"precompute[{process_index}/{process_count}]" if process_count > 1
                else "precompute")
@@ -322,6 +323,13 @@ def _run_precompute(images, config, workdir, *, chunk_images, store_dtype, embed
                 rate = (_s + info["systems"]) / max(time.perf_counter() - start - run, 1e-9)
                 bar.set_postfix(chunk=index, sweep=f"{k}/{kmax}", systems_per_s=f"{rate:.0f}",
                                 refresh=False)
+                # drawn at most every mininterval, as tqdm draws its own updates: the bar moved only
+                # at the end of a chunk, so a run of one chunk showed nothing until it finished
+                # (a walkthrough at 128x128, 2026-12-07)
+                now = time.perf_counter()
+                if now - drawn[0] >= getattr(bar, "mininterval", 0.1):
+                    drawn[0] = now
+                    bar.refresh()
 
             ck = None if key is None else jax.random.fold_in(key, index)
             data, st = _compute_chunk(chunk, config, embed_component, ck, sde, on_sweep)

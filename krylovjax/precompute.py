@@ -48,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -819,8 +820,12 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
     if Bp > B:  # pad with copies of the last image, on the host (no program to compile)
         images = np.asarray(images)
         images = np.concatenate([images, np.repeat(images[-1:], Bp - B, axis=0)])
+    asked = np.dtype(images.dtype)
     images = jax.device_put(images)  # float64 becomes float32 when x64 is off; no compilation
     dtype = np.dtype(images.dtype)
+    if asked == np.float64 and dtype != asked:  # said (a walkthrough, 2026-12-07, found it silent)
+        warnings.warn("images: float64 given with jax_enable_x64 off: computed (and returned) in float32; "
+                      "jax.config.update('jax_enable_x64', True) first for float64", stacklevel=2)
     config = config.resolve(dtype)  # tol=None: the default of the dtype computed in
     compile_seconds = precompile((B, C, H, W), dtype, config)
     start_initial = time.perf_counter()

@@ -437,9 +437,15 @@ class ScoreStore:
 
         if os.path.exists(manifest_path):
             manifest = _read_json(manifest_path)
-            _check_compatible(path, manifest, wanted)
-            arrays = _open_arrays(path, manifest, specs)
-            return cls(path, manifest, arrays, process_index, process_count)
+            if not (process_count == 1 and _rechunkable(path, manifest, wanted)):
+                _check_compatible(path, manifest, wanted)
+                arrays = _open_arrays(path, manifest, specs)
+                return cls(path, manifest, arrays, process_index, process_count)
+            # The same run's store with no complete chunk, asked for in chunks of another size
+            # (the natural retry after running out of memory, which a walkthrough found refused,
+            # 2026-12-07): nothing computed is lost by making it afresh in the new chunks. The
+            # manifest goes first: a crash now leaves an unpublished store, made afresh next time.
+            os.unlink(manifest_path)
 
         # Fresh store (or one whose creator died before publishing the manifest).
         if os.path.exists(path):
@@ -852,6 +858,19 @@ def _open_arrays(path: str, manifest: dict, specs: dict[str, FieldSpec]) -> dict
     return arrays
 
 
+def _rechunkable(path: str, stored: dict, wanted: dict) -> bool:
+    """Whether ``stored`` differs from ``wanted`` in its chunk size alone and has no complete chunk."""
+    if stored.get("chunk_size") == wanted["chunk_size"]:
+        return False
+    try:
+        _check_compatible(path, stored, {**wanted, "chunk_size": stored.get("chunk_size"),
+                                         "num_chunks": stored.get("num_chunks")})
+    except StoreConflictError:
+        return False
+    complete = os.path.join(path, _COMPLETE_DIR)
+    return not (os.path.isdir(complete) and any(_MARKER_RE.match(e) for e in os.listdir(complete)))
+
+
 def _check_compatible(path: str, stored: dict, wanted: dict) -> None:
     """Raises StoreConflictError naming every manifest key where ``stored`` and ``wanted`` differ."""
     if stored.get("format") != STORE_FORMAT:
@@ -877,7 +896,9 @@ def _check_compatible(path: str, stored: dict, wanted: dict) -> None:
             continue
         if stored.get(key) != wanted[key]:
             what = "the images differ: " if key == "inputs_hash" else ""
-            problems.append(f"{what}{key} differs (stored {_short(stored.get(key))}, given {_short(wanted[key])})")
+            why = ("; images per chunk, experiments.precompute's --config.chunk_images (at most the number of "
+                   "images): fixed once a chunk is complete" if key == "chunk_size" else "")
+            problems.append(f"{what}{key} differs (stored {_short(stored.get(key))}, given {_short(wanted[key])}{why})")
     field_keys = _diff_keys(stored.get("fields"), wanted["fields"])
     if field_keys:
         problems.append("fields differ: " + ", ".join(f"fields.{k}" for k in field_keys))

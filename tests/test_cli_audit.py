@@ -258,6 +258,44 @@ def _train_steps(wd) -> list[int]:
         return []
 
 
+def _sigterm_once(proc, ready) -> None:
+    """SIGTERM to ``proc`` once ``ready()`` (polled), then wait for it to end (killed if not)."""
+    try:
+        deadline = time.monotonic() + 600  # a ceiling for a starved machine
+        while not ready():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_precompute_binary_stops_at_sigterm_like_ctrl_c(tmp_path):
+    """SIGTERM ended a pre-computation silently (status 124 from ``timeout``, no line); now as
+    Ctrl-C: the chunks complete are kept, one line, status 130, and the same command resumes."""
+    wd = tmp_path / "pre"
+    cmd = [sys.executable, "-m", "experiments.precompute", "--config=experiments/configs/demo.py", f"--workdir={wd}",
+           "--config.num_images=4", "--config.chunk_images=1", "--config.image_size=16",
+           "--config.precompute.num_steps=60", "--noprogress"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    _sigterm_once(proc, lambda: (wd / "store" / "complete").is_dir() and os.listdir(wd / "store" / "complete"))
+    err = proc.stderr.read().decode()
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted in " in err and "the same command resumes from it" in err and "Traceback" not in err, err[-3000:]
+    done = len(os.listdir(wd / "store" / "complete"))
+    assert 1 <= done < 4
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and f"({done} chunk(s) already done)" in proc.stdout + proc.stderr, \
+        (proc.stdout + proc.stderr)[-3000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sigint", ["default", "ignored"])
 def test_train_binary_sigterm_saves_a_checkpoint(tmp_path, sigint):
@@ -271,24 +309,38 @@ def test_train_binary_sigterm_saves_a_checkpoint(tmp_path, sigint):
     disposition = signal.SIG_DFL if sigint == "default" else signal.SIG_IGN
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))
-    try:
-        deadline = time.monotonic() + 600  # a ceiling for a starved machine
-        while len(_train_steps(wd)) < 2:
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    _sigterm_once(proc, lambda: len(_train_steps(wd)) >= 2)
     assert proc.returncode == 130
     err = proc.stderr.read().decode()
     assert "interrupted in " in err and "the same command resumes from it" in err, err[-3000:]
     assert "Traceback" not in err, err[-3000:]
     steps = sorted(int(n) for n in os.listdir(wd / "checkpoints") if n.isdigit())
     assert steps and steps[-1] >= 10, steps  # the step reached (>= the 2nd log record at step 10)
+
+
+def test_running_out_of_memory_is_one_line_with_what_to_lower():
+    """XLA's RESOURCE_EXHAUSTED ended a binary in a page of JAX's traceback (a walkthrough at
+    128x128 under a memory limit, 2026-12-07): with the binary's advice it is one line; without
+    (a library caller's own use of the context) and for any other runtime error it is raised."""
+    import jax
+
+    from experiments import denoise
+
+    oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 581829624 bytes.")
+    with pytest.raises(SystemExit) as exit_:
+        with eu.exit_on_run_errors(out_of_memory=denoise.OUT_OF_MEMORY):
+            raise oom
+    assert str(exit_.value.code) == ("error: out of memory: RESOURCE_EXHAUSTED: Out of memory allocating 581829624 "
+                                     "bytes.; lower the batch sizes (--config.ours.train.batch_size, "
+                                     "--config.ddpm.train.batch_size) or the model's width "
+                                     "(--config.common.model_overrides.ch), with --fresh or a new --workdir (they "
+                                     "are part of the run)")
+    with pytest.raises(jax.errors.JaxRuntimeError):
+        with eu.exit_on_run_errors():
+            raise oom
+    with pytest.raises(jax.errors.JaxRuntimeError):
+        with eu.exit_on_run_errors(out_of_memory="x"):
+            raise jax.errors.JaxRuntimeError("INTERNAL: something else")
 
 
 def test_an_interrupt_ends_a_binary_with_where_it_was_and_what_is_kept(capsys):

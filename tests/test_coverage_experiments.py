@@ -812,7 +812,8 @@ def test_notebook_prepare_dataset_downloads_only_when_asked(monkeypatch):
     assert calls[-1] == ("data_source", "cifar10", {"split": "train", "data_dir": "/tfds", "download": True,
                                                    "try_gcs": False})
     cfg.data_dir = ""
-    assert notebook.prepare_dataset(cfg, "yes").endswith("in ~/tensorflow_datasets")
+    monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+    assert notebook.prepare_dataset(cfg, "yes").endswith(f"in {os.path.expanduser('~/tensorflow_datasets')}")
     assert calls[-1][2]["data_dir"] is None
 
 

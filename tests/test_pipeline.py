@@ -299,3 +299,23 @@ def test_binary_tfds_config_fails_fast(tmp_path):
     assert out.returncode != 0
     assert "tfds build cifar10" in out.stderr
     assert not os.path.exists(tmp_path / "w" / "store")
+
+
+def test_the_progress_bar_is_drawn_within_a_chunk(images, tmp_path, monkeypatch, capsys):
+    """Each sweep's postfix is drawn (at most every mininterval, here every time), not only at
+    the chunk's end: a run of one chunk showed 0/N with no rate until it finished (a walkthrough
+    at 128x128, 2026-12-07)."""
+    from krylovjax import experiment_utils as eu
+
+    real = eu.progress_bar
+    monkeypatch.setattr(eu, "progress_bar", lambda **kw: _eager_bar(real, **kw))
+    pipeline.run_precompute(images, CFG, str(tmp_path), chunk_images=NUM, store_dtype=np.float64, progress=True)
+    err = capsys.readouterr().err
+    before_end = [ln for ln in err.replace("\r", "\n").splitlines() if f" 0/{NUM} " in ln]
+    assert any("sweep=1/" in ln for ln in before_end), err[-2000:]
+
+
+def _eager_bar(real, **kw):
+    bar = real(**kw)
+    bar.mininterval = 0.0
+    return bar

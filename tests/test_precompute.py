@@ -689,3 +689,24 @@ def test_numpy_floats_accepted_and_eps_checked_on_construction():
                       ({"h": True}, "h: expected a real"), ({"forcing": 1.0}, "forcing:")):
         with pytest.raises(ValueError, match=match):
             PrecomputeConfig(**kw)
+
+
+def test_float64_images_with_x64_off_are_said_to_be_computed_in_float32():
+    """With ``jax_enable_x64`` off (JAX's default), float64 images were computed and returned in
+    float32 without a word, while the docstring promises the images' dtype (a walkthrough,
+    2026-12-07). Now a warning says so and how to get float64."""
+    import warnings
+
+    from krylovjax import data
+    from krylovjax.precompute import PrecomputeConfig, precompute_scores
+
+    images = data.builtin_dataset(8, 1, seed=0).astype(np.float64)
+    cfg = PrecomputeConfig(num_steps=2, max_sweeps=1, strategy="gmres")
+    with jax.enable_x64(False):
+        with pytest.warns(UserWarning, match=r"^images: float64 given with jax_enable_x64 off: computed \(and "
+                                             r"returned\) in float32"):
+            res = precompute_scores(images, cfg)
+        assert res.scores.dtype == np.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # x64 on (the tests' setting): float64 as asked, no warning
+        assert precompute_scores(images, cfg).scores.dtype == np.float64

@@ -339,7 +339,8 @@ def test_reopen_with_equivalent_config_resumes(tmp_path):
      [r"config\.sde\.sigma \(stored 5\.0, given 2\.0\)", r"config\.seed \(stored <absent>, given 3\)",
       r"^(?!.*inputs_hash).*move this one aside \(experiments\.precompute --fresh does\)\.$"]),
     (dict(images=np.zeros((W.NUM_IMAGES, W.C, W.H, W.W))), ["the images differ: inputs_hash differs"]),
-    (dict(chunk_size=4), [r"chunk_size differs \(stored 3, given 4\)"]),
+    (dict(chunk_size=4), [r"chunk_size differs \(stored 3, given 4; images per chunk, experiments\.precompute's "
+                          r"--config\.chunk_images \(at most the number of images\): fixed once a chunk is complete\)"]),
     (dict(fields_dtype=np.float64), [r"fields\.scores\.dtype"]),
 ])
 def test_mismatched_store_is_refused_and_untouched(tmp_path, change, expected):
@@ -362,6 +363,38 @@ def test_mismatched_store_is_refused_and_untouched(tmp_path, change, expected):
             assert __import__("re").search(pattern, msg), (pattern, msg)
         assert "Refusing to write" in msg and "new workdir" in msg
     assert _snapshot(tmp_path / "s") == before
+
+
+def test_a_store_with_no_complete_chunk_takes_another_chunk_size(tmp_path):
+    """The retry after running out of memory in the first chunk is a smaller chunk: a store of
+    the same run with no complete chunk is made afresh in the new chunks (refused until a
+    walkthrough, 2026-12-07); with one chunk complete it is still refused, untouched."""
+    store = W.open_store(tmp_path / "s")  # chunks of W.CHUNK_SIZE, none written
+    assert store.chunk_size == W.CHUNK_SIZE and store.completed_chunks() == []
+    smaller = ScoreStore.create_or_open(
+        tmp_path / "s", config=W.run_config(), inputs_hash=hash_inputs(W.input_images(), W.run_config()),
+        num_images=W.NUM_IMAGES, chunk_size=2, fields=W.field_specs())
+    assert smaller.chunk_size == 2 and smaller.num_chunks == -(-W.NUM_IMAGES // 2)
+    _fill(smaller)
+    again = ScoreStore.create_or_open(  # reopened in its new chunks: complete, nothing redone
+        tmp_path / "s", config=W.run_config(), inputs_hash=hash_inputs(W.input_images(), W.run_config()),
+        num_images=W.NUM_IMAGES, chunk_size=2, fields=W.field_specs())
+    assert again.is_complete()
+    np.testing.assert_array_equal(again.read_all("scores"), _all_fields()["scores"])
+    before = _snapshot(tmp_path / "s")
+    with pytest.raises(ValueError, match=r"chunk_size differs \(stored 2, given 3;"):
+        ScoreStore.create_or_open(
+            tmp_path / "s", config=W.run_config(), inputs_hash=hash_inputs(W.input_images(), W.run_config()),
+            num_images=W.NUM_IMAGES, chunk_size=3, fields=W.field_specs())
+    assert _snapshot(tmp_path / "s") == before
+    # another run's empty store is not made afresh: only the chunk size may differ
+    other = W.open_store(tmp_path / "t")
+    del other
+    with pytest.raises(ValueError, match=r"config keys differ"):
+        ScoreStore.create_or_open(
+            tmp_path / "t", config={**W.run_config(), "seed": 9},
+            inputs_hash=hash_inputs(W.input_images(), {**W.run_config(), "seed": 9}),
+            num_images=W.NUM_IMAGES, chunk_size=2, fields=W.field_specs())
 
 
 def _bad_cases():
