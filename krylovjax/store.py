@@ -387,6 +387,10 @@ class ScoreStore:
           ValueError: bad arguments, or ``path`` holds a store made with a different config,
             inputs hash, image count, chunk size or fields (the message names the keys that
             differ; nothing is written), or ``path`` is a non-empty directory that is not a store.
+            Exception: with one process, a store that differs in its chunk size alone and has no
+            complete chunk is made afresh in the new chunks (nothing computed is lost; a writer
+            still filling its first chunk there would be: :func:`krylovjax.pipeline.run_precompute`
+            holds its work directory against a second run).
           TypeError: unsupported field dtypes or a non-serialisable config.
           TimeoutError: a host other than 0 saw no manifest within ``open_timeout_s``.
         """
