@@ -923,6 +923,9 @@ def test_binary_ours_with_builtin_precompute(tmp_path):
     record = json.load(open(wd / "config.json"))
     assert record["data"]["sample_shape"] == [3, SIZE, SIZE] and record["data"]["num_times"] == 4
     assert record["train"]["method"] == "ours" and record["model"]["per_image_offset"] is True
+    # the log says what the rows are and their size (the size was said nowhere)
+    assert f"(embedded trajectories, each 4 x 3 x {SIZE} x {SIZE})" in out.stderr, \
+        out.stderr[-3000:]
     # bad flags are refused with a usage error naming the problem
     bad = subprocess.run(_BINARY + [f"--workdir={tmp_path / 'x'}", "--data=store"], cwd=REPO, env=_env(),
                          capture_output=True, text=True, timeout=120)
