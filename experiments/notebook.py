@@ -285,8 +285,8 @@ def check_sharding(cfg, num_devices: int, *, platform: str | None = None) -> Non
             new_bs = bs + (-bs) % D
             options = [{"bs": new_bs, "chunk_images": c} for c in {chunk_images, chunk_images + (-chunk_images) % D}]
             # the image count nearest B; on a tie, the config's chunk_images kept
-            change, near = min(((o, nearest(D, **o)) for o in options if nearest(D, **o) is not None),
-                               key=lambda on: (abs(on[1] - B), on[0]["chunk_images"] != chunk_images))
+            found = [(o, n) for o, n in ((o, nearest(D, **o)) for o in options) if n is not None]
+            change, near = min(found, key=lambda on: (abs(on[1] - B), on[0]["chunk_images"] != chunk_images))
             sets = ([f"cfg.train.batch_size = {new_bs}"] if new_bs != bs else []) + \
                    ([f"cfg.chunk_images = {change['chunk_images']}"] if change["chunk_images"] != chunk_images else [])
             fixes.append("add " + " and ".join(sets) + " below cfg = nb.get_config(...)"

@@ -1895,7 +1895,7 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
 
         bar = progress_bar(total=config.num_steps, initial=step, desc=f"train[{config.method}]"
                            + (f" (budget {config.budget_seconds:g} s)" if config.budget_seconds is not None else ""))
-    seg_steps, seg_time = 0, 0.0  # this call's updates and their seconds (the budget's bar)
+    first_step = step  # this call's rate for the budget's bar: (step - first_step) / (train_seconds - prior_seconds)
     # A resumed run first evaluates its checkpoint's step when that evaluation was due but has no
     # record (the earlier run was killed between the save and the evaluation's end), or when a
     # target is set and the earlier run evaluated this step (it may have stopped there at the
@@ -1931,8 +1931,8 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
                     # The budget stops the run first when its rate reaches it before num_steps:
                     # then the bar's end is the budget's step (a walkthrough saw an ETA of 57 hours
                     # from the step cap of a 300 s run), re-estimated from this call's rate.
-                    seg_steps, seg_time = seg_steps + n, seg_time + dt
-                    left = max(config.budget_seconds - train_seconds, 0.0) * seg_steps / max(seg_time, 1e-12)
+                    per_second = (step - first_step) / max(train_seconds - prior_seconds, 1e-12)
+                    left = max(config.budget_seconds - train_seconds, 0.0) * per_second
                     bar.total = min(config.num_steps, step + max(int(math.ceil(left)), 1))
                 bar.update(n)
             if step % config.log_every == 0 or step == config.num_steps:
