@@ -185,11 +185,11 @@ def check_flags() -> tuple[list[int], str | int | None]:
         eu.check_flag(math.isfinite(FLAGS.tol) and FLAGS.tol > 0, "tol", "a finite number > 0", FLAGS.tol)
         # the solvers never report such a tolerance met (krylovjax.krylov): every row would be a
         # run to the iteration cap, timed and shown as if it had converged (a walkthrough, 2026-12-07)
-        from krylovjax.krylov import DEFAULT_TOL
+        from krylovjax.krylov import default_tol
 
         eu.check_flag(FLAGS.tol >= eps, "tol", f"a tolerance at or above {FLAGS.dtype}'s machine epsilon {eps:.2g} "
                       f"(the solvers never report a smaller one met; near it many solves stagnate: the "
-                      f"default is {DEFAULT_TOL[np.dtype(FLAGS.dtype)]:g})", FLAGS.tol)
+                      f"default is {default_tol(None, FLAGS.dtype):g})", FLAGS.tol)
     if FLAGS.workdir:
         eu.check_dir_arg(FLAGS.workdir, "workdir")
     return sizes, eu.word_or_int_flag("chunk_size", FLAGS.chunk_size, ("auto", "none"))
@@ -197,11 +197,9 @@ def check_flags() -> tuple[list[int], str | int | None]:
 
 def krylov_tol() -> float:
     """The Krylov tolerance of the runs: --tol, or the library's default for --dtype."""
-    import numpy as np
+    from krylovjax.krylov import default_tol
 
-    from krylovjax.krylov import DEFAULT_TOL
-
-    return FLAGS.tol if FLAGS.tol is not None else DEFAULT_TOL[np.dtype(FLAGS.dtype)]
+    return default_tol(FLAGS.tol, FLAGS.dtype)
 
 
 def main(argv):

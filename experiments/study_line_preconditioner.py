@@ -127,11 +127,9 @@ def scipy_preconditioner(A, grid_shape, kind, diffusion_matrix=None):
 
 def study_tol() -> float:
     """--tol, or the float64 default of the library's solvers (the study runs in float64)."""
-    import numpy as np
+    from krylovjax.krylov import default_tol
 
-    from krylovjax.krylov import DEFAULT_TOL
-
-    return FLAGS.tol if FLAGS.tol is not None else DEFAULT_TOL[np.dtype(np.float64)]
+    return default_tol(FLAGS.tol, "float64")
 
 
 def count_gmres(A, b, apply_pinv, tol, restart):
