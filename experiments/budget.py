@@ -354,6 +354,7 @@ def _run_claimed(cfg, workdir: str, overwrite: bool, budget: float, tcs: dict, c
             "compile_seconds": res.compile_seconds + prep["compile_seconds"],
             "seconds_per_step": res.train_seconds / max(res.step, 1), "network_evals": nfe, **mm,
             "steps_per_call": res.steps_per_call, "curve": curve,
+            "resumed_from": res.resumed_from,  # the checkpoint step a rerun took up, as denoise's results say
         }
         if "nearest" in last:
             results[m]["nearest_source"] = last["nearest"].tolist()

@@ -389,16 +389,8 @@ def claim_workdir(workdir: str, cfg) -> bool:
 
     if not workdir or not str(workdir).strip():
         raise ValueError("KRYLOVJAX_NB_WORKDIR: expected a directory path, got an empty string")
-    try:
-        return eu.claim_workdir(os.path.expanduser(str(workdir)), EXPERIMENT, cfg,
-                                may_change=[f"train.{k}" for k in RUN_CONTROL_KEYS])
-    except eu.WorkdirConflictError as err:  # the binaries' wording, in the notebook's settings
-        msg = str(err)
-        if msg.startswith("workdir: "):
-            msg = "KRYLOVJAX_NB_WORKDIR: " + msg[len("workdir: "):]
-        msg = (msg.replace("use another --workdir", "set KRYLOVJAX_NB_WORKDIR to another directory")
-               .replace("use an empty or new --workdir", "set KRYLOVJAX_NB_WORKDIR to an empty or new directory"))
-        raise ValueError(msg) from None
+    return eu.claim_workdir(os.path.expanduser(str(workdir)), EXPERIMENT, cfg, env_var="KRYLOVJAX_NB_WORKDIR",
+                            may_change=[f"train.{k}" for k in RUN_CONTROL_KEYS])
 
 
 def workdir_note(workdir: str) -> str:

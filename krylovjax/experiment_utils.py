@@ -168,7 +168,8 @@ def config_diff(stored: Any, given: Any, prefix: str = "", *,
 
 def claim_workdir(workdir: str | os.PathLike, experiment: str, config: Any, *,
                   legacy: Mapping[str, Any] | None = None, arg: str = "workdir",
-                  may_change: Iterable[str] = (), fresh_flag: bool = False) -> bool:
+                  may_change: Iterable[str] = (), fresh_flag: bool = False,
+                  env_var: str | None = None) -> bool:
     """Make ``workdir`` the run directory of ``experiment`` with ``config``, or refuse.
 
     The first call writes ``<workdir>/experiment.json`` (``{"experiment": ..., "config": ...}``).
@@ -189,12 +190,14 @@ def claim_workdir(workdir: str | os.PathLike, experiment: str, config: Any, *,
       may_change: dotted keys that may differ from the claim's on a later call (e.g. a training
         budget raised to train longer); the claim file keeps the first call's values.
       fresh_flag: the binary takes ``--fresh`` (:func:`move_aside`): a refusal names it too.
+      env_var: the environment variable ``workdir`` came from, when not a flag ``--<arg>`` (the
+        Colab notebook's ``KRYLOVJAX_NB_WORKDIR``): a refusal names it and says to set it.
 
     Returns:
       True if the directory was claimed now (fresh), False if it already held this run.
     """
     if check_claim(workdir, experiment, config, legacy=legacy, arg=arg, may_change=may_change,
-                   fresh_flag=fresh_flag):
+                   fresh_flag=fresh_flag, env_var=env_var):
         return False
     workdir = os.fspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -217,10 +220,16 @@ def _not_a_directory(path: str) -> str | None:
 
 def check_claim(workdir: str | os.PathLike, experiment: str, config: Any, *,
                 legacy: Mapping[str, Any] | None = None, arg: str = "workdir",
-                may_change: Iterable[str] = (), fresh_flag: bool = False) -> bool:
+                may_change: Iterable[str] = (), fresh_flag: bool = False, env_var: str | None = None) -> bool:
     """:func:`claim_workdir`'s checks without writing anything: True if ``workdir`` already holds
     this run, False if it is free (missing or empty); :class:`WorkdirConflictError` otherwise."""
     may_change = frozenset(may_change)
+
+    def choose(which: str) -> str:  # the advice, in the words of wherever the directory came from
+        return f"set {env_var} to {which} directory" if env_var else f"use {which} --{arg}"
+
+    if env_var:
+        arg = env_var
     # the other way out, for a binary that has it (a walkthrough, 2026-12-07, found it unsaid)
     fresh = f", or --fresh to move it to {os.path.abspath(workdir) + '.prev'!r} first" if fresh_flag else ""
     workdir = os.fspath(workdir)
@@ -243,7 +252,7 @@ def check_claim(workdir: str | os.PathLike, experiment: str, config: Any, *,
         if stored.get("experiment") != experiment:
             raise WorkdirConflictError(
                 f"{arg}: {workdir!r} holds a {stored.get('experiment')!r} run, not {experiment!r}; "
-                f"use another --{arg}{fresh}")
+                f"{choose('another')}{fresh}")
         diff = [k for k in config_diff(stored.get("config"), record["config"], legacy=legacy) if k not in may_change]
         if diff:
             shown = ", ".join(diff[:12]) + (" ..." if len(diff) > 12 else "")
@@ -253,12 +262,12 @@ def check_claim(workdir: str | os.PathLike, experiment: str, config: Any, *,
                                f"{_short(_lookup(_plain(record['config']), k))}" for k in diff[:4] if k != "<root>")
             raise WorkdirConflictError(
                 f"{arg}: {workdir!r} holds another run's config (differs at: {shown})"
-                + (f" ({values})" if values else "") + f"; use another --{arg}{fresh} (nothing there was changed)")
+                + (f" ({values})" if values else "") + f"; {choose('another')}{fresh} (nothing there was changed)")
         return True
     if os.path.isdir(workdir) and os.listdir(workdir):
         raise WorkdirConflictError(
             f"{arg}: {workdir!r} is not empty and is not a {experiment!r} run directory "
-            f"(no {_CLAIM_FILE}); use an empty or new --{arg}")
+            f"(no {_CLAIM_FILE}); {choose('an empty or new')}")
     return False
 
 

@@ -830,7 +830,7 @@ def test_budget_smoke_and_bad_budget(tmp_path):
     assert out["noise"] == {"std": 0.506, "seed": 0, "signal_scale": 1.0, "draws": 1}
     for m in ("ours", "ddpm"):
         r = out["methods"][m]
-        assert r["stop_reason"] == "budget" and r["steps"] >= 1
+        assert r["stop_reason"] == "budget" and r["steps"] >= 1 and r["resumed_from"] is None
         # it stops at the first step past its budget: used <= budget + one step
         assert r["train_budget_seconds"] - 1e-9 <= r["train_seconds"] <= r["train_budget_seconds"] + 3 * r["seconds_per_step"] + 1.0
         assert len(r["ssim_per_image"]) == 1 and r["ssim"] == pytest.approx(np.mean(r["ssim_per_image"]))
@@ -845,6 +845,7 @@ def test_budget_smoke_and_bad_budget(tmp_path):
     for m in ("ours", "ddpm"):
         keep = ("steps", "train_seconds", "train_budget_seconds", "precompute_seconds", "embed_seconds")
         assert {k: again["methods"][m][k] for k in keep} == {k: out["methods"][m][k] for k in keep}
+        assert again["methods"][m]["resumed_from"] == out["methods"][m]["steps"]  # it says it took them up
         # the same weights, evaluated in this process instead of the binary's (float32 rounding)
         assert again["methods"][m]["ssim"] == pytest.approx(out["methods"][m]["ssim"], abs=1e-5)
     # a budget of zero (or below), and another config in this workdir: errors, nothing changed
