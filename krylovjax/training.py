@@ -1824,6 +1824,8 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
     writer = _manager(ckpt_dir, read_only=False, max_to_keep=config.max_to_keep)
 
     if primary:
+        if model_def.unet.attention_note():
+            logging.warning("model: %s", model_def.unet.attention_note())
         per_call = k_call if use_chunk else 1  # (calls of k_call updates only where they fit the cadences)
         logging.info("training %s on %d device%s (%s), %s update%s per call, from step %d to %d", config.method,
                      mesh.size, "s" if mesh.size != 1 else "",

@@ -336,3 +336,18 @@ def test_presets_and_registry():
     hash(p)
     with pytest.raises(ValueError, match=r"^name"):
         get_config("huge")
+
+
+def test_attention_note_names_a_middle_attention_over_32x32_and_the_levels_that_shrink_it():
+    # every preset at the sizes the configs use attends over at most 32x32 tokens: no note
+    for cfg in (paper_config(32), paper_config(64), paper_config(128), tiny_config(16), tiny_config(32),
+                tiny_config(64)):
+        assert cfg.attention_note() == "", cfg
+    note = tiny_config(128).attention_note()  # the 32x32 demo's two levels at 128x128
+    assert "middle self-attention runs at 64x64 (4,096 tokens" in note
+    assert note.endswith("ch_mult=(1, 2, 2, 2) runs it at 16x16")
+    # the suggested levels must divide image_size: 200 stops at 25x25
+    assert UNetConfig(image_size=200, ch_mult=(1,)).attention_note().endswith("ch_mult=(1, 2, 2, 2) runs it at 25x25")
+    # no level can be added to an odd size: the note says so without a suggestion
+    odd = UNetConfig(image_size=33, ch_mult=(1,)).attention_note()
+    assert "runs at 33x33" in odd and "runs it at" not in odd

@@ -953,3 +953,14 @@ def test_trajectories_from_store(tmp_path, trajectories):
         tr.prepare_data(OURS.replace(sde_kwargs={"sigma": 2.0}), got)
     with pytest.raises(FileNotFoundError):
         tr.trajectories_from_store(str(tmp_path / "missing"))
+
+
+def test_train_logs_the_models_attention_note(tmp_path, trajectories, monkeypatch):
+    from krylovjax.models import UNetConfig
+
+    said = []
+    monkeypatch.setattr(tr.logging, "warning", lambda msg, *a: said.append(msg % a))
+    monkeypatch.setattr(UNetConfig, "attention_note", lambda self: f"attention of a {self.image_size}x{self.image_size} model")
+    tr.train(OURS.replace(num_steps=1), trajectories, tmp_path / "run")
+    size = trajectories.x.shape[-1]
+    assert f"model: attention of a {size}x{size} model" in said, said
