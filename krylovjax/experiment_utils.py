@@ -382,10 +382,14 @@ def _split_word_lists(config, argv: Sequence[str]) -> None:
     tuple override as a Python literal (``1,2`` is ``(1, 2)``); words are no literal, so it kept
     the whole string as one entry, ``('ours,ddpm',)``, which the run then refused as an unknown
     method (a walkthrough, 2026-12-07). Only an override whose value became that one-entry tuple
-    of the very string given is split, at its commas (brackets and quotes around it dropped)."""
-    for a in argv[1:]:
+    of the very string given is split, at its commas (brackets and quotes around it dropped); the
+    value may follow its flag as the next argument too (``--config.methods ours,ddpm``)."""
+    args = list(argv[1:])
+    for i, a in enumerate(args):
         flag, eq, raw = a.partition("=")
-        if not (eq and flag.startswith("--config.") and "," in raw):
+        if not eq and i + 1 < len(args):
+            raw = args[i + 1]
+        if not (flag.startswith("--config.") and "," in raw):
             continue
         *path, leaf = flag[len("--config."):].split(".")
         node = config

@@ -914,10 +914,10 @@ def test_denoise_and_budget_take_the_tfds_data_directory(tmp_path):
 def test_a_tuple_of_words_given_with_commas_is_split(tmp_path):
     """``--config.methods=ours,ddpm`` (what the binaries' list flags take) is the tuple of the two
     words; ml_collections kept it as the one entry 'ours,ddpm', refused as an unknown method (a
-    walkthrough, 2026-12-07). Numbers were already read as a tuple; a word that is no method is
-    still refused by name."""
+    walkthrough, 2026-12-07), also with the value as the next argument. Numbers were already read
+    as a tuple; a word that is no method is still refused by name."""
     proc = _run("experiments.budget", "--config=experiments/configs/budget_demo.py", "--config.methods=ours,ddpm",
-                "--config.ddpm.sampler.extra_methods=(ddim, ancestral)", "--config.common.model_overrides.ch_mult=1,2",
+                "--config.ddpm.sampler.extra_methods", "(ddim, ancestral)", "--config.common.model_overrides.ch_mult=1,2",
                 "--show_config")
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
