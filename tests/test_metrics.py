@@ -79,6 +79,31 @@ def test_ssim_psnr_match_skimage_on_noisy_photos(noise):
     )
 
 
+@pytest.mark.parametrize("shape", [(3, 3, 32, 40), (2, 1, 7, 9), (2, 2, 64, 64)])
+def test_uniform_window_ssim_is_scikit_images_default(shape):
+    """``window="uniform"`` is ``structural_similarity``'s default (7x7 mean, sample covariances):
+    the SSIM Paper B's code reports; it differs from the Gaussian form by far more than round-off."""
+    a, b = _random_pair(3, shape)
+    ours = np.asarray(metrics.ssim(a, b, window="uniform"))
+    ref = np.array([skm.structural_similarity(a[i], b[i], data_range=1.0, channel_axis=0) for i in range(shape[0])])
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=SSIM_TOL_F64)
+    clean = _photos(32)
+    noisy = np.clip(clean + 0.05 * np.random.default_rng(4).standard_normal(clean.shape), 0.0, 1.0)
+    uni, gau = np.asarray(metrics.ssim(clean, noisy, window="uniform")), np.asarray(metrics.ssim(clean, noisy))
+    np.testing.assert_allclose(uni, [skm.structural_similarity(clean[i], noisy[i], data_range=1.0, channel_axis=0)
+                                     for i in range(3)], rtol=0, atol=SSIM_TOL_F64)
+    assert np.max(np.abs(uni - gau)) > 5e-3  # two different metrics (cat 0.975 against 0.966)
+    # float32, x64 off: as close as the Gaussian form
+    with jax.enable_x64(False):
+        f32 = np.asarray(metrics.ssim(clean.astype(np.float32), noisy.astype(np.float32), window="uniform"))
+    assert f32.dtype == np.float32
+    np.testing.assert_allclose(f32, uni, rtol=0, atol=SSIM_TOL_F32)
+    with pytest.raises(ValueError, match=r"^window: expected one of \('gaussian', 'uniform'\), got 'box'"):
+        metrics.ssim(a, b, window="box")
+    with pytest.raises(ValueError, match=r"^a: .*7x7 SSIM window"):
+        metrics.ssim(a[:, :, :6], b[:, :, :6], window="uniform")
+
+
 def test_data_range_other_than_one():
     a, b = _random_pair(2, (2, 3, 24, 24))
     a, b = 255.0 * a, 255.0 * b
