@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import glob
 import importlib.util
+import inspect
 import os
 import re
 import warnings
@@ -1116,6 +1117,17 @@ def _source_options(source: str, path: str) -> tuple[str, dict[str, str]]:
     return path, opts
 
 
+def _check_kwargs(source: str, fn: Callable, kwargs: dict, first: str) -> None:
+    """A keyword argument ``fn`` (the loader behind ``source``) does not take, named with the ones
+    it does, instead of the TypeError of a function the caller never called."""
+    takes = [n for n, p in inspect.signature(fn).parameters.items()
+             if n != first and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in kwargs if k not in takes]
+    if unknown:
+        raise ValueError(f"{unknown[0]}: source {source!r} takes the keyword arguments {', '.join(takes)} "
+                         f"({fn.__name__}), got {', '.join(unknown)}")
+
+
 def load_images(source: str, **kwargs: Any) -> np.ndarray:
     """One entry point for configs: returns ``[B, C, H, W]`` float32 in [0, 1].
 
@@ -1141,19 +1153,23 @@ def load_images(source: str, **kwargs: Any) -> np.ndarray:
     if not isinstance(source, str):
         raise ValueError(f"source must be a string ({expected}), got {source!r}")
     if source == "builtin":
+        _check_kwargs(source, builtin_dataset, kwargs, "")
         kw = {"size": 32, "num_images": 8}
         kw.update(kwargs)
         images = builtin_dataset(**kw)
     elif source.startswith("builtin:"):
+        _check_kwargs(source, builtin_image, kwargs, "name")
         kw = {"size": 32, "channels": 3}
         kw.update(kwargs)
         images = builtin_image(source.split(":", 1)[1], **kw)[None]
     elif source in TFDS_DATASETS:
+        _check_kwargs(source, load_tfds, kwargs, "name")
         images = load_tfds(source, **kwargs)
     elif source.startswith(("files:", "array:")):
         kind, path = source.split(":", 1)
         if not path:
             raise ValueError(f"source: {source!r} names no path; expected {kind}:<path>")
+        _check_kwargs(source, load_files if kind == "files" else load_array, kwargs, "path")
         if kind == "files":
             images = load_files(path, **kwargs)
         else:

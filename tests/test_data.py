@@ -279,6 +279,22 @@ def test_load_images_dispatch(mocked_tfds):
         D.load_images("imagenet")
 
 
+@pytest.mark.parametrize("source, kw, match", [
+    ("builtin:chelsea", {"num_images": 1}, r"^num_images: source 'builtin:chelsea' takes the keyword arguments size, "
+                                           r"channels \(builtin_image\), got num_images$"),
+    ("builtin", {"image_size": 16}, r"^image_size: source 'builtin' takes the keyword arguments size, num_images, seed"),
+    ("cifar10", {"sise": 16}, r"^sise: source 'cifar10' takes the keyword arguments split, data_dir, size"),
+    ("files:/nowhere", {"key": "x"}, r"^key: source 'files:/nowhere' takes .*\(load_files\), got key$"),
+    ("array:/nowhere.npz", {"crops": True}, r"^crops: source 'array:/nowhere.npz' takes the keyword arguments key, "
+                                            r"layout"),
+])
+def test_load_images_names_a_keyword_its_loader_does_not_take(source, kw, match):
+    """A keyword the source's loader does not take is named with the ones it does (it was a
+    TypeError of builtin_image, a function the caller never called; an audit, 2026-12-07)."""
+    with pytest.raises(ValueError, match=match):
+        D.load_images(source, **kw)
+
+
 def test_importing_krylovjax_does_not_import_tfds():
     code = (
         "import sys, krylovjax, krylovjax.data, krylovjax.initial, krylovjax.sde, "
