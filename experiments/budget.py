@@ -247,7 +247,7 @@ def make_generate_eval_fn(gen, clean, idx, last: dict | None = None):
                      "%d network evaluations)", step, m["ssim"], m["psnr"], m["sources_covered"], clean.shape[0], nfe)
         if last is not None:
             last.update(step=int(step), out=out, pairs=pairs, nearest=nearest, network_evals=nfe, metrics=m)
-        return {**{k: m[k] for k in ("ssim", "global_ssim", "psnr", "sources_covered")},
+        return {**{k: m[k] for k in ("ssim", "global_ssim", "ssim_uniform", "psnr", "sources_covered")},
                 **({"ssim_se": m["ssim_se"]} if m["ssim_se"] is not None else {})}
 
     return eval_fn
@@ -342,6 +342,7 @@ def _run_claimed(cfg, workdir: str, overwrite: bool, budget: float, tcs: dict, c
         res = training.train(tc.replace(budget_seconds=left), data, sub, eval_fn=eval_fn, mesh=mesh)
         out, nfe, mm = last["out"], last["network_evals"], last["metrics"]
         curve = [{"step": e["step"], "seconds": spent + e["train_seconds"], "ssim": e["ssim"], "psnr": e["psnr"],
+                  **({"ssim_uniform": e["ssim_uniform"]} if "ssim_uniform" in e else {}),
                   **{k: int(e[k]) for k in ("sources_covered", "nearest_own_source") if k in e},
                   **({"ssim_se": e["ssim_se"]} if "ssim_se" in e else {})}
                  for e in eu.read_metrics(sub, "eval")]

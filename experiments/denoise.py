@@ -72,7 +72,9 @@ if __name__ == "__main__":
     flags.mark_flags_as_required(["config", "workdir"])
 
 METHODS = ("ours", "ddpm")
-METRICS = ("ssim", "global_ssim")
+METRICS = ("ssim", "global_ssim", "ssim_uniform")
+# What every evaluation records (with each sampler row's prefix).
+EVAL_KEYS = ("ssim", "global_ssim", "ssim_uniform", "psnr")
 OUR_SAMPLERS = ("paper_a", "flow", "denoise")
 DDPM_SAMPLERS = ("ancestral", "ddim")
 DDPM_VARIANCES = ("large", "small")  # krylovjax.ddpm.ddpm_ancestral_sample
@@ -108,6 +110,10 @@ LEGACY_CONFIG = {
     "normalise": "clip",
     "noise.draws": 1,
     "data.kwargs.data_dir": "",  # the tfds configs' data directory (tfds's default)
+    # the pre-computation's formulation, settable since 2026-12-07 (PrecomputeConfig's defaults)
+    "ours.precompute.initial": "paper_b_kde",
+    "ours.precompute.h": 1.0,
+    "ours.precompute.outer": "sweeps",
 }
 # Config keys a run directory's later runs may change: where the tfds data lie is no part of the
 # run (the dataset, split and indices name its images; a review, 2026-12-07, found a moved
@@ -544,8 +550,13 @@ def prepare_ours(cfg, tc, images) -> tuple[Any, dict]:
     sde = pc.make_sde()
     with eu.Stopwatch() as sw_compile:  # compile the solver's programs first: timed apart
         precompile(x.shape, x.dtype, pc)
+    from krylovjax import initial
+
+    # Paper A's density (ours.precompute.initial = "paper_a_kde") draws its pixel samples from the
+    # training seed's own stream
+    pkey = jax.random.fold_in(jax.random.key(int(tc.seed)), 0x4B444521) if initial.needs_key(pc.initial) else None
     with eu.Stopwatch() as sw_pre:
-        res = precompute_scores(x, pc)
+        res = precompute_scores(x, pc, key=pkey)
         jax.block_until_ready(res.scores)
     variant, noise_scale = embed_variant(cfg)
     ekey = jax.random.fold_in(jax.random.key(int(tc.seed)), 0x454D4244)  # Paper A's noise only
@@ -775,6 +786,7 @@ def ddpm_denoiser(cfg, tc, noisy, method: str | None = None) -> Callable:
 
 def image_metrics(out, clean, *, in_range: bool = True) -> dict:
     """Mean windowed SSIM, global SSIM, PSNR and MSE of ``out`` vs ``clean`` (``[B, C, H, W]``),
+    the SSIM with scikit-image's default 7x7 uniform window (``ssim_uniform``, Paper B's code's),
     plus the per-image SSIM list. ``in_range=False`` scores an ``out`` outside [0, 1] as it is
     (the noisy input without clamping); otherwise such values are refused by the metrics."""
     import jax.numpy as jnp
@@ -786,6 +798,7 @@ def image_metrics(out, clean, *, in_range: bool = True) -> dict:
     s = np.asarray(metrics.ssim(a, b, check_range=in_range), np.float64)
     return {"ssim": float(s.mean()),
             "global_ssim": float(np.mean(metrics.global_ssim(a, b, check_range=in_range))),
+            "ssim_uniform": float(np.mean(metrics.ssim(a, b, check_range=in_range, window="uniform"))),
             "psnr": float(np.mean(metrics.psnr(a, b, check_range=in_range))),
             "mse": float(np.mean(metrics.mse(a, b))),
             "ssim_per_image": s.tolist()}
@@ -802,7 +815,8 @@ def make_eval_fn(denoiser: Callable, clean, name: str, last: dict | None = None,
 
     ``others`` ``{row: (denoiser, last)}`` are further samplers of the same network (DDPM's
     DDIM row), evaluated at the same steps: their metrics are returned as ``<row>_ssim``,
-    ``<row>_global_ssim``, ``<row>_psnr``, with ``min_ssim`` / ``min_global_ssim`` the minimum
+    ``<row>_global_ssim``, ``<row>_ssim_uniform``, ``<row>_psnr``, with ``min_ssim`` /
+    ``min_global_ssim`` / ``min_ssim_uniform`` the minimum
     over all samplers (the stop criterion: every sampler has reached the target).
     """
     import numpy as np
@@ -820,7 +834,7 @@ def make_eval_fn(denoiser: Callable, clean, name: str, last: dict | None = None,
                 lst.update(step=int(step), out=np.asarray(out), frames=np.asarray(frames), network_evals=nfe,
                            metrics=m)
             pre = _prefix(row, name)
-            res.update({pre + k: m[k] for k in ("ssim", "global_ssim", "psnr")})
+            res.update({pre + k: m[k] for k in EVAL_KEYS})
         if others:
             for k in METRICS:
                 res["min_" + k] = min(res[k], *(res[f"{r}_{k}"] for r in others))
@@ -965,7 +979,7 @@ def _run_claimed(cfg, workdir: str, overwrite: bool, targets: list, tcs: dict, c
         evals = eu.read_metrics(sub, "eval")
         for r, method in rows.items():
             pre = _prefix(r, m)
-            row_evals = [{k: e.get(pre + k) for k in ("ssim", "global_ssim", "psnr")}
+            row_evals = [{k: e.get(pre + k) for k in EVAL_KEYS}
                          | {"step": e.get("step"), "train_seconds": e.get("train_seconds")} for e in evals]
             outs[r], frames[r] = lasts[r]["out"], lasts[r]["frames"]
             results[r] = {
@@ -979,7 +993,7 @@ def _run_claimed(cfg, workdir: str, overwrite: bool, targets: list, tcs: dict, c
                 "seconds_per_step": res.train_seconds / max(res.step, 1),
                 "steps_per_call": res.steps_per_call,
                 "targets": _target_rows(row_evals, targets, cfg.metric, offset, res.train_seconds, res.step),
-                "evals": [{k: e[k] for k in ("step", "train_seconds", "ssim", "global_ssim", "psnr")}
+                "evals": [{k: e.get(k) for k in ("step", "train_seconds", *EVAL_KEYS)}
                           for e in row_evals],
                 "resumed_from": res.resumed_from,
             }
@@ -1015,7 +1029,7 @@ def _run_claimed(cfg, workdir: str, overwrite: bool, targets: list, tcs: dict, c
                   "files": clean_files(cfg.data)},
         "noise": {"std": cfg.noise.std, "seed": cfg.noise.seed, "clamp": cfg.noise.clamp,
                   "signal_scale": signal_scale(cfg), "ddpm_start": ddpm_start(cfg)},
-        "noisy": {k: base[k] for k in ("ssim", "global_ssim", "psnr", "mse")},
+        "noisy": {k: base[k] for k in (*EVAL_KEYS, "mse")},
         "metric": cfg.metric, "targets": targets,
         "timing_convention": (
             "time to target = training time at the first evaluation reaching the target (optimiser steps "

@@ -435,7 +435,7 @@ def test_denoise_run_gives_a_per_image_model_its_images_index(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("binary, key, value, match", [
-    ("denoise", "metric", "psnr", r"metric: expected one of \('ssim', 'global_ssim'\), got 'psnr'"),
+    ("denoise", "metric", "psnr", r"metric: expected one of \('ssim', 'global_ssim', 'ssim_uniform'\), got 'psnr'"),
     ("denoise", "methods", ("ours", "ours"), r"methods: expected distinct entries of \('ours', 'ddpm'\)"),
     ("denoise", "methods", ("gan",), r"methods: expected distinct entries .*\('gan',\)"),
     ("denoise", "methods", (), r"methods: expected distinct entries .*\(\)"),

@@ -233,7 +233,8 @@ def test_run_directories_from_before_a_key_existed(tmp_path):
             node = node[p]
     assert budget_generate.get_config().final_denoise is True
     # A denoise directory of 2026-11-27 (before ours.embed, ddpm_max_train_step, embed_variant).
-    added = ("ours.embed", "ddpm.train.ddpm_max_train_step", "ours.embed_variant", "ours.embed_noise_scale")
+    added = ("ours.embed", "ddpm.train.ddpm_max_train_step", "ours.embed_variant", "ours.embed_noise_scale",
+             "ours.precompute.initial", "ours.precompute.h", "ours.precompute.outer")
     wd = _old_run_dir(tmp_path / "d", "denoise", denoise_demo.get_config(), added, "results.json")
     before = _snapshot(wd)
     with pytest.raises(ValueError, match="already holds the finished results"):
@@ -337,6 +338,8 @@ def test_denoise_smoke(denoise_run):
         # the final metrics are those of the last evaluation (same model, same sampler key)
         assert r["final"]["step"] == 3
         assert r["final"]["ssim"] == pytest.approx(evals[-1][key], abs=1e-5)
+        assert r["evals"][0]["ssim_uniform"] == evals[0][key + "_uniform"]  # Paper B's SSIM, recorded too
+        assert r["final"]["ssim_uniform"] == pytest.approx(evals[-1][key + "_uniform"], abs=1e-5)
         assert 0 < r["final"]["psnr"] < 60
     # DDPM stops when both of its samplers reached the target: the minimum of the two
     ev = eu.read_metrics(os.path.join(wd, "ddpm"), "eval")[0]
@@ -577,6 +580,39 @@ def test_ours_without_embedding_trains_on_the_clean_image():
     cfg.ours.embed = None  # (ml_collections refuses other types already)
     with pytest.raises(ValueError, match="ours.embed: expected a bool, got None"):
         denoise.check_config(cfg)
+
+
+def test_paper_a_precomputation_in_the_experiments():
+    """Paper A's formulation from the config (``ours.precompute.initial = "paper_a_kde"``, its
+    spacing 1 / (H - 1), a fixed point per time step): one density of the image plane shared by
+    the channels, its samples drawn from the training seed's stream (the same seed, the same
+    trajectories; another seed, others), and recorded in the run's pre-computation config."""
+    from experiments import denoise
+    from experiments.configs import denoise_demo
+
+    cfg = denoise_demo.get_config()
+    cfg.data.size = 16
+    cfg.ours.precompute.num_steps = 4
+    cfg.ours.precompute.initial = "paper_a_kde"
+    cfg.ours.precompute.h = 1.0 / 15
+    cfg.ours.precompute.outer = "timestep"
+    cfg.ours.embed_component = "x"
+    denoise.check_config(cfg)
+    tc = denoise.train_config(cfg, "ours")
+    clean = denoise.load_clean(cfg.data)
+    a, info = denoise.prepare_ours(cfg, tc, clean)
+    again, _ = denoise.prepare_ours(cfg, tc, clean)
+    other, _ = denoise.prepare_ours(cfg, tc.replace(seed=tc.seed + 1), clean)
+    pc = info["precompute_config"]
+    assert (pc["initial"], pc["h"], pc["outer"]) == ("paper_a_kde", 1.0 / 15, "timestep")
+    assert info["solver_stats"]["nonconverged"] == 0
+    np.testing.assert_array_equal(a.x, again.x)
+    assert np.abs(a.x - other.x).max() > 1e-6
+    # one density for the three channels: the same displacement in each (x-derivative only)
+    d = a.x[:, -1] - a.x[:, 0]
+    np.testing.assert_allclose(d[:, 1], d[:, 0], atol=1e-6)
+    np.testing.assert_allclose(d[:, 2], d[:, 0], atol=1e-6)
+    assert np.abs(d).max() > 1e-3
 
 
 def test_paper_a_embedding_in_the_experiments():
@@ -998,7 +1034,8 @@ def test_generate_eval_scores_samples_against_their_sources():
     # the standard error by hand: sample standard deviation over sqrt(4)
     se = math.sqrt(sum((x - s.mean()) ** 2 for x in s) / 3) / 2
     want.update(sources_covered=3, ssim_se=pytest.approx(se, rel=1e-12), samples_per_source=[1, 1, 2])
-    assert res == {**{k: want[k] for k in ("ssim", "global_ssim", "psnr", "sources_covered")}, "ssim_se": want["ssim_se"]}
+    assert res == {**{k: want[k] for k in ("ssim", "global_ssim", "ssim_uniform", "psnr", "sources_covered")},
+                   "ssim_se": want["ssim_se"]}
     assert last["metrics"] == want
     assert last["step"] == 4 and last["network_evals"] == 7
     # the nearest source's SSIM is each sample's best over all sources
@@ -1225,6 +1262,14 @@ def test_denoise_extra_samplers_rows_and_bad_values():
     assert ev["ssim"] == ma["ssim"] and ev["ddim_ssim"] == mb["ssim"] and ev["ddim_psnr"] == mb["psnr"]
     assert ev["min_ssim"] == min(ma["ssim"], mb["ssim"]) == mb["ssim"] < ma["ssim"]
     assert ev["min_global_ssim"] == min(ma["global_ssim"], mb["global_ssim"])
+    # Paper B's SSIM (scikit-image's default window) too, with its own stop metric
+    assert ev["ddim_ssim_uniform"] == mb["ssim_uniform"] != mb["ssim"]
+    assert ev["min_ssim_uniform"] == min(ma["ssim_uniform"], mb["ssim_uniform"])
+    cfg = denoise_demo.get_config()
+    cfg.metric = "ssim_uniform"
+    denoise.check_config(cfg)
+    assert denoise.train_config(cfg, "ddpm").target_metric == "min_ssim_uniform"
+    assert denoise.train_config(cfg, "ours").target_metric == "ssim_uniform"
     assert last_a["step"] == last_b["step"] == 5 and np.array_equal(last_b["out"], imgs["b"])
     # the speed-up note names the baseline that missed the target
     sp, note = denoise._speedup({"seconds": 2.0, "cap_seconds": 8.0}, {"seconds": None, "cap_seconds": 10.0}, "DDIM")

@@ -16,22 +16,33 @@ Layout: ``common`` holds the :class:`krylovjax.training.TrainConfig` fields both
 ``ours.train`` / ``ddpm.train`` hold each method's own fields (batch size, learning rate,
 warm-up, EMA, SDE, caps). ``ours.sampler`` / ``ddpm.sampler`` pick the denoising sampler.
 
-Settings of "ours": Paper A's single-image script (method.md 8, [A-code]) with one change.
-Paper A uses the SDE with constant g = 0.5 (f = 0), 20 FP steps here (Paper A: 100). Paper A
-trains with a constant perturbation lambda = 0.1 and denoises with a damped reverse SDE (50 steps
-from t = 1, noise 0.1 g sqrt(dt), clamped); on this CPU that pair was erratic (SSIM jumping
-between ~0.5 and ~0.91 from one evaluation to the next, and plateaus at 0.91 in 2 of 4 runs;
-docs/experiments_cpu.md). We train instead with the exact perturbation of that SDE,
-lambda(t) = g sqrt(t) (``sde_kwargs.std = None``), whose range [0.03, 0.5] is the noise range
-the test input needs (lambda(1) = 0.5 ~ Paper A's 0.506), and denoise with the probability-flow
-ODE from t = 1 (Paper B's sampler, ``sampler.kind = "flow"``). Paper A's literal settings are
-``--config.ours.train.sde_kwargs.std=0.1 --config.ours.sampler.kind=paper_a
---config.ours.sampler.t_end=0.0 --config.ours.train.scale_by_sigma=False``. Ours' network
-output is scaled by ``1 / lambda(t)`` (``ours.train.scale_by_sigma``, score_sde's option for VE
-SDEs such as this one), so the network predicts ``-z`` as DDPM's predicts epsilon; Paper B's
-unscaled output (``--config.ours.train.scale_by_sigma=False --config.ours.train.lr=2e-3``) needs
-250 steps to SSIM 0.95 instead of 125 and 600 to 0.99 instead of 200-225. The learning rates of both methods
-were tuned on this image with the same small sweep (docs/experiments_cpu.md).
+Settings of "ours": the SDE of Paper A's single-image script (method.md 8, [A-code]), constant
+g = 0.5 (f = 0), with these differences.
+
+* The pre-computation is Paper B's formulation, the library's default: each pixel's density
+  (``ours.precompute.initial = "paper_b_kde"``) on a grid of spacing 1 (``h``), Paper B's outer
+  sweeps, 20 time levels. Paper A's script fits one KDE of the image plane [0, 1]^2, shared by
+  the channels (``"paper_a_kde"``), with spacing 1 / (H - 1) = 1/31, a fixed point per time step
+  (``outer = "timestep"``), 100 levels, and embeds the x-derivative of the score only. Its
+  diffusion number g^2 dt / (2 h^2) is then about 6 instead of 0.007, and its density is
+  nearly flat by t = 1. Paper A's pre-computation: ``--config.ours.precompute.initial=paper_a_kde
+  --config.ours.precompute.h=0.032258 --config.ours.precompute.outer=timestep
+  --config.ours.precompute.num_steps=100 --config.ours.embed_component=x``.
+* Training and sampling: Paper A trains with a constant perturbation lambda = 0.1 and denoises
+  with a damped reverse SDE (50 steps from t = 1, noise 0.1 g sqrt(dt), clamped); on this CPU that
+  pair was erratic (SSIM jumping between ~0.5 and ~0.91 from one evaluation to the next, and
+  plateaus at 0.91 in 2 of 4 runs; docs/experiments_cpu.md). We train instead with the exact
+  perturbation of that SDE, lambda(t) = g sqrt(t) (``sde_kwargs.std = None``), whose range [0.03,
+  0.5] is the noise range the test input needs (lambda(1) = 0.5 ~ Paper A's 0.506), and denoise
+  with the probability-flow ODE from t = 1 (Paper B's sampler, ``sampler.kind = "flow"``). Paper
+  A's literal settings are ``--config.ours.train.sde_kwargs.std=0.1
+  --config.ours.sampler.kind=paper_a --config.ours.sampler.t_end=0.0
+  --config.ours.train.scale_by_sigma=False``. Ours' network output is scaled by ``1 / lambda(t)``
+  (``ours.train.scale_by_sigma``, score_sde's option for VE SDEs such as this one), so the network
+  predicts ``-z`` as DDPM's predicts epsilon; Paper B's unscaled output
+  (``--config.ours.train.scale_by_sigma=False --config.ours.train.lr=2e-3``) needs 250 steps to
+  SSIM 0.95 instead of 125 and 600 to 0.99 instead of 200-225. The learning rates of both methods
+  were tuned on this image with the same small sweep (docs/experiments_cpu.md).
 
 Batch sizes (2026-11-27): each method's batch size and learning rate were tuned together on this
 2-core CPU with one grid for both (batch 1, 2, 4, 8, 16; learning rates a factor 2 apart until
@@ -71,7 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Stop at max(targets); the time to every target is reported.
     c.targets = (0.95,)
-    c.metric = "ssim"  # "ssim" (windowed, scikit-image's) or "global_ssim" (Paper A's early stop)
+    # "ssim" (Gaussian 11x11 window, Wang et al.'s), "global_ssim" (Paper A's early stop) or
+    # "ssim_uniform" (scikit-image's default 7x7 window: Paper B's code's); every evaluation records all three.
+    c.metric = "ssim"
     c.eval_seed = 1  # PRNG key of the stochastic samplers (the same at every evaluation)
     c.num_frames = 10  # frames of the denoising trajectory figure (Figure 2)
     c.normalise = "clip"  # outputs into [0, 1] before scoring: "clip", or "minmax" per sample (Paper B)
@@ -117,6 +130,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.ours.precompute.outer_tol = 1e-4
     c.ours.precompute.max_sweeps = 10
     c.ours.precompute.strategy = "cross_matrix_precond"
+    # The formulation (the library's defaults, Paper B's; module docstring): each pixel's own
+    # density (Paper A: "paper_a_kde", one KDE of the image plane), grid spacing 1 (Paper A:
+    # 1 / (H - 1)), outer sweeps (Paper A: "timestep", a fixed point per time step).
+    c.ours.precompute.initial = "paper_b_kde"
+    c.ours.precompute.h = 1.0
+    c.ours.precompute.outer = "sweeps"
     c.ours.embed_component = "sum"  # krylovjax.transport.embed(component=...)
     # False: the ablation without pre-computed scores (the clean image at every time level: no
     # pre-computation, no embedding; BUILD_NOTES).
