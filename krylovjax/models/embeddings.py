@@ -29,7 +29,7 @@ def sinusoidal_embedding(tau: jax.Array, dim: int, *, max_positions: float = 100
 
     Args:
       tau: ``[B]`` real time inputs.
-      dim: embedding width (>= 2).
+      dim: embedding width (>= 4: the frequency ladder needs two frequencies).
       max_positions: the base of the geometric frequency ladder (10000 as in DDPM).
 
     Returns:
