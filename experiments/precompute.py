@@ -24,6 +24,7 @@ writes the summary (the others write ``precompute_summary_process<i>.json``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import time
@@ -55,6 +56,7 @@ def _init_distributed():
 
     try:
         eu.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        eu.check_same_config(FLAGS.config)
     except ValueError as err:
         raise app.UsageError(str(err)) from None
 
@@ -153,12 +155,23 @@ def main(argv):
     # One run at a time in the workdir, to its summary (a second run there is refused at once).
     oom = ("lower --config.precompute.chunk_size (systems solved at once) or --config.chunk_images (images per "
            "chunk: a store with no complete chunk takes a new one); the complete chunks are kept")
-    with eu.exit_on_run_errors(out_of_memory=oom), workdir_lock.hold(FLAGS.workdir, process_index=jax.process_index()):
-        _precompute(cfg)
+    started, index = time.time(), jax.process_index()
+    if jax.process_count() > 1:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(_left_path(FLAGS.workdir, index))  # an earlier run's
+    with eu.exit_on_run_errors(out_of_memory=oom), workdir_lock.hold(FLAGS.workdir, process_index=index):
+        try:
+            _precompute(cfg, started)
+        except BaseException as err:  # process 0 waits for this one's chunks: say it left
+            if jax.process_count() > 1 and index > 0 and not isinstance(err, SystemExit):
+                eu.write_json(_left_path(FLAGS.workdir, index),
+                              {"process": index, "why": "interrupted" if isinstance(err, KeyboardInterrupt)
+                               else f"{type(err).__name__}: {err}"})
+            raise
 
 
-def _precompute(cfg):
-    """main's run, holding --workdir."""
+def _precompute(cfg, started: float):
+    """main's run, holding --workdir (``started``: its ``time.time()``)."""
     import jax
 
     from krylovjax import experiment_utils as eu
@@ -177,6 +190,10 @@ def _precompute(cfg):
             logging.info("--fresh: moved the previous run to %s", moved)
     logging.info("%d images %s (%s), %d process(es), %d local device(s)", images.shape[0],
                  images.shape[1:], cfg.dataset, jax.process_count(), jax.local_device_count())
+    used = jax.local_device_count() if pcfg.shard else 1
+    if used < jax.local_device_count():  # a multi-GPU host's other devices idle without a word
+        logging.warning("each chunk runs on one of this process's %d devices: --config.precompute.shard=True "
+                        "splits it over all of them (or start one process per device)", jax.local_device_count())
 
     summary = pipeline.run_precompute(
         images, pcfg, FLAGS.workdir, chunk_images=cfg.chunk_images, store_dtype=cfg.store_dtype,
@@ -186,9 +203,15 @@ def _precompute(cfg):
                                 store_dtype=cfg.store_dtype, embed_component=cfg.embed_component,
                                 seed=cfg.seed, process_index=summary.process_index,
                                 process_count=summary.process_count)
-    if summary.process_index == 0:
+    gone = []
+    if summary.process_index == 0 and not store.is_complete():
+        logging.info("waiting up to %s for the other processes' chunks (%d of %d complete)",
+                     eu.format_seconds(FLAGS.wait_s), len(store.completed_chunks()), store.num_chunks)
         deadline = time.monotonic() + FLAGS.wait_s
         while not store.is_complete() and time.monotonic() < deadline:
+            gone = _left(FLAGS.workdir, jax.process_count(), started)
+            if gone:
+                break
             time.sleep(0.5)
     totals = pipeline.summarize_store(store) if store.is_complete() else None
 
@@ -201,7 +224,9 @@ def _precompute(cfg):
             ("images short of outer_tol", f"{run['outer_nonconverged']}"),
             ("  of them diverged", f"{run['outer_diverged']}"),
             ("seconds", f"{run['seconds']:.2f} (compile {run['compile_seconds']:.2f})"),
-            ("systems / s", f"{run['systems_per_second']:.1f}")]
+            ("systems / s", f"{run['systems_per_second']:.1f}"),
+            ("devices per chunk", f"{used} of {jax.local_device_count()} local"
+             + (" (--config.precompute.shard=True uses all)" if used < jax.local_device_count() else ""))]
     if totals is not None:
         rows += [("store: images", f"{totals['images']} (complete)"),
                  ("store: systems solved", f"{totals['systems_solved']}"),
@@ -220,6 +245,35 @@ def _precompute(cfg):
             else f"precompute_summary_process{summary.process_index}.json")
     eu.write_json(os.path.join(FLAGS.workdir, name), out)  # atomic; NaN/Inf as null (strict JSON)
     logging.info("wrote %s", os.path.join(FLAGS.workdir, name))
+    if summary.process_index == 0 and totals is None:
+        left = "; ".join(f"process {g['process']} stopped ({g['why']})" for g in gone)
+        msg = (f"the store is incomplete ({len(store.completed_chunks())} of {store.num_chunks} chunks)"
+               + (f": {left}" if left else f" after waiting {eu.format_seconds(FLAGS.wait_s)} (--wait_s)")
+               + "; run the same command on every process again to complete it (the complete chunks are kept)")
+        if gone:
+            raise SystemExit(f"error: {msg}")
+        logging.warning("%s", msg)
+
+
+def _left_path(workdir: str, index: int) -> str:
+    """The note a process of a multi-process run leaves when it stops before its chunks are done."""
+    return os.path.join(workdir, f".precompute_process{index}_left.json")
+
+
+def _left(workdir: str, count: int, since: float) -> list[dict]:
+    """The notes of the processes that stopped in this run (written after ``since``)."""
+    import json
+
+    notes = []
+    for i in range(1, count):
+        path = _left_path(workdir, i)
+        try:
+            if os.path.getmtime(path) >= since - 1.0:
+                with open(path) as f:
+                    notes.append(json.load(f))
+        except (OSError, ValueError):
+            continue
+    return notes
 
 
 if __name__ == "__main__":

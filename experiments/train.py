@@ -120,6 +120,7 @@ def main(argv):
 
     try:
         eu.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+        eu.check_same_config(cfg)
     except ValueError as err:
         raise app.UsageError(str(err)) from None
     from krylovjax import workdir_lock

@@ -47,6 +47,7 @@ __all__ = [
     "move_aside",
     "distributed_args",
     "init_distributed",
+    "check_same_config",
     "multiprocess_environment",
     "config_diff",
     "check_target",
@@ -951,6 +952,7 @@ def sigterm_as_interrupt() -> None:
             raise KeyboardInterrupt
 
     handle.defer_in_train = True  # training.DEFER_IN_TRAIN (not imported: training pulls in flax)
+    _INTERRUPT_CHECKS.add(handle.__code__)  # "interrupted in" names the work, not this handler
     signal.signal(signal.SIGTERM, handle)
 
 
@@ -972,6 +974,10 @@ def init_distributed(address, num_processes, process_id) -> bool:
         return False
     import jax
 
+    if dist["coordinator_address"] is not None:  # JAX says nothing while it waits for the others
+        log.info("process %d of %d: connecting to the coordinator at %s; every process of the job must be "
+                 "started (JAX waits up to 5 minutes for them, then stops this one)", dist["process_id"],
+                 dist["num_processes"], dist["coordinator_address"])
     try:
         # the arguments not given are left to JAX, which takes them from the cluster
         jax.distributed.initialize(**{k: v for k, v in dist.items() if v is not None})
@@ -983,6 +989,30 @@ def init_distributed(address, num_processes, process_id) -> bool:
     log.info("process %d/%d, %d local device(s), %d in all", jax.process_index(), jax.process_count(),
              jax.local_device_count(), jax.device_count())
     return True
+
+
+def check_same_config(config: Any, what: str = "--config") -> None:
+    """In a job of several processes, refuse (on every process) a config that differs between
+    them: each process would run another job (another store, another batch) and the first
+    collective would hang until JAX's timeout aborted them (a walkthrough, 2026-12-07). One
+    all-gather of a hash of the config, right after the processes connect; nothing with one
+    process."""
+    import hashlib
+
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    digest = hashlib.sha256(json.dumps(_plain(config), sort_keys=True, default=str).encode()).digest()
+    mine = np.frombuffer(digest[:8], np.int32)
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), 2)
+    differ = [i for i in range(1, len(every)) if not np.array_equal(every[i], every[0])]
+    if differ:
+        raise ValueError(f"{what}: process{'es' if len(differ) > 1 else ''} {', '.join(map(str, differ))} of this "
+                         f"job {'were' if len(differ) > 1 else 'was'} given another config than process 0; every "
+                         f"process must be given the same {what} flags (only --process_id differs)")
 
 
 def multiprocess_environment(environ=None) -> str | None:
@@ -1032,8 +1062,9 @@ def distributed_args(address, num_processes, process_id, environ=None) -> dict |
     pid = pick(process_id, "JAX_PROCESS_ID", "process_id")
     if address is None:
         if nproc not in (None, 1) or pid not in (None, 0):
-            raise ValueError("--num_processes/--process_id: a multi-process run needs "
-                             "--coordinator_address=host:port (process 0's address) or "
+            given = [f"${v}" for v in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if environ.get(v)]
+            raise ValueError("--num_processes/--process_id" + (f" (from {' and '.join(given)})" if given else "")
+                             + ": a multi-process run needs --coordinator_address=host:port (process 0's address) or "
                              "--coordinator_address=auto (a TPU pod, SLURM, Open MPI)")
         return None
     if nproc is not None and nproc < 1:
@@ -1047,6 +1078,13 @@ def distributed_args(address, num_processes, process_id, environ=None) -> dict |
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"--coordinator_address: expected host:port with a port in [1, 65535] or 'auto', "
                          f"got {address!r}")
+    # JAX's own words were "Number of processes must be defined." (a walkthrough, 2026-12-07)
+    if nproc is None:
+        raise ValueError(f"--num_processes: expected the job's number of processes with --coordinator_address="
+                         f"{address} (or --coordinator_address=auto, where the cluster gives it)")
+    if pid is None:
+        raise ValueError(f"--process_id: expected this process's index in [0, {nproc}) with --coordinator_address="
+                         f"{address} (or --coordinator_address=auto, where the cluster gives it)")
     return {"coordinator_address": address, "num_processes": nproc, "process_id": pid}
 
 

@@ -491,27 +491,41 @@ def _build(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype: np.d
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     mesh = Mesh(np.asarray(devices), ("data",))
     sys0, sys1 = P("data"), P(None, "data")  # the system axis first / after the time axis
-    sweep = jax.jit(
-        jax.shard_map(sweep_local, mesh=mesh, in_specs=(sys0, sys1, sys0, sys0, P()),
-                      out_specs=(sys1, sys1, sys1, sys0, sys0), check_vma=False),
-        in_shardings=tuple(NamedSharding(mesh, p) for p in (sys0, sys1, sys0, sys0, P())),
-        out_shardings=tuple(NamedSharding(mesh, p) for p in (sys1, sys1, sys1, sys0, sys0)))
-    timestep_run = jax.jit(
-        jax.shard_map(timestep_local, mesh=mesh, in_specs=(sys0,), out_specs=(sys1,) * 6,
-                      check_vma=False),
-        in_shardings=(NamedSharding(mesh, sys0),),
-        out_shardings=(NamedSharding(mesh, sys1),) * 6)
-    scores = jax.jit(scores_local, in_shardings=NamedSharding(mesh, sys1),
-                     out_shardings=NamedSharding(mesh, sys1))
+
+    def on_mesh(fn, ins, outs):
+        return _OnMesh(jax.jit(fn, in_shardings=tuple(NamedSharding(mesh, p) for p in ins),
+                               out_shardings=outs if isinstance(outs, NamedSharding) else
+                               tuple(NamedSharding(mesh, p) for p in outs)),
+                       tuple(NamedSharding(mesh, p) for p in ins))
+
+    sweep = on_mesh(jax.shard_map(sweep_local, mesh=mesh, in_specs=(sys0, sys1, sys0, sys0, P()),
+                                  out_specs=(sys1, sys1, sys1, sys0, sys0), check_vma=False),
+                    (sys0, sys1, sys0, sys0, P()), (sys1, sys1, sys1, sys0, sys0))
+    timestep_run = on_mesh(jax.shard_map(timestep_local, mesh=mesh, in_specs=(sys0,), out_specs=(sys1,) * 6,
+                                         check_vma=False), (sys0,), (sys1,) * 6)
+    scores = on_mesh(scores_local, (sys1,), NamedSharding(mesh, sys1))
     # m0 goes to the mesh once, from the host (no resharding program to compile), so that the
     # sweeps do not move it there every time.
-    place = jax.jit(lambda m0: (m0, jnp.broadcast_to(m0, (levels,) + m0.shape)),
-                    in_shardings=NamedSharding(mesh, sys0),
-                    out_shardings=(NamedSharding(mesh, sys0), NamedSharding(mesh, sys1)))
-    keep_improved = jax.jit(_keep_improved, in_shardings=tuple(
-        NamedSharding(mesh, p) for p in (sys0, sys1, sys1)), out_shardings=NamedSharding(mesh, sys1))
+    place = on_mesh(lambda m0: (m0, jnp.broadcast_to(m0, (levels,) + m0.shape)), (sys0,), (sys0, sys1))
+    keep_improved = on_mesh(_keep_improved, (sys0, sys1, sys1), NamedSharding(mesh, sys1))
     return _Programs(t, dt, sweep, timestep_run, scores, initial_prog, place, keep_improved,
                      specs)
+
+
+class _OnMesh:
+    """A jitted program over the local devices' mesh that places its host (numpy) arguments on
+    the mesh first: in a job of several processes jit refuses numpy inputs of a sharded program
+    (a walkthrough, 2026-12-07: every ``shard=True`` run of two processes failed so)."""
+
+    def __init__(self, fn, in_shardings):
+        self.fn, self.in_shardings = fn, in_shardings
+
+    def __call__(self, *args):
+        return self.fn(*(jax.device_put(a, s) if isinstance(a, (np.ndarray, np.generic)) else a
+                         for a, s in zip(args, self.in_shardings)))
+
+    def lower(self, *args, **kwargs):
+        return self.fn.lower(*args, **kwargs)
 
 
 def _program_config(config: PrecomputeConfig) -> PrecomputeConfig:

@@ -1589,6 +1589,27 @@ def _from_process_0(value: int) -> int:
     return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
+def _agree(budget_hit: bool, interrupted: bool) -> tuple[bool, bool]:
+    """``(process 0's budget_hit, whether any process was interrupted)``, the same on every
+    process (one collective per call); the values themselves with one process. An interrupt of
+    one process (a node's SIGTERM) then stops every process after the same update, where they
+    save the checkpoint together (a save is collective); alone it left the others blocked in the
+    next all-reduce until JAX's timeout aborted them, with no checkpoint (a walkthrough,
+    2026-12-07)."""
+    if jax.process_count() == 1:
+        return bool(budget_hit), bool(interrupted)
+    from jax.experimental import multihost_utils
+
+    flags = np.asarray(multihost_utils.process_allgather(np.array([budget_hit, interrupted], np.int32)))
+    flags = flags.reshape(jax.process_count(), 2)
+    return bool(flags[0, 0]), bool(flags[:, 1].any())
+
+
+class _AgreedInterrupt(KeyboardInterrupt):
+    """Every process of the job stops after the same update (:func:`_agree`): the checkpoint,
+    collective, can be saved."""
+
+
 #: A signal handler with this attribute set true asks :func:`train` to defer that signal like
 #: Ctrl-C while it trains (``experiment_utils.sigterm_as_interrupt`` sets it on its SIGTERM handler).
 DEFER_IN_TRAIN = "defer_in_train"
@@ -1910,8 +1931,15 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
         if redo_eval and evaluate():
             stop_reason = "target"
         while step < config.num_steps and stop_reason != "target":
-            interrupts.check()
-            if config.budget_seconds is not None and _from_process_0(int(train_seconds >= config.budget_seconds)):
+            # process 0's clock decides the budget; any process's interrupt stops all of them here
+            budget_hit, stop_all = _agree(
+                config.budget_seconds is not None and train_seconds >= config.budget_seconds, interrupts.pending)
+            if stop_all:
+                if not interrupts.pending:
+                    logging.warning("another process of the job was interrupted: stopping after update %d and "
+                                    "saving a checkpoint", step)
+                raise _AgreedInterrupt
+            if budget_hit:
                 stop_reason = "budget"
                 break
             n = call_length(step)
@@ -1958,14 +1986,16 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
                 if evaluate():
                     stop_reason = "target"
                     break
-        interrupts.check()
+        if _agree(False, interrupts.pending)[1]:
+            raise _AgreedInterrupt
         if eval_fn is not None and last_eval_step != step and stop_reason != "target":
             if evaluate() and target is not None:
                 stop_reason = "target"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         try:  # the state may be mid-update (its buffers donated to a step in flight)
-            if nproc > 1:  # a save is collective: the other processes may not be interrupted
-                raise RuntimeError("several processes: checkpoints are saved only at the schedule")
+            if nproc > 1 and not isinstance(err, _AgreedInterrupt):  # a save is collective
+                raise RuntimeError("several processes, interrupted at once (a second interrupt, or during an "
+                                   "evaluation): only the processes' agreed stop saves a checkpoint")
             at = int(_host(state.step))
             if at != step:  # the interrupt fell between an update and its bookkeeping (records, time)
                 raise RuntimeError(f"interrupted between update {at} and its records; the resume point "

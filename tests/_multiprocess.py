@@ -2,7 +2,9 @@
 (CPU backend, localhost coordinator)."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -45,21 +47,38 @@ def process_flags(num_processes: int, port: int, process_id: int) -> list[str]:
             f"--process_id={process_id}"]
 
 
-def run_all(commands: list[list[str]], envs: list[dict], timeout: float) -> list[tuple[int, str, str]]:
+@contextlib.contextmanager
+def running(commands: list[list[str]], envs: list[dict]):
     """Start every command at once (``python -m ...`` argument lists, run from the repository
-    root), wait for all, and return ``(returncode, stdout, stderr)`` each; a process still running
-    at ``timeout`` seconds (or when the test fails) is killed."""
+    root, stdout and stderr piped) and yield the processes; any still running when the block
+    ends (the test failed or timed out) is killed."""
     procs = [subprocess.Popen([sys.executable, *cmd], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for cmd, env in zip(commands, envs)]
-    outs = []
-    deadline = time.monotonic() + timeout
     try:
-        for p in procs:
-            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            outs.append((p.returncode, out, err))
+        yield procs
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def sigterm_one(procs, index: int, timeout: float = 120) -> tuple[list[tuple[str, str]], float]:
+    """SIGTERM to ``procs[index]`` (a node's preemption), then wait for every process: their
+    ``(stdout, stderr)`` and the seconds they took to end."""
+    procs[index].send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    return outs, time.monotonic() - t0
+
+
+def run_all(commands: list[list[str]], envs: list[dict], timeout: float) -> list[tuple[int, str, str]]:
+    """Start every command at once (:func:`running`), wait for all, and return ``(returncode,
+    stdout, stderr)`` each; a process still running at ``timeout`` seconds is killed."""
+    outs = []
+    deadline = time.monotonic() + timeout
+    with running(commands, envs) as procs:
+        for p in procs:
+            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            outs.append((p.returncode, out, err))
     return outs

@@ -380,6 +380,33 @@ def test_an_interrupt_inside_a_library_names_the_projects_code(tmp_path, monkeyp
     assert err.startswith("interrupted in write_json (") and "krylovjax/experiment_utils.py:" in err, err
 
 
+def test_a_sigterm_names_the_work_it_stopped_not_its_handler(capsys):
+    """SIGTERM is raised as an interrupt inside sigterm_as_interrupt's handler; the line named
+    that handler (``interrupted in handle (.../experiment_utils.py:...)``; a walkthrough,
+    2026-12-07) instead of the work it stopped."""
+    import signal
+
+    old = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # no Python handler for SIGINT: SIGTERM raises at once
+        eu.sigterm_as_interrupt()
+
+        def the_work():
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(10**6):  # the handler runs between these bytecodes
+                pass
+
+        with pytest.raises(SystemExit) as ex:
+            with eu.exit_on_run_errors(interrupted="kept"):
+                the_work()
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    assert ex.value.code == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"interrupted in the_work ({__file__}:"), err
+
+
 _LONG_RUN = r"""
 import os, signal, sys
 import jax, jax.numpy as jnp

@@ -1,8 +1,10 @@
 """Multi-host pre-computation: two processes under jax.distributed (CPU backend, localhost
 coordinator) run the unchanged binary; each writes only its own chunks (chunk % 2), process 0
 creates the manifest and the summary, and the combined store equals a one-process run."""
+import dataclasses
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -38,15 +40,20 @@ def _reference_config():
     return cfg, binary.precompute_config(cfg.precompute), binary.load(cfg)
 
 
-def test_two_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("local_devices, shard", [(1, False), (2, True)])
+def test_two_processes_equal_one(tmp_path, local_devices, shard):
+    """With one device per process, and with two per process splitting each chunk over them
+    (``precompute.shard=True``, which failed in every job of several processes: jit refused the
+    host arrays of a sharded program; a walkthrough, 2026-12-07)."""
     workdir = str(tmp_path / "two")
     port = _free_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = xla_flags(1)  # one CPU device per process
+    env["XLA_FLAGS"] = xla_flags(local_devices)
     procs = [subprocess.Popen(
         [sys.executable, "-m", "experiments.precompute", "--config=experiments/configs/demo.py",
          f"--workdir={workdir}", "--noprogress", f"--coordinator_address=127.0.0.1:{port}",
-         "--num_processes=2", f"--process_id={i}", "--wait_s=120", *OVERRIDES],
+         "--num_processes=2", f"--process_id={i}", "--wait_s=120", *OVERRIDES,
+         f"--config.precompute.shard={shard}"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
     outs = []
@@ -60,6 +67,9 @@ def test_two_processes_equal_one(tmp_path):
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     assert "process 0/2" in outs[0][0] and "process 1/2" in outs[1][0]
+    for out, _ in outs:  # each chunk's systems over this process's devices
+        assert re.search(rf"devices per chunk +{local_devices if shard else 1} of {local_devices} local\n", out), \
+            out[-2000:]
 
     # Ownership: chunk i was written by process i % 2; each process computed only its own.
     complete = os.path.join(workdir, "store", "complete")
@@ -81,6 +91,7 @@ def test_two_processes_equal_one(tmp_path):
 
     jax.config.update("jax_enable_x64", True)
     cfg, pcfg, images = _reference_config()
+    pcfg = dataclasses.replace(pcfg, shard=shard)  # (recorded in the store's config: the same run)
     one = str(tmp_path / "one")
     pipeline.run_precompute(images, pcfg, one, chunk_images=1, store_dtype=cfg.store_dtype,
                             progress=False)
@@ -103,3 +114,45 @@ def test_bad_process_arguments(tmp_path, index, count, match):
         pipeline.run_precompute(images, pcfg, str(tmp_path), process_index=index,
                                 process_count=count, progress=False)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_process_that_stops_is_named_and_the_others_do_not_wait_for_it(tmp_path):
+    """SIGTERM to process 1 of a two-process pre-computation before its chunks are done:
+    process 1 ends with status 130 and leaves a note; process 0, done with its own chunks, stops
+    waiting for process 1's (``--wait_s``, an hour by default) and ends with one line naming
+    it, the chunks complete and what to do. Before, process 0 waited without a word, and process 1
+    hung in JAX's shutdown barrier until both aborted minutes later (a walkthrough, 2026-12-07)."""
+    import time
+
+    from _multiprocess import cpu_env, free_port, process_flags, run_all, running, sigterm_one
+
+    workdir = str(tmp_path / "run")
+    over = ["--config.num_images=8", "--config.image_size=8", "--config.chunk_images=1",
+            "--config.precompute.num_steps=3", "--config.precompute.strategy=gmres"]
+
+    def commands():
+        port = free_port()
+        return [["-m", "experiments.precompute", "--config=experiments/configs/demo.py", f"--workdir={workdir}",
+                 "--noprogress", *process_flags(2, port, i), *over] for i in range(2)]
+
+    with running(commands(), [cpu_env(1)] * 2) as procs:
+        seen = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # process 1 has its images and starts on its chunks
+            line = procs[1].stderr.readline()
+            seen.append(line)
+            if "process(es)" in line or not line:
+                break
+        assert "process(es)" in seen[-1], "".join(seen)[-2000:]
+        outs, waited = sigterm_one(procs, 1)
+    assert procs[1].returncode == 130, outs[1][1][-2000:]
+    assert procs[0].returncode == 1, outs[0][1][-3000:]
+    last = outs[0][1].strip().splitlines()[-1]
+    assert last.startswith("error: the store is incomplete (") and "process 1 stopped (interrupted)" in last, last
+    assert last.endswith("run the same command on every process again to complete it (the complete chunks are kept)")
+    assert waited < 60  # not --wait_s (3600 s), nor JAX's shutdown timeout (300 s)
+    # the same command on both processes completes the store
+    outs = run_all(commands(), [cpu_env(1)] * 2, timeout=240)
+    for rc, _, err in outs:
+        assert rc == 0, err[-3000:]
+    assert "store: images              8 (complete)" in outs[0][1], outs[0][1][-2000:]

@@ -22,7 +22,7 @@ from krylovjax import experiment_utils as eu
 from krylovjax import training as tr
 from krylovjax.store import ScoreStore, hash_inputs
 
-from _multiprocess import ROOT, compile_cache_env, cpu_env, free_port, process_flags, run_all
+from _multiprocess import ROOT, compile_cache_env, cpu_env, free_port, process_flags, run_all, running, sigterm_one
 
 B, N, C, S = 6, 4, 3, 16  # 6 images over 4 devices: rows [0, 2) [2, 4) | [4, 6) [6, 8) (padding)
 STORE_CFG = {"sde": "ve", "sde_kwargs": {"sigma": 5.0}, "num_steps": N, "eps": 1e-3}
@@ -181,6 +181,13 @@ def test_two_processes_stop_together_at_the_budget(tmp_path):
     (("auto", 2, 3), {}, r"--process_id: expected an integer in [0, 2)"),
     ((None, None, None), {"JAX_NUM_PROCESSES": "2"}, "--coordinator_address"),
     ((None, None, None), {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_PROCESS_ID": "x"}, "from $JAX_PROCESS_ID"),
+    # the variables that were set are named (the message named only the flags)
+    ((None, None, None), {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"},
+     "--num_processes/--process_id (from $JAX_NUM_PROCESSES and $JAX_PROCESS_ID): a multi-process run needs"),
+    # a host:port without the layout: named (JAX said "Number of processes must be defined.")
+    (("127.0.0.1:1234", None, None), {}, "--num_processes: expected the job's number of processes with "
+                                         "--coordinator_address=127.0.0.1:1234"),
+    (("127.0.0.1:1234", 2, None), {}, "--process_id: expected this process's index in [0, 2)"),
 ])
 def test_bad_process_flags_are_refused(flags, environ, match):
     with pytest.raises(ValueError, match=re.escape(match)):
@@ -303,3 +310,34 @@ def test_shard_data_names_bad_images_and_refuses_other_chunks(tmp_path):
     part = _store(tmp_path / "part", x, range(4))
     with pytest.raises(ValueError, match="complete"):
         tr.shard_data(tr.TrainConfig(), part)
+
+
+def test_an_interrupt_of_one_process_stops_both_with_a_checkpoint(tmp_path):
+    """SIGTERM to one process of a two-process run (a node's preemption): both processes stop
+    after the same update, save that checkpoint together and end with status 130 at once.
+    Before, the interrupted process could not save alone (a save is collective) and the other
+    one waited in the next all-reduce until JAX's timeout aborted both, minutes later (a
+    walkthrough, 2026-12-07)."""
+    import time
+
+    x = _trajectories()
+    own = [_store(tmp_path / f"own{p}", x, range(*OWN_ROWS[p])) for p in range(2)]
+    wd = str(tmp_path / "run")
+    cmds, envs = _run([wd, wd], own, 100000, processes=2)
+    cmds = [c + ["--config.checkpoint_every=100000"] for c in cmds]
+    with running(cmds, envs) as procs:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and all(p.poll() is None for p in procs):
+            if os.path.exists(os.path.join(wd, "metrics.jsonl")) and \
+                    any(r["kind"] == "train" and r["step"] >= 3 for r in _records(wd)):
+                break
+            time.sleep(0.2)
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
+        outs, waited = sigterm_one(procs, 1)
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 130, err[-3000:]
+        assert "interrupted in " in err and "Traceback" not in err, err[-3000:]
+    assert "another process of the job was interrupted: stopping after update" in outs[0][1], outs[0][1][-2000:]
+    assert waited < 60  # JAX's timeout would be 100-300 s
+    last = max(r["step"] for r in _records(wd) if r["kind"] == "train")
+    assert int(tr.load_checkpoint(wd).state.step) == last >= 3

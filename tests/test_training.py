@@ -569,22 +569,43 @@ def test_a_non_finite_loss_names_its_step(tmp_path, trajectories, monkeypatch):
 
 
 def test_stop_decisions_are_process_0s(tmp_path, trajectories, monkeypatch):
-    """Budget and target stops go through the broadcast of process 0's decision: with process 0
-    saying "go on" (the stand-in for ``broadcast_one_to_all`` returns 0) a run whose own clock
-    is over its budget and whose own metric is over its target trains to ``num_steps``."""
-    asked = []
+    """Budget and target stops go through the processes' agreement (process 0's decision): with
+    process 0 saying "go on" (the stand-ins for ``broadcast_one_to_all`` and the all-gather of
+    ``_agree`` return 0) a run whose own clock is over its budget and whose own metric is over its
+    target trains to ``num_steps``; an interrupt of another process (the all-gather says one)
+    stops this one after the same update, with a checkpoint."""
+    asked, agreed = [], []
 
     def process_0_says(v):
         asked.append(int(v))
         return int(v) if len(asked) == 1 else 0  # the first question: the step to resume from
 
+    def agree(budget_hit, interrupted):
+        agreed.append((bool(budget_hit), bool(interrupted)))
+        return False, False
+
     monkeypatch.setattr(tr, "_from_process_0", process_0_says)
+    monkeypatch.setattr(tr, "_agree", agree)
     res = tr.train(OURS.replace(num_steps=3, eval_every=1, budget_seconds=1e-9), trajectories,
                    tmp_path / "p", eval_fn=lambda fn, step: {"ssim": 1.0}, target=0.5)
     assert res.stop_reason == "num_steps" and res.step == 3
-    # no checkpoint to resume (-1); then the budget check before each step (0 s before the
-    # first: not over) and the target check after it, all "stop" on this process's own values
-    assert asked == [-1, 0, 1, 1, 1, 1, 1]
+    # no checkpoint to resume (-1), then the target check after each step, all "stop" on this
+    # process's own values; the budget check before each step (0 s before the first: not over)
+    # and once more after the loop, no interrupt here
+    assert asked == [-1, 1, 1, 1]
+    assert agreed == [(False, False), (True, False), (True, False), (False, False)]
+    # another process interrupted before update 3: this one stops after update 2 and saves it
+    checks = []
+
+    def other_process_interrupted(budget_hit, interrupted):
+        checks.append(interrupted)
+        return False, len(checks) == 3  # the third check comes before update 3
+
+    monkeypatch.setattr(tr, "_agree", other_process_interrupted)
+    monkeypatch.setattr(tr, "_from_process_0", int)  # this process's own answers again
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(OURS.replace(num_steps=3), trajectories, tmp_path / "q")
+    assert _complete_steps(tmp_path / "q" / "checkpoints") == [2]
 
 
 def test_target_stops_training(tmp_path, trajectories):
