@@ -159,7 +159,7 @@ def main(argv):
     if jax.process_count() > 1:
         with contextlib.suppress(FileNotFoundError):
             os.remove(_left_path(FLAGS.workdir, index))  # an earlier run's
-    with eu.exit_on_run_errors(out_of_memory=oom), workdir_lock.hold(FLAGS.workdir, process_index=index):
+    with eu.exit_on_run_errors(out_of_memory=oom), workdir_lock.hold_in_every_process(FLAGS.workdir):
         try:
             _precompute(cfg, started)
         except BaseException as err:  # process 0 waits for this one's chunks: say it left

@@ -116,8 +116,6 @@ def main(argv):
     eu.sigterm_as_interrupt()  # kill / timeout / schedulers: checkpoint like Ctrl-C, then exit non-zero
     eu.quiet_orbax_logs()
     cfg = FLAGS.config
-    import jax
-
     try:
         eu.init_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
         eu.check_same_config(cfg)
@@ -129,7 +127,7 @@ def main(argv):
     # there is refused at once, naming this one).
     oom = ("lower --config.batch_size or the model's width (--config.model_overrides.ch), in a new --workdir "
            "(both are part of the run); the checkpoints saved are kept")
-    with eu.exit_on_run_errors(out_of_memory=oom), workdir_lock.hold(FLAGS.workdir, process_index=jax.process_index()):
+    with eu.exit_on_run_errors(out_of_memory=oom), workdir_lock.hold_in_every_process(FLAGS.workdir):
         _train(cfg, source)
 
 

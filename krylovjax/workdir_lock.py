@@ -45,7 +45,7 @@ try:  # POSIX; elsewhere runs are not locked (one warning)
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-__all__ = ["WorkdirBusyError", "WorkdirUnwritableError", "hold", "lock_path"]
+__all__ = ["WorkdirBusyError", "WorkdirUnwritableError", "hold", "hold_in_every_process", "lock_path"]
 
 # errno values meaning "this file system cannot lock" / "cannot make the lock file here".
 _NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
@@ -137,6 +137,42 @@ def hold(workdir: str | os.PathLike, *, arg: str = "workdir", process_index: int
             with contextlib.suppress(OSError):
                 os.unlink(path)  # while still locked: see the module doc
             os.close(fd)
+
+
+@contextlib.contextmanager
+def hold_in_every_process(workdir: str | os.PathLike, *, arg: str = "workdir") -> Iterator[str]:
+    """:func:`hold` by every process of a ``jax.distributed`` job, each its own lock, agreed on:
+    when one process cannot take its lock, every process of the job refuses (one all-gather),
+    naming the processes refused. Alone, a refused process ended while the others went on: a
+    second job's process 1 wrote chunks beside a first, one-process run (whose lock is process
+    0's), until the store refused a chunk written twice (a walkthrough, 2026-12-07). One process:
+    :func:`hold`."""
+    import jax
+
+    index, count = jax.process_index(), jax.process_count()
+    if count == 1:
+        with hold(workdir, arg=arg) as path:
+            yield path
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    with contextlib.ExitStack() as stack:
+        refused = None
+        try:
+            path = stack.enter_context(hold(workdir, arg=arg, process_index=index))
+        except (WorkdirBusyError, WorkdirUnwritableError) as err:
+            refused = err
+        ok = np.asarray(multihost_utils.process_allgather(np.int32(refused is None))).reshape(-1)
+        if refused is not None:
+            raise refused
+        if not ok.all():
+            bad = [int(i) for i in np.flatnonzero(ok == 0)]
+            raise WorkdirBusyError(
+                f"{arg}: {os.fspath(workdir)!r}: process{'es' if len(bad) > 1 else ''} "
+                f"{', '.join(map(str, bad))} of this job could not take it (in use by another run, named in "
+                f"{'their' if len(bad) > 1 else 'its'} own message); nothing was done here")
+        yield path
 
 
 def _warn_unlocked(path: str, why: str) -> None:

@@ -156,3 +156,27 @@ def test_a_process_that_stops_is_named_and_the_others_do_not_wait_for_it(tmp_pat
     for rc, _, err in outs:
         assert rc == 0, err[-3000:]
     assert "store: images              8 (complete)" in outs[0][1], outs[0][1][-2000:]
+
+
+def test_a_second_job_is_refused_by_every_process(tmp_path):
+    """A one-process run holds the workdir (process 0's lock); a two-process job started there:
+    its process 0 is refused, and its process 1, whose own lock was free, is refused with it
+    (before, it went on writing chunks beside the first run until the store refused a chunk
+    written twice; a walkthrough, 2026-12-07)."""
+    from _multiprocess import cpu_env, free_port, process_flags, run_all
+
+    from krylovjax import workdir_lock
+
+    workdir = str(tmp_path / "run")
+    port = free_port()
+    cmds = [["-m", "experiments.precompute", "--config=experiments/configs/demo.py", f"--workdir={workdir}",
+             "--noprogress", *process_flags(2, port, i), *OVERRIDES] for i in range(2)]
+    with workdir_lock.hold(workdir):  # the first run (this test's process)
+        outs = run_all(cmds, [cpu_env(1)] * 2, timeout=120)
+    for rc, _, err in outs:
+        assert rc == 1, err[-3000:]
+    assert "is in use by another run" in outs[0][2].strip().splitlines()[-1], outs[0][2][-2000:]
+    assert outs[1][2].strip().splitlines()[-1] == (
+        f"error: workdir: {workdir!r}: process 0 of this job could not take it (in use by another run, named in "
+        "its own message); nothing was done here"), outs[1][2][-2000:]
+    assert not os.path.exists(os.path.join(workdir, "store"))

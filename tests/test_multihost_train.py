@@ -341,3 +341,21 @@ def test_an_interrupt_of_one_process_stops_both_with_a_checkpoint(tmp_path):
     assert waited < 60  # JAX's timeout would be 100-300 s
     last = max(r["step"] for r in _records(wd) if r["kind"] == "train")
     assert int(tr.load_checkpoint(wd).state.step) == last >= 3
+
+
+def test_processes_given_different_configs_are_refused_at_once(tmp_path):
+    """Every process of a job must run the same config: one given another batch size started
+    another job and the first collective hung (30 s to minutes, then a traceback or JAX's abort;
+    a walkthrough, 2026-12-07). Now every process ends at once with one line naming the others."""
+    x = _trajectories()
+    own = [_store(tmp_path / f"own{p}", x, range(*OWN_ROWS[p])) for p in range(2)]
+    wd = str(tmp_path / "run")
+    cmds, envs = _run([wd, wd], own, 4, processes=2)
+    cmds[1] = cmds[1] + ["--config.lr=0.001"]
+    outs = run_all(cmds, envs, timeout=120)
+    for rc, _, err in outs:
+        assert rc == 1, err[-3000:]
+        assert err.strip().splitlines()[-1] == (
+            "error: --config: process 1 of this job was given another config than process 0; every process must be "
+            "given the same --config flags (only --process_id differs)"), err[-2000:]
+    assert not os.path.exists(os.path.join(wd, "checkpoints"))
