@@ -199,6 +199,10 @@ def _precompute(cfg, started: float):
         images, pcfg, FLAGS.workdir, chunk_images=cfg.chunk_images, store_dtype=cfg.store_dtype,
         embed_component=cfg.embed_component, seed=cfg.seed, progress=FLAGS.progress)
     run = summary.to_dict()
+    if summary.chunks_owned == 0:
+        logging.warning("process %d owns no chunk: %d chunk(s) of %d image(s) for %d processes; a smaller "
+                        "--config.chunk_images shares the work", summary.process_index, summary.chunks_total,
+                        cfg.chunk_images, summary.process_count)
     store = pipeline.open_store(FLAGS.workdir, images, pcfg, chunk_images=cfg.chunk_images,
                                 store_dtype=cfg.store_dtype, embed_component=cfg.embed_component,
                                 seed=cfg.seed, process_index=summary.process_index,

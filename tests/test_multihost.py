@@ -180,3 +180,19 @@ def test_a_second_job_is_refused_by_every_process(tmp_path):
         f"error: workdir: {workdir!r}: process 0 of this job could not take it (in use by another run, named in "
         "its own message); nothing was done here"), outs[1][2][-2000:]
     assert not os.path.exists(os.path.join(workdir, "store"))
+
+
+def test_a_process_without_a_chunk_is_told_why(tmp_path):
+    """Five images in one chunk of eight for two processes: process 1 has nothing to do, and says
+    why and what shares the work (it printed "0 of 5" alone; a walkthrough, 2026-12-07)."""
+    from _multiprocess import cpu_env, free_port, process_flags, run_all
+
+    port = free_port()
+    cmds = [["-m", "experiments.precompute", "--config=experiments/configs/demo.py", f"--workdir={tmp_path / 'w'}",
+             "--noprogress", *process_flags(2, port, i), *OVERRIDES, "--config.chunk_images=8"] for i in range(2)]
+    outs = run_all(cmds, [cpu_env(1)] * 2, timeout=120)
+    for rc, _, err in outs:
+        assert rc == 0, err[-3000:]
+    assert "process 1 owns no chunk: 1 chunk(s) of 8 image(s) for 2 processes; a smaller --config.chunk_images " \
+           "shares the work" in outs[1][2], outs[1][2][-2000:]
+    assert "owns no chunk" not in outs[0][2]
