@@ -155,23 +155,24 @@ def main(argv):
     # One run at a time in the workdir, to its summary (a second run there is refused at once).
     oom = ("lower --config.precompute.chunk_size (systems solved at once) or --config.chunk_images (images per "
            "chunk: a store with no complete chunk takes a new one); the complete chunks are kept")
-    started, index = time.time(), jax.process_index()
-    if jax.process_count() > 1:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(_left_path(FLAGS.workdir, index))  # an earlier run's
+    index = jax.process_index()
     with eu.exit_on_run_errors(out_of_memory=oom), workdir_lock.hold_in_every_process(FLAGS.workdir):
+        token = _run_token()  # this job's, the same on every process (under the locks: not a refused job's)
+        if jax.process_count() > 1:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(_left_path(FLAGS.workdir, index))  # an earlier run's
         try:
-            _precompute(cfg, started)
+            _precompute(cfg, token)
         except BaseException as err:  # process 0 waits for this one's chunks: say it left
-            if jax.process_count() > 1 and index > 0 and not isinstance(err, SystemExit):
-                eu.write_json(_left_path(FLAGS.workdir, index),
-                              {"process": index, "why": "interrupted" if isinstance(err, KeyboardInterrupt)
-                               else f"{type(err).__name__}: {err}"})
+            if jax.process_count() > 1 and index > 0:
+                why = ("interrupted" if isinstance(err, KeyboardInterrupt) else
+                       f"exit status {err.code}" if isinstance(err, SystemExit) else f"{type(err).__name__}: {err}")
+                eu.write_json(_left_path(FLAGS.workdir, index), {"process": index, "run": token, "why": why})
             raise
 
 
-def _precompute(cfg, started: float):
-    """main's run, holding --workdir (``started``: its ``time.time()``)."""
+def _precompute(cfg, token: int):
+    """main's run, holding --workdir (``token``: this run's, :func:`_run_token`)."""
     import jax
 
     from krylovjax import experiment_utils as eu
@@ -213,9 +214,12 @@ def _precompute(cfg, started: float):
                      eu.format_seconds(FLAGS.wait_s), len(store.completed_chunks()), store.num_chunks)
         deadline = time.monotonic() + FLAGS.wait_s
         while not store.is_complete() and time.monotonic() < deadline:
-            gone = _left(FLAGS.workdir, jax.process_count(), started)
-            if gone:
+            gone = _left(FLAGS.workdir, jax.process_count(), token)
+            # a process that left with chunks of its own not done: they will not come
+            if any(c % jax.process_count() == g["process"] for g in gone
+                   for c in store.pending_chunks(all_hosts=True)):
                 break
+            gone = []
             time.sleep(0.5)
     totals = pipeline.summarize_store(store) if store.is_complete() else None
 
@@ -264,19 +268,34 @@ def _left_path(workdir: str, index: int) -> str:
     return os.path.join(workdir, f".precompute_process{index}_left.json")
 
 
-def _left(workdir: str, count: int, since: float) -> list[dict]:
-    """The notes of the processes that stopped in this run (written after ``since``)."""
+def _run_token() -> int:
+    """A number naming this run of the job, process 0's, the same on every process (one
+    broadcast): the notes of processes that left carry it, so process 0 reads only this run's
+    (clocks of other hosts, an earlier run's note: not compared)."""
+    import jax
+    import numpy as np
+
+    token = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+    if jax.process_count() == 1:
+        return token
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(token)))
+
+
+def _left(workdir: str, count: int, token: int) -> list[dict]:
+    """The notes of the processes that stopped in this run (``token``: :func:`_run_token`)."""
     import json
 
     notes = []
     for i in range(1, count):
-        path = _left_path(workdir, i)
         try:
-            if os.path.getmtime(path) >= since - 1.0:
-                with open(path) as f:
-                    notes.append(json.load(f))
+            with open(_left_path(workdir, i)) as f:
+                note = json.load(f)
         except (OSError, ValueError):
             continue
+        if isinstance(note, dict) and note.get("run") == token:
+            notes.append(note)
     return notes
 
 

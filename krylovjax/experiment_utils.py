@@ -1012,7 +1012,7 @@ def check_same_config(config: Any, what: str = "--config") -> None:
     if differ:
         raise ValueError(f"{what}: process{'es' if len(differ) > 1 else ''} {', '.join(map(str, differ))} of this "
                          f"job {'were' if len(differ) > 1 else 'was'} given another config than process 0; every "
-                         f"process must be given the same {what} flags (only --process_id differs)")
+                         f"{what}.* value must be the same on every process")
 
 
 def multiprocess_environment(environ=None) -> str | None:
@@ -1041,8 +1041,9 @@ def distributed_args(address, num_processes, process_id, environ=None) -> dict |
     Returns None for a one-process run (no coordinator given). ``address="auto"`` gives
     ``coordinator_address=None`` (JAX detects the cluster; ``num_processes``/``process_id`` are
     passed on when given). Raises ValueError naming the flag for a malformed address,
-    ``num_processes < 1``, ``process_id`` outside ``[0, num_processes)``, or process flags
-    without a coordinator.
+    ``num_processes < 1``, ``process_id`` outside ``[0, num_processes)``, process flags
+    without a coordinator, or a ``host:port`` without ``num_processes``/``process_id`` outside
+    a cluster (:func:`multiprocess_environment`; in one, JAX takes them from it).
     """
     environ = os.environ if environ is None else environ
 
@@ -1078,11 +1079,13 @@ def distributed_args(address, num_processes, process_id, environ=None) -> dict |
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"--coordinator_address: expected host:port with a port in [1, 65535] or 'auto', "
                          f"got {address!r}")
-    # JAX's own words were "Number of processes must be defined." (a walkthrough, 2026-12-07)
-    if nproc is None:
+    # JAX's own words were "Number of processes must be defined." (a walkthrough, 2026-12-07);
+    # in a cluster JAX takes them from it (SLURM, Open MPI, a TPU pod)
+    cluster = multiprocess_environment(environ) is not None
+    if nproc is None and not cluster:
         raise ValueError(f"--num_processes: expected the job's number of processes with --coordinator_address="
                          f"{address} (or --coordinator_address=auto, where the cluster gives it)")
-    if pid is None:
+    if pid is None and not cluster:
         raise ValueError(f"--process_id: expected this process's index in [0, {nproc}) with --coordinator_address="
                          f"{address} (or --coordinator_address=auto, where the cluster gives it)")
     return {"coordinator_address": address, "num_processes": nproc, "process_id": pid}

@@ -521,6 +521,8 @@ class _OnMesh:
         self.fn, self.in_shardings = fn, in_shardings
 
     def __call__(self, *args):
+        if jax.process_count() == 1:  # jit places them itself, into the programs precompile made
+            return self.fn(*args)
         return self.fn(*(jax.device_put(a, s) if isinstance(a, (np.ndarray, np.generic)) else a
                          for a, s in zip(args, self.in_shardings)))
 

@@ -112,7 +112,7 @@ from krylovjax import sde as sde_lib
 from krylovjax import workdir_lock
 from krylovjax._checks import check_finite, is_concrete, is_int, is_real
 from krylovjax._io_errors import atomic_write_text, write_failure_cause
-from krylovjax.experiment_utils import checking_arguments
+from krylovjax.experiment_utils import _INTERRUPT_CHECKS, checking_arguments
 from krylovjax.models import PRESETS, UNet, UNetConfig, get_config
 
 __all__ = [
@@ -1626,6 +1626,7 @@ class _DeferredInterrupt:
     def __init__(self):
         self.pending = False
         self._immediate = False
+        self._hold_off = False
         self._old = {}
 
     def install(self) -> None:
@@ -1642,11 +1643,23 @@ class _DeferredInterrupt:
         self._old = {}
 
     def _handle(self, signum, frame):
+        if self._hold_off:
+            logging.warning("interrupt: the processes are saving the checkpoint they agreed on; the run ends then")
+            return
         if self._immediate or self.pending:
             raise KeyboardInterrupt
         self.pending = True
         logging.warning("interrupt: stopping after the update in flight and saving a checkpoint "
                         "(interrupt again to stop at once)")
+
+    @contextlib.contextmanager
+    def holding_off(self, on: bool = True):
+        """A stretch no interrupt may cut short (the processes' collective checkpoint)."""
+        self._hold_off = on
+        try:
+            yield
+        finally:
+            self._hold_off = False
 
     @contextlib.contextmanager
     def immediate(self):
@@ -1660,6 +1673,10 @@ class _DeferredInterrupt:
     def check(self) -> None:
         if self.pending:
             raise KeyboardInterrupt
+
+
+# "interrupted in" names the run's frame, not the handler or the check that raised
+_INTERRUPT_CHECKS.update({_DeferredInterrupt._handle.__code__, _DeferredInterrupt.check.__code__})
 
 
 def _rewrite_metrics(path: str, keep_upto: int) -> set[int]:
@@ -1735,7 +1752,7 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
       WorkdirBusyError: another run holds ``workdir`` (:mod:`krylovjax.workdir_lock`; nothing
         there is changed).
     """
-    with workdir_lock.hold(workdir, process_index=jax.process_index()):
+    with workdir_lock.hold_in_every_process(workdir):
         return _train(config, data, workdir, eval_fn=eval_fn, target=target, mesh=mesh)
 
 
@@ -1883,6 +1900,10 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
     interrupts = _DeferredInterrupt()
 
     def evaluate():
+        if nproc > 1:  # every process evaluates at the same steps: agree, as at each call
+            if _agree(False, interrupts.pending)[1]:
+                raise _AgreedInterrupt
+            return _evaluate()  # (not at once: one process leaving would block the others)
         interrupts.check()  # an interrupt while saving: stop before the evaluation
         with interrupts.immediate():  # an evaluation may be long: Ctrl-C stops it at once
             return _evaluate()
@@ -2002,7 +2023,8 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
                                    "stays " + (f"the checkpoint of step {last_saved}" if last_saved >= 0
                                                else "the start (no checkpoint yet)"))
             if at != last_saved:
-                save()
+                with interrupts.holding_off(nproc > 1):  # the processes save together: no one may leave
+                    save()
         except Exception as err:  # noqa: BLE001 - keep the interrupt as the error
             logging.warning("no checkpoint at the interrupt (%s: %s)", type(err).__name__, err)
         raise

@@ -161,7 +161,7 @@ def hold_in_every_process(workdir: str | os.PathLike, *, arg: str = "workdir") -
         refused = None
         try:
             path = stack.enter_context(hold(workdir, arg=arg, process_index=index))
-        except (WorkdirBusyError, WorkdirUnwritableError) as err:
+        except Exception as err:  # noqa: BLE001 - any failure is agreed on, then raised here
             refused = err
         ok = np.asarray(multihost_utils.process_allgather(np.int32(refused is None))).reshape(-1)
         if refused is not None:
@@ -170,7 +170,7 @@ def hold_in_every_process(workdir: str | os.PathLike, *, arg: str = "workdir") -
             bad = [int(i) for i in np.flatnonzero(ok == 0)]
             raise WorkdirBusyError(
                 f"{arg}: {os.fspath(workdir)!r}: process{'es' if len(bad) > 1 else ''} "
-                f"{', '.join(map(str, bad))} of this job could not take it (in use by another run, named in "
+                f"{', '.join(map(str, bad))} of this job could not take it (see "
                 f"{'their' if len(bad) > 1 else 'its'} own message); nothing was done here")
         yield path
 

@@ -177,8 +177,8 @@ def test_a_second_job_is_refused_by_every_process(tmp_path):
         assert rc == 1, err[-3000:]
     assert "is in use by another run" in outs[0][2].strip().splitlines()[-1], outs[0][2][-2000:]
     assert outs[1][2].strip().splitlines()[-1] == (
-        f"error: workdir: {workdir!r}: process 0 of this job could not take it (in use by another run, named in "
-        "its own message); nothing was done here"), outs[1][2][-2000:]
+        f"error: workdir: {workdir!r}: process 0 of this job could not take it (see its own message); nothing was "
+        "done here"), outs[1][2][-2000:]
     assert not os.path.exists(os.path.join(workdir, "store"))
 
 

@@ -24,8 +24,8 @@ g = 0.5 (f = 0), with these differences.
   sweeps, 20 time levels. Paper A's script fits one KDE of the image plane [0, 1]^2, shared by
   the channels (``"paper_a_kde"``), with spacing 1 / (H - 1) = 1/31, a fixed point per time step
   (``outer = "timestep"``), 100 levels, and embeds the x-derivative of the score only. Its
-  diffusion number g^2 dt / (2 h^2) is then about 6 instead of 0.007, and its density is
-  nearly flat by t = 1. Paper A's pre-computation: ``--config.ours.precompute.initial=paper_a_kde
+  diffusion number g^2 dt / (2 h^2) is then about 1.2 (6 at this config's 20 levels) instead of
+  0.007, and its density is nearly flat by t = 1. Paper A's pre-computation: ``--config.ours.precompute.initial=paper_a_kde
   --config.ours.precompute.h=0.032258 --config.ours.precompute.outer=timestep
   --config.ours.precompute.num_steps=100 --config.ours.embed_component=x``.
 * Training and sampling: Paper A trains with a constant perturbation lambda = 0.1 and denoises
