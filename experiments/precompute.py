@@ -208,18 +208,18 @@ def _precompute(cfg, token: int):
                                 store_dtype=cfg.store_dtype, embed_component=cfg.embed_component,
                                 seed=cfg.seed, process_index=summary.process_index,
                                 process_count=summary.process_count)
-    gone = []
+    gone: list[dict] = []
     if summary.process_index == 0 and not store.is_complete():
         logging.info("waiting up to %s for the other processes' chunks (%d of %d complete)",
                      eu.format_seconds(FLAGS.wait_s), len(store.completed_chunks()), store.num_chunks)
         deadline = time.monotonic() + FLAGS.wait_s
         while not store.is_complete() and time.monotonic() < deadline:
-            gone = _left(FLAGS.workdir, jax.process_count(), token)
             # a process that left with chunks of its own not done: they will not come
-            if any(c % jax.process_count() == g["process"] for g in gone
-                   for c in store.pending_chunks(all_hosts=True)):
+            pending = set(store.pending_chunks(all_hosts=True))
+            gone = [g for g in _left(FLAGS.workdir, jax.process_count(), token)
+                    if pending & set(range(g["process"], store.num_chunks, jax.process_count()))]
+            if gone:
                 break
-            gone = []
             time.sleep(0.5)
     totals = pipeline.summarize_store(store) if store.is_complete() else None
 
@@ -272,15 +272,9 @@ def _run_token() -> int:
     """A number naming this run of the job, process 0's, the same on every process (one
     broadcast): the notes of processes that left carry it, so process 0 reads only this run's
     (clocks of other hosts, an earlier run's note: not compared)."""
-    import jax
-    import numpy as np
+    from krylovjax.experiment_utils import process_values
 
-    token = int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
-    if jax.process_count() == 1:
-        return token
-    from jax.experimental import multihost_utils
-
-    return int(multihost_utils.broadcast_one_to_all(np.int32(token)))
+    return int(process_values(int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF)[0, 0])
 
 
 def _left(workdir: str, count: int, token: int) -> list[dict]:

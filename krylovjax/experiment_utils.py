@@ -48,6 +48,7 @@ __all__ = [
     "distributed_args",
     "init_distributed",
     "check_same_config",
+    "process_values",
     "multiprocess_environment",
     "config_diff",
     "check_target",
@@ -991,6 +992,21 @@ def init_distributed(address, num_processes, process_id) -> bool:
     return True
 
 
+def process_values(*values: int) -> np.ndarray:
+    """Every process's ``values`` (small integers), ``[process_count, len(values)]`` int32, the
+    same array on every process: one all-gather, which every process must reach; no collective
+    with one process. The decisions several processes must take alike (training's stop, the
+    workdir locks, the configs, a run's token) are read from it."""
+    import jax
+
+    mine = np.asarray(values, np.int32)
+    if jax.process_count() == 1:
+        return mine[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), len(values))
+
+
 def check_same_config(config: Any, what: str = "--config") -> None:
     """In a job of several processes, refuse (on every process) a config that differs between
     them: each process would run another job (another store, another batch) and the first
@@ -1003,11 +1019,8 @@ def check_same_config(config: Any, what: str = "--config") -> None:
 
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
     digest = hashlib.sha256(json.dumps(_plain(config), sort_keys=True, default=str).encode()).digest()
-    mine = np.frombuffer(digest[:8], np.int32)
-    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), 2)
+    every = process_values(*np.frombuffer(digest[:8], np.int32))
     differ = [i for i in range(1, len(every)) if not np.array_equal(every[i], every[0])]
     if differ:
         raise ValueError(f"{what}: process{'es' if len(differ) > 1 else ''} {', '.join(map(str, differ))} of this "

@@ -112,7 +112,7 @@ from krylovjax import sde as sde_lib
 from krylovjax import workdir_lock
 from krylovjax._checks import check_finite, is_concrete, is_int, is_real
 from krylovjax._io_errors import atomic_write_text, write_failure_cause
-from krylovjax.experiment_utils import _INTERRUPT_CHECKS, checking_arguments
+from krylovjax.experiment_utils import _INTERRUPT_CHECKS, checking_arguments, process_values
 from krylovjax.models import PRESETS, UNet, UNetConfig, get_config
 
 __all__ = [
@@ -1582,11 +1582,7 @@ def _idx_for(model_def: ModelDef, x, idx):
 def _from_process_0(value: int) -> int:
     """Process 0's ``value`` on every process (so all processes take the same decision); the
     value itself with one process."""
-    if jax.process_count() == 1:
-        return int(value)
-    from jax.experimental import multihost_utils
-
-    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+    return int(process_values(value)[0, 0])
 
 
 def _agree(budget_hit: bool, interrupted: bool) -> tuple[bool, bool]:
@@ -1596,12 +1592,7 @@ def _agree(budget_hit: bool, interrupted: bool) -> tuple[bool, bool]:
     save the checkpoint together (a save is collective); alone it left the others blocked in the
     next all-reduce until JAX's timeout aborted them, with no checkpoint (a walkthrough,
     2026-12-07)."""
-    if jax.process_count() == 1:
-        return bool(budget_hit), bool(interrupted)
-    from jax.experimental import multihost_utils
-
-    flags = np.asarray(multihost_utils.process_allgather(np.array([budget_hit, interrupted], np.int32)))
-    flags = flags.reshape(jax.process_count(), 2)
+    flags = process_values(budget_hit, interrupted)
     return bool(flags[0, 0]), bool(flags[:, 1].any())
 
 
@@ -1862,8 +1853,9 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
     writer = _manager(ckpt_dir, read_only=False, max_to_keep=config.max_to_keep)
 
     if primary:
-        if model_def.unet.attention_note():
-            logging.warning("model: %s", model_def.unet.attention_note())
+        note = model_def.unet.attention_note()
+        if note:
+            logging.warning("model: %s", note)
         per_call = k_call if use_chunk else 1  # (calls of k_call updates only where they fit the cadences)
         logging.info("training %s on %d device%s (%s), %s update%s per call, from step %d to %d", config.method,
                      mesh.size, "s" if mesh.size != 1 else "",

@@ -155,7 +155,8 @@ def hold_in_every_process(workdir: str | os.PathLike, *, arg: str = "workdir") -
             yield path
         return
     import numpy as np
-    from jax.experimental import multihost_utils
+
+    from krylovjax.experiment_utils import process_values
 
     with contextlib.ExitStack() as stack:
         refused = None
@@ -163,7 +164,7 @@ def hold_in_every_process(workdir: str | os.PathLike, *, arg: str = "workdir") -
             path = stack.enter_context(hold(workdir, arg=arg, process_index=index))
         except Exception as err:  # noqa: BLE001 - any failure is agreed on, then raised here
             refused = err
-        ok = np.asarray(multihost_utils.process_allgather(np.int32(refused is None))).reshape(-1)
+        ok = process_values(refused is None)[:, 0]
         if refused is not None:
             raise refused
         if not ok.all():

@@ -170,12 +170,11 @@ class UNetConfig:
         last = self.resolutions[-1]
         if last <= 32:
             return ""
-        more, extra = list(self.ch_mult), 0
-        while self.image_size // 2 ** (len(more) - 1) > 16 and self.image_size % 2 ** len(more) == 0:
+        more, size = list(self.ch_mult), last  # levels of 2x added while the size stays whole
+        while size > 16 and size % 2 == 0:
             more.append(2)
-            extra += 1
-        hint = (f"; ch_mult={tuple(more)} runs it at {self.image_size // 2 ** (len(more) - 1)}x"
-                f"{self.image_size // 2 ** (len(more) - 1)}") if extra else ""
+            size //= 2
+        hint = f"; ch_mult={tuple(more)} runs it at {size}x{size}" if size < last else ""
         return (f"ch_mult={self.ch_mult} at image_size {self.image_size}: the U-Net's middle self-attention runs "
                 f"at {last}x{last} ({last * last:,} tokens; its time and memory grow with their square){hint}")
 
