@@ -220,6 +220,7 @@ def _precompute(cfg, token: int):
                     if pending & set(range(g["process"], store.num_chunks, jax.process_count()))]
             if gone:
                 break
+            eu.raise_if_signalled()
             time.sleep(0.5)
     totals = pipeline.summarize_store(store) if store.is_complete() else None
 

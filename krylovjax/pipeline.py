@@ -294,7 +294,7 @@ def _run_precompute(images, config, workdir, *, chunk_images, store_dtype, embed
     # every random initial density, its alias "paper_a" too (it failed for want of a key)
     key = jax.random.key(seed) if initial.needs_key(config.initial) else None
 
-    from krylovjax.experiment_utils import progress_bar
+    from krylovjax.experiment_utils import progress_bar, raise_if_signalled
 
     n_pending = sum(store.chunk_bounds(i)[1] - store.chunk_bounds(i)[0] for i in pending)
     drawn = [time.perf_counter()]  # when on_sweep last drew the bar
@@ -312,6 +312,7 @@ def _run_precompute(images, config, workdir, *, chunk_images, store_dtype, embed
 
     try:
         for index in pending:
+            raise_if_signalled()  # a binary's SIGTERM that Python could not raise where it came
             lo, hi = store.chunk_bounds(index)
             chunk = arr[lo:hi]
             totals["compile"] += precompile(chunk.shape, chunk.dtype, config)
@@ -319,6 +320,7 @@ def _run_precompute(images, config, workdir, *, chunk_images, store_dtype, embed
             solved_before = totals["systems"]
 
             def on_sweep(k, kmax, info, _t=t_chunk, _s=solved_before):
+                raise_if_signalled()  # between sweeps, where a Ctrl-C would land too
                 run = totals["compile"]
                 rate = (_s + info["systems"]) / max(time.perf_counter() - start - run, 1e-9)
                 bar.set_postfix(chunk=index, sweep=f"{k}/{kmax}", systems_per_s=f"{rate:.0f}",
@@ -350,6 +352,7 @@ def _run_precompute(images, config, workdir, *, chunk_images, store_dtype, embed
             bar.update(hi - lo)
         if in_flight is not None:
             in_flight.result()
+        raise_if_signalled()
     finally:
         writer.shutdown(wait=True)  # an error elsewhere still lets the write in flight finish
         bar.close()

@@ -112,7 +112,7 @@ from krylovjax import sde as sde_lib
 from krylovjax import workdir_lock
 from krylovjax._checks import check_finite, is_concrete, is_int, is_real
 from krylovjax._io_errors import atomic_write_text, write_failure_cause
-from krylovjax.experiment_utils import _INTERRUPT_CHECKS, checking_arguments, process_values
+from krylovjax.experiment_utils import _INTERRUPT_CHECKS, _SWALLOWED, checking_arguments, process_values
 from krylovjax.models import PRESETS, UNet, UNetConfig, get_config
 
 __all__ = [
@@ -1623,10 +1623,15 @@ class _DeferredInterrupt:
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        h = signal.getsignal(signal.SIGINT)
+        # Python's own handler, or experiment_utils' stand-in for it (sigterm_as_interrupt)
+        if h is signal.default_int_handler or getattr(h, DEFER_IN_TRAIN, False):
             self._old[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
         if getattr(signal.getsignal(signal.SIGTERM), DEFER_IN_TRAIN, False):
             self._old[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+        if _SWALLOWED:  # an interrupt before training that Python could not raise: stop at the first boundary
+            _SWALLOWED.clear()
+            self.pending = True
 
     def restore(self) -> None:
         for sig, old in self._old.items():
@@ -1638,6 +1643,7 @@ class _DeferredInterrupt:
             logging.warning("interrupt: the processes are saving the checkpoint they agreed on; the run ends then")
             return
         if self._immediate or self.pending:
+            self.pending = True  # raised inside a gc callback, Python would print it and run on
             raise KeyboardInterrupt
         self.pending = True
         logging.warning("interrupt: stopping after the update in flight and saving a checkpoint "

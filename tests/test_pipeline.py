@@ -151,6 +151,18 @@ def test_sigkill_then_resume(images, reference_run, tmp_path):
         np.testing.assert_array_equal(fields[name], ref, err_msg=name)
 
 
+def _two_kept_then_resumed(images, reference_run, tmp_path):
+    """After a run stopped in its third chunk: two chunks are complete, and the same call
+    computes the other two and ends with the uninterrupted run's arrays."""
+    assert _markers(str(tmp_path)) == ["chunk_00000000.json", "chunk_00000001.json"]
+    summary = pipeline.run_precompute(images, CFG, str(tmp_path), chunk_images=1,
+                                      store_dtype=np.float64, progress=False)
+    assert (summary.chunks_skipped, summary.chunks_computed) == (2, 2)
+    fields = _all_fields(str(tmp_path), images, chunk_images=1, store_dtype=np.float64)
+    for name, ref in reference_run[2].items():
+        np.testing.assert_array_equal(fields[name], ref, err_msg=name)
+
+
 def test_exception_between_chunks_then_resume(images, reference_run, tmp_path, monkeypatch):
     """An exception after two chunks (e.g. a solver crash): resume computes only the rest."""
     calls = []
@@ -166,14 +178,36 @@ def test_exception_between_chunks_then_resume(images, reference_run, tmp_path, m
     with pytest.raises(RuntimeError, match="injected"):
         pipeline.run_precompute(images, CFG, str(tmp_path), chunk_images=1,
                                 store_dtype=np.float64, progress=False)
-    assert _markers(str(tmp_path)) == ["chunk_00000000.json", "chunk_00000001.json"]
     monkeypatch.setattr(pipeline, "_compute_chunk", real)
-    summary = pipeline.run_precompute(images, CFG, str(tmp_path), chunk_images=1,
-                                      store_dtype=np.float64, progress=False)
-    assert (summary.chunks_skipped, summary.chunks_computed) == (2, 2)
-    fields = _all_fields(str(tmp_path), images, chunk_images=1, store_dtype=np.float64)
-    for name, ref in reference_run[2].items():
-        np.testing.assert_array_equal(fields[name], ref, err_msg=name)
+    _two_kept_then_resumed(images, reference_run, tmp_path)
+
+
+def test_an_interrupt_python_swallowed_stops_the_chunk_at_its_next_sweep(images, reference_run, tmp_path,
+                                                                          monkeypatch):
+    """An interrupt Python could not raise where it came (inside a gc callback: experiment_utils
+    remembers it, a SIGTERM in CI, 2026-12-07) stops the run between two sweeps of the chunk in
+    flight: the two chunks done are kept, and the same call completes the store exactly."""
+    from krylovjax import experiment_utils as eu
+
+    calls = []
+    real = pipeline._compute_chunk
+
+    def swallowed_in_the_third(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:  # as sys.unraisablehook leaves it (sigterm_as_interrupt's)
+            eu._SWALLOWED.append("_xla_gc_callback")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(pipeline, "_compute_chunk", swallowed_in_the_third)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run_precompute(images, CFG, str(tmp_path), chunk_images=1,
+                                    store_dtype=np.float64, progress=False)
+        assert not eu._SWALLOWED  # acted on, once
+    finally:
+        eu._SWALLOWED.clear()
+    monkeypatch.setattr(pipeline, "_compute_chunk", real)
+    _two_kept_then_resumed(images, reference_run, tmp_path)
 
 
 def test_failed_background_write_raises_then_resume(images, reference_run, tmp_path, monkeypatch):
