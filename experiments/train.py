@@ -10,10 +10,12 @@ Data: ``--data=store`` (the default when ``--store`` is given) trains ``method=o
 images, ``experiments.precompute --config.dataset=files:<path>``), and ``method=ddpm`` on the
 same store's images (the first level of each trajectory, the image itself);
 ``--data=builtin`` uses ``config.data.num_images`` built-in photos at ``config.data.image_size``:
-for ``ours`` it pre-computes their scores (``config.precompute``) and embeds them on the fly,
-for ``ddpm`` it trains on the photos. Re-running with the same ``--workdir`` resumes; a second
-run started there while one runs is refused at once (:mod:`krylovjax.workdir_lock`), and a
-checkpoint that cannot be written (a full disk) ends the run naming the last complete one.
+for ``ours`` it pre-computes their scores (``config.precompute``) and embeds them on the fly
+(kept in ``<workdir>/builtin_trajectories.npz``: a resumed or finished run reads them instead of
+pre-computing again), for ``ddpm`` it trains on the photos. Re-running with the same
+``--workdir`` resumes; a second run started there while one runs is refused at once
+(:mod:`krylovjax.workdir_lock`), and a checkpoint that cannot be written (a full disk) ends the
+run naming the last complete one.
 
 Multi-host (as ``experiments/precompute.py``): run one copy per process with
 ``--coordinator_address=host:port --num_processes=P --process_id=i`` (or the environment
@@ -26,6 +28,7 @@ one-process run on as many devices; process 0 writes ``metrics.jsonl`` and ``res
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -72,22 +75,69 @@ def _builtin_inputs(cfg, train_cfg):
         raise ValueError(f"precompute: {err}") from err
 
 
-def _builtin_data(images, pc, train_cfg):
-    """The photos (DDPM), or ours' embedded trajectories of them (pre-computed with ``pc``)."""
+_BUILTIN_CACHE = "builtin_trajectories.npz"  # in --workdir: ours' pre-computed built-in data
+
+
+def _builtin_key(images, pc, sde) -> str:
+    """What the built-in trajectories depend on: the photos, the pre-computation's config, the
+    SDE and the precision JAX computes in (sha256)."""
+    import hashlib
+
+    import jax
+    import numpy as np
+
+    h = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+    h.update(json.dumps([list(images.shape), str(images.dtype), pc.to_dict(), sde,
+                         bool(jax.config.jax_enable_x64)], sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _builtin_data(images, pc, train_cfg, workdir):
+    """The photos (DDPM), or ours' embedded trajectories of them (pre-computed with ``pc``).
+
+    Ours' trajectories are kept in ``<workdir>/builtin_trajectories.npz`` with the key of what
+    they depend on (:func:`_builtin_key`): a resumed or finished run reads them instead of
+    pre-computing again (some 18 s for the demo's 32 photos on a 2-core CPU, minutes for more;
+    a walkthrough, 2026-12-07). Other photos or another ``config.precompute`` compute afresh."""
     if pc is None:
         return images
+    import jax
     import jax.numpy as jnp
     import numpy as np
 
     from krylovjax import training, transport
     from krylovjax.precompute import precompute_scores
 
+    sde = {"name": train_cfg.sde, "kwargs": dict(train_cfg.sde_kwargs)}
+    key = _builtin_key(images, pc, sde)
+    path = os.path.join(workdir, _BUILTIN_CACHE)
+    try:
+        with np.load(path) as z:
+            if str(z["key"]) == key:
+                logging.info("read the pre-computed trajectories of %d images from %s", images.shape[0], path)
+                return training.Trajectories(x=z["x"], t=z["t"], sde=sde)
+            logging.info("%s holds other photos' or another config's trajectories: pre-computing", path)
+    except FileNotFoundError:
+        pass
+    except Exception as err:  # noqa: BLE001 - a damaged file: zipfile, numpy and OS errors of many types
+        logging.warning("%s cannot be read (%s): pre-computing again", path, err)
     res = precompute_scores(jnp.asarray(images), pc)
     logging.info("pre-computed scores of %d images: %s", images.shape[0],
                  {k: v for k, v in res.stats.items() if np.ndim(v) == 0})
-    x = transport.embed(images, res.scores, pc.make_sde(), res.t, res.dt)
-    sde = {"name": train_cfg.sde, "kwargs": dict(train_cfg.sde_kwargs)}
-    return training.Trajectories(x=np.asarray(x), t=np.asarray(res.t), sde=sde)
+    x = np.asarray(transport.embed(images, res.scores, pc.make_sde(), res.t, res.dt))
+    t = np.asarray(res.t)
+    if jax.process_index() == 0:  # every process computes them alike
+        tmp = f"{path}.{os.getpid()}.tmp.npz"
+        try:
+            os.makedirs(workdir, exist_ok=True)
+            np.savez(tmp, x=x, t=t, key=np.asarray(key))
+            os.replace(tmp, path)
+        except OSError as err:  # a full disk: the run goes on (a resume pre-computes again)
+            logging.warning("the pre-computed trajectories could not be kept in %s (%s); a resumed run "
+                            "computes them again", path, err)
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+    return training.Trajectories(x=x, t=t, sde=sde)
 
 
 def _previous_result(workdir):
@@ -173,7 +223,7 @@ def _train(cfg, source):
             num_images, shape = training.check_store(FLAGS.store)
             training.model_config(train_cfg, shape, num_images)  # the store's images fit the model
     # the store: training reads each process's own images from it
-    data = FLAGS.store if source == "store" else _builtin_data(images, pc, train_cfg)
+    data = FLAGS.store if source == "store" else _builtin_data(images, pc, train_cfg, FLAGS.workdir)
 
     result = training.train(train_cfg, data, FLAGS.workdir)
     summary = {k: getattr(result, k) for k in ("step", "stop_reason", "resumed_from", "train_seconds",

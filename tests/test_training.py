@@ -949,6 +949,25 @@ def test_binary_ours_with_builtin_precompute(tmp_path):
     # the log says what the rows are and their size (the size was said nowhere)
     assert f"(embedded trajectories, each 4 x 3 x {SIZE} x {SIZE})" in out.stderr, \
         out.stderr[-3000:]
+    # the pre-computed trajectories are kept: a resume reads them instead of pre-computing again
+    # (the same data: train's fingerprint check passes), and a damaged file is computed again
+    kept = wd / "builtin_trajectories.npz"
+    with np.load(kept) as z:
+        assert z["x"].shape == (NUM_IMAGES, 4, 3, SIZE, SIZE) and z["t"].shape == (4,)
+    more = subprocess.run([c.replace("--config.num_steps=4", "--config.num_steps=6") for c in cmd], cwd=REPO,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert f"read the pre-computed trajectories of {NUM_IMAGES} images from {kept}" in more.stderr
+    assert "pre-computed scores of" not in more.stderr
+    assert json.load(open(wd / "result.json"))["step"] == 6
+    kept.write_bytes(kept.read_bytes()[:100])  # damaged on disk (its write is atomic: a kill leaves none)
+    again = subprocess.run([c.replace("--config.num_steps=4", "--config.num_steps=6") for c in cmd], cwd=REPO,
+                           env=_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "cannot be read" in again.stderr and "pre-computed scores of" in again.stderr, again.stderr[-3000:]
+    assert "nothing was trained" in again.stderr  # it stood at step 6 already
+    with np.load(kept) as z:
+        assert z["x"].shape == (NUM_IMAGES, 4, 3, SIZE, SIZE)
     # bad flags are refused with a usage error naming the problem
     bad = subprocess.run(_BINARY + [f"--workdir={tmp_path / 'x'}", "--data=store"], cwd=REPO, env=_env(),
                          capture_output=True, text=True, timeout=120)
