@@ -280,7 +280,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False, fresh: bool = False) -> d
     return eu.run_claimed(workdir, "budget", denoise.claim_record(cfg, clean),
                           lambda: _run_claimed(cfg, workdir, overwrite, budget, tcs, clean),
                           legacy={**denoise.LEGACY_CONFIG, **LEGACY_CONFIG}, fresh=fresh,
-                          may_change=denoise.MAY_CHANGE)
+                          may_change=denoise.MAY_CHANGE, keep=denoise.images_kept(cfg))
 
 
 def _run_claimed(cfg, workdir: str, overwrite: bool, budget: float, tcs: dict, clean) -> dict:

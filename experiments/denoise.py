@@ -455,6 +455,15 @@ def clean_files(data_cfg) -> list[str] | None:
     return [os.path.abspath(p) for p in paths]
 
 
+def images_kept(cfg) -> dict[str, str]:
+    """``--fresh`` (:func:`krylovjax.experiment_utils.move_aside`) never moves or deletes the
+    photos of a ``files:`` / ``array:`` source that lie in the work directory."""
+    from krylovjax import experiment_utils as eu
+
+    root = eu.source_root(cfg.data.source)
+    return {root: "the images it reads (--config.data.source)"} if root else {}
+
+
 def claim_record(cfg, clean):
     """The config a work directory is claimed with (:func:`run`, ``experiments.budget.run``):
     ``cfg``, plus ``data.images_sha256``, the sha256 of the loaded images, when they come from
@@ -904,7 +913,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False, fresh: bool = False) -> d
     # fresh claim is all the directory holds withdraws it).
     return eu.run_claimed(workdir, "denoise", claim_record(cfg, clean),
                           lambda: _run_claimed(cfg, workdir, overwrite, targets, tcs, clean),
-                          legacy=LEGACY_CONFIG, fresh=fresh, may_change=MAY_CHANGE)
+                          legacy=LEGACY_CONFIG, fresh=fresh, may_change=MAY_CHANGE, keep=images_kept(cfg))
 
 
 def _run_claimed(cfg, workdir: str, overwrite: bool, targets: list, tcs: dict, clean) -> dict:

@@ -338,8 +338,12 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
                                      num_steps, seed, final_denoise, ref, ref_names, notes, check_interrupt)
 
         # claimed with the settings asked; a failure while the claim is all the directory holds withdraws it
+        # --fresh moves --outdir aside: never over the training run or the reference images
+        keep = {workdir: "the training run it samples from (--workdir)"}
+        if eu.source_root(reference):
+            keep[eu.source_root(reference)] = "the reference images (--reference)"
         return eu.run_claimed(outdir, "generate", settings_asked, sample_and_write, legacy=LEGACY_SETTINGS,
-                              arg="outdir", fresh=fresh)
+                              arg="outdir", fresh=fresh, keep=keep)
 
 
 def chain_steps(tc, sampler: str, num_steps: int) -> int | None:
@@ -420,6 +424,7 @@ def main(argv):
     from krylovjax import experiment_utils as eu
 
     eu.check_no_args(argv)
+    eu.sigterm_as_interrupt()  # kill / timeout / schedulers: stop like Ctrl-C (it ended without a word)
     eu.quiet_orbax_logs()
     outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, "generate")
     kept = "samples.json, written last, marks a finished run: the same command samples again"

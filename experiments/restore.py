@@ -567,14 +567,20 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
             return result
 
         # claimed with the settings; a failure while the claim is all the directory holds withdraws it
+        # --fresh moves --outdir aside: never over the training run or the images read
+        keep = {workdir: "the training run it restores with (--workdir)"}
+        for src, what in ((input, "the noisy images (--input)"), (clean, "the clean images (--clean)")):
+            if eu.source_root(src):
+                keep[eu.source_root(src)] = what
         return eu.run_claimed(outdir, "restore", settings, denoise_and_write, legacy=LEGACY_SETTINGS, arg="outdir",
-                              fresh=fresh)
+                              fresh=fresh, keep=keep)
 
 
 def main(argv):
     from krylovjax import experiment_utils as eu
 
     eu.check_no_args(argv)
+    eu.sigterm_as_interrupt()  # kill / timeout / schedulers: stop like Ctrl-C (it ended without a word)
     eu.quiet_orbax_logs()
     outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, "restore")
     kept = "restore.json, written last, marks a finished run: the same command denoises again"

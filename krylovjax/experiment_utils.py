@@ -46,6 +46,7 @@ __all__ = [
     "check_claim",
     "run_claimed",
     "move_aside",
+    "source_root",
     "distributed_args",
     "init_distributed",
     "check_same_config",
@@ -277,7 +278,7 @@ def check_claim(workdir: str | os.PathLike, experiment: str, config: Any, *,
 
 def run_claimed(workdir: str | os.PathLike, experiment: str, config: Any, body: Callable[[], Any], *,
                 legacy: Mapping[str, Any] | None = None, arg: str = "workdir", fresh: bool = False,
-                may_change: Iterable[str] = ()) -> Any:
+                may_change: Iterable[str] = (), keep: Mapping[str, str] | None = None) -> Any:
     """:func:`claim_workdir`, then ``body()``, holding ``workdir`` throughout
     (:func:`krylovjax.workdir_lock.hold`: a second run there is refused with
     :class:`~krylovjax.workdir_lock.WorkdirBusyError`). When ``body`` fails (bad input found late,
@@ -286,12 +287,13 @@ def run_claimed(workdir: str | os.PathLike, experiment: str, config: Any, body: 
     stays and protects it.
 
     ``fresh=True`` first moves an existing ``workdir`` aside to ``<workdir>.prev`` (deleting an
-    older ``<workdir>.prev``), holding both names, so the run starts afresh (``make demo``)."""
+    older ``<workdir>.prev``), holding both names, so the run starts afresh (``make demo``);
+    ``keep`` (:func:`move_aside`) names what the run reads, which that must not move or delete."""
     from krylovjax import workdir_lock
 
     with workdir_lock.hold(workdir, arg=arg):
         if fresh:
-            move_aside(workdir, arg=arg)
+            move_aside(workdir, arg=arg, keep=keep)
         claimed_now = claim_workdir(workdir, experiment, config, legacy=legacy, arg=arg, fresh_flag=True,
                                     may_change=may_change)
         try:
@@ -303,11 +305,45 @@ def run_claimed(workdir: str | os.PathLike, experiment: str, config: Any, body: 
             raise
 
 
-def move_aside(workdir: str | os.PathLike, *, arg: str = "workdir") -> str | None:
+def _within(path: str, root: str) -> bool:
+    """Whether ``path`` is ``root`` or lies inside it (symbolic links resolved)."""
+    path, root = os.path.realpath(path), os.path.realpath(root)
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def source_root(source: Any) -> str | None:
+    """The file or directory a :func:`krylovjax.data.load_images` source reads: the path of a
+    ``files:`` or ``array:`` source (``~`` expanded, an array's options dropped; for a glob
+    pattern the directory before its first wildcard), or None for the others (built-in photos,
+    tfds). For :func:`move_aside`'s ``keep``."""
+    import glob
+
+    if not isinstance(source, str) or not source.startswith(("files:", "array:")):
+        return None
+    path = source.split(":", 1)[1]
+    if source.startswith("array:"):
+        from krylovjax.data import _source_options
+
+        with contextlib.suppress(ValueError):
+            path = _source_options(source, path)[0]
+    path = os.path.expanduser(path)
+    if not path:
+        return None
+    parts = path.split(os.sep)
+    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    return os.path.abspath(os.sep.join(parts[:fixed]) or (os.sep if path.startswith(os.sep) else "."))
+
+
+def move_aside(workdir: str | os.PathLike, *, arg: str = "workdir",
+               keep: Mapping[str, str] | None = None) -> str | None:
     """Move the directory ``workdir`` to ``<workdir>.prev``, deleting an older one there; returns
     the new path, or None when ``workdir`` did not exist. Refuses (nothing moved) a ``workdir``
-    or ``.prev`` that is not a directory and a ``.prev`` that another run holds. The caller
-    should hold ``workdir`` (:func:`run_claimed` does)."""
+    or ``.prev`` that is not a directory, a ``.prev`` that another run holds, and a ``workdir`` or
+    ``.prev`` that is or holds a path of ``keep`` (what the run reads, mapped to what it is: a
+    training run sampled from, the images read). ``generate --workdir=W --outdir=W --fresh``
+    moved the training run it sampled from aside, and a second such command with
+    ``--workdir=W.prev`` deleted it (a walkthrough, 2026-12-07). The caller should hold
+    ``workdir`` (:func:`run_claimed` does)."""
     import shutil
 
     from krylovjax import workdir_lock
@@ -317,6 +353,12 @@ def move_aside(workdir: str | os.PathLike, *, arg: str = "workdir") -> str | Non
     for path in (workdir, prev):
         if os.path.lexists(path) and not os.path.isdir(path):
             raise WorkdirConflictError(f"{arg}: {path!r} is not a directory; refusing to move or delete it")
+        for kept, what in (keep or {}).items():
+            if os.path.lexists(path) and _within(os.fspath(kept), path):
+                deed = "move it aside" if path == workdir else "delete it (the older one moved aside)"
+                raise WorkdirConflictError(
+                    f"{arg}: {path!r} holds {what} ({os.fspath(kept)!r}); --fresh would {deed}: use another "
+                    f"--{arg} (nothing was moved)")
     if not os.path.exists(workdir):
         return None
     with workdir_lock.hold(prev, arg=arg):
@@ -692,14 +734,21 @@ def interrupts_between_steps(interrupted: str) -> Iterator[Callable[[], None]]:
     results). A second Ctrl-C ends the process at once (``os._exit(130)``, which leaves the run
     directory's claim in place: the same command runs again there) with ``interrupted (a second
     Ctrl-C): <interrupted>`` on stderr. An interrupt that no check acted on (it came during the
-    last step) is said on leaving: the run finished. Where SIGINT is ignored (a job started with
-    ``&`` by a non-interactive shell) or off the main thread (no signal handlers there), nothing
-    is installed and ``check()`` never raises. Restores the handlers on exit."""
+    last step) is said on leaving: the run finished. SIGTERM is taken the same way where
+    :func:`sigterm_as_interrupt` handles it. Where SIGINT is ignored (a job started with ``&`` by
+    a non-interactive shell) it is left alone; off the main thread (no signal handlers there),
+    nothing is installed and ``check()`` never raises. Restores the handlers on exit."""
     import sys
     import threading
 
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    # SIGINT unless ignored; SIGTERM where sigterm_as_interrupt handles it (as Ctrl-C: a second
+    # one ends the process at once): generate and restore ended without a word at SIGTERM, leaving
+    # their claim (a walkthrough, 2026-12-07)
+    sigs = [] if threading.current_thread() is not threading.main_thread() else \
+        [sig for sig, ok in ((signal.SIGINT, signal.getsignal(signal.SIGINT) is not signal.SIG_IGN),
+                             (signal.SIGTERM, getattr(signal.getsignal(signal.SIGTERM), "defer_in_train", False)))
+         if ok]
+    if not sigs:
         yield lambda: None
         return
     state = {"count": 0, "done": False, "acted": False}
@@ -718,7 +767,7 @@ def interrupts_between_steps(interrupted: str) -> Iterator[Callable[[], None]]:
             if state["done"] or not data:
                 return
             for byte in data:
-                if byte != signal.SIGINT:
+                if byte not in sigs:
                     continue
                 state["count"] += 1
                 if state["count"] == 1:
@@ -737,7 +786,7 @@ def interrupts_between_steps(interrupted: str) -> Iterator[Callable[[], None]]:
 
     _INTERRUPT_CHECKS.add(check.__code__)
 
-    old_handler = signal.signal(signal.SIGINT, on_sigint)
+    old_handlers = {sig: signal.signal(sig, on_sigint) for sig in sigs}
     old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
     thread = threading.Thread(target=watch, name="krylovjax-interrupts", daemon=True)
     thread.start()
@@ -747,7 +796,8 @@ def interrupts_between_steps(interrupted: str) -> Iterator[Callable[[], None]]:
     finally:
         state["done"] = True
         signal.set_wakeup_fd(old_fd)
-        signal.signal(signal.SIGINT, old_handler)
+        for sig, old_handler in old_handlers.items():
+            signal.signal(sig, old_handler)
         os.write(w, b"\0")  # wake the watcher to end
         thread.join(timeout=5)
         os.close(w)

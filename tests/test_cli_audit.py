@@ -509,6 +509,8 @@ if os.environ.get("IGNORE_SIGINT"):  # as a background job of a non-interactive 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 else:  # a foreground job's Ctrl-C, whatever the test run itself inherited (a suite started with nohup &)
     signal.signal(signal.SIGINT, signal.default_int_handler)
+if os.environ.get("SIGTERM_AS_INTERRUPT"):  # as the binaries' main does
+    eu.sigterm_as_interrupt()
 
 @jax.jit
 def long(x, n):
@@ -556,10 +558,36 @@ def test_ctrl_c_during_a_long_computation(presses, tmp_path):
     assert "interrupt: stopping when the computation in flight ends" in err
     assert "Traceback" not in err and "Fatal Python error" not in err
     if presses == 1:
-        assert err.rstrip().endswith("kept") and f"interrupted in steps ({script}:20)" in err, err[-2000:]
+        assert err.rstrip().endswith("kept") and f"interrupted in steps ({script}:22)" in err, err[-2000:]
     else:
         assert time.monotonic() - start < 60  # one computation alone takes many minutes
         assert err.rstrip().endswith("interrupted (a second Ctrl-C): kept"), err[-2000:]
+
+
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_sigterm_during_a_long_computation_is_ctrl_c(sigint, tmp_path):
+    """generate and restore (interrupts_between_steps) ended at SIGTERM with status 143 and no word,
+    leaving their claim, which refused the next command with other settings (a walkthrough,
+    2026-12-07). With sigterm_as_interrupt it is taken as Ctrl-C, also where SIGINT is ignored (a
+    background job): said at once, acted on at the next check, status 130."""
+    script = tmp_path / "long.py"
+    script.write_text(_LONG_RUN)
+    env = dict(os.environ, PYTHONPATH=ROOT, SIGTERM_AS_INTERRUPT="1")
+    if sigint == "ignored":
+        env["IGNORE_SIGINT"] = "1"
+    proc = subprocess.Popen([sys.executable, str(script), str(10**6), "1000"], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupt: stopping when the computation in flight ends" in err
+    assert "Traceback" not in err and err.rstrip().endswith("kept")
+    assert f"interrupted in steps ({script}:22)" in err, err[-2000:]
 
 
 @pytest.mark.slow

@@ -793,6 +793,14 @@ def test_generate_from_train_run(denoise_run, tmp_path, monkeypatch):
                                          "--fresh to move it to"):
         generate.run(f"{wd}/ours", str(out), num_samples=2, num_frames=3, num_steps=5, sampler="paper_a")
     assert _snapshot(str(out)) == before
+    # --fresh over the training run itself (or a directory holding it): refused, the run intact
+    run_before = _snapshot(f"{wd}/ours")
+    for outdir in (f"{wd}/ours", str(wd)):
+        with pytest.raises(eu.WorkdirConflictError, match="holds the training run it samples from .* --fresh would "
+                                                          "move it aside: use another --outdir"):
+            generate.run(f"{wd}/ours", outdir, num_samples=2, num_frames=3, num_steps=4, sampler="paper_a",
+                         fresh=True)
+    assert _snapshot(f"{wd}/ours") == run_before and not os.path.exists(f"{wd}.prev")
 
 
 def test_restore_reproduces_the_denoise_runs_outputs(denoise_run, tmp_path):

@@ -333,6 +333,42 @@ def test_fresh_refuses_without_moving_anything(tmp_path):
     assert f.read_text() == "keep" and (tmp_path / "x.prev").read_text() == "keep too"
 
 
+@pytest.mark.parametrize("where", ["itself", "inside", "prev", "inside_prev"])
+def test_fresh_never_moves_or_deletes_what_the_run_reads(tmp_path, where):
+    """generate --workdir=W --outdir=W --fresh moved the training run it sampled from aside, and
+    a second command with --workdir=W.prev deleted it (a walkthrough, 2026-12-07): a path the run
+    reads (keep) that is, or lies in, the directory or its .prev is refused, nothing moved."""
+    out, prev = tmp_path / "out", tmp_path / "out.prev"
+    out.mkdir()
+    prev.mkdir()
+    (out / "a.txt").write_text("a")
+    (prev / "b.txt").write_text("b")
+    kept = {"itself": out, "inside": out / "run", "prev": prev, "inside_prev": prev / "run"}[where]
+    kept.mkdir(exist_ok=True)
+    before = _snapshot(tmp_path)
+    deed = "move it aside" if where in ("itself", "inside") else "delete it"
+    with pytest.raises(eu.WorkdirConflictError, match=f"holds the training run .*; --fresh would {deed}") as err:
+        eu.run_claimed(out, "generate", {}, lambda: pytest.fail("ran"), arg="outdir", fresh=True,
+                       keep={str(kept): "the training run it samples from (--workdir)"})
+    assert "use another --outdir (nothing was moved)" in str(err.value)
+    assert _snapshot(tmp_path) == before
+    # elsewhere: moved as before
+    assert eu.move_aside(out, keep={str(tmp_path / "elsewhere"): "x"}) == str(prev)
+
+
+def test_source_root_names_what_a_source_reads(tmp_path):
+    (tmp_path / "a,b.npy").write_bytes(b"")
+    assert eu.source_root(f"files:{tmp_path}/photos/*.png") == str(tmp_path / "photos")
+    assert eu.source_root(f"files:{tmp_path}/p/**/x?.jpg") == str(tmp_path / "p")
+    assert eu.source_root(f"files:{tmp_path}/one.png") == str(tmp_path / "one.png")
+    assert eu.source_root(f"array:{tmp_path}/x.npz,key=images,layout=NHWC") == str(tmp_path / "x.npz")
+    assert eu.source_root(f"array:{tmp_path}/a,b.npy") == str(tmp_path / "a,b.npy")  # a comma of the name
+    assert eu.source_root("files:~/photos") == os.path.join(os.path.expanduser("~"), "photos")
+    assert eu.source_root("files:*.png") == os.getcwd()
+    for other in ("builtin", "builtin:astronaut", "cifar10", None, "files:"):
+        assert eu.source_root(other) is None
+
+
 def test_generate_refuses_a_held_outdir(tmp_path):
     sys.path.insert(0, ROOT)
     from experiments import generate
