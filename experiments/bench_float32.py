@@ -120,6 +120,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from krylovjax.experiment_utils import one_line_usage_errors
+    from krylovjax.experiment_utils import one_line_usage_errors, parse_flags
 
-    app.run(one_line_usage_errors(main))
+    app.run(one_line_usage_errors(main), flags_parser=parse_flags)

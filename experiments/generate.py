@@ -273,6 +273,7 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
                             ("reference_count", reference_count, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+        eu.check_seed(seed)
         eu.check_training_run(workdir)
         if sampler not in ("auto",) + SAMPLERS_OURS + SAMPLERS_DDPM:
             raise ValueError(f"sampler: expected auto or one of {SAMPLERS_OURS + SAMPLERS_DDPM}, got {sampler!r}")
@@ -315,6 +316,9 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
             shape = (num_samples, unet.in_channels, unet.image_size, unet.image_size)
             settings_asked, settings = settings, dict(settings, step=int(fn.step), sampler=sampler)  # as resolved
             ref, notes, ref_names = None, [], None
+            if sampler == "ddim" and num_steps > tc.ddpm_num_steps:  # (it was cut without a word)
+                notes.append(f"num_steps: {num_steps} asked; DDIM takes at most the model's {tc.ddpm_num_steps} "
+                             f"steps, and ran {tc.ddpm_num_steps}")
             if reference:  # loaded before sampling: a bad source fails at once, not after the chain
                 if reference_count == 0 and reference == "builtin":
                     raise ValueError("reference_count: 0 (all) is for files, arrays and tfds datasets; "
@@ -439,6 +443,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from krylovjax.experiment_utils import one_line_usage_errors
+    from krylovjax.experiment_utils import one_line_usage_errors, parse_flags
 
-    app.run(one_line_usage_errors(main))
+    app.run(one_line_usage_errors(main), flags_parser=parse_flags)

@@ -387,6 +387,7 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
         for name, v, lo in (("num_images", num_images, 0), ("num_frames", num_frames, 2), ("num_steps", num_steps, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+        eu.check_seed(seed)
         if not isinstance(add_noise, (int, float)) or isinstance(add_noise, bool) or not (
                 np.isfinite(add_noise) and add_noise >= 0):
             raise ValueError(f"add_noise: expected a finite noise level >= 0, got {add_noise!r}")
@@ -443,6 +444,14 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
             if odd:
                 read_notes.append("clean: paired with the inputs by their order, and the names suggest another "
                                   "pairing: " + ", ".join(odd))
+            # flow and paper_a start at t = 1 whatever the level: a given level serves the baseline
+            # only; with none it served nothing, and the table said it was used (a walkthrough, 2026-12-07)
+            level_unused = span is None and baseline == "none"
+            if level_unused and noise_std is not None:
+                if noise_arg == "noise_std":
+                    read_notes.append(f"--noise_std is not used: the {sampler} sampler starts at t = 1 whatever the "
+                                      "noise level, and --baseline=none")
+                noise_std = None
             if (noise_std == "auto" or (noise_std is None and baseline != "none")) and not np.all(estimated > 0):
                 k = int(np.argmin(estimated))
                 raise ValueError(f"noise_std: 'auto' found no noise in {names[k]} (estimate {estimated[k]:.3g}); "
@@ -550,7 +559,7 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
                          f"; non-local means: SSIM {summary['ssim_baseline']:.4f}, PSNR "
                          f"{summary['psnr_baseline']:.2f} dB") + "; means over the images.\n\n")
             heads = ["image", "file"] + (["input file (size)"] if files[0] else []) + [
-                "noise std used", "noise std estimated"]
+                "noise std used" if span is not None else "noise std (NL-means)", "noise std estimated"]
             if refs is not None:
                 label = {"input": "input", "output": "output", "baseline": "NL-means"}
                 heads += [f"SSIM {label[o]}" for o in outputs] + [f"PSNR {label[o]}" for o in outputs]
@@ -597,6 +606,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from krylovjax.experiment_utils import one_line_usage_errors
+    from krylovjax.experiment_utils import one_line_usage_errors, parse_flags
 
-    app.run(one_line_usage_errors(main))
+    app.run(one_line_usage_errors(main), flags_parser=parse_flags)

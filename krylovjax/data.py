@@ -1056,6 +1056,9 @@ def load_array(
     if "C" not in lay:
         arr, lay = arr[..., None], lay + "C"
     n = arr.shape[0]
+    if arr.size == 0:  # (numpy's "zero-size array to reduction operation minimum" came instead)
+        raise ValueError(f"{spec!r} holds no pixels: shape {tuple(arr.shape)} in layout {lay}; expected at least "
+                         "one image of at least one pixel")
     sel = _pick(n, indices, num_images, f"the {n} images of {spec!r}")
     arr = np.asarray(arr[sel]).transpose([lay.index(a) for a in "NHWC"])
     if arr.shape[3] not in (1, 3):

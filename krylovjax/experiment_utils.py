@@ -77,6 +77,7 @@ __all__ = [
     "check_dir_arg",
     "refuse_other_runs",
     "check_training_run",
+    "check_seed",
     "load_for_model",
     "finished_step",
     "short_paths",
@@ -373,6 +374,9 @@ def move_aside(workdir: str | os.PathLike, *, arg: str = "workdir",
 # ----------------------------------------------------------------------------------------------
 
 
+_PATH_FLAGS = ("workdir", "outdir", "store", "json_out")  # "~" expanded by parse_flags
+
+
 def parse_flags(argv: Sequence[str]) -> list[str]:
     """absl's flag parsing (``app.run(main, flags_parser=parse_flags)``) with a config override
     that names no key of the config (``--config.num_stepz=3``, or ``--config.train.num_steps=3``
@@ -410,6 +414,12 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         sys.exit(1)
     if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
         _split_word_lists(flags.FLAGS["config"].value, argv)
+    # a shell leaves "~" of --workdir=~/run alone (no word start): it was refused as no training run,
+    # and --outdir=~/out made a directory named "~" (a walkthrough, 2026-12-07)
+    for name in _PATH_FLAGS:
+        value = flags.FLAGS[name].value if name in flags.FLAGS else None
+        if isinstance(value, str) and value.startswith("~"):
+            flags.FLAGS[name].value = os.path.expanduser(value)
     show = flags.FLAGS["show_config"].value if "show_config" in flags.FLAGS else False
     if show:
         config = flags.FLAGS["config"].value
@@ -954,12 +964,27 @@ def finished_step(path: str) -> int | None:
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
+def check_seed(value: Any, name: str = "seed") -> int:
+    """A seed of ``jax.random.PRNGKey``: an int in ``[0, 2**32)``, or ValueError naming ``name``.
+    Without x64 JAX keeps 32 bits of it (``PRNGKey(2**32 + 5)`` is ``PRNGKey(5)``: another seed
+    silently repeated one), and from ``2**63`` on it raised an ``OverflowError`` traceback after
+    the model was loaded (a walkthrough of generate and restore, 2026-12-07)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2**32:
+        raise ValueError(f"{name}: expected an int in [0, 2**32) (JAX's random keys keep 32 bits of it), "
+                         f"got {value!r}")
+    return int(value)
+
+
 def check_training_run(workdir: str, arg: str = "workdir") -> None:
     """FileNotFoundError naming ``arg`` unless ``workdir`` is a training run (holds
     ``checkpoints/``); where it holds training runs itself (an ``experiments.denoise`` or
     ``budget`` work directory: ``ours/``, ``ddpm/``), the message names them."""
     if os.path.isdir(os.path.join(workdir, "checkpoints")):
         return
+    if not os.path.isdir(workdir):  # (it was said to be "not a training run" either way)
+        what = "is a file" if os.path.exists(workdir) else "does not exist"
+        raise FileNotFoundError(f"{arg}: {workdir!r} {what}; expected a training run (a directory with "
+                                "checkpoints/, the --workdir of experiments.train)")
     inside = sorted(d for d in os.listdir(workdir) if os.path.isdir(os.path.join(workdir, d, "checkpoints"))) \
         if os.path.isdir(workdir) else []
     hint = f"; the training runs inside it: {', '.join(os.path.join(workdir, d) for d in inside)}" if inside else ""

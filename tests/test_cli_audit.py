@@ -808,6 +808,20 @@ def test_show_config_prints_every_key_with_the_overrides_and_runs_nothing(module
     assert proc.returncode == 1 and "Flag --workdir must have a value other than None" in proc.stderr
 
 
+def test_a_tilde_in_a_path_flag_is_the_home_directory(tmp_path):
+    """A shell leaves the ``~`` of ``--workdir=~/run`` alone (it is no word start): generate refused
+    it as no training run, and ``--outdir=~/out`` made a directory named ``~`` in the current one (a
+    walkthrough, 2026-12-07). The binaries' flag parser expands it."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HOME=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-m", "experiments.generate", "--workdir=~/nope", "--outdir=~/out"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: workdir: '{tmp_path}/nope' does not exist; expected a training run (a directory with "
+        "checkpoints/, the --workdir of experiments.train)"), proc.stderr[-2000:]
+    assert not os.path.exists(os.path.join(ROOT, "~"))
+
+
 @pytest.mark.parametrize("module, args, message", [
     ("experiments.train", ["--config=experiments/configs/train_tiny.py", "--config.lr=nan"],
      "error: lr: expected a finite learning rate > 0, got nan"),
@@ -995,8 +1009,15 @@ def test_a_run_directory_holding_training_runs_is_named_with_them(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"is not a training run \(no checkpoints/ inside\); the training runs "
                                                 f"inside it: {tmp_path}/ddpm, {tmp_path}/ours$"):
         eu.check_training_run(str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"'/nonexistent' is not a training run \(no checkpoints/ inside\)$"):
+    # a path that does not exist, or a file, is said to be so (it was "not a training run" too)
+    with pytest.raises(FileNotFoundError, match=r"^workdir: '/nonexistent' does not exist; expected a training run "
+                                                r"\(a directory with checkpoints/, the --workdir of experiments.train\)$"):
         eu.check_training_run("/nonexistent")
+    (tmp_path / "f").write_text("")
+    with pytest.raises(FileNotFoundError, match=r"^workdir: '.*/f' is a file; expected a training run"):
+        eu.check_training_run(str(tmp_path / "f"))
+    with pytest.raises(FileNotFoundError, match=r"'.*/other' is not a training run \(no checkpoints/ inside\)$"):
+        eu.check_training_run(str(tmp_path / "other"))
     eu.check_training_run(str(tmp_path / "ours"))
 
 

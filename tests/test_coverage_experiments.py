@@ -659,6 +659,10 @@ def test_generate_run_per_image_ddpm_against_multi_image_references(tmp_path, mo
         f.write("{}")
     again = generate.run(str(wd), out, overwrite=True, **kw)
     assert again["samples"] == res["samples"] and json.load(open(os.path.join(out, "samples.json")))["samples"]
+    # DDIM with more steps than the model has runs them all, and says so (it was cut without a word)
+    ddim = generate.run(str(wd), str(tmp_path / "ddim"), num_samples=2, num_frames=2, sampler="ddim", num_steps=50)
+    assert ddim["network_evals"] == 20
+    assert ddim["notes"] == ["num_steps: 50 asked; DDIM takes at most the model's 20 steps, and ran 20"]
 
 
 @pytest.mark.parametrize("method, kw, error, match", [
@@ -675,7 +679,11 @@ def test_generate_run_per_image_ddpm_against_multi_image_references(tmp_path, mo
      r"num_frames: the sde chain has 3 steps, so at most 4 frames, got 5"),
     ("ddpm", {"sampler": "ddim", "num_steps": 2, "num_frames": 4}, ValueError,
      r"num_frames: the ddim chain has 2 steps, so at most 3 frames, got 4"),
-    ("ours", {"no_checkpoints": True}, FileNotFoundError, "is not a training run \\(no checkpoints/ inside\\)"),
+    ("ours", {"no_checkpoints": True}, FileNotFoundError, "does not exist; expected a training run"),
+    # a seed JAX keeps 32 bits of (a larger one repeated a smaller one; from 2**63 a traceback)
+    ("ours", {"seed": 2**32 + 5}, ValueError, r"seed: expected an int in \[0, 2\*\*32\) \(JAX's random keys keep 32 "
+                                               r"bits of it\), got 4294967301"),
+    ("ours", {"seed": -1}, ValueError, r"seed: expected an int in \[0, 2\*\*32\)"),
 ])
 def test_generate_run_refuses_bad_settings_before_sampling(method, kw, error, match, tmp_path, monkeypatch):
     from experiments import generate

@@ -474,6 +474,10 @@ def test_array_npz_keys(tmp_path):
     (np.full((2, 5, 5, 3), np.nan), {}, ValueError, "4?.*NaN/inf"),
     (np.zeros((2, 5, 5, 3)), {"indices": [2]}, ValueError, r"indices must be < 2 \(the 2 images"),
     (np.zeros((2, 3, 2, 2)), {}, ValueError, "H, W >= 4"),
+    # no pixels: said so (numpy's "zero-size array to reduction operation minimum" came; a walkthrough)
+    (np.zeros((0, 3, 16, 16), np.float32), {}, ValueError,
+     r"holds no pixels: shape \(0, 3, 16, 16\) in layout NCHW; expected at least one image"),
+    (np.zeros((0, 16, 16, 3), np.uint8), {}, ValueError, "holds no pixels"),
 ])
 def test_array_refused(tmp_path, arr, kw, err, match):
     np.save(tmp_path / "x.npy", arr)

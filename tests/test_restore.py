@@ -199,6 +199,7 @@ def test_ddpm_from_the_matching_step(sampler, tmp_path, monkeypatch):
     ("ddpm", {"noise_std": 0.1, "sampler": "ode"}, r"sampler: a DDPM model takes one of \('ancestral', 'ddim'\)"),
     ("constant", {"noise_std": 0.1, "sampler": "ode"}, "perturbation std is constant .* use paper_a or flow"),
     ("ours", {"noise_std": 0.1, "num_frames": 1}, "num_frames: expected an int >= 2, got 1"),
+    ("ours", {"noise_std": 0.1, "seed": 2**64}, r"seed: expected an int in \[0, 2\*\*32\)"),  # (a traceback)
 ])
 def test_refused_before_anything_is_written(method, kw, match, tmp_path, monkeypatch):
     clean = _clean()
@@ -433,6 +434,14 @@ def test_flow_needs_no_noise_level_and_a_far_one_is_noted(tmp_path, monkeypatch)
     (rec,) = res["images"]
     assert rec["noise_std"] is None and rec["noise_std_estimated"] > 0 and res["notes"] == []
     assert "| 0 | 000.png | - |" in open(tmp_path / "f" / "restore.md").read()
+    assert "noise std (NL-means)" in open(tmp_path / "f" / "restore.md").read()  # flow does not use it
+    # a level given with no baseline serves nothing: said so, and not reported as used
+    # (the table said "noise std used 0.5" and noted it was far from the estimate; a walkthrough)
+    res = restore.run(wd, f"array:{tmp_path / 'noisy.npy'}", str(tmp_path / "n"), sampler="flow", num_frames=2,
+                      noise_std=0.5, baseline="none")
+    assert res["notes"] == ["--noise_std is not used: the flow sampler starts at t = 1 whatever the noise level, "
+                            "and --baseline=none"]
+    assert res["images"][0]["noise_std"] is None
     np.testing.assert_array_equal(np.load(tmp_path / "f" / "baseline.npy"),
                                   restore.nl_means(noisy, restore.estimate_noise(noisy)))  # the estimate serves it
     res = restore.run(wd, f"array:{tmp_path / 'noisy.npy'}", str(tmp_path / "g"), noise_std=0.5, num_frames=2)
