@@ -908,7 +908,10 @@ def load_for_model(source: str, arg: str, size: int, num_images: int | None, cha
     if not source.startswith("builtin:") and num_images is not None:
         kw["num_images"] = num_images
     try:
-        with warnings.catch_warnings():  # the files cropped or converted: the callers' notes say it per file
+        with warnings.catch_warnings(record=True) as caught:
+            # the files cropped or converted: the callers' notes say it per file; the others (files
+            # left out of a folder) go to the notes too (they reached the log only; a walkthrough)
+            warnings.simplefilter("always")
             warnings.filterwarnings("ignore", message=r".*: of \d+ images, ", category=UserWarning)
             x = np.asarray(load_images(source, **kw))
             if x.shape[1] != channels and source.startswith(("files:", "array:", "builtin:")):
@@ -918,8 +921,16 @@ def load_for_model(source: str, arg: str, size: int, num_images: int | None, cha
                 x = np.asarray(load_images(source, channels=channels, **kw))
     except (ValueError, FileNotFoundError) as e:
         raise type(e)(f"{arg}: {source!r}: {e}") from e
+    for w in caught:
+        if issubclass(w.category, UserWarning) and w.filename.endswith(os.path.join("krylovjax", "data.py")):
+            notes.append(f"{arg}: {w.message}")
+        else:  # not the reading's own: as it came
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if x.shape[1] != channels:
         raise ValueError(f"{arg}: its images have {x.shape[1]} channels, the model {channels}")
+    if num_images is not None and x.shape[0] < num_images and not source.startswith("builtin:"):
+        # (restore --num_images=10 on 3 files ran the 3 without a word; a walkthrough, 2026-12-07)
+        notes.append(f"{arg}: {num_images} images asked, {source!r} holds {x.shape[0]}: all {x.shape[0]} used")
     return x
 
 

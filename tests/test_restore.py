@@ -143,8 +143,13 @@ def test_files_with_estimated_noise_per_image_offsets_and_clean_references(tmp_p
     with pytest.raises(ValueError, match=r"image_index: expected indices in \[0, 2\), got \[2\]"):
         restore.run(wd, f"files:{tmp_path / 'noisy'}", out, image_index=[0, 2], **kw)
     assert not os.path.exists(out)
+    (tmp_path / "noisy" / "readme.txt").write_text("not an image")
     res = restore.run(wd, f"files:{tmp_path / 'noisy'}", out, image_index=[0, 1], **kw)
     assert [r["file"] for r in res["images"]] == ["000_a_rocket.png", "001_b_cat.png"]
+    # the file left out is in the results' notes (it reached the log only)
+    left = [n for n in res["notes"] if "left out" in n]
+    assert len(left) == 1 and "readme.txt" in left[0] and left[0].startswith(
+        f"input: {str(tmp_path / 'noisy')!r}: 1 file(s) left out, their names not ending in an image extension"), left
     assert sorted(os.listdir(os.path.join(out, "denoised"))) == ["000_a_rocket.png", "001_b_cat.png"]
     used = [r["noise_std"] for r in res["images"]]
     assert used == [r["noise_std_estimated"] for r in res["images"]]
@@ -442,6 +447,10 @@ def test_flow_needs_no_noise_level_and_a_far_one_is_noted(tmp_path, monkeypatch)
     assert res["notes"] == ["--noise_std is not used: the flow sampler starts at t = 1 whatever the noise level, "
                             "and --baseline=none"]
     assert res["images"][0]["noise_std"] is None
+    # more images asked than the source holds: all of them, said so (it was silent)
+    res = restore.run(wd, f"array:{tmp_path / 'noisy.npy'}", str(tmp_path / "m"), sampler="flow", num_frames=2,
+                      num_images=3)
+    assert res["notes"] == [f"input: 3 images asked, 'array:{tmp_path / 'noisy.npy'}' holds 1: all 1 used"]
     np.testing.assert_array_equal(np.load(tmp_path / "f" / "baseline.npy"),
                                   restore.nl_means(noisy, restore.estimate_noise(noisy)))  # the estimate serves it
     res = restore.run(wd, f"array:{tmp_path / 'noisy.npy'}", str(tmp_path / "g"), noise_std=0.5, num_frames=2)
