@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from krylovjax import _checks, krylov
-from krylovjax.fokker_planck import FPOperator
+from krylovjax.fokker_planck import DTypeError, FPOperator
 from krylovjax import preconditioners
 
 Array = jax.Array
@@ -107,13 +107,29 @@ def _flat(x):
     return x.reshape(x.shape[0], -1)
 
 
+def _operator_shapes(matvec: Callable):
+    """``(batch_shape, field_shape)`` of a ``matvec`` that is an :class:`FPOperator`'s or a
+    :class:`~krylovjax.preconditioners.RedBlackSystem`'s (bound method or the object itself),
+    else None (any other callable: only its output shape can be checked)."""
+    obj = matvec if isinstance(matvec, (FPOperator, preconditioners.RedBlackSystem)) else None
+    if obj is None and getattr(matvec, "__func__", None) in (
+            FPOperator.matvec, preconditioners.RedBlackSystem.matvec):
+        obj = matvec.__self__
+    if isinstance(obj, FPOperator):
+        return tuple(obj.batch_shape), tuple(obj.grid_shape)
+    if isinstance(obj, preconditioners.RedBlackSystem):
+        return tuple(obj.d_black.shape[:-1]), tuple(obj.packed_shape)
+    return None
+
+
 def seed_basis(seed_matvec: Callable, seed_b: Array, k: int, *, seed_x0: Array | None = None,
                precondition: Callable | None = None) -> SeedBasis:
     """Arnoldi basis (``k`` directions) of one seed system at one time step (method.md 5.3.1).
 
     Args:
       seed_matvec: ``[1, *shape] -> [1, *shape]``, the seed's operator on a batch of one.
-      seed_b: ``[*shape]`` or ``[1, *shape]`` the seed's right-hand side.
+      seed_b: ``[*shape]`` or ``[1, *shape]`` the seed's right-hand side (for an operator's
+        ``matvec``, ``*shape`` is its grid: a batch's ``b`` given whole is refused).
       k: number of Krylov directions (>= 1, at most the number of unknowns).
       seed_x0: optional warm start of the seed; the basis starts from its residual.
       precondition: optional right preconditioner ``M^{-1}`` on ``[1, *shape]`` fields.
@@ -126,6 +142,15 @@ def seed_basis(seed_matvec: Callable, seed_b: Array, k: int, *, seed_x0: Array |
         raise ValueError(f"seed_b: expected a field [*shape] or [1, *shape], got shape {b.shape}")
     krylov._check_field_batch("seed_b", b, what="[*shape] or [1, *shape]")  # dtype, values
     given = tuple(b.shape)
+    shapes = _operator_shapes(seed_matvec)
+    if shapes is not None and given not in (shapes[1], (1,) + shapes[1]):
+        # FPOperator.matvec broadcasts its batch: a batch's b [T, H, W] given whole to a seed
+        # operator of batch 1 made a basis of T*H*W unknowns, refused only by cross_matrix_solve
+        field = shapes[1]
+        hint = (f"; if it is a batch's b, give the seed's own right-hand side, b[i] of shape {field}"
+                if given[1:] == field else "")
+        raise ValueError(f"seed_b: expected shape {field} or {(1,) + field} (the grid of "
+                         f"seed_matvec's operator), got {given}{hint}")
     if b.shape[0] != 1:
         b = b[None]
     try:
@@ -293,7 +318,8 @@ class SolverConfig:
       projection: ``"minres"`` or ``"seed_hessenberg"`` (see :func:`cross_matrix_solve`); the
         ``"recycled"`` method augments GMRES with the seed space instead and does not use it.
       basis_size: ``k``, the number of seed directions.
-      seed_index: which system of the batch is the seed.
+      seed_index: which system of the batch is the seed (methods ``"cross_matrix"`` and
+        ``"recycled"``; ``"gmres"`` uses no seed and ignores it).
       tol, atol, restart, max_restarts: Krylov settings (for BiCGStab ``restart`` is the number
         of iterations between true-residual checks); ``tol=None`` (the default) is 1e-8 for
         float64 systems and 1e-6 for float32 (:data:`krylovjax.krylov.DEFAULT_TOL`).
@@ -468,12 +494,18 @@ def solve_fp(op: FPOperator, b: Array, config: SolverConfig = SolverConfig(), *,
         raise TypeError(f"config: expected a SolverConfig, got {type(config).__name__}")
     if len(op.batch_shape) != 1:
         raise ValueError(f"op: expected one leading batch axis, got batch shape {op.batch_shape}")
+    if not _checks.is_float32_or_64(op.dtype):  # float16 failed later, naming seed_b or KeyError: 2
+        raise DTypeError(f"op: expected dtype float32 or float64 (those of the solvers), got "
+                         f"{op.dtype}; build it with fp_operator(..., dtype=jnp.float32)")
     B = op.batch_shape[0]
     b = krylov._as_array(b)
     if not hasattr(b, "shape") or b.shape != (B,) + op.grid_shape:
         raise ValueError(f"b: expected shape {(B,) + op.grid_shape}, got {getattr(b, 'shape', type(b).__name__)}")
     if b.dtype != op.dtype:
         raise TypeError(f"b: expected dtype {op.dtype} (that of op), got {b.dtype}")
+    if B == 0:
+        raise ValueError(f"b: expected at least one system (B >= 1), got shape {b.shape}: the batch is "
+                         f"empty")
     _checks.check_finite("b", b)
     if x0 is not None:
         x0 = krylov._as_array(x0)
@@ -482,7 +514,7 @@ def solve_fp(op: FPOperator, b: Array, config: SolverConfig = SolverConfig(), *,
         if x0.dtype != b.dtype:
             raise TypeError(f"x0: expected dtype {b.dtype} (that of b), got {x0.dtype}")
         _checks.check_finite("x0", x0)
-    if not 0 <= config.seed_index < B:
+    if config.method != "gmres" and not 0 <= config.seed_index < B:  # plain Krylov: no seed
         raise ValueError(f"config.seed_index: expected in [0, {B}), got {config.seed_index}")
     if config.precondition in GRID_PRECONDITIONERS and op.scheme == "paper_b":
         raise ValueError(

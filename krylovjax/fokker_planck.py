@@ -90,6 +90,16 @@ Array = jax.Array
 SCHEMES = ("consistent", "fitted", "paper_b")
 BOUNDARIES = ("zero", "dirichlet", "reflect")
 
+
+class DTypeError(TypeError, ValueError):
+    """A dtype the solvers do not support (they run in float32 or float64 only).
+
+    A ``TypeError`` (the project's rule for dtypes, as :class:`krylovjax.data.ImageDTypeError`)
+    that is also a ``ValueError``, so ``except ValueError`` around :func:`fp_operator` or
+    :func:`krylovjax.solve_fp` catches every failure.
+    """
+
+
 # Neighbour order used everywhere: east (+x, along W), west (-x), south (+y, along H), north (-y).
 _DIRECTIONS = ("east", "west", "south", "north")
 
@@ -364,12 +374,19 @@ def fp_operator(
       boundary: ``"zero"``, ``"dirichlet"`` (needs ``boundary_values``) or ``"reflect"``.
       boundary_values: ``[..., H+2, W+2]`` ghost values for ``"dirichlet"``; only the outer
         ring is read.
-      dtype: float dtype of the coefficients; default: that of the fields, else float32 or
-        float64 as x64 dictates.
+      dtype: float dtype of the coefficients, float32 or float64; default: that of the fields
+        (which must then be float32 or float64: the solvers support no other), else float32
+        or float64 as x64 dictates.
 
     Returns:
       An :class:`FPOperator` whose ``matvec`` applies A and ``rhs(m_prev)`` builds the
       right-hand side.
+
+    Raises:
+      ValueError / TypeError naming the argument for bad shapes, options, non-finite or
+      non-positive concrete values (skipped under ``jax.jit``), and :class:`DTypeError` (both)
+      for a dtype other than float32 or float64 (float16 too, checked under ``jax.jit`` as well:
+      a float16 operator made every solver fail later with an error naming something else).
     """
     if scheme not in SCHEMES:
         raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
@@ -426,12 +443,14 @@ def fp_operator(
                     f"{name}: shape {a.shape} does not broadcast with the batch shape "
                     f"{batch_shape}") from None
 
+    dtype_name = "dtype" if dtype is not None or not fields else next(iter(fields))
     if dtype is None:
         dtype = (fields[next(iter(fields))].dtype if fields
                  else jnp.result_type(float))
     dtype = jnp.dtype(dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
+    if not _checks.is_float32_or_64(dtype):
+        raise DTypeError(f"{dtype_name}: expected a floating dtype, float32 or float64 (those of "
+                         f"the solvers), got {dtype}")
 
     g2 = _as_param("g2", g2, batch_shape, dtype)
     dt = _as_param("dt", dt, batch_shape, dtype)

@@ -136,7 +136,21 @@ def _check_int(name: str, value, minimum: int, *, static: bool) -> None:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {int(a)}")
 
 
+def _check_real(name: str, value) -> None:
+    """Refuse a bool, a string or an array of neither integers nor floats for a tolerance, in
+    :class:`krylovjax.SolverConfig`'s words: ``tol=True`` was taken as 1.0 (every system
+    "converged" at ``x = 0``) and ``tol="1e-8"`` as 1e-8. Only the dtype is looked at, so a
+    traced value (static dtype) is checked too."""
+    if isinstance(value, (bool, np.bool_, str, bytes)):
+        raise ValueError(f"{name}: expected a real number, got {value!r}")
+    dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)):
+        got = repr(value) if _checks.is_concrete(value) and np.size(value) < 8 else f"dtype {dtype}"
+        raise ValueError(f"{name}: expected a real number or an array of real numbers, got {got}")
+
+
 def _check_scalar(name: str, value, *, positive: bool) -> None:
+    _check_real(name, value)
     if jnp.ndim(value) != 0:
         raise ValueError(f"{name}: expected a scalar, got shape {jnp.shape(value)}")
     if not _checks.is_concrete(value):
@@ -149,6 +163,7 @@ def _check_scalar(name: str, value, *, positive: bool) -> None:
 
 def _check_tolerance(name: str, value, batch: int, *, positive: bool) -> None:
     """A tolerance: a scalar or one value per system (shape ``[B]``)."""
+    _check_real(name, value)
     shape = jnp.shape(value)
     if shape not in ((), (batch,)):
         raise ValueError(f"{name}: expected a scalar or an array of shape [B={batch}] (one "
@@ -221,6 +236,8 @@ def _pow2_scale(x: Array) -> Array:
     is zero or not finite). Dividing by it is exact in floating point, and it keeps a sum of
     squares from overflowing (``||b||^2`` of entries near 1e19 in float32) or underflowing
     (near 1e-24), either of which made a solve report convergence with ``x = 0``."""
+    if not _checks.is_float32_or_64(x.dtype):  # (float16 was a bare KeyError: 2 here)
+        raise TypeError(f"x: expected dtype float32 or float64 (those of the solvers), got {x.dtype}")
     amax = jnp.max(jnp.abs(x), axis=1)
     # 2^floor(log2(amax)): amax's bits with the mantissa cleared (exact; no pow or frexp)
     info = jnp.finfo(x.dtype)

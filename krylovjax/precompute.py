@@ -84,6 +84,9 @@ class PrecomputeConfig:
       h: grid spacing of the pixel lattice.
       scheme, boundary: of the FP operator (:func:`krylovjax.fokker_planck.fp_operator`).
       initial: initial log-density method (:func:`krylovjax.initial.initial_log_density`).
+        The default ``"paper_b_kde"`` (alias ``"paper_b"``) pairs each image with its
+        transpose and needs square images (H == W; :func:`precompute_scores` raises
+        ValueError otherwise); ``"paper_a_kde"`` and ``"intensity"`` take any H x W.
       score_method, score_boundary: how scores are taken from m (:func:`krylovjax.scores.score`).
         ``score_boundary="reflect"`` mirrors about the boundary node, the operator's
         ``boundary="reflect"`` half a cell out: two different conditions, set separately.
@@ -796,7 +799,10 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
     point, and takes the scores by central differences (method.md 3.3).
 
     Args:
-      images: ``[B, C, H, W]`` float32 or float64 in [0, 1], C in {1, 3}, H, W >= 4.
+      images: ``[B, C, H, W]`` float32 or float64 in [0, 1], C in {1, 3}, H, W >= 4, and
+        square (H == W) for the default ``config.initial="paper_b_kde"`` (ValueError
+        "images must be square"); for non-square images use ``initial="intensity"`` or
+        ``"paper_a_kde"``.
       config: a :class:`PrecomputeConfig`.
       key: PRNG key, needed only by the ``paper_a_kde`` initial density.
       progress: optional callable ``progress(done_sweeps, max_sweeps, info_dict)``.
@@ -811,7 +817,9 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
       stopped by ``divergence_patience``, "sweeps" only), ``batch_images`` ([sweeps run]
       images in each sweep's batch, smaller than B once ``compact`` drops converged images;
       "sweeps" only), ``fixed_point_iterations`` ([N-1]
-      most iterations of any image per step, "timestep" only), per image ``[B]``:
+      most iterations of any image per step, "timestep" only), ``fixed_point_unconverged_steps``
+      (steps, summed over the images, whose fixed point did not converge, "timestep" only),
+      ``strategy`` (``config.strategy``, the linear solver strategy used), per image ``[B]``:
       ``systems_per_image``, ``matvecs_per_image``, ``nonconverged_per_image``; ``seconds``
       (wall time, compilation included unless :func:`precompile` ran first),
       ``seconds_per_system``, ``compile_seconds`` (compilation inside this call),
