@@ -338,9 +338,6 @@ class TrainConfig:
             if not is_int(v) or v < 0:
                 raise ValueError(f"{k}: expected an integer >= 0, got {v!r}")
             set_(k, int(v))
-        if self.seed >= 2**32:  # without x64 JAX keeps 32 bits: seed 2**32 + 5 was seed 5's run
-            raise ValueError(f"seed: expected an integer in [0, 2**32) (JAX's random keys keep 32 bits of it), "
-                             f"got {self.seed}")
         if not (is_real(self.lr) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr: expected a finite learning rate > 0, got {self.lr!r}")
         if self.grad_clip is not None:
