@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import platform
+import re
 import signal
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -314,9 +315,11 @@ def _within(path: str, root: str) -> bool:
 
 def source_root(source: Any) -> str | None:
     """The file or directory a :func:`krylovjax.data.load_images` source reads: the path of a
-    ``files:`` or ``array:`` source (``~`` expanded, an array's options dropped; for a glob
-    pattern the directory before its first wildcard), or None for the others (built-in photos,
-    tfds). For :func:`move_aside`'s ``keep``."""
+    ``files:`` or ``array:`` source (``~`` expanded, an array's options dropped), or None for the
+    others (built-in photos, tfds). For :func:`move_aside`'s ``keep``. A glob pattern (a path
+    that does not exist and has wildcards, as :func:`krylovjax.data.image_paths` reads it) gives
+    the directory before its first wildcard followed by ``/**``: the files it reads may lie
+    anywhere below, so nothing below may be moved either."""
     import glob
 
     if not isinstance(source, str) or not source.startswith(("files:", "array:")):
@@ -330,9 +333,12 @@ def source_root(source: Any) -> str | None:
     path = os.path.expanduser(path)
     if not path:
         return None
+    if os.path.exists(path) or not glob.has_magic(path):  # "shots [2024]" that exists is itself
+        return os.path.abspath(path)
     parts = path.split(os.sep)
-    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
-    return os.path.abspath(os.sep.join(parts[:fixed]) or (os.sep if path.startswith(os.sep) else "."))
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    root = os.path.abspath(os.sep.join(parts[:fixed]) or (os.sep if path.startswith(os.sep) else "."))
+    return os.path.join(root, "**")
 
 
 def move_aside(workdir: str | os.PathLike, *, arg: str = "workdir",
@@ -354,14 +360,18 @@ def move_aside(workdir: str | os.PathLike, *, arg: str = "workdir",
     for path in (workdir, prev):
         if os.path.lexists(path) and not os.path.isdir(path):
             raise WorkdirConflictError(f"{arg}: {path!r} is not a directory; refusing to move or delete it")
+    if not os.path.exists(workdir):  # nothing is moved or deleted
+        return None
+    for path in (workdir, prev):
         for kept, what in (keep or {}).items():
-            if os.path.lexists(path) and _within(os.fspath(kept), path):
+            kept = os.fspath(kept)
+            tree = kept.endswith(os.sep + "**")  # a glob's folder: whatever lies below it is read too
+            root = kept[:-3] if tree else kept
+            if os.path.lexists(path) and (_within(root, path) or (tree and _within(path, root))):
                 deed = "move it aside" if path == workdir else "delete it (the older one moved aside)"
                 raise WorkdirConflictError(
-                    f"{arg}: {path!r} holds {what} ({os.fspath(kept)!r}); --fresh would {deed}: use another "
-                    f"--{arg} (nothing was moved)")
-    if not os.path.exists(workdir):
-        return None
+                    f"{arg}: {path!r} {'lies in' if tree and not _within(root, path) else 'holds'} {what} "
+                    f"({kept!r}); --fresh would {deed}: use another --{arg} (nothing was moved)")
     with workdir_lock.hold(prev, arg=arg):
         if os.path.exists(prev):
             shutil.rmtree(prev)
@@ -780,12 +790,14 @@ def interrupts_between_steps(interrupted: str) -> Iterator[Callable[[], None]]:
                 if byte not in sigs:
                     continue
                 state["count"] += 1
+                name = "Ctrl-C" if byte == signal.SIGINT else "SIGTERM"  # (a kill was told to press Ctrl-C)
                 if state["count"] == 1:
+                    again = "Ctrl-C again" if byte == signal.SIGINT else "a second SIGTERM (or Ctrl-C)"
                     sys.stderr.write("interrupt: stopping when the computation in flight ends (it cannot be cut "
-                                     "short); Ctrl-C again to stop at once\n")
+                                     f"short); {again} to stop at once\n")
                     sys.stderr.flush()
                 else:
-                    sys.stderr.write(f"interrupted (a second Ctrl-C): {interrupted}\n")
+                    sys.stderr.write(f"interrupted (a second {name}): {interrupted}\n")
                     sys.stderr.flush()
                     os._exit(130)
 
@@ -1591,17 +1603,17 @@ class _QuietOrbax(logging.Filter):
     errors pass). Orbax's errors pass as one line each, without the traceback of its worker
     thread: a checkpoint that cannot be written (a full disk) is logged once per writer thread
     with some 90 lines of orbax's and asyncio's frames each, above the run's own
-    ``CheckpointError`` that says what failed and how to go on. An error line whose text was
-    already shown (its threads fail with the same exception) is dropped, and after
-    :attr:`SHOWN` lines one more says that the rest are not shown: a clean-clone CI run under
-    load saw 12 lines where an idle run logs 3 (2026-12-07), and every orbax error ends such a
-    binary with its own message."""
+    ``CheckpointError`` that says what failed and how to go on. Within one orbax operation (its
+    ``operation_id``: one save), an error line whose text was already shown (its threads fail
+    with the same exception) is dropped, and after :attr:`SHOWN` lines one more says that the
+    rest are not shown: a clean-clone CI run under load saw 12 lines where an idle run logs 3
+    (2026-12-07); the run's own message follows them."""
 
     SHOWN = 2
 
     def __init__(self):
         super().__init__()
-        self._seen: set[str] = set()
+        self._seen: dict[str | None, set[str]] = {}  # per operation_id, the error texts shown
 
     def filter(self, record):
         if _orbax_task_never_retrieved(record):
@@ -1612,12 +1624,14 @@ class _QuietOrbax(logging.Filter):
             record.exc_info = record.exc_text = None
             text = record.getMessage()
             # the same exception in another thread: "[process=0][thread=...][operation_id=1] ... : <error>"
+            op = re.search(r"\[operation_id=([^\]]*)\]", text)
+            seen = self._seen.setdefault(op.group(1) if op else None, set())
             key = text.split("] ", 3)[-1] if text.startswith("[process=") else text
             key = key.split("raised an exception: ", 1)[-1]
-            if key in self._seen or len(self._seen) > self.SHOWN:
+            if key in seen or len(seen) > self.SHOWN:
                 return False
-            self._seen.add(key)
-            if len(self._seen) > self.SHOWN:
+            seen.add(key)
+            if len(seen) > self.SHOWN:
                 record.msg, record.args = "orbax: its further errors are not shown (the run's own message follows)", ()
             elif "\n" in text:
                 record.msg, record.args = text.splitlines()[0] + " [...]", ()
@@ -1661,11 +1675,16 @@ def quiet_orbax_logs() -> None:
 
     from absl import logging as absl_logging
 
-    absl_logging.get_absl_handler().addFilter(_QuietOrbax())
+    handler = absl_logging.get_absl_handler()
+    if not any(isinstance(f, _QuietOrbax) for f in handler.filters):  # once (binaries' main called in tests)
+        handler.addFilter(_QuietOrbax())
+    if getattr(sys.unraisablehook, "drops_closed_loops", False):
+        return
     previous = sys.unraisablehook
 
     def hook(unraisable):
         if not _closed_loop_callback(unraisable):
             previous(unraisable)
 
+    hook.drops_closed_loops = True
     sys.unraisablehook = hook

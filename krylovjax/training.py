@@ -2010,7 +2010,10 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
         if eval_fn is not None and last_eval_step != step and stop_reason != "target":
             if evaluate() and target is not None:
                 stop_reason = "target"
+            if nproc == 1:  # an interrupt the final evaluation's code swallowed (it came in a gc callback)
+                interrupts.check()
     except KeyboardInterrupt as err:
+        _SWALLOWED.clear()  # acted on: a later train() in this process starts clean
         try:  # the state may be mid-update (its buffers donated to a step in flight)
             if nproc > 1 and not isinstance(err, _AgreedInterrupt):  # a save is collective
                 raise RuntimeError("several processes, interrupted at once (a second interrupt, or during an "

@@ -859,6 +859,32 @@ def test_quiet_orbax_filter():
                                      "Task exception was never retrieved\nfuture: <Task finished>", None, sys.exc_info())
         assert f.filter(task) is not dropped
 
+    from absl import logging as absl_logging
+
+    handler = absl_logging.get_absl_handler()
+    before, hook = list(handler.filters), sys.unraisablehook
+    seen = []
+    sys.unraisablehook = seen.append
+    try:
+        handler.filters[:] = [x for x in before if not isinstance(x, eu._QuietOrbax)]  # (a binary's main ran here)
+        eu.quiet_orbax_logs()
+        eu.quiet_orbax_logs()  # once: a second call adds no second filter and no second hook
+        added = [x for x in handler.filters if x not in before or isinstance(x, eu._QuietOrbax)]
+        assert len(added) == 1 and isinstance(added[0], eu._QuietOrbax)
+        loop = asyncio.new_event_loop()
+        loop.close()
+        try:
+            loop.call_soon_threadsafe(print)  # what tensorstore's callback meets once orbax gave up
+        except RuntimeError as err:
+            closed = err
+        unrelated = RuntimeError("Event loop is closed")  # the same text raised elsewhere
+        for err in (closed, unrelated, ValueError("other")):
+            sys.unraisablehook(types.SimpleNamespace(exc_type=type(err), exc_value=err, exc_traceback=err.__traceback__,
+                                                     err_msg=None, object=None))
+        assert len(seen) == 2 and seen[0].exc_value is unrelated and isinstance(seen[1].exc_value, ValueError)
+    finally:
+        handler.filters[:] = before
+        sys.unraisablehook = hook
 
 
 def test_quiet_orbax_shows_each_error_once_and_a_bounded_number():
@@ -883,30 +909,10 @@ def test_quiet_orbax_shows_each_error_once_and_a_bounded_number():
         "orbax: its further errors are not shown (the run's own message follows)"
     assert not any(f.filter(err("t%d" % i, "other %d" % i)) for i in range(10))
     assert f.filter(logging.LogRecord("absl", logging.ERROR, "/krylovjax/training.py", 1, "ours", None, None))
-    from absl import logging as absl_logging
-
-    handler = absl_logging.get_absl_handler()
-    before, hook = list(handler.filters), sys.unraisablehook
-    seen = []
-    sys.unraisablehook = seen.append
-    try:
-        eu.quiet_orbax_logs()
-        added = [x for x in handler.filters if x not in before]
-        assert len(added) == 1 and isinstance(added[0], eu._QuietOrbax)
-        loop = asyncio.new_event_loop()
-        loop.close()
-        try:
-            loop.call_soon_threadsafe(print)  # what tensorstore's callback meets once orbax gave up
-        except RuntimeError as err:
-            closed = err
-        unrelated = RuntimeError("Event loop is closed")  # the same text raised elsewhere
-        for err in (closed, unrelated, ValueError("other")):
-            sys.unraisablehook(types.SimpleNamespace(exc_type=type(err), exc_value=err, exc_traceback=err.__traceback__,
-                                                     err_msg=None, object=None))
-        assert len(seen) == 2 and seen[0].exc_value is unrelated and isinstance(seen[1].exc_value, ValueError)
-    finally:
-        handler.filters[:] = before
-        sys.unraisablehook = hook
+    # another operation (a later save of the same process): its errors are shown again
+    later = err("np_type_handler", full)
+    later.args = (0, "np_type_handler", "2", full)
+    assert f.filter(later) and later.getMessage().endswith(full)
 
 
 def test_image_grid_per_row_labels_and_bad_panels(tmp_path, monkeypatch):

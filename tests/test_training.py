@@ -691,6 +691,45 @@ def test_ctrl_c_finishes_the_update_and_saves_it(tmp_path, trajectories):
     assert res.resumed_from == saved[0] and _records(wd, "train") == list(range(1, saved[0] + 3))
 
 
+def test_an_interrupt_swallowed_in_the_final_evaluation_still_stops_the_run(tmp_path, trajectories):
+    """Ctrl-C during the final evaluation (where train lets it interrupt at once) whose handler
+    ran inside a gc callback: Python printed the KeyboardInterrupt and ran on, and train returned
+    as if finished (a review, 2026-12-07). It is marked pending and acted on after the evaluation:
+    the checkpoint of the last step is saved and the interrupt raised."""
+    import gc
+
+    calls = []
+
+    def in_gc(phase, info):  # the handler runs between these bytecodes, inside the callback
+        if phase == "start" and len(calls) == 1:
+            calls.append("signalled")
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(10**6):
+                pass
+
+    def eval_fn(fn, step):
+        calls.append(step)
+        gc.callbacks.append(in_gc)
+        try:
+            gc.collect()
+        finally:
+            gc.callbacks.remove(in_gc)
+        return {"ssim": 0.5}
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    swallowed = []
+    hook, sys.unraisablehook = sys.unraisablehook, swallowed.append
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tr.train(OURS.replace(num_steps=3, eval_every=100, checkpoint_every=100), trajectories, tmp_path / "r",
+                     eval_fn=eval_fn)
+    finally:
+        sys.unraisablehook = hook
+        signal.signal(signal.SIGINT, previous)
+    assert calls == [3, "signalled"] and [u.exc_type for u in swallowed] == [KeyboardInterrupt]
+    assert _complete_steps(os.path.join(tmp_path, "r", "checkpoints")) == [3]
+
+
 def test_the_data_sde_is_compared_by_value(trajectories):
     x, t = trajectories.x, trajectories.t
     for kwargs in ({"sigma": 5.0}, {"sigma": 5}, {"sigma": np.float32(5.0)}):  # the same SDE

@@ -356,15 +356,38 @@ def test_fresh_never_moves_or_deletes_what_the_run_reads(tmp_path, where):
     assert eu.move_aside(out, keep={str(tmp_path / "elsewhere"): "x"}) == str(prev)
 
 
+def test_fresh_never_moves_what_a_glob_reads_and_a_missing_directory_moves_nothing(tmp_path):
+    """(A review.) An outdir inside a glob's folder holds files the pattern may read
+    (files:photos/**/*.png): moved by --fresh, and deleted by the next one, until then only an
+    outdir holding the folder was refused. And a missing outdir moves nothing, so a kept path in
+    its .prev is no reason to refuse."""
+    photos = tmp_path / "photos"
+    (photos / "batch2").mkdir(parents=True)
+    (photos / "batch2" / "a.png").write_bytes(b"")
+    keep = {eu.source_root(f"files:{photos}/**/*.png"): "the noisy images (--input)"}
+    before = _snapshot(tmp_path)
+    with pytest.raises(eu.WorkdirConflictError, match=r"'.*/photos/batch2' lies in the noisy images \(--input\) "
+                                                      r"\('.*/photos/\*\*'\); --fresh would move it aside"):
+        eu.move_aside(photos / "batch2", arg="outdir", keep=keep)
+    with pytest.raises(eu.WorkdirConflictError, match="holds the noisy images"):  # holding it: as before
+        eu.move_aside(tmp_path, arg="outdir", keep=keep)
+    assert _snapshot(tmp_path) == before
+    assert eu.move_aside(tmp_path / "elsewhere", keep=keep) is None  # nothing there
+    (tmp_path / "out.prev" / "checkpoints").mkdir(parents=True)
+    assert eu.move_aside(tmp_path / "out", keep={str(tmp_path / "out.prev"): "the training run"}) is None
+
+
 def test_source_root_names_what_a_source_reads(tmp_path):
     (tmp_path / "a,b.npy").write_bytes(b"")
-    assert eu.source_root(f"files:{tmp_path}/photos/*.png") == str(tmp_path / "photos")
-    assert eu.source_root(f"files:{tmp_path}/p/**/x?.jpg") == str(tmp_path / "p")
+    (tmp_path / "shots [2024]").mkdir()  # an existing path is itself, wildcard characters and all
+    assert eu.source_root(f"files:{tmp_path}/shots [2024]") == str(tmp_path / "shots [2024]")
+    assert eu.source_root(f"files:{tmp_path}/photos/*.png") == str(tmp_path / "photos" / "**")  # a glob's tree
+    assert eu.source_root(f"files:{tmp_path}/p/**/x?.jpg") == str(tmp_path / "p" / "**")
     assert eu.source_root(f"files:{tmp_path}/one.png") == str(tmp_path / "one.png")
     assert eu.source_root(f"array:{tmp_path}/x.npz,key=images,layout=NHWC") == str(tmp_path / "x.npz")
     assert eu.source_root(f"array:{tmp_path}/a,b.npy") == str(tmp_path / "a,b.npy")  # a comma of the name
     assert eu.source_root("files:~/photos") == os.path.join(os.path.expanduser("~"), "photos")
-    assert eu.source_root("files:*.png") == os.getcwd()
+    assert eu.source_root("files:*.png") == os.path.join(os.getcwd(), "**")
     for other in ("builtin", "builtin:astronaut", "cifar10", None, "files:"):
         assert eu.source_root(other) is None
 
