@@ -422,7 +422,8 @@ def _prepare_hint(name: str, root: str) -> str:
         f"(array_record files can be read without TensorFlow through tfds.data_source), then give "
         f"that data directory: load_tfds/load_images(data_dir=...); experiments.precompute "
         f"--config.data_dir=...; experiments.denoise and experiments.budget --config.data.kwargs.data_dir=...; "
-        f"the Colab notebook KRYLOVJAX_NB_DATA_DIR; or the TFDS_DATA_DIR environment variable."
+        f"the Colab notebook KRYLOVJAX_NB_DATA_DIR; or the TFDS_DATA_DIR environment variable (the only way for "
+        f"experiments.restore's --input/--clean and experiments.generate's --reference)."
     )
 
 

@@ -1434,7 +1434,7 @@ def _restore(mngr: ocp.CheckpointManager, step: int, template: TrainState, shard
         state, record, meta = r["state"], r["config"], r["meta"]
     except Exception as err:  # orbax / tensorstore raise many types for damaged files
         raise CheckpointError(
-            f"checkpoint {path!r} cannot be restored ({type(err).__name__}: {str(err)[:300]}). "
+            f"checkpoint {path!r} cannot be restored ({type(err).__name__}: {' '.join(str(err).split())[:300]}). "
             "Nothing was changed on disk; move this step directory away to resume from an earlier "
             "checkpoint, or use a new workdir.") from err
     if not isinstance(meta, dict) or "sha256" not in meta or not isinstance(record, dict):
@@ -2089,6 +2089,10 @@ def load_checkpoint(workdir: str | os.PathLike, *, step: int | None = None) -> L
                 return _load_step(reader, ckpt_dir, chosen)
             except Exception as err:
                 if os.path.isdir(os.path.join(ckpt_dir, str(chosen))):
+                    earlier = sorted(s for s in steps if s < chosen)
+                    if isinstance(err, CheckpointError) and earlier:  # a reader need not move anything
+                        raise CheckpointError(f"{err} Or read an earlier checkpoint: give its step (generate's and "
+                                              f"restore's --step), one of {earlier}.") from err
                     raise
                 if step is not None:
                     raise FileNotFoundError(

@@ -772,8 +772,13 @@ def test_corrupt_checkpoint_gives_clear_error_and_touches_nothing(tmp_path, ours
     before = _snapshot(str(wd))
     with pytest.raises(tr.CheckpointError, match="20"):
         tr.train(OURS.replace(num_steps=30, checkpoint_every=10, eval_every=10), trajectories, wd)
-    with pytest.raises(tr.CheckpointError):
+    with pytest.raises(tr.CheckpointError) as err:
         tr.load_score_fn(wd)
+    # one line, naming the earlier checkpoints a reader can take (generate/restore --step) instead of
+    # only "move this step directory away" (a walkthrough, 2026-12-07)
+    assert "\n" not in str(err.value)
+    assert str(err.value).endswith("Or read an earlier checkpoint: give its step (generate's and restore's "
+                                   "--step), one of [10].")
     assert _snapshot(str(wd)) == before  # nothing overwritten, deleted or added
 
     # a missing state item (e.g. deleted by hand) is refused the same way
