@@ -460,8 +460,7 @@ def images_kept(cfg) -> dict[str, str]:
     photos of a ``files:`` / ``array:`` source that lie in the work directory."""
     from krylovjax import experiment_utils as eu
 
-    root = eu.source_root(cfg.data.source)
-    return {root: "the images it reads (--config.data.source)"} if root else {}
+    return eu.sources_kept((cfg.data.source, "the images it reads (--config.data.source)"))
 
 
 def claim_record(cfg, clean):

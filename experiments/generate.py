@@ -343,9 +343,8 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
 
         # claimed with the settings asked; a failure while the claim is all the directory holds withdraws it
         # --fresh moves --outdir aside: never over the training run or the reference images
-        keep = {workdir: "the training run it samples from (--workdir)"}
-        if eu.source_root(reference):
-            keep[eu.source_root(reference)] = "the reference images (--reference)"
+        keep = {workdir: "the training run it samples from (--workdir)",
+                **eu.sources_kept((reference, "the reference images (--reference)"))}
         return eu.run_claimed(outdir, "generate", settings_asked, sample_and_write, legacy=LEGACY_SETTINGS,
                               arg="outdir", fresh=fresh, keep=keep)
 

@@ -186,8 +186,7 @@ def _precompute(cfg, token: int):
         pipeline.check_run_args(images, pcfg, cfg.chunk_images, cfg.store_dtype, cfg.embed_component,
                                 jax.process_index(), jax.process_count())
     if FLAGS.fresh:  # once the config and the images are found good: a refused command moves nothing
-        root = eu.source_root(cfg.dataset)  # never the photos it reads
-        moved = eu.move_aside(FLAGS.workdir, keep={root: "the images it reads (--config.dataset)"} if root else None)
+        moved = eu.move_aside(FLAGS.workdir, keep=eu.sources_kept((cfg.dataset, "the images it reads (--config.dataset)")))
         if moved:
             logging.info("--fresh: moved the previous run to %s", moved)
     logging.info("%d images %s (%s), %d process(es), %d local device(s)", images.shape[0],

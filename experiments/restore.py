@@ -577,10 +577,8 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
 
         # claimed with the settings; a failure while the claim is all the directory holds withdraws it
         # --fresh moves --outdir aside: never over the training run or the images read
-        keep = {workdir: "the training run it restores with (--workdir)"}
-        for src, what in ((input, "the noisy images (--input)"), (clean, "the clean images (--clean)")):
-            if eu.source_root(src):
-                keep[eu.source_root(src)] = what
+        keep = {workdir: "the training run it restores with (--workdir)",
+                **eu.sources_kept((input, "the noisy images (--input)"), (clean, "the clean images (--clean)"))}
         return eu.run_claimed(outdir, "restore", settings, denoise_and_write, legacy=LEGACY_SETTINGS, arg="outdir",
                               fresh=fresh, keep=keep)
 

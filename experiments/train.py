@@ -28,7 +28,6 @@ one-process run on as many devices; process 0 writes ``metrics.jsonl`` and ``res
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 
@@ -127,16 +126,14 @@ def _builtin_data(images, pc, train_cfg, workdir):
     x = np.asarray(transport.embed(images, res.scores, pc.make_sde(), res.t, res.dt))
     t = np.asarray(res.t)
     if jax.process_index() == 0:  # every process computes them alike
-        tmp = f"{path}.{os.getpid()}.tmp.npz"
+        from krylovjax._io_errors import atomic_write
+
         try:
             os.makedirs(workdir, exist_ok=True)
-            np.savez(tmp, x=x, t=t, key=np.asarray(key))
-            os.replace(tmp, path)
+            atomic_write(path, lambda f: np.savez(f, x=x, t=t, key=np.asarray(key)), binary=True)
         except OSError as err:  # a full disk: the run goes on (a resume pre-computes again)
             logging.warning("the pre-computed trajectories could not be kept in %s (%s); a resumed run "
                             "computes them again", path, err)
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
     return training.Trajectories(x=x, t=t, sde=sde)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 from typing import Iterator
 
-__all__ = ["write_failure_cause", "plain_file_mode", "atomic_write_text"]
+__all__ = ["write_failure_cause", "plain_file_mode", "atomic_write_text", "atomic_write"]
 
 
 def _chain(err: BaseException) -> Iterator[BaseException]:
@@ -53,10 +53,15 @@ def plain_file_mode() -> int:
 
 
 def atomic_write_text(path: str, text: str, *, durable: bool = False) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically: a temporary file in the same directory, with
-    the mode ``open()`` would give (:func:`plain_file_mode`), renamed into place; ``durable`` also
-    fsyncs it before the rename. A failure removes the temporary file and raises. The one writer
-    of the binaries' results, the training run's records and the store's manifest and markers."""
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_write`). The one writer of the
+    binaries' results, the training run's records and the store's manifest and markers."""
+    atomic_write(path, lambda f: f.write(text), durable=durable)
+
+
+def atomic_write(path: str, write, *, binary: bool = False, durable: bool = False) -> None:
+    """``write(f)`` into a temporary file in ``path``'s directory (text, UTF-8, or ``binary``),
+    with the mode ``open()`` would give (:func:`plain_file_mode`), renamed into place; ``durable``
+    also fsyncs it before the rename. A failure removes the temporary file and raises."""
     import os
     import tempfile
 
@@ -64,8 +69,8 @@ def atomic_write_text(path: str, text: str, *, durable: bool = False) -> None:
     fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
         os.fchmod(fd, plain_file_mode())  # mkstemp's 0600 would outlive the rename
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
+            write(f)
             if durable:
                 f.flush()
                 os.fsync(f.fileno())

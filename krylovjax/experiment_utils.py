@@ -48,6 +48,7 @@ __all__ = [
     "run_claimed",
     "move_aside",
     "source_root",
+    "sources_kept",
     "distributed_args",
     "init_distributed",
     "check_same_config",
@@ -339,6 +340,13 @@ def source_root(source: Any) -> str | None:
     fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
     root = os.path.abspath(os.sep.join(parts[:fixed]) or (os.sep if path.startswith(os.sep) else "."))
     return os.path.join(root, "**")
+
+
+def sources_kept(*sources: tuple[Any, str]) -> dict[str, str]:
+    """:func:`move_aside`'s ``keep`` for the ``(source, what it is)`` pairs a run reads: the
+    :func:`source_root` of each ``files:`` / ``array:`` source, the others (None, built-in
+    photos, tfds) left out."""
+    return {root: what for root, what in ((source_root(src), what) for src, what in sources) if root}
 
 
 def move_aside(workdir: str | os.PathLike, *, arg: str = "workdir",

@@ -996,6 +996,10 @@ def test_binary_ours_with_builtin_precompute(tmp_path):
     # the pre-computed trajectories are kept: a resume reads them instead of pre-computing again
     # (the same data: train's fingerprint check passes), and a damaged file is computed again
     kept = wd / "builtin_trajectories.npz"
+    from krylovjax._io_errors import plain_file_mode
+
+    assert os.stat(kept).st_mode & 0o777 == plain_file_mode()  # written atomically, with open()'s mode
+    assert [n for n in os.listdir(wd) if n.endswith(".tmp")] == []
     with np.load(kept) as z:
         assert z["x"].shape == (NUM_IMAGES, 4, 3, SIZE, SIZE) and z["t"].shape == (4,)
     more = subprocess.run([c.replace("--config.num_steps=4", "--config.num_steps=6") for c in cmd], cwd=REPO,

@@ -390,6 +390,9 @@ def test_source_root_names_what_a_source_reads(tmp_path):
     assert eu.source_root("files:*.png") == os.path.join(os.getcwd(), "**")
     for other in ("builtin", "builtin:astronaut", "cifar10", None, "files:"):
         assert eu.source_root(other) is None
+    assert eu.sources_kept(("builtin", "a"), (f"files:{tmp_path}/one.png", "b"), (None, "c"),
+                           (f"files:{tmp_path}/photos/*.png", "d")) == {
+        str(tmp_path / "one.png"): "b", str(tmp_path / "photos" / "**"): "d"}
 
 
 def test_generate_refuses_a_held_outdir(tmp_path):
