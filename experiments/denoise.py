@@ -195,6 +195,8 @@ def check_config(cfg) -> None:
     nf = cfg.num_frames
     if isinstance(nf, bool) or not isinstance(nf, int) or nf < 2:
         raise ValueError(f"num_frames: expected an int >= 2, got {nf!r}")
+    eu.check_frames(nf, "trajectory.png")
+    eu.check_seed(cfg.eval_seed, "eval_seed")  # the samplers' key (PRNGKey keeps 32 bits without x64)
     for m in ("ours", "ddpm"):
         b = cfg[m].train.get("budget_seconds")
         if b is not None:

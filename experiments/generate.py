@@ -64,7 +64,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "Training run directory (with checkpoints/).")
     flags.DEFINE_string("outdir", None, "Output directory (default: <workdir>/generate).")
     flags.DEFINE_integer("num_samples", 4, "Number of samples.")
-    flags.DEFINE_integer("num_frames", 10, "Frames of each trajectory shown (>= 2).")
+    flags.DEFINE_integer("num_frames", 10, "Frames of each trajectory shown (2 to 64).")
     flags.DEFINE_enum("sampler", "auto", ("auto",) + SAMPLERS_OURS + SAMPLERS_DDPM, "Sampler (see module doc).")
     flags.DEFINE_integer("num_steps", 50, "Steps of the fixed-step samplers (sde, paper_a, ddim; ddim: 0 = all).")
     flags.DEFINE_integer("seed", 0, "PRNG seed of the prior and the sampler noise.")
@@ -273,6 +273,7 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
                             ("reference_count", reference_count, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+        eu.check_frames(num_frames, "samples.png")
         eu.check_seed(seed)
         eu.check_training_run(workdir)
         if sampler not in ("auto",) + SAMPLERS_OURS + SAMPLERS_DDPM:
@@ -289,21 +290,19 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
                     "num_frames": num_frames, "sampler": sampler, "num_steps": num_steps, "seed": seed,
                     "reference": reference, "reference_count": reference_count, "final_denoise": final_denoise}
         with eu.checking_arguments():
+            # The model first (as restore does): a --step with no checkpoint is said to be so, not
+            # refused as other settings than the output directory's (a walkthrough).
+            fn = training.load_score_fn(workdir, step=step)
             if not fresh:  # (--fresh moves whatever is there aside, once the flags are found good)
                 eu.check_claim(outdir, "generate", settings, legacy=LEGACY_SETTINGS, arg="outdir", fresh_flag=True)
             if os.path.exists(os.path.join(outdir, "samples.json")) and not (overwrite or fresh):
                 done_step, newer = eu.finished_step(os.path.join(outdir, "samples.json")), ""
-                if done_step is not None:  # samples of an older checkpoint are said to be so
-                    try:
-                        now = int(training.load_score_fn(workdir, step=step).step)
-                    except Exception:  # (the refusal stands whatever the model's state)
-                        now = done_step
-                    if now != done_step:
-                        newer = f", from step {done_step} of the model (its checkpoint now is step {now})"
+                now = int(fn.step)  # samples of an older checkpoint are said to be so
+                if done_step is not None and now != done_step:
+                    newer = f", from step {done_step} of the model (its checkpoint now is step {now})"
                 raise eu.WorkdirConflictError(
                     f"outdir: {outdir!r} already holds these samples{newer}; pass --overwrite to redo them, "
                     "--fresh to move them aside, or use another --outdir")
-            fn = training.load_score_fn(workdir, step=step)
             tc = fn.config
             sampler = resolve_sampler(tc, sampler)
             if sampler in ("sde", "paper_a") and num_steps < 1:

@@ -98,7 +98,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("outdir", None, "Output directory (default: <workdir>/restore).")
     flags.DEFINE_enum("sampler", "auto", ("auto",) + SAMPLERS_OURS + SAMPLERS_DDPM, "Sampler (see module doc).")
     flags.DEFINE_integer("num_steps", 50, "Steps of the sde and paper_a samplers.")
-    flags.DEFINE_integer("num_frames", 6, "Trajectory frames shown per image (>= 2).")
+    flags.DEFINE_integer("num_frames", 6, "Trajectory frames shown per image (2 to 64).")
     flags.DEFINE_integer("seed", 0, "PRNG seed of the stochastic samplers.")
     flags.DEFINE_bool("final_denoise", True, "Ours' ode/sde/flow samplers: end with Tweedie's denoising step.")
     flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
@@ -347,9 +347,11 @@ def _mispaired(inputs: list, cleans: list) -> list[str]:
     return out
 
 
-def _files(source: str, arg: str, count: int, num_images: int | None, channels: int, notes: list):
+def _files(source: str, arg: str, count: int, num_images: int | None, channels: int, notes: list,
+           size: int | None = None):
     """Each image's file and its size as read (``files:`` sources; None otherwise), with notes on
-    what the reading did to them: gray files in colour, centre crops of oblong files."""
+    what the reading did to them: gray files in colour, centre crops of oblong files, and files
+    smaller than the model's ``size`` enlarged to it."""
     from krylovjax import experiment_utils as eu
     from krylovjax.data import file_info, selected_paths
 
@@ -364,6 +366,11 @@ def _files(source: str, arg: str, count: int, num_images: int | None, channels: 
     oblong = [f"{n} ({i['size'][0]}x{i['size'][1]})" for n, i in zip(shown, infos) if i["size"][0] != i["size"][1]]
     if oblong:
         notes.append(f"{arg}: centre-cropped to a square before the resize: {', '.join(oblong)}")
+    small = [f"{n} ({i['size'][0]}x{i['size'][1]})" for n, i in zip(shown, infos)
+             if size is not None and min(i["size"]) < size]
+    if small:  # (a 2x2 file was restored at 32x32 without a word; a walkthrough)
+        notes.append(f"{arg}: smaller than the model's {size}x{size}, enlarged to it (its noise then spans "
+                     f"neighbouring pixels, unlike the noise the model knows): {', '.join(small)}")
     return paths, [list(i["size"]) for i in infos], shown
 
 
@@ -387,6 +394,7 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
         for name, v, lo in (("num_images", num_images, 0), ("num_frames", num_frames, 2), ("num_steps", num_steps, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
+        eu.check_frames(num_frames, "restore.png")
         eu.check_seed(seed)
         if not isinstance(add_noise, (int, float)) or isinstance(add_noise, bool) or not (
                 np.isfinite(add_noise) and add_noise >= 0):
@@ -436,7 +444,8 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
                 raise ValueError(f"clean: {ref.shape[0]} images for the {source.shape[0]} inputs")
             noisy = eu.noisy_copy(source, float(add_noise), noise_seed) if add_noise else source
             estimated = estimate_noise(noisy)
-            files, sizes, shown = _files(input, "input", noisy.shape[0], count, unet.in_channels, read_notes)
+            files, sizes, shown = _files(input, "input", noisy.shape[0], count, unet.in_channels, read_notes,
+                                         unet.image_size)
             names = _names(files)
             clean_files = ([None] * noisy.shape[0] if add_noise or not clean else
                            _files(clean, "clean", noisy.shape[0], count, unet.in_channels, read_notes)[0])
@@ -473,6 +482,11 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
                 if not fresh:  # (--fresh moves whatever is there aside, once the flags are found good)
                     eu.check_claim(outdir, "restore", settings, legacy=LEGACY_SETTINGS, arg="outdir", fresh_flag=True)
             except eu.WorkdirConflictError as err:
+                if "differs at: input_sha256)" in str(err):  # (it showed the two hashes, cut; a walkthrough)
+                    raise eu.WorkdirConflictError(
+                        f"outdir: {outdir!r} holds this restore run of other pixels: the --input images changed "
+                        "since it ran (all flags are the same); use another --outdir, or --fresh to move it to "
+                        f"{os.path.abspath(outdir) + '.prev'!r} first (nothing there was changed)") from err
                 if baseline == "none" or "differs at: baseline)" not in str(err):
                     raise
                 raise eu.WorkdirConflictError(

@@ -212,6 +212,7 @@ def _train(cfg, source):
                              "evaluation set and never evaluates (experiments.denoise and experiments.budget do, "
                              "on their noisy photos)")
         training.check_workdir(FLAGS.workdir, train_cfg)  # another run's config: refused before pre-computing
+        training.check_new_seed(FLAGS.workdir, train_cfg)
         training.check_mesh(train_cfg)  # the batch against this machine's devices
         if source == "builtin":
             images, pc = _builtin_inputs(cfg, train_cfg)

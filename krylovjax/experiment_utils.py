@@ -995,6 +995,18 @@ def finished_step(path: str) -> int | None:
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
+#: The most trajectory frames a figure shows: each is a column of it (generate's and restore's
+#: ``--num_frames``; 1001 frames of ancestral DDPM drew a 143 000-pixel-wide PNG, a walkthrough).
+MAX_FRAMES = 64
+
+
+def check_frames(num_frames: int, figure: str) -> None:
+    """ValueError naming ``num_frames`` above :data:`MAX_FRAMES` (the columns of ``figure``)."""
+    if num_frames > MAX_FRAMES:
+        raise ValueError(f"num_frames: expected at most {MAX_FRAMES} (each frame is a column of {figure}), "
+                         f"got {num_frames}")
+
+
 def check_seed(value: Any, name: str = "seed") -> int:
     """A seed of ``jax.random.PRNGKey``: an int in ``[0, 2**32)``, or ValueError naming ``name``.
     Without x64 JAX keeps 32 bits of it (``PRNGKey(2**32 + 5)`` is ``PRNGKey(5)``: another seed

@@ -1386,6 +1386,16 @@ def _check_record(workdir: str, stored: dict, given: dict) -> None:
             + " may change on resume).")
 
 
+def check_new_seed(workdir: str | os.PathLike, config: "TrainConfig") -> None:
+    """ValueError naming ``seed`` when a new run in ``workdir`` (no saved config) has a seed
+    outside ``[0, 2**32)``: without x64 ``PRNGKey(2**32 + k)`` is ``PRNGKey(k)`` (another seed
+    silently repeats one), and from ``2**63`` on it is an OverflowError. A run saved with such a
+    seed still resumes: its config is read back through ``from_dict``, which does not bound it."""
+    if not 0 <= config.seed < 2**32 and not os.path.exists(os.path.join(os.fspath(workdir), _CONFIG_FILE)):
+        raise ValueError(f"seed: expected an int in [0, 2**32) for a new run (JAX's random keys keep 32 bits "
+                         f"of it without x64), got {config.seed}")
+
+
 def check_workdir(workdir: str | os.PathLike, config: "TrainConfig") -> None:
     """Refuse, before any work, a ``workdir`` whose run was made with another train config.
 
@@ -1770,6 +1780,7 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
                 raise ValueError("eval_every: must be >= 1 when a target is given")
         if eval_fn is not None and not callable(eval_fn):
             raise ValueError(f"eval_fn: expected a callable eval_fn(fn, step) -> dict, got {type(eval_fn).__name__}")
+        check_new_seed(workdir, config)
         mesh = check_mesh(config, mesh)
         nproc, primary = jax.process_count(), jax.process_index() == 0
         sharded = shard_data(config, data, mesh)

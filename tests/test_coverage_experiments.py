@@ -441,6 +441,8 @@ def test_denoise_run_gives_a_per_image_model_its_images_index(tmp_path, monkeypa
     ("denoise", "methods", (), r"methods: expected distinct entries .*\(\)"),
     ("denoise", "num_frames", 1, "num_frames: expected an int >= 2, got 1"),
     ("denoise", "num_frames", True, "num_frames: expected an int >= 2, got True"),
+    ("denoise", "num_frames", 65, r"num_frames: expected at most 64 \(each frame is a column of trajectory.png\)"),
+    ("denoise", "eval_seed", 2**32, r"eval_seed: expected an int in \[0, 2\*\*32\)"),  # (32 bits without x64)
     ("denoise", "ours.train.budget_seconds", -5.0, "ours.train.budget_seconds: expected a finite number of seconds"),
     ("denoise", "ddpm.sampler.method", "plms", r"ddpm.sampler.method: expected one of \('ancestral', 'ddim'\)"),
     ("denoise", "ddpm.sampler.clip_x0", "yes", "ddpm.sampler.clip_x0: expected a bool, got 'yes'"),
@@ -684,6 +686,9 @@ def test_generate_run_per_image_ddpm_against_multi_image_references(tmp_path, mo
     ("ours", {"seed": 2**32 + 5}, ValueError, r"seed: expected an int in \[0, 2\*\*32\) \(JAX's random keys keep 32 "
                                                r"bits of it\), got 4294967301"),
     ("ours", {"seed": -1}, ValueError, r"seed: expected an int in \[0, 2\*\*32\)"),
+    # 1001 frames of ancestral DDPM drew a 143 000-pixel-wide figure
+    ("ddpm", {"num_frames": 65}, ValueError, r"num_frames: expected at most 64 \(each frame is a column of samples.png\), "
+                                             r"got 65"),
 ])
 def test_generate_run_refuses_bad_settings_before_sampling(method, kw, error, match, tmp_path, monkeypatch):
     from experiments import generate

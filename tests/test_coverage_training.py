@@ -175,6 +175,21 @@ def test_train_step_without_clipping_or_warmup_in_float64(monkeypatch):
     assert min(norms) > 2.0 and max(norms) / min(norms) > 1.05  # a clip at 1 would change steps 2 and 3
 
 
+def test_a_new_run_refuses_a_seed_jax_would_cut_and_a_saved_run_keeps_its_own(tmp_path):
+    """Without x64 PRNGKey(2**32 + k) is PRNGKey(k), and from 2**63 on it is an OverflowError: a new
+    run is refused naming the seed, before its workdir is made; a run saved with such a seed (its
+    config read back through from_dict, which does not bound it) is not."""
+    big = tr.TrainConfig(seed=2**32 + 5)
+    wd = tmp_path / "new"
+    with pytest.raises(ValueError, match=r"^seed: expected an int in \[0, 2\*\*32\) for a new run .*got 4294967301"):
+        tr.train(big, None, str(wd))
+    assert not wd.exists()
+    tr.check_new_seed(str(wd), tr.TrainConfig(seed=2**32 - 1))  # the largest accepted
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / tr._CONFIG_FILE).write_text("{}")
+    tr.check_new_seed(str(tmp_path / "saved"), big)  # its own run: resumes as before
+
+
 def test_config_and_data_checks_name_the_argument():
     """Input checks no test triggered: each message names the argument."""
     import ml_collections

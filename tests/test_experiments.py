@@ -789,6 +789,8 @@ def test_generate_from_train_run(denoise_run, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="step: no checkpoint for step 7"):
         generate.run(f"{wd}/ours", str(tmp_path / "g3"), step=7)
     assert not os.path.exists(tmp_path / "g3")  # refused before the output directory was claimed
+    with pytest.raises(FileNotFoundError, match="step: no checkpoint for step 7"):  # not "another run's config"
+        generate.run(f"{wd}/ours", str(out), num_samples=2, num_frames=3, num_steps=4, sampler="paper_a", step=7)
     with pytest.raises(ValueError, match=f"outdir: '{out}' holds another run's config .*use another --outdir, or "
                                          "--fresh to move it to"):
         generate.run(f"{wd}/ours", str(out), num_samples=2, num_frames=3, num_steps=5, sampler="paper_a")

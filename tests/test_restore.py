@@ -161,7 +161,8 @@ def test_files_with_estimated_noise_per_image_offsets_and_clean_references(tmp_p
     edited = np.asarray(Image.open(tmp_path / "noisy" / "b_cat.png")).copy()
     edited[0, 0] ^= 1
     Image.fromarray(edited).save(tmp_path / "noisy" / "b_cat.png")
-    with pytest.raises(ValueError, match=r"another run's config \(differs at: input_sha256"):
+    with pytest.raises(ValueError, match=r"holds this restore run of other pixels: the --input images changed "
+                                         r"since it ran \(all flags are the same\); use another --outdir, or --fresh"):
         restore.run(wd, f"files:{tmp_path / 'noisy'}", out, image_index=[0, 1], **kw)
     # an image without noise has no estimate to start from: refused naming its file
     Image.fromarray(np.full((32, 32, 3), 128, np.uint8)).save(tmp_path / "noisy" / "b_cat.png")
@@ -204,6 +205,8 @@ def test_ddpm_from_the_matching_step(sampler, tmp_path, monkeypatch):
     ("ddpm", {"noise_std": 0.1, "sampler": "ode"}, r"sampler: a DDPM model takes one of \('ancestral', 'ddim'\)"),
     ("constant", {"noise_std": 0.1, "sampler": "ode"}, "perturbation std is constant .* use paper_a or flow"),
     ("ours", {"noise_std": 0.1, "num_frames": 1}, "num_frames: expected an int >= 2, got 1"),
+    ("ours", {"noise_std": 0.1, "num_frames": 65}, r"num_frames: expected at most 64 \(each frame is a column of "
+                                                   r"restore.png\), got 65"),
     ("ours", {"noise_std": 0.1, "seed": 2**64}, r"seed: expected an int in \[0, 2\*\*32\)"),  # (a traceback)
 ])
 def test_refused_before_anything_is_written(method, kw, match, tmp_path, monkeypatch):
@@ -501,6 +504,16 @@ def test_results_name_each_input_file_and_what_reading_did_to_it(tmp_path, monke
                       baseline="none")
     assert res["shape"] == [1, 3, 16, 16]
     assert "input: its images have 1 channel, converted to the model's 3 (R = G = B)" in res["notes"]
+    # a file smaller than the model's 16x16 (3 wide, 2 high): enlarged, said (it was silent unless cropped)
+    (tmp_path / "tiny").mkdir()
+    save(tmp_path / "tiny/t.png", noisy[0][:2, :3])
+    res = restore.run(wd, f"files:{tmp_path}/tiny", str(tmp_path / "t"), noise_std=0.1, num_frames=2,
+                      baseline="none")
+    assert res["shape"] == [1, 3, 16, 16]
+    assert ("input: smaller than the model's 16x16, enlarged to it (its noise then spans neighbouring pixels, "
+            "unlike the noise the model knows): t.png (3x2)") in res["notes"], res["notes"]
+    assert not any("enlarged" in n for n in restore.run(
+        wd, f"files:{tmp_path}/in/x/a.png", str(tmp_path / "u"), noise_std=0.1, num_frames=2, baseline="none")["notes"])
     # a source that cannot convert (the built-in data set) is refused, naming it
     gray = training.TrainConfig(method="ours", sde="ve", sde_kwargs=(("sigma", 2.0),), per_image_offset=False)
     monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None: _ve_model(gray, clean[:1, :1], channels=1))
