@@ -243,10 +243,20 @@ class PrecomputeConfig:
     def resolve(self, dtype=None) -> "PrecomputeConfig":
         """This config for images computed in ``dtype`` (float32 or float64; None: JAX's
         default float): ``tol=None`` replaced by :data:`DEFAULT_TOL` of that dtype (1e-10 for
-        float64, 1e-6 for float32); a config with a tolerance is returned as it is."""
-        if self.tol is not None:
-            return self
+        float64, 1e-6 for float32); a config with a tolerance is returned as it is, unless the
+        tolerance is below ``dtype``'s machine epsilon (ValueError naming ``tol``): no residual
+        computed in that dtype can verify it, so every Krylov solve would run to its iteration
+        limit and be reported unconverged (a walkthrough: the demo's ``tol=1e-10`` with
+        ``dtype=float32`` took 8x the matvecs and flagged every solve and image)."""
         dtype = jax.dtypes.canonicalize_dtype(np.float64 if dtype is None else dtype)
+        if self.tol is not None:
+            eps = float(np.finfo(dtype).eps) if dtype in DEFAULT_TOL else 0.0
+            if self.tol < eps and self.strategy != "spsolve":
+                raise ValueError(
+                    f"tol: {self.tol:g} is below {dtype}'s machine epsilon {eps:.3g}, where no residual can "
+                    f"verify it (every solve would run to its iteration limit, unconverged): expected a "
+                    f"tolerance >= {eps:.3g} in {dtype} (unset, it is {DEFAULT_TOL[dtype]:g}), or float64")
+            return self
         if dtype not in DEFAULT_TOL:
             raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
         return dataclasses.replace(self, tol=DEFAULT_TOL[dtype])

@@ -644,7 +644,19 @@ def test_default_tol_follows_the_dtype(images):
     assert cfg.tol is None and cfg.to_dict()["tol"] is None
     assert cfg.resolve(np.float64) == dataclasses.replace(cfg, tol=1e-10)
     assert cfg.resolve(np.float32).tol == 1e-6 and cfg.solver_config(3, np.float32).tol == 1e-6
-    assert dataclasses.replace(cfg, tol=1e-8).resolve(np.float32).tol == 1e-8
+    assert dataclasses.replace(cfg, tol=2e-7).resolve(np.float32).tol == 2e-7
+    assert dataclasses.replace(cfg, tol=1e-8).resolve(np.float64).tol == 1e-8
+    # below float32's epsilon no residual verifies it: every solve ran to its limit, unconverged
+    # (the demo's tol=1e-10 with dtype=float32: 8x the matvecs, every image flagged)
+    for t in (1e-10, 1e-8, 1.1e-7):
+        with pytest.raises(ValueError, match=rf"^tol: {t:g} is below float32's machine epsilon 1.19e-07, where no "
+                                             r"residual can verify it .*expected a tolerance >= 1.19e-07 in float32 "
+                                             r"\(unset, it is 1e-06\), or float64$"):
+            dataclasses.replace(cfg, tol=t).resolve(np.float32)
+    with pytest.raises(ValueError, match="^tol: 1e-10 is below float32"):
+        precompute_scores(images[:1].astype(jnp.float32), dataclasses.replace(cfg, tol=1e-10))
+    spsolve = dataclasses.replace(cfg, tol=1e-10, strategy="spsolve")  # no Krylov tolerance to verify
+    assert spsolve.resolve(np.float32) is spsolve
     x = images[:2]
     res = precompute_scores(x, cfg)
     old = precompute_scores(x, dataclasses.replace(cfg, tol=1e-10))
