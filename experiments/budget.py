@@ -258,6 +258,8 @@ def run(cfg, workdir: str, *, overwrite: bool = False, fresh: bool = False) -> d
     from experiments import denoise
     from krylovjax import experiment_utils as eu
 
+    if fresh:  # --fresh from inside the run (--workdir=.) moves the process's directory with it
+        workdir = os.path.abspath(workdir)
     with eu.checking_arguments():  # a bad value ends the binary with its message alone
         budget = check_budget_config(cfg)
         methods = tuple(cfg.methods)
@@ -274,6 +276,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False, fresh: bool = False) -> d
 
                 generate.check_generates(tcs["ddpm"])
         clean = denoise.load_clean(cfg.data)
+        denoise.check_scored_size(clean)
         denoise.check_fits(tcs, clean, clean.shape[0])
 
     # a failure while the fresh claim is all the directory holds withdraws it (eu.run_claimed)
@@ -321,8 +324,9 @@ def _run_claimed(cfg, workdir: str, overwrite: bool, budget: float, tcs: dict, c
         spent = prep["precompute_seconds"] + prep["embed_seconds"]
         left = budget - spent
         if left <= 0:
-            raise ValueError(f"budget_seconds: {budget:g} s does not cover ours' pre-computation and "
-                             f"embedding ({spent:.2f} s); give a larger budget")
+            with eu.checking_arguments():  # the binary's one line (it was a traceback)
+                raise ValueError(f"budget_seconds: {budget:g} s does not cover ours' pre-computation and "
+                                 f"embedding ({spent:.2f} s); give a larger budget")
         if m == "ours":
             _first_prep(sub, prep, write=True)
         mesh = denoise.batch_mesh(tc.batch_size)
@@ -519,6 +523,7 @@ def main(argv):
 
     eu.check_no_args(argv)
     eu.check_config_kind(FLAGS.config, "budget")
+    eu.check_dir_arg(FLAGS.workdir, "workdir")
     eu.quiet_orbax_logs()
     eu.sigterm_as_interrupt()  # kill / timeout / schedulers: checkpoint like Ctrl-C, then exit non-zero
     with eu.exit_on_run_errors(out_of_memory=denoise.OUT_OF_MEMORY):

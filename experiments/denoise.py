@@ -12,9 +12,10 @@ For one clean image ``x`` (``config.data``) and its noisy version ``clamp(x + st
   (:func:`krylovjax.precompute.precompute_scores`, timed), embed them along the probability flow
   (:func:`krylovjax.transport.embed`), and train the U-Net with the score-embedding loss
   (:func:`krylovjax.training.train`, method.md 4.2). Every ``eval_every`` updates the EMA model
-  denoises the noisy image (``config.ours.sampler``: Paper A's damped reverse SDE, or
-  :func:`krylovjax.sampling.denoise` from the time matching the noise level) and the SSIM to the
-  clean image is computed.
+  denoises the noisy image (``config.ours.sampler.kind``: ``flow``, the demo's, Paper B's
+  probability-flow ODE from the noisy image; ``paper_a``, Paper A's damped reverse SDE; or
+  ``denoise``, :func:`krylovjax.sampling.denoise` from the time matching the noise level) and the
+  SSIM to the clean image is computed.
 * **DDPM**: the same U-Net trained with epsilon prediction on the clean image, evaluated by
   :func:`krylovjax.ddpm.ddpm_denoise` from the same noisy image (mapped to [-1, 1], noise level
   ``2 std``), with the same cadence and target. ``ddpm.sampler.method`` is the sampler of the
@@ -441,6 +442,17 @@ def load_clean(data_cfg):
     return np.ascontiguousarray(images[sel])
 
 
+def check_scored_size(images) -> None:
+    """ValueError naming ``data.size`` for images smaller than the SSIM's window, which every
+    evaluation of denoise and budget computes (it failed after the claim, with a traceback;
+    budget first pre-computed and trained ours for the whole budget)."""
+    from krylovjax.metrics import SSIM_FILTER_SIZE
+
+    if min(images.shape[-2:]) < SSIM_FILTER_SIZE:
+        raise ValueError(f"data.size: expected images of at least {SSIM_FILTER_SIZE}x{SSIM_FILTER_SIZE} pixels (the "
+                         f"SSIM's window), got {images.shape[-2]}x{images.shape[-1]}")
+
+
 def clean_files(data_cfg) -> list[str] | None:
     """For a ``files:`` source, the absolute path of each image :func:`load_clean` returns, in its
     order (the results name them); None for the other sources."""
@@ -559,7 +571,8 @@ def prepare_ours(cfg, tc, images) -> tuple[Any, dict]:
     x = jnp.asarray(images)
     sde = pc.make_sde()
     with eu.Stopwatch() as sw_compile:  # compile the solver's programs first: timed apart
-        precompile(x.shape, x.dtype, pc)
+        with eu.interrupts_after("the solver's programs are compiled"):  # (inside, a crash at exit)
+            precompile(x.shape, x.dtype, pc)
     from krylovjax import initial
 
     # Paper A's density (ours.precompute.initial = "paper_a_kde") draws its pixel samples from the
@@ -888,6 +901,8 @@ def run(cfg, workdir: str, *, overwrite: bool = False, fresh: bool = False) -> d
     """Run the experiment of ``cfg`` in ``workdir``; returns the results dict (also written)."""
     from krylovjax import experiment_utils as eu
 
+    if fresh:  # --fresh from inside the run (--workdir=.) moves the process's directory with it
+        workdir = os.path.abspath(workdir)
     with eu.checking_arguments():  # a bad value ends the binary with its message alone
         check_config(cfg)
         methods = tuple(cfg.methods)
@@ -899,6 +914,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False, fresh: bool = False) -> d
         if "ddpm" in tcs:
             check_ddpm_range(cfg, tcs["ddpm"])
         clean = load_clean(cfg.data)
+        check_scored_size(clean)
         if clean.shape[0] != 1:
             raise ValueError(f"data.index: the denoise experiment takes one image, got {clean.shape[0]}")
         if noise_draws(cfg) != 1:
@@ -1140,6 +1156,7 @@ def main(argv):
 
     eu.check_no_args(argv)
     eu.check_config_kind(FLAGS.config, "denoise")
+    eu.check_dir_arg(FLAGS.workdir, "workdir")
     eu.quiet_orbax_logs()
     eu.sigterm_as_interrupt()  # kill / timeout / schedulers: checkpoint like Ctrl-C, then exit non-zero
     with eu.exit_on_run_errors(out_of_memory=OUT_OF_MEMORY):

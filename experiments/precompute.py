@@ -11,8 +11,24 @@ embedded trajectories, per-image solver statistics) and ``<workdir>/precompute_s
 summary table. Re-running with the same workdir resumes: finished chunks are
 skipped; another config or other images are refused (``--fresh`` moves the old run to
 ``<workdir>.prev`` and starts again), and so is a second run started there while one runs
-(:mod:`krylovjax.workdir_lock`). A chunk that cannot be written (a full disk)
-ends the run; it stays missing, and the same command computes it once space is freed.
+(:mod:`krylovjax.workdir_lock`), and a ``--workdir`` that is, or lies inside, a store (a
+directory with a store's ``manifest.json``). A chunk that cannot be written (a full disk)
+ends the run; it stays missing, and the same command computes it once space is freed. Images
+short of ``outer_tol`` (diverged ones among them) and solves that did not converge are kept in
+the store, flagged in its statistics, and said in a warning line at the end (exit status 0).
+
+``precompute_summary.json``::
+
+    {"run":     this invocation: images_computed, num_images, chunks_computed, chunks_skipped,
+                systems_solved, matvecs, nonconverged, sweeps_mean, sweeps_max, outer_nonconverged,
+                outer_diverged, seconds, compile_seconds, systems_per_second, ... (zeros for a
+                rerun that found every chunk done),
+     "runs":    [{"run": ..., "config": ..., "machine": ...}, ...]: every invocation in this
+                workdir that computed chunks, oldest first (a resumed run's earlier parts and a
+                no-op rerun lose nothing; a no-op rerun adds no entry, it is logged),
+     "store":   totals over the complete store (pipeline.summarize_store), or null while incomplete,
+     "config":  this invocation's config, "files": the files: dataset's files in store order
+                (or null), "machine": this invocation's platform, backend, devices, jax version}
 
 Multi-host: run one copy per process with ``--coordinator_address=host:port
 --num_processes=P --process_id=i`` (or the environment variables ``JAX_COORDINATOR_ADDRESS``,
@@ -78,6 +94,45 @@ def precompute_config(p):
         raise ValueError(f"precompute: {err}") from err
 
 
+def check_config(cfg) -> None:
+    """ValueError naming the top-level key for a ``store_dtype`` that is no float dtype or a
+    ``data_seed`` that is no int >= 0 (checked for every dataset and number of images: a negative
+    seed was refused by numpy only beyond the 8 built-in photos, and accepted below)."""
+    import numpy as np
+
+    try:
+        ok = isinstance(cfg.store_dtype, str) and np.dtype(cfg.store_dtype).kind == "f"
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"config.store_dtype: expected a float dtype (float16, float32 or float64), "
+                         f"got {cfg.store_dtype!r}")
+    seed = cfg.data_seed
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"config.data_seed: expected an int >= 0 (the built-in photos' crops), got {seed!r}")
+
+
+def enclosing_store(workdir: str) -> str | None:
+    """The score store that ``workdir`` is or lies in (the nearest directory from ``workdir`` up
+    holding a :data:`krylovjax.store.MANIFEST_NAME` of the store's format), or None."""
+    import json
+
+    from krylovjax.store import MANIFEST_NAME, STORE_FORMAT
+
+    d = os.path.abspath(workdir)
+    while True:
+        try:
+            with open(os.path.join(d, MANIFEST_NAME)) as f:
+                if json.load(f).get("format") == STORE_FORMAT:
+                    return d
+        except (OSError, ValueError, AttributeError):  # none, unreadable, or not a dict
+            pass
+        parent = os.path.dirname(d)
+        if parent == d:
+            return None
+        d = parent
+
+
 def load(cfg):
     """The config's images as numpy ``[B, C, H, W]`` in the computation dtype."""
     import numpy as np
@@ -135,11 +190,23 @@ def main(argv):
     eu.check_no_args(argv)
     eu.check_config_kind(FLAGS.config, "precompute")
     eu.check_dir_arg(FLAGS.workdir, "workdir")
+    if FLAGS.fresh:  # --fresh from inside the run (--workdir=.) moves the process's directory with it
+        FLAGS.workdir = os.path.abspath(FLAGS.workdir)
     eu.refuse_other_runs(FLAGS.workdir, {"experiment.json": "another experiment's run",
                                          "checkpoints": "a training run"})
     cfg = FLAGS.config
     if cfg.dtype not in ("float32", "float64"):
         raise app.UsageError(f"--config.dtype: expected float32 or float64, got {cfg.dtype!r}")
+    try:
+        check_config(cfg)
+    except ValueError as err:
+        raise app.UsageError(str(err)) from None
+    store_dir = enclosing_store(FLAGS.workdir)
+    if store_dir is not None:  # a second store was built inside it (--fresh moved it away)
+        where = "is" if os.path.abspath(FLAGS.workdir) == store_dir else f"lies inside {store_dir!r},"
+        raise app.UsageError(f"--workdir: {FLAGS.workdir!r} {where} a score store (its manifest.json); "
+                             "experiments.precompute writes its store to <workdir>/store: pass that run's "
+                             "work directory (the store's parent) to resume it, or a new one (nothing was changed)")
     _init_distributed()
     import jax
 
@@ -186,7 +253,8 @@ def _precompute(cfg, token: int):
         pipeline.check_run_args(images, pcfg, cfg.chunk_images, cfg.store_dtype, cfg.embed_component,
                                 jax.process_index(), jax.process_count())
     if FLAGS.fresh:  # once the config and the images are found good: a refused command moves nothing
-        moved = eu.move_aside(FLAGS.workdir, keep=eu.sources_kept((cfg.dataset, "the images it reads (--config.dataset)")))
+        moved = eu.move_aside(FLAGS.workdir, kind="precompute",
+                              keep=eu.sources_kept((cfg.dataset, "the images it reads (--config.dataset)")))
         if moved:
             logging.info("--fresh: moved the previous run to %s", moved)
     logging.info("%d images %s (%s), %d process(es), %d local device(s)", images.shape[0],
@@ -242,18 +310,32 @@ def _precompute(cfg, token: int):
                  ("store: matvecs / system", f"{totals['matvecs_per_system']:.1f}"),
                  ("store: non-converged", f"{totals['nonconverged']}"),
                  ("store: sweeps / image", f"mean {totals['sweeps_mean']:.2f}, "
-                                           f"max {totals['sweeps_max']}")]
+                                           f"max {totals['sweeps_max']}"),
+                 ("store: short of outer_tol", f"{totals['outer_nonconverged']}"),
+                 ("store:   of them diverged", f"{totals['outer_diverged']}")]
     print(f"\nprecompute summary ({pcfg.strategy}, process {summary.process_index}/"
           f"{summary.process_count}):\n" + _table(rows), flush=True)
 
-    out = {"run": run, "store": totals, "config": cfg.to_dict(), "files": image_files(cfg),
-           "machine": {"platform": platform.platform(), "backend": jax.default_backend(),
-                       "local_devices": jax.local_device_count(),
-                       "jax": jax.__version__}}
+    machine = {"platform": platform.platform(), "backend": jax.default_backend(),
+               "local_devices": jax.local_device_count(), "jax": jax.__version__}
     name = ("precompute_summary.json" if summary.process_index == 0
             else f"precompute_summary_process{summary.process_index}.json")
-    eu.write_json(os.path.join(FLAGS.workdir, name), out)  # atomic; NaN/Inf as null (strict JSON)
-    logging.info("wrote %s", os.path.join(FLAGS.workdir, name))
+    path = os.path.join(FLAGS.workdir, name)
+    runs = summary_runs(path, run, {"run": run, "config": cfg.to_dict(), "machine": machine})
+    out = {"run": run, "runs": runs, "store": totals, "config": cfg.to_dict(), "files": image_files(cfg),
+           "machine": machine}
+    eu.write_json(path, out)  # atomic; NaN/Inf as null (strict JSON)
+    logging.info("wrote %s", path)
+    flagged = totals if totals is not None else run
+    if flagged["outer_nonconverged"] or flagged["nonconverged"]:
+        # valid, flagged results (exit status 0): said here, not only in the table above
+        scope = (f"of the store's {totals['images']} images" if totals is not None
+                 else f"of the {run['images_computed']} images computed in this run")
+        logging.warning("%d %s missed outer_tol=%g (%d of them diverged) and %d of %d solves did not converge "
+                        "(tol=%g); they are kept, flagged in the store's statistics and %s (more "
+                        "--config.precompute.max_sweeps, restart or max_restarts may reach them)",
+                        flagged["outer_nonconverged"], scope, pcfg.outer_tol, flagged["outer_diverged"],
+                        flagged["nonconverged"], flagged["systems_solved"], pcfg.tol, name)
     if summary.process_index == 0 and totals is None:
         left = "; ".join(f"process {g['process']} stopped ({g['why']})" for g in gone)
         msg = (f"the store is incomplete ({len(store.completed_chunks())} of {store.num_chunks} chunks)"
@@ -262,6 +344,38 @@ def _precompute(cfg, token: int):
         if gone:
             raise SystemExit(f"error: {msg}")
         logging.warning("%s", msg)
+
+
+def summary_runs(path: str, run: dict, entry: dict) -> list[dict]:
+    """The ``runs`` of the summary at ``path`` after this invocation (``run``, and its ``entry``:
+    ``{"run", "config", "machine"}``): the earlier invocations that computed chunks (read from
+    the summary there, an older one's ``run`` block where it has no ``runs``), and this one if it
+    computed any. A run that computed chunks and found none done started a new store: the
+    earlier entries, of a store no longer there, are dropped."""
+    import json
+
+    earlier: list[dict] = []
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except FileNotFoundError:
+        old = None
+    except (OSError, ValueError) as err:
+        logging.warning("%s cannot be read (%s): its record of the earlier runs is lost", path, err)
+        old = None
+    if isinstance(old, dict):
+        if isinstance(old.get("runs"), list):
+            earlier = [r for r in old["runs"] if isinstance(r, dict)]
+        elif isinstance(old.get("run"), dict) and (old["run"].get("chunks_computed") or 0) > 0:
+            earlier = [{k: old.get(k) for k in ("run", "config", "machine")}]
+    if run["chunks_computed"] == 0:
+        if earlier:
+            logging.info("nothing to compute (%d chunk(s) already done): %s keeps the %d earlier run(s) that "
+                         "computed them under \"runs\"", run["chunks_skipped"], os.path.basename(path), len(earlier))
+        return earlier
+    if run["chunks_skipped"] == 0:
+        earlier = []
+    return earlier + [entry]
 
 
 def _left_path(workdir: str, index: int) -> str:

@@ -12,10 +12,14 @@ same store's images (the first level of each trajectory, the image itself);
 ``--data=builtin`` uses ``config.data.num_images`` built-in photos at ``config.data.image_size``:
 for ``ours`` it pre-computes their scores (``config.precompute``) and embeds them on the fly
 (kept in ``<workdir>/builtin_trajectories.npz``: a resumed or finished run reads them instead of
-pre-computing again), for ``ddpm`` it trains on the photos. Re-running with the same
-``--workdir`` resumes; a second run started there while one runs is refused at once
-(:mod:`krylovjax.workdir_lock`), and a checkpoint that cannot be written (a full disk) ends the
-run naming the last complete one.
+pre-computing again), for ``ddpm`` it trains on the photos. With ``--store`` the store's images
+and pre-computation are used: ``--config.data.*`` and ``--config.precompute.*`` overrides are
+refused there. Re-running with the same ``--workdir`` resumes; a rerun whose ``config.data`` or
+``config.precompute`` differ from the run's is refused naming them, before pre-computing (the
+kept trajectories are not replaced), and one whose ``--config.num_steps`` the run has reached
+says so at once, before compiling or pre-computing anything. A second run started there while
+one runs is refused at once (:mod:`krylovjax.workdir_lock`), and a checkpoint that cannot be
+written (a full disk) ends the run naming the last complete one.
 
 Multi-host (as ``experiments/precompute.py``): run one copy per process with
 ``--coordinator_address=host:port --num_processes=P --process_id=i`` (or the environment
@@ -35,21 +39,38 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Training config file (see experiments/configs/train_*.py).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, result.json.")
-flags.DEFINE_string("store", None, "ScoreStore directory with an 'embedded' field: ours trains on its "
-                    "trajectories, ddpm on their first level (the images).")
-flags.DEFINE_enum("data", "auto", ["auto", "store", "builtin"],
-                  "Training data: a ScoreStore, or built-in photos ('auto': store if --store is set).")
-flags.DEFINE_string("coordinator_address", None,
-                    "host:port of process 0 for jax.distributed (multi-host runs), or 'auto': JAX takes "
-                    "the process layout from the cluster (TPU pod, SLURM, Open MPI).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host runs).")
-flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (multi-host runs).")
-flags.mark_flags_as_required(["config", "workdir"])
+if __name__ == "__main__":  # (as experiments.denoise: the module imports alongside the other binaries,
+    # whose --config would clash, e.g. in a test process)
+    config_flags.DEFINE_config_file("config", None, "Training config file (see experiments/configs/train_*.py).",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, result.json.")
+    flags.DEFINE_string("store", None, "ScoreStore directory with an 'embedded' field: ours trains on its "
+                        "trajectories, ddpm on their first level (the images).")
+    flags.DEFINE_enum("data", "auto", ["auto", "store", "builtin"],
+                      "Training data: a ScoreStore, or built-in photos ('auto': store if --store is set).")
+    flags.DEFINE_string("coordinator_address", None,
+                        "host:port of process 0 for jax.distributed (multi-host runs), or 'auto': JAX takes "
+                        "the process layout from the cluster (TPU pod, SLURM, Open MPI).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host runs).")
+    flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (multi-host runs).")
+    flags.mark_flags_as_required(["config", "workdir"])
 
 _NON_TRAIN_KEYS = ("data", "precompute")
+
+
+def unused_with_store(overrides) -> list[str]:
+    """The ``--config.<key>`` overrides given (``config_flags.get_override_values``: a flat dict
+    of dotted keys) that a ``--store`` run does not use: the ``data`` and ``precompute`` blocks."""
+    return sorted(k for k in overrides if str(k).split(".", 1)[0] in _NON_TRAIN_KEYS)
+
+
+def _check_data_seed(seed) -> None:
+    """ValueError naming ``config.data.seed`` unless it is an int >= 0 (it was refused by numpy
+    only beyond the 8 built-in photos, and accepted and unused below)."""
+    import numpy as np
+
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"config.data.seed: expected an int >= 0 (the built-in photos' crops), got {seed!r}")
 
 
 def _builtin_inputs(cfg, train_cfg):
@@ -58,6 +79,7 @@ def _builtin_inputs(cfg, train_cfg):
     from krylovjax import training
     from krylovjax.data import builtin_dataset
 
+    _check_data_seed(cfg.data.seed)
     try:
         images = builtin_dataset(cfg.data.image_size, cfg.data.num_images, seed=cfg.data.seed)
     except (TypeError, ValueError) as err:
@@ -91,19 +113,88 @@ def _builtin_key(images, pc, sde) -> str:
     return h.hexdigest()
 
 
-def _builtin_data(images, pc, train_cfg, workdir):
+def _builtin_settings(cfg, pc) -> dict:
+    """What the built-in data were made with, as plain JSON: ``config.data`` and the
+    pre-computation's config (``config.precompute`` with its defaults), kept in the cache so a
+    rerun with other ones is refused naming the keys (:func:`_check_builtin_settings`)."""
+    return json.loads(json.dumps({"data": cfg.data.to_dict(), "precompute": pc.to_dict()}, default=str))
+
+
+def _run_fingerprint(workdir) -> str | None:
+    """The training data's fingerprint in the run record ``<workdir>/config.json``, or None."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as f:
+            fp = json.load(f)["data"]["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return fp if isinstance(fp, str) else None
+
+
+def _cache_meta(path) -> tuple[str, dict, str] | None:
+    """``(key, settings, fingerprint)`` of the trajectories kept at ``path``, or None (no file, a
+    damaged one, or one written before the settings and the fingerprint were kept)."""
+    import numpy as np
+
+    try:
+        with np.load(path) as z:
+            settings = json.loads(str(z["settings"]))
+            return str(z["key"]), settings, str(z["fingerprint"])
+    except Exception:  # noqa: BLE001 - zipfile, numpy, JSON and OS errors of many types
+        return None
+
+
+def _settings_diff(stored: dict, given: dict) -> tuple[str, str]:
+    """``("config.precompute", "config.precompute.outer_tol: the run's 0.0001, given 0.01")``."""
+    from krylovjax import experiment_utils as eu
+
+    keys = eu.config_diff(stored, given)
+
+    def at(d, key):
+        for part in key.split("."):
+            d = d.get(part) if isinstance(d, dict) else None
+        return d
+
+    blocks = sorted({"config." + k.split(".", 1)[0] for k in keys})
+    return ", ".join(blocks), "; ".join(f"config.{k}: the run's {at(stored, k)!r}, given {at(given, k)!r}"
+                                        for k in keys)
+
+
+def _check_builtin_settings(workdir, settings, key) -> None:
+    """Before pre-computing: ValueError naming ``config.precompute`` / ``config.data`` and the
+    differing keys when the run in ``workdir`` (its ``config.json``) trained on built-in
+    trajectories made with other settings (those kept with them in the cache, when the cache
+    holds that run's data: the fingerprints agree). Without a run there, or a cache that cannot
+    tell, nothing is said here; :func:`_builtin_data` compares the fingerprints once computed."""
+    fp = _run_fingerprint(workdir)
+    meta = _cache_meta(os.path.join(workdir, _BUILTIN_CACHE))
+    if fp is None or meta is None or meta[2] != fp or meta[0] == key:
+        return
+    blocks, detail = _settings_diff(meta[1], settings)
+    if not detail:  # the same settings, another key (the SDE, the precision): training's check names it
+        return
+    raise ValueError(f"{blocks}: {'differ' if ',' in blocks else 'differs'} from the settings the run in "
+                     f"{workdir!r} pre-computed its built-in data "
+                     f"with ({detail}); use the run's settings, or a new --workdir (nothing was pre-computed or "
+                     f"changed)")
+
+
+def _builtin_data(images, pc, train_cfg, workdir, settings=None):
     """The photos (DDPM), or ours' embedded trajectories of them (pre-computed with ``pc``).
 
     Ours' trajectories are kept in ``<workdir>/builtin_trajectories.npz`` with the key of what
-    they depend on (:func:`_builtin_key`): a resumed or finished run reads them instead of
-    pre-computing again (some 18 s for the demo's 32 photos on a 2-core CPU, minutes for more;
-    a walkthrough, 2026-12-07). Other photos or another ``config.precompute`` compute afresh."""
+    they depend on (:func:`_builtin_key`), the ``settings`` they were made with
+    (:func:`_builtin_settings`) and their training fingerprint: a resumed or finished run reads
+    them instead of pre-computing again (some 18 s for the demo's 32 photos on a 2-core CPU,
+    minutes for more; a walkthrough, 2026-12-07). Other photos or another ``config.precompute``
+    compute afresh; where a run in ``workdir`` trained on other data than those computed, that is
+    refused (ValueError naming ``config.data`` / ``config.precompute``) and the file is kept."""
     if pc is None:
         return images
     import jax
     import jax.numpy as jnp
     import numpy as np
 
+    from krylovjax import experiment_utils as eu
     from krylovjax import training, transport
     from krylovjax.precompute import precompute_scores
 
@@ -125,16 +216,101 @@ def _builtin_data(images, pc, train_cfg, workdir):
                  {k: v for k, v in res.stats.items() if np.ndim(v) == 0})
     x = np.asarray(transport.embed(images, res.scores, pc.make_sde(), res.t, res.dt))
     t = np.asarray(res.t)
+    data = training.Trajectories(x=x, t=t, sde=sde)
+    with eu.checking_arguments():  # (bad data: the message alone, as training's own check)
+        fingerprint = training.prepare_data(train_cfg, data)[1]["fingerprint"]
+        run_fp = _run_fingerprint(workdir)
+        if run_fp is not None and run_fp != fingerprint:  # refused before the run's kept data are replaced
+            raise ValueError(f"config.data, config.precompute: the built-in trajectories computed now differ from "
+                             f"those the run in {workdir!r} trained on (data.fingerprint); use the run's "
+                             f"config.data and config.precompute, or a new --workdir ({_BUILTIN_CACHE} was not "
+                             "changed)")
     if jax.process_index() == 0:  # every process computes them alike
         from krylovjax._io_errors import atomic_write
 
+        extra = {"settings": np.asarray(json.dumps(settings or {}, sort_keys=True)),
+                 "fingerprint": np.asarray(fingerprint)}
         try:
             os.makedirs(workdir, exist_ok=True)
-            atomic_write(path, lambda f: np.savez(f, x=x, t=t, key=np.asarray(key)), binary=True)
+            atomic_write(path, lambda f: np.savez(f, x=x, t=t, key=np.asarray(key), **extra), binary=True)
         except OSError as err:  # a full disk: the run goes on (a resume pre-computes again)
             logging.warning("the pre-computed trajectories could not be kept in %s (%s); a resumed run "
                             "computes them again", path, err)
-    return training.Trajectories(x=x, t=t, sde=sde)
+    return data
+
+
+def _check_builtin_photos(workdir, train_cfg, images) -> None:
+    """ddpm on the built-in photos: ValueError naming ``config.data`` when the run in
+    ``workdir`` trained on other photos (its record's fingerprint)."""
+    from krylovjax import training
+
+    fp = _run_fingerprint(workdir)
+    if fp is not None and training.prepare_data(train_cfg, images)[1]["fingerprint"] != fp:
+        raise ValueError(f"config.data: the built-in photos (image_size, num_images, seed) differ from those the "
+                         f"run in {workdir!r} trained on (data.fingerprint); use the run's config.data, or a new "
+                         "--workdir")
+
+
+def _checkpoint_step(workdir) -> int | None:
+    """The latest step saved in ``<workdir>/checkpoints`` (orbax names each step's directory by
+    its number, and writes it under a temporary name first), or None."""
+    try:
+        names = os.listdir(os.path.join(workdir, "checkpoints"))
+    except OSError:
+        return None
+    steps = [int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(workdir, "checkpoints", n))]
+    return max(steps, default=None)
+
+
+def _data_fingerprint(workdir, train_cfg, data, pc) -> str | None:
+    """The training fingerprint of the data a run would train on, where known without
+    pre-computing: a store's or the photos' (read and hashed as training does), or, for ours'
+    built-in data, that of the trajectories kept in ``workdir`` when they are this config's; else
+    None."""
+    from krylovjax import training
+
+    if pc is None:  # a store path, or ddpm's photos
+        return training.prepare_data(train_cfg, data)[1]["fingerprint"]
+    meta = _cache_meta(os.path.join(workdir, _BUILTIN_CACHE))
+    key = _builtin_key(data, pc, {"name": train_cfg.sde, "kwargs": dict(train_cfg.sde_kwargs)})
+    return meta[2] if meta is not None and meta[0] == key else None
+
+
+def _already_done(workdir, train_cfg, fingerprint) -> tuple[int, dict] | None:
+    """``(step, result)`` when the run in ``workdir`` already stands at ``num_steps`` or past it,
+    its ``result.json`` records that step, and it trained on this data (``fingerprint()``, called
+    only then: :func:`_data_fingerprint`, against the run record's): nothing is left to train.
+    One process only (the processes of a multi-host run go through training.train together);
+    else None, and training.train decides (and refuses other data naming data.fingerprint)."""
+    import jax
+
+    step = _checkpoint_step(workdir)
+    if step is None or step < train_cfg.num_steps or jax.process_count() > 1:
+        return None
+    prev = _previous_result(workdir)
+    if not isinstance(prev, dict) or prev.get("step") != step:
+        return None
+    run_fp = _run_fingerprint(workdir)
+    if run_fp is None or fingerprint() != run_fp:
+        return None
+    return step, prev
+
+
+def _keep_result(workdir, done, train_cfg) -> None:
+    """A rerun with nothing to train: said before any compilation or pre-computation; result.json
+    keeps the finished run's record (its losses and times), with ``resumed_from`` this call's
+    start, as training.train's own no-op call wrote it."""
+    import time
+
+    from krylovjax import experiment_utils as eu
+
+    t0 = time.perf_counter()
+    step, prev = done
+    logging.warning("the run in %s already stood at step %d (--config.num_steps=%d): nothing was trained",
+                    workdir, step, train_cfg.num_steps)
+    summary = dict(prev, resumed_from=step)
+    eu.write_json(os.path.join(workdir, "result.json"), summary)
+    logging.info("done (process 0/1, nothing to train: %.2f s): %s", time.perf_counter() - t0, summary)
 
 
 def _previous_result(workdir):
@@ -160,6 +336,13 @@ def main(argv):
                              "store; drop --store or use --data=store")
     if source == "store" and not FLAGS.store:
         raise app.UsageError("--data=store needs --store=<ScoreStore directory>")
+    if source == "store":
+        unused = unused_with_store(config_flags.get_override_values(FLAGS["config"]))
+        if unused:  # they were ignored without a word (a walkthrough: data.image_size=32 trained at 16x16)
+            raise app.UsageError(
+                f"{', '.join('--config.' + k for k in unused)}: not used with --store (the store's images and "
+                "the settings experiments.precompute computed it with are); drop them, or train on the built-in "
+                "photos with --data=builtin")
     eu.sigterm_as_interrupt()  # kill / timeout / schedulers: checkpoint like Ctrl-C, then exit non-zero
     eu.quiet_orbax_logs()
     cfg = FLAGS.config
@@ -214,14 +397,28 @@ def _train(cfg, source):
         training.check_workdir(FLAGS.workdir, train_cfg)  # another run's config: refused before pre-computing
         training.check_new_seed(FLAGS.workdir, train_cfg)
         training.check_mesh(train_cfg)  # the batch against this machine's devices
+        settings = None
         if source == "builtin":
             images, pc = _builtin_inputs(cfg, train_cfg)
+            if pc is None:  # ddpm: the photos themselves; other ones named here, not as "other images"
+                _check_builtin_photos(FLAGS.workdir, train_cfg, images)
+            else:  # ours: another config.precompute / config.data refused before pre-computing
+                settings = _builtin_settings(cfg, pc)
+                _check_builtin_settings(FLAGS.workdir, settings, _builtin_key(
+                    images, pc, {"name": train_cfg.sde, "kwargs": dict(train_cfg.sde_kwargs)}))
         else:
             _check_store_path(FLAGS.store)
             num_images, shape = training.check_store(FLAGS.store)
             training.model_config(train_cfg, shape, num_images)  # the store's images fit the model
+    with eu.checking_arguments():  # (the store's SDE against the config's: one line, as training's check)
+        done = _already_done(FLAGS.workdir, train_cfg, lambda: _data_fingerprint(
+            FLAGS.workdir, train_cfg, FLAGS.store if source == "store" else images,
+            None if source == "store" else pc))
+    if done is not None:  # said at once: train() compiled the step (some 13 s) to train nothing
+        _keep_result(FLAGS.workdir, done, train_cfg)
+        return
     # the store: training reads each process's own images from it
-    data = FLAGS.store if source == "store" else _builtin_data(images, pc, train_cfg, FLAGS.workdir)
+    data = FLAGS.store if source == "store" else _builtin_data(images, pc, train_cfg, FLAGS.workdir, settings)
 
     result = training.train(train_cfg, data, FLAGS.workdir)
     summary = {k: getattr(result, k) for k in ("step", "stop_reason", "resumed_from", "train_seconds",

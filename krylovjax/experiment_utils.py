@@ -296,7 +296,7 @@ def run_claimed(workdir: str | os.PathLike, experiment: str, config: Any, body: 
 
     with workdir_lock.hold(workdir, arg=arg):
         if fresh:
-            move_aside(workdir, arg=arg, keep=keep)
+            move_aside(workdir, kind=experiment, arg=arg, keep=keep)
         claimed_now = claim_workdir(workdir, experiment, config, legacy=legacy, arg=arg, fresh_flag=True,
                                     may_change=may_change)
         try:
@@ -349,16 +349,48 @@ def sources_kept(*sources: tuple[Any, str]) -> dict[str, str]:
     return {root: what for root, what in ((source_root(src), what) for src, what in sources) if root}
 
 
-def move_aside(workdir: str | os.PathLike, *, arg: str = "workdir",
+def run_kind(path: str | os.PathLike) -> str | None:
+    """What run the directory ``path`` holds, from the files each binary leaves at its top:
+    the experiment named in its claim (``experiment.json``: ``"denoise"``, ``"budget"``,
+    ``"generate"``, ``"restore"``), ``"train"`` (``checkpoints/``, or ``config.json`` with
+    ``metrics.jsonl``), ``"precompute"`` (``precompute_summary.json``, or a score store in
+    ``store/``), ``"store"`` (a score store itself); None for none of these (an empty directory,
+    a user's files), and ``"unreadable"`` for a claim that cannot be read."""
+    from krylovjax.store import MANIFEST_NAME
+
+    path = os.fspath(path)
+    claim = os.path.join(path, _CLAIM_FILE)
+    if os.path.isfile(claim):
+        try:
+            with open(claim) as f:
+                kind = json.load(f).get("experiment")
+            return kind if isinstance(kind, str) else "unreadable"
+        except (OSError, ValueError, AttributeError):
+            return "unreadable"
+    if os.path.isdir(os.path.join(path, "checkpoints")) or all(
+            os.path.isfile(os.path.join(path, n)) for n in ("config.json", "metrics.jsonl")):
+        return "train"
+    if os.path.isfile(os.path.join(path, "precompute_summary.json")) or os.path.isfile(
+            os.path.join(path, "store", MANIFEST_NAME)):
+        return "precompute"
+    if os.path.isfile(os.path.join(path, MANIFEST_NAME)):
+        return "store"
+    return None
+
+
+def move_aside(workdir: str | os.PathLike, *, kind: str, arg: str = "workdir",
                keep: Mapping[str, str] | None = None) -> str | None:
     """Move the directory ``workdir`` to ``<workdir>.prev``, deleting an older one there; returns
     the new path, or None when ``workdir`` did not exist. Refuses (nothing moved) a ``workdir``
-    or ``.prev`` that is not a directory, a ``.prev`` that another run holds, and a ``workdir`` or
-    ``.prev`` that is or holds a path of ``keep`` (what the run reads, mapped to what it is: a
-    training run sampled from, the images read). ``generate --workdir=W --outdir=W --fresh``
-    moved the training run it sampled from aside, and a second such command with
-    ``--workdir=W.prev`` deleted it (a walkthrough, 2026-12-07). The caller should hold
-    ``workdir`` (:func:`run_claimed` does)."""
+    or ``.prev`` that is not a directory, a ``.prev`` that another run holds, a ``.prev`` that is
+    neither empty nor an earlier run of this binary (``kind``, :func:`run_kind`: ``"precompute"``
+    or the experiment's name), and a ``workdir`` or ``.prev`` that is or holds a path of ``keep``
+    (what the run reads, mapped to what it is: a training run sampled from, the images read).
+    ``generate --workdir=W --outdir=W --fresh`` moved the training run it sampled from aside, and
+    a second such command with ``--workdir=W.prev`` deleted it (a walkthrough, 2026-12-07); a
+    second ``precompute --workdir=B --fresh`` deleted the user's files the first had moved to
+    ``B.prev``, and one over a training run copied to ``A.prev`` deleted that run (a walkthrough,
+    the thirty-seventh session). The caller should hold ``workdir`` (:func:`run_claimed` does)."""
     import shutil
 
     from krylovjax import workdir_lock
@@ -370,6 +402,15 @@ def move_aside(workdir: str | os.PathLike, *, arg: str = "workdir",
             raise WorkdirConflictError(f"{arg}: {path!r} is not a directory; refusing to move or delete it")
     if not os.path.exists(workdir):  # nothing is moved or deleted
         return None
+    if os.path.isdir(prev) and os.listdir(prev) and run_kind(prev) != kind:
+        found = run_kind(prev)
+        names = sorted(os.listdir(prev))
+        held = {None: "files of no run (" + ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+                + ")", "unreadable": "a run whose experiment.json cannot be read",
+                "store": "a score store"}.get(found, f"a {found} run")
+        raise WorkdirConflictError(
+            f"{arg}: {prev!r} holds {held}, not an earlier {kind} run that --fresh may replace; --fresh would "
+            f"delete it: move or delete it yourself, or use another --{arg} (nothing was moved)")
     for path in (workdir, prev):
         for kept, what in (keep or {}).items():
             kept = os.fspath(kept)
@@ -1053,6 +1094,47 @@ def refuse_other_runs(path: str | os.PathLike, markers: Mapping[str, str], arg: 
                     pass
             raise app.UsageError(f"--{arg}: {path!r} holds {what} ({name}{detail}); use another --{arg} "
                                  "(nothing there was changed)")
+
+
+@contextlib.contextmanager
+def interrupts_after(what: str) -> Iterator[None]:
+    """Ctrl-C or SIGTERM (as :func:`sigterm_as_interrupt` handles it) inside the block is acted on
+    when the block ends: ``KeyboardInterrupt`` is raised then, with one line said at once; a
+    second one interrupts at once. For XLA's compilations: a ``KeyboardInterrupt`` raised inside
+    JAX's lowering, with flax and orbax imported, made the process crash with a segmentation
+    fault at its exit (status 139 after the "interrupted in precompile" line; 4 of 5 tries, a
+    walkthrough of denoise, the thirty-seventh session), where one raised after the compile
+    exits with 130. Handlers other than Python's and :func:`sigterm_as_interrupt`'s, and other
+    threads than the main one, are left alone."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def handle(signum, frame):
+        if pending:
+            raise KeyboardInterrupt
+        pending.append(signum)
+        logging.getLogger(__name__).warning(
+            "interrupt: the run stops once %s (interrupt again to stop at once)", what)
+
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        h = signal.getsignal(sig)
+        if h is signal.default_int_handler or getattr(h, "defer_in_train", False):
+            old[sig] = signal.signal(sig, handle)
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    if pending:
+        raise KeyboardInterrupt
+
+
+_INTERRUPT_CHECKS.add(interrupts_after.__wrapped__.__code__)
 
 
 _SWALLOWED: list[str] = []  # interrupts Python printed as "Exception ignored" and ran on (what it was in)

@@ -25,7 +25,8 @@ The manifest holds the run config (:func:`store_config`: ``config.to_dict()`` un
 images and that config. So:
 
 - a killed run restarts where it stopped: complete chunks (marker files) are skipped, an
-  incomplete one is recomputed and overwritten;
+  incomplete one is recomputed and overwritten; a complete chunk whose data no longer match the
+  checksums in its marker (or whose files cannot be read) is computed again, with a warning;
 - a run with other images or another config on the same workdir is refused with the store's
   message naming what differs, before anything is written;
 - bad images are refused (:func:`krylovjax.data.validate_images`) before anything is written.
@@ -45,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -145,7 +147,10 @@ def check_run_args(images, config, chunk_images, store_dtype, embed_component, p
     """The checks :func:`run_precompute` makes of its arguments before any work: (the validated
     images, the chunk size). Raises ValueError or TypeError naming the argument."""
     images = validate_images(images)
-    check_config(config)
+    import jax
+
+    # a tolerance the compute dtype cannot verify (float32's 1e-10) is refused before any work
+    check_config(config).resolve(jax.dtypes.canonicalize_dtype(images.dtype))
     if isinstance(chunk_images, bool) or not isinstance(chunk_images, (int, np.integer)) \
             or chunk_images < 1:
         raise ValueError(f"chunk_images: expected an integer >= 1, got {chunk_images!r}")
@@ -287,6 +292,13 @@ def _run_precompute(images, config, workdir, *, chunk_images, store_dtype, embed
                        process_count=process_count, open_timeout_s=open_timeout_s)
     arr = np.asarray(images)
     owned = store.owned_chunks()
+    # The chunks this process takes as done are checked against their markers' checksums first
+    # (one read and sha256 of each, ScoreStore.recheck_owned_chunks); a chunk that fails is made
+    # incomplete and computed again below. Another process's chunks are its own to check.
+    for index, why in store.recheck_owned_chunks().items():
+        lo, hi = store.chunk_bounds(index)
+        warnings.warn(f"store {store.path!r}: chunk {index} (images {lo}..{hi - 1}) was marked complete but "
+                      f"{why}; it is computed again", stacklevel=3)
     pending = store.pending_chunks()
     sde = config.make_sde()
     from krylovjax import initial
@@ -294,7 +306,7 @@ def _run_precompute(images, config, workdir, *, chunk_images, store_dtype, embed
     # every random initial density, its alias "paper_a" too (it failed for want of a key)
     key = jax.random.key(seed) if initial.needs_key(config.initial) else None
 
-    from krylovjax.experiment_utils import progress_bar, raise_if_signalled
+    from krylovjax.experiment_utils import interrupts_after, progress_bar, raise_if_signalled
 
     n_pending = sum(store.chunk_bounds(i)[1] - store.chunk_bounds(i)[0] for i in pending)
     drawn = [time.perf_counter()]  # when on_sweep last drew the bar
@@ -315,7 +327,8 @@ def _run_precompute(images, config, workdir, *, chunk_images, store_dtype, embed
             raise_if_signalled()  # a binary's SIGTERM that Python could not raise where it came
             lo, hi = store.chunk_bounds(index)
             chunk = arr[lo:hi]
-            totals["compile"] += precompile(chunk.shape, chunk.dtype, config)
+            with interrupts_after("this chunk's programs are compiled"):  # (inside, a crash at exit)
+                totals["compile"] += precompile(chunk.shape, chunk.dtype, config)
             t_chunk = time.perf_counter()
             solved_before = totals["systems"]
 

@@ -628,7 +628,8 @@ def _source(config: TrainConfig, data) -> _Source:
             n_img = store.num_images
             shape = (n_img, *store.fields["embedded"].shape)
             data = Trajectories(x=_Meta(shape, np.dtype(store.fields["embedded"].dtype)), t=t, sde=sde)
-            read = lambda a, b: store.read_batch("embedded", np.arange(a, b))  # noqa: E731
+            # checked against the chunks' checksums (ScoreStore.read_range: whole chunks read, each hashed once)
+            read = lambda a, b: store.read_range("embedded", a, b)  # noqa: E731
         else:
             if isinstance(data, tuple) and not isinstance(data, Trajectories):
                 if len(data) not in (2, 3):
@@ -876,23 +877,22 @@ def check_store(store) -> tuple[int, tuple[int, int, int]]:
       ``(number of images, image shape (C, H, W))``, e.g. for :func:`model_config`.
 
     Raises:
-      FileNotFoundError: no store there. ValueError: no ``embedded`` field, or no time levels.
+      FileNotFoundError: no store there. ValueError: no ``embedded`` field, or no time levels;
+        :class:`krylovjax.store.StoreDamagedError` (a ValueError): a damaged manifest, array or
+        chunk 0 of the time levels (the message names the file).
     """
     opened = _open_store(store)[0]
     return opened.num_images, tuple(int(d) for d in opened.fields["embedded"].shape[1:])
 
 
 def _open_store(store):
-    """``(ScoreStore, t [N] float64, sde dict or None)`` of a store or its path; reads no trajectories."""
-    from krylovjax.store import MANIFEST_NAME, ScoreStore  # local: store pulls in tensorstore
+    """``(ScoreStore, t [N] float64, sde dict or None)`` of a store or its path; reads no trajectories.
+    A damaged manifest or array is refused with :class:`krylovjax.store.StoreDamagedError` naming its file."""
+    from krylovjax.store import ScoreStore, read_manifest  # local: store pulls in tensorstore
 
     if not isinstance(store, ScoreStore):
         path = os.fspath(store)
-        mpath = os.path.join(path, MANIFEST_NAME)
-        if not os.path.exists(mpath):
-            raise FileNotFoundError(f"store: {path!r} has no {MANIFEST_NAME}; not a ScoreStore")
-        with open(mpath) as f:
-            m = json.load(f)
+        m = read_manifest(path, arg="store")  # FileNotFoundError: no manifest.json
         fields = {k: (v["shape"], v["dtype"], v["time_axis"]) for k, v in m["fields"].items()}
         store = ScoreStore.create_or_open(path, config=m["config"], inputs_hash=m["inputs_hash"],
                                           num_images=m["num_images"], chunk_size=m["chunk_size"],
@@ -902,7 +902,7 @@ def _open_store(store):
     n = store.fields["embedded"].shape[0]
     cfg = store.config or {}
     if "t" in store.fields:
-        t = np.asarray(store.read("t", 0), dtype=np.float64).reshape(-1)
+        t = np.asarray(store.read_range("t", 0, 1)[0], dtype=np.float64).reshape(-1)  # chunk 0, checked
     else:
         num_steps = _find_key(cfg, "num_steps")
         if num_steps is None:
@@ -1694,7 +1694,7 @@ def _rewrite_metrics(path: str, keep_upto: int) -> set[int]:
     """
     if not os.path.exists(path):
         return set()
-    kept, evals = [], set()
+    kept, evals, dropped = [], set(), 0
     with open(path) as f:
         for line in f:
             try:
@@ -1705,6 +1705,11 @@ def _rewrite_metrics(path: str, keep_upto: int) -> set[int]:
                 kept.append(json.dumps(rec))
                 if rec.get("kind") == "eval":
                     evals.add(int(rec["step"]))
+            else:
+                dropped = max(dropped, int(rec.get("step", 0)))
+    if keep_upto == 0 and dropped:  # (the checkpoints emptied: it restarted without a word; a walkthrough)
+        logging.warning("%s: records up to step %d, but no checkpoint to resume from: training starts again "
+                        "from step 0 and those records are dropped", path, dropped)
     _atomic_write(path, "".join(s + "\n" for s in kept))
     return evals
 

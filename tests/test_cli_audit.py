@@ -210,6 +210,56 @@ def test_sigterm_goes_to_the_sigint_handler():
         signal.signal(signal.SIGTERM, old_term)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_during_a_compile_is_raised_when_it_ends(sig, caplog):
+    """(A walkthrough: Ctrl-C or SIGTERM inside denoise's precompile, with flax and orbax imported,
+    crashed the process at its exit with a segmentation fault, status 139; raised after the
+    compile, it exits with 130.) Inside interrupts_after the first interrupt is said at once and
+    raised at the block's end, a second is raised at once, and the handlers come back."""
+    old_int, old_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+    def wait_for(cond):
+        for _ in range(200):
+            if cond():
+                return
+            time.sleep(0.01)
+
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        eu.sigterm_as_interrupt()
+        before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+        ran_on = []
+        with caplog.at_level("WARNING"), pytest.raises(KeyboardInterrupt) as err:
+            with eu.interrupts_after("the programs are compiled"):
+                os.kill(os.getpid(), sig)
+                wait_for(lambda: "interrupt: the run stops once" in caplog.text)
+                ran_on.append(True)  # not raised inside
+        assert ran_on == [True]
+        assert "interrupt: the run stops once the programs are compiled (interrupt again to stop at once)" in caplog.text
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+        assert err.value is not None
+        reached = []
+        with pytest.raises(KeyboardInterrupt):  # a second one: at once
+            with eu.interrupts_after("the programs are compiled"):
+                os.kill(os.getpid(), sig)
+                time.sleep(0.2)  # the first: said, and the block goes on
+                reached.append(1)
+                os.kill(os.getpid(), sig)
+                time.sleep(2.0)
+                reached.append(2)
+        assert reached == [1]
+        with eu.interrupts_after("nothing"):  # none: the block ends as usual
+            pass
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a handler of no one's: left alone
+        if sig == signal.SIGINT:
+            with eu.interrupts_after("the programs are compiled"):
+                os.kill(os.getpid(), sig)
+                time.sleep(0.1)
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+
+
 @pytest.mark.parametrize("sigint", ["default", "ignored"])
 def test_training_defers_sigterm_whatever_sigint_is(sigint):
     """Inside train, SIGTERM from sigterm_as_interrupt is deferred to the step boundary like

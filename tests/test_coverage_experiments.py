@@ -441,6 +441,9 @@ def test_denoise_run_gives_a_per_image_model_its_images_index(tmp_path, monkeypa
     ("denoise", "methods", (), r"methods: expected distinct entries .*\(\)"),
     ("denoise", "num_frames", 1, "num_frames: expected an int >= 2, got 1"),
     ("denoise", "num_frames", True, "num_frames: expected an int >= 2, got True"),
+    # (below the SSIM's 11x11 window: a traceback after the claim; budget first trained ours)
+    ("denoise", "data.size", 8, r"data.size: expected images of at least 11x11 pixels \(the SSIM's window\), got 8x8"),
+    ("budget", "data.size", 10, r"data.size: expected images of at least 11x11 pixels"),
     ("denoise", "num_frames", 65, r"num_frames: expected at most 64 \(each frame is a column of trajectory.png\)"),
     ("denoise", "eval_seed", 2**32, r"eval_seed: expected an int in \[0, 2\*\*32\)"),  # (32 bits without x64)
     ("denoise", "ours.train.budget_seconds", -5.0, "ours.train.budget_seconds: expected a finite number of seconds"),
@@ -468,6 +471,30 @@ def test_bad_config_values_are_named_before_the_workdir_is_claimed(binary, key, 
     with pytest.raises(ValueError, match=match):
         (denoise.run if binary == "denoise" else budget.run)(cfg, str(wd))
     assert not wd.exists()
+
+
+@pytest.mark.parametrize("binary", ["denoise", "budget"])
+def test_fresh_from_inside_the_run_directory(binary, tmp_path, monkeypatch):
+    """(A walkthrough.) ``cd run && denoise --workdir=. --fresh`` moved ``run`` to ``run.prev`` and,
+    the process's directory having moved with it, claimed and refused the moved one ("already
+    holds the finished results ... nothing was changed"): the run now goes on in a new ``run``."""
+    from experiments import budget, denoise
+    from experiments.configs import budget_demo, denoise_demo
+
+    mod = denoise if binary == "denoise" else budget
+    cfg = (denoise_demo if binary == "denoise" else budget_demo).get_config()
+    cfg.data.size = 16
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "experiment.json").write_text(json.dumps({"experiment": binary, "config": {}}))
+    (run / "results.json").write_text("{}")
+    seen = []
+    monkeypatch.setattr(mod, "_run_claimed", lambda cfg, workdir, *a: seen.append(workdir) or {"ok": 1})
+    monkeypatch.chdir(run)
+    assert mod.run(cfg, ".", fresh=True) == {"ok": 1}
+    assert seen == [str(run)]
+    assert (tmp_path / "run.prev" / "results.json").exists() and not (run / "results.json").exists()
+    assert json.loads((run / "experiment.json").read_text())["experiment"] == binary
 
 
 @pytest.mark.parametrize("binary, methods", [("denoise", ("ours", "ddpm")), ("denoise", ("ddpm",)),

@@ -330,7 +330,7 @@ def test_checkpoints_that_cannot_be_used_are_refused_by_name(tmp_path):
         tr.load_checkpoint(tmp_path / "empty")
 
 
-def test_rewrite_metrics_keeps_the_records_up_to_the_checkpoint(tmp_path):
+def test_rewrite_metrics_keeps_the_records_up_to_the_checkpoint(tmp_path, monkeypatch):
     """Records after the resumed step and a half-written last line are dropped; the steps of the
     kept evaluation records are returned; no file: nothing kept."""
     path = tmp_path / "metrics.jsonl"
@@ -340,6 +340,13 @@ def test_rewrite_metrics_keeps_the_records_up_to_the_checkpoint(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"step": 7, "ki')
     assert tr._rewrite_metrics(str(path), 5) == {2, 4}
     assert [json.loads(line) for line in path.read_text().splitlines()] == recs[:4]
+    # no checkpoint at all (a run's checkpoints/ emptied): it started again without a word
+    warned = []
+    monkeypatch.setattr(tr.logging, "warning", lambda msg, *a: warned.append(msg % a))
+    assert tr._rewrite_metrics(str(path), 0) == set()
+    assert warned == [f"{path}: records up to step 4, but no checkpoint to resume from: training starts again "
+                      "from step 0 and those records are dropped"]
+    assert [json.loads(line) for line in path.read_text().splitlines()] == recs[:1]
 
 
 def test_atomic_write_leaves_no_temporary_file_when_it_fails(tmp_path):

@@ -237,6 +237,62 @@ def test_failed_background_write_raises_then_resume(images, reference_run, tmp_p
         np.testing.assert_array_equal(fields[name], ref, err_msg=name)
 
 
+def test_a_corrupted_chunk_is_refused_by_training_and_computed_again_on_resume(images, reference_run, tmp_path):
+    """A finite value changed in a stored trajectory went unnoticed: a resumed run took the chunk
+    as done and training read it (a walkthrough). Now training refuses it, naming the chunk and the
+    field, and a resumed run checks its chunks against their markers' checksums and computes the
+    damaged one again, with a warning, ending with the uninterrupted run's store bit for bit."""
+    import shutil
+
+    from krylovjax import training
+    from krylovjax.store import StoreDamagedError
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference_run[0], workdir)
+    complete = os.path.join(workdir, "store", "complete")
+    markers = {n: open(os.path.join(complete, n)).read() for n in _markers(workdir)}
+    shard = os.path.join(workdir, "store", "arrays", "embedded", "c", "2", "0", "0", "0", "0")
+    with open(shard, "r+b") as f:  # inside the first inner chunk (the shard index is at the end)
+        f.seek(800)
+        f.write(np.float64(0.5).tobytes())
+    with pytest.raises(StoreDamagedError, match=r"field 'embedded' of chunk 2 \(images 2..2\) does not match the "
+                                                r"checksum in its marker .*same flags to recompute it"):
+        training.trajectories_from_store(os.path.join(workdir, "store"))
+    with pytest.warns(UserWarning, match=r"store '.*': chunk 2 \(images 2..2\) was marked complete but the data "
+                                         r"of field 'embedded' do not match the checksum in its marker .*it is "
+                                         r"computed again"):
+        summary = pipeline.run_precompute(images, CFG, workdir, chunk_images=1, store_dtype=np.float64,
+                                          progress=False)
+    assert (summary.chunks_skipped, summary.chunks_computed) == (NUM - 1, 1) and summary.complete
+    for name in markers:  # the sound chunks untouched
+        if name != "chunk_00000002.json":
+            assert open(os.path.join(complete, name)).read() == markers[name]
+    fields = _all_fields(workdir, images, chunk_images=1, store_dtype=np.float64)
+    for name, ref in reference_run[2].items():
+        assert fields[name].dtype == ref.dtype and fields[name].tobytes() == ref.tobytes(), name
+    traj = training.trajectories_from_store(os.path.join(workdir, "store"))
+    assert traj.x.tobytes() == reference_run[2]["embedded"].tobytes()
+
+
+def test_binaries_refuse_a_damaged_manifest_in_one_line(tmp_path):
+    """A truncated manifest.json gave JSONDecodeError tracebacks in both binaries; now one line
+    naming the file and what to do."""
+    store = tmp_path / "run" / "store"
+    store.mkdir(parents=True)
+    (store / "manifest.json").write_text('{"format": "krylovjax.score_store", "vers')
+    want = (f"'{store / 'manifest.json'}' is not valid JSON (Unterminated string starting at: line 1 column 37 "
+            "(char 36)); the store is damaged: rerun the pre-computation (experiments.precompute) with --fresh")
+    out = _binary(["--config=experiments/configs/demo.py", f"--workdir={tmp_path / 'run'}", "--noprogress",
+                   "--config.num_images=2", "--config.image_size=8", "--config.precompute.num_steps=3"])
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1].startswith(f"error: path: {want}"), out.stderr[-3000:]
+    out = subprocess.run([sys.executable, "-m", "experiments.train", "--config=experiments/configs/train_tiny.py",
+                          f"--store={store}", f"--workdir={tmp_path / 'train'}"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1].startswith(f"error: store: {want}"), out.stderr[-3000:]
+
+
 def test_other_config_or_images_refused(images, reference_run):
     workdir = reference_run[0]
     before = (_markers(workdir), open(os.path.join(workdir, "store", "manifest.json")).read())

@@ -5,6 +5,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -206,6 +207,142 @@ def test_missing_data_file_of_a_complete_chunk_is_refused(tmp_path):
     np.testing.assert_array_equal(reopened.read("embedded", 0), W.make_fields(0, 1)["embedded"][0])
     np.testing.assert_array_equal(reopened.read_batch("nonconverged", [6, 7, 8]), np.zeros(3, bool))
     assert reopened.verify_chunk(0) and reopened.verify_chunk(2)
+
+
+def _set_float(path, offset, value=10.0):
+    """Overwrites one float32 of a data file with a finite value (a silent corruption)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(np.float32(value).tobytes())
+
+
+_EMBEDDED_1 = os.path.join("arrays", "embedded", "c", "1", "0", "0", "0", "0")  # chunk 1 (images 3..5)
+
+
+def test_whole_chunk_reads_verify_checksums_and_refuse_a_mismatch(tmp_path, monkeypatch):
+    """A finite value changed in a stored trajectory went unnoticed by reads (a walkthrough trained
+    on it). Whole-chunk reads (read_range, read_all: what training reads) now hash what they read
+    and refuse a mismatch in one line naming the store, the chunk, the field and what to do; only
+    the chunks read are checked, each once per store object."""
+    from krylovjax import store as store_mod
+    from krylovjax import training
+    from krylovjax.store import StoreDamagedError
+
+    path = tmp_path / "s"
+    _fill(W.open_store(path))
+    ref = _all_fields()
+    store = W.open_store(path)
+    np.testing.assert_array_equal(store.read_range("embedded", 4, 5), ref["embedded"][4:5])  # a partial chunk
+    _set_float(path / _EMBEDDED_1, 100)  # float 25 of chunk 1: image 3
+    hashed = []
+    real = store_mod._sha256_many
+    monkeypatch.setattr(store_mod, "_sha256_many", lambda views: hashed.append(len(views)) or real(views))
+    reopened = W.open_store(path)
+    np.testing.assert_array_equal(reopened.read_range("embedded", 0, 3), ref["embedded"][:3])  # chunk 0 only
+    np.testing.assert_array_equal(reopened.read_range("embedded", 6, 10), ref["embedded"][6:])  # chunks 2, 3
+    assert hashed == [1, 2]
+    reopened.read_range("embedded", 0, 3)
+    assert hashed == [1, 2, 0]  # checked once: not hashed again
+    np.testing.assert_array_equal(store.read_range("embedded", 4, 5), ref["embedded"][4:5])  # checked before
+    want = (f"store '{path}' is damaged: field 'embedded' of chunk 1 (images 3..5) does not match the checksum "
+            f"in its marker '{path / 'complete' / 'chunk_00000001.json'}'; rerun the pre-computation "
+            "(experiments.precompute) with the same flags to recompute it")
+    for read in (lambda: reopened.read_range("embedded", 5, 6), lambda: W.open_store(path).read_all("embedded"),
+                 lambda: training.trajectories_from_store(path),
+                 lambda: training.prepare_data(training.TrainConfig(), str(path))):
+        with pytest.raises(StoreDamagedError) as err:
+            read()
+        assert str(err.value).startswith(want) and "\n" not in str(err.value)
+    assert isinstance(err.value, ValueError)
+    for name in ("m", "scores", "matvecs"):  # the other fields of the chunk are sound
+        np.testing.assert_array_equal(reopened.read_all(name), ref[name])
+    # random access reads parts of chunks: not checked (documented)
+    np.testing.assert_array_equal(reopened.read("embedded", 4), ref["embedded"][4])
+
+
+def test_resume_check_redoes_a_damaged_chunk_of_its_own_process_only(tmp_path):
+    """recheck_owned_chunks (what a resumed pre-computation runs first) makes each of this
+    process's complete chunks that fails its checksums (a finite value changed, a data file lost or
+    truncated, an empty marker) incomplete again, data files removed; another process's chunks
+    are left alone; the chunks written again give the uninterrupted store bit for bit."""
+    path = tmp_path / "s"
+    _fill(W.open_store(path))
+    data_files = lambda: {k: v[1] for k, v in _snapshot(path).items() if v and not k.startswith("complete")}  # noqa: E731
+    before = data_files()
+    _set_float(path / _EMBEDDED_1, 100)  # chunk 1: process 1's of 2
+    (path / "complete" / "chunk_00000002.json").write_text("")  # chunk 2: process 0's
+    os.truncate(path / "arrays" / "m" / "c" / "0" / "0" / "0" / "0" / "0", 1000)  # chunk 0: process 0's
+    os.remove(path / "arrays" / "scores" / "c" / "3" / "0" / "0" / "0" / "0" / "0")  # chunk 3: process 1's
+    hosts = [W.open_store(path, process_index=i, process_count=2) for i in range(2)]
+    bad0 = hosts[0].recheck_owned_chunks()
+    assert sorted(bad0) == [0, 2] and hosts[0].completed_chunks() == [1, 3]
+    assert "the data of field 'm' cannot be read (" in bad0[0] and "\n" not in bad0[0]
+    assert bad0[2] == f"its marker '{path / 'complete' / 'chunk_00000002.json'}' is empty"
+    assert not [f for f in _chunk_files(path, 0) + _chunk_files(path, 2) if os.path.exists(f)]
+    bad1 = hosts[1].recheck_owned_chunks()
+    assert bad1 == {1: "the data of field 'embedded' do not match the checksum in its marker (altered, or its file lost)",
+                    3: "the data of field 'scores' do not match the checksum in its marker (altered, or its file lost)"}
+    assert hosts[1].pending_chunks(all_hosts=True) == [0, 1, 2, 3]
+    for host in hosts:
+        assert host.recheck_owned_chunks() == {}
+        _fill(host)
+    assert all(W.open_store(path).verify_chunk(i) for i in range(4))
+    assert data_files() == before  # every data file byte for byte as the uninterrupted store's
+
+
+def _damage_cases():
+    m1 = os.path.join("complete", "chunk_00000001.json")
+    return {
+        "manifest not JSON": ("manifest.json", lambda p: p.write_text(p.read_text()[:40]),
+                              r"'{path}/manifest.json' is not valid JSON \(.*\); the store is damaged: rerun the "
+                              r"pre-computation \(experiments.precompute\) with --fresh"),
+        "manifest empty": ("manifest.json", lambda p: p.write_text(""),
+                           r"'{path}/manifest.json' is empty; the store is damaged: rerun"),
+        "manifest without keys": ("manifest.json", lambda p: p.write_text(json.dumps(
+            {k: v for k, v in json.loads(p.read_text()).items() if k != "fields"})),
+            r"'{path}/manifest.json' lacks \(or has malformed\) key\(s\) \['fields'\]; the store is damaged"),
+        "zarr.json": (os.path.join("arrays", "embedded", "zarr.json"), lambda p: p.write_text('{"zarr_'),
+                      r"store '{path}' is damaged: array 'embedded' cannot be opened as described by its manifest: "
+                      r"'{path}/arrays/embedded/zarr.json' \(.*Invalid JSON\); the store is damaged: rerun"),
+        "marker empty": (m1, lambda p: p.write_text(""),
+                         r"store '{path}' is damaged: chunk 1 \(images 3..5\) is marked complete but its marker "
+                         r"'{path}/complete/chunk_00000001.json' is empty; rerun the pre-computation "
+                         r"\(experiments.precompute\) with the same flags to recompute it"),
+        "marker not JSON": (m1, lambda p: p.write_text("{"), r"chunk 1 \(images 3..5\) is marked complete but "
+                            r"its marker '{path}/complete/chunk_00000001.json' is not valid JSON"),
+        "data file deleted": (_EMBEDDED_1, os.remove,
+                              r"store '{path}' is damaged: chunk 1 \(images 3..5\) is marked complete but the data "
+                              r"of field 'embedded' is missing \('{path}/arrays/embedded/c/1/0/0/0/0'\); rerun the "
+                              r"pre-computation \(experiments.precompute\) with the same flags"),
+        "data file truncated": (_EMBEDDED_1, lambda p: os.truncate(p, 100),
+                                r"store '{path}' is damaged: field 'embedded' of chunk 1 \(images 3..5\) cannot be "
+                                r"read \(.*{path}/arrays/embedded/c/1/0/0/0/0.*\); rerun the pre-computation "
+                                r"\(experiments.precompute\) with the same flags"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_damage_cases()))
+def test_a_damaged_file_is_refused_in_one_line_naming_it(tmp_path, case):
+    """A damaged manifest, zarr.json, marker or data file gave tracebacks (JSONDecodeError,
+    KeyError) or tensorstore's raw message; now one line (StoreDamagedError, a ValueError that the
+    binaries end with) naming the file and what to do, for the store's reads and training's."""
+    from krylovjax import training
+    from krylovjax.store import StoreConflictError, StoreDamagedError
+
+    assert issubclass(StoreDamagedError, StoreConflictError)  # exit_on_run_errors: one line, no traceback
+    path = tmp_path / "s"
+    _fill(W.open_store(path))
+    rel, damage, pattern = _damage_cases()[case]
+    damage(path / rel)
+    pattern = pattern.replace("{path}", re.escape(str(path)))
+    for read in (lambda: W.open_store(path).read_all("embedded"), lambda: training.trajectories_from_store(path)):
+        with pytest.raises(StoreDamagedError, match=pattern) as err:
+            read()
+        assert "\n" not in str(err.value)
+        assert str(err.value).startswith(("store", "path")), str(err.value)
+    if rel == "manifest.json":
+        with pytest.raises(StoreDamagedError, match="^store: " + pattern):
+            training.check_store(path)  # the train binary's check, in its argument's words
 
 
 def test_incomplete_store_refuses_reads(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -289,6 +290,7 @@ def test_fresh_moves_the_old_run_aside(tmp_path):
     wd, prev = tmp_path / "demo", tmp_path / "demo.prev"
     prev.mkdir()
     (prev / "oldest.txt").write_text("oldest")
+    (prev / "experiment.json").write_text('{"experiment": "denoise"}')  # an earlier denoise run
     wd.mkdir()
     (wd / "experiment.json").write_text(json.dumps({"experiment": "denoise", "config": {"a": 0}}))
     (wd / "results.md").write_text("last run")
@@ -313,6 +315,7 @@ def test_fresh_refuses_without_moving_anything(tmp_path):
     (wd / "results.md").write_text("last run")
     prev.mkdir()
     (prev / "results.md").write_text("older run")
+    (prev / "experiment.json").write_text('{"experiment": "denoise"}')
     before = _snapshot(tmp_path)
     body = lambda: pytest.fail("ran")  # noqa: E731
     with _Holder(prev):  # someone is running in the .prev directory: it is not deleted
@@ -325,11 +328,11 @@ def test_fresh_refuses_without_moving_anything(tmp_path):
     f = tmp_path / "afile"
     f.write_text("keep")
     with pytest.raises(eu.WorkdirConflictError, match="is not a directory; refusing to move or delete it"):
-        eu.move_aside(f)
+        eu.move_aside(f, kind="denoise")
     (tmp_path / "x.prev").write_text("keep too")
     (tmp_path / "x").mkdir()
     with pytest.raises(eu.WorkdirConflictError, match="x.prev' is not a directory"):
-        eu.move_aside(tmp_path / "x")
+        eu.move_aside(tmp_path / "x", kind="denoise")
     assert f.read_text() == "keep" and (tmp_path / "x.prev").read_text() == "keep too"
 
 
@@ -343,6 +346,7 @@ def test_fresh_never_moves_or_deletes_what_the_run_reads(tmp_path, where):
     prev.mkdir()
     (out / "a.txt").write_text("a")
     (prev / "b.txt").write_text("b")
+    (prev / "experiment.json").write_text('{"experiment": "generate"}')  # an earlier generate run
     kept = {"itself": out, "inside": out / "run", "prev": prev, "inside_prev": prev / "run"}[where]
     kept.mkdir(exist_ok=True)
     before = _snapshot(tmp_path)
@@ -353,7 +357,7 @@ def test_fresh_never_moves_or_deletes_what_the_run_reads(tmp_path, where):
     assert "use another --outdir (nothing was moved)" in str(err.value)
     assert _snapshot(tmp_path) == before
     # elsewhere: moved as before
-    assert eu.move_aside(out, keep={str(tmp_path / "elsewhere"): "x"}) == str(prev)
+    assert eu.move_aside(out, kind="generate", keep={str(tmp_path / "elsewhere"): "x"}) == str(prev)
 
 
 def test_fresh_never_moves_what_a_glob_reads_and_a_missing_directory_moves_nothing(tmp_path):
@@ -368,13 +372,48 @@ def test_fresh_never_moves_what_a_glob_reads_and_a_missing_directory_moves_nothi
     before = _snapshot(tmp_path)
     with pytest.raises(eu.WorkdirConflictError, match=r"'.*/photos/batch2' lies in the noisy images \(--input\) "
                                                       r"\('.*/photos/\*\*'\); --fresh would move it aside"):
-        eu.move_aside(photos / "batch2", arg="outdir", keep=keep)
+        eu.move_aside(photos / "batch2", kind="restore", arg="outdir", keep=keep)
     with pytest.raises(eu.WorkdirConflictError, match="holds the noisy images"):  # holding it: as before
-        eu.move_aside(tmp_path, arg="outdir", keep=keep)
+        eu.move_aside(tmp_path, kind="restore", arg="outdir", keep=keep)
     assert _snapshot(tmp_path) == before
-    assert eu.move_aside(tmp_path / "elsewhere", keep=keep) is None  # nothing there
+    assert eu.move_aside(tmp_path / "elsewhere", kind="restore", keep=keep) is None  # nothing there
     (tmp_path / "out.prev" / "checkpoints").mkdir(parents=True)
-    assert eu.move_aside(tmp_path / "out", keep={str(tmp_path / "out.prev"): "the training run"}) is None
+    assert eu.move_aside(tmp_path / "out", kind="restore", keep={str(tmp_path / "out.prev"): "the training run"}) is None
+
+
+@pytest.mark.parametrize("held, found", [
+    ({"notes.txt": "precious"}, r"files of no run \('notes.txt'\)"),
+    ({"checkpoints/1/x": "", "config.json": "{}"}, "a train run"),
+    ({"experiment.json": '{"experiment": "denoise"}'}, "a denoise run"),
+    ({"experiment.json": "{not json"}, "a run whose experiment.json cannot be read"),
+    ({"manifest.json": "{}"}, "a score store"),
+    ({"sub/run/checkpoints/1/x": ""}, r"files of no run \('sub'\)"),  # a parent of runs, moved aside earlier
+])
+def test_fresh_deletes_only_an_earlier_run_of_its_own_binary(tmp_path, held, found):
+    """(A walkthrough, thirty-seventh session.) precompute --workdir=B --fresh moved a user's folder
+    to B.prev and the next one deleted it; one over a training run copied to A.prev deleted the
+    run: the .prev is replaced only when it is empty or an earlier run of the same binary."""
+    wd, prev = tmp_path / "w", tmp_path / "w.prev"
+    (wd / "store").mkdir(parents=True)
+    (wd / "precompute_summary.json").write_text("{}")
+    for name, text in held.items():
+        (prev / name).parent.mkdir(parents=True, exist_ok=True)
+        (prev / name).write_text(text)
+    before = _snapshot(tmp_path)
+    with pytest.raises(eu.WorkdirConflictError, match=f"holds {found}, not an earlier precompute run that --fresh "
+                                                      "may replace; --fresh would delete it: move or delete it "
+                                                      r"yourself, or use another --workdir \(nothing was moved\)"):
+        eu.move_aside(wd, kind="precompute")
+    assert _snapshot(tmp_path) == before
+    # an earlier run of its own, or an empty .prev: replaced
+    shutil.rmtree(prev)
+    prev.mkdir()
+    assert eu.move_aside(wd, kind="precompute") == str(prev)
+    assert eu.run_kind(prev) == "precompute" and not wd.exists()
+    wd.mkdir()
+    (wd / "notes.txt").write_text("a user's folder is moved, not deleted")
+    assert eu.move_aside(wd, kind="precompute") == str(prev)
+    assert (prev / "notes.txt").exists()
 
 
 def test_source_root_names_what_a_source_reads(tmp_path):
