@@ -69,7 +69,8 @@ if __name__ == "__main__":
                       "results and training runs (finished or not) are deleted first. Another config is always "
                       "refused; without the flag an unfinished run resumes.")
     flags.DEFINE_bool("fresh", False, "Start afresh: move an existing --workdir to <workdir>.prev first (an older "
-                      "<workdir>.prev is deleted), whatever its config; refused while another run holds either.")
+                      "<workdir>.prev is deleted if it is an earlier run of this binary, "
+                      "refused if it is anything else), whatever its config; refused while another run holds either.")
     flags.mark_flags_as_required(["config", "workdir"])
 
 METHODS = ("ours", "ddpm")

@@ -78,7 +78,8 @@ if __name__ == "__main__":
                          "(files, arrays and tfds datasets).")
     flags.DEFINE_bool("overwrite", False, "Redo a finished run with the same settings in --outdir.")
     flags.DEFINE_bool("fresh", False, "Start afresh whatever --outdir holds: move it to <outdir>.prev first (an "
-                      "older <outdir>.prev is deleted), after the other flags are checked.")
+                      "older <outdir>.prev is deleted if it is an earlier run of this binary, "
+                      "refused if it is anything else), after the other flags are checked.")
     flags.mark_flags_as_required(["workdir"])
 
 

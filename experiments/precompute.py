@@ -61,7 +61,8 @@ flags.DEFINE_float("wait_s", 3600.0,
                    "Multi-host: how long process 0 waits for the other processes' chunks.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 flags.DEFINE_bool("fresh", False, "Start afresh: move an existing --workdir to <workdir>.prev first (an older "
-                  "<workdir>.prev is deleted). One-process runs only.")
+                  "<workdir>.prev is deleted if it is an earlier run of this binary, "
+                  "refused if it is anything else). One-process runs only.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
