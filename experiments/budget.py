@@ -525,6 +525,8 @@ def main(argv):
     eu.check_no_args(argv)
     eu.check_config_kind(FLAGS.config, "budget")
     eu.check_dir_arg(FLAGS.workdir, "workdir")
+    if FLAGS.fresh:  # (as run does: the results printed at the end are the new run's)
+        FLAGS.workdir = os.path.abspath(FLAGS.workdir)
     eu.quiet_orbax_logs()
     eu.sigterm_as_interrupt()  # kill / timeout / schedulers: checkpoint like Ctrl-C, then exit non-zero
     with eu.exit_on_run_errors(out_of_memory=denoise.OUT_OF_MEMORY):

@@ -572,7 +572,7 @@ def prepare_ours(cfg, tc, images) -> tuple[Any, dict]:
     x = jnp.asarray(images)
     sde = pc.make_sde()
     with eu.Stopwatch() as sw_compile:  # compile the solver's programs first: timed apart
-        with eu.interrupts_after("the solver's programs are compiled"):  # (inside, a crash at exit)
+        with eu.interrupts_after():  # the solver's compile (an interrupt inside it: a crash at exit)
             precompile(x.shape, x.dtype, pc)
     from krylovjax import initial
 
@@ -1158,6 +1158,8 @@ def main(argv):
     eu.check_no_args(argv)
     eu.check_config_kind(FLAGS.config, "denoise")
     eu.check_dir_arg(FLAGS.workdir, "workdir")
+    if FLAGS.fresh:  # (as run does: the results printed at the end are the new run's)
+        FLAGS.workdir = os.path.abspath(FLAGS.workdir)
     eu.quiet_orbax_logs()
     eu.sigterm_as_interrupt()  # kill / timeout / schedulers: checkpoint like Ctrl-C, then exit non-zero
     with eu.exit_on_run_errors(out_of_memory=OUT_OF_MEMORY):

@@ -282,6 +282,8 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
         if not isinstance(final_denoise, bool):
             raise TypeError(f"final_denoise: expected a bool, got {final_denoise!r}")
     outdir = outdir or os.path.join(workdir, "generate")
+    if fresh:  # --fresh from inside the directory (--outdir=.) moves the process's directory with it
+        outdir = os.path.abspath(outdir)
     # One run at a time in outdir (a second generate there is refused at once, naming this one).
     with workdir_lock.hold(outdir, arg="outdir"):
         # The settings as asked: an output directory of other settings is refused at once, and it is
@@ -430,6 +432,8 @@ def main(argv):
     eu.sigterm_as_interrupt()  # kill / timeout / schedulers: stop like Ctrl-C (it ended without a word)
     eu.quiet_orbax_logs()
     outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, "generate")
+    if FLAGS.fresh:  # (as run does: the outputs named at the end are the new run's)
+        outdir = os.path.abspath(outdir)
     kept = "samples.json, written last, marks a finished run: the same command samples again"
     with eu.exit_on_run_errors(interrupted=kept), eu.interrupts_between_steps(kept) as check:
         run(FLAGS.workdir, outdir, num_samples=FLAGS.num_samples, num_frames=FLAGS.num_frames,

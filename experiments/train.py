@@ -89,9 +89,12 @@ def _builtin_inputs(cfg, train_cfg):
         return images, None
     from krylovjax.precompute import PrecomputeConfig
 
+    import jax
+
     try:
-        return images, PrecomputeConfig(sde=train_cfg.sde, sde_kwargs=train_cfg.sde_kwargs,
-                                        **cfg.precompute.to_dict())
+        pc = PrecomputeConfig(sde=train_cfg.sde, sde_kwargs=train_cfg.sde_kwargs, **cfg.precompute.to_dict())
+        pc.resolve(jax.dtypes.canonicalize_dtype(images.dtype))  # a tol the compute dtype can verify
+        return images, pc
     except (TypeError, ValueError) as err:
         raise ValueError(f"precompute: {err}") from err
 

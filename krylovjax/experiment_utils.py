@@ -395,7 +395,14 @@ def move_aside(workdir: str | os.PathLike, *, kind: str, arg: str = "workdir",
 
     from krylovjax import workdir_lock
 
-    workdir = os.path.abspath(os.fspath(workdir))
+    given = os.fspath(workdir)
+    workdir = os.path.abspath(given)
+    if not os.path.isabs(given) and os.path.exists(workdir) and _within(os.getcwd(), workdir):
+        # the caller's relative path would name the moved directory afterwards (a review: with
+        # --outdir=. the run went on in <outdir>.prev, over the run --fresh had moved there)
+        raise WorkdirConflictError(
+            f"{arg}: {given!r} holds the current directory, which --fresh would move with it; give --{arg} "
+            "as an absolute path, or run from outside it (nothing was moved)")
     prev = workdir + ".prev"
     for path in (workdir, prev):
         if os.path.lexists(path) and not os.path.isdir(path):
@@ -1097,41 +1104,18 @@ def refuse_other_runs(path: str | os.PathLike, markers: Mapping[str, str], arg: 
 
 
 @contextlib.contextmanager
-def interrupts_after(what: str) -> Iterator[None]:
-    """Ctrl-C or SIGTERM (as :func:`sigterm_as_interrupt` handles it) inside the block is acted on
-    when the block ends: ``KeyboardInterrupt`` is raised then, with one line said at once; a
-    second one interrupts at once. For XLA's compilations: a ``KeyboardInterrupt`` raised inside
-    JAX's lowering, with flax and orbax imported, made the process crash with a segmentation
-    fault at its exit (status 139 after the "interrupted in precompile" line; 4 of 5 tries, a
-    walkthrough of denoise, the thirty-seventh session), where one raised after the compile
-    exits with 130. Handlers other than Python's and :func:`sigterm_as_interrupt`'s, and other
-    threads than the main one, are left alone."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
+def interrupts_after(interrupted: str = "nothing of it was saved; the same command starts it again") -> Iterator[None]:
+    """Ctrl-C or SIGTERM (as :func:`sigterm_as_interrupt` handles it) inside the block is said at
+    once and acted on when the block ends (``KeyboardInterrupt``); a second one ends the process
+    at once with ``interrupted (a second Ctrl-C): <interrupted>`` (:func:`interrupts_between_steps`,
+    whose watcher thread says it even while XLA compiles in C++). For XLA's compilations: a
+    ``KeyboardInterrupt`` raised inside JAX's lowering, with flax and orbax imported, made the
+    process crash with a segmentation fault at its exit (status 139 after the "interrupted in
+    precompile" line; 4 of 5 tries, a walkthrough of denoise, the thirty-seventh session), where
+    one raised after the compile exits with 130."""
+    with interrupts_between_steps(interrupted) as check:
         yield
-        return
-    pending: list[int] = []
-
-    def handle(signum, frame):
-        if pending:
-            raise KeyboardInterrupt
-        pending.append(signum)
-        logging.getLogger(__name__).warning(
-            "interrupt: the run stops once %s (interrupt again to stop at once)", what)
-
-    old = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        h = signal.getsignal(sig)
-        if h is signal.default_int_handler or getattr(h, "defer_in_train", False):
-            old[sig] = signal.signal(sig, handle)
-    try:
-        yield
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
-    if pending:
-        raise KeyboardInterrupt
+        check()
 
 
 _INTERRUPT_CHECKS.add(interrupts_after.__wrapped__.__code__)

@@ -327,7 +327,8 @@ def _run_precompute(images, config, workdir, *, chunk_images, store_dtype, embed
             raise_if_signalled()  # a binary's SIGTERM that Python could not raise where it came
             lo, hi = store.chunk_bounds(index)
             chunk = arr[lo:hi]
-            with interrupts_after("this chunk's programs are compiled"):  # (inside, a crash at exit)
+            with interrupts_after("the complete chunks are kept, and the same command resumes from them"):
+                # (an interrupt inside the compile: a crash at exit)
                 totals["compile"] += precompile(chunk.shape, chunk.dtype, config)
             t_chunk = time.perf_counter()
             solved_before = totals["systems"]

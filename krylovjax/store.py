@@ -957,6 +957,13 @@ class ScoreStore:
             try:
                 arr = np.ascontiguousarray(futures[name].result(), dtype=spec.dtype)
             except Exception as err:  # a damaged data file (tensorstore's ValueError)
+                if not any(code in str(err) for code in _DAMAGED_CODES):
+                    # not the file's content (a lost mount, an I/O error): the run is refused, and
+                    # the chunk, which may be sound, is not thrown away (a review)
+                    a, b = self.chunk_bounds(index)
+                    raise StoreDamagedError(
+                        f"store {self.path!r}: field {name!r} of chunk {index} (images {a}..{b - 1}) cannot be "
+                        f"read ({_ts_cause(err)}); nothing was deleted: rerun once the store can be read") from err
                 return f"the data of field {name!r} cannot be read ({_ts_cause(err)})"
             if _sha256(arr) != marker["sha256"].get(name):  # a missing file reads as the fill value
                 return f"the data of field {name!r} do not match the checksum in its marker (altered, or its file lost)"
@@ -1013,6 +1020,12 @@ _CONTEXT = ts.Context({"file_io_sync": True})
 def _sha256(arr: np.ndarray) -> str:
     """Hex sha256 of a contiguous array's bytes (the chunk checksums of the markers)."""
     return hashlib.sha256(memoryview(arr.reshape(-1).view(np.uint8))).hexdigest()
+
+
+#: tensorstore's status codes for a data file whose content is wrong (truncated, not the codec's,
+#: a digest mismatch): a chunk read with one of them is damaged and computed again on resume;
+#: any other read error (I/O, a lost mount) refuses the run instead of deleting the chunk.
+_DAMAGED_CODES = ("DATA_LOSS", "FAILED_PRECONDITION", "INVALID_ARGUMENT", "OUT_OF_RANGE")
 
 
 def _sha256_many(arrays: Sequence[np.ndarray]) -> list[str]:

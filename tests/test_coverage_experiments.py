@@ -193,12 +193,14 @@ def test_every_config_passes_its_binarys_checks_without_loading_data(name, no_da
         assert cfg.dtype in ("float32", "float64") and cfg.dataset in ("builtin", "cifar10", "celeb_a")
         pc = precompute.precompute_config(cfg.precompute)
         assert pc.make_sde().name == cfg.precompute.sde
+        pc.resolve(np.dtype(cfg.dtype))  # a tolerance its compute dtype can verify
         assert cfg.chunk_images >= 1 and cfg.num_images >= 1
     elif binary == "train":
         tc = training.TrainConfig.from_dict({k: v for k, v in cfg.items() if k not in ("data", "precompute")})
         if tc.method == "ours":
             pc = PrecomputeConfig(sde=tc.sde, sde_kwargs=tc.sde_kwargs, **cfg.precompute.to_dict())
             assert pc.make_sde() == tc.make_sde()
+            pc.resolve(np.float32)  # experiments.train computes in float32 (x64 off): a tol it can verify
         training.model_config(tc, (3, cfg.data.image_size, cfg.data.image_size), cfg.data.num_images)
     else:
         from experiments import denoise, notebook
@@ -735,6 +737,33 @@ def test_generate_run_refuses_bad_settings_before_sampling(method, kw, error, ma
     with pytest.raises(error, match=match):
         generate.run(str(wd), str(out), **kw)
     assert not out.exists()
+
+
+def test_generate_and_restore_fresh_from_inside_the_output_directory(tmp_path, monkeypatch):
+    """(A review.) ``--outdir=. --fresh`` from inside the output directory: the run went on in
+    <outdir>.prev, over the run --fresh had moved there. generate and restore now give
+    run_claimed (and its body) the absolute path."""
+    from experiments import generate, restore
+    from krylovjax import experiment_utils as eu
+    from krylovjax import training
+
+    tc = training.TrainConfig(method="ours", sde="ve", sde_kwargs=(("sigma", 2.0),), per_image_offset=False)
+    wd = tmp_path / "train"
+    (wd / "checkpoints").mkdir(parents=True)
+    monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None: _FakeModel(None, tc, 3, 16))
+    seen = []
+
+    def claimed(outdir, experiment, *a, **k):
+        seen.append((experiment, outdir, k.get("fresh")))
+        return {}
+
+    monkeypatch.setattr(eu, "run_claimed", claimed)
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    generate.run(str(wd), ".", num_samples=1, num_frames=2, sampler="paper_a", num_steps=2, fresh=True)
+    restore.run(str(wd), "builtin:astronaut", ".", noise_std=0.1, num_frames=2, baseline="none", fresh=True)
+    assert seen == [("generate", str(out), True), ("restore", str(out), True)]
 
 
 # ----------------------------------------------------------------------------------------------

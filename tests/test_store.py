@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from krylovjax.store import ScoreStore, hash_inputs
+from krylovjax.store import ScoreStore, StoreDamagedError, hash_inputs
 
 from _fs import snapshot as _snapshot
 
@@ -288,6 +289,35 @@ def test_resume_check_redoes_a_damaged_chunk_of_its_own_process_only(tmp_path):
         _fill(host)
     assert all(W.open_store(path).verify_chunk(i) for i in range(4))
     assert data_files() == before  # every data file byte for byte as the uninterrupted store's
+
+
+def test_resume_check_keeps_a_chunk_it_cannot_read_for_another_reason(tmp_path, monkeypatch):
+    """(A review.) A read error that is not the file's content (an I/O error, a lost mount) refuses
+    the run and deletes nothing: the chunk may be sound, and computing it again would waste it."""
+    path = tmp_path / "s"
+    _fill(W.open_store(path))
+    before = _snapshot(path)
+    store = W.open_store(path)
+
+    class Failing:
+        def result(self):
+            raise ValueError("UNAVAILABLE: Error reading local file: Input/output error")
+
+    arrays = dict(store._arrays)
+    monkeypatch.setattr(store, "_arrays", {name: _Indexed(lambda sl: Failing()) for name in arrays})
+    with pytest.raises(StoreDamagedError, match=r"field '\w+' of chunk 0 \(images 0\.\.\d+\) cannot be read "
+                                                r"\(UNAVAILABLE: .*\); nothing was deleted: rerun once the store "
+                                                r"can be read"):
+        store.recheck_owned_chunks()
+    assert _snapshot(path) == before
+
+
+class _Indexed:
+    def __init__(self, read):
+        self._read = read
+
+    def __getitem__(self, sl):
+        return types.SimpleNamespace(read=lambda: self._read(sl))
 
 
 def _damage_cases():

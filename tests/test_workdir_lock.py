@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -414,6 +415,27 @@ def test_fresh_deletes_only_an_earlier_run_of_its_own_binary(tmp_path, held, fou
     (wd / "notes.txt").write_text("a user's folder is moved, not deleted")
     assert eu.move_aside(wd, kind="precompute") == str(prev)
     assert (prev / "notes.txt").exists()
+
+
+def test_fresh_refuses_a_relative_path_holding_the_current_directory(tmp_path, monkeypatch):
+    """(A review.) With --outdir=. from inside it, --fresh moved the directory and the relative
+    path then named the moved one: the run went on in <outdir>.prev, over the run moved there.
+    Refused, nothing moved; the same directory given as an absolute path is moved as before."""
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "experiment.json").write_text('{"experiment": "generate", "config": {}}')
+    before = _snapshot(tmp_path)
+    for cwd, given in ((out, "."), (out / "sub", "..")):
+        monkeypatch.chdir(cwd)
+        with pytest.raises(eu.WorkdirConflictError, match=rf"outdir: '{re.escape(given)}' holds the current directory, "
+                                                          r"which --fresh would move with it; give --outdir as an "
+                                                          r"absolute path, or run from outside it \(nothing was moved\)"):
+            eu.run_claimed(given, "generate", {}, lambda: pytest.fail("ran"), arg="outdir", fresh=True)
+        assert _snapshot(tmp_path) == before
+    monkeypatch.chdir(out)
+    assert eu.run_claimed(str(out), "generate", {}, lambda: os.listdir(out), arg="outdir", fresh=True) == [
+        "experiment.json"]
+    assert (tmp_path / "out.prev" / "sub").is_dir()
 
 
 def test_source_root_names_what_a_source_reads(tmp_path):
