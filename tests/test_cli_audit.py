@@ -213,6 +213,7 @@ def test_sigterm_goes_to_the_sigint_handler():
 _AFTER_SCRIPT = """
 import os, signal, sys, time
 from krylovjax import experiment_utils as eu
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal (xdist's workers ignore it)
 eu.sigterm_as_interrupt()
 sig = int(sys.argv[1])
 ran_on = []
