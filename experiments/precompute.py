@@ -351,8 +351,9 @@ def summary_runs(path: str, run: dict, entry: dict) -> list[dict]:
     """The ``runs`` of the summary at ``path`` after this invocation (``run``, and its ``entry``:
     ``{"run", "config", "machine"}``): the earlier invocations that computed chunks (read from
     the summary there, an older one's ``run`` block where it has no ``runs``), and this one if it
-    computed any. A run that computed chunks and found none done started a new store: the
-    earlier entries, of a store no longer there, are dropped."""
+    computed any. The earlier entries are kept whatever this one found done: a resumed run whose
+    chunks all failed their checksums computes them all again in the same store (a review: that
+    dropped the record of the runs before it); ``--fresh`` moves the summary aside with the store."""
     import json
 
     earlier: list[dict] = []
@@ -374,8 +375,6 @@ def summary_runs(path: str, run: dict, entry: dict) -> list[dict]:
             logging.info("nothing to compute (%d chunk(s) already done): %s keeps the %d earlier run(s) that "
                          "computed them under \"runs\"", run["chunks_skipped"], os.path.basename(path), len(earlier))
         return earlier
-    if run["chunks_skipped"] == 0:
-        earlier = []
     return earlier + [entry]
 
 

@@ -346,6 +346,12 @@ def main(argv):
                 f"{', '.join('--config.' + k for k in unused)}: not used with --store (the store's images and "
                 "the settings experiments.precompute computed it with are); drop them, or train on the built-in "
                 "photos with --data=builtin")
+    if source == "builtin" and FLAGS.config.method == "ddpm":
+        unused = [k for k in unused_with_store(config_flags.get_override_values(FLAGS["config"]))
+                  if str(k).startswith("precompute")]
+        if unused:  # (ignored without a word, as with --store)
+            raise app.UsageError(f"{', '.join('--config.' + k for k in unused)}: not used by ddpm, which trains on "
+                                 "the photos themselves (no pre-computation); drop them")
     eu.sigterm_as_interrupt()  # kill / timeout / schedulers: checkpoint like Ctrl-C, then exit non-zero
     eu.quiet_orbax_logs()
     cfg = FLAGS.config

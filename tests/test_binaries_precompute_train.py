@@ -124,6 +124,11 @@ def test_unused_with_store_names_the_data_and_precompute_overrides():
      "error: --config.data.image_size, --config.precompute.outer_tol: not used with --store (the store's images "
      "and the settings experiments.precompute computed it with are); drop them, or train on the built-in photos "
      "with --data=builtin"),
+    # ddpm on the built-in photos pre-computes nothing: its precompute overrides were ignored too
+    ("experiments.train", ["--config=experiments/configs/train_tiny.py", "--config.method=ddpm",
+                           "--config.precompute.outer_tol=0.01"],
+     "error: --config.precompute.outer_tol: not used by ddpm, which trains on the photos themselves (no "
+     "pre-computation); drop them"),
 ])
 def test_refused_before_any_work_in_one_line(module, args, message, tmp_path):
     wd = tmp_path / "run"
@@ -190,8 +195,9 @@ def test_summary_runs_keeps_the_runs_that_computed(tmp_path):
     assert precompute.summary_runs(path, noop, {"run": noop}) == runs  # a no-op adds nothing, loses nothing
     second = _run_block(1, 1, 4.0)  # resumed: computed the chunk left
     assert precompute.summary_runs(path, second, {"run": second}) == runs + [{"run": second}]
-    fresh = _run_block(2, 0, 9.0)  # found no chunk done: a new store, the old entries are of another
-    assert precompute.summary_runs(path, fresh, {"run": fresh}) == [{"run": fresh}]
+    # found no chunk done (all failed their checksums, a review): the same store, the entries kept
+    again = _run_block(2, 0, 9.0)
+    assert precompute.summary_runs(path, again, {"run": again}) == runs + [{"run": again}]
     # a summary written before "runs": its run block, if it computed
     (tmp_path / "precompute_summary.json").write_text(json.dumps({"run": first, "config": {"a": 1}, "machine": {}}))
     assert precompute.summary_runs(path, noop, {"run": noop}) == [{"run": first, "config": {"a": 1}, "machine": {}}]
