@@ -108,9 +108,9 @@ def check_config(cfg) -> None:
     if not ok:
         raise ValueError(f"config.store_dtype: expected a float dtype (float16, float32 or float64), "
                          f"got {cfg.store_dtype!r}")
-    seed = cfg.data_seed
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"config.data_seed: expected an int >= 0 (the built-in photos' crops), got {seed!r}")
+    from krylovjax import _checks
+
+    _checks.as_int("config.data_seed", cfg.data_seed, 0, what="an int >= 0 (the built-in photos' crops)")
 
 
 def enclosing_store(workdir: str) -> str | None:

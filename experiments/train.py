@@ -67,10 +67,9 @@ def unused_with_store(overrides) -> list[str]:
 def _check_data_seed(seed) -> None:
     """ValueError naming ``config.data.seed`` unless it is an int >= 0 (it was refused by numpy
     only beyond the 8 built-in photos, and accepted and unused below)."""
-    import numpy as np
+    from krylovjax import _checks
 
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"config.data.seed: expected an int >= 0 (the built-in photos' crops), got {seed!r}")
+    _checks.as_int("config.data.seed", seed, 0, what="an int >= 0 (the built-in photos' crops)")
 
 
 def _builtin_inputs(cfg, train_cfg):

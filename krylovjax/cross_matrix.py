@@ -474,7 +474,7 @@ def _problem(op: FPOperator, b: Array, x0: Array | None, config: SolverConfig) -
         else:
             start = x0
             start_norm = jax.lax.cond(jnp.any(failed), lambda: _norms(b - op.matvec(x0)),
-                                  lambda: jnp.full_like(b_norm, jnp.inf))
+                                      lambda: jnp.full_like(b_norm, jnp.inf))
             n_mv = n_mv + failed.astype(n_mv.dtype)
         back = failed & (start_norm < r_norm)
         x = jnp.where(back[:, None, None], start, x)

@@ -409,9 +409,9 @@ def move_aside(workdir: str | os.PathLike, *, kind: str, arg: str = "workdir",
             raise WorkdirConflictError(f"{arg}: {path!r} is not a directory; refusing to move or delete it")
     if not os.path.exists(workdir):  # nothing is moved or deleted
         return None
-    if os.path.isdir(prev) and os.listdir(prev) and run_kind(prev) != kind:
-        found = run_kind(prev)
-        names = sorted(os.listdir(prev))
+    names = sorted(os.listdir(prev)) if os.path.isdir(prev) else []
+    found = run_kind(prev) if names else kind  # an empty or missing .prev: nothing of another's deleted
+    if found != kind:
         held = {None: "files of no run (" + ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
                 + ")", "unreadable": "a run whose experiment.json cannot be read",
                 "store": "a score store"}.get(found, f"a {found} run")
@@ -1060,10 +1060,13 @@ def check_seed(value: Any, name: str = "seed") -> int:
     Without x64 JAX keeps 32 bits of it (``PRNGKey(2**32 + 5)`` is ``PRNGKey(5)``: another seed
     silently repeated one), and from ``2**63`` on it raised an ``OverflowError`` traceback after
     the model was loaded (a walkthrough of generate and restore, 2026-12-07)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < 2**32:
-        raise ValueError(f"{name}: expected an int in [0, 2**32) (JAX's random keys keep 32 bits of it), "
-                         f"got {value!r}")
-    return int(value)
+    from krylovjax import _checks
+
+    what = "an int in [0, 2**32) (JAX's random keys keep 32 bits of it)"
+    seed = _checks.as_int(name, value, 0, what=what)
+    if seed >= 2**32:
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+    return seed
 
 
 def check_training_run(workdir: str, arg: str = "workdir") -> None:
