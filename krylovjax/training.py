@@ -665,11 +665,25 @@ def _source(config: TrainConfig, data) -> _Source:
         store = _open_store(data)[0]
         shape = (store.num_images, *store.fields["embedded"].shape[1:])
         data = _Meta(shape, np.dtype(store.fields["embedded"].dtype))
-        read = lambda a, b: store.read_batch("embedded", np.arange(a, b), np.zeros(b - a, np.int64))  # noqa: E731
+        read = lambda a, b: _first_levels(store, a, b)  # noqa: E731
     else:
         read = lambda a, b: np.asarray(data[a:b])  # noqa: E731
     shape, _ = _check_meta("data", data, 4, "[B, C, H, W] (clean images for method='ddpm')")
     return _Source("images", "data", shape, read, None, None, None)
+
+
+def _first_levels(store, start: int, stop: int) -> np.ndarray:
+    """Images ``[start, stop)`` of a store for DDPM: level 0 of their embedded trajectories, read a
+    chunk at a time with ``read_range`` and so checked against the chunks' checksums. A checksum
+    covers a chunk's whole trajectories, so this reads ``N`` times the images' bytes (once, at the
+    start of training), one chunk in memory at a time."""
+    out, i, size = [], start, store.chunk_size
+    while i < stop:
+        j = min(stop, (i // size + 1) * size)
+        out.append(np.array(store.read_range("embedded", i, j)[:, 0]))  # a copy: the chunk is freed
+        i = j
+    spec = store.fields["embedded"]
+    return np.concatenate(out) if out else np.zeros((0, *spec.shape[1:]), spec.dtype)
 
 
 # One row per image: sha256 of its float64 bytes (32), then int64 count of NaN/Inf, float64 min and
@@ -725,7 +739,8 @@ def prepare_data(config: TrainConfig, data) -> tuple[dict, dict]:
         :class:`krylovjax.store.ScoreStore` / store path, see :func:`trajectories_from_store`);
         ``"ddpm"``: clean images ``[B, C, H, W]`` in [0, 1], or a ScoreStore / store path,
         whose images it trains on (the first level of each embedded trajectory, the image
-        itself: the images ours trains on).
+        itself: the images ours trains on). A store's chunks are checked against their
+        checksums as they are read (DDPM reads whole trajectories for that, a chunk at a time).
 
     Returns:
       ``(arrays, info)``: ``arrays`` numpy arrays for the step (``"ours"``: ``x`` as given,
@@ -736,6 +751,8 @@ def prepare_data(config: TrainConfig, data) -> tuple[dict, dict]:
     Raises:
       ValueError: wrong shapes, NaN/Inf (the images are named), images outside [0, 1] (ddpm),
         ``t`` not matching ``x`` or not increasing, an SDE other than the embedding's.
+        :class:`krylovjax.store.StoreDamagedError` (a ValueError): a store chunk that fails its
+        checksum or cannot be read.
       TypeError: a non-floating dtype.
     """
     src = _source(config, data)
@@ -763,6 +780,15 @@ class ShardedData(NamedTuple):
     info: dict
     local_rows: tuple
     rows_per_process: list
+
+
+# What shard_data puts in the NaN/Inf count of the rows a process could not read (see _unread).
+_UNREAD_DAMAGED, _UNREAD_OTHER = -1, -2
+
+
+def _unread(err: BaseException) -> int:
+    from krylovjax.store import StoreDamagedError
+    return _UNREAD_DAMAGED if isinstance(err, StoreDamagedError) else _UNREAD_OTHER
 
 
 def _merge(ranges) -> list[tuple[int, int]]:
@@ -796,9 +822,11 @@ def shard_data(config, data, mesh: Mesh | None = None, *, dtype=None) -> Sharded
 
     The image axis is split into ``D`` (mesh size) equal blocks of ``ceil(B / D)`` rows (zero
     padding after ``B``), device ``k`` of the ``"data"`` axis holding block ``k``; a process reads
-    (from the arrays, or from the ScoreStore with ``read_batch``) only the blocks of its own
-    devices. The value checks and the fingerprint run on per-image summaries (sha256, NaN/Inf
-    count, min, max) gathered from all processes, so every process raises the same error.
+    (from the arrays, or from the ScoreStore, checked against its chunks' checksums) only the
+    blocks of its own devices. The value checks and the fingerprint run on per-image summaries
+    (sha256, NaN/Inf count, min, max) gathered from all processes, so every process raises the
+    same error; a process that cannot read its rows (a damaged or incomplete store chunk) raises
+    its own error after that gather, and the others an error naming it.
     The train step draws image indices over all ``B`` images and fetches the rows from the
     owning devices (:func:`make_train_step`), so the batches do not depend on the layout.
 
@@ -828,15 +856,23 @@ def shard_data(config, data, mesh: Mesh | None = None, *, dtype=None) -> Sharded
         return (sl.start or 0, padded if sl.stop is None else sl.stop)
 
     ranges = sorted({rows_of(idx[0]) for idx in sharding.addressable_devices_indices_map((padded,)).values()})
-    blocks, summaries = {}, {}
+    blocks, summaries, failed = {}, {}, None
     for a, c in ranges:
         lo, hi = min(a, b), min(c, b)
-        rows = src.read(lo, hi) if hi > lo else np.zeros((0, *item), np.float64)
-        if rows.shape != (hi - lo, *item):
-            raise ValueError(f"{src.name}: rows [{lo}, {hi}) read with shape {rows.shape}, expected {(hi - lo, *item)}")
+        try:
+            if failed is not None:
+                raise failed
+            rows = src.read(lo, hi) if hi > lo else np.zeros((0, *item), np.float64)
+            if rows.shape != (hi - lo, *item):
+                raise ValueError(
+                    f"{src.name}: rows [{lo}, {hi}) read with shape {rows.shape}, expected {(hi - lo, *item)}")
+        except Exception as err:  # said to every process after the gather below, not raised here alone
+            failed, rows = err, np.zeros((hi - lo, *item), np.float64)
         pad = c - a - (hi - lo)
         blocks[(a, c)] = np.concatenate([rows, np.zeros((pad, *item), rows.dtype)]) if pad else rows
         summaries[(a, c)] = np.concatenate([_row_summaries(rows), np.zeros((pad, _ROW_BYTES), np.uint8)])
+        if failed is not None:  # the rows' NaN/Inf count says why they are missing (see _unread)
+            summaries[(a, c)][:, 32:40] = np.full((c - a, 1), _unread(failed), np.int64).view(np.uint8)
     local = tuple(_merge((min(a, b), min(c, b)) for a, c in ranges))
     per_process: dict[int, list] = {}
     for dev, idx in sharding.devices_indices_map((padded,)).items():
@@ -850,6 +886,22 @@ def shard_data(config, data, mesh: Mesh | None = None, *, dtype=None) -> Sharded
                  " x ".join(str(d) for d in item))
 
     summary = _replicate(mesh, _global_from_blocks(mesh, (padded, _ROW_BYTES), summaries, np.uint8))
+    # A process that could not read its rows (a damaged store chunk, an incomplete one) raises its
+    # own error, and every other process one naming it, after the gather: raised before it, the
+    # others waited in the gather for JAX's timeout (a minute or more, then an abort).
+    if failed is not None:
+        raise failed
+    code = summary[:b, 32:40].copy().view(np.int64)[:, 0]
+    if (code < 0).any():
+        which = np.flatnonzero(code < 0)
+        proc = next(p for p, (lo, hi) in enumerate(rows_per_process) if lo <= which[0] < hi)
+        kind = "a damaged chunk of the store" if code[which[0]] == _UNREAD_DAMAGED else "an error"
+        msg = (f"{src.name}: process {proc} of this job could not read its images {int(which[0])}.."
+               f"{int(which[-1])} ({kind}; its own message says which and what to do); every process stops")
+        if code[which[0]] == _UNREAD_DAMAGED:
+            from krylovjax.store import StoreDamagedError
+            raise StoreDamagedError(msg)
+        raise ValueError(msg)
     info = _check_values_and_fingerprint(config, src, summary[:b])
     arrays = {src.key: _global_from_blocks(mesh, (padded, *item), blocks, dtype)}
     if src.t is not None:

@@ -317,6 +317,12 @@ def test_shard_data_names_bad_images_and_refuses_other_chunks(tmp_path):
     part = _store(tmp_path / "part", x, range(4))
     with pytest.raises(ValueError, match="complete"):
         tr.shard_data(tr.TrainConfig(), part)
+    # DDPM trains on a store's images, level 0 of each trajectory, read and checked a chunk at a time
+    full = _store(tmp_path / "full", x, range(B))
+    cfg = tr.TrainConfig(method="ddpm", model="tiny", model_overrides={"ch": 16, "ch_mult": (1,), "attn_resolutions": ()})
+    sd = tr.shard_data(cfg, full, tr.make_mesh(jax.devices()[:1]))
+    np.testing.assert_array_equal(np.asarray(sd.arrays["images"]), x[:, 0])
+    assert sd.info == tr.prepare_data(cfg, x[:, 0])[1]
 
 
 def test_an_interrupt_of_one_process_stops_both_with_a_checkpoint(tmp_path):
@@ -348,6 +354,33 @@ def test_an_interrupt_of_one_process_stops_both_with_a_checkpoint(tmp_path):
     assert waited < 60  # JAX's timeout would be 100-300 s
     last = max(r["step"] for r in _records(wd) if r["kind"] == "train")
     assert int(tr.load_checkpoint(wd).state.step) == last >= 3
+
+
+def test_a_damaged_chunk_read_by_one_process_stops_every_process_at_once(tmp_path):
+    """A store chunk failing its checksum on one process of a two-process run: that process raised
+    alone, before the gather of the data summaries, and the other one waited in it for JAX's
+    timeout (2026-12-07). Now the reader names the chunk, the other process names it, and both
+    end at once with one line."""
+    import time
+
+    x = _trajectories()
+    own = [_store(tmp_path / f"own{p}", x, range(*OWN_ROWS[p])) for p in range(2)]
+    with open(os.path.join(own[1], "arrays", "embedded", "c", "5", "0", "0", "0", "0"), "r+b") as f:
+        f.seek(64)  # image 5's chunk: a finite value changed
+        f.write(np.float32(0.25).tobytes())
+    wd = str(tmp_path / "run")
+    cmds, envs = _run([wd, wd], own, 4, processes=2)
+    t0 = time.monotonic()
+    outs = run_all(cmds, envs, timeout=240)
+    took = time.monotonic() - t0
+    last = [err.strip().splitlines()[-1] for _, _, err in outs]
+    assert [rc for rc, _, _ in outs] == [1, 1], [err[-3000:] for _, _, err in outs]
+    assert last[1].startswith(f"error: store {own[1]!r} is damaged: field 'embedded' of chunk 5 (images 5..5) "
+                              "does not match the checksum in its marker"), outs[1][2][-2000:]
+    assert last[0] == ("error: data.x: process 1 of this job could not read its images 4..5 (a damaged chunk of "
+                       "the store; its own message says which and what to do); every process stops"), outs[0][2][-2000:]
+    assert took < 90  # both processes' start-up and compiles; JAX's timeout would add 100-300 s
+    assert not os.path.exists(os.path.join(wd, "checkpoints"))
 
 
 def test_processes_given_different_configs_are_refused_at_once(tmp_path):
