@@ -56,7 +56,8 @@ inputs as denoised: resized, with the added noise), ``baseline.npy`` (the non-lo
 outputs), ``restore.png`` (per image: the input, frames of its trajectory, the output, the
 baseline's output and the clean image when known), ``restore.md`` and ``restore.json`` (written
 last: it marks a finished run; SSIM and PSNR of input, output and baseline against the clean
-images when known; each input's file, its size as read and its clean file; the notes), and
+images when known; each input's file, its size as read (``input_size``: width, height) and its
+clean file; the notes), and
 ``experiment.json`` (the run's settings, written first: another run's settings are refused there). One run at a time per output directory; other settings
 or other input pixels are refused there, a finished run is redone only with ``--overwrite``;
 ``--fresh`` moves whatever the directory holds to ``<outdir>.prev`` and starts afresh.
@@ -366,12 +367,12 @@ def _files(source: str, arg: str, count: int, num_images: int | None, channels: 
         notes.append(f"{arg}: grayscale files read in colour (R = G = B), among colour files: {', '.join(gray)}")
     oblong = [f"{n} ({i['size'][0]}x{i['size'][1]})" for n, i in zip(shown, infos) if i["size"][0] != i["size"][1]]
     if oblong:
-        notes.append(f"{arg}: centre-cropped to a square before the resize: {', '.join(oblong)}")
+        notes.append(f"{arg}: centre-cropped to a square before the resize (sizes W x H): {', '.join(oblong)}")
     small = [f"{n} ({i['size'][0]}x{i['size'][1]})" for n, i in zip(shown, infos)
              if size is not None and min(i["size"]) < size]
     if small:  # (a 2x2 file was restored at 32x32 without a word; a walkthrough)
         notes.append(f"{arg}: smaller than the model's {size}x{size}, enlarged to it (its noise then spans "
-                     f"neighbouring pixels, unlike the noise the model knows): {', '.join(small)}")
+                     f"neighbouring pixels, unlike the noise the model knows; sizes W x H): {', '.join(small)}")
     return paths, [list(i["size"]) for i in infos], shown
 
 
@@ -575,7 +576,7 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
                          f"{summary['psnr_output']:.2f} dB" + ("" if base is None else
                          f"; non-local means: SSIM {summary['ssim_baseline']:.4f}, PSNR "
                          f"{summary['psnr_baseline']:.2f} dB") + "; means over the images.\n\n")
-            heads = ["image", "file"] + (["input file (size)"] if files[0] else []) + [
+            heads = ["image", "file"] + (["input file (W x H)"] if files[0] else []) + [
                 "noise std used" if span is not None else "noise std (NL-means)", "noise std estimated"]
             if refs is not None:
                 label = {"input": "input", "output": "output", "baseline": "NL-means"}

@@ -493,7 +493,8 @@ def test_results_name_each_input_file_and_what_reading_did_to_it(tmp_path, monke
     assert "| 0 | 000_a.png | x/a.png (16x16) |" in text and "| 1 | 001_a.png | y/a.png (20x16) |" in text
     notes = "\n".join(res["notes"])
     assert "input: grayscale files read in colour (R = G = B), among colour files: y/b.png" in notes
-    assert "input: centre-cropped to a square before the resize: y/a.png (20x16)" in notes
+    assert "input: centre-cropped to a square before the resize (sizes W x H): y/a.png (20x16)" in notes
+    assert "| image | file | input file (W x H) |" in text
     assert "clean: grayscale files read in colour (R = G = B), among colour files: 3_c.png" in notes
     assert ("clean: paired with the inputs by their order, and the names suggest another pairing: a.png with "
             "1_b.png (a is in 2_a.png)") in notes
@@ -511,7 +512,7 @@ def test_results_name_each_input_file_and_what_reading_did_to_it(tmp_path, monke
                       baseline="none")
     assert res["shape"] == [1, 3, 16, 16]
     assert ("input: smaller than the model's 16x16, enlarged to it (its noise then spans neighbouring pixels, "
-            "unlike the noise the model knows): t.png (3x2)") in res["notes"], res["notes"]
+            "unlike the noise the model knows; sizes W x H): t.png (3x2)") in res["notes"], res["notes"]
     assert not any("enlarged" in n for n in restore.run(
         wd, f"files:{tmp_path}/in/x/a.png", str(tmp_path / "u"), noise_std=0.1, num_frames=2, baseline="none")["notes"])
     # a source that cannot convert (the built-in data set) is refused, naming it
