@@ -330,6 +330,9 @@ class TrainConfig:
             if not is_int(v) or v < 1:
                 raise ValueError(f"{k}: expected an integer >= 1, got {v!r}")
             set_(k, int(v))
+        if self.ddpm_num_steps < 2:  # the schedule's own check named its num_steps, another field here
+            raise ValueError(f"ddpm_num_steps: expected an integer >= 2 (DDPM's number of noise levels), "
+                             f"got {self.ddpm_num_steps!r}")
         if not is_int(self.steps_per_call) or self.steps_per_call < 0:
             raise ValueError(f"steps_per_call: expected an integer >= 1, or 0 for automatic, got {self.steps_per_call!r}")
         set_("steps_per_call", int(self.steps_per_call))
@@ -1475,15 +1478,55 @@ def _atomic_write(path: str, text: str) -> None:
     atomic_write_text(path, text, durable=True)
 
 
+class _NoReadOnlyNote:
+    """A logging filter for orbax's "Given directory is read only" warning: a reader opens the
+    checkpoints read-only on purpose (every load_checkpoint printed it; a walkthrough)."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        return not str(record.msg).startswith("Given directory is read only")
+
+
 def _manager(ckpt_dir: str, *, read_only: bool, max_to_keep: int = 3) -> ocp.CheckpointManager:
     # cleanup_tmp_directories: a writer removes the half-written step of a killed save on opening.
-    opts = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+    # A reader: no saving interval and no max_to_keep, which orbax would reset with a warning each.
+    opts = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else max_to_keep, create=not read_only,
+                                        read_only=read_only, save_interval_steps=0 if read_only else 1,
                                         enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
-    return ocp.CheckpointManager(ckpt_dir, options=opts, item_names=("state", "config", "meta"))
+    if not read_only:
+        return ocp.CheckpointManager(ckpt_dir, options=opts, item_names=("state", "config", "meta"))
+    absl_logger = logging.get_absl_logger()
+    absl_logger.addFilter(_NoReadOnlyNote)
+    try:
+        return ocp.CheckpointManager(ckpt_dir, options=opts, item_names=("state", "config", "meta"))
+    finally:
+        absl_logger.removeFilter(_NoReadOnlyNote)
 
 
 def _abstract(state: TrainState, sharding) -> Any:
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), state)
+
+
+def _quiet_closed_event_loops() -> None:
+    """After a failed restore, orbax's reads still in flight call back into the event loop it has
+    closed, and Python printed each "RuntimeError: Event loop is closed" as an unraisable
+    exception, hundreds of tracebacks after the one-line CheckpointError (a walkthrough, a
+    truncated file, 2026-12-07). From the first failed restore on, those (and only those) are not
+    printed; every other unraisable exception goes to the hook that was there."""
+    import sys
+
+    if getattr(sys.unraisablehook, "_krylovjax_quiet", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._krylovjax_quiet = True
+    sys.unraisablehook = hook
 
 
 def _restore(mngr: ocp.CheckpointManager, step: int, template: TrainState, sharding, where: str):
@@ -1495,6 +1538,7 @@ def _restore(mngr: ocp.CheckpointManager, step: int, template: TrainState, shard
             config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         state, record, meta = r["state"], r["config"], r["meta"]
     except Exception as err:  # orbax / tensorstore raise many types for damaged files
+        _quiet_closed_event_loops()
         raise CheckpointError(
             f"checkpoint {path!r} cannot be restored ({type(err).__name__}: {' '.join(str(err).split())[:300]}). "
             "Nothing was changed on disk; move this step directory away to resume from an earlier "
@@ -1618,27 +1662,57 @@ def _model_fn(model_def: ModelDef, config: TrainConfig) -> Callable:
     if config.method == "ours":
         def score_fn(params, x, t, idx=None):
             """``s_theta(x [B, C, H, W], t [B]) -> [B, C, H, W]`` (``idx [B]`` for per-image offsets)."""
-            x = jnp.asarray(x)
+            x = _check_x(x)
             idx = _idx_for(model_def, x, idx)
-            t = jnp.broadcast_to(jnp.asarray(t, x.dtype), (x.shape[0],))
+            t = jnp.broadcast_to(_check_per_image("t", t, x, "times"), (x.shape[0],)).astype(x.dtype)
             return apply(params, x.astype(dtype), t.astype(dtype), idx).astype(x.dtype)
         return score_fn
 
     def eps_fn(params, x, i, idx=None):
         """``eps_theta(x [B, C, H, W] in [-1, 1], i [B] int step index) -> [B, C, H, W]``."""
-        x = jnp.asarray(x)
+        x = _check_x(x)
         idx = _idx_for(model_def, x, idx)
-        t = jnp.broadcast_to(jnp.asarray(i), (x.shape[0],)).astype(dtype) / ddpm_steps
+        i = _check_per_image("i", i, x, "step indices", integer=True, upper=(ddpm_steps, "ddpm_num_steps"))
+        t = jnp.broadcast_to(i, (x.shape[0],)).astype(dtype) / ddpm_steps
         return apply(params, x.astype(dtype), t, idx).astype(x.dtype)
     return eps_fn
 
 
+def _check_x(x) -> jax.Array:
+    """A loaded model's ``x``: a floating ``[B, C, H, W]`` array (an int array gave an int, truncated
+    score; a walkthrough, 2026-12-07)."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"x: expected a floating-point array [B, C, H, W], got dtype {x.dtype}")
+    if x.ndim != 4:
+        raise ValueError(f"x: expected shape [B, C, H, W], got {tuple(x.shape)}")
+    return x
+
+
+def _check_per_image(name: str, v, x, what: str, *, integer: bool = False, upper=None) -> jax.Array:
+    """A loaded model's per-image argument: a scalar or shape ``[B]`` (named, instead of a broadcast
+    error), integer where ``integer``, and, for concrete values, in ``[0, upper[0])``."""
+    v = jnp.asarray(v)
+    if v.shape not in ((), (x.shape[0],)):
+        raise ValueError(f"{name}: expected a scalar or shape [B] = ({x.shape[0]},) of {what}, got shape {tuple(v.shape)}")
+    if integer and not jnp.issubdtype(v.dtype, jnp.integer):
+        raise TypeError(f"{name}: expected integer {what}, got dtype {v.dtype}")
+    if upper is not None and is_concrete(v) and v.size:
+        a = np.asarray(v)  # numpy: a concrete array closed over inside a trace (a sampler's scan) too
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi >= upper[0]:
+            raise ValueError(f"{name}: expected {what} in [0, {upper[1]}={upper[0]}), got values in [{lo}, {hi}]")
+    return v
+
+
 def _idx_for(model_def: ModelDef, x, idx):
     if not model_def.unet.per_image_offset:
-        return None
+        return None  # ignored, as the U-Net does
     if idx is None:
         raise ValueError("idx: required ([B] int image indices) for a model trained with per_image_offset")
-    return jnp.broadcast_to(jnp.asarray(idx, jnp.int32), (x.shape[0],))
+    idx = _check_per_image("idx", idx, x, "image indices", integer=True,
+                           upper=(model_def.unet.num_images, "num_images"))
+    return jnp.broadcast_to(idx.astype(jnp.int32), (x.shape[0],))
 
 
 def _from_process_0(value: int) -> int:
@@ -1760,8 +1834,15 @@ def _rewrite_metrics(path: str, keep_upto: int) -> set[int]:
             else:
                 dropped = max(dropped, int(rec.get("step", 0)))
     if keep_upto == 0 and dropped:  # (the checkpoints emptied: it restarted without a word; a walkthrough)
+        # the records are all that is left of that run: kept beside, not deleted (a walkthrough, 2026-12-07)
+        aside, k = f"{path}.orphaned", 1
+        while os.path.exists(aside):
+            k += 1
+            aside = f"{path}.orphaned{k}"
+        with open(path) as f:
+            _atomic_write(aside, f.read())
         logging.warning("%s: records up to step %d, but no checkpoint to resume from: training starts again "
-                        "from step 0 and those records are dropped", path, dropped)
+                        "from step 0; those records are moved to %s", path, dropped, aside)
     _atomic_write(path, "".join(s + "\n" for s in kept))
     return evals
 
@@ -1891,6 +1972,10 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
         if primary:
             recorded_evals = _rewrite_metrics(metrics_path, resumed_from)
         logging.info("resuming %s from step %d", workdir, resumed_from)
+        if resumed_from > config.num_steps:  # (returned without a word; a walkthrough, 2026-12-07)
+            logging.warning("%s: its checkpoint is at step %d, past num_steps=%d: nothing to train, and the "
+                            "result is that step's (load_checkpoint(step=...) reads an earlier one)",
+                            workdir, resumed_from, config.num_steps)
     del fresh
     dev_data = sharded.arrays
     step = int(_host(state.step))
@@ -2080,10 +2165,10 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
                 stop_reason = "target"
             if nproc == 1:  # an interrupt the final evaluation's code swallowed (it came in a gc callback)
                 interrupts.check()
-    except KeyboardInterrupt as err:
+    except KeyboardInterrupt as interrupt:
         _SWALLOWED.clear()  # acted on: a later train() in this process starts clean
         try:  # the state may be mid-update (its buffers donated to a step in flight)
-            if nproc > 1 and not isinstance(err, _AgreedInterrupt):  # a save is collective
+            if nproc > 1 and not isinstance(interrupt, _AgreedInterrupt):  # a save is collective
                 raise RuntimeError("several processes, interrupted at once (a second interrupt, or during an "
                                    "evaluation): only the processes' agreed stop saves a checkpoint")
             at = int(_host(state.step))
@@ -2096,6 +2181,10 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
                     save()
         except Exception as err:  # noqa: BLE001 - keep the interrupt as the error
             logging.warning("no checkpoint at the interrupt (%s: %s)", type(err).__name__, err)
+        if isinstance(interrupt, _AgreedInterrupt):
+            # out of train() as a plain KeyboardInterrupt: Python ends an uncaught one with the
+            # SIGINT status (130), but a subclass with status 1 (a walkthrough's script, 2026-12-07)
+            raise KeyboardInterrupt(*interrupt.args).with_traceback(interrupt.__traceback__) from None
         raise
     finally:
         interrupts.restore()

@@ -202,6 +202,8 @@ def test_config_and_data_checks_name_the_argument():
         (lambda: tr.TrainConfig(grad_clip=-1.0), ValueError, r"^grad_clip: expected None or a finite value >= 0"),
         (lambda: tr.TrainConfig(grad_clip=float("inf")), ValueError, r"^grad_clip: "),
         (lambda: tr.TrainConfig(ddpm_beta_start=0.1, ddpm_beta_end=0.01), ValueError, r"^ddpm_beta_start, ddpm_beta_end: "),
+        # (accepted, then train() failed naming the schedule's num_steps, another field here; a walkthrough)
+        (lambda: tr.TrainConfig(method="ddpm", ddpm_num_steps=1), ValueError, r"^ddpm_num_steps: expected an integer >= 2"),
         (lambda: tr.TrainConfig(target_metric=""), ValueError, r"^target_metric: expected a non-empty str"),
         (lambda: tr.TrainConfig.from_dict(5), TypeError, r"^config: expected a TrainConfig, dict or ConfigDict"),
         (lambda: tr.embedding_loss(lambda a, b: a, jnp.zeros((2, 1, 4, 4), jnp.int32), jnp.ones(2),
@@ -340,13 +342,20 @@ def test_rewrite_metrics_keeps_the_records_up_to_the_checkpoint(tmp_path, monkey
     path.write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"step": 7, "ki')
     assert tr._rewrite_metrics(str(path), 5) == {2, 4}
     assert [json.loads(line) for line in path.read_text().splitlines()] == recs[:4]
-    # no checkpoint at all (a run's checkpoints/ emptied): it started again without a word
+    # no checkpoint at all (a run's checkpoints/ emptied): it started again without a word, and
+    # then dropped the earlier run's records; they are moved beside (a second time: another name)
     warned = []
     monkeypatch.setattr(tr.logging, "warning", lambda msg, *a: warned.append(msg % a))
+    before = path.read_text()
     assert tr._rewrite_metrics(str(path), 0) == set()
     assert warned == [f"{path}: records up to step 4, but no checkpoint to resume from: training starts again "
-                      "from step 0 and those records are dropped"]
+                      f"from step 0; those records are moved to {path}.orphaned"]
     assert [json.loads(line) for line in path.read_text().splitlines()] == recs[:1]
+    assert (tmp_path / "metrics.jsonl.orphaned").read_text() == before
+    path.write_text(before)
+    tr._rewrite_metrics(str(path), 0)
+    assert warned[-1].endswith(f"moved to {path}.orphaned2")
+    assert (tmp_path / "metrics.jsonl.orphaned").read_text() == (tmp_path / "metrics.jsonl.orphaned2").read_text()
 
 
 def test_atomic_write_leaves_no_temporary_file_when_it_fails(tmp_path):
@@ -951,3 +960,22 @@ def test_image_grid_per_row_labels_and_bad_panels(tmp_path, monkeypatch):
     assert titles == ["a", "b", "c"] and (tmp_path / "g.png").stat().st_size > 0
     with pytest.raises(ValueError, match=r"^images: expected \[C, H, W\] panels"):
         eu.image_grid(tmp_path / "h.png", [[np.zeros((4, 4))]])
+
+
+def test_a_failed_restore_quiets_only_the_closed_event_loop_reports(monkeypatch):
+    """After a restore failed on a truncated file, orbax's reads in flight reported hundreds of
+    "RuntimeError: Event loop is closed" tracebacks as unraisable exceptions after the one-line
+    CheckpointError (a walkthrough). The hook installed then drops those, and only those, once."""
+    import sys
+    import types
+
+    got = []
+    monkeypatch.setattr(sys, "unraisablehook", got.append)
+    tr._quiet_closed_event_loops()
+    tr._quiet_closed_event_loops()  # installed once, not chained twice
+    closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
+    sys.unraisablehook(closed)
+    sys.unraisablehook(other)
+    sys.unraisablehook(types.SimpleNamespace(exc_value=ValueError("Event loop is closed")))
+    assert [u.exc_value.args[0] for u in got] == ["something else", "Event loop is closed"]

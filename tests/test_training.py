@@ -345,6 +345,62 @@ def test_eval_callback_uses_ema_and_load_score_fn(ours_run, trajectories):
         tr.load_score_fn(os.path.join(wd, "nowhere"))
 
 
+def test_a_resume_past_num_steps_says_so(ours_run, trajectories, tmp_path, monkeypatch):
+    """Resuming a 20-step run with num_steps=10 returned step 20 without a word (a walkthrough)."""
+    import shutil
+
+    wd = tmp_path / "copy"
+    shutil.copytree(ours_run[0], wd)
+    warned = []
+    monkeypatch.setattr(tr.logging, "warning", lambda msg, *a: warned.append(msg % a))
+    res = tr.train(OURS.replace(num_steps=10, checkpoint_every=10, eval_every=10), trajectories, wd)
+    assert res.step == 20 and res.resumed_from == 20
+    assert [w for w in warned if "past num_steps" in w] == [f"{wd}: its checkpoint is at step 20, past num_steps=10: nothing to train, and the result is "
+                      "that step's (load_checkpoint(step=...) reads an earlier one)"]
+
+
+def test_a_loaded_model_refuses_arguments_it_would_misread(ours_run, trajectories):
+    """A walkthrough (2026-12-07): an int ``x`` gave an int (truncated, all zero) score; image
+    indices outside [0, num_images), float indices and DDPM step indices outside [0, T) were
+    taken; a ``t`` or ``idx`` of another length failed in a broadcast naming neither. Now each is
+    refused naming the argument; inside a jitted sampler (traced values) only shapes and dtypes
+    are checked, and a concrete ``idx`` closed over by a scan is still checked (no tracer error)."""
+    wd = ours_run[0]
+    fn = tr.load_score_fn(wd)
+    x = jnp.asarray(trajectories.x[:, 2])
+    t = jnp.full((NUM_IMAGES,), 0.5)
+    idx = jnp.arange(NUM_IMAGES)
+    for call, err, pattern in [
+        (lambda: fn(x.astype(jnp.int32), t, idx), TypeError, r"^x: expected a floating-point array \[B, C, H, W\], got dtype int32"),
+        (lambda: fn(x[0], t, idx), ValueError, r"^x: expected shape \[B, C, H, W\]"),
+        (lambda: fn(x, t[:1], idx), ValueError, r"^t: expected a scalar or shape \[B\] = \(2,\) of times, got shape \(1,\)"),
+        (lambda: fn(x, t, jnp.arange(3)), ValueError, r"^idx: expected a scalar or shape \[B\] = \(2,\)"),
+        (lambda: fn(x, t, jnp.array([0, NUM_IMAGES])), ValueError,
+         rf"^idx: expected image indices in \[0, num_images={NUM_IMAGES}\), got values in \[0, {NUM_IMAGES}\]"),
+        (lambda: fn(x, t, jnp.array([-1, 0])), ValueError, r"got values in \[-1, 0\]"),
+        (lambda: fn(x, t, jnp.array([0.0, 1.0])), TypeError, r"^idx: expected integer image indices, got dtype float"),
+    ]:
+        with pytest.raises(err, match=pattern):
+            call()
+    want = np.asarray(fn(x, t, idx))
+    np.testing.assert_array_equal(np.asarray(fn(x, 0.5, idx)), want)  # a scalar time is every image's
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda a, i: fn(a, t, i))(x, idx)), want)
+    scanned = jax.lax.scan(lambda c, _: (c, fn(x, t, idx)), 0, None, length=2)[1]  # idx concrete, in a trace
+    np.testing.assert_array_equal(np.asarray(scanned[1]), want)
+
+    # DDPM's eps_fn: integer step indices in [0, ddpm_num_steps)
+    state, model_def = tr.create_train_state(DDPM, (3, SIZE, SIZE), num_images=NUM_IMAGES)
+    eps = tr._eval_fn_for(model_def, state.params, DDPM)
+    xd = 2 * x - 1
+    kw = {"idx": idx} if model_def.unet.per_image_offset else {}
+    assert eps(xd, jnp.array([0, DDPM.ddpm_num_steps - 1]), **kw).shape == x.shape
+    with pytest.raises(ValueError, match=rf"^i: expected step indices in \[0, ddpm_num_steps={DDPM.ddpm_num_steps}\), "
+                                         rf"got values in \[-5, {DDPM.ddpm_num_steps}\]"):
+        eps(xd, jnp.array([DDPM.ddpm_num_steps, -5]), **kw)
+    with pytest.raises(TypeError, match=r"^i: expected integer step indices, got dtype float"):
+        eps(xd, jnp.array([1.0, 2.0]), **kw)
+
+
 def test_ddpm_max_train_step_is_validated_and_reaches_the_loss(monkeypatch, images):
     with pytest.raises(ValueError, match="ddpm_max_train_step: only for method='ddpm'"):
         tr.TrainConfig(method="ours", ddpm_max_train_step=10)
