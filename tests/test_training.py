@@ -659,9 +659,19 @@ def test_stop_decisions_are_process_0s(tmp_path, trajectories, monkeypatch):
 
     monkeypatch.setattr(tr, "_agree", other_process_interrupted)
     monkeypatch.setattr(tr, "_from_process_0", int)  # this process's own answers again
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt) as err:
         tr.train(OURS.replace(num_steps=3), trajectories, tmp_path / "q")
     assert _complete_steps(tmp_path / "q" / "checkpoints") == [2]
+    # the class itself: Python ends a script with the SIGINT status (130) for exactly that class, and a
+    # subclass (the agreed stop's own) with status 1 (a walkthrough)
+    assert type(err.value) is KeyboardInterrupt
+    assert any(f.co_name == "_train" for f in traceback_frames(err.value.__traceback__))
+
+
+def traceback_frames(tb):
+    while tb is not None:
+        yield tb.tb_frame.f_code
+        tb = tb.tb_next
 
 
 def test_target_stops_training(tmp_path, trajectories):
