@@ -1082,7 +1082,7 @@ def _array_spec(path: str, name: str, spec: FieldSpec, num_images: int, chunk_si
     fill = False if spec.dtype.kind == "b" else 0
     return {
         "driver": "zarr3",
-        "kvstore": {"driver": "file", "path": os.path.join(path, _ARRAYS_DIR, name) + "/"},
+        "kvstore": _kvstore(path, name),
         "metadata": {
             "shape": shape,
             "data_type": spec.dtype.name,
@@ -1094,13 +1094,20 @@ def _array_spec(path: str, name: str, spec: FieldSpec, num_images: int, chunk_si
     }
 
 
+def _kvstore(path: str, name: str) -> dict:
+    """Tensorstore's ``file`` kvstore of field ``name``, by absolute path: tensorstore refuses a
+    path with ``.`` or ``..`` components ("Invalid file path"), which a store given as
+    ``./run/store`` or ``../run/store`` was, then reported as damaged (a walkthrough, 2026-12-07)."""
+    return {"driver": "file", "path": os.path.join(os.path.abspath(path), _ARRAYS_DIR, name) + "/"}
+
+
 def _open_arrays(path: str, manifest: dict, specs: dict[str, FieldSpec]) -> dict:
     arrays = {}
     for name, spec in specs.items():
         try:
             arrays[name] = ts.open(
                 {"driver": "zarr3",
-                 "kvstore": {"driver": "file", "path": os.path.join(path, _ARRAYS_DIR, name) + "/"}},
+                 "kvstore": _kvstore(path, name)},
                 open=True, context=_CONTEXT,
                 dtype=ts.dtype(spec.dtype.name),
                 shape=[int(manifest["num_images"]), *spec.shape],

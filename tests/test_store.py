@@ -686,3 +686,20 @@ def test_non_zero_host_times_out_without_manifest(tmp_path):
         W.open_store(tmp_path / "nobody", process_index=1, process_count=3, open_timeout_s=0.3, poll_interval_s=0.05)
     assert 0.25 < time.monotonic() - t0 < 10
     assert not (tmp_path / "nobody").exists()
+
+
+def test_a_store_given_by_a_relative_path_with_dots_works(tmp_path, monkeypatch):
+    """``./run/store`` or ``../run/store``: tensorstore refused the path ("Invalid file path"), so
+    the pre-computation failed with a traceback and training called an intact store damaged,
+    advising --fresh (a walkthrough, 2026-12-07). The arrays are opened by absolute path now."""
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "a" / "b")
+    store = W.open_store("./s")
+    _fill(store)
+    ref = _all_fields()
+    np.testing.assert_array_equal(W.open_store("./s").read_all("embedded"), ref["embedded"])
+    monkeypatch.chdir(tmp_path / "a")
+    for path in ("../a/b/s", "b/../b/s", "./b/s"):
+        reopened = W.open_store(path)
+        assert reopened.path == path and reopened.is_complete()
+        np.testing.assert_array_equal(reopened.read_all("embedded"), ref["embedded"])
