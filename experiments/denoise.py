@@ -903,7 +903,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False, fresh: bool = False) -> d
     from krylovjax import experiment_utils as eu
 
     if fresh:  # --fresh from inside the run (--workdir=.) moves the process's directory with it
-        workdir = os.path.abspath(workdir)
+        workdir = eu.fresh_path(workdir)
     with eu.checking_arguments():  # a bad value ends the binary with its message alone
         check_config(cfg)
         methods = tuple(cfg.methods)
@@ -1159,7 +1159,7 @@ def main(argv):
     eu.check_config_kind(FLAGS.config, "denoise")
     eu.check_dir_arg(FLAGS.workdir, "workdir")
     if FLAGS.fresh:  # (as run does: the results printed at the end are the new run's)
-        FLAGS.workdir = os.path.abspath(FLAGS.workdir)
+        FLAGS.workdir = eu.fresh_path(FLAGS.workdir)
     eu.quiet_orbax_logs()
     eu.sigterm_as_interrupt()  # kill / timeout / schedulers: checkpoint like Ctrl-C, then exit non-zero
     with eu.exit_on_run_errors(out_of_memory=OUT_OF_MEMORY):

@@ -283,7 +283,7 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
             raise TypeError(f"final_denoise: expected a bool, got {final_denoise!r}")
     outdir = outdir or os.path.join(workdir, "generate")
     if fresh:  # --fresh from inside the directory (--outdir=.) moves the process's directory with it
-        outdir = os.path.abspath(outdir)
+        outdir = eu.fresh_path(outdir)
     # One run at a time in outdir (a second generate there is refused at once, naming this one).
     with workdir_lock.hold(outdir, arg="outdir"):
         # The settings as asked: an output directory of other settings is refused at once, and it is
@@ -433,7 +433,7 @@ def main(argv):
     eu.quiet_orbax_logs()
     outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, "generate")
     if FLAGS.fresh:  # (as run does: the outputs named at the end are the new run's)
-        outdir = os.path.abspath(outdir)
+        outdir = eu.fresh_path(outdir)
     kept = "samples.json, written last, marks a finished run: the same command samples again"
     with eu.exit_on_run_errors(interrupted=kept), eu.interrupts_between_steps(kept) as check:
         run(FLAGS.workdir, outdir, num_samples=FLAGS.num_samples, num_frames=FLAGS.num_frames,

@@ -192,7 +192,7 @@ def main(argv):
     eu.check_config_kind(FLAGS.config, "precompute")
     eu.check_dir_arg(FLAGS.workdir, "workdir")
     if FLAGS.fresh:  # --fresh from inside the run (--workdir=.) moves the process's directory with it
-        FLAGS.workdir = os.path.abspath(FLAGS.workdir)
+        FLAGS.workdir = eu.fresh_path(FLAGS.workdir)
     eu.refuse_other_runs(FLAGS.workdir, {"experiment.json": "another experiment's run",
                                          "checkpoints": "a training run"})
     cfg = FLAGS.config

@@ -423,7 +423,7 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
             raise ValueError(f"sampler: expected auto or one of {SAMPLERS_OURS + SAMPLERS_DDPM}, got {sampler!r}")
     outdir = outdir or os.path.join(workdir, "restore")
     if fresh:  # --fresh from inside the directory (--outdir=.) moves the process's directory with it
-        outdir = os.path.abspath(outdir)
+        outdir = eu.fresh_path(outdir)
     with workdir_lock.hold(outdir, arg="outdir"):
         settings = {"workdir": os.path.abspath(workdir), "step": step, "input": input, "num_images": num_images,
                     "noise_std": noise_std, "add_noise": float(add_noise), "noise_seed": noise_seed, "clean": clean,
@@ -609,7 +609,7 @@ def main(argv):
     eu.quiet_orbax_logs()
     outdir = FLAGS.outdir or os.path.join(FLAGS.workdir, "restore")
     if FLAGS.fresh:  # (as run does: the outputs named at the end are the new run's)
-        outdir = os.path.abspath(outdir)
+        outdir = eu.fresh_path(outdir)
     kept = "restore.json, written last, marks a finished run: the same command denoises again"
     with eu.exit_on_run_errors(interrupted=kept), eu.interrupts_between_steps(kept) as check:
         with eu.checking_arguments():

@@ -378,6 +378,15 @@ def run_kind(path: str | os.PathLike) -> str | None:
     return None
 
 
+def fresh_path(path: str | os.PathLike) -> str:
+    """The directory a binary's ``--fresh`` works on: ``path`` absolute (``--workdir=.`` would
+    move the process's own directory and name the moved one afterwards) and with its symlinks
+    resolved, so that a ``runs/x`` linked to another disk moves the directory there to its
+    ``.prev`` and the new run goes there too (the link was renamed to ``runs/x.prev`` and the run
+    written to the local disk; a walkthrough, 2026-12-07)."""
+    return os.path.realpath(os.path.abspath(os.fspath(path)))
+
+
 def move_aside(workdir: str | os.PathLike, *, kind: str, arg: str = "workdir",
                keep: Mapping[str, str] | None = None) -> str | None:
     """Move the directory ``workdir`` to ``<workdir>.prev``, deleting an older one there; returns

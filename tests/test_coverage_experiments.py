@@ -476,6 +476,31 @@ def test_bad_config_values_are_named_before_the_workdir_is_claimed(binary, key, 
 
 
 @pytest.mark.parametrize("binary", ["denoise", "budget"])
+def test_fresh_through_a_symlinked_workdir_moves_the_directory_it_names(binary, tmp_path, monkeypatch):
+    """``runs/x`` -> a directory on another disk: ``--fresh`` renamed the link to ``runs/x.prev``
+    and wrote the new run into a new local ``runs/x`` (a walkthrough). Now the linked directory is
+    moved to its own ``.prev`` and the run goes on there, the link left as it was."""
+    from experiments import budget, denoise
+    from experiments.configs import budget_demo, denoise_demo
+
+    mod = denoise if binary == "denoise" else budget
+    cfg = (denoise_demo if binary == "denoise" else budget_demo).get_config()
+    cfg.data.size = 16
+    far = tmp_path / "disk" / "x"
+    far.mkdir(parents=True)
+    (far / "experiment.json").write_text(json.dumps({"experiment": binary, "config": {}}))
+    (far / "results.json").write_text("{}")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "x").symlink_to(far)
+    seen = []
+    monkeypatch.setattr(mod, "_run_claimed", lambda cfg, workdir, *a: seen.append(workdir) or {"ok": 1})
+    assert mod.run(cfg, str(tmp_path / "runs" / "x"), fresh=True) == {"ok": 1}
+    assert seen == [str(far)]
+    assert (tmp_path / "disk" / "x.prev" / "results.json").exists() and not (far / "results.json").exists()
+    assert os.path.islink(tmp_path / "runs" / "x") and not os.path.lexists(tmp_path / "runs" / "x.prev")
+
+
+@pytest.mark.parametrize("binary", ["denoise", "budget"])
 def test_fresh_from_inside_the_run_directory(binary, tmp_path, monkeypatch):
     """(A walkthrough.) ``cd run && denoise --workdir=. --fresh`` moved ``run`` to ``run.prev`` and,
     the process's directory having moved with it, claimed and refused the moved one ("already

@@ -110,6 +110,19 @@ def test_a_symlinked_path_to_the_same_directory_is_refused(tmp_path):
                 pass
 
 
+def test_a_symlink_named_as_the_directory_itself_is_refused(tmp_path):
+    """``--workdir=other/link`` where ``link`` -> ``real``: the lock followed the parent's links only,
+    so a second run through the link was not refused and both wrote one store (a walkthrough)."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "link").symlink_to(tmp_path / "real")
+    assert wl.lock_path(tmp_path / "other" / "link") == wl.lock_path(tmp_path / "real")
+    with _Holder(tmp_path / "real"):
+        with pytest.raises(wl.WorkdirBusyError):
+            with wl.hold(tmp_path / "other" / "link"):
+                pass
+
+
 def test_killed_holder_frees_the_directory_at_once(tmp_path):
     wd = tmp_path / "run"
     with _Holder(wd) as holder:
