@@ -205,7 +205,14 @@ def sample_arrays(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_st
     from krylovjax import ddpm, sampling
 
     sampler = resolve_sampler(tc, sampler)
+    # a loaded model's dtype (float32 unless trained in float64), not JAX's default float: with
+    # JAX_ENABLE_X64=1 the prior and the noise were drawn in float64, other numbers, and the
+    # samples differed by up to 1.0 (a walkthrough, 2026-12-07); another score function (an exact
+    # one, the tests') runs in JAX's default float
+    param_dtype = getattr(getattr(getattr(fn, "model_def", None), "unet", None), "param_dtype", None)
     dtype = jnp.result_type(float)
+    if param_dtype is not None and jnp.dtype(param_dtype) != jnp.float64:
+        dtype = jnp.float32
     # A model trained with per-image time intervals takes the image index, DDPM's as ours' (before
     # 2026-12-06 DDPM's samplers were handed the model without it: a DDPM of train_tiny.py, whose
     # per_image_offset is on, could not generate).

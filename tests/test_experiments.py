@@ -1181,6 +1181,41 @@ def test_generate_ours_prior_is_the_forward_marginal_at_t1(sde_name):
     assert abs(v.std() / std - 1.0) < 0.05, (v.std(), std)  # the std's standard error is 1.6%
 
 
+@pytest.mark.parametrize("method,sampler", [("ours", "ode"), ("ours", "sde"), ("ddpm", "ancestral")])
+def test_generate_draws_the_same_samples_with_x64_on(method, sampler):
+    """With JAX_ENABLE_X64=1 a loaded model's samples were other numbers (the prior and the noise
+    drawn in float64: up to 1.0 apart; a walkthrough). They are drawn in the model's float32 now."""
+    import types
+
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import generate
+    from krylovjax import training
+
+    centres = np.random.default_rng(4).uniform(0.2, 0.8, (1, 1, 8, 8)).astype(np.float32)
+    if method == "ours":
+        tc = training.TrainConfig(method="ours", sde="ve", sde_kwargs=(("sigma", 2.0),), per_image_offset=False)
+
+        def fn(x, t, idx=None):
+            return (jnp.asarray(centres, x.dtype) - x) / (tc.make_sde().perturbation_std(t)[:, None, None, None] ** 2 + 0.01)
+    else:
+        tc = training.TrainConfig(method="ddpm", ddpm_num_steps=40, per_image_offset=False)
+
+        def fn(x, i, idx=None):
+            ab = tc.ddpm_schedule(dtype=x.dtype).alpha_bars[i][:, None, None, None]
+            return jnp.sqrt(1 - ab) * (x - jnp.sqrt(ab) * (2 * jnp.asarray(centres, x.dtype) - 1)) / (ab * 0.04 + 1 - ab)
+    model = jax.tree_util.Partial(fn)
+    model.model_def = types.SimpleNamespace(unet=types.SimpleNamespace(param_dtype="float32"))
+    out = {}
+    for x64 in (False, True):
+        with jax.enable_x64(x64):
+            out[x64] = np.asarray(generate.sample(model, tc, (2, 1, 8, 8), jax.random.PRNGKey(3), sampler=sampler,
+                                                  num_steps=20, num_frames=2)[0])
+    assert out[True].dtype == np.float32
+    np.testing.assert_allclose(out[True], out[False], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("method, sampler", [("ours", "ode"), ("ours", "sde"), ("ours", "paper_a"),
                                              ("ddpm", "ancestral"), ("ddpm", "ddim")])
 def test_generate_sample_k_does_not_depend_on_the_number_of_samples(method, sampler):
