@@ -658,8 +658,30 @@ def one_line_usage_errors(main: Callable[[Sequence[str]], Any]) -> Callable[[Seq
             return main(argv)
         except app.UsageError as err:
             raise SystemExit(f"error: {err}") from None
+        except (RuntimeError, AssertionError) as err:
+            said = backend_error(err)
+            if said is None:
+                raise
+            raise SystemExit(f"error: {said}") from None
 
     return run
+
+
+def backend_error(err: BaseException) -> str | None:
+    """The one line for JAX failing to start the platform asked for (``JAX_PLATFORMS=tpu`` without
+    a TPU, ``=cuda`` without the CUDA plugin), or None for any other error. JAX raises a
+    RuntimeError (its message ends a 50-line traceback) or, for a platform it has no plugin for at
+    all, a bare AssertionError naming nothing (a walkthrough, 2026-12-07)."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if isinstance(err, RuntimeError) and str(err).startswith("Unable to initialize backend"):
+        return f"{str(err).splitlines()[0]} (JAX_PLATFORMS={platforms!r})"
+    tb = _innermost(err.__traceback__)
+    if (isinstance(err, AssertionError) and tb is not None and tb.tb_frame.f_code.co_name == "backends"
+            and os.path.basename(tb.tb_frame.f_code.co_filename) == "xla_bridge.py"):
+        return (f"JAX could not start any platform of JAX_PLATFORMS={platforms!r}: this JAX installation has no "
+                "backend of that name (for a GPU: pip install 'jax[cuda12]'); unset JAX_PLATFORMS to use "
+                "what is there")
+    return None
 
 
 def plain_warnings() -> None:
@@ -770,6 +792,8 @@ def check_dir_arg(path: str | os.PathLike | None, arg: str = "workdir") -> str:
     if path is None or not os.fspath(path):
         raise app.UsageError(f"--{arg}: expected a directory path, got {path!r}")
     path = os.fspath(path)
+    if not os.path.basename(os.path.realpath(os.path.abspath(path))):  # (a traceback from the lock)
+        raise app.UsageError(f"--{arg}: {path!r} is the file system's root; expected a directory below it")
     problem = _not_a_directory(path)
     if problem:
         raise app.UsageError(f"--{arg}: {path!r} {problem}; expected a directory (new or a run's)")

@@ -202,6 +202,12 @@ def _acquire(path: str, workdir, arg: str) -> int | None:
                 return None
             if err.errno in _NO_FILE | {errno.ENOENT, errno.ENOTDIR}:
                 raise _unwritable(workdir, arg, err) from None
+            if err.errno == errno.ENAMETOOLONG:  # (a traceback; a walkthrough, 2026-12-07)
+                name = os.path.basename(os.path.abspath(os.fspath(workdir)))
+                raise WorkdirUnwritableError(
+                    f"{arg}: the name {name[:40]!r}... ({len(name)} characters) is too long for this file "
+                    f"system once its lock file's 6 characters (and --fresh's '.prev') are added; use a "
+                    f"shorter --{arg}") from None
             raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -126,6 +126,38 @@ def test_dir_arg_that_is_a_file(tmp_path):
     with pytest.raises(app.UsageError, match=r"--outdir: '.*file/sub' lies under the file"):
         eu.check_dir_arg(str(f / "sub"), "outdir")
     assert eu.check_dir_arg(str(tmp_path / "new" / "dir")) == str(tmp_path / "new" / "dir")
+    # the root: a traceback from the lock (a walkthrough)
+    with pytest.raises(app.UsageError, match=r"^--workdir: '/' is the file system's root; expected a directory below it"):
+        eu.check_dir_arg("/")
+
+
+def test_a_workdir_name_too_long_for_its_lock_file_is_one_line(tmp_path):
+    """A 252-character name is a legal directory, but its lock file (6 more characters) is not: an
+    OSError traceback (a walkthrough). Now WorkdirUnwritableError, which the binaries say in one line."""
+    from krylovjax import workdir_lock
+
+    wd = tmp_path / ("L" * 252)
+    with pytest.raises(workdir_lock.WorkdirUnwritableError,
+                       match=r"^workdir: the name 'L{40}'\.\.\. \(252 characters\) is too long for this file system"):
+        with workdir_lock.hold(wd):
+            pass
+
+
+@pytest.mark.parametrize("platforms, message", [
+    ("cuda", "error: JAX could not start any platform of JAX_PLATFORMS='cuda': this JAX installation has no backend "
+             "of that name"),
+    ("nonexistent", "error: Unable to initialize backend 'nonexistent': "),
+])
+def test_a_platform_jax_cannot_start_is_one_line(platforms, message, tmp_path):
+    """JAX_PLATFORMS naming a platform this JAX lacks: a 50-line traceback ending in a RuntimeError,
+    or for cuda a bare AssertionError naming nothing (a walkthrough). Now one line, status 1."""
+    env = dict(os.environ, JAX_PLATFORMS=platforms)
+    proc = subprocess.run([sys.executable, "-m", "experiments.precompute", "--config=experiments/configs/demo.py",
+                           f"--workdir={tmp_path / 'w'}", "--config.num_images=1", "--config.image_size=8"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_claim_under_a_file_is_refused(tmp_path):
