@@ -31,6 +31,18 @@ def channels_last_hint(shape) -> str:
     return ""
 
 
+def check_key(name: str, key) -> None:
+    """Raise TypeError unless ``key`` is a JAX PRNG key: a typed key (``jax.random.key``) or a raw
+    ``uint32[2]`` one (``jax.random.PRNGKey``). ``None`` reached JAX as "unexpected PRNG key type
+    NoneType", naming no argument (a walkthrough, 2026-12-07)."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+                              or (dtype == jnp.uint32 and getattr(key, "shape", None) == (2,))):
+        return
+    raise TypeError(f"{name}: expected a JAX PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), "
+                    f"got {type(key).__name__}" + (f" of dtype {dtype}" if dtype is not None else ""))
+
+
 def check_finite(name: str, x) -> None:
     """Raise ValueError if a concrete ``x`` holds NaN or Inf (skipped under tracing). A JAX
     array is reduced where it lives: only one bool comes back to the host, not the array."""

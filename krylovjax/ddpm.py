@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from krylovjax._checks import check_finite, is_concrete
+from krylovjax._checks import check_finite, check_key, is_concrete
 from krylovjax.sampling import (
     SampleResult,
     _bcast,
@@ -379,6 +379,7 @@ def ddpm_ancestral_sample(
     """
     schedule = _default(schedule)
     x = _check_images("x_T", x_T)
+    check_key("key", key)
     _check_variance(variance)
     clip_x0 = _check_clip(clip_x0)
     T = schedule.num_steps
@@ -561,6 +562,8 @@ def ddpm_denoise(
         raise ValueError(f"method: expected 'ancestral' or 'ddim', got {method!r}")
     if method == "ancestral" and key is None:
         raise ValueError("key: a PRNG key is required for method='ancestral'")
+    if key is not None:
+        check_key("key", key)
     _check_variance(variance)
     clip_x0 = _check_clip(clip_x0)
     s = np.asarray(noise_std) if is_concrete(noise_std) else noise_std

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from krylovjax._checks import check_finite, check_float, is_concrete
+from krylovjax._checks import check_finite, check_float, check_key, is_concrete
 
 __all__ = [
     "SampleResult",
@@ -321,6 +321,7 @@ def euler_maruyama(
       output is not checked: it propagates into the samples, which ``finite`` flags.
     """
     x = _check_images("x_T", x_T)
+    check_key("key", key)
     num_steps = _check_num_steps("num_steps", num_steps)
     t0 = _batch_times("t_start", t_start, x.shape[0], x.dtype)
     _check_interval(t0, t_end)
@@ -741,6 +742,9 @@ def noise_range(sde: Any, *, t_min: float = 0.0, t_max: float = 1.0, dtype=None)
     """The noise levels ``lambda(t) / alpha(t)`` of ``sde`` at ``t_min`` and ``t_max`` (``lambda(t)``
     for a zero-drift SDE): the range of ``noise_std`` that :func:`start_time` and :func:`denoise`
     accept on ``[t_min, t_max]``, in ``dtype`` (default: the default float dtype)."""
+    t_min, t_max = float(t_min), float(t_max)
+    if not (0.0 <= t_min < t_max and np.isfinite(t_max)):  # (reversed, it returned the pair reversed)
+        raise ValueError(f"t_min, t_max: expected 0 <= t_min < t_max, got {t_min}, {t_max}")
     dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
     with jax.ensure_compile_time_eval():
         ends = np.asarray(_noise_to_signal(sde, _mean_coeff_fn(sde), jnp.asarray([t_min, t_max], dtype)))
@@ -881,8 +885,12 @@ def denoise(
     x = _check_images("noisy", noisy)
     if method not in ("ode", "sde"):
         raise ValueError(f"method: expected 'ode' or 'sde', got {method!r}")
-    if method == "sde" and key is None:
-        raise ValueError("key: a PRNG key is required for method='sde'")
+    if method == "sde":
+        if key is None:
+            raise ValueError("key: a PRNG key is required for method='sde'")
+        check_key("key", key)
+        if "num_steps" not in sampler_kwargs:  # (euler_maruyama's own TypeError named no caller's argument)
+            raise ValueError("num_steps: required for method='sde' (the reverse SDE's fixed steps)")
     final_denoise = _check_final_denoise(final_denoise, t_end)
     score_args = _check_score_args(score_args, x.shape[0])
     std = jnp.asarray(noise_std)
@@ -970,6 +978,9 @@ def generate(
     """
     if method not in ("ode", "sde"):
         raise ValueError(f"method: expected 'ode' or 'sde', got {method!r}")
+    check_key("key", key)
+    if method == "sde" and "num_steps" not in sampler_kwargs:
+        raise ValueError("num_steps: required for method='sde' (the reverse SDE's fixed steps)")
     final_denoise = _check_final_denoise(final_denoise, t_end)
     shape = tuple(shape)
     if len(shape) != 4 or not all(isinstance(d, (int, np.integer)) and d >= 1 for d in shape):

@@ -668,3 +668,40 @@ def test_noise_range_is_the_start_times_range():
     sampling.start_time(vp, jnp.asarray([lo, hi]), t_min=0.01, t_max=1.0)
     with pytest.raises(ValueError, match="expected values in the SDE's range"):
         sampling.start_time(vp, jnp.asarray([hi * 1.01]), t_min=0.01, t_max=1.0)
+
+
+def test_keys_sde_steps_and_noise_range_bounds_are_named():
+    """A walkthrough (2026-12-07): ``key=None`` reached JAX ("unexpected PRNG key type NoneType");
+    ``method="sde"`` without ``num_steps`` failed in euler_maruyama's signature; ``noise_range`` with
+    ``t_min > t_max`` returned the pair reversed. Each is refused naming the argument."""
+    from krylovjax import ddpm
+    from krylovjax import sde as sde_lib
+
+    sde = sde_lib.VESDE(2.0)
+    x = jnp.zeros((2, 1, 8, 8))
+    score = lambda x, t: -x  # noqa: E731
+    key_msg = r"^key: expected a JAX PRNG key \(jax.random.key\(seed\) or jax.random.PRNGKey\(seed\)\), got "
+    for call, name in [(lambda k: sampling.euler_maruyama(score, sde, x, k, num_steps=3), "euler_maruyama"),
+                       (lambda k: sampling.generate(score, sde, (2, 1, 8, 8), k), "generate"),
+                       (lambda k: ddpm.ddpm_ancestral_sample(lambda x, i: 0 * x, x, k,
+                                                             schedule=ddpm.DDPMSchedule.linear(10)), "ancestral")]:
+        with pytest.raises(TypeError, match=key_msg + "NoneType"):
+            call(None)
+        with pytest.raises(TypeError, match=key_msg + "int"):
+            call(7)
+        with pytest.raises(TypeError, match=key_msg + "ndarray of dtype float"):
+            call(np.zeros(2))
+        for key in (jax.random.PRNGKey(0), jax.random.key(0)):  # both kinds of key are taken
+            assert call(key).x.shape == x.shape, name
+    with pytest.raises(TypeError, match=key_msg + "int"):
+        ddpm.ddpm_denoise(lambda x, i: 0 * x, x, 0.1, key=3, schedule=ddpm.DDPMSchedule.linear(10))
+    for call in (lambda: sampling.denoise(score, sde, x, noise_std=0.1, method="sde", key=jax.random.PRNGKey(0)),
+                 lambda: sampling.generate(score, sde, (2, 1, 8, 8), jax.random.PRNGKey(0), method="sde")):
+        with pytest.raises(ValueError, match=r"^num_steps: required for method='sde'"):
+            call()
+    with pytest.raises(ValueError, match=r"^t_min, t_max: expected 0 <= t_min < t_max, got 1.0, 0.1"):
+        sampling.noise_range(sde, t_min=1.0, t_max=0.1)
+    lo, hi = sampling.noise_range(sde, t_min=0.1, t_max=1.0)
+    assert 0 < lo < hi
+    # a key traced inside jit is still taken
+    assert jax.jit(lambda k: sampling.euler_maruyama(score, sde, x, k, num_steps=3).x)(jax.random.PRNGKey(1)).shape == x.shape
