@@ -580,7 +580,8 @@ class Trajectories(NamedTuple):
     """Training data of ``method="ours"``.
 
     Attributes:
-      x: ``[B, N, C, H, W]`` embedded trajectories (``x[:, 0]`` the clean images).
+      x: ``[B, N, C, H, W]`` embedded trajectories (``x[:, 0]`` the clean images), any floating
+        dtype (converted to the model's compute dtype on the devices).
       t: ``[N]`` their time levels, strictly increasing, > 0.
       sde: optional ``{"name": str, "kwargs": dict}`` of the SDE the embedding used; when given,
         :func:`train` refuses a config with another SDE.
@@ -598,7 +599,8 @@ def _check_meta(name: str, a, rank: int, what: str) -> tuple[tuple[int, ...], np
     if len(a.shape) != rank:
         raise ValueError(f"{name}: expected shape {what}, got {tuple(a.shape)}")
     if not np.issubdtype(np.dtype(a.dtype), np.floating):
-        raise TypeError(f"{name}: expected a floating dtype (float32/float64), got {a.dtype}")
+        raise TypeError(f"{name}: expected a floating dtype (float16 to float64: converted to the model's "
+                        f"compute dtype), got {a.dtype}")
     if min(a.shape) < 1:
         raise ValueError(f"{name}: expected a non-empty array of shape {what}, got {tuple(a.shape)}")
     return tuple(int(s) for s in a.shape), np.dtype(a.dtype)
@@ -621,6 +623,25 @@ class _Source(NamedTuple):
     t: np.ndarray | None
     lo: np.ndarray | None
     hi: np.ndarray | None
+
+
+def _check_loss_weights(config: TrainConfig, lo: np.ndarray, hi: np.ndarray) -> None:
+    """The loss' ``g(t)^2`` (> 0) and ``lambda(t)`` (>= 0) finite in float32 over the times training
+    draws (the jitter windows ``[lo, hi]`` of the levels): time levels where the SDE overflows
+    (``t = 500`` for VE sigma 2: ``sigma^(2t)``) stopped training at step 1 with "loss is nan ...
+    lower lr or check the data", which named neither the times nor the SDE (a walkthrough)."""
+    sde = config.make_sde()
+    ends = jnp.asarray(np.concatenate([lo, hi]), jnp.float32)
+    with jax.ensure_compile_time_eval():
+        g2, lam = np.asarray(sde.g2(ends)), np.asarray(sde.perturbation_std(ends))
+    bad = ~(np.isfinite(g2) & np.isfinite(lam) & (g2 > 0) & (lam >= 0))
+    if bad.any():
+        at = np.asarray(ends)[bad]
+        raise ValueError(
+            f"data.t: the SDE {config.sde!r} {dict(_pairs_to_dict(config.sde_kwargs))} has a g(t)^2 or lambda(t) that is "
+            f"not finite (or g(t)^2 not > 0) in float32 at t = {float(at.min()):.6g}..{float(at.max()):.6g} (the time levels "
+            f"with their jitter windows span {float(lo.min()):.6g}..{float(hi.max()):.6g}); the embedded "
+            "trajectories' times must be where the training SDE is finite (those of the pre-computation's grid)")
 
 
 def _source(config: TrainConfig, data) -> _Source:
@@ -649,6 +670,7 @@ def _source(config: TrainConfig, data) -> _Source:
         if t.shape != (shape[1],):
             raise ValueError(f"data.t: expected shape [N] = ({shape[1]},) (one time per level of x), got {t.shape}")
         lo, hi = jitter_windows(t, config.time_jitter)
+        _check_loss_weights(config, lo, hi)
         if data.sde is not None:
             # names in lower case, as get_sde reads them ("VE" is "ve"; TrainConfig and PrecomputeConfig
             # accept either)
@@ -2012,9 +2034,9 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
     writer = _manager(ckpt_dir, read_only=False, max_to_keep=config.max_to_keep)
 
     if primary:
-        note = model_def.unet.attention_note()
-        if note:
-            logging.warning("model: %s", note)
+        for note in (model_def.unet.attention_note(), model_def.unet.unused_attention_note()):
+            if note:
+                logging.warning("model: %s", note)
         per_call = k_call if use_chunk else 1  # (calls of k_call updates only where they fit the cadences)
         logging.info("training %s on %d device%s (%s), %s update%s per call, from step %d to %d", config.method,
                      mesh.size, "s" if mesh.size != 1 else "",

@@ -228,6 +228,10 @@ def test_config_and_data_checks_name_the_argument():
         (lambda: tr.prepare_data(OURS, [x, t]), ValueError, r"^data: expected Trajectories.*got list"),
         (lambda: tr.prepare_data(OURS.replace(method="ddpm"), tr.Trajectories(x, t)), ValueError,
          r"^data: method='ddpm' trains on clean images"),
+        # times where the SDE overflows in float32 (sigma^(2t)): "loss is nan at step 1 ... lower lr" before
+        (lambda: tr.prepare_data(OURS.replace(sde="ve", sde_kwargs={"sigma": 2.0}), tr.Trajectories(x, np.array([0.1, 1.0, 500.0]))),
+         ValueError, r"^data\.t: the SDE 've' \{'sigma': 2\.0\} has a g\(t\)\^2 or lambda\(t\) that is not finite .* at "
+                     r"t = .*\.\.500 \(the time levels with their jitter windows span"),
     ]
     for fn, exc, pattern in cases:
         with pytest.raises(exc, match=pattern):

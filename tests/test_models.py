@@ -351,3 +351,13 @@ def test_attention_note_names_a_middle_attention_over_32x32_and_the_levels_that_
     # no level can be added to an odd size: the note says so without a suggestion
     odd = UNetConfig(image_size=33, ch_mult=(1,)).attention_note()
     assert "runs at 33x33" in odd and "runs it at" not in odd
+
+
+def test_attention_resolutions_no_level_has_are_named():
+    """``attn_resolutions=(5,)`` was taken without a word and gave no attention (a walkthrough)."""
+    for cfg in (paper_config(32), paper_config(64), paper_config(128), tiny_config(16), tiny_config(32)):
+        assert cfg.unused_attention_note() == "", cfg
+    assert UNetConfig(image_size=16, ch_mult=(1, 2), attn_resolutions=(5, 8)).unused_attention_note() == (
+        "attn_resolutions=(5, 8): no level of this U-Net is [5] pixels wide (its levels at image_size 16: [16, 8]), "
+        "so no attention runs there (the middle attention is always on)")
+    assert "[16]" in tiny_config(8).unused_attention_note()  # the tiny preset's 16 at 8x8

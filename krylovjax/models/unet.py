@@ -178,6 +178,17 @@ class UNetConfig:
         return (f"ch_mult={self.ch_mult} at image_size {self.image_size}: the U-Net's middle self-attention runs "
                 f"at {last}x{last} ({last * last:,} tokens; its time and memory grow with their square){hint}")
 
+    def unused_attention_note(self) -> str:
+        """A warning naming the ``attn_resolutions`` that no level of this network has (so no
+        attention there: ``(5,)`` at image_size 16 was taken without a word; a walkthrough,
+        2026-12-07), else ``""``."""
+        unused = [r for r in self.attn_resolutions if r not in self.resolutions]
+        if not unused:
+            return ""
+        return (f"attn_resolutions={self.attn_resolutions}: no level of this U-Net is {unused} pixels wide "
+                f"(its levels at image_size {self.image_size}: {list(self.resolutions)}), so no attention runs "
+                "there (the middle attention is always on)")
+
     def replace(self, **overrides) -> "UNetConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **overrides)
