@@ -459,6 +459,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     ml_collections' suggestion, exit status 1, instead of an ``AttributeError`` or ``KeyError``
     traceback from inside ml_collections."""
     import sys
+    import warnings
 
     from absl import app, flags
 
@@ -467,8 +468,14 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
                           "given), every key that --config.<key>=<value> can set, and exit; nothing is run.",
                           module_name=sys.argv[0])
     try:
-        rest = _parse_for_show(argv) if "show_config" in flags.FLAGS and _asks_show(argv) else \
-            app.parse_flags_with_usage(argv)
+        with warnings.catch_warnings():
+            # ml_collections loads --config's file with importlib's deprecated load_module(): with
+            # PYTHONWARNINGS=error that warning ended every binary with --config in a traceback (a
+            # walkthrough, 2026-12-07); it is ml_collections' to change, not the user's
+            warnings.filterwarnings("ignore", message=r"the load_module\(\) method is deprecated",
+                                    category=DeprecationWarning)
+            rest = _parse_for_show(argv) if "show_config" in flags.FLAGS and _asks_show(argv) else \
+                app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError) as err:
         # a key missing at the end of the path (--config.num_stepz) comes as an AttributeError
         # holding the KeyError, one missing in the middle (--config.train.num_steps where there

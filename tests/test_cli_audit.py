@@ -1180,3 +1180,14 @@ def test_a_tuple_of_words_given_with_commas_is_split(tmp_path):
                 f"--workdir={tmp_path / 'w'}")
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == \
         "error: methods: expected distinct entries of ('ours', 'ddpm'), got ('ours', 'dpm')", proc.stderr[-2000:]
+
+
+def test_a_config_flag_loads_with_warnings_as_errors():
+    """With PYTHONWARNINGS=error every binary taking --config ended in a traceback: ml_collections
+    loads the file with importlib's deprecated load_module() (a walkthrough, 2026-12-07)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONWARNINGS="error")
+    proc = subprocess.run([sys.executable, "-m", "experiments.denoise", "--config=experiments/configs/denoise_demo.py",
+                           "--workdir=unused", "--show_config"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "targets = (0.95,)" in proc.stdout
