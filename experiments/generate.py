@@ -205,14 +205,15 @@ def sample_arrays(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_st
     from krylovjax import ddpm, sampling
 
     sampler = resolve_sampler(tc, sampler)
-    # a loaded model's dtype (float32 unless trained in float64), not JAX's default float: with
-    # JAX_ENABLE_X64=1 the prior and the noise were drawn in float64, other numbers, and the
-    # samples differed by up to 1.0 (a walkthrough, 2026-12-07); another score function (an exact
-    # one, the tests') runs in JAX's default float
-    param_dtype = getattr(getattr(getattr(fn, "model_def", None), "unet", None), "param_dtype", None)
+    # a model's dtype (its parameters', the leaves of load_score_fn's Partial, also under jit: float32
+    # unless trained in float64), not JAX's default float: with JAX_ENABLE_X64=1 the prior and the
+    # noise were drawn in float64, other numbers, and the samples differed by up to 1.0 (a
+    # walkthrough, 2026-12-07); a score function without parameters (an exact one, the tests')
+    # runs in JAX's default float
+    params = [a for a in jax.tree.leaves(fn) if jnp.issubdtype(getattr(a, "dtype", jnp.int32), jnp.floating)]
     dtype = jnp.result_type(float)
-    if param_dtype is not None and jnp.dtype(param_dtype) != jnp.float64:
-        dtype = jnp.float32
+    if params:
+        dtype = jnp.promote_types(jnp.result_type(*params), jnp.float32) if jax.config.jax_enable_x64 else dtype
     # A model trained with per-image time intervals takes the image index, DDPM's as ours' (before
     # 2026-12-06 DDPM's samplers were handed the model without it: a DDPM of train_tiny.py, whose
     # per_image_offset is on, could not generate).

@@ -35,12 +35,16 @@ def check_key(name: str, key) -> None:
     """Raise TypeError unless ``key`` is a JAX PRNG key: a typed key (``jax.random.key``) or a raw
     ``uint32[2]`` one (``jax.random.PRNGKey``). ``None`` reached JAX as "unexpected PRNG key type
     NoneType", naming no argument (a walkthrough, 2026-12-07)."""
-    dtype = getattr(key, "dtype", None)
-    if dtype is not None and (jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
-                              or (dtype == jnp.uint32 and getattr(key, "shape", None) == (2,))):
+    dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        if shape == ():
+            return
+        raise TypeError(f"{name}: expected one PRNG key, got an array of keys of shape {shape}")
+    # a raw key's shape is its implementation's: (2,) for threefry, (4,) for rbg (a review)
+    if dtype == jnp.uint32 and shape == jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape:
         return
     raise TypeError(f"{name}: expected a JAX PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), "
-                    f"got {type(key).__name__}" + (f" of dtype {dtype}" if dtype is not None else ""))
+                    f"got {type(key).__name__}" + (f" of dtype {dtype} and shape {shape}" if dtype is not None else ""))
 
 
 def check_finite(name: str, x) -> None:

@@ -474,7 +474,9 @@ def ddim_sample(
         raise ValueError(f"eta: expected a finite value >= 0, got {eta}")
     if eta > 0 and key is None:
         raise ValueError("key: a PRNG key is required when eta > 0")
-    key = jax.random.PRNGKey(0) if key is None else key  # unused when eta == 0
+    if eta > 0:
+        check_key("key", key)
+    key = key if eta > 0 else jax.random.PRNGKey(0)  # split by the chain, used by no step when eta == 0
     clip_x0 = _check_clip(clip_x0)
     T = schedule.num_steps
     taus = ddim_timesteps(T, num_steps)
@@ -562,7 +564,7 @@ def ddpm_denoise(
         raise ValueError(f"method: expected 'ancestral' or 'ddim', got {method!r}")
     if method == "ancestral" and key is None:
         raise ValueError("key: a PRNG key is required for method='ancestral'")
-    if key is not None:
+    if method == "ancestral":  # (DDIM's steps use no key: one given is left alone)
         check_key("key", key)
     _check_variance(variance)
     clip_x0 = _check_clip(clip_x0)
@@ -579,7 +581,7 @@ def ddpm_denoise(
         step = _ancestral_step(eps_fn, schedule, variance, clip_x0)
     else:
         step = _ddim_step(eps_fn, schedule, 0.0, clip_x0)
-        key = jax.random.PRNGKey(0) if key is None else key
+        key = jax.random.PRNGKey(0)  # split by the chain, used by no step
     per_image = None if np.all(start == top) else start_j
     x, traj, times = _run_chain(step, x, key, np.arange(top, -1, -1), per_image, positions)
     return SampleResult(x, traj, times, jnp.asarray(n, jnp.int32), start_j + 1, _finite_rows(x))

@@ -1192,6 +1192,7 @@ def _noting_swallowed(previous):
         previous(unraisable)
 
     hook.notes_swallowed = True
+    hook.previous = previous
     return hook
 
 
@@ -1227,7 +1228,7 @@ def sigterm_as_interrupt() -> None:
 
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupt_now)  # the same, but train defers it by its attribute
-    if not getattr(sys.unraisablehook, "notes_swallowed", False):
+    if not _hook_chain_has("notes_swallowed"):
         sys.unraisablehook = _noting_swallowed(sys.unraisablehook)
 
     def handle(signum, frame):
@@ -1807,7 +1808,32 @@ def quiet_orbax_logs() -> None:
     handler = absl_logging.get_absl_handler()
     if not any(isinstance(f, _QuietOrbax) for f in handler.filters):  # once (binaries' main called in tests)
         handler.addFilter(_QuietOrbax())
-    if getattr(sys.unraisablehook, "drops_closed_loops", False):
+    drop_closed_loop_reports()
+
+
+def _hook_chain_has(attr: str) -> bool:
+    """Whether ``sys.unraisablehook`` or a hook it wraps (their ``previous``) carries ``attr``:
+    each of this module's hooks is installed once, in whichever order (a review: one wrapping the
+    other hid the first one's mark, and they could stack)."""
+    import sys
+
+    hook, seen = sys.unraisablehook, 0
+    while hook is not None and seen < 32:
+        if getattr(hook, attr, False):
+            return True
+        hook, seen = getattr(hook, "previous", None), seen + 1
+    return False
+
+
+def drop_closed_loop_reports() -> None:
+    """Drop the "Event loop is closed" exceptions of tensorstore's callbacks, which Python would
+    print as tracebacks (``sys.unraisablehook``): after orbax gives up on a write (a failed save)
+    or a read (:func:`krylovjax.training.load_checkpoint` on a truncated file: about 290 of them
+    after its one-line error; a walkthrough, 2026-12-07). Every other unraisable exception goes to
+    the previous hook. Installed once per process."""
+    import sys
+
+    if _hook_chain_has("drops_closed_loops"):
         return
     previous = sys.unraisablehook
 
@@ -1816,4 +1842,5 @@ def quiet_orbax_logs() -> None:
             previous(unraisable)
 
     hook.drops_closed_loops = True
+    hook.previous = previous
     sys.unraisablehook = hook

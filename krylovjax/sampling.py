@@ -738,13 +738,18 @@ def with_final_denoise(r: SampleResult, score_fn: ScoreFn, sde: Any, t_end, fina
     return r._replace(x=x, trajectory=traj, num_score_evals=r.num_score_evals + 1, finite=_finite_rows(x))
 
 
+def _check_t_range(t_min, t_max) -> tuple[float, float]:
+    t_min, t_max = float(t_min), float(t_max)
+    if not (0.0 <= t_min < t_max and np.isfinite(t_max)):
+        raise ValueError(f"t_min, t_max: expected 0 <= t_min < t_max, got {t_min}, {t_max}")
+    return t_min, t_max
+
+
 def noise_range(sde: Any, *, t_min: float = 0.0, t_max: float = 1.0, dtype=None) -> tuple[float, float]:
     """The noise levels ``lambda(t) / alpha(t)`` of ``sde`` at ``t_min`` and ``t_max`` (``lambda(t)``
     for a zero-drift SDE): the range of ``noise_std`` that :func:`start_time` and :func:`denoise`
     accept on ``[t_min, t_max]``, in ``dtype`` (default: the default float dtype)."""
-    t_min, t_max = float(t_min), float(t_max)
-    if not (0.0 <= t_min < t_max and np.isfinite(t_max)):  # (reversed, it returned the pair reversed)
-        raise ValueError(f"t_min, t_max: expected 0 <= t_min < t_max, got {t_min}, {t_max}")
+    t_min, t_max = _check_t_range(t_min, t_max)  # (reversed, it returned the pair reversed)
     dtype = jnp.result_type(float) if dtype is None else jnp.dtype(dtype)
     with jax.ensure_compile_time_eval():
         ends = np.asarray(_noise_to_signal(sde, _mean_coeff_fn(sde), jnp.asarray([t_min, t_max], dtype)))
@@ -786,9 +791,7 @@ def start_time(sde: Any, noise_std, *, t_min: float = 0.0, t_max: float = 1.0) -
     if std.ndim > 1:
         raise ValueError(f"noise_std: expected a scalar or a [B] vector, got shape {tuple(std.shape)}")
     std = std.astype(jnp.result_type(float))
-    t_min, t_max = float(t_min), float(t_max)
-    if not (0.0 <= t_min < t_max and np.isfinite(t_max)):
-        raise ValueError(f"t_min, t_max: expected 0 <= t_min < t_max, got {t_min}, {t_max}")
+    t_min, t_max = _check_t_range(t_min, t_max)
     alpha_fn = _mean_coeff_fn(sde)
     ratio = lambda t: _noise_to_signal(sde, alpha_fn, t)  # noqa: E731
     concrete = is_concrete(std)

@@ -112,7 +112,8 @@ from krylovjax import sde as sde_lib
 from krylovjax import workdir_lock
 from krylovjax._checks import check_finite, is_concrete, is_int, is_real
 from krylovjax._io_errors import atomic_write_text, write_failure_cause
-from krylovjax.experiment_utils import _INTERRUPT_CHECKS, _SWALLOWED, checking_arguments, process_values
+from krylovjax.experiment_utils import (_INTERRUPT_CHECKS, _SWALLOWED, checking_arguments, drop_closed_loop_reports,
+                                        process_values)
 from krylovjax.models import PRESETS, UNet, UNetConfig, get_config
 
 __all__ = [
@@ -625,13 +626,19 @@ class _Source(NamedTuple):
     hi: np.ndarray | None
 
 
-def _check_loss_weights(config: TrainConfig, lo: np.ndarray, hi: np.ndarray) -> None:
-    """The loss' ``g(t)^2`` (> 0) and ``lambda(t)`` (>= 0) finite in float32 over the times training
-    draws (the jitter windows ``[lo, hi]`` of the levels): time levels where the SDE overflows
-    (``t = 500`` for VE sigma 2: ``sigma^(2t)``) stopped training at step 1 with "loss is nan ...
-    lower lr or check the data", which named neither the times nor the SDE (a walkthrough)."""
+def _check_loss_weights(config: TrainConfig, lo: np.ndarray, hi: np.ndarray, shape: tuple) -> None:
+    """The loss' ``g(t)^2`` (> 0) and ``lambda(t)`` (>= 0) finite in the model's compute dtype
+    (float32, or float64 for a float64 model with x64) over the times training draws (the jitter
+    windows ``[lo, hi]`` of the levels): time levels where the SDE overflows (``t = 500`` for VE
+    sigma 2: ``sigma^(2t)``) stopped training at step 1 with "loss is nan ... lower lr or check the
+    data", which named neither the times nor the SDE (a walkthrough)."""
+    try:
+        dtype = _compute_dtype(model_config(config, tuple(shape[-3:]), shape[0]))
+    except (TypeError, ValueError):  # images the model cannot take: said by the checks that follow
+        dtype = jnp.float32
+    dtype = jnp.dtype(dtype) if jax.config.jax_enable_x64 else jnp.dtype(jnp.float32)
     sde = config.make_sde()
-    ends = jnp.asarray(np.concatenate([lo, hi]), jnp.float32)
+    ends = jnp.asarray(np.concatenate([lo, hi]), dtype)
     with jax.ensure_compile_time_eval():
         g2, lam = np.asarray(sde.g2(ends)), np.asarray(sde.perturbation_std(ends))
     bad = ~(np.isfinite(g2) & np.isfinite(lam) & (g2 > 0) & (lam >= 0))
@@ -639,7 +646,7 @@ def _check_loss_weights(config: TrainConfig, lo: np.ndarray, hi: np.ndarray) -> 
         at = np.asarray(ends)[bad]
         raise ValueError(
             f"data.t: the SDE {config.sde!r} {dict(_pairs_to_dict(config.sde_kwargs))} has a g(t)^2 or lambda(t) that is "
-            f"not finite (or g(t)^2 not > 0) in float32 at t = {float(at.min()):.6g}..{float(at.max()):.6g} (the time levels "
+            f"not finite (or g(t)^2 not > 0) in {dtype.name} at t = {float(at.min()):.6g}..{float(at.max()):.6g} (the time levels "
             f"with their jitter windows span {float(lo.min()):.6g}..{float(hi.max()):.6g}); the embedded "
             "trajectories' times must be where the training SDE is finite (those of the pre-computation's grid)")
 
@@ -670,7 +677,6 @@ def _source(config: TrainConfig, data) -> _Source:
         if t.shape != (shape[1],):
             raise ValueError(f"data.t: expected shape [N] = ({shape[1]},) (one time per level of x), got {t.shape}")
         lo, hi = jitter_windows(t, config.time_jitter)
-        _check_loss_weights(config, lo, hi)
         if data.sde is not None:
             # names in lower case, as get_sde reads them ("VE" is "ve"; TrainConfig and PrecomputeConfig
             # accept either)
@@ -681,6 +687,7 @@ def _source(config: TrainConfig, data) -> _Source:
                 raise ValueError(
                     f"sde: the config's SDE {want} differs from the SDE of the embedded data {got}; "
                     "set config.sde / config.sde_kwargs to the embedding's")
+        _check_loss_weights(config, lo, hi, shape)
         return _Source("x", "data.x", shape, read, t, lo, hi)
     if isinstance(data, Trajectories):
         raise ValueError("data: method='ddpm' trains on clean images [B, C, H, W], got Trajectories")
@@ -884,20 +891,21 @@ def shard_data(config, data, mesh: Mesh | None = None, *, dtype=None) -> Sharded
     blocks, summaries, failed = {}, {}, None
     for a, c in ranges:
         lo, hi = min(a, b), min(c, b)
-        try:
-            if failed is not None:
-                raise failed
-            rows = src.read(lo, hi) if hi > lo else np.zeros((0, *item), np.float64)
-            if rows.shape != (hi - lo, *item):
-                raise ValueError(
-                    f"{src.name}: rows [{lo}, {hi}) read with shape {rows.shape}, expected {(hi - lo, *item)}")
-        except Exception as err:  # said to every process after the gather below, not raised here alone
-            failed, rows = err, np.zeros((hi - lo, *item), np.float64)
+        if failed is None:
+            try:
+                rows = src.read(lo, hi) if hi > lo else np.zeros((0, *item), np.float64)
+                if rows.shape != (hi - lo, *item):
+                    raise ValueError(
+                        f"{src.name}: rows [{lo}, {hi}) read with shape {rows.shape}, expected {(hi - lo, *item)}")
+            except Exception as err:  # said to every process after the gather below, not raised here alone
+                failed = err
+        if failed is not None:  # no rows (nothing more allocated); their NaN/Inf count says why (_unread)
+            summaries[(a, c)] = np.zeros((c - a, _ROW_BYTES), np.uint8)
+            summaries[(a, c)][:, 32:40] = np.full((c - a, 1), _unread(failed), np.int64).view(np.uint8)
+            continue
         pad = c - a - (hi - lo)
         blocks[(a, c)] = np.concatenate([rows, np.zeros((pad, *item), rows.dtype)]) if pad else rows
         summaries[(a, c)] = np.concatenate([_row_summaries(rows), np.zeros((pad, _ROW_BYTES), np.uint8)])
-        if failed is not None:  # the rows' NaN/Inf count says why they are missing (see _unread)
-            summaries[(a, c)][:, 32:40] = np.full((c - a, 1), _unread(failed), np.int64).view(np.uint8)
     local = tuple(_merge((min(a, b), min(c, b)) for a, c in ranges))
     per_process: dict[int, list] = {}
     for dev, idx in sharding.devices_indices_map((padded,)).items():
@@ -913,17 +921,20 @@ def shard_data(config, data, mesh: Mesh | None = None, *, dtype=None) -> Sharded
     summary = _replicate(mesh, _global_from_blocks(mesh, (padded, _ROW_BYTES), summaries, np.uint8))
     # A process that could not read its rows (a damaged store chunk, an incomplete one) raises its
     # own error, and every other process one naming it, after the gather: raised before it, the
-    # others waited in the gather for JAX's timeout (a minute or more, then an abort).
+    # others waited in the gather until gloo's deadline (30 s), then a traceback.
     if failed is not None:
         raise failed
     code = summary[:b, 32:40].copy().view(np.int64)[:, 0]
     if (code < 0).any():
-        which = np.flatnonzero(code < 0)
-        proc = next(p for p, (lo, hi) in enumerate(rows_per_process) if lo <= which[0] < hi)
-        kind = "a damaged chunk of the store" if code[which[0]] == _UNREAD_DAMAGED else "an error"
-        msg = (f"{src.name}: process {proc} of this job could not read its images {int(which[0])}.."
-               f"{int(which[-1])} ({kind}; its own message says which and what to do); every process stops")
-        if code[which[0]] == _UNREAD_DAMAGED:
+        said = []
+        for proc, (lo, hi) in enumerate(rows_per_process):
+            which = lo + np.flatnonzero(code[lo:hi] < 0)
+            if which.size:
+                kind = "a damaged chunk of the store" if code[which[0]] == _UNREAD_DAMAGED else "an error"
+                said.append(f"process {proc} could not read its images {int(which[0])}..{int(which[-1])} ({kind})")
+        msg = (f"{src.name}: {'; '.join(said)}; each process's own message says which and what to do; "
+               "every process stops")
+        if (code == _UNREAD_DAMAGED).any():
             from krylovjax.store import StoreDamagedError
             raise StoreDamagedError(msg)
         raise ValueError(msg)
@@ -1529,28 +1540,6 @@ def _abstract(state: TrainState, sharding) -> Any:
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), state)
 
 
-def _quiet_closed_event_loops() -> None:
-    """After a failed restore, orbax's reads still in flight call back into the event loop it has
-    closed, and Python printed each "RuntimeError: Event loop is closed" as an unraisable
-    exception, hundreds of tracebacks after the one-line CheckpointError (a walkthrough, a
-    truncated file, 2026-12-07). From the first failed restore on, those (and only those) are not
-    printed; every other unraisable exception goes to the hook that was there."""
-    import sys
-
-    if getattr(sys.unraisablehook, "_krylovjax_quiet", False):
-        return
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-        exc = unraisable.exc_value
-        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-            return
-        previous(unraisable)
-
-    hook._krylovjax_quiet = True
-    sys.unraisablehook = hook
-
-
 def _restore(mngr: ocp.CheckpointManager, step: int, template: TrainState, sharding, where: str):
     """Restore and verify one step: (state, record, meta), or CheckpointError."""
     path = os.path.join(where, str(step))
@@ -1560,7 +1549,9 @@ def _restore(mngr: ocp.CheckpointManager, step: int, template: TrainState, shard
             config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
         state, record, meta = r["state"], r["config"], r["meta"]
     except Exception as err:  # orbax / tensorstore raise many types for damaged files
-        _quiet_closed_event_loops()
+        # orbax's reads in flight then report "Event loop is closed" as unraisable exceptions,
+        # hundreds of tracebacks after this one line (a walkthrough, a truncated file)
+        drop_closed_loop_reports()
         raise CheckpointError(
             f"checkpoint {path!r} cannot be restored ({type(err).__name__}: {' '.join(str(err).split())[:300]}). "
             "Nothing was changed on disk; move this step directory away to resume from an earlier "
@@ -1712,10 +1703,11 @@ def _check_x(x) -> jax.Array:
 
 
 def _check_per_image(name: str, v, x, what: str, *, integer: bool = False, upper=None) -> jax.Array:
-    """A loaded model's per-image argument: a scalar or shape ``[B]`` (named, instead of a broadcast
-    error), integer where ``integer``, and, for concrete values, in ``[0, upper[0])``."""
+    """A loaded model's per-image argument: a scalar, shape ``[1]`` or ``[B]`` (another length named,
+    instead of a broadcast error), integer where ``integer``, and, for concrete values, in
+    ``[0, upper[0])``."""
     v = jnp.asarray(v)
-    if v.shape not in ((), (x.shape[0],)):
+    if v.shape not in ((), (1,), (x.shape[0],)):  # (1,) broadcasts, as it always did
         raise ValueError(f"{name}: expected a scalar or shape [B] = ({x.shape[0]},) of {what}, got shape {tuple(v.shape)}")
     if integer and not jnp.issubdtype(v.dtype, jnp.integer):
         raise TypeError(f"{name}: expected integer {what}, got dtype {v.dtype}")
@@ -1834,8 +1826,12 @@ class _DeferredInterrupt:
 _INTERRUPT_CHECKS.update({_DeferredInterrupt._handle.__code__, _DeferredInterrupt.check.__code__})
 
 
-def _rewrite_metrics(path: str, keep_upto: int) -> set[int]:
+def _rewrite_metrics(path: str, keep_upto: int, aside_from: int | None = None) -> set[int]:
     """Drop records of steps after ``keep_upto`` (written by a killed segment) before resuming.
+    With no checkpoint (``keep_upto`` 0) and records reaching ``aside_from`` (a step that had a
+    checkpoint: the run's ``checkpoint_every``), the file is first copied to
+    ``metrics.jsonl.orphaned`` (``.orphaned2``, ...): the checkpoints were lost, and those records
+    are all that is left of that run. A run killed before its first checkpoint leaves no copy.
 
     Returns:
       the steps of the evaluation records kept.
@@ -1855,8 +1851,8 @@ def _rewrite_metrics(path: str, keep_upto: int) -> set[int]:
                     evals.add(int(rec["step"]))
             else:
                 dropped = max(dropped, int(rec.get("step", 0)))
-    if keep_upto == 0 and dropped:  # (the checkpoints emptied: it restarted without a word; a walkthrough)
-        # the records are all that is left of that run: kept beside, not deleted (a walkthrough, 2026-12-07)
+    if keep_upto == 0 and dropped and aside_from is not None and dropped >= aside_from:
+        # (the checkpoints emptied: it restarted without a word and dropped the records; walkthroughs)
         aside, k = f"{path}.orphaned", 1
         while os.path.exists(aside):
             k += 1
@@ -1989,12 +1985,12 @@ def _train(config, data, workdir, *, eval_fn, target, mesh) -> TrainResult:
     if state is None:
         state = jax.device_put(fresh, repl)
         if primary and os.path.exists(metrics_path):
-            _rewrite_metrics(metrics_path, 0)
+            _rewrite_metrics(metrics_path, 0, aside_from=config.checkpoint_every)
     else:
         if primary:
             recorded_evals = _rewrite_metrics(metrics_path, resumed_from)
         logging.info("resuming %s from step %d", workdir, resumed_from)
-        if resumed_from > config.num_steps:  # (returned without a word; a walkthrough, 2026-12-07)
+        if primary and resumed_from > config.num_steps:  # (returned without a word; a walkthrough, 2026-12-07)
             logging.warning("%s: its checkpoint is at step %d, past num_steps=%d: nothing to train, and the "
                             "result is that step's (load_checkpoint(step=...) reads an earlier one)",
                             workdir, resumed_from, config.num_steps)

@@ -12,7 +12,11 @@ The lock is an advisory ``flock`` on a file *beside* the directory, ``<parent>/.
 processes of one job, which write their own parts, never refuse each other, while a second job's
 process ``i`` is refused by the first job's). Beside, not inside: the directory's own contents
 (an empty directory is a new run's) are not changed, and the lock covers the *name*, so a run
-that moves the directory aside (``--fresh``) and makes a new one keeps it throughout.
+that moves the directory aside (``--fresh``) and makes a new one keeps it throughout. The path
+is resolved first (its symlinks, the directory's own name included), so every name that leads to
+one directory takes one lock: for a ``runs/x`` linked to ``/disk/x`` the file is
+``/disk/.x.lock`` (since 2026-12-07; before, a link named as the directory itself had its own lock
+in ``runs/``, and a second run through it was not refused).
 
 - The operating system drops the lock when its process ends in any way (SIGKILL included), so a
   killed run never leaves a stale lock behind: its resume takes the lock at once. The file is
@@ -203,11 +207,13 @@ def _acquire(path: str, workdir, arg: str) -> int | None:
             if err.errno in _NO_FILE | {errno.ENOENT, errno.ENOTDIR}:
                 raise _unwritable(workdir, arg, err) from None
             if err.errno == errno.ENAMETOOLONG:  # (a traceback; a walkthrough, 2026-12-07)
-                name = os.path.basename(os.path.abspath(os.fspath(workdir)))
+                lock = os.path.basename(path)
+                what = (f"the name of its lock file {lock[:40]!r}... ({len(lock)} characters: the directory's name "
+                        "with '.' and '.lock' around it)" if len(lock) > 255 else
+                        f"the path of its lock file ({len(path)} characters)")
                 raise WorkdirUnwritableError(
-                    f"{arg}: the name {name[:40]!r}... ({len(name)} characters) is too long for this file "
-                    f"system once its lock file's 6 characters (and --fresh's '.prev') are added; use a "
-                    f"shorter --{arg}") from None
+                    f"{arg}: {what} is too long for this file system (and --fresh adds '.prev' to the directory's "
+                    f"name); use a shorter --{arg}") from None
             raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -691,8 +691,21 @@ def test_keys_sde_steps_and_noise_range_bounds_are_named():
             call(7)
         with pytest.raises(TypeError, match=key_msg + "ndarray of dtype float"):
             call(np.zeros(2))
+        with pytest.raises(TypeError, match=r"^key: expected one PRNG key, got an array of keys of shape \(3,\)"):
+            call(jax.random.split(jax.random.key(0), 3))
         for key in (jax.random.PRNGKey(0), jax.random.key(0)):  # both kinds of key are taken
             assert call(key).x.shape == x.shape, name
+    # a raw key of another default implementation (rbg: uint32[4], common on TPUs; a review)
+    impl = jax.config.jax_default_prng_impl
+    jax.config.update("jax_default_prng_impl", "rbg")
+    try:
+        assert sampling.euler_maruyama(score, sde, x, jax.random.PRNGKey(0), num_steps=3).x.shape == x.shape
+    finally:
+        jax.config.update("jax_default_prng_impl", impl)
+    # DDIM uses no key: one given is left alone
+    sched = ddpm.DDPMSchedule.linear(10)
+    assert ddpm.ddpm_denoise(lambda x, i: 0 * x, x, 0.1, key=3, schedule=sched, method="ddim").x.shape == x.shape
+    assert ddpm.ddim_sample(lambda x, i: 0 * x, x, schedule=sched, num_steps=5, key=3).x.shape == x.shape
     with pytest.raises(TypeError, match=key_msg + "int"):
         ddpm.ddpm_denoise(lambda x, i: 0 * x, x, 0.1, key=3, schedule=ddpm.DDPMSchedule.linear(10))
     for call in (lambda: sampling.denoise(score, sde, x, noise_std=0.1, method="sde", key=jax.random.PRNGKey(0)),

@@ -359,10 +359,22 @@ def test_a_resume_past_num_steps_says_so(ours_run, trajectories, tmp_path, monke
                       "that step's (load_checkpoint(step=...) reads an earlier one)"]
 
 
+def test_reading_a_checkpoint_logs_none_of_orbax_read_only_warnings(ours_run, caplog):
+    """Every load_checkpoint printed three orbax warnings: "Given directory is read only",
+    "read_only=True, setting save_interval_steps=0" and "... max_to_keep=None" (a walkthrough)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        tr.load_checkpoint(ours_run[0])
+        tr.load_score_fn(ours_run[0])
+    said = [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "read only" in m or "read_only=True" in m], said
+
+
 def test_a_loaded_model_refuses_arguments_it_would_misread(ours_run, trajectories):
     """A walkthrough (2026-12-07): an int ``x`` gave an int (truncated, all zero) score; image
     indices outside [0, num_images), float indices and DDPM step indices outside [0, T) were
-    taken; a ``t`` or ``idx`` of another length failed in a broadcast naming neither. Now each is
+    taken; a ``t`` or ``idx`` of another length than 1 or B failed in a broadcast naming neither. Now each is
     refused naming the argument; inside a jitted sampler (traced values) only shapes and dtypes
     are checked, and a concrete ``idx`` closed over by a scan is still checked (no tracer error)."""
     wd = ours_run[0]
@@ -373,7 +385,8 @@ def test_a_loaded_model_refuses_arguments_it_would_misread(ours_run, trajectorie
     for call, err, pattern in [
         (lambda: fn(x.astype(jnp.int32), t, idx), TypeError, r"^x: expected a floating-point array \[B, C, H, W\], got dtype int32"),
         (lambda: fn(x[0], t, idx), ValueError, r"^x: expected shape \[B, C, H, W\]"),
-        (lambda: fn(x, t[:1], idx), ValueError, r"^t: expected a scalar or shape \[B\] = \(2,\) of times, got shape \(1,\)"),
+        (lambda: fn(x, jnp.full((3,), 0.5), idx), ValueError,
+         r"^t: expected a scalar or shape \[B\] = \(2,\) of times, got shape \(3,\)"),
         (lambda: fn(x, t, jnp.arange(3)), ValueError, r"^idx: expected a scalar or shape \[B\] = \(2,\)"),
         (lambda: fn(x, t, jnp.array([0, NUM_IMAGES])), ValueError,
          rf"^idx: expected image indices in \[0, num_images={NUM_IMAGES}\), got values in \[0, {NUM_IMAGES}\]"),
@@ -384,6 +397,7 @@ def test_a_loaded_model_refuses_arguments_it_would_misread(ours_run, trajectorie
             call()
     want = np.asarray(fn(x, t, idx))
     np.testing.assert_array_equal(np.asarray(fn(x, 0.5, idx)), want)  # a scalar time is every image's
+    np.testing.assert_array_equal(np.asarray(fn(x, t[:1], idx)), want)  # so is one of shape [1]
     np.testing.assert_array_equal(np.asarray(jax.jit(lambda a, i: fn(a, t, i))(x, idx)), want)
     scanned = jax.lax.scan(lambda c, _: (c, fn(x, t, idx)), 0, None, length=2)[1]  # idx concrete, in a trace
     np.testing.assert_array_equal(np.asarray(scanned[1]), want)
