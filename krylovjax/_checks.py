@@ -117,3 +117,11 @@ def as_sizes(name: str, shape, minimum: int, *, what: str | None = None) -> tupl
         return tuple(as_int(name, d, minimum) for d in shape)
     except (TypeError, ValueError):
         raise ValueError(f"{name}: expected {what}, got {shape!r}") from None
+
+
+def left_pad_rank(x, ndim: int):
+    """``x`` with size-1 axes prepended up to rank ``ndim``: the rank promotion NumPy-style
+    broadcasting does implicitly, made explicit (so ``jax_numpy_rank_promotion="raise"`` passes;
+    values unchanged)."""
+    x = jnp.asarray(x)
+    return x.reshape((1,) * (ndim - x.ndim) + x.shape) if x.ndim < ndim else x

@@ -265,7 +265,9 @@ class FPOperator:
         h, w = self.grid_shape
         idx = jnp.arange(h * w, dtype=self.dtype).reshape(h, w)
         nb = _neighbours(idx, self.scheme, {d: -1.0 for d in _DIRECTIONS})
-        return self.centre + sum(getattr(self, d) * (nb[d] < 0) for d in _DIRECTIONS)
+        ghost = {d: _checks.left_pad_rank((nb[d] < 0).astype(self.dtype), self.centre.ndim)
+                 for d in _DIRECTIONS}  # explicit dtype and rank: as promoted implicitly
+        return self.centre + sum(getattr(self, d) * ghost[d] for d in _DIRECTIONS)
 
     def to_scipy(self, index: tuple[int, ...] | int = ()):
         """The system at batch ``index`` as a ``scipy.sparse.csr_matrix`` (float64).
@@ -335,7 +337,8 @@ def _as_param(name: str, value, batch_shape, dtype) -> Array:
         raise TypeError(f"{name}: expected a real number or array, got dtype {arr.dtype}")
     arr = arr.astype(dtype)
     try:
-        arr = jnp.broadcast_to(arr, batch_shape) if arr.ndim else arr
+        # a scalar gets the batch's rank (size-1 axes) explicitly: no implicit rank promotion
+        arr = jnp.broadcast_to(arr, batch_shape) if arr.ndim else arr.reshape((1,) * len(batch_shape))
     except ValueError:
         raise ValueError(
             f"{name}: expected a scalar or an array broadcastable to the batch shape "

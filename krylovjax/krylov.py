@@ -315,7 +315,7 @@ def _cgs2_step(op: MatVec, V: Array, j, C: Array | None, eps: float):
         # CGS2 against the leading ``rows`` rows of V (static), masked to rows <= j
         def branch(V, w, C):
             Vr = V[:, :rows]
-            keep = (jnp.arange(rows) <= j).astype(w.dtype)
+            keep = (jnp.arange(rows, dtype=jnp.result_type(j)) <= j).astype(w.dtype)[None, :]
             h = jnp.zeros(w.shape[:1] + (rows,), w.dtype)
             hc = None
             for _ in range(2):  # classical Gram-Schmidt, twice
@@ -721,7 +721,7 @@ def gmres(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float | Non
     x, r, r_norm, active, status, n_mv = st.x, st.r, st.r_norm, st.active, st.status, st.n_mv
     n_cyc = jnp.zeros((B,), jnp.int32)
     eye_m = jnp.eye(m, dtype=dtype)
-    idx_m = jnp.arange(m)
+    idx_m = jnp.arange(m, dtype=jnp.int32)  # compared with int32 counts (k_used)
 
     def recycle_project(x, r, mask):
         if U is None:

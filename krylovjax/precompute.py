@@ -344,7 +344,8 @@ def _drift(sde, t, shape, h, dtype):
     For an SDE with a linear drift f(x) = -c(t) x (VP) we take x to be the pixel position
     relative to the grid centre [INF, the papers use f = 0]."""
     H, W = shape
-    yy, xx = jnp.meshgrid((jnp.arange(H) - (H - 1) / 2) * h, (jnp.arange(W) - (W - 1) / 2) * h,
+    yy, xx = jnp.meshgrid((jnp.arange(H, dtype=float) - (H - 1) / 2) * h,  # float: as promoted
+                          (jnp.arange(W, dtype=float) - (W - 1) / 2) * h,
                           indexing="ij")
     pos = jnp.stack([xx, yy]).astype(dtype)
     f = sde.drift(pos, t)
@@ -463,7 +464,8 @@ def _build(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype: np.d
                 done = trusted & (change <= config.outer_tol)  # False for a NaN change
                 img_act = act.reshape(b_loc, C)[:, 0] & ~done
                 return (it + 1, xn, _score(config, xn), jnp.repeat(img_act, C),
-                        nfail + (act & ~c), mv + jnp.where(act, m, 0), nit + act)
+                        nfail + (act & ~c).astype(jnp.int32), mv + jnp.where(act, m, 0),
+                        nit + act.astype(jnp.int32))
 
             def cond(state):
                 return (state[0] < config.max_fixed_point) & jnp.any(state[3])

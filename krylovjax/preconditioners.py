@@ -66,11 +66,12 @@ def shared_diffusion_inverse(k, grid_shape, boundary="zero", dtype=None):
     dtype = dtype or (k.dtype if jnp.issubdtype(k.dtype, jnp.floating) else jnp.result_type(float))
     qy, qx = jnp.asarray(qy, dtype), jnp.asarray(qx, dtype)
     lam = jnp.asarray(ly[:, None] + lx[None, :], dtype)
-    denom = 1.0 + k.astype(dtype)[..., None, None] * lam
+    kb = k.astype(dtype)[..., None, None]
+    denom = 1.0 + kb * _checks.left_pad_rank(lam, kb.ndim)
 
     def apply(x):
         xt = jnp.einsum("ji,...jk,kl->...il", qy, x.astype(dtype), qx, precision=_HI)
-        xt = xt / denom
+        xt = _checks.left_pad_rank(xt, denom.ndim) / _checks.left_pad_rank(denom, xt.ndim)
         return jnp.einsum("ij,...jk,lk->...il", qy, xt, qx, precision=_HI).astype(x.dtype)
 
     return apply

@@ -153,7 +153,7 @@ def embed(
 def _embed_paper_b(x0, s, sde, t, dt):
     g2 = sde.g2(t).astype(x0.dtype)  # [N]
     if sde.has_zero_drift:
-        inc = -0.5 * g2[1:, None, None, None] * s[:, 1:] * dt  # [B, N-1, C, H, W]
+        inc = -0.5 * g2[None, 1:, None, None, None] * s[:, 1:] * dt  # [B, N-1, C, H, W]
         return jnp.concatenate([x0[:, None], x0[:, None] + jnp.cumsum(inc, axis=1)], axis=1)
 
     def step(x, inp):
