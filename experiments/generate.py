@@ -211,9 +211,7 @@ def sample_arrays(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_st
     # walkthrough, 2026-12-07); a score function without parameters (an exact one, the tests')
     # runs in JAX's default float
     params = [a for a in jax.tree.leaves(fn) if jnp.issubdtype(getattr(a, "dtype", jnp.int32), jnp.floating)]
-    dtype = jnp.result_type(float)
-    if params:
-        dtype = jnp.promote_types(jnp.result_type(*params), jnp.float32) if jax.config.jax_enable_x64 else dtype
+    dtype = jnp.promote_types(jnp.result_type(*params), jnp.float32) if params else jnp.result_type(float)
     # A model trained with per-image time intervals takes the image index, DDPM's as ours' (before
     # 2026-12-06 DDPM's samplers were handed the model without it: a DDPM of train_tiny.py, whose
     # per_image_offset is on, could not generate).

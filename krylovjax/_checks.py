@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import jax
@@ -31,17 +32,24 @@ def channels_last_hint(shape) -> str:
     return ""
 
 
+@functools.lru_cache(maxsize=None)
+def _raw_key_shape(impl: str) -> tuple:
+    """The shape of a raw key (``jax.random.PRNGKey``) of the PRNG implementation ``impl``."""
+    return jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape
+
+
 def check_key(name: str, key) -> None:
-    """Raise TypeError unless ``key`` is a JAX PRNG key: a typed key (``jax.random.key``) or a raw
-    ``uint32[2]`` one (``jax.random.PRNGKey``). ``None`` reached JAX as "unexpected PRNG key type
-    NoneType", naming no argument (a walkthrough, 2026-12-07)."""
+    """Raise TypeError unless ``key`` is one JAX PRNG key: a typed key (``jax.random.key``) or a raw
+    one (``jax.random.PRNGKey``: ``uint32[2]`` for threefry, ``uint32[4]`` for rbg). ``None``
+    reached JAX as "unexpected PRNG key type NoneType", naming no argument (a walkthrough,
+    2026-12-07)."""
     dtype, shape = getattr(key, "dtype", None), getattr(key, "shape", None)
     if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         if shape == ():
             return
         raise TypeError(f"{name}: expected one PRNG key, got an array of keys of shape {shape}")
     # a raw key's shape is its implementation's: (2,) for threefry, (4,) for rbg (a review)
-    if dtype == jnp.uint32 and shape == jax.eval_shape(lambda: jax.random.PRNGKey(0)).shape:
+    if dtype == jnp.uint32 and shape == _raw_key_shape(str(jax.config.jax_default_prng_impl)):
         return
     raise TypeError(f"{name}: expected a JAX PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)), "
                     f"got {type(key).__name__}" + (f" of dtype {dtype} and shape {shape}" if dtype is not None else ""))

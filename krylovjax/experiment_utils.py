@@ -384,7 +384,7 @@ def fresh_path(path: str | os.PathLike) -> str:
     resolved, so that a ``runs/x`` linked to another disk moves the directory there to its
     ``.prev`` and the new run goes there too (the link was renamed to ``runs/x.prev`` and the run
     written to the local disk; a walkthrough, 2026-12-07)."""
-    return os.path.realpath(os.path.abspath(os.fspath(path)))
+    return os.path.realpath(os.fspath(path))  # (realpath makes it absolute too)
 
 
 def move_aside(workdir: str | os.PathLike, *, kind: str, arg: str = "workdir",
@@ -799,7 +799,7 @@ def check_dir_arg(path: str | os.PathLike | None, arg: str = "workdir") -> str:
     if path is None or not os.fspath(path):
         raise app.UsageError(f"--{arg}: expected a directory path, got {path!r}")
     path = os.fspath(path)
-    if not os.path.basename(os.path.realpath(os.path.abspath(path))):  # (a traceback from the lock)
+    if not os.path.basename(fresh_path(path)):  # the root (a traceback from the lock)
         raise app.UsageError(f"--{arg}: {path!r} is the file system's root; expected a directory below it")
     problem = _not_a_directory(path)
     if problem:
@@ -1800,9 +1800,7 @@ def quiet_orbax_logs() -> None:
     on the absl handler (:class:`_QuietOrbax`), and drop the "Event loop is closed" exceptions that
     tensorstore's callbacks raise, one per abandoned write (17 for the tiny U-Net), after orbax
     gives up on a checkpoint; Python would print each as a traceback (``sys.unraisablehook``).
-    Every other unraisable exception goes to the previous hook."""
-    import sys
-
+    Every other unraisable exception goes to the previous hook (:func:`drop_closed_loop_reports`)."""
     from absl import logging as absl_logging
 
     handler = absl_logging.get_absl_handler()

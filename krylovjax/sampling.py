@@ -738,6 +738,12 @@ def with_final_denoise(r: SampleResult, score_fn: ScoreFn, sde: Any, t_end, fina
     return r._replace(x=x, trajectory=traj, num_score_evals=r.num_score_evals + 1, finite=_finite_rows(x))
 
 
+def _check_sde_steps(method: str, sampler_kwargs: dict) -> None:
+    """``method="sde"`` needs ``num_steps`` (euler_maruyama's own TypeError named no caller's argument)."""
+    if method == "sde" and "num_steps" not in sampler_kwargs:
+        raise ValueError("num_steps: required for method='sde' (the reverse SDE's fixed steps)")
+
+
 def _check_t_range(t_min, t_max) -> tuple[float, float]:
     t_min, t_max = float(t_min), float(t_max)
     if not (0.0 <= t_min < t_max and np.isfinite(t_max)):
@@ -892,8 +898,7 @@ def denoise(
         if key is None:
             raise ValueError("key: a PRNG key is required for method='sde'")
         check_key("key", key)
-        if "num_steps" not in sampler_kwargs:  # (euler_maruyama's own TypeError named no caller's argument)
-            raise ValueError("num_steps: required for method='sde' (the reverse SDE's fixed steps)")
+    _check_sde_steps(method, sampler_kwargs)
     final_denoise = _check_final_denoise(final_denoise, t_end)
     score_args = _check_score_args(score_args, x.shape[0])
     std = jnp.asarray(noise_std)
@@ -982,8 +987,7 @@ def generate(
     if method not in ("ode", "sde"):
         raise ValueError(f"method: expected 'ode' or 'sde', got {method!r}")
     check_key("key", key)
-    if method == "sde" and "num_steps" not in sampler_kwargs:
-        raise ValueError("num_steps: required for method='sde' (the reverse SDE's fixed steps)")
+    _check_sde_steps(method, sampler_kwargs)
     final_denoise = _check_final_denoise(final_denoise, t_end)
     shape = tuple(shape)
     if len(shape) != 4 or not all(isinstance(d, (int, np.integer)) and d >= 1 for d in shape):

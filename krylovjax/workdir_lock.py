@@ -84,7 +84,7 @@ def lock_path(workdir: str | os.PathLike, process_index: int = 0) -> str:
     """The lock file of ``workdir`` for process ``process_index`` of a job."""
     # one lock whichever symlinked path leads to the directory: its parent's links and a link of
     # its own name resolved (a run through a linked name was not refused; a walkthrough, 2026-12-07)
-    path = os.path.realpath(os.path.abspath(os.fspath(workdir)))
+    path = os.path.realpath(os.fspath(workdir))  # (absolute too)
     parent, name = os.path.split(path)
     if not name:  # the file system's root
         raise ValueError(f"workdir: expected a directory below the root, got {os.fspath(workdir)!r}")
