@@ -69,6 +69,20 @@ def check_finite(name: str, x) -> None:
         raise ValueError(f"{name}: expected finite values, found NaN or Inf")
 
 
+def check_images(name: str, x, *, finite: bool = True) -> jax.Array:
+    """A floating image batch ``[B, C, H, W]`` as a JAX array; finite when concrete unless
+    ``finite=False`` (a loaded model's score function, called at every sampler step, skips
+    that device reduction)."""
+    x = jnp.asarray(x)
+    check_float(name, x)
+    if x.ndim != 4:
+        raise ValueError(f"{name}: expected an image batch of shape [B, C, H, W], got shape "
+                         f"{tuple(x.shape)}{channels_last_hint(x.shape)}")
+    if finite:
+        check_finite(name, x)
+    return x
+
+
 def check_positive(name: str, x) -> None:
     """Raise ValueError if a concrete ``x`` has a non-positive or non-finite entry."""
     if is_concrete(x):

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from krylovjax._checks import check_finite, check_float, check_key, is_concrete
+from krylovjax._checks import check_finite, check_images, check_key, is_concrete
 
 __all__ = [
     "SampleResult",
@@ -97,14 +97,7 @@ class SampleResult(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-def _check_images(name: str, x) -> jax.Array:
-    """A floating image batch ``[B, C, H, W]`` (finite when concrete)."""
-    x = jnp.asarray(x)
-    check_float(name, x)
-    if x.ndim != 4:
-        raise ValueError(f"{name}: expected an image batch of shape [B, C, H, W], got shape {tuple(x.shape)}")
-    check_finite(name, x)
-    return x
+_check_images = check_images  # (krylovjax.ddpm imports it from here)
 
 
 def _check_num_steps(name: str, n) -> int:

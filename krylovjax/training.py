@@ -110,7 +110,7 @@ from jax.sharding import PartitionSpec as P
 from krylovjax import ddpm as ddpm_lib
 from krylovjax import sde as sde_lib
 from krylovjax import workdir_lock
-from krylovjax._checks import check_finite, is_concrete, is_int, is_real
+from krylovjax._checks import check_finite, check_images, is_concrete, is_int, is_real
 from krylovjax._io_errors import atomic_write_text, write_failure_cause
 from krylovjax.experiment_utils import (_INTERRUPT_CHECKS, _SWALLOWED, checking_arguments, drop_closed_loop_reports,
                                         process_values)
@@ -1675,7 +1675,7 @@ def _model_fn(model_def: ModelDef, config: TrainConfig) -> Callable:
     if config.method == "ours":
         def score_fn(params, x, t, idx=None):
             """``s_theta(x [B, C, H, W], t [B]) -> [B, C, H, W]`` (``idx [B]`` for per-image offsets)."""
-            x = _check_x(x)
+            x = check_images("x", x, finite=False)  # (an int x gave an int, truncated score)
             idx = _idx_for(model_def, x, idx)
             t = jnp.broadcast_to(_check_per_image("t", t, x, "times"), (x.shape[0],)).astype(x.dtype)
             return apply(params, x.astype(dtype), t.astype(dtype), idx).astype(x.dtype)
@@ -1683,23 +1683,12 @@ def _model_fn(model_def: ModelDef, config: TrainConfig) -> Callable:
 
     def eps_fn(params, x, i, idx=None):
         """``eps_theta(x [B, C, H, W] in [-1, 1], i [B] int step index) -> [B, C, H, W]``."""
-        x = _check_x(x)
+        x = check_images("x", x, finite=False)  # (an int x gave an int, truncated score)
         idx = _idx_for(model_def, x, idx)
         i = _check_per_image("i", i, x, "step indices", integer=True, upper=(ddpm_steps, "ddpm_num_steps"))
         t = jnp.broadcast_to(i, (x.shape[0],)).astype(dtype) / ddpm_steps
         return apply(params, x.astype(dtype), t, idx).astype(x.dtype)
     return eps_fn
-
-
-def _check_x(x) -> jax.Array:
-    """A loaded model's ``x``: a floating ``[B, C, H, W]`` array (an int array gave an int, truncated
-    score; a walkthrough, 2026-12-07)."""
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"x: expected a floating-point array [B, C, H, W], got dtype {x.dtype}")
-    if x.ndim != 4:
-        raise ValueError(f"x: expected shape [B, C, H, W], got {tuple(x.shape)}")
-    return x
 
 
 def _check_per_image(name: str, v, x, what: str, *, integer: bool = False, upper=None) -> jax.Array:

@@ -383,8 +383,8 @@ def test_a_loaded_model_refuses_arguments_it_would_misread(ours_run, trajectorie
     t = jnp.full((NUM_IMAGES,), 0.5)
     idx = jnp.arange(NUM_IMAGES)
     for call, err, pattern in [
-        (lambda: fn(x.astype(jnp.int32), t, idx), TypeError, r"^x: expected a floating-point array \[B, C, H, W\], got dtype int32"),
-        (lambda: fn(x[0], t, idx), ValueError, r"^x: expected shape \[B, C, H, W\]"),
+        (lambda: fn(x.astype(jnp.int32), t, idx), TypeError, r"^x: expected a floating-point array, got dtype int32"),
+        (lambda: fn(x[0], t, idx), ValueError, r"^x: expected an image batch of shape \[B, C, H, W\]"),
         (lambda: fn(x, jnp.full((3,), 0.5), idx), ValueError,
          r"^t: expected a scalar or shape \[B\] = \(2,\) of times, got shape \(3,\)"),
         (lambda: fn(x, t, jnp.arange(3)), ValueError, r"^idx: expected a scalar or shape \[B\] = \(2,\)"),
