@@ -170,6 +170,55 @@ def test_right_hand_sides_whose_squared_norm_overflows_or_underflows(solver, dty
     np.testing.assert_array_equal(np.asarray(V), np.asarray(V1))
 
 
+@pytest.mark.parametrize("solver", ["gmres", "bicgstab"])
+@pytest.mark.parametrize("dtype, exponents", [(np.float32, (-66, 66)), (np.float64, (-532, 532))])
+def test_operators_of_tiny_or_huge_norm_say_breakdown_after_one_cycle(solver, dtype, exponents):
+    """A review (2026-12-07): an operator of norm about 1e-160 (float64; 1e-20 in float32) made
+    every Arnoldi step a breakdown (its squares flushed to zero), so GMRES(20) ran as GMRES(1)
+    and ended in STAGNATION at residual 0.3 after 10 cycles, and BiCGStab's <t, t> = 0 ended
+    each cycle after one step (MAX_ITERATIONS after 150 matvecs). Both now say BREAKDOWN after
+    the first cycle, as for 1e160, with a finite x no worse than the start (rescaling inside
+    the loops cost 2-11% of every solve). A norm of 1 converges (the same matrices)."""
+    rng = np.random.default_rng(11)
+    N = 60
+    A = (np.diag(np.linspace(0.05, 10, N)) + 0.5 * np.triu(rng.standard_normal((N, N)), 1) / np.sqrt(N))
+    A = np.stack([A, random_well_conditioned(12, 1, N)[0]]).astype(dtype)
+    b = jnp.asarray(rng.standard_normal((2, N)).astype(dtype))
+    tol = 1e-5 if dtype == np.float32 else 1e-9
+    solve = functools.partial(getattr(krylov, solver), tol=tol, restart=20, max_restarts=50)
+    assert np.all(np.asarray(solve(dense_matvec(A), b).converged))
+    for k in exponents:
+        res = solve(dense_matvec(A * dtype(2.0) ** k), b)
+        np.testing.assert_array_equal(np.asarray(res.status), Status.BREAKDOWN)
+        np.testing.assert_array_equal(np.asarray(res.num_restarts), 1)
+        assert np.all(np.isfinite(np.asarray(res.x))) and np.all(np.asarray(res.residual) <= 1.0)
+
+
+@pytest.mark.parametrize("solver", [krylov.gmres, krylov.bicgstab])
+def test_a_start_worse_than_zero_is_replaced_by_zero(solver):
+    """A review (2026-12-07): GMRES cannot go below its start's residual within a cycle (and
+    drops a cycle that raises it), so from a start far worse than x = 0 it returned residual 10
+    where x = 0 reaches 7e-2; an x0 of 1e10 with b of 1e-300 overflowed in x0 / s and returned
+    x = inf. Such a start is replaced by 0: the cold solve, one matvec more (the start's
+    residual); a good start is kept."""
+    A = random_well_conditioned(21, 3, 30, scale=0.6)
+    rng = np.random.default_rng(22)
+    b = jnp.asarray(rng.standard_normal((3, 30)))
+    cold = solver(dense_matvec(A), b, tol=1e-10)
+    xs = np.linalg.solve(A, np.asarray(b)[..., None])[..., 0]
+    x0 = np.stack([1e3 * rng.standard_normal(30), xs[1] * (1 + 1e-3), -xs[2]])  # worse, good, worse
+    res = solver(dense_matvec(A), b, x0=jnp.asarray(x0), tol=1e-10)
+    for i in (0, 2):
+        np.testing.assert_array_equal(np.asarray(res.x[i]), np.asarray(cold.x[i]))
+        assert int(res.num_matvecs[i]) == int(cold.num_matvecs[i]) + 1
+    assert int(res.num_matvecs[1]) < int(cold.num_matvecs[1])  # kept: fewer matvecs from it
+    assert np.all(np.asarray(res.converged))
+    # x0 / s overflows (b of 1e-300 scales by 2^-997): the answer, not x = inf
+    res = solver(lambda x: 2.0 * x, jnp.asarray([[1e-300, 1e-300]]), x0=jnp.asarray([[1e10, 1e10]]), tol=1e-10)
+    assert bool(res.converged[0])
+    np.testing.assert_allclose(np.asarray(res.x), 5e-301, rtol=1e-12)
+
+
 def test_batched_equals_one_by_one():
     coef = stencil_coeffs(4, 3, 8, 8, k=1.5, adv=0.5)
     b = np.random.default_rng(5).standard_normal((3, 8, 8))
@@ -731,22 +780,61 @@ def test_bicgstab_exact_preconditioner_stops_at_the_half_step():
                                rtol=1e-10, atol=1e-12)
 
 
-def test_bicgstab_breakdown_on_cyclic_shift_is_stagnation():
+def test_bicgstab_breakdown_on_cyclic_shift_is_breakdown():
     """On the cyclic shift with b = e_1 the shadow residual is orthogonal to A r (closed form:
-    <e_1, e_2> = 0), so the very first step breaks down and nothing can be gained."""
+    <e_1, e_2> = 0), so the very first step breaks down and every restart repeats it: BREAKDOWN
+    after one cycle, whatever the patience (it used to wait `stagnation_patience` cycles and say
+    STAGNATION). A zero preconditioner is the same (GMRES says BREAKDOWN there too)."""
     N = 8
     P = np.roll(np.eye(N), 1, axis=0)[None]
     b = np.zeros((1, N))
     b[0, 0] = 1.0
-    for patience in (1, 3):  # stagnation_patience cycles without progress end it
+    for patience in (1, 3):
         res = krylov.bicgstab(dense_matvec(P), jnp.asarray(b), tol=1e-8, restart=5,
                               max_restarts=10, stagnation_patience=patience)
-        assert int(res.status[0]) == Status.STAGNATION and not bool(res.converged[0])
-        assert int(res.num_restarts[0]) == patience
+        assert int(res.status[0]) == Status.BREAKDOWN and not bool(res.converged[0])
+        assert int(res.num_restarts[0]) == 1
         np.testing.assert_allclose(float(res.residual[0]), 1.0, atol=1e-14)
         np.testing.assert_array_equal(np.asarray(res.x), 0.0)
     with pytest.raises(ValueError, match="stagnation_patience"):
         krylov.bicgstab(dense_matvec(P), jnp.asarray(b), stagnation_patience=0)
+    A = random_well_conditioned(31, 2, 12)
+    for solver in (krylov.gmres, krylov.bicgstab):
+        res = solver(dense_matvec(A), jnp.ones((2, 12)), tol=1e-8, precondition=lambda v: 0.0 * v)
+        np.testing.assert_array_equal(np.asarray(res.status), Status.BREAKDOWN)
+        np.testing.assert_array_equal(np.asarray(res.x), 0.0)
+
+
+def test_bicgstab_non_finite_operator_values_inside_a_cycle_are_a_breakdown():
+    """A review (2026-12-07): an operator that returns NaN or Inf during the iteration (finite
+    inputs) had its steps dropped silently and ended as STAGNATION at residual 7e-2; it is a
+    BREAKDOWN now (as in GMRES), with the best finite iterate, and the other systems of the
+    batch are bit for bit those of a clean run."""
+    rng = np.random.default_rng(3)
+    N, B = 30, 3
+    A = random_well_conditioned(32, B, N)
+    b = rng.standard_normal((B, N))
+    b[:, 0] = np.abs(b[:, 0]) + 1
+    Aj = jnp.asarray(A)
+
+    def bad_mv(bad):  # system 1 turns non-finite once an iterate's first entry is negative
+        def mv(x):
+            y = jnp.einsum("bij,bj->bi", Aj, x, precision=jax.lax.Precision.HIGHEST)
+            return jnp.where(((x[:, 0] < 0) & (jnp.arange(B) == 1))[:, None], bad, y)
+        return mv
+
+    clean = krylov.bicgstab(dense_matvec(A), jnp.asarray(b), tol=1e-10, restart=10)
+    for bad in (jnp.nan, jnp.inf):
+        res = krylov.bicgstab(bad_mv(bad), jnp.asarray(b), tol=1e-10, restart=10)
+        np.testing.assert_array_equal(np.asarray(res.status),
+                                      [Status.CONVERGED, Status.BREAKDOWN, Status.CONVERGED])
+        assert np.all(np.isfinite(np.asarray(res.x)))
+        x1 = np.asarray(res.x[1])
+        true1 = np.linalg.norm(b[1] - A[1] @ x1) / np.linalg.norm(b[1])
+        np.testing.assert_allclose(float(res.residual[1]), true1, rtol=1e-10)
+        assert true1 <= 1.0  # the best finite iterate (x = 0 at worst)
+        for i in (0, 2):
+            np.testing.assert_array_equal(np.asarray(res.x[i]), np.asarray(clean.x[i]))
 
 
 @pytest.mark.parametrize("solver", [krylov.gmres, krylov.bicgstab])
