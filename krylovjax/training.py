@@ -1870,6 +1870,10 @@ def train(config, data, workdir: str | os.PathLike, *, eval_fn: Callable | None 
     callers read the outputs) without a second record. Ctrl-C (SIGINT, from the main thread) lets
     the update in flight finish with its records, saves a checkpoint of that step and raises
     ``KeyboardInterrupt``; a second Ctrl-C, or one during an evaluation, stops at once.
+    SIGTERM (``kill``, ``timeout``, a scheduler's preemption) is Python's default: the process
+    ends at once, and a rerun resumes from the last periodic checkpoint. To have SIGTERM
+    checkpoint like Ctrl-C, as the binaries do, call
+    ``krylovjax.experiment_utils.sigterm_as_interrupt()`` once before ``train``.
 
     Args:
       config: :class:`TrainConfig` (or a dict / ConfigDict of its fields).
