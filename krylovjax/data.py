@@ -96,7 +96,9 @@ def validate_images(images: Any, name: str = "images") -> Any:
     ``jit``; the shape and dtype checks always run.
 
     Returns:
-      ``images`` itself.
+      ``images`` itself, or for a NumPy array in the other byte order (``>f8`` on a
+      little-endian machine, from a FITS file say) a native-order copy of the same values:
+      JAX takes only native byte order (it failed later, in ``device_put``, naming no argument).
     """
     if not hasattr(images, "shape") or not hasattr(images, "dtype"):
         raise ValueError(
@@ -128,6 +130,8 @@ def validate_images(images: Any, name: str = "images") -> Any:
     lo, hi = float(arr.min()), float(arr.max())
     if lo < 0.0 or hi > 1.0:
         raise ValueError(f"{name} must lie in [0, 1], got values in [{lo:.6g}, {hi:.6g}]")
+    if isinstance(images, np.ndarray) and not images.dtype.isnative:
+        return images.astype(images.dtype.newbyteorder("="))
     return images
 
 

@@ -174,8 +174,7 @@ def _kde_log_density(data, queries, *, min_bandwidth, chunk_elems):
 
 
 def _check_images(images: Any) -> jnp.ndarray:
-    validate_images(images)
-    return jnp.asarray(images)
+    return jnp.asarray(validate_images(images))
 
 
 def paper_b_kde(images, *, min_bandwidth: float = 1e-3, chunk_elems: int = _CHUNK_ELEMS) -> jnp.ndarray:

@@ -64,7 +64,9 @@ OUTER = ("sweeps", "timestep")
 LAG_INITS = ("initial", "march", "ones")
 #: ``PrecomputeConfig(tol=None)``: the linear solvers' relative tolerance for each compute dtype.
 #: float32 cannot reach 1e-10 (BUILD_NOTES.md, "float32 (accelerators): attainable tolerance":
-#: 1e-6 gives no non-converged solve and scores within ~1e-5 of float64; 1e-7 is at the edge).
+#: on the built-in photos 1e-6 gives no non-converged solve and scores within ~1e-5 of float64;
+#: 1e-7 is at the edge; constant images and a checkerboard miss 1e-6 in some solves of `fast`,
+#: which says so in its stats).
 DEFAULT_TOL = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-6}
 # Integer fields of PrecomputeConfig and their smallest allowed value.
 _INT_FIELDS = {"num_steps": 2, "max_sweeps": 1, "max_fixed_point": 1, "restart": 1,
@@ -117,8 +119,8 @@ class PrecomputeConfig:
         systems to the relative residual ``clip(forcing * change_{k-1}, tol, forcing)``
         instead of ``tol``, where ``change_{k-1}`` is the image's last relative change (the
         first sweep uses ``forcing``). Early sweeps, whose lagged scores are still far from the
-        fixed point, are then solved only as accurately as they are useful; the last sweeps
-        reach ``tol``. 0 (default) solves every sweep to ``tol``.
+        fixed point, are then solved only as accurately as they are useful; an image converges
+        only at a sweep solved to ``tol`` itself. 0 (default) solves every sweep to ``tol``.
       divergence_patience: ("sweeps") stop an image whose relative change has not reached a
         new minimum for this many consecutive sweeps (reported in ``outer_diverged``); 0
         (default, Paper B's Algorithm 1) iterates up to ``max_sweeps``. Either way the result
@@ -311,7 +313,9 @@ def _step_solver(config: PrecomputeConfig, num_channels: int):
         def solve(op, b, x0, active, tol=None):
             x = reference.spsolve_in_jit(op, b, active, check_finite=False)
             S = b.shape[0]
-            return x, jnp.ones((S,), bool), jnp.zeros((S,), jnp.int32)
+            # a factorisation that produced inf/NaN (sigma 1e200, say) is a failed solve: it was
+            # counted as converged, so `nonconverged` said 0 (a review, 2026-12-07)
+            return x, jnp.isfinite(x).all(axis=(1, 2)), jnp.zeros((S,), jnp.int32)
         return solve
     scfg = config.solver_config(num_channels)
 
@@ -863,6 +867,11 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
         warnings.warn("images: float64 given with jax_enable_x64 off: computed (and returned) in float32; "
                       "jax.config.update('jax_enable_x64', True) first for float64", stacklevel=2)
     config = config.resolve(dtype)  # tol=None: the default of the dtype computed in
+    if config.outer == "sweeps" and config.strategy != "spsolve" and config.tol > config.outer_tol:
+        warnings.warn(f"tol={config.tol:g} is above outer_tol={config.outer_tol:g}: a sweep whose solves start "
+                      "within tol of their answer can return their start, so an image is reported converged "
+                      "(change 0) where its fixed point is reached only to about tol; use tol <= outer_tol",
+                      stacklevel=2)
     compile_seconds = precompile((B, C, H, W), dtype, config)
     start_initial = time.perf_counter()
     progs = _programs(config, Bp, C, H, W, dtype)
@@ -911,7 +920,8 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
             prog_w = progs if cur is None else _compact_programs(config, n_w, C, H, W, dtype)
             batch_images.append(n_w)
             tol_img = (np.clip(config.forcing * change, config.tol, config.forcing)
-                       if config.forcing > 0 else np.full(Bp, config.tol))
+                       if config.forcing > 0 and config.strategy != "spsolve"  # (spsolve: exact)
+                       else np.full(Bp, config.tol))
             m_new, conv, mv, dsq, osq = prog_w.sweep(
                 m0_w, mold_w, np.repeat(active[imgs], C),
                 np.repeat(tol_img[imgs], C).astype(dtype), np.asarray(k == 0))
@@ -935,7 +945,10 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
             # best iterate: trusted before untrusted, then the smallest change (the last one
             # for every image that converges); an image that stops improving for `patience`
             # sweeps is declared diverged and stops.
-            trusted = (nc_img == 0) & np.isfinite(ch)
+            # With `forcing`, a sweep solved to a looser tolerance is not trusted either: from a
+            # warm start that already met it the solver returns its start, the change is 0, and
+            # an image 5e-2 from spsolve's was reported converged (a review, 2026-12-07).
+            trusted = (nc_img == 0) & np.isfinite(ch) & (tol_img <= config.tol)
             improved = active & ((trusted & ~best_trusted)
                                  | ((trusted == best_trusted) & (change < best)))
             best = np.where(improved, change, best)

@@ -99,8 +99,7 @@ def embed(
     """
     if variant not in EMBED_VARIANTS:
         raise ValueError(f"variant must be one of {EMBED_VARIANTS}, got {variant!r}")
-    validate_images(images)
-    images = jnp.asarray(images)
+    images = jnp.asarray(validate_images(images))
     scores = jnp.asarray(scores)
     B, C, H, W = images.shape
     if scores.ndim != 6 or scores.shape[:2] != (B, C) or scores.shape[3:] != (2, H, W):

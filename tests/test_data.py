@@ -376,6 +376,25 @@ def test_validate_images_refuses_other_floats(dtype):
         D.validate_images(bad)
     with pytest.raises(TypeError, match="float32/float64"):
         D.validate_images(jnp.asarray(bad) if dtype is not np.longdouble else bad)
-    for ok in (np.float32, np.float64, np.dtype(">f8")):
+    for ok in (np.float32, np.float64):
         x = np.full((1, 1, 8, 8), 0.5).astype(ok)
         assert D.validate_images(x) is x
+    x = np.full((1, 1, 8, 8), 0.5).astype(np.dtype(">f8"))  # the other byte order: a native copy
+    np.testing.assert_array_equal(D.validate_images(x), x)
+
+
+def test_images_in_the_other_byte_order_are_taken_as_their_values():
+    """A review (2026-12-07): a big-endian float64 batch (``>f8``, as FITS files give) passed the
+    checks and then failed inside ``jax.device_put`` ("Dtype >f8 is not a valid JAX array type"),
+    naming no argument. ``validate_images`` returns a native-order copy of the same values, and
+    the pre-computation takes it."""
+    from krylovjax import initial
+
+    x = np.random.default_rng(2).random((1, 1, 6, 6))
+    swapped = x.astype(x.dtype.newbyteorder())
+    out = D.validate_images(swapped)
+    assert out.dtype.isnative and out.dtype == np.float64
+    np.testing.assert_array_equal(out, x)
+    np.testing.assert_array_equal(np.asarray(initial.initial_log_density(jnp.asarray(x))),
+                                  np.asarray(initial.initial_log_density(swapped)))
+    assert D.validate_images(x) is x  # a native array is returned itself

@@ -366,6 +366,36 @@ def test_forcing_inexact_sweeps(images, references):
         PrecomputeConfig(forcing=1.5)
 
 
+def test_forcing_never_converges_an_image_at_a_loose_sweep():
+    """A review (2026-12-07): with forcing 0.5 a sweep solved to a loose tolerance from a warm
+    start that already met it returned that start; its change was 3e-17 and the image was
+    reported converged 2.5e-2 from spsolve's fixed point (gmres; 5.3e-2 preconditioned). Only a
+    sweep solved to `tol` itself can converge an image now. And tol above outer_tol, the same
+    trap without forcing, is warned about."""
+    x = np.random.default_rng(0).random((1, 1, 8, 8))
+    ref = precompute_scores(x, PrecomputeConfig(strategy="spsolve", num_steps=5))
+    for strategy in ("gmres", "preconditioned"):
+        res = precompute_scores(x, PrecomputeConfig(strategy=strategy, num_steps=5, forcing=0.5))
+        assert bool(res.stats["outer_converged"][0])
+        assert _rel(res.log_density, ref.log_density) < 1e-6 and _rel(res.scores, ref.scores) < 1e-6
+    exact = precompute_scores(x, PrecomputeConfig(strategy="spsolve", num_steps=5, forcing=0.5))
+    np.testing.assert_array_equal(exact.scores, ref.scores)  # spsolve's solves are exact: no forcing
+    with pytest.warns(UserWarning, match=r"tol=0\.001 is above outer_tol=1e-06"):
+        precompute_scores(x, PrecomputeConfig(strategy="gmres", num_steps=5, tol=1e-3))
+
+
+@pytest.mark.filterwarnings("ignore::scipy.sparse.linalg.MatrixRankWarning")
+def test_spsolve_that_overflows_counts_its_failed_solves():
+    """A review (2026-12-07): spsolve's solves were counted as converged whatever they gave; with
+    sigma 1e200 its factorisation produced inf/NaN and `nonconverged` said 0. The image was (and
+    is) reported not converged; now its failed solves are counted too."""
+    x = np.random.default_rng(1).random((1, 1, 6, 6))
+    res = precompute_scores(x, PrecomputeConfig(strategy="spsolve", num_steps=3, max_sweeps=2,
+                                                sde_kwargs=(("sigma", 1e200),)))
+    assert not bool(res.stats["outer_converged"][0]) and res.stats["nonconverged"] > 0
+    assert int(res.stats["nonconverged_per_image"][0]) == res.stats["nonconverged"]
+
+
 def test_divergence_patience_and_best_iterate():
     """A nearly flat photo (photo 6 at 10x10: cell Peclet number > 2) makes the sweeps of the
     central scheme wander. With a patience it stops as diverged; every image returns its
@@ -665,9 +695,11 @@ def test_default_tol_follows_the_dtype(images):
     res32 = precompute_scores(x.astype(jnp.float32), cfg)
     assert res32.stats["nonconverged"] == 0 and np.all(res32.stats["outer_converged"])
     assert _rel(res32.scores.astype(jnp.float64), res.scores) < 1e-3
-    # forcing clips at the resolved tolerance too
-    forced = precompute_scores(x.astype(jnp.float32), dataclasses.replace(cfg, forcing=0.1))
+    # forcing clips at the resolved tolerance too (an image converges only at a sweep solved to
+    # it: one sweep more than the 10 of cfg here)
+    forced = precompute_scores(x.astype(jnp.float32), dataclasses.replace(cfg, forcing=0.1, max_sweeps=20))
     assert forced.stats["nonconverged"] == 0 and np.all(forced.stats["outer_converged"])
+    assert _rel(forced.scores, res32.scores) < 1e-4
 
 
 def test_legacy_prng_key_runs_the_precompiled_programs():
