@@ -371,6 +371,7 @@ def _run_claimed(cfg, workdir: str, overwrite: bool, budget: float, tcs: dict, c
     out = {
         "experiment": "budget", "task": cfg.task, "budget_seconds": budget,
         "machine": eu.machine_info(),
+        "compute_dtype": eu.compute_dtypes({m: denoise.train_config(cfg, m) for m in results}),
         "images": {"source": cfg.data.source, "shape": list(clean.shape), "files": denoise.clean_files(cfg.data)},
         "noise": ({"std": cfg.noise.std, "seed": cfg.noise.seed, "signal_scale": denoise.signal_scale(cfg),
                    "draws": denoise.noise_draws(cfg)} if cfg.task == "denoise" else None),
@@ -474,7 +475,7 @@ def _write(out: dict, workdir: str, clean, noisy, outputs: dict, ddpm_in=None) -
                                       + ["mean PSNR (dB)"] + (["sources nearest to a sample"] if gen else []), crow))
     mi = out["machine"]
     text.append(f"\nMachine: {mi['processor']}, {mi['cpu_count']} CPUs, backend {mi['backend']}, jax {mi['jax']}, "
-                f"x64 {mi['x64']}, load average {mi['load_average']}; {mi['date']}.\n")
+                f"x64 {mi['x64']}, {eu.compute_dtype_note(out.get('compute_dtype'))}, load average {mi['load_average']}; {mi['date']}.\n")
     eu.write_text(os.path.join(workdir, "results.md"), "".join(text))
 
     names = [m for m in ("ours", "ddpm") if m in outputs]

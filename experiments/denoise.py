@@ -100,6 +100,7 @@ _DONE_JSON, _DONE_NPZ = "denoise_result.json", "denoise_output.npz"  # per metho
 # the current code when the config holds that value. Directories from before 2026-11-27, when the
 # batch size moved from ``common`` into each method's ``train``, stay another config.
 LEGACY_CONFIG = {
+    "common.model_overrides.dtype": "float32",  # the compute dtype's key (thirty-ninth session)
     "common.steps_per_call": 1,  # one update per call
     "ours.train.scale_by_sigma": False,
     "ours.embed": True,
@@ -1052,6 +1053,7 @@ def _run_claimed(cfg, workdir: str, overwrite: bool, targets: list, tcs: dict, c
     out = {
         "experiment": "denoise",
         "machine": eu.machine_info(),
+        "compute_dtype": eu.compute_dtypes({m: train_config(cfg, m) for m in methods}),
         "image": {"source": cfg.data.source, "shape": list(clean.shape), "dtype": str(clean.dtype),
                   "files": clean_files(cfg.data)},
         "noise": {"std": cfg.noise.std, "seed": cfg.noise.seed, "clamp": cfg.noise.clamp,
@@ -1116,7 +1118,7 @@ def _write_outputs(out: dict, workdir: str, clean, noisy, outs: dict, frames: di
         text.append("\n" + eu.markdown_table(chead, crow))
     mi = out["machine"]
     text.append(f"\nMachine: {mi['processor']}, {mi['cpu_count']} CPUs, backend {mi['backend']}, jax {mi['jax']}, "
-                f"x64 {mi['x64']}, load average at the end {mi['load_average']}; {mi['date']}; "
+                f"x64 {mi['x64']}, {eu.compute_dtype_note(out.get('compute_dtype'))}, load average at the end {mi['load_average']}; {mi['date']}; "
                 f"wall time {out['wall_seconds']:.0f} s.\n")
     eu.write_text(os.path.join(workdir, "results.md"), "".join(text))
 

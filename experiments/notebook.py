@@ -23,6 +23,9 @@ variable                     meaning                                      defaul
                              must be all of them)
 ``KRYLOVJAX_NB_WORKDIR``     run directory (store, checkpoints, figures,  ``krylovjax_colab``
                              ``results.json``)
+``KRYLOVJAX_NB_DTYPE``       the U-Net's compute dtype: ``float32`` or    the config's
+                             ``bfloat16`` (TPUs; parameters, optimiser    (``float32``)
+                             and loss stay float32)
 ============================ ============================================ ==================
 
 Every stage is a call into the library or the experiment binaries (nothing here is numerics):
@@ -75,7 +78,11 @@ def _positive_int(value: Any, var: str) -> int | None:
     return n
 
 
-def get_config(name: str = "full", *, dataset: str = "", num_images: Any = "", data_dir: str = ""):
+DTYPES = ("float32", "bfloat16")
+
+
+def get_config(name: str = "full", *, dataset: str = "", num_images: Any = "", data_dir: str = "",
+               dtype: str = ""):
     """The notebook's config ``experiments/configs/colab_<name>.py`` with the overrides applied.
 
     Args:
@@ -86,6 +93,8 @@ def get_config(name: str = "full", *, dataset: str = "", num_images: Any = "", d
       num_images: ``KRYLOVJAX_NB_NUM_IMAGES``: ``""`` or an int >= 1 (the subset size; the
         denoised images are the first ``min(denoise.num_images, num_images)``).
       data_dir: ``KRYLOVJAX_NB_DATA_DIR``: the tfds data directory (``""``: tfds's default).
+      dtype: ``KRYLOVJAX_NB_DTYPE``: ``""`` (the config's, float32) or one of :data:`DTYPES`, the
+        U-Net's compute dtype (``train.model_overrides.dtype``).
 
     Returns:
       An ``ml_collections.ConfigDict`` (see ``colab_full.py`` for its keys).
@@ -114,6 +123,11 @@ def get_config(name: str = "full", *, dataset: str = "", num_images: Any = "", d
         cfg.denoise.num_images = min(cfg.denoise.num_images, n)
     if data_dir:
         cfg.data_dir = os.path.expanduser(str(data_dir))
+    dt = str(dtype or "").strip().lower()
+    if dt:
+        if dt not in DTYPES:
+            raise ValueError(f"KRYLOVJAX_NB_DTYPE: expected one of {DTYPES} (or empty for the config's), got {dtype!r}")
+        cfg.train.model_overrides.dtype = dt
     return cfg
 
 

@@ -1618,6 +1618,23 @@ def benchmark_machine() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
+def compute_dtypes(train_configs: Mapping[str, Any]) -> dict:
+    """``{method: the U-Net's compute dtype}`` of several training runs (``train_configs``:
+    method -> TrainConfig), for the results: a bfloat16 table looked like a float32 one (a
+    walkthrough)."""
+    return {m: str(dict(tc.model_overrides).get("dtype", "float32")) for m, tc in train_configs.items()}
+
+
+def compute_dtype_note(dtypes: Mapping[str, str] | None) -> str:
+    """``"U-Net compute float32"``, naming each method's dtype where they differ (``dtypes`` of
+    :func:`compute_dtypes`; results written before it was recorded say so)."""
+    if not dtypes:
+        return "U-Net compute not recorded"
+    if len(set(dtypes.values())) == 1:
+        return f"U-Net compute {next(iter(dtypes.values()))}"
+    return "U-Net compute " + ", ".join(f"{m} {d}" for m, d in dtypes.items())
+
+
 def machine_info() -> dict:
     """Machine, software and date for the tables."""
     import jax

@@ -786,7 +786,7 @@ def test_train_binary_refuses_eval_every_and_says_how_many_devices(tmp_path):
 
     # (the suite may give the process several CPU devices: XLA_FLAGS)
     assert re.search(r"training ddpm on (1 device \(no data parallelism\)|(\d+) devices \(data parallel: the batch "
-                     r"of 8 split \2 ways\)), 1 update per call, from step 0 to 2", proc.stderr), proc.stderr[-3000:]
+                     r"of 8 split \2 ways\)), 1 update per call, float32 compute, from step 0 to 2", proc.stderr), proc.stderr[-3000:]
 
 
 def test_precompute_says_when_a_folder_holds_fewer_images_than_asked(tmp_path):
@@ -861,6 +861,9 @@ def test_misspelt_config_key_names_the_keys_there_are(key, hint, tmp_path):
     ("experiments.precompute", "demo.py", "--config.precompute.tol=1e-07", "precompute.tol = 1e-07"),
     ("experiments.denoise", "denoise_demo.py", "--config.ours.train.lr=0.0002", "ours.train.lr = 0.0002"),
     ("experiments.budget", "budget_demo.py", "--config.budget_seconds=7.0", "budget_seconds = 7.0"),
+    # bfloat16 compute from the shipped configs (a walkthrough: no config had the key)
+    ("experiments.denoise", "denoise_demo128.py", "--config.common.model_overrides.dtype=bfloat16",
+     "common.model_overrides.dtype = 'bfloat16'"),
 ])
 def test_show_config_prints_every_key_with_the_overrides_and_runs_nothing(module, config, override, line,
                                                                           tmp_path):

@@ -227,6 +227,12 @@ def test_get_config_overrides_and_bad_settings(helpers):
     for bad in ("0", "x", "-1"):
         with pytest.raises(ValueError, match="KRYLOVJAX_NB_NUM_IMAGES: expected an integer >= 1"):
             helpers.get_config("tiny", num_images=bad)
+    assert helpers.get_config("tiny").train.model_overrides.dtype == "float32"
+    bf16 = helpers.get_config("tiny", dtype=" BFloat16 ")  # KRYLOVJAX_NB_DTYPE
+    assert bf16.train.model_overrides.dtype == "bfloat16"
+    assert dict(helpers.train_config(bf16).model_overrides)["dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match=r"KRYLOVJAX_NB_DTYPE: expected one of \('float32', 'bfloat16'\)"):
+        helpers.get_config("tiny", dtype="float16")
     tc = helpers.train_config(cfg)
     assert tc.method == "ours" and tc.sde == cfg.precompute.sde
     assert dict(tc.sde_kwargs) == {"g": 0.5, "std": None}

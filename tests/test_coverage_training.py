@@ -1000,3 +1000,16 @@ def test_a_failed_restore_drops_the_closed_event_loop_reports(trajectories, tmp_
         hooks += bool(getattr(h, "drops_closed_loops", False))
         h = getattr(h, "previous", None)
     assert hooks == 1  # not installed a second time under the other one
+
+
+def test_compute_dtypes_note_names_each_methods_dtype_where_they_differ():
+    from krylovjax import experiment_utils as eu
+    from krylovjax.training import TrainConfig
+
+    same = {"ours": TrainConfig(model_overrides={"dtype": "bfloat16"}),
+            "ddpm": TrainConfig(method="ddpm", model_overrides={"dtype": "bfloat16", "ch": 8})}
+    assert eu.compute_dtypes(same) == {"ours": "bfloat16", "ddpm": "bfloat16"}
+    assert eu.compute_dtype_note(eu.compute_dtypes(same)) == "U-Net compute bfloat16"
+    mixed = {"ours": TrainConfig(), "ddpm": TrainConfig(method="ddpm", model_overrides={"dtype": "bfloat16"})}
+    assert eu.compute_dtype_note(eu.compute_dtypes(mixed)) == "U-Net compute ours float32, ddpm bfloat16"
+    assert eu.compute_dtype_note(None) == "U-Net compute not recorded"  # results written before the key

@@ -318,6 +318,8 @@ def test_denoise_smoke(denoise_run):
     assert out["image"]["shape"] == [1, 3, 16, 16] and out["targets"] == [0.02, 0.999]
     # DDPM's network gives two rows: its ancestral sampler ("ddpm") and DDIM ("ddim", Paper B's row)
     assert list(out["methods"]) == ["ours", "ddpm", "ddim"]
+    assert out["compute_dtype"] == {"ours": "float32", "ddpm": "float32"}  # the tables say so (bfloat16 too)
+    assert ", U-Net compute float32, " in open(os.path.join(wd, "results.md")).read()
     assert [out["methods"][m]["sampler"] for m in ("ddpm", "ddim")] == ["ancestral", "ddim"]
     assert out["methods"]["ddim"]["training_run"] == "ddpm" and not os.path.exists(os.path.join(wd, "ddim"))
     for m in ("ours", "ddpm", "ddim"):

@@ -484,6 +484,24 @@ def test_records_from_before_a_new_key_resume_as_its_default():
         tr._check_record("wd", old, changed)
 
 
+def test_a_default_compute_dtype_given_or_not_is_the_same_run():
+    """The shipped configs gained ``model_overrides.dtype = "float32"`` (so that
+    ``--config.model_overrides.dtype=bfloat16`` exists): runs made without the key resume with
+    them, and the other way round; another dtype is another run, refused naming the key."""
+    given = {"train": OURS.replace(model_overrides={"ch": 16, "dtype": "float32"}).to_dict(),
+             "model": {"ch": 16}, "data": {"fingerprint": "f"}}
+    old = {**given, "train": OURS.replace(model_overrides={"ch": 16}).to_dict()}
+    tr._check_record("wd", old, given)
+    tr._check_record("wd", given, old)
+    tr._check_record("wd", {**old, "train": OURS.replace(model_overrides={"ch": 16, "param_dtype": "float32"}).to_dict()}, old)
+    bf16 = {**given, "train": OURS.replace(model_overrides={"ch": 16, "dtype": "bfloat16"}).to_dict()}
+    for stored, new in ((old, bf16), (bf16, old), (bf16, given)):
+        with pytest.raises(ValueError, match=r"model_overrides\.dtype"):
+            tr._check_record("wd", stored, new)
+    with pytest.raises(ValueError, match=r"model_overrides\.ch"):  # other keys are compared as before
+        tr._check_record("wd", old, {**given, "train": OURS.replace(model_overrides={"ch": 8, "dtype": "float32"}).to_dict()})
+
+
 def test_data_parallel_step_matches_single_device(images, trajectories):
     arrays, info = tr.prepare_data(OURS, trajectories)
     out = {}

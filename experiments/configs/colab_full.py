@@ -52,7 +52,8 @@ def get_config() -> ml_collections.ConfigDict:
     t = c.train = ml_collections.ConfigDict()
     t.model = "tiny"
     t.model_overrides = ml_collections.ConfigDict(
-        {"ch": 64, "ch_mult": (1, 2, 2), "attn_resolutions": (16,), "dropout": 0.0})
+        {"ch": 64, "ch_mult": (1, 2, 2), "attn_resolutions": (16,), "dropout": 0.0,
+         "dtype": "float32"})  # dtype: the compute dtype, "bfloat16" on TPUs (KRYLOVJAX_NB_DTYPE)
     t.lr = 1e-3
     t.warmup_steps = 100
     t.grad_clip = 1.0

@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     t = c.train
     t.model_overrides = ml_collections.ConfigDict(
-        {"ch": 8, "ch_mult": (1,), "attn_resolutions": (), "dropout": 0.0})
+        {"ch": 8, "ch_mult": (1,), "attn_resolutions": (), "dropout": 0.0, "dtype": "float32"})
     t.warmup_steps = 2
     t.batch_size = 4
     t.num_steps = 6

@@ -28,7 +28,7 @@ def get_config():
                      "data_dir": ""}  # the tfds data directory; "": tfds's default
     c.targets = (0.95, 0.99)
     c.common.model = "paper"
-    c.common.model_overrides = {"dropout": 0.1}
+    c.common.model_overrides = {"dropout": 0.1, "dtype": "float32"}  # dtype: "bfloat16" compute on TPUs
     c.ours.train.batch_size = c.ddpm.train.batch_size = 16
     c.common.eval_every = 100
     c.common.log_every = 100

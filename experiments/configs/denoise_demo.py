@@ -93,8 +93,10 @@ def get_config() -> ml_collections.ConfigDict:
     # TrainConfig fields shared by both methods: the same U-Net, batch, seed and eval cadence.
     c.common = ml_collections.ConfigDict()
     c.common.model = "tiny"
+    # dtype: the U-Net's compute dtype; "bfloat16" on TPUs and recent GPUs (the parameters, the
+    # optimiser, the EMA and the loss stay float32).
     c.common.model_overrides = ml_collections.ConfigDict(
-        {"ch": 32, "ch_mult": (1, 2), "attn_resolutions": (16,), "dropout": 0.0})
+        {"ch": 32, "ch_mult": (1, 2), "attn_resolutions": (16,), "dropout": 0.0, "dtype": "float32"})
     c.common.seed = 0
     c.common.eval_every = 25
     c.common.log_every = 25

@@ -12,7 +12,7 @@ from experiments.configs import train_tiny
 def get_config():
     c = train_tiny.get_config()
     c.model = "paper"
-    c.model_overrides = {"dropout": 0.1}
+    c.model_overrides = {"dropout": 0.1, "dtype": "float32"}  # dtype: "bfloat16" compute on TPUs
     c.lr = 8e-5
     c.warmup_steps = 0
     c.batch_size = 20

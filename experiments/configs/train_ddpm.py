@@ -9,7 +9,7 @@ def get_config():
     c = train_tiny.get_config()
     c.method = "ddpm"
     c.model = "paper"
-    c.model_overrides = {"dropout": 0.1}
+    c.model_overrides = {"dropout": 0.1, "dtype": "float32"}  # dtype: "bfloat16" compute on TPUs
     c.lr = 2e-4
     c.warmup_steps = 5000
     c.ema_decay = 0.9999

@@ -14,8 +14,10 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.method = "ours"
     c.model = "tiny"
+    # dtype: the U-Net's compute dtype; "bfloat16" on TPUs and recent GPUs (the parameters, the
+    # optimiser, the EMA and the loss stay float32).
     c.model_overrides = ml_collections.ConfigDict(
-        {"ch": 32, "ch_mult": (1, 2), "attn_resolutions": (16,), "dropout": 0.0})
+        {"ch": 32, "ch_mult": (1, 2), "attn_resolutions": (16,), "dropout": 0.0, "dtype": "float32"})
     c.lr = 1e-3
     c.warmup_steps = 10
     c.grad_clip = 1.0
