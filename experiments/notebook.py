@@ -79,6 +79,9 @@ def _positive_int(value: Any, var: str) -> int | None:
 
 
 DTYPES = ("float32", "bfloat16")
+# Config keys added after run directories were made without them, with the value that reproduces
+# those runs (experiment_utils.claim_workdir's ``legacy``; a review found the notebook without it).
+LEGACY_CONFIG = {"train.model_overrides.dtype": "float32"}
 
 
 def get_config(name: str = "full", *, dataset: str = "", num_images: Any = "", data_dir: str = "",
@@ -404,7 +407,7 @@ def claim_workdir(workdir: str, cfg) -> bool:
     if not workdir or not str(workdir).strip():
         raise ValueError("KRYLOVJAX_NB_WORKDIR: expected a directory path, got an empty string")
     return eu.claim_workdir(os.path.expanduser(str(workdir)), EXPERIMENT, cfg, env_var="KRYLOVJAX_NB_WORKDIR",
-                            may_change=[f"train.{k}" for k in RUN_CONTROL_KEYS])
+                            legacy=LEGACY_CONFIG, may_change=[f"train.{k}" for k in RUN_CONTROL_KEYS])
 
 
 def workdir_note(workdir: str) -> str:

@@ -76,8 +76,7 @@ def check_images(name: str, x, *, finite: bool = True) -> jax.Array:
     x = jnp.asarray(x)
     check_float(name, x)
     if x.ndim != 4:
-        raise ValueError(f"{name}: expected an image batch of shape [B, C, H, W], got shape "
-                         f"{tuple(x.shape)}{channels_last_hint(x.shape)}")
+        raise ValueError(f"{name}: expected an image batch of shape [B, C, H, W], got shape {tuple(x.shape)}")
     if finite:
         check_finite(name, x)
     return x

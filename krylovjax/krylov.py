@@ -76,7 +76,9 @@ class Status(enum.IntEnum):
     MAX_ITERATIONS = 1  # max_restarts cycles used without converging
     STAGNATION = 2      # gmres: a whole cycle reduced the true residual by less than stagnation_tol;
     #                     bicgstab: stagnation_patience cycles in a row did so for its best residual
-    BREAKDOWN = 3       # Krylov space exhausted with a singular projected problem, or non-finite
+    BREAKDOWN = 3       # Krylov space exhausted with a singular projected problem, non-finite
+    #                     values, a vector whose sum of squares left the normal range (an operator
+    #                     of extreme norm), or a bicgstab cycle that could not take a step
 
 
 class KrylovResult(NamedTuple):
@@ -906,9 +908,10 @@ def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float | 
     preconditioner inside a cycle, or a cycle that cannot take a single step (``<r^, A M^{-1}
     r^> = 0`` from a fresh shadow residual, which every restart would repeat: a zero
     preconditioner, a skew-symmetric operator), ends with ``Status.BREAKDOWN`` too, and so does
-    a system whose ``<t, t>`` (``t = A M^{-1} s``) is below the smallest normal number or above
-    the largest (about an ``A M^{-1}`` of norm below 1e-154 or above 1e154 times ``||s||`` in
-    float64, 1e-19 or 1e19 in float32), as in :func:`gmres`: scale such an operator first. ``x0`` is handled as in :func:`gmres`. (Before 2026-12-07 one cycle without that decrease
+    a system whose ``<t, t>`` (``t = A M^{-1} s``) overflows, or falls below the smallest normal
+    number while ``<s, s>`` is above it by ``1 / eps^2`` (an ``A M^{-1}`` of norm below about
+    eps, or above 1e154 / 1e19 in float64 / float32, as in :func:`gmres`: scale such an operator
+    first). ``x0`` is handled as in :func:`gmres`. (Before 2026-12-07 one cycle without that decrease
     ended the solve, and a rise stopped it with the start's iterate: a system scipy's BiCGStab
     solves in 89 iterations was returned as ``x = 0``.)
 
@@ -955,6 +958,7 @@ def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float | 
     n_cyc = jnp.zeros((B,), jnp.int32)
     one = jnp.ones((B,), dtype)
     patience = int(stagnation_patience)
+    ss_floor = float(jnp.finfo(dtype).smallest_normal) / float(jnp.finfo(dtype).eps) ** 2
 
     def safe(d):
         return jnp.where(d != 0, d, 1.0)
@@ -977,7 +981,8 @@ def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float | 
             ok_sig = ok_rho & (sigma != 0)
             alpha_new = rho_new / safe(sigma)
             s_ = r - alpha_new[:, None] * v_new
-            half = _norm(s_) <= thresh
+            ss = _dot(s_, s_)
+            half = jnp.sqrt(ss) <= thresh  # (= _norm(s_))
             shat = M_flat(s_)
             t = A_flat(shat)
             tt = _dot(t, t)
@@ -990,9 +995,11 @@ def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float | 
             upd = live & ok_sig & jnp.isfinite(rn)
             moved = moved | upd
             nonfinite = nonfinite | (live & ok_rho & ~jnp.isfinite(rn))
-            # <t, t> flushed to zero or overflowed (_unscaled; or t = 0): omega means nothing,
-            # and a system that does not converge in this cycle ends in BREAKDOWN
-            unscaled = unscaled | (live & ok_sig & ~half & _unscaled(tt))
+            # <t, t> flushed to zero or overflowed (_unscaled; or t = 0) while <s, s> is far
+            # from it: the operator shrinks s by more than eps or overflows, omega means nothing,
+            # and a system that does not converge in this cycle ends in BREAKDOWN. (A tiny s of a
+            # tolerance below eps is no sign of that: a review found such solves flagged.)
+            unscaled = unscaled | (live & ok_sig & ~half & _unscaled(tt) & (ss >= ss_floor))
             n_mv = n_mv + jnp.where(live & ok_rho,
                                     jnp.where(ok_sig & ~half, 2, 1), 0).astype(jnp.int32)
             keep = upd[:, None]

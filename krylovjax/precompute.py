@@ -919,7 +919,8 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
             n_w = len(imgs)
             prog_w = progs if cur is None else _compact_programs(config, n_w, C, H, W, dtype)
             batch_images.append(n_w)
-            tol_img = (np.clip(config.forcing * change, config.tol, config.forcing)
+            # (an unmeasured change, NaN, asks for the loosest solve, not a NaN tolerance)
+            tol_img = (np.clip(config.forcing * np.nan_to_num(change, nan=np.inf), config.tol, config.forcing)
                        if config.forcing > 0 and config.strategy != "spsolve"  # (spsolve: exact)
                        else np.full(Bp, config.tol))
             m_new, conv, mv, dsq, osq = prog_w.sweep(

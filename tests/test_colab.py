@@ -284,6 +284,15 @@ def test_builtin_images_and_workdir_claim(helpers, tmp_path):
         helpers.claim_workdir(wd, other)
     with pytest.raises(ValueError, match="KRYLOVJAX_NB_WORKDIR"):
         helpers.claim_workdir("  ", cfg)
+    # a directory claimed before the configs had model_overrides.dtype resumes (a review: it was
+    # refused, "differs at: train.model_overrides.dtype"); a bfloat16 run is another run
+    old = helpers.get_config("tiny")
+    del old.train.model_overrides["dtype"]
+    wd_old = str(tmp_path / "old")
+    assert helpers.claim_workdir(wd_old, old) is True
+    assert helpers.claim_workdir(wd_old, cfg) is False
+    with pytest.raises(ValueError, match=r"model_overrides\.dtype"):
+        helpers.claim_workdir(wd_old, helpers.get_config("tiny", dtype="bfloat16"))
 
 
 def test_workdir_claim_in_the_notebooks_words_and_a_longer_training(helpers, tmp_path):

@@ -194,6 +194,21 @@ def test_operators_of_tiny_or_huge_norm_say_breakdown_after_one_cycle(solver, dt
         assert np.all(np.isfinite(np.asarray(res.x))) and np.all(np.asarray(res.residual) <= 1.0)
 
 
+def test_bicgstab_small_residuals_of_a_tolerance_below_eps_are_no_breakdown():
+    """A review: with a float32 tolerance below eps (never met: verifiable_tol) and an operator
+    of norm 0.2, the recursive residual shrank until <t, t> fell below the smallest normal number,
+    and the first version of the scale flag called that BREAKDOWN (residual 5e-8 against 2.7e-8).
+    The flag now needs <s, s> far above it: MAX_ITERATIONS, as before, at the same residuals."""
+    rng = np.random.default_rng(0)
+    N, B = 40, 3
+    A = (0.1 * (2 * np.eye(N)[None] + 0.3 * rng.standard_normal((B, N, N)) / np.sqrt(N))).astype(np.float32)
+    b = jnp.asarray(rng.standard_normal((B, N)).astype(np.float32))
+    for s, tol in ((1.0, 1e-7), (1e-4, 1e-9)):
+        res = krylov.bicgstab(dense_matvec(A * np.float32(s)), b, tol=tol, restart=30, max_restarts=5)
+        np.testing.assert_array_equal(np.asarray(res.status), Status.MAX_ITERATIONS)
+        assert np.all(np.asarray(res.residual) < 1e-7)
+
+
 @pytest.mark.parametrize("solver", [krylov.gmres, krylov.bicgstab])
 def test_a_start_worse_than_zero_is_replaced_by_zero(solver):
     """A review (2026-12-07): GMRES cannot go below its start's residual within a cycle (and
