@@ -967,10 +967,10 @@ def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float | 
         it, x, r, best_x, best_rn, idle, active, status, n_mv, n_cyc = state
 
         def inner_cond(s):
-            return (s[0] < m) & jnp.any(s[-5])
+            return (s[0] < m) & jnp.any(s[-4])
 
         def inner_body(s):
-            j, x, r, rhat, p, v, rho, alpha, omega, live, n_mv, moved, nonfinite, unscaled = s
+            j, x, r, rhat, p, v, rho, alpha, omega, live, n_mv, moved, broke = s
             rho_new = _dot(rhat, r)
             ok_rho = rho_new != 0
             beta = (rho_new / safe(rho)) * (alpha / safe(omega))
@@ -994,12 +994,13 @@ def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float | 
             rn = _norm(r_new)
             upd = live & ok_sig & jnp.isfinite(rn)
             moved = moved | upd
-            nonfinite = nonfinite | (live & ok_rho & ~jnp.isfinite(rn))
+            # broke: a non-finite value (the operator's or the preconditioner's), or
             # <t, t> flushed to zero or overflowed (_unscaled; or t = 0) while <s, s> is far
-            # from it: the operator shrinks s by more than eps or overflows, omega means nothing,
-            # and a system that does not converge in this cycle ends in BREAKDOWN. (A tiny s of a
-            # tolerance below eps is no sign of that: a review found such solves flagged.)
-            unscaled = unscaled | (live & ok_sig & ~half & _unscaled(tt) & (ss >= ss_floor))
+            # from it: the operator shrinks s by more than eps or overflows, omega means nothing.
+            # (A tiny s of a tolerance below eps is no sign of that: a review found such solves
+            # flagged.) A system that broke and does not converge in this cycle: BREAKDOWN.
+            broke = broke | (live & ok_rho & (~jnp.isfinite(rn) | (
+                ok_sig & ~half & _unscaled(tt) & (ss >= ss_floor))))
             n_mv = n_mv + jnp.where(live & ok_rho,
                                     jnp.where(ok_sig & ~half, 2, 1), 0).astype(jnp.int32)
             keep = upd[:, None]
@@ -1012,13 +1013,13 @@ def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float | 
             omega = jnp.where(upd, omega_new, omega)
             # stop: converged (estimate), any breakdown of the recurrences, or non-finite
             live = live & upd & (rn > thresh) & (omega_new != 0)
-            return j + 1, x, r, rhat, p, v, rho, alpha, omega, live, n_mv, moved, nonfinite, unscaled
+            return j + 1, x, r, rhat, p, v, rho, alpha, omega, live, n_mv, moved, broke
 
         zeros = jnp.zeros_like(r)
         no = jnp.zeros((B,), bool)
-        s0 = (jnp.asarray(0, jnp.int32), x, r, r, zeros, zeros, one, one, one, active, n_mv, no, no, no)
+        s0 = (jnp.asarray(0, jnp.int32), x, r, r, zeros, zeros, one, one, one, active, n_mv, no, no)
         s = lax.while_loop(inner_cond, inner_body, s0)
-        x_new, n_mv, moved, nonfinite, unscaled = s[1], s[-4], s[-3], s[-2], s[-1]
+        x_new, n_mv, moved, broke = s[1], s[-3], s[-2], s[-1]
         r_new = st.bf - A_flat(x_new)
         rn_new = _norm(r_new)
         n_mv = n_mv + active.astype(jnp.int32)
@@ -1028,7 +1029,7 @@ def bicgstab(matvec: MatVec, b: Array, *, x0: Array | None = None, tol: float | 
         # dropped; before it ended as STAGNATION after `patience` idle cycles, a review of
         # 2026-12-07), or a cycle that could not take one step (<r, A M^{-1} r> = 0 from a fresh
         # shadow residual: every restart repeats it; a zero preconditioner, say)
-        brk = ~conv & (~finite | nonfinite | ~moved | unscaled)
+        brk = ~conv & (~finite | broke | ~moved)
         progress = finite & (rn_new <= stag_factor * best_rn) & (rn_new < best_rn)  # stagnation_tol=0: any decrease
         idle = jnp.where(active, jnp.where(progress, 0, idle + 1), idle)
         stag = ~conv & ~brk & (idle >= patience)
