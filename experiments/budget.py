@@ -371,7 +371,7 @@ def _run_claimed(cfg, workdir: str, overwrite: bool, budget: float, tcs: dict, c
     out = {
         "experiment": "budget", "task": cfg.task, "budget_seconds": budget,
         "machine": eu.machine_info(),
-        "compute_dtype": eu.compute_dtypes({m: denoise.train_config(cfg, m) for m in results}),
+        "compute_dtype": eu.compute_dtypes(tcs),
         "images": {"source": cfg.data.source, "shape": list(clean.shape), "files": denoise.clean_files(cfg.data)},
         "noise": ({"std": cfg.noise.std, "seed": cfg.noise.seed, "signal_scale": denoise.signal_scale(cfg),
                    "draws": denoise.noise_draws(cfg)} if cfg.task == "denoise" else None),

@@ -1053,7 +1053,7 @@ def _run_claimed(cfg, workdir: str, overwrite: bool, targets: list, tcs: dict, c
     out = {
         "experiment": "denoise",
         "machine": eu.machine_info(),
-        "compute_dtype": eu.compute_dtypes({m: train_config(cfg, m) for m in methods}),
+        "compute_dtype": eu.compute_dtypes(tcs),
         "image": {"source": cfg.data.source, "shape": list(clean.shape), "dtype": str(clean.dtype),
                   "files": clean_files(cfg.data)},
         "noise": {"std": cfg.noise.std, "seed": cfg.noise.seed, "clamp": cfg.noise.clamp,

@@ -27,12 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from krylovjax._checks import check_finite, check_key, is_concrete
+from krylovjax._checks import check_finite, check_images, check_key, is_concrete
 from krylovjax.sampling import (
     SampleResult,
     _bcast,
     _check_clip,
-    _check_images,
     _check_num_steps,
     _finite_rows,
     _frame_slots,
@@ -208,7 +207,7 @@ def q_sample(x0, t, noise, *, schedule: DDPMSchedule | None = None) -> jax.Array
         in ``x0`` or ``noise``.
     """
     schedule = _default(schedule)
-    x0 = _check_images("x0", x0)
+    x0 = check_images("x0", x0)
     noise = jnp.asarray(noise)
     if noise.shape != x0.shape:
         raise ValueError(f"noise: expected shape {tuple(x0.shape)} (that of x0), got {tuple(noise.shape)}")
@@ -244,7 +243,7 @@ def epsilon_loss(eps_fn: EpsFn, x0, key, *, schedule: DDPMSchedule | None = None
       :class:`EpsilonLoss` ``(mean, per_example [B])``.
     """
     schedule = _default(schedule)
-    x0 = _check_images("x0", x0)
+    x0 = check_images("x0", x0)
     if max_step is None:
         max_step = schedule.num_steps
     elif isinstance(max_step, bool) or not isinstance(max_step, (int, np.integer)) or not 1 <= max_step <= schedule.num_steps:
@@ -378,7 +377,7 @@ def ddpm_ancestral_sample(
       ``eps_fn`` output is not checked: it propagates into the samples, which ``finite`` flags.
     """
     schedule = _default(schedule)
-    x = _check_images("x_T", x_T)
+    x = check_images("x_T", x_T)
     check_key("key", key)
     _check_variance(variance)
     clip_x0 = _check_clip(clip_x0)
@@ -468,7 +467,7 @@ def ddim_sample(
       non-finite ``eps_fn`` output propagates into the samples, which ``finite`` flags.
     """
     schedule = _default(schedule)
-    x = _check_images("x_T", x_T)
+    x = check_images("x_T", x_T)
     eta = float(eta)
     if not (np.isfinite(eta) and eta >= 0):
         raise ValueError(f"eta: expected a finite value >= 0, got {eta}")
@@ -559,7 +558,7 @@ def ddpm_denoise(
       non-finite ``eps_fn`` output propagates into the samples, which ``finite`` flags.
     """
     schedule = _default(schedule)
-    x = _check_images("noisy", noisy)
+    x = check_images("noisy", noisy)
     if method not in ("ancestral", "ddim"):
         raise ValueError(f"method: expected 'ancestral' or 'ddim', got {method!r}")
     if method == "ancestral" and key is None:

@@ -263,6 +263,12 @@ class PrecomputeConfig:
             raise TypeError(f"dtype: expected float32 or float64, got {dtype}")
         return dataclasses.replace(self, tol=DEFAULT_TOL[dtype])
 
+    @property
+    def inexact(self) -> bool:
+        """Whether sweeps solve to ``forcing``'s looser tolerances (a Krylov strategy with
+        ``forcing > 0``; spsolve's solves are exact whatever ``forcing`` says)."""
+        return self.forcing > 0 and self.strategy != "spsolve"
+
     def solver_config(self, num_channels: int, dtype=None) -> cross_matrix.SolverConfig:
         """The Krylov solver config; ``tol=None`` resolves for ``dtype`` (:meth:`resolve`)."""
         if self.strategy == "spsolve":
@@ -411,7 +417,7 @@ def _build(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype: np.d
                            None if f is None else jnp.broadcast_to(f, (s_loc, 2, H, W)),
                            scheme=config.scheme, boundary=config.boundary, dtype=dtype)
 
-    forcing = config.forcing > 0 and config.strategy != "spsolve"
+    forcing = config.inexact
 
     def sweep_local(m0, m_old, active, tol, first):
         """One Algorithm-1 sweep on (a shard of) the systems.
@@ -921,8 +927,7 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
             batch_images.append(n_w)
             # (an unmeasured change, NaN, asks for the loosest solve, not a NaN tolerance)
             tol_img = (np.clip(config.forcing * np.nan_to_num(change, nan=np.inf), config.tol, config.forcing)
-                       if config.forcing > 0 and config.strategy != "spsolve"  # (spsolve: exact)
-                       else np.full(Bp, config.tol))
+                       if config.inexact else np.full(Bp, config.tol))
             m_new, conv, mv, dsq, osq = prog_w.sweep(
                 m0_w, mold_w, np.repeat(active[imgs], C),
                 np.repeat(tol_img[imgs], C).astype(dtype), np.asarray(k == 0))

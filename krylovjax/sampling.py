@@ -97,9 +97,6 @@ class SampleResult(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-_check_images = check_images  # (krylovjax.ddpm imports it from here)
-
-
 def _check_num_steps(name: str, n) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise ValueError(f"{name}: expected a Python int >= 1, got {n!r}")
@@ -313,7 +310,7 @@ def euler_maruyama(
       :class:`SampleResult` with ``num_score_evals = num_steps``. A non-finite ``score_fn``
       output is not checked: it propagates into the samples, which ``finite`` flags.
     """
-    x = _check_images("x_T", x_T)
+    x = check_images("x_T", x_T)
     check_key("key", key)
     num_steps = _check_num_steps("num_steps", num_steps)
     t0 = _batch_times("t_start", t_start, x.shape[0], x.dtype)
@@ -588,7 +585,7 @@ def probability_flow(
       Under ``jax.jit`` a solve that stops early raises at run time (an equinox runtime error,
       as diffrax itself does) with a message naming both possible causes.
     """
-    x = _check_images("x_T", x_T)
+    x = check_images("x_T", x_T)
     if solver not in ODE_SOLVERS:
         raise ValueError(f"solver: expected one of {sorted(ODE_SOLVERS)}, got {solver!r}")
     if step_control not in ("batch", "per_image"):
@@ -705,7 +702,7 @@ def tweedie_denoise(score_fn: ScoreFn, sde: Any, x, t) -> jax.Array:
     Returns:
       ``[B, C, H, W]`` in the dtype of ``x``.
     """
-    x = _check_images("x", x)
+    x = check_images("x", x)
     tb = _batch_times("t", t, x.shape[0], x.dtype)
     if is_concrete(tb) and not bool(np.all(np.asarray(tb) > 0)):
         raise ValueError(f"t: expected times > 0 (lambda(0) = 0 leaves nothing to remove), got {np.asarray(tb)}")
@@ -884,7 +881,7 @@ def denoise(
       ValueError: bad ``noise_std`` (see :func:`start_time`), unknown ``method``, missing
         ``key``, or a non-zero drift without ``marginal_mean_coeff``.
     """
-    x = _check_images("noisy", noisy)
+    x = check_images("noisy", noisy)
     if method not in ("ode", "sde"):
         raise ValueError(f"method: expected 'ode' or 'sde', got {method!r}")
     if method == "sde":

@@ -1461,7 +1461,6 @@ def _short(v: Any, limit: int = 70) -> str:
 #: run made with one of them resumes with a config without it, and the other way round (the
 #: shipped configs gained ``dtype`` in the thirty-ninth session, for ``--config....dtype=bfloat16``).
 _NEUTRAL_OVERRIDES = {"dtype": "float32", "param_dtype": "float32"}
-_MISSING_KEY = object()
 
 
 def _check_record(workdir: str, stored: dict, given: dict) -> None:
@@ -1477,7 +1476,7 @@ def _check_record(workdir: str, stored: dict, given: dict) -> None:
         train = {k: v for k, v in r.get("train", {}).items() if k not in RUN_CONTROL_KEYS}
         if isinstance(train.get("model_overrides"), dict):  # a default dtype set or not: one model
             train["model_overrides"] = {k: v for k, v in train["model_overrides"].items()
-                                        if _NEUTRAL_OVERRIDES.get(k, _MISSING_KEY) != v}
+                                        if (k, v) not in _NEUTRAL_OVERRIDES.items()}
         return {**r, "train": train}
     diffs = _diff(strip(stored), strip(given))
     if diffs:
