@@ -313,7 +313,10 @@ def _step_solver(config: PrecomputeConfig, num_channels: int):
     spsolve skips them (as Paper B's code skips converged images), and the Krylov solvers get
     ``b = 0, x0 = 0`` for them, which they return at once with no matvec; only the cross-matrix
     seed system keeps its real problem, since its basis serves the other systems. The caller
-    discards the results of inactive systems."""
+    discards the results of inactive systems but counts the matvecs returned: those of the
+    systems solved, the seed's (its basis and its solve) included when its image is inactive
+    (they were dropped with its results until 2026-12-07: the seed's work went uncounted in the
+    sweeps after its image converged)."""
     seed = config.seed_image * num_channels
     if config.strategy == "spsolve":
         def solve(op, b, x0, active, tol=None):
@@ -329,9 +332,10 @@ def _step_solver(config: PrecomputeConfig, num_channels: int):
         keep = (active if scfg.method == "gmres" else active.at[seed].set(True))[:, None, None]
         b = jnp.where(keep, b, 0.0)
         x0 = None if x0 is None else jnp.where(keep, x0, 0.0)
+        solved = keep[:, 0, 0]
         if tol is None:
             res = cross_matrix.solve_fp(op, b, scfg, x0=x0)
-            return res.x, res.converged, res.num_matvecs
+            return res.x, res.converged, jnp.where(solved, res.num_matvecs, 0)
         # Per-system tolerances through the static config: with atol = 1 the solver stops at
         # ||c r|| <= max(tol ||c b||, 1); the scale c = 1 / (tol_i ||b||) makes that
         # ||r|| <= tol_i ||b|| (tol_i >= tol). The systems are linear: solve for c x.
@@ -339,7 +343,7 @@ def _step_solver(config: PrecomputeConfig, num_channels: int):
         c = jnp.where(bn > 0, 1.0 / (tol.astype(b.dtype) * jnp.where(bn > 0, bn, 1.0)), 1.0)
         res = cross_matrix.solve_fp(op, b * c[:, None, None], scfg,
                                     x0=None if x0 is None else x0 * c[:, None, None])
-        return res.x / c[:, None, None], res.converged, res.num_matvecs
+        return res.x / c[:, None, None], res.converged, jnp.where(solved, res.num_matvecs, 0)
     return solve
 
 
@@ -442,7 +446,7 @@ def _build(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype: np.d
             x0 = jnp.where(first, m_prev, x_old) if config.warm_start else None
             x, conv, mv = solve(op, b, x0, active, tol if forcing else None)
             x = jnp.where(active[:, None, None], x, x_old)
-            return x, (x, conv | ~active, jnp.where(active, mv, 0))
+            return x, (x, conv | ~active, mv)  # mv: the systems solved (the seed's too)
         xs = (g2s[1:], m_old[1:], None if drifts is None else drifts[1:])
         _, (ms, conv, mv) = jax.lax.scan(step, m0, xs)
         m = jnp.concatenate([m0[None], ms])
@@ -474,7 +478,7 @@ def _build(config: PrecomputeConfig, B: int, C: int, H: int, W: int, dtype: np.d
                 done = trusted & (change <= config.outer_tol)  # False for a NaN change
                 img_act = act.reshape(b_loc, C)[:, 0] & ~done
                 return (it + 1, xn, _score(config, xn), jnp.repeat(img_act, C),
-                        nfail + (act & ~c).astype(jnp.int32), mv + jnp.where(act, m, 0),
+                        nfail + (act & ~c).astype(jnp.int32), mv + m,
                         nit + act.astype(jnp.int32))
 
             def cond(state):
