@@ -23,16 +23,17 @@ demo: $(STAMP)
 	$(PY) -m experiments.denoise --config=experiments/configs/denoise_demo.py --workdir=runs/demo --fresh
 
 # Two pytest workers (pytest-xdist). From an empty persistent compilation cache, as in CI (the
-# tests fill and share one in .pytest_cache/jax, and compile with LLVM at -O0: tests/conftest.py):
-# 9 min 17 s - 10 min 22 s on the idle 2-core machine (2026-11-27, before -O0); on 2026-11-28's
-# VMs, 3.2-3.6x slower per training step, 26 min 38 s before -O0 and 18 min 38 s with it;
-# 8 min 27 s (636 tests) on 2026-12-04's VM.
-# One process took 1.26x as long when last compared (2026-11-26), since compilation is
-# single-threaded. TEST_WORKERS=0 runs in one process.
+# tests fill and share one in .pytest_cache/jax, and compile with LLVM at -O0 and XLA's older
+# CPU emitters: tests/_multiprocess.py): 13 min 44 s for 1521 tests on the 2-core VM of
+# 2026-12-07 (20-21 min with XLA's fusion emitters). The tests marked default_codegen need XLA's
+# default CPU code generation: the second line runs them (a few seconds). One process took 1.26x
+# as long when last compared (2026-11-26), since compilation is single-threaded. TEST_WORKERS=0
+# runs in one process.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS)
+	KRYLOVJAX_TEST_CODEGEN=default $(PY) -m pytest -q -m 'default_codegen and not slow'
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) -m slow

@@ -1,12 +1,13 @@
 """Test configuration: float64 on, several CPU devices for sharding tests."""
 import os
 
-# Must be set before jax initialises its backends. LLVM at -O0 (_multiprocess.FAST_COMPILE): the
+# Must be set before jax initialises its backends. LLVM at -O0 (_multiprocess.FAST_COMPILE, which
+# with KRYLOVJAX_TEST_CODEGEN=fast, the default, also turns XLA's fusion emitters off): the
 # suite is dominated by compiling small programs once (a tiny U-Net's train step: 11.5 s ->
 # 6.2 s on the 2-core VM of 2026-11-28, the Picard sweep 6.4 s -> 3.5 s) while each program runs
 # ~10% slower; the HLO is the same, so every comparison in the tests is between programs built
 # the same way.
-from _multiprocess import xla_flags
+from _multiprocess import CODEGEN, xla_flags
 
 os.environ.setdefault("XLA_FLAGS", xla_flags(4))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -25,6 +26,23 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under the "fast" code generation the tests marked ``default_codegen`` are deselected:
+    ``make test`` runs them in a second session under XLA's default code generation."""
+    if CODEGEN == "default":
+        return
+    drop = [item for item in items if item.get_closest_marker("default_codegen")]
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = [item for item in items if not item.get_closest_marker("default_codegen")]
+
+
+def pytest_report_header(config):
+    return (f"XLA CPU code generation: {CODEGEN} (KRYLOVJAX_TEST_CODEGEN; "
+            + ("tests marked default_codegen are deselected: make test runs them in a second session)"
+               if CODEGEN == "fast" else "every selected test runs)"))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -307,6 +307,10 @@ def _true_residuals(op, b, x):
                      / np.linalg.norm(b2[i]) for i in range(len(b))])
 
 
+# default_codegen: the failed systems' matvec counts alone and in the batch are equal with XLA's
+# fusion emitters; with its older ones (the suite's fast code generation) the batch's shape
+# changes the rounding, and a failed system's stagnation comes at another cycle (250 against 127).
+@pytest.mark.default_codegen
 @pytest.mark.parametrize("krylov_method", ["bicgstab", "gmres"])
 def test_red_black_never_returns_worse_than_its_start(krylov_method):
     """The reduced system's best iterate, recovered, can be a worse full iterate than the start

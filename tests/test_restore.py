@@ -384,6 +384,9 @@ def test_the_training_set_size_is_said_and_few_images_warned(trained, noted, tmp
         restore.run(wd, "builtin:astronaut", str(tmp_path / "r2"), add_noise=0.1, baseline="bm3d")
 
 
+# default_codegen: alone and among others within 1e-6 (float32) with XLA's fusion emitters; with
+# its older ones (the suite's fast code generation) 2e-6, the batch's shape changing the rounding.
+@pytest.mark.default_codegen
 @pytest.mark.parametrize("sampler", ["ode", "flow"])
 def test_an_images_output_does_not_depend_on_the_other_inputs(sampler, tmp_path, monkeypatch):
     """(A walkthrough: an image denoised in a folder of three came out different from the same
