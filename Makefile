@@ -24,9 +24,9 @@ demo: $(STAMP)
 
 # Two pytest workers (pytest-xdist). From an empty persistent compilation cache, as in CI (the
 # tests fill and share one in .pytest_cache/jax, and compile with LLVM at -O0 and XLA's older
-# CPU emitters: tests/_multiprocess.py): 13 min 44 s for 1521 tests on the 2-core VM of
+# CPU emitters: tests/_multiprocess.py): 13 min 4 s for 1520 tests on the 2-core VM of
 # 2026-12-07 (20-21 min with XLA's fusion emitters). The tests marked default_codegen need XLA's
-# default CPU code generation: the second line runs them (a few seconds). One process took 1.26x
+# default CPU code generation: the second line runs them (4 tests, about 25 s). One process took 1.26x
 # as long when last compared (2026-11-26), since compilation is single-threaded. TEST_WORKERS=0
 # runs in one process.
 TEST_WORKERS ?= 2

@@ -835,8 +835,12 @@ def precompute_scores(images, config: PrecomputeConfig = PrecomputeConfig(), *,
 
     Returns:
       A :class:`PrecomputeResult` (arrays in the images' dtype). ``stats`` holds:
-      ``systems_solved`` (linear systems solved, frozen images excluded), ``matvecs`` (total),
-      ``matvecs_per_system``, ``nonconverged`` (linear solves that did not reach ``tol``),
+      ``systems_solved`` (linear systems solved, frozen images excluded), ``matvecs`` (total:
+      every solve's, the cross-matrix seed's included in the sweeps after its image froze,
+      since its basis serves the others), ``matvecs_per_system`` (``matvecs`` over
+      ``systems_solved``: the cost of an image's system, the seed's share included),
+      ``nonconverged`` (linear solves that did not reach ``tol``; not the frozen seed's, whose
+      solution is discarded),
       ``sweeps`` ([B] per image: outer sweeps, or for ``outer="timestep"`` the fixed-point
       iterations summed over the steps), ``outer_converged`` ([B] bool), ``outer_change`` ([B]
       relative change of the returned iterate, "sweeps" only), ``outer_diverged`` ([B] bool,

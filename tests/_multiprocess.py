@@ -27,7 +27,9 @@ def _legacy_emitters_supported() -> bool:
     path = os.path.join(ROOT, ".pytest_cache", f"xla_cpu_use_fusion_emitters-{version}")
     try:
         with open(path) as f:
-            return f.read().strip() == "1"
+            known = f.read().strip()
+        if known in ("0", "1"):
+            return known == "1"
     except OSError:
         pass
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=_LEGACY_EMITTERS)
@@ -36,9 +38,13 @@ def _legacy_emitters_supported() -> bool:
                             capture_output=True, timeout=300).returncode == 0
     except subprocess.TimeoutExpired:
         return False
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write("1" if ok else "0")
+    try:  # through a temporary file: a process reading it meanwhile sees all or nothing
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(f"{path}.{os.getpid()}", "w") as f:
+            f.write("1" if ok else "0")
+        os.replace(f"{path}.{os.getpid()}", path)
+    except OSError:  # a read-only checkout: ask again next time
+        pass
     return ok
 
 
@@ -47,7 +53,7 @@ def _legacy_emitters_supported() -> bool:
 #   emitters. The suite's time is mostly compiling small programs once: -O0 halved it (each
 #   program runs ~10% slower), the older emitters compile 3x faster again (the seed-basis solve
 #   at 16 x 16: 3.3 s -> 1.1 s; programs run 20-40% slower; the suite from a clean clone
-#   1204-1259 s -> 824 s, 2026-12-07). The HLO is the same, so results differ from XLA's
+#   1204-1259 s -> 784-824 s, 2026-12-07). The HLO is the same, so results differ from XLA's
 #   default code generation in rounding only, and every comparison within the suite is between
 #   programs built the same way, except where two *different* programs (a batch and one of its
 #   systems alone, say) are compared bit for bit or to a few ulps: that equality holds with the
@@ -56,11 +62,20 @@ def _legacy_emitters_supported() -> bool:
 #   session under "default".
 # - "default": LLVM at -O0 only (the older default, and the fallback where this XLA lacks the
 #   emitter flag).
+# The first process to import this (pytest's controller) decides, and exports its decision: the
+# xdist workers and the binaries inherit it, so every process builds alike and every worker
+# deselects the same tests. XLA_FLAGS of your own are kept (tests/conftest.py); the decision
+# then follows them.
 CODEGEN = os.environ.get("KRYLOVJAX_TEST_CODEGEN", "fast")
 if CODEGEN not in ("fast", "default"):
     raise ValueError(f"KRYLOVJAX_TEST_CODEGEN: expected 'fast' or 'default', got {CODEGEN!r}")
-if CODEGEN == "fast" and not _legacy_emitters_supported():
-    CODEGEN = "default"
+if "KRYLOVJAX_TEST_CODEGEN_RESOLVED" not in os.environ:
+    if "XLA_FLAGS" in os.environ:
+        CODEGEN = "fast" if _LEGACY_EMITTERS in os.environ["XLA_FLAGS"] else "default"
+    elif CODEGEN == "fast" and not _legacy_emitters_supported():
+        CODEGEN = "default"
+os.environ["KRYLOVJAX_TEST_CODEGEN"] = CODEGEN
+os.environ["KRYLOVJAX_TEST_CODEGEN_RESOLVED"] = "1"
 FAST_COMPILE = "--xla_backend_optimization_level=0" + (f" {_LEGACY_EMITTERS}" if CODEGEN == "fast" else "")
 
 

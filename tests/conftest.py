@@ -6,7 +6,8 @@ import os
 # suite is dominated by compiling small programs once (a tiny U-Net's train step: 11.5 s ->
 # 6.2 s on the 2-core VM of 2026-11-28, the Picard sweep 6.4 s -> 3.5 s) while each program runs
 # ~10% slower; the HLO is the same, so every comparison in the tests is between programs built
-# the same way.
+# the same way (the older emitters round differently where a batch's shape changes: the tests
+# marked default_codegen compare such programs, and run under "default": tests/_multiprocess.py).
 from _multiprocess import CODEGEN, xla_flags
 
 os.environ.setdefault("XLA_FLAGS", xla_flags(4))
@@ -37,6 +38,15 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = [item for item in items if not item.get_closest_marker("default_codegen")]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Says when tests marked ``default_codegen`` were left out, and how to run them."""
+    if CODEGEN == "fast" and any(item.get_closest_marker("default_codegen")
+                                 for item in terminalreporter.stats.get("deselected", [])):
+        terminalreporter.write_line(
+            "tests marked default_codegen were deselected (XLA's older CPU emitters): "
+            "KRYLOVJAX_TEST_CODEGEN=default python -m pytest -m default_codegen runs them, as make test does")
 
 
 def pytest_report_header(config):

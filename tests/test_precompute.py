@@ -351,26 +351,37 @@ def test_inactive_systems_are_not_solved(images, strategy):
             np.testing.assert_allclose(np.asarray(x)[seed], ref[seed], rtol=1e-9, atol=1e-9)
 
 
-def test_the_seeds_work_counts_after_its_image_converged(images):
-    """The seed system is solved in every step of every sweep, its basis serving the other
-    images, after its own image has converged too; that work is counted (its image's count held
-    only the sweeps until its image converged, until 2026-12-07). (The time-step fixed point's
-    count is checked on one step's solver: test_inactive_systems_are_not_solved.)"""
+@pytest.mark.parametrize("outer", ["sweeps", "timestep"])
+def test_the_seeds_work_counts_after_its_image_converged(images, outer):
+    """The seed system is solved in every step of every sweep (every fixed-point iteration), its
+    basis serving the other images, after its own image has converged too; that work is counted
+    (its image's count held only the solves until its image converged, until 2026-12-07)."""
     imgs = images.at[0].set(0.5)  # the seed: a constant image, whose log-density stays constant
-
-    def run(max_sweeps):
-        return precompute_scores(imgs, PrecomputeConfig(num_steps=5, strategy="cross_matrix_precond",
-                                                        max_sweeps=max_sweeps, chunk_size=4))
-
-    out = run(12)
-    sweeps, per_image = out.stats["sweeps"], out.stats["matvecs_per_image"]
-    assert np.all(out.stats["outer_converged"]) and sweeps[0] < sweeps.max()  # the seed's image first
-    # The sweeps up to the seed's image's last are those of a run stopped there (the same
-    # solves); each later one adds at least the seed's basis (k) and its own projection (k + 1)
-    # in each of the N - 1 steps.
-    before = run(int(sweeps[0])).stats["matvecs_per_image"][0]
     k, steps = PrecomputeConfig().basis_size, 5 - 1
-    assert per_image[0] >= before + int(sweeps.max() - sweeps[0]) * steps * (2 * k + 1)
+
+    def run(**kw):
+        return precompute_scores(imgs, PrecomputeConfig(num_steps=5, outer=outer, strategy="cross_matrix_precond",
+                                                        chunk_size=4, **kw))
+
+    if outer == "sweeps":
+        out = run(max_sweeps=12)
+        sweeps = out.stats["sweeps"]
+        assert np.all(out.stats["outer_converged"]) and sweeps[0] < sweeps.max()  # the seed's image first
+        # The sweeps up to the seed's image's last are those of a run stopped there (the same
+        # solves); each later one adds at least the seed's basis (k) and its own projection
+        # (k + 1) in each of the N - 1 steps.
+        cut, extra = run(max_sweeps=int(sweeps[0])), int(sweeps.max() - sweeps[0]) * steps * (2 * k + 1)
+    else:
+        # The others' fixed points run to max_fixed_point (5) in every step, as spsolve's do
+        # here; the seed's image has converged within 3 iterations of each step: its solves in
+        # iterations 4 and 5 add at least its basis (k + 1 matvecs from a warm start) each.
+        out = run(max_fixed_point=5)
+        cut = run(max_fixed_point=3)
+        assert cut.stats["outer_converged"][0] and not out.stats["outer_converged"][1:].any()
+        np.testing.assert_array_equal(out.stats["fixed_point_iterations"], 5)
+        extra = 2 * steps * (k + 1)
+    per_image = out.stats["matvecs_per_image"]
+    assert per_image[0] >= cut.stats["matvecs_per_image"][0] + extra
     assert out.stats["matvecs"] == per_image.sum()
 
 
