@@ -329,10 +329,10 @@ def _step_solver(config: PrecomputeConfig, num_channels: int):
     scfg = config.solver_config(num_channels)
 
     def solve(op, b, x0, active, tol=None):
-        keep = (active if scfg.method == "gmres" else active.at[seed].set(True))[:, None, None]
+        solved = active if scfg.method == "gmres" else active.at[seed].set(True)
+        keep = solved[:, None, None]
         b = jnp.where(keep, b, 0.0)
         x0 = None if x0 is None else jnp.where(keep, x0, 0.0)
-        solved = keep[:, 0, 0]
         if tol is None:
             res = cross_matrix.solve_fp(op, b, scfg, x0=x0)
             return res.x, res.converged, jnp.where(solved, res.num_matvecs, 0)
