@@ -1,15 +1,16 @@
 """krylovjax: score pre-computation for diffusion models via the log-density Fokker-Planck
 equation and cross-matrix Krylov projection, in JAX.
 
-The operators, solvers and preconditioners are imported eagerly; the pre-computation
-(``precompute``, ``initial``, ``transport``) and the heavier stages (``models``, ``training``,
-``sampling``, ``metrics``, ``ddpm``, ``store``, ``data``) load on first access. Importing
+The operators, solvers and preconditioners are imported eagerly; the scipy reference solvers
+(``reference``), the pre-computation (``precompute``, ``initial``, ``transport``) and the
+heavier stages (``models``, ``training``, ``sampling``, ``metrics``, ``ddpm``, ``store``,
+``data``) load on first access. Importing
 krylovjax never imports TensorFlow or the experiment binaries.
 """
 
 import importlib
 
-from krylovjax import fokker_planck, krylov, preconditioners, reference, scores, sde
+from krylovjax import fokker_planck, krylov, preconditioners, scores, sde
 from krylovjax.cross_matrix import (
     PRESETS,
     SeedBasis,
@@ -26,7 +27,7 @@ from krylovjax.sde import ConstantSDE, VESDE, VPSDE, get_sde, time_grid
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = ("data", "initial", "transport", "precompute", "store", "metrics", "sampling", "workdir_lock",
+_LAZY_MODULES = ("reference", "data", "initial", "transport", "precompute", "store", "metrics", "sampling", "workdir_lock",
                  "ddpm", "models", "training", "cross_matrix")
 _LAZY_ATTRS = {
     "precompute_scores": "precompute",

@@ -58,3 +58,22 @@ def test_spsolve_inside_jit_solves_only_active_systems():
     bad[1] = np.nan
     x = np.asarray(reference.spsolve_in_jit(op, jnp.asarray(bad), check_finite=False))
     assert np.all(np.isnan(x[1])) and np.all(np.isfinite(x[[0, 2]]))
+
+
+def test_the_library_and_the_binaries_import_scipy_sparse_only_to_solve_with_it():
+    """scipy.sparse takes about 0.15 s to import; krylovjax, the pre-computation and the
+    binaries' shared module leave it until a reference solve asks for it (2026-12-08)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, krylovjax, krylovjax.precompute, krylovjax.reference, krylovjax.experiment_utils; "
+        "assert 'scipy.sparse' not in sys.modules, 'imported early'; "
+        "import numpy as np; from krylovjax.fokker_planck import fp_operator; "
+        "op = fp_operator(2.0, 0.1, 1.0, np.zeros((1, 2, 4, 4))); "
+        "krylovjax.reference.spsolve(op, np.ones((1, 4, 4))); "
+        "assert 'scipy.sparse.linalg' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120,
+                   env={**os.environ, "JAX_PLATFORMS": "cpu"})
