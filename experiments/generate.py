@@ -35,6 +35,12 @@ samples with the same seed keeps the first ones (the ODE steps each sample on it
 partitionable Threefry, the default since JAX 0.5, draws row ``k``'s noise independently of the
 rows after it).
 
+``--compute_dtype``: the U-Net's compute dtype for sampling, by default the training's. A model
+trained in bfloat16 (``model_overrides.dtype``) samples in float32 with ``--compute_dtype=float32``
+(its weights are float32 either way, and its score is then not rounded to bfloat16's precision,
+about 4e-3), and a float32 model in bfloat16, where an accelerator computes that faster. The
+adaptive ``ode`` sampler's step count changes with it, either way (BUILD_NOTES).
+
 Outputs in ``--outdir`` (default ``<workdir>/generate``): ``samples.png`` (one row per sample,
 ``--num_frames`` frames from the prior to the sample), ``samples.npy`` (float32 ``[M, C, H, W]``
 in [0, 1]), ``samples/sample_<k>.png`` (8-bit, one per sample), ``samples.json`` and ``samples.md``
@@ -58,7 +64,8 @@ SAMPLERS_DDPM = ("ancestral", "ddim")
 RESULT_FILES = ("samples.png", "samples.json", "samples.md", "samples.npy", "samples/")
 T_END = 1e-3  # ours' ode and sde samplers stop here (Paper B's epsilon)
 # Settings added after output directories were made without them (denoise.LEGACY_CONFIG).
-LEGACY_SETTINGS = {"final_denoise": False}
+LEGACY_SETTINGS = {"final_denoise": False, "compute_dtype": None}
+COMPUTE_DTYPES = ("model", "float32", "bfloat16")  # --compute_dtype (model: the training's, None in run())
 
 if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "Training run directory (with checkpoints/).")
@@ -76,6 +83,9 @@ if __name__ == "__main__":
     flags.DEFINE_integer("reference_count", 3, "Images of a multi-image --reference source (builtin, "
                          "cifar10, celeb_a, files:<path>, array:<path>): its first ones; 0 = all of them "
                          "(files, arrays and tfds datasets).")
+    flags.DEFINE_enum("compute_dtype", "model", COMPUTE_DTYPES, "The U-Net's compute dtype (convolutions, "
+                      "matmuls): model = the training's; e.g. float32 for a model trained in bfloat16 (its "
+                      "score is then not rounded to bfloat16's precision, about 4e-3).")
     flags.DEFINE_bool("overwrite", False, "Redo a finished run with the same settings in --outdir.")
     flags.DEFINE_bool("fresh", False, "Start afresh whatever --outdir holds: move it to <outdir>.prev first (an "
                       "older <outdir>.prev is deleted if it is an earlier run of this binary, "
@@ -267,8 +277,10 @@ def sample_arrays(fn, tc, shape, key, *, idx=None, sampler: str = "auto", num_st
 def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_frames: int = 10,
         sampler: str = "auto", num_steps: int = 50, seed: int = 0, step: int | None = None,
         reference: str | None = None, reference_count: int = 3, overwrite: bool = False, fresh: bool = False,
-        final_denoise: bool = True, check_interrupt=None) -> dict:
+        final_denoise: bool = True, compute_dtype: str | None = None, check_interrupt=None) -> dict:
     """Sample from the training run in ``workdir``; write the grid, table and JSON to ``outdir``.
+    ``compute_dtype`` (:func:`krylovjax.training.load_score_fn`): the U-Net's compute dtype,
+    None for the training's.
     ``check_interrupt`` (the binary's :func:`krylovjax.experiment_utils.interrupts_between_steps`)
     is called before the output directory is claimed and between the sampling and the writing."""
     check_interrupt = check_interrupt or (lambda: None)
@@ -297,11 +309,14 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
         # behind that would refuse the corrected command).
         settings = {"workdir": os.path.abspath(workdir), "step": step, "num_samples": num_samples,
                     "num_frames": num_frames, "sampler": sampler, "num_steps": num_steps, "seed": seed,
-                    "reference": reference, "reference_count": reference_count, "final_denoise": final_denoise}
+                    "reference": reference, "reference_count": reference_count, "final_denoise": final_denoise,
+                    "compute_dtype": compute_dtype}
         with eu.checking_arguments():
             # The model first (as restore does): a --step with no checkpoint is said to be so, not
             # refused as other settings than the output directory's (a walkthrough).
-            fn = training.load_score_fn(workdir, step=step)
+            fn = training.load_score_fn(workdir, step=step, compute_dtype=compute_dtype)
+            if compute_dtype is not None:  # its name (jnp.float32 was not JSON)
+                settings["compute_dtype"] = fn.model_def.unet.dtype
             if not fresh:  # (--fresh moves whatever is there aside, once the flags are found good)
                 eu.check_claim(outdir, "generate", settings, legacy=LEGACY_SETTINGS, arg="outdir", fresh_flag=True)
             if os.path.exists(os.path.join(outdir, "samples.json")) and not (overwrite or fresh):
@@ -405,11 +420,12 @@ def _sample_and_write(fn, tc, workdir, outdir, settings, shape, sampler, num_sam
         rows.append([k, rec["image_index"], f"{rec['mean']:.3f}", f"{rec['std']:.3f}",
                      shown, None if ref is None else f"{rec['ssim_to_nearest']:.4f}"])
     result = {"experiment": "generate", "settings": settings, "method": tc.method, "sde": tc.sde,
-              "model_step": int(fn.step), "network_evals": nfe, "sampling_seconds": sw.seconds, "samples": per,
+              "model_step": int(fn.step), "compute_dtype": unet.dtype, "network_evals": nfe,
+              "sampling_seconds": sw.seconds, "samples": per,
               "summary": summary, "references": ref_names, "notes": notes, "shape": list(out.shape),
               "machine": eu.machine_info()}
     text = (f"# Samples of {os.path.abspath(workdir)} (step {fn.step}, method {tc.method}, sampler {sampler})\n\n"
-            f"{nfe} network evaluations, {sw.seconds:.1f} s (compile included).\n\n")
+            f"{nfe} network evaluations in {unet.dtype}, {sw.seconds:.1f} s (compile included).\n\n")
     if summary:
         se = summary["ssim_to_nearest_se"]
         text += (f"SSIM to the nearest reference, mean over the {num_samples} samples: "
@@ -446,7 +462,8 @@ def main(argv):
             sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, seed=FLAGS.seed, step=FLAGS.step,
             reference=FLAGS.reference, reference_count=FLAGS.reference_count, overwrite=FLAGS.overwrite,
             fresh=FLAGS.fresh,
-            final_denoise=FLAGS.final_denoise, check_interrupt=check)
+            final_denoise=FLAGS.final_denoise, check_interrupt=check,
+            compute_dtype=None if FLAGS.compute_dtype == "model" else FLAGS.compute_dtype)
     eu.print_outputs(outdir, "samples.md", RESULT_FILES)
     logging.info("done")
 

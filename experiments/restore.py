@@ -61,6 +61,9 @@ clean file; the notes), and
 ``experiment.json`` (the run's settings, written first: another run's settings are refused there). One run at a time per output directory; other settings
 or other input pixels are refused there, a finished run is redone only with ``--overwrite``;
 ``--fresh`` moves whatever the directory holds to ``<outdir>.prev`` and starts afresh.
+
+``--compute_dtype``: the U-Net's compute dtype, by default the training's (float32 for a model
+trained in bfloat16: see ``experiments.generate``).
 """
 
 from __future__ import annotations
@@ -78,7 +81,9 @@ SAMPLERS_DDPM = ("ancestral", "ddim")
 RESULT_FILES = ("restore.png", "restore.md", "restore.json", "denoised.npy", "noisy.npy", "baseline.npy",
                 "denoised/")
 BASELINES = ("nl_means", "none")
-LEGACY_SETTINGS = {"baseline": "none"}  # output directories of the code before --baseline had none
+# output directories of the code before --baseline had none, and before --compute_dtype
+LEGACY_SETTINGS = {"baseline": "none", "compute_dtype": None}
+COMPUTE_DTYPES = ("model", "float32", "bfloat16")  # --compute_dtype (model: the training's, None in run())
 FEW_IMAGES = 100  # a model trained on fewer images than this is warned about (module docstring)
 T_END = 1e-3  # the ode, sde and flow samplers stop here (Paper B's epsilon)
 ODE_TOL = 1e-3  # Paper B's rtol and atol
@@ -105,6 +110,9 @@ if __name__ == "__main__":
     flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
     flags.DEFINE_enum("baseline", "nl_means", BASELINES, "Also denoise with scikit-image's non-local means "
                       "(no training) and report it beside the model; none: leave it out.")
+    flags.DEFINE_enum("compute_dtype", "model", COMPUTE_DTYPES, "The U-Net's compute dtype (convolutions, "
+                      "matmuls): model = the training's; e.g. float32 for a model trained in bfloat16 (its "
+                      "score is then not rounded to bfloat16's precision, about 4e-3).")
     flags.DEFINE_bool("overwrite", False, "Redo a finished run with the same settings in --outdir.")
     flags.DEFINE_bool("fresh", False, "Start afresh whatever --outdir holds: move it to <outdir>.prev first (an "
                       "older <outdir>.prev is deleted if it is an earlier run of this binary, "
@@ -380,9 +388,12 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
         noise_seed: int = 0, clean: str | None = None, num_images: int = 0, image_index=(),
         sampler: str = "auto", num_steps: int = 50, num_frames: int = 6, seed: int = 0,
         final_denoise: bool = True, step: int | None = None, baseline: str = "nl_means",
-        overwrite: bool = False, fresh: bool = False, check_interrupt: Callable[[], None] | None = None) -> dict:
+        overwrite: bool = False, fresh: bool = False, check_interrupt: Callable[[], None] | None = None,
+        compute_dtype: str | None = None) -> dict:
     """Denoise ``input`` with the training run in ``workdir``; write the images, figure, table and
-    JSON to ``outdir`` (see the module docstring). ``check_interrupt`` (the binary's
+    JSON to ``outdir`` (see the module docstring). ``compute_dtype``
+    (:func:`krylovjax.training.load_score_fn`): the U-Net's compute dtype, None for the
+    training's. ``check_interrupt`` (the binary's
     :func:`krylovjax.experiment_utils.interrupts_between_steps`) is called before the work
     directory is claimed and between the sampling and the writing."""
     check_interrupt = check_interrupt or (lambda: None)
@@ -428,9 +439,12 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
         settings = {"workdir": os.path.abspath(workdir), "step": step, "input": input, "num_images": num_images,
                     "noise_std": noise_std, "add_noise": float(add_noise), "noise_seed": noise_seed, "clean": clean,
                     "image_index": image_index, "sampler": sampler, "num_steps": num_steps,
-                    "num_frames": num_frames, "seed": seed, "final_denoise": final_denoise, "baseline": baseline}
+                    "num_frames": num_frames, "seed": seed, "final_denoise": final_denoise, "baseline": baseline,
+                    "compute_dtype": compute_dtype}
         with eu.checking_arguments():
-            fn = training.load_score_fn(workdir, step=step)
+            fn = training.load_score_fn(workdir, step=step, compute_dtype=compute_dtype)
+            if compute_dtype is not None:  # its name (jnp.float32 was not JSON)
+                settings["compute_dtype"] = fn.model_def.unet.dtype
             tc = fn.config
             sampler = resolve_sampler(tc, sampler)
             span = noise_range(tc, sampler, np.float32)
@@ -556,14 +570,16 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
             if base is not None:
                 np.save(os.path.join(outdir, "baseline.npy"), base)
             result = {"experiment": "restore", "settings": settings, "method": tc.method, "sde": tc.sde,
-                      "sampler": sampler, "model_step": int(fn.step), "network_evals": nfe, "frames": num_frames,
+                      "sampler": sampler, "model_step": int(fn.step), "compute_dtype": fn.model_def.unet.dtype,
+                      "network_evals": nfe, "frames": num_frames,
                       "sampling_seconds": sw.seconds, "baseline": baseline, "baseline_seconds": base_seconds,
                       "trained_images": num_trained, "notes": notes, "images": per, "summary": summary, "shape": list(out.shape),
                       "machine": eu.machine_info()}
             n = noisy.shape[0]
             text = (f"# {n} image{'s' if n != 1 else ''} of {input} denoised by {os.path.abspath(workdir)} "
                     f"(step {fn.step}, "
-                    f"method {tc.method}, sampler {sampler})\n\n{nfe} network evaluations, {sw.seconds:.1f} s "
+                    f"method {tc.method}, sampler {sampler})\n\n{nfe} network evaluations in {fn.model_def.unet.dtype}, "
+                    f"{sw.seconds:.1f} s "
                     "(compile included)" + ("" if base is None else
                                             f"; non-local means (scikit-image, the baseline) {base_seconds:.1f} s")
                     + ".\n\n")
@@ -618,7 +634,8 @@ def main(argv):
             noise_seed=FLAGS.noise_seed, clean=FLAGS.clean, num_images=FLAGS.num_images, image_index=index,
             sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, num_frames=FLAGS.num_frames, seed=FLAGS.seed,
             final_denoise=FLAGS.final_denoise, step=FLAGS.step, baseline=FLAGS.baseline,
-            overwrite=FLAGS.overwrite, fresh=FLAGS.fresh, check_interrupt=check)
+            overwrite=FLAGS.overwrite, fresh=FLAGS.fresh, check_interrupt=check,
+            compute_dtype=None if FLAGS.compute_dtype == "model" else FLAGS.compute_dtype)
     eu.print_outputs(outdir, "restore.md", RESULT_FILES)
     logging.info("done")
 

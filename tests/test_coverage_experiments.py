@@ -668,7 +668,8 @@ class _FakeModel:
     def __init__(self, fn, tc, channels, size, num_images=1, step=5):
         self.fn, self.config, self.step = fn, tc, step
         self.model_def = types.SimpleNamespace(unet=types.SimpleNamespace(
-            in_channels=channels, image_size=size, per_image_offset=tc.per_image_offset, num_images=num_images))
+            in_channels=channels, image_size=size, per_image_offset=tc.per_image_offset, num_images=num_images,
+            dtype="float32"))
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
@@ -697,7 +698,7 @@ def test_generate_run_per_image_ddpm_against_multi_image_references(tmp_path, mo
 
     wd = tmp_path / "train"
     (wd / "checkpoints").mkdir(parents=True)
-    monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None: _FakeModel(eps, tc, 3, 16, 2))
+    monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None, compute_dtype=None: _FakeModel(eps, tc, 3, 16, 2))
     out = str(tmp_path / "gen")
     kw = dict(num_samples=3, num_frames=2, reference="builtin", reference_count=2)
     res = generate.run(str(wd), out, **kw)
@@ -756,7 +757,7 @@ def test_generate_run_refuses_bad_settings_before_sampling(method, kw, error, ma
     def never(*a, **k):
         raise AssertionError("sampled")
 
-    monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None: _FakeModel(never, tc, 1, 8))
+    monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None, compute_dtype=None: _FakeModel(never, tc, 1, 8))
     monkeypatch.setattr(generate, "sample", never)
     out = tmp_path / "gen"
     with pytest.raises(error, match=match):
@@ -775,7 +776,7 @@ def test_generate_and_restore_fresh_from_inside_the_output_directory(tmp_path, m
     tc = training.TrainConfig(method="ours", sde="ve", sde_kwargs=(("sigma", 2.0),), per_image_offset=False)
     wd = tmp_path / "train"
     (wd / "checkpoints").mkdir(parents=True)
-    monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None: _FakeModel(None, tc, 3, 16))
+    monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None, compute_dtype=None: _FakeModel(None, tc, 3, 16))
     seen = []
 
     def claimed(outdir, experiment, *a, **k):
@@ -1049,7 +1050,7 @@ def test_generate_names_its_references_and_the_step_of_finished_samples(tmp_path
     rng = np.random.default_rng(0)
     for name in ("a.png", "b.png", "sub/c.png"):
         Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(tmp_path / "refs" / name)
-    monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None: model)
+    monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None, compute_dtype=None: model)
     out = tmp_path / "g"
     res = generate.run(str(wd), str(out), num_samples=2, num_frames=2, reference=f"files:{tmp_path}/refs/**/*.png",
                        reference_count=2)

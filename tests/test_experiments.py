@@ -257,7 +257,8 @@ def test_run_directories_from_before_a_key_existed(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="already holds the finished results"):
         budget.run(cfg, wd)
     assert _snapshot(wd) == before
-    # generate's output directory (the same settings as generate.run records)
+    # generate's output directory (the same settings as generate.run records; from before
+    # --compute_dtype too: these settings have no compute_dtype, LEGACY_SETTINGS' None)
     run = tmp_path / "train"
     (run / "checkpoints").mkdir(parents=True)
     settings = {"workdir": os.path.abspath(run), "step": None, "num_samples": 2, "num_frames": 3, "sampler": "auto",
@@ -265,7 +266,7 @@ def test_run_directories_from_before_a_key_existed(tmp_path, monkeypatch):
     out = _old_run_dir(tmp_path / "g", "generate", settings, ("final_denoise",), "samples.json")
     before = _snapshot(out)
     # generate reads the model before the output directory's claim: a stand-in for it
-    monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None: types.SimpleNamespace(step=5))
+    monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None, compute_dtype=None: types.SimpleNamespace(step=5))
     with pytest.raises(ValueError, match=r"differs at: final_denoise\)"):
         generate.run(str(run), out, num_samples=2, num_frames=3)
     with pytest.raises(ValueError, match="already holds these samples"):
@@ -812,6 +813,38 @@ def test_generate_from_train_run(denoise_run, tmp_path, monkeypatch):
     assert _snapshot(f"{wd}/ours") == run_before and not os.path.exists(f"{wd}.prev")
 
 
+def test_generate_samples_in_another_compute_dtype(denoise_run, tmp_path):
+    """``--compute_dtype``: the float32 model of the run sampled with its convolutions and matmuls
+    in bfloat16 (the flag's use is the reverse, a bfloat16 TPU run sampled in float32; the
+    library's equality with a model built in that dtype is in test_training). The same seed in
+    float32 gives close samples, not the same; the dtype is recorded and is part of the settings."""
+    from experiments import generate
+
+    wd, _ = denoise_run
+    kw = dict(num_samples=2, num_frames=2, num_steps=4, sampler="paper_a")
+    out = tmp_path / "bf16"
+    proc = _run("experiments.generate", [f"--workdir={wd}/ours", f"--outdir={out}", "--num_samples=2",
+                                         "--num_frames=2", "--num_steps=4", "--sampler=paper_a",
+                                         "--compute_dtype=bfloat16"])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    bf16 = json.load(open(out / "samples.json"))
+    assert bf16["compute_dtype"] == "bfloat16" and bf16["settings"]["compute_dtype"] == "bfloat16"
+    assert "4 network evaluations in bfloat16" in open(out / "samples.md").read()
+    f32 = generate.run(f"{wd}/ours", str(tmp_path / "f32"), **kw)  # the training's dtype
+    assert f32["compute_dtype"] == "float32" and f32["settings"]["compute_dtype"] is None
+    a, b = np.load(out / "samples.npy"), np.load(tmp_path / "f32" / "samples.npy")
+    assert 0 < np.abs(a - b).max() < 0.05, np.abs(a - b).max()
+    before = _snapshot(str(out))
+    with pytest.raises(ValueError, match=r"another run's config \(differs at: compute_dtype\)"):
+        generate.run(f"{wd}/ours", str(out), **kw)
+    with pytest.raises(ValueError, match="already holds these samples"):
+        generate.run(f"{wd}/ours", str(out), compute_dtype="bfloat16", **kw)
+    assert _snapshot(str(out)) == before
+    bad = _run("experiments.generate", [f"--workdir={wd}/ours", f"--outdir={tmp_path / 'bad'}",
+                                        "--compute_dtype=int8"], timeout=120)
+    assert bad.returncode != 0 and "compute_dtype" in bad.stderr and not (tmp_path / "bad").exists()
+
+
 def test_restore_reproduces_the_denoise_runs_outputs(denoise_run, tmp_path):
     """``experiments.restore`` on the denoise run's two models, given the run's noisy input
     (``--add_noise`` = its noise std and seed), against the denoise experiment's own denoisers:
@@ -832,13 +865,17 @@ def test_restore_reproduces_the_denoise_runs_outputs(denoise_run, tmp_path):
     noisy = denoise.noisy_input(cfg, ref)
     x, _, nfe = denoise.ours_denoiser(cfg, fn.config, noisy)(fn)
     ours = {"ssim": float(metrics.ssim(x, ref)[0]), "psnr": float(metrics.psnr(x, ref)[0]), "network_evals": nfe}
-    for method, extra, want in (("ours", ["--sampler=flow", "--final_denoise=false"], ours),
+    # (--compute_dtype=float32, the model's own: the flag reaches run(); its effect is tested
+    # in test_training and test_generate_samples_in_another_compute_dtype)
+    for method, extra, want in (("ours", ["--sampler=flow", "--final_denoise=false", "--compute_dtype=float32"], ours),
                                 ("ddpm", ["--seed=1"], final)):
         out = tmp_path / method
         proc = _run("experiments.restore", [f"--workdir={wd}/{method}", "--input=builtin:chelsea", "--add_noise=0.506",
                                             f"--outdir={out}", "--num_frames=3", *extra])
         assert proc.returncode == 0, proc.stderr[-4000:]
         res = json.load(open(out / "restore.json"))
+        assert res["settings"]["compute_dtype"] == ("float32" if method == "ours" else None)
+        assert res["compute_dtype"] == "float32"
         (rec,) = res["images"]
         assert rec["ssim_output"] == pytest.approx(want["ssim"], abs=1e-4), method
         assert rec["psnr_output"] == pytest.approx(want["psnr"], abs=1e-2), method

@@ -709,7 +709,7 @@ def test_generate_reference_from_files_all_of_them_and_missing_named(tmp_path):
     (wd / "checkpoints").mkdir(parents=True)
     import unittest.mock as mock
 
-    with mock.patch.object(training, "load_score_fn", lambda workdir, step=None: model):
+    with mock.patch.object(training, "load_score_fn", lambda workdir, step=None, compute_dtype=None: model):
         res = generate.run(str(wd), str(tmp_path / "g"), num_samples=2, num_frames=2, num_steps=2, sampler="ddim",
                            reference=f"files:{tmp_path}", reference_count=0)
         assert len(res["summary"]["samples_per_reference"]) == 4

@@ -57,8 +57,39 @@ def _ddpm_model(tc, y0, size=16, channels=3):
 def _workdir(tmp_path, monkeypatch, model):
     wd = tmp_path / "train"
     (wd / "checkpoints").mkdir(parents=True)
-    monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None: model)
+    monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None, compute_dtype=None: model)
     return str(wd)
+
+
+def test_compute_dtype_reaches_the_model_and_the_records(tmp_path, monkeypatch):
+    """``--compute_dtype`` / ``run(compute_dtype=...)`` is handed to load_score_fn (whose effect
+    test_training checks), recorded, and part of the settings: an output directory of another
+    compute dtype is refused. A stand-in records what it was asked; the binary's flag is passed in
+    test_experiments' restore test."""
+    clean = _clean()
+    tc = training.TrainConfig(method="ours", sde="ve", sde_kwargs=(("sigma", 2.0),), per_image_offset=False)
+    model = _ve_model(tc, clean)
+    asked = []
+
+    def load(workdir, step=None, compute_dtype=None):
+        asked.append(compute_dtype)
+        model.model_def.unet.dtype = "float32" if compute_dtype is None else jnp.dtype(compute_dtype).name
+        return model
+
+    wd = _workdir(tmp_path, monkeypatch, model)
+    monkeypatch.setattr(training, "load_score_fn", load)
+    out = str(tmp_path / "r")
+    kw = dict(add_noise=0.2, sampler="ode", num_frames=2, baseline="none")
+    res = restore.run(wd, "builtin:astronaut", out, compute_dtype=jnp.bfloat16, **kw)
+    assert asked == [jnp.bfloat16] and res["compute_dtype"] == "bfloat16"
+    assert res["settings"]["compute_dtype"] == "bfloat16"  # its name: a dtype object was not JSON
+    with pytest.raises(ValueError, match="already holds"):  # the same settings, asked by name
+        restore.run(wd, "builtin:astronaut", out, compute_dtype="bfloat16", **kw)
+    assert " network evaluations in bfloat16, " in open(os.path.join(out, "restore.md")).read()
+    with pytest.raises(ValueError, match=r"another run's config \(differs at: compute_dtype\)"):
+        restore.run(wd, "builtin:astronaut", out, **kw)
+    res = restore.run(wd, "builtin:astronaut", str(tmp_path / "r2"), **kw)
+    assert asked[-1] is None and res["compute_dtype"] == "float32" and res["settings"]["compute_dtype"] is None
 
 
 @pytest.mark.parametrize("sampler", ["ode", "sde"])
@@ -300,7 +331,7 @@ def test_short_chains_show_fewer_frames_a_failure_withdraws_the_claim_and_a_newe
         restore.run(wd, "builtin:astronaut", str(fresh), noise_std=0.01, sampler="ddim")
     assert not fresh.exists() or os.listdir(fresh) == []  # the claim withdrawn
     monkeypatch.undo()
-    monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None: model)
+    monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None, compute_dtype=None: model)
     again = restore.run(wd, "builtin:astronaut", str(fresh), noise_std=0.02, sampler="ddim")  # other settings
     assert again["images"][0]["noise_std"] == 0.02
 
@@ -520,7 +551,7 @@ def test_results_name_each_input_file_and_what_reading_did_to_it(tmp_path, monke
         wd, f"files:{tmp_path}/in/x/a.png", str(tmp_path / "u"), noise_std=0.1, num_frames=2, baseline="none")["notes"])
     # a source that cannot convert (the built-in data set) is refused, naming it
     gray = training.TrainConfig(method="ours", sde="ve", sde_kwargs=(("sigma", 2.0),), per_image_offset=False)
-    monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None: _ve_model(gray, clean[:1, :1], channels=1))
+    monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None, compute_dtype=None: _ve_model(gray, clean[:1, :1], channels=1))
     with pytest.raises(ValueError, match="input: its images have 3 channels, the model 1"):
         restore.run(wd, "builtin", str(tmp_path / "h"), noise_std=0.1, num_images=1)
 

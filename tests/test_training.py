@@ -345,6 +345,39 @@ def test_eval_callback_uses_ema_and_load_score_fn(ours_run, trajectories):
         tr.load_score_fn(os.path.join(wd, "nowhere"))
 
 
+def test_a_loaded_model_evaluates_in_another_compute_dtype(ours_run, trajectories):
+    """``load_score_fn(compute_dtype=...)``: a model trained in one compute dtype evaluated in
+    another (a bfloat16 TPU run sampled in float32, whose adaptive ODE then takes fewer steps;
+    left open by the thirty-ninth session's walkthrough). The reference is a model built with
+    that dtype from the run's config (create_train_state), given the run's EMA weights."""
+    wd = ours_run[0]
+    x = jnp.asarray(trajectories.x[:, 2])
+    t = jnp.full((NUM_IMAGES,), 0.5)
+    idx = jnp.arange(NUM_IMAGES)
+    f32 = tr.load_score_fn(wd)
+    bf16 = tr.load_score_fn(wd, compute_dtype="bfloat16")
+    assert f32.model_def.unet.dtype == "float32" and bf16.model_def.unet.dtype == "bfloat16"
+    assert bf16.config == f32.config and bf16.step == f32.step  # as trained
+    cfg = f32.config.replace(model_overrides={**dict(f32.config.model_overrides), "dtype": "bfloat16"})
+    _, model_def = tr.create_train_state(cfg, x.shape[1:], num_images=NUM_IMAGES)
+    want = tr._eval_fn_for(model_def, tr.load_checkpoint(wd).state.ema_params, cfg)(x, t, idx=idx)
+    got = bf16(x, t, idx=idx)
+    assert got.dtype == x.dtype
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    ref = np.asarray(f32(x, t, idx=idx))
+    rel = float(np.linalg.norm(np.asarray(got) - ref) / np.linalg.norm(ref))
+    assert 1e-4 < rel < 5e-2  # bfloat16's 8 mantissa bits: different, but close
+    same = tr.load_score_fn(wd, compute_dtype=jnp.float32)  # the training's own: the same function
+    np.testing.assert_array_equal(np.asarray(same(x, t, idx=idx)), ref)
+    assert same.model_def.unet.dtype == "float32"
+    for bad in ("int8", "float8", 3):
+        with pytest.raises(TypeError, match=r"^compute_dtype: expected one of \('float32', 'float64', 'bfloat16', "
+                                            r"'float16'\), got"):
+            tr.load_score_fn(wd, compute_dtype=bad)
+    with pytest.raises(TypeError, match="^compute_dtype:"):  # checked before the checkpoint is looked for
+        tr.load_score_fn(os.path.join(wd, "nowhere"), compute_dtype="int8")
+
+
 def test_a_resume_past_num_steps_says_so(ours_run, trajectories, tmp_path, monkeypatch):
     """Resuming a 20-step run with num_steps=10 returned step 20 without a word (a walkthrough)."""
     import shutil
