@@ -101,6 +101,7 @@ def spsolve_in_jit(op: FPOperator, b, active=None, *, check_finite: bool = True)
     """
     import jax
     import jax.numpy as jnp
+    import scipy.sparse.linalg  # noqa: F401 - here, at trace time (precompile), not in the first timed solve
 
     if active is None:
         active = jnp.ones(op.batch_shape, bool)

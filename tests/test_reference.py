@@ -77,3 +77,12 @@ def test_the_library_and_the_binaries_import_scipy_sparse_only_to_solve_with_it(
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120,
                    env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    # precompile traces the spsolve strategy's callback, and imports scipy there: the first
+    # timed run is "run time only", as precompile promises (a review found it importing there)
+    code = (
+        "import sys, numpy as np; from krylovjax.precompute import PrecomputeConfig, precompile; "
+        "precompile((1, 1, 4, 4), np.float32, PrecomputeConfig(strategy='spsolve', num_steps=2)); "
+        "assert 'scipy.sparse.linalg' in sys.modules, 'not imported by precompile'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120,
+                   env={**os.environ, "JAX_PLATFORMS": "cpu"})
