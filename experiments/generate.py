@@ -64,8 +64,8 @@ SAMPLERS_DDPM = ("ancestral", "ddim")
 RESULT_FILES = ("samples.png", "samples.json", "samples.md", "samples.npy", "samples/")
 T_END = 1e-3  # ours' ode and sde samplers stop here (Paper B's epsilon)
 # Settings added after output directories were made without them (denoise.LEGACY_CONFIG).
-LEGACY_SETTINGS = {"final_denoise": False, "compute_dtype": None}
-COMPUTE_DTYPES = ("model", "float32", "bfloat16")  # --compute_dtype (model: the training's, None in run())
+LEGACY_SETTINGS = {"final_denoise": False, "compute_dtype": "model"}
+COMPUTE_DTYPES = ("model", "float32", "bfloat16")  # --compute_dtype (model: the training's)
 
 if __name__ == "__main__":
     flags.DEFINE_string("workdir", None, "Training run directory (with checkpoints/).")
@@ -280,7 +280,8 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
         final_denoise: bool = True, compute_dtype: str | None = None, check_interrupt=None) -> dict:
     """Sample from the training run in ``workdir``; write the grid, table and JSON to ``outdir``.
     ``compute_dtype`` (:func:`krylovjax.training.load_score_fn`): the U-Net's compute dtype,
-    None for the training's.
+    None or ``"model"`` for the training's (recorded as ``"model"``, as is the training's own
+    dtype asked by name).
     ``check_interrupt`` (the binary's :func:`krylovjax.experiment_utils.interrupts_between_steps`)
     is called before the output directory is claimed and between the sampling and the writing."""
     check_interrupt = check_interrupt or (lambda: None)
@@ -310,13 +311,12 @@ def run(workdir: str, outdir: str | None = None, *, num_samples: int = 4, num_fr
         settings = {"workdir": os.path.abspath(workdir), "step": step, "num_samples": num_samples,
                     "num_frames": num_frames, "sampler": sampler, "num_steps": num_steps, "seed": seed,
                     "reference": reference, "reference_count": reference_count, "final_denoise": final_denoise,
-                    "compute_dtype": compute_dtype}
+                    "compute_dtype": "model"}  # (set once the model is loaded)
         with eu.checking_arguments():
             # The model first (as restore does): a --step with no checkpoint is said to be so, not
             # refused as other settings than the output directory's (a walkthrough).
-            fn = training.load_score_fn(workdir, step=step, compute_dtype=compute_dtype)
-            if compute_dtype is not None:  # its name (jnp.float32 was not JSON)
-                settings["compute_dtype"] = fn.model_def.unet.dtype
+            fn = training.load_score_fn(workdir, step=step, compute_dtype=eu.model_compute_dtype(compute_dtype))
+            settings["compute_dtype"] = eu.compute_dtype_setting(fn)
             if not fresh:  # (--fresh moves whatever is there aside, once the flags are found good)
                 eu.check_claim(outdir, "generate", settings, legacy=LEGACY_SETTINGS, arg="outdir", fresh_flag=True)
             if os.path.exists(os.path.join(outdir, "samples.json")) and not (overwrite or fresh):
@@ -463,7 +463,7 @@ def main(argv):
             reference=FLAGS.reference, reference_count=FLAGS.reference_count, overwrite=FLAGS.overwrite,
             fresh=FLAGS.fresh,
             final_denoise=FLAGS.final_denoise, check_interrupt=check,
-            compute_dtype=None if FLAGS.compute_dtype == "model" else FLAGS.compute_dtype)
+            compute_dtype=FLAGS.compute_dtype)
     eu.print_outputs(outdir, "samples.md", RESULT_FILES)
     logging.info("done")
 

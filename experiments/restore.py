@@ -82,8 +82,8 @@ RESULT_FILES = ("restore.png", "restore.md", "restore.json", "denoised.npy", "no
                 "denoised/")
 BASELINES = ("nl_means", "none")
 # output directories of the code before --baseline had none, and before --compute_dtype
-LEGACY_SETTINGS = {"baseline": "none", "compute_dtype": None}
-COMPUTE_DTYPES = ("model", "float32", "bfloat16")  # --compute_dtype (model: the training's, None in run())
+LEGACY_SETTINGS = {"baseline": "none", "compute_dtype": "model"}
+COMPUTE_DTYPES = ("model", "float32", "bfloat16")  # --compute_dtype (model: the training's)
 FEW_IMAGES = 100  # a model trained on fewer images than this is warned about (module docstring)
 T_END = 1e-3  # the ode, sde and flow samplers stop here (Paper B's epsilon)
 ODE_TOL = 1e-3  # Paper B's rtol and atol
@@ -392,8 +392,8 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
         compute_dtype: str | None = None) -> dict:
     """Denoise ``input`` with the training run in ``workdir``; write the images, figure, table and
     JSON to ``outdir`` (see the module docstring). ``compute_dtype``
-    (:func:`krylovjax.training.load_score_fn`): the U-Net's compute dtype, None for the
-    training's. ``check_interrupt`` (the binary's
+    (:func:`krylovjax.training.load_score_fn`): the U-Net's compute dtype, None or ``"model"``
+    for the training's (recorded as ``"model"``, as is the training's own dtype asked by name). ``check_interrupt`` (the binary's
     :func:`krylovjax.experiment_utils.interrupts_between_steps`) is called before the work
     directory is claimed and between the sampling and the writing."""
     check_interrupt = check_interrupt or (lambda: None)
@@ -440,11 +440,10 @@ def run(workdir: str, input: str, outdir: str | None = None, *, noise_std: Any =
                     "noise_std": noise_std, "add_noise": float(add_noise), "noise_seed": noise_seed, "clean": clean,
                     "image_index": image_index, "sampler": sampler, "num_steps": num_steps,
                     "num_frames": num_frames, "seed": seed, "final_denoise": final_denoise, "baseline": baseline,
-                    "compute_dtype": compute_dtype}
+                    "compute_dtype": "model"}  # (set once the model is loaded)
         with eu.checking_arguments():
-            fn = training.load_score_fn(workdir, step=step, compute_dtype=compute_dtype)
-            if compute_dtype is not None:  # its name (jnp.float32 was not JSON)
-                settings["compute_dtype"] = fn.model_def.unet.dtype
+            fn = training.load_score_fn(workdir, step=step, compute_dtype=eu.model_compute_dtype(compute_dtype))
+            settings["compute_dtype"] = eu.compute_dtype_setting(fn)
             tc = fn.config
             sampler = resolve_sampler(tc, sampler)
             span = noise_range(tc, sampler, np.float32)
@@ -635,7 +634,7 @@ def main(argv):
             sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, num_frames=FLAGS.num_frames, seed=FLAGS.seed,
             final_denoise=FLAGS.final_denoise, step=FLAGS.step, baseline=FLAGS.baseline,
             overwrite=FLAGS.overwrite, fresh=FLAGS.fresh, check_interrupt=check,
-            compute_dtype=None if FLAGS.compute_dtype == "model" else FLAGS.compute_dtype)
+            compute_dtype=FLAGS.compute_dtype)
     eu.print_outputs(outdir, "restore.md", RESULT_FILES)
     logging.info("done")
 

@@ -1095,6 +1095,21 @@ def check_frames(num_frames: int, figure: str) -> None:
                          f"got {num_frames}")
 
 
+def model_compute_dtype(value: Any) -> Any:
+    """A sampling binary's ``compute_dtype`` for :func:`krylovjax.training.load_score_fn`: its
+    flag's ``"model"`` (the training's) is None; anything else is passed on (and checked there)."""
+    return None if isinstance(value, str) and value == "model" else value
+
+
+def compute_dtype_setting(fn: Any) -> str:
+    """What a sampling binary records as its ``compute_dtype`` setting for a model ``fn`` of
+    :func:`krylovjax.training.load_score_fn`: ``"model"`` when it computes in its training's
+    dtype, asked by name or not (the same run either way), else the dtype's name (a dtype object
+    such as ``jnp.bfloat16`` is not JSON)."""
+    dtype = fn.model_def.unet.dtype
+    return "model" if dtype == fn.trained_dtype else dtype
+
+
 def check_seed(value: Any, name: str = "seed") -> int:
     """A seed of ``jax.random.PRNGKey``: an int in ``[0, 2**32)``, or ValueError naming ``name``.
     Without x64 JAX keeps 32 bits of it (``PRNGKey(2**32 + 5)`` is ``PRNGKey(5)``: another seed

@@ -2331,18 +2331,21 @@ def load_score_fn(workdir: str | os.PathLike, *, step: int | None = None,
     dtype. None: the training's.
     ``fn`` is a :class:`jax.tree_util.Partial` with the weights as its leaves: a jitted sampler
     that takes it as an argument is compiled once for any weights of the same model.
-    Attributes ``fn.config`` (:class:`TrainConfig`, as trained), ``fn.step`` and ``fn.model_def``
-    (its ``unet.dtype`` the compute dtype evaluated in) are set.
+    Attributes ``fn.config`` (:class:`TrainConfig`, as trained), ``fn.step``, ``fn.model_def``
+    (its ``unet.dtype`` the compute dtype evaluated in) and ``fn.trained_dtype`` (the training's
+    compute dtype) are set.
     """
     if compute_dtype is not None:  # checked before the checkpoint is read
         compute_dtype = _check_compute_dtype(compute_dtype)
     ck = load_checkpoint(workdir, step=step)
+    trained_dtype = ck.model_def.unet.dtype
     if compute_dtype is not None and compute_dtype != ck.model_def.unet.dtype:
         ck = ck._replace(model_def=_with_compute_dtype(ck.model_def, compute_dtype))
     fn = _eval_fn_for(ck.model_def, ck.state.ema_params, ck.config)
     fn.config = ck.config
     fn.step = int(ck.state.step)
     fn.model_def = ck.model_def
+    fn.trained_dtype = trained_dtype
     return fn
 
 

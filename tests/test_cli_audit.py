@@ -703,7 +703,7 @@ def test_generate_interrupted_while_drawing_the_figure_reruns(tmp_path, monkeypa
     (wd / "checkpoints").mkdir(parents=True)
     unet = types.SimpleNamespace(in_channels=1, image_size=8, per_image_offset=False, num_images=1, dtype="float32")
     tc = types.SimpleNamespace(method="ddpm", sde="ve", ddpm_max_train_step=None, ddpm_num_steps=10)
-    fake = types.SimpleNamespace(config=tc, model_def=types.SimpleNamespace(unet=unet), step=3)
+    fake = types.SimpleNamespace(config=tc, model_def=types.SimpleNamespace(unet=unet), step=3, trained_dtype="float32")
     monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None, compute_dtype=None: fake)
 
     def fake_sample(fn, tc, shape, key, **kw):

@@ -666,7 +666,7 @@ class _FakeModel:
     """What :func:`krylovjax.training.load_score_fn` returns, for a model function ``fn``."""
 
     def __init__(self, fn, tc, channels, size, num_images=1, step=5):
-        self.fn, self.config, self.step = fn, tc, step
+        self.fn, self.config, self.step, self.trained_dtype = fn, tc, step, "float32"
         self.model_def = types.SimpleNamespace(unet=types.SimpleNamespace(
             in_channels=channels, image_size=size, per_image_offset=tc.per_image_offset, num_images=num_images,
             dtype="float32"))

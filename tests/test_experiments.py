@@ -258,7 +258,7 @@ def test_run_directories_from_before_a_key_existed(tmp_path, monkeypatch):
         budget.run(cfg, wd)
     assert _snapshot(wd) == before
     # generate's output directory (the same settings as generate.run records; from before
-    # --compute_dtype too: these settings have no compute_dtype, LEGACY_SETTINGS' None)
+    # --compute_dtype too: these settings have no compute_dtype, LEGACY_SETTINGS' "model")
     run = tmp_path / "train"
     (run / "checkpoints").mkdir(parents=True)
     settings = {"workdir": os.path.abspath(run), "step": None, "num_samples": 2, "num_frames": 3, "sampler": "auto",
@@ -266,7 +266,8 @@ def test_run_directories_from_before_a_key_existed(tmp_path, monkeypatch):
     out = _old_run_dir(tmp_path / "g", "generate", settings, ("final_denoise",), "samples.json")
     before = _snapshot(out)
     # generate reads the model before the output directory's claim: a stand-in for it
-    monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None, compute_dtype=None: types.SimpleNamespace(step=5))
+    monkeypatch.setattr(training, "load_score_fn", lambda workdir, step=None, compute_dtype=None: types.SimpleNamespace(
+        step=5, model_def=types.SimpleNamespace(unet=types.SimpleNamespace(dtype="float32")), trained_dtype="float32"))
     with pytest.raises(ValueError, match=r"differs at: final_denoise\)"):
         generate.run(str(run), out, num_samples=2, num_frames=3)
     with pytest.raises(ValueError, match="already holds these samples"):
@@ -831,7 +832,7 @@ def test_generate_samples_in_another_compute_dtype(denoise_run, tmp_path):
     assert bf16["compute_dtype"] == "bfloat16" and bf16["settings"]["compute_dtype"] == "bfloat16"
     assert "4 network evaluations in bfloat16" in open(out / "samples.md").read()
     f32 = generate.run(f"{wd}/ours", str(tmp_path / "f32"), **kw)  # the training's dtype
-    assert f32["compute_dtype"] == "float32" and f32["settings"]["compute_dtype"] is None
+    assert f32["compute_dtype"] == "float32" and f32["settings"]["compute_dtype"] == "model"
     a, b = np.load(out / "samples.npy"), np.load(tmp_path / "f32" / "samples.npy")
     assert 0 < np.abs(a - b).max() < 0.05, np.abs(a - b).max()
     before = _snapshot(str(out))
@@ -865,8 +866,9 @@ def test_restore_reproduces_the_denoise_runs_outputs(denoise_run, tmp_path):
     noisy = denoise.noisy_input(cfg, ref)
     x, _, nfe = denoise.ours_denoiser(cfg, fn.config, noisy)(fn)
     ours = {"ssim": float(metrics.ssim(x, ref)[0]), "psnr": float(metrics.psnr(x, ref)[0]), "network_evals": nfe}
-    # (--compute_dtype=float32, the model's own: the flag reaches run(); its effect is tested
-    # in test_training and test_generate_samples_in_another_compute_dtype)
+    # (--compute_dtype=float32, the model's own: the flag reaches run(), and is recorded as the
+    # default "model", the same run (a review: it was refused against the default); its effect
+    # is tested in test_training and test_generate_samples_in_another_compute_dtype)
     for method, extra, want in (("ours", ["--sampler=flow", "--final_denoise=false", "--compute_dtype=float32"], ours),
                                 ("ddpm", ["--seed=1"], final)):
         out = tmp_path / method
@@ -874,8 +876,7 @@ def test_restore_reproduces_the_denoise_runs_outputs(denoise_run, tmp_path):
                                             f"--outdir={out}", "--num_frames=3", *extra])
         assert proc.returncode == 0, proc.stderr[-4000:]
         res = json.load(open(out / "restore.json"))
-        assert res["settings"]["compute_dtype"] == ("float32" if method == "ours" else None)
-        assert res["compute_dtype"] == "float32"
+        assert res["settings"]["compute_dtype"] == "model" and res["compute_dtype"] == "float32"
         (rec,) = res["images"]
         assert rec["ssim_output"] == pytest.approx(want["ssim"], abs=1e-4), method
         assert rec["psnr_output"] == pytest.approx(want["psnr"], abs=1e-2), method

@@ -74,6 +74,7 @@ def test_compute_dtype_reaches_the_model_and_the_records(tmp_path, monkeypatch):
     def load(workdir, step=None, compute_dtype=None):
         asked.append(compute_dtype)
         model.model_def.unet.dtype = "float32" if compute_dtype is None else jnp.dtype(compute_dtype).name
+        model.trained_dtype = "float32"
         return model
 
     wd = _workdir(tmp_path, monkeypatch, model)
@@ -89,7 +90,12 @@ def test_compute_dtype_reaches_the_model_and_the_records(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"another run's config \(differs at: compute_dtype\)"):
         restore.run(wd, "builtin:astronaut", out, **kw)
     res = restore.run(wd, "builtin:astronaut", str(tmp_path / "r2"), **kw)
-    assert asked[-1] is None and res["compute_dtype"] == "float32" and res["settings"]["compute_dtype"] is None
+    assert asked[-1] is None and res["compute_dtype"] == "float32" and res["settings"]["compute_dtype"] == "model"
+    # the training's own dtype, asked by name or by the flag's "model": the same run as the default
+    for same in ("float32", "model"):
+        with pytest.raises(ValueError, match="already holds"):
+            restore.run(wd, "builtin:astronaut", str(tmp_path / "r2"), compute_dtype=same, **kw)
+    assert asked[-2:] == ["float32", None]
 
 
 @pytest.mark.parametrize("sampler", ["ode", "sde"])
