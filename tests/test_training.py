@@ -358,6 +358,7 @@ def test_a_loaded_model_evaluates_in_another_compute_dtype(ours_run, trajectorie
     bf16 = tr.load_score_fn(wd, compute_dtype="bfloat16")
     assert f32.model_def.unet.dtype == "float32" and bf16.model_def.unet.dtype == "bfloat16"
     assert bf16.config == f32.config and bf16.step == f32.step  # as trained
+    assert bf16.trained_dtype == f32.trained_dtype == "float32"
     cfg = f32.config.replace(model_overrides={**dict(f32.config.model_overrides), "dtype": "bfloat16"})
     _, model_def = tr.create_train_state(cfg, x.shape[1:], num_images=NUM_IMAGES)
     want = tr._eval_fn_for(model_def, tr.load_checkpoint(wd).state.ema_params, cfg)(x, t, idx=idx)
