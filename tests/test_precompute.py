@@ -791,3 +791,40 @@ def test_float64_images_with_x64_off_are_said_to_be_computed_in_float32():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # x64 on (the tests' setting): float64 as asked, no warning
         assert precompute_scores(images, cfg).scores.dtype == np.float64
+
+
+def test_a_float32_solve_at_its_attainable_residual_counts_as_converged():
+    """float32's tolerance 1e-6 is out of reach on stiff steps (sigma 25, 10 steps: the smallest
+    residual float32 attains near the solution, about eps || |A| |x| ||, is above 1e-6 ||b||),
+    and which solves still met it depended on rounding, so on the batch's chunking: a constant
+    image alone failed 360 solves and never converged in 30 sweeps (a batch of 8 photos at
+    sigma 8: 158 failed, 3 images not converged, one 5e-3 from float64). A solve that stops
+    within that residual now counts as converged (forty-first session); its solution is
+    unchanged. Alone, the image converges, as close to float64's spsolve as before."""
+    img = np.full((1, 3, 16, 16), 0.5, np.float32)
+    cfg = PrecomputeConfig(strategy="fast", sde_kwargs=(("sigma", 25.0),), num_steps=10)
+    res = precompute_scores(img, cfg)
+    st = res.stats
+    assert bool(st["outer_converged"][0]) and int(st["sweeps"][0]) < 15, st
+    assert st["nonconverged"] <= 10, st["nonconverged"]  # (360 before)
+    ref = precompute_scores(img.astype(np.float64), dataclasses.replace(cfg, strategy="spsolve"))
+    m, m_ref = np.asarray(res.log_density, np.float64), np.asarray(ref.log_density)
+    assert np.abs(m - m_ref).max() <= 2e-5 * np.abs(m_ref).max()
+
+
+def test_the_attainable_residual_against_the_assembled_matrix():
+    """``_at_precision``: ``r <= eps || |A| |x| ||`` per system, the bound from scipy's assembled
+    matrix with absolute values; a non-finite residual or solution is never at precision."""
+    from krylovjax.fokker_planck import fp_operator
+    from krylovjax.precompute import _at_precision
+
+    rng = np.random.default_rng(3)
+    op = fp_operator(5.0, 0.05, 1.0, rng.normal(size=(4, 2, 6, 5)))
+    x = rng.normal(size=(4, 6, 5))
+    floor = np.array([np.finfo(np.float64).eps * np.linalg.norm(abs(op.to_scipy(i)) @ np.abs(x[i]).ravel())
+                      for i in range(4)])
+    r = floor * np.array([0.99, 1.01, 0.5, 2.0])
+    np.testing.assert_array_equal(np.asarray(_at_precision(op, jnp.asarray(x), jnp.asarray(r))),
+                                  [True, False, True, False])
+    assert not bool(_at_precision(op, jnp.asarray(x), jnp.full(4, jnp.nan)).any())
+    assert not bool(_at_precision(op, jnp.asarray(x).at[0, 0, 0].set(jnp.inf), jnp.zeros(4))[0])
