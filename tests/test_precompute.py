@@ -799,22 +799,23 @@ def test_a_float32_solve_at_its_attainable_residual_counts_as_converged():
     and which solves still met it depended on rounding, so on the batch's chunking: a constant
     image alone failed 360 solves and never converged in 30 sweeps (a batch of 8 photos at
     sigma 8: 158 failed, 3 images not converged, one 5e-3 from float64). A solve that stops
-    within that residual now counts as converged (forty-first session); its solution is
+    within twice that residual now counts as converged (forty-first session); its solution is
     unchanged. Alone, the image converges, as close to float64's spsolve as before."""
     img = np.full((1, 3, 16, 16), 0.5, np.float32)
     cfg = PrecomputeConfig(strategy="fast", sde_kwargs=(("sigma", 25.0),), num_steps=10)
     res = precompute_scores(img, cfg)
     st = res.stats
     assert bool(st["outer_converged"][0]) and int(st["sweeps"][0]) < 15, st
-    assert st["nonconverged"] <= 10, st["nonconverged"]  # (360 before)
+    assert st["nonconverged"] <= 2, st["nonconverged"]  # (360 before; 0 on this CPU)
     ref = precompute_scores(img.astype(np.float64), dataclasses.replace(cfg, strategy="spsolve"))
     m, m_ref = np.asarray(res.log_density, np.float64), np.asarray(ref.log_density)
     assert np.abs(m - m_ref).max() <= 2e-5 * np.abs(m_ref).max()
 
 
 def test_the_attainable_residual_against_the_assembled_matrix():
-    """``_at_precision``: ``r <= ATTAINABLE_SLACK eps || |A| |x| ||`` per system (normwise), the bound from scipy's assembled
-    matrix with absolute values; a non-finite residual or solution is never at precision."""
+    """``_at_precision``: ``r <= ATTAINABLE_SLACK eps || |A| |x| ||`` per system (normwise), the
+    bound from scipy's assembled matrix with absolute values; a non-finite residual or solution
+    is never at precision."""
     from krylovjax.fokker_planck import fp_operator
     from krylovjax import precompute as P
     from krylovjax.precompute import _at_precision
