@@ -115,6 +115,7 @@ from krylovjax._io_errors import atomic_write_text, write_failure_cause
 from krylovjax.experiment_utils import (_INTERRUPT_CHECKS, _SWALLOWED, checking_arguments, drop_closed_loop_reports,
                                         process_values)
 from krylovjax.models import PRESETS, UNet, UNetConfig, get_config
+from krylovjax.models.unet import _dtype_name
 
 __all__ = [
     "TrainConfig",
@@ -1145,12 +1146,17 @@ def create_train_state(config: TrainConfig, sample_shape, *, num_images: int = 1
 _INIT_CACHE: dict = {}
 
 
+def _graphdef(unet: UNetConfig):
+    """The ``nnx`` graph definition of the U-Net of ``unet`` (traced abstractly: no arrays)."""
+    return nnx.split(nnx.eval_shape(lambda: UNet(unet, rngs=nnx.Rngs(0))), nnx.Param, ...)[0]
+
+
 def _init_fn(config: TrainConfig, unet: UNetConfig):
     """``(k_params, k_dropout) -> (graphdef, params, ema, opt_state, rest)``, the state arrays made
     by one jitted program (eager initialisation compiles every small op separately: seconds)."""
     key = (config, unet)
     if key not in _INIT_CACHE:
-        graphdef = nnx.split(nnx.eval_shape(lambda: UNet(unet, rngs=nnx.Rngs(0))), nnx.Param, ...)[0]
+        graphdef = _graphdef(unet)
         tx = make_optimizer(config)
 
         def init(k_params, k_dropout):
@@ -2336,10 +2342,10 @@ def load_score_fn(workdir: str | os.PathLike, *, step: int | None = None,
     compute dtype) are set.
     """
     if compute_dtype is not None:  # checked before the checkpoint is read
-        compute_dtype = _check_compute_dtype(compute_dtype)
+        compute_dtype = _dtype_name(compute_dtype, "compute_dtype")
     ck = load_checkpoint(workdir, step=step)
     trained_dtype = ck.model_def.unet.dtype
-    if compute_dtype is not None and compute_dtype != ck.model_def.unet.dtype:
+    if compute_dtype is not None and compute_dtype != trained_dtype:
         ck = ck._replace(model_def=_with_compute_dtype(ck.model_def, compute_dtype))
     fn = _eval_fn_for(ck.model_def, ck.state.ema_params, ck.config)
     fn.config = ck.config
@@ -2349,18 +2355,9 @@ def load_score_fn(workdir: str | os.PathLike, *, step: int | None = None,
     return fn
 
 
-def _check_compute_dtype(value) -> str:
-    """``load_score_fn``'s ``compute_dtype`` as a dtype name the U-Net takes."""
-    try:
-        return dataclasses.replace(UNetConfig(), dtype=value).dtype
-    except (TypeError, ValueError) as err:
-        raise type(err)(f"compute_dtype: {str(err).split(': ', 1)[-1]}") from err
-
-
 def _with_compute_dtype(model_def: ModelDef, dtype: str) -> ModelDef:
     """``model_def`` computing in ``dtype``: a graph definition of the U-Net built with it (the
     modules keep their compute dtype there), the same non-parameter state. The parameters of the
     two have the same structure and dtypes (``param_dtype`` does not follow ``dtype``)."""
     unet = dataclasses.replace(model_def.unet, dtype=dtype)
-    graphdef = nnx.split(nnx.eval_shape(lambda: UNet(unet, rngs=nnx.Rngs(0))), nnx.Param, ...)[0]
-    return ModelDef(graphdef, model_def.rest, unet)
+    return ModelDef(_graphdef(unet), model_def.rest, unet)
