@@ -65,9 +65,10 @@ RESULT_FILES = ("samples.png", "samples.json", "samples.md", "samples.npy", "sam
 T_END = 1e-3  # ours' ode and sde samplers stop here (Paper B's epsilon)
 # Settings added after output directories were made without them (denoise.LEGACY_CONFIG).
 LEGACY_SETTINGS = {"final_denoise": False, "compute_dtype": "model"}
-COMPUTE_DTYPES = ("model", "float32", "bfloat16")  # --compute_dtype (model: the training's)
 
 if __name__ == "__main__":
+    from krylovjax import experiment_utils as eu
+
     flags.DEFINE_string("workdir", None, "Training run directory (with checkpoints/).")
     flags.DEFINE_string("outdir", None, "Output directory (default: <workdir>/generate).")
     flags.DEFINE_integer("num_samples", 4, "Number of samples.")
@@ -83,9 +84,7 @@ if __name__ == "__main__":
     flags.DEFINE_integer("reference_count", 3, "Images of a multi-image --reference source (builtin, "
                          "cifar10, celeb_a, files:<path>, array:<path>): its first ones; 0 = all of them "
                          "(files, arrays and tfds datasets).")
-    flags.DEFINE_enum("compute_dtype", "model", COMPUTE_DTYPES, "The U-Net's compute dtype (convolutions, "
-                      "matmuls): model = the training's; e.g. float32 for a model trained in bfloat16 (its "
-                      "score is then not rounded to bfloat16's precision, about 4e-3).")
+    flags.DEFINE_enum("compute_dtype", "model", eu.COMPUTE_DTYPES, eu.COMPUTE_DTYPE_HELP)
     flags.DEFINE_bool("overwrite", False, "Redo a finished run with the same settings in --outdir.")
     flags.DEFINE_bool("fresh", False, "Start afresh whatever --outdir holds: move it to <outdir>.prev first (an "
                       "older <outdir>.prev is deleted if it is an earlier run of this binary, "

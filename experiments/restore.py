@@ -83,12 +83,13 @@ RESULT_FILES = ("restore.png", "restore.md", "restore.json", "denoised.npy", "no
 BASELINES = ("nl_means", "none")
 # output directories of the code before --baseline had none, and before --compute_dtype
 LEGACY_SETTINGS = {"baseline": "none", "compute_dtype": "model"}
-COMPUTE_DTYPES = ("model", "float32", "bfloat16")  # --compute_dtype (model: the training's)
 FEW_IMAGES = 100  # a model trained on fewer images than this is warned about (module docstring)
 T_END = 1e-3  # the ode, sde and flow samplers stop here (Paper B's epsilon)
 ODE_TOL = 1e-3  # Paper B's rtol and atol
 
 if __name__ == "__main__":
+    from krylovjax import experiment_utils as eu
+
     flags.DEFINE_string("workdir", None, "Training run directory (with checkpoints/).")
     flags.DEFINE_string("input", None, "load_images source of the noisy images (files:<path>, array:<path>, "
                         "builtin:<name>, ...).")
@@ -110,9 +111,7 @@ if __name__ == "__main__":
     flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
     flags.DEFINE_enum("baseline", "nl_means", BASELINES, "Also denoise with scikit-image's non-local means "
                       "(no training) and report it beside the model; none: leave it out.")
-    flags.DEFINE_enum("compute_dtype", "model", COMPUTE_DTYPES, "The U-Net's compute dtype (convolutions, "
-                      "matmuls): model = the training's; e.g. float32 for a model trained in bfloat16 (its "
-                      "score is then not rounded to bfloat16's precision, about 4e-3).")
+    flags.DEFINE_enum("compute_dtype", "model", eu.COMPUTE_DTYPES, eu.COMPUTE_DTYPE_HELP)
     flags.DEFINE_bool("overwrite", False, "Redo a finished run with the same settings in --outdir.")
     flags.DEFINE_bool("fresh", False, "Start afresh whatever --outdir holds: move it to <outdir>.prev first (an "
                       "older <outdir>.prev is deleted if it is an earlier run of this binary, "

@@ -1095,6 +1095,13 @@ def check_frames(num_frames: int, figure: str) -> None:
                          f"got {num_frames}")
 
 
+#: ``--compute_dtype`` of the sampling binaries (generate, restore): ``model`` is the training's.
+COMPUTE_DTYPES = ("model", "float32", "bfloat16")
+COMPUTE_DTYPE_HELP = ("The U-Net's compute dtype (convolutions, matmuls): model = the training's; e.g. float32 "
+                      "for a model trained in bfloat16 (its score is then not rounded to bfloat16's precision, "
+                      "about 4e-3).")
+
+
 def model_compute_dtype(value: Any) -> Any:
     """A sampling binary's ``compute_dtype`` for :func:`krylovjax.training.load_score_fn`: its
     flag's ``"model"`` (the training's) is None; anything else is passed on (and checked there)."""
